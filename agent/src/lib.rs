@@ -1,1 +1,12 @@
-//! placeholder
+//! The Ironmesh node agent.
+//!
+//! Makes one host match what the controller assigned to it. This version
+//! discovers the host's hardware ([`inventory`]), keeps the node's identity
+//! in its state directory ([`identity`]), and holds the sync stream to the
+//! controller ([`sync`]): inventory and heartbeats up, assignments down.
+
+pub mod config;
+pub mod identity;
+pub mod inventory;
+pub mod metrics;
+pub mod sync;

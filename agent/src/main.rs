@@ -1,1 +1,82 @@
-fn main() {}
+//! `ironmesh-agent`: see `--help`.
+
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::Parser;
+use ironmesh_agent::config::{default_node_name, AgentConfig};
+use ironmesh_agent::identity::{load_or_join, JoinParams};
+use ironmesh_agent::metrics::AgentMetrics;
+use ironmesh_agent::sync::{self, SyncConfig};
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cfg = AgentConfig::parse();
+    ironmesh_daemon::init_logging(cfg.log_format, &cfg.log_level)?;
+    if let Err(e) = run(cfg).await {
+        tracing::error!(error = %format!("{e:#}"), "agent failed");
+        eprintln!("ironmesh-agent: {e:#}");
+        std::process::exit(1);
+    }
+    Ok(())
+}
+
+async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
+    let (shutdown, _tx) = ironmesh_daemon::Shutdown::on_signals()?;
+    let node_name = cfg.node_name.clone().unwrap_or_else(default_node_name);
+    let ca_pem = match &cfg.ca_cert {
+        Some(p) => Some(
+            std::fs::read_to_string(p)
+                .with_context(|| format!("cannot read --ca-cert {}", p.display()))?,
+        ),
+        None => None,
+    };
+    let token = match (&cfg.bootstrap_token, &cfg.bootstrap_token_file) {
+        (Some(t), _) => Some(t.trim().to_string()),
+        (None, Some(p)) => Some(
+            std::fs::read_to_string(p)
+                .with_context(|| format!("cannot read --bootstrap-token-file {}", p.display()))?
+                .trim()
+                .to_string(),
+        ),
+        (None, None) => None,
+    };
+    let started = std::time::Instant::now();
+    let (id, joined) = load_or_join(
+        &cfg.state_dir,
+        &node_name,
+        JoinParams {
+            controller: &cfg.controller,
+            server_name: cfg.tls_server_name.as_deref(),
+            ca_pem,
+            bootstrap_token: token,
+        },
+    )
+    .await?;
+    if joined {
+        tracing::info!(node = %node_name, elapsed_ms = started.elapsed().as_millis() as u64, "joined the cluster");
+    } else {
+        tracing::info!(node = %node_name, state_dir = %cfg.state_dir.display(), "reusing stored identity");
+    }
+
+    let mut registry = prometheus_client::registry::Registry::default();
+    let metrics = Arc::new(AgentMetrics::new(&mut registry));
+    let (_addr, metrics_task) =
+        ironmesh_daemon::serve_metrics(cfg.metrics_listen, Arc::new(registry), shutdown.clone())
+            .await?;
+
+    sync::run(
+        SyncConfig {
+            controller: cfg.controller.clone(),
+            server_name: cfg.tls_server_name.clone(),
+            agent_version: env!("CARGO_PKG_VERSION").to_string(),
+        },
+        id,
+        metrics,
+        shutdown,
+    )
+    .await;
+    let _ = metrics_task.await;
+    tracing::info!("agent stopped");
+    Ok(())
+}

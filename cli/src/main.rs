@@ -1,1 +1,319 @@
-fn main() {}
+//! `imctl`, the Ironmesh operator's tool: apply manifests, read and delete
+//! objects through the controller's operator API over mutual TLS.
+
+mod client;
+mod manifests;
+mod output;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand, ValueEnum};
+use futures::StreamExt;
+use ironmesh_api::Kind;
+use ironmesh_proto::v1::{
+    watch_event, ApplyRequest, DeleteRequest, GetRequest, ListRequest, WatchRequest,
+};
+use serde_json::Value;
+
+/// Operate an Ironmesh cluster.
+#[derive(Parser)]
+#[command(name = "imctl", version)]
+struct Cli {
+    /// Client config (server, CA, operator certificate). Default:
+    /// ~/.ironmesh/config.yaml, then /var/lib/ironmesh/controller/admin.yaml.
+    #[arg(long, global = true, env = "IMCTL_CONFIG")]
+    config: Option<PathBuf>,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
+enum Output {
+    Wide,
+    Yaml,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Create or update objects from YAML/JSON manifests, all or nothing.
+    Apply {
+        /// A file or a directory of *.yaml, *.yml, *.json files (repeatable).
+        #[arg(short = 'f', long = "filename", required = true)]
+        files: Vec<PathBuf>,
+        /// Walk directories recursively.
+        #[arg(short = 'R', long)]
+        recursive: bool,
+        /// Validate on the controller, write nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// List objects of a kind, or show one.
+    Get {
+        /// nodes, workloads, services, policies, volumes, pipelines,
+        /// pipelineruns, sources (short names: no, wl, svc, pol, vol, pl,
+        /// plr, src).
+        kind: String,
+        name: Option<String>,
+        #[arg(short, long, value_enum)]
+        output: Option<Output>,
+        /// Label selector, e.g. app=web,tier!=db.
+        #[arg(short = 'l', long)]
+        selector: Option<String>,
+        /// After listing, keep printing changes.
+        #[arg(short, long)]
+        watch: bool,
+    },
+    /// Show one object in detail.
+    Describe { kind: String, name: String },
+    /// Delete objects by kind and name, or those named in manifests.
+    Delete {
+        kind: Option<String>,
+        names: Vec<String>,
+        #[arg(short = 'f', long = "filename")]
+        files: Vec<PathBuf>,
+    },
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn status_err(s: tonic::Status) -> anyhow::Error {
+    match s.code() {
+        tonic::Code::Unauthenticated | tonic::Code::PermissionDenied => {
+            anyhow::anyhow!("not allowed: {}", s.message())
+        }
+        tonic::Code::Unavailable if s.message().contains("transport") => {
+            anyhow::anyhow!("controller unavailable: {}", s.message())
+        }
+        _ => anyhow::anyhow!("{}", s.message()),
+    }
+}
+
+fn kind(s: &str) -> anyhow::Result<Kind> {
+    Kind::parse(s).map_err(|e| anyhow::anyhow!("{e}"))
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let (cfg, _) = client::load_config(cli.config.as_deref())?;
+    match cli.command {
+        Command::Apply {
+            files,
+            recursive,
+            dry_run,
+        } => {
+            // Everything is read and parsed before anything is sent.
+            let manifests = manifests::load(&files, recursive)?;
+            let mut api = client::connect(&cfg).await?;
+            let resp = api
+                .apply(ApplyRequest {
+                    manifests,
+                    dry_run,
+                })
+                .await
+                .map_err(status_err)?
+                .into_inner();
+            let suffix = if dry_run { " (dry run)" } else { "" };
+            for r in resp.results {
+                println!(
+                    "{}/{} {}{suffix}",
+                    Kind::parse(&r.kind)
+                        .map(|k| k.plural().to_string())
+                        .unwrap_or(r.kind),
+                    r.name,
+                    r.action
+                );
+            }
+        }
+        Command::Get {
+            kind: k,
+            name,
+            output,
+            selector,
+            watch,
+        } => {
+            let k = kind(&k)?;
+            let mut api = client::connect(&cfg).await?;
+            let (objects, revision) = match &name {
+                Some(n) => {
+                    let r = api
+                        .get(GetRequest {
+                            kind: k.as_str().into(),
+                            name: n.clone(),
+                        })
+                        .await
+                        .map_err(status_err)?
+                        .into_inner();
+                    (vec![parse_obj(&r.json)?], r.revision)
+                }
+                None => {
+                    let r = api
+                        .list(ListRequest {
+                            kind: k.as_str().into(),
+                            label_selector: selector.clone().unwrap_or_default(),
+                        })
+                        .await
+                        .map_err(status_err)?
+                        .into_inner();
+                    let objs = r
+                        .items
+                        .iter()
+                        .map(|i| parse_obj(&i.json))
+                        .collect::<anyhow::Result<Vec<_>>>()?;
+                    (objs, r.revision)
+                }
+            };
+            print_objects(k, &objects, output, name.is_some())?;
+            if watch {
+                let mut stream = api
+                    .watch(WatchRequest {
+                        kind: k.as_str().into(),
+                        from_revision: revision,
+                    })
+                    .await
+                    .map_err(status_err)?
+                    .into_inner();
+                while let Some(ev) = stream.next().await {
+                    let ev = ev.map_err(status_err)?;
+                    let Some(res) = ev.resource else { continue };
+                    if name.as_deref().is_some_and(|n| n != res.name) {
+                        continue;
+                    }
+                    let obj = parse_obj(&res.json)?;
+                    match output {
+                        Some(Output::Json) | Some(Output::Yaml) => {
+                            print_objects(k, &[obj], output, true)?
+                        }
+                        _ => {
+                            let ty = watch_event::Type::try_from(ev.r#type)
+                                .map(|t| t.as_str_name())
+                                .unwrap_or("UNKNOWN");
+                            let t = output::table(k, &[obj], output == Some(Output::Wide));
+                            if let Some(line) = t.lines().nth(1) {
+                                println!("{line}   {ty}");
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        Command::Describe { kind: k, name } => {
+            let k = kind(&k)?;
+            let mut api = client::connect(&cfg).await?;
+            let r = api
+                .get(GetRequest {
+                    kind: k.as_str().into(),
+                    name,
+                })
+                .await
+                .map_err(status_err)?
+                .into_inner();
+            print!("{}", output::describe(k, &parse_obj(&r.json)?));
+        }
+        Command::Delete {
+            kind: k,
+            names,
+            files,
+        } => {
+            let mut targets: Vec<(Kind, String)> = Vec::new();
+            if !files.is_empty() {
+                if k.is_some() {
+                    bail!("give either KIND NAME... or -f FILE, not both");
+                }
+                for m in manifests::load(&files, false)? {
+                    let v: Value = serde_json::from_str(&m.json)?;
+                    let kk = kind(v.get("kind").and_then(Value::as_str).unwrap_or_default())
+                        .with_context(|| m.origin.clone())?;
+                    let n = v
+                        .pointer("/metadata/name")
+                        .and_then(Value::as_str)
+                        .with_context(|| format!("{}: metadata.name is missing", m.origin))?;
+                    targets.push((kk, n.to_string()));
+                }
+            } else {
+                let Some(k) = k else {
+                    bail!("give KIND NAME... or -f FILE");
+                };
+                if names.is_empty() {
+                    bail!("give at least one name to delete");
+                }
+                let k = kind(&k)?;
+                targets.extend(names.into_iter().map(|n| (k, n)));
+            }
+            let mut api = client::connect(&cfg).await?;
+            let mut failed = false;
+            for (k, n) in targets {
+                match api
+                    .delete(DeleteRequest {
+                        kind: k.as_str().into(),
+                        name: n.clone(),
+                    })
+                    .await
+                {
+                    Ok(_) => println!("{}/{n} deleted", k.plural()),
+                    Err(s) => {
+                        eprintln!("error: {}", status_err(s));
+                        failed = true;
+                    }
+                }
+            }
+            if failed {
+                bail!("some objects were not deleted");
+            }
+        }
+    }
+    Ok(())
+}
+
+fn parse_obj(json: &str) -> anyhow::Result<Value> {
+    serde_json::from_str(json).context("controller sent an object that is not JSON")
+}
+
+fn print_objects(
+    k: Kind,
+    objects: &[Value],
+    output: Option<Output>,
+    single: bool,
+) -> anyhow::Result<()> {
+    match output {
+        Some(Output::Json) => {
+            let v = if single && objects.len() == 1 {
+                objects[0].clone()
+            } else {
+                serde_json::json!({"apiVersion": ironmesh_api::API_VERSION, "kind": "List", "items": objects})
+            };
+            println!("{}", serde_json::to_string_pretty(&v)?);
+        }
+        Some(Output::Yaml) => {
+            let v = if single && objects.len() == 1 {
+                objects[0].clone()
+            } else {
+                serde_json::json!({"apiVersion": ironmesh_api::API_VERSION, "kind": "List", "items": objects})
+            };
+            print!("{}", serde_yaml::to_string(&v)?);
+        }
+        wide => {
+            if objects.is_empty() {
+                eprintln!("No {} found.", k.plural());
+            } else {
+                print!(
+                    "{}",
+                    output::table(k, objects, wide == Some(Output::Wide))
+                );
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,1 +1,18 @@
-//! placeholder
+//! The Ironmesh controller.
+//!
+//! Holds desired state in a durable, revisioned [`store`], signs node
+//! identities ([`pki`]), serves the node surface ([`node_api`]: join and the
+//! per-agent sync stream) and the operator surface ([`operator_api`]: apply,
+//! get, list, delete, watch) over mutual TLS, and keeps node readiness from
+//! heartbeats ([`liveness`]). [`server::run`] wires it together.
+
+pub mod bootstrap;
+pub mod config;
+pub mod liveness;
+pub mod metrics;
+pub mod node_api;
+pub mod operator_api;
+pub mod pki;
+pub mod resources;
+pub mod server;
+pub mod store;

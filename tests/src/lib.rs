@@ -1,1 +1,464 @@
-//! placeholder
+//! Test harness for end-to-end tests: real `ironmesh-controller`,
+//! `ironmesh-agent` and `imctl` processes with their own temporary data and
+//! state directories and loopback ports. Every process is killed (by its own
+//! PID) and every directory removed when its handle drops, also when a test
+//! panics.
+//!
+//! The binaries must be built first (`cargo build --bins`); the README's
+//! test command does that.
+
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use serde_json::Value;
+use tempfile::TempDir;
+
+/// Directory holding the workspace's built binaries (next to `deps/`).
+pub fn bin_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("test binary path");
+    // target/<profile>/deps/<test-binary>
+    exe.parent()
+        .and_then(Path::parent)
+        .expect("target dir")
+        .to_path_buf()
+}
+
+pub fn bin(name: &str) -> PathBuf {
+    let p = bin_dir().join(name);
+    assert!(
+        p.exists(),
+        "{} is not built; run `cargo build --workspace --bins` first (the README's test command does)",
+        p.display()
+    );
+    p
+}
+
+/// A free loopback port (bound and released; good enough on a test host).
+pub fn free_addr() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind loopback");
+    l.local_addr().expect("local addr")
+}
+
+/// Polls `f` until it returns `Some`, or fails after `deadline`.
+pub fn wait_for<T>(what: &str, deadline: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        if start.elapsed() > deadline {
+            panic!("timed out after {deadline:?} waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A child process that is killed when dropped.
+pub struct Proc {
+    child: Option<Child>,
+    pub log: PathBuf,
+}
+
+impl Proc {
+    fn spawn(mut cmd: Command, log: PathBuf) -> anyhow::Result<Proc> {
+        let out = std::fs::File::create(&log)?;
+        let err = out.try_clone()?;
+        cmd.stdout(Stdio::from(out)).stderr(Stdio::from(err));
+        let child = cmd.spawn().with_context(|| format!("spawn {cmd:?}"))?;
+        Ok(Proc {
+            child: Some(child),
+            log,
+        })
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(|c| c.id()).unwrap_or(0)
+    }
+
+    /// SIGKILL, then reap.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM, then wait up to `deadline` for a clean exit; returns the status.
+    pub fn terminate(&mut self, deadline: Duration) -> Option<std::process::ExitStatus> {
+        let mut c = self.child.take()?;
+        // SAFETY: plain kill(2) on our own child's PID.
+        unsafe {
+            libc::kill(c.id() as i32, libc::SIGTERM);
+        }
+        let start = Instant::now();
+        loop {
+            if let Ok(Some(st)) = c.try_wait() {
+                return Some(st);
+            }
+            if start.elapsed() > deadline {
+                let _ = c.kill();
+                let _ = c.wait();
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Exit status if it has exited.
+    pub fn try_exit(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.as_mut().and_then(|c| c.try_wait().ok().flatten())
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// Options for a test controller.
+#[derive(Clone)]
+pub struct ControllerOpts {
+    pub node_grace: &'static str,
+    pub heartbeat_interval: &'static str,
+}
+
+impl Default for ControllerOpts {
+    fn default() -> Self {
+        ControllerOpts {
+            node_grace: "2s",
+            heartbeat_interval: "250ms",
+        }
+    }
+}
+
+/// A controller process with its own data directory.
+pub struct Controller {
+    pub dir: TempDir,
+    pub addr: SocketAddr,
+    pub metrics: SocketAddr,
+    pub opts: ControllerOpts,
+    pub proc: Proc,
+}
+
+impl Controller {
+    pub fn start(opts: ControllerOpts) -> Controller {
+        let dir = tempfile::Builder::new()
+            .prefix("im-ctl-")
+            .tempdir()
+            .expect("tempdir");
+        let addr = free_addr();
+        let metrics = free_addr();
+        let proc = Self::spawn(dir.path(), addr, metrics, &opts, "controller-1.log");
+        let c = Controller {
+            dir,
+            addr,
+            metrics,
+            opts,
+            proc,
+        };
+        c.wait_serving();
+        c
+    }
+
+    fn spawn(
+        dir: &Path,
+        addr: SocketAddr,
+        metrics: SocketAddr,
+        opts: &ControllerOpts,
+        log: &str,
+    ) -> Proc {
+        let mut cmd = Command::new(bin("ironmesh-controller"));
+        cmd.arg("--listen")
+            .arg(addr.to_string())
+            .arg("--metrics-listen")
+            .arg(metrics.to_string())
+            .arg("--data-dir")
+            .arg(dir.join("data"))
+            .arg("--node-grace")
+            .arg(opts.node_grace)
+            .arg("--heartbeat-interval")
+            .arg(opts.heartbeat_interval)
+            .env("RUST_LOG", "info,ironmesh_controller=debug");
+        Proc::spawn(cmd, dir.join(log)).expect("start controller")
+    }
+
+    fn wait_serving(&self) {
+        let admin = self.admin_config();
+        let addr = self.addr;
+        wait_for("controller to serve", Duration::from_secs(20), || {
+            (admin.exists() && std::net::TcpStream::connect(addr).is_ok()).then_some(())
+        });
+    }
+
+    /// kill -9 and start again on the same data directory and ports.
+    pub fn restart_after_kill9(&mut self, log: &str) {
+        self.proc.kill9();
+        self.proc = Self::spawn(self.dir.path(), self.addr, self.metrics, &self.opts, log);
+        self.wait_serving();
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    pub fn admin_config(&self) -> PathBuf {
+        self.data_dir().join("admin.yaml")
+    }
+
+    pub fn ca_cert(&self) -> PathBuf {
+        self.data_dir().join("pki/ca.crt")
+    }
+
+    pub fn token_file(&self) -> PathBuf {
+        self.data_dir().join("bootstrap-token")
+    }
+
+    pub fn url(&self) -> String {
+        format!("https://{}", self.addr)
+    }
+
+    /// Runs imctl against this controller.
+    pub fn imctl(&self, args: &[&str]) -> Output {
+        Command::new(bin("imctl"))
+            .arg("--config")
+            .arg(self.admin_config())
+            .args(args)
+            .output()
+            .expect("run imctl")
+    }
+
+    /// Runs imctl and parses its JSON output; panics with stderr on failure.
+    pub fn imctl_json(&self, args: &[&str]) -> Value {
+        let mut a = args.to_vec();
+        a.extend(["-o", "json"]);
+        let out = self.imctl(&a);
+        assert!(
+            out.status.success(),
+            "imctl {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).expect("imctl printed JSON")
+    }
+
+    /// The Node object, if it exists.
+    pub fn node(&self, name: &str) -> Option<Value> {
+        let out = self.imctl(&["get", "nodes", name, "-o", "json"]);
+        out.status
+            .success()
+            .then(|| serde_json::from_slice(&out.stdout).ok())
+            .flatten()
+    }
+
+    pub fn scrape_metrics(&self) -> anyhow::Result<String> {
+        http_get(self.metrics, "/metrics")
+    }
+}
+
+/// The Ready condition status of a Node object ("True", "False", ...).
+pub fn ready_status(node: &Value) -> Option<String> {
+    node.pointer("/status/conditions")?
+        .as_array()?
+        .iter()
+        .find(|c| c.get("type").and_then(Value::as_str) == Some("Ready"))?
+        .get("status")?
+        .as_str()
+        .map(str::to_string)
+}
+
+/// An agent process with its own state directory.
+pub struct Agent {
+    pub dir: TempDir,
+    pub name: String,
+    pub metrics: SocketAddr,
+    pub proc: Proc,
+    starts: usize,
+}
+
+impl Agent {
+    /// Starts an agent that joins `ctl` with its real bootstrap token.
+    pub fn start(ctl: &Controller, name: &str) -> Agent {
+        let dir = tempfile::Builder::new()
+            .prefix("im-agent-")
+            .tempdir()
+            .expect("tempdir");
+        let metrics = free_addr();
+        let token = std::fs::read_to_string(ctl.token_file()).expect("token file");
+        let proc = Self::spawn(ctl, dir.path(), name, metrics, Some(token.trim()), 1);
+        Agent {
+            dir,
+            name: name.to_string(),
+            metrics,
+            proc,
+            starts: 1,
+        }
+    }
+
+    /// Starts an agent with the given token (possibly wrong).
+    pub fn start_with_token(ctl: &Controller, name: &str, token: &str) -> Agent {
+        let dir = tempfile::Builder::new()
+            .prefix("im-agent-")
+            .tempdir()
+            .expect("tempdir");
+        let metrics = free_addr();
+        let proc = Self::spawn(ctl, dir.path(), name, metrics, Some(token), 1);
+        Agent {
+            dir,
+            name: name.to_string(),
+            metrics,
+            proc,
+            starts: 1,
+        }
+    }
+
+    fn spawn(
+        ctl: &Controller,
+        dir: &Path,
+        name: &str,
+        metrics: SocketAddr,
+        token: Option<&str>,
+        n: usize,
+    ) -> Proc {
+        let mut cmd = Command::new(bin("ironmesh-agent"));
+        cmd.arg("--controller")
+            .arg(ctl.url())
+            .arg("--ca-cert")
+            .arg(ctl.ca_cert())
+            .arg("--node-name")
+            .arg(name)
+            .arg("--state-dir")
+            .arg(dir.join("state"))
+            .arg("--metrics-listen")
+            .arg(metrics.to_string())
+            .env("RUST_LOG", "info,ironmesh_agent=debug");
+        if let Some(t) = token {
+            cmd.env("IRONMESH_BOOTSTRAP_TOKEN", t);
+        }
+        Proc::spawn(cmd, dir.join(format!("agent-{n}.log"))).expect("start agent")
+    }
+
+    /// Starts the agent again on the same state directory, without a
+    /// bootstrap token: it must reuse its stored identity.
+    pub fn restart_without_token(&mut self, ctl: &Controller) {
+        self.proc.kill9();
+        self.starts += 1;
+        self.proc = Self::spawn(
+            ctl,
+            self.dir.path(),
+            &self.name,
+            self.metrics,
+            None,
+            self.starts,
+        );
+    }
+
+    pub fn state_dir(&self) -> PathBuf {
+        self.dir.path().join("state")
+    }
+}
+
+/// Minimal HTTP/1.0 GET on loopback (for /metrics).
+pub fn http_get(addr: SocketAddr, path: &str) -> anyhow::Result<String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
+    let mut body = String::new();
+    s.read_to_string(&mut body)?;
+    let Some((head, rest)) = body.split_once("\r\n\r\n") else {
+        bail!("malformed HTTP response");
+    };
+    if !head.starts_with("HTTP/1.1 200") && !head.starts_with("HTTP/1.0 200") {
+        bail!("GET {path}: {}", head.lines().next().unwrap_or_default());
+    }
+    Ok(rest.to_string())
+}
+
+/// The RSS of a process in bytes, from /proc.
+pub fn rss_bytes(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+/// gRPC clients built from the controller's files, for tests that need to
+/// present particular (or no) credentials.
+pub mod grpc {
+    use super::*;
+    use ironmesh_proto::v1::node_service_client::NodeServiceClient;
+    use ironmesh_proto::v1::operator_service_client::OperatorServiceClient;
+    use ironmesh_proto::v1::JoinRequest;
+    use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+
+    pub struct Creds {
+        pub cert_pem: String,
+        pub key_pem: String,
+    }
+
+    pub async fn channel(ctl: &Controller, creds: Option<&Creds>) -> anyhow::Result<Channel> {
+        let ca = std::fs::read_to_string(ctl.ca_cert())?;
+        let mut tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca));
+        if let Some(c) = creds {
+            tls = tls.identity(Identity::from_pem(&c.cert_pem, &c.key_pem));
+        }
+        Ok(Endpoint::from_shared(ctl.url())?
+            .tls_config(tls)?
+            .connect()
+            .await?)
+    }
+
+    /// The admin credentials from admin.yaml.
+    pub fn admin_creds(ctl: &Controller) -> Creds {
+        let text = std::fs::read_to_string(ctl.admin_config()).expect("admin.yaml");
+        let v: serde_yaml::Value = serde_yaml::from_str(&text).expect("admin.yaml is YAML");
+        Creds {
+            cert_pem: v["clientCertificateData"].as_str().unwrap().to_string(),
+            key_pem: v["clientKeyData"].as_str().unwrap().to_string(),
+        }
+    }
+
+    pub async fn operator(
+        ctl: &Controller,
+        creds: Option<&Creds>,
+    ) -> anyhow::Result<OperatorServiceClient<Channel>> {
+        Ok(OperatorServiceClient::new(channel(ctl, creds).await?))
+    }
+
+    /// Joins as `name` the way an agent does; returns the node's credentials.
+    pub async fn join(ctl: &Controller, name: &str, token: &str) -> Result<Creds, tonic::Status> {
+        let key = rcgen::KeyPair::generate().expect("key");
+        let mut params = rcgen::CertificateParams::default();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, format!("node:{name}"));
+        let csr = params.serialize_request(&key).expect("csr").pem().expect("pem");
+        let mut client = NodeServiceClient::new(channel(ctl, None).await.expect("channel"));
+        let resp = client
+            .join(JoinRequest {
+                bootstrap_token: token.to_string(),
+                node_name: name.to_string(),
+                csr_pem: csr,
+            })
+            .await?
+            .into_inner();
+        Ok(Creds {
+            cert_pem: resp.certificate_pem,
+            key_pem: key.serialize_pem(),
+        })
+    }
+
+    pub fn token(ctl: &Controller) -> String {
+        std::fs::read_to_string(ctl.token_file())
+            .expect("token")
+            .trim()
+            .to_string()
+    }
+}

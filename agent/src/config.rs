@@ -1,0 +1,78 @@
+//! Command-line flags and environment variables of `ironmesh-agent`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::Parser;
+use ironmesh_daemon::LogFormat;
+
+/// The Ironmesh node agent: discovers this host, joins the controller over
+/// mutual TLS and keeps it informed.
+///
+/// First start: needs --controller, --ca-cert and a bootstrap token. Later
+/// starts reuse the identity kept in --state-dir.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "ironmesh-agent", version)]
+pub struct AgentConfig {
+    /// Controller URL, https://host:port.
+    #[arg(long, env = "IRONMESH_CONTROLLER")]
+    pub controller: String,
+
+    /// The cluster CA certificate (the controller's <data-dir>/pki/ca.crt),
+    /// needed to verify the controller at first join.
+    #[arg(long, env = "IRONMESH_CA_CERT")]
+    pub ca_cert: Option<PathBuf>,
+
+    /// Bootstrap token for the first join.
+    #[arg(long, env = "IRONMESH_BOOTSTRAP_TOKEN", hide_env_values = true, conflicts_with = "bootstrap_token_file")]
+    pub bootstrap_token: Option<String>,
+
+    /// File holding the bootstrap token (preferred over the flag: it stays
+    /// out of the process list).
+    #[arg(long, env = "IRONMESH_BOOTSTRAP_TOKEN_FILE")]
+    pub bootstrap_token_file: Option<PathBuf>,
+
+    /// This node's name (a DNS label). Default: the host name, lowercased.
+    #[arg(long, env = "IRONMESH_NODE_NAME")]
+    pub node_name: Option<String>,
+
+    /// Name the controller's certificate must carry, if not the host in
+    /// --controller.
+    #[arg(long, env = "IRONMESH_TLS_SERVER_NAME")]
+    pub tls_server_name: Option<String>,
+
+    /// Where the agent keeps its identity and what it has created.
+    #[arg(long, env = "IRONMESH_STATE_DIR", default_value = "/var/lib/ironmesh/agent")]
+    pub state_dir: PathBuf,
+
+    /// Address of the Prometheus endpoint (`/metrics`, `/healthz`).
+    #[arg(long, env = "IRONMESH_METRICS_LISTEN", default_value = "127.0.0.1:7481")]
+    pub metrics_listen: SocketAddr,
+
+    /// Log format.
+    #[arg(long, env = "IRONMESH_LOG_FORMAT", value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+
+    /// Log filter, RUST_LOG syntax.
+    #[arg(long, env = "RUST_LOG", default_value = "info")]
+    pub log_level: String,
+}
+
+/// The default node name: the kernel host name, lowercased, with anything
+/// outside a DNS label replaced by '-'.
+pub fn default_node_name() -> String {
+    let raw = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    let name: String = raw
+        .trim()
+        .to_ascii_lowercase()
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '-' })
+        .take(63)
+        .collect();
+    let name = name.trim_matches('-').to_string();
+    if name.is_empty() {
+        "node".to_string()
+    } else {
+        name
+    }
+}

@@ -1,0 +1,273 @@
+//! The node's identity: its private key, its certificate and the cluster CA,
+//! kept in the state directory so a restart reuses them.
+//!
+//! On first start the agent makes a key pair, sends a CSR with a bootstrap
+//! token to the controller's `Join`, and stores the signed certificate. It
+//! never sends its name as proof of anything afterwards: the certificate is
+//! the proof.
+
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ironmesh_proto::v1::{node_service_client::NodeServiceClient, JoinRequest};
+use rcgen::{CertificateParams, DnType, KeyPair};
+use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
+
+/// A node's credentials as kept on disk.
+#[derive(Debug, Clone)]
+pub struct NodeIdentity {
+    pub node_name: String,
+    pub key_pem: String,
+    pub cert_pem: String,
+    pub ca_pem: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum IdentityError {
+    #[error("cannot {action} {path}: {source}")]
+    Io {
+        action: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("the state directory {dir} holds the identity of node {stored:?}, but this agent is configured as {configured:?}; use that name or another --state-dir")]
+    NameMismatch {
+        dir: PathBuf,
+        stored: String,
+        configured: String,
+    },
+    #[error("this node has not joined yet and {0}")]
+    MissingForJoin(&'static str),
+    #[error("cannot build the key or CSR: {0}")]
+    Crypto(String),
+    #[error("cannot reach the controller at {url}: {message}")]
+    Connect { url: String, message: String },
+    #[error("the controller refused to join this node: {0}")]
+    Refused(String),
+    #[error("invalid controller URL {0:?}: {1}")]
+    BadUrl(String, String),
+}
+
+const KEY_FILE: &str = "node.key";
+const CERT_FILE: &str = "node.crt";
+const CA_FILE: &str = "ca.crt";
+const NAME_FILE: &str = "node-name";
+
+impl NodeIdentity {
+    /// Loads the identity from `dir` if one is there.
+    pub fn load(dir: &Path, node_name: &str) -> Result<Option<NodeIdentity>, IdentityError> {
+        let paths = [KEY_FILE, CERT_FILE, CA_FILE, NAME_FILE].map(|f| dir.join(f));
+        if !paths.iter().all(|p| p.exists()) {
+            return Ok(None);
+        }
+        let [key, cert, ca, name] = paths.map(|p| read(&p));
+        let stored = name?.trim().to_string();
+        if stored != node_name {
+            return Err(IdentityError::NameMismatch {
+                dir: dir.to_path_buf(),
+                stored,
+                configured: node_name.to_string(),
+            });
+        }
+        Ok(Some(NodeIdentity {
+            node_name: stored,
+            key_pem: key?,
+            cert_pem: cert?,
+            ca_pem: ca?,
+        }))
+    }
+
+    fn save(&self, dir: &Path) -> Result<(), IdentityError> {
+        fs::create_dir_all(dir).map_err(|source| IdentityError::Io {
+            action: "create",
+            path: dir.to_path_buf(),
+            source,
+        })?;
+        write_atomic(&dir.join(KEY_FILE), self.key_pem.as_bytes(), 0o600)?;
+        write_atomic(&dir.join(CERT_FILE), self.cert_pem.as_bytes(), 0o644)?;
+        write_atomic(&dir.join(CA_FILE), self.ca_pem.as_bytes(), 0o644)?;
+        // Written last: its presence marks a complete identity.
+        write_atomic(
+            &dir.join(NAME_FILE),
+            format!("{}\n", self.node_name).as_bytes(),
+            0o644,
+        )
+    }
+
+    /// TLS settings for calls made with this identity.
+    pub fn tls(&self, server_name: Option<&str>) -> ClientTlsConfig {
+        let mut tls = ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(&self.ca_pem))
+            .identity(Identity::from_pem(&self.cert_pem, &self.key_pem));
+        if let Some(n) = server_name {
+            tls = tls.domain_name(n);
+        }
+        tls
+    }
+}
+
+/// What a first join needs.
+pub struct JoinParams<'a> {
+    pub controller: &'a str,
+    pub server_name: Option<&'a str>,
+    pub ca_pem: Option<String>,
+    pub bootstrap_token: Option<String>,
+}
+
+/// Returns the stored identity, or joins the cluster to get one.
+pub async fn load_or_join(
+    dir: &Path,
+    node_name: &str,
+    join: JoinParams<'_>,
+) -> Result<(NodeIdentity, bool), IdentityError> {
+    if let Some(id) = NodeIdentity::load(dir, node_name)? {
+        return Ok((id, false));
+    }
+    let ca_pem = join
+        .ca_pem
+        .ok_or(IdentityError::MissingForJoin("no --ca-cert was given"))?;
+    let token = join
+        .bootstrap_token
+        .ok_or(IdentityError::MissingForJoin(
+            "no --bootstrap-token or --bootstrap-token-file was given",
+        ))?;
+
+    let key = KeyPair::generate().map_err(|e| IdentityError::Crypto(e.to_string()))?;
+    let mut params = CertificateParams::default();
+    params
+        .distinguished_name
+        .push(DnType::CommonName, format!("node:{node_name}"));
+    let csr = params
+        .serialize_request(&key)
+        .and_then(|c| c.pem())
+        .map_err(|e| IdentityError::Crypto(e.to_string()))?;
+
+    let mut tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(&ca_pem));
+    if let Some(n) = join.server_name {
+        tls = tls.domain_name(n);
+    }
+    let channel = endpoint(join.controller)?
+        .tls_config(tls)
+        .map_err(|e| IdentityError::Connect {
+            url: join.controller.into(),
+            message: e.to_string(),
+        })?
+        .connect()
+        .await
+        .map_err(|e| IdentityError::Connect {
+            url: join.controller.into(),
+            message: error_chain(&e),
+        })?;
+    let resp = NodeServiceClient::new(channel)
+        .join(JoinRequest {
+            bootstrap_token: token,
+            node_name: node_name.to_string(),
+            csr_pem: csr,
+        })
+        .await
+        .map_err(|s| IdentityError::Refused(s.message().to_string()))?
+        .into_inner();
+    let id = NodeIdentity {
+        node_name: node_name.to_string(),
+        key_pem: key.serialize_pem(),
+        cert_pem: resp.certificate_pem,
+        ca_pem: resp.ca_certificate_pem,
+    };
+    id.save(dir)?;
+    Ok((id, true))
+}
+
+/// A gRPC endpoint for the controller URL with the agent's timeouts.
+pub fn endpoint(url: &str) -> Result<Endpoint, IdentityError> {
+    if !url.starts_with("https://") {
+        return Err(IdentityError::BadUrl(
+            url.into(),
+            "must start with https://".into(),
+        ));
+    }
+    Ok(Endpoint::from_shared(url.to_string())
+        .map_err(|e| IdentityError::BadUrl(url.into(), e.to_string()))?
+        .connect_timeout(Duration::from_secs(3))
+        .http2_keep_alive_interval(Duration::from_secs(2))
+        .keep_alive_timeout(Duration::from_secs(3))
+        .keep_alive_while_idle(true))
+}
+
+/// An error with its sources, one line (tonic's top-level message is vague).
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+fn read(path: &Path) -> Result<String, IdentityError> {
+    fs::read_to_string(path).map_err(|source| IdentityError::Io {
+        action: "read",
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+fn write_atomic(path: &Path, data: &[u8], mode: u32) -> Result<(), IdentityError> {
+    let io = |action, source| IdentityError::Io {
+        action,
+        path: path.to_path_buf(),
+        source,
+    };
+    let tmp = path.with_extension("tmp");
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(mode)
+        .open(&tmp)
+        .map_err(|e| io("create", e))?;
+    f.write_all(data).map_err(|e| io("write", e))?;
+    f.sync_all().map_err(|e| io("sync", e))?;
+    fs::rename(&tmp, path).map_err(|e| io("rename", e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn saved_identity_loads_and_checks_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let id = NodeIdentity {
+            node_name: "n1".into(),
+            key_pem: "k".into(),
+            cert_pem: "c".into(),
+            ca_pem: "a".into(),
+        };
+        id.save(dir.path()).unwrap();
+        let back = NodeIdentity::load(dir.path(), "n1").unwrap().unwrap();
+        assert_eq!(back.cert_pem, "c");
+        let err = NodeIdentity::load(dir.path(), "n2").unwrap_err();
+        assert!(err.to_string().contains("node \"n1\""), "{err}");
+        let mode = fs::metadata(dir.path().join(KEY_FILE)).unwrap().permissions();
+        assert_eq!(std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777, 0o600);
+    }
+
+    #[test]
+    fn empty_state_dir_has_no_identity() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(NodeIdentity::load(dir.path(), "n1").unwrap().is_none());
+    }
+
+    #[test]
+    fn non_https_url_is_refused() {
+        assert!(matches!(
+            endpoint("http://127.0.0.1:7443"),
+            Err(IdentityError::BadUrl(..))
+        ));
+    }
+}

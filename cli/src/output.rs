@@ -1,0 +1,388 @@
+//! How imctl prints objects: tables per kind (`-o wide` adds columns),
+//! YAML, JSON, and the `describe` view.
+
+use std::time::SystemTime;
+
+use ironmesh_api::quantity::format_bytes;
+use ironmesh_api::Kind;
+use serde_json::Value;
+
+fn s<'a>(v: &'a Value, ptr: &str) -> &'a str {
+    v.pointer(ptr).and_then(Value::as_str).unwrap_or("")
+}
+
+fn map_str(v: &Value, ptr: &str) -> String {
+    v.pointer(ptr)
+        .and_then(Value::as_object)
+        .map(|m| {
+            m.iter()
+                .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or_default()))
+                .collect::<Vec<_>>()
+                .join(",")
+        })
+        .unwrap_or_default()
+}
+
+/// "5s", "3m", "2h", "4d" since an RFC 3339 time.
+pub fn age(ts: &str) -> String {
+    let Ok(t) = time::OffsetDateTime::parse(ts, &time::format_description::well_known::Rfc3339)
+    else {
+        return "<unknown>".into();
+    };
+    let now = time::OffsetDateTime::from(SystemTime::now());
+    let secs = (now - t).whole_seconds().max(0);
+    match secs {
+        0..=119 => format!("{secs}s"),
+        120..=7199 => format!("{}m", secs / 60),
+        7200..=172_799 => format!("{}h", secs / 3600),
+        _ => format!("{}d", secs / 86400),
+    }
+}
+
+pub fn node_ready(o: &Value) -> String {
+    let ready = o
+        .pointer("/status/conditions")
+        .and_then(Value::as_array)
+        .and_then(|a| {
+            a.iter()
+                .find(|c| c.get("type").and_then(Value::as_str) == Some("Ready"))
+        })
+        .and_then(|c| c.get("status").and_then(Value::as_str));
+    let mut st = match ready {
+        Some("True") => "Ready".to_string(),
+        Some("False") => "NotReady".to_string(),
+        _ => "Unknown".to_string(),
+    };
+    if o.pointer("/spec/unschedulable").and_then(Value::as_bool) == Some(true) {
+        st.push_str(",SchedulingDisabled");
+    }
+    st
+}
+
+fn columns(kind: Kind, wide: bool) -> Vec<&'static str> {
+    let mut c = match kind {
+        Kind::Node => vec!["NAME", "STATUS", "CPU", "MEMORY", "AGE"],
+        Kind::Workload => vec!["NAME", "REPLICAS", "IMAGE", "AGE"],
+        Kind::Service => vec!["NAME", "CLUSTER-IP", "PORTS", "AGE"],
+        Kind::Policy => vec!["NAME", "SELECTOR", "AGE"],
+        Kind::Volume => vec!["NAME", "SIZE", "NODE", "AGE"],
+        Kind::Pipeline => vec!["NAME", "STEPS", "SCHEDULE", "AGE"],
+        Kind::PipelineRun => vec!["NAME", "PIPELINE", "AGE"],
+        Kind::Source => vec!["NAME", "REPO", "BRANCH", "AGE"],
+    };
+    if wide {
+        match kind {
+            Kind::Node => c.extend(["ADDRESSES", "KERNEL", "CPU-MODEL", "DISKS", "AGENT"]),
+            Kind::Workload => c.extend(["SELECTOR-LABELS"]),
+            Kind::Service => c.extend(["SELECTOR"]),
+            _ => c.extend(["LABELS"]),
+        }
+    }
+    c
+}
+
+fn row(kind: Kind, o: &Value, wide: bool) -> Vec<String> {
+    let name = s(o, "/metadata/name").to_string();
+    let created = age(s(o, "/metadata/creationTimestamp"));
+    let mut r = match kind {
+        Kind::Node => vec![
+            name,
+            node_ready(o),
+            s(o, "/status/capacity/cpu").to_string(),
+            s(o, "/status/capacity/memory").to_string(),
+            created,
+        ],
+        Kind::Workload => vec![
+            name,
+            o.pointer("/spec/replicas")
+                .map(|v| v.to_string())
+                .unwrap_or_default(),
+            s(o, "/spec/image").to_string(),
+            created,
+        ],
+        Kind::Service => vec![
+            name,
+            match s(o, "/spec/clusterIP") {
+                "" => "<pending>".to_string(),
+                ip => ip.to_string(),
+            },
+            o.pointer("/spec/ports")
+                .and_then(Value::as_array)
+                .map(|ps| {
+                    ps.iter()
+                        .map(|p| {
+                            format!(
+                                "{}/{}",
+                                p.get("port").map(|v| v.to_string()).unwrap_or_default(),
+                                p.get("protocol").and_then(Value::as_str).unwrap_or("TCP")
+                            )
+                        })
+                        .collect::<Vec<_>>()
+                        .join(",")
+                })
+                .unwrap_or_default(),
+            created,
+        ],
+        Kind::Policy => vec![name, map_str(o, "/spec/selector"), created],
+        Kind::Volume => vec![
+            name,
+            s(o, "/spec/size").to_string(),
+            match s(o, "/spec/node") {
+                "" => "<any>".to_string(),
+                n => n.to_string(),
+            },
+            created,
+        ],
+        Kind::Pipeline => vec![
+            name,
+            o.pointer("/spec/steps")
+                .and_then(Value::as_array)
+                .map(|a| a.len().to_string())
+                .unwrap_or_default(),
+            match s(o, "/spec/schedule") {
+                "" => "<none>".to_string(),
+                c => c.to_string(),
+            },
+            created,
+        ],
+        Kind::PipelineRun => vec![name, s(o, "/spec/pipeline").to_string(), created],
+        Kind::Source => vec![
+            name,
+            s(o, "/spec/repo").to_string(),
+            s(o, "/spec/branch").to_string(),
+            created,
+        ],
+    };
+    if wide {
+        match kind {
+            Kind::Node => {
+                let addrs = o
+                    .pointer("/status/addresses")
+                    .and_then(Value::as_array)
+                    .map(|a| {
+                        a.iter()
+                            .filter_map(Value::as_str)
+                            .filter(|a| !a.contains(':'))
+                            .collect::<Vec<_>>()
+                            .join(",")
+                    })
+                    .unwrap_or_default();
+                let disks = o
+                    .pointer("/status/inventory/disks")
+                    .and_then(Value::as_array)
+                    .map(|a| {
+                        a.iter()
+                            .map(|d| {
+                                format!(
+                                    "{}:{}",
+                                    d.get("name").and_then(Value::as_str).unwrap_or(""),
+                                    format_bytes(
+                                        d.get("sizeBytes").and_then(Value::as_u64).unwrap_or(0)
+                                    )
+                                )
+                            })
+                            .collect::<Vec<_>>()
+                            .join(",")
+                    })
+                    .unwrap_or_default();
+                r.extend([
+                    addrs,
+                    s(o, "/status/nodeInfo/kernel").to_string(),
+                    s(o, "/status/inventory/cpu/model").to_string(),
+                    disks,
+                    s(o, "/status/nodeInfo/agentVersion").to_string(),
+                ]);
+            }
+            Kind::Workload => r.push(map_str(o, "/metadata/labels")),
+            Kind::Service => r.push(map_str(o, "/spec/selector")),
+            _ => r.push(map_str(o, "/metadata/labels")),
+        }
+    }
+    r
+}
+
+/// Renders objects of one kind as an aligned table.
+pub fn table(kind: Kind, objects: &[Value], wide: bool) -> String {
+    let mut rows = vec![columns(kind, wide)
+        .into_iter()
+        .map(str::to_string)
+        .collect::<Vec<_>>()];
+    rows.extend(objects.iter().map(|o| row(kind, o, wide)));
+    let n = rows[0].len();
+    let widths: Vec<usize> = (0..n)
+        .map(|i| rows.iter().map(|r| r[i].chars().count()).max().unwrap_or(0))
+        .collect();
+    let mut out = String::new();
+    for r in rows {
+        let line: Vec<String> = r
+            .iter()
+            .enumerate()
+            .map(|(i, c)| {
+                if i + 1 == n {
+                    c.clone()
+                } else {
+                    format!("{c:<w$}", w = widths[i])
+                }
+            })
+            .collect();
+        out.push_str(line.join("   ").trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+/// The `describe` view: a summary, then conditions, then spec and status.
+pub fn describe(kind: Kind, o: &Value) -> String {
+    let mut out = String::new();
+    let mut line = |k: &str, v: String| out.push_str(&format!("{:<16}{}\n", format!("{k}:"), v));
+    line("Name", s(o, "/metadata/name").to_string());
+    line("Kind", kind.as_str().to_string());
+    line("Labels", or_none(map_str(o, "/metadata/labels")));
+    line("Annotations", or_none(map_str(o, "/metadata/annotations")));
+    line("UID", s(o, "/metadata/uid").to_string());
+    line(
+        "Created",
+        format!(
+            "{} ({} ago)",
+            s(o, "/metadata/creationTimestamp"),
+            age(s(o, "/metadata/creationTimestamp"))
+        ),
+    );
+    line("Revision", s(o, "/metadata/resourceVersion").to_string());
+    if kind == Kind::Node {
+        line("Status", node_ready(o));
+        line(
+            "CPU",
+            format!(
+                "{} logical, {} physical, {}",
+                o.pointer("/status/inventory/cpu/logical")
+                    .map(|v| v.to_string())
+                    .unwrap_or_default(),
+                o.pointer("/status/inventory/cpu/physical")
+                    .map(|v| v.to_string())
+                    .unwrap_or_default(),
+                s(o, "/status/inventory/cpu/model")
+            ),
+        );
+        line(
+            "Memory",
+            format_bytes(
+                o.pointer("/status/inventory/memory/totalBytes")
+                    .and_then(Value::as_u64)
+                    .unwrap_or(0),
+            ),
+        );
+        line(
+            "System",
+            format!(
+                "{} {} kernel {}",
+                s(o, "/status/nodeInfo/os"),
+                s(o, "/status/nodeInfo/arch"),
+                s(o, "/status/nodeInfo/kernel")
+            ),
+        );
+        line("Agent", s(o, "/status/nodeInfo/agentVersion").to_string());
+        out.push_str("Disks:\n");
+        for d in o
+            .pointer("/status/inventory/disks")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+        {
+            out.push_str(&format!(
+                "  {:<10} {:>10}  {}  {}\n",
+                s(d, "/name"),
+                format_bytes(d.get("sizeBytes").and_then(Value::as_u64).unwrap_or(0)),
+                if d.get("rotational").and_then(Value::as_bool) == Some(true) {
+                    "rotational"
+                } else {
+                    "solid-state"
+                },
+                s(d, "/model")
+            ));
+        }
+        out.push_str("NICs:\n");
+        for n in o
+            .pointer("/status/inventory/nics")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+        {
+            let addrs = n
+                .get("addresses")
+                .and_then(Value::as_array)
+                .map(|a| a.iter().filter_map(Value::as_str).collect::<Vec<_>>().join(" "))
+                .unwrap_or_default();
+            out.push_str(&format!(
+                "  {:<12} {:<17} mtu {:<5} {:<5} {}\n",
+                s(n, "/name"),
+                s(n, "/mac"),
+                n.get("mtu").map(|v| v.to_string()).unwrap_or_default(),
+                s(n, "/operState"),
+                addrs
+            ));
+        }
+    }
+    if let Some(conds) = o.pointer("/status/conditions").and_then(Value::as_array) {
+        out.push_str("Conditions:\n  TYPE     STATUS  REASON               LAST HEARTBEAT        LAST TRANSITION       MESSAGE\n");
+        for c in conds {
+            out.push_str(&format!(
+                "  {:<8} {:<7} {:<20} {:<21} {:<21} {}\n",
+                s(c, "/type"),
+                s(c, "/status"),
+                s(c, "/reason"),
+                s(c, "/lastHeartbeatTime"),
+                s(c, "/lastTransitionTime"),
+                s(c, "/message")
+            ));
+        }
+    }
+    if kind != Kind::Node {
+        if let Some(spec) = o.get("spec") {
+            out.push_str("Spec:\n");
+            out.push_str(&indent(&serde_yaml::to_string(spec).unwrap_or_default()));
+        }
+        if let Some(status) = o.get("status") {
+            out.push_str("Status:\n");
+            out.push_str(&indent(&serde_yaml::to_string(status).unwrap_or_default()));
+        }
+    }
+    out
+}
+
+fn or_none(s: String) -> String {
+    if s.is_empty() {
+        "<none>".into()
+    } else {
+        s
+    }
+}
+
+fn indent(s: &str) -> String {
+    s.lines().map(|l| format!("  {l}\n")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn node_table_shows_status_cpu_memory() {
+        let n = json!({"metadata": {"name": "n1", "creationTimestamp": "2020-01-01T00:00:00Z"},
+            "status": {"capacity": {"cpu": "2", "memory": "24Gi"},
+                       "conditions": [{"type": "Ready", "status": "True"}]}});
+        let t = table(Kind::Node, &[n], false);
+        let lines: Vec<&str> = t.lines().collect();
+        assert!(lines[0].starts_with("NAME"));
+        assert!(lines[1].contains("n1") && lines[1].contains("Ready") && lines[1].contains("24Gi"));
+        assert!(lines[1].ends_with('d'), "{t}");
+    }
+
+    #[test]
+    fn not_ready_and_cordoned_nodes_say_so() {
+        let n = json!({"spec": {"unschedulable": true},
+            "status": {"conditions": [{"type": "Ready", "status": "False"}]}});
+        assert_eq!(node_ready(&n), "NotReady,SchedulingDisabled");
+    }
+}

@@ -1,0 +1,155 @@
+//! First-start and every-start preparation of the data directory: the
+//! cluster CA, the bootstrap token, the controller's server certificate and
+//! the first operator's client config (`admin.yaml`).
+
+use std::path::{Path, PathBuf};
+
+use ironmesh_api::client_config::ClientConfig;
+
+use crate::config::ControllerConfig;
+use crate::pki::{write_private, ClusterCa, Identity, PkiError};
+
+/// Name of the operator whose credential is issued at first start.
+pub const FIRST_OPERATOR: &str = "admin";
+
+pub struct Credentials {
+    pub ca: ClusterCa,
+    pub bootstrap_token: String,
+    pub server_cert_pem: String,
+    pub server_key_pem: String,
+    pub admin_config: PathBuf,
+    pub token_file: PathBuf,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BootstrapError {
+    #[error(transparent)]
+    Pki(#[from] PkiError),
+    #[error("cannot {action} {path}: {source}")]
+    Io {
+        action: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot write admin config: {0}")]
+    Encode(String),
+}
+
+pub fn prepare(cfg: &ControllerConfig) -> Result<Credentials, BootstrapError> {
+    let dir = &cfg.data_dir;
+    std::fs::create_dir_all(dir).map_err(|source| BootstrapError::Io {
+        action: "create",
+        path: dir.clone(),
+        source,
+    })?;
+    let (ca, created) = ClusterCa::load_or_create(&dir.join("pki"))?;
+    if created {
+        tracing::info!(path = %dir.join("pki/ca.crt").display(), "created cluster CA");
+    }
+
+    let token_file = dir.join("bootstrap-token");
+    let bootstrap_token = match &cfg.bootstrap_token {
+        Some(t) => {
+            write_private(&token_file, format!("{t}\n").as_bytes())?;
+            t.clone()
+        }
+        None => load_or_create_token(&token_file)?,
+    };
+
+    let mut sans = vec!["localhost".to_string(), "127.0.0.1".to_string()];
+    if let Ok(h) = std::fs::read_to_string("/proc/sys/kernel/hostname") {
+        let h = h.trim();
+        if !h.is_empty() {
+            sans.push(h.to_string());
+        }
+    }
+    if !cfg.listen.ip().is_unspecified() {
+        sans.push(cfg.listen.ip().to_string());
+    }
+    if let Some(host) = url_host(&cfg.advertise_url()) {
+        sans.push(host);
+    }
+    sans.extend(cfg.tls_sans.iter().cloned());
+    sans.sort();
+    sans.dedup();
+    // Re-issued every start so SAN changes take effect; cheap.
+    let (server_cert_pem, server_key_pem) = ca.issue(&Identity::Controller, &sans, true)?;
+
+    let admin_config = dir.join("admin.yaml");
+    if !admin_config.exists() {
+        let (cert, key) = ca.issue(&Identity::Operator(FIRST_OPERATOR.into()), &[], false)?;
+        let conf = ClientConfig::new(
+            cfg.advertise_url(),
+            ca.cert_pem().to_string(),
+            FIRST_OPERATOR.into(),
+            cert,
+            key,
+        );
+        let yaml = serde_yaml::to_string(&conf).map_err(|e| BootstrapError::Encode(e.to_string()))?;
+        write_private(&admin_config, yaml.as_bytes())?;
+        tracing::info!(path = %admin_config.display(), "wrote operator credential for imctl");
+    }
+    Ok(Credentials {
+        ca,
+        bootstrap_token,
+        server_cert_pem,
+        server_key_pem,
+        admin_config,
+        token_file,
+    })
+}
+
+fn load_or_create_token(path: &Path) -> Result<String, BootstrapError> {
+    match std::fs::read_to_string(path) {
+        Ok(t) if !t.trim().is_empty() => return Ok(t.trim().to_string()),
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(source) => {
+            return Err(BootstrapError::Io {
+                action: "read",
+                path: path.to_path_buf(),
+                source,
+            })
+        }
+    }
+    let mut b = [0u8; 24];
+    rand::Rng::fill(&mut rand::rng(), &mut b[..]);
+    let token = format!("imb.{}", hex::encode(b));
+    write_private(path, format!("{token}\n").as_bytes())?;
+    tracing::info!(path = %path.display(), "created bootstrap token");
+    Ok(token)
+}
+
+fn url_host(url: &str) -> Option<String> {
+    let rest = url.strip_prefix("https://")?;
+    let hostport = rest.split('/').next()?;
+    let host = if let Some(h) = hostport.strip_prefix('[') {
+        h.split(']').next()?
+    } else {
+        hostport.rsplit_once(':').map(|(h, _)| h).unwrap_or(hostport)
+    };
+    (!host.is_empty()).then(|| host.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn url_host_handles_ports_and_ipv6() {
+        assert_eq!(url_host("https://10.0.0.1:7443").as_deref(), Some("10.0.0.1"));
+        assert_eq!(url_host("https://ctl.example:7443/").as_deref(), Some("ctl.example"));
+        assert_eq!(url_host("https://[::1]:7443").as_deref(), Some("::1"));
+        assert_eq!(url_host("http://x"), None);
+    }
+
+    #[test]
+    fn token_is_created_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("bootstrap-token");
+        let a = load_or_create_token(&p).unwrap();
+        let b = load_or_create_token(&p).unwrap();
+        assert_eq!(a, b);
+        assert!(a.starts_with("imb.") && a.len() > 40);
+    }
+}

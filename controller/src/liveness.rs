@@ -1,0 +1,262 @@
+//! Node liveness: heartbeat bookkeeping and the reconciler that turns a node
+//! NotReady when its heartbeats lapse for longer than the grace, and Ready
+//! again when they return.
+//!
+//! Heartbeats are kept in memory (a store write per heartbeat would fsync
+//! once a second per node); only transitions are written to the Node's
+//! `Ready` condition. Reads of a Node overlay the live heartbeat time.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use ironmesh_api::selector::LabelSelector;
+use ironmesh_api::Kind;
+use serde_json::{json, Value};
+
+use crate::metrics::ControllerMetrics;
+use crate::resources::{rfc3339, Resources};
+
+#[derive(Debug, Clone)]
+struct Live {
+    last: Instant,
+    last_wall: SystemTime,
+    session: u64,
+    connected: bool,
+}
+
+/// In-memory heartbeat table, shared by the sync handler and the reconciler.
+#[derive(Clone)]
+pub struct Liveness {
+    inner: Arc<Mutex<LivenessInner>>,
+    grace: Duration,
+    started: Instant,
+}
+
+struct LivenessInner {
+    nodes: HashMap<String, Live>,
+    next_session: u64,
+}
+
+impl Liveness {
+    pub fn new(grace: Duration) -> Liveness {
+        Liveness {
+            inner: Arc::new(Mutex::new(LivenessInner {
+                nodes: HashMap::new(),
+                next_session: 1,
+            })),
+            grace,
+            started: Instant::now(),
+        }
+    }
+
+    pub fn grace(&self) -> Duration {
+        self.grace
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, LivenessInner> {
+        // A panic while holding this lock leaves plain data behind; keep going.
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A sync stream opened; returns its session number. A newer session
+    /// for the same node supersedes an older one.
+    pub fn connect(&self, node: &str) -> u64 {
+        let mut g = self.lock();
+        let session = g.next_session;
+        g.next_session += 1;
+        g.nodes.insert(
+            node.to_string(),
+            Live {
+                last: Instant::now(),
+                last_wall: SystemTime::now(),
+                session,
+                connected: true,
+            },
+        );
+        session
+    }
+
+    /// Records a heartbeat from `node` on `session`.
+    pub fn heartbeat(&self, node: &str, session: u64) {
+        let mut g = self.lock();
+        if let Some(l) = g.nodes.get_mut(node) {
+            if l.session == session {
+                l.last = Instant::now();
+                l.last_wall = SystemTime::now();
+            }
+        }
+    }
+
+    /// The stream of `session` ended.
+    pub fn disconnect(&self, node: &str, session: u64) {
+        let mut g = self.lock();
+        if let Some(l) = g.nodes.get_mut(node) {
+            if l.session == session {
+                l.connected = false;
+            }
+        }
+    }
+
+    /// Wall-clock time of the node's last heartbeat seen by this controller.
+    pub fn last_heartbeat(&self, node: &str) -> Option<SystemTime> {
+        self.lock().nodes.get(node).map(|l| l.last_wall)
+    }
+
+    /// Whether the node is alive now: `Some(true)`/`Some(false)`, or `None`
+    /// while this controller is too young to judge a node it has not heard
+    /// from.
+    fn judge(&self, node: &str) -> (Option<bool>, Option<Duration>) {
+        let g = self.lock();
+        match g.nodes.get(node) {
+            Some(l) => {
+                let since = l.last.elapsed();
+                (Some(since <= self.grace), Some(since))
+            }
+            None if self.started.elapsed() <= self.grace => (None, None),
+            None => (Some(false), None),
+        }
+    }
+
+    /// Overlays live heartbeat time onto a Node object's Ready condition.
+    pub fn overlay(&self, node: &mut Value) {
+        let Some(name) = node.pointer("/metadata/name").and_then(Value::as_str) else {
+            return;
+        };
+        let Some(when) = self.last_heartbeat(name) else {
+            return;
+        };
+        if let Some(conds) = node
+            .pointer_mut("/status/conditions")
+            .and_then(Value::as_array_mut)
+        {
+            for c in conds {
+                if c.get("type").and_then(Value::as_str) == Some("Ready") {
+                    c["lastHeartbeatTime"] = Value::String(rfc3339(when));
+                }
+            }
+        }
+    }
+}
+
+/// The Ready condition status ("True"/"False"/"Unknown") stored on a Node.
+pub fn ready_status(node: &Value) -> Option<&str> {
+    node.pointer("/status/conditions")?
+        .as_array()?
+        .iter()
+        .find(|c| c.get("type").and_then(Value::as_str) == Some("Ready"))?
+        .get("status")?
+        .as_str()
+}
+
+/// Sets the Ready condition; returns false if it already had this status.
+pub fn set_ready(node: &mut Value, ready: bool, reason: &str, message: &str) -> bool {
+    let status = if ready { "True" } else { "False" };
+    if ready_status(node) == Some(status) {
+        return false;
+    }
+    let cond = json!({
+        "type": "Ready",
+        "status": status,
+        "reason": reason,
+        "message": message,
+        "lastTransitionTime": crate::resources::now_rfc3339(),
+    });
+    if !node.get("status").is_some_and(Value::is_object) {
+        node["status"] = json!({});
+    }
+    let conds = &mut node["status"]["conditions"];
+    if !conds.is_array() {
+        *conds = json!([]);
+    }
+    if let Some(arr) = conds.as_array_mut() {
+        arr.retain(|c| c.get("type").and_then(Value::as_str) != Some("Ready"));
+        arr.push(cond);
+    }
+    true
+}
+
+/// Runs until `shutdown`: every tick, compares each Node's stored Ready
+/// condition with what heartbeats say and writes transitions.
+pub async fn run_reconciler(
+    resources: Resources,
+    liveness: Liveness,
+    metrics: Arc<ControllerMetrics>,
+    shutdown: ironmesh_daemon::Shutdown,
+) {
+    let tick = (liveness.grace / 10).clamp(Duration::from_millis(50), Duration::from_millis(500));
+    let mut interval = tokio::time::interval(tick);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let stop = shutdown.clone();
+    let stopped = stop.wait();
+    tokio::pin!(stopped);
+    loop {
+        tokio::select! {
+            _ = &mut stopped => return,
+            _ = interval.tick() => {}
+        }
+        if let Err(e) = reconcile_once(&resources, &liveness, &metrics).await {
+            tracing::warn!(error = %e, "node liveness pass failed");
+        }
+    }
+}
+
+async fn reconcile_once(
+    resources: &Resources,
+    liveness: &Liveness,
+    metrics: &ControllerMetrics,
+) -> Result<(), crate::resources::ResourceError> {
+    let (nodes, _) = resources.list(Kind::Node, &LabelSelector::default()).await?;
+    let (mut ready, mut not_ready, mut unknown) = (0i64, 0i64, 0i64);
+    for n in nodes {
+        let stored = ready_status(&n.object).map(str::to_string);
+        let (alive, since) = liveness.judge(&n.name);
+        let Some(alive) = alive else {
+            match stored.as_deref() {
+                Some("True") => ready += 1,
+                Some("False") => not_ready += 1,
+                _ => unknown += 1,
+            }
+            continue;
+        };
+        if alive {
+            ready += 1
+        } else {
+            not_ready += 1
+        }
+        let want = if alive { "True" } else { "False" };
+        if stored.as_deref() == Some(want) {
+            continue;
+        }
+        let grace = liveness.grace();
+        let (reason, message) = if alive {
+            ("HeartbeatsReceived", "agent is posting heartbeats".to_string())
+        } else {
+            (
+                "HeartbeatsMissed",
+                match since {
+                    Some(s) => format!(
+                        "no heartbeat for {:.1}s (grace {:.1}s)",
+                        s.as_secs_f64(),
+                        grace.as_secs_f64()
+                    ),
+                    None => format!(
+                        "no heartbeat since the controller started (grace {:.1}s)",
+                        grace.as_secs_f64()
+                    ),
+                },
+            )
+        };
+        let name = n.name.clone();
+        resources
+            .update(Kind::Node, &name, |cur| {
+                let mut obj = cur?.clone();
+                set_ready(&mut obj, alive, reason, &message).then_some(obj)
+            })
+            .await?;
+        tracing::info!(node = %name, ready = alive, reason, "node readiness changed");
+        metrics.node_transitions.inc();
+    }
+    metrics.set_nodes(ready, not_ready, unknown);
+    Ok(())
+}

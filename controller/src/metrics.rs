@@ -1,0 +1,105 @@
+//! Controller metrics, served on `--metrics-listen` at `/metrics`.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabel {
+    pub result: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ConditionLabel {
+    pub condition: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MethodLabel {
+    pub method: String,
+    pub code: String,
+}
+
+pub struct ControllerMetrics {
+    pub applies: Family<ResultLabel, Counter>,
+    pub joins: Family<ResultLabel, Counter>,
+    pub operator_calls: Family<MethodLabel, Counter>,
+    pub sync_streams: Gauge,
+    pub heartbeats: Counter,
+    pub node_transitions: Counter,
+    pub nodes: Family<ConditionLabel, Gauge>,
+    pub store_revision: Gauge,
+}
+
+impl ControllerMetrics {
+    pub fn new(registry: &mut Registry) -> ControllerMetrics {
+        let m = ControllerMetrics {
+            applies: Family::default(),
+            joins: Family::default(),
+            operator_calls: Family::default(),
+            sync_streams: Gauge::default(),
+            heartbeats: Counter::default(),
+            node_transitions: Counter::default(),
+            nodes: Family::default(),
+            store_revision: Gauge::default(),
+        };
+        let r = registry.sub_registry_with_prefix("ironmesh_controller");
+        r.register(
+            "applies",
+            "Apply requests by result (ok, invalid, error)",
+            m.applies.clone(),
+        );
+        r.register(
+            "joins",
+            "Node join requests by result (ok, bad_token, invalid)",
+            m.joins.clone(),
+        );
+        r.register(
+            "operator_calls",
+            "Operator API calls by method and gRPC code",
+            m.operator_calls.clone(),
+        );
+        r.register(
+            "sync_streams",
+            "Open agent sync streams",
+            m.sync_streams.clone(),
+        );
+        r.register(
+            "heartbeats",
+            "Heartbeats received from agents",
+            m.heartbeats.clone(),
+        );
+        r.register(
+            "node_readiness_transitions",
+            "Node Ready/NotReady transitions written",
+            m.node_transitions.clone(),
+        );
+        r.register("nodes", "Nodes by Ready condition", m.nodes.clone());
+        r.register(
+            "store_revision",
+            "Latest store revision written by this controller",
+            m.store_revision.clone(),
+        );
+        m
+    }
+
+    pub fn set_nodes(&self, ready: i64, not_ready: i64, unknown: i64) {
+        for (c, v) in [("ready", ready), ("not_ready", not_ready), ("unknown", unknown)] {
+            self.nodes
+                .get_or_create(&ConditionLabel {
+                    condition: c.into(),
+                })
+                .set(v);
+        }
+    }
+
+    pub fn count(family: &Family<ResultLabel, Counter>, result: &str) {
+        family
+            .get_or_create(&ResultLabel {
+                result: result.into(),
+            })
+            .inc();
+    }
+}

@@ -1,0 +1,342 @@
+//! The node surface: `Join` (bootstrap token + CSR → node certificate) and
+//! `Sync` (one bidirectional stream per agent).
+//!
+//! The node's identity always comes from its verified client certificate;
+//! the `node_name` an agent sends in `Hello` is only checked against it.
+//! This module records what agents report (inventory into Node status,
+//! heartbeats into [`Liveness`]); it does not judge readiness.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::Stream;
+use ironmesh_api::Kind;
+use ironmesh_proto::v1::{
+    agent_message, controller_message, node_service_server::NodeService, AgentMessage,
+    Assignment, ControllerMessage, Inventory, JoinRequest, JoinResponse, Welcome,
+};
+use serde_json::{json, Value};
+use subtle::ConstantTimeEq;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::liveness::{set_ready, Liveness};
+use crate::metrics::ControllerMetrics;
+use crate::pki::{ClusterCa, Identity};
+use crate::resources::Resources;
+
+/// How long an agent has to send `Hello` after opening a stream.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+
+pub struct NodeApi {
+    pub ca: Arc<ClusterCa>,
+    pub bootstrap_token: String,
+    pub resources: Resources,
+    pub liveness: Liveness,
+    pub metrics: Arc<ControllerMetrics>,
+    pub heartbeat_interval: Duration,
+}
+
+/// The verified identity of the caller, from its TLS client certificate.
+pub fn peer_identity<T>(req: &Request<T>) -> Result<Identity, Status> {
+    let certs = req
+        .peer_certs()
+        .ok_or_else(|| Status::unauthenticated("a client certificate is required"))?;
+    let leaf = certs
+        .first()
+        .ok_or_else(|| Status::unauthenticated("a client certificate is required"))?;
+    crate::pki::identity_from_der(leaf)
+        .map_err(|e| Status::unauthenticated(format!("client certificate not accepted: {e}")))
+}
+
+/// True if `name` is a DNS-1123 label, the rule for node names.
+pub fn valid_node_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 63
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !name.starts_with('-')
+        && !name.ends_with('-')
+}
+
+type SyncStream = Pin<Box<dyn Stream<Item = Result<ControllerMessage, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl NodeService for NodeApi {
+    async fn join(&self, req: Request<JoinRequest>) -> Result<Response<JoinResponse>, Status> {
+        let remote = req.remote_addr();
+        let req = req.into_inner();
+        let token_ok: bool = req
+            .bootstrap_token
+            .as_bytes()
+            .ct_eq(self.bootstrap_token.as_bytes())
+            .into();
+        if !token_ok {
+            ControllerMetrics::count(&self.metrics.joins, "bad_token");
+            tracing::warn!(node = %req.node_name, ?remote, "join refused: wrong bootstrap token");
+            return Err(Status::unauthenticated("bootstrap token is not valid"));
+        }
+        if !valid_node_name(&req.node_name) {
+            ControllerMetrics::count(&self.metrics.joins, "invalid");
+            return Err(Status::invalid_argument(format!(
+                "node_name {:?} is not valid: use 1-63 lowercase letters, digits and '-', starting and ending with a letter or digit",
+                req.node_name
+            )));
+        }
+        let cert = self
+            .ca
+            .sign_node_csr(&req.csr_pem, &req.node_name)
+            .map_err(|e| {
+                ControllerMetrics::count(&self.metrics.joins, "invalid");
+                Status::invalid_argument(e.to_string())
+            })?;
+        ControllerMetrics::count(&self.metrics.joins, "ok");
+        tracing::info!(node = %req.node_name, ?remote, "node joined");
+        Ok(Response::new(JoinResponse {
+            certificate_pem: cert,
+            ca_certificate_pem: self.ca.cert_pem().to_string(),
+            node_name: req.node_name,
+        }))
+    }
+
+    type SyncStream = SyncStream;
+
+    async fn sync(
+        &self,
+        req: Request<Streaming<AgentMessage>>,
+    ) -> Result<Response<Self::SyncStream>, Status> {
+        let node = match peer_identity(&req)? {
+            Identity::Node(n) => n,
+            other => {
+                return Err(Status::permission_denied(format!(
+                    "sync requires a node certificate; caller is {other}"
+                )))
+            }
+        };
+        let fingerprint = req
+            .peer_certs()
+            .and_then(|c| c.first().map(|d| sha256_hex(d)))
+            .unwrap_or_default();
+        let mut inbound = req.into_inner();
+        let first = tokio::time::timeout(HELLO_TIMEOUT, inbound.message())
+            .await
+            .map_err(|_| Status::deadline_exceeded("no Hello within 10s"))??
+            .ok_or_else(|| Status::cancelled("stream closed before Hello"))?;
+        let hello = match first.msg {
+            Some(agent_message::Msg::Hello(h)) => h,
+            _ => return Err(Status::invalid_argument("the first message must be Hello")),
+        };
+        if hello.node_name != node {
+            tracing::warn!(certificate = %node, claimed = %hello.node_name, "sync refused: node claims another identity");
+            return Err(Status::permission_denied(format!(
+                "certificate is for node {node:?} but the stream claims {:?}",
+                hello.node_name
+            )));
+        }
+
+        self.register_node(&node, &fingerprint).await?;
+        let session = self.liveness.connect(&node);
+        self.metrics.sync_streams.inc();
+        tracing::info!(node = %node, session, agent_version = %hello.agent_version, acked = hello.acked_revision, "sync stream opened");
+
+        let (tx, rx) = mpsc::channel::<Result<ControllerMessage, Status>>(16);
+        let welcome = ControllerMessage {
+            msg: Some(controller_message::Msg::Welcome(Welcome {
+                node_name: node.clone(),
+                heartbeat_interval_ms: self.heartbeat_interval.as_millis() as u32,
+            })),
+        };
+        let revision = self
+            .resources
+            .store()
+            .revision()
+            .await
+            .map_err(|e| Status::unavailable(e.to_string()))?;
+        let assignment = ControllerMessage {
+            msg: Some(controller_message::Msg::Assignment(Assignment { revision })),
+        };
+        // Capacity 16 and a fresh channel: these two cannot block.
+        let _ = tx.send(Ok(welcome)).await;
+        let _ = tx.send(Ok(assignment)).await;
+
+        let resources = self.resources.clone();
+        let liveness = self.liveness.clone();
+        let metrics = self.metrics.clone();
+        tokio::spawn(async move {
+            let outcome = loop {
+                tokio::select! {
+                    _ = tx.closed() => break "controller side closed".to_string(),
+                    msg = inbound.message() => match msg {
+                        Ok(Some(m)) => {
+                            if let Err(e) = handle_agent_message(&node, session, m, &resources, &liveness, &metrics).await {
+                                let _ = tx.send(Err(e.clone())).await;
+                                break e.message().to_string();
+                            }
+                        }
+                        Ok(None) => break "agent closed the stream".to_string(),
+                        Err(e) => break format!("stream error: {}", e.message()),
+                    }
+                }
+            };
+            liveness.disconnect(&node, session);
+            metrics.sync_streams.dec();
+            tracing::info!(node = %node, session, reason = %outcome, "sync stream ended");
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+impl NodeApi {
+    /// Creates the Node object on first contact, records the certificate
+    /// fingerprint, and marks it Ready.
+    async fn register_node(&self, node: &str, fingerprint: &str) -> Result<(), Status> {
+        let name = node.to_string();
+        self.resources
+            .update(Kind::Node, node, |cur| {
+                let mut obj = match cur {
+                    Some(o) => o.clone(),
+                    None => json!({
+                        "apiVersion": ironmesh_api::API_VERSION,
+                        "kind": "Node",
+                        "metadata": {"name": name, "labels": {"ironmesh.dev/hostname": name}},
+                        "spec": {},
+                        "status": {},
+                    }),
+                };
+                let mut changed = cur.is_none();
+                if obj.pointer("/status/certificateFingerprint").and_then(Value::as_str)
+                    != Some(fingerprint)
+                {
+                    obj["status"]["certificateFingerprint"] = json!(fingerprint);
+                    changed = true;
+                }
+                changed |= set_ready(&mut obj, true, "AgentConnected", "agent opened its sync stream");
+                changed.then_some(obj)
+            })
+            .await
+            .map_err(|e| Status::unavailable(format!("cannot record node {node:?}: {e}")))?;
+        Ok(())
+    }
+}
+
+async fn handle_agent_message(
+    node: &str,
+    session: u64,
+    m: AgentMessage,
+    resources: &Resources,
+    liveness: &Liveness,
+    metrics: &ControllerMetrics,
+) -> Result<(), Status> {
+    match m.msg {
+        Some(agent_message::Msg::Heartbeat(_)) => {
+            liveness.heartbeat(node, session);
+            metrics.heartbeats.inc();
+        }
+        Some(agent_message::Msg::Inventory(inv)) => {
+            liveness.heartbeat(node, session);
+            let status = inventory_status(&inv);
+            resources
+                .update(Kind::Node, node, |cur| {
+                    let mut obj = cur?.clone();
+                    let before = obj.clone();
+                    for (k, v) in status.as_object().into_iter().flatten() {
+                        obj["status"][k] = v.clone();
+                    }
+                    (obj != before).then_some(obj)
+                })
+                .await
+                .map_err(|e| Status::unavailable(format!("cannot record inventory: {e}")))?;
+            tracing::debug!(node, cpus = inv.cpu.as_ref().map(|c| c.logical), "inventory recorded");
+        }
+        Some(agent_message::Msg::Ack(a)) => {
+            tracing::debug!(node, revision = a.revision, "assignment acknowledged");
+        }
+        Some(agent_message::Msg::Hello(_)) => {
+            return Err(Status::invalid_argument("Hello may only be sent once"));
+        }
+        None => return Err(Status::invalid_argument("empty agent message")),
+    }
+    Ok(())
+}
+
+/// The Node status fields that come from the agent's inventory.
+pub fn inventory_status(inv: &Inventory) -> Value {
+    let cpu = inv.cpu.clone().unwrap_or_default();
+    let mem = inv.memory.clone().unwrap_or_default();
+    let capacity = json!({
+        "cpu": cpu.logical.to_string(),
+        "memory": ironmesh_api::quantity::format_bytes(mem.total_bytes),
+    });
+    let addresses: Vec<String> = inv
+        .nics
+        .iter()
+        .filter(|n| !n.r#virtual)
+        .flat_map(|n| n.addresses.iter().cloned())
+        .collect();
+    json!({
+        "capacity": capacity,
+        "allocatable": capacity,
+        "addresses": addresses,
+        "nodeInfo": {
+            "hostname": inv.hostname,
+            "os": inv.os,
+            "kernel": inv.kernel,
+            "arch": inv.arch,
+            "agentVersion": inv.agent_version,
+            "bootTime": crate::resources::rfc3339(std::time::UNIX_EPOCH + Duration::from_secs(inv.boot_time_unix)),
+        },
+        "inventory": {
+            "cpu": {
+                "logical": cpu.logical,
+                "physical": cpu.physical,
+                "model": cpu.model,
+                "vendor": cpu.vendor,
+                "frequencyMhz": cpu.frequency_mhz,
+            },
+            "memory": {
+                "totalBytes": mem.total_bytes,
+                "availableBytes": mem.available_bytes,
+                "swapTotalBytes": mem.swap_total_bytes,
+            },
+            "disks": inv.disks.iter().map(|d| json!({
+                "name": d.name,
+                "sizeBytes": d.size_bytes,
+                "rotational": d.rotational,
+                "model": d.model,
+                "removable": d.removable,
+                "readOnly": d.read_only,
+            })).collect::<Vec<_>>(),
+            "nics": inv.nics.iter().map(|n| json!({
+                "name": n.name,
+                "mac": n.mac,
+                "mtu": n.mtu,
+                "addresses": n.addresses,
+                "operState": n.oper_state,
+                "speedMbps": n.speed_mbps,
+                "virtual": n.r#virtual,
+            })).collect::<Vec<_>>(),
+        },
+    })
+}
+
+fn sha256_hex(der: &[u8]) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(der))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn node_names_follow_dns_labels() {
+        assert!(valid_node_name("rack1-a"));
+        assert!(!valid_node_name("Rack1"));
+        assert!(!valid_node_name("-a"));
+        assert!(!valid_node_name(""));
+        assert!(!valid_node_name(&"a".repeat(64)));
+    }
+}

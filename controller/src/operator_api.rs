@@ -1,0 +1,279 @@
+//! The operator surface: apply, get, list, delete, watch.
+//!
+//! Every call requires an operator client certificate. Apply validates all
+//! manifests first and writes them in one store transaction, or none.
+//! Handlers only translate between gRPC and [`Resources`]; they hold no
+//! cluster logic.
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use futures::{Stream, StreamExt};
+use ironmesh_api::selector::LabelSelector;
+use ironmesh_api::Kind;
+use ironmesh_proto::v1::{
+    operator_service_server::OperatorService, watch_event, ApplyRequest, ApplyResponse,
+    ApplyResult, DeleteRequest, DeleteResponse, GetRequest, ListRequest, ListResponse, Resource,
+    WatchEvent, WatchRequest,
+};
+use tonic::{Request, Response, Status};
+
+use crate::liveness::Liveness;
+use crate::metrics::{ControllerMetrics, MethodLabel};
+use crate::node_api::peer_identity;
+use crate::pki::Identity;
+use crate::resources::{decode, prefix, ResourceError, Resources, StoredObject};
+use crate::store::EventKind;
+
+pub struct OperatorApi {
+    pub resources: Resources,
+    pub liveness: Liveness,
+    pub metrics: Arc<ControllerMetrics>,
+}
+
+fn authorize<T>(req: &Request<T>) -> Result<String, Status> {
+    match peer_identity(req)? {
+        Identity::Operator(name) => Ok(name),
+        other => Err(Status::permission_denied(format!(
+            "the operator API requires an operator certificate; caller is {other}"
+        ))),
+    }
+}
+
+fn parse_kind(s: &str) -> Result<Kind, Status> {
+    Kind::parse(s).map_err(|e| Status::invalid_argument(e.to_string()))
+}
+
+fn to_status(e: ResourceError) -> Status {
+    match e {
+        ResourceError::NotFound { .. } => Status::not_found(e.to_string()),
+        ResourceError::Duplicate(..) => Status::invalid_argument(e.to_string()),
+        ResourceError::Contended(_) => Status::aborted(e.to_string()),
+        ResourceError::Corrupt { .. } => Status::data_loss(e.to_string()),
+        ResourceError::Store(_) => Status::unavailable(e.to_string()),
+    }
+}
+
+impl OperatorApi {
+    fn to_resource(&self, mut o: StoredObject) -> Resource {
+        if o.kind == Kind::Node {
+            self.liveness.overlay(&mut o.object);
+        }
+        Resource {
+            kind: o.kind.as_str().to_string(),
+            name: o.name,
+            json: o.object.to_string(),
+            revision: o.revision,
+        }
+    }
+
+    fn record<T>(&self, method: &str, r: &Result<T, Status>) {
+        let code = match r {
+            Ok(_) => "OK".to_string(),
+            Err(s) => format!("{:?}", s.code()),
+        };
+        self.metrics
+            .operator_calls
+            .get_or_create(&MethodLabel {
+                method: method.into(),
+                code,
+            })
+            .inc();
+    }
+
+    async fn apply_inner(&self, req: Request<ApplyRequest>) -> Result<ApplyResponse, Status> {
+        let who = authorize(&req)?;
+        let req = req.into_inner();
+        if req.manifests.is_empty() {
+            return Err(Status::invalid_argument("apply needs at least one manifest"));
+        }
+        let mut validated = Vec::with_capacity(req.manifests.len());
+        let mut errors = Vec::new();
+        for m in &req.manifests {
+            let origin = if m.origin.is_empty() {
+                format!("manifest {}", validated.len() + errors.len() + 1)
+            } else {
+                m.origin.clone()
+            };
+            let doc: serde_json::Value = match serde_json::from_str(&m.json) {
+                Ok(d) => d,
+                Err(e) => {
+                    errors.push(format!("{origin}: not valid JSON: {e}"));
+                    continue;
+                }
+            };
+            match ironmesh_api::validate(&doc) {
+                Ok(v) => validated.push((origin, v)),
+                Err(e) => errors.push(format!("{origin}: {e}")),
+            }
+        }
+        if !errors.is_empty() {
+            ControllerMetrics::count(&self.metrics.applies, "invalid");
+            return Err(Status::invalid_argument(format!(
+                "apply rejected, nothing was changed:\n  {}",
+                errors.join("\n  ")
+            )));
+        }
+        let (revision, applied) = self
+            .resources
+            .apply(&validated, req.dry_run)
+            .await
+            .map_err(|e| {
+                ControllerMetrics::count(&self.metrics.applies, "error");
+                to_status(e)
+            })?;
+        ControllerMetrics::count(&self.metrics.applies, "ok");
+        if !req.dry_run {
+            self.metrics.store_revision.set(revision as i64);
+        }
+        tracing::info!(operator = %who, revision, objects = applied.len(), dry_run = req.dry_run, "applied");
+        Ok(ApplyResponse {
+            revision,
+            results: applied
+                .into_iter()
+                .map(|a| ApplyResult {
+                    kind: a.kind.as_str().to_string(),
+                    name: a.name,
+                    action: a.action.as_str().to_string(),
+                })
+                .collect(),
+        })
+    }
+
+    async fn get_inner(&self, req: Request<GetRequest>) -> Result<Resource, Status> {
+        authorize(&req)?;
+        let req = req.into_inner();
+        let kind = parse_kind(&req.kind)?;
+        match self.resources.get(kind, &req.name).await.map_err(to_status)? {
+            Some(o) => Ok(self.to_resource(o)),
+            None => Err(Status::not_found(format!("{kind} {:?} not found", req.name))),
+        }
+    }
+
+    async fn list_inner(&self, req: Request<ListRequest>) -> Result<ListResponse, Status> {
+        authorize(&req)?;
+        let req = req.into_inner();
+        let kind = parse_kind(&req.kind)?;
+        let selector = LabelSelector::parse(&req.label_selector)
+            .map_err(|e| Status::invalid_argument(format!("label selector: {e}")))?;
+        let (items, revision) = self
+            .resources
+            .list(kind, &selector)
+            .await
+            .map_err(to_status)?;
+        Ok(ListResponse {
+            items: items.into_iter().map(|o| self.to_resource(o)).collect(),
+            revision,
+        })
+    }
+
+    async fn delete_inner(&self, req: Request<DeleteRequest>) -> Result<DeleteResponse, Status> {
+        let who = authorize(&req)?;
+        let req = req.into_inner();
+        let kind = parse_kind(&req.kind)?;
+        let revision = self
+            .resources
+            .delete(kind, &req.name)
+            .await
+            .map_err(to_status)?;
+        self.metrics.store_revision.set(revision as i64);
+        tracing::info!(operator = %who, %kind, name = %req.name, revision, "deleted");
+        Ok(DeleteResponse { revision })
+    }
+}
+
+type WatchStream = Pin<Box<dyn Stream<Item = Result<WatchEvent, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl OperatorService for OperatorApi {
+    async fn apply(&self, req: Request<ApplyRequest>) -> Result<Response<ApplyResponse>, Status> {
+        let r = self.apply_inner(req).await;
+        self.record("Apply", &r);
+        r.map(Response::new)
+    }
+
+    async fn get(&self, req: Request<GetRequest>) -> Result<Response<Resource>, Status> {
+        let r = self.get_inner(req).await;
+        self.record("Get", &r);
+        r.map(Response::new)
+    }
+
+    async fn list(&self, req: Request<ListRequest>) -> Result<Response<ListResponse>, Status> {
+        let r = self.list_inner(req).await;
+        self.record("List", &r);
+        r.map(Response::new)
+    }
+
+    async fn delete(&self, req: Request<DeleteRequest>) -> Result<Response<DeleteResponse>, Status> {
+        let r = self.delete_inner(req).await;
+        self.record("Delete", &r);
+        r.map(Response::new)
+    }
+
+    type WatchStream = WatchStream;
+
+    async fn watch(
+        &self,
+        req: Request<WatchRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
+        authorize(&req)?;
+        let req = req.into_inner();
+        let kind = parse_kind(&req.kind)?;
+        let mut initial = Vec::new();
+        let mut after = req.from_revision;
+        if after == 0 {
+            let (items, rev) = self
+                .resources
+                .list(kind, &LabelSelector::default())
+                .await
+                .map_err(to_status)?;
+            after = rev;
+            for o in items {
+                initial.push(Ok(WatchEvent {
+                    r#type: watch_event::Type::Added as i32,
+                    revision: o.revision,
+                    resource: Some(self.to_resource(o)),
+                }));
+            }
+        }
+        let events = self
+            .resources
+            .store()
+            .watch(&prefix(kind), after)
+            .await
+            .map_err(|e| match e {
+                crate::store::StoreError::Compacted { .. } => {
+                    Status::out_of_range(e.to_string())
+                }
+                other => Status::unavailable(other.to_string()),
+            })?;
+        let liveness = self.liveness.clone();
+        let live = events.map(move |ev| {
+            let ev = ev.map_err(|e| Status::unavailable(e.to_string()))?;
+            let mut obj = decode(kind, &ev.kv).map_err(to_status)?;
+            let ty = match ev.kind {
+                EventKind::Delete => watch_event::Type::Deleted,
+                EventKind::Put if ev.kv.create_revision == ev.revision => {
+                    watch_event::Type::Added
+                }
+                EventKind::Put => watch_event::Type::Modified,
+            };
+            if kind == Kind::Node {
+                liveness.overlay(&mut obj.object);
+            }
+            Ok(WatchEvent {
+                r#type: ty as i32,
+                revision: ev.revision,
+                resource: Some(Resource {
+                    kind: kind.as_str().to_string(),
+                    name: obj.name,
+                    json: obj.object.to_string(),
+                    revision: ev.revision,
+                }),
+            })
+        });
+        Ok(Response::new(Box::pin(
+            futures::stream::iter(initial).chain(live),
+        )))
+    }
+}

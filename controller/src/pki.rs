@@ -1,0 +1,382 @@
+//! The cluster certificate authority and the identities it certifies.
+//!
+//! Owns the CA key pair (created on first start under `<data>/pki`), signing
+//! node CSRs at join, and issuing the controller's server certificate and the
+//! operator's client certificate. Identities are carried in the subject
+//! common name: `node:<name>`, `operator:<name>`, `controller`. Nothing else
+//! in the controller parses certificates; RPC handlers ask
+//! [`identity_from_der`] who the caller is.
+
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use rcgen::{
+    BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName,
+    DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType,
+};
+use time::{Duration, OffsetDateTime};
+
+/// How long node and operator certificates are valid.
+pub const CLIENT_CERT_VALIDITY: Duration = Duration::days(365);
+/// How long the cluster CA is valid.
+pub const CA_VALIDITY: Duration = Duration::days(3650);
+
+/// Who a certificate speaks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Identity {
+    Node(String),
+    Operator(String),
+    Controller,
+}
+
+impl Identity {
+    /// The subject common name encoding this identity.
+    pub fn common_name(&self) -> String {
+        match self {
+            Identity::Node(n) => format!("node:{n}"),
+            Identity::Operator(n) => format!("operator:{n}"),
+            Identity::Controller => "controller".to_string(),
+        }
+    }
+
+    fn from_common_name(cn: &str) -> Option<Identity> {
+        if let Some(n) = cn.strip_prefix("node:") {
+            return (!n.is_empty()).then(|| Identity::Node(n.to_string()));
+        }
+        if let Some(n) = cn.strip_prefix("operator:") {
+            return (!n.is_empty()).then(|| Identity::Operator(n.to_string()));
+        }
+        (cn == "controller").then_some(Identity::Controller)
+    }
+}
+
+impl std::fmt::Display for Identity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.common_name())
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PkiError {
+    #[error("cannot {action} {path}: {source}")]
+    Io {
+        action: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path} is not a usable {what}: {message}")]
+    BadFile {
+        path: PathBuf,
+        what: &'static str,
+        message: String,
+    },
+    #[error("certificate signing request is invalid: {0}")]
+    BadCsr(String),
+    #[error("certificate is invalid: {0}")]
+    BadCertificate(String),
+    #[error("signing failed: {0}")]
+    Sign(String),
+}
+
+/// The cluster CA: its certificate and signing key.
+pub struct ClusterCa {
+    cert_pem: String,
+    issuer: Issuer<'static, KeyPair>,
+}
+
+impl ClusterCa {
+    /// Loads `<dir>/ca.crt` and `<dir>/ca.key`, or creates them (key mode
+    /// 0600). Returns whether they were created.
+    pub fn load_or_create(dir: &Path) -> Result<(ClusterCa, bool), PkiError> {
+        let cert_path = dir.join("ca.crt");
+        let key_path = dir.join("ca.key");
+        if cert_path.exists() && key_path.exists() {
+            let cert_pem = read(&cert_path)?;
+            let key_pem = read(&key_path)?;
+            let key = KeyPair::from_pem(&key_pem).map_err(|e| PkiError::BadFile {
+                path: key_path.clone(),
+                what: "private key",
+                message: e.to_string(),
+            })?;
+            let issuer =
+                Issuer::from_ca_cert_pem(&cert_pem, key).map_err(|e| PkiError::BadFile {
+                    path: cert_path.clone(),
+                    what: "CA certificate",
+                    message: e.to_string(),
+                })?;
+            return Ok((ClusterCa { cert_pem, issuer }, false));
+        }
+        fs::create_dir_all(dir).map_err(|source| PkiError::Io {
+            action: "create",
+            path: dir.to_path_buf(),
+            source,
+        })?;
+        let key = KeyPair::generate().map_err(|e| PkiError::Sign(e.to_string()))?;
+        let mut params = CertificateParams::default();
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, "ironmesh cluster CA");
+        dn.push(DnType::OrganizationName, "ironmesh");
+        params.distinguished_name = dn;
+        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        let now = OffsetDateTime::now_utc();
+        params.not_before = now - Duration::minutes(5);
+        params.not_after = now + CA_VALIDITY;
+        let cert = params
+            .self_signed(&key)
+            .map_err(|e| PkiError::Sign(e.to_string()))?;
+        write_private(&key_path, key.serialize_pem().as_bytes())?;
+        write_public(&cert_path, cert.pem().as_bytes())?;
+        let cert_pem = cert.pem();
+        Ok((
+            ClusterCa {
+                cert_pem,
+                issuer: Issuer::new(params, key),
+            },
+            true,
+        ))
+    }
+
+    /// The CA certificate, PEM.
+    pub fn cert_pem(&self) -> &str {
+        &self.cert_pem
+    }
+
+    /// Signs a node's CSR. The certificate's subject is set here from
+    /// `node_name` (the CSR's own subject must already agree); only the
+    /// public key is taken from the CSR.
+    pub fn sign_node_csr(&self, csr_pem: &str, node_name: &str) -> Result<String, PkiError> {
+        let csr = CertificateSigningRequestParams::from_pem(csr_pem)
+            .map_err(|e| PkiError::BadCsr(e.to_string()))?;
+        let expected = Identity::Node(node_name.to_string()).common_name();
+        let requested_cn = csr
+            .params
+            .distinguished_name
+            .get(&DnType::CommonName)
+            .and_then(dn_value_str);
+        if requested_cn.as_deref() != Some(expected.as_str()) {
+            return Err(PkiError::BadCsr(format!(
+                "subject common name is {:?}, expected {expected:?}",
+                requested_cn.unwrap_or_default()
+            )));
+        }
+        let params = client_params(&Identity::Node(node_name.to_string()), Vec::new())?;
+        let cert = params
+            .signed_by(&csr.public_key, &self.issuer)
+            .map_err(|e| PkiError::Sign(e.to_string()))?;
+        Ok(cert.pem())
+    }
+
+    /// Issues a fresh key and certificate for `identity`. Server certificates
+    /// carry `sans` (DNS names or IP addresses) and the server-auth usage.
+    pub fn issue(
+        &self,
+        identity: &Identity,
+        sans: &[String],
+        server: bool,
+    ) -> Result<(String, String), PkiError> {
+        let key = KeyPair::generate().map_err(|e| PkiError::Sign(e.to_string()))?;
+        let mut san_types = Vec::new();
+        for s in sans {
+            let san = match s.parse::<std::net::IpAddr>() {
+                Ok(ip) => SanType::IpAddress(ip),
+                Err(_) => SanType::DnsName(
+                    s.clone()
+                        .try_into()
+                        .map_err(|e| PkiError::Sign(format!("bad SAN {s:?}: {e}")))?,
+                ),
+            };
+            san_types.push(san);
+        }
+        let mut params = client_params(identity, san_types)?;
+        if server {
+            params.extended_key_usages = vec![
+                ExtendedKeyUsagePurpose::ServerAuth,
+                ExtendedKeyUsagePurpose::ClientAuth,
+            ];
+        }
+        let cert = params
+            .signed_by(&key, &self.issuer)
+            .map_err(|e| PkiError::Sign(e.to_string()))?;
+        Ok((cert.pem(), key.serialize_pem()))
+    }
+}
+
+fn client_params(identity: &Identity, sans: Vec<SanType>) -> Result<CertificateParams, PkiError> {
+    let mut params = CertificateParams::default();
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, identity.common_name());
+    dn.push(DnType::OrganizationName, "ironmesh");
+    params.distinguished_name = dn;
+    params.subject_alt_names = sans;
+    params.key_usages = vec![
+        KeyUsagePurpose::DigitalSignature,
+        KeyUsagePurpose::KeyEncipherment,
+    ];
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    params.use_authority_key_identifier_extension = true;
+    let now = OffsetDateTime::now_utc();
+    params.not_before = now - Duration::minutes(5);
+    params.not_after = now + CLIENT_CERT_VALIDITY;
+    let mut serial = [0u8; 16];
+    rand::Rng::fill(&mut rand::rng(), &mut serial[..]);
+    serial[0] &= 0x7f; // positive
+    params.serial_number = Some(serial.to_vec().into());
+    Ok(params)
+}
+
+fn dn_value_str(v: &rcgen::DnValue) -> Option<String> {
+    match v {
+        rcgen::DnValue::Utf8String(s) => Some(s.clone()),
+        rcgen::DnValue::PrintableString(s) => Some(s.as_str().to_string()),
+        _ => None,
+    }
+}
+
+/// Who a (chain-verified) certificate speaks for. TLS has already checked the
+/// chain to the cluster CA; this only reads the subject.
+pub fn identity_from_der(der: &[u8]) -> Result<Identity, PkiError> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der)
+        .map_err(|e| PkiError::BadCertificate(e.to_string()))?;
+    let cn = cert
+        .subject()
+        .iter_common_name()
+        .next()
+        .and_then(|cn| cn.as_str().ok())
+        .ok_or_else(|| PkiError::BadCertificate("no subject common name".into()))?;
+    Identity::from_common_name(cn)
+        .ok_or_else(|| PkiError::BadCertificate(format!("unknown identity {cn:?}")))
+}
+
+/// SHA-256 fingerprint of a PEM certificate, hex, for status and logs.
+pub fn fingerprint_pem(pem: &str) -> Result<String, PkiError> {
+    use sha2::Digest;
+    let der = pem_to_der(pem)?;
+    Ok(hex::encode(sha2::Sha256::digest(der)))
+}
+
+fn pem_to_der(pem: &str) -> Result<Vec<u8>, PkiError> {
+    let (_, parsed) = x509_parser::pem::parse_x509_pem(pem.as_bytes())
+        .map_err(|e| PkiError::BadCertificate(e.to_string()))?;
+    Ok(parsed.contents)
+}
+
+fn read(path: &Path) -> Result<String, PkiError> {
+    fs::read_to_string(path).map_err(|source| PkiError::Io {
+        action: "read",
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// Writes a secret with mode 0600, via a temp file and rename so a crash
+/// never leaves a half-written key.
+pub fn write_private(path: &Path, data: &[u8]) -> Result<(), PkiError> {
+    write_atomic(path, data, 0o600)
+}
+
+/// Writes a public file with mode 0644, atomically.
+pub fn write_public(path: &Path, data: &[u8]) -> Result<(), PkiError> {
+    write_atomic(path, data, 0o644)
+}
+
+fn write_atomic(path: &Path, data: &[u8], mode: u32) -> Result<(), PkiError> {
+    let io = |action, source| PkiError::Io {
+        action,
+        path: path.to_path_buf(),
+        source,
+    };
+    let tmp = path.with_extension("tmp");
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(mode)
+        .open(&tmp)
+        .map_err(|e| io("create", e))?;
+    f.write_all(data).map_err(|e| io("write", e))?;
+    f.sync_all().map_err(|e| io("sync", e))?;
+    fs::rename(&tmp, path).map_err(|e| io("rename", e))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn csr_for(cn: &str) -> (KeyPair, String) {
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::default();
+        params.distinguished_name.push(DnType::CommonName, cn);
+        let csr = params.serialize_request(&key).unwrap();
+        (key, csr.pem().unwrap())
+    }
+
+    #[test]
+    fn ca_is_created_once_and_reloaded() {
+        let dir = tempfile::tempdir().unwrap();
+        let (ca, created) = ClusterCa::load_or_create(dir.path()).unwrap();
+        assert!(created);
+        let (again, created) = ClusterCa::load_or_create(dir.path()).unwrap();
+        assert!(!created);
+        assert_eq!(ca.cert_pem(), again.cert_pem());
+        let mode = std::fs::metadata(dir.path().join("ca.key"))
+            .unwrap()
+            .permissions();
+        assert_eq!(std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777, 0o600);
+    }
+
+    #[test]
+    fn node_csr_is_signed_with_node_identity() {
+        let dir = tempfile::tempdir().unwrap();
+        let (ca, _) = ClusterCa::load_or_create(dir.path()).unwrap();
+        let (_, csr) = csr_for("node:rack1-a");
+        let pem = ca.sign_node_csr(&csr, "rack1-a").unwrap();
+        let der = pem_to_der(&pem).unwrap();
+        assert_eq!(
+            identity_from_der(&der).unwrap(),
+            Identity::Node("rack1-a".into())
+        );
+    }
+
+    #[test]
+    fn csr_for_another_name_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let (ca, _) = ClusterCa::load_or_create(dir.path()).unwrap();
+        let (_, csr) = csr_for("operator:admin");
+        let err = ca.sign_node_csr(&csr, "rack1-a").unwrap_err();
+        assert!(err.to_string().contains("expected \"node:rack1-a\""), "{err}");
+    }
+
+    #[test]
+    fn garbage_csr_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let (ca, _) = ClusterCa::load_or_create(dir.path()).unwrap();
+        assert!(matches!(
+            ca.sign_node_csr("not a csr", "a"),
+            Err(PkiError::BadCsr(_))
+        ));
+    }
+
+    #[test]
+    fn issued_server_cert_carries_identity() {
+        let dir = tempfile::tempdir().unwrap();
+        let (ca, _) = ClusterCa::load_or_create(dir.path()).unwrap();
+        let (cert, _key) = ca
+            .issue(
+                &Identity::Controller,
+                &["localhost".into(), "127.0.0.1".into()],
+                true,
+            )
+            .unwrap();
+        let der = pem_to_der(&cert).unwrap();
+        assert_eq!(identity_from_der(&der).unwrap(), Identity::Controller);
+        assert_eq!(fingerprint_pem(&cert).unwrap().len(), 64);
+    }
+}

@@ -1,0 +1,399 @@
+//! Resource objects on top of the store.
+//!
+//! Owns the key layout (`/registry/<plural>/<name>`), the metadata the
+//! system manages (uid, creationTimestamp, generation, resourceVersion) and
+//! the atomic multi-object apply. It does not validate manifests (that is
+//! `ironmesh_api::validate`) and does not decide anything about nodes or
+//! workloads; reconcilers and RPC handlers call it.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+use ironmesh_api::selector::LabelSelector;
+use ironmesh_api::{Kind, Validated};
+use serde_json::{json, Map, Value};
+
+use crate::store::{Compare, KeyValue, Op, Revision, Store, StoreError, Txn, TxnOutcome};
+
+/// How many times a read-modify-write is retried when another writer got
+/// there first.
+const CAS_RETRIES: usize = 16;
+
+/// Store key of one object.
+pub fn key(kind: Kind, name: &str) -> String {
+    format!("/registry/{}/{}", kind.plural(), name)
+}
+
+/// Store key prefix of one kind.
+pub fn prefix(kind: Kind) -> String {
+    format!("/registry/{}/", kind.plural())
+}
+
+/// An object as read from the store.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredObject {
+    pub kind: Kind,
+    pub name: String,
+    /// The full object; `metadata.resourceVersion` is filled from `revision`.
+    pub object: Value,
+    /// Store revision of the object's last change.
+    pub revision: Revision,
+}
+
+/// What apply did with one object.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Applied {
+    pub kind: Kind,
+    pub name: String,
+    pub action: ApplyAction,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ApplyAction {
+    Created,
+    Configured,
+    Unchanged,
+}
+
+impl ApplyAction {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            ApplyAction::Created => "created",
+            ApplyAction::Configured => "configured",
+            ApplyAction::Unchanged => "unchanged",
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ResourceError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("{kind} {name:?} not found")]
+    NotFound { kind: Kind, name: String },
+    #[error("stored {kind} {name:?} is unreadable: {message}")]
+    Corrupt {
+        kind: Kind,
+        name: String,
+        message: String,
+    },
+    #[error("{0} appears twice in one apply ({1} and {2})")]
+    Duplicate(String, String, String),
+    #[error("too much concurrent change to {0}; try again")]
+    Contended(String),
+}
+
+/// Typed access to resource objects.
+#[derive(Clone)]
+pub struct Resources {
+    store: Arc<dyn Store>,
+}
+
+impl Resources {
+    pub fn new(store: Arc<dyn Store>) -> Resources {
+        Resources { store }
+    }
+
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
+    pub async fn get(&self, kind: Kind, name: &str) -> Result<Option<StoredObject>, ResourceError> {
+        match self.store.get(&key(kind, name)).await? {
+            Some(kv) => Ok(Some(decode(kind, &kv)?)),
+            None => Ok(None),
+        }
+    }
+
+    pub async fn list(
+        &self,
+        kind: Kind,
+        selector: &LabelSelector,
+    ) -> Result<(Vec<StoredObject>, Revision), ResourceError> {
+        let (kvs, rev) = self.store.list(&prefix(kind)).await?;
+        let mut out = Vec::with_capacity(kvs.len());
+        for kv in &kvs {
+            let obj = decode(kind, kv)?;
+            if selector.is_empty() || selector.matches(&labels_of(&obj.object)) {
+                out.push(obj);
+            }
+        }
+        Ok((out, rev))
+    }
+
+    /// Writes every document at one new revision, or nothing. `docs` are
+    /// `(origin, validated)` pairs; origins only name documents in errors.
+    pub async fn apply(
+        &self,
+        docs: &[(String, Validated)],
+        dry_run: bool,
+    ) -> Result<(Revision, Vec<Applied>), ResourceError> {
+        let mut seen: std::collections::HashMap<(Kind, &str), &str> = Default::default();
+        for (origin, v) in docs {
+            if let Some(first) = seen.insert((v.kind, v.name.as_str()), origin.as_str()) {
+                return Err(ResourceError::Duplicate(
+                    format!("{} {:?}", v.kind, v.name),
+                    first.to_string(),
+                    origin.clone(),
+                ));
+            }
+        }
+        for _ in 0..CAS_RETRIES {
+            let mut txn = Txn::default();
+            let mut applied = Vec::with_capacity(docs.len());
+            for (_, v) in docs {
+                let k = key(v.kind, &v.name);
+                let current = self.store.get(&k).await?;
+                let (next, action) = match &current {
+                    None => (new_object(&v.object), ApplyAction::Created),
+                    Some(kv) => {
+                        let existing = decode(v.kind, kv)?.object;
+                        let merged = merge_applied(&existing, &v.object);
+                        if strip_rv(&merged) == strip_rv(&existing) {
+                            (merged, ApplyAction::Unchanged)
+                        } else {
+                            (merged, ApplyAction::Configured)
+                        }
+                    }
+                };
+                match &current {
+                    None => txn.compares.push(Compare::Absent(k.clone())),
+                    Some(kv) => txn.compares.push(Compare::ModRevision(k.clone(), kv.mod_revision)),
+                }
+                if action != ApplyAction::Unchanged {
+                    txn.ops.push(Op::Put {
+                        key: k,
+                        value: encode(&next),
+                    });
+                }
+                applied.push(Applied {
+                    kind: v.kind,
+                    name: v.name.clone(),
+                    action,
+                });
+            }
+            if dry_run {
+                return Ok((self.store.revision().await?, applied));
+            }
+            match self.store.txn(txn).await? {
+                TxnOutcome::Committed(rev) => return Ok((rev, applied)),
+                TxnOutcome::CompareFailed { .. } => continue,
+            }
+        }
+        Err(ResourceError::Contended("the applied objects".into()))
+    }
+
+    /// Deletes one object. Returns the revision of the delete.
+    pub async fn delete(&self, kind: Kind, name: &str) -> Result<Revision, ResourceError> {
+        let k = key(kind, name);
+        for _ in 0..CAS_RETRIES {
+            let Some(kv) = self.store.get(&k).await? else {
+                return Err(ResourceError::NotFound {
+                    kind,
+                    name: name.to_string(),
+                });
+            };
+            let txn = Txn {
+                compares: vec![Compare::ModRevision(k.clone(), kv.mod_revision)],
+                ops: vec![Op::Delete { key: k.clone() }],
+            };
+            if let TxnOutcome::Committed(rev) = self.store.txn(txn).await? {
+                return Ok(rev);
+            }
+        }
+        Err(ResourceError::Contended(format!("{kind} {name:?}")))
+    }
+
+    /// Read-modify-write of one object. `f` gets the current object (or
+    /// `None`) and returns the new one, or `None` to leave it alone. Returns
+    /// the revision written, if any.
+    pub async fn update<F>(
+        &self,
+        kind: Kind,
+        name: &str,
+        mut f: F,
+    ) -> Result<Option<Revision>, ResourceError>
+    where
+        F: FnMut(Option<&Value>) -> Option<Value> + Send,
+    {
+        let k = key(kind, name);
+        for _ in 0..CAS_RETRIES {
+            let current = self.store.get(&k).await?;
+            let existing = match &current {
+                Some(kv) => Some(decode(kind, kv)?.object),
+                None => None,
+            };
+            let Some(mut next) = f(existing.as_ref()) else {
+                return Ok(None);
+            };
+            if existing.is_none() {
+                next = new_object(&next);
+            }
+            if existing.as_ref().map(strip_rv) == Some(strip_rv(&next)) {
+                return Ok(None);
+            }
+            let compare = match &current {
+                Some(kv) => Compare::ModRevision(k.clone(), kv.mod_revision),
+                None => Compare::Absent(k.clone()),
+            };
+            let txn = Txn {
+                compares: vec![compare],
+                ops: vec![Op::Put {
+                    key: k.clone(),
+                    value: encode(&next),
+                }],
+            };
+            if let TxnOutcome::Committed(rev) = self.store.txn(txn).await? {
+                return Ok(Some(rev));
+            }
+        }
+        Err(ResourceError::Contended(format!("{kind} {name:?}")))
+    }
+}
+
+/// Decodes a stored object and fills `metadata.resourceVersion`.
+pub fn decode(kind: Kind, kv: &KeyValue) -> Result<StoredObject, ResourceError> {
+    let name = kv.key.rsplit('/').next().unwrap_or_default().to_string();
+    let mut object: Value =
+        serde_json::from_slice(&kv.value).map_err(|e| ResourceError::Corrupt {
+            kind,
+            name: name.clone(),
+            message: e.to_string(),
+        })?;
+    if let Some(meta) = object.get_mut("metadata").and_then(Value::as_object_mut) {
+        meta.insert(
+            "resourceVersion".into(),
+            Value::String(kv.mod_revision.to_string()),
+        );
+    }
+    Ok(StoredObject {
+        kind,
+        name,
+        object,
+        revision: kv.mod_revision,
+    })
+}
+
+fn encode(object: &Value) -> Vec<u8> {
+    // resourceVersion is derived from the store revision, never stored.
+    serde_json::to_vec(&strip_rv(object)).unwrap_or_default()
+}
+
+fn strip_rv(object: &Value) -> Value {
+    let mut o = object.clone();
+    if let Some(meta) = o.get_mut("metadata").and_then(Value::as_object_mut) {
+        meta.remove("resourceVersion");
+    }
+    o
+}
+
+/// Labels of an object, for selectors.
+pub fn labels_of(object: &Value) -> std::collections::BTreeMap<String, String> {
+    object
+        .pointer("/metadata/labels")
+        .and_then(Value::as_object)
+        .map(|m| {
+            m.iter()
+                .filter_map(|(k, v)| v.as_str().map(|v| (k.clone(), v.to_string())))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Adds the metadata the system owns to a first-time object.
+fn new_object(applied: &Value) -> Value {
+    let mut o = applied.clone();
+    let meta = ensure_object(&mut o, "metadata");
+    meta.insert("uid".into(), Value::String(new_uid()));
+    meta.insert("creationTimestamp".into(), Value::String(now_rfc3339()));
+    meta.insert("generation".into(), json!(1));
+    o
+}
+
+/// Applied fields (labels, annotations, spec) replace the stored ones;
+/// system fields (uid, creationTimestamp, status) are kept; generation is
+/// bumped when spec changes.
+fn merge_applied(existing: &Value, applied: &Value) -> Value {
+    let mut out = existing.clone();
+    let spec_changed = existing.get("spec") != applied.get("spec");
+    if let Some(spec) = applied.get("spec") {
+        if let Some(obj) = out.as_object_mut() {
+            obj.insert("spec".into(), spec.clone());
+        }
+    }
+    let generation = existing
+        .pointer("/metadata/generation")
+        .and_then(Value::as_u64)
+        .unwrap_or(1);
+    let meta = ensure_object(&mut out, "metadata");
+    for field in ["labels", "annotations"] {
+        match applied.pointer(&format!("/metadata/{field}")) {
+            Some(v) => {
+                meta.insert(field.into(), v.clone());
+            }
+            None => {
+                meta.remove(field);
+            }
+        }
+    }
+    if spec_changed {
+        meta.insert("generation".into(), json!(generation + 1));
+    }
+    out
+}
+
+fn ensure_object<'a>(v: &'a mut Value, field: &str) -> &'a mut Map<String, Value> {
+    if !v.is_object() {
+        *v = Value::Object(Map::new());
+    }
+    let Value::Object(map) = v else {
+        unreachable!("just made an object")
+    };
+    let entry = map
+        .entry(field.to_string())
+        .or_insert_with(|| Value::Object(Map::new()));
+    if !entry.is_object() {
+        *entry = Value::Object(Map::new());
+    }
+    match entry {
+        Value::Object(m) => m,
+        _ => unreachable!("just made an object"),
+    }
+}
+
+/// A random RFC 4122 version-4 UUID.
+pub fn new_uid() -> String {
+    let mut b = [0u8; 16];
+    rand::Rng::fill(&mut rand::rng(), &mut b[..]);
+    b[6] = (b[6] & 0x0f) | 0x40;
+    b[8] = (b[8] & 0x3f) | 0x80;
+    let h = hex::encode(b);
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[0..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..32]
+    )
+}
+
+/// Current time as RFC 3339, UTC, second precision.
+pub fn now_rfc3339() -> String {
+    rfc3339(std::time::SystemTime::now())
+}
+
+pub fn rfc3339(t: std::time::SystemTime) -> String {
+    let t = time::OffsetDateTime::from(t).replace_nanosecond(0);
+    match t {
+        Ok(t) => t
+            .format(&time::format_description::well_known::Rfc3339)
+            .unwrap_or_default(),
+        Err(_) => String::new(),
+    }
+}
+
+/// Names of every kind's objects, for diagnostics.
+pub fn kinds() -> BTreeSet<&'static str> {
+    Kind::ALL.iter().map(|k| k.as_str()).collect()
+}
