@@ -32,7 +32,9 @@ fn main() {
             .arg("-o")
             .arg(&obj)
             .status()
-            .unwrap_or_else(|e| panic!("cannot run {clang} (apt install clang llvm libbpf-dev): {e}"));
+            .unwrap_or_else(|e| {
+                panic!("cannot run {clang} (apt install clang llvm libbpf-dev): {e}")
+            });
         assert!(status.success(), "clang failed on {}", path.display());
     }
 }

@@ -24,7 +24,12 @@ pub struct AgentConfig {
     pub ca_cert: Option<PathBuf>,
 
     /// Bootstrap token for the first join.
-    #[arg(long, env = "IRONMESH_BOOTSTRAP_TOKEN", hide_env_values = true, conflicts_with = "bootstrap_token_file")]
+    #[arg(
+        long,
+        env = "IRONMESH_BOOTSTRAP_TOKEN",
+        hide_env_values = true,
+        conflicts_with = "bootstrap_token_file"
+    )]
     pub bootstrap_token: Option<String>,
 
     /// File holding the bootstrap token (preferred over the flag: it stays
@@ -42,11 +47,19 @@ pub struct AgentConfig {
     pub tls_server_name: Option<String>,
 
     /// Where the agent keeps its identity and what it has created.
-    #[arg(long, env = "IRONMESH_STATE_DIR", default_value = "/var/lib/ironmesh/agent")]
+    #[arg(
+        long,
+        env = "IRONMESH_STATE_DIR",
+        default_value = "/var/lib/ironmesh/agent"
+    )]
     pub state_dir: PathBuf,
 
     /// Address of the Prometheus endpoint (`/metrics`, `/healthz`).
-    #[arg(long, env = "IRONMESH_METRICS_LISTEN", default_value = "127.0.0.1:7481")]
+    #[arg(
+        long,
+        env = "IRONMESH_METRICS_LISTEN",
+        default_value = "127.0.0.1:7481"
+    )]
     pub metrics_listen: SocketAddr,
 
     /// Log format.
@@ -66,7 +79,13 @@ pub fn default_node_name() -> String {
         .trim()
         .to_ascii_lowercase()
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '-' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' {
+                c
+            } else {
+                '-'
+            }
+        })
         .take(63)
         .collect();
     let name = name.trim_matches('-').to_string();

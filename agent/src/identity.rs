@@ -129,11 +129,9 @@ pub async fn load_or_join(
     let ca_pem = join
         .ca_pem
         .ok_or(IdentityError::MissingForJoin("no --ca-cert was given"))?;
-    let token = join
-        .bootstrap_token
-        .ok_or(IdentityError::MissingForJoin(
-            "no --bootstrap-token or --bootstrap-token-file was given",
-        ))?;
+    let token = join.bootstrap_token.ok_or(IdentityError::MissingForJoin(
+        "no --bootstrap-token or --bootstrap-token-file was given",
+    ))?;
 
     let key = KeyPair::generate().map_err(|e| IdentityError::Crypto(e.to_string()))?;
     let mut params = CertificateParams::default();
@@ -253,8 +251,13 @@ mod tests {
         assert_eq!(back.cert_pem, "c");
         let err = NodeIdentity::load(dir.path(), "n2").unwrap_err();
         assert!(err.to_string().contains("node \"n1\""), "{err}");
-        let mode = fs::metadata(dir.path().join(KEY_FILE)).unwrap().permissions();
-        assert_eq!(std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777, 0o600);
+        let mode = fs::metadata(dir.path().join(KEY_FILE))
+            .unwrap()
+            .permissions();
+        assert_eq!(
+            std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777,
+            0o600
+        );
     }
 
     #[test]

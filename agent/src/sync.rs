@@ -129,7 +129,11 @@ async fn session(
     let welcome = match inbound.message().await {
         Ok(Some(m)) => match m.msg {
             Some(controller_message::Msg::Welcome(w)) => w,
-            other => return Err(SyncError::Protocol(format!("expected Welcome, got {other:?}"))),
+            other => {
+                return Err(SyncError::Protocol(format!(
+                    "expected Welcome, got {other:?}"
+                )))
+            }
         },
         Ok(None) => return Err(SyncError::Broken("closed before Welcome".into())),
         Err(s) => return Err(SyncError::Refused(s.message().to_string())),

@@ -66,7 +66,13 @@ pub async fn connect(cfg: &ClientConfig) -> anyhow::Result<OperatorServiceClient
         .context("TLS settings")?
         .connect()
         .await
-        .map_err(|e| anyhow::anyhow!("cannot reach the controller at {}: {}", cfg.server, chain(&e)))?;
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "cannot reach the controller at {}: {}",
+                cfg.server,
+                chain(&e)
+            )
+        })?;
     Ok(OperatorServiceClient::new(channel).max_decoding_message_size(64 << 20))
 }
 

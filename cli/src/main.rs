@@ -118,10 +118,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let manifests = manifests::load(&files, recursive)?;
             let mut api = client::connect(&cfg).await?;
             let resp = api
-                .apply(ApplyRequest {
-                    manifests,
-                    dry_run,
-                })
+                .apply(ApplyRequest { manifests, dry_run })
                 .await
                 .map_err(status_err)?
                 .into_inner();
@@ -308,10 +305,7 @@ fn print_objects(
             if objects.is_empty() {
                 eprintln!("No {} found.", k.plural());
             } else {
-                print!(
-                    "{}",
-                    output::table(k, objects, wide == Some(Output::Wide))
-                );
+                print!("{}", output::table(k, objects, wide == Some(Output::Wide)));
             }
         }
     }

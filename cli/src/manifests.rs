@@ -80,15 +80,21 @@ mod tests {
             "apiVersion: ironmesh.dev/v1\nkind: Volume\nmetadata: {name: v}\nspec: {size: 1Gi}\n",
         )
         .unwrap();
-        std::fs::write(
-            dir.path().join("a.yaml"),
-            "a: 1\n---\nb: 2\n",
-        )
-        .unwrap();
+        std::fs::write(dir.path().join("a.yaml"), "a: 1\n---\nb: 2\n").unwrap();
         std::fs::write(dir.path().join("notes.txt"), "ignored").unwrap();
         let m = load(&[dir.path().to_path_buf()], false).unwrap();
-        let origins: Vec<_> = m.iter().map(|m| m.origin.rsplit('/').next().unwrap().to_string()).collect();
-        assert_eq!(origins, ["a.yaml, document 1", "a.yaml, document 2", "b.yaml, document 1"]);
+        let origins: Vec<_> = m
+            .iter()
+            .map(|m| m.origin.rsplit('/').next().unwrap().to_string())
+            .collect();
+        assert_eq!(
+            origins,
+            [
+                "a.yaml, document 1",
+                "a.yaml, document 2",
+                "b.yaml, document 1"
+            ]
+        );
     }
 
     #[test]

@@ -311,7 +311,12 @@ pub fn describe(kind: Kind, o: &Value) -> String {
             let addrs = n
                 .get("addresses")
                 .and_then(Value::as_array)
-                .map(|a| a.iter().filter_map(Value::as_str).collect::<Vec<_>>().join(" "))
+                .map(|a| {
+                    a.iter()
+                        .filter_map(Value::as_str)
+                        .collect::<Vec<_>>()
+                        .join(" ")
+                })
                 .unwrap_or_default();
             out.push_str(&format!(
                 "  {:<12} {:<17} mtu {:<5} {:<5} {}\n",

@@ -85,7 +85,8 @@ pub fn prepare(cfg: &ControllerConfig) -> Result<Credentials, BootstrapError> {
             cert,
             key,
         );
-        let yaml = serde_yaml::to_string(&conf).map_err(|e| BootstrapError::Encode(e.to_string()))?;
+        let yaml =
+            serde_yaml::to_string(&conf).map_err(|e| BootstrapError::Encode(e.to_string()))?;
         write_private(&admin_config, yaml.as_bytes())?;
         tracing::info!(path = %admin_config.display(), "wrote operator credential for imctl");
     }
@@ -126,7 +127,10 @@ fn url_host(url: &str) -> Option<String> {
     let host = if let Some(h) = hostport.strip_prefix('[') {
         h.split(']').next()?
     } else {
-        hostport.rsplit_once(':').map(|(h, _)| h).unwrap_or(hostport)
+        hostport
+            .rsplit_once(':')
+            .map(|(h, _)| h)
+            .unwrap_or(hostport)
     };
     (!host.is_empty()).then(|| host.to_string())
 }
@@ -137,8 +141,14 @@ mod tests {
 
     #[test]
     fn url_host_handles_ports_and_ipv6() {
-        assert_eq!(url_host("https://10.0.0.1:7443").as_deref(), Some("10.0.0.1"));
-        assert_eq!(url_host("https://ctl.example:7443/").as_deref(), Some("ctl.example"));
+        assert_eq!(
+            url_host("https://10.0.0.1:7443").as_deref(),
+            Some("10.0.0.1")
+        );
+        assert_eq!(
+            url_host("https://ctl.example:7443/").as_deref(),
+            Some("ctl.example")
+        );
         assert_eq!(url_host("https://[::1]:7443").as_deref(), Some("::1"));
         assert_eq!(url_host("http://x"), None);
     }

@@ -20,7 +20,11 @@ pub struct ControllerConfig {
     pub listen: SocketAddr,
 
     /// Address of the Prometheus endpoint (`/metrics`, `/healthz`), plain HTTP.
-    #[arg(long, env = "IRONMESH_METRICS_LISTEN", default_value = "127.0.0.1:7480")]
+    #[arg(
+        long,
+        env = "IRONMESH_METRICS_LISTEN",
+        default_value = "127.0.0.1:7480"
+    )]
     pub metrics_listen: SocketAddr,
 
     /// Directory for the store, the CA and the credentials it issues.

@@ -206,7 +206,9 @@ async fn reconcile_once(
     liveness: &Liveness,
     metrics: &ControllerMetrics,
 ) -> Result<(), crate::resources::ResourceError> {
-    let (nodes, _) = resources.list(Kind::Node, &LabelSelector::default()).await?;
+    let (nodes, _) = resources
+        .list(Kind::Node, &LabelSelector::default())
+        .await?;
     let (mut ready, mut not_ready, mut unknown) = (0i64, 0i64, 0i64);
     for n in nodes {
         let stored = ready_status(&n.object).map(str::to_string);
@@ -230,7 +232,10 @@ async fn reconcile_once(
         }
         let grace = liveness.grace();
         let (reason, message) = if alive {
-            ("HeartbeatsReceived", "agent is posting heartbeats".to_string())
+            (
+                "HeartbeatsReceived",
+                "agent is posting heartbeats".to_string(),
+            )
         } else {
             (
                 "HeartbeatsMissed",

@@ -86,7 +86,11 @@ impl ControllerMetrics {
     }
 
     pub fn set_nodes(&self, ready: i64, not_ready: i64, unknown: i64) {
-        for (c, v) in [("ready", ready), ("not_ready", not_ready), ("unknown", unknown)] {
+        for (c, v) in [
+            ("ready", ready),
+            ("not_ready", not_ready),
+            ("unknown", unknown),
+        ] {
             self.nodes
                 .get_or_create(&ConditionLabel {
                     condition: c.into(),

@@ -13,8 +13,8 @@ use std::time::Duration;
 use futures::Stream;
 use ironmesh_api::Kind;
 use ironmesh_proto::v1::{
-    agent_message, controller_message, node_service_server::NodeService, AgentMessage,
-    Assignment, ControllerMessage, Inventory, JoinRequest, JoinResponse, Welcome,
+    agent_message, controller_message, node_service_server::NodeService, AgentMessage, Assignment,
+    ControllerMessage, Inventory, JoinRequest, JoinResponse, Welcome,
 };
 use serde_json::{json, Value};
 use subtle::ConstantTimeEq;
@@ -207,13 +207,20 @@ impl NodeApi {
                     }),
                 };
                 let mut changed = cur.is_none();
-                if obj.pointer("/status/certificateFingerprint").and_then(Value::as_str)
+                if obj
+                    .pointer("/status/certificateFingerprint")
+                    .and_then(Value::as_str)
                     != Some(fingerprint)
                 {
                     obj["status"]["certificateFingerprint"] = json!(fingerprint);
                     changed = true;
                 }
-                changed |= set_ready(&mut obj, true, "AgentConnected", "agent opened its sync stream");
+                changed |= set_ready(
+                    &mut obj,
+                    true,
+                    "AgentConnected",
+                    "agent opened its sync stream",
+                );
                 changed.then_some(obj)
             })
             .await
@@ -249,7 +256,11 @@ async fn handle_agent_message(
                 })
                 .await
                 .map_err(|e| Status::unavailable(format!("cannot record inventory: {e}")))?;
-            tracing::debug!(node, cpus = inv.cpu.as_ref().map(|c| c.logical), "inventory recorded");
+            tracing::debug!(
+                node,
+                cpus = inv.cpu.as_ref().map(|c| c.logical),
+                "inventory recorded"
+            );
         }
         Some(agent_message::Msg::Ack(a)) => {
             tracing::debug!(node, revision = a.revision, "assignment acknowledged");

@@ -85,7 +85,9 @@ impl OperatorApi {
         let who = authorize(&req)?;
         let req = req.into_inner();
         if req.manifests.is_empty() {
-            return Err(Status::invalid_argument("apply needs at least one manifest"));
+            return Err(Status::invalid_argument(
+                "apply needs at least one manifest",
+            ));
         }
         let mut validated = Vec::with_capacity(req.manifests.len());
         let mut errors = Vec::new();
@@ -144,9 +146,17 @@ impl OperatorApi {
         authorize(&req)?;
         let req = req.into_inner();
         let kind = parse_kind(&req.kind)?;
-        match self.resources.get(kind, &req.name).await.map_err(to_status)? {
+        match self
+            .resources
+            .get(kind, &req.name)
+            .await
+            .map_err(to_status)?
+        {
             Some(o) => Ok(self.to_resource(o)),
-            None => Err(Status::not_found(format!("{kind} {:?} not found", req.name))),
+            None => Err(Status::not_found(format!(
+                "{kind} {:?} not found",
+                req.name
+            ))),
         }
     }
 
@@ -204,7 +214,10 @@ impl OperatorService for OperatorApi {
         r.map(Response::new)
     }
 
-    async fn delete(&self, req: Request<DeleteRequest>) -> Result<Response<DeleteResponse>, Status> {
+    async fn delete(
+        &self,
+        req: Request<DeleteRequest>,
+    ) -> Result<Response<DeleteResponse>, Status> {
         let r = self.delete_inner(req).await;
         self.record("Delete", &r);
         r.map(Response::new)
@@ -242,9 +255,7 @@ impl OperatorService for OperatorApi {
             .watch(&prefix(kind), after)
             .await
             .map_err(|e| match e {
-                crate::store::StoreError::Compacted { .. } => {
-                    Status::out_of_range(e.to_string())
-                }
+                crate::store::StoreError::Compacted { .. } => Status::out_of_range(e.to_string()),
                 other => Status::unavailable(other.to_string()),
             })?;
         let liveness = self.liveness.clone();
@@ -253,9 +264,7 @@ impl OperatorService for OperatorApi {
             let mut obj = decode(kind, &ev.kv).map_err(to_status)?;
             let ty = match ev.kind {
                 EventKind::Delete => watch_event::Type::Deleted,
-                EventKind::Put if ev.kv.create_revision == ev.revision => {
-                    watch_event::Type::Added
-                }
+                EventKind::Put if ev.kv.create_revision == ev.revision => watch_event::Type::Added,
                 EventKind::Put => watch_event::Type::Modified,
             };
             if kind == Kind::Node {

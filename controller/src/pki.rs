@@ -329,7 +329,10 @@ mod tests {
         let mode = std::fs::metadata(dir.path().join("ca.key"))
             .unwrap()
             .permissions();
-        assert_eq!(std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777, 0o600);
+        assert_eq!(
+            std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777,
+            0o600
+        );
     }
 
     #[test]
@@ -351,7 +354,10 @@ mod tests {
         let (ca, _) = ClusterCa::load_or_create(dir.path()).unwrap();
         let (_, csr) = csr_for("operator:admin");
         let err = ca.sign_node_csr(&csr, "rack1-a").unwrap_err();
-        assert!(err.to_string().contains("expected \"node:rack1-a\""), "{err}");
+        assert!(
+            err.to_string().contains("expected \"node:rack1-a\""),
+            "{err}"
+        );
     }
 
     #[test]

@@ -158,7 +158,9 @@ impl Resources {
                 };
                 match &current {
                     None => txn.compares.push(Compare::Absent(k.clone())),
-                    Some(kv) => txn.compares.push(Compare::ModRevision(k.clone(), kv.mod_revision)),
+                    Some(kv) => txn
+                        .compares
+                        .push(Compare::ModRevision(k.clone(), kv.mod_revision)),
                 }
                 if action != ApplyAction::Unchanged {
                     txn.ops.push(Op::Put {

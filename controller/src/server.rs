@@ -51,12 +51,13 @@ pub async fn run(cfg: ControllerConfig, shutdown: Shutdown) -> Result<(), Server
     cfg.validate().map_err(ServerError::Config)?;
     let creds = bootstrap::prepare(&cfg)?;
     let store_path = cfg.data_dir.join("store.redb");
-    let store: Arc<dyn Store> = Arc::new(
-        EmbeddedStore::open(&store_path).map_err(|source| ServerError::Store {
-            path: store_path.clone(),
-            source,
-        })?,
-    );
+    let store: Arc<dyn Store> =
+        Arc::new(
+            EmbeddedStore::open(&store_path).map_err(|source| ServerError::Store {
+                path: store_path.clone(),
+                source,
+            })?,
+        );
     let resources = Resources::new(store.clone());
 
     let mut registry = Registry::default();

@@ -109,7 +109,9 @@ impl Proc {
 
     /// Exit status if it has exited.
     pub fn try_exit(&mut self) -> Option<std::process::ExitStatus> {
-        self.child.as_mut().and_then(|c| c.try_wait().ok().flatten())
+        self.child
+            .as_mut()
+            .and_then(|c| c.try_wait().ok().flatten())
     }
 
     pub fn log_text(&self) -> String {
@@ -439,7 +441,11 @@ pub mod grpc {
         params
             .distinguished_name
             .push(rcgen::DnType::CommonName, format!("node:{name}"));
-        let csr = params.serialize_request(&key).expect("csr").pem().expect("pem");
+        let csr = params
+            .serialize_request(&key)
+            .expect("csr")
+            .pem()
+            .expect("pem");
         let mut client = NodeServiceClient::new(channel(ctl, None).await.expect("channel"));
         let resp = client
             .join(JoinRequest {

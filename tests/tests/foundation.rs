@@ -26,14 +26,10 @@ fn host_mem_bytes() -> u64 {
 }
 
 fn wait_ready(ctl: &Controller, name: &str, want: &str, deadline: Duration) -> serde_json::Value {
-    wait_for(
-        &format!("node {name} Ready={want}"),
-        deadline,
-        || {
-            ctl.node(name)
-                .filter(|n| ready_status(n).as_deref() == Some(want))
-        },
-    )
+    wait_for(&format!("node {name} Ready={want}"), deadline, || {
+        ctl.node(name)
+            .filter(|n| ready_status(n).as_deref() == Some(want))
+    })
 }
 
 #[test]
@@ -45,12 +41,14 @@ fn agent_joins_and_node_is_ready_with_real_inventory() {
     let to_ready = started.elapsed();
 
     assert_eq!(
-        node.pointer("/status/inventory/cpu/logical").and_then(|v| v.as_u64()),
+        node.pointer("/status/inventory/cpu/logical")
+            .and_then(|v| v.as_u64()),
         Some(host_cpus()),
         "CPU count must be the host's"
     );
     assert_eq!(
-        node.pointer("/status/capacity/cpu").and_then(|v| v.as_str()),
+        node.pointer("/status/capacity/cpu")
+            .and_then(|v| v.as_str()),
         Some(host_cpus().to_string().as_str())
     );
     let mem = node
@@ -74,13 +72,23 @@ fn agent_joins_and_node_is_ready_with_real_inventory() {
     let row = table.lines().find(|l| l.starts_with("node-a")).unwrap();
     assert!(row.contains(" Ready "), "{table}");
 
-    let describe = String::from_utf8_lossy(&ctl.imctl(&["describe", "node", "node-a"]).stdout).to_string();
-    assert!(describe.contains("HeartbeatsReceived") || describe.contains("AgentConnected"), "{describe}");
+    let describe =
+        String::from_utf8_lossy(&ctl.imctl(&["describe", "node", "node-a"]).stdout).to_string();
+    assert!(
+        describe.contains("HeartbeatsReceived") || describe.contains("AgentConnected"),
+        "{describe}"
+    );
 
     let metrics = ctl.scrape_metrics().unwrap();
-    assert!(metrics.contains("ironmesh_controller_nodes{condition=\"ready\"} 1"), "{metrics}");
+    assert!(
+        metrics.contains("ironmesh_controller_nodes{condition=\"ready\"} 1"),
+        "{metrics}"
+    );
     let agent_metrics = ironmesh_tests::http_get(agent.metrics, "/metrics").unwrap();
-    assert!(agent_metrics.contains("ironmesh_agent_connected 1"), "{agent_metrics}");
+    assert!(
+        agent_metrics.contains("ironmesh_agent_connected 1"),
+        "{agent_metrics}"
+    );
 
     println!(
         "figures: agent start to Ready {:?}; controller RSS {} KiB; agent RSS {} KiB",
@@ -129,7 +137,10 @@ fn wrong_bootstrap_token_is_refused() {
     });
     assert!(!status.success());
     assert!(
-        agent.proc.log_text().contains("bootstrap token is not valid"),
+        agent
+            .proc
+            .log_text()
+            .contains("bootstrap token is not valid"),
         "{}",
         agent.proc.log_text()
     );
@@ -180,7 +191,9 @@ fn node_certificate_cannot_report_for_another_node_or_operate() {
     let ctl = Controller::start(ControllerOpts::default());
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
-        let creds = grpc::join(&ctl, "node-c", &grpc::token(&ctl)).await.unwrap();
+        let creds = grpc::join(&ctl, "node-c", &grpc::token(&ctl))
+            .await
+            .unwrap();
         let mut node = NodeServiceClient::new(grpc::channel(&ctl, Some(&creds)).await.unwrap());
         let hello = AgentMessage {
             msg: Some(agent_message::Msg::Hello(Hello {
@@ -206,7 +219,10 @@ fn node_certificate_cannot_report_for_another_node_or_operate() {
             .unwrap_err();
         assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err:?}");
     });
-    assert!(ctl.node("node-d").is_none(), "no Node may be created for the claimed name");
+    assert!(
+        ctl.node("node-d").is_none(),
+        "no Node may be created for the claimed name"
+    );
 }
 
 #[test]
@@ -286,13 +302,29 @@ spec:
     assert!(err.contains("products.yaml, document 2"), "{err}");
     assert!(err.contains("spec.replicas"), "{err}");
     assert!(err.contains("nothing was changed"), "{err}");
-    assert_eq!(ctl.imctl_json(&["get", "workloads"])["items"], serde_json::json!([]));
-    assert_eq!(ctl.imctl_json(&["get", "services"])["items"], serde_json::json!([]));
+    assert_eq!(
+        ctl.imctl_json(&["get", "workloads"])["items"],
+        serde_json::json!([])
+    );
+    assert_eq!(
+        ctl.imctl_json(&["get", "services"])["items"],
+        serde_json::json!([])
+    );
 
     // Fixed, the same file applies whole, and again reports unchanged.
-    std::fs::write(&file, std::fs::read_to_string(&file).unwrap().replace("replicas: -3", "replicas: 3")).unwrap();
+    std::fs::write(
+        &file,
+        std::fs::read_to_string(&file)
+            .unwrap()
+            .replace("replicas: -3", "replicas: 3"),
+    )
+    .unwrap();
     let out = ctl.imctl(&["apply", "-f", file.to_str().unwrap()]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.contains("workloads/orders-etl created"), "{stdout}");
     let out = ctl.imctl(&["apply", "-f", file.to_str().unwrap()]);
@@ -302,8 +334,15 @@ spec:
     assert_eq!(wl["metadata"]["generation"], 1);
 
     let out = ctl.imctl(&["delete", "-f", file.to_str().unwrap()]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert_eq!(ctl.imctl_json(&["get", "workloads"])["items"], serde_json::json!([]));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        ctl.imctl_json(&["get", "workloads"])["items"],
+        serde_json::json!([])
+    );
 }
 
 #[test]
@@ -311,9 +350,15 @@ fn controller_and_agent_stop_cleanly_on_sigterm() {
     let mut ctl = Controller::start(ControllerOpts::default());
     let mut agent = Agent::start(&ctl, "node-e");
     wait_ready(&ctl, "node-e", "True", Duration::from_secs(20));
-    let st = agent.proc.terminate(Duration::from_secs(10)).expect("agent exits on SIGTERM");
+    let st = agent
+        .proc
+        .terminate(Duration::from_secs(10))
+        .expect("agent exits on SIGTERM");
     assert!(st.success(), "agent exit {st:?}");
-    let st = ctl.proc.terminate(Duration::from_secs(10)).expect("controller exits on SIGTERM");
+    let st = ctl
+        .proc
+        .terminate(Duration::from_secs(10))
+        .expect("controller exits on SIGTERM");
     assert!(st.success(), "controller exit {st:?}");
 }
 

@@ -1,0 +1,118 @@
+//! The resource kinds and the names operators may use for them.
+
+/// A resource kind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Kind {
+    Node,
+    Workload,
+    Service,
+    Policy,
+    Volume,
+    Pipeline,
+    PipelineRun,
+    Source,
+}
+
+/// A kind name that matches no kind.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown kind {0:?}; expected one of Node, Workload, Service, Policy, Volume, Pipeline, PipelineRun, Source")]
+pub struct UnknownKind(pub String);
+
+impl Kind {
+    pub const ALL: [Kind; 8] = [
+        Kind::Node,
+        Kind::Workload,
+        Kind::Service,
+        Kind::Policy,
+        Kind::Volume,
+        Kind::Pipeline,
+        Kind::PipelineRun,
+        Kind::Source,
+    ];
+
+    /// The `kind:` value, e.g. "PipelineRun".
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Kind::Node => "Node",
+            Kind::Workload => "Workload",
+            Kind::Service => "Service",
+            Kind::Policy => "Policy",
+            Kind::Volume => "Volume",
+            Kind::Pipeline => "Pipeline",
+            Kind::PipelineRun => "PipelineRun",
+            Kind::Source => "Source",
+        }
+    }
+
+    /// Lowercase plural, as in `imctl get nodes`.
+    pub fn plural(&self) -> &'static str {
+        match self {
+            Kind::Node => "nodes",
+            Kind::Workload => "workloads",
+            Kind::Service => "services",
+            Kind::Policy => "policies",
+            Kind::Volume => "volumes",
+            Kind::Pipeline => "pipelines",
+            Kind::PipelineRun => "pipelineruns",
+            Kind::Source => "sources",
+        }
+    }
+
+    fn short(&self) -> &'static [&'static str] {
+        match self {
+            Kind::Node => &["no"],
+            Kind::Workload => &["wl"],
+            Kind::Service => &["svc"],
+            Kind::Policy => &["pol"],
+            Kind::Volume => &["vol"],
+            Kind::Pipeline => &["pl"],
+            Kind::PipelineRun => &["plr", "run", "runs"],
+            Kind::Source => &["src"],
+        }
+    }
+
+    /// Case-insensitive: the kind name, its plural, or a short name.
+    pub fn parse(s: &str) -> Result<Kind, UnknownKind> {
+        let l = s.to_ascii_lowercase();
+        Kind::ALL
+            .into_iter()
+            .find(|k| {
+                k.as_str().eq_ignore_ascii_case(&l)
+                    || k.plural() == l
+                    || k.short().contains(&l.as_str())
+            })
+            .ok_or_else(|| UnknownKind(s.to_string()))
+    }
+}
+
+impl std::fmt::Display for Kind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for Kind {
+    type Err = UnknownKind;
+    fn from_str(s: &str) -> Result<Kind, UnknownKind> {
+        Kind::parse(s)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_names_plurals_and_short_names() {
+        for k in Kind::ALL {
+            assert_eq!(Kind::parse(k.as_str()).unwrap(), k);
+            assert_eq!(Kind::parse(k.plural()).unwrap(), k);
+            assert_eq!(Kind::parse(&k.as_str().to_uppercase()).unwrap(), k);
+        }
+        assert_eq!(Kind::parse("svc").unwrap(), Kind::Service);
+        assert_eq!(Kind::parse("no").unwrap(), Kind::Node);
+        assert_eq!(Kind::parse("policy").unwrap(), Kind::Policy);
+        let e = Kind::parse("Deployment").unwrap_err();
+        assert!(e.to_string().contains("expected one of Node"));
+    }
+}
