@@ -51,7 +51,7 @@ pub fn parse_bytes(s: &str) -> Result<u64, String> {
 
 /// 2000 → "2", 1500 → "1500m".
 pub fn format_cpu_millis(m: u64) -> String {
-    if m % 1000 == 0 {
+    if m.is_multiple_of(1000) {
         (m / 1000).to_string()
     } else {
         format!("{m}m")

@@ -276,7 +276,7 @@ async fn handle_agent_message(
 /// The Node status fields that come from the agent's inventory.
 pub fn inventory_status(inv: &Inventory) -> Value {
     let cpu = inv.cpu.clone().unwrap_or_default();
-    let mem = inv.memory.clone().unwrap_or_default();
+    let mem = inv.memory.unwrap_or_default();
     let capacity = json!({
         "cpu": cpu.logical.to_string(),
         "memory": ironmesh_api::quantity::format_bytes(mem.total_bytes),

@@ -180,8 +180,7 @@ fn calls_without_client_certificate_are_refused() {
         let err = node
             .sync(futures_stream(vec![hello]))
             .await
-            .err()
-            .expect("sync without a certificate must fail");
+            .expect_err("sync without a certificate must fail");
         assert_eq!(err.code(), tonic::Code::Unauthenticated, "{err:?}");
     });
 }
@@ -204,8 +203,7 @@ fn node_certificate_cannot_report_for_another_node_or_operate() {
         let err = node
             .sync(futures_stream(vec![hello]))
             .await
-            .err()
-            .expect("claiming another node must fail");
+            .expect_err("claiming another node must fail");
         assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err:?}");
         assert!(err.message().contains("node-c"), "{}", err.message());
 

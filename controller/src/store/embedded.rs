@@ -1,97 +1,249 @@
-//! The embedded store backend: one redb file, fsync on every commit.
+//! The embedded store backend, the default: one redb file, fsync on every
+//! commit, so an acknowledged write survives a crash or `kill -9`.
 //!
-//! Tables: `kv` (key → versioned record), `log` (revision → the events of
-//! that revision, for watch) and `meta` (current revision, compaction
-//! point, retained event count). Records start with a format byte so the
-//! encoding can change later without guessing.
+//! This file owns the on-disk layout and the mapping of the [`Store`]
+//! semantics onto redb. Tables:
+//!
+//! - `kv`: key → record (`create_revision`, `mod_revision`, value).
+//! - `log`: revision → the events of that revision, in op order. Every
+//!   revision has at least one event (a txn that changes nothing creates no
+//!   revision), so the log holds the contiguous revisions
+//!   `compacted + 1 ..= revision`. Watches read from here.
+//! - `meta`: `format` (layout version), `revision` (last committed),
+//!   `compacted` (highest revision trimmed from the log, 0 if none) and
+//!   `log_events` (events currently in the log).
+//!
+//! Encoding is deliberately simple and versioned: every `kv` record and
+//! `log` entry starts with a format byte (`FORMAT_V1`) and the file
+//! carries a layout version in `meta`, so either can change later with an
+//! explicit migration instead of guesswork. Integers are big-endian.
+//!
+//! Writes run on tokio's blocking pool (redb serialises write transactions);
+//! after a commit the committed revision is published on a `watch` channel.
+//! Watch streams only use that as a wake-up and always read events from the
+//! `log` table, so a slow watcher never loses events: it just reads more
+//! from the log when it next runs, or gets `Compacted` if it fell behind the
+//! retained history.
 
 use std::collections::VecDeque;
-use std::path::Path;
-use std::sync::Arc;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Weak};
 
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
 use tokio::sync::watch;
 
 use super::{
-    Compare, Event, EventKind, KeyValue, Op, Revision, Store, StoreError, Txn, TxnOutcome,
-    WatchStream,
+    validate_txn, Compare, Event, EventKind, KeyValue, Op, Revision, Store, StoreError, Txn,
+    TxnOutcome, WatchStream,
 };
 
 const KV: TableDefinition<&str, &[u8]> = TableDefinition::new("kv");
 const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("log");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 
+/// Layout version of the whole file (tables and meta keys).
+const META_FORMAT: &str = "format";
 const META_REVISION: &str = "revision";
 /// Highest revision whose events were trimmed from the log.
 const META_COMPACTED: &str = "compacted";
 const META_LOG_EVENTS: &str = "log_events";
 
+/// The only layout this build reads and writes.
+const LAYOUT_V1: u64 = 1;
+/// Leading byte of every `kv` record and `log` entry.
 const FORMAT_V1: u8 = 1;
-/// Revisions read from the log per batch while a watcher catches up.
-const WATCH_BATCH: usize = 512;
+const KIND_PUT: u8 = 1;
+const KIND_DELETE: u8 = 2;
 
-/// The default store backend. Cheap to clone.
+/// Default number of events kept in the log for watches.
+pub const DEFAULT_HISTORY_LIMIT: usize = 100_000;
+/// Revisions read from the log per blocking call while a watcher catches up.
+const WATCH_BATCH: usize = 256;
+
+/// The default store backend: one redb file. Cheap to clone; clones share
+/// the file. The file is closed when the last clone is dropped (watch
+/// streams do not keep it open; they end with [`StoreError::Closed`]).
 #[derive(Clone)]
 pub struct EmbeddedStore {
-    db: Arc<Database>,
+    inner: Arc<Inner>,
     history_limit: usize,
-    committed: Arc<watch::Sender<Revision>>,
 }
 
-fn io<E: std::fmt::Display>(e: E) -> StoreError {
-    StoreError::Io(e.to_string())
+impl std::fmt::Debug for EmbeddedStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EmbeddedStore")
+            .field("path", &self.inner.path)
+            .field("history_limit", &self.history_limit)
+            .finish_non_exhaustive()
+    }
+}
+
+struct Inner {
+    db: Database,
+    path: PathBuf,
+    /// The last committed revision, published after each commit.
+    committed: watch::Sender<Revision>,
+}
+
+/// Maps a redb error to a store error, with what we were doing.
+fn db_err(context: &str, e: impl Into<redb::Error>) -> StoreError {
+    match e.into() {
+        redb::Error::Corrupted(m) => StoreError::Corrupt(format!("{context}: {m}")),
+        redb::Error::ValueTooLarge(n) => {
+            StoreError::Invalid(format!("{context}: {n} bytes is more than one entry can hold"))
+        }
+        redb::Error::DatabaseClosed => StoreError::Closed,
+        redb::Error::DatabaseAlreadyOpen => StoreError::Io(format!(
+            "{context}: the store file is already open (another controller process, or another handle in this one)"
+        )),
+        other => StoreError::Io(format!("{context}: {other}")),
+    }
+}
+
+/// Runs blocking redb work off the async runtime.
+async fn blocking<T, F>(f: F) -> Result<T, StoreError>
+where
+    T: Send + 'static,
+    F: FnOnce() -> Result<T, StoreError> + Send + 'static,
+{
+    match tokio::task::spawn_blocking(f).await {
+        Ok(r) => r,
+        Err(e) if e.is_cancelled() => Err(StoreError::Closed),
+        Err(e) => Err(StoreError::Io(format!("store task failed: {e}"))),
+    }
 }
 
 impl EmbeddedStore {
-    /// Opens (or creates) the store file at `path`.
+    /// Opens the store file at `path`, creating it (and its parent
+    /// directory) if missing. Blocks while redb checks the file, which after
+    /// an unclean shutdown includes a repair.
     pub fn open(path: &Path) -> Result<EmbeddedStore, StoreError> {
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir)
-                .map_err(|e| StoreError::Io(format!("create {}: {e}", dir.display())))?;
+        let dir = match path.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        // The directories and the file we create must themselves be durable
+        // before the first acknowledged write, so remember what is new.
+        let mut new_entries: Vec<PathBuf> = Vec::new();
+        let mut missing = Some(path);
+        while let Some(p) = missing.filter(|p| !p.as_os_str().is_empty() && !p.exists()) {
+            new_entries.push(p.to_path_buf());
+            missing = p.parent();
         }
-        let db = Database::create(path)
-            .map_err(|e| StoreError::Io(format!("open {}: {e}", path.display())))?;
-        // Make sure the tables exist so reads never see "table missing".
-        let tx = db.begin_write().map_err(io)?;
-        {
-            tx.open_table(KV).map_err(io)?;
-            tx.open_table(LOG).map_err(io)?;
-            tx.open_table(META).map_err(io)?;
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| StoreError::Io(format!("create {}: {e}", dir.display())))?;
+        let shown = path.display().to_string();
+        let repairing = AtomicBool::new(false);
+        let db = Database::builder()
+            // A file damaged outside redb fails to open with an error
+            // instead of a possible panic later; the store is small enough
+            // for the full check to be cheap.
+            .set_check_integrity_on_open(true)
+            .set_repair_callback(move |session| {
+                if !repairing.swap(true, Ordering::Relaxed) {
+                    tracing::warn!(
+                        path = %shown,
+                        "repairing the store file after an unclean shutdown"
+                    );
+                }
+                tracing::debug!(progress = session.progress(), "store repair");
+            })
+            .create(path)
+            .map_err(|e| db_err(&format!("open {}", path.display()), e))?;
+        let revision = init_layout(&db)?;
+        for entry in &new_entries {
+            sync_parent_dir(entry)?;
         }
-        tx.commit().map_err(io)?;
-        let rev = read_meta(&db, META_REVISION)?;
-        let (tx, _) = watch::channel(rev);
-        tracing::info!(path = %path.display(), revision = rev, "embedded store opened");
+        let (committed, _) = watch::channel(revision);
+        tracing::info!(path = %path.display(), revision, "embedded store opened");
         Ok(EmbeddedStore {
-            db: Arc::new(db),
-            history_limit: 100_000,
-            committed: Arc::new(tx),
+            inner: Arc::new(Inner {
+                db,
+                path: path.to_path_buf(),
+                committed,
+            }),
+            history_limit: DEFAULT_HISTORY_LIMIT,
         })
     }
 
-    /// Keeps at most `events` events in the watch log (default 100,000).
+    /// Keeps at most `events` events in the watch log (default
+    /// [`DEFAULT_HISTORY_LIMIT`]); older revisions are trimmed, whole, in
+    /// the write transaction that goes over the limit. The newest revision is
+    /// always kept, even when it alone has more events than the limit.
     pub fn with_history_limit(mut self, events: usize) -> Self {
-        self.history_limit = events.max(1);
+        self.history_limit = events;
         self
     }
-
-    async fn blocking<T, F>(&self, f: F) -> Result<T, StoreError>
-    where
-        T: Send + 'static,
-        F: FnOnce(&Database) -> Result<T, StoreError> + Send + 'static,
-    {
-        let db = self.db.clone();
-        tokio::task::spawn_blocking(move || f(&db))
-            .await
-            .map_err(|e| StoreError::Io(format!("store task failed: {e}")))?
-    }
 }
 
-fn read_meta(db: &Database, key: &str) -> Result<u64, StoreError> {
-    let rtx = db.begin_read().map_err(io)?;
-    let t = rtx.open_table(META).map_err(io)?;
-    Ok(t.get(key).map_err(io)?.map(|v| v.value()).unwrap_or(0))
+/// Makes the directory entry of a newly created `entry` durable.
+fn sync_parent_dir(entry: &Path) -> Result<(), StoreError> {
+    let dir = match entry.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| StoreError::Io(format!("sync directory {}: {e}", dir.display())))
 }
+
+/// Creates the tables on a new file, checks the layout of an existing one,
+/// and returns the current revision.
+fn init_layout(db: &Database) -> Result<Revision, StoreError> {
+    let wtx = db.begin_write().map_err(|e| db_err("begin write", e))?;
+    let revision = {
+        wtx.open_table(KV).map_err(|e| db_err("open table kv", e))?;
+        let log = wtx
+            .open_table(LOG)
+            .map_err(|e| db_err("open table log", e))?;
+        let mut meta = wtx
+            .open_table(META)
+            .map_err(|e| db_err("open table meta", e))?;
+        match meta_get(&meta, META_FORMAT)? {
+            None => {
+                if meta_get(&meta, META_REVISION)?.is_some() {
+                    return Err(StoreError::Corrupt("store file has no layout version".into()));
+                }
+                meta.insert(META_FORMAT, LAYOUT_V1)
+                    .map_err(|e| db_err("write meta", e))?;
+            }
+            Some(LAYOUT_V1) => {}
+            Some(v) => {
+                return Err(StoreError::Corrupt(format!(
+                    "store file layout version {v} is not supported by this build (supports {LAYOUT_V1})"
+                )))
+            }
+        }
+        let revision = meta_get(&meta, META_REVISION)?.unwrap_or(0);
+        let last_logged = log
+            .last()
+            .map_err(|e| db_err("read log", e))?
+            .map(|(k, _)| k.value());
+        if let Some(last) = last_logged {
+            if last != revision {
+                return Err(StoreError::Corrupt(format!(
+                    "log ends at revision {last} but the store is at {revision}"
+                )));
+            }
+        }
+        revision
+    };
+    wtx.commit().map_err(|e| db_err("commit layout", e))?;
+    Ok(revision)
+}
+
+fn meta_get(
+    meta: &impl ReadableTable<&'static str, u64>,
+    key: &str,
+) -> Result<Option<u64>, StoreError> {
+    Ok(meta
+        .get(key)
+        .map_err(|e| db_err("read meta", e))?
+        .map(|v| v.value()))
+}
+
+// --- encoding -------------------------------------------------------------
 
 fn encode_record(create: Revision, modr: Revision, value: &[u8]) -> Vec<u8> {
     let mut b = Vec::with_capacity(17 + value.len());
@@ -103,330 +255,592 @@ fn encode_record(create: Revision, modr: Revision, value: &[u8]) -> Vec<u8> {
 }
 
 fn decode_record(key: &str, b: &[u8]) -> Result<KeyValue, StoreError> {
-    if b.len() < 17 || b[0] != FORMAT_V1 {
-        return Err(StoreError::Corrupt(format!("record for {key:?}")));
-    }
-    let create = u64::from_be_bytes(b[1..9].try_into().map_err(io)?);
-    let modr = u64::from_be_bytes(b[9..17].try_into().map_err(io)?);
+    let mut r = Reader::new(b, || format!("record of key {key:?}"));
+    r.format()?;
+    let create_revision = r.u64()?;
+    let mod_revision = r.u64()?;
     Ok(KeyValue {
         key: key.to_string(),
-        value: b[17..].to_vec(),
-        create_revision: create,
-        mod_revision: modr,
+        value: r.rest().to_vec(),
+        create_revision,
+        mod_revision,
     })
 }
 
-fn encode_events(events: &[Event]) -> Vec<u8> {
-    let mut b = vec![FORMAT_V1];
-    for e in events {
-        b.push(match e.kind {
-            EventKind::Put => 1,
-            EventKind::Delete => 2,
-        });
-        b.extend_from_slice(&(e.kv.key.len() as u32).to_be_bytes());
-        b.extend_from_slice(e.kv.key.as_bytes());
-        b.extend_from_slice(&e.kv.create_revision.to_be_bytes());
-        b.extend_from_slice(&e.kv.mod_revision.to_be_bytes());
-        b.extend_from_slice(&(e.kv.value.len() as u32).to_be_bytes());
-        b.extend_from_slice(&e.kv.value);
-    }
-    b
+/// A log entry: format byte, event count (u32), then per event: kind (u8),
+/// create and mod revision (u64), key length (u32), key, value length (u32),
+/// value.
+struct LogEntry {
+    buf: Vec<u8>,
+    events: u32,
 }
 
-fn decode_events(revision: Revision, b: &[u8]) -> Result<Vec<Event>, StoreError> {
-    let bad = || StoreError::Corrupt(format!("log entry {revision}"));
-    if b.first() != Some(&FORMAT_V1) {
-        return Err(bad());
+impl LogEntry {
+    fn new() -> Self {
+        LogEntry {
+            buf: vec![FORMAT_V1, 0, 0, 0, 0],
+            events: 0,
+        }
     }
-    let mut out = Vec::new();
-    let mut i = 1;
-    let take = |i: &mut usize, n: usize| -> Result<&[u8], StoreError> {
-        let s = b.get(*i..*i + n).ok_or_else(bad)?;
-        *i += n;
-        Ok(s)
-    };
-    let u32_at = |s: &[u8]| u32::from_be_bytes([s[0], s[1], s[2], s[3]]) as usize;
-    let u64_at = |s: &[u8]| u64::from_be_bytes(s.try_into().unwrap_or([0; 8]));
-    while i < b.len() {
-        let kind = match take(&mut i, 1)?[0] {
-            1 => EventKind::Put,
-            2 => EventKind::Delete,
-            _ => return Err(bad()),
+
+    fn push(
+        &mut self,
+        kind: u8,
+        kv_key: &str,
+        create: Revision,
+        modr: Revision,
+        value: &[u8],
+    ) -> Result<(), StoreError> {
+        let len = |n: usize, what: &str| {
+            u32::try_from(n)
+                .map_err(|_| StoreError::Invalid(format!("{what} of {n} bytes is too large")))
         };
-        let klen = u32_at(take(&mut i, 4)?);
-        let key = String::from_utf8(take(&mut i, klen)?.to_vec()).map_err(|_| bad())?;
-        let create = u64_at(take(&mut i, 8)?);
-        let modr = u64_at(take(&mut i, 8)?);
-        let vlen = u32_at(take(&mut i, 4)?);
-        let value = take(&mut i, vlen)?.to_vec();
-        out.push(Event {
+        let klen = len(kv_key.len(), "key")?;
+        let vlen = len(value.len(), "value")?;
+        self.buf.push(kind);
+        self.buf.extend_from_slice(&create.to_be_bytes());
+        self.buf.extend_from_slice(&modr.to_be_bytes());
+        self.buf.extend_from_slice(&klen.to_be_bytes());
+        self.buf.extend_from_slice(kv_key.as_bytes());
+        self.buf.extend_from_slice(&vlen.to_be_bytes());
+        self.buf.extend_from_slice(value);
+        self.events += 1;
+        Ok(())
+    }
+
+    fn finish(mut self) -> Vec<u8> {
+        self.buf[1..5].copy_from_slice(&self.events.to_be_bytes());
+        self.buf
+    }
+}
+
+/// The number of events in a log entry, without decoding them.
+fn log_event_count(revision: Revision, b: &[u8]) -> Result<u64, StoreError> {
+    let mut r = Reader::new(b, || format!("log entry {revision}"));
+    r.format()?;
+    Ok(u64::from(r.u32()?))
+}
+
+/// The events of a log entry whose key starts with `prefix`.
+fn decode_log_entry(
+    revision: Revision,
+    b: &[u8],
+    prefix: &str,
+    out: &mut VecDeque<Event>,
+) -> Result<(), StoreError> {
+    let mut r = Reader::new(b, || format!("log entry {revision}"));
+    r.format()?;
+    let n = r.u32()?;
+    for _ in 0..n {
+        let kind = match r.u8()? {
+            KIND_PUT => EventKind::Put,
+            KIND_DELETE => EventKind::Delete,
+            other => return Err(r.bad(&format!("unknown event kind {other}"))),
+        };
+        let create_revision = r.u64()?;
+        let mod_revision = r.u64()?;
+        let klen = r.len()?;
+        let key = r.take(klen)?;
+        let vlen = r.len()?;
+        if !key.starts_with(prefix.as_bytes()) {
+            r.take(vlen)?;
+            continue;
+        }
+        let key = std::str::from_utf8(key)
+            .map_err(|_| r.bad("key is not UTF-8"))?
+            .to_string();
+        let value = r.take(vlen)?.to_vec();
+        out.push_back(Event {
             kind,
             kv: KeyValue {
                 key,
                 value,
-                create_revision: create,
-                mod_revision: modr,
+                create_revision,
+                mod_revision,
             },
             revision,
         });
     }
-    Ok(out)
-}
-
-/// The whole write path, run on a blocking thread.
-fn commit_txn(db: &Database, txn: &Txn, history_limit: usize) -> Result<TxnOutcome, StoreError> {
-    let mut wtx = db.begin_write().map_err(io)?;
-    wtx.set_durability(Durability::Immediate).map_err(io)?;
-    let outcome;
-    {
-        let mut kv = wtx.open_table(KV).map_err(io)?;
-        let mut meta = wtx.open_table(META).map_err(io)?;
-        let current = meta
-            .get(META_REVISION)
-            .map_err(io)?
-            .map(|v| v.value())
-            .unwrap_or(0);
-        for (index, c) in txn.compares.iter().enumerate() {
-            let holds = match c {
-                Compare::Absent(k) => kv.get(k.as_str()).map_err(io)?.is_none(),
-                Compare::ModRevision(k, rev) => match kv.get(k.as_str()).map_err(io)? {
-                    Some(v) => decode_record(k, v.value())?.mod_revision == *rev,
-                    None => false,
-                },
-            };
-            if !holds {
-                return Ok(TxnOutcome::CompareFailed { index });
-            }
-        }
-        if txn.ops.is_empty() {
-            return Ok(TxnOutcome::Committed(current));
-        }
-        let rev = current + 1;
-        let mut events = Vec::with_capacity(txn.ops.len());
-        for op in &txn.ops {
-            match op {
-                Op::Put { key, value } => {
-                    if key.is_empty() {
-                        return Err(StoreError::Invalid("empty key".into()));
-                    }
-                    let create = match kv.get(key.as_str()).map_err(io)? {
-                        Some(v) => decode_record(key, v.value())?.create_revision,
-                        None => rev,
-                    };
-                    kv.insert(key.as_str(), encode_record(create, rev, value).as_slice())
-                        .map_err(io)?;
-                    events.push(Event {
-                        kind: EventKind::Put,
-                        kv: KeyValue {
-                            key: key.clone(),
-                            value: value.clone(),
-                            create_revision: create,
-                            mod_revision: rev,
-                        },
-                        revision: rev,
-                    });
-                }
-                Op::Delete { key } => {
-                    let old = match kv.remove(key.as_str()).map_err(io)? {
-                        Some(v) => Some(decode_record(key, v.value())?),
-                        None => None,
-                    };
-                    if let Some(old) = old {
-                        events.push(Event {
-                            kind: EventKind::Delete,
-                            kv: old,
-                            revision: rev,
-                        });
-                    }
-                }
-            }
-        }
-        let mut log = wtx.open_table(LOG).map_err(io)?;
-        log.insert(rev, encode_events(&events).as_slice())
-            .map_err(io)?;
-        let mut retained = meta
-            .get(META_LOG_EVENTS)
-            .map_err(io)?
-            .map(|v| v.value())
-            .unwrap_or(0)
-            + events.len() as u64;
-        let mut compacted = None;
-        while retained > history_limit as u64 {
-            let Some((r, v)) = log.pop_first().map_err(io)? else {
-                break;
-            };
-            let r = r.value();
-            retained = retained.saturating_sub(decode_events(r, v.value())?.len() as u64);
-            compacted = Some(r);
-            if r == rev {
-                break;
-            }
-        }
-        if let Some(c) = compacted {
-            meta.insert(META_COMPACTED, c).map_err(io)?;
-        }
-        meta.insert(META_LOG_EVENTS, retained).map_err(io)?;
-        meta.insert(META_REVISION, rev).map_err(io)?;
-        outcome = TxnOutcome::Committed(rev);
+    if !r.rest().is_empty() {
+        return Err(r.bad("trailing bytes"));
     }
-    wtx.commit().map_err(io)?;
-    Ok(outcome)
+    Ok(())
 }
 
-/// Events with revision in (after, …], at most `WATCH_BATCH` revisions, and
-/// the last revision read (revisions may have no events).
-fn read_log(db: &Database, after: Revision) -> Result<(Vec<Event>, Revision), StoreError> {
-    let rtx = db.begin_read().map_err(io)?;
-    let meta = rtx.open_table(META).map_err(io)?;
-    let compacted = meta
-        .get(META_COMPACTED)
-        .map_err(io)?
-        .map(|v| v.value())
-        .unwrap_or(0);
+/// Bounds-checked reading of the encodings above.
+struct Reader<'a, W: Fn() -> String> {
+    b: &'a [u8],
+    what: W,
+}
+
+impl<'a, W: Fn() -> String> Reader<'a, W> {
+    fn new(b: &'a [u8], what: W) -> Self {
+        Reader { b, what }
+    }
+
+    fn bad(&self, why: &str) -> StoreError {
+        StoreError::Corrupt(format!("{}: {why}", (self.what)()))
+    }
+
+    fn take(&mut self, n: usize) -> Result<&'a [u8], StoreError> {
+        if self.b.len() < n {
+            return Err(self.bad("truncated"));
+        }
+        let (head, tail) = self.b.split_at(n);
+        self.b = tail;
+        Ok(head)
+    }
+
+    fn array<const N: usize>(&mut self) -> Result<[u8; N], StoreError> {
+        let mut a = [0u8; N];
+        a.copy_from_slice(self.take(N)?);
+        Ok(a)
+    }
+
+    fn u8(&mut self) -> Result<u8, StoreError> {
+        Ok(self.array::<1>()?[0])
+    }
+
+    fn u32(&mut self) -> Result<u32, StoreError> {
+        Ok(u32::from_be_bytes(self.array()?))
+    }
+
+    fn u64(&mut self) -> Result<u64, StoreError> {
+        Ok(u64::from_be_bytes(self.array()?))
+    }
+
+    fn len(&mut self) -> Result<usize, StoreError> {
+        let n = self.u32()?;
+        usize::try_from(n).map_err(|_| self.bad("length does not fit in memory"))
+    }
+
+    fn format(&mut self) -> Result<(), StoreError> {
+        match self.u8()? {
+            FORMAT_V1 => Ok(()),
+            other => Err(self.bad(&format!("unknown format byte {other}"))),
+        }
+    }
+
+    fn rest(&self) -> &'a [u8] {
+        self.b
+    }
+}
+
+// --- write path -------------------------------------------------------------
+
+/// What a write transaction decided before it is committed or aborted.
+enum Staged {
+    CompareFailed(usize),
+    Unchanged(Revision),
+    Commit {
+        revision: Revision,
+        events: u64,
+        trimmed_to: Option<Revision>,
+    },
+}
+
+impl Inner {
+    /// The whole write path, on a blocking thread. Publishes the new
+    /// revision itself, so a caller that stops waiting cannot leave watchers
+    /// un-notified.
+    fn apply(&self, txn: &Txn, history_limit: usize) -> Result<TxnOutcome, StoreError> {
+        if txn.ops.is_empty() {
+            return self.check_only(&txn.compares);
+        }
+        let mut wtx = self
+            .db
+            .begin_write()
+            .map_err(|e| db_err("begin write", e))?;
+        wtx.set_durability(Durability::Immediate)
+            .map_err(|e| db_err("set durability", e))?;
+        let staged = match stage(&wtx, txn, history_limit) {
+            Ok(s) => s,
+            Err(e) => {
+                abort(wtx);
+                return Err(e);
+            }
+        };
+        match staged {
+            Staged::CompareFailed(index) => {
+                abort(wtx);
+                Ok(TxnOutcome::CompareFailed { index })
+            }
+            Staged::Unchanged(revision) => {
+                abort(wtx);
+                Ok(TxnOutcome::Committed(revision))
+            }
+            Staged::Commit {
+                revision,
+                events,
+                trimmed_to,
+            } => {
+                if let Err(e) = wtx.commit() {
+                    // redb: the outcome of a failed commit is unknown and the
+                    // database refuses further writes until reopened.
+                    tracing::error!(path = %self.path.display(), revision, error = %e,
+                        "store commit failed; its outcome is unknown until the store is reopened");
+                    return Err(db_err(
+                        &format!("commit revision {revision} (outcome unknown)"),
+                        e,
+                    ));
+                }
+                tracing::trace!(revision, events, "store commit");
+                if let Some(to) = trimmed_to {
+                    tracing::debug!(compacted = to, "trimmed store history");
+                }
+                self.committed.send_if_modified(|cur| {
+                    let newer = revision > *cur;
+                    if newer {
+                        *cur = revision;
+                    }
+                    newer
+                });
+                Ok(TxnOutcome::Committed(revision))
+            }
+        }
+    }
+
+    /// A txn without ops: evaluate the compares at one snapshot.
+    fn check_only(&self, compares: &[Compare]) -> Result<TxnOutcome, StoreError> {
+        let rtx = self.db.begin_read().map_err(|e| db_err("begin read", e))?;
+        let kv = rtx.open_table(KV).map_err(|e| db_err("open table kv", e))?;
+        let meta = rtx
+            .open_table(META)
+            .map_err(|e| db_err("open table meta", e))?;
+        if let Some(index) = first_failed(&kv, compares)? {
+            return Ok(TxnOutcome::CompareFailed { index });
+        }
+        Ok(TxnOutcome::Committed(
+            meta_get(&meta, META_REVISION)?.unwrap_or(0),
+        ))
+    }
+
+    /// Events after `after` (at most [`WATCH_BATCH`] revisions), filtered by
+    /// prefix; the last revision read; whether more may follow right away.
+    fn read_log(&self, prefix: &str, after: Revision) -> Result<LogBatch, StoreError> {
+        let rtx = self.db.begin_read().map_err(|e| db_err("begin read", e))?;
+        let meta = rtx
+            .open_table(META)
+            .map_err(|e| db_err("open table meta", e))?;
+        check_not_compacted(&meta, after)?;
+        let log = rtx
+            .open_table(LOG)
+            .map_err(|e| db_err("open table log", e))?;
+        let mut batch = LogBatch {
+            events: VecDeque::new(),
+            last: after,
+            more: false,
+        };
+        let start = after.saturating_add(1);
+        for (n, entry) in log
+            .range(start..)
+            .map_err(|e| db_err("read log", e))?
+            .enumerate()
+        {
+            if n == WATCH_BATCH {
+                batch.more = true;
+                break;
+            }
+            let (r, v) = entry.map_err(|e| db_err("read log", e))?;
+            let r = r.value();
+            if r != batch.last + 1 {
+                return Err(StoreError::Corrupt(format!(
+                    "log has no revision {} (next is {r})",
+                    batch.last + 1
+                )));
+            }
+            decode_log_entry(r, v.value(), prefix, &mut batch.events)?;
+            batch.last = r;
+        }
+        Ok(batch)
+    }
+}
+
+struct LogBatch {
+    events: VecDeque<Event>,
+    last: Revision,
+    more: bool,
+}
+
+fn check_not_compacted(
+    meta: &impl ReadableTable<&'static str, u64>,
+    after: Revision,
+) -> Result<(), StoreError> {
+    let compacted = meta_get(meta, META_COMPACTED)?.unwrap_or(0);
     if after < compacted {
         return Err(StoreError::Compacted {
             requested: after + 1,
             oldest: compacted + 1,
         });
     }
-    let log = rtx.open_table(LOG).map_err(io)?;
-    let mut out = Vec::new();
-    let mut last = after;
-    for entry in log.range((after + 1)..).map_err(io)?.take(WATCH_BATCH) {
-        let (r, v) = entry.map_err(io)?;
-        last = r.value();
-        out.extend(decode_events(last, v.value())?);
-    }
-    Ok((out, last))
+    Ok(())
 }
+
+fn abort(wtx: redb::WriteTransaction) {
+    if let Err(e) = wtx.abort() {
+        tracing::warn!(error = %e, "aborting a store write transaction failed");
+    }
+}
+
+/// The index of the first compare that does not hold, if any.
+fn first_failed(
+    kv: &impl ReadableTable<&'static str, &'static [u8]>,
+    compares: &[Compare],
+) -> Result<Option<usize>, StoreError> {
+    for (index, c) in compares.iter().enumerate() {
+        let holds = match c {
+            Compare::Absent(k) => kv
+                .get(k.as_str())
+                .map_err(|e| db_err("read kv", e))?
+                .is_none(),
+            Compare::ModRevision(k, want) => {
+                match kv.get(k.as_str()).map_err(|e| db_err("read kv", e))? {
+                    Some(v) => decode_record(k, v.value())?.mod_revision == *want,
+                    None => false,
+                }
+            }
+        };
+        if !holds {
+            return Ok(Some(index));
+        }
+    }
+    Ok(None)
+}
+
+/// Checks the compares and writes the ops, the log entry, the trim and the
+/// meta into `wtx`, without committing.
+fn stage(
+    wtx: &redb::WriteTransaction,
+    txn: &Txn,
+    history_limit: usize,
+) -> Result<Staged, StoreError> {
+    let mut kv = wtx.open_table(KV).map_err(|e| db_err("open table kv", e))?;
+    let mut meta = wtx
+        .open_table(META)
+        .map_err(|e| db_err("open table meta", e))?;
+    let current = meta_get(&meta, META_REVISION)?.unwrap_or(0);
+    if let Some(index) = first_failed(&kv, &txn.compares)? {
+        return Ok(Staged::CompareFailed(index));
+    }
+    let revision = current
+        .checked_add(1)
+        .ok_or_else(|| StoreError::Corrupt("revision counter overflow".into()))?;
+    let mut entry = LogEntry::new();
+    for op in &txn.ops {
+        match op {
+            Op::Put { key, value } => {
+                let create = match kv.get(key.as_str()).map_err(|e| db_err("read kv", e))? {
+                    Some(old) => decode_record(key, old.value())?.create_revision,
+                    None => revision,
+                };
+                entry.push(KIND_PUT, key, create, revision, value)?;
+                kv.insert(
+                    key.as_str(),
+                    encode_record(create, revision, value).as_slice(),
+                )
+                .map_err(|e| db_err(&format!("write key {key:?}"), e))?;
+            }
+            Op::Delete { key } => {
+                let old = match kv
+                    .remove(key.as_str())
+                    .map_err(|e| db_err(&format!("delete key {key:?}"), e))?
+                {
+                    Some(old) => Some(decode_record(key, old.value())?),
+                    None => None,
+                };
+                if let Some(old) = old {
+                    entry.push(
+                        KIND_DELETE,
+                        key,
+                        old.create_revision,
+                        old.mod_revision,
+                        &old.value,
+                    )?;
+                }
+            }
+        }
+    }
+    if entry.events == 0 {
+        // Only deletes of missing keys: nothing changed, no revision.
+        return Ok(Staged::Unchanged(current));
+    }
+    let events = u64::from(entry.events);
+    let mut log = wtx
+        .open_table(LOG)
+        .map_err(|e| db_err("open table log", e))?;
+    log.insert(revision, entry.finish().as_slice())
+        .map_err(|e| db_err("write log", e))?;
+
+    // Trim whole revisions, oldest first, never the one just written.
+    let mut retained = meta_get(&meta, META_LOG_EVENTS)?
+        .unwrap_or(0)
+        .saturating_add(events);
+    let mut trimmed_to = None;
+    while retained > history_limit as u64 {
+        let oldest = match log.first().map_err(|e| db_err("read log", e))? {
+            Some((r, v)) => (r.value(), log_event_count(r.value(), v.value())?),
+            None => break,
+        };
+        if oldest.0 >= revision {
+            break;
+        }
+        log.remove(oldest.0).map_err(|e| db_err("trim log", e))?;
+        retained = retained.saturating_sub(oldest.1);
+        trimmed_to = Some(oldest.0);
+    }
+    if let Some(to) = trimmed_to {
+        meta.insert(META_COMPACTED, to)
+            .map_err(|e| db_err("write meta", e))?;
+    }
+    meta.insert(META_LOG_EVENTS, retained)
+        .map_err(|e| db_err("write meta", e))?;
+    meta.insert(META_REVISION, revision)
+        .map_err(|e| db_err("write meta", e))?;
+    Ok(Staged::Commit {
+        revision,
+        events,
+        trimmed_to,
+    })
+}
+
+// --- the trait ----------------------------------------------------------------
 
 #[async_trait::async_trait]
 impl Store for EmbeddedStore {
     async fn get(&self, key: &str) -> Result<Option<KeyValue>, StoreError> {
+        if key.is_empty() {
+            return Err(StoreError::Invalid("get of an empty key".into()));
+        }
+        let inner = self.inner.clone();
         let key = key.to_string();
-        self.blocking(move |db| {
-            let rtx = db.begin_read().map_err(io)?;
-            let kv = rtx.open_table(KV).map_err(io)?;
-            match kv.get(key.as_str()).map_err(io)? {
-                Some(v) => Ok(Some(decode_record(&key, v.value())?)),
-                None => Ok(None),
-            }
+        blocking(move || {
+            let rtx = inner.db.begin_read().map_err(|e| db_err("begin read", e))?;
+            let kv = rtx.open_table(KV).map_err(|e| db_err("open table kv", e))?;
+            let found = kv.get(key.as_str()).map_err(|e| db_err("read kv", e))?;
+            found.map(|v| decode_record(&key, v.value())).transpose()
         })
         .await
     }
 
     async fn list(&self, prefix: &str) -> Result<(Vec<KeyValue>, Revision), StoreError> {
+        let inner = self.inner.clone();
         let prefix = prefix.to_string();
-        self.blocking(move |db| {
-            let rtx = db.begin_read().map_err(io)?;
-            let meta = rtx.open_table(META).map_err(io)?;
-            let rev = meta
-                .get(META_REVISION)
-                .map_err(io)?
-                .map(|v| v.value())
-                .unwrap_or(0);
-            let kv = rtx.open_table(KV).map_err(io)?;
+        blocking(move || {
+            let rtx = inner.db.begin_read().map_err(|e| db_err("begin read", e))?;
+            let meta = rtx
+                .open_table(META)
+                .map_err(|e| db_err("open table meta", e))?;
+            let revision = meta_get(&meta, META_REVISION)?.unwrap_or(0);
+            let kv = rtx.open_table(KV).map_err(|e| db_err("open table kv", e))?;
             let mut out = Vec::new();
-            for entry in kv.range(prefix.as_str()..).map_err(io)? {
-                let (k, v) = entry.map_err(io)?;
+            for entry in kv
+                .range(prefix.as_str()..)
+                .map_err(|e| db_err("read kv", e))?
+            {
+                let (k, v) = entry.map_err(|e| db_err("read kv", e))?;
                 let k = k.value();
                 if !k.starts_with(prefix.as_str()) {
                     break;
                 }
                 out.push(decode_record(k, v.value())?);
             }
-            Ok((out, rev))
+            Ok((out, revision))
         })
         .await
     }
 
     async fn txn(&self, txn: Txn) -> Result<TxnOutcome, StoreError> {
+        validate_txn(&txn)?;
+        let inner = self.inner.clone();
         let limit = self.history_limit;
-        let outcome = self.blocking(move |db| commit_txn(db, &txn, limit)).await?;
-        if let TxnOutcome::Committed(rev) = outcome {
-            self.committed.send_if_modified(|cur| {
-                let newer = rev > *cur;
-                if newer {
-                    *cur = rev;
-                }
-                newer
-            });
-        }
-        Ok(outcome)
+        blocking(move || inner.apply(&txn, limit)).await
     }
 
     async fn revision(&self) -> Result<Revision, StoreError> {
-        self.blocking(|db| read_meta(db, META_REVISION)).await
+        let inner = self.inner.clone();
+        blocking(move || {
+            let rtx = inner.db.begin_read().map_err(|e| db_err("begin read", e))?;
+            let meta = rtx
+                .open_table(META)
+                .map_err(|e| db_err("open table meta", e))?;
+            Ok(meta_get(&meta, META_REVISION)?.unwrap_or(0))
+        })
+        .await
     }
 
     async fn watch(&self, prefix: &str, after: Revision) -> Result<WatchStream, StoreError> {
-        // Fail early on a compacted start, like etcd does.
-        let first = {
-            let db = self.db.clone();
-            tokio::task::spawn_blocking(move || read_log(&db, after))
-                .await
-                .map_err(|e| StoreError::Io(e.to_string()))??
-        };
-        struct State {
-            db: Arc<Database>,
-            prefix: String,
-            cursor: Revision,
-            buf: VecDeque<Event>,
-            notify: watch::Receiver<Revision>,
-            failed: bool,
-        }
-        let mut state = State {
-            db: self.db.clone(),
-            prefix: prefix.to_string(),
+        // Subscribe before the first read, so no commit can slip between them.
+        let notify = self.inner.committed.subscribe();
+        // Fail the call itself (not the stream) when the start is compacted.
+        let inner = self.inner.clone();
+        blocking(move || {
+            let rtx = inner.db.begin_read().map_err(|e| db_err("begin read", e))?;
+            let meta = rtx
+                .open_table(META)
+                .map_err(|e| db_err("open table meta", e))?;
+            check_not_compacted(&meta, after)
+        })
+        .await?;
+        let state = WatchState {
+            inner: Arc::downgrade(&self.inner),
+            prefix: Arc::from(prefix),
             cursor: after,
             buf: VecDeque::new(),
-            notify: self.committed.subscribe(),
-            failed: false,
+            notify,
+            need_read: true,
+            done: false,
         };
-        let (first, last) = first;
-        state.cursor = last;
-        for e in first {
-            if e.kv.key.starts_with(&state.prefix) {
-                state.buf.push_back(e);
-            }
+        Ok(Box::pin(futures::stream::unfold(state, next_event)))
+    }
+}
+
+struct WatchState {
+    /// Weak, so an open watch does not keep the file open after the store
+    /// is dropped.
+    inner: Weak<Inner>,
+    prefix: Arc<str>,
+    /// Every event up to this revision has been read from the log.
+    cursor: Revision,
+    buf: VecDeque<Event>,
+    notify: watch::Receiver<Revision>,
+    need_read: bool,
+    done: bool,
+}
+
+async fn next_event(mut st: WatchState) -> Option<(Result<Event, StoreError>, WatchState)> {
+    loop {
+        if let Some(e) = st.buf.pop_front() {
+            return Some((Ok(e), st));
         }
-        let stream = futures::stream::unfold(state, |mut st| async move {
-            if st.failed {
-                return None;
-            }
-            loop {
-                if let Some(e) = st.buf.pop_front() {
-                    return Some((Ok(e), st));
+        if st.done {
+            return None;
+        }
+        if st.need_read {
+            let Some(inner) = st.inner.upgrade() else {
+                st.done = true;
+                return Some((Err(StoreError::Closed), st));
+            };
+            let (prefix, after) = (st.prefix.clone(), st.cursor);
+            match blocking(move || inner.read_log(&prefix, after)).await {
+                Ok(batch) => {
+                    st.cursor = batch.last;
+                    st.buf = batch.events;
+                    st.need_read = batch.more;
                 }
-                // Wait until something newer than the cursor committed.
-                while *st.notify.borrow_and_update() <= st.cursor {
-                    if st.notify.changed().await.is_err() {
-                        return None;
-                    }
-                }
-                let db = st.db.clone();
-                let after = st.cursor;
-                let res = tokio::task::spawn_blocking(move || read_log(&db, after))
-                    .await
-                    .map_err(|e| StoreError::Io(e.to_string()))
-                    .and_then(|r| r);
-                match res {
-                    Ok((events, last)) => {
-                        st.cursor = last;
-                        for e in events {
-                            if e.kv.key.starts_with(&st.prefix) {
-                                st.buf.push_back(e);
-                            }
-                        }
-                    }
-                    Err(e) => {
-                        st.failed = true;
-                        return Some((Err(e), st));
-                    }
+                Err(e) => {
+                    st.done = true;
+                    return Some((Err(e), st));
                 }
             }
-        });
-        Ok(Box::pin(stream))
+            continue;
+        }
+        // Caught up: wait for a commit past the cursor. A commit published
+        // since the last read wakes this at once.
+        if st.notify.changed().await.is_err() {
+            st.done = true;
+            return Some((Err(StoreError::Closed), st));
+        }
+        st.need_read = *st.notify.borrow_and_update() > st.cursor;
     }
 }
 
@@ -434,82 +848,303 @@ impl Store for EmbeddedStore {
 mod tests {
     use super::*;
     use crate::store::conformance;
+    use futures::StreamExt;
+    use std::time::Duration;
 
-    fn open(dir: &tempfile::TempDir) -> EmbeddedStore {
-        EmbeddedStore::open(&dir.path().join("store.redb")).unwrap()
+    async fn fresh() -> (Arc<dyn Store>, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let s = EmbeddedStore::open(&dir.path().join("store.redb")).unwrap();
+        (Arc::new(s), dir)
     }
 
-    #[tokio::test]
-    async fn conformance_suite() {
+    async fn fresh_short_history() -> (Arc<dyn Store>, tempfile::TempDir) {
         let dir = tempfile::tempdir().unwrap();
-        conformance::run_all(|| {
-            let d = tempfile::tempdir().unwrap();
-            let s = EmbeddedStore::open(&d.path().join("s.redb")).unwrap();
-            (Arc::new(s) as Arc<dyn Store>, d)
-        })
-        .await;
-        drop(dir);
+        let s = EmbeddedStore::open(&dir.path().join("store.redb"))
+            .unwrap()
+            .with_history_limit(conformance::SHORT_HISTORY);
+        (Arc::new(s), dir)
+    }
+
+    crate::store::conformance::conformance_tests!(fresh, fresh_short_history);
+
+    fn put(k: &str, v: &[u8]) -> Op {
+        Op::Put {
+            key: k.into(),
+            value: v.to_vec(),
+        }
+    }
+
+    async fn commit(s: &EmbeddedStore, ops: Vec<Op>) -> Revision {
+        match s
+            .txn(Txn {
+                compares: vec![],
+                ops,
+            })
+            .await
+            .unwrap()
+        {
+            TxnOutcome::Committed(r) => r,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    async fn next(w: &mut WatchStream) -> Result<Event, StoreError> {
+        tokio::time::timeout(Duration::from_secs(10), w.next())
+            .await
+            .expect("watch answers within 10s")
+            .expect("watch stream still open")
     }
 
     #[tokio::test]
     async fn data_and_revision_survive_reopen() {
         let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("nested/dir/store.redb");
         {
-            let s = open(&dir);
-            for i in 0..10 {
-                s.txn(Txn {
-                    compares: vec![],
-                    ops: vec![Op::Put {
-                        key: format!("k/{i}"),
-                        value: vec![i as u8],
-                    }],
-                })
-                .await
-                .unwrap();
+            let s = EmbeddedStore::open(&path).unwrap();
+            for i in 0..10u8 {
+                commit(&s, vec![put(&format!("k/{i}"), &[i])]).await;
             }
+            commit(&s, vec![put("k/0", b"again")]).await;
+            commit(&s, vec![Op::Delete { key: "k/9".into() }]).await;
         }
-        let s = open(&dir);
-        assert_eq!(s.revision().await.unwrap(), 10);
+        let s = EmbeddedStore::open(&path).unwrap();
+        assert_eq!(s.revision().await.unwrap(), 12);
         let (items, rev) = s.list("k/").await.unwrap();
-        assert_eq!(items.len(), 10);
-        assert_eq!(rev, 10);
-        // Revisions continue, never reused.
-        let out = s
-            .txn(Txn {
-                compares: vec![],
-                ops: vec![Op::Delete { key: "k/0".into() }],
-            })
-            .await
-            .unwrap();
-        assert_eq!(out, TxnOutcome::Committed(11));
+        assert_eq!(rev, 12);
+        assert_eq!(items.len(), 9);
+        let k0 = s.get("k/0").await.unwrap().unwrap();
+        assert_eq!((k0.create_revision, k0.mod_revision), (1, 11));
+        assert_eq!(k0.value, b"again");
+        // Revisions continue and are never reused.
+        assert_eq!(commit(&s, vec![put("k/9", b"back")]).await, 13);
+        assert_eq!(s.get("k/9").await.unwrap().unwrap().create_revision, 13);
+        // The history survived too.
+        let mut w = s.watch("k/", 0).await.unwrap();
+        for want in 1..=13 {
+            assert_eq!(next(&mut w).await.unwrap().revision, want);
+        }
     }
 
     #[tokio::test]
-    async fn history_limit_trims_and_reports_compaction() {
+    async fn acknowledged_write_is_on_disk_without_flush_or_clean_close() {
         let dir = tempfile::tempdir().unwrap();
-        let s = open(&dir).with_history_limit(5);
+        let path = dir.path().join("store.redb");
+        let crash_image = dir.path().join("crash.redb");
+        let s = EmbeddedStore::open(&path).unwrap();
+        assert_eq!(commit(&s, vec![put("a", b"1")]).await, 1);
+        assert_eq!(commit(&s, vec![put("b", b"2")]).await, 2);
+        // The file as a kill -9 right now would leave it: the store is still
+        // open, so no drop or clean shutdown has run.
+        std::fs::copy(&path, &crash_image).unwrap();
+        drop(s);
+        // Reopen the original after a plain drop, no explicit flush...
+        let s = EmbeddedStore::open(&path).unwrap();
+        assert_eq!(s.get("b").await.unwrap().unwrap().value, b"2");
+        assert_eq!(s.revision().await.unwrap(), 2);
+        // ...and the crash image, which redb must recover.
+        let c = EmbeddedStore::open(&crash_image).unwrap();
+        assert_eq!(c.revision().await.unwrap(), 2);
+        assert_eq!(c.get("a").await.unwrap().unwrap().value, b"1");
+        assert_eq!(c.get("b").await.unwrap().unwrap().value, b"2");
+        assert_eq!(commit(&c, vec![put("c", b"3")]).await, 3);
+    }
+
+    #[tokio::test]
+    async fn history_limit_trims_whole_revisions_and_yields_compacted() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = EmbeddedStore::open(&dir.path().join("store.redb"))
+            .unwrap()
+            .with_history_limit(5);
         for i in 0..10u8 {
-            s.txn(Txn {
-                compares: vec![],
-                ops: vec![Op::Put {
-                    key: "a".into(),
-                    value: vec![i],
-                }],
-            })
-            .await
-            .unwrap();
+            commit(&s, vec![put("a", &[i])]).await;
         }
+        // Revisions 6..=10 are the 5 retained events.
         match s.watch("", 0).await {
             Err(StoreError::Compacted { requested, oldest }) => {
-                assert_eq!(requested, 1);
-                assert_eq!(oldest, 6);
+                assert_eq!((requested, oldest), (1, 6))
             }
             Err(e) => panic!("unexpected error {e}"),
             Ok(_) => panic!("watch from a compacted revision must fail"),
         }
-        use futures::StreamExt;
+        assert!(matches!(
+            s.watch("", 4).await,
+            Err(StoreError::Compacted {
+                requested: 5,
+                oldest: 6
+            })
+        ));
         let mut w = s.watch("", 5).await.unwrap();
-        let e = w.next().await.unwrap().unwrap();
-        assert_eq!(e.revision, 6);
+        assert_eq!(next(&mut w).await.unwrap().revision, 6);
+
+        // A 3-event revision pushes out whole revisions: 11 (3) + 10, 9.
+        commit(&s, vec![put("x", b"1"), put("y", b"1"), put("z", b"1")]).await;
+        assert!(matches!(
+            s.watch("", 7).await,
+            Err(StoreError::Compacted {
+                requested: 8,
+                oldest: 9
+            })
+        ));
+        let mut w2 = s.watch("", 8).await.unwrap();
+        let revs: Vec<_> = {
+            let mut v = Vec::new();
+            for _ in 0..5 {
+                v.push(next(&mut w2).await.unwrap().revision);
+            }
+            v
+        };
+        assert_eq!(revs, [9, 10, 11, 11, 11]);
+
+        // A revision larger than the limit is kept whole; older ones go.
+        let big: Vec<Op> = (0..8).map(|i| put(&format!("big/{i}"), b"v")).collect();
+        let r = commit(&s, big).await;
+        assert_eq!(r, 12);
+        assert!(matches!(
+            s.watch("", 10).await,
+            Err(StoreError::Compacted {
+                requested: 11,
+                oldest: 12
+            })
+        ));
+        let mut w3 = s.watch("big/", 11).await.unwrap();
+        for i in 0..8 {
+            let e = next(&mut w3).await.unwrap();
+            assert_eq!((e.revision, e.kv.key), (12, format!("big/{i}")));
+        }
+
+        // A lagging watcher that falls behind the history gets Compacted
+        // from the stream, then the stream ends.
+        let mut lag = s.watch("", 12).await.unwrap();
+        for i in 0..20u8 {
+            commit(&s, vec![put("a", &[i])]).await;
+        }
+        match next(&mut lag).await {
+            Err(StoreError::Compacted {
+                requested: 13,
+                oldest,
+            }) => assert!(oldest > 13),
+            other => panic!("expected Compacted, got {other:?}"),
+        }
+        assert!(lag.next().await.is_none());
+    }
+
+    #[tokio::test]
+    async fn history_limit_applies_after_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store.redb");
+        {
+            let s = EmbeddedStore::open(&path).unwrap();
+            for i in 0..10u8 {
+                commit(&s, vec![put("a", &[i])]).await;
+            }
+        }
+        let s = EmbeddedStore::open(&path).unwrap().with_history_limit(3);
+        commit(&s, vec![put("a", b"last")]).await;
+        assert!(matches!(
+            s.watch("", 7).await,
+            Err(StoreError::Compacted {
+                requested: 8,
+                oldest: 9
+            })
+        ));
+        let mut w = s.watch("", 8).await.unwrap();
+        assert_eq!(next(&mut w).await.unwrap().revision, 9);
+    }
+
+    #[tokio::test]
+    async fn dropping_the_store_closes_the_file_and_ends_watches() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store.redb");
+        let s = EmbeddedStore::open(&path).unwrap();
+        commit(&s, vec![put("a", b"1")]).await;
+        let mut w = s.watch("", 0).await.unwrap();
+        assert_eq!(next(&mut w).await.unwrap().revision, 1);
+        drop(s);
+        // The open watch does not hold the file.
+        let again = EmbeddedStore::open(&path).unwrap();
+        assert!(matches!(next(&mut w).await, Err(StoreError::Closed)));
+        assert!(w.next().await.is_none());
+        assert_eq!(again.revision().await.unwrap(), 1);
+    }
+
+    #[tokio::test]
+    async fn second_open_of_the_same_file_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store.redb");
+        let _s = EmbeddedStore::open(&path).unwrap();
+        match EmbeddedStore::open(&path) {
+            Err(StoreError::Io(m)) => assert!(m.contains("already open"), "{m}"),
+            Err(e) => panic!("unexpected error {e}"),
+            Ok(_) => panic!("a second open must fail"),
+        }
+    }
+
+    #[tokio::test]
+    async fn unknown_layout_version_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store.redb");
+        drop(EmbeddedStore::open(&path).unwrap());
+        {
+            let db = Database::create(&path).unwrap();
+            let wtx = db.begin_write().unwrap();
+            wtx.open_table(META)
+                .unwrap()
+                .insert(META_FORMAT, 99)
+                .unwrap();
+            wtx.commit().unwrap();
+        }
+        match EmbeddedStore::open(&path) {
+            Err(StoreError::Corrupt(m)) => assert!(m.contains("layout version 99"), "{m}"),
+            Err(e) => panic!("unexpected error {e}"),
+            Ok(_) => panic!("an unknown layout must be refused"),
+        }
+    }
+
+    #[tokio::test]
+    async fn corrupt_record_is_reported_not_panicked() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store.redb");
+        drop(EmbeddedStore::open(&path).unwrap());
+        {
+            let db = Database::create(&path).unwrap();
+            let wtx = db.begin_write().unwrap();
+            wtx.open_table(KV)
+                .unwrap()
+                .insert("bad", [9u8, 1, 2].as_slice())
+                .unwrap();
+            wtx.commit().unwrap();
+        }
+        let s = EmbeddedStore::open(&path).unwrap();
+        assert!(matches!(s.get("bad").await, Err(StoreError::Corrupt(_))));
+        assert!(matches!(s.list("").await, Err(StoreError::Corrupt(_))));
+    }
+
+    #[test]
+    fn encodings_round_trip_and_reject_truncation() {
+        let rec = encode_record(3, 7, b"value");
+        let kv = decode_record("k", &rec).unwrap();
+        assert_eq!(
+            (kv.create_revision, kv.mod_revision, kv.value.as_slice()),
+            (3, 7, &b"value"[..])
+        );
+        assert!(decode_record("k", &rec[..10]).is_err());
+
+        let mut e = LogEntry::new();
+        e.push(KIND_PUT, "p/a", 1, 4, b"x").unwrap();
+        e.push(KIND_DELETE, "q/b", 2, 3, b"").unwrap();
+        let bytes = e.finish();
+        assert_eq!(log_event_count(4, &bytes).unwrap(), 2);
+        let mut all = VecDeque::new();
+        decode_log_entry(4, &bytes, "", &mut all).unwrap();
+        assert_eq!(all.len(), 2);
+        assert_eq!(all[1].kind, EventKind::Delete);
+        assert_eq!(all[1].kv.mod_revision, 3);
+        let mut only_p = VecDeque::new();
+        decode_log_entry(4, &bytes, "p/", &mut only_p).unwrap();
+        assert_eq!(only_p.len(), 1);
+        assert_eq!(only_p[0].kv.key, "p/a");
+        for cut in 0..bytes.len() {
+            assert!(decode_log_entry(4, &bytes[..cut], "", &mut VecDeque::new()).is_err());
+        }
     }
 }

@@ -2,7 +2,8 @@
 //! compare-guarded transactions and ordered watch, behind one [`Store`] trait
 //! so that the embedded backend ([`embedded`], the default) and an etcd
 //! backend (for operators who run several controllers) share one set of
-//! semantics. [`conformance`] holds the test suite every backend must pass.
+//! semantics. `conformance` (test builds only) holds the test suite every
+//! backend must pass.
 //!
 //! This module owns those semantics and nothing about what keys or values
 //! mean (that is `resources`). The rules every backend keeps:
@@ -55,9 +56,14 @@ pub enum Compare {
 /// A change inside a transaction.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Op {
-    Put { key: String, value: Vec<u8> },
+    Put {
+        key: String,
+        value: Vec<u8>,
+    },
     /// Deleting a missing key is a no-op and produces no event.
-    Delete { key: String },
+    Delete {
+        key: String,
+    },
 }
 
 /// All `compares` must hold for `ops` to apply, all at one revision.
@@ -97,8 +103,7 @@ pub struct Event {
 
 /// The events of a watch. It ends after yielding an error (for example
 /// [`StoreError::Closed`] when the store shuts down).
-pub type WatchStream =
-    Pin<Box<dyn futures::Stream<Item = Result<Event, StoreError>> + Send>>;
+pub type WatchStream = Pin<Box<dyn futures::Stream<Item = Result<Event, StoreError>> + Send>>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -136,7 +141,9 @@ pub trait Store: Send + Sync + 'static {
     /// Atomic: all compares hold and all ops apply at one new revision,
     /// durably (fsync'd) before returning, or nothing happens. A txn with no
     /// ops creates no revision and returns `Committed(current)`. Deleting a
-    /// missing key is a no-op (no event).
+    /// missing key is a no-op (no event). If the returned future is dropped
+    /// before it answers, or it answers `Err(Io)`, the txn may or may not
+    /// have committed: re-read before retrying.
     async fn txn(&self, txn: Txn) -> Result<TxnOutcome, StoreError>;
     /// The revision of the last committed change.
     async fn revision(&self) -> Result<Revision, StoreError>;
