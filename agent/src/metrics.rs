@@ -28,7 +28,7 @@ impl AgentMetrics {
         let r = registry.sub_registry_with_prefix("ironmesh_agent");
         r.register(
             "connected",
-            "1 while the sync stream to the controller is up",
+            "Whether the sync stream to the controller is up (0 or 1)",
             m.connected.clone(),
         );
         r.register("heartbeats_sent", "Heartbeats sent", m.heartbeats.clone());

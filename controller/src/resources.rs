@@ -6,7 +6,6 @@
 //! `ironmesh_api::validate`) and does not decide anything about nodes or
 //! workloads; reconcilers and RPC handlers call it.
 
-use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use ironmesh_api::selector::LabelSelector;
@@ -393,9 +392,4 @@ pub fn rfc3339(t: std::time::SystemTime) -> String {
             .unwrap_or_default(),
         Err(_) => String::new(),
     }
-}
-
-/// Names of every kind's objects, for diagnostics.
-pub fn kinds() -> BTreeSet<&'static str> {
-    Kind::ALL.iter().map(|k| k.as_str()).collect()
 }

@@ -22,8 +22,11 @@ pub enum LogFormat {
 pub fn init_logging(format: LogFormat, filter: &str) -> Result<(), DaemonError> {
     let filter = tracing_subscriber::EnvFilter::try_new(filter)
         .map_err(|e| DaemonError::LogFilter(filter.to_string(), e.to_string()))?;
+    use std::io::IsTerminal;
+    // Colour only on a terminal; log files and journald get plain text.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     let res = match format {
         LogFormat::Text => builder.try_init(),

@@ -383,6 +383,14 @@ pub fn http_get(addr: SocketAddr, path: &str) -> anyhow::Result<String> {
     Ok(rest.to_string())
 }
 
+/// The value of one sample in Prometheus text (`name` or `name{labels}`).
+pub fn metric(text: &str, sample: &str) -> Option<f64> {
+    text.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
+        let (name, value) = l.rsplit_once(' ')?;
+        (name == sample).then(|| value.parse().ok()).flatten()
+    })
+}
+
 /// The RSS of a process in bytes, from /proc.
 pub fn rss_bytes(pid: u32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;

@@ -7,7 +7,9 @@ use ironmesh_proto::v1::{
     agent_message, node_service_client::NodeServiceClient, AgentMessage, ApplyRequest, Hello,
     ListRequest, Manifest,
 };
-use ironmesh_tests::{grpc, ready_status, rss_bytes, wait_for, Agent, Controller, ControllerOpts};
+use ironmesh_tests::{
+    grpc, metric, ready_status, rss_bytes, wait_for, Agent, Controller, ControllerOpts,
+};
 
 fn host_cpus() -> u64 {
     // SAFETY: sysconf has no preconditions.
@@ -365,4 +367,101 @@ fn futures_stream(
 ) -> impl tokio_stream::Stream<Item = AgentMessage> + Send + 'static {
     // Keep the stream open after the messages so the server sees a live peer.
     tokio_stream::StreamExt::chain(tokio_stream::iter(msgs), tokio_stream::pending())
+}
+
+#[test]
+fn agent_reconnects_after_controller_restart() {
+    let mut ctl = Controller::start(ControllerOpts::default());
+    let agent = Agent::start(&ctl, "node-f");
+    wait_ready(&ctl, "node-f", "True", Duration::from_secs(20));
+    ctl.restart_after_kill9("controller-2.log");
+    // The agent was not restarted: it must find the controller again on its
+    // own and keep the node Ready with the same identity.
+    let reconnected = wait_for(
+        "agent to report a reconnect",
+        Duration::from_secs(20),
+        || {
+            let m = ironmesh_tests::http_get(agent.metrics, "/metrics").ok()?;
+            (m.contains("ironmesh_agent_reconnects_total 1")
+                && m.contains("ironmesh_agent_connected 1"))
+            .then_some(())
+        },
+    );
+    let _ = reconnected;
+    let node = wait_ready(&ctl, "node-f", "True", Duration::from_secs(20));
+    assert!(node["status"]["certificateFingerprint"].is_string());
+    let log = std::fs::read_to_string(ctl.dir.path().join("controller-2.log")).unwrap();
+    assert!(
+        log.contains("sync stream opened"),
+        "{log}\nAGENT:\n{}",
+        agent.proc.log_text()
+    );
+    assert!(
+        !log.contains("node joined"),
+        "a restart must not re-join: {log}"
+    );
+}
+
+#[test]
+fn watch_streams_changes_after_a_revision() {
+    use futures::StreamExt;
+    use ironmesh_proto::v1::{watch_event, WatchRequest};
+    let ctl = Controller::start(ControllerOpts::default());
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let admin = grpc::admin_creds(&ctl);
+    rt.block_on(async {
+        let mut op = grpc::operator(&ctl, Some(&admin)).await.unwrap();
+        let vol = |name: &str, size: &str| Manifest {
+            origin: name.into(),
+            json: serde_json::json!({"apiVersion": "ironmesh.dev/v1", "kind": "Volume",
+                "metadata": {"name": name}, "spec": {"size": size}})
+            .to_string(),
+        };
+        let first = op
+            .apply(ApplyRequest {
+                manifests: vec![vol("a", "1Gi")],
+                dry_run: false,
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .revision;
+        let mut events = op
+            .watch(WatchRequest {
+                kind: "volumes".into(),
+                from_revision: first,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        op.apply(ApplyRequest {
+            manifests: vec![vol("b", "1Gi")],
+            dry_run: false,
+        })
+        .await
+        .unwrap();
+        op.apply(ApplyRequest {
+            manifests: vec![vol("a", "2Gi")],
+            dry_run: false,
+        })
+        .await
+        .unwrap();
+        let mut seen = Vec::new();
+        for _ in 0..2 {
+            let ev = tokio::time::timeout(Duration::from_secs(5), events.next())
+                .await
+                .expect("event within 5s")
+                .unwrap()
+                .unwrap();
+            let r = ev.resource.unwrap();
+            seen.push((watch_event::Type::try_from(ev.r#type).unwrap(), r.name));
+        }
+        assert_eq!(
+            seen,
+            [
+                (watch_event::Type::Added, "b".to_string()),
+                (watch_event::Type::Modified, "a".to_string())
+            ]
+        );
+    });
 }
