@@ -82,14 +82,19 @@ fn agent_joins_and_node_is_ready_with_real_inventory() {
     );
 
     let metrics = ctl.scrape_metrics().unwrap();
-    assert!(
-        metrics.contains("ironmesh_controller_nodes{condition=\"ready\"} 1"),
+    assert_eq!(
+        metric(&metrics, "ironmesh_controller_nodes{condition=\"ready\"}"),
+        Some(1.0),
         "{metrics}"
     );
     let agent_metrics = ironmesh_tests::http_get(agent.metrics, "/metrics").unwrap();
-    assert!(
-        agent_metrics.contains("ironmesh_agent_connected 1"),
-        "{agent_metrics}"
+    assert_eq!(
+        metric(&agent_metrics, "ironmesh_agent_connected"),
+        Some(1.0)
+    );
+    assert_eq!(
+        metric(&agent_metrics, "ironmesh_agent_cpus"),
+        Some(host_cpus() as f64)
     );
 
     println!(
@@ -377,17 +382,12 @@ fn agent_reconnects_after_controller_restart() {
     ctl.restart_after_kill9("controller-2.log");
     // The agent was not restarted: it must find the controller again on its
     // own and keep the node Ready with the same identity.
-    let reconnected = wait_for(
-        "agent to report a reconnect",
-        Duration::from_secs(20),
-        || {
-            let m = ironmesh_tests::http_get(agent.metrics, "/metrics").ok()?;
-            (m.contains("ironmesh_agent_reconnects_total 1")
-                && m.contains("ironmesh_agent_connected 1"))
+    wait_for("agent to reconnect", Duration::from_secs(20), || {
+        let m = ironmesh_tests::http_get(agent.metrics, "/metrics").ok()?;
+        (metric(&m, "ironmesh_agent_reconnects_total")? >= 1.0
+            && metric(&m, "ironmesh_agent_connected")? == 1.0)
             .then_some(())
-        },
-    );
-    let _ = reconnected;
+    });
     let node = wait_ready(&ctl, "node-f", "True", Duration::from_secs(20));
     assert!(node["status"]["certificateFingerprint"].is_string());
     let log = std::fs::read_to_string(ctl.dir.path().join("controller-2.log")).unwrap();
