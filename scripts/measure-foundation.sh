@@ -18,7 +18,12 @@ start=$(date +%s%N)
   --bootstrap-token-file "$D/c/bootstrap-token" --state-dir "$D/a" --node-name measure \
   --metrics-listen 127.0.0.1:17481 >"$D/a.log" 2>&1 &
 AGENT=$!
-until "$BIN/imctl" get nodes measure 2>/dev/null | grep -q ' Ready '; do :; done
+deadline=$((start + 30000000000))
+until "$BIN/imctl" get nodes measure 2>/dev/null | grep -q ' Ready '; do
+  if [ "$(date +%s%N)" -gt "$deadline" ]; then
+    echo "node not Ready within 30 s; logs:" >&2; cat "$D/c.log" "$D/a.log" >&2; exit 1
+  fi
+done
 end=$(date +%s%N)
 echo "agent start to Ready: $(( (end - start) / 1000000 )) ms"
 sleep 2
