@@ -103,16 +103,62 @@ mod tests {
     use super::*;
 
     #[test]
+    fn names_and_plurals() {
+        let names: Vec<&str> = Kind::ALL.iter().map(Kind::as_str).collect();
+        assert_eq!(
+            names,
+            [
+                "Node",
+                "Workload",
+                "Service",
+                "Policy",
+                "Volume",
+                "Pipeline",
+                "PipelineRun",
+                "Source"
+            ]
+        );
+        assert_eq!(Kind::PipelineRun.plural(), "pipelineruns");
+        assert_eq!(Kind::Policy.plural(), "policies");
+        assert_eq!(Kind::Node.to_string(), "Node");
+    }
+
+    #[test]
     fn parses_names_plurals_and_short_names() {
         for k in Kind::ALL {
-            assert_eq!(Kind::parse(k.as_str()).unwrap(), k);
-            assert_eq!(Kind::parse(k.plural()).unwrap(), k);
-            assert_eq!(Kind::parse(&k.as_str().to_uppercase()).unwrap(), k);
+            assert_eq!(Kind::parse(k.as_str()), Ok(k));
+            assert_eq!(Kind::parse(k.plural()), Ok(k));
+            assert_eq!(Kind::parse(&k.as_str().to_uppercase()), Ok(k));
+            assert_eq!(Kind::parse(&k.as_str().to_lowercase()), Ok(k));
+            assert_eq!(k.as_str().parse::<Kind>(), Ok(k));
         }
-        assert_eq!(Kind::parse("svc").unwrap(), Kind::Service);
-        assert_eq!(Kind::parse("no").unwrap(), Kind::Node);
-        assert_eq!(Kind::parse("policy").unwrap(), Kind::Policy);
+        for (s, k) in [
+            ("no", Kind::Node),
+            ("wl", Kind::Workload),
+            ("SVC", Kind::Service),
+            ("pol", Kind::Policy),
+            ("vol", Kind::Volume),
+            ("pl", Kind::Pipeline),
+            ("plr", Kind::PipelineRun),
+            ("run", Kind::PipelineRun),
+            ("Runs", Kind::PipelineRun),
+            ("src", Kind::Source),
+            ("pipelinerun", Kind::PipelineRun),
+            ("Policies", Kind::Policy),
+        ] {
+            assert_eq!(Kind::parse(s), Ok(k), "{s}");
+        }
+    }
+
+    #[test]
+    fn unknown_kind_lists_the_valid_ones() {
         let e = Kind::parse("Deployment").unwrap_err();
-        assert!(e.to_string().contains("expected one of Node"));
+        assert_eq!(e, UnknownKind("Deployment".into()));
+        assert_eq!(
+            e.to_string(),
+            "unknown kind \"Deployment\"; expected one of Node, Workload, Service, Policy, Volume, Pipeline, PipelineRun, Source"
+        );
+        assert!(Kind::parse("").is_err());
+        assert!("nodez".parse::<Kind>().is_err());
     }
 }

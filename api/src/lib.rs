@@ -1,12 +1,24 @@
-//! Ironmesh resource kinds and their validation.
+//! `ironmesh-api`: the Ironmesh resource schema and its validation.
 //!
-//! Declarative objects in the Kubernetes habit (`apiVersion:
-//! ironmesh.dev/v1`, `kind`, `metadata`, `spec`; the system writes
-//! `status`): [`Kind::Node`], Workload, Service, Policy, Volume, Pipeline,
-//! PipelineRun and Source. [`validate`] checks one document and returns it
-//! normalised with defaults filled in, or a [`ValidationError`] naming the
-//! field path. Both the controller (authoritative) and `imctl` use it. This
-//! crate does no I/O.
+//! This crate owns the declarative objects operators write, in the
+//! Kubernetes habit (`apiVersion: ironmesh.dev/v1`, `kind`, `metadata`,
+//! `spec`; the system writes `status`), for every [`Kind`]: Node, Workload,
+//! Service, Policy, Volume, Pipeline, PipelineRun and Source. For each
+//! there is a typed `XSpec` (serde, camelCase, unknown fields rejected) and,
+//! where the system reports state, an `XStatus`.
+//!
+//! - [`validate`] checks one document — envelope, typed decoding with
+//!   field paths, then each kind's semantic rules — and returns it
+//!   normalised with defaults filled in, or a [`ValidationError`] that names
+//!   the kind, the object, the field path and what is expected. The
+//!   controller (authoritative) and `imctl` (early feedback) both use it.
+//! - [`parse_yaml_documents`] splits a multi-document YAML file, numbering
+//!   documents as a reader counts them.
+//! - [`selector::LabelSelector`] parses and matches `-l` selectors;
+//!   [`quantity`] parses and formats CPU and byte quantities.
+//! - [`client_config`] is `imctl`'s configuration file.
+//!
+//! The crate does no I/O and holds no state.
 
 pub mod client_config;
 mod kind;
@@ -25,7 +37,7 @@ pub mod workload;
 
 pub use kind::{Kind, UnknownKind};
 pub use manifest::{parse_yaml_documents, parse_yaml_documents_numbered, ManifestError};
-pub use meta::ObjectMeta;
+pub use meta::{Condition, ConditionStatus, ObjectMeta};
 pub use validate::{checks, validate, Errors, Spec, Validated, ValidationError};
 
 /// The API version of every kind.

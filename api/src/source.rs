@@ -1,26 +1,35 @@
-//! Source: a git repository whose manifests the controller keeps applied.
+//! Source: a git repository whose manifests the controller keeps applied
+//! (GitOps). Every `intervalSeconds` the controller fetches `branch`, reads
+//! the manifests under `directory`, and applies them all-or-nothing; with
+//! `prune`, objects it applied earlier that are no longer in git are
+//! deleted.
 
 use serde::{Deserialize, Serialize};
 
+use crate::meta::Condition;
 use crate::validate::{Errors, Spec};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct SourceSpec {
-    /// A URL (https://, ssh://, git://, file://) or an absolute path.
+    /// A URL (`https://`, `http://`, `ssh://`, `git://`, `file://`), an
+    /// scp-like address (`git@host:org/repo.git`), or an absolute path.
     pub repo: String,
-    #[serde(default = "main")]
+    /// Default `main`.
+    #[serde(default = "main_branch")]
     pub branch: String,
+    /// Relative to the repository root, without `..`; default `.`.
     #[serde(default = "dot")]
     pub directory: String,
+    /// At least 5; default 30.
     #[serde(default = "thirty")]
     pub interval_seconds: u32,
-    /// Delete objects this Source created once they leave git.
+    /// Delete objects this Source applied once they leave git; default true.
     #[serde(default = "yes")]
     pub prune: bool,
 }
 
-fn main() -> String {
+fn main_branch() -> String {
     "main".into()
 }
 fn dot() -> String {
@@ -33,38 +42,76 @@ fn yes() -> bool {
     true
 }
 
+const SCHEMES: [&str; 5] = ["https://", "http://", "ssh://", "git://", "file://"];
+
+/// Why `r` is not a repository address, if it is not.
+fn repo_problem(r: &str) -> Option<String> {
+    if r.is_empty() {
+        return Some(
+            "is required: a URL such as https://git.example/platform.git or an absolute path"
+                .into(),
+        );
+    }
+    if r.chars().any(char::is_whitespace) {
+        return Some(format!("must not contain whitespace, got {r:?}"));
+    }
+    if let Some(scheme) = SCHEMES.iter().find(|s| r.starts_with(*s)) {
+        return (r.len() == scheme.len())
+            .then(|| format!("{r:?} has no host or path after {scheme}"));
+    }
+    if r.starts_with('/') {
+        return None;
+    }
+    // scp-like: user@host:path
+    if let Some((user_host, path)) = r.split_once(':') {
+        if let Some((user, host)) = user_host.split_once('@') {
+            if !user.is_empty() && !host.is_empty() && !path.is_empty() && !host.contains('/') {
+                return None;
+            }
+        }
+    }
+    Some(format!(
+        "{r:?} must be a URL (https://, http://, ssh://, git://, file://), an scp-like address (git@host:org/repo.git) or an absolute path"
+    ))
+}
+
+/// Why `b` is not a usable branch name (git's ref rules, simplified).
+fn branch_problem(b: &str) -> Option<String> {
+    let bad = b.is_empty()
+        || b.starts_with('-')
+        || b.starts_with('/')
+        || b.ends_with('/')
+        || b.ends_with('.')
+        || b.ends_with(".lock")
+        || b.contains("..")
+        || b.contains("//")
+        || b.contains("@{")
+        || b.chars().any(|c| {
+            c.is_whitespace()
+                || c.is_control()
+                || matches!(c, '~' | '^' | ':' | '?' | '*' | '[' | '\\')
+        });
+    bad.then(|| format!("{b:?} is not a valid git branch name"))
+}
+
 impl Spec for SourceSpec {
     fn check(&self, errs: &mut Errors) {
-        let r = &self.repo;
-        let url = ["https://", "http://", "ssh://", "git://", "file://"]
-            .iter()
-            .any(|p| r.starts_with(p));
-        if r.is_empty() {
-            errs.add("spec.repo", "is required");
-        } else if !url && !r.starts_with('/') {
-            errs.add(
-                "spec.repo",
-                format!(
-                    "{r:?} must be a URL (https://, ssh://, git://, file://) or an absolute path"
-                ),
-            );
+        if let Some(p) = repo_problem(&self.repo) {
+            errs.add("spec.repo", p);
         }
-        if self.branch.is_empty()
-            || self.branch.contains("..")
-            || self.branch.chars().any(char::is_whitespace)
-        {
-            errs.add(
-                "spec.branch",
-                format!("{:?} is not a valid branch name", self.branch),
-            );
+        if let Some(p) = branch_problem(&self.branch) {
+            errs.add("spec.branch", p);
         }
-        if self.directory.starts_with('/') || self.directory.split('/').any(|c| c == "..") {
+        let d = &self.directory;
+        if d.is_empty() {
             errs.add(
                 "spec.directory",
-                format!(
-                    "{:?} must be a relative path inside the repository",
-                    self.directory
-                ),
+                "must not be empty; use \".\" for the repository root",
+            );
+        } else if d.starts_with('/') || d.split('/').any(|c| c == "..") {
+            errs.add(
+                "spec.directory",
+                format!("must be a relative path inside the repository, without \"..\", got {d:?}"),
             );
         }
         if self.interval_seconds < 5 {
@@ -73,5 +120,144 @@ impl Spec for SourceSpec {
                 format!("must be at least 5, got {}", self.interval_seconds),
             );
         }
+    }
+}
+
+/// What the controller reports about a Source.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SourceStatus {
+    /// The commit last applied.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_applied_commit: Option<String>,
+    /// RFC 3339; the last fetch, successful or not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_sync_time: Option<String>,
+    /// Why the last sync failed, with the file and document.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+    /// What this Source applied, e.g. `Workload/web`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub applied: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::validate;
+    use serde_json::{json, Value};
+
+    fn src(spec: Value) -> Value {
+        json!({"apiVersion": "ironmesh.dev/v1", "kind": "Source", "metadata": {"name": "platform"}, "spec": spec})
+    }
+
+    #[track_caller]
+    fn rejects(spec: Value, path: &str, fragment: &str) {
+        let e = validate(&src(spec)).expect_err("must be rejected");
+        assert_eq!(e.path, path, "{e}");
+        assert!(e.message.contains(fragment), "{e}");
+    }
+
+    #[test]
+    fn defaults_are_filled() {
+        let v = validate(&src(json!({"repo": "/srv/git/platform"}))).unwrap();
+        assert_eq!(
+            v.object["spec"],
+            json!({"repo": "/srv/git/platform", "branch": "main", "directory": ".", "intervalSeconds": 30, "prune": true})
+        );
+        assert_eq!(validate(&v.object).unwrap(), v);
+    }
+
+    #[test]
+    fn repo() {
+        for ok in [
+            "https://git.example/platform.git",
+            "ssh://git@git.example/platform",
+            "file:///srv/git/platform",
+            "git@github.com:org/platform.git",
+            "/srv/git/platform",
+        ] {
+            assert!(validate(&src(json!({"repo": ok}))).is_ok(), "{ok}");
+        }
+        rejects(json!({}), "spec.repo", "is required");
+        rejects(json!({"repo": ""}), "spec.repo", "is required");
+        rejects(
+            json!({"repo": "relative/path"}),
+            "spec.repo",
+            "or an absolute path",
+        );
+        rejects(json!({"repo": "https://"}), "spec.repo", "no host or path");
+        rejects(json!({"repo": "ftp://x/y"}), "spec.repo", "must be a URL");
+        rejects(json!({"repo": "/srv/my repo"}), "spec.repo", "whitespace");
+    }
+
+    #[test]
+    fn branch_directory_interval() {
+        let with = |extra: Value| {
+            let mut s = json!({"repo": "/srv/git/platform"});
+            for (k, v) in extra.as_object().into_iter().flatten() {
+                s[k] = v.clone();
+            }
+            s
+        };
+        for bad in ["", "a..b", "has space", "-x", "x.lock", "a:b", "x/"] {
+            rejects(
+                with(json!({"branch": bad})),
+                "spec.branch",
+                "not a valid git branch name",
+            );
+        }
+        assert!(validate(&src(with(json!({"branch": "release/1.2"})))).is_ok());
+        rejects(
+            with(json!({"directory": "../x"})),
+            "spec.directory",
+            "relative path inside the repository",
+        );
+        rejects(
+            with(json!({"directory": "a/../../x"})),
+            "spec.directory",
+            "without \"..\"",
+        );
+        rejects(
+            with(json!({"directory": "/abs"})),
+            "spec.directory",
+            "relative path",
+        );
+        rejects(
+            with(json!({"directory": ""})),
+            "spec.directory",
+            "use \".\"",
+        );
+        assert!(validate(&src(with(json!({"directory": "clusters/prod"})))).is_ok());
+        rejects(
+            with(json!({"intervalSeconds": 1})),
+            "spec.intervalSeconds",
+            "must be at least 5, got 1",
+        );
+        assert!(validate(&src(with(json!({"intervalSeconds": 5})))).is_ok());
+        rejects(
+            with(json!({"prune": "no"})),
+            "spec.prune",
+            "must be true or false",
+        );
+        let v = validate(&src(with(json!({"prune": false})))).unwrap();
+        assert_eq!(v.object["spec"]["prune"], false);
+    }
+
+    #[test]
+    fn status_round_trip() {
+        let s = SourceStatus {
+            last_applied_commit: Some("abc123".into()),
+            applied: vec!["Workload/web".into()],
+            ..Default::default()
+        };
+        let v = serde_json::to_value(&s).unwrap();
+        assert_eq!(
+            v,
+            json!({"lastAppliedCommit": "abc123", "applied": ["Workload/web"]})
+        );
+        assert_eq!(serde_json::from_value::<SourceStatus>(v).unwrap(), s);
     }
 }

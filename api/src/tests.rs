@@ -1,303 +1,279 @@
-//! Validation rules, each asserted by path and message.
+//! The envelope every kind shares, and manifests end to end (YAML text to
+//! normalised objects). Each kind's own rules are tested in its module.
 
 use serde_json::{json, Value};
 
-use crate::{validate, Kind};
+use crate::{parse_yaml_documents_numbered, validate, Kind, API_VERSION};
 
-fn doc(kind: &str, spec: Value) -> Value {
-    json!({"apiVersion": "ironmesh.dev/v1", "kind": kind, "metadata": {"name": "x"}, "spec": spec})
-}
-
-fn error_of(v: Value) -> (String, String) {
-    let e = validate(&v).expect_err("must be rejected");
-    (e.path, e.message)
+fn volume(metadata: Value) -> Value {
+    json!({"apiVersion": API_VERSION, "kind": "Volume", "metadata": metadata, "spec": {"size": "1Gi"}})
 }
 
 #[track_caller]
-fn rejects(v: Value, path: &str, fragment: &str) {
-    let (p, m) = error_of(v);
-    assert_eq!(p, path, "message was {m:?}");
-    assert!(m.contains(fragment), "{m:?} does not contain {fragment:?}");
+fn rejects(v: Value, path: &str, fragment: &str) -> crate::ValidationError {
+    let e = validate(&v).expect_err("must be rejected");
+    assert_eq!(e.path, path, "{e}");
+    assert!(e.message.contains(fragment), "{e}");
+    e
+}
+
+/// The smallest valid spec of every kind.
+fn minimal(kind: Kind) -> Value {
+    let spec = match kind {
+        Kind::Node => json!({}),
+        Kind::Workload => json!({"image": "web:1"}),
+        Kind::Service => json!({"selector": {"app": "web"}, "ports": [{"port": 80}]}),
+        Kind::Policy => json!({"ingress": []}),
+        Kind::Volume => json!({"size": "1Gi"}),
+        Kind::Pipeline => json!({"steps": [{"name": "a", "image": "a:1"}]}),
+        Kind::PipelineRun => json!({"pipeline": "etl"}),
+        Kind::Source => json!({"repo": "/srv/git/platform"}),
+    };
+    json!({"apiVersion": API_VERSION, "kind": kind.as_str(), "metadata": {"name": "x"}, "spec": spec})
 }
 
 #[test]
-fn workload_defaults_are_filled_and_status_dropped() {
-    let mut d = doc("Workload", json!({"image": "web:1"}));
-    d["status"] = json!({"anything": 1});
+fn every_kind_validates_and_normalisation_is_idempotent() {
+    for k in Kind::ALL {
+        let v = validate(&minimal(k)).unwrap_or_else(|e| panic!("{k}: {e}"));
+        assert_eq!(v.kind, k);
+        assert_eq!(v.name, "x");
+        assert_eq!(v.object["apiVersion"], API_VERSION);
+        assert_eq!(v.object["kind"], k.as_str());
+        assert_eq!(v.object["metadata"], json!({"name": "x"}));
+        assert!(v.object["spec"].is_object());
+        assert_eq!(validate(&v.object).unwrap(), v, "{k}");
+    }
+}
+
+#[test]
+fn status_and_server_metadata_are_dropped() {
+    let mut d = minimal(Kind::Workload);
+    d["status"] = json!({"replicas": 3});
+    d["metadata"] = json!({"name": "x", "uid": "u-1", "generation": 4, "resourceVersion": "9", "creationTimestamp": "2026-01-01T00:00:00Z", "labels": {"app": "web"}, "annotations": {"note": "anything at all"}});
     let v = validate(&d).unwrap();
-    assert_eq!(v.kind, Kind::Workload);
-    assert_eq!(v.object["spec"]["replicas"], 1);
-    assert_eq!(v.object["spec"]["restartPolicy"], "Always");
-    assert_eq!(v.object["spec"]["resources"]["cpu"], "100m");
     assert!(v.object.get("status").is_none());
-}
-
-#[test]
-fn envelope_errors_name_the_field() {
-    rejects(
-        json!({"apiVersion": "v2", "kind": "Workload", "metadata": {"name": "x"}}),
-        "apiVersion",
-        "must be \"ironmesh.dev/v1\"",
-    );
-    let (p, m) = error_of(
-        json!({"apiVersion": "ironmesh.dev/v1", "kind": "Deployment", "metadata": {"name": "x"}}),
-    );
-    assert_eq!(p, "kind");
-    assert!(m.contains("expected one of Node"));
-    rejects(
-        json!({"apiVersion": "ironmesh.dev/v1", "kind": "Volume", "metadata": {"name": "Bad_Name"}, "spec": {"size": "1Gi"}}),
-        "metadata.name",
-        "lowercase",
-    );
-    rejects(
-        json!({"apiVersion": "ironmesh.dev/v1", "kind": "Volume", "metadata": {"name": "v", "labelz": {}}, "spec": {"size": "1Gi"}}),
-        "metadata.labelz",
-        "unknown field",
-    );
-    rejects(
-        json!({"apiVersion": "ironmesh.dev/v1", "kind": "Volume", "metadata": {"name": "v", "labels": {"-bad": "x"}}, "spec": {"size": "1Gi"}}),
-        "metadata.labels[\"-bad\"]",
-        "invalid",
-    );
-    rejects(
-        json!({"apiVersion": "ironmesh.dev/v1", "kind": "Volume", "metadata": {"name": "v"}, "spec": {"size": "1Gi"}, "extra": 1}),
-        "extra",
-        "unknown field",
+    assert_eq!(
+        v.object["metadata"],
+        json!({"name": "x", "labels": {"app": "web"}, "annotations": {"note": "anything at all"}})
     );
 }
 
 #[test]
-fn error_renders_kind_name_path() {
-    let e = validate(&doc("Workload", json!({"image": "a", "replicas": -1}))).unwrap_err();
+fn document_shape() {
+    rejects(
+        json!([1]),
+        "",
+        "must be a mapping with apiVersion, kind, metadata and spec, got a list",
+    );
+    rejects(json!("text"), "", "got a string");
+    rejects(
+        json!({"apiVersion": API_VERSION, "metadata": {"name": "x"}}),
+        "kind",
+        "is required; one of Node, Workload",
+    );
+    rejects(
+        json!({"apiVersion": API_VERSION, "kind": 3, "metadata": {"name": "x"}}),
+        "kind",
+        "must be a string, got a number",
+    );
+    let e = rejects(
+        json!({"apiVersion": API_VERSION, "kind": "Spec", "metadata": {"name": "x"}}),
+        "kind",
+        "unknown kind \"Spec\"; expected one of Node, Workload, Service, Policy, Volume, Pipeline, PipelineRun, Source",
+    );
+    assert_eq!(e.kind, None);
     assert_eq!(
         e.to_string(),
-        "Workload \"x\": spec.replicas: must be between 0 and 10000, got -1"
-    );
-}
-
-#[test]
-fn workload_rules() {
-    rejects(doc("Workload", json!({})), "spec", "missing field `image`");
-    rejects(
-        doc("Workload", json!({"image": "a", "replicaz": 1})),
-        "spec.replicaz",
-        "unknown field",
+        "kind: unknown kind \"Spec\"; expected one of Node, Workload, Service, Policy, Volume, Pipeline, PipelineRun, Source"
     );
     rejects(
-        doc(
-            "Workload",
-            json!({"image": "a", "restartPolicy": "Sometimes"}),
-        ),
-        "spec.restartPolicy",
-        "Sometimes",
+        json!({"apiVersion": API_VERSION, "kind": "workload", "metadata": {"name": "x"}}),
+        "kind",
+        "(did you mean \"Workload\"?)",
     );
     rejects(
-        doc("Workload", json!({"image": "a b"})),
-        "spec.image",
-        "whitespace",
+        json!({"apiVersion": API_VERSION, "kind": "Volume", "metadata": {"name": "v"}, "spec": {"size": "1Gi"}, "extra": 1}),
+        "extra",
+        "unknown field; expected one of apiVersion, kind, metadata, spec",
     );
     rejects(
-        doc("Workload", json!({"image": "a", "env": [{"name": "1X"}]})),
-        "spec.env[0].name",
-        "not a valid environment variable",
-    );
-    rejects(
-        doc(
-            "Workload",
-            json!({"image": "a", "resources": {"cpu": "lots"}}),
-        ),
-        "spec.resources.cpu",
-        "not a CPU quantity",
-    );
-    rejects(
-        doc(
-            "Workload",
-            json!({"image": "a", "resources": {"memory": 0}}),
-        ),
-        "spec.resources.memory",
-        "greater than zero",
-    );
-    rejects(
-        doc(
-            "Workload",
-            json!({"image": "a", "ports": [{"containerPort": 70000}]}),
-        ),
-        "spec.ports[0].containerPort",
-        "between 1 and 65535",
-    );
-    rejects(
-        doc(
-            "Workload",
-            json!({"image": "a", "readinessProbe": {"httpGet": {"port": 80}, "tcpSocket": {"port": 80}}}),
-        ),
-        "spec.readinessProbe",
-        "exactly one",
-    );
-    rejects(
-        doc(
-            "Workload",
-            json!({"image": "a", "volumes": [{"name": "d", "volume": "v", "mountPath": "data"}]}),
-        ),
-        "spec.volumes[0].mountPath",
-        "absolute",
-    );
-    rejects(
-        doc(
-            "Workload",
-            json!({"image": "a", "capabilities": {"add": ["net_admin"]}}),
-        ),
-        "spec.capabilities.add[0]",
-        "capability",
-    );
-    assert!(validate(&doc(
-        "Workload",
-        json!({"image": "a", "resources": {"cpu": 2, "memory": "1Gi"}})
-    ))
-    .is_ok());
-}
-
-#[test]
-fn service_policy_volume_source_rules() {
-    rejects(
-        doc("Service", json!({"selector": {}, "ports": [{"port": 80}]})),
-        "spec.selector",
-        "at least one",
-    );
-    rejects(
-        doc(
-            "Service",
-            json!({"selector": {"a": "b"}, "ports": [{"port": 80}, {"port": 80}]}),
-        ),
-        "spec.ports[1]",
-        "twice",
-    );
-    rejects(
-        doc(
-            "Service",
-            json!({"selector": {"a": "b"}, "ports": [{"port": 80}], "clusterIP": "1.2.3"}),
-        ),
-        "spec.clusterIP",
-        "IPv4",
-    );
-    rejects(
-        doc("Policy", json!({"selector": {"a": "b"}})),
+        json!({"apiVersion": API_VERSION, "kind": "Volume", "metadata": {"name": "v"}, "spec": ["size"]}),
         "spec",
-        "at least one ingress or egress",
+        "must be a mapping, got a list",
     );
     rejects(
-        doc(
-            "Policy",
-            json!({"ingress": [{"rateLimit": {"connectionsPerSecond": 0}}]}),
-        ),
-        "spec.ingress[0].rateLimit.connectionsPerSecond",
-        "greater than zero",
-    );
-    rejects(doc("Volume", json!({})), "spec", "missing field `size`");
-    rejects(
-        doc(
-            "Volume",
-            json!({"size": "1Gi", "accessMode": "ReadWriteMany"}),
-        ),
+        json!({"apiVersion": API_VERSION, "kind": "Volume", "metadata": {"name": "v"}, "spec": {"size": "1Gi", "accessMode": ["x"]}}),
         "spec.accessMode",
-        "ReadWriteMany",
-    );
-    rejects(
-        doc("Source", json!({"repo": "relative/path"})),
-        "spec.repo",
-        "absolute path",
-    );
-    rejects(
-        doc(
-            "Source",
-            json!({"repo": "/srv/git/platform", "directory": "../x"}),
-        ),
-        "spec.directory",
-        "relative path",
-    );
-    rejects(
-        doc(
-            "Source",
-            json!({"repo": "/srv/git/platform", "intervalSeconds": 1}),
-        ),
-        "spec.intervalSeconds",
-        "at least 5",
-    );
-    let v = validate(&doc("Source", json!({"repo": "/srv/git/platform"}))).unwrap();
-    assert_eq!(v.object["spec"]["branch"], "main");
-}
-
-#[test]
-fn pipeline_rules() {
-    let step =
-        |name: &str, deps: Value| json!({"name": name, "image": "step:1", "dependsOn": deps});
-    assert!(validate(&doc(
-        "Pipeline",
-        json!({"steps": [step("a", json!([])), step("b", json!(["a"]))]})
-    ))
-    .is_ok());
-    rejects(
-        doc("Pipeline", json!({"steps": [step("a", json!(["zz"]))]})),
-        "spec.steps[0].dependsOn[0]",
-        "no step named \"zz\"",
-    );
-    rejects(
-        doc(
-            "Pipeline",
-            json!({"steps": [step("a", json!(["b"])), step("b", json!(["a"]))]}),
-        ),
-        "spec.steps",
-        "dependency cycle a -> b -> a",
-    );
-    rejects(
-        doc(
-            "Pipeline",
-            json!({"steps": [step("a", json!([])), step("a", json!([]))]}),
-        ),
-        "spec.steps[1].name",
-        "twice",
-    );
-    rejects(
-        doc(
-            "Pipeline",
-            json!({"steps": [step("a", json!([]))], "schedule": "*/5 * * *"}),
-        ),
-        "spec.schedule",
-        "5 fields",
-    );
-    rejects(
-        doc(
-            "Pipeline",
-            json!({"steps": [step("a", json!([]))], "schedule": "0 25 * * *"}),
-        ),
-        "spec.schedule",
-        "hour field",
-    );
-    assert!(validate(&doc(
-        "Pipeline",
-        json!({"steps": [step("a", json!([]))], "schedule": "*/15 0-6,22 1 * 1-5"})
-    ))
-    .is_ok());
-    rejects(
-        doc("PipelineRun", json!({})),
-        "spec",
-        "missing field `pipeline`",
+        "must be",
     );
 }
 
 #[test]
-fn node_rules() {
-    rejects(
-        doc(
-            "Node",
-            json!({"taints": [{"key": "k", "effect": "Sometimes"}]}),
-        ),
-        "spec.taints[0].effect",
-        "Sometimes",
+fn api_version() {
+    let e = rejects(
+        json!({"apiVersion": "v2", "kind": "Workload", "metadata": {"name": "web"}, "spec": {"image": "a"}}),
+        "apiVersion",
+        "must be \"ironmesh.dev/v1\", got \"v2\"",
+    );
+    assert_eq!(e.kind, Some(Kind::Workload));
+    assert_eq!(e.name.as_deref(), Some("web"));
+    assert_eq!(
+        e.to_string(),
+        "Workload \"web\": apiVersion: must be \"ironmesh.dev/v1\", got \"v2\""
     );
     rejects(
-        doc("Node", json!({"podCIDR": "10.0.0.0/40"})),
-        "spec.podCIDR",
-        "CIDR",
+        json!({"kind": "Workload", "metadata": {"name": "web"}}),
+        "apiVersion",
+        "is required: \"ironmesh.dev/v1\"",
     );
-    assert!(validate(&doc("Node", json!({"unschedulable": true}))).is_ok());
+    rejects(
+        json!({"apiVersion": 1, "kind": "Workload", "metadata": {"name": "web"}}),
+        "apiVersion",
+        "got a number",
+    );
+}
+
+#[test]
+fn metadata() {
+    rejects(
+        json!({"apiVersion": API_VERSION, "kind": "Volume", "spec": {"size": "1Gi"}}),
+        "metadata",
+        "is required",
+    );
+    rejects(
+        json!({"apiVersion": API_VERSION, "kind": "Volume", "metadata": "v"}),
+        "metadata",
+        "must be a mapping, got a string",
+    );
+    rejects(
+        json!({"apiVersion": API_VERSION, "kind": "Volume", "metadata": ["v"]}),
+        "metadata",
+        "must be a mapping, got a list",
+    );
+    rejects(volume(json!({})), "metadata.name", "is required");
+    rejects(
+        volume(json!({"name": ""})),
+        "metadata.name",
+        "must not be empty",
+    );
+    let e = rejects(
+        volume(json!({"name": "Bad_Name"})),
+        "metadata.name",
+        "lowercase letters, digits and '-'",
+    );
+    assert_eq!(e.kind, Some(Kind::Volume));
+    assert_eq!(e.name, None);
+    rejects(
+        volume(json!({"name": "a".repeat(64)})),
+        "metadata.name",
+        "at most 63 characters, got 64",
+    );
+    rejects(
+        volume(json!({"name": "v", "namespace": "default"})),
+        "metadata.namespace",
+        "unknown field; expected one of name, labels, annotations",
+    );
+    rejects(
+        volume(json!({"name": "v", "labels": {"-bad": "x"}})),
+        "metadata.labels[\"-bad\"]",
+        "key \"-bad\" is invalid",
+    );
+    rejects(
+        volume(json!({"name": "v", "labels": {"app": "a/b"}})),
+        "metadata.labels[\"app\"]",
+        "value \"a/b\" is invalid",
+    );
+    rejects(
+        volume(json!({"name": "v", "labels": {"Bad.Prefix/app": "x"}})),
+        "metadata.labels[\"Bad.Prefix/app\"]",
+        "invalid prefix",
+    );
+    rejects(
+        volume(json!({"name": "v", "labels": {"version": 2}})),
+        "metadata.labels[\"version\"]",
+        "must be a string, got 2 (quote it: \"2\")",
+    );
+    rejects(
+        volume(json!({"name": "v", "annotations": {"a b": "x"}})),
+        "metadata.annotations[\"a b\"]",
+        "is invalid",
+    );
+    rejects(
+        volume(json!({"name": "v", "generation": -1})),
+        "metadata.generation",
+        "must be a whole number",
+    );
+    assert!(validate(&volume(
+        json!({"name": "v", "labels": {"ironmesh.dev/team": "data", "empty": ""}})
+    ))
+    .is_ok());
+}
+
+#[test]
+fn errors_render_with_kind_name_and_path() {
+    let d = json!({"apiVersion": API_VERSION, "kind": "Workload", "metadata": {"name": "web"}, "spec": {"image": "a", "replicas": -1}});
+    assert_eq!(
+        validate(&d).unwrap_err().to_string(),
+        "Workload \"web\": spec.replicas: must be between 0 and 10000, got -1"
+    );
+    let d = json!({"apiVersion": API_VERSION, "kind": "Workload", "metadata": {"name": "web"}, "spec": {"image": "a", "restartPolicy": "Sometimes"}});
+    assert_eq!(
+        validate(&d).unwrap_err().to_string(),
+        "Workload \"web\": spec.restartPolicy: must be one of Always, OnFailure, Never, got \"Sometimes\""
+    );
+}
+
+#[test]
+fn yaml_manifests_end_to_end() {
+    let text = r#"
+# The web tier.
+apiVersion: ironmesh.dev/v1
+kind: Workload
+metadata:
+  name: web
+  labels: {app: web}
+spec:
+  image: registry.local/web:1.2
+  resources: {cpu: 0.5, memory: 256Mi}
+  ports:
+    - {name: http, containerPort: 8080}
+---
+---
+apiVersion: ironmesh.dev/v1
+kind: Service
+metadata: {name: web}
+spec:
+  selector: {app: web}
+  ports: [{port: 80, targetPort: 8080}]
+---
+apiVersion: ironmesh.dev/v1
+kind: Pipeline
+metadata: {name: etl}
+spec:
+  schedule: "0 3 * * *"
+  steps:
+    - {name: extract, image: "etl:1", replicas: 4}
+    - {name: load, image: "etl:1", dependsOn: [extract]}
+"#;
+    let docs = parse_yaml_documents_numbered(text).unwrap();
+    let numbers: Vec<usize> = docs.iter().map(|(n, _)| *n).collect();
+    assert_eq!(numbers, [1, 3, 4]);
+    let validated: Vec<_> = docs.iter().map(|(_, d)| validate(d).unwrap()).collect();
+    assert_eq!(validated[0].object["spec"]["resources"]["cpu"], "0.5");
+    assert_eq!(validated[1].kind, Kind::Service);
+    assert_eq!(
+        validated[2].object["spec"]["steps"][1]["dependsOn"],
+        json!(["extract"])
+    );
+
+    let broken = text.replace("dependsOn: [extract]", "dependsOn: [transform]");
+    let docs = parse_yaml_documents_numbered(&broken).unwrap();
+    let (n, d) = &docs[2];
+    let e = validate(d).unwrap_err();
+    assert_eq!(*n, 4);
+    assert_eq!(
+        e.to_string(),
+        "Pipeline \"etl\": spec.steps[1].dependsOn[0]: no step named \"transform\"; steps are extract, load"
+    );
 }

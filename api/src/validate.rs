@@ -7,7 +7,7 @@ use serde::Serialize;
 use serde_json::{Map, Value};
 
 use crate::kind::Kind;
-use crate::meta::{check_labels, dns_label_problem, ObjectMeta};
+use crate::meta::{check_annotations, check_labels, dns_label_problem, ObjectMeta};
 use crate::API_VERSION;
 
 /// A document that passed validation.
@@ -20,18 +20,38 @@ pub struct Validated {
     pub object: Value,
 }
 
+impl Validated {
+    /// The spec decoded as its typed form, e.g.
+    /// `v.spec::<WorkloadSpec>()`.
+    pub fn spec<S: DeserializeOwned>(&self) -> Result<S, serde_json::Error> {
+        S::deserialize(self.object.get("spec").unwrap_or(&Value::Null))
+    }
+
+    /// The labels in `metadata.labels`.
+    pub fn labels(&self) -> std::collections::BTreeMap<String, String> {
+        self.object
+            .pointer("/metadata/labels")
+            .and_then(|l| serde_json::from_value(l.clone()).ok())
+            .unwrap_or_default()
+    }
+}
+
 /// What is wrong with a document, and where.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 #[error("{}", self.render())]
 pub struct ValidationError {
     pub kind: Option<Kind>,
     pub name: Option<String>,
-    /// Dotted field path, e.g. `spec.steps[2].dependsOn[0]`.
+    /// Dotted field path with `[i]` indices and `["key"]` map keys, e.g.
+    /// `spec.steps[2].dependsOn[0]`, `metadata.labels["app"]`; empty when
+    /// the problem is the document as a whole.
     pub path: String,
     pub message: String,
 }
 
 impl ValidationError {
+    /// `Workload "web": spec.replicas: must be between 0 and 10000, got -1`,
+    /// or without the kind and name when they are not known.
     pub fn render(&self) -> String {
         let what = match (&self.kind, &self.name) {
             (Some(k), Some(n)) => format!("{k} {n:?}: "),
@@ -46,7 +66,8 @@ impl ValidationError {
     }
 }
 
-/// Collects the first problems found; kinds report through it.
+/// Collects problems as `(path, message)`; kinds report through it and
+/// [`validate`] answers the first one.
 #[derive(Debug, Default)]
 pub struct Errors {
     items: Vec<(String, String)>,
@@ -61,7 +82,17 @@ impl Errors {
         self.items.is_empty()
     }
 
-    fn first(self, kind: Option<Kind>, name: Option<String>) -> Result<(), ValidationError> {
+    /// Everything reported so far, in order.
+    pub fn items(&self) -> &[(String, String)] {
+        &self.items
+    }
+
+    /// The first problem as a [`ValidationError`], if any.
+    pub fn into_result(
+        self,
+        kind: Option<Kind>,
+        name: Option<String>,
+    ) -> Result<(), ValidationError> {
         match self.items.into_iter().next() {
             None => Ok(()),
             Some((path, message)) => Err(ValidationError {
@@ -74,8 +105,13 @@ impl Errors {
     }
 }
 
-/// A kind's spec: decoded with serde, then checked.
+/// A kind's spec: decoded with serde (which fills plain defaults), then
+/// normalised (defaults that depend on other fields), then checked.
 pub trait Spec: DeserializeOwned + Serialize {
+    /// Fills defaults that depend on other fields (e.g. a Service port's
+    /// `targetPort` defaults to its `port`).
+    fn normalize(&mut self) {}
+
     /// Adds every problem found, with paths starting at `spec`.
     fn check(&self, errs: &mut Errors);
 }
@@ -94,100 +130,293 @@ fn err(
     }
 }
 
-fn decode<T: DeserializeOwned>(
+/// Fields whose values are string maps: their keys print as `["key"]`.
+const MAP_FIELDS: [&str; 5] = [
+    "labels",
+    "annotations",
+    "selector",
+    "nodeSelector",
+    "parameters",
+];
+
+/// Decodes `v` as `T`; a serde error becomes a [`ValidationError`] at the
+/// field path under `prefix`, in words an operator understands.
+pub(crate) fn decode<T: DeserializeOwned + Serialize>(
     kind: Option<Kind>,
     name: Option<String>,
     prefix: &str,
     v: &Value,
 ) -> Result<T, ValidationError> {
-    serde_path_to_error::deserialize::<_, T>(v.clone()).map_err(|e| {
-        let path = struct_path(prefix, e.path());
-        let msg = e.inner().to_string();
-        err(kind, name, &path, msg)
-    })
+    let typed: T = serde_path_to_error::deserialize(v).map_err(|e| {
+        let mut path = render_path(prefix, e.path());
+        let (field, message) = humanize(&e.inner().to_string());
+        if let Some(f) = field {
+            push_field(&mut path, &f);
+        }
+        err(kind, name.clone(), &path, message)
+    })?;
+    // serde accepts a list for a struct (fields by position); refuse that.
+    let out =
+        serde_json::to_value(&typed).map_err(|e| err(kind, name.clone(), prefix, e.to_string()))?;
+    if let Some(path) = list_for_mapping(v, &out, prefix.to_string()) {
+        return Err(err(kind, name, &path, "must be a mapping, got a list"));
+    }
+    Ok(typed)
 }
 
-/// Like `serde_path`, but struct fields print as `.field`.
-fn struct_path(prefix: &str, p: &serde_path_to_error::Path) -> String {
+/// The first place where the input has a list and the decoded value an
+/// object.
+fn list_for_mapping(input: &Value, out: &Value, path: String) -> Option<String> {
+    match (input, out) {
+        (Value::Array(_), Value::Object(_)) => Some(path),
+        (Value::Object(i), Value::Object(o)) => i.iter().find_map(|(k, iv)| {
+            let ov = o.get(k)?;
+            let mut p = path.clone();
+            push_field(&mut p, k);
+            list_for_mapping(iv, ov, p)
+        }),
+        (Value::Array(i), Value::Array(o)) => i
+            .iter()
+            .zip(o)
+            .enumerate()
+            .find_map(|(n, (iv, ov))| list_for_mapping(iv, ov, format!("{path}[{n}]"))),
+        _ => None,
+    }
+}
+
+fn push_field(path: &mut String, field: &str) {
+    if !path.is_empty() {
+        path.push('.');
+    }
+    path.push_str(field);
+}
+
+/// `spec.steps[2].dependsOn[0]`, with the keys of string maps (labels,
+/// selectors) as `["key"]`.
+fn render_path(prefix: &str, p: &serde_path_to_error::Path) -> String {
+    use serde_path_to_error::Segment;
     let mut out = prefix.to_string();
+    let mut in_map = false;
     for seg in p.iter() {
         match seg {
-            serde_path_to_error::Segment::Seq { index } => out.push_str(&format!("[{index}]")),
-            serde_path_to_error::Segment::Map { key } => {
-                if key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') && !key.is_empty() {
-                    if !out.is_empty() {
-                        out.push('.');
-                    }
-                    out.push_str(key);
-                } else {
+            Segment::Seq { index } => {
+                out.push_str(&format!("[{index}]"));
+                in_map = false;
+            }
+            Segment::Map { key } => {
+                if in_map {
                     out.push_str(&format!("[{key:?}]"));
+                    in_map = false;
+                } else {
+                    push_field(&mut out, key);
+                    in_map = MAP_FIELDS.contains(&key.as_str());
                 }
             }
-            serde_path_to_error::Segment::Enum { variant } => {
-                out.push('.');
-                out.push_str(variant);
+            Segment::Enum { variant } => {
+                push_field(&mut out, variant);
+                in_map = false;
             }
-            serde_path_to_error::Segment::Unknown => {}
+            Segment::Unknown => {}
         }
     }
     out
 }
 
+/// The words between backticks in a serde message.
+fn ticked(msg: &str) -> Vec<&str> {
+    msg.split('`').skip(1).step_by(2).collect()
+}
+
+/// Turns a serde message into one that says what is expected. Returns a
+/// field name to append to the path when the message is about a field
+/// (e.g. a missing one).
+fn humanize(msg: &str) -> (Option<String>, String) {
+    if msg.starts_with("missing field `") {
+        if let Some(f) = ticked(msg).first() {
+            return (Some(f.to_string()), "is required".into());
+        }
+    }
+    if msg.starts_with("unknown field `") {
+        let t = ticked(msg);
+        let expected = t.get(1..).unwrap_or_default();
+        return (
+            None,
+            if expected.is_empty() {
+                "unknown field; no fields are allowed here".into()
+            } else {
+                format!("unknown field; expected one of {}", expected.join(", "))
+            },
+        );
+    }
+    if msg.starts_with("unknown variant `") {
+        let t = ticked(msg);
+        if let Some((got, expected)) = t.split_first() {
+            return (
+                None,
+                format!("must be one of {}, got {got:?}", expected.join(", ")),
+            );
+        }
+    }
+    for prefix in ["invalid type: ", "invalid value: "] {
+        if let Some(rest) = msg.strip_prefix(prefix) {
+            if let Some(i) = rest.rfind(", expected ") {
+                let got = describe_got(&rest[..i]);
+                let expected = describe_expected(&rest[i + ", expected ".len()..]);
+                let mut m = format!("must be {expected}, got {got}");
+                let scalar = got == "true" || got == "false" || got.parse::<f64>().is_ok();
+                if expected == "a string" && scalar {
+                    m.push_str(&format!(" (quote it: \"{got}\")"));
+                }
+                return (None, m);
+            }
+        }
+    }
+    (None, msg.to_string())
+}
+
+fn describe_got(g: &str) -> String {
+    for p in ["integer ", "floating point ", "boolean "] {
+        if let Some(v) = g.strip_prefix(p) {
+            return v.trim_matches('`').to_string();
+        }
+    }
+    if let Some(s) = g.strip_prefix("string ") {
+        return s.to_string();
+    }
+    match g {
+        "sequence" => "a list".into(),
+        "map" => "a mapping".into(),
+        "unit value" | "null" => "null".into(),
+        other => other.to_string(),
+    }
+}
+
+fn describe_expected(e: &str) -> String {
+    match e {
+        "u8" => "a whole number from 0 to 255".into(),
+        "u16" => "a whole number from 0 to 65535".into(),
+        "u32" => "a whole number from 0 to 4294967295".into(),
+        "u64" | "usize" => "a whole number, 0 or more".into(),
+        "i8" | "i16" | "i32" | "i64" | "isize" => "a whole number".into(),
+        "f32" | "f64" => "a number".into(),
+        "a boolean" => "true or false".into(),
+        "a sequence" => "a list".into(),
+        "a map" => "a mapping".into(),
+        // A unit-only enum given something else.
+        "string or map" => "a string".into(),
+        other if other.starts_with("struct ") => "a mapping".into(),
+        other => other.to_string(),
+    }
+}
+
 fn check_spec<S: Spec>(kind: Kind, name: &str, spec: &Value) -> Result<Value, ValidationError> {
-    let typed: S = decode(Some(kind), Some(name.to_string()), "spec", spec)?;
+    let mut typed: S = decode(Some(kind), Some(name.to_string()), "spec", spec)?;
+    typed.normalize();
     let mut errs = Errors::default();
     typed.check(&mut errs);
-    errs.first(Some(kind), Some(name.to_string()))?;
+    errs.into_result(Some(kind), Some(name.to_string()))?;
     serde_json::to_value(&typed)
         .map_err(|e| err(Some(kind), Some(name.to_string()), "spec", e.to_string()))
 }
 
-/// Validates one document given as JSON.
+/// The kind names, for messages.
+fn kind_list() -> String {
+    Kind::ALL.map(|k| k.as_str()).join(", ")
+}
+
+/// JSON type of a value, for messages.
+fn type_name(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "a list",
+        Value::Object(_) => "a mapping",
+    }
+}
+
+/// Validates one document given as JSON (already parsed from YAML), and
+/// returns it normalised: `apiVersion`, `kind`, `metadata` (only name,
+/// labels and annotations) and `spec` with defaults filled in. A `status`
+/// in the input is dropped: the system writes status.
 pub fn validate(doc: &Value) -> Result<Validated, ValidationError> {
     let obj = doc.as_object().ok_or_else(|| {
         err(
             None,
             None,
             "",
-            "a manifest must be a mapping with apiVersion, kind, metadata and spec",
+            format!(
+                "a manifest must be a mapping with apiVersion, kind, metadata and spec, got {}",
+                type_name(doc)
+            ),
         )
     })?;
-    let kind_str = obj
-        .get("kind")
-        .and_then(Value::as_str)
-        .ok_or_else(|| err(None, None, "kind", "is required"))?;
-    let kind = Kind::parse(kind_str)
-        .ok()
-        .filter(|k| k.as_str() == kind_str)
-        .ok_or_else(|| {
-            err(
+    let kind_v = obj.get("kind").ok_or_else(|| {
+        err(
+            None,
+            None,
+            "kind",
+            format!("is required; one of {}", kind_list()),
+        )
+    })?;
+    let kind_str = kind_v.as_str().ok_or_else(|| {
+        err(
+            None,
+            None,
+            "kind",
+            format!("must be a string, got {}", type_name(kind_v)),
+        )
+    })?;
+    let kind = match Kind::parse(kind_str) {
+        Ok(k) if k.as_str() == kind_str => k,
+        Ok(k) => {
+            return Err(err(
                 None,
                 None,
                 "kind",
-                format!("unknown kind {kind_str:?}; expected one of Node, Workload, Service, Policy, Volume, Pipeline, PipelineRun, Source"),
-            )
-        })?;
+                format!(
+                    "unknown kind {kind_str:?}; expected one of {} (did you mean {:?}?)",
+                    kind_list(),
+                    k.as_str()
+                ),
+            ))
+        }
+        Err(_) => {
+            return Err(err(
+                None,
+                None,
+                "kind",
+                format!("unknown kind {kind_str:?}; expected one of {}", kind_list()),
+            ))
+        }
+    };
     let name_hint = obj
         .get("metadata")
         .and_then(|m| m.get("name"))
         .and_then(Value::as_str)
+        .filter(|n| !n.is_empty())
         .map(str::to_string);
-    match obj.get("apiVersion").and_then(Value::as_str) {
-        Some(API_VERSION) => {}
+    match obj.get("apiVersion") {
+        Some(Value::String(v)) if v == API_VERSION => {}
         Some(other) => {
+            let got = match other {
+                Value::String(s) => format!("{s:?}"),
+                v => type_name(v).to_string(),
+            };
             return Err(err(
                 Some(kind),
                 name_hint,
                 "apiVersion",
-                format!("must be {API_VERSION:?}, got {other:?}"),
-            ))
+                format!("must be {API_VERSION:?}, got {got}"),
+            ));
         }
         None => {
             return Err(err(
                 Some(kind),
                 name_hint,
                 "apiVersion",
-                format!("is required ({API_VERSION:?})"),
+                format!("is required: {API_VERSION:?}"),
             ))
         }
     }
@@ -200,13 +429,21 @@ pub fn validate(doc: &Value) -> Result<Validated, ValidationError> {
                 Some(kind),
                 name_hint,
                 k,
-                "unknown field; expected apiVersion, kind, metadata, spec",
+                "unknown field; expected one of apiVersion, kind, metadata, spec",
             ));
         }
     }
     let meta_v = obj
         .get("metadata")
-        .ok_or_else(|| err(Some(kind), None, "metadata", "is required"))?;
+        .ok_or_else(|| err(Some(kind), None, "metadata", "is required (with a name)"))?;
+    if !meta_v.is_object() {
+        return Err(err(
+            Some(kind),
+            None,
+            "metadata",
+            format!("must be a mapping, got {}", type_name(meta_v)),
+        ));
+    }
     let meta: ObjectMeta = decode(Some(kind), name_hint.clone(), "metadata", meta_v)?;
     if let Some(p) = dns_label_problem(&meta.name) {
         return Err(err(Some(kind), None, "metadata.name", p));
@@ -214,18 +451,22 @@ pub fn validate(doc: &Value) -> Result<Validated, ValidationError> {
     let name = meta.name.clone();
     let mut errs = Errors::default();
     check_labels(&mut errs, "metadata.labels", &meta.labels);
-    for k in meta.annotations.keys() {
-        if let Some(p) = crate::meta::label_key_problem(k) {
-            errs.add(format!("metadata.annotations[{k:?}]"), p);
-        }
-    }
-    errs.first(Some(kind), Some(name.clone()))?;
+    check_annotations(&mut errs, "metadata.annotations", &meta.annotations);
+    errs.into_result(Some(kind), Some(name.clone()))?;
 
     let empty = Value::Object(Map::new());
-    let spec_in = obj.get("spec").unwrap_or(&empty);
-    if !spec_in.is_object() {
-        return Err(err(Some(kind), Some(name), "spec", "must be a mapping"));
-    }
+    let spec_in = match obj.get("spec") {
+        None | Some(Value::Null) => &empty,
+        Some(s) if s.is_object() => s,
+        Some(s) => {
+            return Err(err(
+                Some(kind),
+                Some(name),
+                "spec",
+                format!("must be a mapping, got {}", type_name(s)),
+            ))
+        }
+    };
     let spec = match kind {
         Kind::Node => check_spec::<crate::node::NodeSpec>(kind, &name, spec_in)?,
         Kind::Workload => check_spec::<crate::workload::WorkloadSpec>(kind, &name, spec_in)?,
@@ -238,17 +479,18 @@ pub fn validate(doc: &Value) -> Result<Validated, ValidationError> {
     };
     let mut meta_out = Map::new();
     meta_out.insert("name".into(), Value::String(name.clone()));
+    let map_value = |m: &std::collections::BTreeMap<String, String>| {
+        Value::Object(
+            m.iter()
+                .map(|(k, v)| (k.clone(), Value::String(v.clone())))
+                .collect(),
+        )
+    };
     if !meta.labels.is_empty() {
-        meta_out.insert(
-            "labels".into(),
-            serde_json::to_value(&meta.labels).unwrap_or_default(),
-        );
+        meta_out.insert("labels".into(), map_value(&meta.labels));
     }
     if !meta.annotations.is_empty() {
-        meta_out.insert(
-            "annotations".into(),
-            serde_json::to_value(&meta.annotations).unwrap_or_default(),
-        );
+        meta_out.insert("annotations".into(), map_value(&meta.annotations));
     }
     let object = serde_json::json!({
         "apiVersion": API_VERSION,
@@ -259,13 +501,27 @@ pub fn validate(doc: &Value) -> Result<Validated, ValidationError> {
     Ok(Validated { kind, name, object })
 }
 
-/// Checks common to several kinds.
+/// Checks common to several kinds; each reports at the path it is given.
 pub mod checks {
     use super::Errors;
+    use crate::quantity::Quantity;
 
+    /// 1..=65535.
     pub fn port(errs: &mut Errors, path: &str, p: u32) {
         if !(1..=65535).contains(&p) {
             errs.add(path, format!("must be between 1 and 65535, got {p}"));
+        }
+    }
+
+    /// An IANA-style port name: a DNS label of at most 15 characters.
+    pub fn port_name(errs: &mut Errors, path: &str, n: &str) {
+        if let Some(p) = crate::meta::dns_label_problem(n) {
+            errs.add(path, p);
+        } else if n.len() > 15 {
+            errs.add(
+                path,
+                format!("must be at most 15 characters, got {} ({n:?})", n.len()),
+            );
         }
     }
 
@@ -275,37 +531,45 @@ pub mod checks {
         }
     }
 
+    /// `[A-Za-z_][A-Za-z0-9_]*`.
     pub fn env_name(errs: &mut Errors, path: &str, n: &str) {
-        let ok = !n.is_empty()
-            && n.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
-            && !n.as_bytes()[0].is_ascii_digit();
+        let ok = n
+            .as_bytes()
+            .first()
+            .is_some_and(|b| b.is_ascii_alphabetic() || *b == b'_')
+            && n.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
         if !ok {
             errs.add(
                 path,
-                format!("{n:?} is not a valid environment variable name ([A-Za-z_][A-Za-z0-9_]*)"),
+                format!(
+                    "{n:?} is not a valid environment variable name: must match [A-Za-z_][A-Za-z0-9_]*"
+                ),
             );
         }
     }
 
+    /// Non-empty, no whitespace.
     pub fn image(errs: &mut Errors, path: &str, image: &str) {
         if image.is_empty() {
-            errs.add(path, "is required");
+            errs.add(path, "is required, e.g. \"registry.local/web:1.2\"");
         } else if image.chars().any(char::is_whitespace) {
-            errs.add(path, format!("{image:?} must not contain whitespace"));
+            errs.add(path, format!("must not contain whitespace, got {image:?}"));
         }
     }
 
-    pub fn positive_cpu(errs: &mut Errors, path: &str, q: &crate::quantity::Quantity) {
-        match crate::quantity::parse_cpu_millis(&q.0) {
-            Ok(0) => errs.add(path, "must be greater than zero"),
+    /// A CPU quantity greater than zero.
+    pub fn positive_cpu(errs: &mut Errors, path: &str, q: &Quantity) {
+        match q.cpu_millis() {
+            Ok(0) => errs.add(path, format!("must be greater than zero, got {:?}", q.0)),
             Ok(_) => {}
             Err(e) => errs.add(path, e),
         }
     }
 
-    pub fn positive_bytes(errs: &mut Errors, path: &str, q: &crate::quantity::Quantity) {
-        match crate::quantity::parse_bytes(&q.0) {
-            Ok(0) => errs.add(path, "must be greater than zero"),
+    /// A byte quantity greater than zero.
+    pub fn positive_bytes(errs: &mut Errors, path: &str, q: &Quantity) {
+        match q.bytes() {
+            Ok(0) => errs.add(path, format!("must be greater than zero, got {:?}", q.0)),
             Ok(_) => {}
             Err(e) => errs.add(path, e),
         }
@@ -313,19 +577,35 @@ pub mod checks {
 
     pub fn ipv4(errs: &mut Errors, path: &str, s: &str) {
         if s.parse::<std::net::Ipv4Addr>().is_err() {
-            errs.add(path, format!("{s:?} is not an IPv4 address"));
+            errs.add(
+                path,
+                format!("must be an IPv4 address such as 10.96.0.10, got {s:?}"),
+            );
         }
     }
 
+    /// `a.b.c.d/n` with no host bits set.
     pub fn ipv4_cidr(errs: &mut Errors, path: &str, s: &str) {
-        let ok = s.split_once('/').is_some_and(|(a, p)| {
-            a.parse::<std::net::Ipv4Addr>().is_ok() && p.parse::<u8>().is_ok_and(|p| p <= 32)
+        let parsed = s.split_once('/').and_then(|(a, p)| {
+            let a = a.parse::<std::net::Ipv4Addr>().ok()?;
+            let p = p.parse::<u8>().ok().filter(|p| *p <= 32)?;
+            Some((a, p))
         });
-        if !ok {
-            errs.add(
+        match parsed {
+            None => errs.add(
                 path,
-                format!("{s:?} is not an IPv4 CIDR such as 10.42.0.0/24"),
-            );
+                format!("must be an IPv4 CIDR such as 10.42.0.0/24, got {s:?}"),
+            ),
+            Some((a, p)) => {
+                let mask = u32::MAX.checked_shl(32 - u32::from(p)).unwrap_or(0);
+                if u32::from(a) & !mask != 0 {
+                    let net = std::net::Ipv4Addr::from(u32::from(a) & mask);
+                    errs.add(
+                        path,
+                        format!("{s:?} has host bits set; did you mean {net}/{p}?"),
+                    );
+                }
+            }
         }
     }
 
@@ -333,5 +613,157 @@ pub mod checks {
         if let Some(p) = crate::meta::dns_label_problem(s) {
             errs.add(path, p);
         }
+    }
+
+    pub fn label_key(errs: &mut Errors, path: &str, s: &str) {
+        if let Some(p) = crate::meta::label_key_problem(s) {
+            errs.add(path, p);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn first(check: impl FnOnce(&mut Errors)) -> Option<(String, String)> {
+        let mut e = Errors::default();
+        check(&mut e);
+        e.items().first().cloned()
+    }
+
+    #[test]
+    fn render_forms() {
+        let e = ValidationError {
+            kind: Some(Kind::Workload),
+            name: Some("web".into()),
+            path: "spec.replicas".into(),
+            message: "must be between 0 and 10000, got -1".into(),
+        };
+        assert_eq!(
+            e.to_string(),
+            "Workload \"web\": spec.replicas: must be between 0 and 10000, got -1"
+        );
+        let e = ValidationError {
+            kind: None,
+            name: None,
+            path: "kind".into(),
+            message: "unknown kind \"Foo\"".into(),
+        };
+        assert_eq!(e.to_string(), "kind: unknown kind \"Foo\"");
+        let e = ValidationError {
+            kind: Some(Kind::Node),
+            name: None,
+            path: String::new(),
+            message: "m".into(),
+        };
+        assert_eq!(e.to_string(), "Node: m");
+    }
+
+    #[test]
+    fn humanizes_serde_messages() {
+        assert_eq!(
+            humanize("missing field `image`"),
+            (Some("image".into()), "is required".into())
+        );
+        assert_eq!(
+            humanize("unknown variant `Sometimes`, expected one of `Always`, `OnFailure`, `Never`")
+                .1,
+            "must be one of Always, OnFailure, Never, got \"Sometimes\""
+        );
+        assert_eq!(
+            humanize("unknown field `x`, expected `a` or `b`").1,
+            "unknown field; expected one of a, b"
+        );
+        assert_eq!(
+            humanize("unknown field `x`, there are no fields").1,
+            "unknown field; no fields are allowed here"
+        );
+        assert_eq!(
+            humanize("invalid value: integer `-1`, expected u32").1,
+            "must be a whole number from 0 to 4294967295, got -1"
+        );
+        assert_eq!(
+            humanize("invalid type: integer `1`, expected a string").1,
+            "must be a string, got 1 (quote it: \"1\")"
+        );
+        assert_eq!(
+            humanize("invalid type: null, expected a sequence").1,
+            "must be a list, got null"
+        );
+        assert_eq!(
+            humanize("invalid type: string \"x\", expected a boolean").1,
+            "must be true or false, got \"x\""
+        );
+        assert_eq!(humanize("something else").1, "something else");
+    }
+
+    #[test]
+    fn decode_paths_use_brackets_for_map_keys() {
+        let v = json!({"name": "x", "labels": {"app": 1}});
+        let e = decode::<ObjectMeta>(None, None, "metadata", &v).unwrap_err();
+        assert_eq!(e.path, "metadata.labels[\"app\"]");
+        assert!(
+            e.message.contains("must be a string, got 1"),
+            "{}",
+            e.message
+        );
+    }
+
+    #[test]
+    fn decode_refuses_lists_for_mappings() {
+        let e = decode::<ObjectMeta>(None, None, "metadata", &json!(["x"])).unwrap_err();
+        assert_eq!(e.path, "metadata");
+        assert_eq!(e.message, "must be a mapping, got a list");
+    }
+
+    #[test]
+    fn common_checks() {
+        assert_eq!(
+            first(|e| checks::port(e, "p", 0)),
+            Some(("p".into(), "must be between 1 and 65535, got 0".into()))
+        );
+        assert_eq!(first(|e| checks::port(e, "p", 65535)), None);
+        assert!(
+            first(|e| checks::port_name(e, "n", "a-very-long-port-name"))
+                .unwrap()
+                .1
+                .contains("at most 15")
+        );
+        assert!(first(|e| checks::absolute_path(e, "p", "rel"))
+            .unwrap()
+            .1
+            .contains("absolute path"));
+        assert_eq!(first(|e| checks::env_name(e, "n", "_A1")), None);
+        assert!(first(|e| checks::env_name(e, "n", "")).is_some());
+        assert!(first(|e| checks::env_name(e, "n", "A-B")).is_some());
+        assert!(first(|e| checks::image(e, "i", ""))
+            .unwrap()
+            .1
+            .contains("is required"));
+        assert_eq!(first(|e| checks::ipv4(e, "ip", "10.0.0.1")), None);
+        assert!(first(|e| checks::ipv4(e, "ip", "10.0.0"))
+            .unwrap()
+            .1
+            .contains("IPv4"));
+        assert_eq!(first(|e| checks::ipv4_cidr(e, "c", "10.42.1.0/24")), None);
+        assert!(first(|e| checks::ipv4_cidr(e, "c", "10.42.1.0/33"))
+            .unwrap()
+            .1
+            .contains("IPv4 CIDR"));
+        assert!(first(|e| checks::ipv4_cidr(e, "c", "10.42.1.5/24"))
+            .unwrap()
+            .1
+            .contains("did you mean 10.42.1.0/24"));
+        assert_eq!(first(|e| checks::ipv4_cidr(e, "c", "0.0.0.0/0")), None);
+    }
+
+    #[test]
+    fn validated_spec_accessor() {
+        let v = validate(&json!({"apiVersion": API_VERSION, "kind": "Volume", "metadata": {"name": "v", "labels": {"a": "b"}}, "spec": {"size": "1Gi"}})).unwrap();
+        let s: crate::volume::VolumeSpec = v.spec().unwrap();
+        assert_eq!(s.size.0, "1Gi");
+        assert_eq!(v.labels().get("a").map(String::as_str), Some("b"));
     }
 }
