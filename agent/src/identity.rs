@@ -7,8 +7,6 @@
 //! the proof.
 
 use std::fs;
-use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -194,17 +192,7 @@ pub fn endpoint(url: &str) -> Result<Endpoint, IdentityError> {
         .keep_alive_while_idle(true))
 }
 
-/// An error with its sources, one line (tonic's top-level message is vague).
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
-}
+pub use ironmesh_daemon::error_chain;
 
 fn read(path: &Path) -> Result<String, IdentityError> {
     fs::read_to_string(path).map_err(|source| IdentityError::Io {
@@ -215,22 +203,11 @@ fn read(path: &Path) -> Result<String, IdentityError> {
 }
 
 fn write_atomic(path: &Path, data: &[u8], mode: u32) -> Result<(), IdentityError> {
-    let io = |action, source| IdentityError::Io {
-        action,
+    ironmesh_daemon::write_file_atomic(path, data, mode).map_err(|source| IdentityError::Io {
+        action: "write",
         path: path.to_path_buf(),
         source,
-    };
-    let tmp = path.with_extension("tmp");
-    let mut f = fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(mode)
-        .open(&tmp)
-        .map_err(|e| io("create", e))?;
-    f.write_all(data).map_err(|e| io("write", e))?;
-    f.sync_all().map_err(|e| io("sync", e))?;
-    fs::rename(&tmp, path).map_err(|e| io("rename", e))
+    })
 }
 
 #[cfg(test)]

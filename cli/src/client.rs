@@ -70,19 +70,8 @@ pub async fn connect(cfg: &ClientConfig) -> anyhow::Result<OperatorServiceClient
             anyhow::anyhow!(
                 "cannot reach the controller at {}: {}",
                 cfg.server,
-                chain(&e)
+                ironmesh_daemon::error_chain(&e)
             )
         })?;
     Ok(OperatorServiceClient::new(channel).max_decoding_message_size(64 << 20))
-}
-
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }

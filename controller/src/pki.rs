@@ -8,8 +8,6 @@
 //! [`identity_from_der`] who the caller is.
 
 use std::fs;
-use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use rcgen::{
@@ -287,23 +285,11 @@ pub fn write_public(path: &Path, data: &[u8]) -> Result<(), PkiError> {
 }
 
 fn write_atomic(path: &Path, data: &[u8], mode: u32) -> Result<(), PkiError> {
-    let io = |action, source| PkiError::Io {
-        action,
+    ironmesh_daemon::write_file_atomic(path, data, mode).map_err(|source| PkiError::Io {
+        action: "write",
         path: path.to_path_buf(),
         source,
-    };
-    let tmp = path.with_extension("tmp");
-    let mut f = fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(mode)
-        .open(&tmp)
-        .map_err(|e| io("create", e))?;
-    f.write_all(data).map_err(|e| io("write", e))?;
-    f.sync_all().map_err(|e| io("sync", e))?;
-    fs::rename(&tmp, path).map_err(|e| io("rename", e))?;
-    Ok(())
+    })
 }
 
 #[cfg(test)]

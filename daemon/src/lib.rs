@@ -153,3 +153,33 @@ pub async fn serve_metrics(
     tracing::info!(addr = %bound, "serving metrics");
     Ok((bound, handle))
 }
+
+/// Writes `data` to `path` with `mode` via a temporary file, fsync and
+/// rename, so a crash never leaves a half-written key or certificate.
+pub fn write_file_atomic(path: &std::path::Path, data: &[u8], mode: u32) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(mode)
+        .open(&tmp)?;
+    f.write_all(data)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)
+}
+
+/// An error and all its sources on one line (tonic's top-level transport
+/// message alone is vague).
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
