@@ -7,6 +7,8 @@
 
 pub mod config;
 pub mod identity;
+pub mod image_source;
 pub mod inventory;
 pub mod metrics;
+pub mod runtime;
 pub mod sync;

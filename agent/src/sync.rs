@@ -179,6 +179,7 @@ async fn session(
                         metrics.assignment_revision.set(a.revision as i64);
                         send(&tx, agent_message::Msg::Ack(AssignmentAck { revision: a.revision })).await?;
                     }
+                    Some(controller_message::Msg::LogRequest(_)) | Some(controller_message::Msg::LogCancel(_)) => {}
                     Some(controller_message::Msg::Welcome(_)) => {
                         return Err(SyncError::Protocol("second Welcome".into()));
                     }

@@ -11,15 +11,17 @@ pub enum Kind {
     Pipeline,
     PipelineRun,
     Source,
+    /// One placed copy of a Workload; created and deleted by the controller.
+    Instance,
 }
 
 /// A kind name that matches no kind.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown kind {0:?}; expected one of Node, Workload, Service, Policy, Volume, Pipeline, PipelineRun, Source")]
+#[error("unknown kind {0:?}; expected one of Node, Workload, Service, Policy, Volume, Pipeline, PipelineRun, Source, Instance")]
 pub struct UnknownKind(pub String);
 
 impl Kind {
-    pub const ALL: [Kind; 8] = [
+    pub const ALL: [Kind; 9] = [
         Kind::Node,
         Kind::Workload,
         Kind::Service,
@@ -28,6 +30,7 @@ impl Kind {
         Kind::Pipeline,
         Kind::PipelineRun,
         Kind::Source,
+        Kind::Instance,
     ];
 
     /// The `kind:` value, e.g. "PipelineRun".
@@ -41,6 +44,7 @@ impl Kind {
             Kind::Pipeline => "Pipeline",
             Kind::PipelineRun => "PipelineRun",
             Kind::Source => "Source",
+            Kind::Instance => "Instance",
         }
     }
 
@@ -55,6 +59,7 @@ impl Kind {
             Kind::Pipeline => "pipelines",
             Kind::PipelineRun => "pipelineruns",
             Kind::Source => "sources",
+            Kind::Instance => "instances",
         }
     }
 
@@ -68,6 +73,7 @@ impl Kind {
             Kind::Pipeline => &["pl"],
             Kind::PipelineRun => &["plr", "run", "runs"],
             Kind::Source => &["src"],
+            Kind::Instance => &["inst"],
         }
     }
 
@@ -82,6 +88,14 @@ impl Kind {
                     || k.short().contains(&l.as_str())
             })
             .ok_or_else(|| UnknownKind(s.to_string()))
+    }
+}
+
+impl Kind {
+    /// Kinds only the system creates: operators may read and delete them but
+    /// not apply them.
+    pub fn is_system_managed(&self) -> bool {
+        matches!(self, Kind::Instance)
     }
 }
 
@@ -115,7 +129,8 @@ mod tests {
                 "Volume",
                 "Pipeline",
                 "PipelineRun",
-                "Source"
+                "Source",
+                "Instance"
             ]
         );
         assert_eq!(Kind::PipelineRun.plural(), "pipelineruns");
@@ -156,7 +171,7 @@ mod tests {
         assert_eq!(e, UnknownKind("Deployment".into()));
         assert_eq!(
             e.to_string(),
-            "unknown kind \"Deployment\"; expected one of Node, Workload, Service, Policy, Volume, Pipeline, PipelineRun, Source"
+            "unknown kind \"Deployment\"; expected one of Node, Workload, Service, Policy, Volume, Pipeline, PipelineRun, Source, Instance"
         );
         assert!(Kind::parse("").is_err());
         assert!("nodez".parse::<Kind>().is_err());

@@ -3,7 +3,8 @@
 //! This crate owns the declarative objects operators write, in the
 //! Kubernetes habit (`apiVersion: ironmesh.dev/v1`, `kind`, `metadata`,
 //! `spec`; the system writes `status`), for every [`Kind`]: Node, Workload,
-//! Service, Policy, Volume, Pipeline, PipelineRun and Source. For each
+//! Service, Policy, Volume, Pipeline, PipelineRun and Source, plus
+//! Instance, which only the controller creates. For each
 //! there is a typed `XSpec` (serde, camelCase, unknown fields rejected) and,
 //! where the system reports state, an `XStatus`.
 //!
@@ -21,6 +22,7 @@
 //! The crate does no I/O and holds no state.
 
 pub mod client_config;
+pub mod instance;
 mod kind;
 pub mod manifest;
 pub mod meta;

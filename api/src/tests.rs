@@ -28,13 +28,14 @@ fn minimal(kind: Kind) -> Value {
         Kind::Pipeline => json!({"steps": [{"name": "a", "image": "a:1"}]}),
         Kind::PipelineRun => json!({"pipeline": "etl"}),
         Kind::Source => json!({"repo": "/srv/git/platform"}),
+        Kind::Instance => json!({}),
     };
     json!({"apiVersion": API_VERSION, "kind": kind.as_str(), "metadata": {"name": "x"}, "spec": spec})
 }
 
 #[test]
 fn every_kind_validates_and_normalisation_is_idempotent() {
-    for k in Kind::ALL {
+    for k in Kind::ALL.into_iter().filter(|k| !k.is_system_managed()) {
         let v = validate(&minimal(k)).unwrap_or_else(|e| panic!("{k}: {e}"));
         assert_eq!(v.kind, k);
         assert_eq!(v.name, "x");
@@ -44,6 +45,12 @@ fn every_kind_validates_and_normalisation_is_idempotent() {
         assert!(v.object["spec"].is_object());
         assert_eq!(validate(&v.object).unwrap(), v, "{k}");
     }
+}
+
+#[test]
+fn instances_cannot_be_applied() {
+    let e = rejects(minimal(Kind::Instance), "kind", "created by the controller");
+    assert!(e.to_string().contains("apply a Workload"), "{e}");
 }
 
 #[test]

@@ -476,6 +476,14 @@ pub fn validate(doc: &Value) -> Result<Validated, ValidationError> {
         Kind::Pipeline => check_spec::<crate::pipeline::PipelineSpec>(kind, &name, spec_in)?,
         Kind::PipelineRun => check_spec::<crate::pipeline::PipelineRunSpec>(kind, &name, spec_in)?,
         Kind::Source => check_spec::<crate::source::SourceSpec>(kind, &name, spec_in)?,
+        Kind::Instance => {
+            return Err(err(
+                Some(kind),
+                Some(name),
+                "kind",
+                "Instance objects are created by the controller from Workloads; apply a Workload instead".to_string(),
+            ))
+        }
     };
     let mut meta_out = Map::new();
     meta_out.insert("name".into(), Value::String(name.clone()));

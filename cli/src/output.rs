@@ -59,22 +59,40 @@ pub fn node_ready(o: &Value) -> String {
     st
 }
 
+/// Phase, or the reason when it says more (CrashLoopBackOff, ImageNotFound).
+fn instance_status(o: &Value) -> String {
+    let phase = match s(o, "/status/phase") {
+        "" => "Pending",
+        p => p,
+    };
+    match s(o, "/status/reason") {
+        "" => phase.to_string(),
+        r if phase == "Running" && r == "Started" => phase.to_string(),
+        r if phase == "Pending" || phase == "Failed" || r == "CrashLoopBackOff" => r.to_string(),
+        _ => phase.to_string(),
+    }
+}
+
 fn columns(kind: Kind, wide: bool) -> Vec<&'static str> {
     let mut c = match kind {
         Kind::Node => vec!["NAME", "STATUS", "CPU", "MEMORY", "AGE"],
-        Kind::Workload => vec!["NAME", "REPLICAS", "IMAGE", "AGE"],
+        Kind::Workload => vec!["NAME", "READY", "IMAGE", "AGE"],
         Kind::Service => vec!["NAME", "CLUSTER-IP", "PORTS", "AGE"],
         Kind::Policy => vec!["NAME", "SELECTOR", "AGE"],
         Kind::Volume => vec!["NAME", "SIZE", "NODE", "AGE"],
         Kind::Pipeline => vec!["NAME", "STEPS", "SCHEDULE", "AGE"],
         Kind::PipelineRun => vec!["NAME", "PIPELINE", "AGE"],
         Kind::Source => vec!["NAME", "REPO", "BRANCH", "AGE"],
+        Kind::Instance => vec![
+            "NAME", "WORKLOAD", "NODE", "STATUS", "READY", "RESTARTS", "AGE",
+        ],
     };
     if wide {
         match kind {
             Kind::Node => c.extend(["ADDRESSES", "KERNEL", "CPU-MODEL", "DISKS", "AGENT"]),
             Kind::Workload => c.extend(["SELECTOR-LABELS"]),
             Kind::Service => c.extend(["SELECTOR"]),
+            Kind::Instance => c.extend(["PID", "EXIT", "REASON"]),
             _ => c.extend(["LABELS"]),
         }
     }
@@ -94,9 +112,15 @@ fn row(kind: Kind, o: &Value, wide: bool) -> Vec<String> {
         ],
         Kind::Workload => vec![
             name,
-            o.pointer("/spec/replicas")
-                .map(|v| v.to_string())
-                .unwrap_or_default(),
+            format!(
+                "{}/{}",
+                o.pointer("/status/readyReplicas")
+                    .and_then(Value::as_u64)
+                    .unwrap_or(0),
+                o.pointer("/spec/replicas")
+                    .and_then(Value::as_u64)
+                    .unwrap_or(0)
+            ),
             s(o, "/spec/image").to_string(),
             created,
         ],
@@ -152,6 +176,26 @@ fn row(kind: Kind, o: &Value, wide: bool) -> Vec<String> {
             s(o, "/spec/branch").to_string(),
             created,
         ],
+        Kind::Instance => vec![
+            name,
+            s(o, "/spec/workload").to_string(),
+            match s(o, "/spec/node") {
+                "" => "<none>".to_string(),
+                n => n.to_string(),
+            },
+            instance_status(o),
+            if o.pointer("/status/ready").and_then(Value::as_bool) == Some(true) {
+                "1/1"
+            } else {
+                "0/1"
+            }
+            .to_string(),
+            o.pointer("/status/restarts")
+                .and_then(Value::as_u64)
+                .unwrap_or(0)
+                .to_string(),
+            created,
+        ],
     };
     if wide {
         match kind {
@@ -195,6 +239,15 @@ fn row(kind: Kind, o: &Value, wide: bool) -> Vec<String> {
             }
             Kind::Workload => r.push(map_str(o, "/metadata/labels")),
             Kind::Service => r.push(map_str(o, "/spec/selector")),
+            Kind::Instance => r.extend([
+                o.pointer("/status/pid")
+                    .map(|v| v.to_string())
+                    .unwrap_or_else(|| "-".to_string()),
+                o.pointer("/status/exitCode")
+                    .map(|v| v.to_string())
+                    .unwrap_or_else(|| "-".to_string()),
+                s(o, "/status/reason").to_string(),
+            ]),
             _ => r.push(map_str(o, "/metadata/labels")),
         }
     }

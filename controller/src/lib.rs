@@ -8,7 +8,9 @@
 
 pub mod bootstrap;
 pub mod config;
+pub mod images;
 pub mod liveness;
+pub mod logs;
 pub mod metrics;
 pub mod node_api;
 pub mod operator_api;

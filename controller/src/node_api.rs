@@ -14,7 +14,7 @@ use futures::Stream;
 use ironmesh_api::Kind;
 use ironmesh_proto::v1::{
     agent_message, controller_message, node_service_server::NodeService, AgentMessage, Assignment,
-    ControllerMessage, Inventory, JoinRequest, JoinResponse, Welcome,
+    ControllerMessage, FetchBlobRequest, Inventory, JoinRequest, JoinResponse, Welcome,
 };
 use serde_json::{json, Value};
 use subtle::ConstantTimeEq;
@@ -32,6 +32,8 @@ const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub struct NodeApi {
     pub ca: Arc<ClusterCa>,
+    pub images: crate::images::ImageStore,
+    pub logs: crate::logs::LogRelay,
     pub bootstrap_token: String,
     pub resources: Resources,
     pub liveness: Liveness,
@@ -102,6 +104,26 @@ impl NodeService for NodeApi {
         }))
     }
 
+    type FetchBlobStream = crate::images::BlobStream;
+
+    async fn fetch_blob(
+        &self,
+        req: Request<FetchBlobRequest>,
+    ) -> Result<Response<Self::FetchBlobStream>, Status> {
+        match peer_identity(&req)? {
+            Identity::Node(_) => {}
+            other => {
+                return Err(Status::permission_denied(format!(
+                    "fetching blobs requires a node certificate; caller is {other}"
+                )))
+            }
+        }
+        self.images
+            .fetch_blob(req.into_inner())
+            .await
+            .map(Response::new)
+    }
+
     type SyncStream = SyncStream;
 
     async fn sync(
@@ -156,7 +178,10 @@ impl NodeService for NodeApi {
             .await
             .map_err(|e| Status::unavailable(e.to_string()))?;
         let assignment = ControllerMessage {
-            msg: Some(controller_message::Msg::Assignment(Assignment { revision })),
+            msg: Some(controller_message::Msg::Assignment(Assignment {
+                revision,
+                instances: Vec::new(),
+            })),
         };
         // Capacity 16 and a fresh channel: these two cannot block.
         let _ = tx.send(Ok(welcome)).await;
@@ -265,6 +290,9 @@ async fn handle_agent_message(
         Some(agent_message::Msg::Ack(a)) => {
             tracing::debug!(node, revision = a.revision, "assignment acknowledged");
         }
+        Some(agent_message::Msg::Instances(_))
+        | Some(agent_message::Msg::Event(_))
+        | Some(agent_message::Msg::Log(_)) => {}
         Some(agent_message::Msg::Hello(_)) => {
             return Err(Status::invalid_argument("Hello may only be sent once"));
         }

@@ -13,12 +13,16 @@ use ironmesh_api::selector::LabelSelector;
 use ironmesh_api::Kind;
 use ironmesh_proto::v1::{
     operator_service_server::OperatorService, watch_event, ApplyRequest, ApplyResponse,
-    ApplyResult, DeleteRequest, DeleteResponse, GetRequest, ListRequest, ListResponse, Resource,
-    WatchEvent, WatchRequest,
+    ApplyResult, BlobChunk, BlobsMissingRequest, BlobsMissingResponse, DeleteRequest,
+    DeleteResponse, GetRequest, ImageInfo, ListImagesRequest, ListImagesResponse, ListRequest,
+    ListResponse, LogsChunk, LogsRequest, PushBlobResponse, Resource, TagImageRequest, WatchEvent,
+    WatchRequest,
 };
 use tonic::{Request, Response, Status};
 
+use crate::images::ImageStore;
 use crate::liveness::Liveness;
+use crate::logs::LogRelay;
 use crate::metrics::{ControllerMetrics, MethodLabel};
 use crate::node_api::peer_identity;
 use crate::pki::Identity;
@@ -27,6 +31,8 @@ use crate::store::EventKind;
 
 pub struct OperatorApi {
     pub resources: Resources,
+    pub images: ImageStore,
+    pub logs: LogRelay,
     pub liveness: Liveness,
     pub metrics: Arc<ControllerMetrics>,
 }
@@ -193,6 +199,7 @@ impl OperatorApi {
 }
 
 type WatchStream = Pin<Box<dyn Stream<Item = Result<WatchEvent, Status>> + Send>>;
+type LogsStream = Pin<Box<dyn Stream<Item = Result<LogsChunk, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl OperatorService for OperatorApi {
@@ -284,5 +291,58 @@ impl OperatorService for OperatorApi {
         Ok(Response::new(Box::pin(
             futures::stream::iter(initial).chain(live),
         )))
+    }
+
+    async fn blobs_missing(
+        &self,
+        req: Request<BlobsMissingRequest>,
+    ) -> Result<Response<BlobsMissingResponse>, Status> {
+        authorize(&req)?;
+        let r = self.images.blobs_missing(req.into_inner()).await;
+        self.record("BlobsMissing", &r);
+        r.map(Response::new)
+    }
+
+    async fn push_blob(
+        &self,
+        req: Request<tonic::Streaming<BlobChunk>>,
+    ) -> Result<Response<PushBlobResponse>, Status> {
+        authorize(&req)?;
+        let r = self.images.push_blob(req.into_inner()).await;
+        self.record("PushBlob", &r);
+        r.map(Response::new)
+    }
+
+    async fn tag_image(
+        &self,
+        req: Request<TagImageRequest>,
+    ) -> Result<Response<ImageInfo>, Status> {
+        let who = authorize(&req)?;
+        let r = self.images.tag_image(req.into_inner()).await;
+        if let Ok(info) = &r {
+            tracing::info!(operator = %who, image = %info.name, digest = %info.manifest_digest, "image tagged");
+        }
+        self.record("TagImage", &r);
+        r.map(Response::new)
+    }
+
+    async fn list_images(
+        &self,
+        req: Request<ListImagesRequest>,
+    ) -> Result<Response<ListImagesResponse>, Status> {
+        authorize(&req)?;
+        let r = self.images.list_images(req.into_inner()).await;
+        self.record("ListImages", &r);
+        r.map(Response::new)
+    }
+
+    type LogsStream = LogsStream;
+
+    async fn logs(&self, req: Request<LogsRequest>) -> Result<Response<Self::LogsStream>, Status> {
+        authorize(&req)?;
+        let req = req.into_inner();
+        let r = self.logs.open(&self.resources, req).await;
+        self.record("Logs", &r);
+        r.map(Response::new)
     }
 }

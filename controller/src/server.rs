@@ -77,8 +77,13 @@ pub async fn run(cfg: ControllerConfig, shutdown: Shutdown) -> Result<(), Server
         shutdown.clone(),
     ));
 
+    let images = crate::images::ImageStore::open(cfg.data_dir.join("images"), store.clone())
+        .map_err(|e| ServerError::Config(e.to_string()))?;
+    let logs = crate::logs::LogRelay::default();
     let node_api = NodeApi {
         ca: Arc::new(creds.ca),
+        images: images.clone(),
+        logs: logs.clone(),
         bootstrap_token: creds.bootstrap_token,
         resources: resources.clone(),
         liveness: liveness.clone(),
@@ -87,6 +92,8 @@ pub async fn run(cfg: ControllerConfig, shutdown: Shutdown) -> Result<(), Server
     };
     let operator_api = OperatorApi {
         resources,
+        images,
+        logs,
         liveness,
         metrics,
     };

@@ -1,0 +1,355 @@
+//! Writing an OCI image layout: [`build_layout`].
+//!
+//! The layout holds `oci-layout`, `index.json` and `blobs/sha256/<hex>`
+//! for one single-platform (linux/amd64) image manifest, its config and
+//! its one layer. Every document is compact JSON with a fixed field order
+//! (maps are sorted), and `created` comes from the spec's epoch, so the
+//! same spec over the same files always gives the same bytes and the same
+//! manifest digest.
+//!
+//! The layout is written next to `out_dir` first and moved into place
+//! only when complete; an existing layout at `out_dir` is replaced (no
+//! stale blobs stay behind), anything else that is not empty is refused.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+
+use crate::error::ImageError;
+use crate::layer::{build_layer, sha256_digest};
+use crate::spec::ImageSpec;
+
+pub const MEDIA_INDEX: &str = "application/vnd.oci.image.index.v1+json";
+pub const MEDIA_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+pub const MEDIA_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
+/// The tag, as the OCI image spec defines the annotation.
+pub const ANNOTATION_REF_NAME: &str = "org.opencontainers.image.ref.name";
+/// The full `name:tag`, as `ctr images export` writes it and as
+/// `ctr images import` and the agent read it.
+pub const ANNOTATION_CONTAINERD_NAME: &str = "io.containerd.image.name";
+
+pub const ARCHITECTURE: &str = "amd64";
+pub const OS: &str = "linux";
+
+/// What [`build_layout`] wrote.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BuiltImage {
+    /// `name:tag`.
+    pub reference: String,
+    /// `sha256:…` of the manifest: the image's identity.
+    pub manifest_digest: String,
+    pub config_digest: String,
+    /// `sha256:…` of each layer blob (as stored, i.e. compressed).
+    pub layer_digests: Vec<String>,
+    /// `sha256:…` of each uncompressed layer tar (the config's diff_ids).
+    pub diff_ids: Vec<String>,
+    /// Total bytes of the blobs (manifest + config + layers).
+    pub size: u64,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Descriptor<'a> {
+    media_type: &'a str,
+    digest: String,
+    size: u64,
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    annotations: BTreeMap<&'a str, String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    platform: Option<Platform>,
+}
+
+#[derive(Serialize)]
+struct Platform {
+    architecture: &'static str,
+    os: &'static str,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Manifest<'a> {
+    schema_version: u32,
+    media_type: &'a str,
+    config: Descriptor<'a>,
+    layers: Vec<Descriptor<'a>>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Index<'a> {
+    schema_version: u32,
+    media_type: &'a str,
+    manifests: Vec<Descriptor<'a>>,
+}
+
+#[derive(Serialize)]
+struct ImageConfig<'a> {
+    created: String,
+    architecture: &'static str,
+    os: &'static str,
+    config: RuntimeConfig<'a>,
+    rootfs: RootFs,
+    history: Vec<History>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "PascalCase")]
+struct RuntimeConfig<'a> {
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    exposed_ports: BTreeMap<&'a str, Empty>,
+    #[serde(skip_serializing_if = "<[String]>::is_empty")]
+    env: &'a [String],
+    entrypoint: &'a [String],
+    working_dir: &'a str,
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    labels: &'a BTreeMap<String, String>,
+}
+
+/// Serialises as `{}`.
+#[derive(Serialize)]
+struct Empty {}
+
+#[derive(Serialize)]
+struct RootFs {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    diff_ids: Vec<String>,
+}
+
+#[derive(Serialize)]
+struct History {
+    created: String,
+    created_by: &'static str,
+}
+
+/// Builds the image `spec` describes and writes it as an OCI image layout
+/// at `out_dir` (created, or replaced if it holds a layout already).
+pub fn build_layout(spec: &ImageSpec, out_dir: &Path) -> Result<BuiltImage, ImageError> {
+    let valid = spec.validate()?;
+    let layer = build_layer(spec, &valid)?;
+    let layer_digest = sha256_digest(&layer.blob);
+    let created = rfc3339_utc(spec.epoch);
+
+    let config = ImageConfig {
+        created: created.clone(),
+        architecture: ARCHITECTURE,
+        os: OS,
+        config: RuntimeConfig {
+            exposed_ports: valid.ports.iter().map(|p| (p.as_str(), Empty {})).collect(),
+            env: &spec.env,
+            entrypoint: &spec.entrypoint,
+            working_dir: &spec.working_dir,
+            labels: &spec.labels,
+        },
+        rootfs: RootFs {
+            kind: "layers",
+            diff_ids: vec![layer.diff_id.clone()],
+        },
+        history: vec![History {
+            created,
+            created_by: "ironmesh-images build_layout",
+        }],
+    };
+    let config_json = to_json("the image config", &config)?;
+    let config_digest = sha256_digest(&config_json);
+
+    let manifest = Manifest {
+        schema_version: 2,
+        media_type: MEDIA_MANIFEST,
+        config: Descriptor {
+            media_type: MEDIA_CONFIG,
+            digest: config_digest.clone(),
+            size: config_json.len() as u64,
+            annotations: BTreeMap::new(),
+            platform: None,
+        },
+        layers: vec![Descriptor {
+            media_type: layer.media_type,
+            digest: layer_digest.clone(),
+            size: layer.blob.len() as u64,
+            annotations: BTreeMap::new(),
+            platform: None,
+        }],
+    };
+    let manifest_json = to_json("the image manifest", &manifest)?;
+    let manifest_digest = sha256_digest(&manifest_json);
+
+    let index = Index {
+        schema_version: 2,
+        media_type: MEDIA_INDEX,
+        manifests: vec![Descriptor {
+            media_type: MEDIA_MANIFEST,
+            digest: manifest_digest.clone(),
+            size: manifest_json.len() as u64,
+            annotations: BTreeMap::from([
+                (ANNOTATION_CONTAINERD_NAME, spec.reference()),
+                (ANNOTATION_REF_NAME, spec.tag.clone()),
+            ]),
+            platform: Some(Platform {
+                architecture: ARCHITECTURE,
+                os: OS,
+            }),
+        }],
+    };
+    let index_json = to_json("index.json", &index)?;
+
+    let blobs: [(&str, &[u8]); 3] = [
+        (&manifest_digest, &manifest_json),
+        (&config_digest, &config_json),
+        (&layer_digest, &layer.blob),
+    ];
+    write_layout(out_dir, &index_json, &blobs)?;
+    let size = blobs.iter().map(|(_, b)| b.len() as u64).sum();
+
+    Ok(BuiltImage {
+        reference: spec.reference(),
+        manifest_digest,
+        config_digest,
+        layer_digests: vec![layer_digest],
+        diff_ids: vec![layer.diff_id],
+        size,
+    })
+}
+
+fn to_json<T: Serialize>(what: &'static str, value: &T) -> Result<Vec<u8>, ImageError> {
+    serde_json::to_vec(value).map_err(|source| ImageError::Json { what, source })
+}
+
+/// Writes the layout into a sibling staging directory, then moves it to
+/// `out_dir`.
+fn write_layout(
+    out_dir: &Path,
+    index_json: &[u8],
+    blobs: &[(&str, &[u8])],
+) -> Result<(), ImageError> {
+    let Some(dir_name) = out_dir.file_name() else {
+        return Err(ImageError::io(
+            "use as the output directory",
+            out_dir,
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "the path must end in a directory name",
+            ),
+        ));
+    };
+    let parent = match out_dir.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    check_replaceable(out_dir)?;
+    std::fs::create_dir_all(&parent).map_err(|e| ImageError::io("create directory", &parent, e))?;
+
+    let sibling = |what: &str| {
+        let mut name = std::ffi::OsString::from(".");
+        name.push(dir_name);
+        name.push(format!(".{what}-{}", std::process::id()));
+        parent.join(name)
+    };
+    let staging = sibling("tmp");
+    remove_if_present(&staging)?;
+    let result = write_into(&staging, index_json, blobs).and_then(|()| {
+        if out_dir.exists() {
+            let old = sibling("old");
+            remove_if_present(&old)?;
+            std::fs::rename(out_dir, &old)
+                .map_err(|e| ImageError::io("move aside the old layout", out_dir, e))?;
+            std::fs::rename(&staging, out_dir)
+                .map_err(|e| ImageError::io("move the new layout to", out_dir, e))?;
+            std::fs::remove_dir_all(&old)
+                .map_err(|e| ImageError::io("remove the old layout", &old, e))
+        } else {
+            std::fs::rename(&staging, out_dir)
+                .map_err(|e| ImageError::io("move the new layout to", out_dir, e))
+        }
+    });
+    if result.is_err() {
+        // Best effort: the error that matters is the one returned.
+        let _ = std::fs::remove_dir_all(&staging);
+    }
+    result
+}
+
+/// `out_dir` may be absent, an empty directory or an image layout.
+fn check_replaceable(out_dir: &Path) -> Result<(), ImageError> {
+    let meta = match std::fs::symlink_metadata(out_dir) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(ImageError::io("inspect", out_dir, e)),
+    };
+    if !meta.is_dir() {
+        return Err(ImageError::NotALayout(out_dir.to_path_buf()));
+    }
+    if out_dir.join("oci-layout").is_file() {
+        return Ok(());
+    }
+    let mut entries = std::fs::read_dir(out_dir).map_err(|e| ImageError::io("list", out_dir, e))?;
+    if entries.next().is_some() {
+        return Err(ImageError::NotALayout(out_dir.to_path_buf()));
+    }
+    Ok(())
+}
+
+fn remove_if_present(path: &Path) -> Result<(), ImageError> {
+    match std::fs::remove_dir_all(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(ImageError::io("remove", path, e)),
+    }
+}
+
+fn write_into(dir: &Path, index_json: &[u8], blobs: &[(&str, &[u8])]) -> Result<(), ImageError> {
+    let blob_dir = dir.join("blobs").join("sha256");
+    std::fs::create_dir_all(&blob_dir)
+        .map_err(|e| ImageError::io("create directory", &blob_dir, e))?;
+    let write = |path: PathBuf, bytes: &[u8]| {
+        std::fs::write(&path, bytes).map_err(|e| ImageError::io("write", &path, e))
+    };
+    write(dir.join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#)?;
+    for (digest, bytes) in blobs {
+        let hex = digest.strip_prefix("sha256:").unwrap_or(digest);
+        write(blob_dir.join(hex), bytes)?;
+    }
+    write(dir.join("index.json"), index_json)
+}
+
+/// `1970-01-01T00:00:00Z` for 0.
+pub(crate) fn rfc3339_utc(epoch: u64) -> String {
+    let days = epoch / 86_400;
+    let secs = epoch % 86_400;
+    let (y, m, d) = civil_from_days(days);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        secs / 3600,
+        secs / 60 % 60,
+        secs % 60
+    )
+}
+
+/// Days since 1970-01-01 → (year, month, day), proleptic Gregorian
+/// (Howard Hinnant's `civil_from_days`).
+fn civil_from_days(days: u64) -> (u64, u64, u64) {
+    let z = days + 719_468;
+    let era = z / 146_097;
+    let doe = z % 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + u64::from(m <= 2);
+    (y, m, d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::rfc3339_utc;
+
+    #[test]
+    fn timestamps() {
+        assert_eq!(rfc3339_utc(0), "1970-01-01T00:00:00Z");
+        assert_eq!(rfc3339_utc(1_700_000_000), "2023-11-14T22:13:20Z");
+        assert_eq!(rfc3339_utc(951_782_400), "2000-02-29T00:00:00Z");
+        assert_eq!(rfc3339_utc(4_102_444_799), "2099-12-31T23:59:59Z");
+    }
+}
