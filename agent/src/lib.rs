@@ -11,4 +11,5 @@ pub mod image_source;
 pub mod inventory;
 pub mod metrics;
 pub mod runtime;
+pub mod supervisor;
 pub mod sync;
