@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# Stops the controller and agent started by dev-up.sh (by their PIDs).
+# Stops the agent, controller and (if dev-up.sh started it) containerd, by
+# their PIDs. Containers keep running in containerd until their workloads are
+# deleted; stopping a containerd that dev-up.sh started ends them too.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DIR=${IRONMESH_DEV_DIR:-$PWD/.ironmesh}
-for p in agent controller; do
+for p in agent controller containerd; do
   f=$DIR/$p.pid
   [ -f "$f" ] || continue
   pid=$(cat "$f")

@@ -1,15 +1,26 @@
 #!/usr/bin/env bash
-# Builds Ironmesh and runs a one-host cluster here: a controller with its
-# embedded store and an agent, then applies the sample data product and
-# shows the node. State lives in ./.ironmesh (override: IRONMESH_DEV_DIR).
+# Builds Ironmesh and its images and runs a one-host cluster here: containerd
+# (started if it is not running), a controller with its embedded store and an
+# agent; pushes the images, applies the sample data product and shows it
+# answering. State lives in ./.ironmesh (override: IRONMESH_DEV_DIR).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install-deps.sh
 cargo build --release --bins
+cargo run -q --release -p ironmesh-images --bin build-images -- --out target/images
 BIN=$PWD/target/release
 DIR=${IRONMESH_DEV_DIR:-$PWD/.ironmesh}
 mkdir -p "$DIR"
 bash scripts/dev-down.sh >/dev/null 2>&1 || true
+
+# containerd: Debian's package, started here when no service manager runs it.
+SOCK=/run/containerd/containerd.sock
+if ! ctr --address "$SOCK" version >/dev/null 2>&1; then
+  containerd >"$DIR/containerd.log" 2>&1 &
+  echo $! >"$DIR/containerd.pid"
+  for _ in $(seq 100); do ctr --address "$SOCK" version >/dev/null 2>&1 && break; sleep 0.1; done
+  ctr --address "$SOCK" version >/dev/null 2>&1 || { echo "containerd did not start; see $DIR/containerd.log" >&2; exit 1; }
+fi
 
 "$BIN/ironmesh-controller" --data-dir "$DIR/controller" --listen 127.0.0.1:7443 \
   --metrics-listen 127.0.0.1:7480 >"$DIR/controller.log" 2>&1 &
@@ -31,11 +42,23 @@ for _ in $(seq 300); do
   "$BIN/imctl" get nodes 2>/dev/null | grep -q ' Ready ' && break
   sleep 0.1
 done
+"$BIN/imctl" image push target/images/records-server
+"$BIN/imctl" image push target/images/batch-step
 "$BIN/imctl" apply -f examples/
 echo
 "$BIN/imctl" get nodes -o wide
 echo
+for _ in $(seq 300); do
+  "$BIN/imctl" get workloads orders-api 2>/dev/null | grep -q ' 1/1 ' && break
+  sleep 0.1
+done
+"$BIN/imctl" get instances
+echo
+echo "$ curl -s http://127.0.0.1:8080/records/ord-1001"
+curl -sS --max-time 5 http://127.0.0.1:8080/records/ord-1001 || { echo "the sample service did not answer; see $DIR/agent.log" >&2; exit 1; }
+echo
+echo
 echo "Controller and agent are running (logs in $DIR). Next:"
 echo "  export IMCTL_CONFIG=$DIR/controller/admin.yaml PATH=$BIN:\$PATH"
-echo "  imctl describe node $(sed -n 1p "$DIR/agent/node-name")"
-echo "  bash scripts/dev-down.sh    # stop both"
+echo "  imctl describe workload orders-api; imctl logs \$(imctl get instances -o json | grep -o 'orders-api-[a-z0-9]*' | head -1)"
+echo "  bash scripts/dev-down.sh    # stop them"

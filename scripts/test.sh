@@ -4,8 +4,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install-deps.sh
-# The end-to-end tests run the binaries, so build them first.
+# The end-to-end tests run the binaries and push the project's own images,
+# so build both first.
 cargo build --workspace --bins
+cargo run -q -p ironmesh-images --bin build-images -- --out target/images
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 status=0

@@ -2,6 +2,7 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use clap::Parser;
 use ironmesh_daemon::LogFormat;
@@ -18,7 +19,7 @@ pub struct AgentConfig {
     #[arg(long, env = "IRONMESH_CONTROLLER")]
     pub controller: String,
 
-    /// The cluster CA certificate (the controller's <data-dir>/pki/ca.crt),
+    /// The cluster CA certificate (the controller's `<data-dir>/pki/ca.crt`),
     /// needed to verify the controller at first join.
     #[arg(long, env = "IRONMESH_CA_CERT")]
     pub ca_cert: Option<PathBuf>,
@@ -61,6 +62,37 @@ pub struct AgentConfig {
         default_value = "127.0.0.1:7481"
     )]
     pub metrics_listen: SocketAddr,
+
+    /// containerd's gRPC socket. containerd 1.6 or 1.7 (Debian 12 ships
+    /// 1.6.20) with runc and the overlayfs snapshotter.
+    #[arg(
+        long,
+        env = "IRONMESH_CONTAINERD_SOCKET",
+        default_value = "/run/containerd/containerd.sock"
+    )]
+    pub containerd_socket: PathBuf,
+
+    /// The containerd namespace this agent keeps its images, containers
+    /// and tasks in; nothing outside it is touched.
+    #[arg(
+        long,
+        env = "IRONMESH_CONTAINERD_NAMESPACE",
+        default_value = "ironmesh"
+    )]
+    pub containerd_namespace: String,
+
+    /// First delay before restarting an exited container; doubles per
+    /// consecutive restart.
+    #[arg(long, env = "IRONMESH_RESTART_BACKOFF", default_value = "1s", value_parser = humantime::parse_duration)]
+    pub restart_backoff: Duration,
+
+    /// Longest delay between restarts.
+    #[arg(long, env = "IRONMESH_RESTART_BACKOFF_MAX", default_value = "60s", value_parser = humantime::parse_duration)]
+    pub restart_backoff_max: Duration,
+
+    /// How long a stopping container gets between SIGTERM and SIGKILL.
+    #[arg(long, env = "IRONMESH_STOP_GRACE", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub stop_grace: Duration,
 
     /// Log format.
     #[arg(long, env = "IRONMESH_LOG_FORMAT", value_enum, default_value = "text")]

@@ -6,8 +6,12 @@ use anyhow::Context;
 use clap::Parser;
 use ironmesh_agent::config::{default_node_name, AgentConfig};
 use ironmesh_agent::identity::{load_or_join, JoinParams};
+use ironmesh_agent::image_fetch::ControllerImages;
 use ironmesh_agent::metrics::AgentMetrics;
+use ironmesh_agent::runtime::{Runtime, RuntimeConfig};
+use ironmesh_agent::supervisor::{Supervisor, SupervisorConfig};
 use ironmesh_agent::sync::{self, SyncConfig};
+use ironmesh_proto::v1::node_service_client::NodeServiceClient;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
@@ -65,17 +69,62 @@ async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         ironmesh_daemon::serve_metrics(cfg.metrics_listen, Arc::new(registry), shutdown.clone())
             .await?;
 
+    let runtime = Runtime::connect(RuntimeConfig::new(
+        &cfg.containerd_socket,
+        cfg.containerd_namespace.clone(),
+    ))
+    .await
+    .context("containerd is required (start it, or point --containerd-socket at it)")?;
+    tracing::info!(
+        socket = %cfg.containerd_socket.display(),
+        namespace = %cfg.containerd_namespace,
+        version = %runtime.version().await.unwrap_or_default(),
+        "connected to containerd"
+    );
+    // Image fetches use their own connection so that a large pull never
+    // queues behind (or starves) the sync stream.
+    let blob_channel = ironmesh_agent::identity::endpoint(&cfg.controller)?
+        .tls_config(id.tls(cfg.tls_server_name.as_deref()))?
+        .connect_lazy();
+    let images = Arc::new(ControllerImages::new(
+        NodeServiceClient::new(blob_channel),
+        runtime.clone(),
+        cfg.state_dir.join("staging"),
+    ));
+    let (reports_tx, reports_rx) = tokio::sync::mpsc::channel(1024);
+    let supervisor = Arc::new(
+        Supervisor::start(
+            SupervisorConfig {
+                backoff_base: cfg.restart_backoff,
+                backoff_max: cfg.restart_backoff_max,
+                stop_grace: cfg.stop_grace,
+                ..SupervisorConfig::new(&cfg.state_dir)
+            },
+            runtime,
+            images,
+            reports_tx,
+        )
+        .await?,
+    );
+
     sync::run(
         SyncConfig {
             controller: cfg.controller.clone(),
             server_name: cfg.tls_server_name.clone(),
             agent_version: env!("CARGO_PKG_VERSION").to_string(),
+            supervisor: supervisor.clone(),
         },
         id,
         metrics,
+        reports_rx,
         shutdown,
     )
     .await;
+    // Containers keep running: the next agent adopts them.
+    match Arc::try_unwrap(supervisor) {
+        Ok(s) => s.detach().await,
+        Err(_) => tracing::warn!("supervisor still shared at shutdown; leaving it"),
+    }
     let _ = metrics_task.await;
     tracing::info!("agent stopped");
     Ok(())

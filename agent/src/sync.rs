@@ -1,19 +1,25 @@
-//! The agent's side of the sync stream: hello, inventory, heartbeats and
-//! assignment acks up; welcome and assignments down. Reconnects with
-//! exponential backoff when the controller goes away.
+//! The agent's side of the sync stream: hello, inventory, heartbeats,
+//! instance states and events, assignment acks and log chunks up; welcome,
+//! assignments and log requests down. Reconnects with exponential backoff
+//! when the controller goes away; after each connect it sends a full
+//! instance report, so nothing that changed meanwhile is lost.
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use std::collections::HashMap;
+
 use ironmesh_proto::v1::{
     agent_message, controller_message, node_service_client::NodeServiceClient, AgentMessage,
-    AssignmentAck, Heartbeat, Hello, Inventory,
+    Assignment, AssignmentAck, Heartbeat, Hello, InstanceReport, InstanceState, Inventory,
+    LogChunk, LogRequest,
 };
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 
 use crate::identity::{endpoint, error_chain, NodeIdentity};
 use crate::metrics::AgentMetrics;
+use crate::supervisor::{DesiredInstance, Supervisor, SupervisorReport};
 
 /// First and largest reconnect delay.
 const BACKOFF_MIN: Duration = Duration::from_millis(200);
@@ -25,6 +31,33 @@ pub struct SyncConfig {
     pub controller: String,
     pub server_name: Option<String>,
     pub agent_version: String,
+    /// Runs what the assignments ask for.
+    pub supervisor: Arc<Supervisor>,
+}
+
+/// Where supervisor reports go: the open session's outbound queue, if any.
+type Outbound = watch::Sender<Option<mpsc::Sender<AgentMessage>>>;
+
+/// Forwards supervisor reports to the current session; while disconnected
+/// they are dropped (the next session starts with a full report).
+fn forward_reports(mut reports: mpsc::Receiver<SupervisorReport>) -> Outbound {
+    let (out, rx) = watch::channel::<Option<mpsc::Sender<AgentMessage>>>(None);
+    tokio::spawn(async move {
+        while let Some(r) = reports.recv().await {
+            let msg = match r {
+                SupervisorReport::State(st) => agent_message::Msg::Instances(InstanceReport {
+                    full: false,
+                    instances: vec![st],
+                }),
+                SupervisorReport::Event(ev) => agent_message::Msg::Event(ev),
+            };
+            let tx = rx.borrow().clone();
+            if let Some(tx) = tx {
+                let _ = tx.send(AgentMessage { msg: Some(msg) }).await;
+            }
+        }
+    });
+    out
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -44,8 +77,10 @@ pub async fn run(
     cfg: SyncConfig,
     id: NodeIdentity,
     metrics: Arc<AgentMetrics>,
+    reports: mpsc::Receiver<SupervisorReport>,
     shutdown: ironmesh_daemon::Shutdown,
 ) {
+    let outbound = forward_reports(reports);
     let mut backoff = BACKOFF_MIN;
     let mut acked: u64 = 0;
     loop {
@@ -53,7 +88,8 @@ pub async fn run(
             return;
         }
         let started = std::time::Instant::now();
-        let res = session(&cfg, &id, &metrics, &mut acked, shutdown.clone()).await;
+        let res = session(&cfg, &id, &metrics, &mut acked, &outbound, shutdown.clone()).await;
+        outbound.send_replace(None);
         metrics.connected.set(0);
         match res {
             Ok(()) => return,
@@ -80,6 +116,7 @@ async fn session(
     id: &NodeIdentity,
     metrics: &AgentMetrics,
     acked: &mut u64,
+    outbound: &Outbound,
     shutdown: ironmesh_daemon::Shutdown,
 ) -> Result<(), SyncError> {
     let channel = endpoint(&cfg.controller)
@@ -91,7 +128,7 @@ async fn session(
         .map_err(|e| SyncError::Connect(error_chain(&e)))?;
     let mut client = NodeServiceClient::new(channel);
 
-    let (tx, rx) = mpsc::channel::<AgentMessage>(32);
+    let (tx, rx) = mpsc::channel::<AgentMessage>(256);
     let send = |tx: &mpsc::Sender<AgentMessage>, m: agent_message::Msg| {
         let tx = tx.clone();
         async move {
@@ -139,6 +176,17 @@ async fn session(
         Err(s) => return Err(SyncError::Refused(s.message().to_string())),
     };
     metrics.connected.set(1);
+    // Everything the controller may have missed while we were away.
+    send(
+        &tx,
+        agent_message::Msg::Instances(InstanceReport {
+            full: true,
+            instances: cfg.supervisor.snapshot(),
+        }),
+    )
+    .await?;
+    outbound.send_replace(Some(tx.clone()));
+    let mut log_tasks: HashMap<u64, tokio::task::AbortHandle> = HashMap::new();
     let hb_every = Duration::from_millis(u64::from(welcome.heartbeat_interval_ms.max(100)));
     tracing::info!(node = %welcome.node_name, heartbeat_ms = hb_every.as_millis() as u64, "connected to controller");
 
@@ -148,16 +196,18 @@ async fn session(
     let mut seq: u64 = 0;
     let stop = shutdown.wait();
     tokio::pin!(stop);
-    loop {
+    let result = loop {
         tokio::select! {
-            _ = &mut stop => return Ok(()),
+            _ = &mut stop => break Ok(()),
             _ = heartbeat.tick() => {
                 seq += 1;
                 let now = std::time::SystemTime::now()
                     .duration_since(std::time::UNIX_EPOCH)
                     .map(|d| d.as_millis() as i64)
                     .unwrap_or_default();
-                send(&tx, agent_message::Msg::Heartbeat(Heartbeat { sequence: seq, sent_unix_ms: now })).await?;
+                if let Err(e) = send(&tx, agent_message::Msg::Heartbeat(Heartbeat { sequence: seq, sent_unix_ms: now })).await {
+                    break Err(e);
+                }
                 metrics.heartbeats.inc();
             }
             _ = refresh.tick() => {
@@ -166,7 +216,9 @@ async fn session(
                     metrics.observe_inventory(inv);
                     if inventory.as_ref().map(stable) != Some(stable(inv)) {
                         tracing::info!("inventory changed; reporting");
-                        send(&tx, agent_message::Msg::Inventory(inv.clone())).await?;
+                        if let Err(e) = send(&tx, agent_message::Msg::Inventory(inv.clone())).await {
+                            break Err(e);
+                        }
                         inventory = fresh;
                     }
                 }
@@ -174,20 +226,101 @@ async fn session(
             msg = inbound.message() => match msg {
                 Ok(Some(m)) => match m.msg {
                     Some(controller_message::Msg::Assignment(a)) => {
-                        tracing::debug!(revision = a.revision, "assignment received");
-                        *acked = a.revision;
-                        metrics.assignment_revision.set(a.revision as i64);
-                        send(&tx, agent_message::Msg::Ack(AssignmentAck { revision: a.revision })).await?;
+                        let revision = a.revision;
+                        tracing::debug!(revision, instances = a.instances.len(), "assignment received");
+                        let (desired, rejected) = desired_instances(a);
+                        for st in rejected {
+                            let _ = send(&tx, agent_message::Msg::Instances(InstanceReport { full: false, instances: vec![st] })).await;
+                        }
+                        cfg.supervisor.set_desired(desired).await;
+                        *acked = revision;
+                        metrics.assignment_revision.set(revision as i64);
+                        if let Err(e) = send(&tx, agent_message::Msg::Ack(AssignmentAck { revision })).await {
+                            break Err(e);
+                        }
                     }
-                    Some(controller_message::Msg::LogRequest(_)) | Some(controller_message::Msg::LogCancel(_)) => {}
+                    Some(controller_message::Msg::LogRequest(req)) => {
+                        log_tasks.retain(|_, t| !t.is_finished());
+                        let id = req.request_id;
+                        let task = tokio::spawn(serve_logs(cfg.supervisor.clone(), req, tx.clone()));
+                        log_tasks.insert(id, task.abort_handle());
+                    }
+                    Some(controller_message::Msg::LogCancel(c)) => {
+                        if let Some(t) = log_tasks.remove(&c.request_id) {
+                            t.abort();
+                        }
+                    }
                     Some(controller_message::Msg::Welcome(_)) => {
-                        return Err(SyncError::Protocol("second Welcome".into()));
+                        break Err(SyncError::Protocol("second Welcome".into()));
                     }
-                    None => return Err(SyncError::Protocol("empty controller message".into())),
+                    None => break Err(SyncError::Protocol("empty controller message".into())),
                 },
-                Ok(None) => return Err(SyncError::Broken("controller closed the stream".into())),
-                Err(s) => return Err(SyncError::Broken(format!("{:?}: {}", s.code(), s.message()))),
+                Ok(None) => break Err(SyncError::Broken("controller closed the stream".into())),
+                Err(s) => break Err(SyncError::Broken(format!("{:?}: {}", s.code(), s.message()))),
             }
+        }
+    };
+    for (_, t) in log_tasks {
+        t.abort();
+    }
+    result
+}
+
+/// The instances of an assignment, decoded. Instances whose spec cannot be
+/// read are not run; a Failed state says why.
+fn desired_instances(a: Assignment) -> (Vec<DesiredInstance>, Vec<InstanceState>) {
+    let mut desired = Vec::with_capacity(a.instances.len());
+    let mut rejected = Vec::new();
+    for i in a.instances {
+        match serde_json::from_str::<ironmesh_api::workload::WorkloadSpec>(&i.spec_json) {
+            Ok(spec) => desired.push(DesiredInstance {
+                name: i.name,
+                workload: i.workload,
+                spec_generation: i.spec_generation,
+                spec,
+                image_digest: i.image_digest,
+            }),
+            Err(e) => {
+                tracing::warn!(instance = %i.name, error = %e, "assignment carries an unreadable spec");
+                rejected.push(InstanceState {
+                    name: i.name,
+                    phase: "Failed".into(),
+                    reason: "InvalidSpec".into(),
+                    message: format!("this agent cannot read the instance spec: {e}"),
+                    spec_generation: i.spec_generation,
+                    ..Default::default()
+                });
+            }
+        }
+    }
+    (desired, rejected)
+}
+
+/// Answers one log request: the recorded output, then (with follow) new
+/// output until cancelled, as LogChunk messages.
+async fn serve_logs(supervisor: Arc<Supervisor>, req: LogRequest, tx: mpsc::Sender<AgentMessage>) {
+    let chunk = |data: Vec<u8>, eof: bool, error: String| AgentMessage {
+        msg: Some(agent_message::Msg::Log(LogChunk {
+            request_id: req.request_id,
+            data,
+            eof,
+            error,
+        })),
+    };
+    match supervisor
+        .logs(&req.instance, req.tail_lines, req.follow)
+        .await
+    {
+        Ok(mut rx) => {
+            while let Some(data) = rx.recv().await {
+                if tx.send(chunk(data, false, String::new())).await.is_err() {
+                    return;
+                }
+            }
+            let _ = tx.send(chunk(Vec::new(), true, String::new())).await;
+        }
+        Err(e) => {
+            let _ = tx.send(chunk(Vec::new(), true, e.to_string())).await;
         }
     }
 }

@@ -13,7 +13,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use futures::StreamExt;
 use ironmesh_api::Kind;
 use ironmesh_proto::v1::{
-    watch_event, ApplyRequest, DeleteRequest, GetRequest, ListRequest, WatchRequest,
+    watch_event, ApplyRequest, DeleteRequest, GetRequest, ListRequest, LogsRequest, WatchRequest,
 };
 use serde_json::Value;
 
@@ -53,9 +53,9 @@ enum Command {
     },
     /// List objects of a kind, or show one.
     Get {
-        /// nodes, workloads, services, policies, volumes, pipelines,
-        /// pipelineruns, sources (short names: no, wl, svc, pol, vol, pl,
-        /// plr, src).
+        /// nodes, workloads, instances, services, policies, volumes,
+        /// pipelines, pipelineruns, sources (short names: no, wl, inst, svc,
+        /// pol, vol, pl, plr, src).
         kind: String,
         name: Option<String>,
         #[arg(short, long, value_enum)]
@@ -67,8 +67,19 @@ enum Command {
         #[arg(short, long)]
         watch: bool,
     },
-    /// Show one object in detail.
+    /// Show one object in detail (workloads and instances with their
+    /// instances and recent events).
     Describe { kind: String, name: String },
+    /// Print an instance's stdout and stderr, as recorded on its node.
+    Logs {
+        instance: String,
+        /// Keep printing new output until interrupted.
+        #[arg(short, long)]
+        follow: bool,
+        /// Only the last N lines.
+        #[arg(long)]
+        tail: Option<u32>,
+    },
     /// Delete objects by kind and name, or those named in manifests.
     Delete {
         kind: Option<String>,
@@ -217,7 +228,55 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .await
                 .map_err(status_err)?
                 .into_inner();
-            print!("{}", output::describe(k, &parse_obj(&r.json)?));
+            let obj = parse_obj(&r.json)?;
+            print!("{}", output::describe(k, &obj));
+            match k {
+                Kind::Workload => {
+                    let r = api
+                        .list(ListRequest {
+                            kind: Kind::Instance.as_str().into(),
+                            label_selector: format!(
+                                "{}={}",
+                                ironmesh_api::instance::WORKLOAD_LABEL,
+                                s_of(&obj, "/metadata/name")
+                            ),
+                        })
+                        .await
+                        .map_err(status_err)?
+                        .into_inner();
+                    let instances = r
+                        .items
+                        .iter()
+                        .map(|i| parse_obj(&i.json))
+                        .collect::<anyhow::Result<Vec<_>>>()?;
+                    print!("{}", output::instances_and_events(&instances));
+                }
+                Kind::Instance => print!("{}", output::instances_and_events(&[obj])),
+                _ => {}
+            }
+        }
+        Command::Logs {
+            instance,
+            follow,
+            tail,
+        } => {
+            use std::io::Write;
+            let mut api = client::connect(&cfg).await?;
+            let mut stream = api
+                .logs(LogsRequest {
+                    instance,
+                    follow,
+                    tail_lines: tail.unwrap_or(0),
+                })
+                .await
+                .map_err(status_err)?
+                .into_inner();
+            let mut stdout = std::io::stdout().lock();
+            while let Some(chunk) = stream.next().await {
+                let chunk = chunk.map_err(status_err)?;
+                stdout.write_all(&chunk.data)?;
+                stdout.flush()?;
+            }
         }
         Command::Delete {
             kind: k,
@@ -272,6 +331,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+fn s_of<'a>(o: &'a Value, ptr: &str) -> &'a str {
+    o.pointer(ptr).and_then(Value::as_str).unwrap_or_default()
 }
 
 fn parse_obj(json: &str) -> anyhow::Result<Value> {

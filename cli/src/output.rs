@@ -261,7 +261,12 @@ pub fn table(kind: Kind, objects: &[Value], wide: bool) -> String {
         .map(str::to_string)
         .collect::<Vec<_>>()];
     rows.extend(objects.iter().map(|o| row(kind, o, wide)));
-    let n = rows[0].len();
+    align(rows)
+}
+
+/// Left-aligned columns, three spaces apart; the last column is not padded.
+fn align(rows: Vec<Vec<String>>) -> String {
+    let n = rows.first().map(Vec::len).unwrap_or(0);
     let widths: Vec<usize> = (0..n)
         .map(|i| rows.iter().map(|r| r[i].chars().count()).max().unwrap_or(0))
         .collect();
@@ -400,10 +405,70 @@ pub fn describe(kind: Kind, o: &Value) -> String {
             out.push_str("Spec:\n");
             out.push_str(&indent(&serde_yaml::to_string(spec).unwrap_or_default()));
         }
-        if let Some(status) = o.get("status") {
+        if let Some(status) = o.get("status").filter(|_| kind != Kind::Instance) {
             out.push_str("Status:\n");
             out.push_str(&indent(&serde_yaml::to_string(status).unwrap_or_default()));
         }
+    }
+    out
+}
+
+/// The instances of a workload (or one instance) and their recent events,
+/// oldest first, for `imctl describe`.
+pub fn instances_and_events(instances: &[Value]) -> String {
+    let mut out = String::new();
+    if instances.is_empty() {
+        out.push_str("Instances:      <none>\n");
+    } else {
+        out.push_str("Instances:\n");
+        let table = table(Kind::Instance, instances, true);
+        out.push_str(&indent(&table));
+        for i in instances {
+            let msg = s(i, "/status/message");
+            if !msg.is_empty() {
+                out.push_str(&format!("  {}: {msg}\n", s(i, "/metadata/name")));
+            }
+        }
+    }
+    let mut events: Vec<(String, String, String, String, u64, String)> = Vec::new();
+    for i in instances {
+        for e in i
+            .pointer("/status/events")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+        {
+            events.push((
+                s(e, "/time").to_string(),
+                s(e, "/type").to_string(),
+                s(e, "/reason").to_string(),
+                s(i, "/metadata/name").to_string(),
+                e.get("count").and_then(Value::as_u64).unwrap_or(1),
+                s(e, "/message").to_string(),
+            ));
+        }
+    }
+    events.sort();
+    if events.is_empty() {
+        out.push_str("Events:         <none>\n");
+    } else {
+        out.push_str("Events:\n");
+        let mut rows = vec![vec![
+            "AGE".to_string(),
+            "TYPE".to_string(),
+            "REASON".to_string(),
+            "INSTANCE".to_string(),
+            "MESSAGE".to_string(),
+        ]];
+        for (time, ty, reason, inst, count, msg) in events {
+            let age = if count > 1 {
+                format!("{} (x{count})", age(&time))
+            } else {
+                age(&time)
+            };
+            rows.push(vec![age, ty, reason, inst, msg]);
+        }
+        out.push_str(&indent(&align(rows)));
     }
     out
 }

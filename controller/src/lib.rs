@@ -16,5 +16,7 @@ pub mod node_api;
 pub mod operator_api;
 pub mod pki;
 pub mod resources;
+pub mod scheduler;
 pub mod server;
 pub mod store;
+pub mod workloads;

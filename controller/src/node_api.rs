@@ -14,7 +14,8 @@ use futures::Stream;
 use ironmesh_api::Kind;
 use ironmesh_proto::v1::{
     agent_message, controller_message, node_service_server::NodeService, AgentMessage, Assignment,
-    ControllerMessage, FetchBlobRequest, Inventory, JoinRequest, JoinResponse, Welcome,
+    ControllerMessage, FetchBlobRequest, InstanceAssignment, InstanceEvent, InstanceState,
+    Inventory, JoinRequest, JoinResponse, Welcome,
 };
 use serde_json::{json, Value};
 use subtle::ConstantTimeEq;
@@ -164,39 +165,34 @@ impl NodeService for NodeApi {
         self.metrics.sync_streams.inc();
         tracing::info!(node = %node, session, agent_version = %hello.agent_version, acked = hello.acked_revision, "sync stream opened");
 
-        let (tx, rx) = mpsc::channel::<Result<ControllerMessage, Status>>(16);
+        let (tx, rx) = mpsc::channel::<Result<ControllerMessage, Status>>(64);
         let welcome = ControllerMessage {
             msg: Some(controller_message::Msg::Welcome(Welcome {
                 node_name: node.clone(),
                 heartbeat_interval_ms: self.heartbeat_interval.as_millis() as u32,
             })),
         };
-        let revision = self
-            .resources
-            .store()
-            .revision()
-            .await
-            .map_err(|e| Status::unavailable(e.to_string()))?;
-        let assignment = ControllerMessage {
-            msg: Some(controller_message::Msg::Assignment(Assignment {
-                revision,
-                instances: Vec::new(),
-            })),
-        };
-        // Capacity 16 and a fresh channel: these two cannot block.
+        // A fresh channel with room for 64: this cannot block.
         let _ = tx.send(Ok(welcome)).await;
-        let _ = tx.send(Ok(assignment)).await;
+        self.logs.connect(&node, session, tx.clone());
+        tokio::spawn(push_assignments(
+            node.clone(),
+            self.resources.clone(),
+            self.images.clone(),
+            tx.clone(),
+        ));
 
         let resources = self.resources.clone();
         let liveness = self.liveness.clone();
         let metrics = self.metrics.clone();
+        let logs = self.logs.clone();
         tokio::spawn(async move {
             let outcome = loop {
                 tokio::select! {
                     _ = tx.closed() => break "controller side closed".to_string(),
                     msg = inbound.message() => match msg {
                         Ok(Some(m)) => {
-                            if let Err(e) = handle_agent_message(&node, session, m, &resources, &liveness, &metrics).await {
+                            if let Err(e) = handle_agent_message(&node, session, m, &resources, &liveness, &metrics, &logs).await {
                                 let _ = tx.send(Err(e.clone())).await;
                                 break e.message().to_string();
                             }
@@ -207,6 +203,7 @@ impl NodeService for NodeApi {
                 }
             };
             liveness.disconnect(&node, session);
+            logs.disconnect(&node, session);
             metrics.sync_streams.dec();
             tracing::info!(node = %node, session, reason = %outcome, "sync stream ended");
         });
@@ -261,6 +258,7 @@ async fn handle_agent_message(
     resources: &Resources,
     liveness: &Liveness,
     metrics: &ControllerMetrics,
+    logs: &crate::logs::LogRelay,
 ) -> Result<(), Status> {
     match m.msg {
         Some(agent_message::Msg::Heartbeat(_)) => {
@@ -290,14 +288,243 @@ async fn handle_agent_message(
         Some(agent_message::Msg::Ack(a)) => {
             tracing::debug!(node, revision = a.revision, "assignment acknowledged");
         }
-        Some(agent_message::Msg::Instances(_))
-        | Some(agent_message::Msg::Event(_))
-        | Some(agent_message::Msg::Log(_)) => {}
+        Some(agent_message::Msg::Instances(report)) => {
+            liveness.heartbeat(node, session);
+            for st in report.instances {
+                record_instance_state(resources, node, st).await?;
+            }
+        }
+        Some(agent_message::Msg::Event(ev)) => {
+            record_instance_event(resources, node, ev).await?;
+        }
+        Some(agent_message::Msg::Log(chunk)) => logs.deliver(node, chunk).await,
         Some(agent_message::Msg::Hello(_)) => {
             return Err(Status::invalid_argument("Hello may only be sent once"));
         }
         None => return Err(Status::invalid_argument("empty agent message")),
     }
+    Ok(())
+}
+
+/// The node's assignment: every instance bound to it, with its spec and the
+/// digest its image resolves to in the image store.
+pub async fn assignment_for(
+    resources: &Resources,
+    images: &crate::images::ImageStore,
+    node: &str,
+) -> Result<Assignment, Status> {
+    let revision = resources
+        .store()
+        .revision()
+        .await
+        .map_err(|e| Status::unavailable(e.to_string()))?;
+    let (list, _) = resources
+        .list(
+            Kind::Instance,
+            &ironmesh_api::selector::LabelSelector::default(),
+        )
+        .await
+        .map_err(|e| Status::unavailable(e.to_string()))?;
+    let mut instances = Vec::new();
+    for o in list {
+        if o.object.pointer("/spec/node").and_then(Value::as_str) != Some(node) {
+            continue;
+        }
+        let Some(template) = o.object.pointer("/spec/template") else {
+            continue;
+        };
+        let image = template
+            .get("image")
+            .and_then(Value::as_str)
+            .unwrap_or_default();
+        instances.push(InstanceAssignment {
+            name: o.name.clone(),
+            workload: o
+                .object
+                .pointer("/spec/workload")
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+                .to_string(),
+            spec_generation: o
+                .object
+                .pointer("/spec/workloadGeneration")
+                .and_then(Value::as_u64)
+                .unwrap_or(0),
+            spec_json: template.to_string(),
+            image_digest: images.resolve(image).await.unwrap_or_default(),
+        });
+    }
+    instances.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(Assignment {
+        revision,
+        instances,
+    })
+}
+
+/// Sends the node's assignment now and again whenever it changes, until the
+/// stream closes. Any store change may change it (instances, images), so
+/// every change recomputes it; only a different one is sent.
+async fn push_assignments(
+    node: String,
+    resources: Resources,
+    images: crate::images::ImageStore,
+    tx: mpsc::Sender<Result<ControllerMessage, Status>>,
+) {
+    use futures::{FutureExt, StreamExt};
+    let mut last: Option<Vec<InstanceAssignment>> = None;
+    loop {
+        let rev = match resources.store().revision().await {
+            Ok(r) => r,
+            Err(e) => {
+                let _ = tx.send(Err(Status::unavailable(e.to_string()))).await;
+                return;
+            }
+        };
+        let mut events = match resources.store().watch("/", rev).await {
+            Ok(w) => w,
+            Err(e) => {
+                let _ = tx.send(Err(Status::unavailable(e.to_string()))).await;
+                return;
+            }
+        };
+        loop {
+            match assignment_for(&resources, &images, &node).await {
+                Ok(a) => {
+                    if last.as_ref() != Some(&a.instances) {
+                        last = Some(a.instances.clone());
+                        tracing::debug!(node = %node, revision = a.revision, instances = a.instances.len(), "assignment sent");
+                        let msg = ControllerMessage {
+                            msg: Some(controller_message::Msg::Assignment(a)),
+                        };
+                        if tx.send(Ok(msg)).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(node = %node, error = %e.message(), "cannot compute assignment")
+                }
+            }
+            tokio::select! {
+                _ = tx.closed() => return,
+                ev = events.next() => match ev {
+                    Some(Ok(_)) => while let Some(Some(Ok(_))) = events.next().now_or_never() {},
+                    _ => break,
+                },
+            }
+        }
+    }
+}
+
+/// Records what the agent on `node` says about one of its instances. Reports
+/// about instances bound elsewhere, or about an older spec, are ignored.
+async fn record_instance_state(
+    resources: &Resources,
+    node: &str,
+    st: InstanceState,
+) -> Result<(), Status> {
+    if !valid_node_name(&st.name) {
+        return Err(Status::invalid_argument(format!(
+            "instance name {:?} in a report is not valid",
+            st.name
+        )));
+    }
+    let started_at = (st.started_unix_ms > 0).then(|| {
+        crate::resources::rfc3339(
+            std::time::UNIX_EPOCH + Duration::from_millis(st.started_unix_ms as u64),
+        )
+    });
+    resources
+        .update(Kind::Instance, &st.name, |cur| {
+            let mut o = cur?.clone();
+            if o.pointer("/spec/node").and_then(Value::as_str) != Some(node)
+                || o.pointer("/spec/workloadGeneration")
+                    .and_then(Value::as_u64)
+                    != Some(st.spec_generation)
+            {
+                return None;
+            }
+            let events = o.pointer("/status/events").cloned();
+            let mut status = json!({
+                "phase": crate::workloads::parse_phase(&st.phase),
+                "ready": st.ready,
+                "restarts": st.restarts,
+            });
+            if st.has_exit_code {
+                status["exitCode"] = json!(st.exit_code);
+            }
+            if !st.reason.is_empty() {
+                status["reason"] = json!(st.reason);
+            }
+            if !st.message.is_empty() {
+                status["message"] = json!(st.message);
+            }
+            if st.pid > 0 {
+                status["pid"] = json!(st.pid);
+            }
+            if let Some(t) = &started_at {
+                status["startedAt"] = json!(t);
+            }
+            if let Some(ev) = events {
+                status["events"] = ev;
+            }
+            o["status"] = status;
+            Some(o)
+        })
+        .await
+        .map_err(|e| Status::unavailable(format!("cannot record instance {:?}: {e}", st.name)))?;
+    Ok(())
+}
+
+/// Appends an event to the instance's recent events.
+async fn record_instance_event(
+    resources: &Resources,
+    node: &str,
+    ev: InstanceEvent,
+) -> Result<(), Status> {
+    if !valid_node_name(&ev.instance) {
+        return Err(Status::invalid_argument(format!(
+            "instance name {:?} in an event is not valid",
+            ev.instance
+        )));
+    }
+    let time = crate::resources::rfc3339(
+        std::time::UNIX_EPOCH + Duration::from_millis(ev.unix_ms.max(0) as u64),
+    );
+    let event = ironmesh_api::instance::Event {
+        kind: if ev.r#type == "Warning" {
+            "Warning"
+        } else {
+            "Normal"
+        }
+        .to_string(),
+        reason: ev.reason.clone(),
+        message: ev.message.clone(),
+        time,
+        count: 1,
+    };
+    resources
+        .update(Kind::Instance, &ev.instance, |cur| {
+            let mut o = cur?.clone();
+            if o.pointer("/spec/node").and_then(Value::as_str) != Some(node) {
+                return None;
+            }
+            let mut events: Vec<ironmesh_api::instance::Event> = o
+                .pointer("/status/events")
+                .cloned()
+                .and_then(|v| serde_json::from_value(v).ok())
+                .unwrap_or_default();
+            ironmesh_api::instance::record_event(&mut events, event.clone());
+            if !o.get("status").is_some_and(Value::is_object) {
+                o["status"] = json!({});
+            }
+            o["status"]["events"] = json!(events);
+            Some(o)
+        })
+        .await
+        .map_err(|e| {
+            Status::unavailable(format!("cannot record event of {:?}: {e}", ev.instance))
+        })?;
     Ok(())
 }
 

@@ -80,6 +80,7 @@ pub async fn run(cfg: ControllerConfig, shutdown: Shutdown) -> Result<(), Server
     let images = crate::images::ImageStore::open(cfg.data_dir.join("images"), store.clone())
         .map_err(|e| ServerError::Config(e.to_string()))?;
     let logs = crate::logs::LogRelay::default();
+    let workloads = tokio::spawn(crate::workloads::run(resources.clone(), shutdown.clone()));
     let node_api = NodeApi {
         ca: Arc::new(creds.ca),
         images: images.clone(),
@@ -135,6 +136,7 @@ pub async fn run(cfg: ControllerConfig, shutdown: Shutdown) -> Result<(), Server
         .await
         .map_err(|e| ServerError::Serve(e.to_string()))?;
     let _ = reconciler.await;
+    let _ = workloads.await;
     let _ = metrics_task.await;
     tracing::info!("controller stopped");
     Ok(())

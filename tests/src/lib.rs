@@ -13,8 +13,27 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
+
+pub mod containerd;
+pub use containerd::Containerd;
 use serde_json::Value;
 use tempfile::TempDir;
+
+/// The OCI image layouts `build-images` wrote (`target/images/<image>/`);
+/// the README's test command builds them first.
+pub fn images_dir() -> PathBuf {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root")
+        .to_path_buf();
+    let dir = root.join("target").join("images");
+    assert!(
+        dir.join("records-server").join("index.json").exists(),
+        "no images in {}: run `cargo run -p ironmesh-images --bin build-images` (scripts/test.sh does)",
+        dir.display()
+    );
+    dir
+}
 
 /// Directory holding the workspace's built binaries (next to `deps/`).
 pub fn bin_dir() -> PathBuf {
@@ -275,12 +294,15 @@ pub fn ready_status(node: &Value) -> Option<String> {
         .map(str::to_string)
 }
 
-/// An agent process with its own state directory.
+/// An agent process with its own state directory and its own containerd.
+/// Fields drop in order: the agent, then containerd (with every container
+/// it ran), then the directory.
 pub struct Agent {
+    pub proc: Proc,
+    pub containerd: Containerd,
     pub dir: TempDir,
     pub name: String,
     pub metrics: SocketAddr,
-    pub proc: Proc,
     starts: usize,
 }
 
@@ -293,8 +315,18 @@ impl Agent {
             .expect("tempdir");
         let metrics = free_addr();
         let token = std::fs::read_to_string(ctl.token_file()).expect("token file");
-        let proc = Self::spawn(ctl, dir.path(), name, metrics, Some(token.trim()), 1);
+        let containerd = Containerd::start(name);
+        let proc = Self::spawn(
+            ctl,
+            dir.path(),
+            &containerd,
+            name,
+            metrics,
+            Some(token.trim()),
+            1,
+        );
         Agent {
+            containerd,
             dir,
             name: name.to_string(),
             metrics,
@@ -310,8 +342,10 @@ impl Agent {
             .tempdir()
             .expect("tempdir");
         let metrics = free_addr();
-        let proc = Self::spawn(ctl, dir.path(), name, metrics, Some(token), 1);
+        let containerd = Containerd::start(name);
+        let proc = Self::spawn(ctl, dir.path(), &containerd, name, metrics, Some(token), 1);
         Agent {
+            containerd,
             dir,
             name: name.to_string(),
             metrics,
@@ -323,6 +357,7 @@ impl Agent {
     fn spawn(
         ctl: &Controller,
         dir: &Path,
+        containerd: &Containerd,
         name: &str,
         metrics: SocketAddr,
         token: Option<&str>,
@@ -339,6 +374,17 @@ impl Agent {
             .arg(dir.join("state"))
             .arg("--metrics-listen")
             .arg(metrics.to_string())
+            .arg("--containerd-socket")
+            .arg(containerd.socket())
+            .arg("--containerd-namespace")
+            .arg(containerd.namespace())
+            // Short enough that restart tests see several restarts quickly.
+            .arg("--restart-backoff")
+            .arg("200ms")
+            .arg("--restart-backoff-max")
+            .arg("2s")
+            .arg("--stop-grace")
+            .arg("2s")
             .env("RUST_LOG", "info,ironmesh_agent=debug");
         if let Some(t) = token {
             cmd.env("IRONMESH_BOOTSTRAP_TOKEN", t);
@@ -354,6 +400,7 @@ impl Agent {
         self.proc = Self::spawn(
             ctl,
             self.dir.path(),
+            &self.containerd,
             &self.name,
             self.metrics,
             None,

@@ -1,0 +1,458 @@
+//! The workload controller: keeps exactly `replicas` Instances per Workload,
+//! binds new ones to nodes through the [`scheduler`](crate::scheduler),
+//! replaces instances of an older workload generation, removes instances
+//! whose workload is gone, and summarises instance status into the
+//! Workload's status.
+//!
+//! It runs after every store change (coalesced) and on a slow tick, so an
+//! instance that did not fit is retried when a node joins or frees room.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
+
+use ironmesh_api::instance::{InstanceSpec, InstanceStatus, WORKLOAD_LABEL};
+use ironmesh_api::selector::LabelSelector;
+use ironmesh_api::workload::{InstancePhase, WorkloadSpec};
+use ironmesh_api::Kind;
+use rand::Rng;
+use serde_json::{json, Value};
+
+use crate::liveness::ready_status;
+use crate::resources::{ResourceError, Resources, StoredObject};
+use crate::scheduler::{Cluster, NodeCapacity, Request};
+
+/// Longest wait between passes when nothing changes.
+const RESYNC: Duration = Duration::from_secs(2);
+
+/// Runs passes until `shutdown`.
+pub async fn run(resources: Resources, shutdown: ironmesh_daemon::Shutdown) {
+    use futures::StreamExt;
+    let stopped = shutdown.clone().wait();
+    tokio::pin!(stopped);
+    loop {
+        // (Re)open the watch first, then pass: no change can fall between.
+        let rev = match resources.store().revision().await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(error = %e, "workload controller cannot read the store revision");
+                tokio::select! {
+                    _ = &mut stopped => return,
+                    _ = tokio::time::sleep(RESYNC) => continue,
+                }
+            }
+        };
+        let mut events = match resources.store().watch("/registry/", rev).await {
+            Ok(w) => w,
+            Err(e) => {
+                tracing::warn!(error = %e, "workload controller cannot watch the store");
+                tokio::select! {
+                    _ = &mut stopped => return,
+                    _ = tokio::time::sleep(RESYNC) => continue,
+                }
+            }
+        };
+        loop {
+            if let Err(e) = reconcile(&resources).await {
+                tracing::warn!(error = %e, "workload pass failed");
+            }
+            tokio::select! {
+                _ = &mut stopped => return,
+                _ = tokio::time::sleep(RESYNC) => {}
+                ev = events.next() => match ev {
+                    Some(Ok(_)) => {
+                        // Coalesce a burst (an apply of many objects, our own writes).
+                        while let Some(Some(Ok(_))) = events.next().now_or_never() {}
+                    }
+                    Some(Err(e)) => {
+                        tracing::warn!(error = %e, "store watch broke; reopening");
+                        break;
+                    }
+                    None => break,
+                },
+            }
+        }
+    }
+}
+
+use futures::FutureExt;
+
+/// A Workload as the controller needs it.
+struct WorkloadView {
+    name: String,
+    generation: u64,
+    spec: WorkloadSpec,
+    labels: BTreeMap<String, String>,
+    object: Value,
+}
+
+/// An Instance as the controller needs it.
+#[derive(Clone)]
+struct InstanceView {
+    name: String,
+    spec: InstanceSpec,
+    status: InstanceStatus,
+    created: String,
+}
+
+fn request_of(spec: &WorkloadSpec) -> Request {
+    Request {
+        cpu_millis: spec.resources.cpu_millis().unwrap_or(0),
+        memory_bytes: spec.resources.memory_bytes().unwrap_or(0),
+    }
+}
+
+fn node_capacity(o: &StoredObject) -> NodeCapacity {
+    let q = |p: &str| o.object.pointer(p).and_then(Value::as_str).unwrap_or("0");
+    NodeCapacity {
+        name: o.name.clone(),
+        ready: ready_status(&o.object) == Some("True"),
+        unschedulable: o
+            .object
+            .pointer("/spec/unschedulable")
+            .and_then(Value::as_bool)
+            == Some(true),
+        cpu_millis: ironmesh_api::quantity::parse_cpu_millis(q("/status/allocatable/cpu"))
+            .unwrap_or(0),
+        memory_bytes: ironmesh_api::quantity::parse_bytes(q("/status/allocatable/memory"))
+            .unwrap_or(0),
+    }
+}
+
+fn instance_view(o: &StoredObject) -> Option<InstanceView> {
+    let spec: InstanceSpec = match serde_json::from_value(o.object.get("spec")?.clone()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(instance = %o.name, error = %e, "unreadable instance spec");
+            return None;
+        }
+    };
+    let status: InstanceStatus = o
+        .object
+        .get("status")
+        .cloned()
+        .and_then(|s| serde_json::from_value(s).ok())
+        .unwrap_or_default();
+    Some(InstanceView {
+        name: o.name.clone(),
+        spec,
+        status,
+        created: o
+            .object
+            .pointer("/metadata/creationTimestamp")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_string(),
+    })
+}
+
+/// True if both specs run the same thing (they may differ in replicas).
+fn same_template(a: &WorkloadSpec, b: &WorkloadSpec) -> bool {
+    let mut a = a.clone();
+    a.replicas = b.replicas;
+    &a == b
+}
+
+/// A fresh instance name: `<workload>-<5 random letters and digits>`.
+fn instance_name(workload: &str) -> String {
+    const ALPHABET: &[u8] = b"bcdfghjklmnpqrstvwxz2456789";
+    let mut rng = rand::rng();
+    let suffix: String = (0..5)
+        .map(|_| ALPHABET[rng.random_range(0..ALPHABET.len())] as char)
+        .collect();
+    let base: String = workload.chars().take(57).collect();
+    format!("{}-{suffix}", base.trim_end_matches('-'))
+}
+
+/// One pass over all workloads.
+pub async fn reconcile(resources: &Resources) -> Result<(), ResourceError> {
+    let all = LabelSelector::default();
+    let (workloads, _) = resources.list(Kind::Workload, &all).await?;
+    let (instances, _) = resources.list(Kind::Instance, &all).await?;
+    let (nodes, _) = resources.list(Kind::Node, &all).await?;
+
+    let workloads: Vec<WorkloadView> = workloads
+        .iter()
+        .filter_map(|o| {
+            let spec: WorkloadSpec = serde_json::from_value(o.object.get("spec")?.clone()).ok()?;
+            Some(WorkloadView {
+                name: o.name.clone(),
+                generation: o
+                    .object
+                    .pointer("/metadata/generation")
+                    .and_then(Value::as_u64)
+                    .unwrap_or(1),
+                labels: crate::resources::labels_of(&o.object),
+                spec,
+                object: o.object.clone(),
+            })
+        })
+        .collect();
+    let instances: Vec<InstanceView> = instances.iter().filter_map(instance_view).collect();
+
+    let mut cluster = Cluster::new(nodes.iter().map(node_capacity).collect());
+    for i in &instances {
+        if let Some(n) = &i.spec.node {
+            cluster.book(n, request_of(&i.spec.template));
+        }
+    }
+
+    let mut by_workload: HashMap<&str, Vec<&InstanceView>> = HashMap::new();
+    for i in &instances {
+        by_workload
+            .entry(i.spec.workload.as_str())
+            .or_default()
+            .push(i);
+    }
+
+    // Instances whose workload is gone.
+    for i in &instances {
+        if !workloads.iter().any(|w| w.name == i.spec.workload) {
+            delete_instance(resources, &i.name, "its workload was deleted").await?;
+        }
+    }
+
+    for w in &workloads {
+        let owned = by_workload.remove(w.name.as_str()).unwrap_or_default();
+        // Only a change of what runs replaces instances; scaling does not.
+        let (mut current, stale): (Vec<&InstanceView>, Vec<&InstanceView>) = owned
+            .into_iter()
+            .partition(|i| same_template(&i.spec.template, &w.spec));
+        for i in &stale {
+            delete_instance(resources, &i.name, "its workload changed").await?;
+        }
+        let want = usize::try_from(w.spec.replicas.max(0)).unwrap_or(0);
+        // Scale down: drop unplaced and not-ready ones first, then the newest.
+        if current.len() > want {
+            current.sort_by(|a, b| {
+                (
+                    a.spec.node.is_some(),
+                    a.status.ready,
+                    std::cmp::Reverse(&a.created),
+                )
+                    .cmp(&(
+                        b.spec.node.is_some(),
+                        b.status.ready,
+                        std::cmp::Reverse(&b.created),
+                    ))
+            });
+            let extra = current.len() - want;
+            for i in current.drain(..extra) {
+                delete_instance(resources, &i.name, "scaled down").await?;
+            }
+        }
+        // Bind unplaced instances when a node has room now.
+        for i in &current {
+            if i.spec.node.is_none() {
+                let placed = cluster.place(request_of(&i.spec.template));
+                bind(resources, &i.name, placed).await?;
+            }
+        }
+        let mut created = Vec::new();
+        for _ in current.len()..want {
+            let placed = cluster.place(request_of(&w.spec));
+            created.push(create_instance(resources, w, placed).await?);
+        }
+        write_workload_status(resources, w, &current, &created).await?;
+    }
+    Ok(())
+}
+
+async fn delete_instance(
+    resources: &Resources,
+    name: &str,
+    why: &str,
+) -> Result<(), ResourceError> {
+    match resources.delete(Kind::Instance, name).await {
+        Ok(_) | Err(ResourceError::NotFound { .. }) => {
+            tracing::info!(instance = %name, reason = %why, "instance removed");
+            Ok(())
+        }
+        Err(e) => Err(e),
+    }
+}
+
+fn unschedulable_status(message: &str) -> Value {
+    json!({"phase": "Pending", "reason": "Unschedulable", "message": message})
+}
+
+async fn create_instance(
+    resources: &Resources,
+    w: &WorkloadView,
+    placed: Result<String, String>,
+) -> Result<InstanceView, ResourceError> {
+    let name = instance_name(&w.name);
+    let mut labels = w.labels.clone();
+    labels.insert(WORKLOAD_LABEL.to_string(), w.name.clone());
+    let spec = InstanceSpec {
+        workload: w.name.clone(),
+        workload_generation: w.generation,
+        node: placed.as_ref().ok().cloned(),
+        template: w.spec.clone(),
+    };
+    let status = match &placed {
+        Ok(_) => json!({"phase": "Pending", "reason": "Scheduled"}),
+        Err(why) => unschedulable_status(why),
+    };
+    let object = json!({
+        "apiVersion": ironmesh_api::API_VERSION,
+        "kind": "Instance",
+        "metadata": {"name": name, "labels": labels},
+        "spec": spec,
+        "status": status,
+    });
+    resources
+        .update(Kind::Instance, &name, |cur| {
+            cur.is_none().then(|| object.clone())
+        })
+        .await?;
+    match &placed {
+        Ok(node) => tracing::info!(instance = %name, workload = %w.name, %node, "instance placed"),
+        Err(why) => {
+            tracing::info!(instance = %name, workload = %w.name, reason = %why, "instance unschedulable")
+        }
+    }
+    Ok(InstanceView {
+        name,
+        spec,
+        status: serde_json::from_value(status).unwrap_or_default(),
+        created: String::new(),
+    })
+}
+
+async fn bind(
+    resources: &Resources,
+    name: &str,
+    placed: Result<String, String>,
+) -> Result<(), ResourceError> {
+    resources
+        .update(Kind::Instance, name, |cur| {
+            let mut o = cur?.clone();
+            if o.pointer("/spec/node").is_some_and(|n| !n.is_null()) {
+                return None;
+            }
+            match &placed {
+                Ok(node) => {
+                    o["spec"]["node"] = json!(node);
+                    o["status"] = json!({"phase": "Pending", "reason": "Scheduled"});
+                }
+                Err(why) => o["status"] = unschedulable_status(why),
+            }
+            Some(o)
+        })
+        .await?;
+    if let Ok(node) = &placed {
+        tracing::info!(instance = %name, %node, "instance placed");
+    }
+    Ok(())
+}
+
+async fn write_workload_status(
+    resources: &Resources,
+    w: &WorkloadView,
+    current: &[&InstanceView],
+    created: &[InstanceView],
+) -> Result<(), ResourceError> {
+    let mut all: Vec<&InstanceView> = current.to_vec();
+    all.extend(created.iter());
+    all.sort_by(|a, b| a.name.cmp(&b.name));
+    let ready = all.iter().filter(|i| i.status.ready).count();
+    let summaries: Vec<Value> = all
+        .iter()
+        .map(|i| {
+            let mut s = json!({
+                "name": i.name,
+                "phase": i.status.phase,
+                "ready": i.status.ready,
+                "restarts": i.status.restarts,
+            });
+            if let Some(n) = &i.spec.node {
+                s["node"] = json!(n);
+            }
+            if let Some(c) = i.status.exit_code {
+                s["exitCode"] = json!(c);
+            }
+            let msg = match (i.status.reason.as_str(), i.status.message.as_str()) {
+                ("", m) => m.to_string(),
+                (r, "") => r.to_string(),
+                (r, m) => format!("{r}: {m}"),
+            };
+            if !msg.is_empty() {
+                s["message"] = json!(msg);
+            }
+            s
+        })
+        .collect();
+    let want = w.spec.replicas.max(0) as u64;
+    let available = ready as u64 >= want;
+    let unschedulable = all
+        .iter()
+        .find(|i| i.spec.node.is_none())
+        .map(|i| i.status.message.clone());
+    let mut conditions = vec![json!({
+        "type": "Available",
+        "status": if available { "True" } else { "False" },
+        "reason": if available { "MinimumReplicasReady" } else { "ReplicasNotReady" },
+        "message": format!("{ready}/{want} replicas ready"),
+    })];
+    if let Some(msg) = unschedulable {
+        conditions.push(json!({
+            "type": "Scheduled",
+            "status": "False",
+            "reason": "Unschedulable",
+            "message": msg,
+        }));
+    }
+    let status = json!({
+        "observedGeneration": w.generation,
+        "replicas": all.len(),
+        "readyReplicas": ready,
+        "conditions": conditions,
+        "instances": summaries,
+    });
+    if w.object.get("status") == Some(&status) {
+        return Ok(());
+    }
+    resources
+        .update(Kind::Workload, &w.name, |cur| {
+            let mut o = cur?.clone();
+            // Apply may have bumped the generation meanwhile; the next pass
+            // writes the status for it.
+            if o.pointer("/metadata/generation").and_then(Value::as_u64) != Some(w.generation) {
+                return None;
+            }
+            // Keep transition-free conditions stable: compare without time.
+            if o.get("status") == Some(&status) {
+                return None;
+            }
+            o["status"] = status.clone();
+            Some(o)
+        })
+        .await?;
+    Ok(())
+}
+
+/// Maps the agent's phase string onto the API's phase.
+pub fn parse_phase(s: &str) -> InstancePhase {
+    match s {
+        "Running" => InstancePhase::Running,
+        "Succeeded" => InstancePhase::Succeeded,
+        "Failed" => InstancePhase::Failed,
+        "Unknown" => InstancePhase::Unknown,
+        _ => InstancePhase::Pending,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn instance_names_are_dns_labels_with_the_workload_prefix() {
+        let n = instance_name("web");
+        assert!(n.starts_with("web-") && n.len() == 9, "{n}");
+        let long = "a".repeat(63);
+        let n = instance_name(&long);
+        assert!(n.len() <= 63, "{n}");
+        assert!(ironmesh_api::meta::dns_label_problem(&n).is_none(), "{n}");
+    }
+}
