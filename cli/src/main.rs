@@ -2,6 +2,7 @@
 //! objects through the controller's operator API over mutual TLS.
 
 mod client;
+mod image;
 mod manifests;
 mod output;
 
@@ -86,6 +87,11 @@ enum Command {
         names: Vec<String>,
         #[arg(short = 'f', long = "filename")]
         files: Vec<PathBuf>,
+    },
+    /// Push images to the controller's image store, and list them.
+    Image {
+        #[command(subcommand)]
+        command: image::ImageCommand,
     },
 }
 
@@ -329,6 +335,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 bail!("some objects were not deleted");
             }
         }
+        Command::Image { command } => image::run(&cfg, command, status_err).await?,
     }
     Ok(())
 }

@@ -1,0 +1,815 @@
+//! `imctl image push` and `imctl image ls`: the operator's side of the
+//! controller's image store.
+//!
+//! A push reads an OCI image layout (a directory with `oci-layout`,
+//! `index.json` and `blobs/sha256/…`, or a tar of one, optionally gzipped),
+//! asks the controller which blobs it lacks (`BlobsMissing`), uploads
+//! those (`PushBlob`, one stream per blob) and then names each image
+//! (`TagImage`), which the controller only accepts once every blob the
+//! manifest references is stored. Pushing the same image twice uploads
+//! nothing the second time.
+//!
+//! Names: `--name` if given (only for a layout holding one image), else
+//! the manifest's `io.containerd.image.name` annotation (the full
+//! `name:tag` that `build-images` and `ctr export` write), else
+//! `org.opencontainers.image.ref.name` when it is a full reference rather
+//! than a bare tag. A layout with several images pushes them all.
+
+use std::collections::HashMap;
+use std::io::{IsTerminal, Read, Write};
+use std::path::{Component, Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use clap::{Subcommand, ValueEnum};
+use ironmesh_api::client_config::ClientConfig;
+use ironmesh_proto::v1::{
+    operator_service_client::OperatorServiceClient, BlobChunk, BlobsMissingRequest, ImageInfo,
+    ListImagesRequest, TagImageRequest,
+};
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+use tokio::io::AsyncReadExt;
+use tonic::transport::Channel;
+
+use crate::client;
+
+/// Size of one uploaded chunk (well under gRPC's 4 MiB message limit).
+const UPLOAD_CHUNK: usize = 1 << 20;
+/// Largest manifest read into memory.
+const MAX_MANIFEST: u64 = 4 << 20;
+/// Uploads at least this large show progress even when stderr is not a
+/// terminal (a line per quarter).
+const BIG_UPLOAD: u64 = 64 << 20;
+/// On a terminal, uploads smaller than this finish too fast to need a bar.
+const TTY_MIN_PROGRESS: u64 = 1 << 20;
+
+const ANNOTATION_CONTAINERD_NAME: &str = "io.containerd.image.name";
+const ANNOTATION_REF_NAME: &str = "org.opencontainers.image.ref.name";
+const MEDIA_OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
+const MEDIA_DOCKER_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
+
+#[derive(Subcommand)]
+pub enum ImageCommand {
+    /// Upload an OCI image layout (directory or tar) to the controller's
+    /// image store.
+    Push {
+        /// An OCI image layout directory (as `build-images --out` writes),
+        /// or a tar (optionally gzipped) of one.
+        path: PathBuf,
+        /// Image reference to tag, e.g. ironmesh.dev/records-server:0.1.0.
+        /// Default: the name annotated in index.json. Only for a layout
+        /// holding one image.
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// List the images in the controller's image store.
+    #[command(visible_alias = "list")]
+    Ls {
+        #[arg(short, long, value_enum)]
+        output: Option<ListOutput>,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
+pub enum ListOutput {
+    Json,
+}
+
+pub async fn run(
+    cfg: &ClientConfig,
+    command: ImageCommand,
+    status_err: fn(tonic::Status) -> anyhow::Error,
+) -> anyhow::Result<()> {
+    match command {
+        ImageCommand::Push { path, name } => {
+            // Everything local is read and checked before connecting.
+            let source = LayoutSource::open(&path)?;
+            let images = read_layout(source.dir(), name.as_deref())
+                .with_context(|| format!("image layout {}", path.display()))?;
+            let mut api = client::connect(cfg).await?;
+            push(&mut api, source.dir(), &images, status_err).await
+        }
+        ImageCommand::Ls { output } => {
+            let mut api = client::connect(cfg).await?;
+            let images = api
+                .list_images(ListImagesRequest {})
+                .await
+                .map_err(status_err)?
+                .into_inner()
+                .images;
+            match output {
+                Some(ListOutput::Json) => {
+                    let v: Vec<serde_json::Value> = images
+                        .iter()
+                        .map(|i| {
+                            serde_json::json!({
+                                "name": i.name,
+                                "manifestDigest": i.manifest_digest,
+                                "size": i.size,
+                                "pushedUnixMs": i.pushed_unix_ms,
+                            })
+                        })
+                        .collect();
+                    println!("{}", serde_json::to_string_pretty(&v)?);
+                }
+                None if images.is_empty() => eprintln!("No images found."),
+                None => print!("{}", table(&images, now_unix_ms())),
+            }
+            Ok(())
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// reading a layout
+
+/// A layout directory, or a tar extracted into a temporary one.
+enum LayoutSource {
+    Dir(PathBuf),
+    Extracted {
+        _tmp: tempfile::TempDir,
+        root: PathBuf,
+    },
+}
+
+impl LayoutSource {
+    fn open(path: &Path) -> anyhow::Result<LayoutSource> {
+        let meta =
+            std::fs::metadata(path).with_context(|| format!("cannot read {}", path.display()))?;
+        if meta.is_dir() {
+            return Ok(LayoutSource::Dir(path.to_path_buf()));
+        }
+        let tmp = tempfile::Builder::new()
+            .prefix("imctl-layout-")
+            .tempdir()
+            .context("cannot create a temporary directory")?;
+        let root = extract_layout_tar(path, tmp.path())
+            .with_context(|| format!("cannot read image tar {}", path.display()))?;
+        Ok(LayoutSource::Extracted { _tmp: tmp, root })
+    }
+
+    fn dir(&self) -> &Path {
+        match self {
+            LayoutSource::Dir(d) => d,
+            LayoutSource::Extracted { root, .. } => root,
+        }
+    }
+}
+
+/// Extracts the layout files of a tar (gzip detected by its magic) into
+/// `dest` and returns the directory holding `oci-layout`. Only
+/// `oci-layout`, `index.json` and `blobs/sha256/<hex>` regular files are
+/// taken, optionally below one common directory; other entries are
+/// skipped, and no entry can write outside `dest`.
+fn extract_layout_tar(tar_path: &Path, dest: &Path) -> anyhow::Result<PathBuf> {
+    let mut file = std::fs::File::open(tar_path)?;
+    let mut magic = [0u8; 2];
+    let n = file.read(&mut magic)?;
+    let file = std::fs::File::open(tar_path)?;
+    let reader: Box<dyn Read> = if n == 2 && magic == [0x1f, 0x8b] {
+        Box::new(flate2::read::GzDecoder::new(std::io::BufReader::new(file)))
+    } else {
+        Box::new(std::io::BufReader::new(file))
+    };
+    let mut archive = tar::Archive::new(reader);
+    let mut roots: Vec<PathBuf> = Vec::new();
+    for entry in archive.entries()? {
+        let mut entry = entry?;
+        if !entry.header().entry_type().is_file() {
+            continue;
+        }
+        let path = entry.path()?.into_owned();
+        let mut parts: Vec<String> = Vec::new();
+        for c in path.components() {
+            match c {
+                Component::CurDir => {}
+                Component::Normal(p) => parts.push(p.to_string_lossy().into_owned()),
+                // `..` or an absolute path: never follow it.
+                _ => {
+                    parts.clear();
+                    break;
+                }
+            }
+        }
+        let (prefix, rest) = match layout_file_at(&parts) {
+            Some(i) => parts.split_at(i),
+            None => continue,
+        };
+        let prefix: PathBuf = prefix.iter().collect();
+        let rel: PathBuf = prefix.join(rest.iter().collect::<PathBuf>());
+        let out = dest.join(&rel);
+        if let Some(parent) = out.parent() {
+            std::fs::create_dir_all(parent)?;
+        }
+        let mut f = std::fs::File::create(&out)?;
+        std::io::copy(&mut entry, &mut f)?;
+        if rest == ["oci-layout"] {
+            roots.push(dest.join(prefix));
+        }
+    }
+    match roots.as_slice() {
+        [root] => Ok(root.clone()),
+        [] => bail!("it holds no oci-layout file: not an OCI image layout"),
+        _ => bail!("it holds several OCI image layouts; push them one at a time"),
+    }
+}
+
+/// Where in `parts` a layout file's own path starts, if it is one.
+fn layout_file_at(parts: &[String]) -> Option<usize> {
+    let n = parts.len();
+    let last = parts.last()?;
+    if last == "oci-layout" || last == "index.json" {
+        return Some(n - 1);
+    }
+    if n >= 3
+        && parts[n - 3] == "blobs"
+        && parts[n - 2] == "sha256"
+        && last.len() == 64
+        && last
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    {
+        return Some(n - 3);
+    }
+    None
+}
+
+#[derive(Deserialize)]
+struct Desc {
+    #[serde(rename = "mediaType", default)]
+    media_type: String,
+    digest: String,
+    size: i64,
+    #[serde(default)]
+    annotations: HashMap<String, String>,
+}
+
+#[derive(Deserialize)]
+struct Index {
+    #[serde(default)]
+    manifests: Vec<Desc>,
+}
+
+#[derive(Deserialize)]
+struct Manifest {
+    config: Desc,
+    #[serde(default)]
+    layers: Vec<Desc>,
+}
+
+/// A blob to upload: digest, size, where it is in the layout.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Blob {
+    digest: String,
+    size: u64,
+}
+
+/// One image of the layout, checked.
+#[derive(Debug)]
+struct LayoutImage {
+    name: String,
+    manifest: Blob,
+    /// Config and layers, then the manifest: everything the push sends.
+    blobs: Vec<Blob>,
+}
+
+fn blob_path(dir: &Path, digest: &str) -> anyhow::Result<PathBuf> {
+    let hex = digest
+        .strip_prefix("sha256:")
+        .filter(|h| {
+            h.len() == 64
+                && h.bytes()
+                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        })
+        .with_context(|| format!("digest {digest:?} is not a sha256 digest"))?;
+    Ok(dir.join("blobs").join("sha256").join(hex))
+}
+
+/// Checks that a blob is in the layout with its declared size.
+fn check_blob(dir: &Path, desc: &Desc, what: &str) -> anyhow::Result<Blob> {
+    let path = blob_path(dir, &desc.digest).with_context(|| what.to_string())?;
+    if desc.size < 0 {
+        bail!("{what} {} has a negative size", desc.digest);
+    }
+    let meta = std::fs::metadata(&path)
+        .with_context(|| format!("{what} {} is missing from the layout", desc.digest))?;
+    if meta.len() != desc.size as u64 {
+        bail!(
+            "{what} {} has {} bytes in the layout, its descriptor says {}",
+            desc.digest,
+            meta.len(),
+            desc.size
+        );
+    }
+    Ok(Blob {
+        digest: desc.digest.clone(),
+        size: meta.len(),
+    })
+}
+
+fn image_name(desc: &Desc) -> Option<String> {
+    if let Some(n) = desc.annotations.get(ANNOTATION_CONTAINERD_NAME) {
+        return Some(n.clone()).filter(|n| !n.is_empty());
+    }
+    // ref.name is often just the tag; only a full reference names an image.
+    desc.annotations
+        .get(ANNOTATION_REF_NAME)
+        .filter(|n| n.contains('/') || n.contains(':'))
+        .cloned()
+}
+
+fn read_layout(dir: &Path, name: Option<&str>) -> anyhow::Result<Vec<LayoutImage>> {
+    let marker = dir.join("oci-layout");
+    let marker: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(&marker).with_context(|| format!("cannot read {}", marker.display()))?,
+    )
+    .context("oci-layout is not JSON")?;
+    if marker
+        .get("imageLayoutVersion")
+        .and_then(|v| v.as_str())
+        .is_none()
+    {
+        bail!("oci-layout has no imageLayoutVersion");
+    }
+    let index_path = dir.join("index.json");
+    let index: Index = serde_json::from_slice(
+        &std::fs::read(&index_path)
+            .with_context(|| format!("cannot read {}", index_path.display()))?,
+    )
+    .context("index.json is not an OCI image index")?;
+    if index.manifests.is_empty() {
+        bail!("index.json lists no images");
+    }
+    if name.is_some() && index.manifests.len() > 1 {
+        bail!(
+            "--name names one image but the layout holds {}; push without --name to use \
+             their annotated names",
+            index.manifests.len()
+        );
+    }
+    let mut images = Vec::new();
+    for desc in &index.manifests {
+        if desc.media_type == MEDIA_OCI_INDEX || desc.media_type == MEDIA_DOCKER_LIST {
+            bail!(
+                "{} is a multi-platform index; only single-platform image manifests can be pushed",
+                desc.digest
+            );
+        }
+        let name = match name {
+            Some(n) => n.to_string(),
+            None => image_name(desc).with_context(|| {
+                format!(
+                    "manifest {} has no {ANNOTATION_CONTAINERD_NAME} annotation and no full \
+                     reference in {ANNOTATION_REF_NAME}; give one with --name",
+                    desc.digest
+                )
+            })?,
+        };
+        let manifest_blob = check_blob(dir, desc, "manifest")?;
+        if manifest_blob.size > MAX_MANIFEST {
+            bail!(
+                "manifest {} is too large ({} bytes)",
+                desc.digest,
+                desc.size
+            );
+        }
+        let data = std::fs::read(blob_path(dir, &desc.digest)?)?;
+        let actual = format!("sha256:{}", hex::encode(Sha256::digest(&data)));
+        if actual != desc.digest {
+            bail!(
+                "manifest {} in the layout hashes to {actual}: the layout is damaged",
+                desc.digest
+            );
+        }
+        let manifest: Manifest = serde_json::from_slice(&data)
+            .with_context(|| format!("manifest {} is not an image manifest", desc.digest))?;
+        let mut blobs = vec![check_blob(dir, &manifest.config, "config")?];
+        for (i, layer) in manifest.layers.iter().enumerate() {
+            blobs.push(check_blob(dir, layer, &format!("layer {i}"))?);
+        }
+        blobs.push(manifest_blob.clone());
+        images.push(LayoutImage {
+            name,
+            manifest: manifest_blob,
+            blobs,
+        });
+    }
+    Ok(images)
+}
+
+// ---------------------------------------------------------------------------
+// pushing
+
+async fn push(
+    api: &mut OperatorServiceClient<Channel>,
+    dir: &Path,
+    images: &[LayoutImage],
+    status_err: fn(tonic::Status) -> anyhow::Error,
+) -> anyhow::Result<()> {
+    // Every blob once, in push order (layers and config before manifests).
+    let mut all: Vec<Blob> = Vec::new();
+    for b in images.iter().flat_map(|i| &i.blobs) {
+        if !all.contains(b) {
+            all.push(b.clone());
+        }
+    }
+    let missing = api
+        .blobs_missing(BlobsMissingRequest {
+            digests: all.iter().map(|b| b.digest.clone()).collect(),
+        })
+        .await
+        .map_err(status_err)?
+        .into_inner()
+        .missing;
+    let to_send: Vec<&Blob> = all.iter().filter(|b| missing.contains(&b.digest)).collect();
+    let total: u64 = to_send.iter().map(|b| b.size).sum();
+    let progress = Arc::new(Mutex::new(Progress::new(total)));
+    let mut uploaded: Vec<String> = Vec::new();
+    for blob in to_send {
+        let path = blob_path(dir, &blob.digest)?;
+        let resp = upload(api, &path, blob, progress.clone())
+            .await
+            .map_err(|s| {
+                progress.lock().map(|mut p| p.clear()).ok();
+                anyhow::anyhow!(
+                    "uploading {} from {}: {}",
+                    blob.digest,
+                    path.display(),
+                    status_err(s)
+                )
+            })?;
+        if resp.stored {
+            uploaded.push(blob.digest.clone());
+        }
+    }
+    progress.lock().map(|mut p| p.finish()).ok();
+
+    for image in images {
+        let info: ImageInfo = api
+            .tag_image(TagImageRequest {
+                name: image.name.clone(),
+                manifest_digest: image.manifest.digest.clone(),
+            })
+            .await
+            .map_err(status_err)?
+            .into_inner();
+        let sent = image
+            .blobs
+            .iter()
+            .filter(|b| uploaded.contains(&b.digest))
+            .count();
+        println!(
+            "pushed {} {} ({}, {} blobs, {sent} uploaded)",
+            info.name,
+            info.manifest_digest,
+            human_size(info.size),
+            image.blobs.len(),
+        );
+    }
+    Ok(())
+}
+
+/// Streams one blob file to PushBlob.
+async fn upload(
+    api: &mut OperatorServiceClient<Channel>,
+    path: &Path,
+    blob: &Blob,
+    progress: Arc<Mutex<Progress>>,
+) -> Result<ironmesh_proto::v1::PushBlobResponse, tonic::Status> {
+    let file = tokio::fs::File::open(path)
+        .await
+        .map_err(|e| tonic::Status::failed_precondition(format!("cannot open: {e}")))?;
+    struct State {
+        file: tokio::fs::File,
+        first: bool,
+        done: bool,
+        digest: String,
+        size: u64,
+        progress: Arc<Mutex<Progress>>,
+    }
+    let state = State {
+        file,
+        first: true,
+        done: false,
+        digest: blob.digest.clone(),
+        size: blob.size,
+        progress,
+    };
+    let chunks = futures::stream::unfold(state, |mut s| async move {
+        if s.done {
+            return None;
+        }
+        let mut data = vec![0u8; UPLOAD_CHUNK];
+        let mut filled = 0;
+        // A read error ends the stream early; the controller then answers
+        // that the blob is short, naming it.
+        while filled < data.len() {
+            match s.file.read(&mut data[filled..]).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => filled += n,
+            }
+        }
+        data.truncate(filled);
+        if filled == 0 && !s.first {
+            return None;
+        }
+        s.done = filled < UPLOAD_CHUNK;
+        if let Ok(mut p) = s.progress.lock() {
+            p.advance(filled as u64);
+        }
+        let chunk = BlobChunk {
+            digest: if s.first {
+                s.digest.clone()
+            } else {
+                String::new()
+            },
+            total_size: if s.first { s.size } else { 0 },
+            data,
+        };
+        s.first = false;
+        Some((chunk, s))
+    });
+    Ok(api.push_blob(chunks).await?.into_inner())
+}
+
+/// Upload progress on stderr: a redrawn line on a terminal, a line per
+/// quarter for big uploads otherwise, nothing for small ones.
+struct Progress {
+    total: u64,
+    sent: u64,
+    tty: bool,
+    enabled: bool,
+    drawn: bool,
+    last_draw: Option<Instant>,
+    last_quarter: u64,
+    started: Instant,
+}
+
+impl Progress {
+    fn new(total: u64) -> Progress {
+        let tty = std::io::stderr().is_terminal();
+        Progress {
+            total,
+            sent: 0,
+            tty,
+            enabled: if tty {
+                total >= TTY_MIN_PROGRESS
+            } else {
+                total >= BIG_UPLOAD
+            },
+            drawn: false,
+            last_draw: None,
+            last_quarter: 0,
+            started: Instant::now(),
+        }
+    }
+
+    fn advance(&mut self, n: u64) {
+        self.sent += n;
+        if !self.enabled || self.total == 0 {
+            return;
+        }
+        let line = format!(
+            "uploading {} / {} ({}%)",
+            human_size(self.sent),
+            human_size(self.total),
+            self.sent * 100 / self.total
+        );
+        let mut err = std::io::stderr().lock();
+        if self.tty {
+            let due = self
+                .last_draw
+                .is_none_or(|t| t.elapsed() >= Duration::from_millis(100));
+            if due || self.sent >= self.total {
+                let _ = write!(err, "\r\x1b[2K{line}");
+                let _ = err.flush();
+                self.drawn = true;
+                self.last_draw = Some(Instant::now());
+            }
+        } else {
+            let quarter = self.sent * 4 / self.total;
+            if quarter > self.last_quarter {
+                self.last_quarter = quarter;
+                let _ = writeln!(err, "{line}");
+            }
+        }
+    }
+
+    /// Removes the redrawn line (before an error message).
+    fn clear(&mut self) {
+        if self.drawn {
+            let _ = write!(std::io::stderr(), "\r\x1b[2K");
+            self.drawn = false;
+        }
+    }
+
+    fn finish(&mut self) {
+        self.clear();
+        if self.enabled && self.total > 0 {
+            let secs = self.started.elapsed().as_secs_f64();
+            eprintln!(
+                "uploaded {} in {secs:.1}s ({}/s)",
+                human_size(self.total),
+                human_size((self.total as f64 / secs.max(0.001)) as u64)
+            );
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// output
+
+/// Decimal units, one decimal place: `512 B`, `1.3 MB`.
+pub fn human_size(n: u64) -> String {
+    const UNITS: [&str; 5] = ["kB", "MB", "GB", "TB", "PB"];
+    if n < 1000 {
+        return format!("{n} B");
+    }
+    let mut v = n as f64 / 1000.0;
+    let mut unit = 0;
+    while v >= 999.95 && unit + 1 < UNITS.len() {
+        v /= 1000.0;
+        unit += 1;
+    }
+    format!("{v:.1} {}", UNITS[unit])
+}
+
+fn now_unix_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+fn age(pushed_ms: i64, now_ms: i64) -> String {
+    let secs = ((now_ms - pushed_ms) / 1000).max(0);
+    match secs {
+        0..=119 => format!("{secs}s"),
+        120..=7199 => format!("{}m", secs / 60),
+        7200..=172_799 => format!("{}h", secs / 3600),
+        _ => format!("{}d", secs / 86400),
+    }
+}
+
+fn table(images: &[ImageInfo], now_ms: i64) -> String {
+    let rows: Vec<[String; 4]> = images
+        .iter()
+        .map(|i| {
+            [
+                i.name.clone(),
+                i.manifest_digest.clone(),
+                human_size(i.size),
+                age(i.pushed_unix_ms, now_ms),
+            ]
+        })
+        .collect();
+    let header = ["NAME", "DIGEST", "SIZE", "AGE"].map(String::from);
+    let mut widths = [0usize; 4];
+    for r in std::iter::once(&header).chain(&rows) {
+        for (w, c) in widths.iter_mut().zip(r) {
+            *w = (*w).max(c.len());
+        }
+    }
+    let mut out = String::new();
+    for r in std::iter::once(&header).chain(&rows) {
+        let line = format!(
+            "{:<w0$}   {:<w1$}   {:>w2$}   {}",
+            r[0],
+            r[1],
+            r[2],
+            r[3],
+            w0 = widths[0],
+            w1 = widths[1],
+            w2 = widths[2],
+        );
+        out.push_str(line.trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sha(data: &[u8]) -> String {
+        format!("sha256:{}", hex::encode(Sha256::digest(data)))
+    }
+
+    fn put(dir: &Path, data: &[u8]) -> String {
+        let d = sha(data);
+        std::fs::create_dir_all(dir.join("blobs/sha256")).unwrap();
+        std::fs::write(blob_path(dir, &d).unwrap(), data).unwrap();
+        d
+    }
+
+    fn layout(dir: &Path, annotations: serde_json::Value) -> String {
+        std::fs::write(dir.join("oci-layout"), r#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
+        let layer = put(dir, b"layer");
+        let config = put(dir, b"{}");
+        let manifest = serde_json::to_vec(&serde_json::json!({
+            "schemaVersion": 2,
+            "config": {"digest": config, "size": 2},
+            "layers": [{"digest": layer, "size": 5}],
+        }))
+        .unwrap();
+        let m = put(dir, &manifest);
+        let index = serde_json::json!({"schemaVersion": 2, "manifests": [
+            {"mediaType": "application/vnd.oci.image.manifest.v1+json",
+             "digest": m, "size": manifest.len(), "annotations": annotations}]});
+        std::fs::write(dir.join("index.json"), index.to_string()).unwrap();
+        m
+    }
+
+    #[test]
+    fn names_come_from_annotations_or_the_flag() {
+        let d = tempfile::tempdir().unwrap();
+        let m = layout(
+            d.path(),
+            serde_json::json!({ANNOTATION_CONTAINERD_NAME: "ironmesh/app:dev", ANNOTATION_REF_NAME: "dev"}),
+        );
+        let images = read_layout(d.path(), None).unwrap();
+        assert_eq!(images[0].name, "ironmesh/app:dev");
+        assert_eq!(images[0].manifest.digest, m);
+        assert_eq!(images[0].blobs.len(), 3);
+        assert_eq!(images[0].blobs.last().unwrap().digest, m);
+        let images = read_layout(d.path(), Some("x/y:1")).unwrap();
+        assert_eq!(images[0].name, "x/y:1");
+
+        layout(d.path(), serde_json::json!({ANNOTATION_REF_NAME: "dev"}));
+        let e = read_layout(d.path(), None).unwrap_err();
+        assert!(format!("{e:#}").contains("--name"), "{e:#}");
+        layout(d.path(), serde_json::json!({ANNOTATION_REF_NAME: "a/b:1"}));
+        assert_eq!(read_layout(d.path(), None).unwrap()[0].name, "a/b:1");
+    }
+
+    #[test]
+    fn a_missing_or_resized_blob_is_named_before_any_upload() {
+        let d = tempfile::tempdir().unwrap();
+        layout(d.path(), serde_json::json!({ANNOTATION_REF_NAME: "a:1"}));
+        std::fs::write(blob_path(d.path(), &sha(b"layer")).unwrap(), b"layer+").unwrap();
+        let e = format!("{:#}", read_layout(d.path(), None).unwrap_err());
+        assert!(e.contains(&sha(b"layer")) && e.contains("6 bytes"), "{e}");
+        std::fs::remove_file(blob_path(d.path(), &sha(b"layer")).unwrap()).unwrap();
+        let e = format!("{:#}", read_layout(d.path(), None).unwrap_err());
+        assert!(e.contains("missing"), "{e}");
+    }
+
+    #[test]
+    fn tar_layouts_are_extracted_safely() {
+        let src = tempfile::tempdir().unwrap();
+        let m = layout(src.path(), serde_json::json!({ANNOTATION_REF_NAME: "a:1"}));
+        let tar_path = src.path().join("image.tar");
+        {
+            let mut b = tar::Builder::new(std::fs::File::create(&tar_path).unwrap());
+            b.append_path_with_name(src.path().join("oci-layout"), "img/oci-layout")
+                .unwrap();
+            b.append_path_with_name(src.path().join("index.json"), "img/index.json")
+                .unwrap();
+            b.append_dir_all("img/blobs", src.path().join("blobs"))
+                .unwrap();
+            // An entry aiming outside: skipped. (tar::Builder refuses `..`,
+            // so write the header by hand.)
+            let mut h = tar::Header::new_gnu();
+            h.as_gnu_mut().unwrap().name[..13].copy_from_slice(b"../index.json");
+            h.set_size(2);
+            h.set_cksum();
+            b.append(&h, &b"{}"[..]).unwrap();
+            b.append_path_with_name(src.path().join("index.json"), "README")
+                .unwrap();
+            b.finish().unwrap();
+        }
+        let out = tempfile::tempdir().unwrap();
+        let root = extract_layout_tar(&tar_path, out.path().join("x").as_path()).unwrap();
+        assert_eq!(root, out.path().join("x/img"));
+        assert!(!out.path().join("index.json").exists());
+        assert!(!out.path().join("x/README").exists());
+        let images = read_layout(&root, None).unwrap();
+        assert_eq!(images[0].manifest.digest, m);
+    }
+
+    #[test]
+    fn sizes_and_table_read_well() {
+        assert_eq!(human_size(999), "999 B");
+        assert_eq!(human_size(1_300_000), "1.3 MB");
+        assert_eq!(human_size(999_999), "1.0 MB");
+        let t = table(
+            &[ImageInfo {
+                name: "ironmesh/app:dev".into(),
+                manifest_digest: sha(b"m"),
+                size: 2_500_000,
+                pushed_unix_ms: 0,
+            }],
+            90_000,
+        );
+        let lines: Vec<&str> = t.lines().collect();
+        assert!(lines[0].starts_with("NAME "), "{t}");
+        assert!(lines[1].starts_with("ironmesh/app:dev "), "{t}");
+        assert!(
+            lines[1].contains("2.5 MB") && lines[1].ends_with("90s"),
+            "{t}"
+        );
+    }
+}
