@@ -319,9 +319,14 @@ fn check_spec<S: Spec>(kind: Kind, name: &str, spec: &Value) -> Result<Value, Va
         .map_err(|e| err(Some(kind), Some(name.to_string()), "spec", e.to_string()))
 }
 
-/// The kind names, for messages.
+/// The kind names a manifest may use, for messages.
 fn kind_list() -> String {
-    Kind::ALL.map(|k| k.as_str()).join(", ")
+    Kind::ALL
+        .iter()
+        .filter(|k| !k.is_system_managed())
+        .map(|k| k.as_str())
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// JSON type of a value, for messages.

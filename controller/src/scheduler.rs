@@ -126,6 +126,7 @@ mod tests {
         // a has 400m left: the next goes to b.
         assert_eq!(c.place(r), Ok("b".to_string()));
         assert_eq!(c.place(r), Ok("b".to_string()));
+        assert_eq!(c.place(r), Ok("b".to_string()));
         assert_eq!(
             c.place(r).unwrap_err(),
             "0/2 nodes available: 2 insufficient cpu"

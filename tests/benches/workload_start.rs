@@ -118,7 +118,8 @@ async fn main() -> anyhow::Result<()> {
         spec.env = vec![("SLEEP_MS".into(), "600000".into())];
         let started = Instant::now();
         rt.create(&spec).await?;
-        rt.start(&id, &TaskIo::in_dir(logs.path().join(&id))).await?;
+        rt.start(&id, &TaskIo::in_dir(logs.path().join(&id)))
+            .await?;
         bare.push(started.elapsed());
     }
     for i in 0..N {
@@ -127,9 +128,8 @@ async fn main() -> anyhow::Result<()> {
         let _ = rt.delete_task(&id).await;
         let _ = rt.delete(&id).await;
     }
-    let _ = std::fs::remove_dir_all(
-        std::path::Path::new("/run/containerd/runc").join(rt.namespace()),
-    );
+    let _ =
+        std::fs::remove_dir_all(std::path::Path::new("/run/containerd/runc").join(rt.namespace()));
 
     ironmesh.sort();
     bare.sort();
