@@ -43,13 +43,13 @@ pub fn human(d: Duration) -> String {
     if ms < 1000 {
         return format!("{ms}ms");
     }
-    if ms % 1000 != 0 && ms < 10_000 {
+    if !ms.is_multiple_of(1000) && ms < 10_000 {
         return format!("{:.1}s", d.as_secs_f64());
     }
     let secs = d.as_secs();
     if secs < 60 {
         format!("{secs}s")
-    } else if secs % 60 == 0 {
+    } else if secs.is_multiple_of(60) {
         format!("{}m", secs / 60)
     } else {
         format!("{}m{}s", secs / 60, secs % 60)

@@ -258,6 +258,7 @@ impl Supervisor {
 
         let mut tables = self.tables();
         tables.removing.retain(|_, task| !task.is_finished());
+        let first = tables.discovered.is_some();
         let mut discovered = tables.discovered.take().unwrap_or_default();
 
         // Gone from the desired set, or replaced by a new generation.
@@ -288,8 +289,10 @@ impl Supervisor {
             let task = tokio::spawn(instance::remove_orphan(self.shared.clone(), name.clone()));
             tables.removing.insert(name, task);
         }
-        // Instance directories nobody owns (a removal cut short by a crash).
-        self.remove_stray_dirs(&tables, &wanted);
+        if first {
+            // Instance directories nobody owns (a removal cut short by a crash).
+            self.remove_stray_dirs(&tables, &wanted);
+        }
 
         for (name, d) in wanted {
             if tables.instances.contains_key(&name) {
