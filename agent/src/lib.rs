@@ -7,6 +7,7 @@
 
 pub mod config;
 pub mod identity;
+pub mod image_fetch;
 pub mod image_source;
 pub mod inventory;
 pub mod metrics;

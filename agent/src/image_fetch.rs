@@ -1,0 +1,500 @@
+//! The production [`ImageSource`]: fetches images from the controller's
+//! image store over the node's mTLS channel and imports them into
+//! containerd.
+//!
+//! This module owns getting the blobs of one image (manifest, config,
+//! layers) from the controller with `NodeService.FetchBlob`, verifying each
+//! against its digest and declared size, and handing them to the runtime
+//! layer. It does not talk to containerd's content store itself beyond
+//! asking which layers are already there: the blobs are staged as a
+//! one-image OCI layout in a private directory under the agent's state
+//! dir and imported with [`Runtime::import_layout`], which writes them with
+//! `Content.Write`, unpacks them with the configured snapshotter and
+//! creates the image — the same, tested path as any other import. Layers
+//! containerd already holds are not fetched again; the staging directory is
+//! removed after each import.
+//!
+//! Concurrent `ensure` calls for one image name are serialised, so an image
+//! is fetched once however many instances need it at the same time.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use containerd_client::services::v1::InfoRequest;
+use ironmesh_proto::v1::{node_service_client::NodeServiceClient, FetchBlobRequest};
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+use tokio::io::AsyncWriteExt;
+use tonic::transport::Channel;
+use tonic::Code;
+
+use crate::identity::{endpoint, IdentityError, NodeIdentity};
+use crate::image_source::{EnsuredImage, ImageSource, ImageSourceError};
+use crate::runtime::image::{MEDIA_DOCKER_MANIFEST, MEDIA_OCI_MANIFEST};
+use crate::runtime::{Runtime, RuntimeError};
+
+/// Largest manifest or config accepted from the controller.
+const MAX_JSON: u64 = 4 << 20;
+/// How long the controller may leave a blob stream silent.
+const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+
+const ANNOTATION_CONTAINERD_NAME: &str = "io.containerd.image.name";
+
+#[derive(Deserialize)]
+struct Desc {
+    #[serde(rename = "mediaType", default)]
+    media_type: String,
+    digest: String,
+    size: i64,
+}
+
+#[derive(Deserialize)]
+struct Manifest {
+    #[serde(rename = "mediaType", default)]
+    media_type: Option<String>,
+    config: Desc,
+    #[serde(default)]
+    layers: Vec<Desc>,
+}
+
+/// Images from the controller's image store; see the module docs.
+pub struct ControllerImages {
+    client: NodeServiceClient<Channel>,
+    runtime: Runtime,
+    staging: PathBuf,
+    idle_timeout: Duration,
+    /// One lock per image name: the second caller waits, then finds the
+    /// image in containerd.
+    locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+/// A staging directory, removed when dropped.
+struct Staging(PathBuf);
+
+impl Drop for Staging {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// The hex of a strict `sha256:<64 lowercase hex>` digest.
+fn digest_hex(digest: &str) -> Option<&str> {
+    let hex = digest.strip_prefix("sha256:")?;
+    (hex.len() == 64
+        && hex
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)))
+    .then_some(hex)
+}
+
+/// A client for the controller's node API with this node's certificate,
+/// connecting on first use (so an agent can start while the controller is
+/// away; a fetch then fails as unavailable and is retried).
+pub fn node_client(
+    controller: &str,
+    id: &NodeIdentity,
+    server_name: Option<&str>,
+) -> Result<NodeServiceClient<Channel>, IdentityError> {
+    let channel = endpoint(controller)?
+        .tls_config(id.tls(server_name))
+        .map_err(|e| IdentityError::Connect {
+            url: controller.to_string(),
+            message: e.to_string(),
+        })?
+        .connect_lazy();
+    Ok(NodeServiceClient::new(channel))
+}
+
+impl ControllerImages {
+    /// `client` must already carry the node's mTLS identity; `staging` is
+    /// a directory under the agent's state dir (created when needed, and
+    /// emptied of what a crash left there).
+    pub fn new(
+        client: NodeServiceClient<Channel>,
+        runtime: Runtime,
+        staging: impl Into<PathBuf>,
+    ) -> ControllerImages {
+        let staging = staging.into();
+        if let Ok(entries) = std::fs::read_dir(&staging) {
+            for e in entries.flatten() {
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
+        ControllerImages {
+            client,
+            runtime,
+            staging,
+            idle_timeout: DEFAULT_IDLE_TIMEOUT,
+            locks: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// How long a blob stream may stay silent before the fetch is given up
+    /// as unavailable (default 30 s).
+    pub fn with_idle_timeout(mut self, timeout: Duration) -> ControllerImages {
+        self.idle_timeout = timeout;
+        self
+    }
+
+    fn lock_for(&self, image: &str) -> Arc<tokio::sync::Mutex<()>> {
+        let mut locks = self.locks.lock().unwrap_or_else(|p| p.into_inner());
+        // Forget locks nobody holds or waits on, so the map stays small.
+        locks.retain(|_, l| Arc::strong_count(l) > 1);
+        locks.entry(image.to_string()).or_default().clone()
+    }
+
+    /// Whether containerd has `image` pointing at `digest`, unpacked.
+    async fn present(&self, image: &str, digest: &str) -> Result<bool, ImageSourceError> {
+        match self.runtime.resolve_image(image).await {
+            Ok(r) if r.manifest_digest == digest => {
+                let unpacked = self
+                    .runtime
+                    .snapshot_exists(&r.chain_id)
+                    .await
+                    .map_err(|e| runtime_err(image, e))?;
+                Ok(unpacked)
+            }
+            Ok(_) => Ok(false),
+            Err(e) if e.is_not_found() => Ok(false),
+            // Content gone or broken: a fresh import repairs it.
+            Err(RuntimeError::Invalid { .. }) => Ok(false),
+            Err(e) => Err(runtime_err(image, e)),
+        }
+    }
+
+    /// Whether containerd's content store already holds a blob.
+    async fn has_content(&self, image: &str, digest: &str) -> Result<bool, ImageSourceError> {
+        match self
+            .runtime
+            .content()
+            .info(self.runtime.request(InfoRequest {
+                digest: digest.to_string(),
+            }))
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(s) if s.code() == Code::NotFound => Ok(false),
+            Err(s) => Err(ImageSourceError::Unavailable {
+                image: image.to_string(),
+                reason: format!(
+                    "containerd Content.Info for blob {digest} failed: {}",
+                    s.message()
+                ),
+            }),
+        }
+    }
+
+    /// Streams one blob into `dir/blobs/sha256/<hex>`, checking digest and
+    /// size; returns the bytes received.
+    async fn fetch(
+        &self,
+        image: &str,
+        dir: &Path,
+        digest: &str,
+        declared: Option<u64>,
+        max: Option<u64>,
+    ) -> Result<u64, ImageSourceError> {
+        let invalid = |reason: String| ImageSourceError::Invalid {
+            image: image.to_string(),
+            reason,
+        };
+        let unavailable = |reason: String| ImageSourceError::Unavailable {
+            image: image.to_string(),
+            reason,
+        };
+        let hex = digest_hex(digest)
+            .ok_or_else(|| invalid(format!("digest {digest:?} is not a sha256 digest")))?;
+        let path = dir.join("blobs").join("sha256").join(hex);
+
+        let mut client = self.client.clone();
+        let mut stream = tokio::time::timeout(
+            self.idle_timeout,
+            client.fetch_blob(FetchBlobRequest {
+                digest: digest.to_string(),
+            }),
+        )
+        .await
+        .map_err(|_| {
+            unavailable(format!(
+                "the controller did not answer FetchBlob for {digest} within {:?}",
+                self.idle_timeout
+            ))
+        })?
+        .map_err(|s| fetch_status(image, digest, s))?
+        .into_inner();
+
+        let mut file = tokio::fs::File::create(&path)
+            .await
+            .map_err(|e| unavailable(format!("cannot create {}: {e}", path.display())))?;
+        let mut hasher = Sha256::new();
+        let mut got: u64 = 0;
+        let mut total: Option<u64> = None;
+        loop {
+            let next = tokio::time::timeout(self.idle_timeout, stream.message())
+                .await
+                .map_err(|_| {
+                    unavailable(format!(
+                        "blob {digest}: the controller sent nothing for {:?}",
+                        self.idle_timeout
+                    ))
+                })?
+                .map_err(|s| fetch_status(image, digest, s))?;
+            let Some(chunk) = next else { break };
+            if total.is_none() {
+                if chunk.digest != digest {
+                    return Err(invalid(format!(
+                        "asked for blob {digest}, the controller sent {:?}",
+                        chunk.digest
+                    )));
+                }
+                if let Some(d) = declared.filter(|d| *d != chunk.total_size) {
+                    return Err(invalid(format!(
+                        "blob {digest} is {} bytes in the controller's store, \
+                         its descriptor says {d}",
+                        chunk.total_size
+                    )));
+                }
+                if let Some(m) = max.filter(|m| chunk.total_size > *m) {
+                    return Err(invalid(format!(
+                        "blob {digest} is {} bytes, more than the {m} allowed for a manifest or config",
+                        chunk.total_size
+                    )));
+                }
+                total = Some(chunk.total_size);
+            }
+            got += chunk.data.len() as u64;
+            let expected = total.unwrap_or_default();
+            if got > expected {
+                return Err(invalid(format!(
+                    "blob {digest}: the controller sent more than the announced {expected} bytes"
+                )));
+            }
+            hasher.update(&chunk.data);
+            file.write_all(&chunk.data)
+                .await
+                .map_err(|e| unavailable(format!("cannot write {}: {e}", path.display())))?;
+        }
+        file.flush()
+            .await
+            .map_err(|e| unavailable(format!("cannot write {}: {e}", path.display())))?;
+        let expected = total.ok_or_else(|| {
+            unavailable(format!(
+                "blob {digest}: the controller's stream ended before the first chunk"
+            ))
+        })?;
+        let actual = format!("sha256:{}", hex::encode(hasher.finalize()));
+        if got != expected || actual != digest {
+            return Err(invalid(format!(
+                "blob {digest} arrived damaged: expected {expected} bytes hashing to {digest}, \
+                 got {got} bytes hashing to {actual}"
+            )));
+        }
+        Ok(got)
+    }
+
+    async fn fetch_and_import(
+        &self,
+        image: &str,
+        digest: &str,
+    ) -> Result<EnsuredImage, ImageSourceError> {
+        let invalid = |reason: String| ImageSourceError::Invalid {
+            image: image.to_string(),
+            reason,
+        };
+        let hex = digest_hex(digest).ok_or_else(|| {
+            invalid(format!(
+                "the controller resolved it to {digest:?}, which is not a sha256 digest"
+            ))
+        })?;
+        let dir = self.staging.join(format!(
+            "{}-{}",
+            &hex[..16],
+            crate::runtime::unique_suffix()
+        ));
+        let staging = Staging(dir);
+        let dir = staging.0.as_path();
+        tokio::fs::create_dir_all(dir.join("blobs").join("sha256"))
+            .await
+            .map_err(|e| ImageSourceError::Unavailable {
+                image: image.to_string(),
+                reason: format!("cannot create staging dir {}: {e}", dir.display()),
+            })?;
+
+        let mut bytes = self.fetch(image, dir, digest, None, Some(MAX_JSON)).await?;
+        let manifest_path = dir.join("blobs").join("sha256").join(hex);
+        let data =
+            tokio::fs::read(&manifest_path)
+                .await
+                .map_err(|e| ImageSourceError::Unavailable {
+                    image: image.to_string(),
+                    reason: format!("cannot read {}: {e}", manifest_path.display()),
+                })?;
+        let manifest: Manifest = serde_json::from_slice(&data).map_err(|e| {
+            invalid(format!(
+                "manifest {digest} is not a single-platform image manifest: {e}"
+            ))
+        })?;
+        let media_type = manifest
+            .media_type
+            .clone()
+            .unwrap_or_else(|| MEDIA_OCI_MANIFEST.to_string());
+        if media_type != MEDIA_OCI_MANIFEST && media_type != MEDIA_DOCKER_MANIFEST {
+            return Err(invalid(format!(
+                "manifest {digest} has media type {media_type:?}; only single-platform image \
+                 manifests are supported"
+            )));
+        }
+        let size_of = |d: &Desc| {
+            u64::try_from(d.size)
+                .map_err(|_| invalid(format!("blob {} has a negative size", d.digest)))
+        };
+        bytes += self
+            .fetch(
+                image,
+                dir,
+                &manifest.config.digest,
+                Some(size_of(&manifest.config)?),
+                Some(MAX_JSON),
+            )
+            .await?;
+        let mut skipped = 0usize;
+        for layer in &manifest.layers {
+            let size = size_of(layer)?;
+            // The import skips what containerd holds, so its file is not
+            // needed either.
+            if self.has_content(image, &layer.digest).await? {
+                skipped += 1;
+                continue;
+            }
+            bytes += self
+                .fetch(image, dir, &layer.digest, Some(size), None)
+                .await?;
+        }
+        tracing::debug!(
+            %image,
+            layers = manifest.layers.len(),
+            layers_present = skipped,
+            config_media_type = %manifest.config.media_type,
+            "image blobs staged"
+        );
+
+        let write = |name: &str, data: Vec<u8>| {
+            let path = dir.join(name);
+            std::fs::write(&path, data).map_err(|e| ImageSourceError::Unavailable {
+                image: image.to_string(),
+                reason: format!("cannot write {}: {e}", path.display()),
+            })
+        };
+        write("oci-layout", br#"{"imageLayoutVersion":"1.0.0"}"#.to_vec())?;
+        let index = serde_json::json!({
+            "schemaVersion": 2,
+            "manifests": [{
+                "mediaType": media_type,
+                "digest": digest,
+                "size": data.len(),
+                "annotations": {ANNOTATION_CONTAINERD_NAME: image},
+            }],
+        });
+        write("index.json", index.to_string().into_bytes())?;
+
+        let report = self
+            .runtime
+            .import_layout(dir)
+            .await
+            .map_err(|e| runtime_err(image, e))?;
+        tracing::info!(
+            %image,
+            %digest,
+            bytes,
+            blobs_written = report.blobs_written,
+            layers_unpacked = report.layers_unpacked,
+            "image fetched from the controller and imported"
+        );
+        Ok(EnsuredImage {
+            fetched: true,
+            bytes,
+        })
+    }
+}
+
+/// A controller status for one blob, as an image source error.
+fn fetch_status(image: &str, digest: &str, s: tonic::Status) -> ImageSourceError {
+    let reason = format!("fetching blob {digest}: {}", s.message());
+    let image = image.to_string();
+    match s.code() {
+        Code::NotFound => ImageSourceError::NotFound { image, reason },
+        Code::InvalidArgument => ImageSourceError::Invalid { image, reason },
+        _ => ImageSourceError::Unavailable { image, reason },
+    }
+}
+
+fn runtime_err(image: &str, e: RuntimeError) -> ImageSourceError {
+    let image = image.to_string();
+    let reason = e.to_string();
+    match e {
+        RuntimeError::Invalid { .. } => ImageSourceError::Invalid { image, reason },
+        _ => ImageSourceError::Unavailable { image, reason },
+    }
+}
+
+#[tonic::async_trait]
+impl ImageSource for ControllerImages {
+    async fn ensure(&self, image: &str, digest: &str) -> Result<EnsuredImage, ImageSourceError> {
+        if digest.is_empty() {
+            return Err(ImageSourceError::NotFound {
+                image: image.to_string(),
+                reason: format!(
+                    "the controller's image store has no image named {image:?}; \
+                     push it with `imctl image push`"
+                ),
+            });
+        }
+        let lock = self.lock_for(image);
+        let _held = lock.lock().await;
+        if self.present(image, digest).await? {
+            return Ok(EnsuredImage {
+                fetched: false,
+                bytes: 0,
+            });
+        }
+        let started = std::time::Instant::now();
+        let result = self.fetch_and_import(image, digest).await;
+        match &result {
+            Ok(r) => {
+                tracing::debug!(%image, bytes = r.bytes, elapsed_ms = started.elapsed().as_millis() as u64, "image ensured")
+            }
+            Err(e) => tracing::warn!(%image, %digest, error = %e, "image fetch failed"),
+        }
+        result
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn controller_codes_map_to_source_errors() {
+        let d = format!("sha256:{}", "0".repeat(64));
+        assert!(matches!(
+            fetch_status("a:1", &d, tonic::Status::not_found("no")),
+            ImageSourceError::NotFound { .. }
+        ));
+        assert!(matches!(
+            fetch_status("a:1", &d, tonic::Status::invalid_argument("bad")),
+            ImageSourceError::Invalid { .. }
+        ));
+        let e = fetch_status("a:1", &d, tonic::Status::unavailable("down"));
+        assert!(matches!(e, ImageSourceError::Unavailable { .. }));
+        assert!(e.to_string().contains(&d), "{e}");
+    }
+
+    #[test]
+    fn only_strict_digests_pass() {
+        assert!(digest_hex(&format!("sha256:{}", "a".repeat(64))).is_some());
+        assert!(digest_hex("sha256:../x").is_none());
+        assert!(digest_hex(&format!("sha256:{}", "A".repeat(64))).is_none());
+    }
+}

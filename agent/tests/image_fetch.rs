@@ -1,0 +1,539 @@
+//! `ControllerImages` against a real containerd (Debian's 1.6) and an
+//! in-process `NodeService` that serves `FetchBlob` from an OCI layout
+//! directory, the way the controller's image store does (plain TCP: the
+//! mTLS channel is the controller's and the agent identity's concern, tested
+//! end to end elsewhere).
+//!
+//! Each test starts its own containerd with a private root, state, sockets
+//! and namespace and removes all of it when it ends, also when it fails.
+//! containerd and busybox-static must be installed
+//! (`scripts/install-deps.sh`); without them the tests fail, they do not skip.
+
+use std::collections::HashSet;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::Stream;
+use ironmesh_agent::image_fetch::ControllerImages;
+use ironmesh_agent::image_source::{ImageSource, ImageSourceError};
+use ironmesh_agent::runtime::{Runtime, RuntimeConfig};
+use ironmesh_proto::v1::node_service_client::NodeServiceClient;
+use ironmesh_proto::v1::node_service_server::{NodeService, NodeServiceServer};
+use ironmesh_proto::v1::{
+    AgentMessage, BlobChunk, ControllerMessage, FetchBlobRequest, JoinRequest, JoinResponse,
+};
+use sha2::{Digest, Sha256};
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Request, Response, Status, Streaming};
+
+const IMAGE: &str = "ironmesh.test/fetched:1";
+const DEADLINE: Duration = Duration::from_secs(20);
+
+// ---------------------------------------------------------------------------
+// containerd fixture (as in tests/runtime.rs, without containers)
+
+struct Containerd {
+    child: Child,
+    dir: tempfile::TempDir,
+    socket: PathBuf,
+    namespace: String,
+}
+
+impl Containerd {
+    fn start(name: &str) -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("imfetch-")
+            .tempdir()
+            .expect("temporary directory");
+        let d = dir.path();
+        let socket = d.join("c.sock");
+        let config = format!(
+            "version = 2\n\
+             root = \"{root}\"\n\
+             state = \"{state}\"\n\
+             disabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n\
+             [grpc]\n  address = \"{socket}\"\n\
+             [ttrpc]\n  address = \"{ttrpc}\"\n",
+            root = d.join("root").display(),
+            state = d.join("state").display(),
+            socket = socket.display(),
+            ttrpc = d.join("c.ttrpc.sock").display(),
+        );
+        fs::write(d.join("config.toml"), config).unwrap();
+        let log = fs::File::create(d.join("containerd.log")).unwrap();
+        let child = Command::new("containerd")
+            .arg("--config")
+            .arg(d.join("config.toml"))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!(
+                    "cannot start containerd ({e}): these tests need a real containerd \
+                     (Debian: apt-get install containerd runc, or scripts/install-deps.sh)"
+                )
+            });
+        let mut fixture = Containerd {
+            child,
+            socket,
+            namespace: format!("imfetch-{name}"),
+            dir,
+        };
+        let deadline = Instant::now() + DEADLINE;
+        while !fixture.socket.exists() {
+            if let Ok(Some(status)) = fixture.child.try_wait() {
+                panic!("containerd exited ({status}):\n{}", fixture.log());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "containerd did not serve within {DEADLINE:?}:\n{}",
+                fixture.log()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        fixture
+    }
+
+    fn log(&self) -> String {
+        fs::read_to_string(self.dir.path().join("containerd.log")).unwrap_or_default()
+    }
+
+    async fn runtime(&self) -> Runtime {
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            match Runtime::connect(RuntimeConfig::new(&self.socket, &self.namespace)).await {
+                Ok(rt) => return rt,
+                Err(e) if Instant::now() < deadline => {
+                    eprintln!("containerd not answering yet: {e}");
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                Err(e) => panic!("cannot connect to containerd: {e}\n{}", self.log()),
+            }
+        }
+    }
+
+    fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+}
+
+impl Drop for Containerd {
+    fn drop(&mut self) {
+        // SAFETY: plain syscall on the PID of the containerd this test started.
+        unsafe {
+            libc::kill(self.child.id() as i32, libc::SIGTERM);
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            match self.child.try_wait() {
+                Ok(Some(_)) | Err(_) => break,
+                Ok(None) if Instant::now() > deadline => {
+                    let _ = self.child.kill();
+                    let _ = self.child.wait();
+                    break;
+                }
+                Ok(None) => std::thread::sleep(Duration::from_millis(10)),
+            }
+        }
+        // Snapshot mounts containerd may have left below our directory.
+        let root = self.dir.path().to_string_lossy().to_string();
+        if let Ok(info) = fs::read_to_string("/proc/self/mountinfo") {
+            let mut points: Vec<String> = info
+                .lines()
+                .filter_map(|l| l.split(' ').nth(4))
+                .filter(|p| p.starts_with(&root))
+                .map(String::from)
+                .collect();
+            points.sort_by_key(|p| std::cmp::Reverse(p.len()));
+            for p in points {
+                if let Ok(c) = std::ffi::CString::new(p) {
+                    // SAFETY: umount2 with a valid C string.
+                    unsafe {
+                        libc::umount2(c.as_ptr(), libc::MNT_DETACH);
+                    }
+                }
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// a blob server standing in for the controller's image store
+
+#[derive(Clone, Default)]
+struct BlobServer {
+    dir: PathBuf,
+    /// Every digest asked for, in order.
+    fetched: Arc<Mutex<Vec<String>>>,
+    /// Digests served with one byte changed.
+    corrupt: Arc<Mutex<HashSet<String>>>,
+}
+
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl NodeService for BlobServer {
+    async fn join(&self, _: Request<JoinRequest>) -> Result<Response<JoinResponse>, Status> {
+        Err(Status::unimplemented("test server"))
+    }
+
+    type SyncStream = BoxStream<ControllerMessage>;
+
+    async fn sync(
+        &self,
+        _: Request<Streaming<AgentMessage>>,
+    ) -> Result<Response<Self::SyncStream>, Status> {
+        Err(Status::unimplemented("test server"))
+    }
+
+    type FetchBlobStream = BoxStream<BlobChunk>;
+
+    async fn fetch_blob(
+        &self,
+        req: Request<FetchBlobRequest>,
+    ) -> Result<Response<Self::FetchBlobStream>, Status> {
+        let digest = req.into_inner().digest;
+        self.fetched.lock().unwrap().push(digest.clone());
+        let hex = digest
+            .strip_prefix("sha256:")
+            .filter(|h| h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()))
+            .ok_or_else(|| Status::invalid_argument(format!("bad digest {digest:?}")))?;
+        let mut data = fs::read(self.dir.join("blobs/sha256").join(hex)).map_err(|_| {
+            Status::not_found(format!(
+                "blob {digest} is not in the controller's image store"
+            ))
+        })?;
+        if self.corrupt.lock().unwrap().contains(&digest) {
+            let last = data.len() - 1;
+            data[last] ^= 0xff;
+        }
+        let total = data.len() as u64;
+        let chunks: Vec<Result<BlobChunk, Status>> = data
+            .chunks(64 << 10)
+            .enumerate()
+            .map(|(i, c)| {
+                Ok(BlobChunk {
+                    digest: if i == 0 {
+                        digest.clone()
+                    } else {
+                        String::new()
+                    },
+                    total_size: if i == 0 { total } else { 0 },
+                    data: c.to_vec(),
+                })
+            })
+            .collect();
+        Ok(Response::new(Box::pin(futures::stream::iter(chunks))))
+    }
+}
+
+impl BlobServer {
+    fn fetched(&self) -> Vec<String> {
+        self.fetched.lock().unwrap().clone()
+    }
+}
+
+/// Serves `server` on a loopback port; the task ends with the test's runtime.
+async fn serve(server: BlobServer) -> NodeServiceClient<Channel> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let incoming = futures::stream::unfold(listener, |l| async move {
+        let conn = l.accept().await.map(|(s, _)| s);
+        Some((conn, l))
+    });
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(NodeServiceServer::new(server))
+            .serve_with_incoming(incoming),
+    );
+    let channel = Endpoint::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect_lazy();
+    NodeServiceClient::new(channel)
+}
+
+// ---------------------------------------------------------------------------
+// layouts
+
+fn tar_entry(out: &mut Vec<u8>, name: &str, kind: u8, mode: u32, data: &[u8], link: &str) {
+    let mut h = [0u8; 512];
+    let octal = |h: &mut [u8; 512], at: usize, len: usize, v: u64| {
+        let s = format!("{v:0width$o}\0", width = len - 1);
+        h[at..at + len].copy_from_slice(s.as_bytes());
+    };
+    h[..name.len()].copy_from_slice(name.as_bytes());
+    octal(&mut h, 100, 8, mode as u64);
+    octal(&mut h, 108, 8, 0);
+    octal(&mut h, 116, 8, 0);
+    octal(&mut h, 124, 12, data.len() as u64);
+    octal(&mut h, 136, 12, 1_700_000_000);
+    h[148..156].copy_from_slice(b"        ");
+    h[156] = kind;
+    h[157..157 + link.len()].copy_from_slice(link.as_bytes());
+    h[257..263].copy_from_slice(b"ustar\0");
+    h[263..265].copy_from_slice(b"00");
+    let sum: u32 = h.iter().map(|b| *b as u32).sum();
+    let s = format!("{sum:06o}\0 ");
+    h[148..156].copy_from_slice(s.as_bytes());
+    out.extend_from_slice(&h);
+    out.extend_from_slice(data);
+    out.resize(out.len().div_ceil(512) * 512, 0);
+}
+
+fn sha256(data: &[u8]) -> String {
+    format!("sha256:{}", hex::encode(Sha256::digest(data)))
+}
+
+fn put_blob(dir: &Path, data: &[u8]) -> String {
+    let digest = sha256(data);
+    fs::create_dir_all(dir.join("blobs/sha256")).unwrap();
+    fs::write(
+        dir.join("blobs/sha256").join(&digest["sha256:".len()..]),
+        data,
+    )
+    .unwrap();
+    digest
+}
+
+/// What the controller's store holds for one image.
+struct Pushed {
+    manifest: String,
+    config: String,
+    layer: String,
+    total: u64,
+}
+
+/// Puts a busybox image's blobs in `dir/blobs/sha256` (as the controller
+/// stores them); `cmd` varies the config so two images can share a layer.
+fn push_busybox(dir: &Path, cmd: &str) -> Pushed {
+    let busybox = fs::read("/bin/busybox")
+        .expect("/bin/busybox is missing: install busybox-static (scripts/install-deps.sh)");
+    let mut layer = Vec::new();
+    tar_entry(&mut layer, "bin/", b'5', 0o755, &[], "");
+    tar_entry(&mut layer, "bin/busybox", b'0', 0o755, &busybox, "");
+    tar_entry(&mut layer, "bin/sh", b'2', 0o777, &[], "busybox");
+    layer.extend_from_slice(&[0u8; 1024]);
+    let layer_digest = put_blob(dir, &layer);
+    let config = serde_json::to_vec(&serde_json::json!({
+        "architecture": "amd64", "os": "linux",
+        "config": {"Env": ["PATH=/bin"], "Cmd": [cmd]},
+        "rootfs": {"type": "layers", "diff_ids": [layer_digest]},
+    }))
+    .unwrap();
+    let config_digest = put_blob(dir, &config);
+    let manifest = serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+                   "digest": config_digest, "size": config.len()},
+        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar",
+                    "digest": layer_digest, "size": layer.len()}],
+    }))
+    .unwrap();
+    let manifest_digest = put_blob(dir, &manifest);
+    Pushed {
+        manifest: manifest_digest,
+        config: config_digest,
+        layer: layer_digest,
+        total: (layer.len() + config.len() + manifest.len()) as u64,
+    }
+}
+
+fn staging_entries(dir: &Path) -> Vec<PathBuf> {
+    fs::read_dir(dir)
+        .map(|d| d.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default()
+}
+
+async fn within<T>(what: &str, fut: impl std::future::Future<Output = T>) -> T {
+    tokio::time::timeout(DEADLINE, fut)
+        .await
+        .unwrap_or_else(|_| panic!("{what} did not finish within {DEADLINE:?}"))
+}
+
+// ---------------------------------------------------------------------------
+
+#[tokio::test]
+async fn image_is_fetched_once_verified_and_resolvable_in_containerd() {
+    let cd = Containerd::start("once");
+    let rt = cd.runtime().await;
+    let server = BlobServer {
+        dir: cd.path("store"),
+        ..Default::default()
+    };
+    let pushed = push_busybox(&server.dir, "/bin/sh");
+    let staging = cd.path("staging");
+    let images = Arc::new(ControllerImages::new(
+        serve(server.clone()).await,
+        rt.clone(),
+        &staging,
+    ));
+
+    // Two instances need the image at once: one fetch.
+    let t = Instant::now();
+    let (a, b) = within("two concurrent ensures", async {
+        tokio::join!(
+            images.ensure(IMAGE, &pushed.manifest),
+            images.ensure(IMAGE, &pushed.manifest)
+        )
+    })
+    .await;
+    let elapsed = t.elapsed();
+    let (a, b) = (a.unwrap(), b.unwrap());
+    assert_eq!(
+        [a.fetched, b.fetched].iter().filter(|f| **f).count(),
+        1,
+        "{a:?} {b:?}"
+    );
+    assert_eq!(a.bytes + b.bytes, pushed.total);
+    assert_eq!(
+        server.fetched(),
+        [
+            pushed.manifest.clone(),
+            pushed.config.clone(),
+            pushed.layer.clone()
+        ]
+    );
+    println!(
+        "FIGURE agent fetch + import of a {} byte busybox image over loopback: {elapsed:?}",
+        pushed.total
+    );
+
+    let resolved = rt.resolve_image(IMAGE).await.unwrap();
+    assert_eq!(resolved.manifest_digest, pushed.manifest);
+    assert_eq!(resolved.config_digest, pushed.config);
+    assert_eq!(resolved.defaults.cmd, ["/bin/sh"]);
+    assert!(rt.snapshot_exists(&resolved.chain_id).await.unwrap());
+    assert!(
+        staging_entries(&staging).is_empty(),
+        "staging left behind: {:?}",
+        staging_entries(&staging)
+    );
+
+    // Later ensures find it in containerd and fetch nothing.
+    let again = images.ensure(IMAGE, &pushed.manifest).await.unwrap();
+    assert!(!again.fetched);
+    assert_eq!(again.bytes, 0);
+    assert_eq!(server.fetched().len(), 3);
+
+    // A new image sharing the layer fetches only its manifest and config.
+    let second = push_busybox(&server.dir, "/bin/busybox");
+    assert_eq!(second.layer, pushed.layer);
+    let r = images
+        .ensure("ironmesh.test/fetched:2", &second.manifest)
+        .await
+        .unwrap();
+    assert!(r.fetched);
+    assert_eq!(
+        &server.fetched()[3..],
+        [second.manifest.clone(), second.config.clone()]
+    );
+    let resolved = rt.resolve_image("ironmesh.test/fetched:2").await.unwrap();
+    assert_eq!(resolved.defaults.cmd, ["/bin/busybox"]);
+
+    // The name moving to a new digest (a re-push) is fetched and retargeted.
+    let moved = images.ensure(IMAGE, &second.manifest).await.unwrap();
+    assert!(moved.fetched);
+    assert_eq!(
+        rt.resolve_image(IMAGE).await.unwrap().manifest_digest,
+        second.manifest
+    );
+}
+
+#[tokio::test]
+async fn unknown_image_or_digest_is_not_found() {
+    let cd = Containerd::start("notfound");
+    let rt = cd.runtime().await;
+    let server = BlobServer {
+        dir: cd.path("store"),
+        ..Default::default()
+    };
+    let images = ControllerImages::new(serve(server.clone()).await, rt.clone(), cd.path("st"));
+
+    let e = images.ensure("ironmesh.test/nope:1", "").await.unwrap_err();
+    let ImageSourceError::NotFound { image, reason } = &e else {
+        panic!("expected NotFound, got {e:?}");
+    };
+    assert_eq!(image, "ironmesh.test/nope:1");
+    assert!(reason.contains("imctl image push"), "{reason}");
+    assert!(server.fetched().is_empty());
+
+    let ghost = sha256(b"never pushed");
+    let e = images
+        .ensure("ironmesh.test/nope:1", &ghost)
+        .await
+        .unwrap_err();
+    assert!(matches!(e, ImageSourceError::NotFound { .. }), "{e:?}");
+    assert!(e.to_string().contains(&ghost), "{e}");
+
+    let e = images
+        .ensure("ironmesh.test/nope:1", "sha256:../../etc")
+        .await
+        .unwrap_err();
+    assert!(matches!(e, ImageSourceError::Invalid { .. }), "{e:?}");
+    assert!(rt.resolve_image("ironmesh.test/nope:1").await.is_err());
+    assert!(staging_entries(&cd.path("st")).is_empty());
+}
+
+#[tokio::test]
+async fn damaged_layer_is_invalid_and_nothing_is_imported() {
+    let cd = Containerd::start("damaged");
+    let rt = cd.runtime().await;
+    let server = BlobServer {
+        dir: cd.path("store"),
+        ..Default::default()
+    };
+    let pushed = push_busybox(&server.dir, "/bin/sh");
+    server.corrupt.lock().unwrap().insert(pushed.layer.clone());
+    let images = ControllerImages::new(serve(server.clone()).await, rt.clone(), cd.path("st"));
+
+    let e = images.ensure(IMAGE, &pushed.manifest).await.unwrap_err();
+    let ImageSourceError::Invalid { reason, .. } = &e else {
+        panic!("expected Invalid, got {e:?}");
+    };
+    assert!(
+        reason.contains(&pushed.layer) && reason.contains("damaged"),
+        "{reason}"
+    );
+    let err = rt.resolve_image(IMAGE).await.unwrap_err();
+    assert!(err.is_not_found(), "{err}");
+    assert!(staging_entries(&cd.path("st")).is_empty());
+
+    // Once the store serves it intact, the same call succeeds.
+    server.corrupt.lock().unwrap().clear();
+    assert!(
+        images
+            .ensure(IMAGE, &pushed.manifest)
+            .await
+            .unwrap()
+            .fetched
+    );
+}
+
+#[tokio::test]
+async fn unreachable_controller_is_unavailable() {
+    let cd = Containerd::start("unreach");
+    let rt = cd.runtime().await;
+    // A port nobody listens on (bound, then released).
+    let addr = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let channel = Endpoint::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect_timeout(Duration::from_secs(2))
+        .connect_lazy();
+    let images = ControllerImages::new(NodeServiceClient::new(channel), rt, cd.path("st"));
+    let e = within(
+        "ensure against a closed port",
+        images.ensure(IMAGE, &sha256(b"m")),
+    )
+    .await
+    .unwrap_err();
+    assert!(matches!(e, ImageSourceError::Unavailable { .. }), "{e:?}");
+}
