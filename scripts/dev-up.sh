@@ -14,13 +14,7 @@ mkdir -p "$DIR"
 bash scripts/dev-down.sh >/dev/null 2>&1 || true
 
 # containerd: Debian's package, started here when no service manager runs it.
-SOCK=/run/containerd/containerd.sock
-if ! ctr --address "$SOCK" version >/dev/null 2>&1; then
-  containerd >"$DIR/containerd.log" 2>&1 &
-  echo $! >"$DIR/containerd.pid"
-  for _ in $(seq 100); do ctr --address "$SOCK" version >/dev/null 2>&1 && break; sleep 0.1; done
-  ctr --address "$SOCK" version >/dev/null 2>&1 || { echo "containerd did not start; see $DIR/containerd.log" >&2; exit 1; }
-fi
+CONTAINERD_LOG=$DIR/containerd.log bash scripts/ensure-containerd.sh "$DIR/containerd.pid"
 
 "$BIN/ironmesh-controller" --data-dir "$DIR/controller" --listen 127.0.0.1:7443 \
   --metrics-listen 127.0.0.1:7480 >"$DIR/controller.log" 2>&1 &

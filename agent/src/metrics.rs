@@ -1,6 +1,7 @@
 //! Agent metrics, served on `--metrics-listen` at `/metrics`.
 
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
@@ -13,6 +14,19 @@ pub struct AgentMetrics {
     pub assignment_revision: Gauge,
     pub cpus: Gauge,
     pub memory_bytes: Gauge,
+    pub instances: Family<PhaseLabel, Gauge>,
+    pub restarts: Counter,
+    pub events: Family<ReasonLabel, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+pub struct PhaseLabel {
+    pub phase: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+pub struct ReasonLabel {
+    pub reason: String,
 }
 
 impl AgentMetrics {
@@ -24,6 +38,9 @@ impl AgentMetrics {
             assignment_revision: Gauge::default(),
             cpus: Gauge::default(),
             memory_bytes: Gauge::default(),
+            instances: Family::default(),
+            restarts: Counter::default(),
+            events: Family::default(),
         };
         let r = registry.sub_registry_with_prefix("ironmesh_agent");
         r.register(
@@ -47,6 +64,21 @@ impl AgentMetrics {
             "memory_bytes",
             "Memory discovered, in bytes",
             m.memory_bytes.clone(),
+        );
+        r.register(
+            "instances",
+            "Instances on this node by phase",
+            m.instances.clone(),
+        );
+        r.register(
+            "container_restarts",
+            "Container restarts (crashes, failed liveness probes)",
+            m.restarts.clone(),
+        );
+        r.register(
+            "instance_events",
+            "Instance events by reason (Pulled, Started, BackOff, Unhealthy...)",
+            m.events.clone(),
         );
         m
     }

@@ -40,10 +40,16 @@ type Outbound = watch::Sender<Option<mpsc::Sender<AgentMessage>>>;
 
 /// Forwards supervisor reports to the current session; while disconnected
 /// they are dropped (the next session starts with a full report).
-fn forward_reports(mut reports: mpsc::Receiver<SupervisorReport>) -> Outbound {
+fn forward_reports(
+    mut reports: mpsc::Receiver<SupervisorReport>,
+    metrics: Arc<AgentMetrics>,
+) -> Outbound {
     let (out, rx) = watch::channel::<Option<mpsc::Sender<AgentMessage>>>(None);
     tokio::spawn(async move {
+        // Last known (phase, restarts) per instance, for the gauges.
+        let mut known: HashMap<String, (String, u32)> = HashMap::new();
         while let Some(r) = reports.recv().await {
+            observe(&metrics, &mut known, &r);
             let msg = match r {
                 SupervisorReport::State(st) => agent_message::Msg::Instances(InstanceReport {
                     full: false,
@@ -58,6 +64,47 @@ fn forward_reports(mut reports: mpsc::Receiver<SupervisorReport>) -> Outbound {
         }
     });
     out
+}
+
+fn observe(
+    metrics: &AgentMetrics,
+    known: &mut HashMap<String, (String, u32)>,
+    r: &SupervisorReport,
+) {
+    use crate::metrics::{PhaseLabel, ReasonLabel};
+    match r {
+        SupervisorReport::State(st) => {
+            let before = known.insert(st.name.clone(), (st.phase.clone(), st.restarts));
+            if let Some((_, restarts)) = &before {
+                if st.restarts > *restarts {
+                    metrics.restarts.inc_by(u64::from(st.restarts - restarts));
+                }
+            }
+            let mut counts: HashMap<&str, i64> = HashMap::new();
+            for (phase, _) in known.values() {
+                *counts.entry(phase.as_str()).or_default() += 1;
+            }
+            for phase in ["Pending", "Running", "Succeeded", "Failed"] {
+                metrics
+                    .instances
+                    .get_or_create(&PhaseLabel {
+                        phase: phase.to_string(),
+                    })
+                    .set(counts.get(phase).copied().unwrap_or(0));
+            }
+        }
+        SupervisorReport::Event(ev) => {
+            if ev.reason == "Deleted" {
+                known.remove(&ev.instance);
+            }
+            metrics
+                .events
+                .get_or_create(&ReasonLabel {
+                    reason: ev.reason.clone(),
+                })
+                .inc();
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -80,7 +127,7 @@ pub async fn run(
     reports: mpsc::Receiver<SupervisorReport>,
     shutdown: ironmesh_daemon::Shutdown,
 ) {
-    let outbound = forward_reports(reports);
+    let outbound = forward_reports(reports, metrics.clone());
     let mut backoff = BACKOFF_MIN;
     let mut acked: u64 = 0;
     loop {

@@ -31,6 +31,13 @@ pub struct ControllerMetrics {
     pub node_transitions: Counter,
     pub nodes: Family<ConditionLabel, Gauge>,
     pub store_revision: Gauge,
+    pub instances: Family<PhaseLabel, Gauge>,
+    pub unschedulable: Gauge,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+pub struct PhaseLabel {
+    pub phase: String,
 }
 
 impl ControllerMetrics {
@@ -44,6 +51,8 @@ impl ControllerMetrics {
             node_transitions: Counter::default(),
             nodes: Family::default(),
             store_revision: Gauge::default(),
+            instances: Family::default(),
+            unschedulable: Gauge::default(),
         };
         let r = registry.sub_registry_with_prefix("ironmesh_controller");
         r.register(
@@ -81,6 +90,16 @@ impl ControllerMetrics {
             "store_revision",
             "Latest store revision written by this controller",
             m.store_revision.clone(),
+        );
+        r.register(
+            "instances",
+            "Instances by phase (Pending, Running, Succeeded, Failed, Unknown)",
+            m.instances.clone(),
+        );
+        r.register(
+            "instances_unschedulable",
+            "Instances no node has room for",
+            m.unschedulable.clone(),
         );
         m
     }

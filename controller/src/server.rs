@@ -80,7 +80,11 @@ pub async fn run(cfg: ControllerConfig, shutdown: Shutdown) -> Result<(), Server
     let images = crate::images::ImageStore::open(cfg.data_dir.join("images"), store.clone())
         .map_err(|e| ServerError::Config(e.to_string()))?;
     let logs = crate::logs::LogRelay::default();
-    let workloads = tokio::spawn(crate::workloads::run(resources.clone(), shutdown.clone()));
+    let workloads = tokio::spawn(crate::workloads::run(
+        resources.clone(),
+        metrics.clone(),
+        shutdown.clone(),
+    ));
     let node_api = NodeApi {
         ca: Arc::new(creds.ca),
         images: images.clone(),

@@ -25,7 +25,11 @@ use crate::scheduler::{Cluster, NodeCapacity, Request};
 const RESYNC: Duration = Duration::from_secs(2);
 
 /// Runs passes until `shutdown`.
-pub async fn run(resources: Resources, shutdown: ironmesh_daemon::Shutdown) {
+pub async fn run(
+    resources: Resources,
+    metrics: std::sync::Arc<crate::metrics::ControllerMetrics>,
+    shutdown: ironmesh_daemon::Shutdown,
+) {
     use futures::StreamExt;
     let stopped = shutdown.clone().wait();
     tokio::pin!(stopped);
@@ -52,8 +56,9 @@ pub async fn run(resources: Resources, shutdown: ironmesh_daemon::Shutdown) {
             }
         };
         loop {
-            if let Err(e) = reconcile(&resources).await {
-                tracing::warn!(error = %e, "workload pass failed");
+            match reconcile(&resources).await {
+                Ok(counts) => counts.publish(&metrics),
+                Err(e) => tracing::warn!(error = %e, "workload pass failed"),
             }
             tokio::select! {
                 _ = &mut stopped => return,
@@ -163,8 +168,39 @@ fn instance_name(workload: &str) -> String {
     format!("{}-{suffix}", base.trim_end_matches('-'))
 }
 
+/// Instance counts seen by a pass (before its own changes).
+#[derive(Debug, Default)]
+pub struct PassCounts {
+    pub by_phase: BTreeMap<&'static str, i64>,
+    pub unschedulable: i64,
+}
+
+impl PassCounts {
+    fn publish(&self, metrics: &crate::metrics::ControllerMetrics) {
+        for phase in ["Pending", "Running", "Succeeded", "Failed", "Unknown"] {
+            metrics
+                .instances
+                .get_or_create(&crate::metrics::PhaseLabel {
+                    phase: phase.to_string(),
+                })
+                .set(self.by_phase.get(phase).copied().unwrap_or(0));
+        }
+        metrics.unschedulable.set(self.unschedulable);
+    }
+}
+
+fn phase_name(p: InstancePhase) -> &'static str {
+    match p {
+        InstancePhase::Pending => "Pending",
+        InstancePhase::Running => "Running",
+        InstancePhase::Succeeded => "Succeeded",
+        InstancePhase::Failed => "Failed",
+        InstancePhase::Unknown => "Unknown",
+    }
+}
+
 /// One pass over all workloads.
-pub async fn reconcile(resources: &Resources) -> Result<(), ResourceError> {
+pub async fn reconcile(resources: &Resources) -> Result<PassCounts, ResourceError> {
     let all = LabelSelector::default();
     let (workloads, _) = resources.list(Kind::Workload, &all).await?;
     let (instances, _) = resources.list(Kind::Instance, &all).await?;
@@ -188,6 +224,13 @@ pub async fn reconcile(resources: &Resources) -> Result<(), ResourceError> {
         })
         .collect();
     let instances: Vec<InstanceView> = instances.iter().filter_map(instance_view).collect();
+    let mut counts = PassCounts::default();
+    for i in &instances {
+        *counts.by_phase.entry(phase_name(i.status.phase)).or_default() += 1;
+        if i.spec.node.is_none() {
+            counts.unschedulable += 1;
+        }
+    }
 
     let mut cluster = Cluster::new(nodes.iter().map(node_capacity).collect());
     for i in &instances {
@@ -254,7 +297,7 @@ pub async fn reconcile(resources: &Resources) -> Result<(), ResourceError> {
         }
         write_workload_status(resources, w, &current, &created).await?;
     }
-    Ok(())
+    Ok(counts)
 }
 
 async fn delete_instance(
