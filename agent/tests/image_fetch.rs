@@ -445,6 +445,52 @@ async fn image_is_fetched_once_verified_and_resolvable_in_containerd() {
     );
 }
 
+/// The project's own image format (one gzip layer, as `build-images`
+/// writes it), around the static busybox so the test needs no static build
+/// (`IMFETCH_TEST_BINARY=path` puts another binary in, e.g. the static
+/// records-server from `build-images`).
+#[tokio::test]
+async fn project_image_with_a_gzip_layer_is_fetched_with_its_defaults() {
+    let cd = Containerd::start("gzip");
+    let rt = cd.runtime().await;
+    let binary = std::env::var_os("IMFETCH_TEST_BINARY")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/bin/busybox"));
+    let spec = ironmesh_images::catalog::records_server(&binary, "0.1.0");
+    let layout = cd.path("layout");
+    let built = ironmesh_images::build_layout(&spec, &layout).expect("build the layout");
+    let server = BlobServer {
+        dir: layout,
+        ..Default::default()
+    };
+    let images = ControllerImages::new(serve(server.clone()).await, rt.clone(), cd.path("st"));
+
+    let t = Instant::now();
+    let r = within(
+        "ensure",
+        images.ensure(&built.reference, &built.manifest_digest),
+    )
+    .await
+    .unwrap();
+    let elapsed = t.elapsed();
+    assert!(r.fetched);
+    assert_eq!(r.bytes, built.size);
+    println!(
+        "FIGURE agent fetch + import of {} ({} bytes, gzip layer of {}): {elapsed:?}",
+        built.reference,
+        built.size,
+        binary.display()
+    );
+    let resolved = rt.resolve_image(&built.reference).await.unwrap();
+    assert_eq!(resolved.manifest_digest, built.manifest_digest);
+    assert_eq!(resolved.defaults.entrypoint, ["/bin/records-server"]);
+    assert!(resolved
+        .defaults
+        .env
+        .contains(&"LISTEN_ADDR=0.0.0.0:8080".to_string()));
+    assert!(rt.snapshot_exists(&resolved.chain_id).await.unwrap());
+}
+
 #[tokio::test]
 async fn unknown_image_or_digest_is_not_found() {
     let cd = Containerd::start("notfound");

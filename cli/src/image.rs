@@ -271,7 +271,7 @@ struct Blob {
 struct LayoutImage {
     name: String,
     manifest: Blob,
-    /// Config and layers, then the manifest: everything the push sends.
+    /// Layers, config, then the manifest: everything the push sends.
     blobs: Vec<Blob>,
 }
 
@@ -385,10 +385,11 @@ fn read_layout(dir: &Path, name: Option<&str>) -> anyhow::Result<Vec<LayoutImage
         }
         let manifest: Manifest = serde_json::from_slice(&data)
             .with_context(|| format!("manifest {} is not an image manifest", desc.digest))?;
-        let mut blobs = vec![check_blob(dir, &manifest.config, "config")?];
+        let mut blobs = Vec::new();
         for (i, layer) in manifest.layers.iter().enumerate() {
             blobs.push(check_blob(dir, layer, &format!("layer {i}"))?);
         }
+        blobs.push(check_blob(dir, &manifest.config, "config")?);
         blobs.push(manifest_blob.clone());
         images.push(LayoutImage {
             name,
