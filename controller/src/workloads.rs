@@ -226,7 +226,10 @@ pub async fn reconcile(resources: &Resources) -> Result<PassCounts, ResourceErro
     let instances: Vec<InstanceView> = instances.iter().filter_map(instance_view).collect();
     let mut counts = PassCounts::default();
     for i in &instances {
-        *counts.by_phase.entry(phase_name(i.status.phase)).or_default() += 1;
+        *counts
+            .by_phase
+            .entry(phase_name(i.status.phase))
+            .or_default() += 1;
         if i.spec.node.is_none() {
             counts.unschedulable += 1;
         }
