@@ -63,6 +63,12 @@ pub struct AgentConfig {
     )]
     pub metrics_listen: SocketAddr,
 
+    /// The IPv4 address other nodes route this node's instances through.
+    /// Default: the address of the default route's interface, else of the
+    /// first physical NIC.
+    #[arg(long, env = "IRONMESH_NODE_IP")]
+    pub node_ip: Option<std::net::Ipv4Addr>,
+
     /// containerd's gRPC socket. containerd 1.6 or 1.7 (Debian 12 ships
     /// 1.6.20) with runc and the overlayfs snapshotter.
     #[arg(

@@ -493,3 +493,47 @@ mod tests {
         assert!(matches!(err, InventoryError::Read { .. }));
     }
 }
+
+/// The address other nodes should use for this node: the first IPv4
+/// address of the interface the default route leaves through, else of the
+/// first physical NIC. `None` when neither has one.
+pub fn detect_node_ip(inv: &Inventory) -> Option<std::net::Ipv4Addr> {
+    let first_v4 = |nic: &Nic| {
+        nic.addresses
+            .iter()
+            .filter_map(|a| a.split('/').next()?.parse::<std::net::Ipv4Addr>().ok())
+            .find(|ip| !ip.is_loopback() && !ip.is_link_local())
+    };
+    let default_if = std::fs::read_to_string("/proc/net/route")
+        .ok()
+        .and_then(|t| default_route_interface(&t));
+    if let Some(dev) = default_if {
+        if let Some(ip) = inv.nics.iter().filter(|n| n.name == dev).find_map(first_v4) {
+            return Some(ip);
+        }
+    }
+    inv.nics.iter().filter(|n| !n.r#virtual).find_map(first_v4)
+}
+
+/// The interface of the IPv4 default route in `/proc/net/route` text.
+fn default_route_interface(route_table: &str) -> Option<String> {
+    route_table.lines().skip(1).find_map(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        (f.len() > 7 && f[1] == "00000000" && f[7] == "00000000").then(|| f[0].to_string())
+    })
+}
+
+#[cfg(test)]
+mod node_ip_tests {
+    use super::*;
+
+    #[test]
+    fn default_route_interface_is_read() {
+        let t =
+            "Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\tWindow\tIRTT\n\
+                 eth0\t0002000A\t00000000\t0001\t0\t0\t0\t00FFFFFF\t0\t0\t0\n\
+                 eth1\t00000000\t0102000A\t0003\t0\t0\t0\t00000000\t0\t0\t0\n";
+        assert_eq!(default_route_interface(t).as_deref(), Some("eth1"));
+        assert_eq!(default_route_interface("Iface\n"), None);
+    }
+}

@@ -113,6 +113,7 @@ async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
             server_name: cfg.tls_server_name.clone(),
             agent_version: env!("CARGO_PKG_VERSION").to_string(),
             supervisor: supervisor.clone(),
+            node_ip: cfg.node_ip,
         },
         id,
         metrics,

@@ -33,6 +33,8 @@ pub struct SyncConfig {
     pub agent_version: String,
     /// Runs what the assignments ask for.
     pub supervisor: Arc<Supervisor>,
+    /// `--node-ip`; detected from the inventory when `None`.
+    pub node_ip: Option<std::net::Ipv4Addr>,
 }
 
 /// Where supervisor reports go: the open session's outbound queue, if any.
@@ -184,16 +186,25 @@ async fn session(
                 .map_err(|_| SyncError::Broken("outbound stream closed".into()))
         }
     };
+    let mut inventory = read_inventory(&cfg.agent_version).await;
+    let node_ip = cfg.node_ip.or_else(|| {
+        inventory
+            .as_ref()
+            .and_then(crate::inventory::detect_node_ip)
+    });
+    if node_ip.is_none() {
+        tracing::warn!("no node address found (set --node-ip): other nodes cannot route to this node's instances");
+    }
     send(
         &tx,
         agent_message::Msg::Hello(Hello {
             node_name: id.node_name.clone(),
             agent_version: cfg.agent_version.clone(),
             acked_revision: *acked,
+            node_ip: node_ip.map(|ip| ip.to_string()).unwrap_or_default(),
         }),
     )
     .await?;
-    let mut inventory = read_inventory(&cfg.agent_version).await;
     if let Some(inv) = &inventory {
         metrics.observe_inventory(inv);
         send(&tx, agent_message::Msg::Inventory(inv.clone())).await?;

@@ -26,6 +26,7 @@ pub mod instance;
 mod kind;
 pub mod manifest;
 pub mod meta;
+pub mod net;
 pub mod node;
 pub mod pipeline;
 pub mod policy;

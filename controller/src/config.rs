@@ -59,6 +59,16 @@ pub struct ControllerConfig {
     #[arg(long, env = "IRONMESH_NODE_GRACE", default_value = "4s", value_parser = humantime::parse_duration)]
     pub node_grace: Duration,
 
+    /// The block instance addresses come from; each node gets a
+    /// `--node-cidr-prefix` part of it on first contact.
+    #[arg(long, env = "IRONMESH_CLUSTER_CIDR", default_value = "10.244.0.0/16")]
+    pub cluster_cidr: ironmesh_api::net::Ipv4Cidr,
+
+    /// Prefix length of each node's pod CIDR (/24: 253 instances per node,
+    /// 256 nodes in a /16).
+    #[arg(long, env = "IRONMESH_NODE_CIDR_PREFIX", default_value_t = 24)]
+    pub node_cidr_prefix: u8,
+
     /// Log format.
     #[arg(long, env = "IRONMESH_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
@@ -81,6 +91,7 @@ impl ControllerConfig {
                 humantime::format_duration(self.heartbeat_interval)
             ));
         }
+        crate::ipam::Ipam::new(self.cluster_cidr, self.node_cidr_prefix)?;
         if let Some(t) = &self.bootstrap_token {
             if t.len() < 16 {
                 return Err("--bootstrap-token must be at least 16 characters".into());

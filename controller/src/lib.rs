@@ -9,6 +9,7 @@
 pub mod bootstrap;
 pub mod config;
 pub mod images;
+pub mod ipam;
 pub mod liveness;
 pub mod logs;
 pub mod metrics;

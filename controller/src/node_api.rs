@@ -15,7 +15,7 @@ use ironmesh_api::Kind;
 use ironmesh_proto::v1::{
     agent_message, controller_message, node_service_server::NodeService, AgentMessage, Assignment,
     ControllerMessage, FetchBlobRequest, InstanceAssignment, InstanceEvent, InstanceState,
-    Inventory, JoinRequest, JoinResponse, Welcome,
+    Inventory, JoinRequest, JoinResponse, PeerNode, Welcome,
 };
 use serde_json::{json, Value};
 use subtle::ConstantTimeEq;
@@ -33,6 +33,7 @@ const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub struct NodeApi {
     pub ca: Arc<ClusterCa>,
+    pub ipam: crate::ipam::Ipam,
     pub images: crate::images::ImageStore,
     pub logs: crate::logs::LogRelay,
     pub bootstrap_token: String,
@@ -160,7 +161,19 @@ impl NodeService for NodeApi {
             )));
         }
 
-        self.register_node(&node, &fingerprint).await?;
+        if !hello.node_ip.is_empty() && hello.node_ip.parse::<std::net::Ipv4Addr>().is_err() {
+            return Err(Status::invalid_argument(format!(
+                "node_ip {:?} is not an IPv4 address",
+                hello.node_ip
+            )));
+        }
+        let pod_cidr = self
+            .ipam
+            .allocate(self.resources.store().as_ref(), &node)
+            .await
+            .map_err(|e| Status::resource_exhausted(e.to_string()))?;
+        self.register_node(&node, &fingerprint, &pod_cidr.to_string(), &hello.node_ip)
+            .await?;
         let session = self.liveness.connect(&node);
         self.metrics.sync_streams.inc();
         tracing::info!(node = %node, session, agent_version = %hello.agent_version, acked = hello.acked_revision, "sync stream opened");
@@ -170,6 +183,8 @@ impl NodeService for NodeApi {
             msg: Some(controller_message::Msg::Welcome(Welcome {
                 node_name: node.clone(),
                 heartbeat_interval_ms: self.heartbeat_interval.as_millis() as u32,
+                pod_cidr: pod_cidr.to_string(),
+                cluster_cidr: self.ipam.cluster.to_string(),
             })),
         };
         // A fresh channel with room for 64: this cannot block.
@@ -214,7 +229,13 @@ impl NodeService for NodeApi {
 impl NodeApi {
     /// Creates the Node object on first contact, records the certificate
     /// fingerprint, and marks it Ready.
-    async fn register_node(&self, node: &str, fingerprint: &str) -> Result<(), Status> {
+    async fn register_node(
+        &self,
+        node: &str,
+        fingerprint: &str,
+        pod_cidr: &str,
+        node_ip: &str,
+    ) -> Result<(), Status> {
         let name = node.to_string();
         self.resources
             .update(Kind::Node, node, |cur| {
@@ -229,6 +250,16 @@ impl NodeApi {
                     }),
                 };
                 let mut changed = cur.is_none();
+                if obj.pointer("/status/podCIDR").and_then(Value::as_str) != Some(pod_cidr) {
+                    obj["status"]["podCIDR"] = json!(pod_cidr);
+                    changed = true;
+                }
+                if !node_ip.is_empty()
+                    && obj.pointer("/status/internalIP").and_then(Value::as_str) != Some(node_ip)
+                {
+                    obj["status"]["internalIP"] = json!(node_ip);
+                    changed = true;
+                }
                 if obj
                     .pointer("/status/certificateFingerprint")
                     .and_then(Value::as_str)
@@ -355,9 +386,34 @@ pub async fn assignment_for(
         });
     }
     instances.sort_by(|a, b| a.name.cmp(&b.name));
+    let (nodes, _) = resources
+        .list(
+            Kind::Node,
+            &ironmesh_api::selector::LabelSelector::default(),
+        )
+        .await
+        .map_err(|e| Status::unavailable(e.to_string()))?;
+    let peers = nodes
+        .iter()
+        .filter(|n| n.name != node)
+        .filter_map(|n| {
+            let s = |p: &str| {
+                n.object
+                    .pointer(p)
+                    .and_then(Value::as_str)
+                    .map(str::to_string)
+            };
+            Some(PeerNode {
+                name: n.name.clone(),
+                pod_cidr: s("/status/podCIDR")?,
+                node_ip: s("/status/internalIP")?,
+            })
+        })
+        .collect();
     Ok(Assignment {
         revision,
         instances,
+        peers,
     })
 }
 
@@ -371,7 +427,7 @@ async fn push_assignments(
     tx: mpsc::Sender<Result<ControllerMessage, Status>>,
 ) {
     use futures::{FutureExt, StreamExt};
-    let mut last: Option<Vec<InstanceAssignment>> = None;
+    let mut last: Option<(Vec<InstanceAssignment>, Vec<PeerNode>)> = None;
     loop {
         let rev = match resources.store().revision().await {
             Ok(r) => r,
@@ -390,8 +446,9 @@ async fn push_assignments(
         loop {
             match assignment_for(&resources, &images, &node).await {
                 Ok(a) => {
-                    if last.as_ref() != Some(&a.instances) {
-                        last = Some(a.instances.clone());
+                    let key = (a.instances.clone(), a.peers.clone());
+                    if last.as_ref() != Some(&key) {
+                        last = Some(key);
                         tracing::debug!(node = %node, revision = a.revision, instances = a.instances.len(), "assignment sent");
                         let msg = ControllerMessage {
                             msg: Some(controller_message::Msg::Assignment(a)),
@@ -464,6 +521,9 @@ async fn record_instance_state(
             }
             if let Some(t) = &started_at {
                 status["startedAt"] = json!(t);
+            }
+            if !st.ip.is_empty() {
+                status["ip"] = json!(st.ip);
             }
             if let Some(ev) = events {
                 status["events"] = ev;

@@ -1,6 +1,7 @@
-//! Placement of instances onto nodes: first fit on requested CPU and memory
-//! over Ready, schedulable nodes, in name order (deterministic for the same
-//! input). When nothing fits it explains why, per node, in the
+//! Placement of instances onto nodes: among Ready, schedulable nodes with
+//! room for the requested CPU and memory, the one holding the fewest
+//! instances of the same workload (so replicas spread), ties broken by name
+//! (deterministic for the same input). When nothing fits it explains why, per node, in the
 //! `0/3 nodes available: 2 insufficient memory, 1 not ready` habit.
 
 use std::collections::BTreeMap;
@@ -38,6 +39,8 @@ impl std::ops::AddAssign for Request {
 pub struct Cluster {
     nodes: Vec<NodeCapacity>,
     used: BTreeMap<String, Request>,
+    /// (node, workload) → instances bound there.
+    replicas: BTreeMap<(String, String), usize>,
 }
 
 impl Cluster {
@@ -46,18 +49,24 @@ impl Cluster {
         Cluster {
             nodes,
             used: BTreeMap::new(),
+            replicas: BTreeMap::new(),
         }
     }
 
-    /// Books `req` on `node` (an instance that is already bound).
-    pub fn book(&mut self, node: &str, req: Request) {
+    /// Books `req` of an instance of `workload` on `node` (already bound).
+    pub fn book(&mut self, node: &str, workload: &str, req: Request) {
         *self.used.entry(node.to_string()).or_default() += req;
+        *self
+            .replicas
+            .entry((node.to_string(), workload.to_string()))
+            .or_default() += 1;
     }
 
-    /// The first node that fits `req`, booked; or why none does.
-    pub fn place(&mut self, req: Request) -> Result<String, String> {
+    /// The fitting node with the fewest replicas of `workload`, booked; or
+    /// why no node fits.
+    pub fn place(&mut self, workload: &str, req: Request) -> Result<String, String> {
         let mut reasons: BTreeMap<&'static str, usize> = BTreeMap::new();
-        let mut chosen = None;
+        let mut chosen: Option<(usize, String)> = None;
         for n in &self.nodes {
             let used = self.used.get(&n.name).copied().unwrap_or_default();
             let why = if !n.ready {
@@ -74,14 +83,21 @@ impl Cluster {
             match why {
                 Some(w) => *reasons.entry(w).or_default() += 1,
                 None => {
-                    chosen = Some(n.name.clone());
-                    break;
+                    let count = self
+                        .replicas
+                        .get(&(n.name.clone(), workload.to_string()))
+                        .copied()
+                        .unwrap_or(0);
+                    // Strictly fewer: ties keep the earlier name.
+                    if chosen.as_ref().is_none_or(|(c, _)| count < *c) {
+                        chosen = Some((count, n.name.clone()));
+                    }
                 }
             }
         }
         match chosen {
-            Some(name) => {
-                self.book(&name, req);
+            Some((_, name)) => {
+                self.book(&name, workload, req);
                 Ok(name)
             }
             None => {
@@ -116,21 +132,38 @@ mod tests {
     const GI: u64 = 1 << 30;
 
     #[test]
-    fn first_fit_in_name_order_and_bookings_count() {
+    fn replicas_spread_and_bookings_count() {
         let mut c = Cluster::new(vec![node("b", true, 2000, GI), node("a", true, 1000, GI)]);
         let r = Request {
             cpu_millis: 600,
             memory_bytes: GI / 4,
         };
-        assert_eq!(c.place(r), Ok("a".to_string()));
-        // a has 400m left: the next goes to b.
-        assert_eq!(c.place(r), Ok("b".to_string()));
-        assert_eq!(c.place(r), Ok("b".to_string()));
-        assert_eq!(c.place(r), Ok("b".to_string()));
+        assert_eq!(c.place("w", r), Ok("a".to_string()));
+        // b holds no replica of w yet.
+        assert_eq!(c.place("w", r), Ok("b".to_string()));
+        // a has 400m left: b, although it already holds one.
+        assert_eq!(c.place("w", r), Ok("b".to_string()));
+        // Another workload starts at the first name that fits.
+        assert_eq!(c.place("v", r), Ok("b".to_string()));
         assert_eq!(
-            c.place(r).unwrap_err(),
+            c.place("w", r).unwrap_err(),
             "0/2 nodes available: 2 insufficient cpu"
         );
+    }
+
+    #[test]
+    fn three_replicas_over_three_nodes_one_each() {
+        let mut c = Cluster::new(vec![
+            node("h1", true, 2000, GI),
+            node("h2", true, 2000, GI),
+            node("h3", true, 2000, GI),
+        ]);
+        let r = Request {
+            cpu_millis: 100,
+            memory_bytes: 1 << 20,
+        };
+        let placed: Vec<String> = (0..3).map(|_| c.place("web", r).unwrap()).collect();
+        assert_eq!(placed, ["h1", "h2", "h3"]);
     }
 
     #[test]
@@ -143,17 +176,22 @@ mod tests {
             cordoned,
         ]);
         let err = c
-            .place(Request {
-                cpu_millis: 100,
-                memory_bytes: GI,
-            })
+            .place(
+                "w",
+                Request {
+                    cpu_millis: 100,
+                    memory_bytes: GI,
+                },
+            )
             .unwrap_err();
         assert_eq!(
             err,
             "0/3 nodes available: 1 insufficient memory, 1 not ready, 1 unschedulable"
         );
         assert_eq!(
-            Cluster::new(vec![]).place(Request::default()).unwrap_err(),
+            Cluster::new(vec![])
+                .place("w", Request::default())
+                .unwrap_err(),
             "0/0 nodes available: no node has joined"
         );
     }

@@ -85,8 +85,11 @@ pub async fn run(cfg: ControllerConfig, shutdown: Shutdown) -> Result<(), Server
         metrics.clone(),
         shutdown.clone(),
     ));
+    let ipam = crate::ipam::Ipam::new(cfg.cluster_cidr, cfg.node_cidr_prefix)
+        .map_err(ServerError::Config)?;
     let node_api = NodeApi {
         ca: Arc::new(creds.ca),
+        ipam,
         images: images.clone(),
         logs: logs.clone(),
         bootstrap_token: creds.bootstrap_token,

@@ -238,7 +238,7 @@ pub async fn reconcile(resources: &Resources) -> Result<PassCounts, ResourceErro
     let mut cluster = Cluster::new(nodes.iter().map(node_capacity).collect());
     for i in &instances {
         if let Some(n) = &i.spec.node {
-            cluster.book(n, request_of(&i.spec.template));
+            cluster.book(n, &i.spec.workload, request_of(&i.spec.template));
         }
     }
 
@@ -289,13 +289,13 @@ pub async fn reconcile(resources: &Resources) -> Result<PassCounts, ResourceErro
         // Bind unplaced instances when a node has room now.
         for i in &current {
             if i.spec.node.is_none() {
-                let placed = cluster.place(request_of(&i.spec.template));
+                let placed = cluster.place(&w.name, request_of(&i.spec.template));
                 bind(resources, &i.name, placed).await?;
             }
         }
         let mut created = Vec::new();
         for _ in current.len()..want {
-            let placed = cluster.place(request_of(&w.spec));
+            let placed = cluster.place(&w.name, request_of(&w.spec));
             created.push(create_instance(resources, w, placed).await?);
         }
         write_workload_status(resources, w, &current, &created).await?;
