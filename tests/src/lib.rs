@@ -15,7 +15,9 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 
 pub mod containerd;
+pub mod net;
 pub use containerd::Containerd;
+pub use net::{Host, TestNet};
 use serde_json::Value;
 use tempfile::TempDir;
 
@@ -160,13 +162,15 @@ impl Default for ControllerOpts {
     }
 }
 
-/// A controller process with its own data directory.
+/// A controller process with its own data directory, listening on the
+/// bridge of its own [`TestNet`] (agents run in hosts on that bridge).
 pub struct Controller {
+    pub proc: Proc,
     pub dir: TempDir,
     pub addr: SocketAddr,
     pub metrics: SocketAddr,
     pub opts: ControllerOpts,
-    pub proc: Proc,
+    pub net: TestNet,
 }
 
 impl Controller {
@@ -175,7 +179,8 @@ impl Controller {
             .prefix("im-ctl-")
             .tempdir()
             .expect("tempdir");
-        let addr = free_addr();
+        let net = TestNet::new();
+        let addr = SocketAddr::new(net.gateway().into(), free_addr().port());
         let metrics = free_addr();
         let proc = Self::spawn(dir.path(), addr, metrics, &opts, "controller-1.log");
         let c = Controller {
@@ -184,6 +189,7 @@ impl Controller {
             metrics,
             opts,
             proc,
+            net,
         };
         c.wait_serving();
         c
@@ -207,6 +213,10 @@ impl Controller {
             .arg(opts.node_grace)
             .arg("--heartbeat-interval")
             .arg(opts.heartbeat_interval)
+            .arg("--tls-san")
+            .arg(addr.ip().to_string())
+            .arg("--cluster-cidr")
+            .arg(net::CLUSTER_CIDR)
             .env("RUST_LOG", "info,ironmesh_controller=debug");
         Proc::spawn(cmd, dir.join(log)).expect("start controller")
     }
@@ -294,12 +304,14 @@ pub fn ready_status(node: &Value) -> Option<String> {
         .map(str::to_string)
 }
 
-/// An agent process with its own state directory and its own containerd.
-/// Fields drop in order: the agent, then containerd (with every container
-/// it ran), then the directory.
+/// An agent process running in its own [`Host`] (network namespace) with
+/// its own state directory and containerd. Fields drop in order: the agent,
+/// then containerd (with every container it ran), then the host's
+/// namespace, then the directory.
 pub struct Agent {
     pub proc: Proc,
     pub containerd: Containerd,
+    pub host: Host,
     pub dir: TempDir,
     pub name: String,
     pub metrics: SocketAddr,
@@ -313,12 +325,14 @@ impl Agent {
             .prefix("im-agent-")
             .tempdir()
             .expect("tempdir");
-        let metrics = free_addr();
         let token = std::fs::read_to_string(ctl.token_file()).expect("token file");
+        let host = ctl.net.add_host(name);
+        let metrics = SocketAddr::new(host.addr.into(), free_addr().port());
         let containerd = Containerd::start(name);
         let proc = Self::spawn(
             ctl,
             dir.path(),
+            &host,
             &containerd,
             name,
             metrics,
@@ -327,6 +341,7 @@ impl Agent {
         );
         Agent {
             containerd,
+            host,
             dir,
             name: name.to_string(),
             metrics,
@@ -341,11 +356,22 @@ impl Agent {
             .prefix("im-agent-")
             .tempdir()
             .expect("tempdir");
-        let metrics = free_addr();
+        let host = ctl.net.add_host(name);
+        let metrics = SocketAddr::new(host.addr.into(), free_addr().port());
         let containerd = Containerd::start(name);
-        let proc = Self::spawn(ctl, dir.path(), &containerd, name, metrics, Some(token), 1);
+        let proc = Self::spawn(
+            ctl,
+            dir.path(),
+            &host,
+            &containerd,
+            name,
+            metrics,
+            Some(token),
+            1,
+        );
         Agent {
             containerd,
+            host,
             dir,
             name: name.to_string(),
             metrics,
@@ -354,17 +380,21 @@ impl Agent {
         }
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn spawn(
         ctl: &Controller,
         dir: &Path,
+        host: &Host,
         containerd: &Containerd,
         name: &str,
         metrics: SocketAddr,
         token: Option<&str>,
         n: usize,
     ) -> Proc {
-        let mut cmd = Command::new(bin("ironmesh-agent"));
-        cmd.arg("--controller")
+        let mut cmd = host.command(bin("ironmesh-agent"));
+        cmd.arg("--node-ip")
+            .arg(host.addr.to_string())
+            .arg("--controller")
             .arg(ctl.url())
             .arg("--ca-cert")
             .arg(ctl.ca_cert())
@@ -400,6 +430,7 @@ impl Agent {
         self.proc = Self::spawn(
             ctl,
             self.dir.path(),
+            &self.host,
             &self.containerd,
             &self.name,
             self.metrics,

@@ -2,17 +2,15 @@
 //! images pushed with `imctl image push`, placed by the controller, run,
 //! probed, restarted and cleaned up by the agent.
 //!
-//! Each agent has its own containerd (see `ironmesh_tests::Containerd`).
-//! Containers share the host network until per-instance namespaces land,
-//! so every records-server listens on its own loopback port.
+//! Each agent runs in its own fake host (a network namespace on a test
+//! bridge) with its own containerd; each instance gets its own network
+//! namespace and address, reached from inside the host.
 
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use ironmesh_tests::{
-    free_addr, http_get, images_dir, wait_for, Agent, Controller, ControllerOpts,
-};
+use ironmesh_tests::{images_dir, wait_for, Agent, Controller, ControllerOpts};
 use serde_json::Value;
 
 const RECORDS: &str = "ironmesh/records-server:dev";
@@ -90,7 +88,7 @@ fn running_ready(i: &Value) -> bool {
     s(i, "/status/phase") == "Running" && i.pointer("/status/ready") == Some(&Value::Bool(true))
 }
 
-fn records_workload(name: &str, port: u16, extra: &str) -> String {
+fn records_workload(name: &str, extra: &str) -> String {
     format!(
         "apiVersion: ironmesh.dev/v1
 kind: Workload
@@ -100,14 +98,14 @@ spec:
   image: {RECORDS}
   env:
     - name: LISTEN_ADDR
-      value: 127.0.0.1:{port}
+      value: 0.0.0.0:8080
   resources:
     cpu: 100m
     memory: 64Mi
   readinessProbe:
     httpGet:
       path: /healthz
-      port: {port}
+      port: 8080
     periodSeconds: 1
 {extra}"
     )
@@ -134,8 +132,7 @@ fn ctr(agent: &Agent, args: &[&str]) -> String {
 fn workload_runs_ready_answers_with_its_memory_limit_and_logs() {
     let (ctl, agent) = start_cluster();
     push(&ctl, "records-server");
-    let port = free_addr().port();
-    apply(&ctl, &records_workload("orders", port, ""));
+    apply(&ctl, &records_workload("orders", ""));
 
     let inst = wait_instance(
         &ctl,
@@ -148,7 +145,11 @@ fn workload_runs_ready_answers_with_its_memory_limit_and_logs() {
     assert_eq!(s(&inst, "/spec/node"), "node-a");
     assert!(u(&inst, "/status/pid") > 0, "{inst}");
 
-    let body = http_get(format!("127.0.0.1:{port}").parse().unwrap(), "/healthz").unwrap();
+    let ip: std::net::IpAddr = s(&inst, "/status/ip").parse().expect("instance has an IP");
+    let body = agent
+        .host
+        .http_get(std::net::SocketAddr::new(ip, 8080), "/healthz")
+        .unwrap();
     assert!(body.contains("ok"), "{body}");
 
     // The memory request became the cgroup's limit (cgroup v1 here; v2 if unified).
@@ -262,21 +263,17 @@ spec:
 fn failing_liveness_probe_restarts_the_container() {
     let (ctl, _agent) = start_cluster();
     push(&ctl, "records-server");
-    let port = free_addr().port();
     apply(
         &ctl,
         &records_workload(
             "sick",
-            port,
-            &format!(
-                "  livenessProbe:
+            "  livenessProbe:
     httpGet:
       path: /no-such-page
-      port: {port}
+      port: 8080
     periodSeconds: 1
     failureThreshold: 2
-"
-            ),
+",
         ),
     );
     let inst = wait_instance(
@@ -294,9 +291,8 @@ fn failing_liveness_probe_restarts_the_container() {
 fn agent_restart_adopts_running_containers_and_cleans_up_deleted_ones() {
     let (ctl, mut agent) = start_cluster();
     push(&ctl, "records-server");
-    let (p1, p2) = (free_addr().port(), free_addr().port());
-    apply(&ctl, &records_workload("keep", p1, ""));
-    apply(&ctl, &records_workload("gone", p2, ""));
+    apply(&ctl, &records_workload("keep", ""));
+    apply(&ctl, &records_workload("gone", ""));
     let keep = wait_instance(
         &ctl,
         "keep",
@@ -338,8 +334,7 @@ fn agent_restart_adopts_running_containers_and_cleans_up_deleted_ones() {
 fn deleting_a_workload_leaves_nothing_in_containerd() {
     let (ctl, agent) = start_cluster();
     push(&ctl, "records-server");
-    let port = free_addr().port();
-    apply(&ctl, &records_workload("brief", port, ""));
+    apply(&ctl, &records_workload("brief", ""));
     let inst = wait_instance(
         &ctl,
         "brief",
