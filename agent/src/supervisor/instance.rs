@@ -136,6 +136,8 @@ struct Instance {
     control: watch::Receiver<Control>,
     dir: PathBuf,
     persisted: Persisted,
+    /// Address and namespace of the instance's own network, once set up.
+    net: Option<(std::net::Ipv4Addr, PathBuf)>,
 }
 
 /// The instance task: works through the steps until told to stop, then
@@ -156,6 +158,7 @@ pub(crate) async fn run(
         state,
         control,
         dir,
+        net: None,
     };
     // The previous holder of the name (an older generation, or a removal)
     // must be gone before this one creates its container and directory.
@@ -256,6 +259,15 @@ async fn remove_all(shared: &Shared, name: &str) -> Result<StopOutcome, Supervis
     rt.delete(name)
         .await
         .map_err(err("deleting the container"))?;
+    if let Some(net) = &shared.network {
+        net.teardown(name)
+            .await
+            .map_err(|reason| SupervisorError::Runtime {
+                name: name.to_string(),
+                action: "removing the instance network",
+                source: RuntimeError::invalid(name, reason),
+            })?;
+    }
     let dir = instance_dir(&shared.cfg, name);
     remove_dir(&dir).map_err(|e| SupervisorError::Runtime {
         name: name.to_string(),
@@ -305,9 +317,43 @@ impl Instance {
         }
     }
 
+    /// Sets up (or finds again) the instance's network, retrying with
+    /// back-off; reports its address.
+    async fn ensure_network(&mut self) -> Result<(), Stop> {
+        let Some(net) = self.shared.network.clone() else {
+            return Ok(());
+        };
+        let cfg = &self.shared.cfg;
+        let mut backoff = Backoff::new(cfg.backoff_base, cfg.backoff_max);
+        loop {
+            match guard(&self.control, net.setup(self.name())).await? {
+                Ok((ip, netns)) => {
+                    tracing::debug!(instance = %self.name(), %ip, netns = %netns.display(), "instance network ready");
+                    self.net = Some((ip, netns));
+                    self.publish(|s| s.ip = ip.to_string()).await;
+                    return Ok(());
+                }
+                Err(error) => {
+                    let delay = backoff.next_delay();
+                    tracing::warn!(instance = %self.name(), error = %error, retry_in = ?delay, "cannot set up the instance network");
+                    self.publish(|s| {
+                        s.phase = PENDING.to_string();
+                        s.reason = "NetworkSetupError".to_string();
+                        s.message = format!("{error}; retrying in {}", human(delay));
+                    })
+                    .await;
+                    self.event(true, "Failed", format!("Network setup failed: {error}"))
+                        .await;
+                    guard(&self.control, tokio::time::sleep(delay)).await?;
+                }
+            }
+        }
+    }
+
     async fn steps(&mut self, adopt: Option<ContainerState>) -> Result<Infallible, Stop> {
         let cfg = &self.shared.cfg;
         let mut backoff = Backoff::new(cfg.backoff_base, cfg.backoff_max);
+        self.ensure_network().await?;
         let mut step = self.adopt(adopt).await?;
         loop {
             step = match step {
@@ -464,10 +510,11 @@ impl Instance {
             guard(&self.control, tokio::time::sleep(delay)).await?;
         };
 
-        let spec = match spec::instance_spec(&self.d, &defaults) {
+        let mut spec = match spec::instance_spec(&self.d, &defaults) {
             Ok(spec) => spec,
             Err(message) => return Ok(self.config_error(message).await),
         };
+        spec.netns = self.net.as_ref().map(|(_, path)| path.clone());
         loop {
             self.publish(|s| {
                 s.phase = PENDING.to_string();
@@ -590,7 +637,11 @@ impl Instance {
             ProbeTarget {
                 runtime: self.shared.runtime.clone(),
                 id: name.clone(),
-                host: self.shared.cfg.probe_host,
+                host: self
+                    .net
+                    .as_ref()
+                    .map(|(ip, _)| std::net::IpAddr::V4(*ip))
+                    .unwrap_or(self.shared.cfg.probe_host),
             },
             since_ms(started_ms),
             tx,

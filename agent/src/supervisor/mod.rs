@@ -165,7 +165,21 @@ pub(crate) struct Shared {
     pub(crate) cfg: SupervisorConfig,
     pub(crate) runtime: Runtime,
     pub(crate) images: Arc<dyn ImageSource>,
+    pub(crate) network: Option<Arc<dyn InstanceNetworking>>,
     pub(crate) reports: mpsc::Sender<SupervisorReport>,
+}
+
+/// An instance's own network: a namespace the container joins and an
+/// address probes reach it on. Without one, containers share containerd's
+/// network namespace (tests of the supervisor alone).
+#[tonic::async_trait]
+pub trait InstanceNetworking: Send + Sync + 'static {
+    /// Idempotent: the same address and namespace for the same instance.
+    async fn setup(&self, instance: &str) -> Result<(std::net::Ipv4Addr, PathBuf), String>;
+    /// Idempotent: removes namespace, interfaces, routes and address lease.
+    async fn teardown(&self, instance: &str) -> Result<(), String>;
+    /// Removes what belongs to instances not in `keep` (after a crash).
+    async fn cleanup_orphans(&self, keep: std::collections::HashSet<String>);
 }
 
 struct Tables {
@@ -202,6 +216,17 @@ impl Supervisor {
         images: Arc<dyn ImageSource>,
         reports: mpsc::Sender<SupervisorReport>,
     ) -> Result<Supervisor, SupervisorError> {
+        Self::start_with_network(cfg, runtime, images, None, reports).await
+    }
+
+    /// [`Supervisor::start`], with every instance in its own network.
+    pub async fn start_with_network(
+        cfg: SupervisorConfig,
+        runtime: Runtime,
+        images: Arc<dyn ImageSource>,
+        network: Option<Arc<dyn InstanceNetworking>>,
+        reports: mpsc::Sender<SupervisorReport>,
+    ) -> Result<Supervisor, SupervisorError> {
         let dir = cfg.state_dir.join("instances");
         std::fs::create_dir_all(&dir).map_err(|source| SupervisorError::StateDir {
             path: dir.clone(),
@@ -226,6 +251,7 @@ impl Supervisor {
                 cfg,
                 runtime,
                 images,
+                network,
                 reports,
             }),
             tables: Mutex::new(Tables {
@@ -292,6 +318,11 @@ impl Supervisor {
         if first {
             // Instance directories nobody owns (a removal cut short by a crash).
             self.remove_stray_dirs(&tables, &wanted);
+            // Networks of instances that are gone (namespaces, veths, leases).
+            if let Some(net) = self.shared.network.clone() {
+                let keep: std::collections::HashSet<String> = wanted.keys().cloned().collect();
+                tokio::spawn(async move { net.cleanup_orphans(keep).await });
+            }
         }
 
         for (name, d) in wanted {
