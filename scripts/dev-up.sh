@@ -43,13 +43,14 @@ echo
 "$BIN/imctl" get nodes -o wide
 echo
 for _ in $(seq 300); do
-  "$BIN/imctl" get workloads orders-api 2>/dev/null | grep -q ' 1/1 ' && break
+  "$BIN/imctl" get workloads orders-api 2>/dev/null | grep -q ' 2/2 ' && break
   sleep 0.1
 done
 "$BIN/imctl" get instances
+IP=$("$BIN/imctl" get instances -l ironmesh.dev/workload=orders-api -o json | grep -o '"ip": "[0-9.]*"' | head -1 | grep -o '[0-9.]*[0-9]')
 echo
-echo "$ curl -s http://127.0.0.1:8080/records/ord-1001"
-curl -sS --max-time 5 http://127.0.0.1:8080/records/ord-1001 || { echo "the sample service did not answer; see $DIR/agent.log" >&2; exit 1; }
+echo "$ curl -s http://$IP:8080/records/ord-1001"
+curl -sS --max-time 5 "http://$IP:8080/records/ord-1001" || { echo "the sample service did not answer; see $DIR/agent.log" >&2; exit 1; }
 echo
 echo
 echo "Controller and agent are running (logs in $DIR). Next:"

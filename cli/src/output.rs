@@ -84,7 +84,7 @@ fn columns(kind: Kind, wide: bool) -> Vec<&'static str> {
         Kind::PipelineRun => vec!["NAME", "PIPELINE", "AGE"],
         Kind::Source => vec!["NAME", "REPO", "BRANCH", "AGE"],
         Kind::Instance => vec![
-            "NAME", "WORKLOAD", "NODE", "STATUS", "READY", "RESTARTS", "AGE",
+            "NAME", "WORKLOAD", "NODE", "STATUS", "READY", "RESTARTS", "IP", "AGE",
         ],
     };
     if wide {
@@ -194,6 +194,10 @@ fn row(kind: Kind, o: &Value, wide: bool) -> Vec<String> {
                 .and_then(Value::as_u64)
                 .unwrap_or(0)
                 .to_string(),
+            match s(o, "/status/ip") {
+                "" => "<none>".to_string(),
+                ip => ip.to_string(),
+            },
             created,
         ],
     };

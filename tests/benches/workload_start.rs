@@ -56,7 +56,25 @@ async fn main() -> anyhow::Result<()> {
         })
         .await?
         .into_inner();
+    // Bare containerd: create + start of the same image, same daemon, in a
+    // namespace of its own.
+    let mut config = RuntimeConfig::new(
+        agent.containerd.socket(),
+        format!("{}-bare", agent.containerd.namespace()),
+    );
+    config.cgroup_prefix = format!("{}/bare", agent.containerd.cgroup_prefix());
+    let rt = Runtime::connect(config).await?;
+    let imported = rt.import_layout(&layout).await?;
+    let image = imported
+        .images
+        .first()
+        .map(|i| i.name.clone())
+        .ok_or_else(|| anyhow::anyhow!("the layout holds no image"))?;
+    let logs = tempfile::tempdir()?;
+
+    // Interleaved, one of each per round, so both see the same load.
     let mut ironmesh = Vec::with_capacity(N);
+    let mut bare = Vec::with_capacity(N);
     for i in 0..N {
         let name = format!("bench-{i}");
         let doc = json!({
@@ -66,7 +84,7 @@ async fn main() -> anyhow::Result<()> {
             "spec": {
                 "image": IMAGE,
                 "env": [{"name": "SLEEP_MS", "value": "600000"}],
-                "resources": {"cpu": "10m", "memory": "16Mi"},
+                "resources": {"cpu": "100m", "memory": "32Mi"},
             },
         });
         let started = Instant::now();
@@ -94,28 +112,13 @@ async fn main() -> anyhow::Result<()> {
                 break;
             }
         }
-    }
 
-    // --- Bare containerd: create + start of the same image, same daemon,
-    // in a namespace of its own.
-    let mut config = RuntimeConfig::new(
-        agent.containerd.socket(),
-        format!("{}-bare", agent.containerd.namespace()),
-    );
-    config.cgroup_prefix = format!("{}/bare", agent.containerd.cgroup_prefix());
-    let rt = Runtime::connect(config).await?;
-    let imported = rt.import_layout(&layout).await?;
-    let image = imported
-        .images
-        .first()
-        .map(|i| i.name.clone())
-        .ok_or_else(|| anyhow::anyhow!("the layout holds no image"))?;
-    let logs = tempfile::tempdir()?;
-    let mut bare = Vec::with_capacity(N);
-    for i in 0..N {
         let id = format!("bare-{i}");
         let mut spec = InstanceSpec::new(&id, &image);
         spec.env = vec![("SLEEP_MS".into(), "600000".into())];
+        // The same limits the workload asks for (CFS quota, memory).
+        spec.resources.cpu_millis = Some(100);
+        spec.resources.memory_bytes = Some(32 << 20);
         let started = Instant::now();
         rt.create(&spec).await?;
         rt.start(&id, &TaskIo::in_dir(logs.path().join(&id)))
@@ -131,6 +134,12 @@ async fn main() -> anyhow::Result<()> {
     let _ =
         std::fs::remove_dir_all(std::path::Path::new("/run/containerd/runc").join(rt.namespace()));
 
+    // Keep the daemons' logs for a closer look (timestamps of each step).
+    if let Ok(dir) = std::env::var("IRONMESH_BENCH_LOGS") {
+        let _ = std::fs::create_dir_all(&dir);
+        let _ = std::fs::write(format!("{dir}/controller.log"), ctl.proc.log_text());
+        let _ = std::fs::write(format!("{dir}/agent.log"), agent.proc.log_text());
+    }
     ironmesh.sort();
     bare.sort();
     let (i50, i99) = (percentile(&ironmesh, 0.5), percentile(&ironmesh, 0.99));
