@@ -134,7 +134,10 @@ pub async fn revisions_start_at_one_and_increase(s: Arc<dyn Store>) {
     // A txn without ops creates no revision.
     assert_eq!(commit(s, vec![]).await, r0);
     let first = commit(s, vec![put("a", "1")]).await;
-    assert!(first > r0, "the first write {first} is above the start {r0}");
+    assert!(
+        first > r0,
+        "the first write {first} is above the start {r0}"
+    );
     let mut last = first;
     for i in 0..5 {
         let r = commit(s, vec![put(&format!("k{i}"), "v")]).await;

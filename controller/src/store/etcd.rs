@@ -218,7 +218,10 @@ impl EtcdStore {
         let k = std::str::from_utf8(key)
             .map_err(|_| StoreError::Corrupt("a key in etcd is not UTF-8".into()))?;
         k.strip_prefix(self.prefix.as_str()).ok_or_else(|| {
-            StoreError::Corrupt(format!("etcd key {k:?} is outside prefix {:?}", self.prefix))
+            StoreError::Corrupt(format!(
+                "etcd key {k:?} is outside prefix {:?}",
+                self.prefix
+            ))
         })
     }
 
@@ -255,9 +258,7 @@ impl EtcdStore {
     /// `start`, if that start is compacted.
     async fn compaction_point(&self, start: i64) -> Result<Option<i64>, StoreError> {
         let mut w = self.client.watch_client();
-        let opts = WatchOptions::new()
-            .with_start_revision(start)
-            .with_prefix();
+        let opts = WatchOptions::new().with_start_revision(start).with_prefix();
         let mut stream = timed(w.watch(self.full_key(""), Some(opts))).await?;
         let deadline = tokio::time::Instant::now() + REQUEST_TIMEOUT;
         loop {
@@ -297,8 +298,8 @@ impl Store for EtcdStore {
 
     async fn list(&self, prefix: &str) -> Result<(Vec<KeyValue>, Revision), StoreError> {
         let mut kv = self.client.kv_client();
-        let resp = timed(kv.get(self.full_key(prefix), Some(GetOptions::new().with_prefix())))
-            .await?;
+        let resp =
+            timed(kv.get(self.full_key(prefix), Some(GetOptions::new().with_prefix()))).await?;
         let revision = resp.header().map(|h| rev(h.revision())).unwrap_or(0);
         let mut items = resp
             .kvs()
@@ -620,7 +621,11 @@ mod tests {
 
     async fn fresh_short_history() -> (Arc<dyn Store>, EtcdServer) {
         let server = EtcdServer::start();
-        let s = store_on(&server, Some(crate::store::conformance::SHORT_HISTORY as u64)).await;
+        let s = store_on(
+            &server,
+            Some(crate::store::conformance::SHORT_HISTORY as u64),
+        )
+        .await;
         (Arc::new(s), server)
     }
 
