@@ -15,9 +15,11 @@ use ironmesh_daemon::LogFormat;
 #[derive(Debug, Clone, Parser)]
 #[command(name = "ironmesh-agent", version)]
 pub struct AgentConfig {
-    /// Controller URL, https://host:port.
-    #[arg(long, env = "IRONMESH_CONTROLLER")]
-    pub controller: String,
+    /// Controller URL, https://host:port, or several comma-separated (all
+    /// controllers of one cluster): the agent streams to one and fails over
+    /// to the next when it goes away.
+    #[arg(long, env = "IRONMESH_CONTROLLER", value_delimiter = ',', required = true, num_args = 1..)]
+    pub controller: Vec<String>,
 
     /// The cluster CA certificate (the controller's `<data-dir>/pki/ca.crt`),
     /// needed to verify the controller at first join.

@@ -62,6 +62,9 @@ struct Manifest {
 /// Images from the controller's image store; see the module docs.
 pub struct ControllerImages {
     client: NodeServiceClient<Channel>,
+    /// Other controllers of the cluster, asked in order when `client`
+    /// does not hold a blob or cannot be reached.
+    fallbacks: Vec<NodeServiceClient<Channel>>,
     runtime: Runtime,
     staging: PathBuf,
     idle_timeout: Duration,
@@ -124,11 +127,19 @@ impl ControllerImages {
         }
         ControllerImages {
             client,
+            fallbacks: Vec::new(),
             runtime,
             staging,
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
             locks: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Other controllers of the cluster to ask, in order, for a blob the
+    /// first one does not hold or cannot serve.
+    pub fn with_fallbacks(mut self, others: Vec<NodeServiceClient<Channel>>) -> ControllerImages {
+        self.fallbacks = others;
+        self
     }
 
     /// How long a blob stream may stay silent before the fetch is given up
@@ -208,22 +219,39 @@ impl ControllerImages {
             .ok_or_else(|| invalid(format!("digest {digest:?} is not a sha256 digest")))?;
         let path = dir.join("blobs").join("sha256").join(hex);
 
-        let mut client = self.client.clone();
-        let mut stream = tokio::time::timeout(
-            self.idle_timeout,
-            client.fetch_blob(FetchBlobRequest {
-                digest: digest.to_string(),
-            }),
-        )
-        .await
-        .map_err(|_| {
-            unavailable(format!(
-                "the controller did not answer FetchBlob for {digest} within {:?}",
-                self.idle_timeout
-            ))
-        })?
-        .map_err(|s| fetch_status(image, digest, s))?
-        .into_inner();
+        let mut stream = None;
+        let mut last_err = None;
+        for client in std::iter::once(&self.client).chain(self.fallbacks.iter()) {
+            let mut client = client.clone();
+            let opened = tokio::time::timeout(
+                self.idle_timeout,
+                client.fetch_blob(FetchBlobRequest {
+                    digest: digest.to_string(),
+                }),
+            )
+            .await
+            .map_err(|_| {
+                unavailable(format!(
+                    "the controller did not answer FetchBlob for {digest} within {:?}",
+                    self.idle_timeout
+                ))
+            })
+            .and_then(|r| r.map_err(|s| fetch_status(image, digest, s)));
+            match opened {
+                Ok(s) => {
+                    stream = Some(s.into_inner());
+                    break;
+                }
+                // Another controller may hold it (or be up).
+                Err(
+                    e @ (ImageSourceError::NotFound { .. } | ImageSourceError::Unavailable { .. }),
+                ) => last_err = Some(e),
+                Err(e) => return Err(e),
+            }
+        }
+        let Some(mut stream) = stream else {
+            return Err(last_err.unwrap_or_else(|| unavailable("no controller to ask".into())));
+        };
 
         let mut file = tokio::fs::File::create(&path)
             .await

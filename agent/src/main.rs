@@ -46,17 +46,41 @@ async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         (None, None) => None,
     };
     let started = std::time::Instant::now();
-    let (id, joined) = load_or_join(
-        &cfg.state_dir,
-        &node_name,
-        JoinParams {
-            controller: &cfg.controller,
-            server_name: cfg.tls_server_name.as_deref(),
-            ca_pem,
-            bootstrap_token: token,
-        },
-    )
-    .await?;
+    let controllers: Vec<String> = cfg
+        .controller
+        .iter()
+        .map(|c| c.trim().to_string())
+        .filter(|c| !c.is_empty())
+        .collect();
+    anyhow::ensure!(!controllers.is_empty(), "--controller names no URL");
+    // Join through the first controller that answers.
+    let mut joined_with = None;
+    for (i, url) in controllers.iter().enumerate() {
+        match load_or_join(
+            &cfg.state_dir,
+            &node_name,
+            JoinParams {
+                controller: url,
+                server_name: cfg.tls_server_name.as_deref(),
+                ca_pem: ca_pem.clone(),
+                bootstrap_token: token.clone(),
+            },
+        )
+        .await
+        {
+            Ok(r) => {
+                joined_with = Some(r);
+                break;
+            }
+            Err(e) if i + 1 < controllers.len() => {
+                tracing::warn!(controller = %url, error = %e, "cannot join through this controller; trying the next");
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    let Some((id, joined)) = joined_with else {
+        anyhow::bail!("no controller answered");
+    };
     if joined {
         tracing::info!(node = %node_name, elapsed_ms = started.elapsed().as_millis() as u64, "joined the cluster");
     } else {
@@ -83,14 +107,20 @@ async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     );
     // Image fetches use their own connection so that a large pull never
     // queues behind (or starves) the sync stream.
-    let blob_channel = ironmesh_agent::identity::endpoint(&cfg.controller)?
-        .tls_config(id.tls(cfg.tls_server_name.as_deref()))?
-        .connect_lazy();
-    let images = Arc::new(ControllerImages::new(
-        NodeServiceClient::new(blob_channel),
-        runtime.clone(),
-        cfg.state_dir.join("staging"),
-    ));
+    // With several controllers a blob may be held by only the one it was
+    // pushed to: a fetch the first cannot serve is asked of the others.
+    let mut blob_clients = Vec::with_capacity(controllers.len());
+    for url in &controllers {
+        let channel = ironmesh_agent::identity::endpoint(url)?
+            .tls_config(id.tls(cfg.tls_server_name.as_deref()))?
+            .connect_lazy();
+        blob_clients.push(NodeServiceClient::new(channel));
+    }
+    let primary = blob_clients.remove(0);
+    let images = Arc::new(
+        ControllerImages::new(primary, runtime.clone(), cfg.state_dir.join("staging"))
+            .with_fallbacks(blob_clients),
+    );
     let (reports_tx, reports_rx) = tokio::sync::mpsc::channel(1024);
     let supervisor = Arc::new(
         Supervisor::start(
@@ -109,7 +139,7 @@ async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
 
     sync::run(
         SyncConfig {
-            controller: cfg.controller.clone(),
+            controllers,
             server_name: cfg.tls_server_name.clone(),
             agent_version: env!("CARGO_PKG_VERSION").to_string(),
             supervisor: supervisor.clone(),

@@ -3,6 +3,12 @@
 //! assignments and log requests down. Reconnects with exponential backoff
 //! when the controller goes away; after each connect it sends a full
 //! instance report, so nothing that changed meanwhile is lost.
+//!
+//! With several controllers (`--controller a,b,c`) a lost stream moves on
+//! to the next controller at once; the backoff only grows once every
+//! controller has failed in a row. The hello carries the last acknowledged
+//! assignment revision, and the new controller sends the full assignment,
+//! so a failover neither loses nor replays anything blindly.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -28,7 +34,8 @@ const BACKOFF_MAX: Duration = Duration::from_secs(5);
 const INVENTORY_REFRESH: Duration = Duration::from_secs(30);
 
 pub struct SyncConfig {
-    pub controller: String,
+    /// Every controller of the cluster (at least one), tried in order.
+    pub controllers: Vec<String>,
     pub server_name: Option<String>,
     pub agent_version: String,
     /// Runs what the assignments ask for.
@@ -132,12 +139,26 @@ pub async fn run(
     let outbound = forward_reports(reports, metrics.clone());
     let mut backoff = BACKOFF_MIN;
     let mut acked: u64 = 0;
+    let count = cfg.controllers.len().max(1);
+    let mut current = 0usize;
+    // Failed sessions since the last healthy one.
+    let mut failed_in_a_row = 0usize;
     loop {
         if shutdown.is_requested() {
             return;
         }
         let started = std::time::Instant::now();
-        let res = session(&cfg, &id, &metrics, &mut acked, &outbound, shutdown.clone()).await;
+        let url = cfg.controllers.get(current).cloned().unwrap_or_default();
+        let res = session(
+            &cfg,
+            &url,
+            &id,
+            &metrics,
+            &mut acked,
+            &outbound,
+            shutdown.clone(),
+        )
+        .await;
         outbound.send_replace(None);
         metrics.connected.set(0);
         match res {
@@ -146,9 +167,22 @@ pub async fn run(
                 // A session that lived a while was healthy: start over small.
                 if started.elapsed() > Duration::from_secs(10) {
                     backoff = BACKOFF_MIN;
+                    failed_in_a_row = 0;
                 }
+                failed_in_a_row += 1;
                 metrics.reconnects.inc();
-                tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "sync stream down");
+                current = (current + 1) % count;
+                if count > 1 && failed_in_a_row < count {
+                    // Another controller may be up: try it right away.
+                    tracing::warn!(error = %e, controller = %url, next = %cfg.controllers[current], "sync stream down; failing over");
+                    tokio::select! {
+                        _ = tokio::time::sleep(BACKOFF_MIN / 2) => {}
+                        _ = shutdown.clone().wait() => return,
+                    }
+                    continue;
+                }
+                failed_in_a_row = 0;
+                tracing::warn!(error = %e, controller = %url, retry_in_ms = backoff.as_millis() as u64, "sync stream down");
             }
         }
         let jitter = Duration::from_millis(rand::random_range(0..=backoff.as_millis() as u64 / 4));
@@ -162,13 +196,14 @@ pub async fn run(
 
 async fn session(
     cfg: &SyncConfig,
+    url: &str,
     id: &NodeIdentity,
     metrics: &AgentMetrics,
     acked: &mut u64,
     outbound: &Outbound,
     shutdown: ironmesh_daemon::Shutdown,
 ) -> Result<(), SyncError> {
-    let channel = endpoint(&cfg.controller)
+    let channel = endpoint(url)
         .map_err(|e| SyncError::Connect(e.to_string()))?
         .tls_config(id.tls(cfg.server_name.as_deref()))
         .map_err(|e| SyncError::Connect(e.to_string()))?
@@ -246,7 +281,7 @@ async fn session(
     outbound.send_replace(Some(tx.clone()));
     let mut log_tasks: HashMap<u64, tokio::task::AbortHandle> = HashMap::new();
     let hb_every = Duration::from_millis(u64::from(welcome.heartbeat_interval_ms.max(100)));
-    tracing::info!(node = %welcome.node_name, heartbeat_ms = hb_every.as_millis() as u64, "connected to controller");
+    tracing::info!(node = %welcome.node_name, controller = %url, heartbeat_ms = hb_every.as_millis() as u64, "connected to controller");
 
     let mut heartbeat = tokio::time::interval(hb_every);
     let mut refresh = tokio::time::interval(INVENTORY_REFRESH);

@@ -35,25 +35,51 @@ pub enum BootstrapError {
     Encode(String),
 }
 
-pub fn prepare(cfg: &ControllerConfig) -> Result<Credentials, BootstrapError> {
+/// The CA and bootstrap token when several controllers share them through
+/// the store (see `ha::shared_secrets`), instead of files in the data dir.
+pub struct SharedCredentials {
+    pub ca: ClusterCa,
+    pub bootstrap_token: String,
+}
+
+pub fn prepare(
+    cfg: &ControllerConfig,
+    shared: Option<SharedCredentials>,
+) -> Result<Credentials, BootstrapError> {
     let dir = &cfg.data_dir;
     std::fs::create_dir_all(dir).map_err(|source| BootstrapError::Io {
         action: "create",
         path: dir.clone(),
         source,
     })?;
-    let (ca, created) = ClusterCa::load_or_create(&dir.join("pki"))?;
-    if created {
-        tracing::info!(path = %dir.join("pki/ca.crt").display(), "created cluster CA");
-    }
-
     let token_file = dir.join("bootstrap-token");
-    let bootstrap_token = match &cfg.bootstrap_token {
-        Some(t) => {
-            write_private(&token_file, format!("{t}\n").as_bytes())?;
-            t.clone()
+    let (ca, bootstrap_token) = match shared {
+        Some(s) => {
+            // Only the public half goes to disk: agents and imctl need it,
+            // the key stays sealed in the store.
+            std::fs::create_dir_all(dir.join("pki")).map_err(|source| BootstrapError::Io {
+                action: "create",
+                path: dir.join("pki"),
+                source,
+            })?;
+            crate::pki::write_public(&dir.join("pki/ca.crt"), s.ca.cert_pem().as_bytes())?;
+            write_private(&token_file, format!("{}\n", s.bootstrap_token).as_bytes())?;
+            (s.ca, s.bootstrap_token)
         }
-        None => load_or_create_token(&token_file)?,
+        None => {
+            let (ca, created) = ClusterCa::load_or_create(&dir.join("pki"))?;
+            if created {
+                tracing::info!(path = %dir.join("pki/ca.crt").display(), "created cluster CA");
+            }
+            let token = match &cfg.bootstrap_token {
+                Some(t) => {
+                    write_private(&token_file, format!("{t}\n").as_bytes())?;
+                    t.clone()
+                }
+                None => load_or_create_token(&token_file)?,
+            };
+            (ca, token)
+        }
     };
 
     let mut sans = vec!["localhost".to_string(), "127.0.0.1".to_string()];
@@ -113,12 +139,17 @@ fn load_or_create_token(path: &Path) -> Result<String, BootstrapError> {
             })
         }
     }
-    let mut b = [0u8; 24];
-    rand::Rng::fill(&mut rand::rng(), &mut b[..]);
-    let token = format!("imb.{}", hex::encode(b));
+    let token = new_token();
     write_private(path, format!("{token}\n").as_bytes())?;
     tracing::info!(path = %path.display(), "created bootstrap token");
     Ok(token)
+}
+
+/// A fresh random bootstrap token.
+pub fn new_token() -> String {
+    let mut b = [0u8; 24];
+    rand::Rng::fill(&mut rand::rng(), &mut b[..]);
+    format!("imb.{}", hex::encode(b))
 }
 
 fn url_host(url: &str) -> Option<String> {

@@ -69,6 +69,49 @@ pub struct ControllerConfig {
     #[arg(long, env = "IRONMESH_NODE_CIDR_PREFIX", default_value_t = 24)]
     pub node_cidr_prefix: u8,
 
+    /// Where desired state lives: `embedded` (one file,
+    /// <data-dir>/store.redb; one controller) or etcd, as
+    /// `etcd://host:2379,host2:2379` (plain) or `etcds://host:2379,…` (TLS),
+    /// for several controllers with one elected leader. See
+    /// docs/high-availability.md.
+    #[arg(long, env = "IRONMESH_STORE", default_value = "embedded")]
+    pub store: String,
+
+    /// CA certificate (PEM) that signed etcd's serving certificates; turns
+    /// on TLS to etcd.
+    #[arg(long, env = "IRONMESH_ETCD_CA")]
+    pub etcd_ca: Option<PathBuf>,
+
+    /// Client certificate (PEM) for etcd's `--client-cert-auth`; needs
+    /// --etcd-key.
+    #[arg(long, env = "IRONMESH_ETCD_CERT", requires = "etcd_key")]
+    pub etcd_cert: Option<PathBuf>,
+
+    /// Private key (PEM) of --etcd-cert.
+    #[arg(long, env = "IRONMESH_ETCD_KEY", requires = "etcd_cert")]
+    pub etcd_key: Option<PathBuf>,
+
+    /// Key prefix of everything Ironmesh keeps in etcd.
+    #[arg(long, env = "IRONMESH_ETCD_PREFIX", default_value = "/ironmesh/")]
+    pub etcd_prefix: String,
+
+    /// Revisions of history kept in etcd for watches to resume from; the
+    /// controllers compact older ones. 0 leaves compaction to etcd.
+    #[arg(long, env = "IRONMESH_ETCD_HISTORY", default_value_t = 50_000)]
+    pub etcd_history: u64,
+
+    /// With etcd: file with the 32-byte key (64 hex characters, e.g.
+    /// `openssl rand -hex 32`) that seals the shared CA key and bootstrap
+    /// token in etcd. Every controller of a cluster needs the same one.
+    #[arg(long, env = "IRONMESH_CA_KEY_FILE")]
+    pub ca_key_file: Option<PathBuf>,
+
+    /// With etcd: TTL of the controller's etcd lease. A leader that dies is
+    /// replaced after about this long; too short and a slow etcd costs
+    /// spurious leader changes.
+    #[arg(long, env = "IRONMESH_LEADER_TTL", default_value = "3s", value_parser = humantime::parse_duration)]
+    pub leader_ttl: Duration,
+
     /// Log format.
     #[arg(long, env = "IRONMESH_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
@@ -100,6 +143,27 @@ impl ControllerConfig {
         if let Some(u) = &self.advertise_url {
             if !u.starts_with("https://") {
                 return Err(format!("--advertise-url {u:?} must start with https://"));
+            }
+        }
+        match crate::store::etcd::EtcdConfig::endpoints_from_spec(&self.store) {
+            Some(Err(e)) => return Err(e),
+            Some(Ok(_)) => {
+                if self.ca_key_file.is_none() {
+                    return Err("--store etcd needs --ca-key-file (the key that seals the \
+                                shared cluster CA in etcd; the same file on every controller)"
+                        .into());
+                }
+                if self.leader_ttl < Duration::from_secs(2) {
+                    return Err("--leader-ttl must be at least 2s".into());
+                }
+            }
+            None if self.store == "embedded" => {}
+            None => {
+                return Err(format!(
+                    "--store {:?}: use `embedded` or etcd://host:port[,host:port…] \
+                     (etcds:// for TLS)",
+                    self.store
+                ))
             }
         }
         Ok(())

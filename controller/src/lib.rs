@@ -8,6 +8,7 @@
 
 pub mod bootstrap;
 pub mod config;
+pub mod ha;
 pub mod images;
 pub mod ipam;
 pub mod liveness;

@@ -5,6 +5,13 @@
 //! Heartbeats are kept in memory (a store write per heartbeat would fsync
 //! once a second per node); only transitions are written to the Node's
 //! `Ready` condition. Reads of a Node overlay the live heartbeat time.
+//!
+//! With several controllers an agent streams to one of them; the others
+//! learn that it is alive from presence records ([`crate::ha::presence`]):
+//! a controller vouches for the nodes whose heartbeats it receives, and
+//! [`Liveness::set_remote`] feeds those vouches in here. A vouched node
+//! counts as heartbeating now; once the last vouch goes, its grace runs
+//! from that moment.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -35,6 +42,9 @@ pub struct Liveness {
 
 struct LivenessInner {
     nodes: HashMap<String, Live>,
+    /// Nodes other controllers vouch for (true), or stopped vouching for
+    /// (false), and since when.
+    remote: HashMap<String, (bool, Instant)>,
     next_session: u64,
 }
 
@@ -43,6 +53,7 @@ impl Liveness {
         Liveness {
             inner: Arc::new(Mutex::new(LivenessInner {
                 nodes: HashMap::new(),
+                remote: HashMap::new(),
                 next_session: 1,
             })),
             grace,
@@ -98,6 +109,31 @@ impl Liveness {
         }
     }
 
+    /// Nodes with an open stream here whose last heartbeat is at most
+    /// `max_age` old: the ones this controller vouches for.
+    pub fn vouched(&self, max_age: Duration) -> Vec<String> {
+        let g = self.lock();
+        let mut v: Vec<String> = g
+            .nodes
+            .iter()
+            .filter(|(_, l)| l.connected && l.last.elapsed() <= max_age)
+            .map(|(n, _)| n.clone())
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// Whether another controller vouches for `node` now.
+    pub fn set_remote(&self, node: &str, vouched: bool) {
+        let mut g = self.lock();
+        match g.remote.get(node) {
+            Some((was, _)) if *was == vouched => {}
+            _ => {
+                g.remote.insert(node.to_string(), (vouched, Instant::now()));
+            }
+        }
+    }
+
     /// Wall-clock time of the node's last heartbeat seen by this controller.
     pub fn last_heartbeat(&self, node: &str) -> Option<SystemTime> {
         self.lock().nodes.get(node).map(|l| l.last_wall)
@@ -108,11 +144,20 @@ impl Liveness {
     /// from.
     fn judge(&self, node: &str) -> (Option<bool>, Option<Duration>) {
         let g = self.lock();
-        match g.nodes.get(node) {
-            Some(l) => {
-                let since = l.last.elapsed();
-                (Some(since <= self.grace), Some(since))
+        let local = g.nodes.get(node).map(|l| l.last.elapsed());
+        let remote = g.remote.get(node).map(|(vouched, at)| {
+            if *vouched {
+                Duration::ZERO
+            } else {
+                at.elapsed()
             }
+        });
+        let since = match (local, remote) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        match since {
+            Some(since) => (Some(since <= self.grace), Some(since)),
             None if self.started.elapsed() <= self.grace => (None, None),
             None => (Some(false), None),
         }

@@ -33,6 +33,10 @@ pub struct ControllerMetrics {
     pub store_revision: Gauge,
     pub instances: Family<PhaseLabel, Gauge>,
     pub unschedulable: Gauge,
+    /// 1 while this controller is the leader (runs the reconcilers).
+    pub leader: Gauge,
+    /// Leadership gained or lost.
+    pub leader_transitions: Counter,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
@@ -53,6 +57,8 @@ impl ControllerMetrics {
             store_revision: Gauge::default(),
             instances: Family::default(),
             unschedulable: Gauge::default(),
+            leader: Gauge::default(),
+            leader_transitions: Counter::default(),
         };
         let r = registry.sub_registry_with_prefix("ironmesh_controller");
         r.register(
@@ -69,6 +75,16 @@ impl ControllerMetrics {
             "operator_calls",
             "Operator API calls by method and gRPC code",
             m.operator_calls.clone(),
+        );
+        r.register(
+            "leader",
+            "1 while this controller is the leader and runs the reconcilers, else 0",
+            m.leader.clone(),
+        );
+        r.register(
+            "leader_transitions",
+            "Times this controller gained or lost leadership",
+            m.leader_transitions.clone(),
         );
         r.register(
             "sync_streams",

@@ -93,24 +93,52 @@ impl ClusterCa {
         if cert_path.exists() && key_path.exists() {
             let cert_pem = read(&cert_path)?;
             let key_pem = read(&key_path)?;
-            let key = KeyPair::from_pem(&key_pem).map_err(|e| PkiError::BadFile {
-                path: key_path.clone(),
-                what: "private key",
-                message: e.to_string(),
+            let ca = ClusterCa::from_pem(&cert_pem, &key_pem).map_err(|e| match e {
+                PkiError::BadFile { what, message, .. } => PkiError::BadFile {
+                    path: if what == "private key" {
+                        key_path.clone()
+                    } else {
+                        cert_path.clone()
+                    },
+                    what,
+                    message,
+                },
+                other => other,
             })?;
-            let issuer =
-                Issuer::from_ca_cert_pem(&cert_pem, key).map_err(|e| PkiError::BadFile {
-                    path: cert_path.clone(),
-                    what: "CA certificate",
-                    message: e.to_string(),
-                })?;
-            return Ok((ClusterCa { cert_pem, issuer }, false));
+            return Ok((ca, false));
         }
         fs::create_dir_all(dir).map_err(|source| PkiError::Io {
             action: "create",
             path: dir.to_path_buf(),
             source,
         })?;
+        let (ca, key_pem) = ClusterCa::generate()?;
+        write_private(&key_path, key_pem.as_bytes())?;
+        write_public(&cert_path, ca.cert_pem.as_bytes())?;
+        Ok((ca, true))
+    }
+
+    /// A CA from its certificate and private key, both PEM (for a CA kept
+    /// somewhere other than the data directory, such as a shared store).
+    pub fn from_pem(cert_pem: &str, key_pem: &str) -> Result<ClusterCa, PkiError> {
+        let key = KeyPair::from_pem(key_pem).map_err(|e| PkiError::BadFile {
+            path: PathBuf::from("<ca key>"),
+            what: "private key",
+            message: e.to_string(),
+        })?;
+        let issuer = Issuer::from_ca_cert_pem(cert_pem, key).map_err(|e| PkiError::BadFile {
+            path: PathBuf::from("<ca certificate>"),
+            what: "CA certificate",
+            message: e.to_string(),
+        })?;
+        Ok(ClusterCa {
+            cert_pem: cert_pem.to_string(),
+            issuer,
+        })
+    }
+
+    /// A new self-signed CA; also returns its private key, PEM.
+    pub fn generate() -> Result<(ClusterCa, String), PkiError> {
         let key = KeyPair::generate().map_err(|e| PkiError::Sign(e.to_string()))?;
         let mut params = CertificateParams::default();
         let mut dn = DistinguishedName::new();
@@ -129,15 +157,13 @@ impl ClusterCa {
         let cert = params
             .self_signed(&key)
             .map_err(|e| PkiError::Sign(e.to_string()))?;
-        write_private(&key_path, key.serialize_pem().as_bytes())?;
-        write_public(&cert_path, cert.pem().as_bytes())?;
-        let cert_pem = cert.pem();
+        let key_pem = key.serialize_pem();
         Ok((
             ClusterCa {
-                cert_pem,
+                cert_pem: cert.pem(),
                 issuer: Issuer::new(params, key),
             },
-            true,
+            key_pem,
         ))
     }
 

@@ -1,6 +1,12 @@
 //! Wires the controller together and runs it until shutdown: store, PKI,
 //! the TLS gRPC server (node and operator surfaces on one port), the node
 //! liveness reconciler and the metrics endpoint.
+//!
+//! With `--store etcd://…` it also joins the controllers' coordination
+//! ([`crate::ha`]): an etcd session, the leader election (only the leader
+//! runs the liveness reconciler and the workload controller; every
+//! controller serves the API), presence records, and the CA and bootstrap
+//! token shared through etcd.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -14,12 +20,14 @@ use tonic::transport::{Certificate, Identity as TlsIdentity, Server, ServerTlsCo
 
 use crate::bootstrap;
 use crate::config::ControllerConfig;
+use crate::ha::Leadership;
 use crate::liveness::{self, Liveness};
 use crate::metrics::ControllerMetrics;
 use crate::node_api::NodeApi;
 use crate::operator_api::OperatorApi;
 use crate::resources::Resources;
 use crate::store::embedded::EmbeddedStore;
+use crate::store::etcd::{EtcdConfig, EtcdStore, EtcdTls};
 use crate::store::Store;
 
 #[derive(Debug, thiserror::Error)]
@@ -33,6 +41,13 @@ pub enum ServerError {
         path: std::path::PathBuf,
         source: crate::store::StoreError,
     },
+    #[error("cannot reach etcd at {endpoints}: {source}")]
+    Etcd {
+        endpoints: String,
+        source: crate::store::StoreError,
+    },
+    #[error(transparent)]
+    Secrets(#[from] crate::ha::shared_secrets::SecretsError),
     #[error(transparent)]
     Daemon(#[from] ironmesh_daemon::DaemonError),
     #[error("cannot listen on {addr}: {source}")]
@@ -49,15 +64,30 @@ pub enum ServerError {
 /// Runs the controller until `shutdown` resolves.
 pub async fn run(cfg: ControllerConfig, shutdown: Shutdown) -> Result<(), ServerError> {
     cfg.validate().map_err(ServerError::Config)?;
-    let creds = bootstrap::prepare(&cfg)?;
-    let store_path = cfg.data_dir.join("store.redb");
-    let store: Arc<dyn Store> =
-        Arc::new(
-            EmbeddedStore::open(&store_path).map_err(|source| ServerError::Store {
-                path: store_path.clone(),
-                source,
-            })?,
-        );
+    let opened = open_store(&cfg).await?;
+    let store = opened.store.clone();
+    let shared = match (&opened.etcd, &cfg.ca_key_file) {
+        (Some(_), Some(key_file)) => {
+            let key = crate::ha::shared_secrets::SealKey::from_file(key_file)?;
+            let s = crate::ha::shared_secrets::load_or_create(
+                &*store,
+                &key,
+                cfg.bootstrap_token.as_deref(),
+            )
+            .await?;
+            if s.created {
+                tracing::info!("created the cluster CA and bootstrap token in etcd");
+            } else {
+                tracing::info!("loaded the shared cluster CA and bootstrap token from etcd");
+            }
+            Some(bootstrap::SharedCredentials {
+                ca: s.ca,
+                bootstrap_token: s.bootstrap_token,
+            })
+        }
+        _ => None,
+    };
+    let creds = bootstrap::prepare(&cfg, shared)?;
     let resources = Resources::new(store.clone());
 
     let mut registry = Registry::default();
@@ -70,21 +100,52 @@ pub async fn run(cfg: ControllerConfig, shutdown: Shutdown) -> Result<(), Server
             .await?;
 
     let liveness = Liveness::new(cfg.node_grace);
-    let reconciler = tokio::spawn(liveness::run_reconciler(
-        resources.clone(),
-        liveness.clone(),
-        metrics.clone(),
-        shutdown.clone(),
-    ));
+    let leadership = match &opened.etcd {
+        None => Leadership::always(),
+        Some(etcd) => {
+            let id = crate::ha::controller_id(&cfg.advertise_url());
+            let lease = crate::ha::session::start(etcd.client(), cfg.leader_ttl, shutdown.clone());
+            crate::ha::presence::start(
+                etcd.clone(),
+                id.clone(),
+                lease.clone(),
+                liveness.clone(),
+                shutdown.clone(),
+            );
+            Leadership::from_receiver(crate::ha::election::start(
+                etcd.client(),
+                etcd.full_key(crate::ha::LEADER_KEY),
+                id,
+                lease,
+                shutdown.clone(),
+            ))
+        }
+    };
+    // Only the leader reconciles; every controller serves the API.
+    let reconcilers = {
+        let (resources, liveness, metrics) = (resources.clone(), liveness.clone(), metrics.clone());
+        tokio::spawn(
+            leadership.run_while_leader(metrics.clone(), shutdown.clone(), move |stop| {
+                let (resources, liveness, metrics) =
+                    (resources.clone(), liveness.clone(), metrics.clone());
+                async move {
+                    let reconciler = tokio::spawn(liveness::run_reconciler(
+                        resources.clone(),
+                        liveness,
+                        metrics.clone(),
+                        stop.clone(),
+                    ));
+                    let workloads = tokio::spawn(crate::workloads::run(resources, metrics, stop));
+                    let _ = reconciler.await;
+                    let _ = workloads.await;
+                }
+            }),
+        )
+    };
 
     let images = crate::images::ImageStore::open(cfg.data_dir.join("images"), store.clone())
         .map_err(|e| ServerError::Config(e.to_string()))?;
     let logs = crate::logs::LogRelay::default();
-    let workloads = tokio::spawn(crate::workloads::run(
-        resources.clone(),
-        metrics.clone(),
-        shutdown.clone(),
-    ));
     let ipam = crate::ipam::Ipam::new(cfg.cluster_cidr, cfg.node_cidr_prefix)
         .map_err(ServerError::Config)?;
     let node_api = NodeApi {
@@ -129,6 +190,7 @@ pub async fn run(cfg: ControllerConfig, shutdown: Shutdown) -> Result<(), Server
         %addr,
         metrics = %metrics_addr,
         data_dir = %cfg.data_dir.display(),
+        store = %cfg.store,
         admin_config = %creds.admin_config.display(),
         bootstrap_token_file = %creds.token_file.display(),
         "controller serving"
@@ -142,9 +204,72 @@ pub async fn run(cfg: ControllerConfig, shutdown: Shutdown) -> Result<(), Server
         .serve_with_incoming_shutdown(incoming, shutdown.clone().wait())
         .await
         .map_err(|e| ServerError::Serve(e.to_string()))?;
-    let _ = reconciler.await;
-    let _ = workloads.await;
+    let _ = reconcilers.await;
     let _ = metrics_task.await;
     tracing::info!("controller stopped");
     Ok(())
+}
+
+struct OpenedStore {
+    store: Arc<dyn Store>,
+    /// Set when the store is etcd (several controllers may share it).
+    etcd: Option<EtcdStore>,
+}
+
+/// Opens the store `--store` names.
+async fn open_store(cfg: &ControllerConfig) -> Result<OpenedStore, ServerError> {
+    let Some(endpoints) = EtcdConfig::endpoints_from_spec(&cfg.store) else {
+        let path = cfg.data_dir.join("store.redb");
+        std::fs::create_dir_all(&cfg.data_dir).map_err(|e| ServerError::Store {
+            path: cfg.data_dir.clone(),
+            source: crate::store::StoreError::Io(e.to_string()),
+        })?;
+        let s = EmbeddedStore::open(&path).map_err(|source| ServerError::Store {
+            path: path.clone(),
+            source,
+        })?;
+        return Ok(OpenedStore {
+            store: Arc::new(s),
+            etcd: None,
+        });
+    };
+    let mut endpoints = endpoints.map_err(ServerError::Config)?;
+    let read = |p: &std::path::Path| {
+        std::fs::read_to_string(p)
+            .map_err(|e| ServerError::Config(format!("cannot read {}: {e}", p.display())))
+    };
+    let tls =
+        if cfg.etcd_ca.is_some() || cfg.etcd_cert.is_some() || cfg.store.starts_with("etcds://") {
+            for e in endpoints.iter_mut() {
+                if let Some(rest) = e.strip_prefix("http://") {
+                    *e = format!("https://{rest}");
+                }
+            }
+            Some(EtcdTls {
+                ca_pem: cfg.etcd_ca.as_deref().map(read).transpose()?,
+                identity: match (&cfg.etcd_cert, &cfg.etcd_key) {
+                    (Some(c), Some(k)) => Some((read(c)?, read(k)?)),
+                    _ => None,
+                },
+            })
+        } else {
+            None
+        };
+    let shown = endpoints.join(",");
+    let etcd = EtcdStore::connect(EtcdConfig {
+        endpoints,
+        prefix: cfg.etcd_prefix.clone(),
+        tls,
+        history: Some(cfg.etcd_history).filter(|h| *h > 0),
+    })
+    .await
+    .map_err(|source| ServerError::Etcd {
+        endpoints: shown.clone(),
+        source,
+    })?;
+    tracing::info!(endpoints = %shown, prefix = %cfg.etcd_prefix, "connected to etcd");
+    Ok(OpenedStore {
+        store: Arc::new(etcd.clone()),
+        etcd: Some(etcd),
+    })
 }

@@ -15,8 +15,10 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 
 pub mod containerd;
+pub mod etcd;
 pub mod net;
 pub use containerd::Containerd;
+pub use etcd::Etcd;
 pub use net::{Host, TestNet};
 use serde_json::Value;
 use tempfile::TempDir;
@@ -151,6 +153,12 @@ impl Drop for Proc {
 pub struct ControllerOpts {
     pub node_grace: &'static str,
     pub heartbeat_interval: &'static str,
+    /// `--store` (default: the embedded store).
+    pub store: Option<String>,
+    /// `--ca-key-file` (needed with etcd).
+    pub ca_key_file: Option<PathBuf>,
+    /// `--leader-ttl`.
+    pub leader_ttl: Option<&'static str>,
 }
 
 impl Default for ControllerOpts {
@@ -158,28 +166,61 @@ impl Default for ControllerOpts {
         ControllerOpts {
             node_grace: "2s",
             heartbeat_interval: "250ms",
+            store: None,
+            ca_key_file: None,
+            leader_ttl: None,
         }
     }
 }
 
+impl ControllerOpts {
+    /// Options for a controller on `etcd`, sealing the shared CA with the
+    /// key in `key_file`.
+    pub fn on_etcd(etcd: &Etcd, key_file: &Path) -> ControllerOpts {
+        ControllerOpts {
+            store: Some(etcd.store_spec()),
+            ca_key_file: Some(key_file.to_path_buf()),
+            ..ControllerOpts::default()
+        }
+    }
+}
+
+/// Writes a fresh 32-byte CA sealing key (hex) to `path`.
+pub fn write_ca_key(path: &Path) {
+    let mut b = [0u8; 32];
+    for (i, x) in b.iter_mut().enumerate() {
+        // Not secret in tests; distinct per run is enough.
+        *x = (std::process::id() as u8)
+            .wrapping_mul(31)
+            .wrapping_add(i as u8 * 7);
+    }
+    std::fs::write(path, hex::encode(b)).expect("write CA key");
+}
+
 /// A controller process with its own data directory, listening on the
-/// bridge of its own [`TestNet`] (agents run in hosts on that bridge).
+/// bridge of a [`TestNet`] (agents run in hosts on that bridge). Several
+/// controllers may share one TestNet ([`Controller::start_on`]).
 pub struct Controller {
     pub proc: Proc,
     pub dir: TempDir,
     pub addr: SocketAddr,
     pub metrics: SocketAddr,
     pub opts: ControllerOpts,
-    pub net: TestNet,
+    pub net: std::sync::Arc<TestNet>,
 }
 
 impl Controller {
     pub fn start(opts: ControllerOpts) -> Controller {
+        Self::start_on(std::sync::Arc::new(TestNet::new()), opts)
+    }
+
+    /// A controller on an existing test network (several controllers of
+    /// one cluster share it, each on its own port).
+    pub fn start_on(net: std::sync::Arc<TestNet>, opts: ControllerOpts) -> Controller {
         let dir = tempfile::Builder::new()
             .prefix("im-ctl-")
             .tempdir()
             .expect("tempdir");
-        let net = TestNet::new();
         let addr = SocketAddr::new(net.gateway().into(), free_addr().port());
         let metrics = free_addr();
         let proc = Self::spawn(dir.path(), addr, metrics, &opts, "controller-1.log");
@@ -218,6 +259,15 @@ impl Controller {
             .arg("--cluster-cidr")
             .arg(net::CLUSTER_CIDR)
             .env("RUST_LOG", "info,ironmesh_controller=debug");
+        if let Some(s) = &opts.store {
+            cmd.arg("--store").arg(s);
+        }
+        if let Some(k) = &opts.ca_key_file {
+            cmd.arg("--ca-key-file").arg(k);
+        }
+        if let Some(t) = opts.leader_ttl {
+            cmd.arg("--leader-ttl").arg(t);
+        }
         Proc::spawn(cmd, dir.join(log)).expect("start controller")
     }
 
@@ -234,6 +284,12 @@ impl Controller {
         self.proc.kill9();
         self.proc = Self::spawn(self.dir.path(), self.addr, self.metrics, &self.opts, log);
         self.wait_serving();
+    }
+
+    /// Starts the controller again after it was killed (same ports and
+    /// data dir).
+    pub fn start_again(&mut self, log: &str) {
+        self.restart_after_kill9(log);
     }
 
     pub fn data_dir(&self) -> PathBuf {
@@ -351,6 +407,40 @@ impl Agent {
     }
 
     /// Starts an agent with the given token (possibly wrong).
+    /// An agent given every controller in `ctls` (`--controller a,b,c`),
+    /// joining with the first one's token and CA.
+    pub fn start_multi(ctls: &[&Controller], name: &str) -> Agent {
+        let dir = tempfile::Builder::new()
+            .prefix("im-agent-")
+            .tempdir()
+            .expect("tempdir");
+        let token = std::fs::read_to_string(ctls[0].token_file()).expect("token file");
+        let host = ctls[0].net.add_host(name);
+        let metrics = SocketAddr::new(host.addr.into(), free_addr().port());
+        let containerd = Containerd::start(name);
+        let urls: Vec<String> = ctls.iter().map(|c| c.url()).collect();
+        let proc = Self::spawn_to(
+            &urls.join(","),
+            &ctls[0].ca_cert(),
+            dir.path(),
+            &host,
+            &containerd,
+            name,
+            metrics,
+            Some(token.trim()),
+            1,
+        );
+        Agent {
+            containerd,
+            host,
+            dir,
+            name: name.to_string(),
+            metrics,
+            proc,
+            starts: 1,
+        }
+    }
+
     pub fn start_with_token(ctl: &Controller, name: &str, token: &str) -> Agent {
         let dir = tempfile::Builder::new()
             .prefix("im-agent-")
@@ -391,13 +481,38 @@ impl Agent {
         token: Option<&str>,
         n: usize,
     ) -> Proc {
+        Self::spawn_to(
+            &ctl.url(),
+            &ctl.ca_cert(),
+            dir,
+            host,
+            containerd,
+            name,
+            metrics,
+            token,
+            n,
+        )
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn spawn_to(
+        urls: &str,
+        ca: &Path,
+        dir: &Path,
+        host: &Host,
+        containerd: &Containerd,
+        name: &str,
+        metrics: SocketAddr,
+        token: Option<&str>,
+        n: usize,
+    ) -> Proc {
         let mut cmd = host.command(bin("ironmesh-agent"));
         cmd.arg("--node-ip")
             .arg(host.addr.to_string())
             .arg("--controller")
-            .arg(ctl.url())
+            .arg(urls)
             .arg("--ca-cert")
-            .arg(ctl.ca_cert())
+            .arg(ca)
             .arg("--node-name")
             .arg(name)
             .arg("--state-dir")

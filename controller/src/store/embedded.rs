@@ -867,6 +867,20 @@ mod tests {
 
     crate::store::conformance::conformance_tests!(fresh, fresh_short_history);
 
+    #[tokio::test]
+    async fn embedded_revisions_start_at_zero_and_first_write_is_one() {
+        let (s, _dir) = fresh().await;
+        assert_eq!(s.revision().await.unwrap(), 0);
+        let r = s
+            .txn(Txn {
+                compares: vec![],
+                ops: vec![put("a", b"1")],
+            })
+            .await
+            .unwrap();
+        assert_eq!(r, TxnOutcome::Committed(1));
+    }
+
     fn put(k: &str, v: &[u8]) -> Op {
         Op::Put {
             key: k.into(),

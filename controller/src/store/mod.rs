@@ -8,9 +8,9 @@
 //! This module owns those semantics and nothing about what keys or values
 //! mean (that is `resources`). The rules every backend keeps:
 //!
-//! - Revisions start at 0 for an empty store; the first committed write is
-//!   revision 1. They are strictly increasing and never reused, also across
-//!   restarts.
+//! - A fresh store starts at some revision (0 for the embedded backend, 1
+//!   for a new etcd); every committed write gets a higher one. Revisions are
+//!   strictly increasing and never reused, also across restarts.
 //! - A transaction either applies all of its ops at one new revision, durably
 //!   (fsync'd) before it is acknowledged, or applies nothing. A transaction
 //!   that changes nothing (no ops, or only deletes of missing keys) creates
@@ -23,13 +23,15 @@
 //!   events, or [`StoreError::Compacted`] when that history is gone.
 
 pub mod embedded;
+pub mod etcd;
 
 #[cfg(test)]
 pub mod conformance;
 
 use std::pin::Pin;
 
-/// A point in the store's history. 0 is the empty store.
+/// A point in the store's history (0 is "before anything" for every
+/// backend: watching after 0 replays all retained history).
 pub type Revision = u64;
 
 /// One stored key with its value and revisions.
