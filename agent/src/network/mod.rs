@@ -354,9 +354,8 @@ impl Network {
             .await
             .map_err(|e| NetworkError::netlink("host routes", "listing peer routes", e))?;
 
-        let (vx_index, gateway_of): (Option<u32>, Box<dyn Fn(&PeerRoute) -> Ipv4Addr>) = match mode
-        {
-            CrossHostMode::Direct => (None, Box::new(|p: &PeerRoute| p.via)),
+        let vx_index: Option<u32> = match mode {
+            CrossHostMode::Direct => None,
             CrossHostMode::Vxlan {
                 vni,
                 device,
@@ -378,15 +377,16 @@ impl Network {
                 )
                 .await?;
                 sync_flood_entries(&host, index, device, peers).await?;
-                (
-                    Some(index),
-                    Box::new(|p: &PeerRoute| ipam::reserved_addr(p.pod_cidr)),
-                )
+                Some(index)
             }
         };
 
         for peer in peers {
-            let gateway = gateway_of(peer);
+            // Direct: the node itself; VXLAN: the node's tunnel address.
+            let gateway = match vx_index {
+                Some(_) => ipam::reserved_addr(peer.pod_cidr),
+                None => peer.via,
+            };
             let up_to_date = current.iter().any(|r| {
                 r.dst == peer.pod_cidr
                     && r.gateway == Some(gateway)
