@@ -26,7 +26,10 @@ use serde_json::Value;
 static NEXT: AtomicU32 = AtomicU32::new(0);
 
 fn sh(args: &[&str]) {
-    let out = Command::new(args[0]).args(&args[1..]).output().expect("spawn");
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .expect("spawn");
     assert!(
         out.status.success(),
         "{args:?}: {}",
@@ -102,8 +105,19 @@ impl Host {
     /// (this kernel has no `dummy` driver).
     fn with_nic(tag: &str, addr: &str) -> Host {
         let h = Host::new(tag);
-        sh(&["ip", "-n", &h.name, "link", "add", "nic0", "type", "veth", "peer", "name", "nic0p"]);
-        sh(&["ip", "-n", &h.name, "addr", "add", &format!("{addr}/24"), "dev", "nic0"]);
+        sh(&[
+            "ip", "-n", &h.name, "link", "add", "nic0", "type", "veth", "peer", "name", "nic0p",
+        ]);
+        sh(&[
+            "ip",
+            "-n",
+            &h.name,
+            "addr",
+            "add",
+            &format!("{addr}/24"),
+            "dev",
+            "nic0",
+        ]);
         sh(&["ip", "-n", &h.name, "link", "set", "nic0", "up"]);
         sh(&["ip", "-n", &h.name, "link", "set", "nic0p", "up"]);
         h
@@ -172,7 +186,9 @@ impl Drop for Host {
                 unsafe { libc::umount2(p.as_ptr(), libc::MNT_DETACH) };
             }
         }
-        let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
     }
 }
 
@@ -254,7 +270,11 @@ fn assert_tcp(from: &Path, to: &Path, ip: Ipv4Addr, port: u16) {
 fn assert_no_tcp(from: &Path, to: &Path, ip: Ipv4Addr, port: u16) {
     let l = listen_in(to, port, Duration::from_secs(2));
     let r = connect_from(from, SocketAddr::from((ip, port)), Duration::from_secs(1));
-    assert!(r.is_err(), "TCP {} -> {ip}:{port} should fail", from.display());
+    assert!(
+        r.is_err(),
+        "TCP {} -> {ip}:{port} should fail",
+        from.display()
+    );
     assert!(!l.join().unwrap());
 }
 
@@ -348,12 +368,23 @@ fn setup_gives_the_instance_its_address_routes_and_reachability() {
             .unwrap();
         String::from_utf8_lossy(&out.stdout).trim().to_owned()
     };
-    assert_eq!(sysctl(&format!("/proc/sys/net/ipv4/conf/{}/proxy_arp", inst.host_if)), "1");
+    assert_eq!(
+        sysctl(&format!(
+            "/proc/sys/net/ipv4/conf/{}/proxy_arp",
+            inst.host_if
+        )),
+        "1"
+    );
     assert_eq!(sysctl("/proc/sys/net/ipv4/ip_forward"), "1");
 
     // Host -> instance and instance -> host over TCP.
     assert_tcp(&host.netns, &inst.netns_path, inst.ip, 7001);
-    assert_tcp(&inst.netns_path, &host.netns, "10.250.0.1".parse().unwrap(), 7002);
+    assert_tcp(
+        &inst.netns_path,
+        &host.netns,
+        "10.250.0.1".parse().unwrap(),
+        7002,
+    );
 
     // Idempotent: the same address and namespace again, still working.
     let again = setup(&host, &net, "web-0");
@@ -363,7 +394,10 @@ fn setup_gives_the_instance_its_address_routes_and_reachability() {
     // Names that cannot be file names are refused.
     let net2 = net.clone();
     let bad = host.run(async move { net2.setup("../etc").await });
-    assert!(matches!(bad, Err(NetworkError::InvalidInstance { .. })), "{bad:?}");
+    assert!(
+        matches!(bad, Err(NetworkError::InvalidInstance { .. })),
+        "{bad:?}"
+    );
 }
 
 #[test]
@@ -398,7 +432,16 @@ fn cross_host(mode_a: CrossHostMode, mode_b: CrossHostMode) {
         via: "10.250.0.1".parse().unwrap(),
     };
     // A route somebody else made must survive everything we do.
-    sh(&["ip", "-n", &ha.name, "route", "add", "10.99.0.0/24", "via", "10.250.0.2"]);
+    sh(&[
+        "ip",
+        "-n",
+        &ha.name,
+        "route",
+        "add",
+        "10.99.0.0/24",
+        "via",
+        "10.250.0.2",
+    ]);
 
     assert_no_tcp(&ia.netns_path, &ib.netns_path, ib.ip, 7020);
     peer_routes(&ha, &na, mode_a.clone(), vec![to_b.clone()]);
@@ -420,7 +463,11 @@ fn cross_host(mode_a: CrossHostMode, mode_b: CrossHostMode) {
         .is_empty());
     assert_no_tcp(&ia.netns_path, &ib.netns_path, ib.ip, 7023);
     let foreign = ip_json(&ha.netns, &["route", "show", "10.99.0.0/24"]);
-    assert_eq!(foreign.as_array().unwrap().len(), 1, "foreign route was touched");
+    assert_eq!(
+        foreign.as_array().unwrap().len(),
+        1,
+        "foreign route was touched"
+    );
 
     // And back.
     peer_routes(&ha, &na, mode_a, vec![to_b]);
@@ -469,7 +516,14 @@ fn switching_from_vxlan_to_direct_removes_the_vxlan_device() {
     peer_routes(&ha, &na, vx("10.250.0.1"), vec![to_b.clone()]);
     peer_routes(&hb, &nb, vx("10.250.0.2"), vec![to_a.clone()]);
     let fdb = Command::new("nsenter")
-        .args([&format!("--net={}", ha.netns.display()), "bridge", "fdb", "show", "dev", "imvxs"])
+        .args([
+            &format!("--net={}", ha.netns.display()),
+            "bridge",
+            "fdb",
+            "show",
+            "dev",
+            "imvxs",
+        ])
         .output()
         .unwrap();
     let fdb = String::from_utf8_lossy(&fdb.stdout).into_owned();
@@ -479,7 +533,11 @@ fn switching_from_vxlan_to_direct_removes_the_vxlan_device() {
     peer_routes(&ha, &na, CrossHostMode::Direct, vec![to_b]);
     peer_routes(&hb, &nb, CrossHostMode::Direct, vec![to_a]);
     let links = ip_json(&ha.netns, &["link", "show"]);
-    assert!(!links.as_array().unwrap().iter().any(|l| l["ifname"] == "imvxs"));
+    assert!(!links
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|l| l["ifname"] == "imvxs"));
     assert_tcp(&ia.netns_path, &ib.netns_path, ib.ip, 7031);
 }
 
@@ -504,14 +562,22 @@ fn teardown_and_100_cycles_leave_nothing_behind() {
             async move { net.leases().await }
         });
         let ips: HashSet<_> = leases.values().collect();
-        assert_eq!(ips.len(), leases.len(), "an address was leased twice: {leases:?}");
+        assert_eq!(
+            ips.len(),
+            leases.len(),
+            "an address was leased twice: {leases:?}"
+        );
         if i % 25 == 0 {
             assert_tcp(&host.netns, &inst.netns_path, inst.ip, 7040 + i as u16);
         }
         teardown(&host, &net, &name);
         // Idempotent.
         teardown(&host, &net, &name);
-        assert!(!inst.netns_path.exists(), "netns file left: {}", inst.netns_path.display());
+        assert!(
+            !inst.netns_path.exists(),
+            "netns file left: {}",
+            inst.netns_path.display()
+        );
     }
     times.sort();
     eprintln!(
@@ -524,7 +590,11 @@ fn teardown_and_100_cycles_leave_nothing_behind() {
     teardown(&host, &net, "keep-a");
     teardown(&host, &net, "keep-b");
     assert!(host.netns_files().is_empty(), "{:?}", host.netns_files());
-    assert!(host.links_with_prefix().is_empty(), "{:?}", host.links_with_prefix());
+    assert!(
+        host.links_with_prefix().is_empty(),
+        "{:?}",
+        host.links_with_prefix()
+    );
     assert!(host.our_routes().is_empty(), "{:?}", host.our_routes());
     let leases = host.run({
         let net = net.clone();
@@ -580,8 +650,13 @@ fn cleanup_orphans_removes_what_a_crashed_agent_left() {
 
     // A veth of ours whose namespace and lease are gone, and a foreign one.
     let stray = format!("{}deadbeef", host.prefix);
-    sh(&["ip", "-n", &host.name, "link", "add", &stray, "type", "veth", "peer", "name", "strayp"]);
-    sh(&["ip", "-n", &host.name, "link", "add", "foreign0", "type", "veth", "peer", "name", "foreign1"]);
+    sh(&[
+        "ip", "-n", &host.name, "link", "add", &stray, "type", "veth", "peer", "name", "strayp",
+    ]);
+    sh(&[
+        "ip", "-n", &host.name, "link", "add", "foreign0", "type", "veth", "peer", "name",
+        "foreign1",
+    ]);
 
     let net = std::sync::Arc::new(host.network());
     configure(&host, &net, "10.251.1.0/24");
@@ -591,10 +666,13 @@ fn cleanup_orphans_removes_what_a_crashed_agent_left() {
         async move { net.cleanup_orphans(&keep).await }
     });
     let removed = removed.expect("cleanup_orphans");
-    assert!(removed.contains(&"b".to_owned()) && removed.contains(&"c".to_owned()), "{removed:?}");
+    assert!(
+        removed.contains(&"b".to_owned()) && removed.contains(&"c".to_owned()),
+        "{removed:?}"
+    );
     assert!(removed.contains(&format!("veth {stray}")), "{removed:?}");
     assert_eq!(host.netns_files(), ["a"]);
-    assert_eq!(host.links_with_prefix(), [a.host_if.clone()]);
+    assert_eq!(host.links_with_prefix(), vec![a.host_if.clone()]);
     let routes = host.our_routes();
     assert_eq!(routes.len(), 1, "{routes:?}");
     assert_eq!(routes[0]["dst"], a.ip.to_string());
@@ -604,7 +682,11 @@ fn cleanup_orphans_removes_what_a_crashed_agent_left() {
     });
     assert_eq!(leases.keys().collect::<Vec<_>>(), ["a"]);
     let links = ip_json(&host.netns, &["link", "show"]);
-    assert!(links.as_array().unwrap().iter().any(|l| l["ifname"] == "foreign0"));
+    assert!(links
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|l| l["ifname"] == "foreign0"));
     // The kept instance still works.
     assert_tcp(&host.netns, &a.netns_path, a.ip, 7060);
 }
@@ -623,11 +705,154 @@ fn a_new_pod_cidr_readdresses_kept_instances_and_drops_the_rest() {
         async move { net.cleanup_orphans(&keep).await }
     });
     let removed = removed.expect("cleanup_orphans");
-    assert!(removed.contains(&"a".to_owned()) && removed.contains(&"b".to_owned()), "{removed:?}");
+    assert!(
+        removed.contains(&"a".to_owned()) && removed.contains(&"b".to_owned()),
+        "{removed:?}"
+    );
     let a = setup(&host, &net, "a");
     assert_eq!(a.ip, "10.251.7.2".parse::<Ipv4Addr>().unwrap());
     assert_instance_configured(&a);
     assert_tcp(&host.netns, &a.netns_path, a.ip, 7070);
     let routes = host.our_routes();
     assert_eq!(routes.len(), 1, "{routes:?}");
+}
+
+/// Runs iperf3 (client in `from`, one-off server in `to` on `ip`) and
+/// returns the received throughput in Gbit/s.
+fn iperf3(from: &Path, to: &Path, ip: Ipv4Addr, port: u16, secs: u32) -> f64 {
+    let mut server = Command::new("nsenter")
+        .arg(format!("--net={}", to.display()))
+        .args([
+            "iperf3",
+            "-s",
+            "-1",
+            "-B",
+            &ip.to_string(),
+            "-p",
+            &port.to_string(),
+        ])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("iperf3 server (apt install iperf3)");
+    let mut result = None;
+    for _ in 0..50 {
+        std::thread::sleep(Duration::from_millis(100));
+        let out = Command::new("nsenter")
+            .arg(format!("--net={}", from.display()))
+            .args([
+                "iperf3",
+                "-J",
+                "-c",
+                &ip.to_string(),
+                "-p",
+                &port.to_string(),
+            ])
+            .args(["-t", &secs.to_string()])
+            .output()
+            .expect("iperf3 client");
+        if out.status.success() {
+            result = Some(out.stdout);
+            break;
+        }
+    }
+    if server.try_wait().ok().flatten().is_none() {
+        let _ = server.kill();
+    }
+    let _ = server.wait();
+    let out: Value = serde_json::from_slice(&result.expect("iperf3 never connected")).unwrap();
+    out["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .expect("iperf3 JSON")
+        / 1e9
+}
+
+/// The figures for the note (run by `scripts/measure-network.sh`): TCP
+/// throughput instance(A) -> instance(B) across hosts vs host A -> host B,
+/// both hosts on one bridge (in its own namespace), in the same run.
+#[test]
+#[ignore = "measurement; needs iperf3; run scripts/measure-network.sh"]
+fn measure_cross_host_throughput() {
+    let switch = Host::new("sw");
+    sh(&[
+        "ip",
+        "-n",
+        &switch.name,
+        "link",
+        "add",
+        "br0",
+        "type",
+        "bridge",
+    ]);
+    sh(&["ip", "-n", &switch.name, "link", "set", "br0", "up"]);
+    let ha = Host::new("a");
+    let hb = Host::new("b");
+    for (h, addr, port) in [(&ha, "10.250.0.1/24", "pa"), (&hb, "10.250.0.2/24", "pb")] {
+        sh(&[
+            "ip",
+            "-n",
+            &h.name,
+            "link",
+            "add",
+            "up0",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            port,
+            "netns",
+            &switch.name,
+        ]);
+        sh(&[
+            "ip",
+            "-n",
+            &switch.name,
+            "link",
+            "set",
+            port,
+            "master",
+            "br0",
+        ]);
+        sh(&["ip", "-n", &switch.name, "link", "set", port, "up"]);
+        sh(&["ip", "-n", &h.name, "addr", "add", addr, "dev", "up0"]);
+        sh(&["ip", "-n", &h.name, "link", "set", "up0", "up"]);
+    }
+    let na = std::sync::Arc::new(ha.network());
+    let nb = std::sync::Arc::new(hb.network());
+    configure(&ha, &na, "10.251.1.0/24");
+    configure(&hb, &nb, "10.251.2.0/24");
+    let ia = setup(&ha, &na, "a-0");
+    let ib = setup(&hb, &nb, "b-0");
+    let to_b = PeerRoute {
+        node: "b".into(),
+        pod_cidr: cidr("10.251.2.0/24"),
+        via: "10.250.0.2".parse().unwrap(),
+    };
+    let to_a = PeerRoute {
+        node: "a".into(),
+        pod_cidr: cidr("10.251.1.0/24"),
+        via: "10.250.0.1".parse().unwrap(),
+    };
+    let secs: u32 = std::env::var("IPERF_SECONDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(5);
+    let host_b: Ipv4Addr = "10.250.0.2".parse().unwrap();
+    let vx = |local: &str| CrossHostMode::Vxlan {
+        vni: 4242,
+        device: "imvxm".into(),
+        local_ip: local.parse().unwrap(),
+    };
+    for (label, mode_a, mode_b) in [
+        ("direct", CrossHostMode::Direct, CrossHostMode::Direct),
+        ("vxlan", vx("10.250.0.1"), vx("10.250.0.2")),
+    ] {
+        peer_routes(&ha, &na, mode_a, vec![to_b.clone()]);
+        peer_routes(&hb, &nb, mode_b, vec![to_a.clone()]);
+        let host = iperf3(&ha.netns, &hb.netns, host_b, 5201, secs);
+        let inst = iperf3(&ia.netns_path, &ib.netns_path, ib.ip, 5202, secs);
+        eprintln!(
+            "iperf3 {secs}s, {label}: host A -> host B {host:.2} Gbit/s; instance A -> instance B {inst:.2} Gbit/s; ratio {:.2}",
+            inst / host
+        );
+    }
 }

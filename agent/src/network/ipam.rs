@@ -121,7 +121,7 @@ impl Ipam {
         if self.pod_cidr == Some(cidr) {
             return Ok(Vec::new());
         }
-        let old_cidr = std::mem::replace(&mut self.pod_cidr, Some(cidr));
+        let old_cidr = self.pod_cidr.replace(cidr);
         let old_leases = std::mem::take(&mut self.leases);
         if let Err(e) = self.persist() {
             self.pod_cidr = old_cidr;
