@@ -769,6 +769,7 @@ fn iperf3(from: &Path, to: &Path, ip: Ipv4Addr, port: u16, secs: u32) -> f64 {
 /// The figures for the note (run by `scripts/measure-network.sh`): TCP
 /// throughput instance(A) -> instance(B) across hosts vs host A -> host B,
 /// both hosts on one bridge (in its own namespace), in the same run.
+/// `IM_MTU` sets the instance MTU (default 1500), `IPERF_SECONDS` the length.
 #[test]
 #[ignore = "measurement; needs iperf3; run scripts/measure-network.sh"]
 fn measure_cross_host_throughput() {
@@ -816,8 +817,12 @@ fn measure_cross_host_throughput() {
         sh(&["ip", "-n", &h.name, "addr", "add", addr, "dev", "up0"]);
         sh(&["ip", "-n", &h.name, "link", "set", "up0", "up"]);
     }
-    let na = std::sync::Arc::new(ha.network());
-    let nb = std::sync::Arc::new(hb.network());
+    let mtu: u32 = std::env::var("IM_MTU")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1500);
+    let na = std::sync::Arc::new(Network::new(NetworkConfig { mtu, ..ha.cfg() }).unwrap());
+    let nb = std::sync::Arc::new(Network::new(NetworkConfig { mtu, ..hb.cfg() }).unwrap());
     configure(&ha, &na, "10.251.1.0/24");
     configure(&hb, &nb, "10.251.2.0/24");
     let ia = setup(&ha, &na, "a-0");
@@ -851,7 +856,7 @@ fn measure_cross_host_throughput() {
         let host = iperf3(&ha.netns, &hb.netns, host_b, 5201, secs);
         let inst = iperf3(&ia.netns_path, &ib.netns_path, ib.ip, 5202, secs);
         eprintln!(
-            "iperf3 {secs}s, {label}: host A -> host B {host:.2} Gbit/s; instance A -> instance B {inst:.2} Gbit/s; ratio {:.2}",
+            "iperf3 {secs}s, {label}, instance MTU {mtu}: host A -> host B {host:.2} Gbit/s; instance A -> instance B {inst:.2} Gbit/s; ratio {:.2}",
             inst / host
         );
     }

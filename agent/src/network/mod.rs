@@ -369,6 +369,14 @@ impl Network {
                     });
                 }
                 let index = links::ensure_vxlan(&host, device, *vni, *local_ip).await?;
+                if self.cfg.mtu + links::VXLAN_OVERHEAD > 1500 {
+                    tracing::warn!(
+                        device = %device,
+                        mtu = self.cfg.mtu,
+                        "instance MTU exceeds the VXLAN device's; set it to the underlay MTU minus 50 \
+                         or cross-host TCP relies on path-MTU discovery and is much slower"
+                    );
+                }
                 set_only_address(
                     &host,
                     index,
