@@ -11,6 +11,7 @@ pub mod image_fetch;
 pub mod image_source;
 pub mod inventory;
 pub mod metrics;
+pub mod network;
 pub mod runtime;
 pub mod supervisor;
 pub mod sync;
