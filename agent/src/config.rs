@@ -71,6 +71,26 @@ pub struct AgentConfig {
     #[arg(long, env = "IRONMESH_NODE_IP")]
     pub node_ip: Option<std::net::Ipv4Addr>,
 
+    /// How instance traffic reaches other nodes: `direct` (routes via each
+    /// node's address; the nodes share an L2 segment) or `vxlan`
+    /// (encapsulated; any IP path between nodes — lower --instance-mtu to
+    /// the underlay MTU minus 50).
+    #[arg(
+        long,
+        env = "IRONMESH_CROSS_HOST",
+        value_enum,
+        default_value = "direct"
+    )]
+    pub cross_host: CrossHost,
+
+    /// VXLAN network identifier (with --cross-host vxlan).
+    #[arg(long, env = "IRONMESH_VXLAN_VNI", default_value_t = 4242)]
+    pub vxlan_vni: u32,
+
+    /// MTU of each instance's veth pair.
+    #[arg(long, env = "IRONMESH_INSTANCE_MTU", default_value_t = 1500)]
+    pub instance_mtu: u32,
+
     /// containerd's gRPC socket. containerd 1.6 or 1.7 (Debian 12 ships
     /// 1.6.20) with runc and the overlayfs snapshotter.
     #[arg(
@@ -109,6 +129,13 @@ pub struct AgentConfig {
     /// Log filter, RUST_LOG syntax.
     #[arg(long, env = "RUST_LOG", default_value = "info")]
     pub log_level: String,
+}
+
+/// `--cross-host` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum CrossHost {
+    Direct,
+    Vxlan,
 }
 
 /// The default node name: the kernel host name, lowercased, with anything

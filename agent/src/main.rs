@@ -8,8 +8,9 @@ use ironmesh_agent::config::{default_node_name, AgentConfig};
 use ironmesh_agent::identity::{load_or_join, JoinParams};
 use ironmesh_agent::image_fetch::ControllerImages;
 use ironmesh_agent::metrics::AgentMetrics;
+use ironmesh_agent::network::{Network, NetworkConfig};
 use ironmesh_agent::runtime::{Runtime, RuntimeConfig};
-use ironmesh_agent::supervisor::{Supervisor, SupervisorConfig};
+use ironmesh_agent::supervisor::{InstanceNetworking, Supervisor, SupervisorConfig};
 use ironmesh_agent::sync::{self, SyncConfig};
 use ironmesh_proto::v1::node_service_client::NodeServiceClient;
 
@@ -121,9 +122,12 @@ async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         ControllerImages::new(primary, runtime.clone(), cfg.state_dir.join("staging"))
             .with_fallbacks(blob_clients),
     );
+    let mut net_cfg = NetworkConfig::new(&cfg.state_dir, &cfg.containerd_namespace);
+    net_cfg.mtu = cfg.instance_mtu;
+    let network = Arc::new(Network::new(net_cfg).context("cannot set up instance networking")?);
     let (reports_tx, reports_rx) = tokio::sync::mpsc::channel(1024);
     let supervisor = Arc::new(
-        Supervisor::start(
+        Supervisor::start_with_network(
             SupervisorConfig {
                 backoff_base: cfg.restart_backoff,
                 backoff_max: cfg.restart_backoff_max,
@@ -132,6 +136,7 @@ async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
             },
             runtime,
             images,
+            Some(network.clone() as Arc<dyn InstanceNetworking>),
             reports_tx,
         )
         .await?,
@@ -144,6 +149,9 @@ async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
             agent_version: env!("CARGO_PKG_VERSION").to_string(),
             supervisor: supervisor.clone(),
             node_ip: cfg.node_ip,
+            network,
+            cross_host: cfg.cross_host,
+            vxlan_vni: cfg.vxlan_vni,
         },
         id,
         metrics,

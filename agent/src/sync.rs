@@ -42,6 +42,11 @@ pub struct SyncConfig {
     pub supervisor: Arc<Supervisor>,
     /// `--node-ip`; detected from the inventory when `None`.
     pub node_ip: Option<std::net::Ipv4Addr>,
+    /// Instance networking: configured from Welcome, peer routes from
+    /// each assignment.
+    pub network: Arc<crate::network::Network>,
+    pub cross_host: crate::config::CrossHost,
+    pub vxlan_vni: u32,
 }
 
 /// Where supervisor reports go: the open session's outbound queue, if any.
@@ -269,6 +274,23 @@ async fn session(
         Err(s) => return Err(SyncError::Refused(s.message().to_string())),
     };
     metrics.connected.set(1);
+    if !welcome.pod_cidr.is_empty() {
+        match welcome.pod_cidr.parse::<ipnet::Ipv4Net>() {
+            Ok(cidr) => {
+                if let Err(e) = cfg.network.configure(cidr).await {
+                    tracing::error!(pod_cidr = %cidr, error = %e, "cannot configure instance networking");
+                } else {
+                    tracing::info!(pod_cidr = %cidr, "instance addresses come from this pod CIDR");
+                }
+            }
+            Err(e) => {
+                return Err(SyncError::Protocol(format!(
+                    "controller sent pod CIDR {:?}: {e}",
+                    welcome.pod_cidr
+                )))
+            }
+        }
+    }
     // Everything the controller may have missed while we were away.
     send(
         &tx,
@@ -320,7 +342,8 @@ async fn session(
                 Ok(Some(m)) => match m.msg {
                     Some(controller_message::Msg::Assignment(a)) => {
                         let revision = a.revision;
-                        tracing::debug!(revision, instances = a.instances.len(), "assignment received");
+                        tracing::debug!(revision, instances = a.instances.len(), peers = a.peers.len(), "assignment received");
+                        apply_peers(cfg, node_ip, &a.peers).await;
                         let (desired, rejected) = desired_instances(a);
                         for st in rejected {
                             let _ = send(&tx, agent_message::Msg::Instances(InstanceReport { full: false, instances: vec![st] })).await;
@@ -357,6 +380,44 @@ async fn session(
         t.abort();
     }
     result
+}
+
+/// Makes the routes to other nodes' pod CIDRs match the assignment.
+/// Failures are logged, not fatal: instances on this node still run.
+async fn apply_peers(
+    cfg: &SyncConfig,
+    node_ip: Option<std::net::Ipv4Addr>,
+    peers: &[ironmesh_proto::v1::PeerNode],
+) {
+    use crate::network::{CrossHostMode, PeerRoute};
+    let mut routes = Vec::with_capacity(peers.len());
+    for p in peers {
+        match (p.pod_cidr.parse::<ipnet::Ipv4Net>(), p.node_ip.parse()) {
+            (Ok(pod_cidr), Ok(via)) => routes.push(PeerRoute {
+                node: p.name.clone(),
+                pod_cidr,
+                via,
+            }),
+            _ => {
+                tracing::warn!(peer = %p.name, pod_cidr = %p.pod_cidr, node_ip = %p.node_ip, "ignoring a peer with an unreadable pod CIDR or address")
+            }
+        }
+    }
+    let mode = match (cfg.cross_host, node_ip) {
+        (crate::config::CrossHost::Direct, _) => CrossHostMode::Direct,
+        (crate::config::CrossHost::Vxlan, Some(local_ip)) => CrossHostMode::Vxlan {
+            vni: cfg.vxlan_vni,
+            device: format!("{}vx", cfg.network.config().link_prefix),
+            local_ip,
+        },
+        (crate::config::CrossHost::Vxlan, None) => {
+            tracing::error!("--cross-host vxlan needs this node's address (--node-ip)");
+            return;
+        }
+    };
+    if let Err(e) = cfg.network.set_peer_routes(&mode, &routes).await {
+        tracing::warn!(error = %e, peers = routes.len(), "cannot update routes to other nodes");
+    }
 }
 
 /// The instances of an assignment, decoded. Instances whose spec cannot be
