@@ -27,6 +27,9 @@ pub struct InstanceSpec {
     pub node: Option<String>,
     /// The Workload spec at `workload_generation`.
     pub template: WorkloadSpec,
+    /// The numeric identity of the workload's label set (datapath policy).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity: Option<u32>,
 }
 
 /// What the agent (or, before placement, the controller) reports.

@@ -64,6 +64,10 @@ pub struct ControllerConfig {
     #[arg(long, env = "IRONMESH_CLUSTER_CIDR", default_value = "10.244.0.0/16")]
     pub cluster_cidr: ironmesh_api::net::Ipv4Cidr,
 
+    /// The block Service virtual IPs come from.
+    #[arg(long, env = "IRONMESH_SERVICE_CIDR", default_value = "10.96.0.0/16")]
+    pub service_cidr: ironmesh_api::net::Ipv4Cidr,
+
     /// Prefix length of each node's pod CIDR (/24: 253 instances per node,
     /// 256 nodes in a /16).
     #[arg(long, env = "IRONMESH_NODE_CIDR_PREFIX", default_value_t = 24)]
@@ -135,6 +139,12 @@ impl ControllerConfig {
             ));
         }
         crate::ipam::Ipam::new(self.cluster_cidr, self.node_cidr_prefix)?;
+        if self.service_cidr.overlaps(&self.cluster_cidr) {
+            return Err(format!(
+                "--service-cidr {} overlaps --cluster-cidr {}",
+                self.service_cidr, self.cluster_cidr
+            ));
+        }
         if let Some(t) = &self.bootstrap_token {
             if t.len() < 16 {
                 return Err("--bootstrap-token must be at least 16 characters".into());

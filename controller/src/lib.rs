@@ -9,6 +9,7 @@
 pub mod bootstrap;
 pub mod config;
 pub mod ha;
+pub mod identities;
 pub mod images;
 pub mod ipam;
 pub mod liveness;
@@ -17,8 +18,10 @@ pub mod metrics;
 pub mod node_api;
 pub mod operator_api;
 pub mod pki;
+pub mod policy;
 pub mod resources;
 pub mod scheduler;
 pub mod server;
+pub mod services;
 pub mod store;
 pub mod workloads;

@@ -357,7 +357,7 @@ pub async fn assignment_for(
         .await
         .map_err(|e| Status::unavailable(e.to_string()))?;
     let mut instances = Vec::new();
-    for o in list {
+    for o in &list {
         if o.object.pointer("/spec/node").and_then(Value::as_str) != Some(node) {
             continue;
         }
@@ -410,12 +410,102 @@ pub async fn assignment_for(
             })
         })
         .collect();
+    let view = datapath_view(resources, &list).await?;
     Ok(Assignment {
         revision,
         instances,
         peers,
+        identities: view.identities,
+        policy_rules: view.compiled.rules,
+        ingress_enforced: view.compiled.ingress_enforced,
+        egress_enforced: view.compiled.egress_enforced,
+        services: view.services,
     })
 }
+
+/// The cluster-wide datapath entries every agent gets.
+struct DatapathView {
+    identities: Vec<ironmesh_proto::v1::IdentityEntry>,
+    compiled: crate::policy::Compiled,
+    services: Vec<ironmesh_proto::v1::ServiceEntry>,
+}
+
+async fn datapath_view(
+    resources: &Resources,
+    instances: &[crate::resources::StoredObject],
+) -> Result<DatapathView, Status> {
+    let all = ironmesh_api::selector::LabelSelector::default();
+    let unavailable = |e: crate::resources::ResourceError| Status::unavailable(e.to_string());
+    let (workloads, _) = resources
+        .list(Kind::Workload, &all)
+        .await
+        .map_err(unavailable)?;
+    let (policies, _) = resources
+        .list(Kind::Policy, &all)
+        .await
+        .map_err(unavailable)?;
+    let (services, _) = resources
+        .list(Kind::Service, &all)
+        .await
+        .map_err(unavailable)?;
+    let store = resources.store().as_ref();
+    let mut endpoints = Vec::with_capacity(workloads.len());
+    let mut labels_of_workload = std::collections::HashMap::new();
+    for w in &workloads {
+        let labels = crate::resources::labels_of(&w.object);
+        let identity = crate::identities::identity_for(store, &labels)
+            .await
+            .map_err(|e| Status::unavailable(e.to_string()))?;
+        labels_of_workload.insert(w.name.clone(), labels.clone());
+        endpoints.push(crate::policy::Endpoint { labels, identity });
+    }
+    let mut identities = Vec::new();
+    let mut ready = Vec::new();
+    for i in instances {
+        let (Some(ip), Some(id)) = (
+            i.object.pointer("/status/ip").and_then(Value::as_str),
+            i.object.pointer("/spec/identity").and_then(Value::as_u64),
+        ) else {
+            continue;
+        };
+        identities.push(ironmesh_proto::v1::IdentityEntry {
+            ip: ip.to_string(),
+            identity: id as u32,
+        });
+        let is_ready = i.object.pointer("/status/ready").and_then(Value::as_bool) == Some(true);
+        let workload = i
+            .object
+            .pointer("/spec/workload")
+            .and_then(Value::as_str)
+            .unwrap_or_default();
+        if let (true, Ok(ip), Some(labels)) =
+            (is_ready, ip.parse(), labels_of_workload.get(workload))
+        {
+            ready.push(crate::services::ReadyInstance {
+                ip,
+                labels: labels.clone(),
+            });
+        }
+    }
+    identities.sort_by(|a, b| a.ip.cmp(&b.ip));
+    let specs: Vec<ironmesh_api::policy::PolicySpec> = policies
+        .iter()
+        .filter_map(|p| serde_json::from_value(p.object.get("spec")?.clone()).ok())
+        .collect();
+    Ok(DatapathView {
+        identities,
+        compiled: crate::policy::compile(&specs, &endpoints),
+        services: crate::services::endpoints(&services, &ready),
+    })
+}
+
+type DatapathKey = (
+    Vec<ironmesh_proto::v1::IdentityEntry>,
+    Vec<ironmesh_proto::v1::PolicyRule>,
+    Vec<u32>,
+    Vec<u32>,
+    Vec<ironmesh_proto::v1::ServiceEntry>,
+);
 
 /// Sends the node's assignment now and again whenever it changes, until the
 /// stream closes. Any store change may change it (instances, images), so
@@ -427,7 +517,7 @@ async fn push_assignments(
     tx: mpsc::Sender<Result<ControllerMessage, Status>>,
 ) {
     use futures::{FutureExt, StreamExt};
-    let mut last: Option<(Vec<InstanceAssignment>, Vec<PeerNode>)> = None;
+    let mut last: Option<(Vec<InstanceAssignment>, Vec<PeerNode>, DatapathKey)> = None;
     loop {
         let rev = match resources.store().revision().await {
             Ok(r) => r,
@@ -446,7 +536,17 @@ async fn push_assignments(
         loop {
             match assignment_for(&resources, &images, &node).await {
                 Ok(a) => {
-                    let key = (a.instances.clone(), a.peers.clone());
+                    let key = (
+                        a.instances.clone(),
+                        a.peers.clone(),
+                        (
+                            a.identities.clone(),
+                            a.policy_rules.clone(),
+                            a.ingress_enforced.clone(),
+                            a.egress_enforced.clone(),
+                            a.services.clone(),
+                        ),
+                    );
                     if last.as_ref() != Some(&key) {
                         last = Some(key);
                         tracing::debug!(node = %node, revision = a.revision, instances = a.instances.len(), "assignment sent");

@@ -122,6 +122,7 @@ pub async fn run(cfg: ControllerConfig, shutdown: Shutdown) -> Result<(), Server
         }
     };
     // Only the leader reconciles; every controller serves the API.
+    let service_cidr = cfg.service_cidr;
     let reconcilers = {
         let (resources, liveness, metrics) = (resources.clone(), liveness.clone(), metrics.clone());
         tokio::spawn(
@@ -135,9 +136,15 @@ pub async fn run(cfg: ControllerConfig, shutdown: Shutdown) -> Result<(), Server
                         metrics.clone(),
                         stop.clone(),
                     ));
+                    let services = tokio::spawn(crate::services::run(
+                        resources.clone(),
+                        service_cidr,
+                        stop.clone(),
+                    ));
                     let workloads = tokio::spawn(crate::workloads::run(resources, metrics, stop));
                     let _ = reconciler.await;
                     let _ = workloads.await;
+                    let _ = services.await;
                 }
             }),
         )

@@ -327,6 +327,15 @@ async fn create_instance(
     placed: Result<String, String>,
 ) -> Result<InstanceView, ResourceError> {
     let name = instance_name(&w.name);
+    let identity = match crate::identities::identity_for(resources.store().as_ref(), &w.labels)
+        .await
+    {
+        Ok(id) => Some(id),
+        Err(e) => {
+            tracing::warn!(workload = %w.name, error = %e, "cannot allocate an identity; the instance gets one later");
+            None
+        }
+    };
     let mut labels = w.labels.clone();
     labels.insert(WORKLOAD_LABEL.to_string(), w.name.clone());
     let spec = InstanceSpec {
@@ -334,6 +343,7 @@ async fn create_instance(
         workload_generation: w.generation,
         node: placed.as_ref().ok().cloned(),
         template: w.spec.clone(),
+        identity,
     };
     let status = match &placed {
         Ok(_) => json!({"phase": "Pending", "reason": "Scheduled"}),

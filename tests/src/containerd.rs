@@ -33,6 +33,11 @@ impl Containerd {
     /// Starts a containerd whose namespace and cgroups are named after
     /// `name` and this process.
     pub fn start(name: &str) -> Self {
+        // Unique per fixture: parallel tests often name their agents alike,
+        // and the namespace names cgroups and network namespace files.
+        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let namespace = format!("imtest-{}-{n}-{name}", std::process::id());
         for binary in ["containerd", "containerd-shim-runc-v2", "runc"] {
             assert!(
                 find_in_path(binary).is_some(),
@@ -71,9 +76,9 @@ impl Containerd {
         let mut fixture = Containerd {
             child,
             socket,
-            namespace: format!("imtest-{}-{name}", std::process::id()),
+            namespace: namespace.clone(),
             // The agent's default cgroup parent for its namespace.
-            cgroup_prefix: format!("/ironmesh/imtest-{}-{name}", std::process::id()),
+            cgroup_prefix: format!("/ironmesh/{namespace}"),
             dir,
         };
         let deadline = Instant::now() + DEADLINE;
@@ -209,6 +214,10 @@ impl Drop for Containerd {
                 Ok(None) => std::thread::sleep(Duration::from_millis(10)),
             }
         }
+        // Network namespace files the agent bind-mounted for our instances.
+        let netns_root = Path::new("/run/ironmesh").join(&self.namespace);
+        unmount_below(&netns_root.to_string_lossy());
+        let _ = fs::remove_dir_all(&netns_root);
         // Mounts below our directory (rootfs of containers a failed test left).
         let root = self.dir.path().to_string_lossy().to_string();
         if let Ok(info) = fs::read_to_string("/proc/self/mountinfo") {
@@ -238,6 +247,28 @@ impl Drop for Containerd {
         // runc's state for our namespace (the agent uses runc's default root).
         let _ = fs::remove_dir_all(Path::new("/run/containerd/runc").join(&self.namespace));
         // The temporary directory itself goes with `self.dir`.
+    }
+}
+
+/// Lazily unmounts every mount point at or below `root`, deepest first.
+fn unmount_below(root: &str) {
+    let Ok(info) = fs::read_to_string("/proc/self/mountinfo") else {
+        return;
+    };
+    let mut points: Vec<String> = info
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .map(|p| p.replace("\\040", " "))
+        .filter(|p| p.starts_with(root))
+        .collect();
+    points.sort_by_key(|p| std::cmp::Reverse(p.len()));
+    for p in points {
+        if let Ok(c) = std::ffi::CString::new(p) {
+            // SAFETY: umount2 with a valid C string.
+            unsafe {
+                libc::umount2(c.as_ptr(), libc::MNT_DETACH);
+            }
+        }
     }
 }
 

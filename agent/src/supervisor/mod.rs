@@ -282,6 +282,17 @@ impl Supervisor {
             wanted.insert(d.name.clone(), d);
         }
 
+        // Networks of instances that are gone (namespaces, veths, leases),
+        // before any instance task sets its own up: cleanup must not see a
+        // half-made network of a new instance as an orphan.
+        let first = self.tables().discovered.is_some();
+        if first {
+            if let Some(net) = self.shared.network.clone() {
+                let keep: std::collections::HashSet<String> = wanted.keys().cloned().collect();
+                net.cleanup_orphans(keep).await;
+            }
+        }
+
         let mut tables = self.tables();
         tables.removing.retain(|_, task| !task.is_finished());
         let first = tables.discovered.is_some();
@@ -318,11 +329,6 @@ impl Supervisor {
         if first {
             // Instance directories nobody owns (a removal cut short by a crash).
             self.remove_stray_dirs(&tables, &wanted);
-            // Networks of instances that are gone (namespaces, veths, leases).
-            if let Some(net) = self.shared.network.clone() {
-                let keep: std::collections::HashSet<String> = wanted.keys().cloned().collect();
-                tokio::spawn(async move { net.cleanup_orphans(keep).await });
-            }
         }
 
         for (name, d) in wanted {
