@@ -381,7 +381,7 @@ fn ansible_site_joins_agents_is_idempotent_and_rolling_upgrade_keeps_instances()
     let manifest = tb.path("records.yaml");
     std::fs::write(
         &manifest,
-        "apiVersion: ironmesh.dev/v1\nkind: Workload\nmetadata:\n  name: records\nspec:\n  replicas: 1\n  image: ironmesh/records-server:dev\n  env:\n    - name: LISTEN_ADDR\n      value: 127.0.0.1:8080\n",
+        "apiVersion: ironmesh.dev/v1\nkind: Workload\nmetadata:\n  name: records\nspec:\n  replicas: 1\n  image: ironmesh/records-server:dev\n  env:\n    - name: LISTEN_ADDR\n      value: 0.0.0.0:8080\n",
     )
     .unwrap();
     let apply = imctl(&admin, &["apply", "-f", manifest.to_str().unwrap()]);
@@ -390,9 +390,20 @@ fn ansible_site_joins_agents_is_idempotent_and_rolling_upgrade_keeps_instances()
         "apply: {}",
         String::from_utf8_lossy(&apply.stderr)
     );
-    let (node, pid, _) = wait_for("records Running", Duration::from_secs(60), || {
-        running_instance(&admin, "records")
-    });
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let (node, pid, _) = loop {
+        if let Some(found) = running_instance(&admin, "records") {
+            break found;
+        }
+        if std::time::Instant::now() > deadline {
+            let out = imctl(&admin, &["describe", "workload", "records"]);
+            panic!(
+                "records not Running within 60s:\n{}",
+                String::from_utf8_lossy(&out.stdout)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
     // The PID is the host's (the machine's PID namespace): it runs there.
     assert_eq!(
         tb.ssh_ok(&node, &format!("cat /proc/{pid}/comm")),
