@@ -21,4 +21,5 @@ pub mod resources;
 pub mod scheduler;
 pub mod server;
 pub mod store;
+pub mod volumes;
 pub mod workloads;

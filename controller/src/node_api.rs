@@ -329,6 +329,11 @@ async fn handle_agent_message(
             record_instance_event(resources, node, ev).await?;
         }
         Some(agent_message::Msg::Log(chunk)) => logs.deliver(node, chunk).await,
+        Some(agent_message::Msg::Storage(report)) => {
+            crate::volumes::record_storage(resources, node, report)
+                .await
+                .map_err(|e| Status::unavailable(format!("cannot record storage: {e}")))?;
+        }
         Some(agent_message::Msg::Hello(_)) => {
             return Err(Status::invalid_argument("Hello may only be sent once"));
         }
@@ -354,6 +359,9 @@ pub async fn assignment_for(
             Kind::Instance,
             &ironmesh_api::selector::LabelSelector::default(),
         )
+        .await
+        .map_err(|e| Status::unavailable(e.to_string()))?;
+    let volumes = crate::volumes::VolumeIndex::load(resources)
         .await
         .map_err(|e| Status::unavailable(e.to_string()))?;
     let mut instances = Vec::new();
@@ -383,6 +391,11 @@ pub async fn assignment_for(
                 .unwrap_or(0),
             spec_json: template.to_string(),
             image_digest: images.resolve(image).await.unwrap_or_default(),
+            volumes: serde_json::from_value::<ironmesh_api::workload::WorkloadSpec>(
+                template.clone(),
+            )
+            .map(|spec| volumes.instance_volumes(&spec, node))
+            .unwrap_or_default(),
         });
     }
     instances.sort_by(|a, b| a.name.cmp(&b.name));
@@ -414,6 +427,7 @@ pub async fn assignment_for(
         revision,
         instances,
         peers,
+        volumes: volumes.bound_to(node),
     })
 }
 
@@ -427,7 +441,11 @@ async fn push_assignments(
     tx: mpsc::Sender<Result<ControllerMessage, Status>>,
 ) {
     use futures::{FutureExt, StreamExt};
-    let mut last: Option<(Vec<InstanceAssignment>, Vec<PeerNode>)> = None;
+    let mut last: Option<(
+        Vec<InstanceAssignment>,
+        Vec<PeerNode>,
+        Vec<ironmesh_proto::v1::VolumeAssignment>,
+    )> = None;
     loop {
         let rev = match resources.store().revision().await {
             Ok(r) => r,
@@ -446,7 +464,7 @@ async fn push_assignments(
         loop {
             match assignment_for(&resources, &images, &node).await {
                 Ok(a) => {
-                    let key = (a.instances.clone(), a.peers.clone());
+                    let key = (a.instances.clone(), a.peers.clone(), a.volumes.clone());
                     if last.as_ref() != Some(&key) {
                         last = Some(key);
                         tracing::debug!(node = %node, revision = a.revision, instances = a.instances.len(), "assignment sent");

@@ -135,9 +135,12 @@ pub async fn run(cfg: ControllerConfig, shutdown: Shutdown) -> Result<(), Server
                         metrics.clone(),
                         stop.clone(),
                     ));
+                    let volumes =
+                        tokio::spawn(crate::volumes::run(resources.clone(), stop.clone()));
                     let workloads = tokio::spawn(crate::workloads::run(resources, metrics, stop));
                     let _ = reconciler.await;
                     let _ = workloads.await;
+                    let _ = volumes.await;
                 }
             }),
         )
