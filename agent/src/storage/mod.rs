@@ -250,6 +250,17 @@ pub struct VolumeUsage {
     pub path: PathBuf,
 }
 
+/// A volume the assignment binds to this node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WantedVolume {
+    pub name: String,
+    pub size_bytes: u64,
+    /// `None`: the pool's default.
+    pub backend: Option<Backend>,
+    /// `None`: the first pool that supports the backend.
+    pub pool: Option<String>,
+}
+
 /// What was provisioned for one volume (persisted).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 struct VolumeRecord {
@@ -795,6 +806,39 @@ impl Storage {
         self.record(volume, None)?;
         tracing::info!(volume, pool = %rec.pool, backend = %rec.backend, "volume deleted");
         Ok(true)
+    }
+
+    /// Makes this node's volumes match the assignment: provisions every
+    /// `wanted` volume (so it is allocated, and its usage reported, before
+    /// an instance mounts it) and deletes the provisioned ones that are
+    /// not wanted — unless `keep` names them (an instance here still
+    /// mounts them) or `may_delete` is false (removals are under way).
+    /// Returns the failures; each names its volume.
+    pub fn converge(
+        &self,
+        wanted: &[WantedVolume],
+        keep: &std::collections::HashSet<String>,
+        may_delete: bool,
+    ) -> Vec<StorageError> {
+        let mut errors = Vec::new();
+        for w in wanted {
+            if let Err(e) = self.provision(&w.name, w.size_bytes, w.backend, w.pool.as_deref()) {
+                errors.push(e);
+            }
+        }
+        if !may_delete {
+            return errors;
+        }
+        for name in self.names() {
+            if keep.contains(&name) || wanted.iter().any(|w| w.name == name) {
+                continue;
+            }
+            tracing::info!(volume = %name, "volume is no longer assigned to this node; deleting it");
+            if let Err(e) = self.delete(&name) {
+                errors.push(e);
+            }
+        }
+        errors
     }
 
     /// Unmounts every volume and every pool the agent mounted, keeping
