@@ -166,7 +166,7 @@ fn volume_is_bound_mounted_kept_across_instances_reported_limited_and_deleted() 
         ctl.node("node-a")
             .filter(|n| ironmesh_tests::ready_status(n).as_deref() == Some("True"))
     });
-    push(&ctl, BATCH);
+    push(&ctl, "batch-step");
 
     // The pool is reported and the Volume is bound to it.
     let node = wait_for("node-a reports its pool", Duration::from_secs(20), || {
@@ -220,12 +220,14 @@ fn volume_is_bound_mounted_kept_across_instances_reported_limited_and_deleted() 
     let second = wait_succeeded(&ctl, "checker", Some(&first_name));
     assert_eq!(s(&second, "/spec/node"), "node-a");
 
-    // Usage is reported.
+    // Usage is reported (periodically, every 10 s by default).
+    let (_, err) = fill(&host_path.join("four"), 4 * MIB);
+    assert!(err.is_none(), "{err:?}");
     let vol = wait_for("volume usage reported", Duration::from_secs(30), || {
         let v = ctl.imctl_json(&["get", "volume", "data"]);
         v.pointer("/status/usageBytes")
             .and_then(Value::as_u64)
-            .filter(|u| *u > 0)
+            .filter(|u| *u >= 4 * MIB)
             .map(|_| v)
     });
     eprintln!(
