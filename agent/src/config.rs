@@ -122,6 +122,22 @@ pub struct AgentConfig {
     #[arg(long, env = "IRONMESH_STOP_GRACE", default_value = "10s", value_parser = humantime::parse_duration)]
     pub stop_grace: Duration,
 
+    /// A storage pool volumes are allocated from; repeat the flag for
+    /// several (the first is the default). Format:
+    /// `name=NAME,type=dir|btrfs|device|loopfile,path=PATH[,size=SIZE][,fs=btrfs|ext4][,mkfs=true]`
+    /// — see docs/storage.md. In the environment, separate pools with ';'.
+    #[arg(
+        long = "storage-pool",
+        env = "IRONMESH_STORAGE_POOLS",
+        value_delimiter = ';'
+    )]
+    pub storage_pools: Vec<String>,
+
+    /// How often pool capacity and volume usage are reported (and
+    /// volumes reconciled with the assignment).
+    #[arg(long, env = "IRONMESH_STORAGE_REPORT_INTERVAL", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub storage_report_interval: Duration,
+
     /// Log format.
     #[arg(long, env = "IRONMESH_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,

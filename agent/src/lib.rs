@@ -13,5 +13,6 @@ pub mod inventory;
 pub mod metrics;
 pub mod network;
 pub mod runtime;
+pub mod storage;
 pub mod supervisor;
 pub mod sync;

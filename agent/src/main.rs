@@ -125,6 +125,21 @@ async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     let mut net_cfg = NetworkConfig::new(&cfg.state_dir, &cfg.containerd_namespace);
     net_cfg.mtu = cfg.instance_mtu;
     let network = Arc::new(Network::new(net_cfg).context("cannot set up instance networking")?);
+    let pools = cfg
+        .storage_pools
+        .iter()
+        .map(|p| p.parse::<ironmesh_agent::storage::PoolConfig>())
+        .collect::<Result<Vec<_>, _>>()?;
+    let storage_cfg = ironmesh_agent::storage::StorageConfig {
+        state_dir: cfg.state_dir.clone(),
+        pools,
+    };
+    let storage = Arc::new(
+        tokio::task::spawn_blocking(move || ironmesh_agent::storage::Storage::open(storage_cfg))
+            .await
+            .context("storage setup panicked")?
+            .context("cannot set up storage pools")?,
+    );
     let (reports_tx, reports_rx) = tokio::sync::mpsc::channel(1024);
     let supervisor = Arc::new(
         Supervisor::start_with_network(
@@ -132,6 +147,7 @@ async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
                 backoff_base: cfg.restart_backoff,
                 backoff_max: cfg.restart_backoff_max,
                 stop_grace: cfg.stop_grace,
+                storage: Some(storage.clone()),
                 ..SupervisorConfig::new(&cfg.state_dir)
             },
             runtime,
@@ -152,6 +168,8 @@ async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
             network,
             cross_host: cfg.cross_host,
             vxlan_vni: cfg.vxlan_vni,
+            storage: Some(storage),
+            storage_report_interval: cfg.storage_report_interval,
         },
         id,
         metrics,

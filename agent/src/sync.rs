@@ -47,6 +47,10 @@ pub struct SyncConfig {
     pub network: Arc<crate::network::Network>,
     pub cross_host: crate::config::CrossHost,
     pub vxlan_vni: u32,
+    /// Volumes: provisioned and deleted as assignments list them, usage
+    /// reported every `storage_report_interval`.
+    pub storage: Option<Arc<crate::storage::Storage>>,
+    pub storage_report_interval: Duration,
 }
 
 /// Where supervisor reports go: the open session's outbound queue, if any.
@@ -309,6 +313,11 @@ async fn session(
     let mut refresh = tokio::time::interval(INVENTORY_REFRESH);
     refresh.tick().await; // the first tick is immediate; inventory was just sent
     let mut seq: u64 = 0;
+    // The volumes the last assignment bound to this node (None until one came).
+    let mut wanted_volumes: Option<Vec<crate::storage::WantedVolume>> = None;
+    let mut storage_tick =
+        tokio::time::interval(cfg.storage_report_interval.max(Duration::from_millis(200)));
+    storage_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let stop = shutdown.wait();
     tokio::pin!(stop);
     let result = loop {
@@ -324,6 +333,9 @@ async fn session(
                     break Err(e);
                 }
                 metrics.heartbeats.inc();
+            }
+            _ = storage_tick.tick() => {
+                storage_pass(cfg, wanted_volumes.clone(), tx.clone());
             }
             _ = refresh.tick() => {
                 let fresh = read_inventory(&cfg.agent_version).await;
@@ -344,11 +356,13 @@ async fn session(
                         let revision = a.revision;
                         tracing::debug!(revision, instances = a.instances.len(), peers = a.peers.len(), "assignment received");
                         apply_peers(cfg, node_ip, &a.peers).await;
+                        wanted_volumes = Some(wanted(&a.volumes));
                         let (desired, rejected) = desired_instances(a);
                         for st in rejected {
                             let _ = send(&tx, agent_message::Msg::Instances(InstanceReport { full: false, instances: vec![st] })).await;
                         }
                         cfg.supervisor.set_desired(desired).await;
+                        storage_pass(cfg, wanted_volumes.clone(), tx.clone());
                         *acked = revision;
                         metrics.assignment_revision.set(revision as i64);
                         if let Err(e) = send(&tx, agent_message::Msg::Ack(AssignmentAck { revision })).await {
@@ -380,6 +394,92 @@ async fn session(
         t.abort();
     }
     result
+}
+
+/// The volumes of an assignment as storage wants them; unreadable
+/// backends fall back to the pool's default (and are logged).
+fn wanted(volumes: &[ironmesh_proto::v1::VolumeAssignment]) -> Vec<crate::storage::WantedVolume> {
+    volumes
+        .iter()
+        .map(|v| crate::storage::WantedVolume {
+            name: v.name.clone(),
+            size_bytes: v.size_bytes,
+            backend: match v.backend.as_str() {
+                "" => None,
+                b => b
+                    .parse()
+                    .inspect_err(|e| tracing::warn!(volume = %v.name, error = %e, "unknown volume backend in the assignment"))
+                    .ok(),
+            },
+            pool: (!v.pool.is_empty()).then(|| v.pool.clone()),
+        })
+        .collect()
+}
+
+/// In the background: converges the node's volumes on `wanted` (when an
+/// assignment has been seen; volumes still mounted by instances here are
+/// kept), then reports pools and volume usage.
+fn storage_pass(
+    cfg: &SyncConfig,
+    wanted: Option<Vec<crate::storage::WantedVolume>>,
+    tx: mpsc::Sender<AgentMessage>,
+) {
+    let Some(storage) = cfg.storage.clone() else {
+        return;
+    };
+    let (in_use, removing) = cfg.supervisor.volumes_in_use();
+    tokio::spawn(async move {
+        let report = tokio::task::spawn_blocking(move || {
+            if let Some(wanted) = &wanted {
+                for e in storage.converge(wanted, &in_use, !removing) {
+                    tracing::warn!(error = %e, "volume not converged");
+                }
+            }
+            storage_report(&storage)
+        })
+        .await;
+        match report {
+            Ok(r) => {
+                let _ = tx
+                    .send(AgentMessage {
+                        msg: Some(agent_message::Msg::Storage(r)),
+                    })
+                    .await;
+            }
+            Err(e) => tracing::warn!(error = %e, "storage pass failed"),
+        }
+    });
+}
+
+/// Pools and volume usage, as the controller wants them.
+pub fn storage_report(storage: &crate::storage::Storage) -> ironmesh_proto::v1::StorageReport {
+    use ironmesh_proto::v1::{StoragePool, StorageReport, VolumeUsage};
+    StorageReport {
+        pools: storage
+            .pools()
+            .into_iter()
+            .map(|p| StoragePool {
+                name: p.name,
+                kind: p.kind,
+                path: p.path.display().to_string(),
+                capacity_bytes: p.capacity_bytes,
+                free_bytes: p.free_bytes,
+                allocated_bytes: p.allocated_bytes,
+                backends: p.backends.iter().map(|b| b.to_string()).collect(),
+            })
+            .collect(),
+        volumes: storage
+            .volumes()
+            .into_iter()
+            .map(|v| VolumeUsage {
+                name: v.name,
+                pool: v.pool,
+                backend: v.backend.to_string(),
+                size_bytes: v.size_bytes,
+                used_bytes: v.used_bytes,
+            })
+            .collect(),
+    }
 }
 
 /// Makes the routes to other nodes' pod CIDRs match the assignment.
@@ -433,6 +533,7 @@ fn desired_instances(a: Assignment) -> (Vec<DesiredInstance>, Vec<InstanceState>
                 spec_generation: i.spec_generation,
                 spec,
                 image_digest: i.image_digest,
+                volumes: i.volumes,
             }),
             Err(e) => {
                 tracing::warn!(instance = %i.name, error = %e, "assignment carries an unreadable spec");

@@ -265,6 +265,7 @@ fn desired(name: &str, generation: u64, mut spec: Value) -> DesiredInstance {
         spec_generation: generation,
         spec: serde_json::from_value::<WorkloadSpec>(spec).unwrap(),
         image_digest: String::new(),
+        volumes: Vec::new(),
     }
 }
 

@@ -58,11 +58,20 @@ pub struct VolumeStatus {
     /// The node it was allocated on.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node: Option<String>,
+    /// The node's storage pool it was allocated from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pool: Option<String>,
     /// The size actually allocated.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub capacity: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub backend: Option<VolumeBackend>,
+    /// Bytes in use, as the node last reported.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usage_bytes: Option<u64>,
+    /// Short CamelCase cause of the phase, e.g. `NoNodeWithRoom`.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub reason: String,
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub message: String,
 }
@@ -72,8 +81,8 @@ pub enum VolumePhase {
     /// Not allocated yet (no node with room, or the node has not answered).
     #[default]
     Pending,
-    /// Allocated on `node`.
-    Available,
+    /// Allocated on `node`: instances that mount it are placed there.
+    Bound,
     /// Allocation failed; see `message`.
     Failed,
 }
@@ -147,8 +156,11 @@ mod tests {
     #[test]
     fn status_round_trip() {
         let s = VolumeStatus {
-            phase: VolumePhase::Available,
+            phase: VolumePhase::Bound,
             node: Some("n1".into()),
+            pool: Some("default".into()),
+            usage_bytes: Some(4096),
+            reason: String::new(),
             capacity: Some("10Gi".into()),
             backend: Some(VolumeBackend::File),
             message: String::new(),
@@ -156,7 +168,7 @@ mod tests {
         let v = serde_json::to_value(&s).unwrap();
         assert_eq!(
             v,
-            json!({"phase": "Available", "node": "n1", "capacity": "10Gi", "backend": "file"})
+            json!({"phase": "Bound", "node": "n1", "pool": "default", "capacity": "10Gi", "backend": "file", "usageBytes": 4096})
         );
         assert_eq!(serde_json::from_value::<VolumeStatus>(v).unwrap(), s);
     }

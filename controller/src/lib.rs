@@ -24,4 +24,5 @@ pub mod scheduler;
 pub mod server;
 pub mod services;
 pub mod store;
+pub mod volumes;
 pub mod workloads;

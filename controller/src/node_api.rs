@@ -329,6 +329,11 @@ async fn handle_agent_message(
             record_instance_event(resources, node, ev).await?;
         }
         Some(agent_message::Msg::Log(chunk)) => logs.deliver(node, chunk).await,
+        Some(agent_message::Msg::Storage(report)) => {
+            crate::volumes::record_storage(resources, node, report)
+                .await
+                .map_err(|e| Status::unavailable(format!("cannot record storage: {e}")))?;
+        }
         Some(agent_message::Msg::Hello(_)) => {
             return Err(Status::invalid_argument("Hello may only be sent once"));
         }
@@ -354,6 +359,9 @@ pub async fn assignment_for(
             Kind::Instance,
             &ironmesh_api::selector::LabelSelector::default(),
         )
+        .await
+        .map_err(|e| Status::unavailable(e.to_string()))?;
+    let volumes = crate::volumes::VolumeIndex::load(resources)
         .await
         .map_err(|e| Status::unavailable(e.to_string()))?;
     let mut instances = Vec::new();
@@ -383,6 +391,11 @@ pub async fn assignment_for(
                 .unwrap_or(0),
             spec_json: template.to_string(),
             image_digest: images.resolve(image).await.unwrap_or_default(),
+            volumes: serde_json::from_value::<ironmesh_api::workload::WorkloadSpec>(
+                template.clone(),
+            )
+            .map(|spec| volumes.instance_volumes(&spec, node))
+            .unwrap_or_default(),
         });
     }
     instances.sort_by(|a, b| a.name.cmp(&b.name));
@@ -420,6 +433,7 @@ pub async fn assignment_for(
         ingress_enforced: view.compiled.ingress_enforced,
         egress_enforced: view.compiled.egress_enforced,
         services: view.services,
+        volumes: volumes.bound_to(node),
     })
 }
 
@@ -499,14 +513,6 @@ async fn datapath_view(
     })
 }
 
-type DatapathKey = (
-    Vec<ironmesh_proto::v1::IdentityEntry>,
-    Vec<ironmesh_proto::v1::PolicyRule>,
-    Vec<u32>,
-    Vec<u32>,
-    Vec<ironmesh_proto::v1::ServiceEntry>,
-);
-
 /// Sends the node's assignment now and again whenever it changes, until the
 /// stream closes. Any store change may change it (instances, images), so
 /// every change recomputes it; only a different one is sent.
@@ -517,7 +523,7 @@ async fn push_assignments(
     tx: mpsc::Sender<Result<ControllerMessage, Status>>,
 ) {
     use futures::{FutureExt, StreamExt};
-    let mut last: Option<(Vec<InstanceAssignment>, Vec<PeerNode>, DatapathKey)> = None;
+    let mut last: Option<Assignment> = None;
     loop {
         let rev = match resources.store().revision().await {
             Ok(r) => r,
@@ -536,17 +542,11 @@ async fn push_assignments(
         loop {
             match assignment_for(&resources, &images, &node).await {
                 Ok(a) => {
-                    let key = (
-                        a.instances.clone(),
-                        a.peers.clone(),
-                        (
-                            a.identities.clone(),
-                            a.policy_rules.clone(),
-                            a.ingress_enforced.clone(),
-                            a.egress_enforced.clone(),
-                            a.services.clone(),
-                        ),
-                    );
+                    // Everything but the revision decides whether it changed.
+                    let key = Assignment {
+                        revision: 0,
+                        ..a.clone()
+                    };
                     if last.as_ref() != Some(&key) {
                         last = Some(key);
                         tracing::debug!(node = %node, revision = a.revision, instances = a.instances.len(), "assignment sent");

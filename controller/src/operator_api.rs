@@ -187,6 +187,11 @@ impl OperatorApi {
         let who = authorize(&req)?;
         let req = req.into_inner();
         let kind = parse_kind(&req.kind)?;
+        if kind == Kind::Volume {
+            crate::volumes::check_delete(&self.resources, &req.name)
+                .await
+                .map_err(Status::failed_precondition)?;
+        }
         let revision = self
             .resources
             .delete(kind, &req.name)

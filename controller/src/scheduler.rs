@@ -115,6 +115,28 @@ impl Cluster {
     }
 }
 
+impl Cluster {
+    /// [`Cluster::place`] restricted to `node` (an instance that mounts a
+    /// volume bound there); the reason names the node.
+    pub fn place_on(&mut self, node: &str, workload: &str, req: Request) -> Result<String, String> {
+        let all = std::mem::take(&mut self.nodes);
+        let (only, rest): (Vec<NodeCapacity>, Vec<NodeCapacity>) =
+            all.into_iter().partition(|n| n.name == node);
+        let known = !only.is_empty();
+        self.nodes = only;
+        let placed = self.place(workload, req);
+        self.nodes.extend(rest);
+        self.nodes.sort_by(|a, b| a.name.cmp(&b.name));
+        placed.map_err(|why| {
+            if known {
+                format!("node {node}, where its volumes are bound: {why}")
+            } else {
+                format!("node {node}, where its volumes are bound, has not joined")
+            }
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -141,10 +141,13 @@ pub async fn run(cfg: ControllerConfig, shutdown: Shutdown) -> Result<(), Server
                         service_cidr,
                         stop.clone(),
                     ));
+                    let volumes =
+                        tokio::spawn(crate::volumes::run(resources.clone(), stop.clone()));
                     let workloads = tokio::spawn(crate::workloads::run(resources, metrics, stop));
                     let _ = reconciler.await;
                     let _ = workloads.await;
                     let _ = services.await;
+                    let _ = volumes.await;
                 }
             }),
         )

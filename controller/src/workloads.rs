@@ -242,6 +242,8 @@ pub async fn reconcile(resources: &Resources) -> Result<PassCounts, ResourceErro
         }
     }
 
+    let volumes = crate::volumes::VolumeIndex::load(resources).await?;
+
     let mut by_workload: HashMap<&str, Vec<&InstanceView>> = HashMap::new();
     for i in &instances {
         by_workload
@@ -289,13 +291,25 @@ pub async fn reconcile(resources: &Resources) -> Result<PassCounts, ResourceErro
         // Bind unplaced instances when a node has room now.
         for i in &current {
             if i.spec.node.is_none() {
-                let placed = cluster.place(&w.name, request_of(&i.spec.template));
+                let placed = crate::volumes::place(
+                    &mut cluster,
+                    &volumes,
+                    &w.name,
+                    &i.spec.template,
+                    request_of(&i.spec.template),
+                );
                 bind(resources, &i.name, placed).await?;
             }
         }
         let mut created = Vec::new();
         for _ in current.len()..want {
-            let placed = cluster.place(&w.name, request_of(&w.spec));
+            let placed = crate::volumes::place(
+                &mut cluster,
+                &volumes,
+                &w.name,
+                &w.spec,
+                request_of(&w.spec),
+            );
             created.push(create_instance(resources, w, placed).await?);
         }
         write_workload_status(resources, w, &current, &created).await?;

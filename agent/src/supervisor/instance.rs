@@ -515,6 +515,10 @@ impl Instance {
             Err(message) => return Ok(self.config_error(message).await),
         };
         spec.netns = self.net.as_ref().map(|(_, path)| path.clone());
+        spec.mounts = match self.ensure_volumes().await? {
+            Ok(mounts) => mounts,
+            Err(message) => return Ok(self.config_error(message).await),
+        };
         loop {
             self.publish(|s| {
                 s.phase = PENDING.to_string();
@@ -559,6 +563,73 @@ impl Instance {
             })
             .await;
             self.event(true, "Failed", format!("Error: {error}")).await;
+            guard(&self.control, tokio::time::sleep(delay)).await?;
+        }
+    }
+
+    /// Provisions (or finds again) every volume the instance mounts,
+    /// retrying storage failures with back-off; returns the bind mounts,
+    /// or a message the operator has to act on.
+    async fn ensure_volumes(
+        &mut self,
+    ) -> Result<Result<Vec<crate::runtime::BindMount>, String>, Stop> {
+        let needs = match spec::volume_needs(&self.d) {
+            Ok(n) if n.is_empty() => return Ok(Ok(Vec::new())),
+            Ok(n) => n,
+            Err(e) => return Ok(Err(e)),
+        };
+        let Some(storage) = self.shared.cfg.storage.clone() else {
+            return Ok(Err(
+                "this agent has no storage configured (--storage-pool); it cannot mount volumes"
+                    .to_string(),
+            ));
+        };
+        let cfg = &self.shared.cfg;
+        let mut backoff = Backoff::new(cfg.backoff_base, cfg.backoff_max);
+        loop {
+            let needs2 = needs.clone();
+            let storage2 = storage.clone();
+            let provisioned = guard(
+                &self.control,
+                tokio::task::spawn_blocking(move || {
+                    let mut paths = std::collections::HashMap::new();
+                    for n in needs2 {
+                        let backend = match n.backend.as_str() {
+                            "" => None,
+                            b => Some(
+                                b.parse::<crate::storage::Backend>()
+                                    .map_err(|e| format!("volume {}: {e}", n.volume))?,
+                            ),
+                        };
+                        let pool = (!n.pool.is_empty()).then_some(n.pool.as_str());
+                        let path = storage2
+                            .provision(&n.volume, n.size_bytes, backend, pool)
+                            .map_err(|e| e.to_string())?;
+                        paths.insert(n.volume.clone(), path);
+                    }
+                    Ok::<_, String>(paths)
+                }),
+            )
+            .await?;
+            let error = match provisioned {
+                Ok(Ok(paths)) => {
+                    let names: Vec<&str> = needs.iter().map(|n| n.volume.as_str()).collect();
+                    tracing::info!(instance = %self.name(), volumes = ?names, "volumes ready");
+                    return Ok(spec::bind_mounts(&self.d, &paths));
+                }
+                Ok(Err(e)) => e,
+                Err(join) => format!("volume provisioning task failed: {join}"),
+            };
+            let delay = backoff.next_delay();
+            tracing::warn!(instance = %self.name(), error = %error, retry_in = ?delay, "cannot provision volumes");
+            self.publish(|s| {
+                s.phase = PENDING.to_string();
+                s.reason = "VolumeError".to_string();
+                s.message = format!("{error}; retrying in {}", human(delay));
+            })
+            .await;
+            self.event(true, "Failed", format!("Volume setup failed: {error}"))
+                .await;
             guard(&self.control, tokio::time::sleep(delay)).await?;
         }
     }

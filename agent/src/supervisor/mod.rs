@@ -64,6 +64,8 @@ pub struct DesiredInstance {
     /// Manifest digest the controller resolved the image to; empty when
     /// the controller does not hold the image.
     pub image_digest: String,
+    /// The volumes it mounts, as the controller bound them to this node.
+    pub volumes: Vec<ironmesh_proto::v1::InstanceVolume>,
 }
 
 /// Where the supervisor keeps its files and how it paces restarts.
@@ -82,6 +84,9 @@ pub struct SupervisorConfig {
     /// Address HTTP and TCP probes connect to: containers share the host's
     /// network until per-instance network namespaces land.
     pub probe_host: IpAddr,
+    /// Provisions the volumes instances mount; `None`: an instance that
+    /// mounts a volume fails with a clear message.
+    pub storage: Option<Arc<crate::storage::Storage>>,
 }
 
 impl SupervisorConfig {
@@ -95,6 +100,7 @@ impl SupervisorConfig {
             backoff_reset_after: Duration::from_secs(60),
             stop_grace: Duration::from_secs(10),
             probe_host: IpAddr::V4(Ipv4Addr::LOCALHOST),
+            storage: None,
         }
     }
 
@@ -155,6 +161,8 @@ pub(crate) enum Control {
 /// One supervised instance.
 struct Handle {
     generation: u64,
+    /// Names of the Volumes it mounts.
+    volumes: Vec<String>,
     state: Arc<Mutex<InstanceState>>,
     control: watch::Sender<Control>,
     task: JoinHandle<()>,
@@ -346,6 +354,7 @@ impl Supervisor {
             let state = Arc::new(Mutex::new(instance::initial_state(&d)));
             let (control, control_rx) = watch::channel(Control::Run);
             let generation = d.spec_generation;
+            let volumes = d.spec.volumes.iter().map(|m| m.volume.clone()).collect();
             let task = tokio::spawn(instance::run(
                 self.shared.clone(),
                 d,
@@ -358,6 +367,7 @@ impl Supervisor {
                 name,
                 Handle {
                     generation,
+                    volumes,
                     state,
                     control,
                     task,
@@ -391,6 +401,20 @@ impl Supervisor {
                 }
             }
         }
+    }
+
+    /// The Volumes that supervised instances mount, and whether removals
+    /// are still under way (their containers may still hold a volume: a
+    /// volume must not be deleted until they are done).
+    pub fn volumes_in_use(&self) -> (std::collections::HashSet<String>, bool) {
+        let tables = self.tables();
+        let used = tables
+            .instances
+            .values()
+            .flat_map(|h| h.volumes.iter().cloned())
+            .collect();
+        let removing = tables.removing.values().any(|t| !t.is_finished());
+        (used, removing)
     }
 
     /// Current state of every supervised instance, sorted by name (for a

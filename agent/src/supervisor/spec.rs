@@ -8,7 +8,7 @@
 
 use std::collections::HashMap;
 
-use crate::runtime::{ImageDefaults, InstanceSpec, Resources};
+use crate::runtime::{BindMount, ImageDefaults, InstanceSpec, Resources};
 
 use super::{DesiredInstance, LABEL_INSTANCE, LABEL_SPEC_GENERATION, LABEL_WORKLOAD};
 
@@ -36,16 +36,74 @@ pub fn labels(d: &DesiredInstance) -> HashMap<String, String> {
     ])
 }
 
+/// What one of `d`'s volume mounts needs from storage: the mount's name,
+/// the volume, its size, backend and pool as the assignment binds them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VolumeNeed {
+    pub mount: String,
+    pub volume: String,
+    pub size_bytes: u64,
+    pub backend: String,
+    pub pool: String,
+}
+
+/// The volumes `d` mounts, in `spec.volumes` order. A mount the
+/// assignment does not bind to this node is an error naming it (running
+/// without it would write the data to the wrong place).
+pub fn volume_needs(d: &DesiredInstance) -> Result<Vec<VolumeNeed>, String> {
+    d.spec
+        .volumes
+        .iter()
+        .map(|m| {
+            let v = d
+                .volumes
+                .iter()
+                .find(|iv| iv.name == m.name)
+                .and_then(|iv| iv.volume.as_ref())
+                .filter(|v| v.name == m.volume)
+                .ok_or_else(|| {
+                    format!(
+                        "volume {} (spec.volumes {}) is not bound to this node",
+                        m.volume, m.name
+                    )
+                })?;
+            Ok(VolumeNeed {
+                mount: m.name.clone(),
+                volume: v.name.clone(),
+                size_bytes: v.size_bytes,
+                backend: v.backend.clone(),
+                pool: v.pool.clone(),
+            })
+        })
+        .collect()
+}
+
+/// The bind mounts of `d`'s volumes, given where each volume is provisioned
+/// on the host (by volume name).
+pub fn bind_mounts(
+    d: &DesiredInstance,
+    paths: &HashMap<String, std::path::PathBuf>,
+) -> Result<Vec<BindMount>, String> {
+    d.spec
+        .volumes
+        .iter()
+        .map(|m| {
+            let source = paths
+                .get(&m.volume)
+                .ok_or_else(|| format!("volume {} is not provisioned on this node", m.volume))?;
+            Ok(BindMount {
+                source: source.clone(),
+                destination: m.mount_path.clone(),
+                readonly: m.read_only,
+            })
+        })
+        .collect()
+}
+
 /// The runtime spec of `d`'s container. Errors are the operator's to fix
 /// in the Workload (a sentence naming the field).
 pub fn instance_spec(d: &DesiredInstance, image: &ImageDefaults) -> Result<InstanceSpec, String> {
     let w = &d.spec;
-    if !w.volumes.is_empty() {
-        // Running without them would write the data to the wrong place.
-        return Err("volumes are not yet mounted by this agent; \
-                    remove spec.volumes or run on an agent that supports them"
-            .to_string());
-    }
     let cpu_millis = w
         .resources
         .cpu_millis()
@@ -92,6 +150,7 @@ mod tests {
             spec_generation: 7,
             spec: serde_json::from_value::<WorkloadSpec>(json).unwrap(),
             image_digest: String::new(),
+            volumes: Vec::new(),
         }
     }
 
@@ -138,12 +197,41 @@ mod tests {
     }
 
     #[test]
-    fn volumes_are_refused_not_ignored() {
-        let d = desired(serde_json::json!({
+    fn volumes_need_a_binding_and_become_bind_mounts() {
+        use ironmesh_proto::v1::{InstanceVolume, VolumeAssignment};
+        let mut d = desired(serde_json::json!({
             "image": "busybox:1",
-            "volumes": [{"name": "d", "volume": "data", "mountPath": "/data"}],
+            "volumes": [{"name": "d", "volume": "data", "mountPath": "/data", "readOnly": true}],
         }));
-        let err = instance_spec(&d, &ImageDefaults::default()).unwrap_err();
-        assert!(err.contains("volumes"), "{err}");
+        let err = volume_needs(&d).unwrap_err();
+        assert_eq!(
+            err,
+            "volume data (spec.volumes d) is not bound to this node"
+        );
+        d.volumes.push(InstanceVolume {
+            name: "d".into(),
+            volume: Some(VolumeAssignment {
+                name: "data".into(),
+                size_bytes: 16 << 20,
+                backend: "file".into(),
+                pool: "default".into(),
+            }),
+            mount_path: "/data".into(),
+            read_only: true,
+        });
+        let needs = volume_needs(&d).unwrap();
+        assert_eq!(needs[0].volume, "data");
+        assert_eq!(needs[0].size_bytes, 16 << 20);
+        let paths = HashMap::from([("data".to_string(), std::path::PathBuf::from("/v/data"))]);
+        let mounts = bind_mounts(&d, &paths).unwrap();
+        assert_eq!(
+            mounts,
+            vec![BindMount {
+                source: "/v/data".into(),
+                destination: "/data".into(),
+                readonly: true
+            }]
+        );
+        assert!(bind_mounts(&d, &HashMap::new()).is_err());
     }
 }

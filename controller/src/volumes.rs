@@ -1,0 +1,630 @@
+//! The volume controller: binds every Volume to a node whose storage pool
+//! has room, records the binding in the Volume's status, and answers what
+//! the rest of the controller needs to know about volumes — the node an
+//! instance that mounts volumes must run on ([`VolumeIndex::node_for`]),
+//! the volumes of a node's assignment ([`for_node`]), the usage agents
+//! report ([`record_storage`]) and whether a Volume may be deleted
+//! ([`check_delete`]).
+//!
+//! Binding: a Volume with `spec.node` is bound there, otherwise to the
+//! Ready node whose pool (supporting `spec.backend`, or with any backend)
+//! has the most room, ties broken by name — deterministic for the same
+//! input. Room is the pool's capacity minus the sizes of the volumes
+//! already bound to it (image files are sparse, so the pool's free space
+//! alone would overcommit). A binding is never moved: the data lives on
+//! that node. A Volume that fits nowhere stays `Pending` with a reason
+//! naming, per node, why.
+//!
+//! Deletion is refused while a Workload or Instance mounts the volume; once
+//! deleted, the Volume leaves its node's assignment and the agent removes
+//! the data. The binding itself is done here; provisioning is the agent's.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use ironmesh_api::selector::LabelSelector;
+use ironmesh_api::volume::{VolumeBackend, VolumeSpec};
+use ironmesh_api::workload::WorkloadSpec;
+use ironmesh_api::Kind;
+use ironmesh_proto::v1::{InstanceVolume, StorageReport, VolumeAssignment};
+use serde_json::{json, Value};
+
+use crate::liveness::ready_status;
+use crate::resources::{ResourceError, Resources, StoredObject};
+use crate::scheduler::{Cluster, Request};
+
+/// Longest wait between passes when nothing changes.
+const RESYNC: Duration = Duration::from_secs(2);
+
+/// Runs binding passes until `shutdown` (leader only).
+pub async fn run(resources: Resources, shutdown: ironmesh_daemon::Shutdown) {
+    use futures::{FutureExt, StreamExt};
+    let stopped = shutdown.clone().wait();
+    tokio::pin!(stopped);
+    loop {
+        let rev = match resources.store().revision().await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(error = %e, "volume controller cannot read the store revision");
+                tokio::select! {
+                    _ = &mut stopped => return,
+                    _ = tokio::time::sleep(RESYNC) => continue,
+                }
+            }
+        };
+        let mut events = match resources
+            .store()
+            .watch(&crate::resources::prefix(Kind::Volume), rev)
+            .await
+        {
+            Ok(w) => w,
+            Err(e) => {
+                tracing::warn!(error = %e, "volume controller cannot watch the store");
+                tokio::select! {
+                    _ = &mut stopped => return,
+                    _ = tokio::time::sleep(RESYNC) => continue,
+                }
+            }
+        };
+        loop {
+            if let Err(e) = reconcile(&resources).await {
+                tracing::warn!(error = %e, "volume pass failed");
+            }
+            tokio::select! {
+                _ = &mut stopped => return,
+                // Nodes join and report pools without touching volumes.
+                _ = tokio::time::sleep(RESYNC) => {}
+                ev = events.next() => match ev {
+                    Some(Ok(_)) => while let Some(Some(Ok(_))) = events.next().now_or_never() {},
+                    Some(Err(e)) => {
+                        tracing::warn!(error = %e, "volume watch broke; reopening");
+                        break;
+                    }
+                    None => break,
+                },
+            }
+        }
+    }
+}
+
+/// A pool as a node reported it (Node `status.storage.pools[]`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PoolView {
+    pub name: String,
+    pub capacity_bytes: u64,
+    pub backends: Vec<String>,
+}
+
+/// A node as the volume binder sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodePools {
+    pub name: String,
+    pub ready: bool,
+    pub pools: Vec<PoolView>,
+}
+
+fn node_pools(o: &StoredObject) -> NodePools {
+    let pools = o
+        .object
+        .pointer("/status/storage/pools")
+        .and_then(Value::as_array)
+        .map(|a| {
+            a.iter()
+                .filter_map(|p| {
+                    Some(PoolView {
+                        name: p.get("name")?.as_str()?.to_string(),
+                        capacity_bytes: p.get("capacityBytes")?.as_u64()?,
+                        backends: p
+                            .get("backends")?
+                            .as_array()?
+                            .iter()
+                            .filter_map(|b| b.as_str().map(str::to_string))
+                            .collect(),
+                    })
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    NodePools {
+        name: o.name.clone(),
+        ready: ready_status(&o.object) == Some("True"),
+        pools,
+    }
+}
+
+fn backend_str(b: VolumeBackend) -> &'static str {
+    match b {
+        VolumeBackend::File => "file",
+        VolumeBackend::Btrfs => "btrfs",
+    }
+}
+
+/// Where a volume was bound: (node, pool, backend).
+pub type Binding = (String, String, String);
+
+/// Chooses the node and pool for a volume of `size` bytes, given what is
+/// already bound (`booked`: (node, pool) → bytes). Pure and deterministic.
+pub fn choose(
+    spec: &VolumeSpec,
+    size: u64,
+    nodes: &[NodePools],
+    booked: &BTreeMap<(String, String), u64>,
+) -> Result<Binding, String> {
+    let want = spec.backend.map(backend_str);
+    let mut reasons: BTreeMap<String, usize> = BTreeMap::new();
+    let mut best: Option<(u64, Binding)> = None;
+    let mut sorted: Vec<&NodePools> = nodes.iter().collect();
+    sorted.sort_by(|a, b| a.name.cmp(&b.name));
+    let mut considered = 0;
+    for n in sorted {
+        if spec.node.as_ref().is_some_and(|want| *want != n.name) {
+            continue;
+        }
+        considered += 1;
+        if !n.ready {
+            *reasons.entry("not ready".into()).or_default() += 1;
+            continue;
+        }
+        let pools: Vec<&PoolView> = n
+            .pools
+            .iter()
+            .filter(|p| want.is_none_or(|b| p.backends.iter().any(|x| x == b)))
+            .collect();
+        if pools.is_empty() {
+            let why = match (n.pools.is_empty(), want) {
+                (true, _) => "no storage pool".to_string(),
+                (false, Some(b)) => format!("no pool with backend {b}"),
+                (false, None) => "no storage pool".to_string(),
+            };
+            *reasons.entry(why).or_default() += 1;
+            continue;
+        }
+        let mut fits = false;
+        for p in pools {
+            let used = booked
+                .get(&(n.name.clone(), p.name.clone()))
+                .copied()
+                .unwrap_or(0);
+            let room = p.capacity_bytes.saturating_sub(used);
+            if room < size {
+                continue;
+            }
+            fits = true;
+            let backend = want
+                .map(str::to_string)
+                .or_else(|| p.backends.first().cloned())
+                .unwrap_or_else(|| "file".to_string());
+            // Most room wins; earlier (node, pool) on ties.
+            if best.as_ref().is_none_or(|(r, _)| room > *r) {
+                best = Some((room, (n.name.clone(), p.name.clone(), backend)));
+            }
+        }
+        if !fits {
+            *reasons.entry("insufficient storage".into()).or_default() += 1;
+        }
+    }
+    if let Some((_, b)) = best {
+        return Ok(b);
+    }
+    if let Some(node) = &spec.node {
+        if considered == 0 {
+            return Err(format!("node {node} has not joined"));
+        }
+    }
+    if considered == 0 {
+        return Err("0/0 nodes available: no node has joined".to_string());
+    }
+    let parts: Vec<String> = reasons.iter().map(|(w, n)| format!("{n} {w}")).collect();
+    Err(format!(
+        "0/{considered} nodes have room for {}: {}",
+        ironmesh_api::quantity::format_bytes(size),
+        parts.join(", ")
+    ))
+}
+
+/// One pass: binds every unbound Volume it can.
+pub async fn reconcile(resources: &Resources) -> Result<(), ResourceError> {
+    let all = LabelSelector::default();
+    let (volumes, _) = resources.list(Kind::Volume, &all).await?;
+    let (nodes, _) = resources.list(Kind::Node, &all).await?;
+    let nodes: Vec<NodePools> = nodes.iter().map(node_pools).collect();
+    let mut booked: BTreeMap<(String, String), u64> = BTreeMap::new();
+    let mut unbound = Vec::new();
+    for v in &volumes {
+        let Some(spec) = volume_spec(v) else { continue };
+        let size = spec.size.bytes().unwrap_or(0);
+        match binding_of(&v.object) {
+            Some((node, pool, _)) => *booked.entry((node, pool)).or_default() += size,
+            None => unbound.push((v, spec, size)),
+        }
+    }
+    unbound.sort_by(|a, b| a.0.name.cmp(&b.0.name));
+    for (v, spec, size) in unbound {
+        let status = match choose(&spec, size, &nodes, &booked) {
+            Ok((node, pool, backend)) => {
+                *booked.entry((node.clone(), pool.clone())).or_default() += size;
+                tracing::info!(volume = %v.name, %node, %pool, %backend, size, "volume bound");
+                json!({
+                    "phase": "Bound",
+                    "node": node,
+                    "pool": pool,
+                    "backend": backend,
+                    "capacity": ironmesh_api::quantity::format_bytes(size),
+                })
+            }
+            Err(why) => json!({"phase": "Pending", "reason": "NoNodeWithRoom", "message": why}),
+        };
+        resources
+            .update(Kind::Volume, &v.name, |cur| {
+                let mut o = cur?.clone();
+                if binding_of(&o).is_some() || o.get("status") == Some(&status) {
+                    return None;
+                }
+                o["status"] = status.clone();
+                Some(o)
+            })
+            .await?;
+    }
+    Ok(())
+}
+
+fn volume_spec(v: &StoredObject) -> Option<VolumeSpec> {
+    match serde_json::from_value(v.object.get("spec")?.clone()) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            tracing::warn!(volume = %v.name, error = %e, "unreadable volume spec");
+            None
+        }
+    }
+}
+
+/// The binding recorded in a Volume object's status.
+pub fn binding_of(o: &Value) -> Option<Binding> {
+    let s = |p: &str| o.pointer(p).and_then(Value::as_str).map(str::to_string);
+    if s("/status/phase").as_deref() != Some("Bound") {
+        return None;
+    }
+    Some((
+        s("/status/node")?,
+        s("/status/pool")?,
+        s("/status/backend")?,
+    ))
+}
+
+/// Every Volume's binding (or why it has none), for one workload pass.
+#[derive(Debug, Default)]
+pub struct VolumeIndex {
+    volumes: BTreeMap<String, Result<VolumeAssignmentWithNode, String>>,
+}
+
+#[derive(Debug, Clone)]
+struct VolumeAssignmentWithNode {
+    node: String,
+    assignment: VolumeAssignment,
+}
+
+impl VolumeIndex {
+    pub async fn load(resources: &Resources) -> Result<VolumeIndex, ResourceError> {
+        let (volumes, _) = resources
+            .list(Kind::Volume, &LabelSelector::default())
+            .await?;
+        Ok(Self::from_objects(&volumes))
+    }
+
+    pub fn from_objects(volumes: &[StoredObject]) -> VolumeIndex {
+        let mut index = VolumeIndex::default();
+        for v in volumes {
+            let entry = match (binding_of(&v.object), volume_spec(v)) {
+                (Some((node, pool, backend)), Some(spec)) => Ok(VolumeAssignmentWithNode {
+                    node,
+                    assignment: VolumeAssignment {
+                        name: v.name.clone(),
+                        size_bytes: spec.size.bytes().unwrap_or(0),
+                        backend,
+                        pool,
+                    },
+                }),
+                _ => Err(v
+                    .object
+                    .pointer("/status/message")
+                    .and_then(Value::as_str)
+                    .filter(|m| !m.is_empty())
+                    .unwrap_or("waiting for the volume controller")
+                    .to_string()),
+            };
+            index.volumes.insert(v.name.clone(), entry);
+        }
+        index
+    }
+
+    /// The node every instance of `spec` must run on: `Ok(None)` when it
+    /// mounts no volume, `Err` (naming the volume) when a volume is
+    /// missing or not bound yet, or when its volumes are on different
+    /// nodes.
+    pub fn node_for(&self, spec: &WorkloadSpec) -> Result<Option<String>, String> {
+        let mut node: Option<(String, String)> = None;
+        for m in &spec.volumes {
+            let bound = match self.volumes.get(&m.volume) {
+                None => return Err(format!("volume {} does not exist", m.volume)),
+                Some(Err(why)) => {
+                    return Err(format!("volume {} is not bound yet: {why}", m.volume))
+                }
+                Some(Ok(b)) => b,
+            };
+            match &node {
+                Some((n, other)) if *n != bound.node => {
+                    return Err(format!(
+                        "volumes {other} and {} are bound to different nodes ({n}, {})",
+                        m.volume, bound.node
+                    ))
+                }
+                Some(_) => {}
+                None => node = Some((bound.node.clone(), m.volume.clone())),
+            }
+        }
+        Ok(node.map(|(n, _)| n))
+    }
+
+    /// The volumes an instance of `spec` on `node` mounts, in order; those
+    /// not bound to `node` are left out.
+    pub fn instance_volumes(&self, spec: &WorkloadSpec, node: &str) -> Vec<InstanceVolume> {
+        spec.volumes
+            .iter()
+            .filter_map(|m| {
+                let b = self.volumes.get(&m.volume)?.as_ref().ok()?;
+                (b.node == node).then(|| InstanceVolume {
+                    name: m.name.clone(),
+                    volume: Some(b.assignment.clone()),
+                    mount_path: m.mount_path.clone(),
+                    read_only: m.read_only,
+                })
+            })
+            .collect()
+    }
+
+    /// Every volume bound to `node`, by name.
+    pub fn bound_to(&self, node: &str) -> Vec<VolumeAssignment> {
+        self.volumes
+            .values()
+            .filter_map(|v| v.as_ref().ok())
+            .filter(|b| b.node == node)
+            .map(|b| b.assignment.clone())
+            .collect()
+    }
+}
+
+/// Places an instance of `spec` (see [`Cluster::place`]), on its volumes'
+/// node if it mounts any.
+pub fn place(
+    cluster: &mut Cluster,
+    index: &VolumeIndex,
+    workload: &str,
+    spec: &WorkloadSpec,
+    req: Request,
+) -> Result<String, String> {
+    match index.node_for(spec)? {
+        None => cluster.place(workload, req),
+        Some(node) => cluster.place_on(&node, workload, req),
+    }
+}
+
+/// Records a node's storage report: its pools into the Node's
+/// `status.storage`, each volume's usage into its Volume's status (only
+/// for volumes bound to that node).
+pub async fn record_storage(
+    resources: &Resources,
+    node: &str,
+    report: StorageReport,
+) -> Result<(), ResourceError> {
+    let pools: Vec<Value> = report
+        .pools
+        .iter()
+        .map(|p| {
+            json!({
+                "name": p.name,
+                "kind": p.kind,
+                "path": p.path,
+                "capacityBytes": p.capacity_bytes,
+                "freeBytes": p.free_bytes,
+                "allocatedBytes": p.allocated_bytes,
+                "backends": p.backends,
+            })
+        })
+        .collect();
+    let storage = json!({"pools": pools});
+    resources
+        .update(Kind::Node, node, |cur| {
+            let mut o = cur?.clone();
+            if o.pointer("/status/storage") == Some(&storage) {
+                return None;
+            }
+            if !o.get("status").is_some_and(Value::is_object) {
+                o["status"] = json!({});
+            }
+            o["status"]["storage"] = storage.clone();
+            Some(o)
+        })
+        .await?;
+    for u in report.volumes {
+        resources
+            .update(Kind::Volume, &u.name, |cur| {
+                let mut o = cur?.clone();
+                if o.pointer("/status/node").and_then(Value::as_str) != Some(node)
+                    || o.pointer("/status/usageBytes").and_then(Value::as_u64) == Some(u.used_bytes)
+                {
+                    return None;
+                }
+                o["status"]["usageBytes"] = json!(u.used_bytes);
+                Some(o)
+            })
+            .await?;
+    }
+    Ok(())
+}
+
+/// Refuses to delete a Volume that a Workload or an Instance still mounts,
+/// naming them.
+pub async fn check_delete(resources: &Resources, volume: &str) -> Result<(), String> {
+    let all = LabelSelector::default();
+    let mounts = |spec: Option<&Value>| {
+        spec.and_then(|s| s.get("volumes"))
+            .and_then(Value::as_array)
+            .is_some_and(|a| {
+                a.iter()
+                    .any(|m| m.get("volume").and_then(Value::as_str) == Some(volume))
+            })
+    };
+    let mut users = Vec::new();
+    if let Ok((workloads, _)) = resources.list(Kind::Workload, &all).await {
+        for w in workloads {
+            if mounts(w.object.get("spec")) {
+                users.push(format!("workload {}", w.name));
+            }
+        }
+    }
+    if let Ok((instances, _)) = resources.list(Kind::Instance, &all).await {
+        for i in instances {
+            if mounts(i.object.pointer("/spec/template")) {
+                users.push(format!("instance {}", i.name));
+            }
+        }
+    }
+    if users.is_empty() {
+        return Ok(());
+    }
+    Err(format!(
+        "volume {volume} is still mounted by {}; delete those (or remove the volume from the workload) first",
+        users.join(", ")
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(name: &str, ready: bool, pools: &[(&str, u64, &[&str])]) -> NodePools {
+        NodePools {
+            name: name.into(),
+            ready,
+            pools: pools
+                .iter()
+                .map(|(n, c, b)| PoolView {
+                    name: n.to_string(),
+                    capacity_bytes: *c,
+                    backends: b.iter().map(|x| x.to_string()).collect(),
+                })
+                .collect(),
+        }
+    }
+
+    fn spec(json: Value) -> VolumeSpec {
+        serde_json::from_value(json).unwrap()
+    }
+
+    const GI: u64 = 1 << 30;
+
+    #[test]
+    fn binds_to_most_room_then_name_and_books() {
+        let nodes = vec![
+            node("a", true, &[("default", 10 * GI, &["file"])]),
+            node("b", true, &[("default", 10 * GI, &["btrfs", "file"])]),
+        ];
+        let mut booked = BTreeMap::new();
+        let s = spec(json!({"size": "4Gi"}));
+        let first = choose(&s, 4 * GI, &nodes, &booked).unwrap();
+        assert_eq!(first, ("a".into(), "default".into(), "file".into()));
+        booked.insert(("a".to_string(), "default".to_string()), 4 * GI);
+        let second = choose(&s, 4 * GI, &nodes, &booked).unwrap();
+        assert_eq!(second, ("b".into(), "default".into(), "btrfs".into()));
+    }
+
+    #[test]
+    fn honours_node_and_backend_and_explains() {
+        let nodes = vec![
+            node("a", true, &[("default", 10 * GI, &["file"])]),
+            node("b", false, &[("default", 10 * GI, &["btrfs"])]),
+            node("c", true, &[]),
+        ];
+        let booked = BTreeMap::new();
+        let e = choose(
+            &spec(json!({"size": "1Gi", "backend": "btrfs"})),
+            GI,
+            &nodes,
+            &booked,
+        )
+        .unwrap_err();
+        assert_eq!(
+            e,
+            "0/3 nodes have room for 1Gi: 1 no pool with backend btrfs, 1 no storage pool, 1 not ready"
+        );
+        let e = choose(&spec(json!({"size": "20Gi"})), 20 * GI, &nodes, &booked).unwrap_err();
+        assert!(e.contains("1 insufficient storage"), "{e}");
+        let e = choose(
+            &spec(json!({"size": "1Gi", "node": "zz"})),
+            GI,
+            &nodes,
+            &booked,
+        )
+        .unwrap_err();
+        assert_eq!(e, "node zz has not joined");
+        let ok = choose(
+            &spec(json!({"size": "1Gi", "node": "a"})),
+            GI,
+            &nodes,
+            &booked,
+        )
+        .unwrap();
+        assert_eq!(ok.0, "a");
+    }
+
+    #[test]
+    fn instances_follow_their_volumes() {
+        let obj = |name: &str, status: Value| StoredObject {
+            kind: Kind::Volume,
+            name: name.into(),
+            object: json!({"metadata": {"name": name}, "spec": {"size": "16Mi"}, "status": status}),
+            revision: 1,
+        };
+        let index = VolumeIndex::from_objects(&[
+            obj(
+                "d1",
+                json!({"phase": "Bound", "node": "n1", "pool": "p", "backend": "file"}),
+            ),
+            obj(
+                "d2",
+                json!({"phase": "Bound", "node": "n2", "pool": "p", "backend": "file"}),
+            ),
+            obj(
+                "d3",
+                json!({"phase": "Pending", "message": "0/1 nodes have room"}),
+            ),
+        ]);
+        let w = |vols: &[&str]| -> WorkloadSpec {
+            serde_json::from_value(json!({
+                "image": "x",
+                "volumes": vols.iter().enumerate().map(|(i, v)| json!({"name": format!("m{i}"), "volume": v, "mountPath": format!("/m{i}")})).collect::<Vec<_>>(),
+            }))
+            .unwrap()
+        };
+        assert_eq!(index.node_for(&w(&[])), Ok(None));
+        assert_eq!(index.node_for(&w(&["d1"])), Ok(Some("n1".into())));
+        assert!(index
+            .node_for(&w(&["d1", "d2"]))
+            .unwrap_err()
+            .contains("different nodes"));
+        assert_eq!(
+            index.node_for(&w(&["d3"])).unwrap_err(),
+            "volume d3 is not bound yet: 0/1 nodes have room"
+        );
+        assert_eq!(
+            index.node_for(&w(&["nope"])).unwrap_err(),
+            "volume nope does not exist"
+        );
+        let iv = index.instance_volumes(&w(&["d1"]), "n1");
+        assert_eq!(iv.len(), 1);
+        assert_eq!(iv[0].volume.as_ref().unwrap().size_bytes, 16 << 20);
+        assert_eq!(iv[0].mount_path, "/m0");
+        assert!(index.instance_volumes(&w(&["d1"]), "n2").is_empty());
+        assert_eq!(index.bound_to("n2").len(), 1);
+    }
+}

@@ -1,0 +1,280 @@
+//! End-to-end test of volumes: a Volume bound to a node's pool, mounted
+//! into instances by the agent, data kept across instances and restarts,
+//! usage reported, quota enforced, deletion refused while mounted and
+//! the data removed once the Volume is deleted.
+//!
+//! The agent's pool is a directory (`type=dir`) in a temporary directory
+//! (volumes are ext4 image files there); the agent gets it through
+//! `IRONMESH_STORAGE_POOLS`. A guard unmounts whatever is left mounted
+//! below the agent's and the pool's directories when the test ends, also
+//! on panic; loop devices go with their mounts (autoclear).
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ironmesh_tests::{images_dir, wait_for, Agent, Controller, ControllerOpts};
+use serde_json::Value;
+
+const BATCH: &str = "ironmesh/batch-step:dev";
+const MIB: u64 = 1 << 20;
+
+/// Unmounts everything below its directories when dropped (deepest
+/// first).
+struct Unmounter(Vec<PathBuf>);
+
+impl Unmounter {
+    fn below(&self) -> Vec<PathBuf> {
+        let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+        let mut out: Vec<PathBuf> = text
+            .lines()
+            .filter_map(|l| l.split(' ').nth(4).map(PathBuf::from))
+            .filter(|t| self.0.iter().any(|d| t.starts_with(d)))
+            .collect();
+        out.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+        out
+    }
+}
+
+impl Drop for Unmounter {
+    fn drop(&mut self) {
+        for t in self.below() {
+            let _ = std::process::Command::new("umount").arg(&t).status();
+        }
+    }
+}
+
+fn push(ctl: &Controller, image: &str) {
+    let dir: PathBuf = images_dir().join(image);
+    let out = ctl.imctl(&["image", "push", dir.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "imctl image push {} failed: {}",
+        dir.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn apply(ctl: &Controller, yaml: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("m.yaml");
+    std::fs::write(&f, yaml).unwrap();
+    let out = ctl.imctl(&["apply", "-f", f.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "apply failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn instances(ctl: &Controller, workload: &str) -> Vec<Value> {
+    let v = ctl.imctl_json(&[
+        "get",
+        "instances",
+        "-l",
+        &format!("ironmesh.dev/workload={workload}"),
+    ]);
+    v.get("items")
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_else(|| vec![v])
+}
+
+fn s<'a>(v: &'a Value, p: &str) -> &'a str {
+    v.pointer(p).and_then(Value::as_str).unwrap_or_default()
+}
+
+/// Waits until the workload has exactly one instance, Succeeded, and
+/// returns it.
+fn wait_succeeded(ctl: &Controller, workload: &str, not: Option<&str>) -> Value {
+    wait_for(
+        &format!("{workload}: one instance Succeeded"),
+        Duration::from_secs(60),
+        || {
+            let list = instances(ctl, workload);
+            if let [i] = list.as_slice() {
+                if s(i, "/status/phase") == "Failed" {
+                    panic!("{workload} failed: {i:#}");
+                }
+                if s(i, "/status/phase") == "Succeeded" && Some(s(i, "/metadata/name")) != not {
+                    return Some(i.clone());
+                }
+            }
+            None
+        },
+    )
+}
+
+fn step(name: &str, args: &str) -> String {
+    format!(
+        "apiVersion: ironmesh.dev/v1
+kind: Workload
+metadata:
+  name: {name}
+spec:
+  image: {BATCH}
+  args: {args}
+  restartPolicy: OnFailure
+  env:
+    - name: STORAGE_PATH
+      value: /data
+  resources:
+    cpu: 100m
+    memory: 32Mi
+  volumes:
+    - name: d
+      volume: data
+      mountPath: /data
+"
+    )
+}
+
+fn fill(path: &Path, bytes: u64) -> (u64, Option<std::io::Error>) {
+    let mut f = std::fs::File::create(path).expect("create");
+    let chunk = vec![0x5au8; MIB as usize];
+    let mut written = 0;
+    while written < bytes {
+        if let Err(e) = f.write_all(&chunk) {
+            return (written, Some(e));
+        }
+        written += MIB;
+    }
+    match f.sync_all() {
+        Ok(()) => (written, None),
+        Err(e) => (written, Some(e)),
+    }
+}
+
+#[test]
+fn volume_is_bound_mounted_kept_across_instances_reported_limited_and_deleted() {
+    let pool = tempfile::Builder::new()
+        .prefix("im-pool-")
+        .tempdir()
+        .unwrap();
+    // Only this test binary's agents see it.
+    std::env::set_var(
+        "IRONMESH_STORAGE_POOLS",
+        format!("name=default,type=dir,path={}", pool.path().display()),
+    );
+    let ctl = Controller::start(ControllerOpts::default());
+    let agent = Agent::start(&ctl, "node-a");
+    let cleanup = Unmounter(vec![
+        agent.dir.path().to_path_buf(),
+        pool.path().to_path_buf(),
+    ]);
+    wait_for("node-a Ready", Duration::from_secs(20), || {
+        ctl.node("node-a")
+            .filter(|n| ironmesh_tests::ready_status(n).as_deref() == Some("True"))
+    });
+    push(&ctl, "batch-step");
+
+    // The pool is reported and the Volume is bound to it.
+    let node = wait_for("node-a reports its pool", Duration::from_secs(20), || {
+        ctl.node("node-a")
+            .filter(|n| n.pointer("/status/storage/pools/0/capacityBytes").is_some())
+    });
+    assert_eq!(s(&node, "/status/storage/pools/0/name"), "default");
+    apply(
+        &ctl,
+        "apiVersion: ironmesh.dev/v1\nkind: Volume\nmetadata:\n  name: data\nspec:\n  size: 16Mi\n",
+    );
+    let vol = wait_for("volume data Bound", Duration::from_secs(20), || {
+        let v = ctl.imctl_json(&["get", "volume", "data"]);
+        (s(&v, "/status/phase") == "Bound").then_some(v)
+    });
+    assert_eq!(s(&vol, "/status/node"), "node-a");
+    assert_eq!(s(&vol, "/status/pool"), "default");
+    assert_eq!(s(&vol, "/status/backend"), "file");
+    let image = pool.path().join("data.ext4");
+    let host_path = agent.state_dir().join("storage/volumes/data");
+    wait_for(
+        "agent provisioned the image",
+        Duration::from_secs(20),
+        || image.exists().then_some(()),
+    );
+
+    // An instance writes to it.
+    apply(&ctl, &step("writer", "[]"));
+    let writer = wait_succeeded(&ctl, "writer", None);
+    assert_eq!(s(&writer, "/spec/node"), "node-a");
+    assert_eq!(
+        std::fs::read_to_string(host_path.join("step-0.txt")).unwrap(),
+        "index=0 replicas=1\n"
+    );
+    let out = ctl.imctl(&["delete", "workload", "writer"]);
+    assert!(out.status.success());
+
+    // Another instance (another container) finds the data.
+    apply(&ctl, &step("checker", "[\"--check\", \"1\"]"));
+    let first = wait_succeeded(&ctl, "checker", None);
+    assert_eq!(s(&first, "/spec/node"), "node-a");
+    // Deleting the instance: the controller recreates it on the same node
+    // (where the volume is) and the data is still there.
+    let first_name = s(&first, "/metadata/name").to_string();
+    let out = ctl.imctl(&["delete", "instance", &first_name]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let second = wait_succeeded(&ctl, "checker", Some(&first_name));
+    assert_eq!(s(&second, "/spec/node"), "node-a");
+
+    // Usage is reported (periodically, every 10 s by default).
+    let (_, err) = fill(&host_path.join("four"), 4 * MIB);
+    assert!(err.is_none(), "{err:?}");
+    let vol = wait_for("volume usage reported", Duration::from_secs(30), || {
+        let v = ctl.imctl_json(&["get", "volume", "data"]);
+        v.pointer("/status/usageBytes")
+            .and_then(Value::as_u64)
+            .filter(|u| *u >= 4 * MIB)
+            .map(|_| v)
+    });
+    eprintln!(
+        "volume status: {}",
+        serde_json::to_string(&vol["status"]).unwrap()
+    );
+
+    // Quota: a write beyond the size fails with ENOSPC (through the same
+    // mount the containers bind).
+    let (written, err) = fill(&host_path.join("big"), 32 * MIB);
+    let err = err.expect("writing beyond the volume size must fail");
+    assert_eq!(err.raw_os_error(), Some(libc::ENOSPC), "{err}");
+    assert!(written < 16 * MIB);
+    std::fs::remove_file(host_path.join("big")).unwrap();
+
+    // Deleting a volume that a workload mounts is refused, naming it.
+    let out = ctl.imctl(&["delete", "volume", "data"]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("workload checker"), "{stderr}");
+
+    // Once nothing mounts it, deleting it removes the data on the node.
+    let out = ctl.imctl(&["delete", "workload", "checker"]);
+    assert!(out.status.success());
+    wait_for("checker instances gone", Duration::from_secs(30), || {
+        let v = ctl.imctl_json(&["get", "instances"]);
+        let n = v
+            .get("items")
+            .and_then(Value::as_array)
+            .map(Vec::len)
+            .unwrap_or(0);
+        (n == 0).then_some(())
+    });
+    wait_for("volume deletable", Duration::from_secs(30), || {
+        ctl.imctl(&["delete", "volume", "data"])
+            .status
+            .success()
+            .then_some(())
+    });
+    wait_for("image removed on the node", Duration::from_secs(30), || {
+        (!image.exists() && !host_path.exists()).then_some(())
+    });
+    assert!(
+        cleanup.below().is_empty(),
+        "left mounted: {:?}",
+        cleanup.below()
+    );
+    drop(agent);
+    drop(cleanup);
+}
