@@ -28,7 +28,8 @@ done
 "$BIN/ironmesh-agent" --controller https://127.0.0.1:7443 \
   --ca-cert "$DIR/controller/pki/ca.crt" \
   --bootstrap-token-file "$DIR/controller/bootstrap-token" \
-  --state-dir "$DIR/agent" --metrics-listen 127.0.0.1:7481 >"$DIR/agent.log" 2>&1 &
+  --state-dir "$DIR/agent" --metrics-listen 127.0.0.1:7481 \
+  --storage-pool "name=default,type=dir,path=$DIR/volumes" >"$DIR/agent.log" 2>&1 &
 echo $! >"$DIR/agent.pid"
 
 export IMCTL_CONFIG=$DIR/controller/admin.yaml

@@ -17,8 +17,6 @@
 # What a real host has and nspawn does not give by default, added here and
 # nowhere in the roles:
 #   --capability=all                 containerd/runc mount, create cgroups, netns
-#   SYSTEMD_NSPAWN_API_VFS_WRITABLE=network   /proc/sys/net writable (the
-#                                    agent's proxy_arp and ip_forward)
 #   --system-call-filter=@keyring bpf   runc joins a session keyring; the
 #                                    agent's datapath loads eBPF
 #   cgroup v1 controllers remounted read-write at boot (nspawn mounts them
@@ -173,9 +171,7 @@ EOF
       cgs+=("$root/ironmesh-testbed/$id/$host")
     done < <(cgroup_roots)
     # Enter our cgroups, then become systemd-nspawn (same PID).
-    # /proc/sys/net writable: the agent sets proxy_arp and ip_forward in the
-    # host's own network namespace, as on a real machine.
-    CGS="${cgs[*]}" SYSTEMD_NSPAWN_API_VFS_WRITABLE=network setsid bash -c 'for c in $CGS; do echo $$ >"$c/cgroup.procs"; done; exec "$@"' _ \
+    CGS="${cgs[*]}" setsid bash -c 'for c in $CGS; do echo $$ >"$c/cgroup.procs"; done; exec "$@"' _ \
       systemd-nspawn --boot --register=no --keep-unit --console=pipe \
       --machine="$host" --directory="$r" --network-namespace-path="/run/netns/$ns" \
       --capability=all --system-call-filter="@keyring bpf" \

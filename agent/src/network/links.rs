@@ -295,3 +295,19 @@ pub async fn del_flood_entry(
 pub fn write_sysctl(path: &str, value: &str) -> Result<(), NetworkError> {
     std::fs::write(path, value).map_err(|e| NetworkError::io("writing sysctl", path, e))
 }
+
+/// Sets a sysctl unless it already has `value`. A read-only `/proc/sys`
+/// (some container sandboxes) is not fatal: the caller says what is lost.
+pub fn ensure_sysctl(path: &str, value: &str, without: &str) -> Result<(), NetworkError> {
+    if std::fs::read_to_string(path).is_ok_and(|v| v.trim() == value) {
+        return Ok(());
+    }
+    match std::fs::write(path, value) {
+        Ok(()) => Ok(()),
+        Err(e) if e.raw_os_error() == Some(libc::EROFS) => {
+            tracing::warn!(path, value, "cannot set a sysctl: /proc/sys is read-only here; {without}");
+            Ok(())
+        }
+        Err(e) => Err(NetworkError::io("writing sysctl", path, e)),
+    }
+}

@@ -528,12 +528,24 @@ impl Network {
             })?;
 
         let host_if = &net.host_if;
-        links::write_sysctl(&format!("/proc/sys/net/ipv4/conf/{host_if}/proxy_arp"), "1")?;
-        links::write_sysctl(
+        // The instance has a permanent neighbour entry for the gateway, so
+        // proxy ARP only serves tools that flush it; forwarding is needed
+        // for traffic between instances and to other hosts.
+        links::ensure_sysctl(
+            &format!("/proc/sys/net/ipv4/conf/{host_if}/proxy_arp"),
+            "1",
+            "the gateway is answered only by the instance's static neighbour entry",
+        )?;
+        links::ensure_sysctl(
             &format!("/proc/sys/net/ipv4/neigh/{host_if}/proxy_delay"),
             "0",
+            "proxy ARP answers may be delayed",
         )?;
-        links::write_sysctl("/proc/sys/net/ipv4/ip_forward", "1")?;
+        links::ensure_sysctl(
+            "/proc/sys/net/ipv4/ip_forward",
+            "1",
+            "IPv4 forwarding stays as it is; instances reach each other and other hosts only if it is on",
+        )?;
         let link = links::get(&host, host_if)
             .await
             .map_err(|e| NetworkError::netlink(object(), "looking up host veth", e))?
