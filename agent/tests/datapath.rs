@@ -287,7 +287,6 @@ impl Fixture {
         let dp = self.dp.take_ref();
         for i in [&self.a, &self.b] {
             let host_if = i.host_if.clone();
-            let dp = dp.clone();
             in_ns(&self.host, move || dp.get().attach_instance(&host_if)).expect("attach");
         }
     }

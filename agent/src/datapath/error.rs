@@ -16,14 +16,14 @@ pub enum DatapathError {
     Load {
         pin_dir: PathBuf,
         #[source]
-        source: aya::EbpfError,
+        source: Box<aya::EbpfError>,
     },
     #[error("{step} program {program}: {source}")]
     Program {
         step: &'static str,
         program: &'static str,
         #[source]
-        source: aya::programs::ProgramError,
+        source: Box<aya::programs::ProgramError>,
     },
     #[error("{step} program {program} on interface {interface}: {source}")]
     Attach {
@@ -31,7 +31,7 @@ pub enum DatapathError {
         program: &'static str,
         interface: String,
         #[source]
-        source: aya::programs::ProgramError,
+        source: Box<aya::programs::ProgramError>,
     },
     #[error("{step} link {path}: {message}")]
     Link {
@@ -44,7 +44,7 @@ pub enum DatapathError {
         step: &'static str,
         map: &'static str,
         #[source]
-        source: aya::maps::MapError,
+        source: Box<aya::maps::MapError>,
     },
     #[error("map {map} is missing from the datapath object")]
     MissingMap { map: &'static str },
@@ -72,7 +72,11 @@ impl DatapathError {
     }
 
     pub(crate) fn map(step: &'static str, map: &'static str, source: aya::maps::MapError) -> Self {
-        DatapathError::Map { step, map, source }
+        DatapathError::Map {
+            step,
+            map,
+            source: Box::new(source),
+        }
     }
 
     pub(crate) fn invalid(what: impl Into<String>, message: impl Into<String>) -> Self {

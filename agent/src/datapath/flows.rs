@@ -139,9 +139,8 @@ pub const FLOW_CHANNEL_CAPACITY: usize = 8192;
 pub(super) fn spawn_reader(
     ring: RingBuf<MapData>,
 ) -> Result<mpsc::Receiver<FlowEvent>, DatapathError> {
-    let mut fd = AsyncFd::new(ring).map_err(|e| {
-        DatapathError::io("registering the flow ring buffer", obj::maps::FLOWS, e)
-    })?;
+    let mut fd = AsyncFd::new(ring)
+        .map_err(|e| DatapathError::io("registering the flow ring buffer", obj::maps::FLOWS, e))?;
     let (tx, rx) = mpsc::channel(FLOW_CHANNEL_CAPACITY);
     tokio::spawn(async move {
         let mut dropped: u64 = 0;

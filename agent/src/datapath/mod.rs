@@ -62,7 +62,11 @@ pub const DEFAULT_CGROUP: &str = "/sys/fs/cgroup/unified";
 pub const MAX_RATE: u32 = 1_000_000;
 
 const TC_PROGRAMS: [(&str, TcAttachType, &str); 2] = [
-    (obj::programs::FROM_INSTANCE, TcAttachType::Ingress, "ingress"),
+    (
+        obj::programs::FROM_INSTANCE,
+        TcAttachType::Ingress,
+        "ingress",
+    ),
     (obj::programs::TO_INSTANCE, TcAttachType::Egress, "egress"),
 ];
 const CGROUP_PROGRAMS: [&str; 4] = [
@@ -283,14 +287,14 @@ impl Datapath {
             .load(obj::DATAPATH_OBJ)
             .map_err(|source| DatapathError::Load {
                 pin_dir: maps_dir.clone(),
-                source,
+                source: Box::new(source),
             })?;
         for (name, _, _) in TC_PROGRAMS {
             let p: &mut SchedClassifier = program(&mut ebpf, name)?;
             p.load().map_err(|source| DatapathError::Program {
                 step: "loading",
                 program: name,
-                source,
+                source: Box::new(source),
             })?;
         }
         for name in CGROUP_PROGRAMS {
@@ -298,7 +302,7 @@ impl Datapath {
             p.load().map_err(|source| DatapathError::Program {
                 step: "loading",
                 program: name,
-                source,
+                source: Box::new(source),
             })?;
         }
 
@@ -385,7 +389,7 @@ impl Datapath {
             let fd = p.fd().map_err(|source| DatapathError::Program {
                 step: "getting fd of",
                 program: name,
-                source,
+                source: Box::new(source),
             })?;
             match links::update_pinned(&pin, fd.as_fd()) {
                 Ok(()) => {
@@ -398,18 +402,18 @@ impl Datapath {
                     remove_pin(&pin)?;
                 }
             }
-            let id = p
-                .attach(&cg, CgroupAttachMode::Single)
-                .map_err(|source| DatapathError::Attach {
+            let id = p.attach(&cg, CgroupAttachMode::Single).map_err(|source| {
+                DatapathError::Attach {
                     step: "attaching",
                     program: name,
                     interface: self.cgroup.display().to_string(),
-                    source,
-                })?;
+                    source: Box::new(source),
+                }
+            })?;
             let link = p.take_link(id).map_err(|source| DatapathError::Program {
                 step: "taking link of",
                 program: name,
-                source,
+                source: Box::new(source),
             })?;
             let link: FdLink = link.try_into().map_err(|e| DatapathError::Link {
                 step: "converting",
@@ -445,7 +449,7 @@ impl Datapath {
             let fd = p.fd().map_err(|source| DatapathError::Program {
                 step: "getting fd of",
                 program: name,
-                source,
+                source: Box::new(source),
             })?;
             let live = ifindex(interface).ok();
             match (live, links::update_pinned(&path, fd.as_fd())) {
@@ -454,7 +458,11 @@ impl Datapath {
                         .local_ifs
                         .insert(idx, 1, 0)
                         .map_err(|e| DatapathError::map("writing", obj::maps::LOCAL_IFS, e))?;
-                    tracing::debug!(interface, program = name, "re-attached TC program to pinned link");
+                    tracing::debug!(
+                        interface,
+                        program = name,
+                        "re-attached TC program to pinned link"
+                    );
                 }
                 (_, res) => {
                     tracing::info!(interface, link = %path.display(), error = ?res.err(), "interface gone; unpinning its TC link");
@@ -478,7 +486,7 @@ impl Datapath {
             let fd = p.fd().map_err(|source| DatapathError::Program {
                 step: "getting fd of",
                 program: name,
-                source,
+                source: Box::new(source),
             })?;
             match links::update_pinned(&pin, fd.as_fd()) {
                 Ok(()) => continue,
@@ -499,12 +507,12 @@ impl Datapath {
                     step: "attaching",
                     program: name,
                     interface: host_if.to_string(),
-                    source,
+                    source: Box::new(source),
                 })?;
             let link = p.take_link(id).map_err(|source| DatapathError::Program {
                 step: "taking link of",
                 program: name,
-                source,
+                source: Box::new(source),
             })?;
             let link: FdLink = link.try_into().map_err(|e| DatapathError::Link {
                 step: "converting",
@@ -521,7 +529,11 @@ impl Datapath {
             .local_ifs
             .insert(idx, 1, 0)
             .map_err(|e| DatapathError::map("writing", obj::maps::LOCAL_IFS, e))?;
-        tracing::info!(interface = host_if, ifindex = idx, "datapath attached to instance veth");
+        tracing::info!(
+            interface = host_if,
+            ifindex = idx,
+            "datapath attached to instance veth"
+        );
         Ok(())
     }
 
@@ -547,9 +559,7 @@ impl Datapath {
     pub fn attached_instances(&self) -> Result<Vec<String>, DatapathError> {
         let mut out = BTreeSet::new();
         for entry in read_dir(&self.links_dir())? {
-            if let Some((interface, _)) = entry
-                .strip_prefix("tc-")
-                .and_then(|r| r.rsplit_once('-'))
+            if let Some((interface, _)) = entry.strip_prefix("tc-").and_then(|r| r.rsplit_once('-'))
             {
                 out.insert(interface.to_string());
             }
@@ -623,7 +633,12 @@ impl Datapath {
             remove_key(&mut inner.identities, k, obj::maps::IP_IDENTITY)?;
         }
         let gen = Self::bump_policy_gen(&mut inner)?;
-        tracing::debug!(entries = want.len(), removed = stale.len(), policy_gen = gen, "identities written");
+        tracing::debug!(
+            entries = want.len(),
+            removed = stale.len(),
+            policy_gen = gen,
+            "identities written"
+        );
         Ok(())
     }
 
@@ -641,7 +656,10 @@ impl Datapath {
                 )
             };
             if r.dst_identity == obj::IDENTITY_ANY || r.src_identity == Some(obj::IDENTITY_ANY) {
-                return Err(DatapathError::invalid(what(), "identity 4294967295 is reserved"));
+                return Err(DatapathError::invalid(
+                    what(),
+                    "identity 4294967295 is reserved",
+                ));
             }
             if r.proto == Protocol::Icmp && r.port != 0 {
                 return Err(DatapathError::invalid(what(), "ICMP rules take port 0"));
@@ -707,7 +725,12 @@ impl Datapath {
             remove_key(&mut inner.rate, k, obj::maps::RATE_BUCKET)?;
         }
         let gen = Self::bump_policy_gen(&mut inner)?;
-        tracing::info!(rules = want.len(), removed = stale.len(), policy_gen = gen, "policy written");
+        tracing::info!(
+            rules = want.len(),
+            removed = stale.len(),
+            policy_gen = gen,
+            "policy written"
+        );
         Ok(())
     }
 
@@ -729,7 +752,12 @@ impl Datapath {
             remove_key(&mut inner.enforced, k, obj::maps::ENFORCED)?;
         }
         let gen = Self::bump_policy_gen(&mut inner)?;
-        tracing::info!(enforced = want.len(), removed = stale.len(), policy_gen = gen, "enforced identities written");
+        tracing::info!(
+            enforced = want.len(),
+            removed = stale.len(),
+            policy_gen = gen,
+            "enforced identities written"
+        );
         Ok(())
     }
 
@@ -900,7 +928,7 @@ impl Datapath {
             let info = p.info().map_err(|source| DatapathError::Program {
                 step: "reading info of",
                 program: name,
-                source,
+                source: Box::new(source),
             })?;
             Ok(info.id())
         };
@@ -942,7 +970,7 @@ where
     p.try_into().map_err(|source| DatapathError::Program {
         step: "typing",
         program: name,
-        source,
+        source: Box::new(source),
     })
 }
 
