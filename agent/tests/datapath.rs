@@ -627,3 +627,142 @@ fn pinned_enforcement_survives_agent_death_and_reload_attaches_once() {
     f.dp().set_enforced(&[]).expect("enforce");
     assert_eq!(fetch(&f.a.ns, to_b, SHORT).as_deref(), Some("denied-port"));
 }
+
+/// TCP throughput (iperf3, 3 s) from A to B, in Gbit/s.
+fn iperf(f: &Fixture) -> f64 {
+    let mut server = Command::new("nsenter")
+        .arg(format!("--net={}", f.b.ns.display()))
+        .args(["iperf3", "-s", "-1", "-p", "5201"])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("iperf3 server");
+    std::thread::sleep(Duration::from_millis(300));
+    let out = Command::new("nsenter")
+        .arg(format!("--net={}", f.a.ns.display()))
+        .args([
+            "iperf3",
+            "-c",
+            &f.b.ip.to_string(),
+            "-p",
+            "5201",
+            "-t",
+            "3",
+            "-J",
+        ])
+        .output()
+        .expect("iperf3 client");
+    let _ = server.wait();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("iperf3 json");
+    v["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .expect("bits_per_second")
+        / 1e9
+}
+
+/// Median and p99 round trip of a 1-byte request/response on one TCP
+/// connection from A to B, in microseconds.
+fn rtt(f: &Fixture, port: u16) -> (f64, f64) {
+    let addr = SocketAddrV4::new(f.b.ip, port);
+    let listener = in_ns(&f.b.ns, move || TcpListener::bind(addr).expect("bind"));
+    let server = std::thread::spawn(move || {
+        let (mut c, _) = listener.accept().expect("accept");
+        c.set_nodelay(true).expect("nodelay");
+        let mut b = [0u8; 1];
+        while c.read_exact(&mut b).is_ok() {
+            if c.write_all(&b).is_err() {
+                break;
+            }
+        }
+    });
+    let mut c = in_ns(&f.a.ns, move || TcpStream::connect(addr).expect("connect"));
+    c.set_nodelay(true).expect("nodelay");
+    let mut samples = Vec::with_capacity(5000);
+    let mut b = [7u8; 1];
+    for i in 0..5200 {
+        let t = std::time::Instant::now();
+        c.write_all(&b).expect("write");
+        c.read_exact(&mut b).expect("read");
+        if i >= 200 {
+            samples.push(t.elapsed().as_secs_f64() * 1e6);
+        }
+    }
+    drop(c);
+    let _ = server.join();
+    samples.sort_by(|a, b| a.total_cmp(b));
+    (
+        samples[samples.len() / 2],
+        samples[samples.len() * 99 / 100],
+    )
+}
+
+/// Side by side: programs attached (B under policy, an allow rule, 10,000
+/// other rules loaded) vs none. Run with
+/// `cargo test -p ironmesh-agent --test datapath -- --ignored --nocapture bench`.
+#[test]
+#[ignore = "benchmark; run explicitly"]
+fn bench_datapath_overhead() {
+    let f = Fixture::new();
+    let mut rules: Vec<PolicyRule> = (0..10_000u32)
+        .map(|i| tcp_rule(1000 + i, ID_B, 10_000 + (i % 50_000) as u16))
+        .collect();
+    rules.push(tcp_rule(ID_A, ID_B, 5201));
+    for p in 6000..6010 {
+        rules.push(tcp_rule(ID_A, ID_B, p));
+    }
+    let t = std::time::Instant::now();
+    f.dp().set_policy(&rules).expect("policy");
+    let load_10k = t.elapsed();
+    // One rule changed at 10,000 rules (replace-set of the whole table).
+    rules[0].port = 9;
+    let t = std::time::Instant::now();
+    f.dp().set_policy(&rules).expect("policy");
+    let change_one = t.elapsed();
+
+    let mut none = (0.0f64, f64::MAX, f64::MAX);
+    let mut with = (0.0f64, f64::MAX, f64::MAX);
+    for round in 0..2u16 {
+        let g = iperf(&f);
+        let (m, p) = rtt(&f, 6000 + round * 2);
+        none = (none.0.max(g), none.1.min(m), none.2.min(p));
+        f.attach_both();
+        f.identities();
+        f.dp().set_enforced(&[ID_B]).expect("enforce");
+        let g = iperf(&f);
+        let (m, p) = rtt(&f, 6001 + round * 2);
+        with = (with.0.max(g), with.1.min(m), with.2.min(p));
+        for i in [&f.a, &f.b] {
+            let host_if = i.host_if.clone();
+            let dp = f.dp.take_ref();
+            in_ns(&f.host, move || dp.get().detach_instance(&host_if)).expect("detach");
+        }
+        f.dp().set_enforced(&[]).expect("enforce");
+    }
+    let c = f.dp().counters().expect("counters");
+    println!("datapath benchmark (best of 2 rounds; B under policy, 10,011 rules loaded)");
+    println!("                     none       attached   ratio");
+    println!(
+        "throughput Gbit/s    {:<10.2} {:<10.2} {:.3}",
+        none.0,
+        with.0,
+        with.0 / none.0
+    );
+    println!(
+        "rtt median us        {:<10.1} {:<10.1} {:.3} (none/attached)",
+        none.1,
+        with.1,
+        none.1 / with.1
+    );
+    println!(
+        "rtt p99 us           {:<10.1} {:<10.1} {:.3} (none/attached)",
+        none.2,
+        with.2,
+        none.2 / with.2
+    );
+    println!(
+        "policy: write 10,011 rules {:.1} ms; change one rule at 10,011 (replace-set) {:.1} ms",
+        load_10k.as_secs_f64() * 1e3,
+        change_one.as_secs_f64() * 1e3
+    );
+    println!("counters {c:?}");
+    assert!(c.denied == 0, "benchmark traffic must be allowed: {c:?}");
+}
