@@ -941,8 +941,9 @@ impl Datapath {
 
     /// Starts reading the flow ring buffer on the current tokio runtime.
     /// Events go to the returned channel (bounded; when it is full, events
-    /// are dropped and counted in the `ironmesh_datapath_flow_events_dropped`
-    /// log field). Can be taken once per Datapath.
+    /// are dropped and a warning with the `dropped` count is logged). Can be
+    /// taken once per Datapath; the reader stops when the receiver is
+    /// dropped.
     pub fn flows(&self) -> Result<tokio::sync::mpsc::Receiver<FlowEvent>, DatapathError> {
         let ring = self.lock().flows.take().ok_or(DatapathError::FlowsTaken)?;
         flows::spawn_reader(ring)
