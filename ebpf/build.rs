@@ -1,6 +1,9 @@
 //! Compiles every `c/*.bpf.c` with clang (`-O2 -g -target bpf`) into
 //! `$OUT_DIR/<name>.bpf.o`, for the agent to embed and load with aya.
-//! No programs exist yet; the datapath issue adds them.
+//!
+//! Also compiles and runs `c/layout.c` with the host C compiler, writing
+//! `$OUT_DIR/layout.txt` (size and offsets of every struct in
+//! `c/ironmesh.h`), which the crate's tests compare with the Rust mirrors.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -37,4 +40,30 @@ fn main() {
             });
         assert!(status.success(), "clang failed on {}", path.display());
     }
+    layout(&clang, &out);
+}
+
+/// Builds and runs `c/layout.c` on the host; its output goes to
+/// `$OUT_DIR/layout.txt`.
+fn layout(clang: &str, out: &std::path::Path) {
+    let src = PathBuf::from("c/layout.c");
+    if !src.exists() {
+        return;
+    }
+    println!("cargo:rerun-if-changed={}", src.display());
+    let exe = out.join("layout");
+    let status = Command::new(clang)
+        .args(["-Wall", "-Werror", "-I/usr/include/x86_64-linux-gnu", "-Ic"])
+        .arg(&src)
+        .arg("-o")
+        .arg(&exe)
+        .status()
+        .unwrap_or_else(|e| panic!("cannot run {clang} for c/layout.c: {e}"));
+    assert!(status.success(), "clang failed on c/layout.c");
+    let output = Command::new(&exe)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", exe.display()));
+    assert!(output.status.success(), "{} failed", exe.display());
+    std::fs::write(out.join("layout.txt"), &output.stdout)
+        .unwrap_or_else(|e| panic!("cannot write layout.txt: {e}"));
 }

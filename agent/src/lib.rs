@@ -6,6 +6,7 @@
 //! controller ([`sync`]): inventory and heartbeats up, assignments down.
 
 pub mod config;
+pub mod datapath;
 pub mod identity;
 pub mod image_fetch;
 pub mod image_source;

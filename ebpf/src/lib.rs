@@ -1,7 +1,456 @@
 //! Ironmesh's BPF programs and the Rust mirrors of their map layouts.
 //!
 //! Programs are C under `ebpf/c/*.bpf.c`, compiled by `build.rs` with clang
-//! into objects that the agent embeds and loads with aya. This crate owns
-//! the shared map layouts (`#[repr(C)]` mirrors of `c/*.h`) and nothing that
-//! touches the kernel. It holds no programs yet: the datapath issue adds
-//! policy, service load balancing, rate limits and flow telemetry here.
+//! into objects that the agent embeds ([`DATAPATH_OBJ`]) and loads with aya.
+//! This crate owns the shared map layouts (`#[repr(C)]` mirrors of
+//! `c/ironmesh.h`, checked field by field against the C compiler's offsets
+//! by the tests below) and nothing that touches the kernel.
+//!
+//! Byte order: fields named `addr`, `saddr`, `daddr`, `vip` and `*port` hold
+//! network byte order (as the kernel stores them); use the constructors and
+//! accessors here rather than filling them by hand.
+
+use std::net::Ipv4Addr;
+
+/// The datapath object: TC programs `im_from_inst` / `im_to_inst`, cgroup
+/// programs `im_connect4`, `im_sendmsg4`, `im_recvmsg4`, `im_getpeername4`,
+/// and every `im_*` map.
+pub static DATAPATH_OBJ: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/datapath.bpf.o"));
+
+/// `IM_LAYOUT_VERSION`: part of the pin directory, so a layout change never
+/// reuses an old pinned map.
+pub const LAYOUT_VERSION: u32 = 1;
+
+/// Identity of an address no entry names.
+pub const IDENTITY_UNKNOWN: u32 = 0;
+/// In a policy key's `src_identity`: any source.
+pub const IDENTITY_ANY: u32 = u32::MAX;
+
+/// Verdicts, as in flow events and conntrack.
+pub const VERDICT_ALLOWED: u8 = 1;
+pub const VERDICT_DENIED: u8 = 2;
+pub const VERDICT_RATE_LIMITED: u8 = 3;
+
+/// Flow event kinds.
+pub const EVENT_NEW: u8 = 1;
+pub const EVENT_VERDICT: u8 = 2;
+pub const EVENT_REPORT: u8 = 3;
+pub const EVENT_CLOSE: u8 = 4;
+
+/// Hooks.
+pub const HOOK_FROM_INSTANCE: u8 = 1;
+pub const HOOK_TO_INSTANCE: u8 = 2;
+
+/// `im_policy_val.flags`.
+pub const POLICY_ALLOW: u32 = 1;
+
+/// Indices of `im_counters`.
+pub const CNT_ALLOWED: u32 = 0;
+pub const CNT_DENIED: u32 = 1;
+pub const CNT_RATE_LIMITED: u32 = 2;
+pub const CNT_NEW_FLOWS: u32 = 3;
+pub const CNT_EVENTS_LOST: u32 = 4;
+pub const CNT_LB_REWRITES: u32 = 5;
+pub const CNT_LB_NO_BACKEND: u32 = 6;
+pub const CNT_MAX: u32 = 8;
+
+/// Map names in the object (at most 15 bytes each).
+pub mod maps {
+    pub const IP_IDENTITY: &str = "im_ip_identity";
+    pub const POLICY: &str = "im_policy";
+    pub const ENFORCED: &str = "im_enforced";
+    pub const CONNTRACK: &str = "im_conntrack";
+    pub const RATE_BUCKET: &str = "im_rate_bucket";
+    pub const COUNTERS: &str = "im_counters";
+    pub const CONFIG: &str = "im_config";
+    pub const LOCAL_IFS: &str = "im_local_ifs";
+    pub const FLOWS: &str = "im_flows";
+    pub const SERVICES: &str = "im_services";
+    pub const BACKENDS: &str = "im_backends";
+    pub const REVNAT: &str = "im_revnat";
+    /// Every map, for pinning and cleanup.
+    pub const ALL: &[&str] = &[
+        IP_IDENTITY,
+        POLICY,
+        ENFORCED,
+        CONNTRACK,
+        RATE_BUCKET,
+        COUNTERS,
+        CONFIG,
+        LOCAL_IFS,
+        FLOWS,
+        SERVICES,
+        BACKENDS,
+        REVNAT,
+    ];
+}
+
+/// Program names in the object.
+pub mod programs {
+    pub const FROM_INSTANCE: &str = "im_from_inst";
+    pub const TO_INSTANCE: &str = "im_to_inst";
+    pub const CONNECT4: &str = "im_connect4";
+    pub const SENDMSG4: &str = "im_sendmsg4";
+    pub const RECVMSG4: &str = "im_recvmsg4";
+    pub const GETPEERNAME4: &str = "im_getpeername4";
+}
+
+/// Network-order u32 of an address, as the kernel stores it.
+pub fn addr_be(ip: Ipv4Addr) -> u32 {
+    u32::from_ne_bytes(ip.octets())
+}
+
+/// The address in a network-order u32.
+pub fn addr_from_be(v: u32) -> Ipv4Addr {
+    Ipv4Addr::from(v.to_ne_bytes())
+}
+
+/// Network-order u16 of a port.
+pub fn port_be(port: u16) -> u16 {
+    port.to_be()
+}
+
+/// The port in a network-order u16.
+pub fn port_from_be(v: u16) -> u16 {
+    u16::from_be(v)
+}
+
+macro_rules! pod {
+    ($($t:ty),* $(,)?) => {
+        $(
+            // SAFETY: #[repr(C)], only integer fields, no implicit padding
+            // (checked against the C layout by the tests below).
+            unsafe impl aya::Pod for $t {}
+        )*
+    };
+}
+
+/// `struct im_identity_val`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub struct IdentityVal {
+    pub identity: u32,
+    pub reserved: u32,
+}
+
+/// `struct im_policy_key`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PolicyKey {
+    pub src_identity: u32,
+    pub dst_identity: u32,
+    /// Network order; 0: any port.
+    pub dport: u16,
+    pub proto: u8,
+    pub pad: u8,
+}
+
+/// `struct im_policy_val`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub struct PolicyVal {
+    pub flags: u32,
+    pub rule_id: u32,
+    pub rate_per_sec: u32,
+    pub burst: u32,
+}
+
+/// `struct im_enforced_val`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub struct EnforcedVal {
+    pub enforced: u32,
+}
+
+/// `struct im_ct_key`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub struct CtKey {
+    pub saddr: u32,
+    pub daddr: u32,
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    pub pad: [u8; 3],
+}
+
+/// `struct im_ct_val`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub struct CtVal {
+    pub created_ns: u64,
+    pub last_seen_ns: u64,
+    pub last_report_ns: u64,
+    pub packets_fwd: u64,
+    pub bytes_fwd: u64,
+    pub packets_rev: u64,
+    pub bytes_rev: u64,
+    pub src_identity: u32,
+    pub dst_identity: u32,
+    pub policy_gen: u32,
+    pub rule_id: u32,
+    pub verdict: u8,
+    pub flags: u8,
+    pub pad: [u8; 6],
+}
+
+/// `struct im_rl_key`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub struct RlKey {
+    pub src_identity: u32,
+    pub rule_id: u32,
+}
+
+/// `struct im_rl_val` (`lock` is a `struct bpf_spin_lock`, never copied to
+/// user space).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub struct RlVal {
+    pub lock: u32,
+    pub pad: u32,
+    pub tokens_nano: u64,
+    pub last_ns: u64,
+}
+
+/// `struct im_config`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub struct Config {
+    pub policy_gen: u32,
+    pub report_interval_s: u32,
+    pub ct_timeout_s: u32,
+    pub ct_short_timeout_s: u32,
+}
+
+/// `struct im_svc_key`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SvcKey {
+    pub vip: u32,
+    pub port: u16,
+    pub proto: u8,
+    pub pad: u8,
+}
+
+/// `struct im_svc_val`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub struct SvcVal {
+    pub service_id: u32,
+    pub backend_count: u32,
+}
+
+/// `struct im_backend_key`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub struct BackendKey {
+    pub service_id: u32,
+    pub slot: u32,
+}
+
+/// `struct im_backend_val`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub struct BackendVal {
+    pub addr: u32,
+    pub port: u16,
+    pub pad: u16,
+}
+
+/// `struct im_revnat_key`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub struct RevnatKey {
+    pub cookie: u64,
+    pub addr: u32,
+    pub port: u16,
+    pub pad: u16,
+}
+
+/// `struct im_revnat_val`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub struct RevnatVal {
+    pub vip: u32,
+    pub port: u16,
+    pub pad: u16,
+}
+
+/// `struct im_flow_event`: one ring-buffer record.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub struct FlowEventRaw {
+    pub ts_ns: u64,
+    pub packets_fwd: u64,
+    pub bytes_fwd: u64,
+    pub packets_rev: u64,
+    pub bytes_rev: u64,
+    pub saddr: u32,
+    pub daddr: u32,
+    pub src_identity: u32,
+    pub dst_identity: u32,
+    pub ifindex: u32,
+    pub rule_id: u32,
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    pub verdict: u8,
+    pub kind: u8,
+    pub hook: u8,
+}
+
+impl FlowEventRaw {
+    /// Reads a record from ring-buffer bytes; `None` if too short.
+    pub fn from_bytes(b: &[u8]) -> Option<FlowEventRaw> {
+        if b.len() < std::mem::size_of::<FlowEventRaw>() {
+            return None;
+        }
+        // SAFETY: the length is checked; FlowEventRaw is plain integers, so
+        // any bit pattern is valid; read_unaligned copes with alignment.
+        Some(unsafe { std::ptr::read_unaligned(b.as_ptr().cast::<FlowEventRaw>()) })
+    }
+}
+
+pod!(
+    IdentityVal,
+    PolicyKey,
+    PolicyVal,
+    EnforcedVal,
+    CtKey,
+    CtVal,
+    RlKey,
+    RlVal,
+    Config,
+    SvcKey,
+    SvcVal,
+    BackendKey,
+    BackendVal,
+    RevnatKey,
+    RevnatVal,
+    FlowEventRaw,
+);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+    use std::mem::{offset_of, size_of};
+
+    /// What `c/layout.c` printed: (struct, field) -> (offset, size); field
+    /// "-" is the struct itself.
+    fn c_layout() -> BTreeMap<(String, String), (usize, usize)> {
+        let text = include_str!(concat!(env!("OUT_DIR"), "/layout.txt"));
+        text.lines()
+            .map(|l| {
+                let w: Vec<&str> = l.split_whitespace().collect();
+                assert_eq!(w.len(), 4, "layout line {l:?}");
+                (
+                    (w[0].to_string(), w[1].to_string()),
+                    (w[2].parse().expect("offset"), w[3].parse().expect("size")),
+                )
+            })
+            .collect()
+    }
+
+    macro_rules! rust_layout {
+        ($out:ident; $( $c:literal => $t:ty { $($f:ident),* } )*) => {
+            $(
+                $out.insert(($c.to_string(), "-".to_string()), (0, size_of::<$t>()));
+                $(
+                    let size = {
+                        fn field_size<T>(_: impl Fn(&$t) -> &T) -> usize { size_of::<T>() }
+                        field_size(|s: &$t| &s.$f)
+                    };
+                    $out.insert(($c.to_string(), stringify!($f).to_string()), (offset_of!($t, $f), size));
+                )*
+            )*
+        };
+    }
+
+    #[test]
+    fn rust_mirrors_match_the_c_header() {
+        let mut r = BTreeMap::new();
+        rust_layout!(r;
+            "im_identity_val" => IdentityVal { identity, reserved }
+            "im_policy_key" => PolicyKey { src_identity, dst_identity, dport, proto, pad }
+            "im_policy_val" => PolicyVal { flags, rule_id, rate_per_sec, burst }
+            "im_enforced_val" => EnforcedVal { enforced }
+            "im_ct_key" => CtKey { saddr, daddr, sport, dport, proto, pad }
+            "im_ct_val" => CtVal { created_ns, last_seen_ns, last_report_ns, packets_fwd,
+                bytes_fwd, packets_rev, bytes_rev, src_identity, dst_identity, policy_gen,
+                rule_id, verdict, flags, pad }
+            "im_rl_key" => RlKey { src_identity, rule_id }
+            "im_rl_val" => RlVal { lock, pad, tokens_nano, last_ns }
+            "im_config" => Config { policy_gen, report_interval_s, ct_timeout_s,
+                ct_short_timeout_s }
+            "im_svc_key" => SvcKey { vip, port, proto, pad }
+            "im_svc_val" => SvcVal { service_id, backend_count }
+            "im_backend_key" => BackendKey { service_id, slot }
+            "im_backend_val" => BackendVal { addr, port, pad }
+            "im_revnat_key" => RevnatKey { cookie, addr, port, pad }
+            "im_revnat_val" => RevnatVal { vip, port, pad }
+            "im_flow_event" => FlowEventRaw { ts_ns, packets_fwd, bytes_fwd, packets_rev,
+                bytes_rev, saddr, daddr, src_identity, dst_identity, ifindex, rule_id, sport,
+                dport, proto, verdict, kind, hook }
+        );
+        r.insert(
+            ("IM_LAYOUT_VERSION".to_string(), "-".to_string()),
+            (LAYOUT_VERSION as usize, 0),
+        );
+        let c = c_layout();
+        for (k, v) in &c {
+            assert_eq!(r.get(k), Some(v), "{k:?}: C says (offset, size) = {v:?}");
+        }
+        for k in r.keys() {
+            assert!(c.contains_key(k), "{k:?} has no counterpart in c/layout.c");
+        }
+    }
+
+    #[test]
+    fn every_struct_is_free_of_implicit_padding() {
+        // Sum of field sizes equals struct size for every struct: keys are
+        // hashed byte for byte by the kernel.
+        let c = c_layout();
+        let mut sums: BTreeMap<&str, usize> = BTreeMap::new();
+        for ((s, f), (_, size)) in &c {
+            if f != "-" {
+                *sums.entry(s).or_default() += size;
+            }
+        }
+        for ((s, f), (off, size)) in &c {
+            if f == "-" && s != "IM_LAYOUT_VERSION" {
+                assert_eq!(sums.get(s.as_str()), Some(size), "{s} has implicit padding");
+                assert_eq!(*off, 0);
+            }
+        }
+    }
+
+    #[test]
+    fn object_holds_every_program_and_map() {
+        let obj = DATAPATH_OBJ;
+        let has = |name: &str| obj.windows(name.len()).any(|w| w == name.as_bytes());
+        for m in maps::ALL {
+            assert!(has(m), "map {m} missing from the object");
+        }
+        for p in [
+            programs::FROM_INSTANCE,
+            programs::TO_INSTANCE,
+            programs::CONNECT4,
+            programs::SENDMSG4,
+            programs::RECVMSG4,
+            programs::GETPEERNAME4,
+        ] {
+            assert!(has(p), "program {p} missing from the object");
+        }
+    }
+
+    #[test]
+    fn byte_order_helpers_round_trip() {
+        let ip = Ipv4Addr::new(10, 1, 2, 3);
+        assert_eq!(addr_from_be(addr_be(ip)), ip);
+        assert_eq!(addr_be(ip).to_ne_bytes(), [10, 1, 2, 3]);
+        assert_eq!(port_from_be(port_be(8080)), 8080);
+        assert_eq!(port_be(0x1234).to_ne_bytes(), [0x12, 0x34]);
+    }
+}

@@ -1,0 +1,1057 @@
+//! The eBPF datapath of this host: identity policy, conntrack, rate limits
+//! and flow events on every instance's host veth (TC), and Service load
+//! balancing at the socket (cgroup `connect4`, `sendmsg4`, `recvmsg4`,
+//! `getpeername4`). See `docs/datapath.md` for the semantics.
+//!
+//! Owns, for one agent: everything under its pin directory
+//! (`<pin_dir>/v<layout>/maps/*`, `<pin_dir>/v<layout>/links/*`), the TCX
+//! links on the host veths it was asked to attach, and the cgroup links on
+//! its cgroup. It must not touch anything else: other agents' pins, links
+//! and cgroups are never changed; nothing here creates or deletes
+//! interfaces (that is [`crate::network`]).
+//!
+//! # Pinning and restarts
+//!
+//! Maps are pinned by name and reused by the next [`Datapath::load`] (same
+//! layout version), so policy, identities, services and conntrack survive
+//! an agent restart. Every attachment is a BPF link pinned in bpffs: it
+//! keeps enforcing while no agent runs. `load` loads fresh programs and
+//! swaps them into the existing pinned links (`BPF_LINK_UPDATE`), so a hook
+//! is never without a program and nothing is attached twice; links whose
+//! interface is gone are unpinned.
+//!
+//! # Namespaces
+//!
+//! Interface names are resolved in the calling thread's network namespace:
+//! call [`Datapath::load`], [`Datapath::attach_instance`] and
+//! [`Datapath::detach_instance`] from the host's namespace (the agent runs
+//! entirely inside it). Map writes and the flow stream work anywhere.
+
+mod error;
+mod flows;
+mod links;
+
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::fs::File;
+use std::net::Ipv4Addr;
+use std::os::fd::AsFd;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard};
+
+use aya::maps::{Array, HashMap, MapData, PerCpuArray, RingBuf};
+use aya::programs::links::{CgroupAttachMode, FdLink, LinkOrder};
+use aya::programs::tc::TcAttachOptions;
+use aya::programs::{CgroupSockAddr, SchedClassifier, TcAttachType};
+use aya::{Ebpf, EbpfLoader};
+use ironmesh_ebpf as obj;
+use ironmesh_ebpf::{
+    BackendKey, BackendVal, Config, CtKey, CtVal, EnforcedVal, IdentityVal, PolicyKey, PolicyVal,
+    RlKey, RlVal, SvcKey, SvcVal,
+};
+
+pub use error::DatapathError;
+pub use flows::{FlowEvent, FlowEventKind, FlowMetrics, Hook, Verdict};
+
+/// The default pin root; an agent uses `<this>/<containerd namespace>`.
+pub const DEFAULT_PIN_ROOT: &str = "/sys/fs/bpf/ironmesh";
+/// The default cgroup for the socket programs (cgroup v2 root here).
+pub const DEFAULT_CGROUP: &str = "/sys/fs/cgroup/unified";
+
+/// Highest accepted rate limit and burst (new connections per second).
+pub const MAX_RATE: u32 = 1_000_000;
+
+const TC_PROGRAMS: [(&str, TcAttachType, &str); 2] = [
+    (
+        obj::programs::FROM_INSTANCE,
+        TcAttachType::Ingress,
+        "ingress",
+    ),
+    (obj::programs::TO_INSTANCE, TcAttachType::Egress, "egress"),
+];
+const CGROUP_PROGRAMS: [&str; 4] = [
+    obj::programs::CONNECT4,
+    obj::programs::SENDMSG4,
+    obj::programs::RECVMSG4,
+    obj::programs::GETPEERNAME4,
+];
+
+/// A transport protocol in rules and services.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Protocol {
+    Tcp,
+    Udp,
+    Icmp,
+}
+
+impl Protocol {
+    /// The IP protocol number.
+    pub fn number(self) -> u8 {
+        match self {
+            Protocol::Tcp => libc::IPPROTO_TCP as u8,
+            Protocol::Udp => libc::IPPROTO_UDP as u8,
+            Protocol::Icmp => libc::IPPROTO_ICMP as u8,
+        }
+    }
+}
+
+/// A new-connection rate limit per source identity.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RateLimit {
+    /// New connections per second (1..=[`MAX_RATE`]).
+    pub per_second: u32,
+    /// Bucket size; 0 means `per_second`.
+    pub burst: u32,
+}
+
+/// One allow rule: traffic from `src_identity` (None: any source) to
+/// `dst_identity` on `port` (0: every port; must be 0 for ICMP) over
+/// `proto` is allowed into an enforced destination.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PolicyRule {
+    pub src_identity: Option<u32>,
+    pub dst_identity: u32,
+    pub port: u16,
+    pub proto: Protocol,
+    pub rate: Option<RateLimit>,
+    /// Names the rule in flow events and rate buckets; 0: derived from the
+    /// rule's key.
+    pub rule_id: u32,
+}
+
+/// A Service VIP:port and its ready backends (empty: connects are refused).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceEntry {
+    pub vip: Ipv4Addr,
+    pub port: u16,
+    pub proto: Protocol,
+    pub backends: Vec<(Ipv4Addr, u16)>,
+}
+
+/// The datapath's counters, summed over CPUs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DatapathCounters {
+    /// Packets passed by the TC programs.
+    pub allowed: u64,
+    /// Packets dropped by policy.
+    pub denied: u64,
+    /// New connections dropped by a rate limit.
+    pub rate_limited: u64,
+    /// Conntrack entries created.
+    pub new_flows: u64,
+    /// Flow events lost (ring buffer full).
+    pub events_lost: u64,
+    /// Socket addresses rewritten from a VIP to a backend.
+    pub lb_rewrites: u64,
+    /// Connects to a VIP that had no backend (refused).
+    pub lb_no_backend: u64,
+}
+
+/// Ids of the programs this Datapath loaded (for inspection and tests).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProgramIds {
+    pub from_instance: u32,
+    pub to_instance: u32,
+    pub connect4: u32,
+}
+
+/// Tunables written to the `im_config` map at load.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DatapathConfig {
+    /// Periodic flow reports of live flows (0: only on close).
+    pub report_interval_s: u32,
+    /// Idle timeout of allowed TCP flows.
+    pub ct_timeout_s: u32,
+    /// Idle timeout of UDP/ICMP and refused flows.
+    pub ct_short_timeout_s: u32,
+}
+
+impl Default for DatapathConfig {
+    fn default() -> Self {
+        DatapathConfig {
+            report_interval_s: 30,
+            ct_timeout_s: 3600,
+            ct_short_timeout_s: 60,
+        }
+    }
+}
+
+/// The loaded datapath of one agent. Every operation is serialised.
+pub struct Datapath {
+    root: PathBuf,
+    cgroup: PathBuf,
+    inner: Mutex<Inner>,
+}
+
+struct Inner {
+    ebpf: Ebpf,
+    identities: HashMap<MapData, u32, IdentityVal>,
+    policy: HashMap<MapData, PolicyKey, PolicyVal>,
+    enforced: HashMap<MapData, u32, EnforcedVal>,
+    rate: HashMap<MapData, RlKey, RlVal>,
+    counters: PerCpuArray<MapData, u64>,
+    config: Array<MapData, Config>,
+    local_ifs: HashMap<MapData, u32, u32>,
+    services: HashMap<MapData, SvcKey, SvcVal>,
+    backends: HashMap<MapData, BackendKey, BackendVal>,
+    conntrack: HashMap<MapData, CtKey, CtVal>,
+    flows: Option<RingBuf<MapData>>,
+}
+
+impl std::fmt::Debug for Datapath {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Datapath")
+            .field("root", &self.root)
+            .field("cgroup", &self.cgroup)
+            .finish_non_exhaustive()
+    }
+}
+
+fn take_map<T>(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+    f: impl FnOnce(aya::maps::Map) -> Result<T, aya::maps::MapError>,
+) -> Result<T, DatapathError> {
+    let map = ebpf
+        .take_map(name)
+        .ok_or(DatapathError::MissingMap { map: name })?;
+    f(map).map_err(|e| DatapathError::map("opening", name, e))
+}
+
+fn is_not_found(e: &std::io::Error) -> bool {
+    e.kind() == std::io::ErrorKind::NotFound
+}
+
+fn ifindex(interface: &str) -> Result<u32, DatapathError> {
+    let c = std::ffi::CString::new(interface).map_err(|_| {
+        DatapathError::invalid(format!("interface name {interface:?}"), "contains NUL")
+    })?;
+    // SAFETY: c is a valid NUL-terminated string.
+    let idx = unsafe { libc::if_nametoindex(c.as_ptr()) };
+    if idx == 0 {
+        return Err(DatapathError::Interface {
+            interface: interface.to_string(),
+            source: std::io::Error::last_os_error(),
+        });
+    }
+    Ok(idx)
+}
+
+/// Whether `path` is on a bpffs.
+fn on_bpffs(path: &Path) -> bool {
+    const BPF_FS_MAGIC: i64 = 0xcafe4a11;
+    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) else {
+        return false;
+    };
+    // SAFETY: statfs fills `st`; c is NUL-terminated.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    let rc = unsafe { libc::statfs(c.as_ptr(), &mut st) };
+    rc == 0 && st.f_type as i64 == BPF_FS_MAGIC
+}
+
+impl Datapath {
+    /// Loads the datapath with maps pinned under `pin_dir` (reused if
+    /// already pinned there), attaches the socket programs to `cgroup`
+    /// (swapping the program of existing pinned links instead of attaching
+    /// twice), and swaps the fresh TC programs into every pinned TC link
+    /// whose interface still exists. Tunables default to
+    /// [`DatapathConfig::default`].
+    pub fn load(pin_dir: &Path, cgroup: &Path) -> Result<Datapath, DatapathError> {
+        Self::load_with(pin_dir, cgroup, DatapathConfig::default())
+    }
+
+    /// [`Datapath::load`] with explicit tunables.
+    pub fn load_with(
+        pin_dir: &Path,
+        cgroup: &Path,
+        cfg: DatapathConfig,
+    ) -> Result<Datapath, DatapathError> {
+        let started = std::time::Instant::now();
+        let root = pin_dir.join(format!("v{}", obj::LAYOUT_VERSION));
+        let maps_dir = root.join("maps");
+        let links_dir = root.join("links");
+        for d in [&maps_dir, &links_dir] {
+            std::fs::create_dir_all(d)
+                .map_err(|e| DatapathError::io("creating pin directory", d, e))?;
+        }
+        if !on_bpffs(&maps_dir) {
+            return Err(DatapathError::io(
+                "checking pin directory",
+                &maps_dir,
+                std::io::Error::other("not on a bpf filesystem (mount -t bpf bpf /sys/fs/bpf)"),
+            ));
+        }
+
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(&maps_dir)
+            .load(obj::DATAPATH_OBJ)
+            .map_err(|source| DatapathError::Load {
+                pin_dir: maps_dir.clone(),
+                source: Box::new(source),
+            })?;
+        for (name, _, _) in TC_PROGRAMS {
+            let p: &mut SchedClassifier = program(&mut ebpf, name)?;
+            p.load().map_err(|source| DatapathError::Program {
+                step: "loading",
+                program: name,
+                source: Box::new(source),
+            })?;
+        }
+        for name in CGROUP_PROGRAMS {
+            let p: &mut CgroupSockAddr = program(&mut ebpf, name)?;
+            p.load().map_err(|source| DatapathError::Program {
+                step: "loading",
+                program: name,
+                source: Box::new(source),
+            })?;
+        }
+
+        let mut inner = Inner {
+            identities: take_map(&mut ebpf, obj::maps::IP_IDENTITY, HashMap::try_from)?,
+            policy: take_map(&mut ebpf, obj::maps::POLICY, HashMap::try_from)?,
+            enforced: take_map(&mut ebpf, obj::maps::ENFORCED, HashMap::try_from)?,
+            rate: take_map(&mut ebpf, obj::maps::RATE_BUCKET, HashMap::try_from)?,
+            counters: take_map(&mut ebpf, obj::maps::COUNTERS, PerCpuArray::try_from)?,
+            config: take_map(&mut ebpf, obj::maps::CONFIG, Array::try_from)?,
+            local_ifs: take_map(&mut ebpf, obj::maps::LOCAL_IFS, HashMap::try_from)?,
+            services: take_map(&mut ebpf, obj::maps::SERVICES, HashMap::try_from)?,
+            backends: take_map(&mut ebpf, obj::maps::BACKENDS, HashMap::try_from)?,
+            conntrack: take_map(&mut ebpf, obj::maps::CONNTRACK, HashMap::try_from)?,
+            flows: Some(take_map(&mut ebpf, obj::maps::FLOWS, RingBuf::try_from)?),
+            ebpf,
+        };
+
+        let mut c = inner
+            .config
+            .get(&0, 0)
+            .map_err(|e| DatapathError::map("reading", obj::maps::CONFIG, e))?;
+        c.report_interval_s = cfg.report_interval_s;
+        c.ct_timeout_s = cfg.ct_timeout_s;
+        c.ct_short_timeout_s = cfg.ct_short_timeout_s;
+        inner
+            .config
+            .set(0, c, 0)
+            .map_err(|e| DatapathError::map("writing", obj::maps::CONFIG, e))?;
+
+        let dp = Datapath {
+            root,
+            cgroup: cgroup.to_path_buf(),
+            inner: Mutex::new(inner),
+        };
+        {
+            let mut inner = dp.lock();
+            dp.attach_cgroup(&mut inner)?;
+            dp.reattach_tc(&mut inner)?;
+        }
+        tracing::info!(
+            pin_dir = %dp.root.display(),
+            cgroup = %dp.cgroup.display(),
+            policy_gen = c.policy_gen,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "datapath loaded"
+        );
+        Ok(dp)
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn links_dir(&self) -> PathBuf {
+        self.root.join("links")
+    }
+
+    /// The directory holding this datapath's pins (`<pin_dir>/v<layout>`).
+    pub fn pin_root(&self) -> &Path {
+        &self.root
+    }
+
+    fn attach_cgroup(&self, inner: &mut Inner) -> Result<(), DatapathError> {
+        let cg = File::open(&self.cgroup)
+            .map_err(|e| DatapathError::io("opening cgroup", &self.cgroup, e))?;
+        let ino = cg
+            .metadata()
+            .map_err(|e| DatapathError::io("reading cgroup", &self.cgroup, e))?
+            .ino();
+        let links = self.links_dir();
+        let prefix = format!("cgroup-{ino}-");
+        // Links left on another cgroup (the configured cgroup changed).
+        for entry in read_dir(&links)? {
+            if entry.starts_with("cgroup-") && !entry.starts_with(&prefix) {
+                let path = links.join(&entry);
+                tracing::info!(link = %path.display(), "detaching socket program from a previous cgroup");
+                remove_pin(&path)?;
+            }
+        }
+        for name in CGROUP_PROGRAMS {
+            let pin = links.join(format!("{prefix}{name}"));
+            let p: &mut CgroupSockAddr = program(&mut inner.ebpf, name)?;
+            let fd = p.fd().map_err(|source| DatapathError::Program {
+                step: "getting fd of",
+                program: name,
+                source: Box::new(source),
+            })?;
+            match links::update_pinned(&pin, fd.as_fd()) {
+                Ok(()) => {
+                    tracing::debug!(program = name, link = %pin.display(), "swapped program into pinned cgroup link");
+                    continue;
+                }
+                Err(e) if is_not_found(&e) => {}
+                Err(e) => {
+                    tracing::warn!(program = name, link = %pin.display(), error = %e, "pinned cgroup link unusable; attaching anew");
+                    remove_pin(&pin)?;
+                }
+            }
+            let id = p.attach(&cg, CgroupAttachMode::Single).map_err(|source| {
+                DatapathError::Attach {
+                    step: "attaching",
+                    program: name,
+                    interface: self.cgroup.display().to_string(),
+                    source: Box::new(source),
+                }
+            })?;
+            let link = p.take_link(id).map_err(|source| DatapathError::Program {
+                step: "taking link of",
+                program: name,
+                source: Box::new(source),
+            })?;
+            let link: FdLink = link.try_into().map_err(|e| DatapathError::Link {
+                step: "converting",
+                path: pin.clone(),
+                message: format!("{e}"),
+            })?;
+            link.pin(&pin).map_err(|e| DatapathError::Link {
+                step: "pinning",
+                path: pin.clone(),
+                message: format!("{e}"),
+            })?;
+            tracing::info!(program = name, cgroup = %self.cgroup.display(), "attached socket program");
+        }
+        Ok(())
+    }
+
+    /// Swaps the freshly loaded TC programs into every pinned TC link;
+    /// unpins links whose interface is gone.
+    fn reattach_tc(&self, inner: &mut Inner) -> Result<(), DatapathError> {
+        let links = self.links_dir();
+        for entry in read_dir(&links)? {
+            let Some(rest) = entry.strip_prefix("tc-") else {
+                continue;
+            };
+            let Some((interface, dir)) = rest.rsplit_once('-') else {
+                continue;
+            };
+            let Some((name, _, _)) = TC_PROGRAMS.iter().find(|(_, _, d)| *d == dir) else {
+                continue;
+            };
+            let path = links.join(&entry);
+            let p: &mut SchedClassifier = program(&mut inner.ebpf, name)?;
+            let fd = p.fd().map_err(|source| DatapathError::Program {
+                step: "getting fd of",
+                program: name,
+                source: Box::new(source),
+            })?;
+            let live = ifindex(interface).ok();
+            match (live, links::update_pinned(&path, fd.as_fd())) {
+                (Some(idx), Ok(())) => {
+                    inner
+                        .local_ifs
+                        .insert(idx, 1, 0)
+                        .map_err(|e| DatapathError::map("writing", obj::maps::LOCAL_IFS, e))?;
+                    tracing::debug!(
+                        interface,
+                        program = name,
+                        "re-attached TC program to pinned link"
+                    );
+                }
+                (_, res) => {
+                    tracing::info!(interface, link = %path.display(), error = ?res.err(), "interface gone; unpinning its TC link");
+                    remove_pin(&path)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Attaches the TC programs to an instance's host-side veth (ingress:
+    /// traffic from the instance; egress: traffic into it). Idempotent: a
+    /// pinned link for this interface gets the current program swapped in.
+    pub fn attach_instance(&self, host_if: &str) -> Result<(), DatapathError> {
+        let idx = ifindex(host_if)?;
+        let mut inner = self.lock();
+        let links = self.links_dir();
+        for (name, attach_type, dir) in TC_PROGRAMS {
+            let pin = links.join(format!("tc-{host_if}-{dir}"));
+            let p: &mut SchedClassifier = program(&mut inner.ebpf, name)?;
+            let fd = p.fd().map_err(|source| DatapathError::Program {
+                step: "getting fd of",
+                program: name,
+                source: Box::new(source),
+            })?;
+            match links::update_pinned(&pin, fd.as_fd()) {
+                Ok(()) => continue,
+                Err(e) if is_not_found(&e) => {}
+                Err(e) => {
+                    // A link of a deleted interface of the same name.
+                    tracing::info!(interface = host_if, link = %pin.display(), error = %e, "stale TC link; attaching anew");
+                    remove_pin(&pin)?;
+                }
+            }
+            let id = p
+                .attach_with_options(
+                    host_if,
+                    attach_type,
+                    TcAttachOptions::TcxOrder(LinkOrder::default()),
+                )
+                .map_err(|source| DatapathError::Attach {
+                    step: "attaching",
+                    program: name,
+                    interface: host_if.to_string(),
+                    source: Box::new(source),
+                })?;
+            let link = p.take_link(id).map_err(|source| DatapathError::Program {
+                step: "taking link of",
+                program: name,
+                source: Box::new(source),
+            })?;
+            let link: FdLink = link.try_into().map_err(|e| DatapathError::Link {
+                step: "converting",
+                path: pin.clone(),
+                message: format!("{e}"),
+            })?;
+            link.pin(&pin).map_err(|e| DatapathError::Link {
+                step: "pinning",
+                path: pin.clone(),
+                message: format!("{e}"),
+            })?;
+        }
+        inner
+            .local_ifs
+            .insert(idx, 1, 0)
+            .map_err(|e| DatapathError::map("writing", obj::maps::LOCAL_IFS, e))?;
+        tracing::info!(
+            interface = host_if,
+            ifindex = idx,
+            "datapath attached to instance veth"
+        );
+        Ok(())
+    }
+
+    /// Detaches the TC programs from an instance's veth (unpins its links).
+    /// Idempotent; works after the interface is gone.
+    pub fn detach_instance(&self, host_if: &str) -> Result<(), DatapathError> {
+        let mut inner = self.lock();
+        let links = self.links_dir();
+        for (_, _, dir) in TC_PROGRAMS {
+            remove_pin(&links.join(format!("tc-{host_if}-{dir}")))?;
+        }
+        if let Ok(idx) = ifindex(host_if) {
+            match inner.local_ifs.remove(&idx) {
+                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+                Err(e) => return Err(DatapathError::map("deleting from", obj::maps::LOCAL_IFS, e)),
+            }
+        }
+        tracing::info!(interface = host_if, "datapath detached from instance veth");
+        Ok(())
+    }
+
+    /// Host veths with pinned TC links.
+    pub fn attached_instances(&self) -> Result<Vec<String>, DatapathError> {
+        let mut out = BTreeSet::new();
+        for entry in read_dir(&self.links_dir())? {
+            if let Some((interface, _)) = entry.strip_prefix("tc-").and_then(|r| r.rsplit_once('-'))
+            {
+                out.insert(interface.to_string());
+            }
+        }
+        Ok(out.into_iter().collect())
+    }
+
+    /// Detaches every instance veth not in `keep` (garbage collection after
+    /// a restart).
+    pub fn retain_instances(&self, keep: &HashSet<String>) -> Result<(), DatapathError> {
+        for interface in self.attached_instances()? {
+            if !keep.contains(&interface) {
+                self.detach_instance(&interface)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn bump_policy_gen(inner: &mut Inner) -> Result<u32, DatapathError> {
+        let mut c = inner
+            .config
+            .get(&0, 0)
+            .map_err(|e| DatapathError::map("reading", obj::maps::CONFIG, e))?;
+        c.policy_gen = c.policy_gen.wrapping_add(1);
+        inner
+            .config
+            .set(0, c, 0)
+            .map_err(|e| DatapathError::map("writing", obj::maps::CONFIG, e))?;
+        Ok(c.policy_gen)
+    }
+
+    /// Replaces the address → identity set (cluster-wide): writes every
+    /// entry, then removes entries not in `entries`.
+    pub fn set_identities(&self, entries: &[(Ipv4Addr, u32)]) -> Result<(), DatapathError> {
+        let mut want: BTreeMap<u32, u32> = BTreeMap::new();
+        for (ip, id) in entries {
+            if *id == obj::IDENTITY_ANY {
+                return Err(DatapathError::invalid(
+                    format!("identity of {ip}"),
+                    format!("{id} is reserved"),
+                ));
+            }
+            if let Some(prev) = want.insert(obj::addr_be(*ip), *id) {
+                if prev != *id {
+                    return Err(DatapathError::invalid(
+                        format!("identity of {ip}"),
+                        format!("given twice ({prev} and {id})"),
+                    ));
+                }
+            }
+        }
+        let mut inner = self.lock();
+        for (k, id) in &want {
+            inner
+                .identities
+                .insert(
+                    k,
+                    IdentityVal {
+                        identity: *id,
+                        reserved: 0,
+                    },
+                    0,
+                )
+                .map_err(|e| DatapathError::map("writing", obj::maps::IP_IDENTITY, e))?;
+        }
+        let stale: Vec<u32> = collect_keys(&inner.identities, obj::maps::IP_IDENTITY)?
+            .into_iter()
+            .filter(|k| !want.contains_key(k))
+            .collect();
+        for k in &stale {
+            remove_key(&mut inner.identities, k, obj::maps::IP_IDENTITY)?;
+        }
+        let gen = Self::bump_policy_gen(&mut inner)?;
+        tracing::debug!(
+            entries = want.len(),
+            removed = stale.len(),
+            policy_gen = gen,
+            "identities written"
+        );
+        Ok(())
+    }
+
+    /// Replaces the rule set. Validates every rule first (nothing is
+    /// half-applied), writes, removes rules not in `rules` and their rate
+    /// buckets, then bumps the policy generation so that live flows are
+    /// judged again. Programs are not touched.
+    pub fn set_policy(&self, rules: &[PolicyRule]) -> Result<(), DatapathError> {
+        let mut want: BTreeMap<PolicyKey, PolicyVal> = BTreeMap::new();
+        for r in rules {
+            let what = || {
+                format!(
+                    "rule {:?} -> {} port {} {:?}",
+                    r.src_identity, r.dst_identity, r.port, r.proto
+                )
+            };
+            if r.dst_identity == obj::IDENTITY_ANY || r.src_identity == Some(obj::IDENTITY_ANY) {
+                return Err(DatapathError::invalid(
+                    what(),
+                    "identity 4294967295 is reserved",
+                ));
+            }
+            if r.proto == Protocol::Icmp && r.port != 0 {
+                return Err(DatapathError::invalid(what(), "ICMP rules take port 0"));
+            }
+            let (rate, burst) = match r.rate {
+                None => (0, 0),
+                Some(l) => {
+                    if l.per_second == 0 || l.per_second > MAX_RATE || l.burst > MAX_RATE {
+                        return Err(DatapathError::invalid(
+                            what(),
+                            format!("rate limit must be 1..={MAX_RATE} per second, burst at most {MAX_RATE}"),
+                        ));
+                    }
+                    (l.per_second, l.burst)
+                }
+            };
+            let key = PolicyKey {
+                src_identity: r.src_identity.unwrap_or(obj::IDENTITY_ANY),
+                dst_identity: r.dst_identity,
+                dport: obj::port_be(r.port),
+                proto: r.proto.number(),
+                pad: 0,
+            };
+            let rule_id = if r.rule_id != 0 {
+                r.rule_id
+            } else {
+                derived_rule_id(&key)
+            };
+            want.insert(
+                key,
+                PolicyVal {
+                    flags: obj::POLICY_ALLOW,
+                    rule_id,
+                    rate_per_sec: rate,
+                    burst,
+                },
+            );
+        }
+        let mut inner = self.lock();
+        for (k, v) in &want {
+            inner
+                .policy
+                .insert(k, v, 0)
+                .map_err(|e| DatapathError::map("writing", obj::maps::POLICY, e))?;
+        }
+        let stale: Vec<PolicyKey> = collect_keys(&inner.policy, obj::maps::POLICY)?
+            .into_iter()
+            .filter(|k| !want.contains_key(k))
+            .collect();
+        for k in &stale {
+            remove_key(&mut inner.policy, k, obj::maps::POLICY)?;
+        }
+        let live: HashSet<u32> = want
+            .values()
+            .filter(|v| v.rate_per_sec > 0)
+            .map(|v| v.rule_id)
+            .collect();
+        let buckets: Vec<RlKey> = collect_keys(&inner.rate, obj::maps::RATE_BUCKET)?
+            .into_iter()
+            .filter(|k| !live.contains(&k.rule_id))
+            .collect();
+        for k in &buckets {
+            remove_key(&mut inner.rate, k, obj::maps::RATE_BUCKET)?;
+        }
+        let gen = Self::bump_policy_gen(&mut inner)?;
+        tracing::info!(
+            rules = want.len(),
+            removed = stale.len(),
+            policy_gen = gen,
+            "policy written"
+        );
+        Ok(())
+    }
+
+    /// Replaces the set of identities under policy (default deny).
+    pub fn set_enforced(&self, identities: &[u32]) -> Result<(), DatapathError> {
+        let want: BTreeSet<u32> = identities.iter().copied().collect();
+        let mut inner = self.lock();
+        for id in &want {
+            inner
+                .enforced
+                .insert(id, EnforcedVal { enforced: 1 }, 0)
+                .map_err(|e| DatapathError::map("writing", obj::maps::ENFORCED, e))?;
+        }
+        let stale: Vec<u32> = collect_keys(&inner.enforced, obj::maps::ENFORCED)?
+            .into_iter()
+            .filter(|k| !want.contains(k))
+            .collect();
+        for k in &stale {
+            remove_key(&mut inner.enforced, k, obj::maps::ENFORCED)?;
+        }
+        let gen = Self::bump_policy_gen(&mut inner)?;
+        tracing::info!(
+            enforced = want.len(),
+            removed = stale.len(),
+            policy_gen = gen,
+            "enforced identities written"
+        );
+        Ok(())
+    }
+
+    /// Replaces the Service table. A service keeps its id across calls
+    /// (same VIP, port, protocol); backends are written before the count
+    /// grows and deleted after it shrinks, so a concurrent connect never
+    /// picks an empty slot.
+    pub fn set_services(&self, services: &[ServiceEntry]) -> Result<(), DatapathError> {
+        let mut want: BTreeMap<SvcKey, &ServiceEntry> = BTreeMap::new();
+        for s in services {
+            if s.proto == Protocol::Icmp {
+                return Err(DatapathError::invalid(
+                    format!("service {}:{}", s.vip, s.port),
+                    "protocol must be TCP or UDP",
+                ));
+            }
+            if s.backends.len() > 4096 {
+                return Err(DatapathError::invalid(
+                    format!("service {}:{}", s.vip, s.port),
+                    "more than 4096 backends",
+                ));
+            }
+            let key = SvcKey {
+                vip: obj::addr_be(s.vip),
+                port: obj::port_be(s.port),
+                proto: s.proto.number(),
+                pad: 0,
+            };
+            if want.insert(key, s).is_some() {
+                return Err(DatapathError::invalid(
+                    format!("service {}:{} {:?}", s.vip, s.port, s.proto),
+                    "listed twice",
+                ));
+            }
+        }
+        let mut inner = self.lock();
+        let mut current: BTreeMap<SvcKey, SvcVal> = BTreeMap::new();
+        for k in collect_keys(&inner.services, obj::maps::SERVICES)? {
+            match inner.services.get(&k, 0) {
+                Ok(v) => {
+                    current.insert(k, v);
+                }
+                Err(aya::maps::MapError::KeyNotFound) => {}
+                Err(e) => return Err(DatapathError::map("reading", obj::maps::SERVICES, e)),
+            }
+        }
+        let mut used: BTreeSet<u32> = current.values().map(|v| v.service_id).collect();
+        let mut next_id = 1u32;
+        for (key, s) in &want {
+            let old = current.get(key).copied();
+            let id = match old {
+                Some(v) => v.service_id,
+                None => {
+                    while used.contains(&next_id) {
+                        next_id += 1;
+                    }
+                    used.insert(next_id);
+                    next_id
+                }
+            };
+            for (slot, (ip, port)) in s.backends.iter().enumerate() {
+                inner
+                    .backends
+                    .insert(
+                        BackendKey {
+                            service_id: id,
+                            slot: slot as u32,
+                        },
+                        BackendVal {
+                            addr: obj::addr_be(*ip),
+                            port: obj::port_be(*port),
+                            pad: 0,
+                        },
+                        0,
+                    )
+                    .map_err(|e| DatapathError::map("writing", obj::maps::BACKENDS, e))?;
+            }
+            let count = s.backends.len() as u32;
+            inner
+                .services
+                .insert(
+                    key,
+                    SvcVal {
+                        service_id: id,
+                        backend_count: count,
+                    },
+                    0,
+                )
+                .map_err(|e| DatapathError::map("writing", obj::maps::SERVICES, e))?;
+            if let Some(old) = old {
+                for slot in count..old.backend_count {
+                    remove_key(
+                        &mut inner.backends,
+                        &BackendKey {
+                            service_id: id,
+                            slot,
+                        },
+                        obj::maps::BACKENDS,
+                    )?;
+                }
+            }
+        }
+        for (key, old) in &current {
+            if want.contains_key(key) {
+                continue;
+            }
+            remove_key(&mut inner.services, key, obj::maps::SERVICES)?;
+            for slot in 0..old.backend_count {
+                remove_key(
+                    &mut inner.backends,
+                    &BackendKey {
+                        service_id: old.service_id,
+                        slot,
+                    },
+                    obj::maps::BACKENDS,
+                )?;
+            }
+        }
+        tracing::info!(services = want.len(), "services written");
+        Ok(())
+    }
+
+    /// The counters, summed over CPUs.
+    pub fn counters(&self) -> Result<DatapathCounters, DatapathError> {
+        let inner = self.lock();
+        let get = |i: u32| -> Result<u64, DatapathError> {
+            let v = inner
+                .counters
+                .get(&i, 0)
+                .map_err(|e| DatapathError::map("reading", obj::maps::COUNTERS, e))?;
+            Ok(v.iter().sum())
+        };
+        Ok(DatapathCounters {
+            allowed: get(obj::CNT_ALLOWED)?,
+            denied: get(obj::CNT_DENIED)?,
+            rate_limited: get(obj::CNT_RATE_LIMITED)?,
+            new_flows: get(obj::CNT_NEW_FLOWS)?,
+            events_lost: get(obj::CNT_EVENTS_LOST)?,
+            lb_rewrites: get(obj::CNT_LB_REWRITES)?,
+            lb_no_backend: get(obj::CNT_LB_NO_BACKEND)?,
+        })
+    }
+
+    /// Number of conntrack entries (live and not yet expired or evicted).
+    pub fn conntrack_len(&self) -> Result<usize, DatapathError> {
+        let inner = self.lock();
+        Ok(collect_keys(&inner.conntrack, obj::maps::CONNTRACK)?.len())
+    }
+
+    /// The current policy generation (bumped by every policy-related write).
+    pub fn policy_generation(&self) -> Result<u32, DatapathError> {
+        let inner = self.lock();
+        Ok(inner
+            .config
+            .get(&0, 0)
+            .map_err(|e| DatapathError::map("reading", obj::maps::CONFIG, e))?
+            .policy_gen)
+    }
+
+    /// Kernel ids of the programs this Datapath loaded.
+    pub fn program_ids(&self) -> Result<ProgramIds, DatapathError> {
+        let mut inner = self.lock();
+        let mut id = |name: &'static str| -> Result<u32, DatapathError> {
+            let p = inner
+                .ebpf
+                .program_mut(name)
+                .ok_or(DatapathError::MissingProgram { program: name })?;
+            let info = p.info().map_err(|source| DatapathError::Program {
+                step: "reading info of",
+                program: name,
+                source: Box::new(source),
+            })?;
+            Ok(info.id())
+        };
+        Ok(ProgramIds {
+            from_instance: id(obj::programs::FROM_INSTANCE)?,
+            to_instance: id(obj::programs::TO_INSTANCE)?,
+            connect4: id(obj::programs::CONNECT4)?,
+        })
+    }
+
+    /// Starts reading the flow ring buffer on the current tokio runtime.
+    /// Events go to the returned channel (bounded; when it is full, events
+    /// are dropped and a warning with the `dropped` count is logged). Can be
+    /// taken once per Datapath; the reader stops when the receiver is
+    /// dropped.
+    pub fn flows(&self) -> Result<tokio::sync::mpsc::Receiver<FlowEvent>, DatapathError> {
+        let ring = self.lock().flows.take().ok_or(DatapathError::FlowsTaken)?;
+        flows::spawn_reader(ring)
+    }
+
+    /// Detaches everything a datapath pinned under `pin_dir` (TC and cgroup
+    /// links) and removes its maps and the directory. For decommissioning
+    /// and test cleanup; works without a loaded Datapath.
+    pub fn purge(pin_dir: &Path) -> Result<(), DatapathError> {
+        match std::fs::remove_dir_all(pin_dir) {
+            Ok(()) => Ok(()),
+            Err(e) if is_not_found(&e) => Ok(()),
+            Err(e) => Err(DatapathError::io("removing pin directory", pin_dir, e)),
+        }
+    }
+}
+
+fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, DatapathError>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
+    let p = ebpf
+        .program_mut(name)
+        .ok_or(DatapathError::MissingProgram { program: name })?;
+    p.try_into().map_err(|source| DatapathError::Program {
+        step: "typing",
+        program: name,
+        source: Box::new(source),
+    })
+}
+
+fn read_dir(dir: &Path) -> Result<Vec<String>, DatapathError> {
+    let rd = match std::fs::read_dir(dir) {
+        Ok(rd) => rd,
+        Err(e) if is_not_found(&e) => return Ok(vec![]),
+        Err(e) => return Err(DatapathError::io("listing", dir, e)),
+    };
+    let mut out = Vec::new();
+    for e in rd {
+        let e = e.map_err(|e| DatapathError::io("listing", dir, e))?;
+        if let Some(name) = e.file_name().to_str() {
+            out.push(name.to_string());
+        }
+    }
+    Ok(out)
+}
+
+fn remove_pin(path: &Path) -> Result<(), DatapathError> {
+    match std::fs::remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(e) if is_not_found(&e) => Ok(()),
+        Err(e) => Err(DatapathError::io("unpinning", path, e)),
+    }
+}
+
+fn collect_keys<K: aya::Pod, V: aya::Pod>(
+    map: &HashMap<MapData, K, V>,
+    name: &'static str,
+) -> Result<Vec<K>, DatapathError> {
+    map.keys()
+        .collect::<Result<Vec<K>, _>>()
+        .map_err(|e| DatapathError::map("listing", name, e))
+}
+
+fn remove_key<K: aya::Pod, V: aya::Pod>(
+    map: &mut HashMap<MapData, K, V>,
+    key: &K,
+    name: &'static str,
+) -> Result<(), DatapathError> {
+    match map.remove(key) {
+        Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+        Err(e) => Err(DatapathError::map("deleting from", name, e)),
+    }
+}
+
+/// A stable nonzero id for a rule without one (FNV-1a of its key).
+fn derived_rule_id(k: &PolicyKey) -> u32 {
+    let mut h: u32 = 0x811c9dc5;
+    let bytes = k
+        .src_identity
+        .to_le_bytes()
+        .into_iter()
+        .chain(k.dst_identity.to_le_bytes())
+        .chain(k.dport.to_le_bytes())
+        .chain([k.proto]);
+    for b in bytes {
+        h ^= u32::from(b);
+        h = h.wrapping_mul(0x01000193);
+    }
+    h.max(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn derived_rule_ids_are_stable_and_nonzero() {
+        let k = PolicyKey {
+            src_identity: 1,
+            dst_identity: 2,
+            dport: obj::port_be(80),
+            proto: 6,
+            pad: 0,
+        };
+        assert_eq!(derived_rule_id(&k), derived_rule_id(&k));
+        assert_ne!(derived_rule_id(&k), 0);
+        let k2 = PolicyKey { dport: 0, ..k };
+        assert_ne!(derived_rule_id(&k), derived_rule_id(&k2));
+    }
+}

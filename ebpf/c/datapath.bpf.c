@@ -1,0 +1,624 @@
+// SPDX-License-Identifier: GPL-2.0
+/*
+ * Ironmesh datapath programs (see docs/datapath.md):
+ *
+ * - im_from_inst (TC ingress of an instance's host veth: packets FROM the
+ *   instance) and im_to_inst (TC egress of the host veth: packets INTO the
+ *   instance): identity policy with conntrack, per-source rate limits on new
+ *   connections, counters and flow events.
+ * - im_connect4 / im_sendmsg4 (cgroup sock_addr): Service VIP:port ->
+ *   backend, chosen in the kernel; im_recvmsg4 / im_getpeername4 map the
+ *   backend back to the VIP for the application.
+ *
+ * Policy is data: the agent writes maps and bumps im_config.policy_gen;
+ * programs are never reloaded for a policy change.
+ */
+#include <linux/bpf.h>
+#include <linux/if_ether.h>
+#include <linux/in.h>
+#include <linux/ip.h>
+#include <linux/pkt_cls.h>
+#include <linux/socket.h>
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_endian.h>
+
+#include "ironmesh.h"
+
+#define NS_PER_SEC 1000000000ull
+#define DEFAULT_CT_TIMEOUT_S 3600
+#define DEFAULT_CT_SHORT_TIMEOUT_S 60
+#define CT_CLOSED_TIMEOUT_S 10
+#define MAX_RATE 1000000ull
+
+#define TCP_FIN 0x01
+#define TCP_SYN 0x02
+#define TCP_RST 0x04
+#define TCP_ACK 0x10
+
+#ifndef SOCK_STREAM
+#define SOCK_STREAM 1
+#define SOCK_DGRAM 2
+#endif
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 65536);
+	__type(key, __u32);
+	__type(value, struct im_identity_val);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} im_ip_identity SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 65536);
+	__type(key, struct im_policy_key);
+	__type(value, struct im_policy_val);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} im_policy SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 65536);
+	__type(key, __u32);
+	__type(value, struct im_enforced_val);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} im_enforced SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 65536);
+	__type(key, struct im_ct_key);
+	__type(value, struct im_ct_val);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} im_conntrack SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 16384);
+	__type(key, struct im_rl_key);
+	__type(value, struct im_rl_val);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} im_rate_bucket SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, IM_CNT_MAX);
+	__type(key, __u32);
+	__type(value, __u64);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} im_counters SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct im_config);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} im_config SEC(".maps");
+
+/* ifindex -> 1 for every host veth the agent attached (bytes of a flow
+ * between two local instances are counted once, where they leave). */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 4096);
+	__type(key, __u32);
+	__type(value, __u32);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} im_local_ifs SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, 256 * 1024);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} im_flows SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 4096);
+	__type(key, struct im_svc_key);
+	__type(value, struct im_svc_val);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} im_services SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 65536);
+	__type(key, struct im_backend_key);
+	__type(value, struct im_backend_val);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} im_backends SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 65536);
+	__type(key, struct im_revnat_key);
+	__type(value, struct im_revnat_val);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} im_revnat SEC(".maps");
+
+static __always_inline void count(__u32 idx)
+{
+	__u64 *c = bpf_map_lookup_elem(&im_counters, &idx);
+
+	if (c)
+		*c += 1;
+}
+
+/* ---- packet parsing ---------------------------------------------------- */
+
+struct pkt {
+	struct im_ct_key key; /* as seen in this packet */
+	__u32 len;
+	__u8 tcp_flags;
+	__u8 l4_ok;           /* ports were read */
+};
+
+static __always_inline int parse(struct __sk_buff *skb, struct pkt *p)
+{
+	void *data = (void *)(long)skb->data;
+	void *end = (void *)(long)skb->data_end;
+	struct ethhdr *eth = data;
+	struct iphdr *ip;
+	__u8 *l4;
+
+	if ((void *)(eth + 1) > end)
+		return -1;
+	if (eth->h_proto != bpf_htons(ETH_P_IP))
+		return -1;
+	ip = (void *)(eth + 1);
+	if ((void *)(ip + 1) > end)
+		return -1;
+	if (ip->ihl < 5)
+		return -1;
+
+	__builtin_memset(p, 0, sizeof(*p));
+	p->key.saddr = ip->saddr;
+	p->key.daddr = ip->daddr;
+	p->key.proto = ip->protocol;
+	p->len = skb->len;
+	if (ip->frag_off & bpf_htons(0x1fff))
+		return 0; /* later fragment: no ports; tracked by addresses */
+
+	l4 = (__u8 *)ip + ip->ihl * 4;
+	switch (ip->protocol) {
+	case IPPROTO_TCP:
+		if ((void *)(l4 + 14) > end)
+			return 0;
+		p->key.sport = *(__u16 *)l4;
+		p->key.dport = *(__u16 *)(l4 + 2);
+		p->tcp_flags = l4[13];
+		p->l4_ok = 1;
+		break;
+	case IPPROTO_UDP:
+		if ((void *)(l4 + 4) > end)
+			return 0;
+		p->key.sport = *(__u16 *)l4;
+		p->key.dport = *(__u16 *)(l4 + 2);
+		p->l4_ok = 1;
+		break;
+	case IPPROTO_ICMP:
+		/* echo request (8) and reply (0): the identifier names the
+		 * flow in both directions */
+		if ((void *)(l4 + 6) > end)
+			return 0;
+		if (l4[0] == 8 || l4[0] == 0) {
+			p->key.sport = *(__u16 *)(l4 + 4);
+			p->key.dport = p->key.sport;
+		}
+		p->l4_ok = 1;
+		break;
+	default:
+		break;
+	}
+	return 0;
+}
+
+/* ---- policy ------------------------------------------------------------ */
+
+static __always_inline __u32 identity_of(__u32 addr)
+{
+	struct im_identity_val *v = bpf_map_lookup_elem(&im_ip_identity, &addr);
+
+	return v ? v->identity : IM_IDENTITY_UNKNOWN;
+}
+
+static __always_inline struct im_policy_val *policy_lookup(__u32 src, __u32 dst, __u16 dport,
+							   __u8 proto)
+{
+	struct im_policy_key k;
+	struct im_policy_val *v;
+
+	__builtin_memset(&k, 0, sizeof(k));
+	k.src_identity = src;
+	k.dst_identity = dst;
+	k.dport = dport;
+	k.proto = proto;
+	v = bpf_map_lookup_elem(&im_policy, &k);
+	if (v)
+		return v;
+	k.dport = 0;
+	v = bpf_map_lookup_elem(&im_policy, &k);
+	if (v)
+		return v;
+	k.src_identity = IM_IDENTITY_ANY;
+	k.dport = dport;
+	v = bpf_map_lookup_elem(&im_policy, &k);
+	if (v)
+		return v;
+	k.dport = 0;
+	return bpf_map_lookup_elem(&im_policy, &k);
+}
+
+/* Takes one token from the bucket of (src, rule); 1 if there was one. */
+static __always_inline int take_token(__u32 src, struct im_policy_val *pv, __u64 now)
+{
+	struct im_rl_key k = { .src_identity = src, .rule_id = pv->rule_id };
+	__u64 rate = pv->rate_per_sec;
+	__u64 burst = pv->burst ? pv->burst : pv->rate_per_sec;
+	struct im_rl_val *b;
+	__u64 cap, tokens;
+	int ok = 0;
+
+	if (rate > MAX_RATE)
+		rate = MAX_RATE;
+	if (burst > MAX_RATE)
+		burst = MAX_RATE;
+	cap = burst * NS_PER_SEC;
+
+	b = bpf_map_lookup_elem(&im_rate_bucket, &k);
+	if (!b) {
+		struct im_rl_val init;
+
+		__builtin_memset(&init, 0, sizeof(init));
+		init.tokens_nano = cap - NS_PER_SEC;
+		init.last_ns = now;
+		bpf_map_update_elem(&im_rate_bucket, &k, &init, BPF_NOEXIST);
+		return 1;
+	}
+
+	bpf_spin_lock(&b->lock);
+	tokens = b->tokens_nano;
+	if (now > b->last_ns) {
+		__u64 elapsed = now - b->last_ns;
+
+		if (elapsed > 60 * NS_PER_SEC)
+			elapsed = 60 * NS_PER_SEC;
+		tokens += elapsed * rate;
+		if (tokens > cap)
+			tokens = cap;
+		b->last_ns = now;
+	}
+	if (tokens >= NS_PER_SEC) {
+		tokens -= NS_PER_SEC;
+		ok = 1;
+	}
+	b->tokens_nano = tokens;
+	bpf_spin_unlock(&b->lock);
+	return ok;
+}
+
+/* The verdict for a packet of a flow from src to dst. new_conn: the packet
+ * opens a connection (TCP SYN; first packet otherwise), so the rate limit
+ * applies. */
+static __always_inline __u8 evaluate(__u32 src, __u32 dst, struct pkt *p, int new_conn,
+				     __u64 now, __u32 *rule_id)
+{
+	struct im_enforced_val *e = bpf_map_lookup_elem(&im_enforced, &dst);
+	struct im_policy_val *pv;
+	__u16 dport;
+
+	*rule_id = 0;
+	if (!e || !e->enforced)
+		return IM_VERDICT_ALLOWED;
+	dport = p->key.proto == IPPROTO_ICMP ? 0 : p->key.dport;
+	pv = policy_lookup(src, dst, dport, p->key.proto);
+	if (!pv || !(pv->flags & IM_POLICY_ALLOW))
+		return IM_VERDICT_DENIED;
+	*rule_id = pv->rule_id;
+	if (new_conn && pv->rate_per_sec && !take_token(src, pv, now))
+		return IM_VERDICT_RATE_LIMITED;
+	return IM_VERDICT_ALLOWED;
+}
+
+/* ---- conntrack and events ---------------------------------------------- */
+
+static __always_inline void emit(const struct im_ct_key *k, const struct im_ct_val *ct, __u8 kind,
+				 __u8 hook, __u32 ifindex, __u64 now)
+{
+	struct im_flow_event *e = bpf_ringbuf_reserve(&im_flows, sizeof(*e), 0);
+
+	if (!e) {
+		count(IM_CNT_EVENTS_LOST);
+		return;
+	}
+	e->ts_ns = now;
+	e->packets_fwd = ct->packets_fwd;
+	e->bytes_fwd = ct->bytes_fwd;
+	e->packets_rev = ct->packets_rev;
+	e->bytes_rev = ct->bytes_rev;
+	e->saddr = k->saddr;
+	e->daddr = k->daddr;
+	e->src_identity = ct->src_identity;
+	e->dst_identity = ct->dst_identity;
+	e->ifindex = ifindex;
+	e->rule_id = ct->rule_id;
+	e->sport = k->sport;
+	e->dport = k->dport;
+	e->proto = k->proto;
+	e->verdict = ct->verdict;
+	e->kind = kind;
+	e->hook = hook;
+	bpf_ringbuf_submit(e, 0);
+}
+
+static __always_inline int expired(const struct im_ct_val *ct, __u8 proto,
+				   const struct im_config *cfg, __u64 now)
+{
+	__u64 timeout;
+
+	if (ct->flags & IM_CT_CLOSED)
+		timeout = CT_CLOSED_TIMEOUT_S;
+	else if (ct->verdict == IM_VERDICT_ALLOWED && proto == IPPROTO_TCP)
+		timeout = cfg && cfg->ct_timeout_s ? cfg->ct_timeout_s : DEFAULT_CT_TIMEOUT_S;
+	else
+		timeout = cfg && cfg->ct_short_timeout_s ? cfg->ct_short_timeout_s
+							 : DEFAULT_CT_SHORT_TIMEOUT_S;
+	return now > ct->last_seen_ns && now - ct->last_seen_ns > timeout * NS_PER_SEC;
+}
+
+static __always_inline void account(struct im_ct_val *ct, int rev, __u32 len, __u64 now)
+{
+	if (rev) {
+		__sync_fetch_and_add(&ct->packets_rev, 1);
+		__sync_fetch_and_add(&ct->bytes_rev, len);
+	} else {
+		__sync_fetch_and_add(&ct->packets_fwd, 1);
+		__sync_fetch_and_add(&ct->bytes_fwd, len);
+	}
+	ct->last_seen_ns = now;
+}
+
+static __always_inline int handle(struct __sk_buff *skb, __u8 hook)
+{
+	__u32 zero = 0;
+	struct im_config *cfg = bpf_map_lookup_elem(&im_config, &zero);
+	__u32 gen = cfg ? cfg->policy_gen : 0;
+	struct im_ct_key rk;
+	struct im_ct_val *ct;
+	struct pkt p;
+	int rev = 0, count_bytes = 1;
+	__u64 now;
+
+	if (parse(skb, &p) < 0)
+		return TC_ACT_OK; /* not IPv4: not ours to judge */
+	now = bpf_ktime_get_ns();
+
+	/* Into an instance from another local instance: the bytes were
+	 * counted where they left. */
+	if (hook == IM_HOOK_TO_INSTANCE) {
+		__u32 iif = skb->ingress_ifindex;
+
+		if (bpf_map_lookup_elem(&im_local_ifs, &iif))
+			count_bytes = 0;
+	}
+
+	__builtin_memset(&rk, 0, sizeof(rk));
+	rk.saddr = p.key.daddr;
+	rk.daddr = p.key.saddr;
+	rk.sport = p.key.dport;
+	rk.dport = p.key.sport;
+	rk.proto = p.key.proto;
+
+	ct = bpf_map_lookup_elem(&im_conntrack, &p.key);
+	if (!ct) {
+		ct = bpf_map_lookup_elem(&im_conntrack, &rk);
+		if (ct)
+			rev = 1;
+	}
+	if (ct) {
+		int reopen = !rev && p.key.proto == IPPROTO_TCP &&
+			     (p.tcp_flags & (TCP_SYN | TCP_ACK)) == TCP_SYN &&
+			     (ct->flags & IM_CT_CLOSED);
+
+		if (reopen || expired(ct, p.key.proto, cfg, now)) {
+			bpf_map_delete_elem(&im_conntrack, rev ? &rk : &p.key);
+			ct = NULL;
+			rev = 0;
+		}
+	}
+
+	if (!ct) {
+		/* A new flow: judge it, remember it, report it. */
+		struct im_ct_val nv;
+		__u32 rule_id;
+
+		__builtin_memset(&nv, 0, sizeof(nv));
+		nv.src_identity = identity_of(p.key.saddr);
+		nv.dst_identity = identity_of(p.key.daddr);
+		nv.verdict = evaluate(nv.src_identity, nv.dst_identity, &p, 1, now, &rule_id);
+		nv.rule_id = rule_id;
+		nv.policy_gen = gen;
+		nv.flags = IM_CT_DST_EVALUATED;
+		nv.created_ns = now;
+		nv.last_seen_ns = now;
+		nv.last_report_ns = now;
+		if (count_bytes) {
+			nv.packets_fwd = 1;
+			nv.bytes_fwd = p.len;
+		}
+		bpf_map_update_elem(&im_conntrack, &p.key, &nv, BPF_ANY);
+		count(IM_CNT_NEW_FLOWS);
+		emit(&p.key, &nv, IM_EVENT_NEW, hook, skb->ifindex, now);
+		if (nv.verdict == IM_VERDICT_ALLOWED) {
+			count(IM_CNT_ALLOWED);
+			return TC_ACT_OK;
+		}
+		count(nv.verdict == IM_VERDICT_RATE_LIMITED ? IM_CNT_RATE_LIMITED : IM_CNT_DENIED);
+		return TC_ACT_SHOT;
+	}
+
+	if (rev) {
+		/* A reply: passes if the connection it answers was allowed. */
+		if (ct->verdict != IM_VERDICT_ALLOWED) {
+			count(IM_CNT_DENIED);
+			return TC_ACT_SHOT;
+		}
+	} else if (ct->policy_gen != gen || ct->verdict != IM_VERDICT_ALLOWED) {
+		/* Policy changed since this flow was judged, or it was refused:
+		 * judge it again. */
+		__u32 rule_id;
+		__u32 src = identity_of(p.key.saddr);
+		__u32 dst = identity_of(p.key.daddr);
+		int new_conn = p.key.proto == IPPROTO_TCP
+				       ? (p.tcp_flags & (TCP_SYN | TCP_ACK)) == TCP_SYN
+				       : ct->verdict != IM_VERDICT_ALLOWED;
+		__u8 v = evaluate(src, dst, &p, new_conn, now, &rule_id);
+
+		ct->src_identity = src;
+		ct->dst_identity = dst;
+		ct->rule_id = rule_id;
+		ct->policy_gen = gen;
+		if (v != ct->verdict) {
+			ct->verdict = v;
+			emit(&p.key, ct, IM_EVENT_VERDICT, hook, skb->ifindex, now);
+		}
+		if (v != IM_VERDICT_ALLOWED) {
+			ct->last_seen_ns = now;
+			count(v == IM_VERDICT_RATE_LIMITED ? IM_CNT_RATE_LIMITED : IM_CNT_DENIED);
+			return TC_ACT_SHOT;
+		}
+	}
+
+	if (count_bytes)
+		account(ct, rev, p.len, now);
+	else
+		ct->last_seen_ns = now;
+
+	{
+		const struct im_ct_key *k = rev ? &rk : &p.key;
+
+		if (p.key.proto == IPPROTO_TCP && (p.tcp_flags & (TCP_FIN | TCP_RST)) &&
+		    !(ct->flags & IM_CT_CLOSED)) {
+			ct->flags |= IM_CT_CLOSED;
+			emit(k, ct, IM_EVENT_CLOSE, hook, skb->ifindex, now);
+		} else if (cfg && cfg->report_interval_s &&
+			   now - ct->last_report_ns > (__u64)cfg->report_interval_s * NS_PER_SEC) {
+			ct->last_report_ns = now;
+			emit(k, ct, IM_EVENT_REPORT, hook, skb->ifindex, now);
+		}
+	}
+	count(IM_CNT_ALLOWED);
+	return TC_ACT_OK;
+}
+
+SEC("classifier")
+int im_from_inst(struct __sk_buff *skb)
+{
+	return handle(skb, IM_HOOK_FROM_INSTANCE);
+}
+
+SEC("classifier")
+int im_to_inst(struct __sk_buff *skb)
+{
+	return handle(skb, IM_HOOK_TO_INSTANCE);
+}
+
+/* ---- Service load balancing at the socket ------------------------------ */
+
+/* Rewrites ctx's VIP:port to a backend. sticky: choose by socket cookie
+ * (unconnected UDP: every datagram of a socket to the same backend);
+ * otherwise at random. Returns 0 to refuse (VIP without backend). */
+static __always_inline int lb4(struct bpf_sock_addr *ctx, int sticky)
+{
+	struct im_svc_key k;
+	struct im_svc_val *s;
+	struct im_backend_key bk;
+	struct im_backend_val *b;
+	struct im_revnat_key rk;
+	struct im_revnat_val rv;
+	__u64 cookie;
+	__u32 n;
+
+	if (ctx->type != SOCK_STREAM && ctx->type != SOCK_DGRAM)
+		return 1;
+	__builtin_memset(&k, 0, sizeof(k));
+	k.vip = ctx->user_ip4;
+	k.port = (__u16)ctx->user_port;
+	k.proto = ctx->type == SOCK_STREAM ? IPPROTO_TCP : IPPROTO_UDP;
+	s = bpf_map_lookup_elem(&im_services, &k);
+	if (!s)
+		return 1;
+	n = s->backend_count;
+	if (n == 0) {
+		count(IM_CNT_LB_NO_BACKEND);
+		return 0;
+	}
+	cookie = bpf_get_socket_cookie(ctx);
+	__builtin_memset(&bk, 0, sizeof(bk));
+	bk.service_id = s->service_id;
+	bk.slot = (sticky ? (__u32)cookie : bpf_get_prandom_u32()) % n;
+	b = bpf_map_lookup_elem(&im_backends, &bk);
+	if (!b) {
+		count(IM_CNT_LB_NO_BACKEND);
+		return 0;
+	}
+
+	__builtin_memset(&rk, 0, sizeof(rk));
+	rk.cookie = cookie;
+	rk.addr = b->addr;
+	rk.port = b->port;
+	__builtin_memset(&rv, 0, sizeof(rv));
+	rv.vip = k.vip;
+	rv.port = k.port;
+	bpf_map_update_elem(&im_revnat, &rk, &rv, BPF_ANY);
+
+	ctx->user_ip4 = b->addr;
+	ctx->user_port = b->port;
+	count(IM_CNT_LB_REWRITES);
+	return 1;
+}
+
+/* Backend address -> the VIP this socket asked for. */
+static __always_inline void revnat4(struct bpf_sock_addr *ctx)
+{
+	struct im_revnat_key rk;
+	struct im_revnat_val *rv;
+
+	__builtin_memset(&rk, 0, sizeof(rk));
+	rk.cookie = bpf_get_socket_cookie(ctx);
+	rk.addr = ctx->user_ip4;
+	rk.port = (__u16)ctx->user_port;
+	rv = bpf_map_lookup_elem(&im_revnat, &rk);
+	if (rv) {
+		ctx->user_ip4 = rv->vip;
+		ctx->user_port = rv->port;
+	}
+}
+
+SEC("cgroup/connect4")
+int im_connect4(struct bpf_sock_addr *ctx)
+{
+	return lb4(ctx, 0);
+}
+
+SEC("cgroup/sendmsg4")
+int im_sendmsg4(struct bpf_sock_addr *ctx)
+{
+	return lb4(ctx, 1);
+}
+
+SEC("cgroup/recvmsg4")
+int im_recvmsg4(struct bpf_sock_addr *ctx)
+{
+	revnat4(ctx);
+	return 1;
+}
+
+SEC("cgroup/getpeername4")
+int im_getpeername4(struct bpf_sock_addr *ctx)
+{
+	revnat4(ctx);
+	return 1;
+}
+
+char LICENSE[] SEC("license") = "GPL";

@@ -1,0 +1,199 @@
+/* SPDX-License-Identifier: GPL-2.0 OR Apache-2.0 */
+/*
+ * Ironmesh datapath: map keys, map values and ring-buffer records shared by
+ * the BPF programs (datapath.bpf.c) and the agent. Every struct here has a
+ * #[repr(C)] mirror in ebpf/src/lib.rs, checked by a test against the
+ * offsets the C compiler gives (c/layout.c).
+ *
+ * Conventions: addresses and ports are in network byte order, as the kernel
+ * stores them; everything else is host order. Padding is explicit so that
+ * no field is left uninitialised in keys.
+ *
+ * IM_LAYOUT_VERSION names the layout: the agent pins maps under a directory
+ * that carries it, so a layout change never reuses an old map.
+ */
+#ifndef IRONMESH_H
+#define IRONMESH_H
+
+#include <linux/types.h>
+
+#define IM_LAYOUT_VERSION 1
+
+/* Identity of an address no entry names (outside the mesh, or not yet
+ * known). Rules may name it as a source. */
+#define IM_IDENTITY_UNKNOWN 0
+/* In a policy key's src_identity: any source. */
+#define IM_IDENTITY_ANY 0xffffffffu
+
+/* Verdicts (im_flow_event.verdict, im_ct_val.verdict). */
+#define IM_VERDICT_ALLOWED 1
+#define IM_VERDICT_DENIED 2
+#define IM_VERDICT_RATE_LIMITED 3
+
+/* Kinds of flow event. */
+#define IM_EVENT_NEW 1            /* first packet of a flow */
+#define IM_EVENT_VERDICT 2        /* the verdict of a known flow changed */
+#define IM_EVENT_REPORT 3         /* periodic counters of a live flow */
+#define IM_EVENT_CLOSE 4          /* FIN or RST seen; final counters */
+
+/* Which hook saw the packet (im_flow_event.hook). */
+#define IM_HOOK_FROM_INSTANCE 1   /* TC ingress of the host veth */
+#define IM_HOOK_TO_INSTANCE 2     /* TC egress of the host veth */
+
+/* im_policy_val.flags */
+#define IM_POLICY_ALLOW 1
+
+/* im_ct_val.flags */
+#define IM_CT_DST_EVALUATED 1     /* destination policy was evaluated */
+#define IM_CT_CLOSED 2            /* FIN or RST seen, close reported */
+
+/* Indices of the per-CPU counters array. */
+#define IM_CNT_ALLOWED 0          /* packets passed by the TC programs */
+#define IM_CNT_DENIED 1           /* packets dropped by policy */
+#define IM_CNT_RATE_LIMITED 2     /* new connections dropped by a rate limit */
+#define IM_CNT_NEW_FLOWS 3        /* conntrack entries created */
+#define IM_CNT_EVENTS_LOST 4      /* flow events the ring buffer had no room for */
+#define IM_CNT_LB_REWRITES 5      /* socket addresses rewritten VIP -> backend */
+#define IM_CNT_LB_NO_BACKEND 6    /* connects to a VIP with no backend (refused) */
+#define IM_CNT_MAX 8
+
+/* ip_identity: address -> identity (hash on /32). */
+struct im_identity_val {
+	__u32 identity;
+	__u32 reserved;
+};
+
+/* policy: (src identity, dst identity, dst port, proto) -> verdict.
+ * dport 0 means every port of proto; src_identity IM_IDENTITY_ANY means
+ * every source. Lookups, most specific first: (src, port), (src, any port),
+ * (any src, port), (any src, any port). */
+struct im_policy_key {
+	__u32 src_identity;
+	__u32 dst_identity;
+	__u16 dport;      /* network order */
+	__u8 proto;       /* IPPROTO_TCP, IPPROTO_UDP, IPPROTO_ICMP */
+	__u8 pad;
+};
+
+struct im_policy_val {
+	__u32 flags;        /* IM_POLICY_ALLOW */
+	__u32 rule_id;      /* names the rule in flow events and rate buckets */
+	__u32 rate_per_sec; /* new connections per second per source identity; 0: no limit */
+	__u32 burst;        /* bucket size; 0: same as rate_per_sec */
+};
+
+/* enforced: identity -> 1 when a policy selects it (default deny). */
+struct im_enforced_val {
+	__u32 enforced;
+};
+
+/* conntrack (LRU hash), keyed in the direction of the first packet. */
+struct im_ct_key {
+	__u32 saddr;
+	__u32 daddr;
+	__u16 sport;
+	__u16 dport;
+	__u8 proto;
+	__u8 pad[3];
+};
+
+struct im_ct_val {
+	__u64 created_ns;
+	__u64 last_seen_ns;
+	__u64 last_report_ns;
+	__u64 packets_fwd;
+	__u64 bytes_fwd;
+	__u64 packets_rev;
+	__u64 bytes_rev;
+	__u32 src_identity;
+	__u32 dst_identity;
+	__u32 policy_gen;   /* im_config.policy_gen when last evaluated */
+	__u32 rule_id;      /* rule that allowed it, 0 if none */
+	__u8 verdict;
+	__u8 flags;         /* IM_CT_* */
+	__u8 pad[6];
+};
+
+/* rate_buckets: (src identity, rule) -> token bucket. */
+struct im_rl_key {
+	__u32 src_identity;
+	__u32 rule_id;
+};
+
+struct im_rl_val {
+	struct bpf_spin_lock lock;
+	__u32 pad;
+	__u64 tokens_nano;  /* tokens * 1e9 */
+	__u64 last_ns;
+};
+
+/* config (array, one entry). */
+struct im_config {
+	__u32 policy_gen;        /* bumped by the agent on every policy change */
+	__u32 report_interval_s; /* periodic flow reports; 0: only on close */
+	__u32 ct_timeout_s;      /* idle timeout of established flows */
+	__u32 ct_short_timeout_s;/* idle timeout of closed, denied and UDP/ICMP flows */
+};
+
+/* services: (VIP, port, proto) -> service id and backend count. */
+struct im_svc_key {
+	__u32 vip;        /* network order */
+	__u16 port;       /* network order */
+	__u8 proto;
+	__u8 pad;
+};
+
+struct im_svc_val {
+	__u32 service_id;
+	__u32 backend_count;
+};
+
+/* backends: (service id, slot < backend_count) -> backend address. */
+struct im_backend_key {
+	__u32 service_id;
+	__u32 slot;
+};
+
+struct im_backend_val {
+	__u32 addr;       /* network order */
+	__u16 port;       /* network order */
+	__u16 pad;
+};
+
+/* rev_nat (LRU hash): (socket cookie, backend) -> the VIP the socket asked
+ * for; recvmsg4 and getpeername4 rewrite the backend back to it. */
+struct im_revnat_key {
+	__u64 cookie;
+	__u32 addr;
+	__u16 port;
+	__u16 pad;
+};
+
+struct im_revnat_val {
+	__u32 vip;
+	__u16 port;
+	__u16 pad;
+};
+
+/* Ring-buffer record. */
+struct im_flow_event {
+	__u64 ts_ns;
+	__u64 packets_fwd;
+	__u64 bytes_fwd;
+	__u64 packets_rev;
+	__u64 bytes_rev;
+	__u32 saddr;
+	__u32 daddr;
+	__u32 src_identity;
+	__u32 dst_identity;
+	__u32 ifindex;
+	__u32 rule_id;
+	__u16 sport;
+	__u16 dport;
+	__u8 proto;
+	__u8 verdict;
+	__u8 kind;
+	__u8 hook;
+};
+
+#endif

@@ -1,0 +1,52 @@
+/* Host program run by build.rs: prints the size of every struct in
+ * ironmesh.h and the offset and size of each field, one line each:
+ *   <struct> <field|-> <offset> <size>
+ * ebpf/src/lib.rs compares them with its #[repr(C)] mirrors. The BPF target
+ * and x86_64 lay out these types alike (LP64, natural alignment). */
+#include <stddef.h>
+#include <stdio.h>
+#include <linux/bpf.h>
+
+#include "ironmesh.h"
+
+#define S(t) printf("%s - 0 %zu\n", #t, sizeof(struct t))
+#define F(t, f) printf("%s %s %zu %zu\n", #t, #f, offsetof(struct t, f), sizeof(((struct t *)0)->f))
+
+int main(void)
+{
+	S(im_identity_val); F(im_identity_val, identity); F(im_identity_val, reserved);
+	S(im_policy_key); F(im_policy_key, src_identity); F(im_policy_key, dst_identity);
+	F(im_policy_key, dport); F(im_policy_key, proto); F(im_policy_key, pad);
+	S(im_policy_val); F(im_policy_val, flags); F(im_policy_val, rule_id);
+	F(im_policy_val, rate_per_sec); F(im_policy_val, burst);
+	S(im_enforced_val); F(im_enforced_val, enforced);
+	S(im_ct_key); F(im_ct_key, saddr); F(im_ct_key, daddr); F(im_ct_key, sport);
+	F(im_ct_key, dport); F(im_ct_key, proto); F(im_ct_key, pad);
+	S(im_ct_val); F(im_ct_val, created_ns); F(im_ct_val, last_seen_ns);
+	F(im_ct_val, last_report_ns); F(im_ct_val, packets_fwd); F(im_ct_val, bytes_fwd);
+	F(im_ct_val, packets_rev); F(im_ct_val, bytes_rev); F(im_ct_val, src_identity);
+	F(im_ct_val, dst_identity); F(im_ct_val, policy_gen); F(im_ct_val, rule_id);
+	F(im_ct_val, verdict); F(im_ct_val, flags); F(im_ct_val, pad);
+	S(im_rl_key); F(im_rl_key, src_identity); F(im_rl_key, rule_id);
+	S(im_rl_val); F(im_rl_val, lock); F(im_rl_val, pad); F(im_rl_val, tokens_nano);
+	F(im_rl_val, last_ns);
+	S(im_config); F(im_config, policy_gen); F(im_config, report_interval_s);
+	F(im_config, ct_timeout_s); F(im_config, ct_short_timeout_s);
+	S(im_svc_key); F(im_svc_key, vip); F(im_svc_key, port); F(im_svc_key, proto);
+	F(im_svc_key, pad);
+	S(im_svc_val); F(im_svc_val, service_id); F(im_svc_val, backend_count);
+	S(im_backend_key); F(im_backend_key, service_id); F(im_backend_key, slot);
+	S(im_backend_val); F(im_backend_val, addr); F(im_backend_val, port);
+	F(im_backend_val, pad);
+	S(im_revnat_key); F(im_revnat_key, cookie); F(im_revnat_key, addr);
+	F(im_revnat_key, port); F(im_revnat_key, pad);
+	S(im_revnat_val); F(im_revnat_val, vip); F(im_revnat_val, port); F(im_revnat_val, pad);
+	S(im_flow_event); F(im_flow_event, ts_ns); F(im_flow_event, packets_fwd);
+	F(im_flow_event, bytes_fwd); F(im_flow_event, packets_rev); F(im_flow_event, bytes_rev);
+	F(im_flow_event, saddr); F(im_flow_event, daddr); F(im_flow_event, src_identity);
+	F(im_flow_event, dst_identity); F(im_flow_event, ifindex); F(im_flow_event, rule_id);
+	F(im_flow_event, sport); F(im_flow_event, dport); F(im_flow_event, proto);
+	F(im_flow_event, verdict); F(im_flow_event, kind); F(im_flow_event, hook);
+	printf("IM_LAYOUT_VERSION - %d 0\n", IM_LAYOUT_VERSION);
+	return 0;
+}
