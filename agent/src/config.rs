@@ -91,6 +91,21 @@ pub struct AgentConfig {
     #[arg(long, env = "IRONMESH_INSTANCE_MTU", default_value_t = 1500)]
     pub instance_mtu: u32,
 
+    /// bpffs directory the datapath pins its programs, maps and links in.
+    /// Default: /sys/fs/bpf/ironmesh/<containerd-namespace>.
+    #[arg(long, env = "IRONMESH_BPF_PIN_DIR")]
+    pub bpf_pin_dir: Option<PathBuf>,
+
+    /// cgroup v2 directory the Service load balancer (connect4, sendmsg4,
+    /// recvmsg4) attaches to: every process below it has Service VIPs
+    /// balanced. The root of the unified hierarchy by default.
+    #[arg(
+        long,
+        env = "IRONMESH_DATAPATH_CGROUP",
+        default_value = "/sys/fs/cgroup/unified"
+    )]
+    pub datapath_cgroup: PathBuf,
+
     /// containerd's gRPC socket. containerd 1.6 or 1.7 (Debian 12 ships
     /// 1.6.20) with runc and the overlayfs snapshotter.
     #[arg(

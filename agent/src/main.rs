@@ -5,6 +5,8 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::Parser;
 use ironmesh_agent::config::{default_node_name, AgentConfig};
+use ironmesh_agent::datapath::Datapath;
+use ironmesh_agent::host_networking::HostNetworking;
 use ironmesh_agent::identity::{load_or_join, JoinParams};
 use ironmesh_agent::image_fetch::ControllerImages;
 use ironmesh_agent::metrics::AgentMetrics;
@@ -140,6 +142,11 @@ async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
             .context("storage setup panicked")?
             .context("cannot set up storage pools")?,
     );
+    let datapath = load_datapath(&cfg);
+    let host_net = Arc::new(HostNetworking {
+        network: network.clone(),
+        datapath: datapath.clone(),
+    });
     let (reports_tx, reports_rx) = tokio::sync::mpsc::channel(1024);
     let supervisor = Arc::new(
         Supervisor::start_with_network(
@@ -152,7 +159,7 @@ async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
             },
             runtime,
             images,
-            Some(network.clone() as Arc<dyn InstanceNetworking>),
+            Some(host_net as Arc<dyn InstanceNetworking>),
             reports_tx,
         )
         .await?,
@@ -166,6 +173,7 @@ async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
             supervisor: supervisor.clone(),
             node_ip: cfg.node_ip,
             network,
+            datapath,
             cross_host: cfg.cross_host,
             vxlan_vni: cfg.vxlan_vni,
             storage: Some(storage),
@@ -185,4 +193,55 @@ async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     let _ = metrics_task.await;
     tracing::info!("agent stopped");
     Ok(())
+}
+
+/// Loads (or re-attaches to the pinned) datapath. Without it instances
+/// still run, but policy, Service VIPs and flow telemetry are off: that is
+/// logged as an error, not hidden.
+fn load_datapath(cfg: &AgentConfig) -> Option<Arc<Datapath>> {
+    let pin_dir = cfg.bpf_pin_dir.clone().unwrap_or_else(|| {
+        std::path::Path::new("/sys/fs/bpf/ironmesh").join(&cfg.containerd_namespace)
+    });
+    if let Err(e) = ensure_bpffs() {
+        tracing::error!(error = %e, "cannot mount bpffs at /sys/fs/bpf; the datapath is off");
+        return None;
+    }
+    match Datapath::load(&pin_dir, &cfg.datapath_cgroup) {
+        Ok(dp) => {
+            tracing::info!(pin_dir = %pin_dir.display(), cgroup = %cfg.datapath_cgroup.display(), "datapath loaded");
+            Some(Arc::new(dp))
+        }
+        Err(e) => {
+            tracing::error!(error = %e, pin_dir = %pin_dir.display(), "cannot load the datapath; policy, Service VIPs and flow telemetry are off");
+            None
+        }
+    }
+}
+
+/// Mounts bpffs at /sys/fs/bpf unless something is mounted there.
+fn ensure_bpffs() -> std::io::Result<()> {
+    let mounts = std::fs::read_to_string("/proc/self/mounts")?;
+    if mounts
+        .lines()
+        .any(|l| l.split_whitespace().nth(1) == Some("/sys/fs/bpf"))
+    {
+        return Ok(());
+    }
+    let target = std::ffi::CString::new("/sys/fs/bpf").map_err(std::io::Error::other)?;
+    let fstype = std::ffi::CString::new("bpf").map_err(std::io::Error::other)?;
+    // SAFETY: mount(2) with valid C strings and no data.
+    let rc = unsafe {
+        libc::mount(
+            fstype.as_ptr(),
+            target.as_ptr(),
+            fstype.as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
 }

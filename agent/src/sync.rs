@@ -45,6 +45,9 @@ pub struct SyncConfig {
     /// Instance networking: configured from Welcome, peer routes from
     /// each assignment.
     pub network: Arc<crate::network::Network>,
+    /// The loaded datapath, if any: identities, policy and services from
+    /// each assignment.
+    pub datapath: Option<Arc<crate::datapath::Datapath>>,
     pub cross_host: crate::config::CrossHost,
     pub vxlan_vni: u32,
     /// Volumes: provisioned and deleted as assignments list them, usage
@@ -356,6 +359,9 @@ async fn session(
                         let revision = a.revision;
                         tracing::debug!(revision, instances = a.instances.len(), peers = a.peers.len(), "assignment received");
                         apply_peers(cfg, node_ip, &a.peers).await;
+                        if let Some(dp) = &cfg.datapath {
+                            apply_datapath(dp, &a);
+                        }
                         wanted_volumes = Some(wanted(&a.volumes));
                         let (desired, rejected) = desired_instances(a);
                         for st in rejected {
@@ -518,6 +524,84 @@ async fn apply_peers(
     if let Err(e) = cfg.network.set_peer_routes(&mode, &routes).await {
         tracing::warn!(error = %e, peers = routes.len(), "cannot update routes to other nodes");
     }
+}
+
+/// Writes the assignment's identities, policy and services into the BPF
+/// maps (replace-set: stale entries go). Bad entries are logged and
+/// skipped; the rest is written.
+fn apply_datapath(dp: &crate::datapath::Datapath, a: &Assignment) {
+    use crate::datapath::{PolicyRule, Protocol, RateLimit, ServiceEntry};
+    use ironmesh_proto::v1::policy_rule::Direction;
+    let proto = |p: &str| match p {
+        "TCP" => Some(vec![Protocol::Tcp]),
+        "UDP" => Some(vec![Protocol::Udp]),
+        "" => Some(vec![Protocol::Tcp, Protocol::Udp, Protocol::Icmp]),
+        _ => None,
+    };
+    let identities: Vec<(std::net::Ipv4Addr, u32)> = a
+        .identities
+        .iter()
+        .filter_map(|e| Some((e.ip.parse().ok()?, e.identity)))
+        .collect();
+    let mut rules = Vec::new();
+    for r in &a.policy_rules {
+        // The datapath enforces at the destination; egress rules wait for
+        // source-side enforcement.
+        if r.direction != Direction::Ingress as i32 {
+            continue;
+        }
+        let (Some(protos), Ok(port)) = (proto(&r.protocol), u16::try_from(r.port)) else {
+            tracing::warn!(rule = ?r, "skipping a policy rule this agent cannot express");
+            continue;
+        };
+        for p in protos {
+            rules.push(PolicyRule {
+                src_identity: (r.src_identity != 0).then_some(r.src_identity),
+                dst_identity: r.dst_identity,
+                port: if p == Protocol::Icmp { 0 } else { port },
+                proto: p,
+                rate: (r.rate_per_second > 0).then_some(RateLimit {
+                    per_second: r.rate_per_second,
+                    burst: r.burst,
+                }),
+                rule_id: 0,
+            });
+        }
+    }
+    rules.dedup();
+    let services: Vec<ServiceEntry> = a
+        .services
+        .iter()
+        .filter_map(|s| {
+            Some(ServiceEntry {
+                vip: s.vip.parse().ok()?,
+                port: u16::try_from(s.port).ok()?,
+                proto: proto(&s.protocol)?.into_iter().next()?,
+                backends: s
+                    .backends
+                    .iter()
+                    .filter_map(|b| Some((b.ip.parse().ok()?, u16::try_from(b.port).ok()?)))
+                    .collect(),
+            })
+        })
+        .collect();
+    let results = [
+        ("identities", dp.set_identities(&identities)),
+        ("policy", dp.set_policy(&rules)),
+        ("enforced identities", dp.set_enforced(&a.ingress_enforced)),
+        ("services", dp.set_services(&services)),
+    ];
+    for (what, r) in results {
+        if let Err(e) = r {
+            tracing::warn!(error = %e, what, "cannot update the datapath");
+        }
+    }
+    tracing::debug!(
+        identities = identities.len(),
+        rules = rules.len(),
+        services = services.len(),
+        "datapath updated"
+    );
 }
 
 /// The instances of an assignment, decoded. Instances whose spec cannot be

@@ -305,7 +305,11 @@ pub fn ensure_sysctl(path: &str, value: &str, without: &str) -> Result<(), Netwo
     match std::fs::write(path, value) {
         Ok(()) => Ok(()),
         Err(e) if e.raw_os_error() == Some(libc::EROFS) => {
-            tracing::warn!(path, value, "cannot set a sysctl: /proc/sys is read-only here; {without}");
+            tracing::warn!(
+                path,
+                value,
+                "cannot set a sysctl: /proc/sys is read-only here; {without}"
+            );
             Ok(())
         }
         Err(e) => Err(NetworkError::io("writing sysctl", path, e)),

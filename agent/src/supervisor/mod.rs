@@ -500,30 +500,3 @@ pub(crate) fn remove_dir(dir: &Path) -> std::io::Result<()> {
         _ => Ok(()),
     }
 }
-
-/// The agent's netlink networking as the supervisor uses it.
-#[tonic::async_trait]
-impl InstanceNetworking for crate::network::Network {
-    async fn setup(&self, instance: &str) -> Result<(std::net::Ipv4Addr, PathBuf), String> {
-        crate::network::Network::setup(self, instance)
-            .await
-            .map(|n| (n.ip, n.netns_path))
-            .map_err(|e| e.to_string())
-    }
-
-    async fn teardown(&self, instance: &str) -> Result<(), String> {
-        crate::network::Network::teardown(self, instance)
-            .await
-            .map_err(|e| e.to_string())
-    }
-
-    async fn cleanup_orphans(&self, keep: std::collections::HashSet<String>) {
-        match crate::network::Network::cleanup_orphans(self, &keep).await {
-            Ok(removed) if !removed.is_empty() => {
-                tracing::info!(removed = ?removed, "removed networks of instances that are gone")
-            }
-            Ok(_) => {}
-            Err(e) => tracing::warn!(error = %e, "cannot clean up leftover instance networks"),
-        }
-    }
-}

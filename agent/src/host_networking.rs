@@ -1,0 +1,65 @@
+//! What one instance's network is on this host: its namespace, veth and
+//! address ([`crate::network`]) plus the datapath programs on its veth
+//! ([`crate::datapath`]), set up and torn down together for the supervisor.
+
+use std::collections::HashSet;
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use crate::datapath::Datapath;
+use crate::network::Network;
+use crate::supervisor::InstanceNetworking;
+
+/// The supervisor's view of this host's instance networking.
+pub struct HostNetworking {
+    pub network: Arc<Network>,
+    /// `None` when the datapath could not be loaded (logged at start).
+    pub datapath: Option<Arc<Datapath>>,
+}
+
+#[tonic::async_trait]
+impl InstanceNetworking for HostNetworking {
+    async fn setup(&self, instance: &str) -> Result<(Ipv4Addr, PathBuf), String> {
+        let net = self
+            .network
+            .setup(instance)
+            .await
+            .map_err(|e| e.to_string())?;
+        if let Some(dp) = &self.datapath {
+            // Policy applies from the first packet: attach before the
+            // container exists.
+            dp.attach_instance(&net.host_if)
+                .map_err(|e| format!("attaching the datapath to {}: {e}", net.host_if))?;
+        }
+        Ok((net.ip, net.netns_path))
+    }
+
+    async fn teardown(&self, instance: &str) -> Result<(), String> {
+        if let Some(dp) = &self.datapath {
+            let host_if = self.network.host_if(instance);
+            dp.detach_instance(&host_if)
+                .map_err(|e| format!("detaching the datapath from {host_if}: {e}"))?;
+        }
+        self.network
+            .teardown(instance)
+            .await
+            .map_err(|e| e.to_string())
+    }
+
+    async fn cleanup_orphans(&self, keep: HashSet<String>) {
+        match self.network.cleanup_orphans(&keep).await {
+            Ok(removed) if !removed.is_empty() => {
+                tracing::info!(removed = ?removed, "removed networks of instances that are gone")
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "cannot clean up leftover instance networks"),
+        }
+        if let Some(dp) = &self.datapath {
+            let ifs: HashSet<String> = keep.iter().map(|i| self.network.host_if(i)).collect();
+            if let Err(e) = dp.retain_instances(&ifs) {
+                tracing::warn!(error = %e, "cannot drop datapath hooks of instances that are gone");
+            }
+        }
+    }
+}
