@@ -214,6 +214,8 @@ impl Drop for Containerd {
                 Ok(None) => std::thread::sleep(Duration::from_millis(10)),
             }
         }
+        // The datapath's pins (unpinning detaches its programs).
+        let _ = fs::remove_dir_all(Path::new("/sys/fs/bpf/ironmesh").join(&self.namespace));
         // Network namespace files the agent bind-mounted for our instances.
         let netns_root = Path::new("/run/ironmesh").join(&self.namespace);
         unmount_below(&netns_root.to_string_lossy());
@@ -284,5 +286,15 @@ impl Containerd {
     /// Where the agent puts its containers' cgroups (its default).
     pub fn cgroup_prefix(&self) -> &str {
         &self.cgroup_prefix
+    }
+
+    /// This fixture's own cgroup v2 subtree (created here): the agent
+    /// attaches its Service load balancer there, so agents of parallel tests
+    /// never steer each other's sockets.
+    pub fn datapath_cgroup(&self) -> PathBuf {
+        let dir =
+            Path::new("/sys/fs/cgroup/unified").join(self.cgroup_prefix.trim_start_matches('/'));
+        let _ = fs::create_dir_all(&dir);
+        dir
     }
 }

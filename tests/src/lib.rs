@@ -523,6 +523,8 @@ impl Agent {
             .arg(containerd.socket())
             .arg("--containerd-namespace")
             .arg(containerd.namespace())
+            .arg("--datapath-cgroup")
+            .arg(containerd.datapath_cgroup())
             // Short enough that restart tests see several restarts quickly.
             .arg("--restart-backoff")
             .arg("200ms")
