@@ -236,7 +236,7 @@ impl Drop for IfAddrs {
 }
 
 /// (interface or label, "addr/prefix") for every IPv4 and IPv6 address.
-fn interface_addresses() -> Result<Vec<(String, String)>, InventoryError> {
+pub fn interface_addresses() -> Result<Vec<(String, String)>, InventoryError> {
     let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
     // SAFETY: getifaddrs writes a list head into `head`; it is freed by the
     // guard below.

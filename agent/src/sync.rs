@@ -526,6 +526,25 @@ async fn apply_peers(
     }
 }
 
+/// The reserved identity of this host's own addresses (identities from
+/// label sets start at 256).
+const HOST_IDENTITY: u32 = 1;
+
+/// Every IPv4 address of this host's interfaces, except loopback.
+fn host_ipv4_addresses() -> Vec<std::net::Ipv4Addr> {
+    match crate::inventory::interface_addresses() {
+        Ok(list) => list
+            .iter()
+            .filter_map(|(_, cidr)| cidr.split('/').next()?.parse::<std::net::Ipv4Addr>().ok())
+            .filter(|ip| !ip.is_loopback())
+            .collect(),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot list this host's addresses for the host identity");
+            Vec::new()
+        }
+    }
+}
+
 /// Writes the assignment's identities, policy and services into the BPF
 /// maps (replace-set: stale entries go). Bad entries are logged and
 /// skipped; the rest is written.
@@ -538,7 +557,7 @@ fn apply_datapath(dp: &crate::datapath::Datapath, a: &Assignment) {
         "" => Some(vec![Protocol::Tcp, Protocol::Udp, Protocol::Icmp]),
         _ => None,
     };
-    let identities: Vec<(std::net::Ipv4Addr, u32)> = a
+    let mut identities: Vec<(std::net::Ipv4Addr, u32)> = a
         .identities
         .iter()
         .filter_map(|e| Some((e.ip.parse().ok()?, e.identity)))
@@ -564,6 +583,25 @@ fn apply_datapath(dp: &crate::datapath::Datapath, a: &Assignment) {
                     per_second: r.rate_per_second,
                     burst: r.burst,
                 }),
+                rule_id: 0,
+            });
+        }
+    }
+    // This host's own addresses are the reserved host identity, always
+    // allowed into its local instances: probes and operators on the node
+    // must reach enforced instances (Cilium's allow-localhost=always).
+    let host_ips = host_ipv4_addresses();
+    for ip in &host_ips {
+        identities.push((*ip, HOST_IDENTITY));
+    }
+    for dst in &a.ingress_enforced {
+        for p in [Protocol::Tcp, Protocol::Udp, Protocol::Icmp] {
+            rules.push(PolicyRule {
+                src_identity: Some(HOST_IDENTITY),
+                dst_identity: *dst,
+                port: 0,
+                proto: p,
+                rate: None,
                 rule_id: 0,
             });
         }
