@@ -79,7 +79,7 @@ fn columns(kind: Kind, wide: bool) -> Vec<&'static str> {
         Kind::Workload => vec!["NAME", "READY", "IMAGE", "AGE"],
         Kind::Service => vec!["NAME", "CLUSTER-IP", "PORTS", "AGE"],
         Kind::Policy => vec!["NAME", "SELECTOR", "AGE"],
-        Kind::Volume => vec!["NAME", "SIZE", "NODE", "AGE"],
+        Kind::Volume => vec!["NAME", "SIZE", "STATUS", "NODE", "USED", "AGE"],
         Kind::Pipeline => vec!["NAME", "STEPS", "SCHEDULE", "AGE"],
         Kind::PipelineRun => vec!["NAME", "PIPELINE", "AGE"],
         Kind::Source => vec!["NAME", "REPO", "BRANCH", "AGE"],
@@ -126,9 +126,9 @@ fn row(kind: Kind, o: &Value, wide: bool) -> Vec<String> {
         ],
         Kind::Service => vec![
             name,
-            match s(o, "/spec/clusterIP") {
-                "" => "<pending>".to_string(),
-                ip => ip.to_string(),
+            match (s(o, "/status/clusterIP"), s(o, "/spec/clusterIP")) {
+                ("", "") => "<pending>".to_string(),
+                ("", ip) | (ip, _) => ip.to_string(),
             },
             o.pointer("/spec/ports")
                 .and_then(Value::as_array)
@@ -151,9 +151,17 @@ fn row(kind: Kind, o: &Value, wide: bool) -> Vec<String> {
         Kind::Volume => vec![
             name,
             s(o, "/spec/size").to_string(),
-            match s(o, "/spec/node") {
-                "" => "<any>".to_string(),
-                n => n.to_string(),
+            match s(o, "/status/phase") {
+                "" => "Pending".to_string(),
+                p => p.to_string(),
+            },
+            match (s(o, "/status/node"), s(o, "/spec/node")) {
+                ("", "") => "<any>".to_string(),
+                ("", n) | (n, _) => n.to_string(),
+            },
+            match o.pointer("/status/usageBytes").and_then(Value::as_u64) {
+                Some(b) => format_bytes(b),
+                None => "-".to_string(),
             },
             created,
         ],
