@@ -4,6 +4,7 @@
 mod client;
 mod image;
 mod manifests;
+mod node;
 mod output;
 
 use std::path::PathBuf;
@@ -87,6 +88,11 @@ enum Command {
         names: Vec<String>,
         #[arg(short = 'f', long = "filename")]
         files: Vec<PathBuf>,
+    },
+    /// Cordon, uncordon or drain a node.
+    Node {
+        #[command(subcommand)]
+        command: node::NodeCommand,
     },
     /// Push images to the controller's image store, and list them.
     Image {
@@ -336,6 +342,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Command::Image { command } => image::run(&cfg, command, status_err).await?,
+        Command::Node { command } => node::run(&cfg, command, status_err).await?,
     }
     Ok(())
 }

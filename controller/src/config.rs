@@ -59,6 +59,20 @@ pub struct ControllerConfig {
     #[arg(long, env = "IRONMESH_NODE_GRACE", default_value = "4s", value_parser = humantime::parse_duration)]
     pub node_grace: Duration,
 
+    /// A node NotReady for longer than this loses its instances that mount
+    /// no volume there: they are replaced on Ready nodes.
+    #[arg(long, env = "IRONMESH_EVICTION_DELAY", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub eviction_delay: Duration,
+
+    /// CPU kept back on every node for the agent, containerd and the OS;
+    /// the scheduler places instances in allocatable minus this.
+    #[arg(long, env = "IRONMESH_RESERVE_CPU", default_value = "100m", value_parser = ironmesh_api::quantity::parse_cpu_millis)]
+    pub reserve_cpu: u64,
+
+    /// Memory kept back on every node (see --reserve-cpu).
+    #[arg(long, env = "IRONMESH_RESERVE_MEMORY", default_value = "256Mi", value_parser = ironmesh_api::quantity::parse_bytes)]
+    pub reserve_memory: u64,
+
     /// The block instance addresses come from; each node gets a
     /// `--node-cidr-prefix` part of it on first contact.
     #[arg(long, env = "IRONMESH_CLUSTER_CIDR", default_value = "10.244.0.0/16")]

@@ -8,6 +8,7 @@
 
 pub mod bootstrap;
 pub mod config;
+pub mod eviction;
 pub mod ha;
 pub mod identities;
 pub mod images;

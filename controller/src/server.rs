@@ -123,6 +123,13 @@ pub async fn run(cfg: ControllerConfig, shutdown: Shutdown) -> Result<(), Server
     };
     // Only the leader reconciles; every controller serves the API.
     let service_cidr = cfg.service_cidr;
+    let placement = crate::workloads::Settings {
+        reserve: crate::scheduler::Reserve {
+            cpu_millis: cfg.reserve_cpu,
+            memory_bytes: cfg.reserve_memory,
+        },
+        eviction_delay: cfg.eviction_delay,
+    };
     let reconcilers = {
         let (resources, liveness, metrics) = (resources.clone(), liveness.clone(), metrics.clone());
         tokio::spawn(
@@ -143,7 +150,8 @@ pub async fn run(cfg: ControllerConfig, shutdown: Shutdown) -> Result<(), Server
                     ));
                     let volumes =
                         tokio::spawn(crate::volumes::run(resources.clone(), stop.clone()));
-                    let workloads = tokio::spawn(crate::workloads::run(resources, metrics, stop));
+                    let workloads =
+                        tokio::spawn(crate::workloads::run(resources, metrics, placement, stop));
                     let _ = reconciler.await;
                     let _ = workloads.await;
                     let _ = services.await;

@@ -382,6 +382,19 @@ impl VolumeIndex {
             .collect()
     }
 
+    /// The first volume `spec` mounts that lives on `node`, if any.
+    pub fn volume_on<'a>(&self, spec: &'a WorkloadSpec, node: &str) -> Option<&'a str> {
+        spec.volumes
+            .iter()
+            .find(|m| {
+                self.volumes
+                    .get(&m.volume)
+                    .and_then(|b| b.as_ref().ok())
+                    .is_some_and(|b| b.node == node)
+            })
+            .map(|m| m.volume.as_str())
+    }
+
     /// Every volume bound to `node`, by name.
     pub fn bound_to(&self, node: &str) -> Vec<VolumeAssignment> {
         self.volumes
@@ -403,8 +416,8 @@ pub fn place(
     req: Request,
 ) -> Result<String, String> {
     match index.node_for(spec)? {
-        None => cluster.place(workload, req),
-        Some(node) => cluster.place_on(&node, workload, req),
+        None => cluster.place_with(workload, req, spec.placement.as_ref()),
+        Some(node) => cluster.place_on(&node, workload, req, spec.placement.as_ref()),
     }
 }
 

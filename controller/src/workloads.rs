@@ -6,6 +6,14 @@
 //!
 //! It runs after every store change (coalesced) and on a slow tick, so an
 //! instance that did not fit is retried when a node joins or frees room.
+//!
+//! Failure handling lives here too: when a node's Ready condition has been
+//! False for longer than the eviction delay, its instances that mount no
+//! volume there are deleted (the replica count then creates replacements on
+//! Ready nodes, and the node's next assignment no longer lists them, so its
+//! agent removes them when it returns); instances whose volume lives there
+//! stay bound and Pending with reason `NodeNotReady`. Instances on a node
+//! with a `NoExecute` taint they do not tolerate are evicted the same way.
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
@@ -17,17 +25,38 @@ use ironmesh_api::Kind;
 use rand::Rng;
 use serde_json::{json, Value};
 
+use crate::eviction::{Bound, NodeFacts};
 use crate::liveness::ready_status;
 use crate::resources::{ResourceError, Resources, StoredObject};
-use crate::scheduler::{Cluster, NodeCapacity, Request};
+use crate::scheduler::{Cluster, NodeCapacity, Request, Reserve};
 
 /// Longest wait between passes when nothing changes.
 const RESYNC: Duration = Duration::from_secs(2);
+
+/// What the operator configures about placement and eviction.
+#[derive(Debug, Clone, Copy)]
+pub struct Settings {
+    /// Kept back on every node (`--reserve-cpu`, `--reserve-memory`).
+    pub reserve: Reserve,
+    /// How long a node may be NotReady before its instances move
+    /// (`--eviction-delay`).
+    pub eviction_delay: Duration,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            reserve: Reserve::default(),
+            eviction_delay: Duration::from_secs(5),
+        }
+    }
+}
 
 /// Runs passes until `shutdown`.
 pub async fn run(
     resources: Resources,
     metrics: std::sync::Arc<crate::metrics::ControllerMetrics>,
+    settings: Settings,
     shutdown: ironmesh_daemon::Shutdown,
 ) {
     use futures::StreamExt;
@@ -56,13 +85,19 @@ pub async fn run(
             }
         };
         loop {
-            match reconcile(&resources).await {
-                Ok(counts) => counts.publish(&metrics),
+            let mut wait = RESYNC;
+            match reconcile(&resources, &settings).await {
+                Ok(counts) => {
+                    counts.publish(&metrics);
+                    if let Some(due) = counts.next_eviction {
+                        wait = wait.min(due);
+                    }
+                }
                 Err(e) => tracing::warn!(error = %e, "workload pass failed"),
             }
             tokio::select! {
                 _ = &mut stopped => return,
-                _ = tokio::time::sleep(RESYNC) => {}
+                _ = tokio::time::sleep(wait) => {}
                 ev = events.next() => match ev {
                     Some(Ok(_)) => {
                         // Coalesce a burst (an apply of many objects, our own writes).
@@ -107,15 +142,19 @@ fn request_of(spec: &WorkloadSpec) -> Request {
 }
 
 fn node_capacity(o: &StoredObject) -> NodeCapacity {
+    let spec: ironmesh_api::node::NodeSpec = o
+        .object
+        .get("spec")
+        .cloned()
+        .and_then(|s| serde_json::from_value(s).ok())
+        .unwrap_or_default();
     let q = |p: &str| o.object.pointer(p).and_then(Value::as_str).unwrap_or("0");
     NodeCapacity {
         name: o.name.clone(),
         ready: ready_status(&o.object) == Some("True"),
-        unschedulable: o
-            .object
-            .pointer("/spec/unschedulable")
-            .and_then(Value::as_bool)
-            == Some(true),
+        unschedulable: spec.unschedulable,
+        labels: crate::resources::labels_of(&o.object),
+        taints: spec.taints,
         cpu_millis: ironmesh_api::quantity::parse_cpu_millis(q("/status/allocatable/cpu"))
             .unwrap_or(0),
         memory_bytes: ironmesh_api::quantity::parse_bytes(q("/status/allocatable/memory"))
@@ -173,6 +212,8 @@ fn instance_name(workload: &str) -> String {
 pub struct PassCounts {
     pub by_phase: BTreeMap<&'static str, i64>,
     pub unschedulable: i64,
+    /// When the next NotReady node becomes due for eviction.
+    pub next_eviction: Option<Duration>,
 }
 
 impl PassCounts {
@@ -200,7 +241,10 @@ fn phase_name(p: InstancePhase) -> &'static str {
 }
 
 /// One pass over all workloads.
-pub async fn reconcile(resources: &Resources) -> Result<PassCounts, ResourceError> {
+pub async fn reconcile(
+    resources: &Resources,
+    settings: &Settings,
+) -> Result<PassCounts, ResourceError> {
     let all = LabelSelector::default();
     let (workloads, _) = resources.list(Kind::Workload, &all).await?;
     let (instances, _) = resources.list(Kind::Instance, &all).await?;
@@ -223,8 +267,33 @@ pub async fn reconcile(resources: &Resources) -> Result<PassCounts, ResourceErro
             })
         })
         .collect();
-    let instances: Vec<InstanceView> = instances.iter().filter_map(instance_view).collect();
+    let mut instances: Vec<InstanceView> = instances.iter().filter_map(instance_view).collect();
     let mut counts = PassCounts::default();
+    let volumes = crate::volumes::VolumeIndex::load(resources).await?;
+    {
+        let facts: Vec<NodeFacts> = nodes.iter().map(NodeFacts::of).collect();
+        let bound: Vec<Bound<'_>> = instances
+            .iter()
+            .filter_map(|i| {
+                Some(Bound {
+                    name: &i.name,
+                    node: i.spec.node.as_deref()?,
+                    template: &i.spec.template,
+                })
+            })
+            .collect();
+        let (actions, next) = crate::eviction::plan(
+            &facts,
+            &bound,
+            &volumes,
+            settings.eviction_delay,
+            std::time::SystemTime::now(),
+        );
+        counts.next_eviction = next;
+        let deleted = crate::eviction::apply(resources, &actions).await?;
+        // Replacements for the evicted are created below, in this pass.
+        instances.retain(|i| !deleted.contains(&i.name));
+    }
     for i in &instances {
         *counts
             .by_phase
@@ -235,14 +304,13 @@ pub async fn reconcile(resources: &Resources) -> Result<PassCounts, ResourceErro
         }
     }
 
-    let mut cluster = Cluster::new(nodes.iter().map(node_capacity).collect());
+    let mut cluster =
+        Cluster::with_reserve(nodes.iter().map(node_capacity).collect(), settings.reserve);
     for i in &instances {
         if let Some(n) = &i.spec.node {
             cluster.book(n, &i.spec.workload, request_of(&i.spec.template));
         }
     }
-
-    let volumes = crate::volumes::VolumeIndex::load(resources).await?;
 
     let mut by_workload: HashMap<&str, Vec<&InstanceView>> = HashMap::new();
     for i in &instances {
