@@ -8,6 +8,7 @@
 
 pub mod bootstrap;
 pub mod config;
+pub mod flows;
 pub mod ha;
 pub mod identities;
 pub mod images;
