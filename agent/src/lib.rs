@@ -7,6 +7,7 @@
 
 pub mod config;
 pub mod datapath;
+pub mod flow_export;
 pub mod host_networking;
 pub mod identity;
 pub mod image_fetch;

@@ -92,6 +92,10 @@ async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
 
     let mut registry = prometheus_client::registry::Registry::default();
     let metrics = Arc::new(AgentMetrics::new(&mut registry));
+    let datapath = load_datapath(&cfg);
+    let flow_metrics = datapath
+        .as_ref()
+        .map(|_| ironmesh_agent::datapath::FlowMetrics::register(&mut registry));
     let (_addr, metrics_task) =
         ironmesh_daemon::serve_metrics(cfg.metrics_listen, Arc::new(registry), shutdown.clone())
             .await?;
@@ -142,7 +146,10 @@ async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
             .context("storage setup panicked")?
             .context("cannot set up storage pools")?,
     );
-    let datapath = load_datapath(&cfg);
+    let flows = match (&datapath, flow_metrics) {
+        (Some(dp), Some(m)) => ironmesh_agent::flow_export::spawn(dp.clone(), m),
+        _ => None,
+    };
     let host_net = Arc::new(HostNetworking {
         network: network.clone(),
         datapath: datapath.clone(),
@@ -178,6 +185,7 @@ async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
             vxlan_vni: cfg.vxlan_vni,
             storage: Some(storage),
             storage_report_interval: cfg.storage_report_interval,
+            flows,
         },
         id,
         metrics,

@@ -54,6 +54,9 @@ pub struct SyncConfig {
     /// reported every `storage_report_interval`.
     pub storage: Option<Arc<crate::storage::Storage>>,
     pub storage_report_interval: Duration,
+    /// Flow batches from [`crate::flow_export`], sent up while a session is
+    /// open and dropped otherwise.
+    pub flows: Option<mpsc::Receiver<ironmesh_proto::v1::FlowBatch>>,
 }
 
 /// Where supervisor reports go: the open session's outbound queue, if any.
@@ -85,6 +88,24 @@ fn forward_reports(
         }
     });
     out
+}
+
+/// Sends flow batches to the current session without waiting: a batch
+/// that finds no session, or a full queue, is dropped.
+fn forward_flows(
+    mut flows: mpsc::Receiver<ironmesh_proto::v1::FlowBatch>,
+    session: watch::Receiver<Option<mpsc::Sender<AgentMessage>>>,
+) {
+    tokio::spawn(async move {
+        while let Some(batch) = flows.recv().await {
+            let tx = session.borrow().clone();
+            if let Some(tx) = tx {
+                let _ = tx.try_send(AgentMessage {
+                    msg: Some(agent_message::Msg::Flows(batch)),
+                });
+            }
+        }
+    });
 }
 
 fn observe(
@@ -142,13 +163,16 @@ pub enum SyncError {
 
 /// Keeps a sync stream open until `shutdown`, reconnecting with backoff.
 pub async fn run(
-    cfg: SyncConfig,
+    mut cfg: SyncConfig,
     id: NodeIdentity,
     metrics: Arc<AgentMetrics>,
     reports: mpsc::Receiver<SupervisorReport>,
     shutdown: ironmesh_daemon::Shutdown,
 ) {
     let outbound = forward_reports(reports, metrics.clone());
+    if let Some(flows) = cfg.flows.take() {
+        forward_flows(flows, outbound.subscribe());
+    }
     let mut backoff = BACKOFF_MIN;
     let mut acked: u64 = 0;
     let count = cfg.controllers.len().max(1);

@@ -2,6 +2,7 @@
 //! objects through the controller's operator API over mutual TLS.
 
 mod client;
+mod flows;
 mod image;
 mod manifests;
 mod node;
@@ -81,6 +82,25 @@ enum Command {
         /// Only the last N lines.
         #[arg(long)]
         tail: Option<u32>,
+    },
+    /// Recent flows the datapath reported (oldest first), like `hubble
+    /// observe`: TIME SOURCE → DESTINATION PORT/PROTO VERDICT BYTES.
+    Flows {
+        /// Keep printing new flows until interrupted.
+        #[arg(short, long)]
+        follow: bool,
+        /// Only flows from or to this workload.
+        #[arg(long)]
+        workload: Option<String>,
+        /// Only flows with this verdict.
+        #[arg(long, value_enum)]
+        verdict: Option<flows::VerdictArg>,
+        /// At most the last N recent flows (0: all the controller keeps).
+        #[arg(long, default_value_t = 0)]
+        last: u32,
+        /// `json`: one JSON object per flow and line.
+        #[arg(short, long, value_enum)]
+        output: Option<Output>,
     },
     /// Delete objects by kind and name, or those named in manifests.
     Delete {
@@ -289,6 +309,25 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 stdout.write_all(&chunk.data)?;
                 stdout.flush()?;
             }
+        }
+        Command::Flows {
+            follow,
+            workload,
+            verdict,
+            last,
+            output,
+        } => {
+            flows::run(
+                &cfg,
+                flows::FlowsArgs {
+                    follow,
+                    workload,
+                    verdict,
+                    limit: last,
+                    json: output == Some(Output::Json),
+                },
+            )
+            .await?;
         }
         Command::Delete {
             kind: k,

@@ -9,6 +9,7 @@
 pub mod bootstrap;
 pub mod config;
 pub mod eviction;
+pub mod flows;
 pub mod ha;
 pub mod identities;
 pub mod images;

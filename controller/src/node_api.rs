@@ -36,6 +36,7 @@ pub struct NodeApi {
     pub ipam: crate::ipam::Ipam,
     pub images: crate::images::ImageStore,
     pub logs: crate::logs::LogRelay,
+    pub flows: crate::flows::FlowLog,
     pub bootstrap_token: String,
     pub resources: Resources,
     pub liveness: Liveness,
@@ -201,13 +202,14 @@ impl NodeService for NodeApi {
         let liveness = self.liveness.clone();
         let metrics = self.metrics.clone();
         let logs = self.logs.clone();
+        let flows = self.flows.clone();
         tokio::spawn(async move {
             let outcome = loop {
                 tokio::select! {
                     _ = tx.closed() => break "controller side closed".to_string(),
                     msg = inbound.message() => match msg {
                         Ok(Some(m)) => {
-                            if let Err(e) = handle_agent_message(&node, session, m, &resources, &liveness, &metrics, &logs).await {
+                            if let Err(e) = handle_agent_message(&node, session, m, &resources, &liveness, &metrics, &logs, &flows).await {
                                 let _ = tx.send(Err(e.clone())).await;
                                 break e.message().to_string();
                             }
@@ -282,6 +284,7 @@ impl NodeApi {
     }
 }
 
+#[allow(clippy::too_many_arguments)] // one shared handle per concern the stream feeds
 async fn handle_agent_message(
     node: &str,
     session: u64,
@@ -290,6 +293,7 @@ async fn handle_agent_message(
     liveness: &Liveness,
     metrics: &ControllerMetrics,
     logs: &crate::logs::LogRelay,
+    flows: &crate::flows::FlowLog,
 ) -> Result<(), Status> {
     match m.msg {
         Some(agent_message::Msg::Heartbeat(_)) => {
@@ -329,6 +333,7 @@ async fn handle_agent_message(
             record_instance_event(resources, node, ev).await?;
         }
         Some(agent_message::Msg::Log(chunk)) => logs.deliver(node, chunk).await,
+        Some(agent_message::Msg::Flows(batch)) => flows.ingest(resources, node, batch).await,
         Some(agent_message::Msg::Storage(report)) => {
             crate::volumes::record_storage(resources, node, report)
                 .await

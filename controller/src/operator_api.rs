@@ -33,6 +33,7 @@ pub struct OperatorApi {
     pub resources: Resources,
     pub images: ImageStore,
     pub logs: LogRelay,
+    pub flows: crate::flows::FlowLog,
     pub liveness: Liveness,
     pub metrics: Arc<ControllerMetrics>,
 }
@@ -348,6 +349,18 @@ impl OperatorService for OperatorApi {
         let req = req.into_inner();
         let r = self.logs.open(&self.resources, req).await;
         self.record("Logs", &r);
+        r.map(Response::new)
+    }
+
+    type FlowsStream = crate::flows::FlowsStream;
+
+    async fn flows(
+        &self,
+        req: Request<ironmesh_proto::v1::FlowsRequest>,
+    ) -> Result<Response<Self::FlowsStream>, Status> {
+        authorize(&req)?;
+        let r = self.flows.open(req.into_inner());
+        self.record("Flows", &r);
         r.map(Response::new)
     }
 }

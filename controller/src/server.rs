@@ -164,6 +164,7 @@ pub async fn run(cfg: ControllerConfig, shutdown: Shutdown) -> Result<(), Server
     let images = crate::images::ImageStore::open(cfg.data_dir.join("images"), store.clone())
         .map_err(|e| ServerError::Config(e.to_string()))?;
     let logs = crate::logs::LogRelay::default();
+    let flows = crate::flows::FlowLog::default();
     let ipam = crate::ipam::Ipam::new(cfg.cluster_cidr, cfg.node_cidr_prefix)
         .map_err(ServerError::Config)?;
     let node_api = NodeApi {
@@ -171,6 +172,7 @@ pub async fn run(cfg: ControllerConfig, shutdown: Shutdown) -> Result<(), Server
         ipam,
         images: images.clone(),
         logs: logs.clone(),
+        flows: flows.clone(),
         bootstrap_token: creds.bootstrap_token,
         resources: resources.clone(),
         liveness: liveness.clone(),
@@ -181,6 +183,7 @@ pub async fn run(cfg: ControllerConfig, shutdown: Shutdown) -> Result<(), Server
         resources,
         images,
         logs,
+        flows,
         liveness,
         metrics,
     };

@@ -45,6 +45,27 @@ fn instance_netns(agent: &Agent, instance: &str) -> PathBuf {
         .join(instance)
 }
 
+/// How a TCP connect from inside the namespace at `from` ends: `Ok` when it
+/// opens, else the error kind (`ConnectionRefused`: the packet got through;
+/// `TimedOut`: it was dropped).
+fn connect_result(
+    from: PathBuf,
+    to: SocketAddr,
+    timeout: Duration,
+) -> Result<(), std::io::ErrorKind> {
+    std::thread::spawn(move || {
+        let file = std::fs::File::open(&from).expect("netns");
+        // SAFETY: setns on a valid namespace fd changes only this thread.
+        let rc = unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&file), libc::CLONE_NEWNET) };
+        assert_eq!(rc, 0);
+        std::net::TcpStream::connect_timeout(&to, timeout)
+            .map(|_| ())
+            .map_err(|e| e.kind())
+    })
+    .join()
+    .expect("connect thread")
+}
+
 /// True if a TCP connection from inside the namespace at `from` opens.
 fn connects(from: PathBuf, to: SocketAddr) -> bool {
     std::thread::spawn(move || {
@@ -199,4 +220,414 @@ spec:
         let pins = PathBuf::from("/sys/fs/bpf/ironmesh").join(a.containerd.namespace());
         assert!(pins.exists(), "{} pinned its datapath", a.name);
     }
+}
+
+fn start_hosts(ctl: &Controller) -> Vec<Agent> {
+    let agents: Vec<Agent> = ["h1", "h2"].iter().map(|n| Agent::start(ctl, n)).collect();
+    for a in &agents {
+        wait_ready(ctl, a);
+    }
+    for image in ["records-server", "batch-step"] {
+        let out = ctl.imctl(&["image", "push", images_dir().join(image).to_str().unwrap()]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    agents
+}
+
+fn wait_ready(ctl: &Controller, a: &Agent) {
+    wait_for(
+        &format!("{} Ready", a.name),
+        Duration::from_secs(30),
+        || {
+            ctl.node(&a.name)
+                .filter(|n| ironmesh_tests::ready_status(n).as_deref() == Some("True"))
+        },
+    );
+}
+
+/// Runs curl from a child process placed in `cgroup` and in the network
+/// namespace `netns`: the agent's connect4 program steers it.
+fn curl_in(cgroup: &std::path::Path, netns: &std::path::Path, url: &str) -> Option<String> {
+    let script = format!(
+        "echo $$ > {}/cgroup.procs && exec curl -s -m 3 {url}",
+        cgroup.display()
+    );
+    let out = std::process::Command::new("nsenter")
+        .arg(format!("--net={}", netns.display()))
+        .args(["--", "sh", "-c", &script])
+        .output()
+        .expect("nsenter");
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).to_string())
+}
+
+fn log_lines(ctl: &Controller, instance: &str, needle: &str) -> usize {
+    let out = ctl.imctl(&["logs", instance]);
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.contains(needle))
+        .count()
+}
+
+/// (ingress, egress) TCX programs on a host veth, as the kernel lists them.
+fn tcx_programs(agent: &Agent, host_if: &str) -> (usize, usize) {
+    use aya::programs::tc::{SchedClassifier, TcAttachType};
+    let host_if = host_if.to_string();
+    agent.host.within(move || {
+        let count = |t| {
+            SchedClassifier::query_tcx(&host_if, t)
+                .map(|(_, p)| p.len())
+                .unwrap_or_else(|e| panic!("query tcx on {host_if}: {e}"))
+        };
+        (count(TcAttachType::Ingress), count(TcAttachType::Egress))
+    })
+}
+
+/// The host veths the agent pinned TC links for.
+fn pinned_host_ifs(agent: &Agent) -> Vec<String> {
+    let root = PathBuf::from("/sys/fs/bpf/ironmesh").join(agent.containerd.namespace());
+    let mut out = Vec::new();
+    for v in std::fs::read_dir(&root).into_iter().flatten().flatten() {
+        for l in std::fs::read_dir(v.path().join("links"))
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let name = l.file_name().to_string_lossy().to_string();
+            if let Some(i) = name
+                .strip_prefix("tc-")
+                .and_then(|n| n.strip_suffix("-ingress"))
+            {
+                out.push(i.to_string());
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// Lines of `bpftool cgroup show` per attach type.
+fn cgroup_programs(cgroup: &std::path::Path) -> std::collections::BTreeMap<String, usize> {
+    let out = std::process::Command::new("bpftool")
+        .args(["cgroup", "show"])
+        .arg(cgroup)
+        .output()
+        .expect("bpftool");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut m = std::collections::BTreeMap::new();
+    for l in text.lines().skip(1) {
+        if let Some(t) = l.split_whitespace().nth(1) {
+            *m.entry(t.to_string()).or_default() += 1;
+        }
+    }
+    m
+}
+
+#[test]
+fn replies_rate_limits_flows_vips_and_pinned_state_across_agent_restarts() {
+    let ctl = Controller::start(ControllerOpts::default());
+    let mut agents = start_hosts(&ctl);
+    apply(
+        &ctl,
+        "apiVersion: ironmesh.dev/v1
+kind: Workload
+metadata:
+  name: api
+  labels: {app: api}
+spec:
+  image: ironmesh/records-server:dev
+  replicas: 2
+  env: [{name: LISTEN_ADDR, value: \"0.0.0.0:8080\"}]
+  readinessProbe: {tcpSocket: {port: 8080}, periodSeconds: 1}
+---
+apiVersion: ironmesh.dev/v1
+kind: Workload
+metadata:
+  name: api-unready
+  labels: {app: api, variant: unready}
+spec:
+  image: ironmesh/records-server:dev
+  env: [{name: LISTEN_ADDR, value: \"0.0.0.0:8080\"}]
+  readinessProbe: {tcpSocket: {port: 9999}, periodSeconds: 1}
+---
+apiVersion: ironmesh.dev/v1
+kind: Workload
+metadata:
+  name: client
+  labels: {team: analytics}
+spec:
+  image: ironmesh/batch-step:dev
+  env: [{name: SLEEP_MS, value: \"600000\"}]
+---
+apiVersion: ironmesh.dev/v1
+kind: Service
+metadata:
+  name: api
+spec:
+  selector: {app: api}
+  ports: [{port: 80, targetPort: 8080}]
+",
+    );
+    let api = wait_for("2 api instances ready", Duration::from_secs(60), || {
+        let l = instances(&ctl, "api");
+        (l.len() == 2
+            && l.iter()
+                .all(|i| i.pointer("/status/ready") == Some(&Value::Bool(true))))
+        .then_some(l)
+    });
+    let unready = wait_for("api-unready running", Duration::from_secs(60), || {
+        instances(&ctl, "api-unready")
+            .into_iter()
+            .find(|i| s(i, "/status/phase") == "Running" && !s(i, "/status/ip").is_empty())
+    });
+    let client = wait_for("client running", Duration::from_secs(60), || {
+        instances(&ctl, "client")
+            .into_iter()
+            .find(|i| s(i, "/status/phase") == "Running" && !s(i, "/status/ip").is_empty())
+    });
+    let ci = agents
+        .iter()
+        .position(|a| a.name == s(&client, "/spec/node"))
+        .expect("client's agent");
+    let from = instance_netns(&agents[ci], s(&client, "/metadata/name"));
+    let remote = api
+        .iter()
+        .find(|i| s(i, "/spec/node") != agents[ci].name)
+        .expect("an api instance on the other host")
+        .clone();
+    let ri = agents
+        .iter()
+        .position(|a| a.name == s(&remote, "/spec/node"))
+        .expect("remote agent");
+    let remote_ns = instance_netns(&agents[ri], s(&remote, "/metadata/name"));
+    let target = SocketAddr::new(s(&remote, "/status/ip").parse::<IpAddr>().unwrap(), 8080);
+    let back = SocketAddr::new(s(&client, "/status/ip").parse::<IpAddr>().unwrap(), 9);
+
+    // --- Service VIP from a process in the agent's datapath cgroup subtree.
+    let vip = wait_for("service VIP", Duration::from_secs(20), || {
+        let v = ctl.imctl_json(&["get", "services", "api"]);
+        let ip = s(&v, "/status/clusterIP").to_string();
+        (!ip.is_empty()).then_some(ip)
+    });
+    let cg = agents[ci]
+        .containerd
+        .datapath_cgroup()
+        .join("e2e-vip-client");
+    std::fs::create_dir_all(&cg).expect("child cgroup");
+    let url = format!("http://{vip}:80/healthz?via=vip");
+    wait_for("VIP answers", Duration::from_secs(20), || {
+        curl_in(&cg, &from, &url).filter(|b| b == "ok")
+    });
+    let mut ok = 0;
+    for _ in 0..24 {
+        if curl_in(&cg, &from, &url).as_deref() == Some("ok") {
+            ok += 1;
+        }
+    }
+    let _ = std::fs::remove_dir(&cg);
+    assert!(ok >= 22, "{ok}/24 requests through the VIP answered");
+    let per_backend: Vec<usize> = api
+        .iter()
+        .map(|i| log_lines(&ctl, s(i, "/metadata/name"), "/healthz?via=vip"))
+        .collect();
+    assert!(
+        per_backend.iter().all(|&n| n >= 2),
+        "requests spread across both ready backends: {per_backend:?}"
+    );
+    assert_eq!(
+        log_lines(&ctl, s(&unready, "/metadata/name"), "via=vip"),
+        0,
+        "the not-ready backend was chosen"
+    );
+
+    // --- Replies pass while a new connection the other way is denied.
+    assert_eq!(
+        connect_result(remote_ns.clone(), back, Duration::from_millis(700)),
+        Err(std::io::ErrorKind::ConnectionRefused),
+        "no policy on client: api reaches it (nothing listens: refused)"
+    );
+    apply(
+        &ctl,
+        "apiVersion: ironmesh.dev/v1
+kind: Policy
+metadata:
+  name: client-lockdown
+spec:
+  selector: {team: analytics}
+  ingress:
+    - from: [{selector: {app: nobody}}]
+      ports: [{port: 9}]
+",
+    );
+    wait_for("api -> client denied", Duration::from_secs(20), || {
+        (connect_result(remote_ns.clone(), back, Duration::from_millis(700))
+            == Err(std::io::ErrorKind::TimedOut))
+        .then_some(())
+    });
+    assert!(
+        connects(from.clone(), target),
+        "client -> api opens: its replies pass into the default-deny client"
+    );
+    let body = agents[ci]
+        .host
+        .within({
+            let from = from.clone();
+            move || {
+                let file = std::fs::File::open(&from).expect("netns");
+                // SAFETY: setns on a valid namespace fd changes only this thread.
+                let rc = unsafe {
+                    libc::setns(std::os::fd::AsRawFd::as_raw_fd(&file), libc::CLONE_NEWNET)
+                };
+                assert_eq!(rc, 0);
+                ironmesh_tests::http_get(target, "/records")
+            }
+        })
+        .expect("a whole response comes back");
+    assert!(!body.is_empty());
+
+    // --- The rate limit drops the excess.
+    apply(
+        &ctl,
+        "apiVersion: ironmesh.dev/v1
+kind: Policy
+metadata:
+  name: api-rate
+spec:
+  selector: {app: api}
+  ingress:
+    - from: [{selector: {team: analytics}}]
+      ports: [{port: 8080}]
+      rateLimit: {connectionsPerSecond: 5}
+",
+    );
+    // The assignment reaches both agents within a moment; the bucket is
+    // full again after a second.
+    std::thread::sleep(Duration::from_millis(2500));
+    let burst: Vec<_> = (0..40)
+        .map(|_| {
+            let from = from.clone();
+            std::thread::spawn(move || connect_result(from, target, Duration::from_millis(800)))
+        })
+        .collect();
+    let results: Vec<_> = burst.into_iter().map(|t| t.join().unwrap()).collect();
+    let passed = results.iter().filter(|r| r.is_ok()).count();
+    assert!(
+        (1..=15).contains(&passed),
+        "5/s with a burst of 5: {passed}/40 passed"
+    );
+
+    // --- imctl flows shows the dropped flow with its identities.
+    let client_id = client.pointer("/spec/identity").and_then(Value::as_u64);
+    let api_id = remote.pointer("/spec/identity").and_then(Value::as_u64);
+    let dropped = wait_for(
+        "the dropped flow in imctl flows",
+        Duration::from_secs(10),
+        || {
+            let out = ctl.imctl(&["flows", "--verdict", "dropped", "-o", "json"]);
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+                .find(|f| {
+                    s(f, "/destination/ip") == back.ip().to_string()
+                        && f.pointer("/destination/port").and_then(Value::as_u64) == Some(9)
+                })
+        },
+    );
+    assert_eq!(s(&dropped, "/verdict"), "dropped");
+    assert_eq!(s(&dropped, "/source/workload"), "api");
+    assert_eq!(s(&dropped, "/destination/workload"), "client");
+    assert_eq!(
+        s(&dropped, "/destination/instance"),
+        s(&client, "/metadata/name")
+    );
+    assert_eq!(
+        dropped.pointer("/source/identity").and_then(Value::as_u64),
+        api_id
+    );
+    assert_eq!(
+        dropped
+            .pointer("/destination/identity")
+            .and_then(Value::as_u64),
+        client_id
+    );
+    let limited = ctl.imctl(&[
+        "flows",
+        "--verdict",
+        "rate-limited",
+        "--workload",
+        "client",
+        "-o",
+        "json",
+    ]);
+    assert!(
+        String::from_utf8_lossy(&limited.stdout).lines().count() >= 1,
+        "rate-limited flows are listed"
+    );
+    let table = ctl.imctl(&["flows", "--verdict", "dropped"]);
+    let table = String::from_utf8_lossy(&table.stdout);
+    assert!(
+        table.starts_with("TIME") && table.contains("DROPPED"),
+        "{table}"
+    );
+
+    // --- Killed agents: pinned state keeps enforcing.
+    std::thread::sleep(Duration::from_millis(1100));
+    for a in agents.iter_mut() {
+        a.proc.kill9();
+    }
+    assert_eq!(
+        connect_result(remote_ns.clone(), back, Duration::from_millis(700)),
+        Err(std::io::ErrorKind::TimedOut),
+        "denied stays denied without agents"
+    );
+    assert!(
+        connects(from.clone(), target),
+        "allowed stays allowed without agents"
+    );
+
+    // --- Restarted agents attach nothing twice.
+    for a in agents.iter_mut() {
+        a.restart_without_token(&ctl);
+    }
+    for a in &agents {
+        wait_ready(&ctl, a);
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    for a in &agents {
+        let ifs = pinned_host_ifs(a);
+        assert!(!ifs.is_empty(), "{} pinned TC links", a.name);
+        for i in &ifs {
+            assert_eq!(tcx_programs(a, i), (1, 1), "{}: programs on {i}", a.name);
+        }
+        let cg = cgroup_programs(&a.containerd.datapath_cgroup());
+        for t in [
+            "cgroup_inet4_connect",
+            "cgroup_udp4_sendmsg",
+            "cgroup_udp4_recvmsg",
+            "cgroup_inet4_getpeername",
+        ] {
+            assert_eq!(
+                cg.get(t).copied(),
+                Some(1),
+                "{}: {t} on its cgroup: {cg:?}",
+                a.name
+            );
+        }
+    }
+    assert_eq!(
+        connect_result(remote_ns, back, Duration::from_millis(700)),
+        Err(std::io::ErrorKind::TimedOut),
+        "still denied after restart"
+    );
+    assert!(connects(from, target), "still allowed after restart");
 }
