@@ -559,6 +559,30 @@ impl Agent {
     pub fn state_dir(&self) -> PathBuf {
         self.dir.path().join("state")
     }
+
+    /// Waits until the controller reports this node Ready; on timeout the
+    /// panic carries the end of the agent's log.
+    pub fn wait_ready(&self, ctl: &Controller, deadline: Duration) {
+        let until = Instant::now() + deadline;
+        loop {
+            if ctl
+                .node(&self.name)
+                .is_some_and(|n| ready_status(&n).as_deref() == Some("True"))
+            {
+                return;
+            }
+            if Instant::now() > until {
+                let log = self.proc.log_text();
+                let tail: Vec<&str> = log.lines().rev().take(40).collect();
+                panic!(
+                    "node {} not Ready within {deadline:?}; agent log (last lines):\n{}",
+                    self.name,
+                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
 }
 
 /// Minimal HTTP/1.0 GET on loopback (for /metrics).

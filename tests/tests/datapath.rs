@@ -84,14 +84,7 @@ fn policy_flips_without_restarts_and_a_service_vip_reaches_ready_backends() {
     let ctl = Controller::start(ControllerOpts::default());
     let agents: Vec<Agent> = ["h1", "h2"].iter().map(|n| Agent::start(&ctl, n)).collect();
     for a in &agents {
-        wait_for(
-            &format!("{} Ready", a.name),
-            Duration::from_secs(30),
-            || {
-                ctl.node(&a.name)
-                    .filter(|n| ironmesh_tests::ready_status(n).as_deref() == Some("True"))
-            },
-        );
+        a.wait_ready(&ctl, Duration::from_secs(90));
     }
     let pids: Vec<u32> = agents.iter().map(|a| a.proc.pid()).collect();
     for image in ["records-server", "batch-step"] {
@@ -239,14 +232,11 @@ fn start_hosts(ctl: &Controller) -> Vec<Agent> {
 }
 
 fn wait_ready(ctl: &Controller, a: &Agent) {
-    wait_for(
-        &format!("{} Ready", a.name),
-        Duration::from_secs(30),
-        || {
-            ctl.node(&a.name)
-                .filter(|n| ironmesh_tests::ready_status(n).as_deref() == Some("True"))
-        },
-    );
+    a.wait_ready(ctl, Duration::from_secs(90));
+    wait_for(&format!("{} Ready", a.name), Duration::from_secs(5), || {
+        ctl.node(&a.name)
+            .filter(|n| ironmesh_tests::ready_status(n).as_deref() == Some("True"))
+    });
 }
 
 /// Runs curl from a child process placed in `cgroup` and in the network

@@ -411,15 +411,17 @@ fn watch_streams_changes_after_a_revision() {
     let admin = grpc::admin_creds(&ctl);
     rt.block_on(async {
         let mut op = grpc::operator(&ctl, Some(&admin)).await.unwrap();
-        let vol = |name: &str, size: &str| Manifest {
+        // Policies: no controller writes their status, so every event
+        // here is the test's own.
+        let vol = |name: &str, app: &str| Manifest {
             origin: name.into(),
-            json: serde_json::json!({"apiVersion": "ironmesh.dev/v1", "kind": "Volume",
-                "metadata": {"name": name}, "spec": {"size": size}})
+            json: serde_json::json!({"apiVersion": "ironmesh.dev/v1", "kind": "Policy",
+                "metadata": {"name": name}, "spec": {"selector": {"app": app}, "ingress": []}})
             .to_string(),
         };
         let first = op
             .apply(ApplyRequest {
-                manifests: vec![vol("a", "1Gi")],
+                manifests: vec![vol("a", "web")],
                 dry_run: false,
             })
             .await
@@ -428,20 +430,20 @@ fn watch_streams_changes_after_a_revision() {
             .revision;
         let mut events = op
             .watch(WatchRequest {
-                kind: "volumes".into(),
+                kind: "policies".into(),
                 from_revision: first,
             })
             .await
             .unwrap()
             .into_inner();
         op.apply(ApplyRequest {
-            manifests: vec![vol("b", "1Gi")],
+            manifests: vec![vol("b", "web")],
             dry_run: false,
         })
         .await
         .unwrap();
         op.apply(ApplyRequest {
-            manifests: vec![vol("a", "2Gi")],
+            manifests: vec![vol("a", "db")],
             dry_run: false,
         })
         .await

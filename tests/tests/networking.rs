@@ -80,14 +80,7 @@ fn instances_on_three_hosts_reach_each_other_and_a_deleted_node_is_cut_off() {
         .map(|n| Agent::start(&ctl, n))
         .collect();
     for a in &agents {
-        wait_for(
-            &format!("{} Ready", a.name),
-            Duration::from_secs(30),
-            || {
-                ctl.node(&a.name)
-                    .filter(|n| ironmesh_tests::ready_status(n).as_deref() == Some("True"))
-            },
-        );
+        a.wait_ready(&ctl, Duration::from_secs(90));
     }
     let out = ctl.imctl(&[
         "image",
@@ -194,10 +187,7 @@ spec:
 fn deleting_instances_leaves_no_namespace_veth_route_or_lease() {
     let ctl = Controller::start(ControllerOpts::default());
     let agent = Agent::start(&ctl, "solo");
-    wait_for("Ready", Duration::from_secs(30), || {
-        ctl.node("solo")
-            .filter(|n| ironmesh_tests::ready_status(n).as_deref() == Some("True"))
-    });
+    agent.wait_ready(&ctl, Duration::from_secs(90));
     let out = ctl.imctl(&[
         "image",
         "push",

@@ -162,10 +162,7 @@ fn volume_is_bound_mounted_kept_across_instances_reported_limited_and_deleted() 
         agent.dir.path().to_path_buf(),
         pool.path().to_path_buf(),
     ]);
-    wait_for("node-a Ready", Duration::from_secs(20), || {
-        ctl.node("node-a")
-            .filter(|n| ironmesh_tests::ready_status(n).as_deref() == Some("True"))
-    });
+    agent.wait_ready(&ctl, Duration::from_secs(90));
     push(&ctl, "batch-step");
 
     // The pool is reported and the Volume is bound to it.

@@ -19,10 +19,7 @@ const BATCH: &str = "ironmesh/batch-step:dev";
 fn start_cluster() -> (Controller, Agent) {
     let ctl = Controller::start(ControllerOpts::default());
     let agent = Agent::start(&ctl, "node-a");
-    wait_for("node-a Ready", Duration::from_secs(20), || {
-        ctl.node("node-a")
-            .filter(|n| ironmesh_tests::ready_status(n).as_deref() == Some("True"))
-    });
+    agent.wait_ready(&ctl, Duration::from_secs(90));
     (ctl, agent)
 }
 
