@@ -76,8 +76,13 @@ pub async fn run(resources: Resources, data_dir: PathBuf, shutdown: ironmesh_dae
             }
         };
         loop {
-            if let Err(e) = pass(&resources, &cache, &mut tracked).await {
-                tracing::warn!(error = %e, "source pass failed");
+            // Losing leadership (or shutting down) abandons a pass at once:
+            // git is killed, and an apply is one transaction, written or not.
+            tokio::select! {
+                _ = &mut stopped => return,
+                r = pass(&resources, &cache, &mut tracked) => if let Err(e) = r {
+                    tracing::warn!(error = %e, "source pass failed");
+                },
             }
             tokio::select! {
                 _ = &mut stopped => return,
