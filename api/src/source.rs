@@ -21,7 +21,7 @@ pub struct SourceSpec {
     /// Relative to the repository root, without `..`; default `.`.
     #[serde(default = "dot")]
     pub directory: String,
-    /// At least 5; default 30.
+    /// At least 1; default 30.
     #[serde(default = "thirty")]
     pub interval_seconds: u32,
     /// Delete objects this Source applied once they leave git; default true.
@@ -114,10 +114,10 @@ impl Spec for SourceSpec {
                 format!("must be a relative path inside the repository, without \"..\", got {d:?}"),
             );
         }
-        if self.interval_seconds < 5 {
+        if self.interval_seconds < 1 {
             errs.add(
                 "spec.intervalSeconds",
-                format!("must be at least 5, got {}", self.interval_seconds),
+                format!("must be at least 1, got {}", self.interval_seconds),
             );
         }
     }
@@ -130,6 +130,12 @@ pub struct SourceStatus {
     /// The commit last applied.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_applied_commit: Option<String>,
+    /// The commit of the last attempt, applied or not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_attempted_commit: Option<String>,
+    /// How many objects the last applied commit holds.
+    #[serde(default)]
+    pub applied_objects: usize,
     /// RFC 3339; the last fetch, successful or not.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_sync_time: Option<String>,
@@ -232,11 +238,11 @@ mod tests {
         );
         assert!(validate(&src(with(json!({"directory": "clusters/prod"})))).is_ok());
         rejects(
-            with(json!({"intervalSeconds": 1})),
+            with(json!({"intervalSeconds": 0})),
             "spec.intervalSeconds",
-            "must be at least 5, got 1",
+            "must be at least 1, got 0",
         );
-        assert!(validate(&src(with(json!({"intervalSeconds": 5})))).is_ok());
+        assert!(validate(&src(with(json!({"intervalSeconds": 1})))).is_ok());
         rejects(
             with(json!({"prune": "no"})),
             "spec.prune",
@@ -256,7 +262,7 @@ mod tests {
         let v = serde_json::to_value(&s).unwrap();
         assert_eq!(
             v,
-            json!({"lastAppliedCommit": "abc123", "applied": ["Workload/web"]})
+            json!({"lastAppliedCommit": "abc123", "appliedObjects": 0, "applied": ["Workload/web"]})
         );
         assert_eq!(serde_json::from_value::<SourceStatus>(v).unwrap(), s);
     }

@@ -59,6 +59,20 @@ pub fn node_ready(o: &Value) -> String {
     st
 }
 
+/// The reason of a Source's Ready condition (Applied, ApplyFailed,
+/// FetchFailed), or Pending before its first sync.
+fn source_status(o: &Value) -> String {
+    o.pointer("/status/conditions")
+        .and_then(Value::as_array)
+        .and_then(|a| {
+            a.iter()
+                .find(|c| c.get("type").and_then(Value::as_str) == Some("Ready"))
+        })
+        .and_then(|c| c.get("reason").and_then(Value::as_str))
+        .unwrap_or("Pending")
+        .to_string()
+}
+
 /// Phase, or the reason when it says more (CrashLoopBackOff, ImageNotFound).
 fn instance_status(o: &Value) -> String {
     let phase = match s(o, "/status/phase") {
@@ -82,7 +96,7 @@ fn columns(kind: Kind, wide: bool) -> Vec<&'static str> {
         Kind::Volume => vec!["NAME", "SIZE", "STATUS", "NODE", "USED", "AGE"],
         Kind::Pipeline => vec!["NAME", "STEPS", "SCHEDULE", "AGE"],
         Kind::PipelineRun => vec!["NAME", "PIPELINE", "AGE"],
-        Kind::Source => vec!["NAME", "REPO", "BRANCH", "AGE"],
+        Kind::Source => vec!["NAME", "REPO", "BRANCH", "STATUS", "COMMIT", "AGE"],
         Kind::Instance => vec![
             "NAME", "WORKLOAD", "NODE", "STATUS", "READY", "RESTARTS", "IP", "AGE",
         ],
@@ -182,6 +196,11 @@ fn row(kind: Kind, o: &Value, wide: bool) -> Vec<String> {
             name,
             s(o, "/spec/repo").to_string(),
             s(o, "/spec/branch").to_string(),
+            source_status(o),
+            match s(o, "/status/lastAppliedCommit") {
+                "" => "<none>".to_string(),
+                c => c.chars().take(12).collect(),
+            },
             created,
         ],
         Kind::Instance => vec![
@@ -519,5 +538,26 @@ mod tests {
         let n = json!({"spec": {"unschedulable": true},
             "status": {"conditions": [{"type": "Ready", "status": "False"}]}});
         assert_eq!(node_ready(&n), "NotReady,SchedulingDisabled");
+    }
+
+    #[test]
+    fn source_table_shows_sync_status_and_applied_commit() {
+        let src = json!({"metadata": {"name": "platform"},
+            "spec": {"repo": "/srv/git/platform", "branch": "main"},
+            "status": {"lastAppliedCommit": "4be1c0aa11223344556677889900aabbccddeeff",
+                       "conditions": [{"type": "Ready", "status": "False", "reason": "ApplyFailed"}]}});
+        let t = table(Kind::Source, &[src], false);
+        let lines: Vec<&str> = t.lines().collect();
+        assert!(
+            lines[0].contains("STATUS") && lines[0].contains("COMMIT"),
+            "{t}"
+        );
+        assert!(
+            lines[1].contains("ApplyFailed") && lines[1].contains("4be1c0aa1122 "),
+            "{t}"
+        );
+        let fresh = json!({"metadata": {"name": "p"}, "spec": {"repo": "/r", "branch": "main"}});
+        let t = table(Kind::Source, &[fresh], false);
+        assert!(t.contains("Pending") && t.contains("<none>"), "{t}");
     }
 }

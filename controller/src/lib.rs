@@ -25,6 +25,7 @@ pub mod resources;
 pub mod scheduler;
 pub mod server;
 pub mod services;
+pub mod sources;
 pub mod store;
 pub mod volumes;
 pub mod workloads;

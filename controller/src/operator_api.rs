@@ -58,6 +58,7 @@ fn to_status(e: ResourceError) -> Status {
         ResourceError::Contended(_) => Status::aborted(e.to_string()),
         ResourceError::Corrupt { .. } => Status::data_loss(e.to_string()),
         ResourceError::Store(_) => Status::unavailable(e.to_string()),
+        ResourceError::Conflict(_) => Status::failed_precondition(e.to_string()),
     }
 }
 

@@ -52,6 +52,7 @@ pub enum ApplyAction {
     Created,
     Configured,
     Unchanged,
+    Deleted,
 }
 
 impl ApplyAction {
@@ -60,6 +61,7 @@ impl ApplyAction {
             ApplyAction::Created => "created",
             ApplyAction::Configured => "configured",
             ApplyAction::Unchanged => "unchanged",
+            ApplyAction::Deleted => "deleted",
         }
     }
 }
@@ -80,7 +82,13 @@ pub enum ResourceError {
     Duplicate(String, String, String),
     #[error("too much concurrent change to {0}; try again")]
     Contended(String),
+    #[error("{0}")]
+    Conflict(String),
 }
+
+/// Checks an existing object before a write replaces or deletes it; `Err`
+/// says why it must not be touched.
+pub type Guard<'a> = dyn Fn(&StoredObject) -> Result<(), String> + Send + Sync + 'a;
 
 /// Typed access to resource objects.
 #[derive(Clone)]
@@ -127,6 +135,30 @@ impl Resources {
         docs: &[(String, Validated)],
         dry_run: bool,
     ) -> Result<(Revision, Vec<Applied>), ResourceError> {
+        self.write(docs, &[], &|_| Ok(()), dry_run).await
+    }
+
+    /// Like [`Resources::apply`], and deletes the objects in `delete` in the
+    /// same transaction (absent ones are skipped). `guard` sees every
+    /// existing object about to be overwritten or deleted; an `Err` from it
+    /// changes nothing and is returned as [`ResourceError::Conflict`].
+    /// Deleted objects are reported with [`ApplyAction::Deleted`].
+    pub async fn apply_and_delete(
+        &self,
+        docs: &[(String, Validated)],
+        delete: &[(Kind, String)],
+        guard: &Guard<'_>,
+    ) -> Result<(Revision, Vec<Applied>), ResourceError> {
+        self.write(docs, delete, guard, false).await
+    }
+
+    async fn write(
+        &self,
+        docs: &[(String, Validated)],
+        delete: &[(Kind, String)],
+        guard: &Guard<'_>,
+        dry_run: bool,
+    ) -> Result<(Revision, Vec<Applied>), ResourceError> {
         let mut seen: std::collections::HashMap<(Kind, &str), &str> = Default::default();
         for (origin, v) in docs {
             if let Some(first) = seen.insert((v.kind, v.name.as_str()), origin.as_str()) {
@@ -146,7 +178,9 @@ impl Resources {
                 let (next, action) = match &current {
                     None => (new_object(&v.object), ApplyAction::Created),
                     Some(kv) => {
-                        let existing = decode(v.kind, kv)?.object;
+                        let stored = decode(v.kind, kv)?;
+                        guard(&stored).map_err(ResourceError::Conflict)?;
+                        let existing = stored.object;
                         let merged = merge_applied(&existing, &v.object);
                         if strip_rv(&merged) == strip_rv(&existing) {
                             (merged, ApplyAction::Unchanged)
@@ -171,6 +205,21 @@ impl Resources {
                     kind: v.kind,
                     name: v.name.clone(),
                     action,
+                });
+            }
+            for (kind, name) in delete {
+                let k = key(*kind, name);
+                let Some(kv) = self.store.get(&k).await? else {
+                    continue;
+                };
+                guard(&decode(*kind, &kv)?).map_err(ResourceError::Conflict)?;
+                txn.compares
+                    .push(Compare::ModRevision(k.clone(), kv.mod_revision));
+                txn.ops.push(Op::Delete { key: k });
+                applied.push(Applied {
+                    kind: *kind,
+                    name: name.clone(),
+                    action: ApplyAction::Deleted,
                 });
             }
             if dry_run {
@@ -391,5 +440,91 @@ pub fn rfc3339(t: std::time::SystemTime) -> String {
             .format(&time::format_description::well_known::Rfc3339)
             .unwrap_or_default(),
         Err(_) => String::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::embedded::EmbeddedStore;
+
+    fn doc(kind: &str, name: &str, label: Option<&str>) -> (String, Validated) {
+        let mut meta = json!({"name": name});
+        if let Some(l) = label {
+            meta["labels"] = json!({"owner": l});
+        }
+        let spec = match kind {
+            "Service" => json!({"selector": {"app": name}, "ports": [{"port": 80}]}),
+            _ => json!({"image": "ironmesh/x:1"}),
+        };
+        let v = ironmesh_api::validate(
+            &json!({"apiVersion": "ironmesh.dev/v1", "kind": kind, "metadata": meta, "spec": spec}),
+        )
+        .unwrap();
+        (format!("{kind}/{name}"), v)
+    }
+
+    fn owned_by_a(o: &StoredObject) -> Result<(), String> {
+        match labels_of(&o.object).get("owner").map(String::as_str) {
+            Some("a") => Ok(()),
+            _ => Err(format!("{} {:?} belongs to someone else", o.kind, o.name)),
+        }
+    }
+
+    #[tokio::test]
+    async fn apply_and_delete_is_one_revision_and_guarded() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = Resources::new(Arc::new(
+            EmbeddedStore::open(&dir.path().join("s.redb")).unwrap(),
+        ));
+        let (_, first) = r
+            .apply(
+                &[
+                    doc("Workload", "web", Some("a")),
+                    doc("Service", "web", Some("a")),
+                    doc("Workload", "mine", None),
+                ],
+                false,
+            )
+            .await
+            .unwrap();
+        assert!(first.iter().all(|a| a.action == ApplyAction::Created));
+
+        // Applying over and deleting an object someone else owns fails
+        // and changes nothing.
+        let before = r.store().revision().await.unwrap();
+        let e = r
+            .apply_and_delete(&[doc("Workload", "mine", Some("a"))], &[], &owned_by_a)
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("Workload \"mine\" belongs"), "{e}");
+        let e = r
+            .apply_and_delete(
+                &[doc("Workload", "web", Some("a"))],
+                &[(Kind::Workload, "mine".into())],
+                &owned_by_a,
+            )
+            .await
+            .unwrap_err();
+        assert!(matches!(e, ResourceError::Conflict(_)), "{e}");
+        assert_eq!(r.store().revision().await.unwrap(), before);
+
+        // Update one, delete one, skip an absent one: one revision.
+        let (rev, applied) = r
+            .apply_and_delete(
+                &[doc("Workload", "web", Some("a"))],
+                &[
+                    (Kind::Service, "web".into()),
+                    (Kind::Service, "gone".into()),
+                ],
+                &owned_by_a,
+            )
+            .await
+            .unwrap();
+        assert_eq!(rev, before + 1);
+        let actions: Vec<_> = applied.iter().map(|a| a.action).collect();
+        assert_eq!(actions, [ApplyAction::Unchanged, ApplyAction::Deleted]);
+        assert!(r.get(Kind::Service, "web").await.unwrap().is_none());
+        assert!(r.get(Kind::Workload, "mine").await.unwrap().is_some());
     }
 }

@@ -123,6 +123,7 @@ pub async fn run(cfg: ControllerConfig, shutdown: Shutdown) -> Result<(), Server
     };
     // Only the leader reconciles; every controller serves the API.
     let service_cidr = cfg.service_cidr;
+    let data_dir = cfg.data_dir.clone();
     let placement = crate::workloads::Settings {
         reserve: crate::scheduler::Reserve {
             cpu_millis: cfg.reserve_cpu,
@@ -136,6 +137,7 @@ pub async fn run(cfg: ControllerConfig, shutdown: Shutdown) -> Result<(), Server
             leadership.run_while_leader(metrics.clone(), shutdown.clone(), move |stop| {
                 let (resources, liveness, metrics) =
                     (resources.clone(), liveness.clone(), metrics.clone());
+                let data_dir = data_dir.clone();
                 async move {
                     let reconciler = tokio::spawn(liveness::run_reconciler(
                         resources.clone(),
@@ -148,6 +150,11 @@ pub async fn run(cfg: ControllerConfig, shutdown: Shutdown) -> Result<(), Server
                         service_cidr,
                         stop.clone(),
                     ));
+                    let sources = tokio::spawn(crate::sources::run(
+                        resources.clone(),
+                        data_dir.clone(),
+                        stop.clone(),
+                    ));
                     let volumes =
                         tokio::spawn(crate::volumes::run(resources.clone(), stop.clone()));
                     let workloads =
@@ -156,6 +163,7 @@ pub async fn run(cfg: ControllerConfig, shutdown: Shutdown) -> Result<(), Server
                     let _ = workloads.await;
                     let _ = services.await;
                     let _ = volumes.await;
+                    let _ = sources.await;
                 }
             }),
         )
