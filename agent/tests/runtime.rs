@@ -141,7 +141,16 @@ async fn adopt_limits_exec_stop_delete() {
         cd.path("runc").join(&cd.namespace).join("sleeper").is_dir(),
         "runc state is not under the configured runc root"
     );
-    let cmdline = fs::read(format!("/proc/{pid}/cmdline")).unwrap();
+    // A task that has only just started may still be exec'ing (empty
+    // cmdline for a moment): wait for it, with a deadline.
+    let deadline = Instant::now() + DEADLINE;
+    let cmdline = loop {
+        let c = fs::read(format!("/proc/{pid}/cmdline")).unwrap();
+        if !c.is_empty() || Instant::now() > deadline {
+            break c;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
     assert_eq!(cmdline, b"/bin/busybox\x00sleep\x001000\x00");
 
     // Limits are in the cgroup (cgroup v1 host).
