@@ -84,7 +84,7 @@ async fn main() -> anyhow::Result<()> {
             "spec": {
                 "image": IMAGE,
                 "env": [{"name": "SLEEP_MS", "value": "600000"}],
-                "resources": {"cpu": "100m", "memory": "32Mi"},
+                "resources": {"cpu": "90m", "memory": "32Mi"},
             },
         });
         let started = Instant::now();
@@ -116,8 +116,9 @@ async fn main() -> anyhow::Result<()> {
         let id = format!("bare-{i}");
         let mut spec = InstanceSpec::new(&id, &image);
         spec.env = vec![("SLEEP_MS".into(), "600000".into())];
-        // The same limits the workload asks for (CFS quota, memory).
-        spec.resources.cpu_millis = Some(100);
+        // The same limits the workload asks for (CFS quota, memory); 20 x 90m
+        // fits a 2-CPU node after the scheduler's default 100m reserve.
+        spec.resources.cpu_millis = Some(90);
         spec.resources.memory_bytes = Some(32 << 20);
         let started = Instant::now();
         rt.create(&spec).await?;
