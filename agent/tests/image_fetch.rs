@@ -13,154 +13,24 @@ use std::collections::HashSet;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
-use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::Stream;
 use ironmesh_agent::image_fetch::ControllerImages;
 use ironmesh_agent::image_source::{ImageSource, ImageSourceError};
-use ironmesh_agent::runtime::{Runtime, RuntimeConfig};
 use ironmesh_proto::v1::node_service_client::NodeServiceClient;
 use ironmesh_proto::v1::node_service_server::{NodeService, NodeServiceServer};
 use ironmesh_proto::v1::{
     AgentMessage, BlobChunk, ControllerMessage, FetchBlobRequest, JoinRequest, JoinResponse,
 };
-use sha2::{Digest, Sha256};
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Request, Response, Status, Streaming};
 
+mod common;
+use common::{sha256, tar_entry, within, Containerd};
+
 const IMAGE: &str = "ironmesh.test/fetched:1";
-const DEADLINE: Duration = Duration::from_secs(20);
-
-// ---------------------------------------------------------------------------
-// containerd fixture (as in tests/runtime.rs, without containers)
-
-struct Containerd {
-    child: Child,
-    dir: tempfile::TempDir,
-    socket: PathBuf,
-    namespace: String,
-}
-
-impl Containerd {
-    fn start(name: &str) -> Self {
-        let dir = tempfile::Builder::new()
-            .prefix("imfetch-")
-            .tempdir()
-            .expect("temporary directory");
-        let d = dir.path();
-        let socket = d.join("c.sock");
-        let config = format!(
-            "version = 2\n\
-             root = \"{root}\"\n\
-             state = \"{state}\"\n\
-             disabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n\
-             [grpc]\n  address = \"{socket}\"\n\
-             [ttrpc]\n  address = \"{ttrpc}\"\n",
-            root = d.join("root").display(),
-            state = d.join("state").display(),
-            socket = socket.display(),
-            ttrpc = d.join("c.ttrpc.sock").display(),
-        );
-        fs::write(d.join("config.toml"), config).unwrap();
-        let log = fs::File::create(d.join("containerd.log")).unwrap();
-        let child = Command::new("containerd")
-            .arg("--config")
-            .arg(d.join("config.toml"))
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .unwrap_or_else(|e| {
-                panic!(
-                    "cannot start containerd ({e}): these tests need a real containerd \
-                     (Debian: apt-get install containerd runc, or scripts/install-deps.sh)"
-                )
-            });
-        let mut fixture = Containerd {
-            child,
-            socket,
-            namespace: format!("imfetch-{name}"),
-            dir,
-        };
-        let deadline = Instant::now() + DEADLINE;
-        while !fixture.socket.exists() {
-            if let Ok(Some(status)) = fixture.child.try_wait() {
-                panic!("containerd exited ({status}):\n{}", fixture.log());
-            }
-            assert!(
-                Instant::now() < deadline,
-                "containerd did not serve within {DEADLINE:?}:\n{}",
-                fixture.log()
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        fixture
-    }
-
-    fn log(&self) -> String {
-        fs::read_to_string(self.dir.path().join("containerd.log")).unwrap_or_default()
-    }
-
-    async fn runtime(&self) -> Runtime {
-        let deadline = Instant::now() + DEADLINE;
-        loop {
-            match Runtime::connect(RuntimeConfig::new(&self.socket, &self.namespace)).await {
-                Ok(rt) => return rt,
-                Err(e) if Instant::now() < deadline => {
-                    eprintln!("containerd not answering yet: {e}");
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                }
-                Err(e) => panic!("cannot connect to containerd: {e}\n{}", self.log()),
-            }
-        }
-    }
-
-    fn path(&self, rel: &str) -> PathBuf {
-        self.dir.path().join(rel)
-    }
-}
-
-impl Drop for Containerd {
-    fn drop(&mut self) {
-        // SAFETY: plain syscall on the PID of the containerd this test started.
-        unsafe {
-            libc::kill(self.child.id() as i32, libc::SIGTERM);
-        }
-        let deadline = Instant::now() + Duration::from_secs(5);
-        loop {
-            match self.child.try_wait() {
-                Ok(Some(_)) | Err(_) => break,
-                Ok(None) if Instant::now() > deadline => {
-                    let _ = self.child.kill();
-                    let _ = self.child.wait();
-                    break;
-                }
-                Ok(None) => std::thread::sleep(Duration::from_millis(10)),
-            }
-        }
-        // Snapshot mounts containerd may have left below our directory.
-        let root = self.dir.path().to_string_lossy().to_string();
-        if let Ok(info) = fs::read_to_string("/proc/self/mountinfo") {
-            let mut points: Vec<String> = info
-                .lines()
-                .filter_map(|l| l.split(' ').nth(4))
-                .filter(|p| p.starts_with(&root))
-                .map(String::from)
-                .collect();
-            points.sort_by_key(|p| std::cmp::Reverse(p.len()));
-            for p in points {
-                if let Ok(c) = std::ffi::CString::new(p) {
-                    // SAFETY: umount2 with a valid C string.
-                    unsafe {
-                        libc::umount2(c.as_ptr(), libc::MNT_DETACH);
-                    }
-                }
-            }
-        }
-    }
-}
 
 // ---------------------------------------------------------------------------
 // a blob server standing in for the controller's image store
@@ -260,35 +130,6 @@ async fn serve(server: BlobServer) -> NodeServiceClient<Channel> {
 // ---------------------------------------------------------------------------
 // layouts
 
-fn tar_entry(out: &mut Vec<u8>, name: &str, kind: u8, mode: u32, data: &[u8], link: &str) {
-    let mut h = [0u8; 512];
-    let octal = |h: &mut [u8; 512], at: usize, len: usize, v: u64| {
-        let s = format!("{v:0width$o}\0", width = len - 1);
-        h[at..at + len].copy_from_slice(s.as_bytes());
-    };
-    h[..name.len()].copy_from_slice(name.as_bytes());
-    octal(&mut h, 100, 8, mode as u64);
-    octal(&mut h, 108, 8, 0);
-    octal(&mut h, 116, 8, 0);
-    octal(&mut h, 124, 12, data.len() as u64);
-    octal(&mut h, 136, 12, 1_700_000_000);
-    h[148..156].copy_from_slice(b"        ");
-    h[156] = kind;
-    h[157..157 + link.len()].copy_from_slice(link.as_bytes());
-    h[257..263].copy_from_slice(b"ustar\0");
-    h[263..265].copy_from_slice(b"00");
-    let sum: u32 = h.iter().map(|b| *b as u32).sum();
-    let s = format!("{sum:06o}\0 ");
-    h[148..156].copy_from_slice(s.as_bytes());
-    out.extend_from_slice(&h);
-    out.extend_from_slice(data);
-    out.resize(out.len().div_ceil(512) * 512, 0);
-}
-
-fn sha256(data: &[u8]) -> String {
-    format!("sha256:{}", hex::encode(Sha256::digest(data)))
-}
-
 fn put_blob(dir: &Path, data: &[u8]) -> String {
     let digest = sha256(data);
     fs::create_dir_all(dir.join("blobs/sha256")).unwrap();
@@ -348,12 +189,6 @@ fn staging_entries(dir: &Path) -> Vec<PathBuf> {
     fs::read_dir(dir)
         .map(|d| d.flatten().map(|e| e.path()).collect())
         .unwrap_or_default()
-}
-
-async fn within<T>(what: &str, fut: impl std::future::Future<Output = T>) -> T {
-    tokio::time::timeout(DEADLINE, fut)
-        .await
-        .unwrap_or_else(|_| panic!("{what} did not finish within {DEADLINE:?}"))
 }
 
 // ---------------------------------------------------------------------------
