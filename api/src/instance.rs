@@ -30,6 +30,24 @@ pub struct InstanceSpec {
     /// The numeric identity of the workload's label set (datapath policy).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub identity: Option<u32>,
+    /// Set when a PipelineRun owns this instance (one attempt of one step
+    /// index) rather than a Workload.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub task: Option<TaskRef>,
+}
+
+/// Which PipelineRun step index an instance runs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TaskRef {
+    pub run: String,
+    pub step: String,
+    pub index: u32,
+    /// 1 for the first container of this index, +1 per retry.
+    pub attempt: u32,
+    /// A worker of a worker-mode step (leases items from the step's queue).
+    #[serde(default)]
+    pub worker: bool,
 }
 
 /// What the agent (or, before placement, the controller) reports.

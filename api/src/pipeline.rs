@@ -13,8 +13,28 @@ use crate::workload::{check_container, EnvVar, Resources};
 
 /// Environment variable holding a step replica's index (0-based).
 pub const STEP_INDEX_ENV: &str = "STEP_INDEX";
+/// Environment variable holding the step's replica count.
+pub const STEP_REPLICAS_ENV: &str = "STEP_REPLICAS";
 /// Environment variable holding the mount path of the run volume.
 pub const STORAGE_PATH_ENV: &str = "STORAGE_PATH";
+/// Environment variable holding the PipelineRun's name.
+pub const PIPELINE_RUN_ENV: &str = "PIPELINE_RUN";
+/// Environment variable holding the path of the work-queue socket (every
+/// step gets one: workers lease from it, any step may push to a worker
+/// step's queue).
+pub const QUEUE_SOCKET_ENV: &str = "IRONMESH_QUEUE";
+/// Where the run volume is mounted in every step container.
+pub const STORAGE_PATH: &str = "/ironmesh/run";
+/// Directory holding the work-queue socket in every step container.
+pub const QUEUE_DIR: &str = "/run/ironmesh";
+/// The socket's path inside step containers.
+pub const QUEUE_SOCKET: &str = "/run/ironmesh/queue.sock";
+/// Label on runs (and their volumes) naming the Pipeline.
+pub const PIPELINE_LABEL: &str = "ironmesh.dev/pipeline";
+/// Label on the instances and volume of a run naming the PipelineRun.
+pub const RUN_LABEL: &str = "ironmesh.dev/pipelinerun";
+/// Most items a worker step may list inline.
+pub const MAX_INLINE_ITEMS: usize = 100_000;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -68,6 +88,10 @@ pub struct Step {
     pub timeout_seconds: Option<u32>,
     #[serde(default)]
     pub mode: StepMode,
+    /// Worker steps only: items queued when the step starts (earlier steps
+    /// may push more through the queue socket).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub items: Vec<String>,
 }
 
 fn one() -> i64 {
@@ -83,11 +107,19 @@ pub enum StepMode {
     /// One container per index; the step is done when all exit 0.
     #[default]
     Batch,
-    /// Long-lived workers; the step is done when its dependents are.
+    /// `replicas` long-lived workers lease items from the step's queue
+    /// until it is empty, then exit; the step is done when the queue is
+    /// drained and every worker exited 0.
     Worker,
 }
 
-const RESERVED_ENV: [&str; 2] = [STEP_INDEX_ENV, STORAGE_PATH_ENV];
+const RESERVED_ENV: [&str; 5] = [
+    STEP_INDEX_ENV,
+    STEP_REPLICAS_ENV,
+    STORAGE_PATH_ENV,
+    PIPELINE_RUN_ENV,
+    QUEUE_SOCKET_ENV,
+];
 
 impl Spec for PipelineSpec {
     fn check(&self, errs: &mut Errors) {
@@ -118,6 +150,27 @@ impl Spec for PipelineSpec {
                 errs.add(
                     format!("{at}.replicas"),
                     format!("must be between 1 and 1000, got {}", s.replicas),
+                );
+            }
+            if !s.items.is_empty() && s.mode != StepMode::Worker {
+                errs.add(
+                    format!("{at}.items"),
+                    "only worker steps take items (set mode: worker)",
+                );
+            }
+            if s.items.len() > MAX_INLINE_ITEMS {
+                errs.add(
+                    format!("{at}.items"),
+                    format!(
+                        "at most {MAX_INLINE_ITEMS} inline items, got {}",
+                        s.items.len()
+                    ),
+                );
+            }
+            if let Some(j) = s.items.iter().position(|i| i.is_empty() || i.len() > 4096) {
+                errs.add(
+                    format!("{at}.items[{j}]"),
+                    "an item must be 1 to 4096 bytes",
                 );
             }
             if s.retries > 100 {
@@ -258,11 +311,14 @@ pub fn check_cron(expr: &str) -> Result<(), String> {
         ("day-of-week", 0, 7),
     ];
     let expr = expr.trim();
+    if let Some(d) = expr.strip_prefix("@every ") {
+        return every(d).map(|_| ());
+    }
     if let Some(m) = expr.strip_prefix('@') {
         return match m {
             "yearly" | "annually" | "monthly" | "weekly" | "daily" | "midnight" | "hourly" => Ok(()),
             _ => Err(format!(
-                "{expr:?} is not a known macro; expected @yearly, @annually, @monthly, @weekly, @daily, @midnight or @hourly"
+                "{expr:?} is not a known macro; expected @yearly, @annually, @monthly, @weekly, @daily, @midnight, @hourly or @every <duration>"
             )),
         };
     }
@@ -324,22 +380,174 @@ pub fn check_cron(expr: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// A parsed `schedule`: when a Pipeline fires, in UTC.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Schedule {
+    Every(std::time::Duration),
+    /// Allowed values per field as bit sets: minute, hour, day-of-month,
+    /// month, day-of-week (0 = Sunday); and whether day-of-month /
+    /// day-of-week were `*` (cron matches either when both are restricted).
+    Cron {
+        fields: [u64; 5],
+        dom_star: bool,
+        dow_star: bool,
+    },
+}
+
+impl Schedule {
+    pub fn parse(expr: &str) -> Result<Schedule, String> {
+        check_cron(expr)?;
+        let expr = expr.trim();
+        if let Some(d) = expr.strip_prefix("@every ") {
+            return Ok(Schedule::Every(every(d)?));
+        }
+        let expanded = match expr {
+            "@yearly" | "@annually" => "0 0 1 1 *",
+            "@monthly" => "0 0 1 * *",
+            "@weekly" => "0 0 * * 0",
+            "@daily" | "@midnight" => "0 0 * * *",
+            "@hourly" => "0 * * * *",
+            e => e,
+        };
+        const MONTHS: [&str; 12] = [
+            "JAN", "FEB", "MAR", "APR", "MAY", "JUN", "JUL", "AUG", "SEP", "OCT", "NOV", "DEC",
+        ];
+        const DAYS: [&str; 7] = ["SUN", "MON", "TUE", "WED", "THU", "FRI", "SAT"];
+        const RANGES: [(u32, u32); 5] = [(0, 59), (0, 23), (1, 31), (1, 12), (0, 7)];
+        let mut fields = [0u64; 5];
+        let parts: Vec<&str> = expanded.split_whitespace().collect();
+        for (fi, part) in parts.iter().enumerate() {
+            let (lo, hi) = RANGES[fi];
+            let num = |v: &str| -> u32 {
+                let named = match fi {
+                    3 => MONTHS
+                        .iter()
+                        .position(|m| m.eq_ignore_ascii_case(v))
+                        .map(|i| i as u32 + 1),
+                    4 => DAYS
+                        .iter()
+                        .position(|d| d.eq_ignore_ascii_case(v))
+                        .map(|i| i as u32),
+                    _ => None,
+                };
+                // check_cron accepted it, so it parses.
+                named.or_else(|| v.parse().ok()).unwrap_or(lo)
+            };
+            for item in part.split(',') {
+                let (range, step) = match item.split_once('/') {
+                    Some((r, s)) => (r, s.parse::<u32>().unwrap_or(1).max(1)),
+                    None => (item, 1),
+                };
+                let (a, b) = if range == "*" {
+                    (lo, hi)
+                } else if let Some((a, b)) = range.split_once('-') {
+                    (num(a), num(b))
+                } else if step > 1 {
+                    (num(range), hi)
+                } else {
+                    (num(range), num(range))
+                };
+                let mut v = a;
+                while v <= b {
+                    // Day-of-week 7 is Sunday too.
+                    let bit = if fi == 4 && v == 7 { 0 } else { v };
+                    fields[fi] |= 1 << bit;
+                    v += step;
+                }
+            }
+        }
+        Ok(Schedule::Cron {
+            fields,
+            dom_star: parts[2] == "*",
+            dow_star: parts[4] == "*",
+        })
+    }
+
+    /// The first firing strictly after `after` (Unix seconds), within the
+    /// next five years.
+    pub fn next_after(&self, after: u64) -> Option<u64> {
+        match self {
+            Schedule::Every(d) => Some(after + d.as_secs().max(1)),
+            Schedule::Cron {
+                fields,
+                dom_star,
+                dow_star,
+            } => {
+                let has = |f: usize, v: u64| fields[f] & (1 << v) != 0;
+                let start = (after / 60 + 1) * 60;
+                let first_day = start / 86_400;
+                for day in first_day..first_day + 5 * 366 {
+                    let (month, dom) = month_day(day as i64);
+                    let dow = (day + 4) % 7; // 1970-01-01 was a Thursday.
+                    let (dom_ok, dow_ok) = (has(2, dom), has(4, dow));
+                    let day_ok = if !dom_star && !dow_star {
+                        dom_ok || dow_ok
+                    } else {
+                        dom_ok && dow_ok
+                    };
+                    if !has(3, month) || !day_ok {
+                        continue;
+                    }
+                    for hour in (0..24).filter(|h| has(1, *h)) {
+                        for minute in (0..60).filter(|m| has(0, *m)) {
+                            let t = day * 86_400 + hour * 3600 + minute * 60;
+                            if t >= start {
+                                return Some(t);
+                            }
+                        }
+                    }
+                }
+                None
+            }
+        }
+    }
+}
+
+/// (month 1-12, day 1-31) of a day count since 1970-01-01 (Howard
+/// Hinnant's civil-from-days).
+fn month_day(z: i64) -> (u64, u64) {
+    let z = z + 719_468;
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u64;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u64;
+    (m, d)
+}
+
+/// The interval of `@every <duration>` (humantime, e.g. `30s`, `5m`;
+/// at least one second).
+pub fn every(d: &str) -> Result<std::time::Duration, String> {
+    let v =
+        humantime::parse_duration(d.trim()).map_err(|e| format!("@every {:?}: {e}", d.trim()))?;
+    if v < std::time::Duration::from_secs(1) {
+        return Err(format!("@every {:?}: must be at least 1s", d.trim()));
+    }
+    Ok(v)
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct PipelineRunSpec {
     /// The Pipeline to run.
     pub pipeline: String,
-    /// Values for the run, available to its steps.
+    /// Values for the run, passed to every step as environment variables.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub parameters: BTreeMap<String, String>,
+    /// Set to stop the run: running steps are killed, nothing new starts.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub cancel: bool,
 }
 
 impl Spec for PipelineRunSpec {
     fn check(&self, errs: &mut Errors) {
         checks::dns_label(errs, "spec.pipeline", &self.pipeline);
         for k in self.parameters.keys() {
-            if k.is_empty() {
-                errs.add("spec.parameters[\"\"]", "parameter names must not be empty");
+            let at = format!("spec.parameters[{k:?}]");
+            checks::env_name(errs, &at, k);
+            if RESERVED_ENV.contains(&k.as_str()) {
+                errs.add(at, format!("{k:?} is set by the system"));
             }
         }
     }
@@ -373,6 +581,10 @@ pub struct PipelineRunStatus {
     pub steps: Vec<StepStatus>,
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub message: String,
+    /// The Pipeline's spec when the run started; the run follows it even if
+    /// the Pipeline changes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pipeline_spec: Option<PipelineSpec>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -381,17 +593,62 @@ pub struct StepStatus {
     pub name: String,
     #[serde(default)]
     pub phase: RunPhase,
-    /// Replicas that finished successfully.
+    /// Indexes (workers, for a worker step) that exited 0.
     #[serde(default)]
     pub succeeded: u32,
-    /// Replicas that failed for good (retries exhausted).
+    /// Indexes that failed for good (retries exhausted).
     #[serde(default)]
     pub failed: u32,
-    /// Attempts started, retries included.
+    /// Containers started so far, retries included.
     #[serde(default)]
     pub attempts: u32,
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub message: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start_time: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub completion_time: Option<String>,
+    /// Worker steps: the queue's counts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queue: Option<QueueStatus>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub indexes: Vec<IndexStatus>,
+}
+
+/// One index of a step (one worker, for a worker step).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct IndexStatus {
+    pub index: u32,
+    #[serde(default)]
+    pub phase: RunPhase,
+    /// 1 for the first container, +1 per retry.
+    #[serde(default)]
+    pub attempt: u32,
+    /// The Instance running the current attempt.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub instance: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit_code: Option<i32>,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub reason: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub message: String,
+    /// When the current attempt failed (the retry back-off counts from
+    /// here).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failed_at: Option<String>,
+}
+
+/// Items through a worker step's queue.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct QueueStatus {
+    pub pending: u64,
+    pub leased: u64,
+    pub done: u64,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -401,6 +658,31 @@ pub enum RunPhase {
     Running,
     Succeeded,
     Failed,
+    /// Not run: a step it depends on failed or was skipped.
+    Skipped,
+    /// Stopped by `imctl pipeline cancel`.
+    Cancelled,
+}
+
+impl RunPhase {
+    /// Nothing more will happen.
+    pub fn is_finished(self) -> bool {
+        matches!(
+            self,
+            RunPhase::Succeeded | RunPhase::Failed | RunPhase::Skipped | RunPhase::Cancelled
+        )
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RunPhase::Pending => "Pending",
+            RunPhase::Running => "Running",
+            RunPhase::Succeeded => "Succeeded",
+            RunPhase::Failed => "Failed",
+            RunPhase::Skipped => "Skipped",
+            RunPhase::Cancelled => "Cancelled",
+        }
+    }
 }
 
 #[cfg(test)]
@@ -642,7 +924,12 @@ mod tests {
         rejects(
             run(json!({"pipeline": "etl", "parameters": {"": "x"}})),
             "spec.parameters[\"\"]",
-            "must not be empty",
+            "not a valid environment variable name",
+        );
+        rejects(
+            run(json!({"pipeline": "etl", "parameters": {"STEP_INDEX": "1"}})),
+            "spec.parameters[\"STEP_INDEX\"]",
+            "set by the system",
         );
         rejects(
             run(json!({"pipeline": "etl", "parameters": {"date": 20260101}})),
@@ -673,9 +960,9 @@ mod tests {
                 succeeded: 4,
                 failed: 0,
                 attempts: 5,
-                message: String::new(),
+                ..StepStatus::default()
             }],
-            message: String::new(),
+            ..PipelineRunStatus::default()
         };
         let v = serde_json::to_value(&s).unwrap();
         assert_eq!(v["steps"][0]["phase"], "Succeeded");
@@ -686,5 +973,27 @@ mod tests {
         };
         let v = serde_json::to_value(&p).unwrap();
         assert_eq!(v, json!({"lastScheduleTime": "t", "lastRun": "etl-1"}));
+    }
+
+    #[test]
+    fn schedules_fire_when_expected() {
+        // 2026-11-23 15:26:00 UTC is a Monday.
+        let t = 1_795_447_560;
+        let every = Schedule::parse("@every 10s").unwrap();
+        assert_eq!(every.next_after(t), Some(t + 10));
+        let hourly = Schedule::parse("@hourly").unwrap();
+        assert_eq!(hourly.next_after(t), Some(1_795_449_600));
+        let five = Schedule::parse("*/5 * * * *").unwrap();
+        assert_eq!(five.next_after(t), Some(t + 240));
+        let daily = Schedule::parse("30 2 * * *").unwrap();
+        assert_eq!(daily.next_after(t), Some(1_795_487_400)); // 2026-11-24 02:30
+        let sunday = Schedule::parse("0 0 * * SUN").unwrap();
+        assert_eq!(sunday.next_after(t), Some(1_795_910_400)); // 2026-11-29
+        let sunday7 = Schedule::parse("0 0 * * 7").unwrap();
+        assert_eq!(sunday7.next_after(t), Some(1_795_910_400));
+        let leap = Schedule::parse("0 0 29 FEB *").unwrap();
+        assert_eq!(leap.next_after(t), Some(1_835_395_200)); // 2028-02-29
+        assert!(check_cron("@every 0s").is_err());
+        assert!(check_cron("@every soon").is_err());
     }
 }

@@ -15,7 +15,9 @@ use ironmesh_api::Kind;
 use ironmesh_proto::v1::{
     agent_message, controller_message, node_service_server::NodeService, AgentMessage, Assignment,
     ControllerMessage, FetchBlobRequest, InstanceAssignment, InstanceEvent, InstanceState,
-    Inventory, JoinRequest, JoinResponse, PeerNode, Welcome,
+    Inventory, JoinRequest, JoinResponse, PeerNode, PipelineTask, QueueAckRequest,
+    QueueAckResponse, QueueItem, QueueLeaseRequest, QueueLeaseResponse, QueuePushRequest,
+    QueuePushResponse, Welcome,
 };
 use serde_json::{json, Value};
 use subtle::ConstantTimeEq;
@@ -54,6 +56,55 @@ pub fn peer_identity<T>(req: &Request<T>) -> Result<Identity, Status> {
         .ok_or_else(|| Status::unauthenticated("a client certificate is required"))?;
     crate::pki::identity_from_der(leaf)
         .map_err(|e| Status::unauthenticated(format!("client certificate not accepted: {e}")))
+}
+
+/// The calling node, or an error for any other caller.
+fn node_caller<T>(req: &Request<T>) -> Result<String, Status> {
+    match peer_identity(req)? {
+        Identity::Node(n) => Ok(n),
+        other => Err(Status::permission_denied(format!(
+            "work queues are for node agents; caller is {other}"
+        ))),
+    }
+}
+
+fn queue_status(e: crate::queue::QueueError) -> Status {
+    match e {
+        crate::queue::QueueError::NotLeased(_) => Status::failed_precondition(e.to_string()),
+        other => Status::unavailable(other.to_string()),
+    }
+}
+
+impl NodeApi {
+    /// The task of `instance`, if it is a pipeline step bound to `node`.
+    async fn step_instance(
+        &self,
+        node: &str,
+        instance: &str,
+    ) -> Result<ironmesh_api::instance::TaskRef, Status> {
+        let o = self
+            .resources
+            .get(Kind::Instance, instance)
+            .await
+            .map_err(|e| Status::unavailable(e.to_string()))?
+            .ok_or_else(|| Status::not_found(format!("instance {instance:?} does not exist")))?;
+        let spec: ironmesh_api::instance::InstanceSpec = o
+            .object
+            .get("spec")
+            .cloned()
+            .and_then(|s| serde_json::from_value(s).ok())
+            .ok_or_else(|| Status::internal(format!("instance {instance:?} is unreadable")))?;
+        if spec.node.as_deref() != Some(node) {
+            return Err(Status::permission_denied(format!(
+                "instance {instance:?} is not bound to node {node}"
+            )));
+        }
+        spec.task.ok_or_else(|| {
+            Status::failed_precondition(format!(
+                "instance {instance:?} is not a pipeline step; only steps have work queues"
+            ))
+        })
+    }
 }
 
 /// True if `name` is a DNS-1123 label, the rule for node names.
@@ -125,6 +176,102 @@ impl NodeService for NodeApi {
             .fetch_blob(req.into_inner())
             .await
             .map(Response::new)
+    }
+
+    async fn queue_lease(
+        &self,
+        req: Request<QueueLeaseRequest>,
+    ) -> Result<Response<QueueLeaseResponse>, Status> {
+        let node = node_caller(&req)?;
+        let r = req.into_inner();
+        let task = self.step_instance(&node, &r.instance).await?;
+        if !task.worker {
+            return Err(Status::failed_precondition(format!(
+                "step {} of run {} is not a worker step; only workers lease items",
+                task.step, task.run
+            )));
+        }
+        let q = crate::queue::Queue::new(self.resources.store().clone(), &task.run, &task.step);
+        let out = q
+            .lease(&r.instance, r.max as usize)
+            .await
+            .map_err(queue_status)?;
+        Ok(Response::new(match out {
+            crate::queue::LeaseOutcome::Items(items) => QueueLeaseResponse {
+                items: items
+                    .into_iter()
+                    .map(|l| QueueItem {
+                        id: l.id,
+                        item: l.item,
+                    })
+                    .collect(),
+                drained: false,
+            },
+            crate::queue::LeaseOutcome::Wait => QueueLeaseResponse::default(),
+            crate::queue::LeaseOutcome::Drained => QueueLeaseResponse {
+                items: Vec::new(),
+                drained: true,
+            },
+        }))
+    }
+
+    async fn queue_ack(
+        &self,
+        req: Request<QueueAckRequest>,
+    ) -> Result<Response<QueueAckResponse>, Status> {
+        let node = node_caller(&req)?;
+        let r = req.into_inner();
+        let task = self.step_instance(&node, &r.instance).await?;
+        let q = crate::queue::Queue::new(self.resources.store().clone(), &task.run, &task.step);
+        let n = q
+            .ack(&r.instance, &r.ids, r.release)
+            .await
+            .map_err(queue_status)?;
+        Ok(Response::new(QueueAckResponse {
+            acknowledged: n as u32,
+        }))
+    }
+
+    async fn queue_push(
+        &self,
+        req: Request<QueuePushRequest>,
+    ) -> Result<Response<QueuePushResponse>, Status> {
+        let node = node_caller(&req)?;
+        let r = req.into_inner();
+        let task = self.step_instance(&node, &r.instance).await?;
+        let run = self
+            .resources
+            .get(Kind::PipelineRun, &task.run)
+            .await
+            .map_err(|e| Status::unavailable(e.to_string()))?
+            .ok_or_else(|| Status::not_found(format!("pipeline run {} is gone", task.run)))?;
+        let spec: Option<ironmesh_api::pipeline::PipelineSpec> = run
+            .object
+            .pointer("/status/pipelineSpec")
+            .and_then(|s| serde_json::from_value(s.clone()).ok());
+        let workers: Vec<String> = spec
+            .iter()
+            .flat_map(|s| s.steps.iter())
+            .filter(|s| s.mode == ironmesh_api::pipeline::StepMode::Worker)
+            .map(|s| s.name.clone())
+            .collect();
+        if !workers.contains(&r.step) {
+            return Err(Status::invalid_argument(format!(
+                "run {} has no worker step {:?}; its worker steps are [{}]",
+                task.run,
+                r.step,
+                workers.join(", ")
+            )));
+        }
+        if let Some(bad) = r.items.iter().position(|i| i.is_empty() || i.len() > 4096) {
+            return Err(Status::invalid_argument(format!(
+                "item {bad}: an item must be 1 to 4096 bytes"
+            )));
+        }
+        let q = crate::queue::Queue::new(self.resources.store().clone(), &task.run, &r.step);
+        let n = q.push(&r.items).await.map_err(queue_status)?;
+        tracing::debug!(run = %task.run, step = %r.step, items = n, from = %r.instance, "items queued");
+        Ok(Response::new(QueuePushResponse { pushed: n as u32 }))
     }
 
     type SyncStream = SyncStream;
@@ -401,6 +548,18 @@ pub async fn assignment_for(
             )
             .map(|spec| volumes.instance_volumes(&spec, node))
             .unwrap_or_default(),
+            task: o
+                .object
+                .pointer("/spec/task")
+                .and_then(|t| {
+                    serde_json::from_value::<ironmesh_api::instance::TaskRef>(t.clone()).ok()
+                })
+                .map(|t| PipelineTask {
+                    run: t.run,
+                    step: t.step,
+                    index: t.index,
+                    worker: t.worker,
+                }),
         });
     }
     instances.sort_by(|a, b| a.name.cmp(&b.name));
@@ -570,6 +729,8 @@ async fn push_assignments(
             tokio::select! {
                 _ = tx.closed() => return,
                 ev = events.next() => match ev {
+                    // Work-queue traffic changes no assignment.
+                    Some(Ok(e)) if e.kv.key.starts_with(crate::queue::PREFIX) => continue,
                     Some(Ok(_)) => while let Some(Some(Ok(_))) = events.next().now_or_never() {},
                     _ => break,
                 },

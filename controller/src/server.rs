@@ -157,6 +157,8 @@ pub async fn run(cfg: ControllerConfig, shutdown: Shutdown) -> Result<(), Server
                     ));
                     let volumes =
                         tokio::spawn(crate::volumes::run(resources.clone(), stop.clone()));
+                    let pipelines =
+                        tokio::spawn(crate::pipelines::run(resources.clone(), stop.clone()));
                     let workloads =
                         tokio::spawn(crate::workloads::run(resources, metrics, placement, stop));
                     let _ = reconciler.await;
@@ -164,6 +166,7 @@ pub async fn run(cfg: ControllerConfig, shutdown: Shutdown) -> Result<(), Server
                     let _ = services.await;
                     let _ = volumes.await;
                     let _ = sources.await;
+                    let _ = pipelines.await;
                 }
             }),
         )

@@ -312,6 +312,22 @@ pub async fn reconcile(
         }
     }
 
+    // Pipeline step instances belong to their run (crate::pipelines); this
+    // pass only places them.
+    for i in instances.iter().filter(|i| i.spec.task.is_some()) {
+        if i.spec.node.is_none() {
+            let placed = crate::volumes::place(
+                &mut cluster,
+                &volumes,
+                &i.spec.workload,
+                &i.spec.template,
+                request_of(&i.spec.template),
+            );
+            bind(resources, &i.name, placed).await?;
+        }
+    }
+    instances.retain(|i| i.spec.task.is_none());
+
     let mut by_workload: HashMap<&str, Vec<&InstanceView>> = HashMap::new();
     for i in &instances {
         by_workload
@@ -426,6 +442,7 @@ async fn create_instance(
         node: placed.as_ref().ok().cloned(),
         template: w.spec.clone(),
         identity,
+        task: None,
     };
     let status = match &placed {
         Ok(_) => json!({"phase": "Pending", "reason": "Scheduled"}),

@@ -1,0 +1,384 @@
+//! Work queues of pipeline runs: one durable queue per worker step of a
+//! run, kept in the controller's store (so it survives controller restarts
+//! and, on etcd, fails over with the leader) and reached by step containers
+//! through their agent (NodeService.QueueLease/QueueAck/QueuePush).
+//!
+//! Why in the controller: the platform has no broker to depend on, and a
+//! step's items belong with the run's other state — durable in the same
+//! store, deleted with the run, authorised by the same node identities. An
+//! item is a key under `pending/`, moved to `leased/` (with the leasing
+//! instance) and then to `done/`, each move one compare-and-swap
+//! transaction, so a worker that dies leaves its items leased to it and the
+//! run controller puts them back.
+//!
+//! Keys (outside `/registry/`, so queue traffic wakes no reconciler):
+//! `/queues/<run>/<step>/{pending,leased,done}/<item key>` and
+//! `/queues/<run>/<step>/seeded/<chunk>` for the idempotent seeding of a
+//! step's inline items.
+
+use std::sync::Arc;
+
+use ironmesh_api::pipeline::QueueStatus;
+use rand::Rng;
+use serde::{Deserialize, Serialize};
+
+use crate::store::{Compare, Op, Store, StoreError, Txn, TxnOutcome};
+
+/// Prefix of every queue key.
+pub const PREFIX: &str = "/queues/";
+
+/// Ops per transaction: etcd's default `--max-txn-ops` is 128.
+const CHUNK: usize = 100;
+/// Most items one lease hands out.
+pub const MAX_LEASE: usize = 16;
+
+#[derive(Debug, thiserror::Error)]
+pub enum QueueError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("item {0:?} is not leased to this instance")]
+    NotLeased(String),
+    #[error("stored queue entry {key} is unreadable: {error}")]
+    Corrupt { key: String, error: String },
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Entry {
+    item: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    instance: String,
+}
+
+/// One leased item.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Leased {
+    pub id: String,
+    pub item: String,
+}
+
+/// What a lease got.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LeaseOutcome {
+    Items(Vec<Leased>),
+    /// Nothing pending, but items are leased to others (they may come back).
+    Wait,
+    /// Nothing pending and nothing leased.
+    Drained,
+}
+
+/// The queue of one worker step of one run.
+#[derive(Clone)]
+pub struct Queue {
+    store: Arc<dyn Store>,
+    base: String,
+}
+
+impl Queue {
+    pub fn new(store: Arc<dyn Store>, run: &str, step: &str) -> Queue {
+        Queue {
+            store,
+            base: format!("{PREFIX}{run}/{step}/"),
+        }
+    }
+
+    fn key(&self, state: &str, id: &str) -> String {
+        format!("{}{state}/{id}", self.base)
+    }
+
+    /// Queues `items` of the step's spec once, whatever happens to this
+    /// call: chunk `k` is written together with its `seeded/k` marker.
+    pub async fn seed(&self, items: &[String]) -> Result<(), QueueError> {
+        for (k, chunk) in items.chunks(CHUNK - 1).enumerate() {
+            let marker = self.key("seeded", &format!("{k:06}"));
+            let mut ops = vec![Op::Put {
+                key: marker.clone(),
+                value: Vec::new(),
+            }];
+            for (i, item) in chunk.iter().enumerate() {
+                let id = format!("s{:08}", k * (CHUNK - 1) + i);
+                ops.push(Op::Put {
+                    key: self.key("pending", &id),
+                    value: encode(&Entry {
+                        item: item.clone(),
+                        instance: String::new(),
+                    }),
+                });
+            }
+            // A marker already there means this chunk went in before.
+            self.store
+                .txn(Txn {
+                    compares: vec![Compare::Absent(marker)],
+                    ops,
+                })
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Adds `items` (at least once: a retried push may add them twice).
+    pub async fn push(&self, items: &[String]) -> Result<usize, QueueError> {
+        let stamp = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        let tag: u32 = rand::rng().random();
+        for (k, chunk) in items.chunks(CHUNK).enumerate() {
+            let ops = chunk
+                .iter()
+                .enumerate()
+                .map(|(i, item)| Op::Put {
+                    key: self.key("pending", &format!("u{stamp:020}{tag:08x}{k:04}{i:03}")),
+                    value: encode(&Entry {
+                        item: item.clone(),
+                        instance: String::new(),
+                    }),
+                })
+                .collect();
+            self.store
+                .txn(Txn {
+                    compares: Vec::new(),
+                    ops,
+                })
+                .await?;
+        }
+        Ok(items.len())
+    }
+
+    /// Leases up to `max` pending items to `instance`.
+    pub async fn lease(&self, instance: &str, max: usize) -> Result<LeaseOutcome, QueueError> {
+        let max = max.clamp(1, MAX_LEASE);
+        loop {
+            let (pending, _) = self.store.list(&self.key("pending", "")).await?;
+            if pending.is_empty() {
+                let (leased, _) = self.store.list(&self.key("leased", "")).await?;
+                return Ok(if leased.is_empty() {
+                    LeaseOutcome::Drained
+                } else {
+                    LeaseOutcome::Wait
+                });
+            }
+            // Workers racing for the head of the queue would mostly lose;
+            // start at a random place near it instead.
+            let window = pending.len().min(4 * MAX_LEASE);
+            let start = if pending.len() > max {
+                rand::rng().random_range(0..window.saturating_sub(max).max(1))
+            } else {
+                0
+            };
+            let take = &pending[start..(start + max).min(pending.len())];
+            let mut txn = Txn::default();
+            let mut got = Vec::with_capacity(take.len());
+            for kv in take {
+                let id = kv.key.rsplit('/').next().unwrap_or_default().to_string();
+                let mut e: Entry = decode(&kv.key, &kv.value)?;
+                e.instance = instance.to_string();
+                txn.compares
+                    .push(Compare::ModRevision(kv.key.clone(), kv.mod_revision));
+                txn.ops.push(Op::Delete {
+                    key: kv.key.clone(),
+                });
+                txn.ops.push(Op::Put {
+                    key: self.key("leased", &id),
+                    value: encode(&e),
+                });
+                got.push(Leased { id, item: e.item });
+            }
+            match self.store.txn(txn).await? {
+                TxnOutcome::Committed(_) => return Ok(LeaseOutcome::Items(got)),
+                TxnOutcome::CompareFailed { .. } => continue,
+            }
+        }
+    }
+
+    /// Completes (or, with `release`, puts back) items leased to
+    /// `instance`.
+    pub async fn ack(
+        &self,
+        instance: &str,
+        ids: &[String],
+        release: bool,
+    ) -> Result<usize, QueueError> {
+        for chunk in ids.chunks(CHUNK / 2) {
+            let mut txn = Txn::default();
+            for id in chunk {
+                if id.is_empty() || id.contains('/') {
+                    return Err(QueueError::NotLeased(id.clone()));
+                }
+                let key = self.key("leased", id);
+                let kv = self
+                    .store
+                    .get(&key)
+                    .await?
+                    .ok_or_else(|| QueueError::NotLeased(id.clone()))?;
+                let mut e: Entry = decode(&key, &kv.value)?;
+                if e.instance != instance {
+                    return Err(QueueError::NotLeased(id.clone()));
+                }
+                txn.compares
+                    .push(Compare::ModRevision(key.clone(), kv.mod_revision));
+                txn.ops.push(Op::Delete { key });
+                e.instance.clear();
+                let to = if release { "pending" } else { "done" };
+                txn.ops.push(Op::Put {
+                    key: self.key(to, id),
+                    value: if release { encode(&e) } else { Vec::new() },
+                });
+            }
+            if let TxnOutcome::CompareFailed { index } = self.store.txn(txn).await? {
+                return Err(QueueError::NotLeased(chunk[index].clone()));
+            }
+        }
+        Ok(ids.len())
+    }
+
+    /// Puts back every item leased to one of `instances` (workers that
+    /// ended without finishing them). Returns how many.
+    pub async fn release_all_of(&self, instances: &[&str]) -> Result<usize, QueueError> {
+        let (leased, _) = self.store.list(&self.key("leased", "")).await?;
+        let mut n = 0;
+        for kv in leased {
+            let mut e: Entry = decode(&kv.key, &kv.value)?;
+            if !instances.contains(&e.instance.as_str()) {
+                continue;
+            }
+            let id = kv.key.rsplit('/').next().unwrap_or_default().to_string();
+            e.instance.clear();
+            let outcome = self
+                .store
+                .txn(Txn {
+                    compares: vec![Compare::ModRevision(kv.key.clone(), kv.mod_revision)],
+                    ops: vec![
+                        Op::Delete { key: kv.key },
+                        Op::Put {
+                            key: self.key("pending", &id),
+                            value: encode(&e),
+                        },
+                    ],
+                })
+                .await?;
+            if matches!(outcome, TxnOutcome::Committed(_)) {
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+
+    pub async fn status(&self) -> Result<QueueStatus, QueueError> {
+        let count = |state: &'static str| {
+            let prefix = self.key(state, "");
+            async move { self.store.list(&prefix).await.map(|(l, _)| l.len() as u64) }
+        };
+        Ok(QueueStatus {
+            pending: count("pending").await?,
+            leased: count("leased").await?,
+            done: count("done").await?,
+        })
+    }
+}
+
+/// Deletes every queue key of `run`.
+pub async fn delete_run(store: &Arc<dyn Store>, run: &str) -> Result<usize, StoreError> {
+    let (keys, _) = store.list(&format!("{PREFIX}{run}/")).await?;
+    let n = keys.len();
+    for chunk in keys.chunks(CHUNK) {
+        store
+            .txn(Txn {
+                compares: Vec::new(),
+                ops: chunk
+                    .iter()
+                    .map(|kv| Op::Delete {
+                        key: kv.key.clone(),
+                    })
+                    .collect(),
+            })
+            .await?;
+    }
+    Ok(n)
+}
+
+/// The runs that have queue keys.
+pub async fn runs_with_queues(store: &Arc<dyn Store>) -> Result<Vec<String>, StoreError> {
+    let (keys, _) = store.list(PREFIX).await?;
+    let mut runs: Vec<String> = keys
+        .iter()
+        .filter_map(|kv| kv.key.strip_prefix(PREFIX)?.split('/').next())
+        .map(str::to_string)
+        .collect();
+    runs.dedup();
+    Ok(runs)
+}
+
+fn encode(e: &Entry) -> Vec<u8> {
+    serde_json::to_vec(e).unwrap_or_default()
+}
+
+fn decode(key: &str, v: &[u8]) -> Result<Entry, QueueError> {
+    serde_json::from_slice(v).map_err(|e| QueueError::Corrupt {
+        key: key.to_string(),
+        error: e.to_string(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn store() -> (tempfile::TempDir, Arc<dyn Store>) {
+        let dir = tempfile::tempdir().unwrap();
+        let s = crate::store::embedded::EmbeddedStore::open(&dir.path().join("s.redb")).unwrap();
+        (dir, Arc::new(s))
+    }
+
+    fn items(n: usize) -> Vec<String> {
+        (0..n).map(|i| format!("item-{i}")).collect()
+    }
+
+    #[tokio::test]
+    async fn seed_is_idempotent_and_every_item_is_leased_once() {
+        let (_d, s) = store().await;
+        let q = Queue::new(s.clone(), "run", "work");
+        q.seed(&items(250)).await.unwrap();
+        q.seed(&items(250)).await.unwrap();
+        assert_eq!(q.status().await.unwrap().pending, 250);
+        let mut seen = std::collections::BTreeSet::new();
+        loop {
+            match q.lease("w1", 7).await.unwrap() {
+                LeaseOutcome::Items(got) => {
+                    let ids: Vec<String> = got.iter().map(|l| l.id.clone()).collect();
+                    for l in got {
+                        assert!(seen.insert(l.item.clone()), "{} twice", l.item);
+                    }
+                    assert_eq!(q.ack("w1", &ids, false).await.unwrap(), ids.len());
+                }
+                LeaseOutcome::Drained => break,
+                LeaseOutcome::Wait => panic!("nothing is leased"),
+            }
+        }
+        assert_eq!(seen.len(), 250);
+        let st = q.status().await.unwrap();
+        assert_eq!((st.pending, st.leased, st.done), (0, 0, 250));
+    }
+
+    #[tokio::test]
+    async fn a_dead_workers_items_come_back_and_others_cannot_ack_them() {
+        let (_d, s) = store().await;
+        let q = Queue::new(s.clone(), "run", "work");
+        q.push(&items(3)).await.unwrap();
+        let LeaseOutcome::Items(got) = q.lease("w1", 16).await.unwrap() else {
+            panic!("expected items");
+        };
+        assert_eq!(got.len(), 3);
+        assert_eq!(q.lease("w2", 1).await.unwrap(), LeaseOutcome::Wait);
+        assert!(matches!(
+            q.ack("w2", &[got[0].id.clone()], false).await,
+            Err(QueueError::NotLeased(_))
+        ));
+        assert_eq!(q.release_all_of(&["w1"]).await.unwrap(), 3);
+        let LeaseOutcome::Items(again) = q.lease("w2", 16).await.unwrap() else {
+            panic!("expected items back");
+        };
+        assert_eq!(again.len(), 3);
+        delete_run(&s, "run").await.unwrap();
+        assert!(runs_with_queues(&s).await.unwrap().is_empty());
+    }
+}
