@@ -19,3 +19,4 @@ pub mod runtime;
 pub mod storage;
 pub mod supervisor;
 pub mod sync;
+pub mod work_queue;

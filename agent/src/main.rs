@@ -123,6 +123,10 @@ async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
             .connect_lazy();
         blob_clients.push(NodeServiceClient::new(channel));
     }
+    let work_queue = Arc::new(ironmesh_agent::work_queue::WorkQueueProxy::new(
+        cfg.state_dir.join("q"),
+        blob_clients.clone(),
+    ));
     let primary = blob_clients.remove(0);
     let images = Arc::new(
         ControllerImages::new(primary, runtime.clone(), cfg.state_dir.join("staging"))
@@ -186,6 +190,7 @@ async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
             storage: Some(storage),
             storage_report_interval: cfg.storage_report_interval,
             flows,
+            work_queue: Some(work_queue),
         },
         id,
         metrics,

@@ -57,6 +57,8 @@ pub struct SyncConfig {
     /// Flow batches from [`crate::flow_export`], sent up while a session is
     /// open and dropped otherwise.
     pub flows: Option<mpsc::Receiver<ironmesh_proto::v1::FlowBatch>>,
+    /// Work-queue sockets of pipeline step instances.
+    pub work_queue: Option<Arc<crate::work_queue::WorkQueueProxy>>,
 }
 
 /// Where supervisor reports go: the open session's outbound queue, if any.
@@ -387,7 +389,10 @@ async fn session(
                             apply_datapath(dp, &a);
                         }
                         wanted_volumes = Some(wanted(&a.volumes));
-                        let (desired, rejected) = desired_instances(a);
+                        if let Some(wq) = &cfg.work_queue {
+                            wq.sync(&a.instances).await;
+                        }
+                        let (desired, rejected) = desired_instances(a, cfg.work_queue.as_deref());
                         for st in rejected {
                             let _ = send(&tx, agent_message::Msg::Instances(InstanceReport { full: false, instances: vec![st] })).await;
                         }
@@ -668,12 +673,20 @@ fn apply_datapath(dp: &crate::datapath::Datapath, a: &Assignment) {
 
 /// The instances of an assignment, decoded. Instances whose spec cannot be
 /// read are not run; a Failed state says why.
-fn desired_instances(a: Assignment) -> (Vec<DesiredInstance>, Vec<InstanceState>) {
+fn desired_instances(
+    a: Assignment,
+    work_queue: Option<&crate::work_queue::WorkQueueProxy>,
+) -> (Vec<DesiredInstance>, Vec<InstanceState>) {
     let mut desired = Vec::with_capacity(a.instances.len());
     let mut rejected = Vec::new();
     for i in a.instances {
         match serde_json::from_str::<ironmesh_api::workload::WorkloadSpec>(&i.spec_json) {
             Ok(spec) => desired.push(DesiredInstance {
+                queue_dir: i
+                    .task
+                    .as_ref()
+                    .and(work_queue)
+                    .map(|wq| wq.socket_dir(&i.name)),
                 name: i.name,
                 workload: i.workload,
                 spec_generation: i.spec_generation,

@@ -260,6 +260,7 @@ fn desired(name: &str, generation: u64, mut spec: Value) -> DesiredInstance {
         spec["image"] = json!(IMAGE);
     }
     DesiredInstance {
+        queue_dir: None,
         name: name.to_string(),
         workload: name.rsplit_once('-').map_or(name, |(w, _)| w).to_string(),
         spec_generation: generation,

@@ -7,6 +7,7 @@ mod image;
 mod manifests;
 mod node;
 mod output;
+mod pipeline;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -113,6 +114,11 @@ enum Command {
     Node {
         #[command(subcommand)]
         command: node::NodeCommand,
+    },
+    /// Run pipelines and look at their runs.
+    Pipeline {
+        #[command(subcommand)]
+        command: pipeline::PipelineCommand,
     },
     /// Push images to the controller's image store, and list them.
     Image {
@@ -382,6 +388,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Image { command } => image::run(&cfg, command, status_err).await?,
         Command::Node { command } => node::run(&cfg, command, status_err).await?,
+        Command::Pipeline { command } => pipeline::run(&cfg, command, status_err).await?,
     }
     Ok(())
 }

@@ -519,6 +519,13 @@ impl Instance {
             Ok(mounts) => mounts,
             Err(message) => return Ok(self.config_error(message).await),
         };
+        if let Some(dir) = &self.d.queue_dir {
+            spec.mounts.push(crate::runtime::BindMount {
+                source: dir.clone(),
+                destination: ironmesh_api::pipeline::QUEUE_DIR.to_string(),
+                readonly: false,
+            });
+        }
         loop {
             self.publish(|s| {
                 s.phase = PENDING.to_string();

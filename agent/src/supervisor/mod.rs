@@ -66,6 +66,9 @@ pub struct DesiredInstance {
     pub image_digest: String,
     /// The volumes it mounts, as the controller bound them to this node.
     pub volumes: Vec<ironmesh_proto::v1::InstanceVolume>,
+    /// For a pipeline step: the host directory holding its work-queue
+    /// socket, mounted at `/run/ironmesh`.
+    pub queue_dir: Option<PathBuf>,
 }
 
 /// Where the supervisor keeps its files and how it paces restarts.

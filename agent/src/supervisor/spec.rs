@@ -145,6 +145,7 @@ mod tests {
 
     fn desired(json: serde_json::Value) -> DesiredInstance {
         DesiredInstance {
+            queue_dir: None,
             name: "web-1".into(),
             workload: "web".into(),
             spec_generation: 7,

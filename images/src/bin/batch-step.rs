@@ -4,7 +4,17 @@
 //! batch-step            write $STORAGE_PATH/$OUTPUT_NAME, exit with $EXIT_CODE
 //! batch-step --check N  exit 0 if step-0.txt … step-(N-1).txt all exist
 //!                       in $STORAGE_PATH, else exit 1 naming the missing ones
+//! batch-step --push STEP N
+//!                       queue items item-0 … item-(N-1) for worker step STEP
+//! batch-step --work     lease items from this worker step's queue until it
+//!                       is drained, writing $STORAGE_PATH/items/<item> for
+//!                       each (`LEASE_MAX` per lease, default 8)
+//! batch-step --check-items N
+//!                       exit 0 if items/item-0 … item-(N-1) all exist
 //! ```
+//!
+//! The queue modes talk HTTP/1.1 to the agent's work-queue socket at
+//! `$IRONMESH_QUEUE` (see the agent's `work_queue` module).
 //!
 //! Environment: `STEP_INDEX` (default 0), `STEP_REPLICAS` (default 1;
 //! the index must be below it), `STORAGE_PATH` (default `/tmp`),
@@ -23,13 +33,16 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-const USAGE: &str = "usage: batch-step [--check N]";
+const USAGE: &str = "usage: batch-step [--check N | --push STEP N | --work | --check-items N]";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.as_slice() {
         [] => run_step(),
         [flag, n] if flag == "--check" => check(n),
+        [flag, step, n] if flag == "--push" => push(step, n),
+        [flag] if flag == "--work" => work(),
+        [flag, n] if flag == "--check-items" => check_items(n),
         [flag] if flag == "--help" || flag == "-h" => {
             println!("{USAGE}");
             return ExitCode::SUCCESS;
@@ -116,6 +129,127 @@ fn check(n: &str) -> Result<u8, String> {
         );
         Ok(1)
     }
+}
+
+fn push(step: &str, n: &str) -> Result<u8, String> {
+    let count: u64 = n
+        .parse()
+        .map_err(|_| format!("--push {step} {n:?}: not a count of items\n{USAGE}"))?;
+    let mut done = 0;
+    while done < count {
+        let end = (done + 500).min(count);
+        let items: Vec<String> = (done..end).map(|i| format!("item-{i}")).collect();
+        let body = serde_json::json!({"step": step, "items": items}).to_string();
+        queue_call("/v1/push", &body)?;
+        done = end;
+    }
+    println!("batch-step: queued {count} items for step {step}");
+    Ok(0)
+}
+
+fn work() -> Result<u8, String> {
+    let index = env_u64("STEP_INDEX")?.unwrap_or(0);
+    let max = env_u64("LEASE_MAX")?.unwrap_or(8).max(1);
+    let dir = storage_path()?.join("items");
+    std::fs::create_dir_all(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+    let mut handled = 0u64;
+    loop {
+        let reply = queue_call(&format!("/v1/lease?max={max}"), "")?;
+        let v: serde_json::Value =
+            serde_json::from_str(&reply).map_err(|e| format!("lease reply {reply:?}: {e}"))?;
+        let items = v["items"].as_array().cloned().unwrap_or_default();
+        if items.is_empty() {
+            if v["drained"].as_bool() == Some(true) {
+                break;
+            }
+            // Others hold leases that may come back.
+            std::thread::sleep(Duration::from_millis(100));
+            continue;
+        }
+        let mut ids = Vec::with_capacity(items.len());
+        for it in &items {
+            let (Some(id), Some(item)) = (it["id"].as_str(), it["item"].as_str()) else {
+                return Err(format!("lease reply has a malformed item: {it}"));
+            };
+            let name: String = item
+                .chars()
+                .map(|c| if c == '/' || c == '\0' { '_' } else { c })
+                .collect();
+            let path = dir.join(&name);
+            write_atomically(&path, format!("item={item} worker={index}\n").as_bytes())
+                .map_err(|e| format!("writing {}: {e}", path.display()))?;
+            ids.push(id.to_string());
+        }
+        queue_call("/v1/ack", &serde_json::json!({"ids": ids}).to_string())?;
+        handled += ids.len() as u64;
+    }
+    println!("batch-step: worker {index} handled {handled} items; queue drained");
+    Ok(0)
+}
+
+fn check_items(n: &str) -> Result<u8, String> {
+    let count: u64 = n
+        .parse()
+        .map_err(|_| format!("--check-items {n:?}: not a count of items\n{USAGE}"))?;
+    let dir = storage_path()?.join("items");
+    let missing = (0..count)
+        .filter(|i| !dir.join(format!("item-{i}")).is_file())
+        .count();
+    if missing == 0 {
+        println!("batch-step: all {count} items present in {}", dir.display());
+        Ok(0)
+    } else {
+        println!(
+            "batch-step: {missing} of {count} items missing in {}",
+            dir.display()
+        );
+        Ok(1)
+    }
+}
+
+/// One HTTP/1.1 POST to the work-queue socket; the body of a 2xx reply.
+fn queue_call(path: &str, body: &str) -> Result<String, String> {
+    use std::io::{Read, Write};
+    let socket = env_string("IRONMESH_QUEUE")?
+        .ok_or_else(|| "IRONMESH_QUEUE is not set (not a pipeline step?)".to_string())?;
+    let mut last = String::new();
+    // The agent may be restarting; its socket comes back at the same path.
+    for attempt in 0..50 {
+        if attempt > 0 {
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        let mut s = match std::os::unix::net::UnixStream::connect(&socket) {
+            Ok(s) => s,
+            Err(e) => {
+                last = format!("connecting to {socket}: {e}");
+                continue;
+            }
+        };
+        let req = format!(
+            "POST {path} HTTP/1.1\r\nHost: queue\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        let mut reply = String::new();
+        if let Err(e) = s
+            .write_all(req.as_bytes())
+            .and_then(|_| s.read_to_string(&mut reply))
+        {
+            last = format!("talking to {socket}: {e}");
+            continue;
+        }
+        let (head, payload) = reply.split_once("\r\n\r\n").unwrap_or((&reply, ""));
+        let status: u16 = head
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0);
+        match status {
+            200..=299 => return Ok(payload.to_string()),
+            503 => last = format!("{path}: {payload}"),
+            _ => return Err(format!("{path}: HTTP {status}: {payload}")),
+        }
+    }
+    Err(last)
 }
 
 fn storage_path() -> Result<PathBuf, String> {
