@@ -100,6 +100,27 @@ impl NodeService for BlobServer {
             .collect();
         Ok(Response::new(Box::pin(futures::stream::iter(chunks))))
     }
+
+    async fn queue_lease(
+        &self,
+        _: Request<ironmesh_proto::v1::QueueLeaseRequest>,
+    ) -> Result<Response<ironmesh_proto::v1::QueueLeaseResponse>, Status> {
+        Err(Status::unimplemented("test server"))
+    }
+
+    async fn queue_ack(
+        &self,
+        _: Request<ironmesh_proto::v1::QueueAckRequest>,
+    ) -> Result<Response<ironmesh_proto::v1::QueueAckResponse>, Status> {
+        Err(Status::unimplemented("test server"))
+    }
+
+    async fn queue_push(
+        &self,
+        _: Request<ironmesh_proto::v1::QueuePushRequest>,
+    ) -> Result<Response<ironmesh_proto::v1::QueuePushResponse>, Status> {
+        Err(Status::unimplemented("test server"))
+    }
 }
 
 impl BlobServer {

@@ -92,7 +92,15 @@ pub struct Step {
     /// may push more through the queue socket).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub items: Vec<String>,
+    /// Worker steps: how long a leased item is held before another worker
+    /// may take it (a worker that died mid-item does not keep it); default
+    /// 60.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease_seconds: Option<u32>,
 }
+
+/// How long workers hold leased items when `leaseSeconds` is not given.
+pub const DEFAULT_LEASE_SECONDS: u32 = 60;
 
 fn one() -> i64 {
     1
@@ -172,6 +180,15 @@ impl Spec for PipelineSpec {
                     format!("{at}.items[{j}]"),
                     "an item must be 1 to 4096 bytes",
                 );
+            }
+            if s.lease_seconds.is_some() && s.mode != StepMode::Worker {
+                errs.add(
+                    format!("{at}.leaseSeconds"),
+                    "only worker steps lease items (set mode: worker)",
+                );
+            }
+            if s.lease_seconds == Some(0) {
+                errs.add(format!("{at}.leaseSeconds"), "must be at least 1, got 0");
             }
             if s.retries > 100 {
                 errs.add(

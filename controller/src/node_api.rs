@@ -76,6 +76,28 @@ fn queue_status(e: crate::queue::QueueError) -> Status {
 }
 
 impl NodeApi {
+    /// The step's `leaseSeconds`, from the run's snapshot of its Pipeline.
+    async fn lease_seconds(
+        &self,
+        task: &ironmesh_api::instance::TaskRef,
+    ) -> Result<Duration, Status> {
+        let run = self
+            .resources
+            .get(Kind::PipelineRun, &task.run)
+            .await
+            .map_err(|e| Status::unavailable(e.to_string()))?
+            .ok_or_else(|| Status::not_found(format!("pipeline run {} is gone", task.run)))?;
+        let secs = run
+            .object
+            .pointer("/status/pipelineSpec/steps")
+            .and_then(Value::as_array)
+            .and_then(|steps| steps.iter().find(|s| s["name"] == task.step.as_str()))
+            .and_then(|s| s.get("leaseSeconds"))
+            .and_then(Value::as_u64)
+            .unwrap_or(ironmesh_api::pipeline::DEFAULT_LEASE_SECONDS.into());
+        Ok(Duration::from_secs(secs))
+    }
+
     /// The task of `instance`, if it is a pipeline step bound to `node`.
     async fn step_instance(
         &self,
@@ -191,9 +213,10 @@ impl NodeService for NodeApi {
                 task.step, task.run
             )));
         }
+        let lease_for = self.lease_seconds(&task).await?;
         let q = crate::queue::Queue::new(self.resources.store().clone(), &task.run, &task.step);
         let out = q
-            .lease(&r.instance, r.max as usize)
+            .lease(&r.instance, r.max as usize, lease_for)
             .await
             .map_err(queue_status)?;
         Ok(Response::new(match out {

@@ -42,11 +42,26 @@ pub enum QueueError {
     Corrupt { key: String, error: String },
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 struct Entry {
     item: String,
     #[serde(default, skip_serializing_if = "String::is_empty")]
     instance: String,
+    /// Leased: Unix second the lease ends; then any worker may take it
+    /// (a worker that died or never got the reply does not hold it).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    until: u64,
+}
+
+fn is_zero(v: &u64) -> bool {
+    *v == 0
+}
+
+fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 /// One leased item.
@@ -100,7 +115,7 @@ impl Queue {
                     key: self.key("pending", &id),
                     value: encode(&Entry {
                         item: item.clone(),
-                        instance: String::new(),
+                        ..Entry::default()
                     }),
                 });
             }
@@ -130,7 +145,7 @@ impl Queue {
                     key: self.key("pending", &format!("u{stamp:020}{tag:08x}{k:04}{i:03}")),
                     value: encode(&Entry {
                         item: item.clone(),
-                        instance: String::new(),
+                        ..Entry::default()
                     }),
                 })
                 .collect();
@@ -144,18 +159,34 @@ impl Queue {
         Ok(items.len())
     }
 
-    /// Leases up to `max` pending items to `instance`.
-    pub async fn lease(&self, instance: &str, max: usize) -> Result<LeaseOutcome, QueueError> {
+    /// Leases up to `max` items to `instance` for `lease_for`: pending
+    /// ones, or, when none are pending, leased ones whose lease ran out.
+    pub async fn lease(
+        &self,
+        instance: &str,
+        max: usize,
+        lease_for: std::time::Duration,
+    ) -> Result<LeaseOutcome, QueueError> {
         let max = max.clamp(1, MAX_LEASE);
         loop {
-            let (pending, _) = self.store.list(&self.key("pending", "")).await?;
+            let now = now_secs();
+            let (mut pending, _) = self.store.list(&self.key("pending", "")).await?;
+            let mut expired = false;
             if pending.is_empty() {
                 let (leased, _) = self.store.list(&self.key("leased", "")).await?;
-                return Ok(if leased.is_empty() {
-                    LeaseOutcome::Drained
-                } else {
-                    LeaseOutcome::Wait
-                });
+                if leased.is_empty() {
+                    return Ok(LeaseOutcome::Drained);
+                }
+                pending = Vec::with_capacity(leased.len());
+                for kv in leased {
+                    if decode(&kv.key, &kv.value)?.until < now {
+                        pending.push(kv);
+                    }
+                }
+                if pending.is_empty() {
+                    return Ok(LeaseOutcome::Wait);
+                }
+                expired = true;
             }
             // Workers racing for the head of the queue would mostly lose;
             // start at a random place near it instead.
@@ -171,12 +202,18 @@ impl Queue {
             for kv in take {
                 let id = kv.key.rsplit('/').next().unwrap_or_default().to_string();
                 let mut e: Entry = decode(&kv.key, &kv.value)?;
+                if expired {
+                    tracing::info!(item = %e.item, from = %e.instance, to = %instance, "lease expired; item handed out again");
+                }
                 e.instance = instance.to_string();
+                e.until = now + lease_for.as_secs().max(1);
                 txn.compares
                     .push(Compare::ModRevision(kv.key.clone(), kv.mod_revision));
-                txn.ops.push(Op::Delete {
-                    key: kv.key.clone(),
-                });
+                if !expired {
+                    txn.ops.push(Op::Delete {
+                        key: kv.key.clone(),
+                    });
+                }
                 txn.ops.push(Op::Put {
                     key: self.key("leased", &id),
                     value: encode(&e),
@@ -205,11 +242,17 @@ impl Queue {
                     return Err(QueueError::NotLeased(id.clone()));
                 }
                 let key = self.key("leased", id);
-                let kv = self
-                    .store
-                    .get(&key)
-                    .await?
-                    .ok_or_else(|| QueueError::NotLeased(id.clone()))?;
+                let Some(kv) = self.store.get(&key).await? else {
+                    // A retried ack whose first try went through (the
+                    // reply was lost) is not an error.
+                    let done = self.store.get(&self.key("done", id)).await?;
+                    match done {
+                        Some(d) if !release && decode(&key, &d.value)?.instance == instance => {
+                            continue
+                        }
+                        _ => return Err(QueueError::NotLeased(id.clone())),
+                    }
+                };
                 let mut e: Entry = decode(&key, &kv.value)?;
                 if e.instance != instance {
                     return Err(QueueError::NotLeased(id.clone()));
@@ -217,11 +260,21 @@ impl Queue {
                 txn.compares
                     .push(Compare::ModRevision(key.clone(), kv.mod_revision));
                 txn.ops.push(Op::Delete { key });
-                e.instance.clear();
+                e.until = 0;
+                let value = if release {
+                    e.instance.clear();
+                    encode(&e)
+                } else {
+                    // Only who completed it: the item is not needed any more.
+                    encode(&Entry {
+                        instance: e.instance.clone(),
+                        ..Entry::default()
+                    })
+                };
                 let to = if release { "pending" } else { "done" };
                 txn.ops.push(Op::Put {
                     key: self.key(to, id),
-                    value: if release { encode(&e) } else { Vec::new() },
+                    value,
                 });
             }
             if let TxnOutcome::CompareFailed { index } = self.store.txn(txn).await? {
@@ -243,6 +296,7 @@ impl Queue {
             }
             let id = kv.key.rsplit('/').next().unwrap_or_default().to_string();
             e.instance.clear();
+            e.until = 0;
             let outcome = self
                 .store
                 .txn(Txn {
@@ -329,6 +383,8 @@ mod tests {
         (dir, Arc::new(s))
     }
 
+    const LEASE: std::time::Duration = std::time::Duration::from_secs(60);
+
     fn items(n: usize) -> Vec<String> {
         (0..n).map(|i| format!("item-{i}")).collect()
     }
@@ -342,7 +398,7 @@ mod tests {
         assert_eq!(q.status().await.unwrap().pending, 250);
         let mut seen = std::collections::BTreeSet::new();
         loop {
-            match q.lease("w1", 7).await.unwrap() {
+            match q.lease("w1", 7, LEASE).await.unwrap() {
                 LeaseOutcome::Items(got) => {
                     let ids: Vec<String> = got.iter().map(|l| l.id.clone()).collect();
                     for l in got {
@@ -364,21 +420,57 @@ mod tests {
         let (_d, s) = store().await;
         let q = Queue::new(s.clone(), "run", "work");
         q.push(&items(3)).await.unwrap();
-        let LeaseOutcome::Items(got) = q.lease("w1", 16).await.unwrap() else {
+        let LeaseOutcome::Items(got) = q.lease("w1", 16, LEASE).await.unwrap() else {
             panic!("expected items");
         };
         assert_eq!(got.len(), 3);
-        assert_eq!(q.lease("w2", 1).await.unwrap(), LeaseOutcome::Wait);
+        assert_eq!(q.lease("w2", 1, LEASE).await.unwrap(), LeaseOutcome::Wait);
         assert!(matches!(
             q.ack("w2", &[got[0].id.clone()], false).await,
             Err(QueueError::NotLeased(_))
         ));
         assert_eq!(q.release_all_of(&["w1"]).await.unwrap(), 3);
-        let LeaseOutcome::Items(again) = q.lease("w2", 16).await.unwrap() else {
+        let LeaseOutcome::Items(again) = q.lease("w2", 16, LEASE).await.unwrap() else {
             panic!("expected items back");
         };
         assert_eq!(again.len(), 3);
+        // An ack retried after its reply was lost still succeeds.
+        let ids = vec![again[0].id.clone()];
+        assert_eq!(q.ack("w2", &ids, false).await.unwrap(), 1);
+        assert_eq!(q.ack("w2", &ids, false).await.unwrap(), 1);
+        assert!(q.ack("w1", &ids, false).await.is_err());
         delete_run(&s, "run").await.unwrap();
         assert!(runs_with_queues(&s).await.unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn an_expired_lease_goes_to_the_next_worker() {
+        let (_d, s) = store().await;
+        let q = Queue::new(s.clone(), "run", "work");
+        q.push(&items(2)).await.unwrap();
+        // A zero-length lease is rounded up to one second.
+        let LeaseOutcome::Items(first) =
+            q.lease("w1", 16, std::time::Duration::ZERO).await.unwrap()
+        else {
+            panic!("expected items");
+        };
+        assert_eq!(first.len(), 2);
+        assert_eq!(q.lease("w2", 16, LEASE).await.unwrap(), LeaseOutcome::Wait);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        let again = loop {
+            if let LeaseOutcome::Items(got) = q.lease("w2", 16, LEASE).await.unwrap() {
+                break got;
+            }
+            assert!(std::time::Instant::now() < deadline, "lease never expired");
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        };
+        assert_eq!(again.len(), 2);
+        let ids: Vec<String> = again.iter().map(|l| l.id.clone()).collect();
+        assert!(q.ack("w1", &ids, false).await.is_err(), "w1 lost its lease");
+        assert_eq!(q.ack("w2", &ids, false).await.unwrap(), 2);
+        assert_eq!(
+            q.lease("w1", 1, LEASE).await.unwrap(),
+            LeaseOutcome::Drained
+        );
     }
 }

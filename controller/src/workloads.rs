@@ -307,6 +307,14 @@ pub async fn reconcile(
     let mut cluster =
         Cluster::with_reserve(nodes.iter().map(node_capacity).collect(), settings.reserve);
     for i in &instances {
+        // A finished pipeline step is kept for its logs but holds nothing.
+        if matches!(
+            i.status.phase,
+            InstancePhase::Succeeded | InstancePhase::Failed
+        ) && i.spec.task.is_some()
+        {
+            continue;
+        }
         if let Some(n) = &i.spec.node {
             cluster.book(n, &i.spec.workload, request_of(&i.spec.template));
         }

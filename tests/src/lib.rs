@@ -536,6 +536,14 @@ impl Agent {
         if let Some(t) = token {
             cmd.env("IRONMESH_BOOTSTRAP_TOKEN", t);
         }
+        // Every agent gets a storage pool of its own (run volumes need one)
+        // unless the test chose pools through the environment.
+        if std::env::var_os("IRONMESH_STORAGE_POOLS").is_none() {
+            let pool = dir.join("pool");
+            let _ = std::fs::create_dir_all(&pool);
+            cmd.arg("--storage-pool")
+                .arg(format!("name=default,type=dir,path={}", pool.display()));
+        }
         Proc::spawn(cmd, dir.join(format!("agent-{n}.log"))).expect("start agent")
     }
 

@@ -180,8 +180,14 @@ fn work() -> Result<u8, String> {
                 .map_err(|e| format!("writing {}: {e}", path.display()))?;
             ids.push(id.to_string());
         }
-        queue_call("/v1/ack", &serde_json::json!({"ids": ids}).to_string())?;
-        handled += ids.len() as u64;
+        match queue_call("/v1/ack", &serde_json::json!({"ids": ids}).to_string()) {
+            Ok(_) => handled += ids.len() as u64,
+            // Held too long (leaseSeconds): another worker has them now.
+            Err(e) if e.contains("HTTP 409") => {
+                eprintln!("batch-step: worker {index}: {e}; carrying on")
+            }
+            Err(e) => return Err(e),
+        }
     }
     println!("batch-step: worker {index} handled {handled} items; queue drained");
     Ok(0)
