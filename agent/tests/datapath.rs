@@ -366,17 +366,23 @@ fn drain(rx: &mut tokio::sync::mpsc::Receiver<FlowEvent>) -> Vec<FlowEvent> {
 }
 
 fn tcp_rule(src: u32, dst: u32, port: u16) -> PolicyRule {
-    PolicyRule {
-        src_identity: Some(src),
-        dst_identity: dst,
-        port,
-        proto: Protocol::Tcp,
-        rate: None,
-        rule_id: 0,
-    }
+    PolicyRule::ingress(Some(src), dst, port, Protocol::Tcp)
+}
+
+fn egress_rule(src: u32, dst: u32, port: u16) -> PolicyRule {
+    PolicyRule::egress(src, Some(dst), port, Protocol::Tcp)
 }
 
 const SHORT: Duration = Duration::from_millis(400);
+
+/// Polls `cond` until it holds; panics naming `what` after 5 s.
+fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while !cond() {
+        assert!(std::time::Instant::now() < deadline, "timed out: {what}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
 
 #[test]
 fn policy_default_allow_default_deny_replies_and_rule_flips_without_reload() {
@@ -438,6 +444,164 @@ fn policy_default_allow_default_deny_replies_and_rule_flips_without_reload() {
     // Nothing enforced any more: allowed both ways.
     f.dp().set_enforced(&[]).expect("enforce");
     assert_eq!(fetch(&f.b.ns, to_a, SHORT).as_deref(), Some("from-a"));
+}
+
+/// The reserved identity of the local host's own addresses (as the agent
+/// writes it).
+const ID_HOST: u32 = 1;
+
+impl Fixture {
+    /// The host namespace's own address (on its loopback).
+    fn host_ip(&self) -> Ipv4Addr {
+        let o = self.a.ip.octets();
+        Ipv4Addr::new(o[0], o[1], o[2], 1)
+    }
+
+    /// Identities of A, B and the host, as the agent writes them.
+    fn identities_with_host(&self) {
+        self.dp()
+            .set_identities(&[
+                (self.a.ip, ID_A),
+                (self.b.ip, ID_B),
+                (self.host_ip(), ID_HOST),
+            ])
+            .expect("identities");
+    }
+}
+
+/// The host-always-allowed rules the agent adds for an ingress-enforced
+/// identity.
+fn host_rules(dst: u32) -> Vec<PolicyRule> {
+    [Protocol::Tcp, Protocol::Udp, Protocol::Icmp]
+        .into_iter()
+        .map(|p| PolicyRule::ingress(Some(ID_HOST), dst, 0, p))
+        .collect()
+}
+
+#[test]
+fn egress_default_deny_allows_listed_destinations_and_flips_without_reload() {
+    let f = Fixture::new();
+    f.attach_both();
+    f.identities_with_host();
+    let to_b = SocketAddrV4::new(f.b.ip, 8080);
+    let to_b_other = SocketAddrV4::new(f.b.ip, 8081);
+    let to_a = SocketAddrV4::new(f.a.ip, 9090);
+    let _sb = Server::start(&f.b.ns, to_b, "from-b");
+    let _sb2 = Server::start(&f.b.ns, to_b_other, "from-b-8081");
+    let _sa = Server::start(&f.a.ns, to_a, "from-a");
+    assert_eq!(fetch(&f.a.ns, to_b, SHORT).as_deref(), Some("from-b"));
+    let ids = f.dp().program_ids().expect("ids");
+
+    // A selected for egress, no rule: A may open nothing; B (not
+    // egress-enforced) still reaches A, and so does the host.
+    f.dp().set_enforcement(&[], &[ID_A]).expect("enforce");
+    let before = f.dp().counters().expect("counters");
+    assert_eq!(fetch(&f.a.ns, to_b, SHORT), None, "A -> B must be denied");
+    assert!(f.dp().counters().expect("counters").denied > before.denied);
+    assert_eq!(fetch(&f.b.ns, to_a, SHORT).as_deref(), Some("from-a"));
+    assert_eq!(fetch(&f.host, to_a, SHORT).as_deref(), Some("from-a"));
+
+    // Allow A -> B:8080 (a map write): that port only.
+    f.dp()
+        .set_policy(&[egress_rule(ID_A, ID_B, 8080)])
+        .expect("policy");
+    assert_eq!(fetch(&f.a.ns, to_b, SHORT).as_deref(), Some("from-b"));
+    assert_eq!(fetch(&f.a.ns, to_b_other, SHORT), None, "8081 not listed");
+
+    // An egress rule to anyone on 8081 (empty `to`) opens 8081 too.
+    f.dp()
+        .set_policy(&[
+            egress_rule(ID_A, ID_B, 8080),
+            PolicyRule::egress(ID_A, None, 8081, Protocol::Tcp),
+        ])
+        .expect("policy");
+    assert_eq!(
+        fetch(&f.a.ns, to_b_other, SHORT).as_deref(),
+        Some("from-b-8081")
+    );
+
+    // An ingress rule of the same tuple is not an egress rule.
+    f.dp()
+        .set_policy(&[tcp_rule(ID_A, ID_B, 8080)])
+        .expect("policy");
+    assert_eq!(fetch(&f.a.ns, to_b, SHORT), None, "ingress rule let A out");
+
+    // Both sides enforced: the flow needs A's egress rule and B's ingress
+    // rule.
+    f.dp().set_enforcement(&[ID_B], &[ID_A]).expect("enforce");
+    f.dp()
+        .set_policy(&[egress_rule(ID_A, ID_B, 8080)])
+        .expect("policy");
+    assert_eq!(fetch(&f.a.ns, to_b, SHORT), None, "B's ingress not allowed");
+    f.dp()
+        .set_policy(&[egress_rule(ID_A, ID_B, 8080), tcp_rule(ID_A, ID_B, 8080)])
+        .expect("policy");
+    assert_eq!(fetch(&f.a.ns, to_b, SHORT).as_deref(), Some("from-b"));
+
+    // Rules gone: denied again; A no longer enforced: allowed. No program
+    // was reloaded on the way.
+    f.dp().set_policy(&[]).expect("policy");
+    assert_eq!(fetch(&f.a.ns, to_b, SHORT), None, "denied after removal");
+    f.dp().set_enforcement(&[], &[]).expect("enforce");
+    assert_eq!(fetch(&f.a.ns, to_b, SHORT).as_deref(), Some("from-b"));
+    assert_eq!(f.dp().program_ids().expect("ids"), ids, "programs reloaded");
+}
+
+#[test]
+fn replies_of_allowed_inbound_connections_pass_under_egress_default_deny() {
+    let f = Fixture::new();
+    f.attach_both();
+    f.identities_with_host();
+    // A is default-deny both ways; B may reach A:9090; the host may reach
+    // A (probes); A may open nothing.
+    f.dp().set_enforcement(&[ID_A], &[ID_A]).expect("enforce");
+    let mut rules = host_rules(ID_A);
+    rules.push(tcp_rule(ID_B, ID_A, 9090));
+    f.dp().set_policy(&rules).expect("policy");
+    let to_a = SocketAddrV4::new(f.a.ip, 9090);
+    let to_b = SocketAddrV4::new(f.b.ip, 8080);
+    let _sa = Server::start(&f.a.ns, to_a, "from-a");
+    let _sb = Server::start(&f.b.ns, to_b, "from-b");
+
+    // The replies of B's and the host's connections reach them.
+    assert_eq!(fetch(&f.b.ns, to_a, SHORT).as_deref(), Some("from-a"));
+    assert_eq!(fetch(&f.host, to_a, SHORT).as_deref(), Some("from-a"));
+    // A's own connections are new outbound flows: denied.
+    assert_eq!(fetch(&f.a.ns, to_b, SHORT), None, "A -> B must be denied");
+
+    // A live connection from B keeps getting replies across policy
+    // changes (each bumps the generation and re-judges flows).
+    let echo = SocketAddrV4::new(f.a.ip, 9091);
+    let listener = in_ns(&f.a.ns, move || TcpListener::bind(echo).expect("bind"));
+    let server = std::thread::spawn(move || {
+        let (mut c, _) = listener.accept().expect("accept");
+        let mut b = [0u8; 1];
+        while c.read_exact(&mut b).is_ok() {
+            if c.write_all(&b).is_err() {
+                break;
+            }
+        }
+    });
+    let mut rules9091 = rules.clone();
+    rules9091.push(tcp_rule(ID_B, ID_A, 9091));
+    f.dp().set_policy(&rules9091).expect("policy");
+    let mut c = in_ns(&f.b.ns, move || {
+        TcpStream::connect_timeout(&SocketAddr::V4(echo), SHORT).expect("connect to A:9091")
+    });
+    c.set_read_timeout(Some(Duration::from_secs(2)))
+        .expect("timeout");
+    for round in 0..3u8 {
+        c.write_all(&[round]).expect("write");
+        let mut b = [0u8; 1];
+        c.read_exact(&mut b)
+            .expect("echo reply under egress default deny");
+        assert_eq!(b[0], round);
+        let mut more = rules9091.clone();
+        more.push(tcp_rule(ID_B, ID_A, 7000 + u16::from(round)));
+        f.dp().set_policy(&more).expect("policy");
+    }
+    drop(c);
+    let _ = server.join();
 }
 
 #[test]
@@ -622,7 +786,10 @@ fn pinned_enforcement_survives_agent_death_and_reload_attaches_once() {
     let host_if = f.b.host_if.clone();
     let dp = f.dp.take_ref();
     in_ns(&f.host, move || dp.get().detach_instance(&host_if)).expect("detach");
-    assert_eq!(f.tcx_count(&f.b.host_if, TcAttachType::Egress), 0);
+    // The kernel releases an unpinned link asynchronously.
+    wait_until("B's egress hook detached", || {
+        f.tcx_count(&f.b.host_if, TcAttachType::Egress) == 0
+    });
     // A's own hook still judges A's outgoing flow against B's policy.
     f.dp().set_enforced(&[]).expect("enforce");
     assert_eq!(fetch(&f.a.ns, to_b, SHORT).as_deref(), Some("denied-port"));

@@ -104,19 +104,59 @@ pub struct RateLimit {
     pub burst: u32,
 }
 
-/// One allow rule: traffic from `src_identity` (None: any source) to
-/// `dst_identity` on `port` (0: every port; must be 0 for ICMP) over
-/// `proto` is allowed into an enforced destination.
+/// Which side of a flow a rule speaks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Direction {
+    /// Lets its source into an ingress-enforced destination.
+    Ingress,
+    /// Lets an egress-enforced source out to its destination.
+    Egress,
+}
+
+/// One allow rule: traffic from `src_identity` to `dst_identity` on `port`
+/// (0: every port; must be 0 for ICMP) over `proto`. The peer side may be
+/// `None`, meaning any peer (including addresses outside the mesh): the
+/// source of an ingress rule, the destination of an egress rule; the other
+/// side is the enforced identity and must be named.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PolicyRule {
+    pub direction: Direction,
     pub src_identity: Option<u32>,
-    pub dst_identity: u32,
+    pub dst_identity: Option<u32>,
     pub port: u16,
     pub proto: Protocol,
     pub rate: Option<RateLimit>,
     /// Names the rule in flow events and rate buckets; 0: derived from the
     /// rule's key.
     pub rule_id: u32,
+}
+
+impl PolicyRule {
+    /// An ingress rule: `src` (None: anyone) may open connections to `dst`.
+    pub fn ingress(src: Option<u32>, dst: u32, port: u16, proto: Protocol) -> PolicyRule {
+        PolicyRule {
+            direction: Direction::Ingress,
+            src_identity: src,
+            dst_identity: Some(dst),
+            port,
+            proto,
+            rate: None,
+            rule_id: 0,
+        }
+    }
+
+    /// An egress rule: `src` may open connections to `dst` (None: anyone).
+    pub fn egress(src: u32, dst: Option<u32>, port: u16, proto: Protocol) -> PolicyRule {
+        PolicyRule {
+            direction: Direction::Egress,
+            src_identity: Some(src),
+            dst_identity: dst,
+            port,
+            proto,
+            rate: None,
+            rule_id: 0,
+        }
+    }
 }
 
 /// A Service VIP:port and its ready backends (empty: connects are refused).
@@ -651,16 +691,39 @@ impl Datapath {
         for r in rules {
             let what = || {
                 format!(
-                    "rule {:?} -> {} port {} {:?}",
-                    r.src_identity, r.dst_identity, r.port, r.proto
+                    "{:?} rule {:?} -> {:?} port {} {:?}",
+                    r.direction, r.src_identity, r.dst_identity, r.port, r.proto
                 )
             };
-            if r.dst_identity == obj::IDENTITY_ANY || r.src_identity == Some(obj::IDENTITY_ANY) {
+            if r.dst_identity == Some(obj::IDENTITY_ANY)
+                || r.src_identity == Some(obj::IDENTITY_ANY)
+            {
                 return Err(DatapathError::invalid(
                     what(),
                     "identity 4294967295 is reserved",
                 ));
             }
+            // The enforced side must be named; only the peer may be "any".
+            let (src, dst, dir) = match (r.direction, r.src_identity, r.dst_identity) {
+                (Direction::Ingress, src, Some(dst)) => {
+                    (src.unwrap_or(obj::IDENTITY_ANY), dst, obj::DIR_INGRESS)
+                }
+                (Direction::Egress, Some(src), dst) => {
+                    (src, dst.unwrap_or(obj::IDENTITY_ANY), obj::DIR_EGRESS)
+                }
+                (Direction::Ingress, _, None) => {
+                    return Err(DatapathError::invalid(
+                        what(),
+                        "an ingress rule must name its destination",
+                    ))
+                }
+                (Direction::Egress, None, _) => {
+                    return Err(DatapathError::invalid(
+                        what(),
+                        "an egress rule must name its source",
+                    ))
+                }
+            };
             if r.proto == Protocol::Icmp && r.port != 0 {
                 return Err(DatapathError::invalid(what(), "ICMP rules take port 0"));
             }
@@ -677,11 +740,11 @@ impl Datapath {
                 }
             };
             let key = PolicyKey {
-                src_identity: r.src_identity.unwrap_or(obj::IDENTITY_ANY),
-                dst_identity: r.dst_identity,
+                src_identity: src,
+                dst_identity: dst,
                 dport: obj::port_be(r.port),
                 proto: r.proto.number(),
-                pad: 0,
+                dir,
             };
             let rule_id = if r.rule_id != 0 {
                 r.rule_id
@@ -734,26 +797,50 @@ impl Datapath {
         Ok(())
     }
 
-    /// Replaces the set of identities under policy (default deny).
+    /// Replaces the set of identities under ingress policy (default deny
+    /// for incoming connections); no identity stays egress-enforced. See
+    /// [`Datapath::set_enforcement`].
     pub fn set_enforced(&self, identities: &[u32]) -> Result<(), DatapathError> {
-        let want: BTreeSet<u32> = identities.iter().copied().collect();
+        self.set_enforcement(identities, &[])
+    }
+
+    /// Replaces the enforced identities: `ingress` are default-deny for new
+    /// incoming connections, `egress` for new outgoing ones (an identity may
+    /// be in both). Replies of allowed connections pass either way.
+    pub fn set_enforcement(&self, ingress: &[u32], egress: &[u32]) -> Result<(), DatapathError> {
+        let mut want: BTreeMap<u32, u32> = BTreeMap::new();
+        for (ids, flag) in [
+            (ingress, obj::ENFORCE_INGRESS),
+            (egress, obj::ENFORCE_EGRESS),
+        ] {
+            for id in ids {
+                if *id == obj::IDENTITY_ANY || *id == obj::IDENTITY_UNKNOWN {
+                    return Err(DatapathError::invalid(
+                        format!("enforced identity {id}"),
+                        "identities 0 and 4294967295 are reserved",
+                    ));
+                }
+                *want.entry(*id).or_default() |= flag;
+            }
+        }
         let mut inner = self.lock();
-        for id in &want {
+        for (id, flags) in &want {
             inner
                 .enforced
-                .insert(id, EnforcedVal { enforced: 1 }, 0)
+                .insert(id, EnforcedVal { enforced: *flags }, 0)
                 .map_err(|e| DatapathError::map("writing", obj::maps::ENFORCED, e))?;
         }
         let stale: Vec<u32> = collect_keys(&inner.enforced, obj::maps::ENFORCED)?
             .into_iter()
-            .filter(|k| !want.contains(k))
+            .filter(|k| !want.contains_key(k))
             .collect();
         for k in &stale {
             remove_key(&mut inner.enforced, k, obj::maps::ENFORCED)?;
         }
         let gen = Self::bump_policy_gen(&mut inner)?;
         tracing::info!(
-            enforced = want.len(),
+            ingress = ingress.len(),
+            egress = egress.len(),
             removed = stale.len(),
             policy_gen = gen,
             "enforced identities written"
@@ -1028,7 +1115,9 @@ fn derived_rule_id(k: &PolicyKey) -> u32 {
         .into_iter()
         .chain(k.dst_identity.to_le_bytes())
         .chain(k.dport.to_le_bytes())
-        .chain([k.proto]);
+        .chain([k.proto])
+        // Ingress keys hash as before egress existed (stable rule ids).
+        .chain((k.dir != obj::DIR_INGRESS).then_some(k.dir));
     for b in bytes {
         h ^= u32::from(b);
         h = h.wrapping_mul(0x01000193);
@@ -1047,11 +1136,16 @@ mod tests {
             dst_identity: 2,
             dport: obj::port_be(80),
             proto: 6,
-            pad: 0,
+            dir: obj::DIR_INGRESS,
         };
         assert_eq!(derived_rule_id(&k), derived_rule_id(&k));
         assert_ne!(derived_rule_id(&k), 0);
         let k2 = PolicyKey { dport: 0, ..k };
         assert_ne!(derived_rule_id(&k), derived_rule_id(&k2));
+        let egress = PolicyKey {
+            dir: obj::DIR_EGRESS,
+            ..k
+        };
+        assert_ne!(derived_rule_id(&k), derived_rule_id(&egress));
     }
 }
