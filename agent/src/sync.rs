@@ -570,8 +570,10 @@ fn host_ipv4_addresses() -> Vec<std::net::Ipv4Addr> {
 }
 
 /// Writes the assignment's identities, policy and services into the BPF
-/// maps (replace-set: stale entries go). Bad entries are logged and
-/// skipped; the rest is written.
+/// maps (replace-set: stale entries go; the datapath diffs against what it
+/// last wrote, so an unchanged assignment writes nothing and one changed
+/// rule is one map write). Bad entries are logged and skipped; the rest is
+/// written.
 fn apply_datapath(dp: &crate::datapath::Datapath, a: &Assignment) {
     use crate::datapath::{
         Direction as RuleDirection, PolicyRule, Protocol, RateLimit, ServiceEntry,
@@ -654,10 +656,9 @@ fn apply_datapath(dp: &crate::datapath::Datapath, a: &Assignment) {
         .collect();
     let results = [
         ("identities", dp.set_identities(&identities)),
-        ("policy", dp.set_policy(&rules)),
         (
-            "enforced identities",
-            dp.set_enforcement(&a.ingress_enforced, &a.egress_enforced),
+            "policy",
+            dp.apply_policy(&rules, &a.ingress_enforced, &a.egress_enforced),
         ),
         ("services", dp.set_services(&services)),
     ];

@@ -604,6 +604,83 @@ fn replies_of_allowed_inbound_connections_pass_under_egress_default_deny() {
     let _ = server.join();
 }
 
+/// Entries in one of the fixture's pinned maps (bpftool, so it is the
+/// kernel's view, not the agent's memory).
+fn pinned_len(f: &Fixture, map: &str) -> usize {
+    let path = f.dp().pin_root().join("maps").join(map);
+    let out = Command::new("bpftool")
+        .args(["map", "dump", "pinned"])
+        .arg(&path)
+        .arg("-j")
+        .output()
+        .expect("bpftool");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("bpftool json");
+    v.as_array().map(|a| a.len()).unwrap_or(0)
+}
+
+#[test]
+fn policy_updates_write_only_what_changed_and_a_restart_removes_stale_rules() {
+    let mut f = Fixture::new();
+    f.attach_both();
+    f.identities();
+    let b_ip = f.b.ip;
+    let to = move |port| SocketAddrV4::new(b_ip, port);
+    let _s1 = Server::start(&f.b.ns, to(8080), "8080");
+    let _s2 = Server::start(&f.b.ns, to(8081), "8081");
+    let _s3 = Server::start(&f.b.ns, to(8082), "8082");
+    let filler: Vec<PolicyRule> = (0..2_000u32)
+        .map(|i| tcp_rule(1000 + i, ID_B, 10_000 + i as u16))
+        .collect();
+    let with = |extra: &[PolicyRule]| {
+        let mut r = filler.clone();
+        r.extend_from_slice(extra);
+        r
+    };
+    f.dp()
+        .apply_policy(&with(&[tcp_rule(ID_A, ID_B, 8080)]), &[ID_B], &[])
+        .expect("policy");
+    assert_eq!(fetch(&f.a.ns, to(8080), SHORT).as_deref(), Some("8080"));
+
+    // The same desired state again writes nothing: flows are not even
+    // judged again (the generation stays).
+    let gen = f.dp().policy_generation().expect("gen");
+    f.dp()
+        .apply_policy(&with(&[tcp_rule(ID_A, ID_B, 8080)]), &[ID_B], &[])
+        .expect("policy");
+    assert_eq!(f.dp().policy_generation().expect("gen"), gen);
+
+    // One rule swapped: the old port is closed, the new one open, and the
+    // map holds exactly the new set.
+    f.dp()
+        .apply_policy(&with(&[tcp_rule(ID_A, ID_B, 8081)]), &[ID_B], &[])
+        .expect("policy");
+    assert_eq!(fetch(&f.a.ns, to(8080), SHORT), None, "8080 left open");
+    assert_eq!(fetch(&f.a.ns, to(8081), SHORT).as_deref(), Some("8081"));
+    assert_eq!(pinned_len(&f, "im_policy"), filler.len() + 1);
+
+    // A restarted agent knows only the pins: its first write still
+    // removes what the previous one wrote and no longer wants.
+    f.dp = None;
+    f.load();
+    f.dp()
+        .apply_policy(&[tcp_rule(ID_A, ID_B, 8082)], &[ID_B], &[])
+        .expect("policy");
+    assert_eq!(pinned_len(&f, "im_policy"), 1);
+    assert_eq!(fetch(&f.a.ns, to(8081), SHORT), None, "stale rule kept");
+    assert_eq!(fetch(&f.a.ns, to(8082), SHORT).as_deref(), Some("8082"));
+
+    // Enforcement and rules lifted together: open again.
+    f.dp().apply_policy(&[], &[], &[]).expect("policy");
+    assert_eq!(pinned_len(&f, "im_policy"), 0);
+    assert_eq!(pinned_len(&f, "im_enforced"), 0);
+    assert_eq!(fetch(&f.a.ns, to(8080), SHORT).as_deref(), Some("8080"));
+}
+
 #[test]
 fn rate_limit_drops_excess_new_connections() {
     let f = Fixture::new();
