@@ -575,10 +575,14 @@ fn host_ipv4_addresses() -> Vec<std::net::Ipv4Addr> {
 }
 
 /// Writes the assignment's identities, policy and services into the BPF
-/// maps (replace-set: stale entries go). Bad entries are logged and
-/// skipped; the rest is written.
+/// maps (replace-set: stale entries go; the datapath diffs against what it
+/// last wrote, so an unchanged assignment writes nothing and one changed
+/// rule is one map write). Bad entries are logged and skipped; the rest is
+/// written.
 fn apply_datapath(dp: &crate::datapath::Datapath, a: &Assignment) {
-    use crate::datapath::{PolicyRule, Protocol, RateLimit, ServiceEntry};
+    use crate::datapath::{
+        Direction as RuleDirection, PolicyRule, Protocol, RateLimit, ServiceEntry,
+    };
     use ironmesh_proto::v1::policy_rule::Direction;
     let proto = |p: &str| match p {
         "TCP" => Some(vec![Protocol::Tcp]),
@@ -593,19 +597,25 @@ fn apply_datapath(dp: &crate::datapath::Datapath, a: &Assignment) {
         .collect();
     let mut rules = Vec::new();
     for r in &a.policy_rules {
-        // The datapath enforces at the destination; egress rules wait for
-        // source-side enforcement.
-        if r.direction != Direction::Ingress as i32 {
-            continue;
-        }
+        let direction = match Direction::try_from(r.direction) {
+            Ok(Direction::Ingress) => RuleDirection::Ingress,
+            Ok(Direction::Egress) => RuleDirection::Egress,
+            _ => {
+                tracing::warn!(rule = ?r, "skipping a policy rule without a direction");
+                continue;
+            }
+        };
         let (Some(protos), Ok(port)) = (proto(&r.protocol), u16::try_from(r.port)) else {
             tracing::warn!(rule = ?r, "skipping a policy rule this agent cannot express");
             continue;
         };
+        // Identity 0 on the peer side means any peer (see the proto).
+        let named = |id: u32| (id != 0).then_some(id);
         for p in protos {
             rules.push(PolicyRule {
-                src_identity: (r.src_identity != 0).then_some(r.src_identity),
-                dst_identity: r.dst_identity,
+                direction,
+                src_identity: named(r.src_identity),
+                dst_identity: named(r.dst_identity),
                 port: if p == Protocol::Icmp { 0 } else { port },
                 proto: p,
                 rate: (r.rate_per_second > 0).then_some(RateLimit {
@@ -618,21 +628,18 @@ fn apply_datapath(dp: &crate::datapath::Datapath, a: &Assignment) {
     }
     // This host's own addresses are the reserved host identity, always
     // allowed into its local instances: probes and operators on the node
-    // must reach enforced instances (Cilium's allow-localhost=always).
+    // must reach enforced instances (Cilium's allow-localhost=always). The
+    // host is never egress-enforced, and the replies of an egress-enforced
+    // instance to it pass by conntrack, so egress needs no host rule;
+    // connections an egress-enforced instance opens to the host need a rule,
+    // like any other destination.
     let host_ips = host_ipv4_addresses();
     for ip in &host_ips {
         identities.push((*ip, HOST_IDENTITY));
     }
     for dst in &a.ingress_enforced {
         for p in [Protocol::Tcp, Protocol::Udp, Protocol::Icmp] {
-            rules.push(PolicyRule {
-                src_identity: Some(HOST_IDENTITY),
-                dst_identity: *dst,
-                port: 0,
-                proto: p,
-                rate: None,
-                rule_id: 0,
-            });
+            rules.push(PolicyRule::ingress(Some(HOST_IDENTITY), *dst, 0, p));
         }
     }
     rules.dedup();
@@ -654,8 +661,10 @@ fn apply_datapath(dp: &crate::datapath::Datapath, a: &Assignment) {
         .collect();
     let results = [
         ("identities", dp.set_identities(&identities)),
-        ("policy", dp.set_policy(&rules)),
-        ("enforced identities", dp.set_enforced(&a.ingress_enforced)),
+        (
+            "policy",
+            dp.apply_policy(&rules, &a.ingress_enforced, &a.egress_enforced),
+        ),
         ("services", dp.set_services(&services)),
     ];
     for (what, r) in results {

@@ -366,17 +366,23 @@ fn drain(rx: &mut tokio::sync::mpsc::Receiver<FlowEvent>) -> Vec<FlowEvent> {
 }
 
 fn tcp_rule(src: u32, dst: u32, port: u16) -> PolicyRule {
-    PolicyRule {
-        src_identity: Some(src),
-        dst_identity: dst,
-        port,
-        proto: Protocol::Tcp,
-        rate: None,
-        rule_id: 0,
-    }
+    PolicyRule::ingress(Some(src), dst, port, Protocol::Tcp)
+}
+
+fn egress_rule(src: u32, dst: u32, port: u16) -> PolicyRule {
+    PolicyRule::egress(src, Some(dst), port, Protocol::Tcp)
 }
 
 const SHORT: Duration = Duration::from_millis(400);
+
+/// Polls `cond` until it holds; panics naming `what` after 5 s.
+fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while !cond() {
+        assert!(std::time::Instant::now() < deadline, "timed out: {what}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
 
 #[test]
 fn policy_default_allow_default_deny_replies_and_rule_flips_without_reload() {
@@ -438,6 +444,241 @@ fn policy_default_allow_default_deny_replies_and_rule_flips_without_reload() {
     // Nothing enforced any more: allowed both ways.
     f.dp().set_enforced(&[]).expect("enforce");
     assert_eq!(fetch(&f.b.ns, to_a, SHORT).as_deref(), Some("from-a"));
+}
+
+/// The reserved identity of the local host's own addresses (as the agent
+/// writes it).
+const ID_HOST: u32 = 1;
+
+impl Fixture {
+    /// The host namespace's own address (on its loopback).
+    fn host_ip(&self) -> Ipv4Addr {
+        let o = self.a.ip.octets();
+        Ipv4Addr::new(o[0], o[1], o[2], 1)
+    }
+
+    /// Identities of A, B and the host, as the agent writes them.
+    fn identities_with_host(&self) {
+        self.dp()
+            .set_identities(&[
+                (self.a.ip, ID_A),
+                (self.b.ip, ID_B),
+                (self.host_ip(), ID_HOST),
+            ])
+            .expect("identities");
+    }
+}
+
+/// The host-always-allowed rules the agent adds for an ingress-enforced
+/// identity.
+fn host_rules(dst: u32) -> Vec<PolicyRule> {
+    [Protocol::Tcp, Protocol::Udp, Protocol::Icmp]
+        .into_iter()
+        .map(|p| PolicyRule::ingress(Some(ID_HOST), dst, 0, p))
+        .collect()
+}
+
+#[test]
+fn egress_default_deny_allows_listed_destinations_and_flips_without_reload() {
+    let f = Fixture::new();
+    f.attach_both();
+    f.identities_with_host();
+    let to_b = SocketAddrV4::new(f.b.ip, 8080);
+    let to_b_other = SocketAddrV4::new(f.b.ip, 8081);
+    let to_a = SocketAddrV4::new(f.a.ip, 9090);
+    let _sb = Server::start(&f.b.ns, to_b, "from-b");
+    let _sb2 = Server::start(&f.b.ns, to_b_other, "from-b-8081");
+    let _sa = Server::start(&f.a.ns, to_a, "from-a");
+    assert_eq!(fetch(&f.a.ns, to_b, SHORT).as_deref(), Some("from-b"));
+    let ids = f.dp().program_ids().expect("ids");
+
+    // A selected for egress, no rule: A may open nothing; B (not
+    // egress-enforced) still reaches A, and so does the host.
+    f.dp().set_enforcement(&[], &[ID_A]).expect("enforce");
+    let before = f.dp().counters().expect("counters");
+    assert_eq!(fetch(&f.a.ns, to_b, SHORT), None, "A -> B must be denied");
+    assert!(f.dp().counters().expect("counters").denied > before.denied);
+    assert_eq!(fetch(&f.b.ns, to_a, SHORT).as_deref(), Some("from-a"));
+    assert_eq!(fetch(&f.host, to_a, SHORT).as_deref(), Some("from-a"));
+
+    // Allow A -> B:8080 (a map write): that port only.
+    f.dp()
+        .set_policy(&[egress_rule(ID_A, ID_B, 8080)])
+        .expect("policy");
+    assert_eq!(fetch(&f.a.ns, to_b, SHORT).as_deref(), Some("from-b"));
+    assert_eq!(fetch(&f.a.ns, to_b_other, SHORT), None, "8081 not listed");
+
+    // An egress rule to anyone on 8081 (empty `to`) opens 8081 too.
+    f.dp()
+        .set_policy(&[
+            egress_rule(ID_A, ID_B, 8080),
+            PolicyRule::egress(ID_A, None, 8081, Protocol::Tcp),
+        ])
+        .expect("policy");
+    assert_eq!(
+        fetch(&f.a.ns, to_b_other, SHORT).as_deref(),
+        Some("from-b-8081")
+    );
+
+    // An ingress rule of the same tuple is not an egress rule.
+    f.dp()
+        .set_policy(&[tcp_rule(ID_A, ID_B, 8080)])
+        .expect("policy");
+    assert_eq!(fetch(&f.a.ns, to_b, SHORT), None, "ingress rule let A out");
+
+    // Both sides enforced: the flow needs A's egress rule and B's ingress
+    // rule.
+    f.dp().set_enforcement(&[ID_B], &[ID_A]).expect("enforce");
+    f.dp()
+        .set_policy(&[egress_rule(ID_A, ID_B, 8080)])
+        .expect("policy");
+    assert_eq!(fetch(&f.a.ns, to_b, SHORT), None, "B's ingress not allowed");
+    f.dp()
+        .set_policy(&[egress_rule(ID_A, ID_B, 8080), tcp_rule(ID_A, ID_B, 8080)])
+        .expect("policy");
+    assert_eq!(fetch(&f.a.ns, to_b, SHORT).as_deref(), Some("from-b"));
+
+    // Rules gone: denied again; A no longer enforced: allowed. No program
+    // was reloaded on the way.
+    f.dp().set_policy(&[]).expect("policy");
+    assert_eq!(fetch(&f.a.ns, to_b, SHORT), None, "denied after removal");
+    f.dp().set_enforcement(&[], &[]).expect("enforce");
+    assert_eq!(fetch(&f.a.ns, to_b, SHORT).as_deref(), Some("from-b"));
+    assert_eq!(f.dp().program_ids().expect("ids"), ids, "programs reloaded");
+}
+
+#[test]
+fn replies_of_allowed_inbound_connections_pass_under_egress_default_deny() {
+    let f = Fixture::new();
+    f.attach_both();
+    f.identities_with_host();
+    // A is default-deny both ways; B may reach A:9090; the host may reach
+    // A (probes); A may open nothing.
+    f.dp().set_enforcement(&[ID_A], &[ID_A]).expect("enforce");
+    let mut rules = host_rules(ID_A);
+    rules.push(tcp_rule(ID_B, ID_A, 9090));
+    f.dp().set_policy(&rules).expect("policy");
+    let to_a = SocketAddrV4::new(f.a.ip, 9090);
+    let to_b = SocketAddrV4::new(f.b.ip, 8080);
+    let _sa = Server::start(&f.a.ns, to_a, "from-a");
+    let _sb = Server::start(&f.b.ns, to_b, "from-b");
+
+    // The replies of B's and the host's connections reach them.
+    assert_eq!(fetch(&f.b.ns, to_a, SHORT).as_deref(), Some("from-a"));
+    assert_eq!(fetch(&f.host, to_a, SHORT).as_deref(), Some("from-a"));
+    // A's own connections are new outbound flows: denied.
+    assert_eq!(fetch(&f.a.ns, to_b, SHORT), None, "A -> B must be denied");
+
+    // A live connection from B keeps getting replies across policy
+    // changes (each bumps the generation and re-judges flows).
+    let echo = SocketAddrV4::new(f.a.ip, 9091);
+    let listener = in_ns(&f.a.ns, move || TcpListener::bind(echo).expect("bind"));
+    let server = std::thread::spawn(move || {
+        let (mut c, _) = listener.accept().expect("accept");
+        let mut b = [0u8; 1];
+        while c.read_exact(&mut b).is_ok() {
+            if c.write_all(&b).is_err() {
+                break;
+            }
+        }
+    });
+    let mut rules9091 = rules.clone();
+    rules9091.push(tcp_rule(ID_B, ID_A, 9091));
+    f.dp().set_policy(&rules9091).expect("policy");
+    let mut c = in_ns(&f.b.ns, move || {
+        TcpStream::connect_timeout(&SocketAddr::V4(echo), SHORT).expect("connect to A:9091")
+    });
+    c.set_read_timeout(Some(Duration::from_secs(2)))
+        .expect("timeout");
+    for round in 0..3u8 {
+        c.write_all(&[round]).expect("write");
+        let mut b = [0u8; 1];
+        c.read_exact(&mut b)
+            .expect("echo reply under egress default deny");
+        assert_eq!(b[0], round);
+        let mut more = rules9091.clone();
+        more.push(tcp_rule(ID_B, ID_A, 7000 + u16::from(round)));
+        f.dp().set_policy(&more).expect("policy");
+    }
+    drop(c);
+    let _ = server.join();
+}
+
+/// Entries in one of the fixture's pinned maps (bpftool, so it is the
+/// kernel's view, not the agent's memory).
+fn pinned_len(f: &Fixture, map: &str) -> usize {
+    let path = f.dp().pin_root().join("maps").join(map);
+    let out = Command::new("bpftool")
+        .args(["map", "dump", "pinned"])
+        .arg(&path)
+        .arg("-j")
+        .output()
+        .expect("bpftool");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("bpftool json");
+    v.as_array().map(|a| a.len()).unwrap_or(0)
+}
+
+#[test]
+fn policy_updates_write_only_what_changed_and_a_restart_removes_stale_rules() {
+    let mut f = Fixture::new();
+    f.attach_both();
+    f.identities();
+    let b_ip = f.b.ip;
+    let to = move |port| SocketAddrV4::new(b_ip, port);
+    let _s1 = Server::start(&f.b.ns, to(8080), "8080");
+    let _s2 = Server::start(&f.b.ns, to(8081), "8081");
+    let _s3 = Server::start(&f.b.ns, to(8082), "8082");
+    let filler: Vec<PolicyRule> = (0..2_000u32)
+        .map(|i| tcp_rule(1000 + i, ID_B, 10_000 + i as u16))
+        .collect();
+    let with = |extra: &[PolicyRule]| {
+        let mut r = filler.clone();
+        r.extend_from_slice(extra);
+        r
+    };
+    f.dp()
+        .apply_policy(&with(&[tcp_rule(ID_A, ID_B, 8080)]), &[ID_B], &[])
+        .expect("policy");
+    assert_eq!(fetch(&f.a.ns, to(8080), SHORT).as_deref(), Some("8080"));
+
+    // The same desired state again writes nothing: flows are not even
+    // judged again (the generation stays).
+    let gen = f.dp().policy_generation().expect("gen");
+    f.dp()
+        .apply_policy(&with(&[tcp_rule(ID_A, ID_B, 8080)]), &[ID_B], &[])
+        .expect("policy");
+    assert_eq!(f.dp().policy_generation().expect("gen"), gen);
+
+    // One rule swapped: the old port is closed, the new one open, and the
+    // map holds exactly the new set.
+    f.dp()
+        .apply_policy(&with(&[tcp_rule(ID_A, ID_B, 8081)]), &[ID_B], &[])
+        .expect("policy");
+    assert_eq!(fetch(&f.a.ns, to(8080), SHORT), None, "8080 left open");
+    assert_eq!(fetch(&f.a.ns, to(8081), SHORT).as_deref(), Some("8081"));
+    assert_eq!(pinned_len(&f, "im_policy"), filler.len() + 1);
+
+    // A restarted agent knows only the pins: its first write still
+    // removes what the previous one wrote and no longer wants.
+    f.dp = None;
+    f.load();
+    f.dp()
+        .apply_policy(&[tcp_rule(ID_A, ID_B, 8082)], &[ID_B], &[])
+        .expect("policy");
+    assert_eq!(pinned_len(&f, "im_policy"), 1);
+    assert_eq!(fetch(&f.a.ns, to(8081), SHORT), None, "stale rule kept");
+    assert_eq!(fetch(&f.a.ns, to(8082), SHORT).as_deref(), Some("8082"));
+
+    // Enforcement and rules lifted together: open again.
+    f.dp().apply_policy(&[], &[], &[]).expect("policy");
+    assert_eq!(pinned_len(&f, "im_policy"), 0);
+    assert_eq!(pinned_len(&f, "im_enforced"), 0);
+    assert_eq!(fetch(&f.a.ns, to(8080), SHORT).as_deref(), Some("8080"));
 }
 
 #[test]
@@ -622,7 +863,10 @@ fn pinned_enforcement_survives_agent_death_and_reload_attaches_once() {
     let host_if = f.b.host_if.clone();
     let dp = f.dp.take_ref();
     in_ns(&f.host, move || dp.get().detach_instance(&host_if)).expect("detach");
-    assert_eq!(f.tcx_count(&f.b.host_if, TcAttachType::Egress), 0);
+    // The kernel releases an unpinned link asynchronously.
+    wait_until("B's egress hook detached", || {
+        f.tcx_count(&f.b.host_if, TcAttachType::Egress) == 0
+    });
     // A's own hook still judges A's outgoing flow against B's policy.
     f.dp().set_enforced(&[]).expect("enforce");
     assert_eq!(fetch(&f.a.ns, to_b, SHORT).as_deref(), Some("denied-port"));
@@ -636,7 +880,7 @@ fn iperf(f: &Fixture) -> f64 {
         .stdout(std::process::Stdio::null())
         .spawn()
         .expect("iperf3 server");
-    std::thread::sleep(Duration::from_millis(300));
+    wait_listening(&f.b.ns, 5201);
     let out = Command::new("nsenter")
         .arg(format!("--net={}", f.a.ns.display()))
         .args([
@@ -695,73 +939,551 @@ fn rtt(f: &Fixture, port: u16) -> (f64, f64) {
     )
 }
 
-/// Side by side: programs attached (B under policy, an allow rule, 10,000
-/// other rules loaded) vs none. Run with
-/// `cargo test -p ironmesh-agent --test datapath -- --ignored --nocapture bench`.
+// ---- benchmarks ---------------------------------------------------------
+
+/// Runs `program args` inside the fixture's host namespace (never the
+/// machine's), feeding `stdin`; panics with its stderr on failure. Returns
+/// how long it took, process start included.
+fn in_host(f: &Fixture, program: &str, args: &[&str], stdin: &str) -> Duration {
+    let t = std::time::Instant::now();
+    let mut child = Command::new("nsenter")
+        .arg(format!("--net={}", f.host.display()))
+        .arg(program)
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn in host namespace");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(stdin.as_bytes())
+        .expect("write stdin");
+    let out = child.wait_with_output().expect("wait");
+    let took = t.elapsed();
+    assert!(
+        out.status.success(),
+        "{program} {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    took
+}
+
+/// Address of the i-th of the 10,000 bench identities (never routed).
+fn bench_ip(i: u32) -> Ipv4Addr {
+    Ipv4Addr::new(10, 252, (i / 250) as u8, (i % 250 + 1) as u8)
+}
+
+const BENCH_RULES: u32 = 10_000;
+
+/// The bench rule set for B: 10,000 rules that do not match A's traffic,
+/// then A's (iperf3 on 5201, request/response on 6000..=6015). `changed`
+/// moves the first rule to another port.
+fn bench_rules(changed: bool) -> Vec<PolicyRule> {
+    let mut rules: Vec<PolicyRule> = (0..BENCH_RULES)
+        .map(|i| tcp_rule(1000 + i, ID_B, 10_000 + i as u16))
+        .collect();
+    if changed {
+        rules[0].port = 9;
+    }
+    rules.push(tcp_rule(ID_A, ID_B, 5201));
+    for p in 6000..=6015 {
+        rules.push(tcp_rule(ID_A, ID_B, p));
+    }
+    rules
+}
+
+/// The same rules as an iptables-restore input: traffic routed out of the
+/// host towards B walks chain IMBENCH, 10,000 non-matching rules first,
+/// A's last, then DROP. `stateful` puts an ESTABLISHED accept in front (the
+/// usual iptables setup: only a connection's first packet walks the list).
+fn iptables_rules(f: &Fixture, changed: bool, stateful: bool) -> String {
+    use std::fmt::Write as _;
+    let mut s = String::from(
+        "*filter\n:INPUT ACCEPT [0:0]\n:FORWARD ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n:IMBENCH - [0:0]\n",
+    );
+    if stateful {
+        s.push_str("-A FORWARD -m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT\n");
+    }
+    let _ = writeln!(s, "-A FORWARD -o {} -j IMBENCH", f.b.host_if);
+    for i in 0..BENCH_RULES {
+        let port = if changed && i == 0 { 9 } else { 10_000 + i };
+        let _ = writeln!(
+            s,
+            "-A IMBENCH -s {}/32 -p tcp -m tcp --dport {port} -j ACCEPT",
+            bench_ip(i)
+        );
+    }
+    let a = f.a.ip;
+    let _ = writeln!(
+        s,
+        "-A IMBENCH -s {a}/32 -p tcp -m tcp --dport 5201 -j ACCEPT"
+    );
+    let _ = writeln!(
+        s,
+        "-A IMBENCH -s {a}/32 -p tcp -m tcp --dport 6000:6015 -j ACCEPT"
+    );
+    s.push_str("-A IMBENCH -j DROP\nCOMMIT\n");
+    s
+}
+
+/// The same 10,000 rules as an nft transaction replacing a regular chain
+/// (no hook: it judges no traffic, only the update is timed).
+fn nft_rules(changed: bool) -> String {
+    use std::fmt::Write as _;
+    let mut s = String::from(
+        "add table ip imbench\nadd chain ip imbench rules\nflush chain ip imbench rules\n",
+    );
+    for i in 0..BENCH_RULES {
+        let port = if changed && i == 0 { 9 } else { 10_000 + i };
+        let _ = writeln!(
+            s,
+            "add rule ip imbench rules ip saddr {} tcp dport {port} accept",
+            bench_ip(i)
+        );
+    }
+    s
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+fn p99(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[(v.len() * 99 / 100).min(v.len() - 1)]
+}
+
+/// Best throughput and lowest median/p99 RTT over rounds.
+#[derive(Clone, Copy)]
+struct Best {
+    gbit: f64,
+    rtt_med: f64,
+    rtt_p99: f64,
+}
+
+impl Best {
+    fn new() -> Best {
+        Best {
+            gbit: 0.0,
+            rtt_med: f64::MAX,
+            rtt_p99: f64::MAX,
+        }
+    }
+
+    fn add(&mut self, gbit: f64, (med, p99): (f64, f64)) {
+        self.gbit = self.gbit.max(gbit);
+        self.rtt_med = self.rtt_med.min(med);
+        self.rtt_p99 = self.rtt_p99.min(p99);
+    }
+}
+
+/// Waits until something listens on TCP `port` in namespace `ns`.
+fn wait_listening(ns: &Path, port: u16) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let out = Command::new("nsenter")
+            .arg(format!("--net={}", ns.display()))
+            .args(["ss", "-Hltn", &format!("sport = :{port}")])
+            .output()
+            .expect("ss");
+        if !out.stdout.is_empty() {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "nothing listens on {port}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Runs `f` with this whole process in the cgroup `cg` (so the socket
+/// programs attached there steer its sockets), moving it back after, also
+/// on panic.
+struct InCgroup {
+    back: PathBuf,
+}
+
+impl InCgroup {
+    fn enter(cg: &Path) -> InCgroup {
+        let own = std::fs::read_to_string("/proc/self/cgroup").expect("read /proc/self/cgroup");
+        let rel = own
+            .lines()
+            .find_map(|l| l.strip_prefix("0::"))
+            .expect("a cgroup v2 entry");
+        let back = Path::new("/sys/fs/cgroup/unified").join(rel.trim_start_matches('/'));
+        std::fs::write(cg.join("cgroup.procs"), std::process::id().to_string())
+            .expect("move into the test cgroup");
+        InCgroup { back }
+    }
+}
+
+impl Drop for InCgroup {
+    fn drop(&mut self) {
+        let _ = std::fs::write(
+            self.back.join("cgroup.procs"),
+            std::process::id().to_string(),
+        );
+    }
+}
+
+/// A server answering each connection's 1-byte request with 1 byte, then
+/// waiting for the client to reset it (no TIME_WAIT on either side, so
+/// thousands of connections per second never collide with an old one).
+struct RrServer {
+    addr: SocketAddrV4,
+    ns: PathBuf,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl RrServer {
+    fn start(ns: &Path, addr: SocketAddrV4) -> RrServer {
+        let listener = in_ns(ns, move || TcpListener::bind(addr).expect("bind"));
+        let stop = Arc::new(AtomicBool::new(false));
+        let s = stop.clone();
+        let thread = std::thread::spawn(move || {
+            for c in listener.incoming() {
+                if s.load(Ordering::Relaxed) {
+                    break;
+                }
+                let Ok(mut c) = c else { continue };
+                let _ = c.set_nodelay(true);
+                let mut b = [0u8; 1];
+                if c.read_exact(&mut b).is_ok() && c.write_all(&b).is_ok() {
+                    let _ = c.read(&mut b);
+                }
+            }
+        });
+        RrServer {
+            addr,
+            ns: ns.to_path_buf(),
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for RrServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        // Wake the blocking accept from the server's own namespace.
+        let addr = self.addr;
+        in_ns(&self.ns, move || {
+            let _ = TcpStream::connect_timeout(&SocketAddr::V4(addr), Duration::from_secs(1));
+        });
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Connections per second from namespace `ns` to `to` over `dur`: each
+/// connects, sends 1 byte, reads the 1-byte answer and closes with a reset
+/// (SO_LINGER 0).
+fn conn_rate(ns: &Path, to: SocketAddrV4, dur: Duration) -> f64 {
+    in_ns(ns, move || {
+        let start = std::time::Instant::now();
+        let mut n = 0u64;
+        while start.elapsed() < dur {
+            let mut s = TcpStream::connect(SocketAddr::V4(to)).expect("connect");
+            s.set_nodelay(true).expect("nodelay");
+            s.write_all(&[1]).expect("request");
+            let mut b = [0u8; 1];
+            s.read_exact(&mut b).expect("response");
+            assert_eq!(b, [1], "answer from the backend");
+            let linger = libc::linger {
+                l_onoff: 1,
+                l_linger: 0,
+            };
+            // SAFETY: setsockopt on an open socket with a valid linger.
+            let rc = unsafe {
+                libc::setsockopt(
+                    s.as_raw_fd(),
+                    libc::SOL_SOCKET,
+                    libc::SO_LINGER,
+                    &linger as *const libc::linger as *const libc::c_void,
+                    std::mem::size_of::<libc::linger>() as libc::socklen_t,
+                )
+            };
+            assert_eq!(rc, 0, "SO_LINGER");
+            n += 1;
+        }
+        n as f64 / start.elapsed().as_secs_f64()
+    })
+}
+
+/// Service VIP (cgroup connect4 rewriting) vs the backend address itself vs
+/// an iptables DNAT rule, side by side. TC programs are not attached: this
+/// measures the balancing alone. Run with `scripts/bench-datapath.sh`.
+#[test]
+#[ignore = "benchmark; run explicitly"]
+fn bench_service_vip_connection_rate() {
+    let f = Fixture::new();
+    f.identities();
+    let backend = SocketAddrV4::new(f.b.ip, 7070);
+    let _server = RrServer::start(&f.b.ns, backend);
+    let vip = SocketAddrV4::new(Ipv4Addr::new(10, 251, 0, 10), 80);
+    let nat_vip = SocketAddrV4::new(Ipv4Addr::new(10, 251, 0, 20), 80);
+    f.dp()
+        .set_services(&[ServiceEntry {
+            vip: *vip.ip(),
+            port: vip.port(),
+            proto: Protocol::Tcp,
+            backends: vec![(f.b.ip, backend.port())],
+        }])
+        .expect("services");
+    // The DNAT VIP needs a route for the connect's first lookup.
+    sh(&[
+        "ip",
+        "-n",
+        &f.host_name,
+        "route",
+        "add",
+        &format!("{}/32", nat_vip.ip()),
+        "dev",
+        &f.b.host_if,
+    ]);
+    let dnat = format!(
+        "*nat\n:PREROUTING ACCEPT [0:0]\n:INPUT ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n:POSTROUTING ACCEPT [0:0]\n-A OUTPUT -d {}/32 -p tcp -m tcp --dport {} -j DNAT --to-destination {backend}\nCOMMIT\n",
+        nat_vip.ip(),
+        nat_vip.port()
+    );
+    let _cg = InCgroup::enter(&f.cgroup);
+    let dur = Duration::from_millis(1500);
+    let (mut via_vip, mut direct, mut via_dnat) = (Vec::new(), Vec::new(), Vec::new());
+    // Warm-up (first connects pay for ARP and route caches).
+    conn_rate(&f.host, backend, Duration::from_millis(200));
+    for _ in 0..5 {
+        via_vip.push(conn_rate(&f.host, vip, dur));
+        direct.push(conn_rate(&f.host, backend, dur));
+        // DNAT last and removed again: nat rules turn on netfilter
+        // conntrack for the namespace, which the others must not pay.
+        in_host(&f, "iptables-restore", &[], &dnat);
+        via_dnat.push(conn_rate(&f.host, nat_vip, dur));
+        in_host(&f, "nft", &["flush", "ruleset"], "");
+    }
+    let c = f.dp().counters().expect("counters");
+    let best = |v: &[f64]| v.iter().copied().fold(0.0f64, f64::max);
+    let (v, d, n) = (best(&via_vip), best(&direct), best(&via_dnat));
+    println!(
+        "service connection rate (connect, 1-byte request/response, reset; best of 5 x 1.5 s)"
+    );
+    println!(
+        "  via VIP (connect4)     {v:>10.0} conn/s   {:.3} of direct",
+        v / d
+    );
+    println!("  direct to backend      {d:>10.0} conn/s");
+    println!(
+        "  via iptables DNAT      {n:>10.0} conn/s   VIP/DNAT {:.3}",
+        v / n
+    );
+    println!("  rounds: vip {via_vip:.0?} direct {direct:.0?} dnat {via_dnat:.0?}");
+    println!("  counters {c:?}");
+    assert!(c.lb_rewrites > 0, "connect4 never rewrote: {c:?}");
+}
+
+/// Side by side, in one run: (a) no programs vs the eBPF datapath (B under
+/// policy, 10,016 rules loaded); (b) the same rules as a linear iptables
+/// chain on the same path (every packet walks it; and the usual stateful
+/// form where only a connection's first packet does); (c) the time to
+/// change one rule at 10,000 rules: our map update vs iptables-restore,
+/// iptables -R and nft -f. iptables runs only inside the fixture's host
+/// namespace. Run with `scripts/bench-datapath.sh` (release build).
 #[test]
 #[ignore = "benchmark; run explicitly"]
 fn bench_datapath_overhead() {
     let f = Fixture::new();
-    let mut rules: Vec<PolicyRule> = (0..10_000u32)
-        .map(|i| tcp_rule(1000 + i, ID_B, 10_000 + (i % 50_000) as u16))
-        .collect();
-    rules.push(tcp_rule(ID_A, ID_B, 5201));
-    for p in 6000..6010 {
-        rules.push(tcp_rule(ID_A, ID_B, p));
+    f.identities();
+    let rules = bench_rules(false);
+    let t = std::time::Instant::now();
+    f.dp().set_policy(&rules).expect("policy");
+    let load_all = t.elapsed();
+    // (c) ours: the agent's path (the whole desired set in, the diff out).
+    let mut ebpf_change = Vec::new();
+    for i in 0..41 {
+        let r = bench_rules(i % 2 == 0);
+        let t = std::time::Instant::now();
+        f.dp().set_policy(&r).expect("policy");
+        ebpf_change.push(t.elapsed().as_secs_f64() * 1e6);
     }
-    let t = std::time::Instant::now();
-    f.dp().set_policy(&rules).expect("policy");
-    let load_10k = t.elapsed();
-    // One rule changed at 10,000 rules (replace-set of the whole table).
-    rules[0].port = 9;
-    let t = std::time::Instant::now();
-    f.dp().set_policy(&rules).expect("policy");
-    let change_one = t.elapsed();
 
-    let mut none = (0.0f64, f64::MAX, f64::MAX);
-    let mut with = (0.0f64, f64::MAX, f64::MAX);
-    for round in 0..2u16 {
-        let g = iperf(&f);
-        let (m, p) = rtt(&f, 6000 + round * 2);
-        none = (none.0.max(g), none.1.min(m), none.2.min(p));
+    // The kernel part alone: one key written and deleted again in the
+    // pinned map (behind the Datapath's back, so it leaves no trace).
+    let raw_write = {
+        let pin = f.dp().pin_root().join("maps").join("im_policy");
+        let data = aya::maps::MapData::from_pin(&pin).expect("open pinned im_policy");
+        let mut map: aya::maps::HashMap<_, ironmesh_ebpf::PolicyKey, ironmesh_ebpf::PolicyVal> =
+            aya::maps::HashMap::try_from(aya::maps::Map::HashMap(data)).expect("hash map");
+        let key = ironmesh_ebpf::PolicyKey {
+            src_identity: 999,
+            dst_identity: ID_B,
+            dport: ironmesh_ebpf::port_be(9),
+            proto: 6,
+            dir: ironmesh_ebpf::DIR_INGRESS,
+        };
+        let val = ironmesh_ebpf::PolicyVal {
+            flags: ironmesh_ebpf::POLICY_ALLOW,
+            rule_id: 1,
+            rate_per_sec: 0,
+            burst: 0,
+        };
+        let mut t_ins = Vec::new();
+        for _ in 0..1000 {
+            let t = std::time::Instant::now();
+            map.insert(key, val, 0).expect("insert");
+            t_ins.push(t.elapsed().as_secs_f64() * 1e6);
+            map.remove(&key).expect("remove");
+        }
+        t_ins
+    };
+
+    let (mut none, mut ebpf, mut ipt, mut ipt_ct) =
+        (Best::new(), Best::new(), Best::new(), Best::new());
+    for round in 0..3u16 {
+        let port = |variant: u16| 6000 + variant * 3 + round;
+        none.add(iperf(&f), rtt(&f, port(0)));
+
         f.attach_both();
-        f.identities();
         f.dp().set_enforced(&[ID_B]).expect("enforce");
-        let g = iperf(&f);
-        let (m, p) = rtt(&f, 6001 + round * 2);
-        with = (with.0.max(g), with.1.min(m), with.2.min(p));
+        ebpf.add(iperf(&f), rtt(&f, port(1)));
         for i in [&f.a, &f.b] {
             let host_if = i.host_if.clone();
             let dp = f.dp.take_ref();
             in_ns(&f.host, move || dp.get().detach_instance(&host_if)).expect("detach");
         }
         f.dp().set_enforced(&[]).expect("enforce");
+
+        in_host(
+            &f,
+            "iptables-restore",
+            &[],
+            &iptables_rules(&f, false, false),
+        );
+        ipt.add(iperf(&f), rtt(&f, port(2)));
+        // Stateful last, then everything flushed: conntrack must not stay
+        // on for the next round's baseline.
+        in_host(
+            &f,
+            "iptables-restore",
+            &[],
+            &iptables_rules(&f, false, true),
+        );
+        ipt_ct.add(iperf(&f), rtt(&f, port(3)));
+        in_host(&f, "nft", &["flush", "ruleset"], "");
     }
+
+    // (c) theirs, with the 10,000-rule chain loaded.
+    in_host(
+        &f,
+        "iptables-restore",
+        &[],
+        &iptables_rules(&f, false, false),
+    );
+    let mut restore = Vec::new();
+    let mut replace = Vec::new();
+    for i in 0..7 {
+        let changed = i % 2 == 0;
+        restore.push(
+            in_host(
+                &f,
+                "iptables-restore",
+                &[],
+                &iptables_rules(&f, changed, false),
+            )
+            .as_secs_f64()
+                * 1e3,
+        );
+        let port = if changed { "10000" } else { "9" };
+        let src = format!("{}/32", bench_ip(0));
+        replace.push(
+            in_host(
+                &f,
+                "iptables",
+                &[
+                    "-R", "IMBENCH", "1", "-s", &src, "-p", "tcp", "--dport", port, "-j", "ACCEPT",
+                ],
+                "",
+            )
+            .as_secs_f64()
+                * 1e3,
+        );
+    }
+    let mut nft = Vec::new();
+    for i in 0..8 {
+        let t = in_host(&f, "nft", &["-f", "-"], &nft_rules(i % 2 == 0)).as_secs_f64() * 1e3;
+        if i > 0 {
+            nft.push(t); // the first one also creates the table
+        }
+    }
+    in_host(&f, "nft", &["flush", "ruleset"], "");
+    let backend = Command::new("iptables")
+        .arg("--version")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default();
+
     let c = f.dp().counters().expect("counters");
-    println!("datapath benchmark (best of 2 rounds; B under policy, 10,011 rules loaded)");
-    println!("                     none       attached   ratio");
     println!(
-        "throughput Gbit/s    {:<10.2} {:<10.2} {:.3}",
-        none.0,
-        with.0,
-        with.0 / none.0
+        "datapath benchmark (best of 3 rounds; {} rules for B; {backend})",
+        rules.len()
+    );
+    println!("                     none       eBPF       iptables   ipt+ct     eBPF/none  eBPF/ipt   eBPF/ipt+ct");
+    println!(
+        "throughput Gbit/s    {:<10.2} {:<10.2} {:<10.3} {:<10.2} {:<10.3} {:<10.1} {:.3}",
+        none.gbit,
+        ebpf.gbit,
+        ipt.gbit,
+        ipt_ct.gbit,
+        ebpf.gbit / none.gbit,
+        ebpf.gbit / ipt.gbit,
+        ebpf.gbit / ipt_ct.gbit
+    );
+    for (what, get) in [
+        ("rtt median us ", (|b: &Best| b.rtt_med) as fn(&Best) -> f64),
+        ("rtt p99 us    ", |b: &Best| b.rtt_p99),
+    ] {
+        println!(
+            "{what}       {:<10.1} {:<10.1} {:<10.1} {:<10.1} {:<10.3} {:<10.2} {:.3}",
+            get(&none),
+            get(&ebpf),
+            get(&ipt),
+            get(&ipt_ct),
+            get(&none) / get(&ebpf),
+            get(&ipt) / get(&ebpf),
+            get(&ipt_ct) / get(&ebpf),
+        );
+    }
+    println!("  (rtt ratios are the other over eBPF: above 1 means eBPF is faster)");
+    let (em, ep) = (median(ebpf_change.clone()), p99(ebpf_change));
+    let (rm, xm, nm) = (median(restore), median(replace), median(nft));
+    println!("change one rule at {} rules:", rules.len());
+    println!("  eBPF set_policy (whole set in, diff written)  median {em:.1} us  p99 {ep:.1} us");
+    println!(
+        "  one pinned-map write (the kernel part alone)  median {:.2} us  p99 {:.2} us",
+        median(raw_write.clone()),
+        p99(raw_write)
     );
     println!(
-        "rtt median us        {:<10.1} {:<10.1} {:.3} (none/attached)",
-        none.1,
-        with.1,
-        none.1 / with.1
+        "  iptables-restore of the 10k set              median {rm:.1} ms  ({:.0}x eBPF)",
+        rm * 1e3 / em
     );
     println!(
-        "rtt p99 us           {:<10.1} {:<10.1} {:.3} (none/attached)",
-        none.2,
-        with.2,
-        none.2 / with.2
+        "  iptables -R of the one rule                  median {xm:.1} ms  ({:.0}x eBPF)",
+        xm * 1e3 / em
     );
     println!(
-        "policy: write 10,011 rules {:.1} ms; change one rule at 10,011 (replace-set) {:.1} ms",
-        load_10k.as_secs_f64() * 1e3,
-        change_one.as_secs_f64() * 1e3
+        "  nft -f of the 10k set                        median {nm:.1} ms  ({:.0}x eBPF)",
+        nm * 1e3 / em
+    );
+    println!(
+        "  eBPF first load of {} rules: {:.1} ms",
+        rules.len(),
+        load_all.as_secs_f64() * 1e3
     );
     println!("counters {c:?}");
     assert!(c.denied == 0, "benchmark traffic must be allowed: {c:?}");

@@ -4,8 +4,8 @@
  *
  * - im_from_inst (TC ingress of an instance's host veth: packets FROM the
  *   instance) and im_to_inst (TC egress of the host veth: packets INTO the
- *   instance): identity policy with conntrack, per-source rate limits on new
- *   connections, counters and flow events.
+ *   instance): identity policy (ingress and egress) with conntrack,
+ *   per-source rate limits on new connections, counters and flow events.
  * - im_connect4 / im_sendmsg4 (cgroup sock_addr): Service VIP:port ->
  *   backend, chosen in the kernel; im_recvmsg4 / im_getpeername4 map the
  *   backend back to the VIP for the application.
@@ -222,8 +222,11 @@ static __always_inline __u32 identity_of(__u32 addr)
 	return v ? v->identity : IM_IDENTITY_UNKNOWN;
 }
 
-static __always_inline struct im_policy_val *policy_lookup(__u32 src, __u32 dst, __u16 dport,
-							   __u8 proto)
+/* The rule of direction dir for (src, dst, dport, proto), most specific
+ * first; the peer (source of an ingress rule, destination of an egress
+ * rule) may be IM_IDENTITY_ANY, the port 0. */
+static __always_inline struct im_policy_val *policy_lookup(__u8 dir, __u32 src, __u32 dst,
+							   __u16 dport, __u8 proto)
 {
 	struct im_policy_key k;
 	struct im_policy_val *v;
@@ -233,6 +236,7 @@ static __always_inline struct im_policy_val *policy_lookup(__u32 src, __u32 dst,
 	k.dst_identity = dst;
 	k.dport = dport;
 	k.proto = proto;
+	k.dir = dir;
 	v = bpf_map_lookup_elem(&im_policy, &k);
 	if (v)
 		return v;
@@ -240,13 +244,23 @@ static __always_inline struct im_policy_val *policy_lookup(__u32 src, __u32 dst,
 	v = bpf_map_lookup_elem(&im_policy, &k);
 	if (v)
 		return v;
-	k.src_identity = IM_IDENTITY_ANY;
+	if (dir == IM_DIR_EGRESS)
+		k.dst_identity = IM_IDENTITY_ANY;
+	else
+		k.src_identity = IM_IDENTITY_ANY;
 	k.dport = dport;
 	v = bpf_map_lookup_elem(&im_policy, &k);
 	if (v)
 		return v;
 	k.dport = 0;
 	return bpf_map_lookup_elem(&im_policy, &k);
+}
+
+static __always_inline __u32 enforced_flags(__u32 identity)
+{
+	struct im_enforced_val *e = bpf_map_lookup_elem(&im_enforced, &identity);
+
+	return e ? e->enforced : 0;
 }
 
 /* Takes one token from the bucket of (src, rule); 1 if there was one. */
@@ -297,25 +311,38 @@ static __always_inline int take_token(__u32 src, struct im_policy_val *pv, __u64
 	return ok;
 }
 
-/* The verdict for a packet of a flow from src to dst. new_conn: the packet
- * opens a connection (TCP SYN; first packet otherwise), so the rate limit
- * applies. */
+/* The verdict for a packet of a flow from src to dst: it must be allowed
+ * by dst's ingress rules if dst is enforced for ingress, and by src's
+ * egress rules if src is enforced for egress. Every hook computes the same
+ * answer from the same maps, so it does not matter which one judges a flow
+ * first. new_conn: the packet opens a connection (TCP SYN; first packet
+ * otherwise), so rate limits apply. */
 static __always_inline __u8 evaluate(__u32 src, __u32 dst, struct pkt *p, int new_conn,
 				     __u64 now, __u32 *rule_id)
 {
-	struct im_enforced_val *e = bpf_map_lookup_elem(&im_enforced, &dst);
-	struct im_policy_val *pv;
+	struct im_policy_val *in = 0, *out = 0;
 	__u16 dport;
 
 	*rule_id = 0;
-	if (!e || !e->enforced)
-		return IM_VERDICT_ALLOWED;
 	dport = p->key.proto == IPPROTO_ICMP ? 0 : p->key.dport;
-	pv = policy_lookup(src, dst, dport, p->key.proto);
-	if (!pv || !(pv->flags & IM_POLICY_ALLOW))
-		return IM_VERDICT_DENIED;
-	*rule_id = pv->rule_id;
-	if (new_conn && pv->rate_per_sec && !take_token(src, pv, now))
+	if (enforced_flags(dst) & IM_ENFORCE_INGRESS) {
+		in = policy_lookup(IM_DIR_INGRESS, src, dst, dport, p->key.proto);
+		if (!in || !(in->flags & IM_POLICY_ALLOW))
+			return IM_VERDICT_DENIED;
+	}
+	if (enforced_flags(src) & IM_ENFORCE_EGRESS) {
+		out = policy_lookup(IM_DIR_EGRESS, src, dst, dport, p->key.proto);
+		if (!out || !(out->flags & IM_POLICY_ALLOW))
+			return IM_VERDICT_DENIED;
+	}
+	/* The destination's rule names the flow when both sides allow it. */
+	if (out)
+		*rule_id = out->rule_id;
+	if (in)
+		*rule_id = in->rule_id;
+	if (new_conn && in && in->rate_per_sec && !take_token(src, in, now))
+		return IM_VERDICT_RATE_LIMITED;
+	if (new_conn && out && out->rate_per_sec && !take_token(src, out, now))
 		return IM_VERDICT_RATE_LIMITED;
 	return IM_VERDICT_ALLOWED;
 }

@@ -22,7 +22,9 @@
 /* Identity of an address no entry names (outside the mesh, or not yet
  * known). Rules may name it as a source. */
 #define IM_IDENTITY_UNKNOWN 0
-/* In a policy key's src_identity: any source. */
+/* In a policy key's peer side (src_identity of an ingress rule,
+ * dst_identity of an egress rule): any peer, including addresses outside
+ * the mesh. */
 #define IM_IDENTITY_ANY 0xffffffffu
 
 /* Verdicts (im_flow_event.verdict, im_ct_val.verdict). */
@@ -42,6 +44,16 @@
 
 /* im_policy_val.flags */
 #define IM_POLICY_ALLOW 1
+
+/* im_policy_key.dir: which side's policy a rule belongs to. Ingress is 0 so
+ * that entries written before egress existed keep their meaning. */
+#define IM_DIR_INGRESS 0          /* lets src into the enforced dst */
+#define IM_DIR_EGRESS 1           /* lets the enforced src out to dst */
+
+/* im_enforced_val.enforced: bit flags. 1 was the only value before egress
+ * existed and still means ingress. */
+#define IM_ENFORCE_INGRESS 1      /* default deny for incoming connections */
+#define IM_ENFORCE_EGRESS 2       /* default deny for outgoing connections */
 
 /* im_ct_val.flags */
 #define IM_CT_DST_EVALUATED 1     /* destination policy was evaluated */
@@ -63,16 +75,17 @@ struct im_identity_val {
 	__u32 reserved;
 };
 
-/* policy: (src identity, dst identity, dst port, proto) -> verdict.
- * dport 0 means every port of proto; src_identity IM_IDENTITY_ANY means
- * every source. Lookups, most specific first: (src, port), (src, any port),
- * (any src, port), (any src, any port). */
+/* policy: (direction, src identity, dst identity, dst port, proto) ->
+ * verdict. dport 0 means every port of proto; IM_IDENTITY_ANY on the peer
+ * side means every peer. Lookups, most specific first: (peer, port), (peer,
+ * any port), (any peer, port), (any peer, any port); the peer is the source
+ * for ingress rules and the destination for egress rules. */
 struct im_policy_key {
 	__u32 src_identity;
 	__u32 dst_identity;
 	__u16 dport;      /* network order */
 	__u8 proto;       /* IPPROTO_TCP, IPPROTO_UDP, IPPROTO_ICMP */
-	__u8 pad;
+	__u8 dir;         /* IM_DIR_INGRESS, IM_DIR_EGRESS */
 };
 
 struct im_policy_val {
@@ -82,7 +95,8 @@ struct im_policy_val {
 	__u32 burst;        /* bucket size; 0: same as rate_per_sec */
 };
 
-/* enforced: identity -> 1 when a policy selects it (default deny). */
+/* enforced: identity -> IM_ENFORCE_* flags of the directions a policy
+ * selects it for (default deny in those directions). */
 struct im_enforced_val {
 	__u32 enforced;
 };

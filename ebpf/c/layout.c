@@ -16,7 +16,7 @@ int main(void)
 {
 	S(im_identity_val); F(im_identity_val, identity); F(im_identity_val, reserved);
 	S(im_policy_key); F(im_policy_key, src_identity); F(im_policy_key, dst_identity);
-	F(im_policy_key, dport); F(im_policy_key, proto); F(im_policy_key, pad);
+	F(im_policy_key, dport); F(im_policy_key, proto); F(im_policy_key, dir);
 	S(im_policy_val); F(im_policy_val, flags); F(im_policy_val, rule_id);
 	F(im_policy_val, rate_per_sec); F(im_policy_val, burst);
 	S(im_enforced_val); F(im_enforced_val, enforced);

@@ -23,7 +23,8 @@ pub const LAYOUT_VERSION: u32 = 1;
 
 /// Identity of an address no entry names.
 pub const IDENTITY_UNKNOWN: u32 = 0;
-/// In a policy key's `src_identity`: any source.
+/// On a policy key's peer side (`src_identity` of an ingress rule,
+/// `dst_identity` of an egress rule): any peer.
 pub const IDENTITY_ANY: u32 = u32::MAX;
 
 /// Verdicts, as in flow events and conntrack.
@@ -43,6 +44,18 @@ pub const HOOK_TO_INSTANCE: u8 = 2;
 
 /// `im_policy_val.flags`.
 pub const POLICY_ALLOW: u32 = 1;
+
+/// `im_policy_key.dir`: a rule letting its source into an ingress-enforced
+/// destination (0, the meaning of every key written before egress existed).
+pub const DIR_INGRESS: u8 = 0;
+/// `im_policy_key.dir`: a rule letting an egress-enforced source out to its
+/// destination.
+pub const DIR_EGRESS: u8 = 1;
+
+/// `im_enforced_val.enforced` flags: default deny for incoming connections.
+pub const ENFORCE_INGRESS: u32 = 1;
+/// `im_enforced_val.enforced` flags: default deny for outgoing connections.
+pub const ENFORCE_EGRESS: u32 = 2;
 
 /// Indices of `im_counters`.
 pub const CNT_ALLOWED: u32 = 0;
@@ -142,7 +155,8 @@ pub struct PolicyKey {
     /// Network order; 0: any port.
     pub dport: u16,
     pub proto: u8,
-    pub pad: u8,
+    /// [`DIR_INGRESS`] or [`DIR_EGRESS`].
+    pub dir: u8,
 }
 
 /// `struct im_policy_val`.
@@ -373,7 +387,7 @@ mod tests {
         let mut r = BTreeMap::new();
         rust_layout!(r;
             "im_identity_val" => IdentityVal { identity, reserved }
-            "im_policy_key" => PolicyKey { src_identity, dst_identity, dport, proto, pad }
+            "im_policy_key" => PolicyKey { src_identity, dst_identity, dport, proto, dir }
             "im_policy_val" => PolicyVal { flags, rule_id, rate_per_sec, burst }
             "im_enforced_val" => EnforcedVal { enforced }
             "im_ct_key" => CtKey { saddr, daddr, sport, dport, proto, pad }

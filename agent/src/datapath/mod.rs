@@ -20,6 +20,14 @@
 //! is never without a program and nothing is attached twice; links whose
 //! interface is gone are unpinned.
 //!
+//! # Writes
+//!
+//! The agent is the only writer of its pinned maps. The replace-set calls
+//! (`set_identities`, `set_policy`, `set_enforcement`, `apply_policy`)
+//! keep what they last wrote in memory (read from the pins once at load)
+//! and write only the keys that changed, so changing one rule among
+//! 10,000 is one map update, not a listing of the map.
+//!
 //! # Namespaces
 //!
 //! Interface names are resolved in the calling thread's network namespace:
@@ -104,19 +112,59 @@ pub struct RateLimit {
     pub burst: u32,
 }
 
-/// One allow rule: traffic from `src_identity` (None: any source) to
-/// `dst_identity` on `port` (0: every port; must be 0 for ICMP) over
-/// `proto` is allowed into an enforced destination.
+/// Which side of a flow a rule speaks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Direction {
+    /// Lets its source into an ingress-enforced destination.
+    Ingress,
+    /// Lets an egress-enforced source out to its destination.
+    Egress,
+}
+
+/// One allow rule: traffic from `src_identity` to `dst_identity` on `port`
+/// (0: every port; must be 0 for ICMP) over `proto`. The peer side may be
+/// `None`, meaning any peer (including addresses outside the mesh): the
+/// source of an ingress rule, the destination of an egress rule; the other
+/// side is the enforced identity and must be named.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PolicyRule {
+    pub direction: Direction,
     pub src_identity: Option<u32>,
-    pub dst_identity: u32,
+    pub dst_identity: Option<u32>,
     pub port: u16,
     pub proto: Protocol,
     pub rate: Option<RateLimit>,
     /// Names the rule in flow events and rate buckets; 0: derived from the
     /// rule's key.
     pub rule_id: u32,
+}
+
+impl PolicyRule {
+    /// An ingress rule: `src` (None: anyone) may open connections to `dst`.
+    pub fn ingress(src: Option<u32>, dst: u32, port: u16, proto: Protocol) -> PolicyRule {
+        PolicyRule {
+            direction: Direction::Ingress,
+            src_identity: src,
+            dst_identity: Some(dst),
+            port,
+            proto,
+            rate: None,
+            rule_id: 0,
+        }
+    }
+
+    /// An egress rule: `src` may open connections to `dst` (None: anyone).
+    pub fn egress(src: u32, dst: Option<u32>, port: u16, proto: Protocol) -> PolicyRule {
+        PolicyRule {
+            direction: Direction::Egress,
+            src_identity: Some(src),
+            dst_identity: dst,
+            port,
+            proto,
+            rate: None,
+            rule_id: 0,
+        }
+    }
 }
 
 /// A Service VIP:port and its ready backends (empty: connects are refused).
@@ -196,6 +244,85 @@ struct Inner {
     backends: HashMap<MapData, BackendKey, BackendVal>,
     conntrack: HashMap<MapData, CtKey, CtVal>,
     flows: Option<RingBuf<MapData>>,
+    /// What the policy maps hold, as last written (read from the pins
+    /// once at load): replace-set calls diff against these and write only
+    /// the changed keys.
+    written: Written,
+}
+
+/// The last-written contents of the maps the agent replaces as sets.
+#[derive(Default)]
+struct Written {
+    identities: BTreeMap<u32, IdentityVal>,
+    policy: BTreeMap<PolicyKey, PolicyVal>,
+    enforced: BTreeMap<u32, EnforcedVal>,
+}
+
+/// What changes between a map's last-written contents and the wanted set.
+struct Delta<K, V> {
+    upsert: Vec<(K, V)>,
+    remove: Vec<K>,
+}
+
+impl<K: Ord + Copy, V: PartialEq + Copy> Delta<K, V> {
+    fn between(written: &BTreeMap<K, V>, want: &BTreeMap<K, V>) -> Delta<K, V> {
+        Delta {
+            upsert: want
+                .iter()
+                .filter(|(k, v)| written.get(k) != Some(v))
+                .map(|(k, v)| (*k, *v))
+                .collect(),
+            remove: written
+                .keys()
+                .filter(|k| !want.contains_key(k))
+                .copied()
+                .collect(),
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.upsert.is_empty() && self.remove.is_empty()
+    }
+}
+
+/// Writes `entries` and records each in `written` once the kernel took it,
+/// so `written` stays true to the map when a write fails half-way.
+fn upsert_all<K: aya::Pod + Ord + Copy, V: aya::Pod + Copy>(
+    map: &mut HashMap<MapData, K, V>,
+    written: &mut BTreeMap<K, V>,
+    entries: &[(K, V)],
+    name: &'static str,
+) -> Result<(), DatapathError> {
+    for (k, v) in entries {
+        map.insert(k, v, 0)
+            .map_err(|e| DatapathError::map("writing", name, e))?;
+        written.insert(*k, *v);
+    }
+    Ok(())
+}
+
+/// Deletes `keys` (absent ones are fine), keeping `written` true to the map.
+fn remove_all<K: aya::Pod + Ord + Copy, V: aya::Pod>(
+    map: &mut HashMap<MapData, K, V>,
+    written: &mut BTreeMap<K, V>,
+    keys: &[K],
+    name: &'static str,
+) -> Result<(), DatapathError> {
+    for k in keys {
+        remove_key(map, k, name)?;
+        written.remove(k);
+    }
+    Ok(())
+}
+
+/// Every entry of a pinned map (read once at load).
+fn read_all<K: aya::Pod + Ord, V: aya::Pod>(
+    map: &HashMap<MapData, K, V>,
+    name: &'static str,
+) -> Result<BTreeMap<K, V>, DatapathError> {
+    map.iter()
+        .collect::<Result<BTreeMap<K, V>, _>>()
+        .map_err(|e| DatapathError::map("reading", name, e))
 }
 
 impl std::fmt::Debug for Datapath {
@@ -318,7 +445,15 @@ impl Datapath {
             backends: take_map(&mut ebpf, obj::maps::BACKENDS, HashMap::try_from)?,
             conntrack: take_map(&mut ebpf, obj::maps::CONNTRACK, HashMap::try_from)?,
             flows: Some(take_map(&mut ebpf, obj::maps::FLOWS, RingBuf::try_from)?),
+            written: Written::default(),
             ebpf,
+        };
+        // The pinned maps may hold what a previous agent wrote: read them
+        // once; from here on only changed keys are written.
+        inner.written = Written {
+            identities: read_all(&inner.identities, obj::maps::IP_IDENTITY)?,
+            policy: read_all(&inner.policy, obj::maps::POLICY)?,
+            enforced: read_all(&inner.enforced, obj::maps::ENFORCED)?,
         };
 
         let mut c = inner
@@ -591,10 +726,12 @@ impl Datapath {
         Ok(c.policy_gen)
     }
 
-    /// Replaces the address → identity set (cluster-wide): writes every
-    /// entry, then removes entries not in `entries`.
+    /// Replaces the address → identity set (cluster-wide): writes the
+    /// entries that are new or changed since the last write, then removes
+    /// those no longer listed. Nothing is written (and flows are not judged
+    /// again) when nothing changed.
     pub fn set_identities(&self, entries: &[(Ipv4Addr, u32)]) -> Result<(), DatapathError> {
-        let mut want: BTreeMap<u32, u32> = BTreeMap::new();
+        let mut want: BTreeMap<u32, IdentityVal> = BTreeMap::new();
         for (ip, id) in entries {
             if *id == obj::IDENTITY_ANY {
                 return Err(DatapathError::invalid(
@@ -602,161 +739,190 @@ impl Datapath {
                     format!("{id} is reserved"),
                 ));
             }
-            if let Some(prev) = want.insert(obj::addr_be(*ip), *id) {
-                if prev != *id {
+            let val = IdentityVal {
+                identity: *id,
+                reserved: 0,
+            };
+            if let Some(prev) = want.insert(obj::addr_be(*ip), val) {
+                if prev.identity != *id {
                     return Err(DatapathError::invalid(
                         format!("identity of {ip}"),
-                        format!("given twice ({prev} and {id})"),
+                        format!("given twice ({} and {id})", prev.identity),
                     ));
                 }
             }
         }
         let mut inner = self.lock();
-        for (k, id) in &want {
-            inner
-                .identities
-                .insert(
-                    k,
-                    IdentityVal {
-                        identity: *id,
-                        reserved: 0,
-                    },
-                    0,
-                )
-                .map_err(|e| DatapathError::map("writing", obj::maps::IP_IDENTITY, e))?;
+        let inner = &mut *inner;
+        let delta = Delta::between(&inner.written.identities, &want);
+        if delta.is_empty() {
+            return Ok(());
         }
-        let stale: Vec<u32> = collect_keys(&inner.identities, obj::maps::IP_IDENTITY)?
-            .into_iter()
-            .filter(|k| !want.contains_key(k))
-            .collect();
-        for k in &stale {
-            remove_key(&mut inner.identities, k, obj::maps::IP_IDENTITY)?;
-        }
-        let gen = Self::bump_policy_gen(&mut inner)?;
+        upsert_all(
+            &mut inner.identities,
+            &mut inner.written.identities,
+            &delta.upsert,
+            obj::maps::IP_IDENTITY,
+        )?;
+        remove_all(
+            &mut inner.identities,
+            &mut inner.written.identities,
+            &delta.remove,
+            obj::maps::IP_IDENTITY,
+        )?;
+        let gen = Self::bump_policy_gen(inner)?;
         tracing::debug!(
             entries = want.len(),
-            removed = stale.len(),
+            written = delta.upsert.len(),
+            removed = delta.remove.len(),
             policy_gen = gen,
             "identities written"
         );
         Ok(())
     }
 
-    /// Replaces the rule set. Validates every rule first (nothing is
-    /// half-applied), writes, removes rules not in `rules` and their rate
-    /// buckets, then bumps the policy generation so that live flows are
-    /// judged again. Programs are not touched.
+    /// Replaces the rule set, keeping the enforced identities. See
+    /// [`Datapath::apply_policy`].
     pub fn set_policy(&self, rules: &[PolicyRule]) -> Result<(), DatapathError> {
-        let mut want: BTreeMap<PolicyKey, PolicyVal> = BTreeMap::new();
-        for r in rules {
-            let what = || {
-                format!(
-                    "rule {:?} -> {} port {} {:?}",
-                    r.src_identity, r.dst_identity, r.port, r.proto
-                )
-            };
-            if r.dst_identity == obj::IDENTITY_ANY || r.src_identity == Some(obj::IDENTITY_ANY) {
-                return Err(DatapathError::invalid(
-                    what(),
-                    "identity 4294967295 is reserved",
-                ));
-            }
-            if r.proto == Protocol::Icmp && r.port != 0 {
-                return Err(DatapathError::invalid(what(), "ICMP rules take port 0"));
-            }
-            let (rate, burst) = match r.rate {
-                None => (0, 0),
-                Some(l) => {
-                    if l.per_second == 0 || l.per_second > MAX_RATE || l.burst > MAX_RATE {
-                        return Err(DatapathError::invalid(
-                            what(),
-                            format!("rate limit must be 1..={MAX_RATE} per second, burst at most {MAX_RATE}"),
-                        ));
-                    }
-                    (l.per_second, l.burst)
-                }
-            };
-            let key = PolicyKey {
-                src_identity: r.src_identity.unwrap_or(obj::IDENTITY_ANY),
-                dst_identity: r.dst_identity,
-                dport: obj::port_be(r.port),
-                proto: r.proto.number(),
-                pad: 0,
-            };
-            let rule_id = if r.rule_id != 0 {
-                r.rule_id
-            } else {
-                derived_rule_id(&key)
-            };
-            want.insert(
-                key,
-                PolicyVal {
-                    flags: obj::POLICY_ALLOW,
-                    rule_id,
-                    rate_per_sec: rate,
-                    burst,
-                },
-            );
-        }
+        let want = policy_entries(rules)?;
         let mut inner = self.lock();
-        for (k, v) in &want {
-            inner
-                .policy
-                .insert(k, v, 0)
-                .map_err(|e| DatapathError::map("writing", obj::maps::POLICY, e))?;
-        }
-        let stale: Vec<PolicyKey> = collect_keys(&inner.policy, obj::maps::POLICY)?
-            .into_iter()
-            .filter(|k| !want.contains_key(k))
-            .collect();
-        for k in &stale {
-            remove_key(&mut inner.policy, k, obj::maps::POLICY)?;
-        }
-        let live: HashSet<u32> = want
-            .values()
-            .filter(|v| v.rate_per_sec > 0)
-            .map(|v| v.rule_id)
-            .collect();
-        let buckets: Vec<RlKey> = collect_keys(&inner.rate, obj::maps::RATE_BUCKET)?
-            .into_iter()
-            .filter(|k| !live.contains(&k.rule_id))
-            .collect();
-        for k in &buckets {
-            remove_key(&mut inner.rate, k, obj::maps::RATE_BUCKET)?;
-        }
-        let gen = Self::bump_policy_gen(&mut inner)?;
-        tracing::info!(
-            rules = want.len(),
-            removed = stale.len(),
-            policy_gen = gen,
-            "policy written"
-        );
-        Ok(())
+        Self::write_policy(&mut inner, Some(&want), None)
     }
 
-    /// Replaces the set of identities under policy (default deny).
+    /// Replaces the set of identities under ingress policy (default deny
+    /// for incoming connections); no identity stays egress-enforced. See
+    /// [`Datapath::set_enforcement`].
     pub fn set_enforced(&self, identities: &[u32]) -> Result<(), DatapathError> {
-        let want: BTreeSet<u32> = identities.iter().copied().collect();
+        self.set_enforcement(identities, &[])
+    }
+
+    /// Replaces the enforced identities, keeping the rules: `ingress` are
+    /// default-deny for new incoming connections, `egress` for new outgoing
+    /// ones (an identity may be in both). Replies of allowed connections
+    /// pass either way. See [`Datapath::apply_policy`].
+    pub fn set_enforcement(&self, ingress: &[u32], egress: &[u32]) -> Result<(), DatapathError> {
+        let want = enforced_entries(ingress, egress)?;
         let mut inner = self.lock();
-        for id in &want {
-            inner
-                .enforced
-                .insert(id, EnforcedVal { enforced: 1 }, 0)
-                .map_err(|e| DatapathError::map("writing", obj::maps::ENFORCED, e))?;
+        Self::write_policy(&mut inner, None, Some(&want))
+    }
+
+    /// Replaces the rule set and the enforced identities together (what an
+    /// assignment carries). Validates everything first (nothing is
+    /// half-applied), then writes only what changed since the last write,
+    /// in an order that never denies a flow both the old and the new policy
+    /// allow: new and changed rules, then enforcement lifted, then
+    /// enforcement added, then stale rules (and their rate buckets) removed.
+    /// A flow judged in between may see the union of old and new grants;
+    /// the policy generation is bumped last, so every live flow is judged
+    /// again on its next packet under the final policy. Programs are not
+    /// touched; nothing is written when nothing changed.
+    pub fn apply_policy(
+        &self,
+        rules: &[PolicyRule],
+        ingress: &[u32],
+        egress: &[u32],
+    ) -> Result<(), DatapathError> {
+        let rules = policy_entries(rules)?;
+        let enforced = enforced_entries(ingress, egress)?;
+        let mut inner = self.lock();
+        Self::write_policy(&mut inner, Some(&rules), Some(&enforced))
+    }
+
+    fn write_policy(
+        inner: &mut Inner,
+        rules: Option<&BTreeMap<PolicyKey, PolicyVal>>,
+        enforced: Option<&BTreeMap<u32, EnforcedVal>>,
+    ) -> Result<(), DatapathError> {
+        let rules = rules.map(|w| Delta::between(&inner.written.policy, w));
+        let enforced = enforced.map(|w| Delta::between(&inner.written.enforced, w));
+        let rules = rules.unwrap_or(Delta {
+            upsert: vec![],
+            remove: vec![],
+        });
+        let enforced = enforced.unwrap_or(Delta {
+            upsert: vec![],
+            remove: vec![],
+        });
+        if rules.is_empty() && enforced.is_empty() {
+            return Ok(());
         }
-        let stale: Vec<u32> = collect_keys(&inner.enforced, obj::maps::ENFORCED)?
-            .into_iter()
-            .filter(|k| !want.contains(k))
-            .collect();
-        for k in &stale {
-            remove_key(&mut inner.enforced, k, obj::maps::ENFORCED)?;
+        let steps = enforcement_steps(&inner.written.enforced, &enforced);
+        // Rate buckets of rules that go or change may be stale afterwards.
+        let mut bucket_ids: HashSet<u32> = HashSet::new();
+        for k in rules
+            .remove
+            .iter()
+            .chain(rules.upsert.iter().map(|(k, _)| k))
+        {
+            if let Some(old) = inner.written.policy.get(k) {
+                if old.rate_per_sec > 0 {
+                    bucket_ids.insert(old.rule_id);
+                }
+            }
         }
-        let gen = Self::bump_policy_gen(&mut inner)?;
+
+        let name = obj::maps::POLICY;
+        upsert_all(
+            &mut inner.policy,
+            &mut inner.written.policy,
+            &rules.upsert,
+            name,
+        )?;
+        let name = obj::maps::ENFORCED;
+        upsert_all(
+            &mut inner.enforced,
+            &mut inner.written.enforced,
+            &steps.lift,
+            name,
+        )?;
+        remove_all(
+            &mut inner.enforced,
+            &mut inner.written.enforced,
+            &steps.lift_remove,
+            name,
+        )?;
+        upsert_all(
+            &mut inner.enforced,
+            &mut inner.written.enforced,
+            &steps.add,
+            name,
+        )?;
+        let name = obj::maps::POLICY;
+        remove_all(
+            &mut inner.policy,
+            &mut inner.written.policy,
+            &rules.remove,
+            name,
+        )?;
+
+        let mut buckets_removed = 0;
+        if !bucket_ids.is_empty() {
+            for v in inner.written.policy.values() {
+                if v.rate_per_sec > 0 {
+                    bucket_ids.remove(&v.rule_id);
+                }
+            }
+        }
+        if !bucket_ids.is_empty() {
+            let stale: Vec<RlKey> = collect_keys(&inner.rate, obj::maps::RATE_BUCKET)?
+                .into_iter()
+                .filter(|k| bucket_ids.contains(&k.rule_id))
+                .collect();
+            for k in &stale {
+                remove_key(&mut inner.rate, k, obj::maps::RATE_BUCKET)?;
+            }
+            buckets_removed = stale.len();
+        }
+        let gen = Self::bump_policy_gen(inner)?;
         tracing::info!(
-            enforced = want.len(),
-            removed = stale.len(),
+            rules = inner.written.policy.len(),
+            rules_written = rules.upsert.len(),
+            rules_removed = rules.remove.len(),
+            enforced = inner.written.enforced.len(),
+            enforced_changed = enforced.upsert.len() + enforced.remove.len(),
+            buckets_removed,
             policy_gen = gen,
-            "enforced identities written"
+            "policy written"
         );
         Ok(())
     }
@@ -1019,6 +1185,147 @@ fn remove_key<K: aya::Pod, V: aya::Pod>(
     }
 }
 
+/// An enforcement change in the order that never denies what both the old
+/// and the new state allow: first `lift` (flags only dropped) and
+/// `lift_remove` (identity no longer enforced), then `add`.
+#[derive(Debug, PartialEq, Eq)]
+struct EnforcementSteps {
+    lift: Vec<(u32, EnforcedVal)>,
+    lift_remove: Vec<u32>,
+    add: Vec<(u32, EnforcedVal)>,
+}
+
+fn enforcement_steps(
+    written: &BTreeMap<u32, EnforcedVal>,
+    delta: &Delta<u32, EnforcedVal>,
+) -> EnforcementSteps {
+    let mut steps = EnforcementSteps {
+        lift: Vec::new(),
+        lift_remove: delta.remove.clone(),
+        add: Vec::new(),
+    };
+    for (id, new) in &delta.upsert {
+        let old = written.get(id).map_or(0, |v| v.enforced);
+        if new.enforced & !old == 0 {
+            steps.lift.push((*id, *new));
+            continue;
+        }
+        // Trading one direction for another: keep only what both share
+        // until the rules are in place for the new one.
+        let shared = old & new.enforced;
+        if old != shared {
+            if shared == 0 {
+                steps.lift_remove.push(*id);
+            } else {
+                steps.lift.push((*id, EnforcedVal { enforced: shared }));
+            }
+        }
+        steps.add.push((*id, *new));
+    }
+    steps
+}
+
+/// Validates `rules` and keys them as in `im_policy`.
+fn policy_entries(rules: &[PolicyRule]) -> Result<BTreeMap<PolicyKey, PolicyVal>, DatapathError> {
+    let mut want: BTreeMap<PolicyKey, PolicyVal> = BTreeMap::new();
+    for r in rules {
+        let what = || {
+            format!(
+                "{:?} rule {:?} -> {:?} port {} {:?}",
+                r.direction, r.src_identity, r.dst_identity, r.port, r.proto
+            )
+        };
+        if r.dst_identity == Some(obj::IDENTITY_ANY) || r.src_identity == Some(obj::IDENTITY_ANY) {
+            return Err(DatapathError::invalid(
+                what(),
+                "identity 4294967295 is reserved",
+            ));
+        }
+        // The enforced side must be named; only the peer may be "any".
+        let (src, dst, dir) = match (r.direction, r.src_identity, r.dst_identity) {
+            (Direction::Ingress, src, Some(dst)) => {
+                (src.unwrap_or(obj::IDENTITY_ANY), dst, obj::DIR_INGRESS)
+            }
+            (Direction::Egress, Some(src), dst) => {
+                (src, dst.unwrap_or(obj::IDENTITY_ANY), obj::DIR_EGRESS)
+            }
+            (Direction::Ingress, _, None) => {
+                return Err(DatapathError::invalid(
+                    what(),
+                    "an ingress rule must name its destination",
+                ))
+            }
+            (Direction::Egress, None, _) => {
+                return Err(DatapathError::invalid(
+                    what(),
+                    "an egress rule must name its source",
+                ))
+            }
+        };
+        if r.proto == Protocol::Icmp && r.port != 0 {
+            return Err(DatapathError::invalid(what(), "ICMP rules take port 0"));
+        }
+        let (rate, burst) = match r.rate {
+            None => (0, 0),
+            Some(l) => {
+                if l.per_second == 0 || l.per_second > MAX_RATE || l.burst > MAX_RATE {
+                    return Err(DatapathError::invalid(
+                        what(),
+                        format!("rate limit must be 1..={MAX_RATE} per second, burst at most {MAX_RATE}"),
+                    ));
+                }
+                (l.per_second, l.burst)
+            }
+        };
+        let key = PolicyKey {
+            src_identity: src,
+            dst_identity: dst,
+            dport: obj::port_be(r.port),
+            proto: r.proto.number(),
+            dir,
+        };
+        let rule_id = if r.rule_id != 0 {
+            r.rule_id
+        } else {
+            derived_rule_id(&key)
+        };
+        want.insert(
+            key,
+            PolicyVal {
+                flags: obj::POLICY_ALLOW,
+                rule_id,
+                rate_per_sec: rate,
+                burst,
+            },
+        );
+    }
+    Ok(want)
+}
+
+/// Validates the enforced identities and merges them into `im_enforced`
+/// values.
+fn enforced_entries(
+    ingress: &[u32],
+    egress: &[u32],
+) -> Result<BTreeMap<u32, EnforcedVal>, DatapathError> {
+    let mut want: BTreeMap<u32, EnforcedVal> = BTreeMap::new();
+    for (ids, flag) in [
+        (ingress, obj::ENFORCE_INGRESS),
+        (egress, obj::ENFORCE_EGRESS),
+    ] {
+        for id in ids {
+            if *id == obj::IDENTITY_ANY || *id == obj::IDENTITY_UNKNOWN {
+                return Err(DatapathError::invalid(
+                    format!("enforced identity {id}"),
+                    "identities 0 and 4294967295 are reserved",
+                ));
+            }
+            want.entry(*id).or_default().enforced |= flag;
+        }
+    }
+    Ok(want)
+}
+
 /// A stable nonzero id for a rule without one (FNV-1a of its key).
 fn derived_rule_id(k: &PolicyKey) -> u32 {
     let mut h: u32 = 0x811c9dc5;
@@ -1028,7 +1335,9 @@ fn derived_rule_id(k: &PolicyKey) -> u32 {
         .into_iter()
         .chain(k.dst_identity.to_le_bytes())
         .chain(k.dport.to_le_bytes())
-        .chain([k.proto]);
+        .chain([k.proto])
+        // Ingress keys hash as before egress existed (stable rule ids).
+        .chain((k.dir != obj::DIR_INGRESS).then_some(k.dir));
     for b in bytes {
         h ^= u32::from(b);
         h = h.wrapping_mul(0x01000193);
@@ -1040,6 +1349,38 @@ fn derived_rule_id(k: &PolicyKey) -> u32 {
 mod tests {
     use super::*;
 
+    fn enf(flags: u32) -> EnforcedVal {
+        EnforcedVal { enforced: flags }
+    }
+
+    #[test]
+    fn deltas_list_only_changed_keys() {
+        let written = BTreeMap::from([(1u32, 10u32), (2, 20), (3, 30)]);
+        let want = BTreeMap::from([(1u32, 10u32), (2, 21), (4, 40)]);
+        let d = Delta::between(&written, &want);
+        assert_eq!(d.upsert, [(2, 21), (4, 40)]);
+        assert_eq!(d.remove, [3]);
+        assert!(Delta::between(&want, &want).is_empty());
+    }
+
+    #[test]
+    fn enforcement_is_lifted_before_it_is_added() {
+        let (i, e) = (obj::ENFORCE_INGRESS, obj::ENFORCE_EGRESS);
+        // 1: both -> ingress (lift); 2: ingress -> egress (drop, then add);
+        // 3: ingress -> both (add); 4: new egress (add); 5: gone (lift).
+        let written = BTreeMap::from([(1, enf(i | e)), (2, enf(i)), (3, enf(i)), (5, enf(e))]);
+        let want = BTreeMap::from([(1, enf(i)), (2, enf(e)), (3, enf(i | e)), (4, enf(e))]);
+        let steps = enforcement_steps(&written, &Delta::between(&written, &want));
+        assert_eq!(
+            steps,
+            EnforcementSteps {
+                lift: vec![(1, enf(i))],
+                lift_remove: vec![5, 2],
+                add: vec![(2, enf(e)), (3, enf(i | e)), (4, enf(e))],
+            }
+        );
+    }
+
     #[test]
     fn derived_rule_ids_are_stable_and_nonzero() {
         let k = PolicyKey {
@@ -1047,11 +1388,16 @@ mod tests {
             dst_identity: 2,
             dport: obj::port_be(80),
             proto: 6,
-            pad: 0,
+            dir: obj::DIR_INGRESS,
         };
         assert_eq!(derived_rule_id(&k), derived_rule_id(&k));
         assert_ne!(derived_rule_id(&k), 0);
         let k2 = PolicyKey { dport: 0, ..k };
         assert_ne!(derived_rule_id(&k), derived_rule_id(&k2));
+        let egress = PolicyKey {
+            dir: obj::DIR_EGRESS,
+            ..k
+        };
+        assert_ne!(derived_rule_id(&k), derived_rule_id(&egress));
     }
 }
