@@ -284,3 +284,28 @@ spec:
         "Pipeline \"etl\": spec.steps[1].dependsOn[0]: no step named \"transform\"; steps are extract, load"
     );
 }
+
+/// The manifests shipped in `examples/` (applied by the README's first
+/// command) stay valid.
+#[test]
+fn shipped_examples_validate() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
+    let mut seen = 0;
+    for entry in std::fs::read_dir(&dir).expect("examples/") {
+        let path = entry.expect("entry").path();
+        if !matches!(
+            path.extension().and_then(|e| e.to_str()),
+            Some("yaml" | "yml")
+        ) {
+            continue;
+        }
+        let text = std::fs::read_to_string(&path).expect("read");
+        for (n, doc) in parse_yaml_documents_numbered(&text).expect("YAML") {
+            if let Err(e) = validate(&doc) {
+                panic!("{}, document {n}: {e}", path.display());
+            }
+            seen += 1;
+        }
+    }
+    assert!(seen >= 5, "only {seen} documents in examples/");
+}

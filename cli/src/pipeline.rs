@@ -270,7 +270,7 @@ async fn wait_for(
     loop {
         let v = get(api, Kind::PipelineRun, run, status_err).await?;
         let st = status_of(&v);
-        for s in &st.steps {
+        for s in st.steps.iter().filter(|s| s.phase != RunPhase::Pending) {
             let line = step_line(s);
             if seen.get(&s.name) != Some(&line) {
                 println!("{line}");
