@@ -37,6 +37,15 @@ pub struct ControllerMetrics {
     pub leader: Gauge,
     /// Leadership gained or lost.
     pub leader_transitions: Counter,
+    /// PipelineRuns by phase, as of the last pipeline pass.
+    pub pipeline_runs: Family<PhaseLabel, Gauge>,
+    /// Work-queue items by operation (leased, acked, released, pushed).
+    pub queue_items: Family<OpLabel, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+pub struct OpLabel {
+    pub op: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
@@ -59,6 +68,8 @@ impl ControllerMetrics {
             unschedulable: Gauge::default(),
             leader: Gauge::default(),
             leader_transitions: Counter::default(),
+            pipeline_runs: Family::default(),
+            queue_items: Family::default(),
         };
         let r = registry.sub_registry_with_prefix("ironmesh_controller");
         r.register(
@@ -113,11 +124,27 @@ impl ControllerMetrics {
             m.instances.clone(),
         );
         r.register(
+            "pipeline_runs",
+            "PipelineRuns by phase (Pending, Running, Succeeded, Failed, Cancelled)",
+            m.pipeline_runs.clone(),
+        );
+        r.register(
+            "queue_items",
+            "Pipeline work-queue items by operation (leased, acked, released, pushed)",
+            m.queue_items.clone(),
+        );
+        r.register(
             "instances_unschedulable",
             "Instances no node has room for",
             m.unschedulable.clone(),
         );
         m
+    }
+
+    pub fn count_queue(&self, op: &str, n: usize) {
+        self.queue_items
+            .get_or_create(&OpLabel { op: op.to_string() })
+            .inc_by(n as u64);
     }
 
     pub fn set_nodes(&self, ready: i64, not_ready: i64, unknown: i64) {

@@ -221,13 +221,16 @@ impl NodeService for NodeApi {
             .map_err(queue_status)?;
         Ok(Response::new(match out {
             crate::queue::LeaseOutcome::Items(items) => QueueLeaseResponse {
-                items: items
-                    .into_iter()
-                    .map(|l| QueueItem {
-                        id: l.id,
-                        item: l.item,
-                    })
-                    .collect(),
+                items: {
+                    self.metrics.count_queue("leased", items.len());
+                    items
+                }
+                .into_iter()
+                .map(|l| QueueItem {
+                    id: l.id,
+                    item: l.item,
+                })
+                .collect(),
                 drained: false,
             },
             crate::queue::LeaseOutcome::Wait => QueueLeaseResponse::default(),
@@ -250,6 +253,8 @@ impl NodeService for NodeApi {
             .ack(&r.instance, &r.ids, r.release)
             .await
             .map_err(queue_status)?;
+        self.metrics
+            .count_queue(if r.release { "released" } else { "acked" }, n);
         Ok(Response::new(QueueAckResponse {
             acknowledged: n as u32,
         }))
@@ -293,6 +298,7 @@ impl NodeService for NodeApi {
         }
         let q = crate::queue::Queue::new(self.resources.store().clone(), &task.run, &r.step);
         let n = q.push(&r.items).await.map_err(queue_status)?;
+        self.metrics.count_queue("pushed", n);
         tracing::debug!(run = %task.run, step = %r.step, items = n, from = %r.instance, "items queued");
         Ok(Response::new(QueuePushResponse { pushed: n as u32 }))
     }

@@ -44,7 +44,11 @@ pub const SCHEDULED_LABEL: &str = "ironmesh.dev/scheduled";
 pub const SCHEDULED_HISTORY: usize = 10;
 
 /// Runs passes until `shutdown`.
-pub async fn run(resources: Resources, shutdown: ironmesh_daemon::Shutdown) {
+pub async fn run(
+    resources: Resources,
+    metrics: std::sync::Arc<crate::metrics::ControllerMetrics>,
+    shutdown: ironmesh_daemon::Shutdown,
+) {
     use futures::{FutureExt, StreamExt};
     let stopped = shutdown.clone().wait();
     tokio::pin!(stopped);
@@ -71,7 +75,17 @@ pub async fn run(resources: Resources, shutdown: ironmesh_daemon::Shutdown) {
         };
         loop {
             let wait = match reconcile(&resources, SystemTime::now()).await {
-                Ok(w) => w.min(RESYNC),
+                Ok((w, phases)) => {
+                    for phase in ["Pending", "Running", "Succeeded", "Failed", "Cancelled"] {
+                        metrics
+                            .pipeline_runs
+                            .get_or_create(&crate::metrics::PhaseLabel {
+                                phase: phase.to_string(),
+                            })
+                            .set(phases.get(phase).copied().unwrap_or(0));
+                    }
+                    w.min(RESYNC)
+                }
                 Err(e) => {
                     tracing::warn!(error = %e, "pipeline pass failed");
                     RESYNC
@@ -159,8 +173,11 @@ pub fn instance_name(run: &str, step: &str, index: u32, attempt: u32) -> String 
 }
 
 /// One pass: schedules, then every run, then what deleted runs left.
-/// Returns when the next pass is due at the latest.
-pub async fn reconcile(resources: &Resources, now: SystemTime) -> Result<Duration, PipelineError> {
+/// Returns when the next pass is due at the latest, and the runs by phase.
+pub async fn reconcile(
+    resources: &Resources,
+    now: SystemTime,
+) -> Result<(Duration, BTreeMap<&'static str, i64>), PipelineError> {
     let all = LabelSelector::default();
     let (pipelines, _) = resources.list(Kind::Pipeline, &all).await?;
     let (runs, _) = resources.list(Kind::PipelineRun, &all).await?;
@@ -175,6 +192,10 @@ pub async fn reconcile(resources: &Resources, now: SystemTime) -> Result<Duratio
         })
         .collect();
     let runs: Vec<RunView> = runs.iter().filter_map(run_view).collect();
+    let mut phases: BTreeMap<&'static str, i64> = BTreeMap::new();
+    for r in &runs {
+        *phases.entry(r.status.phase.as_str()).or_default() += 1;
+    }
 
     for p in &pipelines {
         if let Some(due) = fire_schedule(resources, p, &runs, now).await? {
@@ -248,7 +269,7 @@ pub async fn reconcile(resources: &Resources, now: SystemTime) -> Result<Duratio
             tracing::info!(run = %run, keys = n, "run queues removed");
         }
     }
-    Ok(wake)
+    Ok((wake, phases))
 }
 
 fn run_view(o: &StoredObject) -> Option<RunView> {

@@ -157,8 +157,11 @@ pub async fn run(cfg: ControllerConfig, shutdown: Shutdown) -> Result<(), Server
                     ));
                     let volumes =
                         tokio::spawn(crate::volumes::run(resources.clone(), stop.clone()));
-                    let pipelines =
-                        tokio::spawn(crate::pipelines::run(resources.clone(), stop.clone()));
+                    let pipelines = tokio::spawn(crate::pipelines::run(
+                        resources.clone(),
+                        metrics.clone(),
+                        stop.clone(),
+                    ));
                     let workloads =
                         tokio::spawn(crate::workloads::run(resources, metrics, placement, stop));
                     let _ = reconciler.await;
