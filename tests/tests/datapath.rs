@@ -199,9 +199,44 @@ spec:
     });
     assert!(vip.starts_with("10.96."), "{vip}");
 
-    // Deleting the policy returns to default-allow; nothing restarted.
+    // Egress: a Policy selecting the client makes its outgoing
+    // connections default-deny; only the listed destinations pass.
+    apply(
+        &ctl,
+        "apiVersion: ironmesh.dev/v1
+kind: Policy
+metadata:
+  name: client-out
+spec:
+  selector: {team: analytics}
+  egress:
+    - to: [{selector: {app: other}}]
+      ports: [{port: 8080}]
+",
+    );
+    wait_for("client's egress denied", Duration::from_secs(20), || {
+        (!connects(from.clone(), target)).then_some(())
+    });
+    apply(
+        &ctl,
+        "apiVersion: ironmesh.dev/v1
+kind: Policy
+metadata:
+  name: client-out
+spec:
+  selector: {team: analytics}
+  egress:
+    - to: [{selector: {app: api}}]
+      ports: [{port: 8080}]
+",
+    );
+    wait_for("client's egress allowed", Duration::from_secs(20), || {
+        connects(from.clone(), target).then_some(())
+    });
+
+    // Deleting the policies returns to default-allow; nothing restarted.
     assert!(ctl
-        .imctl(&["delete", "policy", "api-readers"])
+        .imctl(&["delete", "policy", "api-readers", "client-out"])
         .status
         .success());
     wait_for("allowed again", Duration::from_secs(20), || {
