@@ -219,6 +219,11 @@ spec:
       image: ironmesh/batch-step:dev
       env: [{name: SLEEP_MS, value: '600000'}]
       resources: {cpu: 100m, memory: 32Mi}
+    - name: hangs
+      image: ironmesh/batch-step:dev
+      env: [{name: SLEEP_MS, value: '600000'}]
+      timeoutSeconds: 2
+      resources: {cpu: 100m, memory: 32Mi}
 ";
 
 #[test]
@@ -289,6 +294,16 @@ fn diamond_dag_shares_the_run_volume_and_failures_retry_skip_and_cancel() {
     );
     let status = imctl_ok(ctl, &["pipeline", "status", &bad]);
     assert!(status.contains("attempt 3, exit code 3"), "{status}");
+    // A step running past timeoutSeconds is killed and fails.
+    let timed_out = wait_for("step hangs times out", Duration::from_secs(60), || {
+        let v = run_obj(ctl, &bad);
+        (try_step(&v, "hangs")?["phase"] == "Failed").then_some(v.clone())
+    });
+    let hangs = step(&timed_out, "hangs");
+    assert_eq!(
+        hangs["indexes"][0]["reason"], "DeadlineExceeded",
+        "{hangs:#}"
+    );
 
     wait_for("slow step running", Duration::from_secs(60), || {
         let v = run_obj(ctl, &bad);
