@@ -86,7 +86,7 @@ pub enum Hook {
 /// side that opened it first); counters are cumulative.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FlowEvent {
-    /// CLOCK_MONOTONIC nanoseconds (bpf_ktime_get_ns).
+    /// CLOCK_MONOTONIC nanoseconds at tick resolution (bpf_ktime_get_coarse_ns).
     pub monotonic_ns: u64,
     pub kind: FlowEventKind,
     pub hook: Hook,
