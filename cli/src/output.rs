@@ -95,7 +95,7 @@ fn columns(kind: Kind, wide: bool) -> Vec<&'static str> {
         Kind::Policy => vec!["NAME", "SELECTOR", "AGE"],
         Kind::Volume => vec!["NAME", "SIZE", "STATUS", "NODE", "USED", "AGE"],
         Kind::Pipeline => vec!["NAME", "STEPS", "SCHEDULE", "AGE"],
-        Kind::PipelineRun => vec!["NAME", "PIPELINE", "AGE"],
+        Kind::PipelineRun => vec!["NAME", "PIPELINE", "PHASE", "STEPS", "AGE"],
         Kind::Source => vec!["NAME", "REPO", "BRANCH", "STATUS", "COMMIT", "AGE"],
         Kind::Instance => vec![
             "NAME", "WORKLOAD", "NODE", "STATUS", "READY", "RESTARTS", "IP", "AGE",
@@ -191,7 +191,24 @@ fn row(kind: Kind, o: &Value, wide: bool) -> Vec<String> {
             },
             created,
         ],
-        Kind::PipelineRun => vec![name, s(o, "/spec/pipeline").to_string(), created],
+        Kind::PipelineRun => {
+            let steps = o
+                .pointer("/status/steps")
+                .and_then(Value::as_array)
+                .cloned()
+                .unwrap_or_default();
+            let done = steps.iter().filter(|st| st["phase"] == "Succeeded").count();
+            vec![
+                name,
+                s(o, "/spec/pipeline").to_string(),
+                match s(o, "/status/phase") {
+                    "" => "Pending".to_string(),
+                    p => p.to_string(),
+                },
+                format!("{done}/{}", steps.len()),
+                created,
+            ]
+        }
         Kind::Source => vec![
             name,
             s(o, "/spec/repo").to_string(),
