@@ -54,7 +54,14 @@ echo "$ curl -s http://$IP:8080/records/ord-1001"
 curl -sS --max-time 5 "http://$IP:8080/records/ord-1001" || { echo "the sample service did not answer; see $DIR/agent.log" >&2; exit 1; }
 echo
 echo
+# The sample pipeline: a producer queues 200 items, two workers drain them,
+# four indexed shards write to the run volume and a last step checks them.
+echo "$ imctl pipeline run orders-nightly --wait"
+"$BIN/imctl" pipeline run orders-nightly --wait --timeout 5m ||
+  { echo "the sample pipeline did not succeed; see imctl pipeline runs and $DIR/agent.log" >&2; exit 1; }
+echo
 echo "Controller and agent are running (logs in $DIR). Next:"
 echo "  export IMCTL_CONFIG=$DIR/controller/admin.yaml PATH=$BIN:\$PATH"
 echo "  imctl describe workload orders-api; imctl logs \$(imctl get instances -o json | grep -o 'orders-api-[a-z0-9]*' | head -1)"
+echo "  imctl pipeline runs; imctl pipeline status <run>; imctl pipeline logs <run> publish"
 echo "  bash scripts/dev-down.sh    # stop them"
