@@ -25,7 +25,7 @@ use crate::image_source::ImageSourceError;
 use crate::runtime::{ContainerState, RuntimeError, StopOutcome, TaskIo, TaskStatus};
 
 use super::backoff::{human, Backoff};
-use super::netup::{Bringup, Reached, Stage};
+use super::netup::{Bringup, Reached};
 use super::probes::{ProbeSignal, ProbeTarget, ProbeTasks};
 use super::state::Persisted;
 use super::{
@@ -327,32 +327,52 @@ impl Instance {
         }
     }
 
-    /// Waits until the network brought up alongside has reached `stage`;
-    /// if that failed, sets it up again with back-off, reporting why.
-    /// Returns false when it had to be set up again.
-    async fn network_stage(&mut self, stage: Stage) -> Result<bool, Stop> {
+    /// Waits until the network brought up alongside has its namespace
+    /// (enough to create the task); if the bring-up failed, sets the
+    /// network up again with back-off, reporting why.
+    async fn network_namespace(&mut self) -> Result<(), Stop> {
         let Some(bringup) = self.bringup.as_mut() else {
-            return Ok(true);
+            return Ok(());
         };
-        let reached = guard(&self.control, bringup.reached(stage)).await?;
-        match reached {
+        let result = match guard(&self.control, bringup.namespace()).await? {
             Reached::Namespace(ip, netns) => {
                 if self.net.is_none() {
                     self.network_ready(ip, netns).await;
                 }
-                Ok(true)
+                return Ok(());
             }
-            Reached::Done(Ok((ip, netns))) => {
-                self.bringup = None;
+            Reached::Done(result) => result,
+        };
+        self.network_done(result).await.map(|_| ())
+    }
+
+    /// Waits until the network brought up alongside is complete (enough to
+    /// start the task); if the bring-up failed, sets the network up again
+    /// with back-off, reporting why. Returns false when it had to be set
+    /// up again.
+    async fn network_complete(&mut self) -> Result<bool, Stop> {
+        let Some(bringup) = self.bringup.as_mut() else {
+            return Ok(true);
+        };
+        let result = guard(&self.control, bringup.done()).await?;
+        self.network_done(result).await
+    }
+
+    async fn network_done(
+        &mut self,
+        result: Result<(std::net::Ipv4Addr, PathBuf), String>,
+    ) -> Result<bool, Stop> {
+        self.bringup = None;
+        match result {
+            Ok((ip, netns)) => {
                 if self.net.is_none() {
                     self.network_ready(ip, netns).await;
                 }
                 Ok(true)
             }
-            Reached::Done(Err(error)) => {
-                self.bringup = None;
+            Err(error) => {
                 self.net = None;
-                self.ensure_network(Some(error)).await?;
+                self.ensure_network(error).await?;
                 Ok(false)
             }
         }
@@ -362,7 +382,7 @@ impl Instance {
     /// (without waiting); the caller reports it.
     fn early_network(&mut self) -> Option<std::net::Ipv4Addr> {
         if self.net.is_none() {
-            let (ip, netns) = self.bringup.as_ref()?.namespace()?;
+            let (ip, netns) = self.bringup.as_ref()?.peek()?;
             tracing::debug!(instance = %self.name(), %ip, netns = %netns.display(), "instance network ready");
             self.net = Some((ip, netns));
         }
@@ -375,41 +395,38 @@ impl Instance {
         self.publish(|s| s.ip = ip.to_string()).await;
     }
 
-    /// Sets up (or finds again) the instance's whole network in place,
-    /// retrying with back-off; `failed` is an error already seen, reported
-    /// before the first retry.
-    async fn ensure_network(&mut self, mut failed: Option<String>) -> Result<(), Stop> {
+    /// Sets the instance's whole network up again after `error`, retrying
+    /// with back-off and reporting every failure. Each attempt runs as a
+    /// bring-up of its own, so a stop never cuts one short (see `run`).
+    async fn ensure_network(&mut self, mut error: String) -> Result<(), Stop> {
         let Some(net) = self.shared.network.clone() else {
             return Ok(());
         };
         let cfg = &self.shared.cfg;
         let mut backoff = Backoff::new(cfg.backoff_base, cfg.backoff_max);
         loop {
-            if let Some(error) = failed.take() {
-                let delay = backoff.next_delay();
-                tracing::warn!(instance = %self.name(), error = %error, retry_in = ?delay, "cannot set up the instance network");
-                self.publish(|s| {
-                    s.phase = PENDING.to_string();
-                    s.reason = "NetworkSetupError".to_string();
-                    s.message = format!("{error}; retrying in {}", human(delay));
-                })
+            let delay = backoff.next_delay();
+            tracing::warn!(instance = %self.name(), error = %error, retry_in = ?delay, "cannot set up the instance network");
+            self.publish(|s| {
+                s.phase = PENDING.to_string();
+                s.reason = "NetworkSetupError".to_string();
+                s.message = format!("{error}; retrying in {}", human(delay));
+            })
+            .await;
+            self.event(true, "Failed", format!("Network setup failed: {error}"))
                 .await;
-                self.event(true, "Failed", format!("Network setup failed: {error}"))
-                    .await;
-                guard(&self.control, tokio::time::sleep(delay)).await?;
-            }
-            let name = self.name().to_string();
-            let attempt = async {
-                let (ip, netns) = net.setup(&name).await?;
-                net.attach(&name).await?;
-                Ok::<_, String>((ip, netns))
-            };
-            match guard(&self.control, attempt).await? {
+            guard(&self.control, tokio::time::sleep(delay)).await?;
+            let bringup = self
+                .bringup
+                .insert(Bringup::spawn(net.clone(), self.d.name.clone()));
+            let result = guard(&self.control, bringup.done()).await?;
+            self.bringup = None;
+            match result {
                 Ok((ip, netns)) => {
                     self.network_ready(ip, netns).await;
                     return Ok(());
                 }
-                Err(error) => failed = Some(error),
+                Err(e) => error = e,
             }
         }
     }
@@ -425,7 +442,7 @@ impl Instance {
         if adopt.is_some() {
             // A container kept across an agent restart is reported again
             // with its address: its network is settled (and repaired) first.
-            self.network_stage(Stage::Attached).await?;
+            self.network_complete().await?;
         }
         let mut step = self.adopt(adopt).await?;
         loop {
@@ -759,7 +776,7 @@ impl Instance {
     async fn start_task(&mut self) -> Result<Step, Stop> {
         let name = self.name().to_string();
         let rt = self.shared.runtime.clone();
-        self.network_stage(Stage::Namespace).await?;
+        self.network_namespace().await?;
         // The previous run's stopped task is in the way of a new one.
         if !std::mem::take(&mut self.fresh) {
             if let Err(e) = guard(&self.control, rt.delete_task(&name)).await? {
@@ -772,7 +789,7 @@ impl Instance {
         }
         // A stop from here leaves a created task that never ran: removal
         // deletes it, an adopting agent replaces it.
-        if !self.network_stage(Stage::Attached).await? {
+        if !self.network_complete().await? {
             // Set up again after a failure: start over with a task made
             // in the network as it is now.
             if let Err(e) = guard(&self.control, rt.delete_task(&name)).await? {

@@ -16,15 +16,6 @@ use tokio::task::JoinHandle;
 
 use super::InstanceNetworking;
 
-/// How far the network has to be for the next step.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Stage {
-    /// Namespace, interfaces and address: before the task is created.
-    Namespace,
-    /// Everything, datapath included: before the task starts.
-    Attached,
-}
-
 /// What the bring-up task has done so far.
 #[derive(Debug, Clone)]
 enum Progress {
@@ -35,7 +26,10 @@ enum Progress {
     Done(Result<(Ipv4Addr, PathBuf), String>),
 }
 
-/// Where a stage wait ended.
+/// What a bring-up task that ended without a word (a panic) leaves.
+const ENDED: &str = "the network setup task ended unexpectedly";
+
+/// Where a wait for the namespace ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Reached {
     /// The namespace is there (address, path); attaching goes on.
@@ -77,29 +71,44 @@ impl Bringup {
         Bringup { progress, task }
     }
 
-    /// Waits until the bring-up has reached `stage` or ended.
-    pub(crate) async fn reached(&mut self, stage: Stage) -> Reached {
-        let got = self
-            .progress
-            .wait_for(|p| match p {
-                Progress::Working => false,
-                Progress::Namespace(..) => stage == Stage::Namespace,
-                Progress::Done(_) => true,
+    /// Waits until the namespace is there (enough to create the task) or
+    /// the bring-up has ended.
+    pub(crate) async fn namespace(&mut self) -> Reached {
+        let reached = self
+            .wait(|p| match p {
+                Progress::Working => None,
+                Progress::Namespace(ip, netns) => Some(Reached::Namespace(*ip, netns.clone())),
+                Progress::Done(result) => Some(Reached::Done(result.clone())),
             })
-            .await
-            .map(|p| p.clone());
-        match got {
-            Ok(Progress::Namespace(ip, netns)) => Reached::Namespace(ip, netns),
-            Ok(Progress::Done(result)) => Reached::Done(result),
-            // The task ended without a word: it panicked.
-            Ok(Progress::Working) | Err(_) => {
-                Reached::Done(Err("the network setup task ended unexpectedly".to_string()))
+            .await;
+        reached.unwrap_or_else(|| Reached::Done(Err(ENDED.to_string())))
+    }
+
+    /// Waits until the bring-up has ended (enough to start the task).
+    pub(crate) async fn done(&mut self) -> Result<(Ipv4Addr, PathBuf), String> {
+        let done = self
+            .wait(|p| match p {
+                Progress::Done(result) => Some(result.clone()),
+                Progress::Working | Progress::Namespace(..) => None,
+            })
+            .await;
+        done.unwrap_or_else(|| Err(ENDED.to_string()))
+    }
+
+    /// The first progress `pick` takes; None if the task is gone first.
+    async fn wait<T>(&mut self, pick: impl Fn(&Progress) -> Option<T>) -> Option<T> {
+        loop {
+            if let Some(t) = pick(&self.progress.borrow_and_update()) {
+                return Some(t);
+            }
+            if self.progress.changed().await.is_err() {
+                return pick(&self.progress.borrow());
             }
         }
     }
 
     /// The address and namespace, if they are there already.
-    pub(crate) fn namespace(&self) -> Option<(Ipv4Addr, PathBuf)> {
+    pub(crate) fn peek(&self) -> Option<(Ipv4Addr, PathBuf)> {
         match &*self.progress.borrow() {
             Progress::Namespace(ip, netns) | Progress::Done(Ok((ip, netns))) => {
                 Some((*ip, netns.clone()))
