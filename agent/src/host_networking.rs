@@ -20,19 +20,32 @@ pub struct HostNetworking {
 
 #[tonic::async_trait]
 impl InstanceNetworking for HostNetworking {
+    fn netns_path(&self, instance: &str) -> PathBuf {
+        self.network.netns_path(instance)
+    }
+
     async fn setup(&self, instance: &str) -> Result<(Ipv4Addr, PathBuf), String> {
         let net = self
             .network
             .setup(instance)
             .await
             .map_err(|e| e.to_string())?;
-        if let Some(dp) = &self.datapath {
-            // Policy applies from the first packet: attach before the
-            // container exists.
-            dp.attach_instance(&net.host_if)
-                .map_err(|e| format!("attaching the datapath to {}: {e}", net.host_if))?;
-        }
         Ok((net.ip, net.netns_path))
+    }
+
+    async fn attach(&self, instance: &str) -> Result<(), String> {
+        let Some(dp) = self.datapath.clone() else {
+            return Ok(());
+        };
+        let host_if = self.network.host_if(instance);
+        // Attaching waits for RCU grace periods in the kernel (tens of ms):
+        // not on a runtime worker.
+        tokio::task::spawn_blocking(move || {
+            dp.attach_instance(&host_if)
+                .map_err(|e| format!("attaching the datapath to {host_if}: {e}"))
+        })
+        .await
+        .map_err(|e| format!("the datapath attach task failed: {e}"))?
     }
 
     async fn teardown(&self, instance: &str) -> Result<(), String> {

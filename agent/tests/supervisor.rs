@@ -18,8 +18,8 @@ use common::{busybox_layout, Containerd, DEADLINE, IMAGE};
 use ironmesh_agent::image_source::{EnsuredImage, ImageSource, ImageSourceError};
 use ironmesh_agent::runtime::{Runtime, TaskStatus};
 use ironmesh_agent::supervisor::{
-    DesiredInstance, Supervisor, SupervisorConfig, SupervisorError, SupervisorReport,
-    LABEL_INSTANCE, LABEL_SPEC_GENERATION, LABEL_WORKLOAD,
+    DesiredInstance, InstanceNetworking, Supervisor, SupervisorConfig, SupervisorError,
+    SupervisorReport, LABEL_INSTANCE, LABEL_SPEC_GENERATION, LABEL_WORKLOAD,
 };
 use ironmesh_api::workload::WorkloadSpec;
 use ironmesh_proto::v1::{InstanceEvent, InstanceState};
@@ -59,6 +59,97 @@ impl ImageSource for LayoutImages {
     }
 }
 
+/// Instance networking stand-in: every container joins one namespace
+/// made for the test (`ip netns add`); every call is logged in order;
+/// `attach` can be held until the gate opens and made to fail a number of
+/// times.
+struct FakeNetwork {
+    netns: String,
+    calls: std::sync::Mutex<Vec<String>>,
+    gate: tokio::sync::watch::Sender<bool>,
+    attach_failures: std::sync::atomic::AtomicU32,
+}
+
+impl FakeNetwork {
+    fn new(test: &str, open: bool, attach_failures: u32) -> Arc<FakeNetwork> {
+        let netns = format!("imsv-{}-{test}", std::process::id());
+        let out = std::process::Command::new("ip")
+            .args(["netns", "add", &netns])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "ip netns add {netns}: {out:?}");
+        Arc::new(FakeNetwork {
+            netns,
+            calls: std::sync::Mutex::new(Vec::new()),
+            gate: tokio::sync::watch::channel(open).0,
+            attach_failures: attach_failures.into(),
+        })
+    }
+
+    fn path(&self) -> PathBuf {
+        PathBuf::from("/run/netns").join(&self.netns)
+    }
+
+    fn log(&self, call: String) {
+        self.calls.lock().unwrap().push(call);
+    }
+
+    fn calls(&self) -> Vec<String> {
+        self.calls.lock().unwrap().clone()
+    }
+
+    fn open(&self) {
+        self.gate.send_replace(true);
+    }
+}
+
+impl Drop for FakeNetwork {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "del", &self.netns])
+            .output();
+    }
+}
+
+#[tonic::async_trait]
+impl InstanceNetworking for FakeNetwork {
+    fn netns_path(&self, _instance: &str) -> PathBuf {
+        self.path()
+    }
+
+    async fn setup(&self, instance: &str) -> Result<(std::net::Ipv4Addr, PathBuf), String> {
+        self.log(format!("setup {instance}"));
+        Ok((std::net::Ipv4Addr::new(10, 99, 0, 7), self.path()))
+    }
+
+    async fn attach(&self, instance: &str) -> Result<(), String> {
+        self.log(format!("attach {instance}"));
+        let mut gate = self.gate.subscribe();
+        let _ = gate.wait_for(|open| *open).await;
+        let failures = &self.attach_failures;
+        let fail = failures
+            .fetch_update(
+                std::sync::atomic::Ordering::SeqCst,
+                std::sync::atomic::Ordering::SeqCst,
+                |n| n.checked_sub(1),
+            )
+            .is_ok();
+        if fail {
+            self.log(format!("attach failed {instance}"));
+            return Err(format!("fake datapath refused {instance}"));
+        }
+        self.log(format!("attached {instance}"));
+        Ok(())
+    }
+
+    async fn teardown(&self, instance: &str) -> Result<(), String> {
+        self.log(format!("teardown {instance}"));
+        Ok(())
+    }
+
+    async fn cleanup_orphans(&self, _keep: std::collections::HashSet<String>) {}
+}
+
 /// A containerd, a supervisor on it, and every report it sent.
 struct Fixture {
     sup: Option<Supervisor>,
@@ -68,12 +159,21 @@ struct Fixture {
     rt: Runtime,
     images: Arc<LayoutImages>,
     cfg: SupervisorConfig,
+    network: Option<Arc<dyn InstanceNetworking>>,
     // Last: dropped after the supervisor.
     cd: Containerd,
 }
 
 impl Fixture {
     async fn new(name: &str, tweak: impl FnOnce(&mut SupervisorConfig)) -> Fixture {
+        Self::with_network(name, tweak, None).await
+    }
+
+    async fn with_network(
+        name: &str,
+        tweak: impl FnOnce(&mut SupervisorConfig),
+        network: Option<Arc<dyn InstanceNetworking>>,
+    ) -> Fixture {
         let cd = Containerd::start(name);
         let rt = cd.runtime().await;
         let layout = busybox_layout(&cd.path("layout"), IMAGE);
@@ -88,9 +188,15 @@ impl Fixture {
         cfg.stop_grace = Duration::from_millis(300);
         tweak(&mut cfg);
         let (tx, reports) = mpsc::channel(4096);
-        let sup = Supervisor::start(cfg.clone(), rt.clone(), images.clone(), tx)
-            .await
-            .unwrap();
+        let sup = Supervisor::start_with_network(
+            cfg.clone(),
+            rt.clone(),
+            images.clone(),
+            network.clone(),
+            tx,
+        )
+        .await
+        .unwrap();
         Fixture {
             sup: Some(sup),
             reports,
@@ -98,6 +204,7 @@ impl Fixture {
             rt,
             images,
             cfg,
+            network,
             cd,
         }
     }
@@ -117,9 +224,15 @@ impl Fixture {
         self.seen.clear();
         self.rt = rt.clone();
         self.sup = Some(
-            Supervisor::start(self.cfg.clone(), rt, self.images.clone(), tx)
-                .await
-                .unwrap(),
+            Supervisor::start_with_network(
+                self.cfg.clone(),
+                rt,
+                self.images.clone(),
+                self.network.clone(),
+                tx,
+            )
+            .await
+            .unwrap(),
         );
     }
 
@@ -824,4 +937,132 @@ async fn logs_return_output_and_follow_new_lines() {
         Err(SupervisorError::UnknownInstance { name }) => assert_eq!(name, "nobody"),
         other => panic!("expected UnknownInstance, got {:?}", other.map(|_| ())),
     }
+}
+
+/// The task's status in containerd, if it has one.
+async fn task_status(rt: &Runtime, name: &str) -> Option<TaskStatus> {
+    rt.task(name).await.unwrap().map(|t| t.status)
+}
+
+#[tokio::test]
+async fn network_comes_up_alongside_the_container_and_before_the_task_starts() {
+    let net = FakeNetwork::new("overlap", false, 0);
+    let mut f = Fixture::with_network("sv-net-overlap", |_| {}, Some(net.clone() as _)).await;
+    f.sup()
+        .set_desired(vec![desired("n-1", 1, sleeper())])
+        .await;
+    // The datapath attach is held, yet the container gets created.
+    f.wait_event("n-1", "Created").await;
+    assert!(
+        !net.calls().iter().any(|c| c == "attached n-1"),
+        "{:?}",
+        net.calls()
+    );
+    f.wait_state("n-1 address", |s| s.name == "n-1" && s.ip == "10.99.0.7")
+        .await;
+    f.quiet_for(Duration::from_millis(500)).await;
+    assert!(
+        !f.seen
+            .iter()
+            .any(|(_, r)| matches!(r, SupervisorReport::State(s) if s.phase == "Running")),
+        "started before the datapath was attached:\n{}",
+        f.history()
+    );
+    let status = task_status(&f.rt, "n-1").await;
+    assert!(
+        matches!(status, None | Some(TaskStatus::Created)),
+        "task ran before the datapath was attached: {status:?}"
+    );
+
+    net.open();
+    let running = f.wait_state("n-1 Running", is_running("n-1")).await;
+    assert_eq!(running.ip, "10.99.0.7");
+    assert_eq!(task_status(&f.rt, "n-1").await, Some(TaskStatus::Running));
+    assert_eq!(net.calls(), ["setup n-1", "attach n-1", "attached n-1"]);
+
+    f.sup().set_desired(vec![]).await;
+    f.wait_event("n-1", "Deleted").await;
+    f.assert_gone("n-1").await;
+    assert_eq!(net.calls().last().map(String::as_str), Some("teardown n-1"));
+}
+
+#[tokio::test]
+async fn failed_network_setup_is_reported_and_the_task_waits_for_it() {
+    let net = FakeNetwork::new("fail", true, 2);
+    let mut f = Fixture::with_network("sv-net-fail", |_| {}, Some(net.clone() as _)).await;
+    f.sup()
+        .set_desired(vec![desired("f-1", 1, sleeper())])
+        .await;
+    let failed = f
+        .wait_state("f-1 NetworkSetupError", |s| {
+            s.name == "f-1" && s.reason == "NetworkSetupError"
+        })
+        .await;
+    assert_eq!(failed.phase, "Pending");
+    assert!(
+        failed.message.contains("fake datapath refused f-1"),
+        "{}",
+        failed.message
+    );
+    let status = task_status(&f.rt, "f-1").await;
+    assert!(
+        status != Some(TaskStatus::Running),
+        "task runs without its network"
+    );
+
+    // Retried with back-off until it works; only then does the task start.
+    f.wait_state("f-1 Running", is_running("f-1")).await;
+    let calls = net.calls();
+    let attached = calls.iter().position(|c| c == "attached f-1");
+    assert!(attached.is_some(), "{calls:?}");
+    assert_eq!(
+        calls.iter().filter(|c| *c == "attach failed f-1").count(),
+        2,
+        "{calls:?}"
+    );
+    let events: Vec<String> = f
+        .seen
+        .iter()
+        .filter_map(|(_, r)| match r {
+            SupervisorReport::Event(e) if e.instance == "f-1" && e.reason == "Failed" => {
+                Some(e.message.clone())
+            }
+            _ => None,
+        })
+        .collect();
+    assert_eq!(events.len(), 2, "{events:?}");
+    assert!(
+        events[0].starts_with("Network setup failed: "),
+        "{events:?}"
+    );
+
+    // Removed while its network is still being brought up: the teardown
+    // waits for the bring-up, so nothing is set up after it.
+    net.gate.send_replace(false);
+    f.sup()
+        .set_desired(vec![desired("g-1", 1, sleeper())])
+        .await;
+    f.wait_event("g-1", "Created").await;
+    f.sup().set_desired(vec![]).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !net.calls().iter().any(|c| c == "teardown g-1"),
+        "teardown raced the bring-up: {:?}",
+        net.calls()
+    );
+    net.open();
+    f.wait_event("g-1", "Deleted").await;
+    f.wait_event("f-1", "Deleted").await;
+    f.assert_gone("g-1").await;
+    f.assert_gone("f-1").await;
+    let calls = net.calls();
+    let g: Vec<&str> = calls
+        .iter()
+        .filter(|c| c.ends_with(" g-1"))
+        .map(String::as_str)
+        .collect();
+    assert_eq!(
+        g,
+        ["setup g-1", "attach g-1", "attached g-1", "teardown g-1"]
+    );
 }

@@ -611,7 +611,12 @@ impl Datapath {
     /// Attaches the TC programs to an instance's host-side veth (ingress:
     /// traffic from the instance; egress: traffic into it). Idempotent: a
     /// pinned link for this interface gets the current program swapped in.
+    ///
+    /// Each new TCX attachment waits for an RCU grace period in the kernel
+    /// (under the RTNL lock), so this takes tens of milliseconds on a busy
+    /// host; the programs themselves are loaded once, in [`Datapath::load`].
     pub fn attach_instance(&self, host_if: &str) -> Result<(), DatapathError> {
+        let started = std::time::Instant::now();
         let idx = ifindex(host_if)?;
         let mut inner = self.lock();
         let links = self.links_dir();
@@ -667,6 +672,7 @@ impl Datapath {
         tracing::info!(
             interface = host_if,
             ifindex = idx,
+            elapsed_us = started.elapsed().as_micros() as u64,
             "datapath attached to instance veth"
         );
         Ok(())

@@ -39,7 +39,9 @@ use prost_types::Any;
 use tonic::Code;
 
 use super::spec::{self, InstanceSpec};
-use super::{call_err, is_identifier, system_time, unique_suffix, Runtime, RuntimeError};
+use super::{
+    call_err, is_identifier, system_time, unique_suffix, ResolvedImage, Runtime, RuntimeError,
+};
 
 /// `Any` type of an OCI runtime spec, as containerd registers it.
 pub const SPEC_TYPE_URL: &str = "types.containerd.io/opencontainers/runtime-spec/1/Spec";
@@ -276,9 +278,21 @@ impl Runtime {
     /// spec, prepares its root filesystem snapshot (key = id) and creates
     /// the containerd container. Does not start anything.
     pub async fn create(&self, instance: &InstanceSpec) -> Result<CreatedContainer, RuntimeError> {
+        check_id(&instance.id)?;
+        let image = self.resolve_image(&instance.image).await?;
+        self.create_from(instance, image).await
+    }
+
+    /// [`Runtime::create`] with the image already resolved (by
+    /// [`Runtime::resolve_image`] of `instance.image`), which spares
+    /// reading its manifest and config again.
+    pub async fn create_from(
+        &self,
+        instance: &InstanceSpec,
+        image: ResolvedImage,
+    ) -> Result<CreatedContainer, RuntimeError> {
         let id = instance.id.as_str();
         check_id(id)?;
-        let image = self.resolve_image(&instance.image).await?;
         let cgroups_path = self.cgroups_path(id);
         let spec = spec::build(instance, &image.defaults, &cgroups_path).map_err(|source| {
             RuntimeError::Spec {
@@ -407,6 +421,16 @@ impl Runtime {
     /// A stopped task left from an earlier run must be removed with
     /// [`Runtime::delete_task`] first (containerd answers `AlreadyExists`).
     pub async fn start(&self, id: &str, io: &TaskIo) -> Result<u32, RuntimeError> {
+        self.create_task(id, io).await?;
+        self.start_task(id).await
+    }
+
+    /// The first half of [`Runtime::start`]: creates the task (runc
+    /// create: the process exists in its namespaces and cgroup but has not
+    /// run a single instruction of the image) and returns its PID. Finish
+    /// with [`Runtime::start_task`], or remove it with
+    /// [`Runtime::delete_task`].
+    pub async fn create_task(&self, id: &str, io: &TaskIo) -> Result<u32, RuntimeError> {
         check_id(id)?;
         let object = format!("container {id}");
         let (stdout, stderr) = io.prepare(&object)?;
@@ -420,7 +444,8 @@ impl Runtime {
             .map_err(call_err("Snapshots.Mounts", format!("snapshot {id}")))?
             .into_inner()
             .mounts;
-        self.tasks()
+        let created = self
+            .tasks()
             .create(self.request(CreateTaskRequest {
                 container_id: id.to_string(),
                 rootfs: mounts,
@@ -433,7 +458,15 @@ impl Runtime {
                 runtime_path: String::new(),
             }))
             .await
-            .map_err(call_err("Tasks.Create", object.clone()))?;
+            .map_err(call_err("Tasks.Create", object))?;
+        Ok(created.into_inner().pid)
+    }
+
+    /// The second half of [`Runtime::start`]: lets a task made by
+    /// [`Runtime::create_task`] run. Returns the PID. A task that cannot
+    /// start is deleted.
+    pub async fn start_task(&self, id: &str) -> Result<u32, RuntimeError> {
+        check_id(id)?;
         let started = self
             .tasks()
             .start(self.request(StartRequest {
@@ -446,7 +479,7 @@ impl Runtime {
             Err(s) => {
                 // Leave no created-but-unstartable task behind.
                 let _ = self.delete_task(id).await;
-                Err(call_err("Tasks.Start", object)(s))
+                Err(call_err("Tasks.Start", format!("container {id}"))(s))
             }
         }
     }

@@ -25,6 +25,7 @@ use crate::image_source::ImageSourceError;
 use crate::runtime::{ContainerState, RuntimeError, StopOutcome, TaskIo, TaskStatus};
 
 use super::backoff::{human, Backoff};
+use super::netup::{Bringup, Reached};
 use super::probes::{ProbeSignal, ProbeTarget, ProbeTasks};
 use super::state::Persisted;
 use super::{
@@ -138,6 +139,10 @@ struct Instance {
     persisted: Persisted,
     /// Address and namespace of the instance's own network, once set up.
     net: Option<(std::net::Ipv4Addr, PathBuf)>,
+    /// The network being brought up alongside the container.
+    bringup: Option<Bringup>,
+    /// The container was just created: it has no task to clear away.
+    fresh: bool,
 }
 
 /// The instance task: works through the steps until told to stop, then
@@ -159,6 +164,8 @@ pub(crate) async fn run(
         control,
         dir,
         net: None,
+        bringup: None,
+        fresh: false,
     };
     // The previous holder of the name (an older generation, or a removal)
     // must be gone before this one creates its container and directory.
@@ -174,6 +181,9 @@ pub(crate) async fn run(
         Ok(never) => match never {},
         Err(stop) => stop,
     };
+    if let Some(bringup) = inst.bringup.take() {
+        bringup.finish().await;
+    }
     match stop {
         Stop::Detach => {
             tracing::info!(instance = %inst.d.name, "detached; the container keeps running");
@@ -317,35 +327,106 @@ impl Instance {
         }
     }
 
-    /// Sets up (or finds again) the instance's network, retrying with
-    /// back-off; reports its address.
-    async fn ensure_network(&mut self) -> Result<(), Stop> {
+    /// Waits until the network brought up alongside has its namespace
+    /// (enough to create the task); if the bring-up failed, sets the
+    /// network up again with back-off, reporting why.
+    async fn network_namespace(&mut self) -> Result<(), Stop> {
+        let Some(bringup) = self.bringup.as_mut() else {
+            return Ok(());
+        };
+        let result = match guard(&self.control, bringup.namespace()).await? {
+            Reached::Namespace(ip, netns) => {
+                if self.net.is_none() {
+                    self.network_ready(ip, netns).await;
+                }
+                return Ok(());
+            }
+            Reached::Done(result) => result,
+        };
+        self.network_done(result).await.map(|_| ())
+    }
+
+    /// Waits until the network brought up alongside is complete (enough to
+    /// start the task); if the bring-up failed, sets the network up again
+    /// with back-off, reporting why. Returns false when it had to be set
+    /// up again.
+    async fn network_complete(&mut self) -> Result<bool, Stop> {
+        let Some(bringup) = self.bringup.as_mut() else {
+            return Ok(true);
+        };
+        let result = guard(&self.control, bringup.done()).await?;
+        self.network_done(result).await
+    }
+
+    async fn network_done(
+        &mut self,
+        result: Result<(std::net::Ipv4Addr, PathBuf), String>,
+    ) -> Result<bool, Stop> {
+        self.bringup = None;
+        match result {
+            Ok((ip, netns)) => {
+                if self.net.is_none() {
+                    self.network_ready(ip, netns).await;
+                }
+                Ok(true)
+            }
+            Err(error) => {
+                self.net = None;
+                self.ensure_network(error).await?;
+                Ok(false)
+            }
+        }
+    }
+
+    /// The address, if the network brought up alongside already has one
+    /// (without waiting); the caller reports it.
+    fn early_network(&mut self) -> Option<std::net::Ipv4Addr> {
+        if self.net.is_none() {
+            let (ip, netns) = self.bringup.as_ref()?.peek()?;
+            tracing::debug!(instance = %self.name(), %ip, netns = %netns.display(), "instance network ready");
+            self.net = Some((ip, netns));
+        }
+        self.net.as_ref().map(|(ip, _)| *ip)
+    }
+
+    async fn network_ready(&mut self, ip: std::net::Ipv4Addr, netns: PathBuf) {
+        tracing::debug!(instance = %self.name(), %ip, netns = %netns.display(), "instance network ready");
+        self.net = Some((ip, netns));
+        self.publish(|s| s.ip = ip.to_string()).await;
+    }
+
+    /// Sets the instance's whole network up again after `error`, retrying
+    /// with back-off and reporting every failure. Each attempt runs as a
+    /// bring-up of its own, so a stop never cuts one short (see `run`).
+    async fn ensure_network(&mut self, mut error: String) -> Result<(), Stop> {
         let Some(net) = self.shared.network.clone() else {
             return Ok(());
         };
         let cfg = &self.shared.cfg;
         let mut backoff = Backoff::new(cfg.backoff_base, cfg.backoff_max);
         loop {
-            match guard(&self.control, net.setup(self.name())).await? {
+            let delay = backoff.next_delay();
+            tracing::warn!(instance = %self.name(), error = %error, retry_in = ?delay, "cannot set up the instance network");
+            self.publish(|s| {
+                s.phase = PENDING.to_string();
+                s.reason = "NetworkSetupError".to_string();
+                s.message = format!("{error}; retrying in {}", human(delay));
+            })
+            .await;
+            self.event(true, "Failed", format!("Network setup failed: {error}"))
+                .await;
+            guard(&self.control, tokio::time::sleep(delay)).await?;
+            let bringup = self
+                .bringup
+                .insert(Bringup::spawn(net.clone(), self.d.name.clone()));
+            let result = guard(&self.control, bringup.done()).await?;
+            self.bringup = None;
+            match result {
                 Ok((ip, netns)) => {
-                    tracing::debug!(instance = %self.name(), %ip, netns = %netns.display(), "instance network ready");
-                    self.net = Some((ip, netns));
-                    self.publish(|s| s.ip = ip.to_string()).await;
+                    self.network_ready(ip, netns).await;
                     return Ok(());
                 }
-                Err(error) => {
-                    let delay = backoff.next_delay();
-                    tracing::warn!(instance = %self.name(), error = %error, retry_in = ?delay, "cannot set up the instance network");
-                    self.publish(|s| {
-                        s.phase = PENDING.to_string();
-                        s.reason = "NetworkSetupError".to_string();
-                        s.message = format!("{error}; retrying in {}", human(delay));
-                    })
-                    .await;
-                    self.event(true, "Failed", format!("Network setup failed: {error}"))
-                        .await;
-                    guard(&self.control, tokio::time::sleep(delay)).await?;
-                }
+                Err(e) => error = e,
             }
         }
     }
@@ -353,7 +434,16 @@ impl Instance {
     async fn steps(&mut self, adopt: Option<ContainerState>) -> Result<Infallible, Stop> {
         let cfg = &self.shared.cfg;
         let mut backoff = Backoff::new(cfg.backoff_base, cfg.backoff_max);
-        self.ensure_network().await?;
+        // The network comes up while the image and container are prepared;
+        // the task waits for it (see `start_task`).
+        if let Some(net) = self.shared.network.clone() {
+            self.bringup = Some(Bringup::spawn(net, self.name().to_string()));
+        }
+        if adopt.is_some() {
+            // A container kept across an agent restart is reported again
+            // with its address: its network is settled (and repaired) first.
+            self.network_complete().await?;
+        }
         let mut step = self.adopt(adopt).await?;
         loop {
             step = match step {
@@ -453,7 +543,7 @@ impl Instance {
         let cfg = &self.shared.cfg;
         let mut backoff = Backoff::new(cfg.backoff_base, cfg.backoff_max);
         let image = self.d.spec.image.clone();
-        let defaults = loop {
+        let resolved = loop {
             self.publish(|s| {
                 s.phase = PENDING.to_string();
                 s.reason = "Pulling".to_string();
@@ -481,7 +571,7 @@ impl Instance {
                     };
                     self.event(false, "Pulled", message).await;
                     match guard(&self.control, self.shared.runtime.resolve_image(&image)).await? {
-                        Ok(resolved) => break resolved.defaults,
+                        Ok(resolved) => break resolved,
                         Err(e) if e.is_not_found() => (PENDING, "ImageNotFound", e.to_string()),
                         Err(e) => (PENDING, "ImageInspectError", e.to_string()),
                     }
@@ -510,11 +600,16 @@ impl Instance {
             guard(&self.control, tokio::time::sleep(delay)).await?;
         };
 
-        let mut spec = match spec::instance_spec(&self.d, &defaults) {
+        let mut spec = match spec::instance_spec(&self.d, &resolved.defaults) {
             Ok(spec) => spec,
             Err(message) => return Ok(self.config_error(message).await),
         };
-        spec.netns = self.net.as_ref().map(|(_, path)| path.clone());
+        // The namespace may still be in the making: its path is known.
+        spec.netns = self
+            .shared
+            .network
+            .as_ref()
+            .map(|net| net.netns_path(self.name()));
         spec.mounts = match self.ensure_volumes().await? {
             Ok(mounts) => mounts,
             Err(message) => return Ok(self.config_error(message).await),
@@ -527,15 +622,25 @@ impl Instance {
             });
         }
         loop {
+            // An address known by now goes up with this report.
+            let ip = self.early_network();
             self.publish(|s| {
                 s.phase = PENDING.to_string();
                 s.reason = "ContainerCreating".to_string();
                 s.message = String::new();
+                if let Some(ip) = ip {
+                    s.ip = ip.to_string();
+                }
             })
             .await;
-            let created = guard(&self.control, self.shared.runtime.create(&spec)).await?;
+            let created = guard(
+                &self.control,
+                self.shared.runtime.create_from(&spec, resolved.clone()),
+            )
+            .await?;
             let error = match created {
                 Ok(c) => {
+                    self.fresh = true;
                     tracing::info!(instance = %self.name(), cgroup = %c.cgroups_path, "container created");
                     self.event(
                         false,
@@ -673,15 +778,33 @@ impl Instance {
         .await;
     }
 
+    /// Creates the task once the network namespace exists and starts it
+    /// once the datapath is attached (the two overlap).
     async fn start_task(&mut self) -> Result<Step, Stop> {
         let name = self.name().to_string();
         let rt = self.shared.runtime.clone();
+        self.network_namespace().await?;
         // The previous run's stopped task is in the way of a new one.
-        if let Err(e) = guard(&self.control, rt.delete_task(&name)).await? {
-            tracing::warn!(instance = %name, error = %e, "cannot delete the previous task");
+        if !std::mem::take(&mut self.fresh) {
+            if let Err(e) = guard(&self.control, rt.delete_task(&name)).await? {
+                tracing::warn!(instance = %name, error = %e, "cannot delete the previous task");
+            }
         }
         let io = TaskIo::in_dir(&self.dir);
-        match guard(&self.control, rt.start(&name, &io)).await? {
+        if let Err(e) = guard(&self.control, rt.create_task(&name, &io)).await? {
+            return Ok(self.start_failed(e).await);
+        }
+        // A stop from here leaves a created task that never ran: removal
+        // deletes it, an adopting agent replaces it.
+        if !self.network_complete().await? {
+            // Set up again after a failure: start over with a task made
+            // in the network as it is now.
+            if let Err(e) = guard(&self.control, rt.delete_task(&name)).await? {
+                tracing::warn!(instance = %name, error = %e, "cannot delete the unstarted task");
+            }
+            return Ok(Step::Start);
+        }
+        match guard(&self.control, rt.start_task(&name)).await? {
             Ok(pid) => {
                 let started_ms = now_ms();
                 self.persisted.started_unix_ms = started_ms;
@@ -692,16 +815,18 @@ impl Instance {
                     .await;
                 Ok(Step::Watch { pid, started_ms })
             }
-            Err(e) => {
-                // A start that fails is a failed run (Kubernetes' StartError):
-                // the restart policy and back-off apply.
-                tracing::warn!(instance = %name, error = %e, "task did not start");
-                self.event(true, "Failed", format!("Error: {e}")).await;
-                Ok(Step::Exited {
-                    code: START_FAILED_EXIT,
-                    ran_for: Duration::ZERO,
-                })
-            }
+            Err(e) => Ok(self.start_failed(e).await),
+        }
+    }
+
+    /// A start that fails is a failed run (Kubernetes' StartError): the
+    /// restart policy and back-off apply.
+    async fn start_failed(&self, e: RuntimeError) -> Step {
+        tracing::warn!(instance = %self.name(), error = %e, "task did not start");
+        self.event(true, "Failed", format!("Error: {e}")).await;
+        Step::Exited {
+            code: START_FAILED_EXIT,
+            ran_for: Duration::ZERO,
         }
     }
 

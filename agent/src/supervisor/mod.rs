@@ -24,6 +24,7 @@
 pub mod backoff;
 mod instance;
 pub mod logs;
+mod netup;
 pub mod probes;
 pub mod spec;
 mod state;
@@ -183,10 +184,24 @@ pub(crate) struct Shared {
 /// An instance's own network: a namespace the container joins and an
 /// address probes reach it on. Without one, containers share containerd's
 /// network namespace (tests of the supervisor alone).
+///
+/// The supervisor brings it up while it ensures the image and creates the
+/// container: [`InstanceNetworking::setup`] must be done before the task is
+/// created (runc joins the namespace then), [`InstanceNetworking::attach`]
+/// before the task starts (policy applies from the first packet).
 #[tonic::async_trait]
 pub trait InstanceNetworking: Send + Sync + 'static {
-    /// Idempotent: the same address and namespace for the same instance.
+    /// Where the namespace of `instance` is (or will be) mounted: the path
+    /// [`InstanceNetworking::setup`] returns, known before it runs so the
+    /// container can be created meanwhile.
+    fn netns_path(&self, instance: &str) -> PathBuf;
+    /// Namespace, interfaces, address and routes. Idempotent: the same
+    /// address and namespace for the same instance.
     async fn setup(&self, instance: &str) -> Result<(std::net::Ipv4Addr, PathBuf), String>;
+    /// What has to be in place before the instance sends or receives its
+    /// first packet (the datapath on its interface); called after a
+    /// successful `setup`. Idempotent.
+    async fn attach(&self, instance: &str) -> Result<(), String>;
     /// Idempotent: removes namespace, interfaces, routes and address lease.
     async fn teardown(&self, instance: &str) -> Result<(), String>;
     /// Removes what belongs to instances not in `keep` (after a crash).
