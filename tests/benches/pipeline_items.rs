@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use ironmesh_proto::v1::operator_service_client::OperatorServiceClient;
 use ironmesh_proto::v1::{ApplyRequest, GetRequest, Manifest};
-use ironmesh_tests::{grpc, images_dir, wait_for, Agent, Controller, ControllerOpts};
+use ironmesh_tests::{grpc, images_dir, wait_for, Agent, Controller, ControllerOpts, Unmounter};
 use serde_json::{json, Value};
 use tonic::transport::Channel;
 
@@ -92,6 +92,8 @@ async fn step_time(api: &mut Api, pipeline: &str) -> anyhow::Result<Duration> {
 async fn main() -> anyhow::Result<()> {
     let ctl = Controller::start(ControllerOpts::default());
     let agent = Agent::start(&ctl, "bench");
+    // Run volumes are mounted below the agent's directory.
+    let _unmount = Unmounter(vec![agent.dir.path().to_path_buf()]);
     agent.wait_ready(&ctl, Duration::from_secs(90));
     let layout = images_dir().join("batch-step");
     let out = ctl.imctl(&["image", "push", layout.to_str().unwrap_or_default()]);
@@ -164,6 +166,5 @@ async fn main() -> anyhow::Result<()> {
         rate(w1) / rate(batch),
         rate(w8) / rate(batch)
     );
-    drop(agent);
     Ok(())
 }

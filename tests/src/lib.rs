@@ -703,3 +703,30 @@ pub mod grpc {
             .to_string()
     }
 }
+
+/// Unmounts everything mounted below its directories when dropped (deepest
+/// first), so a test that mounts volumes leaves nothing behind even when it
+/// panics; loop devices go with their mounts (autoclear).
+pub struct Unmounter(pub Vec<PathBuf>);
+
+impl Unmounter {
+    /// What is mounted below the directories now.
+    pub fn below(&self) -> Vec<PathBuf> {
+        let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+        let mut out: Vec<PathBuf> = text
+            .lines()
+            .filter_map(|l| l.split(' ').nth(4).map(PathBuf::from))
+            .filter(|t| self.0.iter().any(|d| t.starts_with(d)))
+            .collect();
+        out.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+        out
+    }
+}
+
+impl Drop for Unmounter {
+    fn drop(&mut self) {
+        for t in self.below() {
+            let _ = std::process::Command::new("umount").arg(&t).status();
+        }
+    }
+}

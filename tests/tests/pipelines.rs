@@ -8,29 +8,10 @@
 //! directory pool in its own directory; a guard unmounts what is left
 //! below it when a test ends, also on panic.
 
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use ironmesh_tests::{images_dir, wait_for, Agent, Controller, ControllerOpts};
+use ironmesh_tests::{images_dir, wait_for, Agent, Controller, ControllerOpts, Unmounter};
 use serde_json::Value;
-
-/// Unmounts everything below its directories when dropped.
-struct Unmounter(Vec<PathBuf>);
-
-impl Drop for Unmounter {
-    fn drop(&mut self) {
-        let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-        let mut targets: Vec<PathBuf> = text
-            .lines()
-            .filter_map(|l| l.split(' ').nth(4).map(PathBuf::from))
-            .filter(|t| self.0.iter().any(|d| t.starts_with(d)))
-            .collect();
-        targets.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
-        for t in targets {
-            let _ = std::process::Command::new("umount").arg(&t).status();
-        }
-    }
-}
 
 /// A controller and one agent with a storage pool, batch-step pushed.
 struct Cluster {

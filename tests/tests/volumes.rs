@@ -13,36 +13,11 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use ironmesh_tests::{images_dir, wait_for, Agent, Controller, ControllerOpts};
+use ironmesh_tests::{images_dir, wait_for, Agent, Controller, ControllerOpts, Unmounter};
 use serde_json::Value;
 
 const BATCH: &str = "ironmesh/batch-step:dev";
 const MIB: u64 = 1 << 20;
-
-/// Unmounts everything below its directories when dropped (deepest
-/// first).
-struct Unmounter(Vec<PathBuf>);
-
-impl Unmounter {
-    fn below(&self) -> Vec<PathBuf> {
-        let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-        let mut out: Vec<PathBuf> = text
-            .lines()
-            .filter_map(|l| l.split(' ').nth(4).map(PathBuf::from))
-            .filter(|t| self.0.iter().any(|d| t.starts_with(d)))
-            .collect();
-        out.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
-        out
-    }
-}
-
-impl Drop for Unmounter {
-    fn drop(&mut self) {
-        for t in self.below() {
-            let _ = std::process::Command::new("umount").arg(&t).status();
-        }
-    }
-}
 
 fn push(ctl: &Controller, image: &str) {
     let dir: PathBuf = images_dir().join(image);
