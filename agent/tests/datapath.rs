@@ -905,14 +905,32 @@ fn iperf(f: &Fixture) -> f64 {
 
 /// Median and p99 round trip of a 1-byte request/response on one TCP
 /// connection from A to B, in microseconds.
+/// Reads one byte from a non-blocking socket, spinning until it comes;
+/// false at end of stream or on an error.
+fn spin_read(c: &mut TcpStream, b: &mut [u8; 1]) -> bool {
+    loop {
+        match c.read(b) {
+            Ok(1) => return true,
+            Ok(_) => return false,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => std::hint::spin_loop(),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(_) => return false,
+        }
+    }
+}
+
 fn rtt(f: &Fixture, port: u16) -> (f64, f64) {
     let addr = SocketAddrV4::new(f.b.ip, port);
     let listener = in_ns(&f.b.ns, move || TcpListener::bind(addr).expect("bind"));
+    // Both ends spin on non-blocking sockets: with blocking reads an idle
+    // machine's vCPU wake-up latency (tens of µs) swamps what the datapath
+    // adds and makes the figures bimodal.
     let server = std::thread::spawn(move || {
         let (mut c, _) = listener.accept().expect("accept");
         c.set_nodelay(true).expect("nodelay");
+        c.set_nonblocking(true).expect("nonblocking");
         let mut b = [0u8; 1];
-        while c.read_exact(&mut b).is_ok() {
+        while spin_read(&mut c, &mut b) {
             if c.write_all(&b).is_err() {
                 break;
             }
@@ -920,12 +938,13 @@ fn rtt(f: &Fixture, port: u16) -> (f64, f64) {
     });
     let mut c = in_ns(&f.a.ns, move || TcpStream::connect(addr).expect("connect"));
     c.set_nodelay(true).expect("nodelay");
+    c.set_nonblocking(true).expect("nonblocking");
     let mut samples = Vec::with_capacity(5000);
     let mut b = [7u8; 1];
     for i in 0..5200 {
         let t = std::time::Instant::now();
         c.write_all(&b).expect("write");
-        c.read_exact(&mut b).expect("read");
+        assert!(spin_read(&mut c, &mut b), "echo server went away");
         if i >= 200 {
             samples.push(t.elapsed().as_secs_f64() * 1e6);
         }

@@ -424,23 +424,26 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 hook)
 	struct im_ct_key rk;
 	struct im_ct_val *ct;
 	struct pkt p;
-	int rev = 0, count_bytes = 1;
+	int rev = 0;
 	__u64 now;
+
+	/* Into an instance from another local instance: the program on that
+	 * instance's veth already judged this packet against both ends'
+	 * policy (the conntrack map is shared) and counted it; judging it
+	 * again would only cost time. The agent lists a veth here only while
+	 * its programs are attached. */
+	if (hook == IM_HOOK_TO_INSTANCE) {
+		__u32 iif = skb->ingress_ifindex;
+
+		if (bpf_map_lookup_elem(&im_local_ifs, &iif))
+			return TC_ACT_OK;
+	}
 
 	if (parse(skb, &p) < 0)
 		return TC_ACT_OK; /* not IPv4: not ours to judge */
 	/* The coarse clock (tick resolution) is plenty for idle timeouts,
 	 * token buckets and report intervals, and cheaper per packet. */
 	now = bpf_ktime_get_coarse_ns();
-
-	/* Into an instance from another local instance: the bytes were
-	 * counted where they left. */
-	if (hook == IM_HOOK_TO_INSTANCE) {
-		__u32 iif = skb->ingress_ifindex;
-
-		if (bpf_map_lookup_elem(&im_local_ifs, &iif))
-			count_bytes = 0;
-	}
 
 	__builtin_memset(&rk, 0, sizeof(rk));
 	rk.saddr = p.key.daddr;
@@ -449,11 +452,23 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 hook)
 	rk.dport = p.key.sport;
 	rk.proto = p.key.proto;
 
-	ct = bpf_map_lookup_elem(&im_conntrack, &p.key);
-	if (!ct) {
+	/* A packet from the lower port is most likely a server's reply
+	 * (services listen on low ports, clients use ephemeral ones): look for
+	 * the reverse entry first then, saving a miss on most replies. Either
+	 * order finds the same entry. */
+	if (p.key.sport < p.key.dport && !(p.tcp_flags & TCP_SYN)) {
 		ct = bpf_map_lookup_elem(&im_conntrack, &rk);
 		if (ct)
 			rev = 1;
+		else
+			ct = bpf_map_lookup_elem(&im_conntrack, &p.key);
+	} else {
+		ct = bpf_map_lookup_elem(&im_conntrack, &p.key);
+		if (!ct) {
+			ct = bpf_map_lookup_elem(&im_conntrack, &rk);
+			if (ct)
+				rev = 1;
+		}
 	}
 	if (ct) {
 		int reopen = !rev && p.key.proto == IPPROTO_TCP &&
@@ -482,10 +497,8 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 hook)
 		nv.created_ns = now;
 		nv.last_seen_ns = now;
 		nv.last_report_ns = now;
-		if (count_bytes) {
-			nv.packets_fwd = 1;
-			nv.bytes_fwd = p.len;
-		}
+		nv.packets_fwd = 1;
+		nv.bytes_fwd = p.len;
 		bpf_map_update_elem(&im_conntrack, &p.key, &nv, BPF_ANY);
 		count(IM_CNT_NEW_FLOWS);
 		emit(&p.key, &nv, IM_EVENT_NEW, hook, skb->ifindex, now);
@@ -529,10 +542,7 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 hook)
 		}
 	}
 
-	if (count_bytes)
-		account(ct, rev, p.len, now);
-	else
-		touch(ct, now);
+	account(ct, rev, p.len, now);
 
 	{
 		const struct im_ct_key *k = rev ? &rk : &p.key;

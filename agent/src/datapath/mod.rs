@@ -683,14 +683,16 @@ impl Datapath {
     pub fn detach_instance(&self, host_if: &str) -> Result<(), DatapathError> {
         let mut inner = self.lock();
         let links = self.links_dir();
-        for (_, _, dir) in TC_PROGRAMS {
-            remove_pin(&links.join(format!("tc-{host_if}-{dir}")))?;
-        }
+        // Out of the local list first: other instances' programs skip
+        // packets from listed veths, trusting this veth's own program.
         if let Ok(idx) = ifindex(host_if) {
             match inner.local_ifs.remove(&idx) {
                 Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
                 Err(e) => return Err(DatapathError::map("deleting from", obj::maps::LOCAL_IFS, e)),
             }
+        }
+        for (_, _, dir) in TC_PROGRAMS {
+            remove_pin(&links.join(format!("tc-{host_if}-{dir}")))?;
         }
         tracing::info!(interface = host_if, "datapath detached from instance veth");
         Ok(())
