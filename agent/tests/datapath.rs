@@ -1273,13 +1273,24 @@ fn bench_service_vip_connection_rate() {
         nat_vip.port()
     );
     let _cg = InCgroup::enter(&f.cgroup);
-    let dur = Duration::from_millis(1500);
+    // Many short rounds, VIP and direct back to back in each: the machine's
+    // speed drifts by tens of percent between seconds, so the ratio of
+    // neighbouring measurements (its median over the rounds) is steadier
+    // than the ratio of two bests.
+    let dur = Duration::from_millis(500);
+    let rounds = 15;
     let (mut via_vip, mut direct, mut via_dnat) = (Vec::new(), Vec::new(), Vec::new());
     // Warm-up (first connects pay for ARP and route caches).
     conn_rate(&f.host, backend, Duration::from_millis(200));
-    for _ in 0..5 {
-        via_vip.push(conn_rate(&f.host, vip, dur));
-        direct.push(conn_rate(&f.host, backend, dur));
+    for r in 0..rounds {
+        // Alternate which goes first, so neither always gets the warmer CPU.
+        if r % 2 == 0 {
+            via_vip.push(conn_rate(&f.host, vip, dur));
+            direct.push(conn_rate(&f.host, backend, dur));
+        } else {
+            direct.push(conn_rate(&f.host, backend, dur));
+            via_vip.push(conn_rate(&f.host, vip, dur));
+        }
         // DNAT last and removed again: nat rules turn on netfilter
         // conntrack for the namespace, which the others must not pay.
         in_host(&f, "iptables-restore", &[], &dnat);
@@ -1287,19 +1298,27 @@ fn bench_service_vip_connection_rate() {
         in_host(&f, "nft", &["flush", "ruleset"], "");
     }
     let c = f.dp().counters().expect("counters");
-    let best = |v: &[f64]| v.iter().copied().fold(0.0f64, f64::max);
-    let (v, d, n) = (best(&via_vip), best(&direct), best(&via_dnat));
-    println!(
-        "service connection rate (connect, 1-byte request/response, reset; best of 5 x 1.5 s)"
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(|a, b| a.total_cmp(b));
+        v[v.len() / 2]
+    };
+    let ratios = |a: &[f64], b: &[f64]| a.iter().zip(b).map(|(x, y)| x / y).collect::<Vec<_>>();
+    let (v, d, n) = (
+        median(via_vip.clone()),
+        median(direct.clone()),
+        median(via_dnat.clone()),
     );
     println!(
-        "  via VIP (connect4)     {v:>10.0} conn/s   {:.3} of direct",
-        v / d
+        "service connection rate (connect, 1-byte request/response, reset; median of {rounds} x 0.5 s)"
+    );
+    println!(
+        "  via VIP (connect4)     {v:>10.0} conn/s   {:.3} of direct (median of per-round ratios)",
+        median(ratios(&via_vip, &direct))
     );
     println!("  direct to backend      {d:>10.0} conn/s");
     println!(
-        "  via iptables DNAT      {n:>10.0} conn/s   VIP/DNAT {:.3}",
-        v / n
+        "  via iptables DNAT      {n:>10.0} conn/s   VIP/DNAT {:.3} (median of per-round ratios)",
+        median(ratios(&via_vip, &via_dnat))
     );
     println!("  rounds: vip {via_vip:.0?} direct {direct:.0?} dnat {via_dnat:.0?}");
     println!("  counters {c:?}");
