@@ -60,9 +60,12 @@ impl WorkQueueProxy {
         }
     }
 
-    /// The directory mounted at `/run/ironmesh` in `instance`'s container.
+    /// The directory mounted at `/run/ironmesh` in `instance`'s container:
+    /// named by a hash of the instance name, so that the socket path stays
+    /// well under the 108-byte limit of Unix socket addresses whatever the
+    /// name's length.
     pub fn socket_dir(&self, instance: &str) -> PathBuf {
-        self.dir.join(instance)
+        self.dir.join(dir_name(instance))
     }
 
     /// Serves a socket for every step instance in `assigned`, and removes
@@ -73,6 +76,7 @@ impl WorkQueueProxy {
             .filter(|i| i.task.is_some())
             .map(|i| i.name.as_str())
             .collect();
+        let wanted_dirs: Vec<String> = wanted.iter().map(|n| dir_name(n)).collect();
         let mut servers = self.servers.lock().await;
         servers.retain(|name, task| {
             let keep = wanted.contains(&name.as_str()) && !task.is_finished();
@@ -85,7 +89,7 @@ impl WorkQueueProxy {
         if let Ok(entries) = std::fs::read_dir(&self.dir) {
             for e in entries.flatten() {
                 let name = e.file_name().to_string_lossy().into_owned();
-                if !wanted.contains(&name.as_str()) {
+                if !wanted_dirs.contains(&name) {
                     let _ = std::fs::remove_dir_all(e.path());
                 }
             }
@@ -122,7 +126,7 @@ impl WorkQueueProxy {
             .route("/v1/ack", post(ack))
             .route("/v1/push", post(push))
             .with_state(ctx);
-        tracing::debug!(instance = %instance, socket = %path.display(), "work-queue socket ready");
+        tracing::info!(instance = %instance, socket = %path.display(), "work-queue socket ready");
         let name = instance.to_string();
         Ok(tokio::spawn(async move {
             if let Err(e) = axum::serve(listener, app).await {
@@ -130,6 +134,12 @@ impl WorkQueueProxy {
             }
         }))
     }
+}
+
+/// 16 hex digits of the name's SHA-256.
+fn dir_name(instance: &str) -> String {
+    use sha2::Digest;
+    hex::encode(&sha2::Sha256::digest(instance.as_bytes())[..8])
 }
 
 fn set_mode(path: &Path, mode: u32) -> std::io::Result<()> {

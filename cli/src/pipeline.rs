@@ -392,7 +392,8 @@ fn columns(rows: &[Vec<String>]) -> String {
     out
 }
 
-fn status_text(v: &Value) -> String {
+/// A run's steps and indexes, as `imctl pipeline status` prints them.
+pub fn status_text(v: &Value) -> String {
     let st = status_of(v);
     let mut out = format!(
         "Run:       {}\nPipeline:  {}\nPhase:     {}\nDuration:  {}\n",
