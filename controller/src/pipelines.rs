@@ -849,4 +849,184 @@ mod tests {
         assert_eq!(t.volumes[0].volume, "etl-1-data");
         assert_eq!(t.volumes[0].mount_path, STORAGE_PATH);
     }
+
+    /// The run state machine against a real store with a controlled clock;
+    /// the agent's part (instance phases) is written by hand.
+    mod passes {
+        use super::*;
+        use crate::store::embedded::EmbeddedStore;
+
+        struct Env {
+            _dir: tempfile::TempDir,
+            res: Resources,
+            t0: SystemTime,
+        }
+
+        fn env() -> Env {
+            let dir = tempfile::tempdir().unwrap();
+            let store = EmbeddedStore::open(&dir.path().join("s.redb")).unwrap();
+            Env {
+                _dir: dir,
+                res: Resources::new(std::sync::Arc::new(store)),
+                t0: UNIX_EPOCH + Duration::from_secs(1_800_000_000),
+            }
+        }
+
+        impl Env {
+            async fn put(&self, kind: Kind, v: Value) {
+                let name = v["metadata"]["name"].as_str().unwrap().to_string();
+                self.res
+                    .update(kind, &name, |_| Some(v.clone()))
+                    .await
+                    .unwrap();
+            }
+
+            async fn pass(&self, secs: u64) {
+                reconcile(&self.res, self.t0 + Duration::from_secs(secs))
+                    .await
+                    .unwrap();
+            }
+
+            async fn run(&self) -> PipelineRunStatus {
+                let o = self.res.get(Kind::PipelineRun, "r").await.unwrap().unwrap();
+                serde_json::from_value(o.object["status"].clone()).unwrap()
+            }
+
+            async fn instances(&self) -> Vec<String> {
+                let (l, _) = self
+                    .res
+                    .list(Kind::Instance, &LabelSelector::default())
+                    .await
+                    .unwrap();
+                l.into_iter().map(|o| o.name).collect()
+            }
+
+            /// What an agent would report.
+            async fn finish(&self, instance: &str, exit: i32) {
+                self.res
+                    .update(Kind::Instance, instance, |cur| {
+                        let mut o = cur?.clone();
+                        o["spec"]["node"] = json!("n1");
+                        o["status"] = json!({
+                            "phase": if exit == 0 { "Succeeded" } else { "Failed" },
+                            "exitCode": exit,
+                        });
+                        Some(o)
+                    })
+                    .await
+                    .unwrap();
+            }
+        }
+
+        fn step_of<'a>(st: &'a PipelineRunStatus, name: &str) -> &'a StepStatus {
+            st.steps.iter().find(|s| s.name == name).unwrap()
+        }
+
+        #[tokio::test]
+        async fn a_diamond_runs_in_order_retries_with_backoff_and_skips_after_failure() {
+            let e = env();
+            e.put(
+                Kind::Pipeline,
+                json!({"apiVersion": "ironmesh.dev/v1", "kind": "Pipeline",
+                "metadata": {"name": "p"},
+                "spec": {"runVolumeSize": "1Gi", "steps": [
+                    {"name": "a", "image": "x:1"},
+                    {"name": "b", "image": "x:1", "replicas": 2, "dependsOn": ["a"],
+                     "retries": 1, "backoffSeconds": 10},
+                    {"name": "c", "image": "x:1", "dependsOn": ["a"]},
+                    {"name": "d", "image": "x:1", "dependsOn": ["b", "c"]},
+                ]}}),
+            )
+            .await;
+            e.put(
+                Kind::PipelineRun,
+                json!({"apiVersion": "ironmesh.dev/v1", "kind": "PipelineRun",
+                    "metadata": {"name": "r"}, "spec": {"pipeline": "p"}}),
+            )
+            .await;
+
+            e.pass(0).await;
+            assert_eq!(e.instances().await, ["r-a-0-1"]);
+            let st = e.run().await;
+            assert_eq!(st.phase, RunPhase::Running);
+            assert!(st.pipeline_spec.is_some(), "the run keeps its own copy");
+            assert!(e.res.get(Kind::Volume, "r-data").await.unwrap().is_some());
+
+            // a done: b (two indexes) and c start, d waits.
+            e.finish("r-a-0-1", 0).await;
+            e.pass(1).await;
+            let mut names = e.instances().await;
+            names.sort();
+            assert_eq!(names, ["r-a-0-1", "r-b-0-1", "r-b-1-1", "r-c-0-1"]);
+
+            // b[1] fails: retried only after its back-off.
+            e.finish("r-b-0-1", 0).await;
+            e.finish("r-b-1-1", 3).await;
+            e.finish("r-c-0-1", 0).await;
+            e.pass(2).await;
+            e.pass(11).await;
+            assert!(!e.instances().await.contains(&"r-b-1-2".to_string()));
+            e.pass(13).await;
+            assert!(e.instances().await.contains(&"r-b-1-2".to_string()));
+            assert_eq!(step_of(&e.run().await, "b").attempts, 3);
+
+            // The retry fails too: b fails, d is skipped, the run fails.
+            e.finish("r-b-1-2", 4).await;
+            e.pass(14).await;
+            let st = e.run().await;
+            let b = step_of(&st, "b");
+            assert_eq!(b.phase, RunPhase::Failed);
+            assert_eq!(b.indexes[1].exit_code, Some(4));
+            assert!(
+                b.message
+                    .contains("index 1 failed after 2 attempts: exit code 4"),
+                "{}",
+                b.message
+            );
+            assert_eq!(step_of(&st, "c").phase, RunPhase::Succeeded);
+            assert_eq!(step_of(&st, "d").phase, RunPhase::Skipped);
+            assert_eq!(st.phase, RunPhase::Failed);
+            assert_eq!(st.message, "step b failed");
+
+            // A finished run is left alone; deleting it removes the rest.
+            e.res.delete(Kind::PipelineRun, "r").await.unwrap();
+            e.pass(20).await;
+            assert!(e.instances().await.is_empty());
+            e.pass(21).await;
+            assert!(e.res.get(Kind::Volume, "r-data").await.unwrap().is_none());
+        }
+
+        #[tokio::test]
+        async fn a_schedule_fires_once_per_due_time_and_survives_a_restart() {
+            let e = env();
+            e.put(
+                Kind::Pipeline,
+                json!({"apiVersion": "ironmesh.dev/v1", "kind": "Pipeline",
+                    "metadata": {"name": "p"},
+                    "spec": {"schedule": "@every 60s", "runVolumeSize": "1Gi",
+                        "steps": [{"name": "a", "image": "x:1"}]},
+                    "status": {"lastScheduleTime": "2027-01-15T08:00:00Z"}}),
+            )
+            .await;
+            let runs = |e: &Env| {
+                let res = e.res.clone();
+                async move {
+                    let (l, _) = res
+                        .list(Kind::PipelineRun, &LabelSelector::default())
+                        .await
+                        .unwrap();
+                    l.len()
+                }
+            };
+            // t0 is 2027-01-15T08:00:00Z.
+            e.pass(30).await;
+            assert_eq!(runs(&e).await, 0);
+            e.pass(60).await;
+            e.pass(61).await; // the same firing again (e.g. a new leader): no second run
+            assert_eq!(runs(&e).await, 1);
+            // Ten minutes without a controller: one run, not ten.
+            e.pass(700).await;
+            assert_eq!(runs(&e).await, 2);
+        }
+    }
 }
