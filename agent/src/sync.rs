@@ -643,6 +643,15 @@ fn apply_datapath(dp: &crate::datapath::Datapath, a: &Assignment) {
         }
     }
     rules.dedup();
+    // One rule this agent cannot hold must not keep every other policy
+    // change out of the kernel: drop it, loudly.
+    rules.retain(|r| match r.check() {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::warn!(error = %e, "skipping a policy rule the datapath cannot hold");
+            false
+        }
+    });
     let services: Vec<ServiceEntry> = a
         .services
         .iter()

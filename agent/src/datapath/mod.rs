@@ -140,6 +140,12 @@ pub struct PolicyRule {
 }
 
 impl PolicyRule {
+    /// Whether the datapath can hold this rule (the checks
+    /// [`Datapath::apply_policy`] makes of every rule before writing any).
+    pub fn check(&self) -> Result<(), DatapathError> {
+        policy_entries(std::slice::from_ref(self)).map(|_| ())
+    }
+
     /// An ingress rule: `src` (None: anyone) may open connections to `dst`.
     pub fn ingress(src: Option<u32>, dst: u32, port: u16, proto: Protocol) -> PolicyRule {
         PolicyRule {
@@ -1356,6 +1362,17 @@ fn derived_rule_id(k: &PolicyKey) -> u32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_rule_is_checked_on_its_own() {
+        assert!(PolicyRule::ingress(Some(7), 8, 443, Protocol::Tcp)
+            .check()
+            .is_ok());
+        let e = PolicyRule::ingress(Some(7), 8, 443, Protocol::Icmp)
+            .check()
+            .unwrap_err();
+        assert!(e.to_string().contains("ICMP rules take port 0"), "{e}");
+    }
 
     fn enf(flags: u32) -> EnforcedVal {
         EnforcedVal { enforced: flags }
