@@ -323,6 +323,20 @@ impl Controller {
     }
 
     /// Runs imctl and parses its JSON output; panics with stderr on failure.
+    /// `imctl apply -f` of `yaml` (written to a temporary file); panics
+    /// with imctl's error unless it succeeds.
+    pub fn apply_yaml(&self, yaml: &str) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let f = dir.path().join("manifest.yaml");
+        std::fs::write(&f, yaml).expect("write manifest");
+        let out = self.imctl(&["apply", "-f", f.to_str().expect("utf-8 path")]);
+        assert!(
+            out.status.success(),
+            "apply failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
     pub fn imctl_json(&self, args: &[&str]) -> Value {
         let mut a = args.to_vec();
         a.extend(["-o", "json"]);

@@ -13,18 +13,6 @@ fn s<'a>(v: &'a Value, p: &str) -> &'a str {
     v.pointer(p).and_then(Value::as_str).unwrap_or_default()
 }
 
-fn apply(ctl: &Controller, yaml: &str) {
-    let dir = tempfile::tempdir().unwrap();
-    let f = dir.path().join("m.yaml");
-    std::fs::write(&f, yaml).unwrap();
-    let out = ctl.imctl(&["apply", "-f", f.to_str().unwrap()]);
-    assert!(
-        out.status.success(),
-        "apply failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 fn instances(ctl: &Controller, workload: &str) -> Vec<Value> {
     ctl.imctl_json(&[
         "get",
@@ -95,8 +83,7 @@ fn policy_flips_without_restarts_and_a_service_vip_reaches_ready_backends() {
             String::from_utf8_lossy(&out.stderr)
         );
     }
-    apply(
-        &ctl,
+    ctl.apply_yaml(
         "apiVersion: ironmesh.dev/v1
 kind: Workload
 metadata:
@@ -145,8 +132,7 @@ spec:
     assert!(connects(from.clone(), target), "no policy: allowed");
 
     // Selecting api with a rule for another team: default-deny for client.
-    apply(
-        &ctl,
+    ctl.apply_yaml(
         "apiVersion: ironmesh.dev/v1
 kind: Policy
 metadata:
@@ -163,8 +149,7 @@ spec:
     });
 
     // Allow analytics: a map write, and the flow passes.
-    apply(
-        &ctl,
+    ctl.apply_yaml(
         "apiVersion: ironmesh.dev/v1
 kind: Policy
 metadata:
@@ -181,8 +166,7 @@ spec:
     });
 
     // The Service VIP balances across the ready api instances.
-    apply(
-        &ctl,
+    ctl.apply_yaml(
         "apiVersion: ironmesh.dev/v1
 kind: Service
 metadata:
@@ -201,8 +185,7 @@ spec:
 
     // Egress: a Policy selecting the client makes its outgoing
     // connections default-deny; only the listed destinations pass.
-    apply(
-        &ctl,
+    ctl.apply_yaml(
         "apiVersion: ironmesh.dev/v1
 kind: Policy
 metadata:
@@ -217,8 +200,7 @@ spec:
     wait_for("client's egress denied", Duration::from_secs(20), || {
         (!connects(from.clone(), target)).then_some(())
     });
-    apply(
-        &ctl,
+    ctl.apply_yaml(
         "apiVersion: ironmesh.dev/v1
 kind: Policy
 metadata:
@@ -357,8 +339,7 @@ fn cgroup_programs(cgroup: &std::path::Path) -> std::collections::BTreeMap<Strin
 fn replies_rate_limits_flows_vips_and_pinned_state_across_agent_restarts() {
     let ctl = Controller::start(ControllerOpts::default());
     let mut agents = start_hosts(&ctl);
-    apply(
-        &ctl,
+    ctl.apply_yaml(
         "apiVersion: ironmesh.dev/v1
 kind: Workload
 metadata:
@@ -476,8 +457,7 @@ spec:
         Err(std::io::ErrorKind::ConnectionRefused),
         "no policy on client: api reaches it (nothing listens: refused)"
     );
-    apply(
-        &ctl,
+    ctl.apply_yaml(
         "apiVersion: ironmesh.dev/v1
 kind: Policy
 metadata:
@@ -516,8 +496,7 @@ spec:
     assert!(!body.is_empty());
 
     // --- The rate limit drops the excess.
-    apply(
-        &ctl,
+    ctl.apply_yaml(
         "apiVersion: ironmesh.dev/v1
 kind: Policy
 metadata:

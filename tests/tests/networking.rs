@@ -15,18 +15,6 @@ fn s<'a>(v: &'a Value, p: &str) -> &'a str {
     v.pointer(p).and_then(Value::as_str).unwrap_or_default()
 }
 
-fn apply(ctl: &Controller, yaml: &str) {
-    let dir = tempfile::tempdir().unwrap();
-    let f = dir.path().join("w.yaml");
-    std::fs::write(&f, yaml).unwrap();
-    let out = ctl.imctl(&["apply", "-f", f.to_str().unwrap()]);
-    assert!(
-        out.status.success(),
-        "apply failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 fn instances(ctl: &Controller, workload: &str) -> Vec<Value> {
     let v = ctl.imctl_json(&[
         "get",
@@ -92,8 +80,7 @@ fn instances_on_three_hosts_reach_each_other_and_a_deleted_node_is_cut_off() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    apply(
-        &ctl,
+    ctl.apply_yaml(
         "apiVersion: ironmesh.dev/v1
 kind: Workload
 metadata:
@@ -202,10 +189,8 @@ fn deleting_instances_leaves_no_namespace_veth_route_or_lease() {
     let baseline_links = ip_out(&["-n", netns, "-o", "link"]).lines().count();
     let baseline_routes = ip_out(&["-n", netns, "route"]);
     for round in 0..5 {
-        apply(
-            &ctl,
-            &format!(
-                "apiVersion: ironmesh.dev/v1
+        ctl.apply_yaml(&format!(
+            "apiVersion: ironmesh.dev/v1
 kind: Workload
 metadata:
   name: churn
@@ -218,8 +203,7 @@ spec:
     - name: ROUND
       value: \"{round}\"
 "
-            ),
-        );
+        ));
         wait_for("3 running with addresses", Duration::from_secs(40), || {
             let l = instances(&ctl, "churn");
             (l.len() == 3

@@ -44,18 +44,6 @@ fn cluster(node: &str) -> Cluster {
     }
 }
 
-fn apply(ctl: &Controller, yaml: &str) {
-    let dir = tempfile::tempdir().unwrap();
-    let f = dir.path().join("m.yaml");
-    std::fs::write(&f, yaml).unwrap();
-    let out = ctl.imctl(&["apply", "-f", f.to_str().unwrap()]);
-    assert!(
-        out.status.success(),
-        "apply failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 fn imctl_ok(ctl: &Controller, args: &[&str]) -> String {
     let out = ctl.imctl(args);
     assert!(
@@ -211,8 +199,8 @@ spec:
 fn diamond_dag_shares_the_run_volume_and_failures_retry_skip_and_cancel() {
     let c = cluster("node-a");
     let ctl = &c.ctl;
-    apply(ctl, DIAMOND);
-    apply(ctl, FLAKY);
+    ctl.apply_yaml(DIAMOND);
+    ctl.apply_yaml(FLAKY);
 
     // The diamond: four indexes write their own files, the last step sees
     // all of them on the shared run volume.
@@ -318,8 +306,7 @@ fn diamond_dag_shares_the_run_volume_and_failures_retry_skip_and_cancel() {
 fn a_schedule_creates_runs() {
     let c = cluster("node-s");
     let ctl = &c.ctl;
-    apply(
-        ctl,
+    ctl.apply_yaml(
         "apiVersion: ironmesh.dev/v1
 kind: Pipeline
 metadata:
@@ -361,8 +348,7 @@ spec:
 #[test]
 fn worker_step_drains_a_thousand_items_across_a_controller_restart() {
     let mut c = cluster("node-w");
-    apply(
-        &c.ctl,
+    c.ctl.apply_yaml(
         "apiVersion: ironmesh.dev/v1
 kind: Pipeline
 metadata:

@@ -32,18 +32,6 @@ fn push(ctl: &Controller, image: &str) {
     );
 }
 
-fn apply(ctl: &Controller, yaml: &str) {
-    let dir = tempfile::tempdir().unwrap();
-    let f = dir.path().join("w.yaml");
-    std::fs::write(&f, yaml).unwrap();
-    let out = ctl.imctl(&["apply", "-f", f.to_str().unwrap()]);
-    assert!(
-        out.status.success(),
-        "apply failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 fn imctl_ok(ctl: &Controller, args: &[&str]) -> String {
     let out = ctl.imctl(args);
     assert!(
@@ -139,7 +127,7 @@ fn unschedulable_request_is_explained_and_cordon_keeps_new_instances_off() {
     ready(&ctl, "solo");
     push(&ctl, "batch-step");
 
-    apply(&ctl, &sleeper("huge", 1, "64Ti"));
+    ctl.apply_yaml(&sleeper("huge", 1, "64Ti"));
     let i = wait_for("huge unschedulable", Duration::from_secs(20), || {
         instances(&ctl, "huge")
             .into_iter()
@@ -165,7 +153,7 @@ fn unschedulable_request_is_explained_and_cordon_keeps_new_instances_off() {
         "status kept: {node}"
     );
     assert_eq!(ironmesh_tests::ready_status(&node).as_deref(), Some("True"));
-    apply(&ctl, &sleeper("small", 1, "16Mi"));
+    ctl.apply_yaml(&sleeper("small", 1, "16Mi"));
     let i = wait_for("small unschedulable", Duration::from_secs(20), || {
         instances(&ctl, "small")
             .into_iter()
@@ -192,7 +180,7 @@ fn replicas_spread_move_off_a_dead_host_not_twice_and_drain() {
         ready(&ctl, h);
     }
     push(&ctl, "batch-step");
-    apply(&ctl, &sleeper("spread", 3, "16Mi"));
+    ctl.apply_yaml(&sleeper("spread", 3, "16Mi"));
 
     // One replica per host.
     let placed = wait_for("3 replicas running", Duration::from_secs(60), || {

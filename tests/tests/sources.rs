@@ -75,18 +75,6 @@ fn commit(repo: &Path, files: &[(&str, Option<&str>)], message: &str) -> String 
     git(repo, &["rev-parse", "HEAD"])
 }
 
-fn apply(ctl: &Controller, yaml: &str) {
-    let dir = tempfile::tempdir().unwrap();
-    let f = dir.path().join("m.yaml");
-    std::fs::write(&f, yaml).unwrap();
-    let out = ctl.imctl(&["apply", "-f", f.to_str().unwrap()]);
-    assert!(
-        out.status.success(),
-        "apply failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 fn get(ctl: &Controller, kind: &str, name: &str) -> Option<Value> {
     let out = ctl.imctl(&["get", kind, name, "-o", "json"]);
     out.status
@@ -149,11 +137,9 @@ fn source_applies_prunes_and_refuses_broken_commits() {
         "web and its service",
     );
     // An object made by hand: the Source must never touch it.
-    apply(
-        &ctl,
-        "apiVersion: ironmesh.dev/v1\nkind: Workload\nmetadata:\n  name: manual\nspec:\n  image: manual:1\n",
+    ctl.apply_yaml("apiVersion: ironmesh.dev/v1\nkind: Workload\nmetadata:\n  name: manual\nspec:\n  image: manual:1\n",
     );
-    apply(&ctl, &source_yaml("platform", repo, "main"));
+    ctl.apply_yaml(&source_yaml("platform", repo, "main"));
 
     // First commit: both objects applied, marked as the Source's.
     let src = wait_applied(&ctl, &c1);
@@ -238,7 +224,7 @@ fn source_reports_fetch_errors() {
     let repo = repo_dir.path();
     git(repo, &["init", "--quiet", "-b", "main"]);
     commit(repo, &[("apps/web.yaml", Some(WEB))], "web");
-    apply(&ctl, &source_yaml("platform", repo, "no-such-branch"));
+    ctl.apply_yaml(&source_yaml("platform", repo, "no-such-branch"));
     let src = wait_for("FetchFailed", DEADLINE, || {
         get(&ctl, "sources", "platform")
             .filter(|src| ready(src).is_some_and(|c| c["reason"] == "FetchFailed"))

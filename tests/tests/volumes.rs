@@ -30,18 +30,6 @@ fn push(ctl: &Controller, image: &str) {
     );
 }
 
-fn apply(ctl: &Controller, yaml: &str) {
-    let dir = tempfile::tempdir().unwrap();
-    let f = dir.path().join("m.yaml");
-    std::fs::write(&f, yaml).unwrap();
-    let out = ctl.imctl(&["apply", "-f", f.to_str().unwrap()]);
-    assert!(
-        out.status.success(),
-        "apply failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 fn instances(ctl: &Controller, workload: &str) -> Vec<Value> {
     let v = ctl.imctl_json(&[
         "get",
@@ -146,8 +134,7 @@ fn volume_is_bound_mounted_kept_across_instances_reported_limited_and_deleted() 
             .filter(|n| n.pointer("/status/storage/pools/0/capacityBytes").is_some())
     });
     assert_eq!(s(&node, "/status/storage/pools/0/name"), "default");
-    apply(
-        &ctl,
+    ctl.apply_yaml(
         "apiVersion: ironmesh.dev/v1\nkind: Volume\nmetadata:\n  name: data\nspec:\n  size: 16Mi\n",
     );
     let vol = wait_for("volume data Bound", Duration::from_secs(20), || {
@@ -166,7 +153,7 @@ fn volume_is_bound_mounted_kept_across_instances_reported_limited_and_deleted() 
     );
 
     // An instance writes to it.
-    apply(&ctl, &step("writer", "[]"));
+    ctl.apply_yaml(&step("writer", "[]"));
     let writer = wait_succeeded(&ctl, "writer", None);
     assert_eq!(s(&writer, "/spec/node"), "node-a");
     assert_eq!(
@@ -177,7 +164,7 @@ fn volume_is_bound_mounted_kept_across_instances_reported_limited_and_deleted() 
     assert!(out.status.success());
 
     // Another instance (another container) finds the data.
-    apply(&ctl, &step("checker", "[\"--check\", \"1\"]"));
+    ctl.apply_yaml(&step("checker", "[\"--check\", \"1\"]"));
     let first = wait_succeeded(&ctl, "checker", None);
     assert_eq!(s(&first, "/spec/node"), "node-a");
     // Deleting the instance: the controller recreates it on the same node

@@ -34,18 +34,6 @@ fn push(ctl: &Controller, image: &str) {
     );
 }
 
-fn apply(ctl: &Controller, yaml: &str) {
-    let dir = tempfile::tempdir().unwrap();
-    let f = dir.path().join("w.yaml");
-    std::fs::write(&f, yaml).unwrap();
-    let out = ctl.imctl(&["apply", "-f", f.to_str().unwrap()]);
-    assert!(
-        out.status.success(),
-        "apply failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 fn instances(ctl: &Controller, workload: &str) -> Vec<Value> {
     let v = ctl.imctl_json(&[
         "get",
@@ -129,7 +117,7 @@ fn ctr(agent: &Agent, args: &[&str]) -> String {
 fn workload_runs_ready_answers_with_its_memory_limit_and_logs() {
     let (ctl, agent) = start_cluster();
     push(&ctl, "records-server");
-    apply(&ctl, &records_workload("orders", ""));
+    ctl.apply_yaml(&records_workload("orders", ""));
 
     let inst = wait_instance(
         &ctl,
@@ -202,10 +190,8 @@ fn workload_runs_ready_answers_with_its_memory_limit_and_logs() {
 fn crashing_instance_restarts_with_growing_backoff_and_reports_its_exit_code() {
     let (ctl, _agent) = start_cluster();
     push(&ctl, "batch-step");
-    apply(
-        &ctl,
-        &format!(
-            "apiVersion: ironmesh.dev/v1
+    ctl.apply_yaml(&format!(
+        "apiVersion: ironmesh.dev/v1
 kind: Workload
 metadata:
   name: crasher
@@ -216,8 +202,7 @@ spec:
       value: \"3\"
   restartPolicy: Always
 "
-        ),
-    );
+    ));
     // Times at which the restart count went up (agent backoff: 200ms doubling).
     let mut seen: Vec<(u64, Instant)> = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(40);
@@ -260,19 +245,16 @@ spec:
 fn failing_liveness_probe_restarts_the_container() {
     let (ctl, _agent) = start_cluster();
     push(&ctl, "records-server");
-    apply(
-        &ctl,
-        &records_workload(
-            "sick",
-            "  livenessProbe:
+    ctl.apply_yaml(&records_workload(
+        "sick",
+        "  livenessProbe:
     httpGet:
       path: /no-such-page
       port: 8080
     periodSeconds: 1
     failureThreshold: 2
 ",
-        ),
-    );
+    ));
     let inst = wait_instance(
         &ctl,
         "sick",
@@ -288,8 +270,8 @@ fn failing_liveness_probe_restarts_the_container() {
 fn agent_restart_adopts_running_containers_and_cleans_up_deleted_ones() {
     let (ctl, mut agent) = start_cluster();
     push(&ctl, "records-server");
-    apply(&ctl, &records_workload("keep", ""));
-    apply(&ctl, &records_workload("gone", ""));
+    ctl.apply_yaml(&records_workload("keep", ""));
+    ctl.apply_yaml(&records_workload("gone", ""));
     let keep = wait_instance(
         &ctl,
         "keep",
@@ -331,7 +313,7 @@ fn agent_restart_adopts_running_containers_and_cleans_up_deleted_ones() {
 fn deleting_a_workload_leaves_nothing_in_containerd() {
     let (ctl, agent) = start_cluster();
     push(&ctl, "records-server");
-    apply(&ctl, &records_workload("brief", ""));
+    ctl.apply_yaml(&records_workload("brief", ""));
     let inst = wait_instance(
         &ctl,
         "brief",
@@ -363,8 +345,7 @@ fn deleting_a_workload_leaves_nothing_in_containerd() {
 #[test]
 fn unknown_image_gives_a_clear_reason() {
     let (ctl, _agent) = start_cluster();
-    apply(
-        &ctl,
+    ctl.apply_yaml(
         "apiVersion: ironmesh.dev/v1
 kind: Workload
 metadata:
@@ -406,7 +387,7 @@ spec:
 "
         )
     };
-    apply(&ctl, &wl(3));
+    ctl.apply_yaml(&wl(3));
     let names = wait_for("3 running", Duration::from_secs(40), || {
         let l = instances(&ctl, "sleepers");
         (l.len() == 3 && l.iter().all(|i| s(i, "/status/phase") == "Running")).then(|| {
@@ -424,7 +405,7 @@ spec:
         let l = instances(&ctl, "sleepers");
         (l.len() == 3 && !l.iter().any(|i| s(i, "/metadata/name") == names[0])).then_some(())
     });
-    apply(&ctl, &wl(1));
+    ctl.apply_yaml(&wl(1));
     wait_for("scaled to 1", Duration::from_secs(30), || {
         (instances(&ctl, "sleepers").len() == 1).then_some(())
     });
