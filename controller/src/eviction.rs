@@ -44,7 +44,7 @@ impl NodeFacts {
             .map(|c| {
                 c.get("lastTransitionTime")
                     .and_then(Value::as_str)
-                    .and_then(parse_rfc3339)
+                    .and_then(crate::resources::parse_rfc3339)
                     // No readable time: count from the epoch, i.e. long ago.
                     .unwrap_or(SystemTime::UNIX_EPOCH)
             });
@@ -60,12 +60,6 @@ impl NodeFacts {
             taints,
         }
     }
-}
-
-fn parse_rfc3339(s: &str) -> Option<SystemTime> {
-    time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
-        .ok()
-        .map(SystemTime::from)
 }
 
 /// One instance's fate.
@@ -310,7 +304,10 @@ mod tests {
             ]}}),
         };
         let f = NodeFacts::of(&o);
-        assert_eq!(f.not_ready_since, parse_rfc3339("2024-01-02T03:04:05Z"));
+        assert_eq!(
+            f.not_ready_since,
+            crate::resources::parse_rfc3339("2024-01-02T03:04:05Z")
+        );
         assert!(f.not_ready_since.is_some());
     }
 }

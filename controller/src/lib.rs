@@ -19,6 +19,7 @@ pub mod logs;
 pub mod metrics;
 pub mod node_api;
 pub mod operator_api;
+pub mod pass_loop;
 pub mod pipelines;
 pub mod pki;
 pub mod policy;

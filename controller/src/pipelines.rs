@@ -32,7 +32,7 @@ use ironmesh_api::Kind;
 use serde_json::{json, Value};
 
 use crate::queue::Queue;
-use crate::resources::{ResourceError, Resources, StoredObject};
+use crate::resources::{parse_rfc3339, rfc3339, ResourceError, Resources, StoredObject};
 
 /// Longest wait between passes when nothing changes.
 const RESYNC: Duration = Duration::from_secs(1);
@@ -49,62 +49,27 @@ pub async fn run(
     metrics: std::sync::Arc<crate::metrics::ControllerMetrics>,
     shutdown: ironmesh_daemon::Shutdown,
 ) {
-    use futures::{FutureExt, StreamExt};
-    let stopped = shutdown.clone().wait();
-    tokio::pin!(stopped);
-    loop {
-        let rev = match resources.store().revision().await {
-            Ok(r) => r,
-            Err(e) => {
-                tracing::warn!(error = %e, "pipeline controller cannot read the store revision");
-                tokio::select! {
-                    _ = &mut stopped => return,
-                    _ = tokio::time::sleep(RESYNC) => continue,
+    let (res, metrics) = (&resources, &metrics);
+    crate::pass_loop::run(res, "pipelines", RESYNC, shutdown, || async move {
+        match reconcile(res, SystemTime::now()).await {
+            Ok((wait, phases)) => {
+                for phase in ["Pending", "Running", "Succeeded", "Failed", "Cancelled"] {
+                    metrics
+                        .pipeline_runs
+                        .get_or_create(&crate::metrics::PhaseLabel {
+                            phase: phase.to_string(),
+                        })
+                        .set(phases.get(phase).copied().unwrap_or(0));
                 }
+                wait.min(RESYNC)
             }
-        };
-        let mut events = match resources.store().watch("/registry/", rev).await {
-            Ok(w) => w,
             Err(e) => {
-                tracing::warn!(error = %e, "pipeline controller cannot watch the store");
-                tokio::select! {
-                    _ = &mut stopped => return,
-                    _ = tokio::time::sleep(RESYNC) => continue,
-                }
-            }
-        };
-        loop {
-            let wait = match reconcile(&resources, SystemTime::now()).await {
-                Ok((w, phases)) => {
-                    for phase in ["Pending", "Running", "Succeeded", "Failed", "Cancelled"] {
-                        metrics
-                            .pipeline_runs
-                            .get_or_create(&crate::metrics::PhaseLabel {
-                                phase: phase.to_string(),
-                            })
-                            .set(phases.get(phase).copied().unwrap_or(0));
-                    }
-                    w.min(RESYNC)
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "pipeline pass failed");
-                    RESYNC
-                }
-            };
-            tokio::select! {
-                _ = &mut stopped => return,
-                _ = tokio::time::sleep(wait) => {}
-                ev = events.next() => match ev {
-                    Some(Ok(_)) => while let Some(Some(Ok(_))) = events.next().now_or_never() {},
-                    Some(Err(e)) => {
-                        tracing::warn!(error = %e, "store watch broke; reopening");
-                        break;
-                    }
-                    None => break,
-                },
+                tracing::warn!(error = %e, "pipeline pass failed");
+                RESYNC
             }
         }
-    }
+    })
+    .await;
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -138,16 +103,6 @@ fn unix(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0)
-}
-
-fn parse_time(s: &str) -> Option<SystemTime> {
-    let t = time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339).ok()?;
-    let secs = u64::try_from(t.unix_timestamp()).ok()?;
-    Some(UNIX_EPOCH + Duration::from_secs(secs) + Duration::from_nanos(t.nanosecond().into()))
-}
-
-fn rfc3339(t: SystemTime) -> String {
-    crate::resources::rfc3339(t)
 }
 
 /// A DNS label from `parts` joined by `-`; a hash keeps long ones unique.
@@ -243,7 +198,8 @@ pub async fn reconcile(
     // (once nothing mounts it) the volume, then the queues.
     for (run, left) in &by_run {
         for i in left {
-            delete_instance(resources, &i.name, "its pipeline run was deleted").await?;
+            crate::workloads::delete_instance(resources, &i.name, "its pipeline run was deleted")
+                .await?;
         }
         tracing::debug!(run = %run, instances = left.len(), "removed instances of a deleted run");
     }
@@ -320,7 +276,7 @@ async fn fire_schedule(
         .pointer("/status/lastScheduleTime")
         .or_else(|| p.object.pointer("/metadata/creationTimestamp"))
         .and_then(Value::as_str)
-        .and_then(parse_time)
+        .and_then(parse_rfc3339)
         .map(unix)
         .unwrap_or_else(|| unix(now));
     let now_s = unix(now);
@@ -422,7 +378,8 @@ async fn reconcile_run(
                 i.status.phase,
                 InstancePhase::Succeeded | InstancePhase::Failed
             ) {
-                delete_instance(resources, &i.name, "its run was cancelled").await?;
+                crate::workloads::delete_instance(resources, &i.name, "its run was cancelled")
+                    .await?;
             }
         }
         for ss in &mut st.steps {
@@ -545,13 +502,17 @@ async fn reconcile_run(
                             };
                             ix.reason = i.status.reason.clone();
                             ix.message = i.status.message.clone();
-                            let started = i.status.started_at.as_deref().and_then(parse_time);
+                            let started = i.status.started_at.as_deref().and_then(parse_rfc3339);
                             if let (Some(limit), Some(started)) = (step.timeout_seconds, started) {
                                 let limit = Duration::from_secs(limit.into());
                                 let ran = now.duration_since(started).unwrap_or_default();
                                 if ran >= limit {
-                                    delete_instance(resources, &i.name, "it ran past its timeout")
-                                        .await?;
+                                    crate::workloads::delete_instance(
+                                        resources,
+                                        &i.name,
+                                        "it ran past its timeout",
+                                    )
+                                    .await?;
                                     if let Some(q) = &queue {
                                         q.release_all_of(&[i.name.as_str()]).await?;
                                     }
@@ -573,7 +534,11 @@ async fn reconcile_run(
             if !failed {
                 continue;
             }
-            let failed_at = ix.failed_at.as_deref().and_then(parse_time).unwrap_or(now);
+            let failed_at = ix
+                .failed_at
+                .as_deref()
+                .and_then(parse_rfc3339)
+                .unwrap_or(now);
             ix.failed_at = Some(rfc3339(failed_at));
             if ix.attempt > step.retries {
                 ix.phase = RunPhase::Failed;
@@ -778,20 +743,6 @@ async fn create_instance(
         tracing::info!(run = %r.name, step = %step.name, index = ix.index, attempt = ix.attempt, instance = %name, "step instance created");
     }
     Ok(name)
-}
-
-async fn delete_instance(
-    resources: &Resources,
-    name: &str,
-    why: &str,
-) -> Result<(), PipelineError> {
-    match resources.delete(Kind::Instance, name).await {
-        Ok(_) | Err(ResourceError::NotFound { .. }) => {
-            tracing::info!(instance = %name, reason = %why, "step instance removed");
-            Ok(())
-        }
-        Err(e) => Err(e.into()),
-    }
 }
 
 async fn write_status(

@@ -59,62 +59,22 @@ pub async fn run(
     settings: Settings,
     shutdown: ironmesh_daemon::Shutdown,
 ) {
-    use futures::StreamExt;
-    let stopped = shutdown.clone().wait();
-    tokio::pin!(stopped);
-    loop {
-        // (Re)open the watch first, then pass: no change can fall between.
-        let rev = match resources.store().revision().await {
-            Ok(r) => r,
+    let res = &resources;
+    let (metrics, settings) = (&metrics, &settings);
+    crate::pass_loop::run(res, "workloads", RESYNC, shutdown, || async move {
+        match reconcile(res, settings).await {
+            Ok(counts) => {
+                counts.publish(metrics);
+                counts.next_eviction.map_or(RESYNC, |due| RESYNC.min(due))
+            }
             Err(e) => {
-                tracing::warn!(error = %e, "workload controller cannot read the store revision");
-                tokio::select! {
-                    _ = &mut stopped => return,
-                    _ = tokio::time::sleep(RESYNC) => continue,
-                }
-            }
-        };
-        let mut events = match resources.store().watch("/registry/", rev).await {
-            Ok(w) => w,
-            Err(e) => {
-                tracing::warn!(error = %e, "workload controller cannot watch the store");
-                tokio::select! {
-                    _ = &mut stopped => return,
-                    _ = tokio::time::sleep(RESYNC) => continue,
-                }
-            }
-        };
-        loop {
-            let mut wait = RESYNC;
-            match reconcile(&resources, &settings).await {
-                Ok(counts) => {
-                    counts.publish(&metrics);
-                    if let Some(due) = counts.next_eviction {
-                        wait = wait.min(due);
-                    }
-                }
-                Err(e) => tracing::warn!(error = %e, "workload pass failed"),
-            }
-            tokio::select! {
-                _ = &mut stopped => return,
-                _ = tokio::time::sleep(wait) => {}
-                ev = events.next() => match ev {
-                    Some(Ok(_)) => {
-                        // Coalesce a burst (an apply of many objects, our own writes).
-                        while let Some(Some(Ok(_))) = events.next().now_or_never() {}
-                    }
-                    Some(Err(e)) => {
-                        tracing::warn!(error = %e, "store watch broke; reopening");
-                        break;
-                    }
-                    None => break,
-                },
+                tracing::warn!(error = %e, "workload pass failed");
+                RESYNC
             }
         }
-    }
+    })
+    .await;
 }
-
-use futures::FutureExt;
 
 /// A Workload as the controller needs it.
 struct WorkloadView {
@@ -409,7 +369,8 @@ pub async fn reconcile(
     Ok(counts)
 }
 
-async fn delete_instance(
+/// Deletes an instance (already gone is fine) and logs why.
+pub(crate) async fn delete_instance(
     resources: &Resources,
     name: &str,
     why: &str,

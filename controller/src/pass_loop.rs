@@ -1,0 +1,62 @@
+//! The loop of the store-driven controllers (workloads, pipelines): open a
+//! watch on `/registry/`, run a pass, then wait for the next change (a
+//! burst of changes is coalesced into one pass) or for the time the pass
+//! asked for, whichever comes first; reopen the watch when it breaks.
+
+use std::future::Future;
+use std::time::Duration;
+
+use futures::{FutureExt, StreamExt};
+
+use crate::resources::Resources;
+
+/// Runs `pass` until `shutdown`. `pass` returns how long to wait at most
+/// before the next pass; `retry` paces attempts to reopen the watch.
+pub async fn run<F, Fut>(
+    resources: &Resources,
+    name: &'static str,
+    retry: Duration,
+    shutdown: ironmesh_daemon::Shutdown,
+    mut pass: F,
+) where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Duration>,
+{
+    let stopped = shutdown.wait();
+    tokio::pin!(stopped);
+    loop {
+        // (Re)open the watch first, then pass: no change can fall between.
+        let opened = match resources.store().revision().await {
+            Ok(rev) => resources.store().watch("/registry/", rev).await,
+            Err(e) => Err(e),
+        };
+        let mut events = match opened {
+            Ok(w) => w,
+            Err(e) => {
+                tracing::warn!(controller = name, error = %e, "cannot watch the store");
+                tokio::select! {
+                    _ = &mut stopped => return,
+                    _ = tokio::time::sleep(retry) => continue,
+                }
+            }
+        };
+        loop {
+            let wait = pass().await;
+            tokio::select! {
+                _ = &mut stopped => return,
+                _ = tokio::time::sleep(wait) => {}
+                ev = events.next() => match ev {
+                    Some(Ok(_)) => {
+                        // Coalesce a burst (an apply of many objects, our own writes).
+                        while let Some(Some(Ok(_))) = events.next().now_or_never() {}
+                    }
+                    Some(Err(e)) => {
+                        tracing::warn!(controller = name, error = %e, "store watch broke; reopening");
+                        break;
+                    }
+                    None => break,
+                },
+            }
+        }
+    }
+}
