@@ -75,3 +75,72 @@ pub async fn connect(cfg: &ClientConfig) -> anyhow::Result<OperatorServiceClient
         })?;
     Ok(OperatorServiceClient::new(channel).max_decoding_message_size(64 << 20))
 }
+
+type Api = OperatorServiceClient<Channel>;
+
+/// One object, as JSON.
+pub async fn get_object(
+    api: &mut Api,
+    kind: ironmesh_api::Kind,
+    name: &str,
+    status_err: fn(tonic::Status) -> anyhow::Error,
+) -> anyhow::Result<serde_json::Value> {
+    let r = api
+        .get(ironmesh_proto::v1::GetRequest {
+            kind: kind.as_str().into(),
+            name: name.into(),
+        })
+        .await
+        .map_err(status_err)?
+        .into_inner();
+    serde_json::from_str(&r.json).context("the controller sent an object that is not JSON")
+}
+
+/// Applies one object; `origin` names it in errors.
+pub async fn apply_object(
+    api: &mut Api,
+    doc: &serde_json::Value,
+    origin: &str,
+    status_err: fn(tonic::Status) -> anyhow::Error,
+) -> anyhow::Result<()> {
+    api.apply(ironmesh_proto::v1::ApplyRequest {
+        manifests: vec![ironmesh_proto::v1::Manifest {
+            origin: origin.into(),
+            json: doc.to_string(),
+        }],
+        dry_run: false,
+    })
+    .await
+    .map_err(status_err)?;
+    Ok(())
+}
+
+/// Applies `object` back with `spec` in place of its spec. An object's
+/// spec belongs to the operator and its status to the system, so this
+/// keeps the name, labels and annotations and leaves the status to the
+/// controller.
+pub async fn apply_spec(
+    api: &mut Api,
+    kind: ironmesh_api::Kind,
+    object: &serde_json::Value,
+    spec: serde_json::Value,
+    status_err: fn(tonic::Status) -> anyhow::Error,
+) -> anyhow::Result<()> {
+    let name = object
+        .pointer("/metadata/name")
+        .and_then(serde_json::Value::as_str)
+        .unwrap_or_default();
+    let mut metadata = serde_json::json!({"name": name});
+    for field in ["labels", "annotations"] {
+        if let Some(v) = object.pointer(&format!("/metadata/{field}")) {
+            metadata[field] = v.clone();
+        }
+    }
+    let doc = serde_json::json!({
+        "apiVersion": ironmesh_api::API_VERSION,
+        "kind": kind.as_str(),
+        "metadata": metadata,
+        "spec": spec,
+    });
+    apply_object(api, &doc, &format!("{} {name}", kind.plural()), status_err).await
+}

@@ -11,11 +11,11 @@
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context};
+use anyhow::bail;
 use clap::Subcommand;
 use ironmesh_api::Kind;
 use ironmesh_proto::v1::operator_service_client::OperatorServiceClient;
-use ironmesh_proto::v1::{ApplyRequest, DeleteRequest, GetRequest, ListRequest, Manifest};
+use ironmesh_proto::v1::{DeleteRequest, ListRequest};
 use serde_json::{json, Value};
 use tonic::transport::Channel;
 
@@ -127,16 +127,7 @@ async fn set_unschedulable(
     on: bool,
     status_err: fn(tonic::Status) -> anyhow::Error,
 ) -> anyhow::Result<bool> {
-    let r = api
-        .get(GetRequest {
-            kind: Kind::Node.as_str().into(),
-            name: name.into(),
-        })
-        .await
-        .map_err(status_err)?
-        .into_inner();
-    let node: Value =
-        serde_json::from_str(&r.json).context("the controller sent a Node that is not JSON")?;
+    let node = client::get_object(api, Kind::Node, name, status_err).await?;
     let mut spec = node.get("spec").cloned().unwrap_or_else(|| json!({}));
     if !spec.is_object() {
         spec = json!({});
@@ -150,27 +141,7 @@ async fn set_unschedulable(
         return Ok(false);
     }
     spec["unschedulable"] = json!(on);
-    let mut metadata = json!({"name": name});
-    for field in ["labels", "annotations"] {
-        if let Some(v) = node.pointer(&format!("/metadata/{field}")) {
-            metadata[field] = v.clone();
-        }
-    }
-    let doc = json!({
-        "apiVersion": ironmesh_api::API_VERSION,
-        "kind": "Node",
-        "metadata": metadata,
-        "spec": spec,
-    });
-    api.apply(ApplyRequest {
-        manifests: vec![Manifest {
-            origin: format!("node {name}"),
-            json: doc.to_string(),
-        }],
-        dry_run: false,
-    })
-    .await
-    .map_err(status_err)?;
+    client::apply_spec(api, Kind::Node, &node, spec, status_err).await?;
     Ok(true)
 }
 

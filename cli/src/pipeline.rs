@@ -15,7 +15,7 @@ use ironmesh_api::client_config::ClientConfig;
 use ironmesh_api::pipeline::{PipelineRunStatus, RunPhase, PIPELINE_LABEL};
 use ironmesh_api::Kind;
 use ironmesh_proto::v1::operator_service_client::OperatorServiceClient;
-use ironmesh_proto::v1::{ApplyRequest, GetRequest, ListRequest, LogsRequest, Manifest};
+use ironmesh_proto::v1::{ListRequest, LogsRequest};
 use rand::Rng;
 use serde_json::{json, Value};
 use tonic::transport::Channel;
@@ -76,7 +76,7 @@ pub async fn run(
                 parameters.insert(k.to_string(), v.to_string());
             }
             // The Pipeline must exist; say so here rather than in a Failed run.
-            get(&mut api, Kind::Pipeline, &pipeline, status_err).await?;
+            client::get_object(&mut api, Kind::Pipeline, &pipeline, status_err).await?;
             let name = run_name(&pipeline);
             let doc = json!({
                 "apiVersion": ironmesh_api::API_VERSION,
@@ -84,7 +84,7 @@ pub async fn run(
                 "metadata": {"name": name, "labels": {PIPELINE_LABEL: pipeline}},
                 "spec": {"pipeline": pipeline, "parameters": parameters},
             });
-            apply(&mut api, &doc, status_err).await?;
+            client::apply_object(&mut api, &doc, "imctl pipeline run", status_err).await?;
             println!("pipelineruns/{name} created");
             if wait {
                 let st = wait_for(&mut api, &name, timeout, status_err).await?;
@@ -120,11 +120,11 @@ pub async fn run(
             print!("{}", runs_table(&runs));
         }
         PipelineCommand::Status { run } => {
-            let v = get(&mut api, Kind::PipelineRun, &run, status_err).await?;
+            let v = client::get_object(&mut api, Kind::PipelineRun, &run, status_err).await?;
             print!("{}", status_text(&v));
         }
         PipelineCommand::Logs { run, step, index } => {
-            let v = get(&mut api, Kind::PipelineRun, &run, status_err).await?;
+            let v = client::get_object(&mut api, Kind::PipelineRun, &run, status_err).await?;
             let st = status_of(&v);
             let mut targets = Vec::new();
             for s in &st.steps {
@@ -160,7 +160,7 @@ pub async fn run(
             }
         }
         PipelineCommand::Cancel { run } => {
-            let v = get(&mut api, Kind::PipelineRun, &run, status_err).await?;
+            let v = client::get_object(&mut api, Kind::PipelineRun, &run, status_err).await?;
             if status_of(&v).phase.is_finished() {
                 println!(
                     "pipelineruns/{run} already {}",
@@ -170,19 +170,7 @@ pub async fn run(
             }
             let mut spec = v.get("spec").cloned().unwrap_or_else(|| json!({}));
             spec["cancel"] = json!(true);
-            let mut metadata = json!({"name": run});
-            for field in ["labels", "annotations"] {
-                if let Some(x) = v.pointer(&format!("/metadata/{field}")) {
-                    metadata[field] = x.clone();
-                }
-            }
-            let doc = json!({
-                "apiVersion": ironmesh_api::API_VERSION,
-                "kind": "PipelineRun",
-                "metadata": metadata,
-                "spec": spec,
-            });
-            apply(&mut api, &doc, status_err).await?;
+            client::apply_spec(&mut api, Kind::PipelineRun, &v, spec, status_err).await?;
             println!("pipelineruns/{run} cancelling");
         }
     }
@@ -198,40 +186,6 @@ fn run_name(pipeline: &str) -> String {
         .collect();
     let base: String = pipeline.chars().take(57).collect();
     format!("{}-{suffix}", base.trim_end_matches('-'))
-}
-
-async fn get(
-    api: &mut Api,
-    kind: Kind,
-    name: &str,
-    status_err: fn(tonic::Status) -> anyhow::Error,
-) -> anyhow::Result<Value> {
-    let r = api
-        .get(GetRequest {
-            kind: kind.as_str().into(),
-            name: name.into(),
-        })
-        .await
-        .map_err(status_err)?
-        .into_inner();
-    serde_json::from_str(&r.json).context("the controller sent an object that is not JSON")
-}
-
-async fn apply(
-    api: &mut Api,
-    doc: &Value,
-    status_err: fn(tonic::Status) -> anyhow::Error,
-) -> anyhow::Result<()> {
-    api.apply(ApplyRequest {
-        manifests: vec![Manifest {
-            origin: "imctl pipeline".into(),
-            json: doc.to_string(),
-        }],
-        dry_run: false,
-    })
-    .await
-    .map_err(status_err)?;
-    Ok(())
 }
 
 async fn print_logs(
@@ -268,7 +222,7 @@ async fn wait_for(
     let deadline = std::time::Instant::now() + timeout;
     let mut seen: BTreeMap<String, String> = BTreeMap::new();
     loop {
-        let v = get(api, Kind::PipelineRun, run, status_err).await?;
+        let v = client::get_object(api, Kind::PipelineRun, run, status_err).await?;
         let st = status_of(&v);
         for s in st.steps.iter().filter(|s| s.phase != RunPhase::Pending) {
             let line = step_line(s);
