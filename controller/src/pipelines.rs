@@ -212,17 +212,18 @@ pub async fn reconcile(
         if runs.iter().any(|r| &r.name == run) || by_run.contains_key(run) {
             continue;
         }
+        // Every run has a volume from its first pass on, and queues only
+        // after that: the volume's turn is the queues' turn too (no scan of
+        // every queue key on every pass).
+        let n = crate::queue::delete_run(resources.store(), run).await?;
+        if n > 0 {
+            tracing::info!(run = %run, keys = n, "run queues removed");
+        }
         match resources.delete(Kind::Volume, &v.name).await {
             Ok(_) | Err(ResourceError::NotFound { .. }) => {
                 tracing::info!(volume = %v.name, run = %run, "run volume removed")
             }
             Err(e) => return Err(e.into()),
-        }
-    }
-    for run in crate::queue::runs_with_queues(resources.store()).await? {
-        if !runs.iter().any(|r| r.name == run) {
-            let n = crate::queue::delete_run(resources.store(), &run).await?;
-            tracing::info!(run = %run, keys = n, "run queues removed");
         }
     }
     Ok((wake, phases))
@@ -939,12 +940,19 @@ mod tests {
             assert_eq!(st.phase, RunPhase::Failed);
             assert_eq!(st.message, "step b failed");
 
-            // A finished run is left alone; deleting it removes the rest.
+            // A finished run is left alone; deleting it removes the rest,
+            // queues included.
+            Queue::new(e.res.store().clone(), "r", "b")
+                .push(&["left".to_string()])
+                .await
+                .unwrap();
             e.res.delete(Kind::PipelineRun, "r").await.unwrap();
             e.pass(20).await;
             assert!(e.instances().await.is_empty());
             e.pass(21).await;
             assert!(e.res.get(Kind::Volume, "r-data").await.unwrap().is_none());
+            let (left, _) = e.res.store().list("/queues/r/").await.unwrap();
+            assert!(left.is_empty(), "queue keys left: {}", left.len());
         }
 
         #[tokio::test]
