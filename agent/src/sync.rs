@@ -275,6 +275,7 @@ async fn session(
             agent_version: cfg.agent_version.clone(),
             acked_revision: *acked,
             node_ip: node_ip.map(|ip| ip.to_string()).unwrap_or_default(),
+            capabilities: Vec::new(),
         }),
     )
     .await?;

@@ -627,6 +627,7 @@ pub async fn assignment_for(
         egress_enforced: view.compiled.egress_enforced,
         services: view.services,
         volumes: volumes.bound_to(node),
+        delta: None,
     })
 }
 

@@ -2,10 +2,14 @@
 //!
 //! The node surface (`NodeService`: join, sync) and the operator surface
 //! (`OperatorService`: apply, get, list, delete, watch). Generated at build
-//! time from `proto/ironmesh/v1/ironmesh.proto`; this crate holds no logic.
+//! time from `proto/ironmesh/v1/ironmesh.proto`. Besides the generated code
+//! this crate holds only [`assignment`]: the one rule both ends of the sync
+//! stream must agree on, how an incremental assignment applies.
 
 /// Version 1 of the API.
 pub mod v1 {
     #![allow(clippy::all, missing_docs)]
     tonic::include_proto!("ironmesh.v1");
 }
+
+pub mod assignment;
