@@ -132,26 +132,29 @@ pub fn plan(
     (actions, next)
 }
 
-/// Applies `actions`; returns the names of the deleted instances.
+/// Applies `actions` (the deletes as one batch); returns the names of the
+/// deleted instances.
 pub async fn apply(
     resources: &Resources,
     actions: &[Action],
 ) -> Result<Vec<String>, ResourceError> {
     let mut deleted = Vec::new();
     for a in actions {
+        if let Action::Delete { instance, why } = a {
+            tracing::info!(%instance, reason = %why, "instance evicted");
+            deleted.push(instance.clone());
+        }
+    }
+    if !deleted.is_empty() {
+        resources
+            .update_many(ironmesh_api::Kind::Instance, &deleted, |_, _| {
+                crate::resources::Change::Delete
+            })
+            .await?;
+    }
+    for a in actions {
         match a {
-            Action::Delete { instance, why } => {
-                match resources
-                    .delete(ironmesh_api::Kind::Instance, instance)
-                    .await
-                {
-                    Ok(_) | Err(ResourceError::NotFound { .. }) => {
-                        tracing::info!(%instance, reason = %why, "instance evicted");
-                        deleted.push(instance.clone());
-                    }
-                    Err(e) => return Err(e),
-                }
-            }
+            Action::Delete { .. } => {}
             Action::Hold { instance, message } => {
                 resources
                     .update(ironmesh_api::Kind::Instance, instance, |cur| {

@@ -6,7 +6,9 @@
 //! get, list, delete, watch) over mutual TLS, and keeps node readiness from
 //! heartbeats ([`liveness`]). [`server::run`] wires it together.
 
+pub mod assignments;
 pub mod bootstrap;
+pub mod cache;
 pub mod config;
 pub mod eviction;
 pub mod flows;

@@ -41,6 +41,17 @@ pub struct ControllerMetrics {
     pub pipeline_runs: Family<PhaseLabel, Gauge>,
     /// Work-queue items by operation (leased, acked, released, pushed).
     pub queue_items: Family<OpLabel, Counter>,
+    /// Passes of the assignments reconciler.
+    pub assignment_passes: Counter,
+    /// Assignment messages sent to agents, by form (whole, delta).
+    pub assignments_sent: Family<FormLabel, Counter>,
+    /// Encoded bytes of those messages, by form.
+    pub assignment_bytes: Family<FormLabel, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+pub struct FormLabel {
+    pub form: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
@@ -70,6 +81,9 @@ impl ControllerMetrics {
             leader_transitions: Counter::default(),
             pipeline_runs: Family::default(),
             queue_items: Family::default(),
+            assignment_passes: Counter::default(),
+            assignments_sent: Family::default(),
+            assignment_bytes: Family::default(),
         };
         let r = registry.sub_registry_with_prefix("ironmesh_controller");
         r.register(
@@ -134,6 +148,21 @@ impl ControllerMetrics {
             m.queue_items.clone(),
         );
         r.register(
+            "assignment_passes",
+            "Passes of the assignments reconciler (one per batch of store changes)",
+            m.assignment_passes.clone(),
+        );
+        r.register(
+            "assignments_sent",
+            "Assignment messages sent to agents, by form (whole, delta)",
+            m.assignments_sent.clone(),
+        );
+        r.register(
+            "assignment_bytes",
+            "Encoded bytes of the assignment messages sent to agents, by form",
+            m.assignment_bytes.clone(),
+        );
+        r.register(
             "instances_unschedulable",
             "Instances no node has room for",
             m.unschedulable.clone(),
@@ -159,6 +188,17 @@ impl ControllerMetrics {
                 })
                 .set(v);
         }
+    }
+
+    /// Counts one assignment message sent.
+    pub fn count_assignment(&self, delta: bool, bytes: usize) {
+        let form = FormLabel {
+            form: if delta { "delta" } else { "whole" }.into(),
+        };
+        self.assignments_sent.get_or_create(&form).inc();
+        self.assignment_bytes
+            .get_or_create(&form)
+            .inc_by(bytes as u64);
     }
 
     pub fn count(family: &Family<ResultLabel, Counter>, result: &str) {

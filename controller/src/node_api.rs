@@ -13,11 +13,10 @@ use std::time::Duration;
 use futures::Stream;
 use ironmesh_api::Kind;
 use ironmesh_proto::v1::{
-    agent_message, controller_message, node_service_server::NodeService, AgentMessage, Assignment,
-    ControllerMessage, FetchBlobRequest, InstanceAssignment, InstanceEvent, InstanceState,
-    Inventory, JoinRequest, JoinResponse, PeerNode, PipelineTask, QueueAckRequest,
-    QueueAckResponse, QueueItem, QueueLeaseRequest, QueueLeaseResponse, QueuePushRequest,
-    QueuePushResponse, Welcome,
+    agent_message, controller_message, node_service_server::NodeService, AgentMessage,
+    ControllerMessage, FetchBlobRequest, InstanceEvent, InstanceState, Inventory, JoinRequest,
+    JoinResponse, QueueAckRequest, QueueAckResponse, QueueItem, QueueLeaseRequest,
+    QueueLeaseResponse, QueuePushRequest, QueuePushResponse, Welcome,
 };
 use serde_json::{json, Value};
 use subtle::ConstantTimeEq;
@@ -44,6 +43,7 @@ pub struct NodeApi {
     pub liveness: Liveness,
     pub metrics: Arc<ControllerMetrics>,
     pub heartbeat_interval: Duration,
+    pub assignments: crate::assignments::Assignments,
 }
 
 /// The verified identity of the caller, from its TLS client certificate.
@@ -367,10 +367,14 @@ impl NodeService for NodeApi {
         // A fresh channel with room for 64: this cannot block.
         let _ = tx.send(Ok(welcome)).await;
         self.logs.connect(&node, session, tx.clone());
-        tokio::spawn(push_assignments(
+        let incremental = hello
+            .capabilities
+            .iter()
+            .any(|c| c == ironmesh_proto::assignment::INCREMENTAL);
+        tokio::spawn(forward_assignments(
             node.clone(),
-            self.resources.clone(),
-            self.images.clone(),
+            self.assignments.subscribe(&node, incremental),
+            self.metrics.clone(),
             tx.clone(),
         ));
 
@@ -501,9 +505,7 @@ async fn handle_agent_message(
         }
         Some(agent_message::Msg::Instances(report)) => {
             liveness.heartbeat(node, session);
-            for st in report.instances {
-                record_instance_state(resources, node, st).await?;
-            }
+            record_instance_states(resources, node, report.instances).await?;
         }
         Some(agent_message::Msg::Event(ev)) => {
             record_instance_event(resources, node, ev).await?;
@@ -523,313 +525,111 @@ async fn handle_agent_message(
     Ok(())
 }
 
-/// The node's assignment: every instance bound to it, with its spec and the
-/// digest its image resolves to in the image store.
-pub async fn assignment_for(
-    resources: &Resources,
-    images: &crate::images::ImageStore,
-    node: &str,
-) -> Result<Assignment, Status> {
-    let revision = resources
-        .store()
-        .revision()
-        .await
-        .map_err(|e| Status::unavailable(e.to_string()))?;
-    let (list, _) = resources
-        .list(
-            Kind::Instance,
-            &ironmesh_api::selector::LabelSelector::default(),
-        )
-        .await
-        .map_err(|e| Status::unavailable(e.to_string()))?;
-    let volumes = crate::volumes::VolumeIndex::load(resources)
-        .await
-        .map_err(|e| Status::unavailable(e.to_string()))?;
-    let mut instances = Vec::new();
-    for o in &list {
-        if o.object.pointer("/spec/node").and_then(Value::as_str) != Some(node) {
-            continue;
-        }
-        let Some(template) = o.object.pointer("/spec/template") else {
-            continue;
-        };
-        let image = template
-            .get("image")
-            .and_then(Value::as_str)
-            .unwrap_or_default();
-        instances.push(InstanceAssignment {
-            name: o.name.clone(),
-            workload: o
-                .object
-                .pointer("/spec/workload")
-                .and_then(Value::as_str)
-                .unwrap_or_default()
-                .to_string(),
-            spec_generation: o
-                .object
-                .pointer("/spec/workloadGeneration")
-                .and_then(Value::as_u64)
-                .unwrap_or(0),
-            spec_json: template.to_string(),
-            image_digest: images.resolve(image).await.unwrap_or_default(),
-            volumes: serde_json::from_value::<ironmesh_api::workload::WorkloadSpec>(
-                template.clone(),
-            )
-            .map(|spec| volumes.instance_volumes(&spec, node))
-            .unwrap_or_default(),
-            task: o
-                .object
-                .pointer("/spec/task")
-                .and_then(|t| {
-                    serde_json::from_value::<ironmesh_api::instance::TaskRef>(t.clone()).ok()
-                })
-                .map(|t| PipelineTask {
-                    run: t.run,
-                    step: t.step,
-                    index: t.index,
-                    worker: t.worker,
-                }),
-        });
-    }
-    instances.sort_by(|a, b| a.name.cmp(&b.name));
-    let (nodes, _) = resources
-        .list(
-            Kind::Node,
-            &ironmesh_api::selector::LabelSelector::default(),
-        )
-        .await
-        .map_err(|e| Status::unavailable(e.to_string()))?;
-    let peers = nodes
-        .iter()
-        .filter(|n| n.name != node)
-        .filter_map(|n| {
-            let s = |p: &str| {
-                n.object
-                    .pointer(p)
-                    .and_then(Value::as_str)
-                    .map(str::to_string)
-            };
-            Some(PeerNode {
-                name: n.name.clone(),
-                pod_cidr: s("/status/podCIDR")?,
-                node_ip: s("/status/internalIP")?,
-            })
-        })
-        .collect();
-    let view = datapath_view(resources, &list).await?;
-    Ok(Assignment {
-        revision,
-        instances,
-        peers,
-        identities: view.identities,
-        policy_rules: view.compiled.rules,
-        ingress_enforced: view.compiled.ingress_enforced,
-        egress_enforced: view.compiled.egress_enforced,
-        services: view.services,
-        volumes: volumes.bound_to(node),
-        delta: None,
-    })
-}
-
-/// The cluster-wide datapath entries every agent gets.
-struct DatapathView {
-    identities: Vec<ironmesh_proto::v1::IdentityEntry>,
-    compiled: crate::policy::Compiled,
-    services: Vec<ironmesh_proto::v1::ServiceEntry>,
-}
-
-async fn datapath_view(
-    resources: &Resources,
-    instances: &[crate::resources::StoredObject],
-) -> Result<DatapathView, Status> {
-    let all = ironmesh_api::selector::LabelSelector::default();
-    let unavailable = |e: crate::resources::ResourceError| Status::unavailable(e.to_string());
-    let (workloads, _) = resources
-        .list(Kind::Workload, &all)
-        .await
-        .map_err(unavailable)?;
-    let (policies, _) = resources
-        .list(Kind::Policy, &all)
-        .await
-        .map_err(unavailable)?;
-    let (services, _) = resources
-        .list(Kind::Service, &all)
-        .await
-        .map_err(unavailable)?;
-    let store = resources.store().as_ref();
-    let mut endpoints = Vec::with_capacity(workloads.len());
-    let mut labels_of_workload = std::collections::HashMap::new();
-    for w in &workloads {
-        let labels = crate::resources::labels_of(&w.object);
-        let identity = crate::identities::identity_for(store, &labels)
-            .await
-            .map_err(|e| Status::unavailable(e.to_string()))?;
-        labels_of_workload.insert(w.name.clone(), labels.clone());
-        endpoints.push(crate::policy::Endpoint { labels, identity });
-    }
-    let mut identities = Vec::new();
-    let mut ready = Vec::new();
-    for i in instances {
-        let (Some(ip), Some(id)) = (
-            i.object.pointer("/status/ip").and_then(Value::as_str),
-            i.object.pointer("/spec/identity").and_then(Value::as_u64),
-        ) else {
-            continue;
-        };
-        identities.push(ironmesh_proto::v1::IdentityEntry {
-            ip: ip.to_string(),
-            identity: id as u32,
-        });
-        let is_ready = i.object.pointer("/status/ready").and_then(Value::as_bool) == Some(true);
-        let workload = i
-            .object
-            .pointer("/spec/workload")
-            .and_then(Value::as_str)
-            .unwrap_or_default();
-        if let (true, Ok(ip), Some(labels)) =
-            (is_ready, ip.parse(), labels_of_workload.get(workload))
-        {
-            ready.push(crate::services::ReadyInstance {
-                ip,
-                labels: labels.clone(),
-            });
-        }
-    }
-    identities.sort_by(|a, b| a.ip.cmp(&b.ip));
-    let specs: Vec<ironmesh_api::policy::PolicySpec> = policies
-        .iter()
-        .filter_map(|p| serde_json::from_value(p.object.get("spec")?.clone()).ok())
-        .collect();
-    Ok(DatapathView {
-        identities,
-        compiled: crate::policy::compile(&specs, &endpoints),
-        services: crate::services::endpoints(&services, &ready),
-    })
-}
-
-/// Sends the node's assignment now and again whenever it changes, until the
-/// stream closes. Any store change may change it (instances, images), so
-/// every change recomputes it; only a different one is sent.
-async fn push_assignments(
+/// Sends the node's assignment as the assignments reconciler publishes it,
+/// until the stream closes.
+async fn forward_assignments(
     node: String,
-    resources: Resources,
-    images: crate::images::ImageStore,
+    mut sub: crate::assignments::Subscription,
+    metrics: Arc<ControllerMetrics>,
     tx: mpsc::Sender<Result<ControllerMessage, Status>>,
 ) {
-    use futures::{FutureExt, StreamExt};
-    let mut last: Option<Assignment> = None;
+    use prost::Message;
     loop {
-        let rev = match resources.store().revision().await {
-            Ok(r) => r,
-            Err(e) => {
-                let _ = tx.send(Err(Status::unavailable(e.to_string()))).await;
-                return;
-            }
+        let a = tokio::select! {
+            _ = tx.closed() => return,
+            a = sub.next() => a,
         };
-        let mut events = match resources.store().watch("/", rev).await {
-            Ok(w) => w,
-            Err(e) => {
-                let _ = tx.send(Err(Status::unavailable(e.to_string()))).await;
-                return;
-            }
+        metrics.count_assignment(a.delta.is_some(), a.encoded_len());
+        tracing::debug!(node = %node, revision = a.revision, delta = a.delta.is_some(), instances = a.instances.len(), "assignment sent");
+        let msg = ControllerMessage {
+            msg: Some(controller_message::Msg::Assignment(a)),
         };
-        loop {
-            match assignment_for(&resources, &images, &node).await {
-                Ok(a) => {
-                    // Everything but the revision decides whether it changed.
-                    let key = Assignment {
-                        revision: 0,
-                        ..a.clone()
-                    };
-                    if last.as_ref() != Some(&key) {
-                        last = Some(key);
-                        tracing::debug!(node = %node, revision = a.revision, instances = a.instances.len(), "assignment sent");
-                        let msg = ControllerMessage {
-                            msg: Some(controller_message::Msg::Assignment(a)),
-                        };
-                        if tx.send(Ok(msg)).await.is_err() {
-                            return;
-                        }
-                    }
-                }
-                Err(e) => {
-                    tracing::warn!(node = %node, error = %e.message(), "cannot compute assignment")
-                }
-            }
-            tokio::select! {
-                _ = tx.closed() => return,
-                ev = events.next() => match ev {
-                    // Work-queue traffic changes no assignment.
-                    Some(Ok(e)) if e.kv.key.starts_with(crate::queue::PREFIX) => continue,
-                    Some(Ok(_)) => while let Some(Some(Ok(_))) = events.next().now_or_never() {},
-                    _ => break,
-                },
-            }
+        if tx.send(Ok(msg)).await.is_err() {
+            return;
         }
     }
 }
 
-/// Records what the agent on `node` says about one of its instances. Reports
-/// about instances bound elsewhere, or about an older spec, are ignored.
-async fn record_instance_state(
+/// Records what the agent on `node` says about its instances, in one
+/// transaction per batch. Reports about instances bound elsewhere, or about
+/// an older spec, are ignored; a report naming an invalid instance is
+/// refused whole.
+async fn record_instance_states(
     resources: &Resources,
     node: &str,
-    st: InstanceState,
+    states: Vec<InstanceState>,
 ) -> Result<(), Status> {
-    if !valid_node_name(&st.name) {
+    if let Some(bad) = states.iter().find(|st| !valid_node_name(&st.name)) {
         return Err(Status::invalid_argument(format!(
             "instance name {:?} in a report is not valid",
-            st.name
+            bad.name
         )));
+    }
+    // The last state of an instance in one report wins.
+    let by_name: std::collections::HashMap<String, InstanceState> =
+        states.into_iter().map(|st| (st.name.clone(), st)).collect();
+    let mut names: Vec<String> = by_name.keys().cloned().collect();
+    names.sort();
+    resources
+        .update_many(Kind::Instance, &names, |name, cur| {
+            match (cur, by_name.get(name)) {
+                (Some(cur), Some(st)) => instance_with_state(cur, node, st).map_or(
+                    crate::resources::Change::Keep,
+                    crate::resources::Change::Put,
+                ),
+                _ => crate::resources::Change::Keep,
+            }
+        })
+        .await
+        .map_err(|e| Status::unavailable(format!("cannot record instance states: {e}")))?;
+    Ok(())
+}
+
+/// The instance object with the reported state as its status, or `None`
+/// when the report does not apply to it.
+fn instance_with_state(cur: &Value, node: &str, st: &InstanceState) -> Option<Value> {
+    let mut o = cur.clone();
+    if o.pointer("/spec/node").and_then(Value::as_str) != Some(node)
+        || o.pointer("/spec/workloadGeneration")
+            .and_then(Value::as_u64)
+            != Some(st.spec_generation)
+    {
+        return None;
     }
     let started_at = (st.started_unix_ms > 0).then(|| {
         crate::resources::rfc3339(
             std::time::UNIX_EPOCH + Duration::from_millis(st.started_unix_ms as u64),
         )
     });
-    resources
-        .update(Kind::Instance, &st.name, |cur| {
-            let mut o = cur?.clone();
-            if o.pointer("/spec/node").and_then(Value::as_str) != Some(node)
-                || o.pointer("/spec/workloadGeneration")
-                    .and_then(Value::as_u64)
-                    != Some(st.spec_generation)
-            {
-                return None;
-            }
-            let events = o.pointer("/status/events").cloned();
-            let mut status = json!({
-                "phase": crate::workloads::parse_phase(&st.phase),
-                "ready": st.ready,
-                "restarts": st.restarts,
-            });
-            if st.has_exit_code {
-                status["exitCode"] = json!(st.exit_code);
-            }
-            if !st.reason.is_empty() {
-                status["reason"] = json!(st.reason);
-            }
-            if !st.message.is_empty() {
-                status["message"] = json!(st.message);
-            }
-            if st.pid > 0 {
-                status["pid"] = json!(st.pid);
-            }
-            if let Some(t) = &started_at {
-                status["startedAt"] = json!(t);
-            }
-            if !st.ip.is_empty() {
-                status["ip"] = json!(st.ip);
-            }
-            if let Some(ev) = events {
-                status["events"] = ev;
-            }
-            o["status"] = status;
-            Some(o)
-        })
-        .await
-        .map_err(|e| Status::unavailable(format!("cannot record instance {:?}: {e}", st.name)))?;
-    Ok(())
+    let events = o.pointer("/status/events").cloned();
+    let mut status = json!({
+        "phase": crate::workloads::parse_phase(&st.phase),
+        "ready": st.ready,
+        "restarts": st.restarts,
+    });
+    if st.has_exit_code {
+        status["exitCode"] = json!(st.exit_code);
+    }
+    if !st.reason.is_empty() {
+        status["reason"] = json!(st.reason);
+    }
+    if !st.message.is_empty() {
+        status["message"] = json!(st.message);
+    }
+    if st.pid > 0 {
+        status["pid"] = json!(st.pid);
+    }
+    if let Some(t) = &started_at {
+        status["startedAt"] = json!(t);
+    }
+    if !st.ip.is_empty() {
+        status["ip"] = json!(st.ip);
+    }
+    if let Some(ev) = events {
+        status["events"] = ev;
+    }
+    o["status"] = status;
+    Some(o)
 }
 
 /// Appends an event to the instance's recent events.

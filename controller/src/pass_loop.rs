@@ -1,7 +1,9 @@
-//! The loop of the store-driven controllers (workloads, pipelines): open a
-//! watch on `/registry/`, run a pass, then wait for the next change (a
-//! burst of changes is coalesced into one pass) or for the time the pass
-//! asked for, whichever comes first; reopen the watch when it breaks.
+//! The loop of the store-driven controllers (workloads, pipelines): run a
+//! pass, then wait for the next change (a burst of changes is coalesced
+//! into one pass) or for the time the pass asked for, whichever comes
+//! first. Changes come from the [cache](crate::cache) when there is one
+//! (one watch for the whole controller), else from a watch on
+//! `/registry/`, reopened when it breaks.
 
 use std::future::Future;
 use std::time::Duration;
@@ -24,6 +26,18 @@ pub async fn run<F, Fut>(
 {
     let stopped = shutdown.wait();
     tokio::pin!(stopped);
+    if let Some(cache) = resources.cache().await {
+        let mut changes = cache.subscribe();
+        loop {
+            changes.borrow_and_update();
+            let wait = pass().await;
+            tokio::select! {
+                _ = &mut stopped => return,
+                _ = tokio::time::sleep(wait) => {}
+                r = changes.changed() => if r.is_err() { return },
+            }
+        }
+    }
     loop {
         // (Re)open the watch first, then pass: no change can fall between.
         let opened = match resources.store().revision().await {

@@ -6,7 +6,9 @@
 //! `ironmesh_api::validate`) and does not decide anything about nodes or
 //! workloads; reconcilers and RPC handlers call it.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use ironmesh_api::selector::LabelSelector;
 use ironmesh_api::{Kind, Validated};
@@ -90,22 +92,67 @@ pub enum ResourceError {
 /// says why it must not be touched.
 pub type Guard<'a> = dyn Fn(&StoredObject) -> Result<(), String> + Send + Sync + 'a;
 
+/// How long a read waits for the cache to catch up with this process's
+/// own last write before it reads the store instead.
+const READ_YOUR_WRITES: Duration = Duration::from_secs(5);
+
 /// Typed access to resource objects.
+///
+/// With a [`Cache`](crate::cache::Cache) attached, `get` and `list` read
+/// the cache, after it has caught up with the last write made through any
+/// clone of this `Resources` (so a reconciler always sees its own writes);
+/// writes always go to the store, guarded by the store's revisions.
 #[derive(Clone)]
 pub struct Resources {
     store: Arc<dyn Store>,
+    cache: Option<crate::cache::Cache>,
+    written: Arc<AtomicU64>,
 }
 
 impl Resources {
     pub fn new(store: Arc<dyn Store>) -> Resources {
-        Resources { store }
+        Resources {
+            store,
+            cache: None,
+            written: Arc::default(),
+        }
+    }
+
+    /// Reads go to `cache` from now on.
+    pub fn with_cache(mut self, cache: crate::cache::Cache) -> Resources {
+        self.cache = Some(cache);
+        self
     }
 
     pub fn store(&self) -> &Arc<dyn Store> {
         &self.store
     }
 
+    /// The cache, once it has seen this process's last write.
+    pub async fn cache(&self) -> Option<&crate::cache::Cache> {
+        let cache = self.cache.as_ref()?;
+        let want = self.written.load(Ordering::Acquire);
+        if cache.revision() >= want || cache.synced(want, READ_YOUR_WRITES).await {
+            Some(cache)
+        } else {
+            tracing::warn!(
+                revision = want,
+                cached = cache.revision(),
+                "cache is behind; reading the store"
+            );
+            None
+        }
+    }
+
+    /// Records a revision this process committed.
+    pub fn wrote(&self, rev: Revision) {
+        self.written.fetch_max(rev, Ordering::AcqRel);
+    }
+
     pub async fn get(&self, kind: Kind, name: &str) -> Result<Option<StoredObject>, ResourceError> {
+        if let Some(cache) = self.cache().await {
+            return Ok(cache.read().get(kind, name).map(|o| (**o).clone()));
+        }
         match self.store.get(&key(kind, name)).await? {
             Some(kv) => Ok(Some(decode(kind, &kv)?)),
             None => Ok(None),
@@ -117,6 +164,16 @@ impl Resources {
         kind: Kind,
         selector: &LabelSelector,
     ) -> Result<(Vec<StoredObject>, Revision), ResourceError> {
+        if let Some(cache) = self.cache().await {
+            let view = cache.read();
+            let out = view
+                .objects(kind)
+                .values()
+                .filter(|o| selector.is_empty() || selector.matches(&labels_of(&o.object)))
+                .map(|o| (**o).clone())
+                .collect();
+            return Ok((out, view.revision));
+        }
         let (kvs, rev) = self.store.list(&prefix(kind)).await?;
         let mut out = Vec::with_capacity(kvs.len());
         for kv in &kvs {
@@ -226,7 +283,10 @@ impl Resources {
                 return Ok((self.store.revision().await?, applied));
             }
             match self.store.txn(txn).await? {
-                TxnOutcome::Committed(rev) => return Ok((rev, applied)),
+                TxnOutcome::Committed(rev) => {
+                    self.wrote(rev);
+                    return Ok((rev, applied));
+                }
                 TxnOutcome::CompareFailed { .. } => continue,
             }
         }
@@ -248,6 +308,7 @@ impl Resources {
                 ops: vec![Op::Delete { key: k.clone() }],
             };
             if let TxnOutcome::Committed(rev) = self.store.txn(txn).await? {
+                self.wrote(rev);
                 return Ok(rev);
             }
         }
@@ -294,10 +355,100 @@ impl Resources {
                 }],
             };
             if let TxnOutcome::Committed(rev) = self.store.txn(txn).await? {
+                self.wrote(rev);
                 return Ok(Some(rev));
             }
         }
         Err(ResourceError::Contended(format!("{kind} {name:?}")))
+    }
+}
+
+/// What [`Resources::update_many`] does with one object.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Change {
+    Keep,
+    Put(Value),
+    Delete,
+}
+
+/// Objects per transaction of a batch (etcd refuses more than 128 ops in
+/// one transaction by default).
+pub const BATCH: usize = 100;
+
+impl Resources {
+    /// Read-modify-write of many objects of one kind, [`BATCH`] to a
+    /// transaction: `f` gets each name and its current object (or `None`)
+    /// and says what to do. A batch whose objects changed underneath is
+    /// read and decided again. Returns how many objects were written.
+    pub async fn update_many<F>(
+        &self,
+        kind: Kind,
+        names: &[String],
+        mut f: F,
+    ) -> Result<usize, ResourceError>
+    where
+        F: FnMut(&str, Option<&Value>) -> Change + Send,
+    {
+        let mut written = 0;
+        for chunk in names.chunks(BATCH) {
+            let mut done = false;
+            for _ in 0..CAS_RETRIES {
+                let mut txn = Txn::default();
+                let mut seen = std::collections::HashSet::new();
+                for name in chunk {
+                    if !seen.insert(name.as_str()) {
+                        continue;
+                    }
+                    let k = key(kind, name);
+                    let current = self.store.get(&k).await?;
+                    let existing = match &current {
+                        Some(kv) => Some(decode(kind, kv)?.object),
+                        None => None,
+                    };
+                    let op = match f(name, existing.as_ref()) {
+                        Change::Keep => continue,
+                        Change::Delete if existing.is_none() => continue,
+                        Change::Delete => Op::Delete { key: k.clone() },
+                        Change::Put(next) => {
+                            let next = if existing.is_none() {
+                                new_object(&next)
+                            } else {
+                                next
+                            };
+                            if existing.as_ref().map(strip_rv) == Some(strip_rv(&next)) {
+                                continue;
+                            }
+                            Op::Put {
+                                key: k.clone(),
+                                value: encode(&next),
+                            }
+                        }
+                    };
+                    txn.compares.push(match &current {
+                        Some(kv) => Compare::ModRevision(k, kv.mod_revision),
+                        None => Compare::Absent(k),
+                    });
+                    txn.ops.push(op);
+                }
+                let n = txn.ops.len();
+                if n == 0 {
+                    done = true;
+                    break;
+                }
+                if let TxnOutcome::Committed(rev) = self.store.txn(txn).await? {
+                    self.wrote(rev);
+                    written += n;
+                    done = true;
+                    break;
+                }
+            }
+            if !done {
+                return Err(ResourceError::Contended(format!(
+                    "a batch of {kind} objects"
+                )));
+            }
+        }
+        Ok(written)
     }
 }
 

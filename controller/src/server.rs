@@ -88,7 +88,13 @@ pub async fn run(cfg: ControllerConfig, shutdown: Shutdown) -> Result<(), Server
         _ => None,
     };
     let creds = bootstrap::prepare(&cfg, shared)?;
-    let resources = Resources::new(store.clone());
+    let cache = crate::cache::Cache::start(store.clone())
+        .await
+        .map_err(|source| ServerError::Store {
+            path: cfg.data_dir.clone(),
+            source,
+        })?;
+    let resources = Resources::new(store.clone()).with_cache(cache.clone());
 
     let mut registry = Registry::default();
     let metrics = Arc::new(ControllerMetrics::new(&mut registry));
@@ -181,6 +187,15 @@ pub async fn run(cfg: ControllerConfig, shutdown: Shutdown) -> Result<(), Server
     let flows = crate::flows::FlowLog::default();
     let ipam = crate::ipam::Ipam::new(cfg.cluster_cidr, cfg.node_cidr_prefix)
         .map_err(ServerError::Config)?;
+    // Every controller serves its own agents, so every one computes
+    // assignments (reads only; the leader's reconcilers write).
+    let assignments = crate::assignments::Assignments::default();
+    tokio::spawn(crate::assignments::run(
+        assignments.clone(),
+        cache.clone(),
+        metrics.clone(),
+        shutdown.clone(),
+    ));
     let node_api = NodeApi {
         ca: Arc::new(creds.ca),
         ipam,
@@ -192,6 +207,7 @@ pub async fn run(cfg: ControllerConfig, shutdown: Shutdown) -> Result<(), Server
         liveness: liveness.clone(),
         metrics: metrics.clone(),
         heartbeat_interval: cfg.heartbeat_interval,
+        assignments,
     };
     let operator_api = OperatorApi {
         resources,

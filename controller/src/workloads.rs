@@ -61,8 +61,9 @@ pub async fn run(
 ) {
     let res = &resources;
     let (metrics, settings) = (&metrics, &settings);
+    let memo = &std::sync::Mutex::new(Memo::default());
     crate::pass_loop::run(res, "workloads", RESYNC, shutdown, || async move {
-        match reconcile(res, settings).await {
+        match reconcile_with(res, settings, memo).await {
             Ok(counts) => {
                 counts.publish(metrics);
                 counts.next_eviction.map_or(RESYNC, |due| RESYNC.min(due))
@@ -82,7 +83,8 @@ struct WorkloadView {
     generation: u64,
     spec: WorkloadSpec,
     labels: BTreeMap<String, String>,
-    object: Value,
+    /// The stored status, to skip writing an unchanged one.
+    status: Option<Value>,
 }
 
 /// An Instance as the controller needs it.
@@ -200,16 +202,73 @@ fn phase_name(p: InstancePhase) -> &'static str {
     }
 }
 
+/// Decoded instances kept between passes, by name with the revision they
+/// were decoded at: a pass decodes only what changed.
+#[derive(Default)]
+pub struct Memo {
+    instances: HashMap<String, (crate::store::Revision, Option<InstanceView>)>,
+}
+
+impl Memo {
+    fn views(&mut self, objects: &[std::sync::Arc<StoredObject>]) -> Vec<InstanceView> {
+        let mut seen = std::collections::HashSet::with_capacity(objects.len());
+        let mut out = Vec::with_capacity(objects.len());
+        for o in objects {
+            seen.insert(o.name.as_str());
+            let view = match self.instances.get(&o.name) {
+                Some((rev, v)) if *rev == o.revision => v.clone(),
+                _ => {
+                    let v = instance_view(o);
+                    self.instances
+                        .insert(o.name.clone(), (o.revision, v.clone()));
+                    v
+                }
+            };
+            out.extend(view);
+        }
+        self.instances
+            .retain(|name, _| seen.contains(name.as_str()));
+        out
+    }
+}
+
+/// How many instances a Workload's status lists by name (the rest are
+/// counted; `imctl get instances` lists them all).
+pub const STATUS_INSTANCES_MAX: usize = 100;
+
 /// One pass over all workloads.
 pub async fn reconcile(
     resources: &Resources,
     settings: &Settings,
 ) -> Result<PassCounts, ResourceError> {
-    let all = LabelSelector::default();
-    let (workloads, _) = resources.list(Kind::Workload, &all).await?;
-    let (instances, _) = resources.list(Kind::Instance, &all).await?;
-    let (nodes, _) = resources.list(Kind::Node, &all).await?;
+    reconcile_with(resources, settings, &std::sync::Mutex::new(Memo::default())).await
+}
 
+async fn reconcile_with(
+    resources: &Resources,
+    settings: &Settings,
+    memo: &std::sync::Mutex<Memo>,
+) -> Result<PassCounts, ResourceError> {
+    let all = LabelSelector::default();
+    let (workloads, nodes, instance_objects) = match resources.cache().await {
+        Some(cache) => {
+            let v = cache.read();
+            let list = |k: Kind| -> Vec<std::sync::Arc<StoredObject>> {
+                v.objects(k).values().cloned().collect()
+            };
+            (list(Kind::Workload), list(Kind::Node), list(Kind::Instance))
+        }
+        None => {
+            let arcs = |l: Vec<StoredObject>| -> Vec<std::sync::Arc<StoredObject>> {
+                l.into_iter().map(std::sync::Arc::new).collect()
+            };
+            (
+                arcs(resources.list(Kind::Workload, &all).await?.0),
+                arcs(resources.list(Kind::Node, &all).await?.0),
+                arcs(resources.list(Kind::Instance, &all).await?.0),
+            )
+        }
+    };
     let workloads: Vec<WorkloadView> = workloads
         .iter()
         .filter_map(|o| {
@@ -223,13 +282,18 @@ pub async fn reconcile(
                     .unwrap_or(1),
                 labels: crate::resources::labels_of(&o.object),
                 spec,
-                object: o.object.clone(),
+                status: o.object.get("status").cloned(),
             })
         })
         .collect();
-    let mut instances: Vec<InstanceView> = instances.iter().filter_map(instance_view).collect();
+    let mut instances: Vec<InstanceView> = memo
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .views(&instance_objects);
+    drop(instance_objects);
     let mut counts = PassCounts::default();
     let volumes = crate::volumes::VolumeIndex::load(resources).await?;
+    let nodes: Vec<StoredObject> = nodes.iter().map(|n| (**n).clone()).collect();
     {
         let facts: Vec<NodeFacts> = nodes.iter().map(NodeFacts::of).collect();
         let bound: Vec<Bound<'_>> = instances
@@ -280,6 +344,11 @@ pub async fn reconcile(
         }
     }
 
+    // Writes are gathered and made in batches at the end of the pass.
+    let mut binds: Vec<(String, Result<String, String>)> = Vec::new();
+    let mut deletes: Vec<(String, &'static str)> = Vec::new();
+    let mut creates: Vec<Value> = Vec::new();
+
     // Pipeline step instances belong to their run (crate::pipelines); this
     // pass only places them.
     for i in instances.iter().filter(|i| i.spec.task.is_some()) {
@@ -291,7 +360,7 @@ pub async fn reconcile(
                 &i.spec.template,
                 request_of(&i.spec.template),
             );
-            bind(resources, &i.name, placed).await?;
+            binds.push((i.name.clone(), placed));
         }
     }
     instances.retain(|i| i.spec.task.is_none());
@@ -305,12 +374,15 @@ pub async fn reconcile(
     }
 
     // Instances whose workload is gone.
+    let names: std::collections::HashSet<&str> =
+        workloads.iter().map(|w| w.name.as_str()).collect();
     for i in &instances {
-        if !workloads.iter().any(|w| w.name == i.spec.workload) {
-            delete_instance(resources, &i.name, "its workload was deleted").await?;
+        if !names.contains(i.spec.workload.as_str()) {
+            deletes.push((i.name.clone(), "its workload was deleted"));
         }
     }
 
+    let mut statuses = Vec::new();
     for w in &workloads {
         let owned = by_workload.remove(w.name.as_str()).unwrap_or_default();
         // Only a change of what runs replaces instances; scaling does not.
@@ -318,7 +390,7 @@ pub async fn reconcile(
             .into_iter()
             .partition(|i| same_template(&i.spec.template, &w.spec));
         for i in &stale {
-            delete_instance(resources, &i.name, "its workload changed").await?;
+            deletes.push((i.name.clone(), "its workload changed"));
         }
         let want = usize::try_from(w.spec.replicas.max(0)).unwrap_or(0);
         // Scale down: drop unplaced and not-ready ones first, then the newest.
@@ -337,7 +409,7 @@ pub async fn reconcile(
             });
             let extra = current.len() - want;
             for i in current.drain(..extra) {
-                delete_instance(resources, &i.name, "scaled down").await?;
+                deletes.push((i.name.clone(), "scaled down"));
             }
         }
         // Bind unplaced instances when a node has room now.
@@ -350,23 +422,133 @@ pub async fn reconcile(
                     &i.spec.template,
                     request_of(&i.spec.template),
                 );
-                bind(resources, &i.name, placed).await?;
+                binds.push((i.name.clone(), placed));
             }
         }
         let mut created = Vec::new();
-        for _ in current.len()..want {
-            let placed = crate::volumes::place(
-                &mut cluster,
-                &volumes,
-                &w.name,
-                &w.spec,
-                request_of(&w.spec),
-            );
-            created.push(create_instance(resources, w, placed).await?);
+        if current.len() < want {
+            // One identity per label set, allocated here on the leader
+            // before any instance carries it (never on a read path).
+            let identity = identity_of(resources, w).await;
+            for _ in current.len()..want {
+                let placed = crate::volumes::place(
+                    &mut cluster,
+                    &volumes,
+                    &w.name,
+                    &w.spec,
+                    request_of(&w.spec),
+                );
+                let (object, view) = new_instance(w, placed, identity);
+                creates.push(object);
+                created.push(view);
+            }
+        } else if want > 0 {
+            // Workloads that exist before any instance still get their
+            // identity, so policies can name them.
+            identity_of(resources, w).await;
         }
-        write_workload_status(resources, w, &current, &created).await?;
+        statuses.push((w, workload_status(w, &current, &created)));
+    }
+
+    write_batches(resources, binds, deletes, creates).await?;
+    for (w, status) in statuses {
+        write_workload_status(resources, w, status).await?;
     }
     Ok(counts)
+}
+
+/// The identity of a workload's label set: from the cache when it has one,
+/// else allocated. `None` (logged) if allocation fails; the instance gets
+/// one on a later pass.
+async fn identity_of(resources: &Resources, w: &WorkloadView) -> Option<u32> {
+    let canonical = crate::identities::canonical(&w.labels);
+    if let Some(cache) = resources.cache().await {
+        if let Some(id) = cache.read().identity(&canonical) {
+            return Some(id);
+        }
+    }
+    match crate::identities::identity_for(resources.store().as_ref(), &w.labels).await {
+        Ok(id) => Some(id),
+        Err(e) => {
+            tracing::warn!(workload = %w.name, error = %e, "cannot allocate an identity; the instance gets one later");
+            None
+        }
+    }
+}
+
+/// Makes the pass's binds, deletes and creates, a batch at a time.
+async fn write_batches(
+    resources: &Resources,
+    binds: Vec<(String, Result<String, String>)>,
+    deletes: Vec<(String, &'static str)>,
+    creates: Vec<Value>,
+) -> Result<(), ResourceError> {
+    if !deletes.is_empty() {
+        let names: Vec<String> = deletes.iter().map(|(n, _)| n.clone()).collect();
+        resources
+            .update_many(Kind::Instance, &names, |_, _| {
+                crate::resources::Change::Delete
+            })
+            .await?;
+        let mut why: BTreeMap<&str, usize> = BTreeMap::new();
+        for (name, reason) in &deletes {
+            tracing::debug!(instance = %name, %reason, "instance removed");
+            *why.entry(reason).or_default() += 1;
+        }
+        for (reason, count) in why {
+            tracing::info!(count, %reason, "instances removed");
+        }
+    }
+    if !binds.is_empty() {
+        let names: Vec<String> = binds.iter().map(|(n, _)| n.clone()).collect();
+        let by_name: HashMap<&str, &Result<String, String>> =
+            binds.iter().map(|(n, p)| (n.as_str(), p)).collect();
+        resources
+            .update_many(Kind::Instance, &names, |name, cur| {
+                let (Some(cur), Some(placed)) = (cur, by_name.get(name)) else {
+                    return crate::resources::Change::Keep;
+                };
+                match bound(cur, placed) {
+                    Some(o) => crate::resources::Change::Put(o),
+                    None => crate::resources::Change::Keep,
+                }
+            })
+            .await?;
+        let placed = binds.iter().filter(|(_, p)| p.is_ok()).count();
+        if placed > 0 {
+            tracing::info!(count = placed, "pending instances placed");
+        }
+    }
+    if !creates.is_empty() {
+        let names: Vec<String> = creates
+            .iter()
+            .filter_map(|o| o.pointer("/metadata/name").and_then(Value::as_str))
+            .map(str::to_string)
+            .collect();
+        let by_name: HashMap<&str, &Value> =
+            names.iter().map(String::as_str).zip(&creates).collect();
+        resources
+            .update_many(Kind::Instance, &names, |name, cur| {
+                match (cur, by_name.get(name)) {
+                    (None, Some(o)) => crate::resources::Change::Put((*o).clone()),
+                    _ => crate::resources::Change::Keep,
+                }
+            })
+            .await?;
+        for o in &creates {
+            tracing::debug!(instance = ?o.pointer("/metadata/name"), node = ?o.pointer("/spec/node"), "instance created");
+        }
+        let unplaced = creates
+            .iter()
+            .filter(|o| o.pointer("/spec/node").is_none_or(Value::is_null))
+            .count();
+        tracing::info!(
+            count = creates.len(),
+            unschedulable = unplaced,
+            "instances created"
+        );
+    }
+    Ok(())
 }
 
 /// Deletes an instance (already gone is fine) and logs why.
@@ -388,21 +570,13 @@ fn unschedulable_status(message: &str) -> Value {
     json!({"phase": "Pending", "reason": "Unschedulable", "message": message})
 }
 
-async fn create_instance(
-    resources: &Resources,
+/// A new instance object of `w` and its view.
+fn new_instance(
     w: &WorkloadView,
     placed: Result<String, String>,
-) -> Result<InstanceView, ResourceError> {
+    identity: Option<u32>,
+) -> (Value, InstanceView) {
     let name = instance_name(&w.name);
-    let identity = match crate::identities::identity_for(resources.store().as_ref(), &w.labels)
-        .await
-    {
-        Ok(id) => Some(id),
-        Err(e) => {
-            tracing::warn!(workload = %w.name, error = %e, "cannot allocate an identity; the instance gets one later");
-            None
-        }
-    };
     let mut labels = w.labels.clone();
     labels.insert(WORKLOAD_LABEL.to_string(), w.name.clone());
     let spec = InstanceSpec {
@@ -424,64 +598,39 @@ async fn create_instance(
         "spec": spec,
         "status": status,
     });
-    resources
-        .update(Kind::Instance, &name, |cur| {
-            cur.is_none().then(|| object.clone())
-        })
-        .await?;
-    match &placed {
-        Ok(node) => tracing::info!(instance = %name, workload = %w.name, %node, "instance placed"),
-        Err(why) => {
-            tracing::info!(instance = %name, workload = %w.name, reason = %why, "instance unschedulable")
-        }
-    }
-    Ok(InstanceView {
+    let view = InstanceView {
         name,
         spec,
         status: serde_json::from_value(status).unwrap_or_default(),
         created: String::new(),
-    })
+    };
+    (object, view)
 }
 
-async fn bind(
-    resources: &Resources,
-    name: &str,
-    placed: Result<String, String>,
-) -> Result<(), ResourceError> {
-    resources
-        .update(Kind::Instance, name, |cur| {
-            let mut o = cur?.clone();
-            if o.pointer("/spec/node").is_some_and(|n| !n.is_null()) {
-                return None;
-            }
-            match &placed {
-                Ok(node) => {
-                    o["spec"]["node"] = json!(node);
-                    o["status"] = json!({"phase": "Pending", "reason": "Scheduled"});
-                }
-                Err(why) => o["status"] = unschedulable_status(why),
-            }
-            Some(o)
-        })
-        .await?;
-    if let Ok(node) = &placed {
-        tracing::info!(instance = %name, %node, "instance placed");
+/// The instance bound as `placed` says, or `None` if it is bound already.
+fn bound(cur: &Value, placed: &Result<String, String>) -> Option<Value> {
+    let mut o = cur.clone();
+    if o.pointer("/spec/node").is_some_and(|n| !n.is_null()) {
+        return None;
     }
-    Ok(())
+    match placed {
+        Ok(node) => {
+            o["spec"]["node"] = json!(node);
+            o["status"] = json!({"phase": "Pending", "reason": "Scheduled"});
+        }
+        Err(why) => o["status"] = unschedulable_status(why),
+    }
+    Some(o)
 }
 
-async fn write_workload_status(
-    resources: &Resources,
-    w: &WorkloadView,
-    current: &[&InstanceView],
-    created: &[InstanceView],
-) -> Result<(), ResourceError> {
+fn workload_status(w: &WorkloadView, current: &[&InstanceView], created: &[InstanceView]) -> Value {
     let mut all: Vec<&InstanceView> = current.to_vec();
     all.extend(created.iter());
     all.sort_by(|a, b| a.name.cmp(&b.name));
     let ready = all.iter().filter(|i| i.status.ready).count();
     let summaries: Vec<Value> = all
         .iter()
+        .take(STATUS_INSTANCES_MAX)
         .map(|i| {
             let mut s = json!({
                 "name": i.name,
@@ -526,14 +675,21 @@ async fn write_workload_status(
             "message": msg,
         }));
     }
-    let status = json!({
+    json!({
         "observedGeneration": w.generation,
         "replicas": all.len(),
         "readyReplicas": ready,
         "conditions": conditions,
         "instances": summaries,
-    });
-    if w.object.get("status") == Some(&status) {
+    })
+}
+
+async fn write_workload_status(
+    resources: &Resources,
+    w: &WorkloadView,
+    status: Value,
+) -> Result<(), ResourceError> {
+    if w.status.as_ref() == Some(&status) {
         return Ok(());
     }
     resources
