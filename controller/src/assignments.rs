@@ -748,4 +748,108 @@ mod tests {
         ironmesh_proto::assignment::apply(&mut folded, m).unwrap();
         assert_eq!(folded.unwrap(), a.whole("n1"));
     }
+
+    /// The check: a burst of 1,000 writes, each its own store
+    /// transaction, reaches every node as a handful of coalesced messages
+    /// (O(nodes) in all), not one per write (O(nodes x writes)).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_burst_of_writes_costs_each_node_a_few_messages_not_one_per_write() {
+        use crate::resources::{Change, Resources};
+        use serde_json::json;
+        const NODES: usize = 20;
+        const WRITES: usize = 1000;
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn crate::store::Store> = Arc::new(
+            crate::store::embedded::EmbeddedStore::open(&dir.path().join("s.redb")).unwrap(),
+        );
+        let cache = Cache::start(store.clone()).await.unwrap();
+        let res = Resources::new(store).with_cache(cache.clone());
+        let nodes: Vec<String> = (0..NODES).map(|n| format!("n{n}")).collect();
+        res.update_many(Kind::Node, &nodes, |name, _| {
+            let n: usize = name[1..].parse().unwrap();
+            Change::Put(json!({"apiVersion": "ironmesh.dev/v1", "kind": "Node",
+                "metadata": {"name": name}, "spec": {},
+                "status": {"podCIDR": format!("10.244.{n}.0/24"), "internalIP": format!("192.0.2.{}", n + 1)}}))
+        })
+        .await
+        .unwrap();
+        let instances: Vec<String> = (0..WRITES).map(|i| format!("web-{i}")).collect();
+        res.update_many(Kind::Instance, &instances, |name, _| {
+            let i: usize = name[4..].parse().unwrap();
+            Change::Put(json!({"apiVersion": "ironmesh.dev/v1", "kind": "Instance",
+                "metadata": {"name": name},
+                "spec": {"workload": "web", "workloadGeneration": 1, "node": format!("n{}", i % NODES),
+                         "identity": 300, "template": {"image": "web:1"}},
+                "status": {"phase": "Pending"}}))
+        })
+        .await
+        .unwrap();
+
+        let a = Assignments::default();
+        let registry = &mut prometheus_client::registry::Registry::default();
+        let metrics = Arc::new(ControllerMetrics::new(registry));
+        let (shutdown, stop) = ironmesh_daemon::Shutdown::manual();
+        tokio::spawn(run(a.clone(), cache.clone(), metrics.clone(), shutdown));
+        let received = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (folded_tx, mut folded_rx) = tokio::sync::mpsc::unbounded_channel();
+        for (idx, n) in nodes.iter().enumerate() {
+            let mut sub = a.subscribe(n, true);
+            let (received, folded_tx) = (received.clone(), folded_tx.clone());
+            tokio::spawn(async move {
+                let mut folded = None;
+                loop {
+                    let m = sub.next().await;
+                    received.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    ironmesh_proto::assignment::apply(&mut folded, m).unwrap();
+                    let ids = folded
+                        .as_ref()
+                        .map_or(0, |f: &Assignment| f.identities.len());
+                    if folded_tx.send((idx, ids)).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+        async fn wait(want: usize, rx: &mut tokio::sync::mpsc::UnboundedReceiver<(usize, usize)>) {
+            let mut done = std::collections::HashSet::new();
+            tokio::time::timeout(Duration::from_secs(60), async {
+                while done.len() < NODES {
+                    let (node, ids) = rx.recv().await.unwrap();
+                    if ids >= want {
+                        done.insert(node);
+                    }
+                }
+            })
+            .await
+            .expect("every node sees the writes");
+        }
+        wait(0, &mut folded_rx).await;
+        let before = received.load(std::sync::atomic::Ordering::Relaxed);
+        let passes_before = metrics.assignment_passes.get();
+
+        // The burst: every instance gets its address, one transaction each.
+        for (i, name) in instances.iter().enumerate() {
+            res.update(Kind::Instance, name, |cur| {
+                let mut o = cur?.clone();
+                o["status"] = json!({"phase": "Running", "ready": true,
+                    "ip": format!("10.244.{}.{}", i % NODES, 2 + i / NODES)});
+                Some(o)
+            })
+            .await
+            .unwrap();
+        }
+        wait(WRITES, &mut folded_rx).await;
+        let messages = received.load(std::sync::atomic::Ordering::Relaxed) - before;
+        let passes = metrics.assignment_passes.get() - passes_before;
+        println!("{WRITES} writes -> {passes} passes -> {messages} messages to {NODES} nodes");
+        assert!(
+            messages <= NODES * (passes as usize + 1),
+            "one message per node per pass at most: {messages} for {passes} passes"
+        );
+        assert!(
+            messages * 10 <= NODES * WRITES,
+            "{messages} messages for {WRITES} writes to {NODES} nodes: not coalesced"
+        );
+        let _ = stop.send(true);
+    }
 }

@@ -19,7 +19,13 @@ const PREFIX: &str = "/ipam/podcidrs/";
 pub enum IpamError {
     #[error(transparent)]
     Store(#[from] StoreError),
-    #[error("the cluster CIDR {cluster} has no free /{prefix} block left ({used} in use)")]
+    #[error(
+        "the cluster CIDR {cluster} has no free /{prefix} block left: all {used} are in use \
+         ({cluster} holds {used} nodes at --node-cidr-prefix {prefix}). Start the controller \
+         with a wider --cluster-cidr (e.g. 10.0.0.0/12 holds 4096 /24 nodes) or a longer \
+         --node-cidr-prefix (/26: 62 instance addresses per node, 1024 nodes in a /16), \
+         or delete Nodes that are gone"
+    )]
     Exhausted {
         cluster: Ipv4Cidr,
         prefix: u8,
@@ -65,7 +71,10 @@ impl Ipam {
     pub async fn allocate(&self, store: &dyn Store, node: &str) -> Result<Ipv4Cidr, IpamError> {
         for _ in 0..16 {
             let (kvs, _) = store.list(PREFIX).await?;
+            // Blocks of this size are checked by lookup; other sizes (left
+            // by an earlier --node-cidr-prefix) by overlap.
             let mut used = HashSet::new();
+            let mut other_sizes = Vec::new();
             for kv in &kvs {
                 let Some(c) = parse_key(&kv.key) else {
                     continue;
@@ -76,16 +85,20 @@ impl Ipam {
                 {
                     return Ok(c);
                 }
-                used.insert(c);
+                if c.prefix() == self.node_prefix {
+                    used.insert(c);
+                } else {
+                    other_sizes.push(c);
+                }
             }
             let free = (0..self.cluster.subnet_count(self.node_prefix))
                 .filter_map(|n| self.cluster.subnet(self.node_prefix, n))
-                .find(|c| !used.iter().any(|u| u.overlaps(c)));
+                .find(|c| !used.contains(c) && !other_sizes.iter().any(|u| u.overlaps(c)));
             let Some(block) = free else {
                 return Err(IpamError::Exhausted {
                     cluster: self.cluster,
                     prefix: self.node_prefix,
-                    used: used.len(),
+                    used: used.len() + other_sizes.len(),
                 });
             };
             let k = key(&block);
@@ -162,6 +175,12 @@ mod tests {
         ipam.allocate(&store, "d").await.unwrap();
         let e = ipam.allocate(&store, "e").await.unwrap_err();
         assert!(e.to_string().contains("no free /24 block"), "{e}");
+        // The error names the flags that size the plan.
+        assert!(
+            e.to_string().contains("--cluster-cidr")
+                && e.to_string().contains("--node-cidr-prefix"),
+            "{e}"
+        );
         release_orphans(
             &store,
             &["a", "c", "d"].iter().map(|s| s.to_string()).collect(),

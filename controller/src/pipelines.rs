@@ -136,7 +136,12 @@ pub async fn reconcile(
     let all = LabelSelector::default();
     let (pipelines, _) = resources.list(Kind::Pipeline, &all).await?;
     let (runs, _) = resources.list(Kind::PipelineRun, &all).await?;
-    let (instances, _) = resources.list(Kind::Instance, &all).await?;
+    // Only pipeline steps; a cluster's service instances are not ours.
+    let instances = resources
+        .list_matching(Kind::Instance, |o| {
+            o.object.pointer("/spec/task").is_some_and(|t| !t.is_null())
+        })
+        .await?;
 
     let mut wake = Duration::from_secs(3600);
     let pipeline_specs: HashMap<String, PipelineSpec> = pipelines

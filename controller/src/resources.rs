@@ -185,6 +185,26 @@ impl Resources {
         Ok((out, rev))
     }
 
+    /// The objects of `kind` for which `keep` is true. With a cache, only
+    /// those are copied out of it.
+    pub async fn list_matching(
+        &self,
+        kind: Kind,
+        keep: impl Fn(&StoredObject) -> bool,
+    ) -> Result<Vec<StoredObject>, ResourceError> {
+        if let Some(cache) = self.cache().await {
+            let view = cache.read();
+            return Ok(view
+                .objects(kind)
+                .values()
+                .filter(|o| keep(o))
+                .map(|o| (**o).clone())
+                .collect());
+        }
+        let (all, _) = self.list(kind, &LabelSelector::default()).await?;
+        Ok(all.into_iter().filter(|o| keep(o)).collect())
+    }
+
     /// Writes every document at one new revision, or nothing. `docs` are
     /// `(origin, validated)` pairs; origins only name documents in errors.
     pub async fn apply(
