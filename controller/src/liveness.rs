@@ -17,7 +17,6 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
-use ironmesh_api::selector::LabelSelector;
 use ironmesh_api::Kind;
 use serde_json::{json, Value};
 
@@ -251,13 +250,16 @@ async fn reconcile_once(
     liveness: &Liveness,
     metrics: &ControllerMetrics,
 ) -> Result<(), crate::resources::ResourceError> {
-    let (nodes, _) = resources
-        .list(Kind::Node, &LabelSelector::default())
+    // Names and stored conditions only: this runs several times a second.
+    let mut nodes = Vec::new();
+    resources
+        .scan(Kind::Node, |n| {
+            nodes.push((n.name.clone(), ready_status(&n.object).map(str::to_string)))
+        })
         .await?;
     let (mut ready, mut not_ready, mut unknown) = (0i64, 0i64, 0i64);
-    for n in nodes {
-        let stored = ready_status(&n.object).map(str::to_string);
-        let (alive, since) = liveness.judge(&n.name);
+    for (node, stored) in nodes {
+        let (alive, since) = liveness.judge(&node);
         let Some(alive) = alive else {
             match stored.as_deref() {
                 Some("True") => ready += 1,
@@ -297,7 +299,7 @@ async fn reconcile_once(
                 },
             )
         };
-        let name = n.name.clone();
+        let name = node;
         resources
             .update(Kind::Node, &name, |cur| {
                 let mut obj = cur?.clone();

@@ -185,6 +185,23 @@ impl Resources {
         Ok((out, rev))
     }
 
+    /// Calls `visit` with every object of `kind`, without copying them out
+    /// of the cache.
+    pub async fn scan(
+        &self,
+        kind: Kind,
+        mut visit: impl FnMut(&StoredObject),
+    ) -> Result<(), ResourceError> {
+        if let Some(cache) = self.cache().await {
+            let view = cache.read();
+            view.objects(kind).values().for_each(|o| visit(o));
+            return Ok(());
+        }
+        let (all, _) = self.list(kind, &LabelSelector::default()).await?;
+        all.iter().for_each(visit);
+        Ok(())
+    }
+
     /// The objects of `kind` for which `keep` is true. With a cache, only
     /// those are copied out of it.
     pub async fn list_matching(

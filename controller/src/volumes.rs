@@ -226,8 +226,6 @@ pub fn choose(
 pub async fn reconcile(resources: &Resources) -> Result<(), ResourceError> {
     let all = LabelSelector::default();
     let (volumes, _) = resources.list(Kind::Volume, &all).await?;
-    let (nodes, _) = resources.list(Kind::Node, &all).await?;
-    let nodes: Vec<NodePools> = nodes.iter().map(node_pools).collect();
     let mut booked: BTreeMap<(String, String), u64> = BTreeMap::new();
     let mut unbound = Vec::new();
     for v in &volumes {
@@ -238,6 +236,13 @@ pub async fn reconcile(resources: &Resources) -> Result<(), ResourceError> {
             None => unbound.push((v, spec, size)),
         }
     }
+    if unbound.is_empty() {
+        return Ok(());
+    }
+    let mut nodes: Vec<NodePools> = Vec::new();
+    resources
+        .scan(Kind::Node, |n| nodes.push(node_pools(n)))
+        .await?;
     unbound.sort_by(|a, b| a.0.name.cmp(&b.0.name));
     for (v, spec, size) in unbound {
         let status = match choose(&spec, size, &nodes, &booked) {
