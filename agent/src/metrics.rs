@@ -56,7 +56,7 @@ impl AgentMetrics {
         );
         r.register(
             "assignment_revision",
-            "Revision of the last assignment received",
+            "Revision of the last assignment applied",
             m.assignment_revision.clone(),
         );
         r.register("cpus", "Logical CPUs discovered", m.cpus.clone());

@@ -1,31 +1,33 @@
-//! The agent's side of the sync stream: hello, inventory, heartbeats,
-//! instance states and events, assignment acks and log chunks up; welcome,
-//! assignments and log requests down. Reconnects with exponential backoff
-//! when the controller goes away; after each connect it sends a full
-//! instance report, so nothing that changed meanwhile is lost.
+//! One sync stream at a time: connect, hello, welcome, then heartbeats,
+//! inventory refreshes, storage reports and log requests, while incoming
+//! assignments are folded into the whole desired state and handed to the
+//! apply task; reconnects with back-off, failing over across controllers.
+//! After each connect it sends a full instance report, so nothing that
+//! changed meanwhile is lost.
 //!
-//! With several controllers (`--controller a,b,c`) a lost stream moves on
-//! to the next controller at once; the backoff only grows once every
-//! controller has failed in a row. The hello carries the last acknowledged
-//! assignment revision, and the new controller sends the full assignment,
-//! so a failover neither loses nor replays anything blindly.
+//! Nothing in the session loop waits for applying, for the inventory to be
+//! read, or for room in a queue (see `outbound`), so heartbeats keep their
+//! pace whatever else is going on.
 
+use std::net::Ipv4Addr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use std::collections::HashMap;
 
+use ironmesh_proto::assignment::INCREMENTAL;
 use ironmesh_proto::v1::{
     agent_message, controller_message, node_service_client::NodeServiceClient, AgentMessage,
-    Assignment, AssignmentAck, Heartbeat, Hello, InstanceReport, InstanceState, Inventory,
-    LogChunk, LogRequest,
+    Assignment, AssignmentAck, Heartbeat, Hello, InstanceReport, Inventory, LogChunk, LogRequest,
 };
 use tokio::sync::{mpsc, watch};
-use tokio_stream::wrappers::ReceiverStream;
 
+use super::apply::{self, Applied, Feed};
+use super::outbound::{self, msg, Current, Lanes};
+use super::{SyncConfig, SyncError};
 use crate::identity::{endpoint, error_chain, NodeIdentity};
 use crate::metrics::AgentMetrics;
-use crate::supervisor::{DesiredInstance, Supervisor, SupervisorReport};
+use crate::supervisor::Supervisor;
 
 /// First and largest reconnect delay.
 const BACKOFF_MIN: Duration = Duration::from_millis(200);
@@ -33,152 +35,20 @@ const BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// How often the inventory is read again (sent only when it changed).
 const INVENTORY_REFRESH: Duration = Duration::from_secs(30);
 
-pub struct SyncConfig {
-    /// Every controller of the cluster (at least one), tried in order.
-    pub controllers: Vec<String>,
-    pub server_name: Option<String>,
-    pub agent_version: String,
-    /// Runs what the assignments ask for.
-    pub supervisor: Arc<Supervisor>,
-    /// `--node-ip`; detected from the inventory when `None`.
-    pub node_ip: Option<std::net::Ipv4Addr>,
-    /// Instance networking: configured from Welcome, peer routes from
-    /// each assignment.
-    pub network: Arc<crate::network::Network>,
-    /// The loaded datapath, if any: identities, policy and services from
-    /// each assignment.
-    pub datapath: Option<Arc<crate::datapath::Datapath>>,
-    pub cross_host: crate::config::CrossHost,
-    pub vxlan_vni: u32,
-    /// Volumes: provisioned and deleted as assignments list them, usage
-    /// reported every `storage_report_interval`.
-    pub storage: Option<Arc<crate::storage::Storage>>,
-    pub storage_report_interval: Duration,
-    /// Flow batches from [`crate::flow_export`], sent up while a session is
-    /// open and dropped otherwise.
-    pub flows: Option<mpsc::Receiver<ironmesh_proto::v1::FlowBatch>>,
-    /// Work-queue sockets of pipeline step instances.
-    pub work_queue: Option<Arc<crate::work_queue::WorkQueueProxy>>,
-}
-
-/// Where supervisor reports go: the open session's outbound queue, if any.
-type Outbound = watch::Sender<Option<mpsc::Sender<AgentMessage>>>;
-
-/// Forwards supervisor reports to the current session; while disconnected
-/// they are dropped (the next session starts with a full report).
-fn forward_reports(
-    mut reports: mpsc::Receiver<SupervisorReport>,
-    metrics: Arc<AgentMetrics>,
-) -> Outbound {
-    let (out, rx) = watch::channel::<Option<mpsc::Sender<AgentMessage>>>(None);
-    tokio::spawn(async move {
-        // Last known (phase, restarts) per instance, for the gauges.
-        let mut known: HashMap<String, (String, u32)> = HashMap::new();
-        while let Some(r) = reports.recv().await {
-            observe(&metrics, &mut known, &r);
-            let msg = match r {
-                SupervisorReport::State(st) => agent_message::Msg::Instances(InstanceReport {
-                    full: false,
-                    instances: vec![st],
-                }),
-                SupervisorReport::Event(ev) => agent_message::Msg::Event(ev),
-            };
-            let tx = rx.borrow().clone();
-            if let Some(tx) = tx {
-                let _ = tx.send(AgentMessage { msg: Some(msg) }).await;
-            }
-        }
-    });
-    out
-}
-
-/// Sends flow batches to the current session without waiting: a batch
-/// that finds no session, or a full queue, is dropped.
-fn forward_flows(
-    mut flows: mpsc::Receiver<ironmesh_proto::v1::FlowBatch>,
-    session: watch::Receiver<Option<mpsc::Sender<AgentMessage>>>,
-) {
-    tokio::spawn(async move {
-        while let Some(batch) = flows.recv().await {
-            let tx = session.borrow().clone();
-            if let Some(tx) = tx {
-                let _ = tx.try_send(AgentMessage {
-                    msg: Some(agent_message::Msg::Flows(batch)),
-                });
-            }
-        }
-    });
-}
-
-fn observe(
+/// Keeps a sync stream open until `shutdown`, reconnecting with back-off.
+/// Returns when shut down; dropping `feed` then ends the apply task.
+pub(super) async fn run(
+    cfg: &SyncConfig,
+    id: &NodeIdentity,
     metrics: &AgentMetrics,
-    known: &mut HashMap<String, (String, u32)>,
-    r: &SupervisorReport,
-) {
-    use crate::metrics::{PhaseLabel, ReasonLabel};
-    match r {
-        SupervisorReport::State(st) => {
-            let before = known.insert(st.name.clone(), (st.phase.clone(), st.restarts));
-            if let Some((_, restarts)) = &before {
-                if st.restarts > *restarts {
-                    metrics.restarts.inc_by(u64::from(st.restarts - restarts));
-                }
-            }
-            let mut counts: HashMap<&str, i64> = HashMap::new();
-            for (phase, _) in known.values() {
-                *counts.entry(phase.as_str()).or_default() += 1;
-            }
-            for phase in ["Pending", "Running", "Succeeded", "Failed"] {
-                metrics
-                    .instances
-                    .get_or_create(&PhaseLabel {
-                        phase: phase.to_string(),
-                    })
-                    .set(counts.get(phase).copied().unwrap_or(0));
-            }
-        }
-        SupervisorReport::Event(ev) => {
-            if ev.reason == "Deleted" {
-                known.remove(&ev.instance);
-            }
-            metrics
-                .events
-                .get_or_create(&ReasonLabel {
-                    reason: ev.reason.clone(),
-                })
-                .inc();
-        }
-    }
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum SyncError {
-    #[error("cannot connect: {0}")]
-    Connect(String),
-    #[error("controller refused the stream: {0}")]
-    Refused(String),
-    #[error("stream broke: {0}")]
-    Broken(String),
-    #[error("protocol error: {0}")]
-    Protocol(String),
-}
-
-/// Keeps a sync stream open until `shutdown`, reconnecting with backoff.
-pub async fn run(
-    mut cfg: SyncConfig,
-    id: NodeIdentity,
-    metrics: Arc<AgentMetrics>,
-    reports: mpsc::Receiver<SupervisorReport>,
+    current: &Current,
+    mut feed: Feed,
+    mut applied: watch::Receiver<Applied>,
     shutdown: ironmesh_daemon::Shutdown,
 ) {
-    let outbound = forward_reports(reports, metrics.clone());
-    if let Some(flows) = cfg.flows.take() {
-        forward_flows(flows, outbound.subscribe());
-    }
     let mut backoff = BACKOFF_MIN;
-    let mut acked: u64 = 0;
     let count = cfg.controllers.len().max(1);
-    let mut current = 0usize;
+    let mut current_controller = 0usize;
     // Failed sessions since the last healthy one.
     let mut failed_in_a_row = 0usize;
     loop {
@@ -186,18 +56,23 @@ pub async fn run(
             return;
         }
         let started = std::time::Instant::now();
-        let url = cfg.controllers.get(current).cloned().unwrap_or_default();
+        let url = cfg
+            .controllers
+            .get(current_controller)
+            .cloned()
+            .unwrap_or_default();
         let res = session(
-            &cfg,
+            cfg,
             &url,
-            &id,
-            &metrics,
-            &mut acked,
-            &outbound,
+            id,
+            metrics,
+            current,
+            &mut feed,
+            &mut applied,
             shutdown.clone(),
         )
         .await;
-        outbound.send_replace(None);
+        current.send_replace(None);
         metrics.connected.set(0);
         match res {
             Ok(()) => return,
@@ -209,10 +84,15 @@ pub async fn run(
                 }
                 failed_in_a_row += 1;
                 metrics.reconnects.inc();
-                current = (current + 1) % count;
+                current_controller = (current_controller + 1) % count;
                 if count > 1 && failed_in_a_row < count {
                     // Another controller may be up: try it right away.
-                    tracing::warn!(error = %e, controller = %url, next = %cfg.controllers[current], "sync stream down; failing over");
+                    let next = cfg
+                        .controllers
+                        .get(current_controller)
+                        .map(String::as_str)
+                        .unwrap_or_default();
+                    tracing::warn!(error = %e, controller = %url, next = %next, "sync stream down; failing over");
                     tokio::select! {
                         _ = tokio::time::sleep(BACKOFF_MIN / 2) => {}
                         _ = shutdown.clone().wait() => return,
@@ -232,13 +112,27 @@ pub async fn run(
     }
 }
 
+/// Queues `m` on the control lane without waiting. `Ok(false)`: the lane is
+/// full (the connection is not draining); the caller decides what to skip.
+fn control(lanes: &Lanes, m: agent_message::Msg) -> Result<bool, SyncError> {
+    match lanes.control.try_send(msg(m)) {
+        Ok(()) => Ok(true),
+        Err(mpsc::error::TrySendError::Full(_)) => Ok(false),
+        Err(mpsc::error::TrySendError::Closed(_)) => {
+            Err(SyncError::Broken("outbound stream closed".into()))
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)] // the session's share of what run holds
 async fn session(
     cfg: &SyncConfig,
     url: &str,
     id: &NodeIdentity,
     metrics: &AgentMetrics,
-    acked: &mut u64,
-    outbound: &Outbound,
+    current: &Current,
+    feed: &mut Feed,
+    applied: &mut watch::Receiver<Applied>,
     shutdown: ironmesh_daemon::Shutdown,
 ) -> Result<(), SyncError> {
     let channel = endpoint(url)
@@ -250,15 +144,7 @@ async fn session(
         .map_err(|e| SyncError::Connect(error_chain(&e)))?;
     let mut client = NodeServiceClient::new(channel);
 
-    let (tx, rx) = mpsc::channel::<AgentMessage>(256);
-    let send = |tx: &mpsc::Sender<AgentMessage>, m: agent_message::Msg| {
-        let tx = tx.clone();
-        async move {
-            tx.send(AgentMessage { msg: Some(m) })
-                .await
-                .map_err(|_| SyncError::Broken("outbound stream closed".into()))
-        }
-    };
+    let (lanes, outbound_stream) = outbound::lanes();
     let mut inventory = read_inventory(&cfg.agent_version).await;
     let node_ip = cfg.node_ip.or_else(|| {
         inventory
@@ -268,24 +154,28 @@ async fn session(
     if node_ip.is_none() {
         tracing::warn!("no node address found (set --node-ip): other nodes cannot route to this node's instances");
     }
-    send(
-        &tx,
+    // This stream acks only what it handed over itself; what was applied
+    // before (perhaps after the last stream broke) goes in the hello.
+    let first_seq = feed.last_seq() + 1;
+    let applied_revision = applied.borrow_and_update().revision;
+    // A fresh lane has room for both.
+    control(
+        &lanes,
         agent_message::Msg::Hello(Hello {
             node_name: id.node_name.clone(),
             agent_version: cfg.agent_version.clone(),
-            acked_revision: *acked,
+            acked_revision: applied_revision,
             node_ip: node_ip.map(|ip| ip.to_string()).unwrap_or_default(),
-            capabilities: Vec::new(),
+            capabilities: vec![INCREMENTAL.into()],
         }),
-    )
-    .await?;
+    )?;
     if let Some(inv) = &inventory {
         metrics.observe_inventory(inv);
-        send(&tx, agent_message::Msg::Inventory(inv.clone())).await?;
+        control(&lanes, agent_message::Msg::Inventory(inv.clone()))?;
     }
 
     let mut inbound = client
-        .sync(ReceiverStream::new(rx))
+        .sync(outbound_stream)
         .await
         .map_err(|s| match s.code() {
             tonic::Code::PermissionDenied | tonic::Code::Unauthenticated => {
@@ -326,28 +216,36 @@ async fn session(
         }
     }
     // Everything the controller may have missed while we were away.
-    send(
-        &tx,
-        agent_message::Msg::Instances(InstanceReport {
+    lanes
+        .state
+        .send(msg(agent_message::Msg::Instances(InstanceReport {
             full: true,
             instances: cfg.supervisor.snapshot(),
-        }),
-    )
-    .await?;
-    outbound.send_replace(Some(tx.clone()));
+        })))
+        .await
+        .map_err(|_| SyncError::Broken("outbound stream closed".into()))?;
+    current.send_replace(Some(lanes.state.clone()));
     let mut log_tasks: HashMap<u64, tokio::task::AbortHandle> = HashMap::new();
     let hb_every = Duration::from_millis(u64::from(welcome.heartbeat_interval_ms.max(100)));
     tracing::info!(node = %welcome.node_name, controller = %url, heartbeat_ms = hb_every.as_millis() as u64, "connected to controller");
 
     let mut heartbeat = tokio::time::interval(hb_every);
-    let mut refresh = tokio::time::interval(INVENTORY_REFRESH);
-    refresh.tick().await; // the first tick is immediate; inventory was just sent
     let mut seq: u64 = 0;
-    // The volumes the last assignment bound to this node (None until one came).
-    let mut wanted_volumes: Option<Vec<crate::storage::WantedVolume>> = None;
+    // Heartbeats skipped in a row because the control lane was full.
+    let mut hb_skipped: u64 = 0;
+    let mut refresh = tokio::time::interval(INVENTORY_REFRESH);
+    refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    refresh.tick().await; // the first tick is immediate; inventory was just sent
+                          // Inventory is read off the loop; the result comes back here.
+    let (inv_tx, mut inv_rx) = mpsc::channel::<Option<Inventory>>(1);
+    let mut reading_inventory = false;
     let mut storage_tick =
         tokio::time::interval(cfg.storage_report_interval.max(Duration::from_millis(200)));
     storage_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // The whole desired state this stream has given so far.
+    let mut whole: Option<Assignment> = None;
+    // An applied revision not yet acked (the control lane was full).
+    let mut pending_ack: Option<u64> = None;
     let stop = shutdown.wait();
     tokio::pin!(stop);
     let result = loop {
@@ -359,56 +257,77 @@ async fn session(
                     .duration_since(std::time::UNIX_EPOCH)
                     .map(|d| d.as_millis() as i64)
                     .unwrap_or_default();
-                if let Err(e) = send(&tx, agent_message::Msg::Heartbeat(Heartbeat { sequence: seq, sent_unix_ms: now })).await {
+                match control(&lanes, agent_message::Msg::Heartbeat(Heartbeat { sequence: seq, sent_unix_ms: now })) {
+                    Ok(true) => {
+                        metrics.heartbeats.inc();
+                        if hb_skipped > 0 {
+                            tracing::info!(skipped = hb_skipped, "heartbeats are sent again");
+                            hb_skipped = 0;
+                        }
+                    }
+                    Ok(false) => {
+                        if hb_skipped == 0 {
+                            tracing::warn!(controller = %url, "outbound stream is not draining; skipping heartbeats");
+                        }
+                        hb_skipped += 1;
+                    }
+                    Err(e) => break Err(e),
+                }
+                if let Err(e) = flush_ack(&lanes, &mut pending_ack) {
                     break Err(e);
                 }
-                metrics.heartbeats.inc();
             }
             _ = storage_tick.tick() => {
-                storage_pass(cfg, wanted_volumes.clone(), tx.clone());
+                let wanted = applied.borrow().volumes.clone();
+                apply::storage_pass(cfg.storage.as_ref(), &cfg.supervisor, wanted, Some(lanes.state.clone()));
             }
-            _ = refresh.tick() => {
-                let fresh = read_inventory(&cfg.agent_version).await;
+            _ = refresh.tick(), if !reading_inventory => {
+                reading_inventory = true;
+                let tx = inv_tx.clone();
+                let version = cfg.agent_version.clone();
+                tokio::spawn(async move {
+                    let _ = tx.send(read_inventory(&version).await).await;
+                });
+            }
+            Some(fresh) = inv_rx.recv() => {
+                reading_inventory = false;
                 if let Some(inv) = &fresh {
                     metrics.observe_inventory(inv);
                     if inventory.as_ref().map(stable) != Some(stable(inv)) {
-                        tracing::info!("inventory changed; reporting");
-                        if let Err(e) = send(&tx, agent_message::Msg::Inventory(inv.clone())).await {
-                            break Err(e);
+                        match control(&lanes, agent_message::Msg::Inventory(inv.clone())) {
+                            Ok(true) => {
+                                tracing::info!("inventory changed; reported");
+                                inventory = fresh;
+                            }
+                            // Not recorded as sent: the next refresh tries again.
+                            Ok(false) => tracing::debug!("inventory changed; outbound stream full, reporting later"),
+                            Err(e) => break Err(e),
                         }
-                        inventory = fresh;
                     }
+                }
+            }
+            changed = applied.changed() => {
+                if changed.is_err() {
+                    break Err(SyncError::Broken("the assignment apply task ended".into()));
+                }
+                if let Some(revision) = ack_for(&applied.borrow_and_update(), first_seq) {
+                    pending_ack = Some(revision);
+                }
+                if let Err(e) = flush_ack(&lanes, &mut pending_ack) {
+                    break Err(e);
                 }
             }
             msg = inbound.message() => match msg {
                 Ok(Some(m)) => match m.msg {
                     Some(controller_message::Msg::Assignment(a)) => {
-                        let revision = a.revision;
-                        tracing::debug!(revision, instances = a.instances.len(), peers = a.peers.len(), "assignment received");
-                        apply_peers(cfg, node_ip, &a.peers).await;
-                        if let Some(dp) = &cfg.datapath {
-                            apply_datapath(dp, &a);
-                        }
-                        wanted_volumes = Some(wanted(&a.volumes));
-                        if let Some(wq) = &cfg.work_queue {
-                            wq.sync(&a.instances).await;
-                        }
-                        let (desired, rejected) = desired_instances(a, cfg.work_queue.as_deref());
-                        for st in rejected {
-                            let _ = send(&tx, agent_message::Msg::Instances(InstanceReport { full: false, instances: vec![st] })).await;
-                        }
-                        cfg.supervisor.set_desired(desired).await;
-                        storage_pass(cfg, wanted_volumes.clone(), tx.clone());
-                        *acked = revision;
-                        metrics.assignment_revision.set(revision as i64);
-                        if let Err(e) = send(&tx, agent_message::Msg::Ack(AssignmentAck { revision })).await {
+                        if let Err(e) = receive_assignment(&mut whole, a, feed, node_ip) {
                             break Err(e);
                         }
                     }
                     Some(controller_message::Msg::LogRequest(req)) => {
                         log_tasks.retain(|_, t| !t.is_finished());
                         let id = req.request_id;
-                        let task = tokio::spawn(serve_logs(cfg.supervisor.clone(), req, tx.clone()));
+                        let task = tokio::spawn(serve_logs(cfg.supervisor.clone(), req, lanes.logs.clone()));
                         log_tasks.insert(id, task.abort_handle());
                     }
                     Some(controller_message::Msg::LogCancel(c)) => {
@@ -432,313 +351,59 @@ async fn session(
     result
 }
 
-/// The volumes of an assignment as storage wants them; unreadable
-/// backends fall back to the pool's default (and are logged).
-fn wanted(volumes: &[ironmesh_proto::v1::VolumeAssignment]) -> Vec<crate::storage::WantedVolume> {
-    volumes
-        .iter()
-        .map(|v| crate::storage::WantedVolume {
-            name: v.name.clone(),
-            size_bytes: v.size_bytes,
-            backend: match v.backend.as_str() {
-                "" => None,
-                b => b
-                    .parse()
-                    .inspect_err(|e| tracing::warn!(volume = %v.name, error = %e, "unknown volume backend in the assignment"))
-                    .ok(),
-            },
-            pool: (!v.pool.is_empty()).then(|| v.pool.clone()),
-        })
-        .collect()
-}
-
-/// In the background: converges the node's volumes on `wanted` (when an
-/// assignment has been seen; volumes still mounted by instances here are
-/// kept), then reports pools and volume usage.
-fn storage_pass(
-    cfg: &SyncConfig,
-    wanted: Option<Vec<crate::storage::WantedVolume>>,
-    tx: mpsc::Sender<AgentMessage>,
-) {
-    let Some(storage) = cfg.storage.clone() else {
-        return;
-    };
-    let (in_use, removing) = cfg.supervisor.volumes_in_use();
-    tokio::spawn(async move {
-        let report = tokio::task::spawn_blocking(move || {
-            if let Some(wanted) = &wanted {
-                for e in storage.converge(wanted, &in_use, !removing) {
-                    tracing::warn!(error = %e, "volume not converged");
-                }
-            }
-            storage_report(&storage)
-        })
-        .await;
-        match report {
-            Ok(r) => {
-                let _ = tx
-                    .send(AgentMessage {
-                        msg: Some(agent_message::Msg::Storage(r)),
-                    })
-                    .await;
-            }
-            Err(e) => tracing::warn!(error = %e, "storage pass failed"),
-        }
-    });
-}
-
-/// Pools and volume usage, as the controller wants them.
-pub fn storage_report(storage: &crate::storage::Storage) -> ironmesh_proto::v1::StorageReport {
-    use ironmesh_proto::v1::{StoragePool, StorageReport, VolumeUsage};
-    StorageReport {
-        pools: storage
-            .pools()
-            .into_iter()
-            .map(|p| StoragePool {
-                name: p.name,
-                kind: p.kind,
-                path: p.path.display().to_string(),
-                capacity_bytes: p.capacity_bytes,
-                free_bytes: p.free_bytes,
-                allocated_bytes: p.allocated_bytes,
-                backends: p.backends.iter().map(|b| b.to_string()).collect(),
-            })
-            .collect(),
-        volumes: storage
-            .volumes()
-            .into_iter()
-            .map(|v| VolumeUsage {
-                name: v.name,
-                pool: v.pool,
-                backend: v.backend.to_string(),
-                size_bytes: v.size_bytes,
-                used_bytes: v.used_bytes,
-            })
-            .collect(),
-    }
-}
-
-/// Makes the routes to other nodes' pod CIDRs match the assignment.
-/// Failures are logged, not fatal: instances on this node still run.
-async fn apply_peers(
-    cfg: &SyncConfig,
-    node_ip: Option<std::net::Ipv4Addr>,
-    peers: &[ironmesh_proto::v1::PeerNode],
-) {
-    use crate::network::{CrossHostMode, PeerRoute};
-    let mut routes = Vec::with_capacity(peers.len());
-    for p in peers {
-        match (p.pod_cidr.parse::<ipnet::Ipv4Net>(), p.node_ip.parse()) {
-            (Ok(pod_cidr), Ok(via)) => routes.push(PeerRoute {
-                node: p.name.clone(),
-                pod_cidr,
-                via,
-            }),
-            _ => {
-                tracing::warn!(peer = %p.name, pod_cidr = %p.pod_cidr, node_ip = %p.node_ip, "ignoring a peer with an unreadable pod CIDR or address")
-            }
-        }
-    }
-    let mode = match (cfg.cross_host, node_ip) {
-        (crate::config::CrossHost::Direct, _) => CrossHostMode::Direct,
-        (crate::config::CrossHost::Vxlan, Some(local_ip)) => CrossHostMode::Vxlan {
-            vni: cfg.vxlan_vni,
-            device: format!("{}vx", cfg.network.config().link_prefix),
-            local_ip,
-        },
-        (crate::config::CrossHost::Vxlan, None) => {
-            tracing::error!("--cross-host vxlan needs this node's address (--node-ip)");
-            return;
-        }
-    };
-    if let Err(e) = cfg.network.set_peer_routes(&mode, &routes).await {
-        tracing::warn!(error = %e, peers = routes.len(), "cannot update routes to other nodes");
-    }
-}
-
-/// The reserved identity of this host's own addresses (identities from
-/// label sets start at 256).
-const HOST_IDENTITY: u32 = 1;
-
-/// Every IPv4 address of this host's interfaces, except loopback.
-fn host_ipv4_addresses() -> Vec<std::net::Ipv4Addr> {
-    match crate::inventory::interface_addresses() {
-        Ok(list) => list
-            .iter()
-            .filter_map(|(_, cidr)| cidr.split('/').next()?.parse::<std::net::Ipv4Addr>().ok())
-            .filter(|ip| !ip.is_loopback())
-            .collect(),
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot list this host's addresses for the host identity");
-            Vec::new()
-        }
-    }
-}
-
-/// Writes the assignment's identities, policy and services into the BPF
-/// maps (replace-set: stale entries go; the datapath diffs against what it
-/// last wrote, so an unchanged assignment writes nothing and one changed
-/// rule is one map write). Bad entries are logged and skipped; the rest is
-/// written.
-fn apply_datapath(dp: &crate::datapath::Datapath, a: &Assignment) {
-    use crate::datapath::{
-        Direction as RuleDirection, PolicyRule, Protocol, RateLimit, ServiceEntry,
-    };
-    use ironmesh_proto::v1::policy_rule::Direction;
-    let proto = |p: &str| match p {
-        "TCP" => Some(vec![Protocol::Tcp]),
-        "UDP" => Some(vec![Protocol::Udp]),
-        "" => Some(vec![Protocol::Tcp, Protocol::Udp, Protocol::Icmp]),
-        _ => None,
-    };
-    let mut identities: Vec<(std::net::Ipv4Addr, u32)> = a
-        .identities
-        .iter()
-        .filter_map(|e| Some((e.ip.parse().ok()?, e.identity)))
-        .collect();
-    let mut rules = Vec::new();
-    for r in &a.policy_rules {
-        let direction = match Direction::try_from(r.direction) {
-            Ok(Direction::Ingress) => RuleDirection::Ingress,
-            Ok(Direction::Egress) => RuleDirection::Egress,
-            _ => {
-                tracing::warn!(rule = ?r, "skipping a policy rule without a direction");
-                continue;
-            }
-        };
-        let (Some(protos), Ok(port)) = (proto(&r.protocol), u16::try_from(r.port)) else {
-            tracing::warn!(rule = ?r, "skipping a policy rule this agent cannot express");
-            continue;
-        };
-        // Identity 0 on the peer side means any peer (see the proto).
-        let named = |id: u32| (id != 0).then_some(id);
-        for p in protos {
-            rules.push(PolicyRule {
-                direction,
-                src_identity: named(r.src_identity),
-                dst_identity: named(r.dst_identity),
-                port: if p == Protocol::Icmp { 0 } else { port },
-                proto: p,
-                rate: (r.rate_per_second > 0).then_some(RateLimit {
-                    per_second: r.rate_per_second,
-                    burst: r.burst,
-                }),
-                rule_id: 0,
-            });
-        }
-    }
-    // This host's own addresses are the reserved host identity, always
-    // allowed into its local instances: probes and operators on the node
-    // must reach enforced instances (Cilium's allow-localhost=always). The
-    // host is never egress-enforced, and the replies of an egress-enforced
-    // instance to it pass by conntrack, so egress needs no host rule;
-    // connections an egress-enforced instance opens to the host need a rule,
-    // like any other destination.
-    let host_ips = host_ipv4_addresses();
-    for ip in &host_ips {
-        identities.push((*ip, HOST_IDENTITY));
-    }
-    for dst in &a.ingress_enforced {
-        for p in [Protocol::Tcp, Protocol::Udp, Protocol::Icmp] {
-            rules.push(PolicyRule::ingress(Some(HOST_IDENTITY), *dst, 0, p));
-        }
-    }
-    rules.dedup();
-    // One rule this agent cannot hold must not keep every other policy
-    // change out of the kernel: drop it, loudly.
-    rules.retain(|r| match r.check() {
-        Ok(()) => true,
-        Err(e) => {
-            tracing::warn!(error = %e, "skipping a policy rule the datapath cannot hold");
-            false
-        }
-    });
-    let services: Vec<ServiceEntry> = a
-        .services
-        .iter()
-        .filter_map(|s| {
-            Some(ServiceEntry {
-                vip: s.vip.parse().ok()?,
-                port: u16::try_from(s.port).ok()?,
-                proto: proto(&s.protocol)?.into_iter().next()?,
-                backends: s
-                    .backends
-                    .iter()
-                    .filter_map(|b| Some((b.ip.parse().ok()?, u16::try_from(b.port).ok()?)))
-                    .collect(),
-            })
-        })
-        .collect();
-    let results = [
-        ("identities", dp.set_identities(&identities)),
-        (
-            "policy",
-            dp.apply_policy(&rules, &a.ingress_enforced, &a.egress_enforced),
-        ),
-        ("services", dp.set_services(&services)),
-    ];
-    for (what, r) in results {
-        if let Err(e) = r {
-            tracing::warn!(error = %e, what, "cannot update the datapath");
-        }
-    }
-    tracing::debug!(
-        identities = identities.len(),
-        rules = rules.len(),
-        services = services.len(),
-        "datapath updated"
-    );
-}
-
-/// The instances of an assignment, decoded. Instances whose spec cannot be
-/// read are not run; a Failed state says why.
-fn desired_instances(
+/// Folds one assignment from the stream into `whole` (what this stream
+/// gave so far) and hands the result to the apply task; returns the
+/// hand-over's sequence number. A delta that does not fit is an error: the
+/// session ends, and the next stream starts with a whole assignment.
+fn receive_assignment(
+    whole: &mut Option<Assignment>,
     a: Assignment,
-    work_queue: Option<&crate::work_queue::WorkQueueProxy>,
-) -> (Vec<DesiredInstance>, Vec<InstanceState>) {
-    let mut desired = Vec::with_capacity(a.instances.len());
-    let mut rejected = Vec::new();
-    for i in a.instances {
-        match serde_json::from_str::<ironmesh_api::workload::WorkloadSpec>(&i.spec_json) {
-            Ok(spec) => desired.push(DesiredInstance {
-                queue_dir: i
-                    .task
-                    .as_ref()
-                    .and(work_queue)
-                    .map(|wq| wq.socket_dir(&i.name)),
-                name: i.name,
-                workload: i.workload,
-                spec_generation: i.spec_generation,
-                spec,
-                image_digest: i.image_digest,
-                volumes: i.volumes,
-            }),
-            Err(e) => {
-                tracing::warn!(instance = %i.name, error = %e, "assignment carries an unreadable spec");
-                rejected.push(InstanceState {
-                    name: i.name,
-                    phase: "Failed".into(),
-                    reason: "InvalidSpec".into(),
-                    message: format!("this agent cannot read the instance spec: {e}"),
-                    spec_generation: i.spec_generation,
-                    ..Default::default()
-                });
-            }
+    feed: &mut Feed,
+    node_ip: Option<Ipv4Addr>,
+) -> Result<u64, SyncError> {
+    tracing::debug!(
+        revision = a.revision,
+        delta_base = a.delta.as_ref().map(|d| d.base_revision),
+        instances = a.instances.len(),
+        peers = a.peers.len(),
+        "assignment received"
+    );
+    ironmesh_proto::assignment::apply(whole, a)?;
+    let Some(folded) = whole.as_ref() else {
+        return Err(SyncError::Protocol("folding left no assignment".into()));
+    };
+    Ok(feed.hand_off(node_ip, folded.clone()))
+}
+
+/// The revision to ack for what the apply task published, if this session
+/// (whose first hand-over is `first_seq`) handed it over.
+fn ack_for(applied: &Applied, first_seq: u64) -> Option<u64> {
+    (applied.seq >= first_seq).then_some(applied.revision)
+}
+
+/// Queues the pending ack, if any and if the control lane has room (else
+/// it stays pending for the next heartbeat).
+fn flush_ack(lanes: &Lanes, pending: &mut Option<u64>) -> Result<(), SyncError> {
+    if let Some(revision) = *pending {
+        if control(lanes, agent_message::Msg::Ack(AssignmentAck { revision }))? {
+            *pending = None;
         }
     }
-    (desired, rejected)
+    Ok(())
 }
 
 /// Answers one log request: the recorded output, then (with follow) new
-/// output until cancelled, as LogChunk messages.
+/// output until cancelled, as LogChunk messages on the log lane. The lane
+/// is bounded and read last: a slow reader makes this task wait, never the
+/// session (see `outbound`).
 async fn serve_logs(supervisor: Arc<Supervisor>, req: LogRequest, tx: mpsc::Sender<AgentMessage>) {
-    let chunk = |data: Vec<u8>, eof: bool, error: String| AgentMessage {
-        msg: Some(agent_message::Msg::Log(LogChunk {
+    let chunk = |data: Vec<u8>, eof: bool, error: String| {
+        msg(agent_message::Msg::Log(LogChunk {
             request_id: req.request_id,
             data,
             eof,
             error,
-        })),
+        }))
     };
     match supervisor
         .logs(&req.instance, req.tail_lines, req.follow)
@@ -784,4 +449,163 @@ fn stable(inv: &Inventory) -> Inventory {
         c.frequency_mhz = 0;
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ironmesh_proto::assignment::DeltaError;
+    use ironmesh_proto::v1::{AssignmentDelta, IdentityEntry, PeerNode};
+    use tokio::sync::Semaphore;
+
+    fn id(ip: &str, identity: u32) -> IdentityEntry {
+        IdentityEntry {
+            ip: ip.into(),
+            identity,
+        }
+    }
+
+    fn delta(revision: u64, base: u64, d: AssignmentDelta) -> Assignment {
+        Assignment {
+            revision,
+            delta: Some(AssignmentDelta {
+                base_revision: base,
+                ..d
+            }),
+            ..Default::default()
+        }
+    }
+
+    /// Deltas that arrive while a whole assignment is being applied are
+    /// folded in order; the apply task then gets the newest whole state,
+    /// once, and that is what the session acks.
+    #[tokio::test]
+    async fn deltas_are_folded_in_order_and_the_newest_whole_state_is_applied() {
+        let (mut feed, desired) = Feed::new();
+        let (applied_tx, mut applied) = watch::channel(Applied::default());
+        let gate = Arc::new(Semaphore::new(0));
+        let (seen_tx, mut seen) = mpsc::unbounded_channel::<Assignment>();
+        let g = gate.clone();
+        let task = tokio::spawn(apply::run(desired, applied_tx, move |h| {
+            let gate = g.clone();
+            let seen = seen_tx.clone();
+            async move {
+                seen.send(h.assignment.clone()).unwrap();
+                gate.acquire().await.unwrap().forget();
+                Arc::new(Vec::new())
+            }
+        }));
+        let first_seq = feed.last_seq() + 1;
+
+        let mut whole = None;
+        let first = Assignment {
+            revision: 5,
+            identities: vec![id("10.0.0.1", 300)],
+            peers: vec![PeerNode {
+                name: "b".into(),
+                pod_cidr: "10.0.1.0/24".into(),
+                node_ip: "192.0.2.2".into(),
+            }],
+            ..Default::default()
+        };
+        receive_assignment(&mut whole, first.clone(), &mut feed, None).unwrap();
+        assert_eq!(seen.recv().await, Some(first), "applying 5");
+
+        // While 5 is being applied, two deltas come in.
+        receive_assignment(
+            &mut whole,
+            delta(
+                6,
+                5,
+                AssignmentDelta {
+                    identities_set: vec![id("10.0.0.2", 301)],
+                    ..Default::default()
+                },
+            ),
+            &mut feed,
+            None,
+        )
+        .unwrap();
+        receive_assignment(
+            &mut whole,
+            delta(
+                7,
+                6,
+                AssignmentDelta {
+                    peers_removed: vec!["b".into()],
+                    ..Default::default()
+                },
+            ),
+            &mut feed,
+            None,
+        )
+        .unwrap();
+        gate.add_permits(1);
+        let next = seen.recv().await.unwrap();
+        assert_eq!(
+            next.revision, 7,
+            "6 was replaced by 7 before it was started"
+        );
+        assert_eq!(
+            next.identities,
+            vec![id("10.0.0.1", 300), id("10.0.0.2", 301)]
+        );
+        assert!(next.peers.is_empty());
+        assert!(
+            next.delta.is_none(),
+            "the apply task gets whole assignments"
+        );
+        gate.add_permits(1);
+        let done = applied.wait_for(|a| a.revision == 7).await.unwrap().clone();
+        assert_eq!(ack_for(&done, first_seq), Some(7));
+
+        // A delta against a revision this stream did not give last ends the
+        // session and hands nothing over.
+        let before = feed.last_seq();
+        let err = receive_assignment(
+            &mut whole,
+            delta(9, 6, AssignmentDelta::default()),
+            &mut feed,
+            None,
+        )
+        .unwrap_err();
+        assert!(
+            matches!(err, SyncError::Delta(DeltaError::Gap { base: 6, have: 7 })),
+            "{err}"
+        );
+        assert_eq!(feed.last_seq(), before);
+        assert_eq!(whole.as_ref().map(|a| a.revision), Some(7));
+
+        drop(feed);
+        task.await.unwrap();
+        assert_eq!(seen.recv().await, None, "5 and 7 only");
+    }
+
+    #[test]
+    fn a_delta_first_on_a_stream_is_refused() {
+        let (mut feed, _desired) = Feed::new();
+        let mut whole = None;
+        let err = receive_assignment(
+            &mut whole,
+            delta(3, 2, AssignmentDelta::default()),
+            &mut feed,
+            None,
+        )
+        .unwrap_err();
+        assert!(matches!(err, SyncError::Delta(DeltaError::NoBase)), "{err}");
+        assert_eq!(feed.last_seq(), 0);
+    }
+
+    #[test]
+    fn a_session_acks_only_what_it_handed_over() {
+        let applied = |seq, revision| Applied {
+            seq,
+            revision,
+            volumes: None,
+        };
+        // This session's first hand-over is 4: 3 came from the stream before.
+        assert_eq!(ack_for(&applied(3, 10), 4), None);
+        assert_eq!(ack_for(&applied(4, 12), 4), Some(12));
+        assert_eq!(ack_for(&applied(0, 0), 1), None, "nothing applied yet");
+    }
 }
