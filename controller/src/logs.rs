@@ -8,7 +8,7 @@
 
 use std::collections::HashMap;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
@@ -30,8 +30,16 @@ type Downstream = mpsc::Sender<Result<ControllerMessage, Status>>;
 struct Inner {
     /// Open sync streams by node: (session, sender).
     sessions: HashMap<String, (u64, Downstream)>,
-    /// Open log requests: id → (node, where chunks go).
-    pending: HashMap<u64, (String, mpsc::Sender<Result<LogsChunk, Status>>)>,
+    /// Open log requests: id → (node, where chunks go, set when the
+    /// reader fell behind and the request was ended).
+    pending: HashMap<
+        u64,
+        (
+            String,
+            mpsc::Sender<Result<LogsChunk, Status>>,
+            Arc<AtomicBool>,
+        ),
+    >,
 }
 
 #[derive(Clone, Default)]
@@ -58,11 +66,11 @@ impl LogRelay {
             let ids: Vec<u64> = g
                 .pending
                 .iter()
-                .filter(|(_, (n, _))| n == node)
+                .filter(|(_, (n, _, _))| n == node)
                 .map(|(id, _)| *id)
                 .collect();
             for id in ids {
-                if let Some((_, tx)) = g.pending.remove(&id) {
+                if let Some((_, tx, _)) = g.pending.remove(&id) {
                     let _ = tx.try_send(Err(Status::unavailable(format!(
                         "node {node:?} disconnected"
                     ))));
@@ -72,27 +80,44 @@ impl LogRelay {
     }
 
     /// A chunk from `node`'s agent. Chunks for requests that node was not
-    /// asked for are dropped.
-    pub async fn deliver(&self, node: &str, chunk: LogChunk) {
-        let tx = {
-            let mut g = self.lock();
-            match g.pending.get(&chunk.request_id) {
-                Some((n, _)) if n == node => {}
-                _ => return,
-            }
-            let done = chunk.eof || !chunk.error.is_empty();
-            if done {
-                g.pending.remove(&chunk.request_id).map(|(_, tx)| tx)
-            } else {
-                g.pending.get(&chunk.request_id).map(|(_, tx)| tx.clone())
-            }
+    /// asked for are dropped. Never waits: this runs in the node's sync
+    /// loop, and a reader that does not keep up must not stall that node's
+    /// heartbeats. A reader whose buffer is full loses its request (the
+    /// agent is told to stop) and is told why after what it has buffered.
+    pub fn deliver(&self, node: &str, chunk: LogChunk) {
+        let mut g = self.lock();
+        let (tx, lagged) = match g.pending.get(&chunk.request_id) {
+            Some((n, tx, lagged)) if n == node => (tx.clone(), lagged.clone()),
+            _ => return,
         };
-        let Some(tx) = tx else { return };
+        let done = chunk.eof || !chunk.error.is_empty();
+        let mut full = false;
         if !chunk.data.is_empty() {
-            let _ = tx.send(Ok(LogsChunk { data: chunk.data })).await;
+            full |= matches!(
+                tx.try_send(Ok(LogsChunk { data: chunk.data })),
+                Err(mpsc::error::TrySendError::Full(_))
+            );
         }
-        if !chunk.error.is_empty() {
-            let _ = tx.send(Err(Status::not_found(chunk.error))).await;
+        if !full && !chunk.error.is_empty() {
+            let _ = tx.try_send(Err(Status::not_found(chunk.error)));
+        }
+        if full {
+            lagged.store(true, Ordering::Release);
+            if let Some((_, down)) = g.sessions.get(node) {
+                let _ = down.try_send(Ok(ControllerMessage {
+                    msg: Some(controller_message::Msg::LogCancel(LogCancel {
+                        request_id: chunk.request_id,
+                    })),
+                }));
+            }
+            tracing::info!(
+                node,
+                request = chunk.request_id,
+                "log reader fell behind; request ended"
+            );
+        }
+        if done || full {
+            g.pending.remove(&chunk.request_id);
         }
     }
 
@@ -125,6 +150,7 @@ impl LogRelay {
             .to_string();
         let id = self.next_id.fetch_add(1, Ordering::Relaxed) + 1;
         let (tx, rx) = mpsc::channel(64);
+        let lagged = Arc::new(AtomicBool::new(false));
         let down = {
             let mut g = self.lock();
             let down = g
@@ -137,7 +163,7 @@ impl LogRelay {
                         req.instance
                     ))
                 })?;
-            g.pending.insert(id, (node.clone(), tx));
+            g.pending.insert(id, (node.clone(), tx, lagged.clone()));
             down
         };
         let ask = ControllerMessage {
@@ -158,6 +184,7 @@ impl LogRelay {
             id,
             down,
             relay: self.clone(),
+            lagged,
         }))
     }
 }
@@ -168,12 +195,20 @@ struct Relayed {
     id: u64,
     down: Downstream,
     relay: LogRelay,
+    lagged: Arc<AtomicBool>,
 }
 
 impl Stream for Relayed {
     type Item = Result<LogsChunk, Status>;
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        self.rx.poll_recv(cx)
+        match self.rx.poll_recv(cx) {
+            Poll::Ready(None) if self.lagged.swap(false, Ordering::AcqRel) => {
+                Poll::Ready(Some(Err(Status::resource_exhausted(
+                    "this log stream was ended because it was read more slowly than the instance wrote; run `imctl logs` again (with --tail to skip what was missed)",
+                ))))
+            }
+            other => other,
+        }
     }
 }
 

@@ -31,6 +31,9 @@ use crate::resources::Resources;
 
 /// How long an agent has to send `Hello` after opening a stream.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the stream waits after Hello for the agent's inventory before
+/// it registers the node without one.
+const INVENTORY_WAIT: Duration = Duration::from_secs(2);
 
 pub struct NodeApi {
     pub ca: Arc<ClusterCa>,
@@ -344,13 +347,36 @@ impl NodeService for NodeApi {
                 hello.node_ip
             )));
         }
+        // Agents send their inventory right after Hello: take it into the
+        // same write that marks the node Ready, so a Ready node always has
+        // its capacity (and a reconnect costs one write, not two).
+        let mut held = None;
+        let mut inventory = None;
+        match tokio::time::timeout(INVENTORY_WAIT, inbound.message()).await {
+            Ok(Ok(Some(AgentMessage {
+                msg: Some(agent_message::Msg::Inventory(inv)),
+            }))) => inventory = Some(inv),
+            Ok(Ok(Some(other))) => held = Some(other),
+            Ok(Ok(None)) => return Err(Status::cancelled("stream closed after Hello")),
+            Ok(Err(e)) => return Err(e),
+            Err(_) => {}
+        }
         let pod_cidr = self
             .ipam
             .allocate(self.resources.store().as_ref(), &node)
             .await
-            .map_err(|e| Status::resource_exhausted(e.to_string()))?;
-        self.register_node(&node, &fingerprint, &pod_cidr.to_string(), &hello.node_ip)
-            .await?;
+            .map_err(|e| {
+                tracing::warn!(node = %node, error = %e, "sync refused: no pod CIDR for the node");
+                Status::resource_exhausted(e.to_string())
+            })?;
+        self.register_node(
+            &node,
+            &fingerprint,
+            &pod_cidr.to_string(),
+            &hello.node_ip,
+            inventory.as_ref(),
+        )
+        .await?;
         let session = self.liveness.connect(&node);
         self.metrics.sync_streams.inc();
         tracing::info!(node = %node, session, agent_version = %hello.agent_version, acked = hello.acked_revision, "sync stream opened");
@@ -384,6 +410,19 @@ impl NodeService for NodeApi {
         let logs = self.logs.clone();
         let flows = self.flows.clone();
         tokio::spawn(async move {
+            if let Some(m) = held {
+                if let Err(e) = handle_agent_message(
+                    &node, session, m, &resources, &liveness, &metrics, &logs, &flows,
+                )
+                .await
+                {
+                    let _ = tx.send(Err(e)).await;
+                    liveness.disconnect(&node, session);
+                    logs.disconnect(&node, session);
+                    metrics.sync_streams.dec();
+                    return;
+                }
+            }
             let outcome = loop {
                 tokio::select! {
                     _ = tx.closed() => break "controller side closed".to_string(),
@@ -417,8 +456,10 @@ impl NodeApi {
         fingerprint: &str,
         pod_cidr: &str,
         node_ip: &str,
+        inventory: Option<&Inventory>,
     ) -> Result<(), Status> {
         let name = node.to_string();
+        let inventory = inventory.map(inventory_status);
         self.resources
             .update(Kind::Node, node, |cur| {
                 let mut obj = match cur {
@@ -449,6 +490,14 @@ impl NodeApi {
                 {
                     obj["status"]["certificateFingerprint"] = json!(fingerprint);
                     changed = true;
+                }
+                if let Some(status) = &inventory {
+                    for (k, v) in status.as_object().into_iter().flatten() {
+                        if obj["status"].get(k) != Some(v) {
+                            obj["status"][k] = v.clone();
+                            changed = true;
+                        }
+                    }
                 }
                 changed |= set_ready(
                     &mut obj,
@@ -510,7 +559,7 @@ async fn handle_agent_message(
         Some(agent_message::Msg::Event(ev)) => {
             record_instance_event(resources, node, ev).await?;
         }
-        Some(agent_message::Msg::Log(chunk)) => logs.deliver(node, chunk).await,
+        Some(agent_message::Msg::Log(chunk)) => logs.deliver(node, chunk),
         Some(agent_message::Msg::Flows(batch)) => flows.ingest(resources, node, batch).await,
         Some(agent_message::Msg::Storage(report)) => {
             crate::volumes::record_storage(resources, node, report)
