@@ -68,7 +68,26 @@ impl Ipam {
     }
 
     /// The node's block: the one it already has, else the lowest free one.
-    pub async fn allocate(&self, store: &dyn Store, node: &str) -> Result<Ipv4Cidr, IpamError> {
+    /// `known` is the block the node's status names, if any: when the store
+    /// still gives it to this node it is the answer, with one read instead
+    /// of a list of every block (a thousand reconnecting nodes).
+    pub async fn allocate(
+        &self,
+        store: &dyn Store,
+        node: &str,
+        known: Option<Ipv4Cidr>,
+    ) -> Result<Ipv4Cidr, IpamError> {
+        if let Some(c) =
+            known.filter(|c| c.prefix() == self.node_prefix && self.cluster.contains(c.addr()))
+        {
+            if store
+                .get(&key(&c))
+                .await?
+                .is_some_and(|kv| kv.value == node.as_bytes())
+            {
+                return Ok(c);
+            }
+        }
         for _ in 0..16 {
             let (kvs, _) = store.list(PREFIX).await?;
             // Blocks of this size are checked by lookup; other sizes (left
@@ -166,14 +185,17 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = EmbeddedStore::open(&dir.path().join("s.redb")).unwrap();
         let ipam = Ipam::new("10.244.0.0/22".parse().unwrap(), 24).unwrap();
-        let a = ipam.allocate(&store, "a").await.unwrap();
-        let b = ipam.allocate(&store, "b").await.unwrap();
+        let a = ipam.allocate(&store, "a", None).await.unwrap();
+        let b = ipam.allocate(&store, "b", None).await.unwrap();
         assert_eq!(a.to_string(), "10.244.0.0/24");
         assert_eq!(b.to_string(), "10.244.1.0/24");
-        assert_eq!(ipam.allocate(&store, "a").await.unwrap(), a, "stable");
-        ipam.allocate(&store, "c").await.unwrap();
-        ipam.allocate(&store, "d").await.unwrap();
-        let e = ipam.allocate(&store, "e").await.unwrap_err();
+        assert_eq!(ipam.allocate(&store, "a", None).await.unwrap(), a, "stable");
+        assert_eq!(ipam.allocate(&store, "a", Some(a)).await.unwrap(), a);
+        // A hint naming another node's block is not taken.
+        assert_eq!(ipam.allocate(&store, "a", Some(b)).await.unwrap(), a);
+        ipam.allocate(&store, "c", None).await.unwrap();
+        ipam.allocate(&store, "d", None).await.unwrap();
+        let e = ipam.allocate(&store, "e", None).await.unwrap_err();
         assert!(e.to_string().contains("no free /24 block"), "{e}");
         // The error names the flags that size the plan.
         assert!(
@@ -188,7 +210,7 @@ mod tests {
         .await
         .unwrap();
         assert_eq!(
-            ipam.allocate(&store, "e").await.unwrap(),
+            ipam.allocate(&store, "e", None).await.unwrap(),
             b,
             "b's block reused"
         );

@@ -361,9 +361,16 @@ impl NodeService for NodeApi {
             Ok(Err(e)) => return Err(e),
             Err(_) => {}
         }
+        let known = self
+            .resources
+            .get(Kind::Node, &node)
+            .await
+            .ok()
+            .flatten()
+            .and_then(|n| n.object.pointer("/status/podCIDR")?.as_str()?.parse().ok());
         let pod_cidr = self
             .ipam
-            .allocate(self.resources.store().as_ref(), &node)
+            .allocate(self.resources.store().as_ref(), &node, known)
             .await
             .map_err(|e| {
                 tracing::warn!(node = %node, error = %e, "sync refused: no pod CIDR for the node");
