@@ -103,6 +103,8 @@ pub(crate) struct AgentState {
     pub delta_errors: u64,
     /// Streams that ended (for any reason).
     pub disconnects: u64,
+    /// Why streams ended (or could not start), by kind of cause.
+    pub disconnect_reasons: BTreeMap<String, u64>,
     pub last_error: Option<String>,
     pub pool: Option<AddressPool>,
     /// The stream's folded assignment; `None` until its first message.
@@ -329,6 +331,27 @@ enum SessionError {
     Delta(DeltaError),
 }
 
+impl SessionError {
+    /// The cause without what varies between nodes (addresses, revisions),
+    /// for counting.
+    fn kind(&self) -> String {
+        let short = |s: &str| {
+            let s: String = s
+                .chars()
+                .map(|c| if c.is_ascii_digit() { 'N' } else { c })
+                .collect();
+            s.chars().take(120).collect::<String>()
+        };
+        match self {
+            SessionError::Connect(m) => format!("connect: {}", short(m)),
+            SessionError::Broken(m) => format!("broken: {}", short(m)),
+            SessionError::Protocol(m) => format!("protocol: {}", short(m)),
+            SessionError::Delta(DeltaError::Gap { .. }) => "delta: gap".into(),
+            SessionError::Delta(DeltaError::NoBase) => "delta: no base".into(),
+        }
+    }
+}
+
 /// The agent's whole life: join, then sessions until the task is aborted.
 pub(crate) async fn run(agent: Arc<Agent>, shared: Arc<Shared>) {
     let Some(id) = join(&agent, &shared).await else {
@@ -346,13 +369,15 @@ pub(crate) async fn run(agent: Arc<Agent>, shared: Arc<Shared>) {
             if started.elapsed() > HEALTHY_SESSION {
                 backoff = BACKOFF_MIN;
             }
-            match &res {
+            let why = match &res {
                 Err(e) => {
                     tracing::debug!(node = %agent.name, error = %e, "sync stream down");
                     st.last_error = Some(e.to_string());
+                    e.kind()
                 }
-                Ok(()) => st.last_error = Some("stream ended".into()),
-            }
+                Ok(()) => "stream ended".to_string(),
+            };
+            *st.disconnect_reasons.entry(why).or_default() += 1;
             match res {
                 // A missed message is not the controller's trouble: at once.
                 Err(SessionError::Delta(_)) => BACKOFF_MIN,
@@ -431,7 +456,11 @@ async fn session(agent: &Agent, shared: &Shared, id: &NodeIdentity) -> Result<()
         agent_version: cfg.agent_version.clone(),
         acked_revision: acked,
         node_ip: agent.node_ip.to_string(),
-        capabilities: vec![assignment::INCREMENTAL.to_string()],
+        capabilities: if cfg.incremental {
+            vec![assignment::INCREMENTAL.to_string()]
+        } else {
+            Vec::new()
+        },
     }))
     .await?;
     send(agent_message::Msg::Inventory(inventory::inventory(

@@ -70,8 +70,9 @@ pub struct BenchArgs {
     #[arg(long, default_value = "etcd")]
     pub etcd_bin: PathBuf,
     /// `--cluster-cidr` of the controller: big enough for every node's pod
-    /// CIDR (1,000 nodes of /22 need a /12 at least).
-    #[arg(long, default_value = "10.0.0.0/8")]
+    /// CIDR (a /12 holds 1,024 nodes of /22) and clear of the service CIDR
+    /// (10.96.0.0/16).
+    #[arg(long, default_value = "10.240.0.0/12")]
     pub cluster_cidr: String,
     /// `--node-cidr-prefix` of the controller.
     #[arg(long, default_value_t = 22)]
@@ -105,6 +106,10 @@ pub struct BenchArgs {
     /// Keep the work directory (logs, data).
     #[arg(long)]
     pub keep: bool,
+    /// Nodes do not announce incremental assignments: they get whole
+    /// ones, as agents without deltas do.
+    #[arg(long)]
+    pub whole_assignments: bool,
     /// RUST_LOG of the controller.
     #[arg(long, default_value = "info")]
     pub controller_log: String,
@@ -142,6 +147,11 @@ pub struct Figures {
     pub rollout_received: Received,
     pub mismatched_nodes: Option<usize>,
     pub controller_sent: Vec<(String, f64)>,
+    /// CPU time of the controller and of this process during the rollout.
+    pub rollout_cpu: Option<(Duration, Duration)>,
+    /// Why streams ended before the restart, and because of it.
+    pub disconnects_before_restart: BTreeMap<String, u64>,
+    pub disconnects_restart: BTreeMap<String, u64>,
     pub notes: Vec<String>,
     pub work_dir: String,
 }
@@ -194,6 +204,22 @@ pub async fn run(args: BenchArgs, command: String) -> anyhow::Result<bool> {
         );
     }
     let biggest = args.nodes.iter().copied().max().unwrap_or(0);
+    let cidr: ipnet::Ipv4Net = args
+        .cluster_cidr
+        .parse()
+        .with_context(|| format!("--cluster-cidr {:?}", args.cluster_cidr))?;
+    let room = args
+        .node_cidr_prefix
+        .checked_sub(cidr.prefix_len())
+        .map(|bits| 1u64 << bits.min(32))
+        .unwrap_or(0);
+    if (biggest as u64) > room {
+        bail!(
+            "--cluster-cidr {cidr} holds {room} pod CIDRs of /{}, fewer than {biggest} nodes: \
+             widen it (e.g. 10.240.0.0/12 for 1,024 nodes of /22) or lengthen --node-cidr-prefix",
+            args.node_cidr_prefix
+        );
+    }
     let nofile = procs::raise_nofile()?;
     if nofile < biggest as u64 * 2 + 256 {
         bail!("open-file limit {nofile} is too low for {biggest} nodes (each holds a connection; the controller inherits the limit): raise the hard limit (ulimit -Hn)");
@@ -348,6 +374,7 @@ async fn scenario(args: &BenchArgs, n: usize, replicas: u64) -> anyhow::Result<F
     // 1. Join → Ready.
     let mut cfg = FleetConfig::new(&spec.url(), &ca, &token, n);
     cfg.join_concurrency = args.join_concurrency;
+    cfg.incremental = !args.whole_assignments;
     let fleet = Fleet::start(cfg)?;
     let t0 = fleet.started();
     let mut ph = Step::new(format!("{n} nodes join"), timeout);
@@ -372,6 +399,10 @@ async fn scenario(args: &BenchArgs, n: usize, replicas: u64) -> anyhow::Result<F
 
     // 2. Rollout.
     let recv0 = fleet.received();
+    let cpu0 = (
+        procs::cpu_time(ctl.pid()),
+        procs::cpu_time(std::process::id()),
+    );
     let t1 = Instant::now();
     op.apply(&[
         manifests::policy(POLICY, PORT_BEFORE),
@@ -387,7 +418,12 @@ async fn scenario(args: &BenchArgs, n: usize, replicas: u64) -> anyhow::Result<F
         if f.reported.is_none() && reported as u64 >= replicas {
             f.reported = Some(t1.elapsed());
         }
-        let running = scrape(&spec, running_metric).await.unwrap_or(0.0) as u64;
+        let metrics = procs::http_get(spec.metrics, "/metrics")
+            .await
+            .unwrap_or_default();
+        let running = procs::metric(&metrics, running_metric).unwrap_or(0.0) as u64;
+        let pending = procs::metric(&metrics, "ironmesh_controller_instances{phase=\"Pending\"}")
+            .unwrap_or(0.0) as u64;
         if running >= replicas {
             let w = op.get("Workload", MAIN).await?;
             let ready = w
@@ -405,7 +441,12 @@ async fn scenario(args: &BenchArgs, n: usize, replicas: u64) -> anyhow::Result<F
             ));
             break None;
         }
-        ph.progress(|| format!("fleet runs {reported}, controller shows {running} Running"));
+        ph.progress(|| {
+            format!(
+                "fleet runs {reported}, controller shows {running} Running, {pending} Pending; {} nodes connected",
+                fleet.connected()
+            )
+        });
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
     if f.reported.is_none() {
@@ -414,6 +455,14 @@ async fn scenario(args: &BenchArgs, n: usize, replicas: u64) -> anyhow::Result<F
         });
     }
     f.rollout_received = fleet.received().since(&recv0);
+    if let (Some(c0), Some(s0), Some(c1), Some(s1)) = (
+        cpu0.0,
+        cpu0.1,
+        procs::cpu_time(ctl.pid()),
+        procs::cpu_time(std::process::id()),
+    ) {
+        f.rollout_cpu = Some((c1.saturating_sub(c0), s1.saturating_sub(s0)));
+    }
 
     // 3. Memory after the rollout.
     let (rss, hwm) = procs::memory(ctl.pid()).unwrap_or((0, 0));
@@ -563,6 +612,7 @@ async fn scenario(args: &BenchArgs, n: usize, replicas: u64) -> anyhow::Result<F
 
     // 7. kill -9 and restart.
     let (uids_before, _) = instance_uids(&mut op).await?;
+    f.disconnects_before_restart = fleet.disconnect_reasons();
     let before = fleet.nodes();
     let starts_before: u64 = before.iter().map(|s| s.started_instances).sum();
     tracing::info!("kill -9 of the controller (pid {})", ctl.pid());
@@ -629,6 +679,12 @@ async fn scenario(args: &BenchArgs, n: usize, replicas: u64) -> anyhow::Result<F
         "ironmesh_controller_node_readiness_transitions_total",
     )
     .await;
+    for (why, count) in fleet.disconnect_reasons() {
+        let before = f.disconnects_before_restart.get(&why).copied().unwrap_or(0);
+        if count > before {
+            f.disconnects_restart.insert(why, count - before);
+        }
+    }
     let delta_errors: u64 = fleet.nodes().iter().map(|s| s.delta_errors).sum();
     if delta_errors > 0 {
         f.notes.push(format!(
@@ -656,6 +712,15 @@ fn millis(d: Option<Duration>) -> String {
 
 fn mb(b: u64) -> String {
     format!("{:.0} MB", b as f64 / 1e6)
+}
+
+/// Bytes in B, kB or MB (decimal), whichever reads best.
+fn size(b: u64) -> String {
+    match b {
+        0..=9_999 => format!("{b} B"),
+        10_000..=9_999_999 => format!("{:.1} kB", b as f64 / 1e3),
+        _ => format!("{:.1} MB", b as f64 / 1e6),
+    }
 }
 
 fn thousands(n: u64) -> String {
@@ -787,10 +852,10 @@ fn print_figures(f: &Figures, command: &str, args: &BenchArgs) -> bool {
     println!(
         "  rollout: the fleet received {} whole assignments ({}) and {} deltas ({}), {} per node",
         thousands(rr.whole_msgs),
-        mb(rr.whole_bytes),
+        size(rr.whole_bytes),
         thousands(rr.delta_msgs),
-        mb(rr.delta_bytes),
-        mb(rr.bytes() / f.nodes.max(1) as u64)
+        size(rr.delta_bytes),
+        size(rr.bytes() / f.nodes.max(1) as u64)
     );
     if let Some(m) = f.mismatched_nodes {
         println!("  nodes whose instances differ from what the controller bound to them: {m}");
@@ -824,6 +889,19 @@ fn print_figures(f: &Figures, command: &str, args: &BenchArgs) -> bool {
             .map(|t| format!("{t}"))
             .unwrap_or_else(|| "-".into())
     );
+    if let Some((c, s)) = f.rollout_cpu {
+        println!(
+            "  rollout CPU time: controller {:.1} s, simulator {:.1} s",
+            c.as_secs_f64(),
+            s.as_secs_f64()
+        );
+    }
+    for (why, count) in &f.disconnects_before_restart {
+        println!("  streams ended before the restart: {count} × {why}");
+    }
+    for (why, count) in &f.disconnects_restart {
+        println!("  streams ended by the restart: {count} × {why}");
+    }
     for (k, v) in &f.controller_sent {
         println!("  controller (first process) {k} = {v}");
     }

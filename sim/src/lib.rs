@@ -61,6 +61,10 @@ pub struct FleetConfig {
     /// instant is not, and this stands in for that.
     pub join_concurrency: usize,
     pub agent_version: String,
+    /// Announce `incremental-assignments` in Hello (true by default); off,
+    /// the nodes are what an agent without deltas is and get whole
+    /// assignments.
+    pub incremental: bool,
 }
 
 impl FleetConfig {
@@ -77,6 +81,7 @@ impl FleetConfig {
             memory_bytes: 64 << 30,
             join_concurrency: 64,
             agent_version: format!("{}-sim", env!("CARGO_PKG_VERSION")),
+            incremental: true,
         }
     }
 }
@@ -203,6 +208,17 @@ impl Fleet {
                     .then(|| (a.name.clone(), st.last_error.clone().unwrap_or_default()))
             })
             .collect()
+    }
+
+    /// Why streams ended, fleet-wide: cause → count.
+    pub fn disconnect_reasons(&self) -> BTreeMap<String, u64> {
+        let mut all = BTreeMap::new();
+        for a in &self.agents {
+            for (k, v) in &a.lock().disconnect_reasons {
+                *all.entry(k.clone()).or_default() += v;
+            }
+        }
+        all
     }
 
     /// Assignment bytes and messages received by the whole fleet.

@@ -80,13 +80,38 @@ async fn main() -> anyhow::Result<()> {
     match cli.cmd {
         Cmd::Bench(args) => {
             let command = std::env::args().collect::<Vec<_>>().join(" ");
-            let ok = bench::run(args, command).await?;
-            if !ok {
-                std::process::exit(2);
+            // An interrupted bench drops its processes' handles: they are
+            // killed by PID on the way out.
+            let outcome = tokio::select! {
+                r = bench::run(args, command) => Some(r?),
+                s = interrupted() => {
+                    tracing::warn!("{s}: stopping the bench");
+                    None
+                }
+            };
+            match outcome {
+                Some(true) => Ok(()),
+                // Some figure missed its target.
+                Some(false) => std::process::exit(2),
+                None => std::process::exit(130),
             }
-            Ok(())
         }
         Cmd::Run(args) => run(args).await,
+    }
+}
+
+/// Resolves on SIGINT or SIGTERM, naming it.
+async fn interrupted() -> &'static str {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut int), Ok(mut term)) = (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+    ) else {
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = int.recv() => "SIGINT",
+        _ = term.recv() => "SIGTERM",
     }
 }
 

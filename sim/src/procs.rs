@@ -1,7 +1,8 @@
 //! The processes the bench starts (a controller, an etcd) and what it reads
 //! about them: resident memory and CPU time from `/proc`, Prometheus text
 //! from the controller's metrics port. Everything listens on loopback; every
-//! child is killed by its own PID when its handle drops.
+//! child is killed by its own PID when its handle drops, and by the kernel
+//! if this process dies first (`PR_SET_PDEATHSIG`).
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -26,6 +27,18 @@ impl Child {
         cmd.stdin(Stdio::null())
             .stdout(Stdio::from(out))
             .stderr(Stdio::from(err));
+        // SAFETY: prctl(2) is async-signal-safe; nothing else runs between
+        // fork and exec. The child is killed if this process dies without
+        // dropping the handle (SIGKILL, a panic that aborts).
+        unsafe {
+            use std::os::unix::process::CommandExt;
+            cmd.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
         let child = cmd
             .spawn()
             .with_context(|| format!("start {what}: {cmd:?}"))?;
