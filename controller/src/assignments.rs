@@ -33,6 +33,11 @@ use crate::store::Revision;
 
 /// How long a pass waits for more of a burst before it starts.
 const COALESCE: Duration = Duration::from_millis(25);
+/// Least time between two messages to one stream. Changes within it are
+/// sent as one delta: while instances start across the cluster, every pass
+/// changes the shared part, and a thousand streams each sent every pass
+/// cost more than they carry. A change after a quiet spell goes at once.
+const PACE: Duration = Duration::from_millis(200);
 /// Shared-part changes kept for streams that are behind; a stream further
 /// behind gets a whole assignment.
 const HISTORY: usize = 256;
@@ -130,6 +135,7 @@ pub struct Assignments {
     pass: watch::Sender<u64>,
     /// Passes so far and revision reached: for tests and metrics.
     computed: watch::Sender<Revision>,
+    pace: Duration,
 }
 
 impl Default for Assignments {
@@ -145,6 +151,7 @@ impl Default for Assignments {
             empty: Arc::default(),
             pass: watch::channel(0).0,
             computed: watch::channel(0).0,
+            pace: PACE,
         }
     }
 }
@@ -156,6 +163,7 @@ pub struct Subscription {
     incremental: bool,
     wake: watch::Receiver<u64>,
     sent: Option<Sent>,
+    last_sent: Option<tokio::time::Instant>,
 }
 
 struct Sent {
@@ -165,6 +173,12 @@ struct Sent {
 }
 
 impl Assignments {
+    /// Streams get at most one message per `pace`.
+    pub fn with_pace(mut self, pace: Duration) -> Assignments {
+        self.pace = pace;
+        self
+    }
+
     /// The revision the last pass computed.
     pub fn computed(&self) -> watch::Receiver<Revision> {
         self.computed.subscribe()
@@ -180,6 +194,7 @@ impl Assignments {
             incremental,
             wake,
             sent: None,
+            last_sent: None,
         }
     }
 
@@ -263,7 +278,14 @@ impl Subscription {
                 // The reconciler is gone; nothing more will change.
                 std::future::pending::<()>().await;
             }
+            if let Some(at) = self.last_sent {
+                let due = at + self.assignments.pace;
+                if due > tokio::time::Instant::now() {
+                    tokio::time::sleep_until(due).await;
+                }
+            }
             if let Some(a) = self.build() {
+                self.last_sent = Some(tokio::time::Instant::now());
                 return a;
             }
         }
@@ -655,7 +677,7 @@ mod tests {
     /// whole assignment at each step, and an unchanged node gets nothing.
     #[test]
     fn deltas_fold_into_the_whole_assignment_and_unchanged_nodes_get_nothing() {
-        let a = Assignments::default();
+        let a = Assignments::default().with_pace(Duration::ZERO);
         let mut inc = a.subscribe("n1", true);
         let mut full = a.subscribe("n1", false);
         let mut other = a.subscribe("n2", true);
@@ -729,7 +751,7 @@ mod tests {
     /// assignment, which still folds.
     #[test]
     fn a_stream_behind_the_history_gets_a_whole_assignment() {
-        let a = Assignments::default();
+        let a = Assignments::default().with_pace(Duration::ZERO);
         let mut s = a.subscribe("n1", true);
         a.publish(1, shared(&[], &[]), HashMap::new());
         let mut folded = None;

@@ -80,20 +80,11 @@ pub fn apply(current: &mut Option<Assignment>, next: Assignment) -> Result<(), D
         cur.egress_enforced = next.egress_enforced;
     }
     if !delta.identities_set.is_empty() || !delta.identities_removed.is_empty() {
-        let mut ids: BTreeMap<String, u32> = std::mem::take(&mut cur.identities)
-            .into_iter()
-            .map(|e| (e.ip, e.identity))
-            .collect();
-        for ip in &delta.identities_removed {
-            ids.remove(ip);
-        }
-        for e in delta.identities_set {
-            ids.insert(e.ip, e.identity);
-        }
-        cur.identities = ids
-            .into_iter()
-            .map(|(ip, identity)| IdentityEntry { ip, identity })
-            .collect();
+        cur.identities = merge_identities(
+            std::mem::take(&mut cur.identities),
+            delta.identities_set,
+            &delta.identities_removed,
+        );
     }
     if !delta.policy_rules_added.is_empty() || !delta.policy_rules_removed.is_empty() {
         let mut rules: BTreeMap<_, PolicyRule> = std::mem::take(&mut cur.policy_rules)
@@ -135,6 +126,41 @@ pub fn apply(current: &mut Option<Assignment>, next: Assignment) -> Result<(), D
         cur.peers = peers.into_values().collect();
     }
     Ok(())
+}
+
+/// The identity list (sorted by address) with `set` upserted and `removed`
+/// taken out (an address in both is set, as in a map where removals come
+/// first), in one merge: a cluster has tens of thousands of addresses
+/// and a delta a handful, so this must not rebuild a map per message.
+fn merge_identities(
+    mut current: Vec<IdentityEntry>,
+    mut set: Vec<IdentityEntry>,
+    removed: &[String],
+) -> Vec<IdentityEntry> {
+    if !current.is_sorted_by(|a, b| a.ip <= b.ip) {
+        current.sort_by(|a, b| a.ip.cmp(&b.ip));
+    }
+    // Later entries for one address win, as in a map.
+    set.reverse();
+    set.sort_by(|a, b| a.ip.cmp(&b.ip));
+    set.dedup_by(|later, earlier| later.ip == earlier.ip);
+    let removed: std::collections::HashSet<&str> = removed.iter().map(String::as_str).collect();
+    let mut out = Vec::with_capacity(current.len() + set.len());
+    let mut set = set.into_iter().peekable();
+    for e in current {
+        while set.peek().is_some_and(|s| s.ip < e.ip) {
+            out.extend(set.next());
+        }
+        if set.peek().is_some_and(|s| s.ip == e.ip) {
+            out.extend(set.next());
+            continue;
+        }
+        if !removed.contains(e.ip.as_str()) {
+            out.push(e);
+        }
+    }
+    out.extend(set);
+    out
 }
 
 #[cfg(test)]
@@ -186,6 +212,36 @@ mod tests {
         assert_eq!(a.identities, vec![id("10.0.0.1", 305), id("10.0.0.3", 302)]);
         assert_eq!(a.peers.len(), 1, "peers were not in the delta and stay");
         assert_eq!(a.ingress_enforced, vec![300], "enforcement unchanged");
+    }
+
+    #[test]
+    fn the_identity_merge_matches_a_map() {
+        let ip = |n: u32| format!("10.0.{}.{}", n / 200, n % 200);
+        let current: Vec<IdentityEntry> = {
+            let mut v: Vec<_> = (0..500).step_by(2).map(|n| id(&ip(n), n)).collect();
+            v.sort_by(|a, b| a.ip.cmp(&b.ip));
+            v
+        };
+        let set: Vec<IdentityEntry> = (0..500)
+            .step_by(7)
+            .map(|n| id(&ip(n), n + 1))
+            .chain([id(&ip(3), 9), id(&ip(3), 10)])
+            .collect();
+        let removed: Vec<String> = (0..500).step_by(5).map(ip).collect();
+        let mut model: BTreeMap<String, u32> =
+            current.iter().map(|e| (e.ip.clone(), e.identity)).collect();
+        for r in &removed {
+            model.remove(r);
+        }
+        for e in &set {
+            model.insert(e.ip.clone(), e.identity);
+        }
+        let merged = merge_identities(current, set, &removed);
+        let want: Vec<IdentityEntry> = model
+            .into_iter()
+            .map(|(ip, identity)| IdentityEntry { ip, identity })
+            .collect();
+        assert_eq!(merged, want);
     }
 
     #[test]
