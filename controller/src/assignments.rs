@@ -59,7 +59,8 @@ struct SharedPart {
 /// One node's own part.
 #[derive(Debug, Default, Clone, PartialEq)]
 pub struct LocalPart {
-    pub instances: Vec<InstanceAssignment>,
+    /// Shared with the pass memo: an unchanged instance is the same `Arc`.
+    pub instances: Vec<Arc<InstanceAssignment>>,
     pub volumes: Vec<VolumeAssignment>,
 }
 
@@ -222,7 +223,7 @@ impl Assignments {
         let mut next: HashMap<String, Arc<LocalPart>> = HashMap::with_capacity(local.len());
         for (node, part) in local {
             match p.local.get(&node) {
-                Some(old) if **old == part => {
+                Some(old) if same_local(old, &part) => {
                     next.insert(node, old.clone());
                 }
                 _ => {
@@ -242,10 +243,21 @@ impl Assignments {
     }
 }
 
+/// Equal parts; instances compare by pointer first (the memo hands out the
+/// same `Arc` for an unchanged instance).
+fn same_local(a: &LocalPart, b: &LocalPart) -> bool {
+    a.volumes == b.volumes
+        && a.instances.len() == b.instances.len()
+        && a.instances
+            .iter()
+            .zip(&b.instances)
+            .all(|(x, y)| Arc::ptr_eq(x, y) || x == y)
+}
+
 fn whole(revision: Revision, shared: &SharedPart, local: &LocalPart, node: &str) -> Assignment {
     Assignment {
         revision,
-        instances: local.instances.clone(),
+        instances: local.instances.iter().map(|i| (**i).clone()).collect(),
         peers: shared
             .peers
             .values()
@@ -386,7 +398,12 @@ fn delta_message(
         }
     }
     let (instances, volumes) = local
-        .map(|l| (l.instances.clone(), l.volumes.clone()))
+        .map(|l| {
+            (
+                l.instances.iter().map(|i| (**i).clone()).collect(),
+                l.volumes.clone(),
+            )
+        })
         .unwrap_or_default();
     let (ingress_enforced, egress_enforced) = if d.enforcement_changed {
         (
@@ -407,11 +424,56 @@ fn delta_message(
     }
 }
 
+/// What a pass needs of one instance, read out of its object once per
+/// revision of it.
+struct Facts {
+    revision: Revision,
+    ip: Option<String>,
+    identity: Option<u32>,
+    ready: bool,
+    workload: String,
+    node: Option<String>,
+    image: String,
+    /// The assignment, and the image digest and volumes stamp it was built
+    /// with.
+    assignment: Option<(Option<String>, u64, Arc<InstanceAssignment>)>,
+}
+
 /// Per-instance work kept between passes: an instance whose object, image
 /// digest and volumes did not change is not decoded again.
 #[derive(Default)]
 struct Memo {
-    instances: HashMap<String, (Revision, Option<String>, u64, InstanceAssignment)>,
+    instances: HashMap<String, Facts>,
+}
+
+fn facts_of(o: &crate::resources::StoredObject) -> Facts {
+    let v = &o.object;
+    let spec = v.get("spec");
+    let status = v.get("status");
+    let s = |parent: Option<&Value>, k: &str| {
+        parent
+            .and_then(|p| p.get(k))
+            .and_then(Value::as_str)
+            .map(str::to_string)
+    };
+    Facts {
+        revision: o.revision,
+        ip: s(status, "ip"),
+        identity: spec
+            .and_then(|p| p.get("identity"))
+            .and_then(Value::as_u64)
+            .map(|i| i as u32),
+        ready: status.and_then(|p| p.get("ready")).and_then(Value::as_bool) == Some(true),
+        workload: s(spec, "workload").unwrap_or_default(),
+        node: s(spec, "node"),
+        image: spec
+            .and_then(|p| p.get("template"))
+            .and_then(|t| t.get("image"))
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_string(),
+        assignment: None,
+    }
 }
 
 /// Runs passes until `shutdown`.
@@ -424,6 +486,7 @@ pub async fn run(
     let mut changes = cache.subscribe();
     changes.mark_changed();
     let mut memo = Memo::default();
+    let mut last_took = Duration::ZERO;
     let stop = shutdown.wait();
     tokio::pin!(stop);
     loop {
@@ -431,10 +494,12 @@ pub async fn run(
             _ = &mut stop => return,
             r = changes.changed() => if r.is_err() { return },
         }
-        // Let the rest of a burst arrive; it is all one pass.
+        // Let the rest of a burst arrive; it is all one pass. A pass that
+        // took long waits longer, so passes never take more than about a
+        // third of a core however fast the store changes.
         tokio::select! {
             _ = &mut stop => return,
-            _ = tokio::time::sleep(COALESCE) => {}
+            _ = tokio::time::sleep(COALESCE.max(last_took * 2)) => {}
         }
         changes.borrow_and_update();
         let started = std::time::Instant::now();
@@ -444,6 +509,7 @@ pub async fn run(
             (view.revision, shared, local)
         };
         assignments.publish(revision, shared, local);
+        last_took = started.elapsed();
         metrics.assignment_passes.inc();
         tracing::debug!(
             revision,
@@ -490,64 +556,54 @@ fn compute(view: &View, memo: &mut Memo) -> (SharedPart, HashMap<String, LocalPa
     let mut digests: HashMap<String, Option<String>> = HashMap::new();
     let mut seen = std::collections::HashSet::new();
     for i in view.objects(Kind::Instance).values() {
-        let o = &i.object;
-        if let (Some(ip), Some(id)) = (
-            o.pointer("/status/ip").and_then(Value::as_str),
-            o.pointer("/spec/identity").and_then(Value::as_u64),
-        ) {
-            shared.identities.insert(ip.to_string(), id as u32);
-            let is_ready = o.pointer("/status/ready").and_then(Value::as_bool) == Some(true);
-            let workload = o
-                .pointer("/spec/workload")
-                .and_then(Value::as_str)
-                .unwrap_or_default();
-            if let (true, Ok(ip), Some(labels)) =
-                (is_ready, ip.parse(), labels_of_workload.get(workload))
-            {
+        seen.insert(i.name.as_str());
+        let facts = match memo.instances.get_mut(&i.name) {
+            Some(f) if f.revision == i.revision => f,
+            _ => {
+                memo.instances.insert(i.name.clone(), facts_of(i));
+                memo.instances.get_mut(&i.name).expect("just inserted")
+            }
+        };
+        if let (Some(ip), Some(id)) = (&facts.ip, facts.identity) {
+            shared.identities.insert(ip.clone(), id);
+            if let (true, Ok(ip), Some(labels)) = (
+                facts.ready,
+                ip.parse(),
+                labels_of_workload.get(&facts.workload),
+            ) {
                 ready.push(crate::services::ReadyInstance {
                     ip,
                     labels: labels.clone(),
                 });
             }
         }
-        let Some(node) = o.pointer("/spec/node").and_then(Value::as_str) else {
+        let Some(node) = facts.node.clone() else {
             continue;
         };
-        let Some(template) = o.pointer("/spec/template") else {
-            continue;
-        };
-        let image = template
-            .get("image")
-            .and_then(Value::as_str)
-            .unwrap_or_default();
         let digest = digests
-            .entry(image.to_string())
+            .entry(facts.image.clone())
             .or_insert_with(|| {
-                let name = crate::images::normalize_name(image).ok()?;
+                let name = crate::images::normalize_name(&facts.image).ok()?;
                 view.image_digest(&name).map(str::to_string)
             })
             .clone();
-        seen.insert(i.name.clone());
-        let assignment = match memo.instances.get(&i.name) {
-            Some((rev, d, vs, a)) if *rev == i.revision && *d == digest && *vs == volumes_stamp => {
-                a.clone()
-            }
+        let assignment = match &facts.assignment {
+            Some((d, vs, a)) if *d == digest && *vs == volumes_stamp => a.clone(),
             _ => {
-                let a = instance_assignment(&i.name, o, template, node, &digest, &volumes);
-                memo.instances.insert(
-                    i.name.clone(),
-                    (i.revision, digest.clone(), volumes_stamp, a.clone()),
-                );
+                let Some(template) = i.object.pointer("/spec/template") else {
+                    continue;
+                };
+                let a = Arc::new(instance_assignment(
+                    &i.name, &i.object, template, &node, &digest, &volumes,
+                ));
+                facts.assignment = Some((digest, volumes_stamp, a.clone()));
                 a
             }
         };
-        local
-            .entry(node.to_string())
-            .or_default()
-            .instances
-            .push(assignment);
+        local.entry(node).or_default().instances.push(assignment);
     }
-    memo.instances.retain(|name, _| seen.contains(name));
+    memo.instances
+        .retain(|name, _| seen.contains(name.as_str()));
     for n in view.objects(Kind::Node).values() {
         let bound = volumes.bound_to(&n.name);
         if !bound.is_empty() {
@@ -660,9 +716,11 @@ mod tests {
         LocalPart {
             instances: names
                 .iter()
-                .map(|n| InstanceAssignment {
-                    name: n.to_string(),
-                    ..Default::default()
+                .map(|n| {
+                    Arc::new(InstanceAssignment {
+                        name: n.to_string(),
+                        ..Default::default()
+                    })
                 })
                 .collect(),
             volumes: Vec::new(),

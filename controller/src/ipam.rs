@@ -88,7 +88,10 @@ impl Ipam {
                 return Ok(c);
             }
         }
-        for _ in 0..16 {
+        // Racing joins all see the same lowest free block; after losing a
+        // race, pick among the free ones at random so the next try does
+        // not lose to the same crowd.
+        for attempt in 0..32 {
             let (kvs, _) = store.list(PREFIX).await?;
             // Blocks of this size are checked by lookup; other sizes (left
             // by an earlier --node-cidr-prefix) by overlap.
@@ -110,9 +113,15 @@ impl Ipam {
                     other_sizes.push(c);
                 }
             }
-            let free = (0..self.cluster.subnet_count(self.node_prefix))
+            let mut free = (0..self.cluster.subnet_count(self.node_prefix))
                 .filter_map(|n| self.cluster.subnet(self.node_prefix, n))
-                .find(|c| !used.contains(c) && !other_sizes.iter().any(|u| u.overlaps(c)));
+                .filter(|c| !used.contains(c) && !other_sizes.iter().any(|u| u.overlaps(c)));
+            let free = if attempt == 0 {
+                free.next()
+            } else {
+                let window: Vec<Ipv4Cidr> = free.take(64).collect();
+                (!window.is_empty()).then(|| window[rand::random_range(0..window.len())])
+            };
             let Some(block) = free else {
                 return Err(IpamError::Exhausted {
                     cluster: self.cluster,

@@ -64,6 +64,13 @@ impl Liveness {
         self.grace
     }
 
+    /// How long after start a node never heard from is left as stored:
+    /// three graces, at least 10 s (the agents' longest reconnect back-off
+    /// twice over).
+    pub fn startup_grace(&self) -> Duration {
+        (self.grace * 3).max(Duration::from_secs(10))
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, LivenessInner> {
         // A panic while holding this lock leaves plain data behind; keep going.
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
@@ -157,7 +164,11 @@ impl Liveness {
         };
         match since {
             Some(since) => (Some(since <= self.grace), Some(since)),
-            None if self.started.elapsed() <= self.grace => (None, None),
+            // A controller that just started has not heard from anyone:
+            // a rack of agents reconnecting after a restart (each with its
+            // own back-off) must not be judged by the one-node grace, or a
+            // restart would turn nodes NotReady and evict their instances.
+            None if self.started.elapsed() <= self.startup_grace() => (None, None),
             None => (Some(false), None),
         }
     }
@@ -293,8 +304,8 @@ async fn reconcile_once(
                         grace.as_secs_f64()
                     ),
                     None => format!(
-                        "no heartbeat since the controller started (grace {:.1}s)",
-                        grace.as_secs_f64()
+                        "no heartbeat since the controller started (startup grace {:.1}s)",
+                        liveness.startup_grace().as_secs_f64()
                     ),
                 },
             )

@@ -12,6 +12,9 @@ use futures::{FutureExt, StreamExt};
 
 use crate::resources::Resources;
 
+/// Least wait after a change before the next pass.
+const COALESCE: Duration = Duration::from_millis(20);
+
 /// Runs `pass` until `shutdown`. `pass` returns how long to wait at most
 /// before the next pass; `retry` paces attempts to reopen the watch.
 pub async fn run<F, Fut>(
@@ -30,11 +33,22 @@ pub async fn run<F, Fut>(
         let mut changes = cache.subscribe();
         loop {
             changes.borrow_and_update();
+            let started = tokio::time::Instant::now();
             let wait = pass().await;
+            let took = started.elapsed();
             tokio::select! {
                 _ = &mut stopped => return,
                 _ = tokio::time::sleep(wait) => {}
-                r = changes.changed() => if r.is_err() { return },
+                r = changes.changed() => {
+                    if r.is_err() { return }
+                    // Gather the rest of the burst (our own writes among
+                    // it); a slow pass waits longer, so a busy store cannot
+                    // keep this controller on a core.
+                    tokio::select! {
+                        _ = &mut stopped => return,
+                        _ = tokio::time::sleep(COALESCE.max(took * 2)) => {}
+                    }
+                }
             }
         }
     }

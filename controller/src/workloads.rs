@@ -206,11 +206,14 @@ fn phase_name(p: InstancePhase) -> &'static str {
 /// were decoded at: a pass decodes only what changed.
 #[derive(Default)]
 pub struct Memo {
-    instances: HashMap<String, (crate::store::Revision, Option<InstanceView>)>,
+    instances: HashMap<String, (crate::store::Revision, Option<std::sync::Arc<InstanceView>>)>,
 }
 
 impl Memo {
-    fn views(&mut self, objects: &[std::sync::Arc<StoredObject>]) -> Vec<InstanceView> {
+    fn views(
+        &mut self,
+        objects: &[std::sync::Arc<StoredObject>],
+    ) -> Vec<std::sync::Arc<InstanceView>> {
         let mut seen = std::collections::HashSet::with_capacity(objects.len());
         let mut out = Vec::with_capacity(objects.len());
         for o in objects {
@@ -218,7 +221,7 @@ impl Memo {
             let view = match self.instances.get(&o.name) {
                 Some((rev, v)) if *rev == o.revision => v.clone(),
                 _ => {
-                    let v = instance_view(o);
+                    let v = instance_view(o).map(std::sync::Arc::new);
                     self.instances
                         .insert(o.name.clone(), (o.revision, v.clone()));
                     v
@@ -286,7 +289,7 @@ async fn reconcile_with(
             })
         })
         .collect();
-    let mut instances: Vec<InstanceView> = memo
+    let mut instances: Vec<std::sync::Arc<InstanceView>> = memo
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .views(&instance_objects);

@@ -30,6 +30,9 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Weak};
 
+/// Page cache of the store file.
+const STORE_CACHE_BYTES: usize = 32 << 20;
+
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
 use tokio::sync::watch;
 
@@ -136,6 +139,10 @@ impl EmbeddedStore {
         let shown = path.display().to_string();
         let repairing = AtomicBool::new(false);
         let db = Database::builder()
+            // redb caches up to 1 GiB by default; the controller's memory
+            // budget is a fraction of that, and the watch-fed cache holds
+            // what is read often.
+            .set_cache_size(STORE_CACHE_BYTES)
             // A file damaged outside redb fails to open with an error
             // instead of a possible panic later; the store is small enough
             // for the full check to be cheap.
