@@ -340,7 +340,7 @@ impl SessionError {
                 .chars()
                 .map(|c| if c.is_ascii_digit() { 'N' } else { c })
                 .collect();
-            s.chars().take(120).collect::<String>()
+            s.chars().take(200).collect::<String>()
         };
         match self {
             SessionError::Connect(m) => format!("connect: {}", short(m)),
@@ -350,6 +350,22 @@ impl SessionError {
             SessionError::Delta(DeltaError::NoBase) => "delta: no base".into(),
         }
     }
+}
+
+/// A status with its code and the chain of causes behind it (a transport
+/// error says what broke only in its sources, e.g. a keep-alive timeout).
+fn status_text(s: &tonic::Status) -> String {
+    let mut text = format!("{:?}: {}", s.code(), s.message());
+    let mut cur = std::error::Error::source(s);
+    while let Some(c) = cur {
+        let t = c.to_string();
+        if !text.contains(&t) {
+            text.push_str(": ");
+            text.push_str(&t);
+        }
+        cur = c.source();
+    }
+    text
 }
 
 /// The agent's whole life: join, then sessions until the task is aborted.
@@ -475,7 +491,7 @@ async fn session(agent: &Agent, shared: &Shared, id: &NodeIdentity) -> Result<()
     let mut inbound = client
         .sync(ReceiverStream::new(rx))
         .await
-        .map_err(|s| SessionError::Broken(format!("{:?}: {}", s.code(), s.message())))?
+        .map_err(|s| SessionError::Broken(status_text(&s)))?
         .into_inner();
     let welcome = match inbound.message().await {
         Ok(Some(m)) => match m.msg {
@@ -487,13 +503,7 @@ async fn session(agent: &Agent, shared: &Shared, id: &NodeIdentity) -> Result<()
             }
         },
         Ok(None) => return Err(SessionError::Broken("closed before Welcome".into())),
-        Err(s) => {
-            return Err(SessionError::Broken(format!(
-                "{:?}: {}",
-                s.code(),
-                s.message()
-            )))
-        }
+        Err(s) => return Err(SessionError::Broken(status_text(&s))),
     };
     let pod_cidr: Ipv4Net = welcome.pod_cidr.parse().map_err(|e| {
         SessionError::Protocol(format!(
@@ -574,7 +584,7 @@ async fn session(agent: &Agent, shared: &Shared, id: &NodeIdentity) -> Result<()
                 },
                 Ok(None) => return Err(SessionError::Broken("controller closed the stream".into())),
                 Err(s) => {
-                    return Err(SessionError::Broken(format!("{:?}: {}", s.code(), s.message())))
+                    return Err(SessionError::Broken(status_text(&s)))
                 }
             }
         }

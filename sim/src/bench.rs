@@ -147,13 +147,71 @@ pub struct Figures {
     pub rollout_received: Received,
     pub mismatched_nodes: Option<usize>,
     pub controller_sent: Vec<(String, f64)>,
-    /// CPU time of the controller and of this process during the rollout.
-    pub rollout_cpu: Option<(Duration, Duration)>,
+    /// CPU time of the controller, of this process and of other processes
+    /// during the rollout and the idle window.
+    pub rollout_cpu: Option<CpuUse>,
+    pub idle_cpu: Option<CpuUse>,
     /// Why streams ended before the restart, and because of it.
     pub disconnects_before_restart: BTreeMap<String, u64>,
     pub disconnects_restart: BTreeMap<String, u64>,
     pub notes: Vec<String>,
     pub work_dir: String,
+}
+
+/// CPU time of the controller, of this process and of the whole machine.
+#[derive(Debug, Clone, Copy)]
+struct CpuSample {
+    controller: Duration,
+    sim: Duration,
+    machine: procs::MachineCpu,
+}
+
+/// Where CPU time went during a phase.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CpuUse {
+    pub controller: Duration,
+    pub sim: Duration,
+    /// Every other process.
+    pub others: Duration,
+    pub interrupts: Duration,
+    pub steal: Duration,
+}
+
+impl CpuSample {
+    fn take(controller_pid: u32) -> Option<CpuSample> {
+        Some(CpuSample {
+            controller: procs::cpu_time(controller_pid)?,
+            sim: procs::cpu_time(std::process::id())?,
+            machine: procs::machine_cpu()?,
+        })
+    }
+
+    fn until(&self, later: &CpuSample) -> CpuUse {
+        let controller = later.controller.saturating_sub(self.controller);
+        let sim = later.sim.saturating_sub(self.sim);
+        let tasks = later.machine.tasks.saturating_sub(self.machine.tasks);
+        CpuUse {
+            controller,
+            sim,
+            others: tasks.saturating_sub(controller + sim),
+            interrupts: later
+                .machine
+                .interrupts
+                .saturating_sub(self.machine.interrupts),
+            steal: later.machine.steal.saturating_sub(self.machine.steal),
+        }
+    }
+}
+
+/// Notes other processes' CPU use when it was more than a tenth of a core.
+fn note_others(f: &mut Figures, phase: &str, u: &CpuUse, elapsed: Duration) {
+    let share = u.others.as_secs_f64() / elapsed.as_secs_f64().max(1e-3);
+    if share > 0.1 {
+        f.notes.push(format!(
+            "other processes used {:.0} % of a core during {phase}: figures are skewed",
+            share * 100.0
+        ));
+    }
 }
 
 /// A deadline for one phase, with progress lines every few seconds.
@@ -330,6 +388,21 @@ async fn scenario(args: &BenchArgs, n: usize, replicas: u64) -> anyhow::Result<F
         ..Default::default()
     };
 
+    // Other work on the machine skews every figure: say so.
+    if let Some(m0) = procs::machine_busy() {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        if let Some(m1) = procs::machine_busy() {
+            let pct = m1.saturating_sub(m0).as_secs_f64() * 100.0;
+            if pct > 20.0 {
+                tracing::warn!(
+                    "the machine is busy before the bench starts ({pct:.0} % of a core)"
+                );
+                f.notes.push(format!(
+                    "the machine was busy before the bench started: {pct:.0} % of a core used by other processes"
+                ));
+            }
+        }
+    }
     let mut etcd: Option<Child> = None;
     let (store, ca_key_file) = match args.store {
         Store::Embedded => (None, None),
@@ -399,10 +472,7 @@ async fn scenario(args: &BenchArgs, n: usize, replicas: u64) -> anyhow::Result<F
 
     // 2. Rollout.
     let recv0 = fleet.received();
-    let cpu0 = (
-        procs::cpu_time(ctl.pid()),
-        procs::cpu_time(std::process::id()),
-    );
+    let cpu0 = CpuSample::take(ctl.pid());
     let t1 = Instant::now();
     op.apply(&[
         manifests::policy(POLICY, PORT_BEFORE),
@@ -455,13 +525,10 @@ async fn scenario(args: &BenchArgs, n: usize, replicas: u64) -> anyhow::Result<F
         });
     }
     f.rollout_received = fleet.received().since(&recv0);
-    if let (Some(c0), Some(s0), Some(c1), Some(s1)) = (
-        cpu0.0,
-        cpu0.1,
-        procs::cpu_time(ctl.pid()),
-        procs::cpu_time(std::process::id()),
-    ) {
-        f.rollout_cpu = Some((c1.saturating_sub(c0), s1.saturating_sub(s0)));
+    if let (Some(a), Some(b)) = (cpu0, CpuSample::take(ctl.pid())) {
+        let u = a.until(&b);
+        note_others(&mut f, "the rollout", &u, t1.elapsed());
+        f.rollout_cpu = Some(u);
     }
 
     // 3. Memory after the rollout.
@@ -501,16 +568,19 @@ async fn scenario(args: &BenchArgs, n: usize, replicas: u64) -> anyhow::Result<F
     }
     let window = Duration::from_secs(args.idle_seconds);
     tracing::info!("measuring controller CPU for {window:?} with {n} nodes heartbeating");
-    let cpu0 = procs::cpu_time(ctl.pid());
+    let cpu0 = CpuSample::take(ctl.pid());
     let msgs0 = fleet.received().msgs();
     let w0 = Instant::now();
     tokio::time::sleep(window).await;
-    let cpu1 = procs::cpu_time(ctl.pid());
+    let cpu1 = CpuSample::take(ctl.pid());
     let elapsed = w0.elapsed();
     f.idle_window = elapsed;
     f.idle_assignment_msgs = fleet.received().msgs() - msgs0;
     if let (Some(a), Some(b)) = (cpu0, cpu1) {
-        f.idle_cpu_pct = Some((b - a).as_secs_f64() / elapsed.as_secs_f64() * 100.0);
+        let u = a.until(&b);
+        f.idle_cpu_pct = Some(u.controller.as_secs_f64() / elapsed.as_secs_f64() * 100.0);
+        note_others(&mut f, "the idle window", &u, elapsed);
+        f.idle_cpu = Some(u);
     }
 
     // 5. One Policy change.
@@ -889,13 +959,20 @@ fn print_figures(f: &Figures, command: &str, args: &BenchArgs) -> bool {
             .map(|t| format!("{t}"))
             .unwrap_or_else(|| "-".into())
     );
-    if let Some((c, s)) = f.rollout_cpu {
-        println!(
-            "  rollout CPU time: controller {:.1} s, simulator {:.1} s",
-            c.as_secs_f64(),
-            s.as_secs_f64()
-        );
-    }
+    let cpu = |what: &str, v: Option<CpuUse>| {
+        if let Some(u) = v {
+            println!(
+                "  {what} CPU time: controller {:.1} s, simulator {:.1} s, other processes {:.1} s, interrupts {:.1} s, stolen by the hypervisor {:.1} s",
+                u.controller.as_secs_f64(),
+                u.sim.as_secs_f64(),
+                u.others.as_secs_f64(),
+                u.interrupts.as_secs_f64(),
+                u.steal.as_secs_f64()
+            );
+        }
+    };
+    cpu("rollout", f.rollout_cpu);
+    cpu("idle window", f.idle_cpu);
     for (why, count) in &f.disconnects_before_restart {
         println!("  streams ended before the restart: {count} × {why}");
     }

@@ -170,6 +170,43 @@ pub fn cpu_time(pid: u32) -> Option<Duration> {
     Some(Duration::from_millis((utime + stime) * 1000 / hz))
 }
 
+/// CPU time of the whole machine so far (all cores), from `/proc/stat`.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct MachineCpu {
+    /// User and system time of every process.
+    pub tasks: Duration,
+    /// Interrupt and softirq time (network processing of loopback traffic
+    /// lands here, attributed to no process).
+    pub interrupts: Duration,
+    /// Time the hypervisor gave to someone else.
+    pub steal: Duration,
+}
+
+pub fn machine_cpu() -> Option<MachineCpu> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let line = stat.lines().next()?.strip_prefix("cpu ")?;
+    let f: Vec<u64> = line
+        .split_whitespace()
+        .map(|v| v.parse().unwrap_or(0))
+        .collect();
+    let at = |i: usize| f.get(i).copied().unwrap_or(0);
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    let hz = u64::try_from(hz).ok().filter(|h| *h > 0)?;
+    let d = |ticks: u64| Duration::from_millis(ticks * 1000 / hz);
+    // user nice system idle iowait irq softirq steal (guest is in user).
+    Some(MachineCpu {
+        tasks: d(at(0) + at(1) + at(2)),
+        interrupts: d(at(5) + at(6)),
+        steal: d(at(7)),
+    })
+}
+
+/// CPU time every core spent busy (tasks and interrupts) so far.
+pub fn machine_busy() -> Option<Duration> {
+    machine_cpu().map(|m| m.tasks + m.interrupts)
+}
+
 /// Minimal HTTP/1.0 GET of a loopback endpoint.
 pub async fn http_get(addr: SocketAddr, path: &str) -> anyhow::Result<String> {
     let fut = async {
@@ -346,6 +383,7 @@ mod tests {
         let (rss, hwm) = memory(pid).unwrap();
         assert!(rss > 0 && hwm >= rss);
         assert!(cpu_time(pid).is_some());
+        assert!(machine_busy().is_some());
     }
 
     #[test]
