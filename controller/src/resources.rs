@@ -429,20 +429,37 @@ impl Resources {
         let mut written = 0;
         for chunk in names.chunks(BATCH) {
             let mut done = false;
-            for _ in 0..CAS_RETRIES {
+            for attempt in 0..CAS_RETRIES {
+                // The first attempt reads the cache (the compares catch a
+                // stale read); a retry reads the store.
+                let current = match (&self.cache, attempt) {
+                    (Some(cache), 0) => {
+                        let view = cache.read();
+                        chunk
+                            .iter()
+                            .map(|n| view.get(kind, n).map(|o| (o.object.clone(), o.revision)))
+                            .collect::<Vec<_>>()
+                    }
+                    _ => {
+                        let mut out = Vec::with_capacity(chunk.len());
+                        for n in chunk {
+                            out.push(match self.store.get(&key(kind, n)).await? {
+                                Some(kv) => Some((decode(kind, &kv)?.object, kv.mod_revision)),
+                                None => None,
+                            });
+                        }
+                        out
+                    }
+                };
                 let mut txn = Txn::default();
                 let mut seen = std::collections::HashSet::new();
-                for name in chunk {
+                for (name, current) in chunk.iter().zip(current) {
                     if !seen.insert(name.as_str()) {
                         continue;
                     }
                     let k = key(kind, name);
-                    let current = self.store.get(&k).await?;
-                    let existing = match &current {
-                        Some(kv) => Some(decode(kind, kv)?.object),
-                        None => None,
-                    };
-                    let op = match f(name, existing.as_ref()) {
+                    let existing = current.as_ref().map(|(o, _)| o);
+                    let op = match f(name, existing) {
                         Change::Keep => continue,
                         Change::Delete if existing.is_none() => continue,
                         Change::Delete => Op::Delete { key: k.clone() },
@@ -452,7 +469,7 @@ impl Resources {
                             } else {
                                 next
                             };
-                            if existing.as_ref().map(strip_rv) == Some(strip_rv(&next)) {
+                            if existing.map(strip_rv) == Some(strip_rv(&next)) {
                                 continue;
                             }
                             Op::Put {
@@ -462,7 +479,7 @@ impl Resources {
                         }
                     };
                     txn.compares.push(match &current {
-                        Some(kv) => Compare::ModRevision(k, kv.mod_revision),
+                        Some((_, rev)) => Compare::ModRevision(k, *rev),
                         None => Compare::Absent(k),
                     });
                     txn.ops.push(op);
