@@ -26,20 +26,21 @@ use crate::resources::Resources;
 pub type LogsStream = Pin<Box<dyn Stream<Item = Result<LogsChunk, Status>> + Send>>;
 type Downstream = mpsc::Sender<Result<ControllerMessage, Status>>;
 
+/// An open log request: its node, where chunks go, and a flag set when the
+/// reader fell behind and the request was ended.
+type Pending = (
+    String,
+    mpsc::Sender<Result<LogsChunk, Status>>,
+    Arc<AtomicBool>,
+);
+
 #[derive(Default)]
 struct Inner {
     /// Open sync streams by node: (session, sender).
     sessions: HashMap<String, (u64, Downstream)>,
     /// Open log requests: id → (node, where chunks go, set when the
     /// reader fell behind and the request was ended).
-    pending: HashMap<
-        u64,
-        (
-            String,
-            mpsc::Sender<Result<LogsChunk, Status>>,
-            Arc<AtomicBool>,
-        ),
-    >,
+    pending: HashMap<u64, Pending>,
 }
 
 #[derive(Clone, Default)]
