@@ -119,18 +119,40 @@ pub struct JoinParams<'a> {
 pub async fn load_or_join(
     dir: &Path,
     node_name: &str,
-    join: JoinParams<'_>,
+    params: JoinParams<'_>,
 ) -> Result<(NodeIdentity, bool), IdentityError> {
     if let Some(id) = NodeIdentity::load(dir, node_name)? {
         return Ok((id, false));
     }
-    let ca_pem = join
+    let ca_pem = params
         .ca_pem
         .ok_or(IdentityError::MissingForJoin("no --ca-cert was given"))?;
-    let token = join.bootstrap_token.ok_or(IdentityError::MissingForJoin(
+    let token = params.bootstrap_token.ok_or(IdentityError::MissingForJoin(
         "no --bootstrap-token or --bootstrap-token-file was given",
     ))?;
 
+    let id = join(
+        params.controller,
+        params.server_name,
+        &ca_pem,
+        &token,
+        node_name,
+    )
+    .await?;
+    id.save(dir)?;
+    Ok((id, true))
+}
+
+/// Makes a key and CSR for `node_name` and exchanges them, with the
+/// bootstrap `token`, for a node certificate. Nothing is written; the
+/// key never leaves this process.
+pub async fn join(
+    controller: &str,
+    server_name: Option<&str>,
+    ca_pem: &str,
+    token: &str,
+    node_name: &str,
+) -> Result<NodeIdentity, IdentityError> {
     let key = KeyPair::generate().map_err(|e| IdentityError::Crypto(e.to_string()))?;
     let mut params = CertificateParams::default();
     params
@@ -141,39 +163,48 @@ pub async fn load_or_join(
         .and_then(|c| c.pem())
         .map_err(|e| IdentityError::Crypto(e.to_string()))?;
 
-    let mut tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(&ca_pem));
-    if let Some(n) = join.server_name {
+    let mut tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca_pem));
+    if let Some(n) = server_name {
         tls = tls.domain_name(n);
     }
-    let channel = endpoint(join.controller)?
+    let connect_err = |message: String| IdentityError::Connect {
+        url: controller.into(),
+        message,
+    };
+    let channel = endpoint(controller)?
         .tls_config(tls)
-        .map_err(|e| IdentityError::Connect {
-            url: join.controller.into(),
-            message: e.to_string(),
-        })?
+        .map_err(|e| connect_err(e.to_string()))?
         .connect()
         .await
-        .map_err(|e| IdentityError::Connect {
-            url: join.controller.into(),
-            message: error_chain(&e),
-        })?;
+        .map_err(|e| connect_err(error_chain(&e)))?;
     let resp = NodeServiceClient::new(channel)
         .join(JoinRequest {
-            bootstrap_token: token,
+            bootstrap_token: token.to_string(),
             node_name: node_name.to_string(),
             csr_pem: csr,
         })
         .await
-        .map_err(|s| IdentityError::Refused(s.message().to_string()))?
+        .map_err(|s| match s.code() {
+            // The controller went away mid-call: worth trying again.
+            tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled => {
+                connect_err(s.message().to_string())
+            }
+            _ => IdentityError::Refused(s.message().to_string()),
+        })?
         .into_inner();
-    let id = NodeIdentity {
+    Ok(NodeIdentity {
         node_name: node_name.to_string(),
         key_pem: key.serialize_pem(),
         cert_pem: resp.certificate_pem,
         ca_pem: resp.ca_certificate_pem,
-    };
-    id.save(dir)?;
-    Ok((id, true))
+    })
+}
+
+impl IdentityError {
+    /// True when trying again later may succeed.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, IdentityError::Connect { .. })
+    }
 }
 
 /// A gRPC endpoint for the controller URL with the agent's timeouts.
