@@ -33,6 +33,8 @@ use crate::store::Revision;
 
 /// How long a pass waits for more of a burst before it starts.
 const COALESCE: Duration = Duration::from_millis(25);
+/// Longest pause between passes while changes keep coming.
+const PACE_MAX: Duration = Duration::from_secs(1);
 /// Least time between two messages to one stream. Changes within it are
 /// sent as one delta: while instances start across the cluster, every pass
 /// changes the shared part, and a thousand streams each sent every pass
@@ -499,7 +501,7 @@ pub async fn run(
         // third of a core however fast the store changes.
         tokio::select! {
             _ = &mut stop => return,
-            _ = tokio::time::sleep(COALESCE.max(last_took * 2)) => {}
+            _ = tokio::time::sleep((last_took * 2).clamp(COALESCE, PACE_MAX)) => {}
         }
         changes.borrow_and_update();
         let started = std::time::Instant::now();

@@ -89,6 +89,13 @@ pub fn plan(
 ) -> (Vec<Action>, Option<Duration>) {
     let mut actions = Vec::new();
     let mut next: Option<Duration> = None;
+    // By node once, not a walk of every instance per node (10M compares
+    // at 1,000 nodes and 10,000 instances).
+    let mut by_node: std::collections::HashMap<&str, Vec<&Bound<'_>>> =
+        std::collections::HashMap::new();
+    for i in instances {
+        by_node.entry(i.node).or_default().push(i);
+    }
     for n in nodes {
         let down_for = n
             .not_ready_since
@@ -102,7 +109,10 @@ pub fn plan(
             }
             None => false,
         };
-        for i in instances.iter().filter(|i| i.node == n.name) {
+        if !due && n.taints.is_empty() {
+            continue;
+        }
+        for i in by_node.get(n.name.as_str()).into_iter().flatten() {
             let local = volumes.volume_on(i.template, &n.name);
             if due {
                 match local {

@@ -14,6 +14,9 @@ use crate::resources::Resources;
 
 /// Least wait after a change before the next pass.
 const COALESCE: Duration = Duration::from_millis(20);
+/// Longest wait after a change: a pass that was slow because it waited on
+/// the store (thousands of creates) must not hold back the next one.
+const PACE_MAX: Duration = Duration::from_secs(1);
 
 /// Runs `pass` until `shutdown`. `pass` returns how long to wait at most
 /// before the next pass; `retry` paces attempts to reopen the watch.
@@ -42,11 +45,12 @@ pub async fn run<F, Fut>(
                 r = changes.changed() => {
                     if r.is_err() { return }
                     // Gather the rest of the burst (our own writes among
-                    // it); a slow pass waits longer, so a busy store cannot
-                    // keep this controller on a core.
+                    // it); a slow pass waits as long as it took (up to
+                    // PACE_MAX), so a busy store cannot keep this
+                    // controller on a core.
                     tokio::select! {
                         _ = &mut stopped => return,
-                        _ = tokio::time::sleep(COALESCE.max(took * 2)) => {}
+                        _ = tokio::time::sleep(took.clamp(COALESCE, PACE_MAX)) => {}
                     }
                 }
             }

@@ -30,8 +30,12 @@ use crate::liveness::ready_status;
 use crate::resources::{ResourceError, Resources, StoredObject};
 use crate::scheduler::{Cluster, NodeCapacity, Request, Reserve};
 
-/// Longest wait between passes when nothing changes.
-const RESYNC: Duration = Duration::from_secs(2);
+/// Longest wait between passes when nothing changes: every change that
+/// matters (nodes, instances, workloads, volumes) wakes a pass itself, and
+/// evictions ask for theirs; this only bounds what a missed wake-up costs.
+const RESYNC: Duration = Duration::from_secs(10);
+/// Wait after a failed pass, and before reopening a broken watch.
+const RETRY: Duration = Duration::from_secs(2);
 
 /// What the operator configures about placement and eviction.
 #[derive(Debug, Clone, Copy)]
@@ -62,7 +66,7 @@ pub async fn run(
     let res = &resources;
     let (metrics, settings) = (&metrics, &settings);
     let memo = &std::sync::Mutex::new(Memo::default());
-    crate::pass_loop::run(res, "workloads", RESYNC, shutdown, || async move {
+    crate::pass_loop::run(res, "workloads", RETRY, shutdown, || async move {
         match reconcile_with(res, settings, memo).await {
             Ok(counts) => {
                 counts.publish(metrics);
@@ -70,7 +74,7 @@ pub async fn run(
             }
             Err(e) => {
                 tracing::warn!(error = %e, "workload pass failed");
-                RESYNC
+                RETRY
             }
         }
     })
@@ -94,6 +98,22 @@ struct InstanceView {
     spec: InstanceSpec,
     status: InstanceStatus,
     created: String,
+    /// [`fingerprint`] of its template, computed once per decode.
+    template: u64,
+}
+
+/// What a workload spec runs, as a hash: equal for specs that differ only
+/// in replicas. Compared for every instance on every pass, so it must not
+/// clone or walk the spec each time.
+fn fingerprint(spec: &WorkloadSpec) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut v = serde_json::to_value(spec).unwrap_or(Value::Null);
+    if let Some(o) = v.as_object_mut() {
+        o.remove("replicas");
+    }
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    v.to_string().hash(&mut h);
+    h.finish()
 }
 
 fn request_of(spec: &WorkloadSpec) -> Request {
@@ -140,6 +160,7 @@ fn instance_view(o: &StoredObject) -> Option<InstanceView> {
         .unwrap_or_default();
     Some(InstanceView {
         name: o.name.clone(),
+        template: fingerprint(&spec.template),
         spec,
         status,
         created: o
@@ -149,13 +170,6 @@ fn instance_view(o: &StoredObject) -> Option<InstanceView> {
             .unwrap_or_default()
             .to_string(),
     })
-}
-
-/// True if both specs run the same thing (they may differ in replicas).
-fn same_template(a: &WorkloadSpec, b: &WorkloadSpec) -> bool {
-    let mut a = a.clone();
-    a.replicas = b.replicas;
-    &a == b
 }
 
 /// A fresh instance name: `<workload>-<5 random letters and digits>`.
@@ -296,9 +310,8 @@ async fn reconcile_with(
     drop(instance_objects);
     let mut counts = PassCounts::default();
     let volumes = crate::volumes::VolumeIndex::load(resources).await?;
-    let nodes: Vec<StoredObject> = nodes.iter().map(|n| (**n).clone()).collect();
     {
-        let facts: Vec<NodeFacts> = nodes.iter().map(NodeFacts::of).collect();
+        let facts: Vec<NodeFacts> = nodes.iter().map(|n| NodeFacts::of(n)).collect();
         let bound: Vec<Bound<'_>> = instances
             .iter()
             .filter_map(|i| {
@@ -331,8 +344,10 @@ async fn reconcile_with(
         }
     }
 
-    let mut cluster =
-        Cluster::with_reserve(nodes.iter().map(node_capacity).collect(), settings.reserve);
+    let mut cluster = Cluster::with_reserve(
+        nodes.iter().map(|n| node_capacity(n)).collect(),
+        settings.reserve,
+    );
     for i in &instances {
         // A finished pipeline step is kept for its logs but holds nothing.
         if matches!(
@@ -389,9 +404,9 @@ async fn reconcile_with(
     for w in &workloads {
         let owned = by_workload.remove(w.name.as_str()).unwrap_or_default();
         // Only a change of what runs replaces instances; scaling does not.
-        let (mut current, stale): (Vec<&InstanceView>, Vec<&InstanceView>) = owned
-            .into_iter()
-            .partition(|i| same_template(&i.spec.template, &w.spec));
+        let template = fingerprint(&w.spec);
+        let (mut current, stale): (Vec<&InstanceView>, Vec<&InstanceView>) =
+            owned.into_iter().partition(|i| i.template == template);
         for i in &stale {
             deletes.push((i.name.clone(), "its workload changed"));
         }
@@ -433,6 +448,10 @@ async fn reconcile_with(
             // One identity per label set, allocated here on the leader
             // before any instance carries it (never on a read path).
             let identity = identity_of(resources, w).await;
+            // Names are random; 10,000 of them collide a few times, and a
+            // collision would leave a replica for the next pass.
+            let mut taken: std::collections::HashSet<String> =
+                current.iter().map(|i| i.name.clone()).collect();
             for _ in current.len()..want {
                 let placed = crate::volumes::place(
                     &mut cluster,
@@ -441,7 +460,7 @@ async fn reconcile_with(
                     &w.spec,
                     request_of(&w.spec),
                 );
-                let (object, view) = new_instance(w, placed, identity);
+                let (object, view) = new_instance(w, placed, identity, &mut taken);
                 creates.push(object);
                 created.push(view);
             }
@@ -578,8 +597,12 @@ fn new_instance(
     w: &WorkloadView,
     placed: Result<String, String>,
     identity: Option<u32>,
+    taken: &mut std::collections::HashSet<String>,
 ) -> (Value, InstanceView) {
-    let name = instance_name(&w.name);
+    let mut name = instance_name(&w.name);
+    while !taken.insert(name.clone()) {
+        name = instance_name(&w.name);
+    }
     let mut labels = w.labels.clone();
     labels.insert(WORKLOAD_LABEL.to_string(), w.name.clone());
     let spec = InstanceSpec {
@@ -603,6 +626,7 @@ fn new_instance(
     });
     let view = InstanceView {
         name,
+        template: fingerprint(&spec.template),
         spec,
         status: serde_json::from_value(status).unwrap_or_default(),
         created: String::new(),

@@ -87,7 +87,25 @@ struct Inner {
     path: PathBuf,
     /// The last committed revision, published after each commit.
     committed: watch::Sender<Revision>,
+    /// Txns waiting for the writer (group commit, see [`Inner::write_queued`]).
+    queue: std::sync::Mutex<Queue>,
 }
+
+/// A txn waiting to be written, and where its outcome goes.
+type Pending = (
+    Txn,
+    tokio::sync::oneshot::Sender<Result<TxnOutcome, StoreError>>,
+);
+
+#[derive(Default)]
+struct Queue {
+    pending: Vec<Pending>,
+    /// A blocking task is draining `pending`.
+    writing: bool,
+}
+
+/// Most txns written under one commit (one fsync).
+const GROUP_MAX: usize = 256;
 
 /// Maps a redb error to a store error, with what we were doing.
 fn db_err(context: &str, e: impl Into<redb::Error>) -> StoreError {
@@ -169,6 +187,7 @@ impl EmbeddedStore {
                 db,
                 path: path.to_path_buf(),
                 committed,
+                queue: std::sync::Mutex::default(),
             }),
             history_limit: DEFAULT_HISTORY_LIMIT,
         })
@@ -446,7 +465,131 @@ enum Staged {
     },
 }
 
+/// Clears [`Queue::writing`] when the writer returns or unwinds, so a
+/// panic cannot leave every later txn waiting.
+struct WriterGuard<'a>(&'a Inner);
+
+impl Drop for WriterGuard<'_> {
+    fn drop(&mut self) {
+        let mut q = self.0.queue.lock().unwrap_or_else(|p| p.into_inner());
+        q.writing = false;
+        // Txns queued after the last take would wait for a writer that
+        // never comes; fail them instead (only on unwind: a normal return
+        // leaves the queue empty under this lock).
+        for (_, tx) in q.pending.drain(..) {
+            let _ = tx.send(Err(StoreError::Io("the store writer failed".into())));
+        }
+    }
+}
+
 impl Inner {
+    /// The writer: takes what is queued, writes it under one commit, and
+    /// goes on until the queue is empty. Runs on a blocking thread.
+    fn write_queued(&self, history_limit: usize) {
+        let guard = WriterGuard(self);
+        loop {
+            let batch: Vec<Pending> = {
+                let mut q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
+                if q.pending.is_empty() {
+                    q.writing = false;
+                    std::mem::forget(guard);
+                    return;
+                }
+                let n = q.pending.len().min(GROUP_MAX);
+                q.pending.drain(..n).collect()
+            };
+            if batch.len() == 1 {
+                for (txn, tx) in batch {
+                    let _ = tx.send(self.apply(&txn, history_limit));
+                }
+                continue;
+            }
+            match self.apply_group(&batch, history_limit) {
+                Ok(Ok(outcomes)) => {
+                    for ((_, tx), outcome) in batch.into_iter().zip(outcomes) {
+                        let _ = tx.send(Ok(outcome));
+                    }
+                }
+                // The commit itself failed: its outcome is unknown, so no
+                // txn of it may be tried again.
+                Ok(Err(e)) => {
+                    let message = e.to_string();
+                    let mut first = Some(e);
+                    for (_, tx) in batch {
+                        let e = first
+                            .take()
+                            .unwrap_or_else(|| StoreError::Io(message.clone()));
+                        let _ = tx.send(Err(e));
+                    }
+                }
+                // A failure while staging (a value too large, say) must
+                // fail only its own txn: write them one by one instead.
+                Err(e) => {
+                    tracing::debug!(error = %e, txns = batch.len(), "group commit failed; writing its txns one by one");
+                    for (txn, tx) in batch {
+                        let _ = tx.send(self.apply(&txn, history_limit));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Stages every txn of `batch` in one write transaction, in order, and
+    /// commits once. All or nothing: a staging error (the outer `Err`)
+    /// aborts the whole group; the inner `Err` is a failed commit.
+    #[allow(clippy::type_complexity)]
+    fn apply_group(
+        &self,
+        batch: &[Pending],
+        history_limit: usize,
+    ) -> Result<Result<Vec<TxnOutcome>, StoreError>, StoreError> {
+        let mut wtx = self
+            .db
+            .begin_write()
+            .map_err(|e| db_err("begin write", e))?;
+        wtx.set_durability(Durability::Immediate)
+            .map_err(|e| db_err("set durability", e))?;
+        let mut outcomes = Vec::with_capacity(batch.len());
+        let mut last = None;
+        for (txn, _) in batch {
+            match stage(&wtx, txn, history_limit) {
+                Ok(Staged::CompareFailed(index)) => {
+                    outcomes.push(TxnOutcome::CompareFailed { index })
+                }
+                Ok(Staged::Unchanged(revision)) => outcomes.push(TxnOutcome::Committed(revision)),
+                Ok(Staged::Commit { revision, .. }) => {
+                    last = Some(revision);
+                    outcomes.push(TxnOutcome::Committed(revision));
+                }
+                Err(e) => {
+                    abort(wtx);
+                    return Err(e);
+                }
+            }
+        }
+        let Some(revision) = last else {
+            abort(wtx);
+            return Ok(Ok(outcomes));
+        };
+        if let Err(e) = wtx.commit() {
+            tracing::error!(path = %self.path.display(), revision, error = %e,
+                "store commit failed; its outcome is unknown until the store is reopened");
+            return Ok(Err(db_err(
+                &format!("commit revisions up to {revision} (outcome unknown)"),
+                e,
+            )));
+        }
+        tracing::trace!(revision, txns = batch.len(), "store group commit");
+        self.committed.send_if_modified(|cur| {
+            let newer = revision > *cur;
+            if newer {
+                *cur = revision;
+            }
+            newer
+        });
+        Ok(Ok(outcomes))
+    }
+
     /// The whole write path, on a blocking thread. Publishes the new
     /// revision itself, so a caller that stops waiting cannot leave watchers
     /// un-notified.
@@ -758,9 +901,34 @@ impl Store for EmbeddedStore {
 
     async fn txn(&self, txn: Txn) -> Result<TxnOutcome, StoreError> {
         validate_txn(&txn)?;
-        let inner = self.inner.clone();
-        let limit = self.history_limit;
-        blocking(move || inner.apply(&txn, limit)).await
+        if txn.ops.is_empty() {
+            let inner = self.inner.clone();
+            return blocking(move || inner.check_only(&txn.compares)).await;
+        }
+        // Group commit: txns that arrive while one commit is on disk are
+        // written together under the next one, one fsync for all of them
+        // (as etcd batches its backend commits). Each keeps its own
+        // revision and compares.
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let start_writer = {
+            let mut q = self.inner.queue.lock().unwrap_or_else(|p| p.into_inner());
+            q.pending.push((txn, tx));
+            !std::mem::replace(&mut q.writing, true)
+        };
+        if start_writer {
+            let inner = self.inner.clone();
+            let limit = self.history_limit;
+            // Not awaited: the writer drains what others queue after us too.
+            drop(tokio::task::spawn_blocking(move || {
+                inner.write_queued(limit)
+            }));
+        }
+        match rx.await {
+            Ok(r) => r,
+            Err(_) => Err(StoreError::Io(
+                "the store writer stopped before answering".into(),
+            )),
+        }
     }
 
     async fn revision(&self) -> Result<Revision, StoreError> {
