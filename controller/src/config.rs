@@ -55,7 +55,16 @@ pub struct ControllerConfig {
     #[arg(long, env = "IRONMESH_HEARTBEAT_INTERVAL", default_value = "1s", value_parser = humantime::parse_duration)]
     pub heartbeat_interval: Duration,
 
-    /// A node whose heartbeats stop for longer than this turns NotReady.
+    /// Most heartbeats per second from all nodes together: past
+    /// that many × `--heartbeat-interval` nodes, agents are told a longer
+    /// interval (whole seconds) and `--node-grace` grows with it, e.g. 10 s
+    /// and 40 s at 1,000 nodes with the defaults.
+    #[arg(long, env = "IRONMESH_MAX_HEARTBEATS_PER_SECOND", default_value_t = 100,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_heartbeats_per_second: u32,
+
+    /// A node whose heartbeats stop for longer than this turns NotReady
+    /// (at `--heartbeat-interval`; see `--max-heartbeats-per-second`).
     #[arg(long, env = "IRONMESH_NODE_GRACE", default_value = "4s", value_parser = humantime::parse_duration)]
     pub node_grace: Duration,
 

@@ -12,6 +12,15 @@
 //! [`Liveness::set_remote`] feeds those vouches in here. A vouched node
 //! counts as heartbeating now; once the last vouch goes, its grace runs
 //! from that moment.
+//!
+//! **Pacing.** Heartbeats cost the controller the same each, so their rate
+//! is bounded (as Nomad bounds its heartbeat TTLs): the interval agents are
+//! told is `--heartbeat-interval`, or longer once the cluster has more
+//! than `--max-heartbeats-per-second` × that many nodes, and each node's
+//! grace grows in proportion with the interval it was told. A change of
+//! the interval reaches connected agents that understand it at once
+//! (`Settings`); a node's grace only shrinks after its first heartbeat at
+//! the shorter interval.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -29,6 +38,10 @@ struct Live {
     last_wall: SystemTime,
     session: u64,
     connected: bool,
+    /// Judged by this grace, from the interval the node was told.
+    grace: Duration,
+    /// A shorter grace that applies from the node's next heartbeat.
+    pending: Option<Duration>,
 }
 
 /// In-memory heartbeat table, shared by the sync handler and the reconciler.
@@ -36,6 +49,12 @@ struct Live {
 pub struct Liveness {
     inner: Arc<Mutex<LivenessInner>>,
     grace: Duration,
+    /// `--heartbeat-interval`: `grace` belongs to it.
+    interval: Duration,
+    /// `--max-heartbeats-per-second` over all nodes.
+    max_rate: u32,
+    /// The interval agents are told now (see [`Liveness::pace`]).
+    paced: Arc<tokio::sync::watch::Sender<Duration>>,
     started: Instant,
 }
 
@@ -48,7 +67,15 @@ struct LivenessInner {
 }
 
 impl Liveness {
+    /// Liveness with a fixed interval: nodes are judged by `grace`.
     pub fn new(grace: Duration) -> Liveness {
+        Liveness::paced(grace, grace, u32::MAX)
+    }
+
+    /// Liveness for agents told `interval` (longer past `max_rate`
+    /// heartbeats a second in all) and judged by `grace` at that interval.
+    pub fn paced(interval: Duration, grace: Duration, max_rate: u32) -> Liveness {
+        let interval = interval.max(Duration::from_millis(1));
         Liveness {
             inner: Arc::new(Mutex::new(LivenessInner {
                 nodes: HashMap::new(),
@@ -56,19 +83,73 @@ impl Liveness {
                 next_session: 1,
             })),
             grace,
+            interval,
+            max_rate: max_rate.max(1),
+            paced: Arc::new(tokio::sync::watch::channel(interval).0),
             started: Instant::now(),
         }
     }
 
+    /// The grace at the interval agents are told now.
     pub fn grace(&self) -> Duration {
-        self.grace
+        self.grace_for(*self.paced.borrow())
+    }
+
+    /// The grace of a node told `interval`: in proportion to the base.
+    fn grace_for(&self, interval: Duration) -> Duration {
+        if interval <= self.interval {
+            return self.grace;
+        }
+        self.grace.mul_f64(interval.as_secs_f64() / self.interval.as_secs_f64())
+    }
+
+    /// The interval for a cluster of `nodes`: the base, or whole seconds
+    /// enough to keep all heartbeats under the rate.
+    pub fn interval_for(&self, nodes: usize) -> Duration {
+        let needed = nodes as f64 / f64::from(self.max_rate);
+        if needed <= self.interval.as_secs_f64() {
+            return self.interval;
+        }
+        Duration::from_secs(needed.ceil() as u64)
+    }
+
+    /// Sets the interval from the cluster's size; returns it.
+    pub fn pace(&self, nodes: usize) -> Duration {
+        let want = self.interval_for(nodes);
+        self.paced.send_if_modified(|cur| {
+            let changed = *cur != want;
+            *cur = want;
+            changed
+        });
+        want
+    }
+
+    /// The interval agents are told now, and its changes.
+    pub fn heartbeat_interval(&self) -> tokio::sync::watch::Receiver<Duration> {
+        self.paced.subscribe()
+    }
+
+    /// `node` on `session` was told to heartbeat every `interval`.
+    pub fn told(&self, node: &str, session: u64, interval: Duration) {
+        let grace = self.grace_for(interval);
+        let mut g = self.lock();
+        if let Some(l) = g.nodes.get_mut(node) {
+            if l.session == session {
+                if grace >= l.grace {
+                    l.grace = grace;
+                    l.pending = None;
+                } else {
+                    l.pending = Some(grace);
+                }
+            }
+        }
     }
 
     /// How long after start a node never heard from is left as stored:
     /// three graces, at least 10 s (the agents' longest reconnect back-off
     /// twice over).
     pub fn startup_grace(&self) -> Duration {
-        (self.grace * 3).max(Duration::from_secs(10))
+        (self.grace() * 3).max(Duration::from_secs(10))
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, LivenessInner> {
@@ -76,9 +157,11 @@ impl Liveness {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// A sync stream opened; returns its session number. A newer session
-    /// for the same node supersedes an older one.
-    pub fn connect(&self, node: &str) -> u64 {
+    /// A sync stream opened, whose agent is told to heartbeat every
+    /// `interval`; returns its session number. A newer session for the
+    /// same node supersedes an older one.
+    pub fn connect(&self, node: &str, interval: Duration) -> u64 {
+        let grace = self.grace_for(interval);
         let mut g = self.lock();
         let session = g.next_session;
         g.next_session += 1;
@@ -89,6 +172,8 @@ impl Liveness {
                 last_wall: SystemTime::now(),
                 session,
                 connected: true,
+                grace,
+                pending: None,
             },
         );
         session
@@ -101,6 +186,9 @@ impl Liveness {
             if l.session == session {
                 l.last = Instant::now();
                 l.last_wall = SystemTime::now();
+                if let Some(grace) = l.pending.take() {
+                    l.grace = grace;
+                }
             }
         }
     }
@@ -116,13 +204,13 @@ impl Liveness {
     }
 
     /// Nodes with an open stream here whose last heartbeat is at most
-    /// `max_age` old: the ones this controller vouches for.
-    pub fn vouched(&self, max_age: Duration) -> Vec<String> {
+    /// half their grace old: the ones this controller vouches for.
+    pub fn vouched(&self) -> Vec<String> {
         let g = self.lock();
         let mut v: Vec<String> = g
             .nodes
             .iter()
-            .filter(|(_, l)| l.connected && l.last.elapsed() <= max_age)
+            .filter(|(_, l)| l.connected && l.last.elapsed() <= l.grace / 2)
             .map(|(n, _)| n.clone())
             .collect();
         v.sort();
@@ -148,9 +236,12 @@ impl Liveness {
     /// Whether the node is alive now: `Some(true)`/`Some(false)`, or `None`
     /// while this controller is too young to judge a node it has not heard
     /// from.
-    fn judge(&self, node: &str) -> (Option<bool>, Option<Duration>) {
+    fn judge(&self, node: &str) -> (Option<bool>, Option<Duration>, Duration) {
         let g = self.lock();
         let local = g.nodes.get(node).map(|l| l.last.elapsed());
+        // A node heard of only through another controller: the grace of
+        // the interval told now.
+        let grace = g.nodes.get(node).map_or_else(|| self.grace(), |l| l.grace);
         let remote = g.remote.get(node).map(|(vouched, at)| {
             if *vouched {
                 Duration::ZERO
@@ -163,13 +254,13 @@ impl Liveness {
             (a, b) => a.or(b),
         };
         match since {
-            Some(since) => (Some(since <= self.grace), Some(since)),
+            Some(since) => (Some(since <= grace), Some(since), grace),
             // A controller that just started has not heard from anyone:
             // a rack of agents reconnecting after a restart (each with its
             // own back-off) must not be judged by the one-node grace, or a
             // restart would turn nodes NotReady and evict their instances.
-            None if self.started.elapsed() <= self.startup_grace() => (None, None),
-            None => (Some(false), None),
+            None if self.started.elapsed() <= self.startup_grace() => (None, None, grace),
+            None => (Some(false), None, grace),
         }
     }
 
@@ -268,9 +359,11 @@ async fn reconcile_once(
             nodes.push((n.name.clone(), ready_status(&n.object).map(str::to_string)))
         })
         .await?;
+    let interval = liveness.pace(nodes.len());
+    metrics.heartbeat_interval_ms.set(interval.as_millis() as i64);
     let (mut ready, mut not_ready, mut unknown) = (0i64, 0i64, 0i64);
     for (node, stored) in nodes {
-        let (alive, since) = liveness.judge(&node);
+        let (alive, since, grace) = liveness.judge(&node);
         let Some(alive) = alive else {
             match stored.as_deref() {
                 Some("True") => ready += 1,
@@ -288,7 +381,6 @@ async fn reconcile_once(
         if stored.as_deref() == Some(want) {
             continue;
         }
-        let grace = liveness.grace();
         let (reason, message) = if alive {
             (
                 "HeartbeatsReceived",

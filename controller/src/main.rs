@@ -3,6 +3,12 @@
 use clap::Parser;
 use ironmesh_controller::config::ControllerConfig;
 
+// glibc's per-thread arenas fragment under tokio's worker and blocking
+// threads: at 1,000 nodes the controller held about twice the memory it
+// used. mimalloc returns freed pages to the OS.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cfg = ControllerConfig::parse();

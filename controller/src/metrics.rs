@@ -29,6 +29,8 @@ pub struct ControllerMetrics {
     pub sync_streams: Gauge,
     pub heartbeats: Counter,
     pub node_transitions: Counter,
+    /// The heartbeat interval agents are told now, in milliseconds.
+    pub heartbeat_interval_ms: Gauge,
     pub nodes: Family<ConditionLabel, Gauge>,
     pub store_revision: Gauge,
     pub instances: Family<PhaseLabel, Gauge>,
@@ -73,6 +75,7 @@ impl ControllerMetrics {
             sync_streams: Gauge::default(),
             heartbeats: Counter::default(),
             node_transitions: Counter::default(),
+            heartbeat_interval_ms: Gauge::default(),
             nodes: Family::default(),
             store_revision: Gauge::default(),
             instances: Family::default(),
@@ -127,6 +130,11 @@ impl ControllerMetrics {
             m.node_transitions.clone(),
         );
         r.register("nodes", "Nodes by Ready condition", m.nodes.clone());
+        r.register(
+            "heartbeat_interval_milliseconds",
+            "Heartbeat interval agents are told now (grows with the cluster, --max-heartbeats-per-second)",
+            m.heartbeat_interval_ms.clone(),
+        );
         r.register(
             "store_revision",
             "Latest store revision written by this controller",

@@ -16,7 +16,7 @@ use ironmesh_proto::v1::{
     agent_message, controller_message, node_service_server::NodeService, AgentMessage,
     ControllerMessage, FetchBlobRequest, InstanceEvent, InstanceState, Inventory, JoinRequest,
     JoinResponse, QueueAckRequest, QueueAckResponse, QueueItem, QueueLeaseRequest,
-    QueueLeaseResponse, QueuePushRequest, QueuePushResponse, Welcome,
+    QueueLeaseResponse, QueuePushRequest, QueuePushResponse, Settings, Welcome,
 };
 use serde_json::{json, Value};
 use subtle::ConstantTimeEq;
@@ -45,7 +45,6 @@ pub struct NodeApi {
     pub resources: Resources,
     pub liveness: Liveness,
     pub metrics: Arc<ControllerMetrics>,
-    pub heartbeat_interval: Duration,
     pub assignments: crate::assignments::Assignments,
 }
 
@@ -384,7 +383,9 @@ impl NodeService for NodeApi {
             inventory.as_ref(),
         )
         .await?;
-        let session = self.liveness.connect(&node);
+        let mut paced = self.liveness.heartbeat_interval();
+        let interval = *paced.borrow_and_update();
+        let session = self.liveness.connect(&node, interval);
         self.metrics.sync_streams.inc();
         tracing::info!(node = %node, session, agent_version = %hello.agent_version, acked = hello.acked_revision, "sync stream opened");
 
@@ -392,7 +393,7 @@ impl NodeService for NodeApi {
         let welcome = ControllerMessage {
             msg: Some(controller_message::Msg::Welcome(Welcome {
                 node_name: node.clone(),
-                heartbeat_interval_ms: self.heartbeat_interval.as_millis() as u32,
+                heartbeat_interval_ms: interval.as_millis() as u32,
                 pod_cidr: pod_cidr.to_string(),
                 cluster_cidr: self.ipam.cluster.to_string(),
             })),
@@ -404,6 +405,10 @@ impl NodeService for NodeApi {
             .capabilities
             .iter()
             .any(|c| c == ironmesh_proto::assignment::INCREMENTAL);
+        let settings = hello
+            .capabilities
+            .iter()
+            .any(|c| c == ironmesh_proto::SETTINGS);
         tokio::spawn(forward_assignments(
             node.clone(),
             self.assignments.subscribe(&node, incremental),
@@ -433,6 +438,24 @@ impl NodeService for NodeApi {
             let outcome = loop {
                 tokio::select! {
                     _ = tx.closed() => break "controller side closed".to_string(),
+                    // The cluster grew or shrank past a pacing step: tell
+                    // the agent (the grace follows, see liveness).
+                    r = paced.changed(), if settings => {
+                        if r.is_err() {
+                            break "controller shutting down".to_string();
+                        }
+                        let interval = *paced.borrow_and_update();
+                        liveness.told(&node, session, interval);
+                        let m = ControllerMessage {
+                            msg: Some(controller_message::Msg::Settings(Settings {
+                                heartbeat_interval_ms: interval.as_millis() as u32,
+                            })),
+                        };
+                        if tx.send(Ok(m)).await.is_err() {
+                            break "controller side closed".to_string();
+                        }
+                        tracing::debug!(node = %node, interval_ms = interval.as_millis() as u64, "heartbeat interval changed");
+                    }
                     msg = inbound.message() => match msg {
                         Ok(Some(m)) => {
                             if let Err(e) = handle_agent_message(&node, session, m, &resources, &liveness, &metrics, &logs, &flows).await {

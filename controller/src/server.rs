@@ -105,7 +105,11 @@ pub async fn run(cfg: ControllerConfig, shutdown: Shutdown) -> Result<(), Server
         ironmesh_daemon::serve_metrics(cfg.metrics_listen, Arc::new(registry), shutdown.clone())
             .await?;
 
-    let liveness = Liveness::new(cfg.node_grace);
+    let liveness = Liveness::paced(
+        cfg.heartbeat_interval,
+        cfg.node_grace,
+        cfg.max_heartbeats_per_second,
+    );
     let leadership = match &opened.etcd {
         None => Leadership::always(),
         Some(etcd) => {
@@ -206,7 +210,6 @@ pub async fn run(cfg: ControllerConfig, shutdown: Shutdown) -> Result<(), Server
         resources: resources.clone(),
         liveness: liveness.clone(),
         metrics: metrics.clone(),
-        heartbeat_interval: cfg.heartbeat_interval,
         assignments,
     };
     let operator_api = OperatorApi {

@@ -13,3 +13,7 @@ pub mod v1 {
 }
 
 pub mod assignment;
+
+/// The capability (in `Hello.capabilities`) of an agent that takes
+/// `Settings` messages during a stream; others never get one.
+pub const SETTINGS: &str = "settings";

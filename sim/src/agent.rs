@@ -473,7 +473,10 @@ async fn session(agent: &Agent, shared: &Shared, id: &NodeIdentity) -> Result<()
         acked_revision: acked,
         node_ip: agent.node_ip.to_string(),
         capabilities: if cfg.incremental {
-            vec![assignment::INCREMENTAL.to_string()]
+            vec![
+                assignment::INCREMENTAL.to_string(),
+                ironmesh_proto::SETTINGS.to_string(),
+            ]
         } else {
             Vec::new()
         },
@@ -577,6 +580,11 @@ async fn session(agent: &Agent, shared: &Shared, id: &NodeIdentity) -> Result<()
                         .await?;
                     }
                     Some(controller_message::Msg::LogCancel(_)) => {}
+                    Some(controller_message::Msg::Settings(s)) => {
+                        let every = Duration::from_millis(u64::from(s.heartbeat_interval_ms.max(100)));
+                        heartbeat = tokio::time::interval(every);
+                        heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                    }
                     Some(controller_message::Msg::Welcome(_)) => {
                         return Err(SessionError::Protocol("second Welcome".into()));
                     }

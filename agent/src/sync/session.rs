@@ -166,7 +166,7 @@ async fn session(
             agent_version: cfg.agent_version.clone(),
             acked_revision: applied_revision,
             node_ip: node_ip.map(|ip| ip.to_string()).unwrap_or_default(),
-            capabilities: vec![INCREMENTAL.into()],
+            capabilities: vec![INCREMENTAL.into(), ironmesh_proto::SETTINGS.into()],
         }),
     )?;
     if let Some(inv) = &inventory {
@@ -334,6 +334,13 @@ async fn session(
                         if let Some(t) = log_tasks.remove(&c.request_id) {
                             t.abort();
                         }
+                    }
+                    Some(controller_message::Msg::Settings(s)) => {
+                        let every = Duration::from_millis(u64::from(s.heartbeat_interval_ms.max(100)));
+                        tracing::info!(heartbeat_ms = every.as_millis() as u64, "controller changed the heartbeat interval");
+                        // Its first tick is now: the controller shortens a
+                        // grace only after a heartbeat at the new pace.
+                        heartbeat = tokio::time::interval(every);
                     }
                     Some(controller_message::Msg::Welcome(_)) => {
                         break Err(SyncError::Protocol("second Welcome".into()));

@@ -56,7 +56,6 @@ async fn publish(
     liveness: Liveness,
     shutdown: Shutdown,
 ) {
-    let max_age = liveness.grace() / 2;
     let mut published: BTreeSet<String> = BTreeSet::new();
     let mut published_on: Option<i64> = None;
     let mut tick = tokio::time::interval(PUBLISH_EVERY);
@@ -76,7 +75,7 @@ async fn publish(
             published_on = current;
         }
         let Some(lease_id) = current else { continue };
-        let want: BTreeSet<String> = liveness.vouched(max_age).into_iter().collect();
+        let want: BTreeSet<String> = liveness.vouched().into_iter().collect();
         let mut kv = store.client().kv_client();
         for node in want.difference(&published).cloned().collect::<Vec<_>>() {
             let key = store.full_key(&record_key(&node, &id));
