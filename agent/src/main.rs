@@ -38,7 +38,12 @@ async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         ),
         None => None,
     };
+    // The token is read only for a first join: once the node has its
+    // certificate the token is never read again (and the file may go).
+    let joined_before =
+        ironmesh_agent::identity::NodeIdentity::load(&cfg.state_dir, &node_name)?.is_some();
     let token = match (&cfg.bootstrap_token, &cfg.bootstrap_token_file) {
+        _ if joined_before => None,
         (Some(t), _) => Some(t.trim().to_string()),
         (None, Some(p)) => Some(
             std::fs::read_to_string(p)

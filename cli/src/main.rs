@@ -1,6 +1,7 @@
 //! `imctl`, the Ironmesh operator's tool: apply manifests, read and delete
 //! objects through the controller's operator API over mutual TLS.
 
+mod access;
 mod client;
 mod flows;
 mod image;
@@ -124,6 +125,11 @@ enum Command {
     Image {
         #[command(subcommand)]
         command: image::ImageCommand,
+    },
+    /// Join tokens for agents: create, list, delete.
+    Token {
+        #[command(subcommand)]
+        command: access::TokenCommand,
     },
 }
 
@@ -390,6 +396,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Image { command } => image::run(&cfg, command, status_err).await?,
         Command::Node { command } => node::run(&cfg, command, status_err).await?,
         Command::Pipeline { command } => pipeline::run(&cfg, command, status_err).await?,
+        Command::Token { command } => access::tokens(&cfg, command).await?,
     }
     Ok(())
 }

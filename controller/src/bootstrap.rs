@@ -1,6 +1,10 @@
 //! First-start and every-start preparation of the data directory: the
 //! cluster CA, the bootstrap token, the controller's server certificate and
 //! the first operator's client config (`admin.yaml`).
+//!
+//! The bootstrap token is kept in `<data-dir>/bootstrap-token` for
+//! automation; the server records it once as a join token that expires
+//! (`--bootstrap-token-ttl`, see [`crate::tokens`]).
 
 use std::path::{Path, PathBuf};
 
@@ -145,11 +149,9 @@ fn load_or_create_token(path: &Path) -> Result<String, BootstrapError> {
     Ok(token)
 }
 
-/// A fresh random bootstrap token.
+/// A fresh random bootstrap token (a join token, `imt.<id>.<secret>`).
 pub fn new_token() -> String {
-    let mut b = [0u8; 24];
-    rand::Rng::fill(&mut rand::rng(), &mut b[..]);
-    format!("imb.{}", hex::encode(b))
+    crate::tokens::generate()
 }
 
 fn url_host(url: &str) -> Option<String> {
@@ -191,6 +193,6 @@ mod tests {
         let a = load_or_create_token(&p).unwrap();
         let b = load_or_create_token(&p).unwrap();
         assert_eq!(a, b);
-        assert!(a.starts_with("imb.") && a.len() > 40);
+        assert!(a.starts_with("imt.") && a.len() > 40);
     }
 }

@@ -2,7 +2,9 @@
 //! `Sync` (one bidirectional stream per agent).
 //!
 //! The node's identity always comes from its verified client certificate;
-//! the `node_name` an agent sends in `Hello` is only checked against it.
+//! the `node_name` an agent sends in `Hello` is only checked against it,
+//! and the certificate must be the node's current, unrevoked one
+//! ([`crate::revocation`]). Who may join is [`crate::join`]'s decision.
 //! This module records what agents report (inventory into Node status,
 //! heartbeats into [`Liveness`]); it does not judge readiness.
 
@@ -19,7 +21,6 @@ use ironmesh_proto::v1::{
     QueueLeaseResponse, QueuePushRequest, QueuePushResponse, Welcome,
 };
 use serde_json::{json, Value};
-use subtle::ConstantTimeEq;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
@@ -41,7 +42,8 @@ pub struct NodeApi {
     pub images: crate::images::ImageStore,
     pub logs: crate::logs::LogRelay,
     pub flows: crate::flows::FlowLog,
-    pub bootstrap_token: String,
+    pub admission: crate::join::Admission,
+    pub revocations: crate::revocation::Revocations,
     pub resources: Resources,
     pub liveness: Liveness,
     pub metrics: Arc<ControllerMetrics>,
@@ -61,13 +63,22 @@ pub fn peer_identity<T>(req: &Request<T>) -> Result<Identity, Status> {
         .map_err(|e| Status::unauthenticated(format!("client certificate not accepted: {e}")))
 }
 
-/// The calling node, or an error for any other caller.
-fn node_caller<T>(req: &Request<T>) -> Result<String, Status> {
-    match peer_identity(req)? {
-        Identity::Node(n) => Ok(n),
-        other => Err(Status::permission_denied(format!(
-            "work queues are for node agents; caller is {other}"
-        ))),
+/// The caller's verified certificate.
+fn peer_cert<T>(req: &Request<T>) -> Result<crate::pki::CertInfo, Status> {
+    let leaf = req
+        .peer_certs()
+        .and_then(|c| c.first().cloned())
+        .ok_or_else(|| Status::unauthenticated("a client certificate is required"))?;
+    crate::pki::cert_info_from_der(&leaf)
+        .map_err(|e| Status::unauthenticated(format!("client certificate not accepted: {e}")))
+}
+
+fn cert_status(e: crate::revocation::CertCheckError) -> Status {
+    match e {
+        crate::revocation::CertCheckError::Store(e) => {
+            Status::unavailable(format!("cannot check the node certificate: {e}"))
+        }
+        other => Status::permission_denied(other.to_string()),
     }
 }
 
@@ -79,6 +90,29 @@ fn queue_status(e: crate::queue::QueueError) -> Status {
 }
 
 impl NodeApi {
+    /// The calling node, if its certificate is a node's current, unrevoked
+    /// one; `what` names the call in the refusal of any other caller.
+    async fn node_caller<T>(
+        &self,
+        req: &Request<T>,
+        what: &str,
+    ) -> Result<(String, crate::pki::CertInfo), Status> {
+        let info = peer_cert(req)?;
+        let node = match &info.identity {
+            Identity::Node(n) => n.clone(),
+            other => {
+                return Err(Status::permission_denied(format!(
+                    "{what} requires a node certificate; caller is {other}"
+                )))
+            }
+        };
+        if let Err(e) = self.revocations.check_node(&node, &info).await {
+            tracing::warn!(node = %node, serial = %info.serial, error = %e, "node call refused");
+            return Err(cert_status(e));
+        }
+        Ok((node, info))
+    }
+
     /// The step's `leaseSeconds`, from the run's snapshot of its Pipeline.
     async fn lease_seconds(
         &self,
@@ -150,37 +184,18 @@ impl NodeService for NodeApi {
     async fn join(&self, req: Request<JoinRequest>) -> Result<Response<JoinResponse>, Status> {
         let remote = req.remote_addr();
         let req = req.into_inner();
-        let token_ok: bool = req
-            .bootstrap_token
-            .as_bytes()
-            .ct_eq(self.bootstrap_token.as_bytes())
-            .into();
-        if !token_ok {
-            ControllerMetrics::count(&self.metrics.joins, "bad_token");
-            tracing::warn!(node = %req.node_name, ?remote, "join refused: wrong bootstrap token");
-            return Err(Status::unauthenticated("bootstrap token is not valid"));
+        match self.admission.join(&req, remote).await {
+            Ok(resp) => {
+                ControllerMetrics::count(&self.metrics.joins, "ok");
+                tracing::info!(node = %req.node_name, ?remote, "node joined");
+                Ok(Response::new(resp))
+            }
+            Err(e) => {
+                ControllerMetrics::count(&self.metrics.joins, e.label());
+                tracing::warn!(node = %req.node_name, ?remote, error = %e, "join refused");
+                Err(e.into())
+            }
         }
-        if !valid_node_name(&req.node_name) {
-            ControllerMetrics::count(&self.metrics.joins, "invalid");
-            return Err(Status::invalid_argument(format!(
-                "node_name {:?} is not valid: use 1-63 lowercase letters, digits and '-', starting and ending with a letter or digit",
-                req.node_name
-            )));
-        }
-        let cert = self
-            .ca
-            .sign_node_csr(&req.csr_pem, &req.node_name)
-            .map_err(|e| {
-                ControllerMetrics::count(&self.metrics.joins, "invalid");
-                Status::invalid_argument(e.to_string())
-            })?;
-        ControllerMetrics::count(&self.metrics.joins, "ok");
-        tracing::info!(node = %req.node_name, ?remote, "node joined");
-        Ok(Response::new(JoinResponse {
-            certificate_pem: cert,
-            ca_certificate_pem: self.ca.cert_pem().to_string(),
-            node_name: req.node_name,
-        }))
     }
 
     type FetchBlobStream = crate::images::BlobStream;
@@ -189,14 +204,7 @@ impl NodeService for NodeApi {
         &self,
         req: Request<FetchBlobRequest>,
     ) -> Result<Response<Self::FetchBlobStream>, Status> {
-        match peer_identity(&req)? {
-            Identity::Node(_) => {}
-            other => {
-                return Err(Status::permission_denied(format!(
-                    "fetching blobs requires a node certificate; caller is {other}"
-                )))
-            }
-        }
+        self.node_caller(&req, "fetching blobs").await?;
         self.images
             .fetch_blob(req.into_inner())
             .await
@@ -207,7 +215,7 @@ impl NodeService for NodeApi {
         &self,
         req: Request<QueueLeaseRequest>,
     ) -> Result<Response<QueueLeaseResponse>, Status> {
-        let node = node_caller(&req)?;
+        let (node, _) = self.node_caller(&req, "work queues").await?;
         let r = req.into_inner();
         let task = self.step_instance(&node, &r.instance).await?;
         if !task.worker {
@@ -248,7 +256,7 @@ impl NodeService for NodeApi {
         &self,
         req: Request<QueueAckRequest>,
     ) -> Result<Response<QueueAckResponse>, Status> {
-        let node = node_caller(&req)?;
+        let (node, _) = self.node_caller(&req, "work queues").await?;
         let r = req.into_inner();
         let task = self.step_instance(&node, &r.instance).await?;
         let q = crate::queue::Queue::new(self.resources.store().clone(), &task.run, &task.step);
@@ -267,7 +275,7 @@ impl NodeService for NodeApi {
         &self,
         req: Request<QueuePushRequest>,
     ) -> Result<Response<QueuePushResponse>, Status> {
-        let node = node_caller(&req)?;
+        let (node, _) = self.node_caller(&req, "work queues").await?;
         let r = req.into_inner();
         let task = self.step_instance(&node, &r.instance).await?;
         let run = self
@@ -312,18 +320,16 @@ impl NodeService for NodeApi {
         &self,
         req: Request<Streaming<AgentMessage>>,
     ) -> Result<Response<Self::SyncStream>, Status> {
-        let node = match peer_identity(&req)? {
-            Identity::Node(n) => n,
+        let info = peer_cert(&req)?;
+        let node = match &info.identity {
+            Identity::Node(n) => n.clone(),
             other => {
                 return Err(Status::permission_denied(format!(
                     "sync requires a node certificate; caller is {other}"
                 )))
             }
         };
-        let fingerprint = req
-            .peer_certs()
-            .and_then(|c| c.first().map(|d| sha256_hex(d)))
-            .unwrap_or_default();
+        let fingerprint = info.fingerprint.clone();
         let mut inbound = req.into_inner();
         let first = tokio::time::timeout(HELLO_TIMEOUT, inbound.message())
             .await
@@ -339,6 +345,13 @@ impl NodeService for NodeApi {
                 "certificate is for node {node:?} but the stream claims {:?}",
                 hello.node_name
             )));
+        }
+
+        // A revoked or superseded certificate records nothing: a deleted
+        // Node stays deleted.
+        if let Err(e) = self.revocations.check_node(&node, &info).await {
+            tracing::warn!(node = %node, serial = %info.serial, error = %e, "sync refused");
+            return Err(cert_status(e));
         }
 
         if !hello.node_ip.is_empty() && hello.node_ip.parse::<std::net::Ipv4Addr>().is_err() {
@@ -416,6 +429,10 @@ impl NodeService for NodeApi {
         let metrics = self.metrics.clone();
         let logs = self.logs.clone();
         let flows = self.flows.clone();
+        let revocations = self.revocations.clone();
+        let mut revoked = revocations.subscribe();
+        revoked.borrow_and_update();
+        let serial = info.serial;
         tokio::spawn(async move {
             if let Some(m) = held {
                 if let Err(e) = handle_agent_message(
@@ -433,6 +450,15 @@ impl NodeService for NodeApi {
             let outcome = loop {
                 tokio::select! {
                     _ = tx.closed() => break "controller side closed".to_string(),
+                    // The certificate was revoked while the stream was
+                    // open (Node deleted, or re-provisioned): end it.
+                    Ok(()) = revoked.changed() => {
+                        if revocations.is_revoked_cached(&serial) {
+                            let why = format!("the certificate of node {node} was revoked; join again with a new token (imctl token create)");
+                            let _ = tx.send(Err(Status::permission_denied(why.clone()))).await;
+                            break why;
+                        }
+                    }
                     msg = inbound.message() => match msg {
                         Ok(Some(m)) => {
                             if let Err(e) = handle_agent_message(&node, session, m, &resources, &liveness, &metrics, &logs, &flows).await {
@@ -798,11 +824,6 @@ pub fn inventory_status(inv: &Inventory) -> Value {
             })).collect::<Vec<_>>(),
         },
     })
-}
-
-fn sha256_hex(der: &[u8]) -> String {
-    use sha2::Digest;
-    hex::encode(sha2::Sha256::digest(der))
 }
 
 #[cfg(test)]

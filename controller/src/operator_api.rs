@@ -1,4 +1,5 @@
-//! The operator surface: apply, get, list, delete, watch.
+//! The operator surface: apply, get, list, delete, watch, images, logs,
+//! flows and join tokens.
 //!
 //! Every call requires an operator client certificate. Apply validates all
 //! manifests first and writes them in one store transaction, or none.
@@ -13,10 +14,11 @@ use ironmesh_api::selector::LabelSelector;
 use ironmesh_api::Kind;
 use ironmesh_proto::v1::{
     operator_service_server::OperatorService, watch_event, ApplyRequest, ApplyResponse,
-    ApplyResult, BlobChunk, BlobsMissingRequest, BlobsMissingResponse, DeleteRequest,
-    DeleteResponse, GetRequest, ImageInfo, ListImagesRequest, ListImagesResponse, ListRequest,
-    ListResponse, LogsChunk, LogsRequest, PushBlobResponse, Resource, TagImageRequest, WatchEvent,
-    WatchRequest,
+    ApplyResult, BlobChunk, BlobsMissingRequest, BlobsMissingResponse, CreateJoinTokenRequest,
+    CreateJoinTokenResponse, DeleteJoinTokenRequest, DeleteJoinTokenResponse, DeleteRequest,
+    DeleteResponse, GetRequest, ImageInfo, JoinToken, ListImagesRequest, ListImagesResponse,
+    ListJoinTokensRequest, ListJoinTokensResponse, ListRequest, ListResponse, LogsChunk,
+    LogsRequest, PushBlobResponse, Resource, TagImageRequest, WatchEvent, WatchRequest,
 };
 use tonic::{Request, Response, Status};
 
@@ -28,6 +30,7 @@ use crate::node_api::peer_identity;
 use crate::pki::Identity;
 use crate::resources::{decode, prefix, ResourceError, Resources, StoredObject};
 use crate::store::EventKind;
+use crate::tokens::{JoinTokens, NewToken, TokenError, TokenRecord};
 
 pub struct OperatorApi {
     pub resources: Resources,
@@ -36,6 +39,33 @@ pub struct OperatorApi {
     pub flows: crate::flows::FlowLog,
     pub liveness: Liveness,
     pub metrics: Arc<ControllerMetrics>,
+    pub tokens: JoinTokens,
+    pub revocations: crate::revocation::Revocations,
+}
+
+fn token_status(e: TokenError) -> Status {
+    let msg = e.to_string();
+    match e {
+        TokenError::NotFound(_) => Status::not_found(msg),
+        TokenError::Invalid(_) => Status::invalid_argument(msg),
+        TokenError::TooMany(_) => Status::resource_exhausted(msg),
+        TokenError::Contended(_) => Status::aborted(msg),
+        TokenError::Store(_) => Status::unavailable(msg),
+        _ => Status::internal(msg),
+    }
+}
+
+fn token_info(r: TokenRecord) -> JoinToken {
+    JoinToken {
+        id: r.id,
+        description: r.description,
+        node: r.node.unwrap_or_default(),
+        uses: r.uses,
+        used: r.used,
+        expires_unix: r.expires_unix,
+        created_unix: r.created_unix,
+        created_by: r.created_by,
+    }
 }
 
 fn authorize<T>(req: &Request<T>) -> Result<String, Status> {
@@ -189,6 +219,33 @@ impl OperatorApi {
         let who = authorize(&req)?;
         let req = req.into_inner();
         let kind = parse_kind(&req.kind)?;
+        if kind == Kind::Node {
+            // Revoke first: once the Node is gone nothing may bring it
+            // back with the certificate it had.
+            let node = self
+                .resources
+                .get(kind, &req.name)
+                .await
+                .map_err(to_status)?
+                .ok_or_else(|| {
+                    to_status(ResourceError::NotFound {
+                        kind,
+                        name: req.name.clone(),
+                    })
+                })?;
+            let fp = node
+                .object
+                .pointer("/status/certificateFingerprint")
+                .and_then(serde_json::Value::as_str);
+            let revoked = self
+                .revocations
+                .revoke_node(&req.name, fp, &format!("node deleted by operator {who}"))
+                .await
+                .map_err(|e| {
+                    Status::unavailable(format!("cannot revoke node {}: {e}", req.name))
+                })?;
+            tracing::info!(operator = %who, node = %req.name, revoked = ?revoked, "node certificate revoked");
+        }
         if kind == Kind::Volume {
             crate::volumes::check_delete(&self.resources, &req.name)
                 .await
@@ -362,6 +419,70 @@ impl OperatorService for OperatorApi {
         authorize(&req)?;
         let r = self.flows.open(req.into_inner());
         self.record("Flows", &r);
+        r.map(Response::new)
+    }
+
+    async fn create_join_token(
+        &self,
+        req: Request<CreateJoinTokenRequest>,
+    ) -> Result<Response<CreateJoinTokenResponse>, Status> {
+        let who = authorize(&req)?;
+        let r = req.into_inner();
+        let out = self
+            .tokens
+            .create(NewToken {
+                ttl: (r.ttl_seconds > 0).then(|| std::time::Duration::from_secs(r.ttl_seconds)),
+                uses: r.uses,
+                node: Some(r.node).filter(|n| !n.is_empty()),
+                description: r.description,
+                created_by: who.clone(),
+            })
+            .await
+            .map_err(token_status);
+        if let Ok((_, rec)) = &out {
+            tracing::info!(operator = %who, token = %rec.id, node = ?rec.node, uses = rec.uses, "join token created");
+        }
+        let r = out.map(|(token, rec)| CreateJoinTokenResponse {
+            token,
+            info: Some(token_info(rec)),
+        });
+        self.record("CreateJoinToken", &r);
+        r.map(Response::new)
+    }
+
+    async fn list_join_tokens(
+        &self,
+        req: Request<ListJoinTokensRequest>,
+    ) -> Result<Response<ListJoinTokensResponse>, Status> {
+        authorize(&req)?;
+        let r = self
+            .tokens
+            .list()
+            .await
+            .map_err(token_status)
+            .map(|t| ListJoinTokensResponse {
+                tokens: t.into_iter().map(token_info).collect(),
+            });
+        self.record("ListJoinTokens", &r);
+        r.map(Response::new)
+    }
+
+    async fn delete_join_token(
+        &self,
+        req: Request<DeleteJoinTokenRequest>,
+    ) -> Result<Response<DeleteJoinTokenResponse>, Status> {
+        let who = authorize(&req)?;
+        let id = req.into_inner().id;
+        let r = self
+            .tokens
+            .delete(&id)
+            .await
+            .map_err(token_status)
+            .map(|_| DeleteJoinTokenResponse {});
+        if r.is_ok() {
+            tracing::info!(operator = %who, token = %id, "join token deleted");
+        }
+        self.record("DeleteJoinToken", &r);
         r.map(Response::new)
     }
 }

@@ -1,0 +1,240 @@
+//! End-to-end tests of trust in the control plane, with the real
+//! controller, agent and imctl: join tokens that expire and run out, no
+//! take-over of an existing node's name, and revocation when a Node is
+//! deleted.
+
+use std::process::Output;
+use std::time::{Duration, Instant};
+
+use ironmesh_tests::grpc::{self, Creds, ProtocolNode};
+use ironmesh_tests::{wait_for, Agent, Controller, ControllerOpts};
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+fn ok(out: Output, what: &str) -> String {
+    assert!(
+        out.status.success(),
+        "{what} failed:\nstdout: {}\nstderr: {}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    text(&out.stdout)
+}
+
+/// `imctl token create ARGS`; the token it printed.
+fn create_token(ctl: &Controller, args: &[&str]) -> String {
+    let mut a = vec!["token", "create"];
+    a.extend_from_slice(args);
+    ok(ctl.imctl(&a), "token create").trim().to_string()
+}
+
+fn copy(c: &Creds) -> Creds {
+    Creds {
+        cert_pem: c.cert_pem.clone(),
+        key_pem: c.key_pem.clone(),
+    }
+}
+
+/// Polls `f` from async code until it returns `Some`, or panics after
+/// `deadline`.
+async fn until<T>(what: &str, deadline: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(
+            start.elapsed() < deadline,
+            "timed out after {deadline:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[test]
+fn a_token_never_buys_the_name_of_an_existing_node() {
+    let ctl = Controller::start(ControllerOpts::default());
+    let token = grpc::token(&ctl);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let first = ProtocolNode::start(&ctl, "vm", &token)
+            .await
+            .expect("join vm");
+        assert!(ctl.node("vm").is_some());
+
+        // A fresh key asking for the name of a node that exists.
+        let err = grpc::join(&ctl, "vm", &token)
+            .await
+            .err()
+            .expect("take-over must be refused");
+        assert_eq!(err.code(), tonic::Code::AlreadyExists, "{err:?}");
+        for needle in [
+            "node vm already exists",
+            "imctl delete node vm",
+            "imctl token create --node vm",
+        ] {
+            assert!(err.message().contains(needle), "{}", err.message());
+        }
+        // Also for a node that joined but never synced (no Node yet).
+        grpc::join(&ctl, "quiet", &token).await.expect("join quiet");
+        let err = grpc::join(&ctl, "quiet", &token).await.err().unwrap();
+        assert_eq!(err.code(), tonic::Code::AlreadyExists, "{err:?}");
+
+        // Re-provisioning with a token bound to the name works, once, and
+        // revokes the old certificate: its open stream ends.
+        let bound = create_token(&ctl, &["--node", "vm", "--description", "reinstall vm"]);
+        let other = grpc::join(&ctl, "other", &bound).await.err().unwrap();
+        assert_eq!(other.code(), tonic::Code::PermissionDenied, "{other:?}");
+        assert!(
+            other.message().contains("bound to node \"vm\""),
+            "{}",
+            other.message()
+        );
+        let fresh = grpc::join(&ctl, "vm", &bound)
+            .await
+            .expect("re-provision vm");
+        let ended = until("the old stream to end", Duration::from_secs(10), || {
+            first.ended()
+        })
+        .await;
+        assert_eq!(ended.code(), tonic::Code::PermissionDenied, "{ended:?}");
+        assert!(ended.message().contains("revoked"), "{}", ended.message());
+        let err = ProtocolNode::connect(&ctl, "vm", copy(&first.creds))
+            .await
+            .err()
+            .expect("the old certificate is revoked");
+        assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err:?}");
+        assert!(err.message().contains("revoked"), "{}", err.message());
+        let again = ProtocolNode::connect(&ctl, "vm", fresh)
+            .await
+            .expect("the new certificate syncs");
+        assert!(again.ended().is_none());
+        let used = grpc::join(&ctl, "vm", &bound).await.err().unwrap();
+        assert_eq!(used.code(), tonic::Code::PermissionDenied, "{used:?}");
+        assert!(used.message().contains("used up"), "{}", used.message());
+    });
+}
+
+#[test]
+fn expired_and_used_up_tokens_are_refused() {
+    let ctl = Controller::start(ControllerOpts {
+        extra_args: vec!["--bootstrap-token-ttl".into(), "3s".into()],
+        ..ControllerOpts::default()
+    });
+    let bootstrap = grpc::token(&ctl);
+    let listed = ok(ctl.imctl(&["token", "ls"]), "token ls");
+    assert!(listed.contains(&bootstrap[4..20]), "{listed}");
+    assert!(
+        !listed.contains(&bootstrap[21..]),
+        "the secret is never listed"
+    );
+
+    let once = create_token(&ctl, &["--uses", "1", "--description", "one node"]);
+    let short = create_token(&ctl, &["--ttl", "1s"]);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        grpc::join(&ctl, "tok-a", &once).await.expect("first use");
+        let err = grpc::join(&ctl, "tok-b", &once).await.err().unwrap();
+        assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err:?}");
+        assert!(
+            err.message().contains("used up (1 of 1 joins)"),
+            "{}",
+            err.message()
+        );
+    });
+    // The controller's own clock says when they have expired.
+    wait_for("tokens to expire", Duration::from_secs(15), || {
+        let out = ok(ctl.imctl(&["token", "ls"]), "token ls");
+        let expired = |id: &str| {
+            out.lines()
+                .any(|l| l.starts_with(id) && l.contains(" expired "))
+        };
+        (expired(&short[4..20]) && expired(&bootstrap[4..20])).then_some(())
+    });
+    rt.block_on(async {
+        for (t, what) in [(&short, "a 1s token"), (&bootstrap, "the first token")] {
+            let err = grpc::join(&ctl, "tok-c", t).await.err().unwrap();
+            assert_eq!(err.code(), tonic::Code::PermissionDenied, "{what}: {err:?}");
+            assert!(
+                err.message().contains("expired at"),
+                "{what}: {}",
+                err.message()
+            );
+        }
+        // A deleted token is simply not valid.
+        ok(
+            ctl.imctl(&["token", "delete", &once[4..20]]),
+            "token delete",
+        );
+        let err = grpc::join(&ctl, "tok-d", &once).await.err().unwrap();
+        assert_eq!(err.code(), tonic::Code::Unauthenticated, "{err:?}");
+    });
+    // A real agent with the expired token gives up with the reason.
+    let mut agent = Agent::start(&ctl, "tok-late");
+    let status = wait_for("agent to exit", Duration::from_secs(20), || {
+        agent.proc.try_exit()
+    });
+    assert!(!status.success());
+    let log = agent.proc.log_text();
+    assert!(log.contains("expired at"), "{log}");
+    assert!(ctl.node("tok-late").is_none());
+}
+
+#[test]
+fn refused_joins_from_one_address_are_limited() {
+    let ctl = Controller::start(ControllerOpts {
+        extra_args: vec!["--join-failure-limit".into(), "3".into()],
+        ..ControllerOpts::default()
+    });
+    let token = grpc::token(&ctl);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        for i in 0..3 {
+            let err = grpc::join(&ctl, &format!("guess-{i}"), "imt.0000000000000000.guess")
+                .await
+                .err()
+                .unwrap();
+            assert_eq!(err.code(), tonic::Code::Unauthenticated, "{err:?}");
+        }
+        // Now even the right token is refused from this address.
+        let err = grpc::join(&ctl, "honest", &token).await.err().unwrap();
+        assert_eq!(err.code(), tonic::Code::ResourceExhausted, "{err:?}");
+        assert!(
+            err.message().contains("too many refused joins"),
+            "{}",
+            err.message()
+        );
+    });
+}
+
+#[test]
+fn a_deleted_node_cannot_come_back_with_its_old_certificate() {
+    let ctl = Controller::start(ControllerOpts::default());
+    let agent = Agent::start(&ctl, "node-del");
+    agent.wait_ready(&ctl, Duration::from_secs(20));
+    ok(ctl.imctl(&["delete", "node", "node-del"]), "delete node");
+    // Its stream is cut, and every reconnect with the old certificate is
+    // refused: two refusals seen by the agent prove it tried again.
+    wait_for(
+        "the agent to be refused twice",
+        Duration::from_secs(30),
+        || (agent.proc.log_text().matches("was revoked").count() >= 2).then_some(()),
+    );
+    assert!(
+        ctl.node("node-del").is_none(),
+        "a refused node must not re-create its Node"
+    );
+    assert!(
+        ctl.proc.log_text().contains("sync refused"),
+        "the controller says why"
+    );
+    // The name is free for a new join (a new machine, or this one wiped).
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        grpc::join(&ctl, "node-del", &grpc::token(&ctl))
+            .await
+            .expect("the deleted node's name can be joined again");
+    });
+}
