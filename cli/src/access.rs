@@ -1,11 +1,17 @@
-//! `imctl token …`: join tokens for agents. The secret a token has is
-//! shown once, here.
+//! `imctl token …` (join tokens) and `imctl operator …` (who may operate
+//! the cluster, with which role). Both are admin calls on the controller;
+//! the secrets they make are shown or written once, here.
 
+use std::path::PathBuf;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use clap::Subcommand;
+use anyhow::Context;
+use clap::{Subcommand, ValueEnum};
 use ironmesh_api::client_config::ClientConfig;
-use ironmesh_proto::v1::{CreateJoinTokenRequest, DeleteJoinTokenRequest, ListJoinTokensRequest};
+use ironmesh_proto::v1::{
+    CreateJoinTokenRequest, CreateOperatorRequest, DeleteJoinTokenRequest, ListJoinTokensRequest,
+    ListOperatorsRequest, RevokeOperatorRequest,
+};
 
 use crate::client;
 
@@ -38,6 +44,47 @@ pub enum TokenCommand {
         #[arg(required = true)]
         ids: Vec<String>,
     },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum RoleArg {
+    View,
+    Edit,
+    Admin,
+}
+
+impl RoleArg {
+    fn as_str(self) -> &'static str {
+        match self {
+            RoleArg::View => "view",
+            RoleArg::Edit => "edit",
+            RoleArg::Admin => "admin",
+        }
+    }
+}
+
+#[derive(Subcommand)]
+pub enum OperatorCommand {
+    /// Make a credential for operator NAME with a role and write its imctl
+    /// config (mode 0600). The key is made here and never leaves this
+    /// machine; hand the file to that person.
+    Create {
+        name: String,
+        /// view: read everything; edit: also apply/delete workloads,
+        /// services, policies, volumes, pipelines, runs, sources and push
+        /// images; admin: everything, incl. nodes, tokens, operators.
+        #[arg(long, value_enum)]
+        role: RoleArg,
+        /// Where to write the config (default: ./NAME.yaml). An existing
+        /// file is never overwritten.
+        #[arg(short = 'o', long = "out")]
+        out: Option<PathBuf>,
+    },
+    /// List operators and their roles.
+    #[command(alias = "list")]
+    Ls,
+    /// Remove an operator and revoke its certificates.
+    Revoke { name: String },
 }
 
 fn status_err(s: tonic::Status) -> anyhow::Error {
@@ -186,6 +233,84 @@ pub async fn tokens(cfg: &ClientConfig, command: TokenCommand) -> anyhow::Result
             if failed {
                 anyhow::bail!("some tokens were not deleted");
             }
+        }
+    }
+    Ok(())
+}
+
+pub async fn operators(cfg: &ClientConfig, command: OperatorCommand) -> anyhow::Result<()> {
+    let mut api = client::connect(cfg).await?;
+    match command {
+        OperatorCommand::Create { name, role, out } => {
+            let out = out.unwrap_or_else(|| PathBuf::from(format!("{name}.yaml")));
+            if out.exists() {
+                anyhow::bail!("{} exists; choose another --out", out.display());
+            }
+            let key = rcgen::KeyPair::generate().context("cannot make a key")?;
+            let mut params = rcgen::CertificateParams::default();
+            params
+                .distinguished_name
+                .push(rcgen::DnType::CommonName, format!("operator:{name}"));
+            let csr = params
+                .serialize_request(&key)
+                .and_then(|c| c.pem())
+                .context("cannot make a certificate request")?;
+            let r = api
+                .create_operator(CreateOperatorRequest {
+                    name: name.clone(),
+                    role: role.as_str().into(),
+                    csr_pem: csr,
+                })
+                .await
+                .map_err(status_err)?
+                .into_inner();
+            let mut conf = ClientConfig::new(
+                cfg.server.clone(),
+                r.ca_certificate_pem,
+                name.clone(),
+                r.certificate_pem,
+                key.serialize_pem(),
+            );
+            conf.tls_server_name = cfg.tls_server_name.clone();
+            let yaml = serde_yaml::to_string(&conf)?;
+            ironmesh_daemon::write_file_atomic(&out, yaml.as_bytes(), 0o600)
+                .with_context(|| format!("cannot write {}", out.display()))?;
+            println!(
+                "operator {name} created with role {}; config written to {}",
+                role.as_str(),
+                out.display()
+            );
+        }
+        OperatorCommand::Ls => {
+            let r = api
+                .list_operators(ListOperatorsRequest {})
+                .await
+                .map_err(status_err)?
+                .into_inner();
+            let mut rows = vec![["NAME", "ROLE", "CERTIFICATES", "EXPIRES", "CREATED BY"]
+                .map(String::from)
+                .to_vec()];
+            for o in r.operators {
+                rows.push(vec![
+                    o.name,
+                    o.role,
+                    o.serials.len().to_string(),
+                    when(o.expires_unix),
+                    o.created_by,
+                ]);
+            }
+            print!("{}", table(rows));
+        }
+        OperatorCommand::Revoke { name } => {
+            let r = api
+                .revoke_operator(RevokeOperatorRequest { name: name.clone() })
+                .await
+                .map_err(status_err)?
+                .into_inner();
+            println!(
+                "operator {name} revoked ({} certificate(s))",
+                r.revoked_serials.len()
+            );
         }
     }
     Ok(())

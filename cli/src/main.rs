@@ -126,10 +126,16 @@ enum Command {
         #[command(subcommand)]
         command: image::ImageCommand,
     },
-    /// Join tokens for agents: create, list, delete.
+    /// Join tokens for agents: create, list, delete (admin).
     Token {
         #[command(subcommand)]
         command: access::TokenCommand,
+    },
+    /// Operators and their roles: create (writes their imctl config),
+    /// list, revoke (admin).
+    Operator {
+        #[command(subcommand)]
+        command: access::OperatorCommand,
     },
 }
 
@@ -397,6 +403,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Node { command } => node::run(&cfg, command, status_err).await?,
         Command::Pipeline { command } => pipeline::run(&cfg, command, status_err).await?,
         Command::Token { command } => access::tokens(&cfg, command).await?,
+        Command::Operator { command } => access::operators(&cfg, command).await?,
     }
     Ok(())
 }

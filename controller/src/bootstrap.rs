@@ -4,7 +4,9 @@
 //!
 //! The bootstrap token is kept in `<data-dir>/bootstrap-token` for
 //! automation; the server records it once as a join token that expires
-//! (`--bootstrap-token-ttl`, see [`crate::tokens`]).
+//! (`--bootstrap-token-ttl`, see [`crate::tokens`]), and registers the
+//! certificate of `admin.yaml` as operator `admin` with role admin
+//! ([`crate::authz`]).
 
 use std::path::{Path, PathBuf};
 
@@ -22,6 +24,8 @@ pub struct Credentials {
     pub server_cert_pem: String,
     pub server_key_pem: String,
     pub admin_config: PathBuf,
+    /// The client certificate in `admin.yaml`, if it is readable.
+    pub admin_cert_pem: Option<String>,
     pub token_file: PathBuf,
 }
 
@@ -120,12 +124,17 @@ pub fn prepare(
         write_private(&admin_config, yaml.as_bytes())?;
         tracing::info!(path = %admin_config.display(), "wrote operator credential for imctl");
     }
+    let admin_cert_pem = std::fs::read_to_string(&admin_config)
+        .ok()
+        .and_then(|t| serde_yaml::from_str::<ClientConfig>(&t).ok())
+        .map(|c| c.client_certificate_data);
     Ok(Credentials {
         ca,
         bootstrap_token,
         server_cert_pem,
         server_key_pem,
         admin_config,
+        admin_cert_pem,
         token_file,
     })
 }

@@ -5,10 +5,12 @@
 //! per-agent sync stream) and the operator surface ([`operator_api`]: apply,
 //! get, list, delete, watch) over mutual TLS, and keeps node readiness from
 //! heartbeats ([`liveness`]). Trust in the control plane: join tokens
-//! ([`tokens`], [`join`], [`join_limit`]) and current and revoked
-//! certificates ([`revocation`]). [`server::run`] wires it together.
+//! ([`tokens`], [`join`], [`join_limit`]), current and revoked certificates
+//! ([`revocation`]) and operator roles ([`authz`]). [`server::run`] wires
+//! it together.
 
 pub mod assignments;
+pub mod authz;
 pub mod bootstrap;
 pub mod cache;
 pub mod config;

@@ -61,6 +61,8 @@ pub enum ServerError {
     Serve(String),
     #[error("cannot record the bootstrap token: {0}")]
     Token(#[from] crate::tokens::TokenError),
+    #[error("cannot register the first operator: {0}")]
+    Operator(#[from] crate::authz::OperatorError),
 }
 
 /// Runs the controller until `shutdown` resolves.
@@ -217,6 +219,12 @@ pub async fn run(cfg: ControllerConfig, shutdown: Shutdown) -> Result<(), Server
             "recorded the bootstrap token as a join token; it expires (imctl token create makes more)"
         );
     }
+    let operators = crate::authz::Operators::new(store.clone(), revocations.clone(), ca.clone());
+    if let Some(cert) = &creds.admin_cert_pem {
+        operators
+            .register_local(bootstrap::FIRST_OPERATOR, cert)
+            .await?;
+    }
     let node_cert_lifetime = time::Duration::try_from(cfg.node_cert_lifetime)
         .map_err(|e| ServerError::Config(format!("--node-cert-lifetime: {e}")))?;
     let node_api = NodeApi {
@@ -249,8 +257,10 @@ pub async fn run(cfg: ControllerConfig, shutdown: Shutdown) -> Result<(), Server
         flows,
         liveness,
         metrics,
+        operators,
         tokens,
         revocations,
+        ca,
     };
     // Client certificates are optional at the TLS layer so that Join works
     // before a node has one; every other RPC checks for one itself.

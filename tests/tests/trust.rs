@@ -1,8 +1,9 @@
 //! End-to-end tests of trust in the control plane, with the real
 //! controller, agent and imctl: join tokens that expire and run out, no
-//! take-over of an existing node's name, and revocation when a Node is
-//! deleted.
+//! take-over of an existing node's name, revocation when a Node is
+//! deleted, and operator roles.
 
+use std::path::Path;
 use std::process::Output;
 use std::time::{Duration, Instant};
 
@@ -21,6 +22,15 @@ fn ok(out: Output, what: &str) -> String {
         text(&out.stderr)
     );
     text(&out.stdout)
+}
+
+fn refused(out: Output, what: &str) -> String {
+    assert!(
+        !out.status.success(),
+        "{what} should have been refused; stdout: {}",
+        text(&out.stdout)
+    );
+    text(&out.stderr)
 }
 
 /// `imctl token create ARGS`; the token it printed.
@@ -51,6 +61,24 @@ async fn until<T>(what: &str, deadline: Duration, mut f: impl FnMut() -> Option<
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+fn workload_on(name: &str, image: &str, node: &str) -> String {
+    format!(
+        "apiVersion: ironmesh.dev/v1
+kind: Workload
+metadata:
+  name: {name}
+spec:
+  image: {image}
+  resources:
+    cpu: 100m
+    memory: 64Mi
+  placement:
+    nodeSelector:
+      ironmesh.dev/hostname: {node}
+"
+    )
 }
 
 #[test]
@@ -237,4 +265,119 @@ fn a_deleted_node_cannot_come_back_with_its_old_certificate() {
             .await
             .expect("the deleted node's name can be joined again");
     });
+}
+
+#[test]
+fn a_view_operator_cannot_apply_and_an_admin_can() {
+    let ctl = Controller::start(ControllerOpts::default());
+    let dir = tempfile::tempdir().unwrap();
+    let conf = |n: &str| dir.path().join(format!("{n}.yaml"));
+    for (name, role) in [("vera", "view"), ("ed", "edit")] {
+        let out = ok(
+            ctl.imctl(&[
+                "operator",
+                "create",
+                name,
+                "--role",
+                role,
+                "--out",
+                conf(name).to_str().unwrap(),
+            ]),
+            "operator create",
+        );
+        assert!(out.contains(&format!("role {role}")), "{out}");
+        let mode = std::fs::metadata(conf(name)).unwrap().permissions();
+        assert_eq!(
+            std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777,
+            0o600
+        );
+    }
+    let manifest = dir.path().join("wl.yaml");
+    std::fs::write(
+        &manifest,
+        workload_on("roles", "ironmesh/records-server:dev", "nowhere"),
+    )
+    .unwrap();
+    let apply = |c: &Path| ctl.imctl_as(c, &["apply", "-f", manifest.to_str().unwrap()]);
+
+    let err = refused(apply(&conf("vera")), "view apply");
+    assert!(
+        err.contains(
+            "operator vera (role view) may not apply or delete Workload objects: that needs role edit"
+        ),
+        "{err}"
+    );
+    ok(ctl.imctl_as(&conf("vera"), &["get", "nodes"]), "view get");
+    assert!(ctl
+        .imctl_as(&conf("vera"), &["get", "workloads", "roles"])
+        .stderr
+        .starts_with(b"error"));
+
+    ok(apply(&ctl.admin_config()), "admin apply");
+    ok(
+        ctl.imctl_as(&conf("vera"), &["get", "workloads", "roles"]),
+        "view get",
+    );
+    ok(apply(&conf("ed")), "edit apply");
+    let err = refused(
+        ctl.imctl_as(&conf("ed"), &["token", "create"]),
+        "edit token create",
+    );
+    assert!(
+        err.contains("operator ed (role edit) may not manage join tokens: that needs role admin"),
+        "{err}"
+    );
+    let err = refused(
+        ctl.imctl_as(&conf("ed"), &["delete", "node", "nowhere"]),
+        "edit delete node",
+    );
+    assert!(
+        err.contains(
+            "operator ed (role edit) may not apply or delete Node objects: that needs role admin"
+        ),
+        "{err}"
+    );
+    ok(
+        ctl.imctl_as(&conf("ed"), &["delete", "workload", "roles"]),
+        "edit delete",
+    );
+
+    let listed = ok(ctl.imctl(&["operator", "ls"]), "operator ls");
+    for (name, role) in [("admin", "admin"), ("ed", "edit"), ("vera", "view")] {
+        assert!(
+            listed
+                .lines()
+                .any(|l| l.starts_with(name) && l.contains(&format!(" {role} "))),
+            "{listed}"
+        );
+    }
+    // Every mutating call leaves an audit line with the operator's name.
+    let log = ctl.proc.log_text();
+    let audit = |who: &str, outcome: &str| {
+        log.lines().any(|l| {
+            l.contains("operator call")
+                && l.contains(&format!("operator={who}"))
+                && l.contains(outcome)
+        })
+    };
+    assert!(audit("vera", "denied"), "{log}");
+    assert!(audit("admin", "\"ok\""), "{log}");
+    assert!(audit("ed", "denied"), "{log}");
+
+    // A revoked operator gets nothing, not even reads.
+    ok(
+        ctl.imctl(&["operator", "revoke", "vera"]),
+        "operator revoke",
+    );
+    let err = refused(
+        ctl.imctl_as(&conf("vera"), &["get", "nodes"]),
+        "revoked get",
+    );
+    assert!(err.contains("revoked"), "{err}");
+    // The last admin cannot be revoked.
+    let err = refused(
+        ctl.imctl(&["operator", "revoke", "admin"]),
+        "revoke last admin",
+    );
+    assert!(err.contains("last admin"), "{err}");
 }
