@@ -6,8 +6,8 @@
 //! get, list, delete, watch) over mutual TLS, and keeps node readiness from
 //! heartbeats ([`liveness`]). Trust in the control plane: join tokens
 //! ([`tokens`], [`join`], [`join_limit`]), current and revoked certificates
-//! ([`revocation`]) and operator roles ([`authz`]). [`server::run`] wires
-//! it together.
+//! ([`revocation`]), operator roles ([`authz`]) and what node reports may
+//! say ([`report_checks`]). [`server::run`] wires it together.
 
 pub mod assignments;
 pub mod authz;
@@ -32,6 +32,7 @@ pub mod pipelines;
 pub mod pki;
 pub mod policy;
 pub mod queue;
+pub mod report_checks;
 pub mod resources;
 pub mod revocation;
 pub mod scheduler;

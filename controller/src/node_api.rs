@@ -4,9 +4,10 @@
 //! The node's identity always comes from its verified client certificate;
 //! the `node_name` an agent sends in `Hello` is only checked against it,
 //! and the certificate must be the node's current, unrevoked one
-//! ([`crate::revocation`]). Who may join is [`crate::join`]'s decision.
-//! This module records what agents report (inventory into Node status,
-//! heartbeats into [`Liveness`]); it does not judge readiness.
+//! ([`crate::revocation`]). Who may join is [`crate::join`]'s decision,
+//! and what a report may say [`crate::report_checks`]'s. This module
+//! records what agents report (inventory into Node status, heartbeats into
+//! [`Liveness`]); it does not judge readiness.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -368,7 +369,10 @@ impl NodeService for NodeApi {
         match tokio::time::timeout(INVENTORY_WAIT, inbound.message()).await {
             Ok(Ok(Some(AgentMessage {
                 msg: Some(agent_message::Msg::Inventory(inv)),
-            }))) => inventory = Some(inv),
+            }))) => {
+                crate::report_checks::check_inventory(&inv)?;
+                inventory = Some(inv)
+            }
             Ok(Ok(Some(other))) => held = Some(other),
             Ok(Ok(None)) => return Err(Status::cancelled("stream closed after Hello")),
             Ok(Err(e)) => return Err(e),
@@ -436,7 +440,7 @@ impl NodeService for NodeApi {
         tokio::spawn(async move {
             if let Some(m) = held {
                 if let Err(e) = handle_agent_message(
-                    &node, session, m, &resources, &liveness, &metrics, &logs, &flows,
+                    &node, pod_cidr, session, m, &resources, &liveness, &metrics, &logs, &flows,
                 )
                 .await
                 {
@@ -461,7 +465,7 @@ impl NodeService for NodeApi {
                     }
                     msg = inbound.message() => match msg {
                         Ok(Some(m)) => {
-                            if let Err(e) = handle_agent_message(&node, session, m, &resources, &liveness, &metrics, &logs, &flows).await {
+                            if let Err(e) = handle_agent_message(&node, pod_cidr, session, m, &resources, &liveness, &metrics, &logs, &flows).await {
                                 let _ = tx.send(Err(e.clone())).await;
                                 break e.message().to_string();
                             }
@@ -549,6 +553,7 @@ impl NodeApi {
 #[allow(clippy::too_many_arguments)] // one shared handle per concern the stream feeds
 async fn handle_agent_message(
     node: &str,
+    pod_cidr: ironmesh_api::net::Ipv4Cidr,
     session: u64,
     m: AgentMessage,
     resources: &Resources,
@@ -563,6 +568,7 @@ async fn handle_agent_message(
             metrics.heartbeats.inc();
         }
         Some(agent_message::Msg::Inventory(inv)) => {
+            crate::report_checks::check_inventory(&inv)?;
             liveness.heartbeat(node, session);
             let status = inventory_status(&inv);
             resources
@@ -586,15 +592,18 @@ async fn handle_agent_message(
             tracing::debug!(node, revision = a.revision, "assignment acknowledged");
         }
         Some(agent_message::Msg::Instances(report)) => {
+            crate::report_checks::check_instance_states(&report.instances, pod_cidr)?;
             liveness.heartbeat(node, session);
             record_instance_states(resources, node, report.instances).await?;
         }
         Some(agent_message::Msg::Event(ev)) => {
+            crate::report_checks::check_event(&ev)?;
             record_instance_event(resources, node, ev).await?;
         }
         Some(agent_message::Msg::Log(chunk)) => logs.deliver(node, chunk),
         Some(agent_message::Msg::Flows(batch)) => flows.ingest(resources, node, batch).await,
         Some(agent_message::Msg::Storage(report)) => {
+            crate::report_checks::check_storage(&report)?;
             crate::volumes::record_storage(resources, node, report)
                 .await
                 .map_err(|e| Status::unavailable(format!("cannot record storage: {e}")))?;
@@ -679,9 +688,7 @@ fn instance_with_state(cur: &Value, node: &str, st: &InstanceState) -> Option<Va
         return None;
     }
     let started_at = (st.started_unix_ms > 0).then(|| {
-        crate::resources::rfc3339(
-            std::time::UNIX_EPOCH + Duration::from_millis(st.started_unix_ms as u64),
-        )
+        crate::resources::rfc3339(unix_time(Duration::from_millis(st.started_unix_ms as u64)))
     });
     let events = o.pointer("/status/events").cloned();
     let mut status = json!({
@@ -726,9 +733,8 @@ async fn record_instance_event(
             ev.instance
         )));
     }
-    let time = crate::resources::rfc3339(
-        std::time::UNIX_EPOCH + Duration::from_millis(ev.unix_ms.max(0) as u64),
-    );
+    let time =
+        crate::resources::rfc3339(unix_time(Duration::from_millis(ev.unix_ms.max(0) as u64)));
     let event = ironmesh_api::instance::Event {
         kind: if ev.r#type == "Warning" {
             "Warning"
@@ -766,6 +772,14 @@ async fn record_instance_event(
     Ok(())
 }
 
+/// The epoch plus `since`, saturating instead of panicking (reports are
+/// bounded by [`crate::report_checks`] first; this is the backstop).
+fn unix_time(since: Duration) -> std::time::SystemTime {
+    std::time::UNIX_EPOCH
+        .checked_add(since)
+        .unwrap_or(std::time::UNIX_EPOCH)
+}
+
 /// The Node status fields that come from the agent's inventory.
 pub fn inventory_status(inv: &Inventory) -> Value {
     let cpu = inv.cpu.clone().unwrap_or_default();
@@ -790,7 +804,7 @@ pub fn inventory_status(inv: &Inventory) -> Value {
             "kernel": inv.kernel,
             "arch": inv.arch,
             "agentVersion": inv.agent_version,
-            "bootTime": crate::resources::rfc3339(std::time::UNIX_EPOCH + Duration::from_secs(inv.boot_time_unix)),
+            "bootTime": crate::resources::rfc3339(unix_time(Duration::from_secs(inv.boot_time_unix))),
         },
         "inventory": {
             "cpu": {

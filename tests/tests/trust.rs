@@ -1,14 +1,17 @@
 //! End-to-end tests of trust in the control plane, with the real
 //! controller, agent and imctl: join tokens that expire and run out, no
 //! take-over of an existing node's name, revocation when a Node is
-//! deleted, and operator roles.
+//! deleted, operator roles, and node reports checked against the node's
+//! pod CIDR and bounds.
 
 use std::path::Path;
 use std::process::Output;
 use std::time::{Duration, Instant};
 
+use ironmesh_proto::v1::{agent_message::Msg, InstanceReport, InstanceState, Inventory};
 use ironmesh_tests::grpc::{self, Creds, ProtocolNode};
 use ironmesh_tests::{wait_for, Agent, Controller, ControllerOpts};
+use serde_json::Value;
 
 fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
@@ -380,4 +383,100 @@ fn a_view_operator_cannot_apply_and_an_admin_can() {
         "revoke last admin",
     );
     assert!(err.contains("last admin"), "{err}");
+}
+
+#[test]
+fn a_node_reporting_an_address_outside_its_pod_cidr_is_refused() {
+    let ctl = Controller::start(ControllerOpts::default());
+    let token = grpc::token(&ctl);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let a = ProtocolNode::start(&ctl, "rep-a", &token).await.unwrap();
+        let b = ProtocolNode::start(&ctl, "rep-b", &token).await.unwrap();
+        assert_ne!(a.pod_cidr, b.pod_cidr);
+        ctl.apply_yaml(&workload_on("liar", "ironmesh/records-server:dev", "rep-a"));
+        let inst = until("an instance on rep-a", Duration::from_secs(20), || {
+            a.assignment()?.instances.first().cloned()
+        })
+        .await;
+        // An address from rep-b's block, claimed by rep-a.
+        let b_net: std::net::Ipv4Addr = b.pod_cidr.split('/').next().unwrap().parse().unwrap();
+        let stolen = std::net::Ipv4Addr::from(u32::from(b_net) + 10).to_string();
+        let report = |ip: &str| {
+            Msg::Instances(InstanceReport {
+                full: false,
+                instances: vec![InstanceState {
+                    name: inst.name.clone(),
+                    phase: "Running".into(),
+                    ready: true,
+                    spec_generation: inst.spec_generation,
+                    ip: ip.to_string(),
+                    ..Default::default()
+                }],
+            })
+        };
+        a.send(report(&stolen)).await;
+        let ended = until(
+            "rep-a's stream to be refused",
+            Duration::from_secs(10),
+            || a.ended(),
+        )
+        .await;
+        assert_eq!(ended.code(), tonic::Code::InvalidArgument, "{ended:?}");
+        assert!(
+            ended.message().contains(&format!(
+                "{stolen} is not in this node's pod CIDR {}",
+                a.pod_cidr
+            )),
+            "{}",
+            ended.message()
+        );
+        let status_ip = |ctl: &Controller| {
+            ctl.imctl_json(&["get", "instances", &inst.name])
+                .pointer("/status/ip")
+                .and_then(Value::as_str)
+                .map(str::to_string)
+        };
+        assert_eq!(status_ip(&ctl), None, "nothing of the lie was recorded");
+        assert!(
+            b.assignment()
+                .is_none_or(|asg| asg.identities.iter().all(|e| e.ip != stolen)),
+            "rep-b's identity map never sees the stolen address"
+        );
+
+        // The same report with an address of its own block is taken.
+        let a_net: std::net::Ipv4Addr = a.pod_cidr.split('/').next().unwrap().parse().unwrap();
+        let own = std::net::Ipv4Addr::from(u32::from(a_net) + 10).to_string();
+        let a2 = ProtocolNode::connect(&ctl, "rep-a", copy(&a.creds))
+            .await
+            .unwrap();
+        a2.send(report(&own)).await;
+        until(
+            "rep-a's own address recorded",
+            Duration::from_secs(10),
+            || (status_ip(&ctl).as_deref() == Some(own.as_str())).then_some(()),
+        )
+        .await;
+
+        // Out-of-range inventory is refused, and the controller carries on.
+        let c = ProtocolNode::start(&ctl, "rep-c", &token).await.unwrap();
+        c.send(Msg::Inventory(Inventory {
+            boot_time_unix: u64::MAX,
+            ..Default::default()
+        }))
+        .await;
+        let ended = until(
+            "rep-c's stream to be refused",
+            Duration::from_secs(10),
+            || c.ended(),
+        )
+        .await;
+        assert_eq!(ended.code(), tonic::Code::InvalidArgument, "{ended:?}");
+        assert!(
+            ended.message().contains("boot_time_unix"),
+            "{}",
+            ended.message()
+        );
+    });
+    ok(ctl.imctl(&["get", "nodes"]), "the controller still serves");
 }
