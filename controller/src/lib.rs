@@ -6,11 +6,13 @@
 //! get, list, delete, watch) over mutual TLS, and keeps node readiness from
 //! heartbeats ([`liveness`]). Trust in the control plane: join tokens
 //! ([`tokens`], [`join`], [`join_limit`]), current and revoked certificates
-//! ([`revocation`]), operator roles ([`authz`]) and what node reports may
-//! say ([`report_checks`]). [`server::run`] wires it together.
+//! ([`revocation`]), operator roles ([`authz`]), what node reports may say
+//! ([`report_checks`]) and which blobs a node may fetch ([`blob_access`]).
+//! [`server::run`] wires it together.
 
 pub mod assignments;
 pub mod authz;
+pub mod blob_access;
 pub mod bootstrap;
 pub mod cache;
 pub mod config;

@@ -5,9 +5,10 @@
 //! the `node_name` an agent sends in `Hello` is only checked against it,
 //! and the certificate must be the node's current, unrevoked one
 //! ([`crate::revocation`]). Who may join is [`crate::join`]'s decision,
-//! and what a report may say [`crate::report_checks`]'s. This module
-//! records what agents report (inventory into Node status, heartbeats into
-//! [`Liveness`]); it does not judge readiness.
+//! which blobs a node may fetch [`crate::blob_access`]'s, and what a report
+//! may say [`crate::report_checks`]'s. This module records what agents
+//! report (inventory into Node status, heartbeats into [`Liveness`]); it
+//! does not judge readiness.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -45,6 +46,7 @@ pub struct NodeApi {
     pub flows: crate::flows::FlowLog,
     pub admission: crate::join::Admission,
     pub revocations: crate::revocation::Revocations,
+    pub blobs: crate::blob_access::BlobAccess,
     pub resources: Resources,
     pub liveness: Liveness,
     pub metrics: Arc<ControllerMetrics>,
@@ -205,11 +207,10 @@ impl NodeService for NodeApi {
         &self,
         req: Request<FetchBlobRequest>,
     ) -> Result<Response<Self::FetchBlobStream>, Status> {
-        self.node_caller(&req, "fetching blobs").await?;
-        self.images
-            .fetch_blob(req.into_inner())
-            .await
-            .map(Response::new)
+        let (node, _) = self.node_caller(&req, "fetching blobs").await?;
+        let req = req.into_inner();
+        self.blobs.check(&node, &req.digest).await?;
+        self.images.fetch_blob(req).await.map(Response::new)
     }
 
     async fn queue_lease(

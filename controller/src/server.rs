@@ -244,6 +244,7 @@ pub async fn run(cfg: ControllerConfig, shutdown: Shutdown) -> Result<(), Server
             node_cert_lifetime,
         },
         revocations: revocations.clone(),
+        blobs: crate::blob_access::BlobAccess::new(resources.clone(), images.clone()),
         resources: resources.clone(),
         liveness: liveness.clone(),
         metrics: metrics.clone(),

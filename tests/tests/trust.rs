@@ -1,16 +1,20 @@
 //! End-to-end tests of trust in the control plane, with the real
 //! controller, agent and imctl: join tokens that expire and run out, no
 //! take-over of an existing node's name, revocation when a Node is
-//! deleted, operator roles, and node reports checked against the node's
-//! pod CIDR and bounds.
+//! deleted, operator roles, node reports checked against the node's pod
+//! CIDR and bounds, and the node authorizer of the image store.
 
 use std::path::Path;
 use std::process::Output;
 use std::time::{Duration, Instant};
 
-use ironmesh_proto::v1::{agent_message::Msg, InstanceReport, InstanceState, Inventory};
+use futures::StreamExt;
+use ironmesh_proto::v1::{
+    agent_message::Msg, node_service_client::NodeServiceClient, FetchBlobRequest, InstanceReport,
+    InstanceState, Inventory,
+};
 use ironmesh_tests::grpc::{self, Creds, ProtocolNode};
-use ironmesh_tests::{wait_for, Agent, Controller, ControllerOpts};
+use ironmesh_tests::{images_dir, wait_for, Agent, Controller, ControllerOpts};
 use serde_json::Value;
 
 fn text(b: &[u8]) -> String {
@@ -479,4 +483,83 @@ fn a_node_reporting_an_address_outside_its_pod_cidr_is_refused() {
         );
     });
     ok(ctl.imctl(&["get", "nodes"]), "the controller still serves");
+}
+
+#[test]
+fn a_node_gets_permission_denied_for_a_blob_not_assigned_to_it() {
+    let ctl = Controller::start(ControllerOpts::default());
+    let layout = images_dir().join("records-server");
+    ok(
+        ctl.imctl(&["image", "push", layout.to_str().unwrap()]),
+        "image push",
+    );
+    let index: Value =
+        serde_json::from_slice(&std::fs::read(layout.join("index.json")).unwrap()).unwrap();
+    let manifest_digest = index["manifests"][0]["digest"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    // The name build-images gives it (as the other end-to-end tests use).
+    let name = "ironmesh/records-server:dev";
+    let manifest: Value = serde_json::from_slice(
+        &std::fs::read(
+            layout
+                .join("blobs/sha256")
+                .join(manifest_digest.trim_start_matches("sha256:")),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let layer = manifest["layers"][0]["digest"]
+        .as_str()
+        .unwrap()
+        .to_string();
+
+    let token = grpc::token(&ctl);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let with = ProtocolNode::start(&ctl, "blob-a", &token).await.unwrap();
+        let without = ProtocolNode::start(&ctl, "blob-b", &token).await.unwrap();
+        ctl.apply_yaml(&workload_on("blobs", name, "blob-a"));
+        until(
+            "the image assigned to blob-a",
+            Duration::from_secs(20),
+            || {
+                with.assignment()?
+                    .instances
+                    .iter()
+                    .any(|i| i.image_digest == manifest_digest)
+                    .then_some(())
+            },
+        )
+        .await;
+        let fetch = |creds: Creds, digest: String| {
+            let ctl = &ctl;
+            async move {
+                let mut c = NodeServiceClient::new(grpc::channel(ctl, Some(&creds)).await.unwrap());
+                let mut s = c
+                    .fetch_blob(FetchBlobRequest { digest })
+                    .await?
+                    .into_inner();
+                let mut n = 0;
+                while let Some(chunk) = s.next().await {
+                    n += chunk?.data.len();
+                }
+                Ok::<usize, tonic::Status>(n)
+            }
+        };
+        for d in [&manifest_digest, &layer] {
+            let n = fetch(copy(&with.creds), d.clone())
+                .await
+                .expect("assigned blob");
+            assert!(n > 0);
+            let err = fetch(copy(&without.creds), d.clone()).await.unwrap_err();
+            assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err:?}");
+            assert!(
+                err.message().contains("node blob-b may not fetch blob"),
+                "{}",
+                err.message()
+            );
+        }
+    });
 }
