@@ -70,8 +70,10 @@ pub struct ControllerConfig {
     #[arg(long, env = "IRONMESH_JOIN_FAILURE_WINDOW", default_value = "1m", value_parser = humantime::parse_duration)]
     pub join_failure_window: Duration,
 
-    /// Lifetime of the node certificates signed at join.
-    #[arg(long, env = "IRONMESH_NODE_CERT_LIFETIME", default_value = "365d", value_parser = humantime::parse_duration)]
+    /// Lifetime of node certificates (signed at join and at each renewal;
+    /// agents renew two thirds into it). A node offline past its expiry
+    /// must be deleted and join again.
+    #[arg(long, env = "IRONMESH_NODE_CERT_LIFETIME", default_value = "30d", value_parser = humantime::parse_duration)]
     pub node_cert_lifetime: Duration,
 
     /// How often agents send heartbeats.

@@ -9,6 +9,10 @@
 //! certificate. The use of the token, the node's new current certificate
 //! and any revocation are written in one transaction, so two joins racing
 //! for one name or one last use cannot both win.
+//!
+//! Renewal is the same signing for a node that proves itself with its
+//! current certificate instead of a token: the new certificate becomes the
+//! current one, the old one stays valid until it expires.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -21,7 +25,9 @@ use tonic::Status;
 use crate::join_limit::JoinLimiter;
 use crate::pki::{cert_info_from_pem, ClusterCa, Identity};
 use crate::resources::Resources;
-use crate::revocation::{decode_node_cert, encode_node_cert, node_key, revoke_op, NodeCert};
+use crate::revocation::{
+    decode_node_cert, encode_node_cert, node_key, CertCheckError, NodeCert, Revocations,
+};
 use crate::store::{Compare, Op, Txn, TxnOutcome};
 use crate::tokens::{JoinTokens, TokenError};
 
@@ -111,6 +117,40 @@ impl Admission {
         out
     }
 
+    /// Signs `csr_pem` for `node`, whose current certificate `cur` made the
+    /// call (checked by the caller), and records it as current.
+    pub async fn renew(
+        &self,
+        revocations: &Revocations,
+        node: &str,
+        cur: &crate::pki::CertInfo,
+        csr_pem: &str,
+    ) -> Result<JoinResponse, Status> {
+        let pem = self
+            .ca
+            .sign_csr(
+                csr_pem,
+                &Identity::Node(node.to_string()),
+                self.node_cert_lifetime,
+            )
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let next = cert_info_from_pem(&pem).map_err(|e| Status::internal(e.to_string()))?;
+        match revocations.renew(node, cur, &next).await {
+            Ok(rec) => {
+                tracing::info!(node, old = %cur.serial, serial = %rec.serial, expires = %crate::tokens::unix_rfc3339(rec.not_after), "node certificate renewed");
+                Ok(JoinResponse {
+                    certificate_pem: pem,
+                    ca_certificate_pem: self.ca.cert_pem().to_string(),
+                    node_name: node.to_string(),
+                })
+            }
+            Err(CertCheckError::Store(e)) => Err(Status::unavailable(format!(
+                "cannot record node {node}'s certificate: {e}"
+            ))),
+            Err(e) => Err(Status::permission_denied(e.to_string())),
+        }
+    }
+
     async fn admit(&self, req: &JoinRequest) -> Result<JoinResponse, JoinError> {
         let name = req.node_name.as_str();
         if !crate::node_api::valid_node_name(name) {
@@ -159,7 +199,7 @@ impl Admission {
                 Some(kv) => {
                     compares.push(Compare::ModRevision(cred_key.clone(), kv.mod_revision));
                     if let Some(old) = decode_node_cert(kv) {
-                        ops.push(revoke_op(&old.serial, &identity, old.not_after, &reason));
+                        ops.extend(old.revoke_ops(&identity, &reason));
                     }
                 }
                 None => {

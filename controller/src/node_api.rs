@@ -20,7 +20,7 @@ use ironmesh_proto::v1::{
     agent_message, controller_message, node_service_server::NodeService, AgentMessage,
     ControllerMessage, FetchBlobRequest, InstanceEvent, InstanceState, Inventory, JoinRequest,
     JoinResponse, QueueAckRequest, QueueAckResponse, QueueItem, QueueLeaseRequest,
-    QueueLeaseResponse, QueuePushRequest, QueuePushResponse, Welcome,
+    QueueLeaseResponse, QueuePushRequest, QueuePushResponse, RenewCertificateRequest, Welcome,
 };
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
@@ -199,6 +199,27 @@ impl NodeService for NodeApi {
                 Err(e.into())
             }
         }
+    }
+
+    async fn renew_certificate(
+        &self,
+        req: Request<RenewCertificateRequest>,
+    ) -> Result<Response<JoinResponse>, Status> {
+        let (node, info) = self.node_caller(&req, "renewing a certificate").await?;
+        let csr = req.into_inner().csr_pem;
+        let out = self
+            .admission
+            .renew(&self.revocations, &node, &info, &csr)
+            .await;
+        ControllerMetrics::count(
+            &self.metrics.joins,
+            if out.is_ok() {
+                "renewed"
+            } else {
+                "renew_refused"
+            },
+        );
+        out.map(Response::new)
     }
 
     type FetchBlobStream = crate::images::BlobStream;

@@ -207,7 +207,11 @@ impl ClusterCa {
             )));
         }
         let mut params = client_params(identity, Vec::new())?;
-        params.not_after = OffsetDateTime::now_utc() + lifetime;
+        // Back-dated for clock skew, but never by much of a short lifetime
+        // (agents renew two thirds into the whole validity period).
+        let now = OffsetDateTime::now_utc();
+        params.not_before = now - Duration::minutes(5).min(lifetime / 12);
+        params.not_after = now + lifetime;
         let cert = params
             .signed_by(&csr.public_key, &self.issuer)
             .map_err(|e| PkiError::Sign(e.to_string()))?;

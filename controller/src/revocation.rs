@@ -37,7 +37,8 @@ const SWEEP_EVERY: Duration = Duration::from_secs(600);
 /// Pause before watching again after the watch failed.
 const RETRY: Duration = Duration::from_millis(500);
 
-/// A node's current certificate.
+/// A node's current certificate, and the one it renewed (valid until its
+/// own expiry, so that connections made before the renewal keep working).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct NodeCert {
@@ -45,6 +46,15 @@ pub struct NodeCert {
     pub not_after: i64,
     pub fingerprint: String,
     pub issued_unix: i64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous: Option<PreviousCert>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PreviousCert {
+    pub serial: String,
+    pub not_after: i64,
 }
 
 impl NodeCert {
@@ -54,7 +64,29 @@ impl NodeCert {
             not_after: info.not_after,
             fingerprint: info.fingerprint.clone(),
             issued_unix: now_unix(),
+            previous: None,
         }
+    }
+
+    /// Whether `serial` may speak for the node now: the current
+    /// certificate, or the renewed one until it expires.
+    pub fn accepts(&self, serial: &str, now: i64) -> bool {
+        self.serial == serial
+            || self
+                .previous
+                .as_ref()
+                .is_some_and(|p| p.serial == serial && p.not_after > now)
+    }
+
+    /// The puts that revoke everything this record still accepts.
+    pub fn revoke_ops(&self, identity: &str, reason: &str) -> Vec<Op> {
+        let mut ops = vec![revoke_op(&self.serial, identity, self.not_after, reason)];
+        if let Some(p) = &self.previous {
+            if p.not_after > now_unix() {
+                ops.push(revoke_op(&p.serial, identity, p.not_after, reason));
+            }
+        }
+        ops
     }
 }
 
@@ -285,7 +317,7 @@ impl Revocations {
                 Some(kv) => {
                     let cur = decode_node_cert(&kv);
                     return match cur {
-                        Some(c) if c.serial == info.serial => Ok(()),
+                        Some(c) if c.accepts(&info.serial, now_unix()) => Ok(()),
                         Some(c) => Err(CertCheckError::NotCurrent {
                             node: node.to_string(),
                             serial: info.serial.clone(),
@@ -349,6 +381,57 @@ impl Revocations {
         }
     }
 
+    /// Records `next` as the node's current certificate in place of `cur`,
+    /// which must be the current one (a renewal by its holder); `cur`
+    /// stays valid until it expires. Refused when `cur` is not current.
+    pub async fn renew(
+        &self,
+        node: &str,
+        cur: &CertInfo,
+        next: &CertInfo,
+    ) -> Result<NodeCert, CertCheckError> {
+        let k = node_key(node);
+        let Some(kv) = self.store.get(&k).await? else {
+            return Err(CertCheckError::NotCurrent {
+                node: node.to_string(),
+                serial: cur.serial.clone(),
+                since: String::new(),
+            });
+        };
+        let old = decode_node_cert(&kv);
+        if old.as_ref().map(|c| c.serial.as_str()) != Some(cur.serial.as_str()) {
+            return Err(CertCheckError::NotCurrent {
+                node: node.to_string(),
+                serial: cur.serial.clone(),
+                since: old.map(|c| unix_rfc3339(c.issued_unix)).unwrap_or_default(),
+            });
+        }
+        let mut rec = NodeCert::of(next);
+        rec.previous = Some(PreviousCert {
+            serial: cur.serial.clone(),
+            not_after: cur.not_after,
+        });
+        let out = self
+            .store
+            .txn(Txn {
+                compares: vec![Compare::ModRevision(k.clone(), kv.mod_revision)],
+                ops: vec![Op::Put {
+                    key: k,
+                    value: encode_node_cert(&rec),
+                }],
+            })
+            .await?;
+        match out {
+            TxnOutcome::Committed(_) => Ok(rec),
+            // A concurrent renewal or delete won: this one is not current.
+            TxnOutcome::CompareFailed { .. } => Err(CertCheckError::NotCurrent {
+                node: node.to_string(),
+                serial: cur.serial.clone(),
+                since: String::new(),
+            }),
+        }
+    }
+
     /// Revokes the current certificate of `node` and forgets it, so the
     /// name is free for a new join. `fingerprint` (from the Node's status)
     /// is revoked instead when no certificate was recorded. Returns what
@@ -367,11 +450,13 @@ impl Revocations {
                 Some(kv) => match decode_node_cert(kv) {
                     Some(c) => (
                         Compare::ModRevision(k.clone(), kv.mod_revision),
-                        vec![
-                            revoke_op(&c.serial, &identity, c.not_after, reason),
-                            Op::Delete { key: k.clone() },
-                        ],
-                        vec![c.serial],
+                        c.revoke_ops(&identity, reason)
+                            .into_iter()
+                            .chain(std::iter::once(Op::Delete { key: k.clone() }))
+                            .collect(),
+                        std::iter::once(c.serial.clone())
+                            .chain(c.previous.iter().map(|p| p.serial.clone()))
+                            .collect(),
                     ),
                     None => (
                         Compare::ModRevision(k.clone(), kv.mod_revision),
@@ -472,6 +557,31 @@ mod tests {
         assert!(r.is_revoked_cached("aa"));
         // The name is free: a new certificate is adopted.
         r.check_node("n1", &info("cc")).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_renewed_certificate_stays_valid_until_it_expires_and_is_revoked_with_the_node() {
+        let (_d, r) = revocations().await;
+        r.check_node("n1", &info("aa")).await.unwrap();
+        let renewed = r.renew("n1", &info("aa"), &info("bb")).await.unwrap();
+        assert_eq!(renewed.serial, "bb");
+        r.check_node("n1", &info("bb")).await.unwrap();
+        r.check_node("n1", &info("aa")).await.unwrap();
+        // Renewing again drops the oldest one.
+        r.renew("n1", &info("bb"), &info("cc")).await.unwrap();
+        assert!(matches!(
+            r.check_node("n1", &info("aa")).await,
+            Err(CertCheckError::NotCurrent { .. })
+        ));
+        // Only the current certificate may renew.
+        assert!(r.renew("n1", &info("bb"), &info("dd")).await.is_err());
+        let mut revoked = r.revoke_node("n1", None, "deleted").await.unwrap();
+        revoked.sort();
+        assert_eq!(revoked, vec!["bb".to_string(), "cc".to_string()]);
+        assert!(matches!(
+            r.check_node("n1", &info("bb")).await,
+            Err(CertCheckError::Revoked(_))
+        ));
     }
 
     #[tokio::test]

@@ -2,7 +2,8 @@
 //! controller, agent and imctl: join tokens that expire and run out, no
 //! take-over of an existing node's name, revocation when a Node is
 //! deleted, operator roles, node reports checked against the node's pod
-//! CIDR and bounds, and the node authorizer of the image store.
+//! CIDR and bounds, the node authorizer of the image store, and node
+//! certificates renewed while instances keep running.
 
 use std::path::Path;
 use std::process::Output;
@@ -562,4 +563,94 @@ fn a_node_gets_permission_denied_for_a_blob_not_assigned_to_it() {
             );
         }
     });
+}
+
+#[test]
+fn node_certificates_renew_three_times_while_instances_keep_running() {
+    let ctl = Controller::start(ControllerOpts {
+        extra_args: vec!["--node-cert-lifetime".into(), "1m".into()],
+        ..ControllerOpts::default()
+    });
+    let agent = Agent::start(&ctl, "rot");
+    agent.wait_ready(&ctl, Duration::from_secs(30));
+    let first_cert = std::fs::read_to_string(agent.state_dir().join("node.crt")).unwrap();
+    ok(
+        ctl.imctl(&[
+            "image",
+            "push",
+            images_dir().join("records-server").to_str().unwrap(),
+        ]),
+        "image push",
+    );
+    ctl.apply_yaml(&format!(
+        "{}  env:\n    - name: LISTEN_ADDR\n      value: 0.0.0.0:8080\n",
+        workload_on("steady", "ironmesh/records-server:dev", "rot")
+    ));
+    let running = |ctl: &Controller| -> Option<(String, u64, u64)> {
+        let list = ctl.imctl_json(&["get", "instances"]);
+        let i = list["items"].as_array()?.first()?.clone();
+        (i.pointer("/status/phase")?.as_str()? == "Running").then_some(())?;
+        Some((
+            i.pointer("/metadata/name")?.as_str()?.to_string(),
+            i.pointer("/status/pid")?.as_u64()?,
+            i.pointer("/status/restarts")?.as_u64()?,
+        ))
+    };
+    let before = wait_for("the instance running", Duration::from_secs(60), || {
+        running(&ctl)
+    });
+    let opened_before = ctl
+        .proc
+        .log_text()
+        .lines()
+        .filter(|l| l.contains("sync stream opened") && l.contains("node=rot"))
+        .count();
+
+    // 1-minute certificates, renewed two thirds in: three renewals in
+    // about two minutes.
+    wait_for("three renewals", Duration::from_secs(240), || {
+        let n = agent
+            .proc
+            .log_text()
+            .matches("node certificate renewed; reconnecting")
+            .count();
+        assert_eq!(
+            running(&ctl).as_ref(),
+            Some(&before),
+            "the instance must keep running"
+        );
+        (n >= 3).then_some(())
+    });
+    let renewed_cert = std::fs::read_to_string(agent.state_dir().join("node.crt")).unwrap();
+    assert_ne!(
+        first_cert, renewed_cert,
+        "the certificate on disk is the renewed one"
+    );
+    let log = ctl.proc.log_text();
+    assert!(
+        log.lines()
+            .filter(|l| l.contains("node certificate renewed") && l.contains("node=\"rot\""))
+            .count()
+            >= 3,
+        "{log}"
+    );
+    // One reconnect per renewal, no storm.
+    let opened = log
+        .lines()
+        .filter(|l| l.contains("sync stream opened") && l.contains("node=rot"))
+        .count()
+        - opened_before;
+    assert!(
+        (3..=4).contains(&opened),
+        "{opened} reconnects for 3 renewals"
+    );
+    assert_eq!(
+        ready_node(&ctl, "rot"),
+        Some("True".to_string()),
+        "the node stayed Ready"
+    );
+}
+
+fn ready_node(ctl: &Controller, name: &str) -> Option<String> {
+    ironmesh_tests::ready_status(&ctl.node(name)?)
 }
