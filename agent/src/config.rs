@@ -36,7 +36,9 @@ pub struct AgentConfig {
     pub bootstrap_token: Option<String>,
 
     /// File holding the bootstrap token (preferred over the flag: it stays
-    /// out of the process list).
+    /// out of the process list). Read only at the first join: once the
+    /// node has its certificate the file may be deleted (the Ansible role
+    /// does).
     #[arg(long, env = "IRONMESH_BOOTSTRAP_TOKEN_FILE")]
     pub bootstrap_token_file: Option<PathBuf>,
 

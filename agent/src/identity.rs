@@ -4,13 +4,18 @@
 //! On first start the agent makes a key pair, sends a CSR with a bootstrap
 //! token to the controller's `Join`, and stores the signed certificate. It
 //! never sends its name as proof of anything afterwards: the certificate is
-//! the proof.
+//! the proof. Before it expires the certificate is renewed with a new key
+//! and CSR over the node's own mTLS channel ([`renew`]); the new pair
+//! replaces the old on disk so that a crash at any point leaves one
+//! matching pair ([`NodeIdentity::save_renewed`]).
 
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use ironmesh_proto::v1::{node_service_client::NodeServiceClient, JoinRequest};
+use ironmesh_proto::v1::{
+    node_service_client::NodeServiceClient, JoinRequest, RenewCertificateRequest,
+};
 use rcgen::{CertificateParams, DnType, KeyPair};
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
 
@@ -47,16 +52,57 @@ pub enum IdentityError {
     Refused(String),
     #[error("invalid controller URL {0:?}: {1}")]
     BadUrl(String, String),
+    #[error("the certificate of node {node} expired at {at} and can no longer be renewed; delete the node (imctl delete node {node}), remove the identity in {dir} and join again with a new token (imctl token create)")]
+    Expired {
+        node: String,
+        at: String,
+        dir: PathBuf,
+    },
+    #[error("the node certificate is unreadable: {0}")]
+    BadCertificate(String),
 }
 
 const KEY_FILE: &str = "node.key";
 const CERT_FILE: &str = "node.crt";
 const CA_FILE: &str = "ca.crt";
 const NAME_FILE: &str = "node-name";
+/// A renewed pair being put in place (see [`NodeIdentity::save_renewed`]).
+const NEW_KEY_FILE: &str = "node.key.new";
+const NEW_CERT_FILE: &str = "node.crt.new";
+
+/// Finishes (or discards) a renewal that a crash interrupted. The new
+/// certificate is written before the new key and the key is renamed into
+/// place before the certificate, so: both new files → rename both; only
+/// the certificate → the key is already in place, rename it; only the key
+/// → its certificate was never complete, drop it.
+fn finish_renewal(dir: &Path) -> Result<(), IdentityError> {
+    let io = |action: &'static str, path: PathBuf| {
+        move |source| IdentityError::Io {
+            action,
+            path,
+            source,
+        }
+    };
+    let (nk, nc) = (dir.join(NEW_KEY_FILE), dir.join(NEW_CERT_FILE));
+    match (nk.exists(), nc.exists()) {
+        (true, true) => {
+            fs::rename(&nk, dir.join(KEY_FILE)).map_err(io("rename", nk.clone()))?;
+            fs::rename(&nc, dir.join(CERT_FILE)).map_err(io("rename", nc.clone()))?;
+        }
+        (false, true) => fs::rename(&nc, dir.join(CERT_FILE)).map_err(io("rename", nc.clone()))?,
+        (true, false) => fs::remove_file(&nk).map_err(io("remove", nk.clone()))?,
+        (false, false) => return Ok(()),
+    }
+    tracing::info!(dir = %dir.display(), "finished a certificate renewal interrupted by a restart");
+    Ok(())
+}
 
 impl NodeIdentity {
     /// Loads the identity from `dir` if one is there.
     pub fn load(dir: &Path, node_name: &str) -> Result<Option<NodeIdentity>, IdentityError> {
+        if dir.exists() {
+            finish_renewal(dir)?;
+        }
         let paths = [KEY_FILE, CERT_FILE, CA_FILE, NAME_FILE].map(|f| dir.join(f));
         if !paths.iter().all(|p| p.exists()) {
             return Ok(None);
@@ -95,6 +141,49 @@ impl NodeIdentity {
         )
     }
 
+    /// Puts a renewed key and certificate in place of the current ones
+    /// (see [`finish_renewal`] for why the order makes a crash safe).
+    pub fn save_renewed(&self, dir: &Path) -> Result<(), IdentityError> {
+        write_atomic(&dir.join(NEW_CERT_FILE), self.cert_pem.as_bytes(), 0o644)?;
+        write_atomic(&dir.join(NEW_KEY_FILE), self.key_pem.as_bytes(), 0o600)?;
+        write_atomic(&dir.join(CA_FILE), self.ca_pem.as_bytes(), 0o644)?;
+        finish_renewal(dir)
+    }
+
+    /// When the certificate became valid and when it expires.
+    pub fn validity(&self) -> Result<(SystemTime, SystemTime), IdentityError> {
+        let bad = |e: String| IdentityError::BadCertificate(e);
+        let (_, pem) = x509_parser::pem::parse_x509_pem(self.cert_pem.as_bytes())
+            .map_err(|e| bad(e.to_string()))?;
+        let (_, cert) =
+            x509_parser::parse_x509_certificate(&pem.contents).map_err(|e| bad(e.to_string()))?;
+        let at = |t: i64| UNIX_EPOCH + Duration::from_secs(t.max(0) as u64);
+        Ok((
+            at(cert.validity().not_before.timestamp()),
+            at(cert.validity().not_after.timestamp()),
+        ))
+    }
+
+    /// When to renew: two thirds into the certificate's lifetime.
+    pub fn renewal_due(&self) -> Result<SystemTime, IdentityError> {
+        let (from, until) = self.validity()?;
+        let life = until.duration_since(from).unwrap_or_default();
+        Ok(from + life * 2 / 3)
+    }
+
+    /// An error if the certificate has expired (it cannot be renewed then).
+    pub fn check_not_expired(&self, dir: &Path) -> Result<(), IdentityError> {
+        let (_, until) = self.validity()?;
+        if SystemTime::now() >= until {
+            return Err(IdentityError::Expired {
+                node: self.node_name.clone(),
+                at: humantime::format_rfc3339_seconds(until).to_string(),
+                dir: dir.to_path_buf(),
+            });
+        }
+        Ok(())
+    }
+
     /// TLS settings for calls made with this identity.
     pub fn tls(&self, server_name: Option<&str>) -> ClientTlsConfig {
         let mut tls = ClientTlsConfig::new()
@@ -122,6 +211,7 @@ pub async fn load_or_join(
     params: JoinParams<'_>,
 ) -> Result<(NodeIdentity, bool), IdentityError> {
     if let Some(id) = NodeIdentity::load(dir, node_name)? {
+        id.check_not_expired(dir)?;
         return Ok((id, false));
     }
     let ca_pem = params
@@ -200,6 +290,50 @@ pub async fn join(
     })
 }
 
+/// Makes a new key and CSR and exchanges them for a new certificate,
+/// authorised by `id`'s current certificate. Nothing is written.
+pub async fn renew(
+    controller: &str,
+    server_name: Option<&str>,
+    id: &NodeIdentity,
+) -> Result<NodeIdentity, IdentityError> {
+    let key = KeyPair::generate().map_err(|e| IdentityError::Crypto(e.to_string()))?;
+    let mut params = CertificateParams::default();
+    params
+        .distinguished_name
+        .push(DnType::CommonName, format!("node:{}", id.node_name));
+    let csr = params
+        .serialize_request(&key)
+        .and_then(|c| c.pem())
+        .map_err(|e| IdentityError::Crypto(e.to_string()))?;
+    let connect_err = |message: String| IdentityError::Connect {
+        url: controller.into(),
+        message,
+    };
+    let channel = endpoint(controller)?
+        .tls_config(id.tls(server_name))
+        .map_err(|e| connect_err(e.to_string()))?
+        .connect()
+        .await
+        .map_err(|e| connect_err(error_chain(&e)))?;
+    let resp = NodeServiceClient::new(channel)
+        .renew_certificate(RenewCertificateRequest { csr_pem: csr })
+        .await
+        .map_err(|s| match s.code() {
+            tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled => {
+                connect_err(s.message().to_string())
+            }
+            _ => IdentityError::Refused(s.message().to_string()),
+        })?
+        .into_inner();
+    Ok(NodeIdentity {
+        node_name: id.node_name.clone(),
+        key_pem: key.serialize_pem(),
+        cert_pem: resp.certificate_pem,
+        ca_pem: resp.ca_certificate_pem,
+    })
+}
+
 impl IdentityError {
     /// True when trying again later may succeed.
     pub fn is_transient(&self) -> bool {
@@ -266,6 +400,82 @@ mod tests {
             std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777,
             0o600
         );
+    }
+
+    #[test]
+    fn an_interrupted_renewal_is_finished_or_dropped_at_load() {
+        let dir = tempfile::tempdir().unwrap();
+        let id = NodeIdentity {
+            node_name: "n1".into(),
+            key_pem: "old-key".into(),
+            cert_pem: "old-cert".into(),
+            ca_pem: "ca".into(),
+        };
+        id.save(dir.path()).unwrap();
+        let d = dir.path();
+        // Crash after both new files were written.
+        fs::write(d.join(NEW_CERT_FILE), "new-cert").unwrap();
+        fs::write(d.join(NEW_KEY_FILE), "new-key").unwrap();
+        let back = NodeIdentity::load(d, "n1").unwrap().unwrap();
+        assert_eq!(
+            (back.key_pem.as_str(), back.cert_pem.as_str()),
+            ("new-key", "new-cert")
+        );
+        // Crash after the key was renamed, before the certificate.
+        fs::write(d.join(NEW_CERT_FILE), "newer-cert").unwrap();
+        fs::write(d.join(KEY_FILE), "newer-key").unwrap();
+        let back = NodeIdentity::load(d, "n1").unwrap().unwrap();
+        assert_eq!(
+            (back.key_pem.as_str(), back.cert_pem.as_str()),
+            ("newer-key", "newer-cert")
+        );
+        // Crash while the new key was being written, its certificate not.
+        fs::write(d.join(NEW_KEY_FILE), "half").unwrap();
+        let back = NodeIdentity::load(d, "n1").unwrap().unwrap();
+        assert_eq!(
+            (back.key_pem.as_str(), back.cert_pem.as_str()),
+            ("newer-key", "newer-cert")
+        );
+        assert!(!d.join(NEW_KEY_FILE).exists() && !d.join(NEW_CERT_FILE).exists());
+    }
+
+    #[test]
+    fn renewal_is_due_two_thirds_into_the_lifetime() {
+        let (ca, ca_key) = {
+            let key = KeyPair::generate().unwrap();
+            let mut p = CertificateParams::default();
+            p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+            let cert = p.self_signed(&key).unwrap();
+            (cert, key)
+        };
+        let issuer = rcgen::Issuer::from_ca_cert_pem(&ca.pem(), ca_key).unwrap();
+        let key = KeyPair::generate().unwrap();
+        let mut p = CertificateParams::default();
+        let now = time::OffsetDateTime::now_utc();
+        p.not_before = now - time::Duration::seconds(30);
+        p.not_after = now + time::Duration::seconds(60);
+        let cert = p.signed_by(&key, &issuer).unwrap();
+        let id = NodeIdentity {
+            node_name: "n1".into(),
+            key_pem: key.serialize_pem(),
+            cert_pem: cert.pem(),
+            ca_pem: ca.pem(),
+        };
+        let due = id.renewal_due().unwrap();
+        let (from, until) = id.validity().unwrap();
+        assert_eq!(until.duration_since(from).unwrap(), Duration::from_secs(90));
+        assert_eq!(due.duration_since(from).unwrap(), Duration::from_secs(60));
+        let dir = tempfile::tempdir().unwrap();
+        id.check_not_expired(dir.path()).unwrap();
+        let mut p = CertificateParams::default();
+        p.not_before = now - time::Duration::seconds(120);
+        p.not_after = now - time::Duration::seconds(60);
+        let expired = NodeIdentity {
+            cert_pem: p.signed_by(&key, &issuer).unwrap().pem(),
+            ..id
+        };
+        let err = expired.check_not_expired(dir.path()).unwrap_err();
+        assert!(err.to_string().contains("imctl delete node n1"), "{err}");
     }
 
     #[test]

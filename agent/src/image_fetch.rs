@@ -65,6 +65,9 @@ pub struct ControllerImages {
     /// Other controllers of the cluster, asked in order when `client`
     /// does not hold a blob or cannot be reached.
     fallbacks: Vec<NodeServiceClient<Channel>>,
+    /// When set, the clients to use (rebuilt when the node certificate is
+    /// renewed), in place of `client` and `fallbacks`.
+    shared: Option<crate::node_clients::NodeClients>,
     runtime: Runtime,
     staging: PathBuf,
     idle_timeout: Duration,
@@ -128,6 +131,7 @@ impl ControllerImages {
         ControllerImages {
             client,
             fallbacks: Vec::new(),
+            shared: None,
             runtime,
             staging,
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
@@ -139,6 +143,13 @@ impl ControllerImages {
     /// first one does not hold or cannot serve.
     pub fn with_fallbacks(mut self, others: Vec<NodeServiceClient<Channel>>) -> ControllerImages {
         self.fallbacks = others;
+        self
+    }
+
+    /// Take the clients from `clients` at each fetch (they follow the
+    /// node's renewed certificates).
+    pub fn with_clients(mut self, clients: crate::node_clients::NodeClients) -> ControllerImages {
+        self.shared = Some(clients);
         self
     }
 
@@ -221,7 +232,14 @@ impl ControllerImages {
 
         let mut stream = None;
         let mut last_err = None;
-        for client in std::iter::once(&self.client).chain(self.fallbacks.iter()) {
+        let clients: Vec<NodeServiceClient<Channel>> = match &self.shared {
+            Some(s) => s.current().to_vec(),
+            None => std::iter::once(&self.client)
+                .chain(self.fallbacks.iter())
+                .cloned()
+                .collect(),
+        };
+        for client in &clients {
             let mut client = client.clone();
             let opened = tokio::time::timeout(
                 self.idle_timeout,

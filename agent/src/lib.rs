@@ -19,6 +19,8 @@ pub mod image_source;
 pub mod inventory;
 pub mod metrics;
 pub mod network;
+pub mod node_clients;
+pub mod renewal;
 pub mod runtime;
 pub mod storage;
 pub mod supervisor;

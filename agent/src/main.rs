@@ -11,10 +11,11 @@ use ironmesh_agent::identity::{load_or_join, JoinParams};
 use ironmesh_agent::image_fetch::ControllerImages;
 use ironmesh_agent::metrics::AgentMetrics;
 use ironmesh_agent::network::{Network, NetworkConfig};
+use ironmesh_agent::node_clients::NodeClients;
+use ironmesh_agent::renewal::Renewal;
 use ironmesh_agent::runtime::{Runtime, RuntimeConfig};
 use ironmesh_agent::supervisor::{InstanceNetworking, Supervisor, SupervisorConfig};
 use ironmesh_agent::sync::{self, SyncConfig};
-use ironmesh_proto::v1::node_service_client::NodeServiceClient;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
@@ -38,7 +39,12 @@ async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         ),
         None => None,
     };
+    // The token is read only for a first join: once the node has its
+    // certificate the token is never read again (and the file may go).
+    let joined_before =
+        ironmesh_agent::identity::NodeIdentity::load(&cfg.state_dir, &node_name)?.is_some();
     let token = match (&cfg.bootstrap_token, &cfg.bootstrap_token_file) {
+        _ if joined_before => None,
         (Some(t), _) => Some(t.trim().to_string()),
         (None, Some(p)) => Some(
             std::fs::read_to_string(p)
@@ -116,21 +122,31 @@ async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     // queues behind (or starves) the sync stream.
     // With several controllers a blob may be held by only the one it was
     // pushed to: a fetch the first cannot serve is asked of the others.
-    let mut blob_clients = Vec::with_capacity(controllers.len());
-    for url in &controllers {
-        let channel = ironmesh_agent::identity::endpoint(url)?
-            .tls_config(id.tls(cfg.tls_server_name.as_deref()))?
-            .connect_lazy();
-        blob_clients.push(NodeServiceClient::new(channel));
-    }
-    let work_queue = Arc::new(ironmesh_agent::work_queue::WorkQueueProxy::new(
-        cfg.state_dir.join("q"),
-        blob_clients.clone(),
-    ));
+    // The clients follow the node certificate as it is renewed.
+    let clients = NodeClients::new(controllers.clone(), cfg.tls_server_name.clone(), &id)?;
+    let mut blob_clients = clients.current().to_vec();
+    let work_queue = Arc::new(
+        ironmesh_agent::work_queue::WorkQueueProxy::new(
+            cfg.state_dir.join("q"),
+            blob_clients.clone(),
+        )
+        .with_clients(clients.clone()),
+    );
     let primary = blob_clients.remove(0);
     let images = Arc::new(
         ControllerImages::new(primary, runtime.clone(), cfg.state_dir.join("staging"))
-            .with_fallbacks(blob_clients),
+            .with_fallbacks(blob_clients)
+            .with_clients(clients.clone()),
+    );
+    let (identity_tx, identity_rx) = tokio::sync::watch::channel(id.clone());
+    tokio::spawn(
+        Renewal {
+            state_dir: cfg.state_dir.clone(),
+            controllers: controllers.clone(),
+            server_name: cfg.tls_server_name.clone(),
+            clients,
+        }
+        .run(identity_tx, shutdown.clone()),
     );
     let mut net_cfg = NetworkConfig::new(&cfg.state_dir, &cfg.containerd_namespace);
     net_cfg.mtu = cfg.instance_mtu;
@@ -191,6 +207,7 @@ async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
             storage_report_interval: cfg.storage_report_interval,
             flows,
             work_queue: Some(work_queue),
+            identity: Some(identity_rx),
         },
         id,
         metrics,

@@ -40,6 +40,8 @@ use tonic::transport::Channel;
 pub struct WorkQueueProxy {
     dir: PathBuf,
     clients: Vec<NodeServiceClient<Channel>>,
+    /// When set, the clients to use (they follow renewed certificates).
+    shared: Option<crate::node_clients::NodeClients>,
     servers: Mutex<HashMap<String, tokio::task::JoinHandle<()>>>,
 }
 
@@ -47,6 +49,7 @@ pub struct WorkQueueProxy {
 struct Ctx {
     instance: String,
     clients: Vec<NodeServiceClient<Channel>>,
+    shared: Option<crate::node_clients::NodeClients>,
 }
 
 impl WorkQueueProxy {
@@ -56,8 +59,16 @@ impl WorkQueueProxy {
         WorkQueueProxy {
             dir,
             clients,
+            shared: None,
             servers: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Take the clients from `clients` at each call (they follow the
+    /// node's renewed certificates).
+    pub fn with_clients(mut self, clients: crate::node_clients::NodeClients) -> WorkQueueProxy {
+        self.shared = Some(clients);
+        self
     }
 
     /// The directory mounted at `/run/ironmesh` in `instance`'s container:
@@ -120,6 +131,7 @@ impl WorkQueueProxy {
         let ctx = Ctx {
             instance: instance.to_string(),
             clients: self.clients.clone(),
+            shared: self.shared.clone(),
         };
         let app = Router::new()
             .route("/v1/lease", post(lease))
@@ -178,7 +190,11 @@ where
     Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
 {
     let mut last = tonic::Status::unavailable("no controller configured");
-    for c in &ctx.clients {
+    let clients = match &ctx.shared {
+        Some(s) => s.current().to_vec(),
+        None => ctx.clients.clone(),
+    };
+    for c in &clients {
         match f(c.clone()).await {
             Ok(r) => return Ok(r.into_inner()),
             Err(s) if s.code() == tonic::Code::Unavailable => last = s,

@@ -23,6 +23,7 @@ use ironmesh_proto::v1::node_service_client::NodeServiceClient;
 use ironmesh_proto::v1::node_service_server::{NodeService, NodeServiceServer};
 use ironmesh_proto::v1::{
     AgentMessage, BlobChunk, ControllerMessage, FetchBlobRequest, JoinRequest, JoinResponse,
+    RenewCertificateRequest,
 };
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Request, Response, Status, Streaming};
@@ -49,6 +50,13 @@ type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 #[tonic::async_trait]
 impl NodeService for BlobServer {
     async fn join(&self, _: Request<JoinRequest>) -> Result<Response<JoinResponse>, Status> {
+        Err(Status::unimplemented("test server"))
+    }
+
+    async fn renew_certificate(
+        &self,
+        _: Request<RenewCertificateRequest>,
+    ) -> Result<Response<JoinResponse>, Status> {
         Err(Status::unimplemented("test server"))
     }
 

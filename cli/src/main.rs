@@ -1,6 +1,7 @@
 //! `imctl`, the Ironmesh operator's tool: apply manifests, read and delete
 //! objects through the controller's operator API over mutual TLS.
 
+mod access;
 mod client;
 mod flows;
 mod image;
@@ -124,6 +125,17 @@ enum Command {
     Image {
         #[command(subcommand)]
         command: image::ImageCommand,
+    },
+    /// Join tokens for agents: create, list, delete (admin).
+    Token {
+        #[command(subcommand)]
+        command: access::TokenCommand,
+    },
+    /// Operators and their roles: create (writes their imctl config),
+    /// list, revoke (admin).
+    Operator {
+        #[command(subcommand)]
+        command: access::OperatorCommand,
     },
 }
 
@@ -390,6 +402,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Image { command } => image::run(&cfg, command, status_err).await?,
         Command::Node { command } => node::run(&cfg, command, status_err).await?,
         Command::Pipeline { command } => pipeline::run(&cfg, command, status_err).await?,
+        Command::Token { command } => access::tokens(&cfg, command).await?,
+        Command::Operator { command } => access::operators(&cfg, command).await?,
     }
     Ok(())
 }

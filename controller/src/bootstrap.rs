@@ -1,6 +1,12 @@
 //! First-start and every-start preparation of the data directory: the
 //! cluster CA, the bootstrap token, the controller's server certificate and
 //! the first operator's client config (`admin.yaml`).
+//!
+//! The bootstrap token is kept in `<data-dir>/bootstrap-token` for
+//! automation; the server records it once as a join token that expires
+//! (`--bootstrap-token-ttl`, see [`crate::tokens`]), and registers the
+//! certificate of `admin.yaml` as operator `admin` with role admin
+//! ([`crate::authz`]).
 
 use std::path::{Path, PathBuf};
 
@@ -18,6 +24,8 @@ pub struct Credentials {
     pub server_cert_pem: String,
     pub server_key_pem: String,
     pub admin_config: PathBuf,
+    /// The client certificate in `admin.yaml`, if it is readable.
+    pub admin_cert_pem: Option<String>,
     pub token_file: PathBuf,
 }
 
@@ -116,12 +124,17 @@ pub fn prepare(
         write_private(&admin_config, yaml.as_bytes())?;
         tracing::info!(path = %admin_config.display(), "wrote operator credential for imctl");
     }
+    let admin_cert_pem = std::fs::read_to_string(&admin_config)
+        .ok()
+        .and_then(|t| serde_yaml::from_str::<ClientConfig>(&t).ok())
+        .map(|c| c.client_certificate_data);
     Ok(Credentials {
         ca,
         bootstrap_token,
         server_cert_pem,
         server_key_pem,
         admin_config,
+        admin_cert_pem,
         token_file,
     })
 }
@@ -145,11 +158,9 @@ fn load_or_create_token(path: &Path) -> Result<String, BootstrapError> {
     Ok(token)
 }
 
-/// A fresh random bootstrap token.
+/// A fresh random bootstrap token (a join token, `imt.<id>.<secret>`).
 pub fn new_token() -> String {
-    let mut b = [0u8; 24];
-    rand::Rng::fill(&mut rand::rng(), &mut b[..]);
-    format!("imb.{}", hex::encode(b))
+    crate::tokens::generate()
 }
 
 fn url_host(url: &str) -> Option<String> {
@@ -191,6 +202,6 @@ mod tests {
         let a = load_or_create_token(&p).unwrap();
         let b = load_or_create_token(&p).unwrap();
         assert_eq!(a, b);
-        assert!(a.starts_with("imb.") && a.len() > 40);
+        assert!(a.starts_with("imt.") && a.len() > 40);
     }
 }

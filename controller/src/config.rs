@@ -47,9 +47,34 @@ pub struct ControllerConfig {
     pub tls_sans: Vec<String>,
 
     /// Bootstrap token agents present to join. Default: generated on first
-    /// start and kept in <data-dir>/bootstrap-token.
+    /// start and kept in <data-dir>/bootstrap-token. Either way it is
+    /// recorded once as a join token that expires after
+    /// --bootstrap-token-ttl; make more with `imctl token create`.
     #[arg(long, env = "IRONMESH_BOOTSTRAP_TOKEN", hide_env_values = true)]
     pub bootstrap_token: Option<String>,
+
+    /// How long the bootstrap token (the first join token) is valid,
+    /// counted from the first start that recorded it; also the default
+    /// lifetime of `imctl token create` (at most 365 days).
+    #[arg(long, env = "IRONMESH_BOOTSTRAP_TOKEN_TTL", default_value = "24h", value_parser = humantime::parse_duration)]
+    pub bootstrap_token_ttl: Duration,
+
+    /// Refused joins (wrong, expired or used-up token, an existing node's
+    /// name) allowed from one source address per --join-failure-window;
+    /// past that every join from the address is refused until the window
+    /// ends. 0 turns the limit off.
+    #[arg(long, env = "IRONMESH_JOIN_FAILURE_LIMIT", default_value_t = 10)]
+    pub join_failure_limit: u32,
+
+    /// See --join-failure-limit.
+    #[arg(long, env = "IRONMESH_JOIN_FAILURE_WINDOW", default_value = "1m", value_parser = humantime::parse_duration)]
+    pub join_failure_window: Duration,
+
+    /// Lifetime of node certificates (signed at join and at each renewal;
+    /// agents renew two thirds into it). A node offline past its expiry
+    /// must be deleted and join again.
+    #[arg(long, env = "IRONMESH_NODE_CERT_LIFETIME", default_value = "30d", value_parser = humantime::parse_duration)]
+    pub node_cert_lifetime: Duration,
 
     /// How often agents send heartbeats.
     #[arg(long, env = "IRONMESH_HEARTBEAT_INTERVAL", default_value = "1s", value_parser = humantime::parse_duration)]
@@ -172,6 +197,17 @@ impl ControllerConfig {
             if t.len() < 16 {
                 return Err("--bootstrap-token must be at least 16 characters".into());
             }
+        }
+        if self.bootstrap_token_ttl.is_zero() || self.bootstrap_token_ttl > crate::tokens::MAX_TTL {
+            return Err("--bootstrap-token-ttl must be between 1s and 365 days".into());
+        }
+        if self.join_failure_limit > 0 && self.join_failure_window.is_zero() {
+            return Err("--join-failure-window must be greater than zero".into());
+        }
+        if self.node_cert_lifetime < Duration::from_secs(60)
+            || self.node_cert_lifetime > crate::tokens::MAX_TTL * 10
+        {
+            return Err("--node-cert-lifetime must be between 1m and 10 years".into());
         }
         if let Some(u) = &self.advertise_url {
             if !u.starts_with("https://") {

@@ -100,7 +100,8 @@ impl Liveness {
         if interval <= self.interval {
             return self.grace;
         }
-        self.grace.mul_f64(interval.as_secs_f64() / self.interval.as_secs_f64())
+        self.grace
+            .mul_f64(interval.as_secs_f64() / self.interval.as_secs_f64())
     }
 
     /// The interval for a cluster of `nodes`: the base, or whole seconds
@@ -360,7 +361,9 @@ async fn reconcile_once(
         })
         .await?;
     let interval = liveness.pace(nodes.len());
-    metrics.heartbeat_interval_ms.set(interval.as_millis() as i64);
+    metrics
+        .heartbeat_interval_ms
+        .set(interval.as_millis() as i64);
     let (mut ready, mut not_ready, mut unknown) = (0i64, 0i64, 0i64);
     for (node, stored) in nodes {
         let (alive, since, grace) = liveness.judge(&node);

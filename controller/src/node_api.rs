@@ -2,9 +2,13 @@
 //! `Sync` (one bidirectional stream per agent).
 //!
 //! The node's identity always comes from its verified client certificate;
-//! the `node_name` an agent sends in `Hello` is only checked against it.
-//! This module records what agents report (inventory into Node status,
-//! heartbeats into [`Liveness`]); it does not judge readiness.
+//! the `node_name` an agent sends in `Hello` is only checked against it,
+//! and the certificate must be the node's current, unrevoked one
+//! ([`crate::revocation`]). Who may join is [`crate::join`]'s decision,
+//! which blobs a node may fetch [`crate::blob_access`]'s, and what a report
+//! may say [`crate::report_checks`]'s. This module records what agents
+//! report (inventory into Node status, heartbeats into [`Liveness`]); it
+//! does not judge readiness.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -16,10 +20,10 @@ use ironmesh_proto::v1::{
     agent_message, controller_message, node_service_server::NodeService, AgentMessage,
     ControllerMessage, FetchBlobRequest, InstanceEvent, InstanceState, Inventory, JoinRequest,
     JoinResponse, QueueAckRequest, QueueAckResponse, QueueItem, QueueLeaseRequest,
-    QueueLeaseResponse, QueuePushRequest, QueuePushResponse, Settings, Welcome,
+    QueueLeaseResponse, QueuePushRequest, QueuePushResponse, RenewCertificateRequest, Settings,
+    Welcome,
 };
 use serde_json::{json, Value};
-use subtle::ConstantTimeEq;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
@@ -41,7 +45,9 @@ pub struct NodeApi {
     pub images: crate::images::ImageStore,
     pub logs: crate::logs::LogRelay,
     pub flows: crate::flows::FlowLog,
-    pub bootstrap_token: String,
+    pub admission: crate::join::Admission,
+    pub revocations: crate::revocation::Revocations,
+    pub blobs: crate::blob_access::BlobAccess,
     pub resources: Resources,
     pub liveness: Liveness,
     pub metrics: Arc<ControllerMetrics>,
@@ -60,13 +66,22 @@ pub fn peer_identity<T>(req: &Request<T>) -> Result<Identity, Status> {
         .map_err(|e| Status::unauthenticated(format!("client certificate not accepted: {e}")))
 }
 
-/// The calling node, or an error for any other caller.
-fn node_caller<T>(req: &Request<T>) -> Result<String, Status> {
-    match peer_identity(req)? {
-        Identity::Node(n) => Ok(n),
-        other => Err(Status::permission_denied(format!(
-            "work queues are for node agents; caller is {other}"
-        ))),
+/// The caller's verified certificate.
+fn peer_cert<T>(req: &Request<T>) -> Result<crate::pki::CertInfo, Status> {
+    let leaf = req
+        .peer_certs()
+        .and_then(|c| c.first().cloned())
+        .ok_or_else(|| Status::unauthenticated("a client certificate is required"))?;
+    crate::pki::cert_info_from_der(&leaf)
+        .map_err(|e| Status::unauthenticated(format!("client certificate not accepted: {e}")))
+}
+
+fn cert_status(e: crate::revocation::CertCheckError) -> Status {
+    match e {
+        crate::revocation::CertCheckError::Store(e) => {
+            Status::unavailable(format!("cannot check the node certificate: {e}"))
+        }
+        other => Status::permission_denied(other.to_string()),
     }
 }
 
@@ -78,6 +93,29 @@ fn queue_status(e: crate::queue::QueueError) -> Status {
 }
 
 impl NodeApi {
+    /// The calling node, if its certificate is a node's current, unrevoked
+    /// one; `what` names the call in the refusal of any other caller.
+    async fn node_caller<T>(
+        &self,
+        req: &Request<T>,
+        what: &str,
+    ) -> Result<(String, crate::pki::CertInfo), Status> {
+        let info = peer_cert(req)?;
+        let node = match &info.identity {
+            Identity::Node(n) => n.clone(),
+            other => {
+                return Err(Status::permission_denied(format!(
+                    "{what} requires a node certificate; caller is {other}"
+                )))
+            }
+        };
+        if let Err(e) = self.revocations.check_node(&node, &info).await {
+            tracing::warn!(node = %node, serial = %info.serial, error = %e, "node call refused");
+            return Err(cert_status(e));
+        }
+        Ok((node, info))
+    }
+
     /// The step's `leaseSeconds`, from the run's snapshot of its Pipeline.
     async fn lease_seconds(
         &self,
@@ -149,37 +187,39 @@ impl NodeService for NodeApi {
     async fn join(&self, req: Request<JoinRequest>) -> Result<Response<JoinResponse>, Status> {
         let remote = req.remote_addr();
         let req = req.into_inner();
-        let token_ok: bool = req
-            .bootstrap_token
-            .as_bytes()
-            .ct_eq(self.bootstrap_token.as_bytes())
-            .into();
-        if !token_ok {
-            ControllerMetrics::count(&self.metrics.joins, "bad_token");
-            tracing::warn!(node = %req.node_name, ?remote, "join refused: wrong bootstrap token");
-            return Err(Status::unauthenticated("bootstrap token is not valid"));
+        match self.admission.join(&req, remote).await {
+            Ok(resp) => {
+                ControllerMetrics::count(&self.metrics.joins, "ok");
+                tracing::info!(node = %req.node_name, ?remote, "node joined");
+                Ok(Response::new(resp))
+            }
+            Err(e) => {
+                ControllerMetrics::count(&self.metrics.joins, e.label());
+                tracing::warn!(node = %req.node_name, ?remote, error = %e, "join refused");
+                Err(e.into())
+            }
         }
-        if !valid_node_name(&req.node_name) {
-            ControllerMetrics::count(&self.metrics.joins, "invalid");
-            return Err(Status::invalid_argument(format!(
-                "node_name {:?} is not valid: use 1-63 lowercase letters, digits and '-', starting and ending with a letter or digit",
-                req.node_name
-            )));
-        }
-        let cert = self
-            .ca
-            .sign_node_csr(&req.csr_pem, &req.node_name)
-            .map_err(|e| {
-                ControllerMetrics::count(&self.metrics.joins, "invalid");
-                Status::invalid_argument(e.to_string())
-            })?;
-        ControllerMetrics::count(&self.metrics.joins, "ok");
-        tracing::info!(node = %req.node_name, ?remote, "node joined");
-        Ok(Response::new(JoinResponse {
-            certificate_pem: cert,
-            ca_certificate_pem: self.ca.cert_pem().to_string(),
-            node_name: req.node_name,
-        }))
+    }
+
+    async fn renew_certificate(
+        &self,
+        req: Request<RenewCertificateRequest>,
+    ) -> Result<Response<JoinResponse>, Status> {
+        let (node, info) = self.node_caller(&req, "renewing a certificate").await?;
+        let csr = req.into_inner().csr_pem;
+        let out = self
+            .admission
+            .renew(&self.revocations, &node, &info, &csr)
+            .await;
+        ControllerMetrics::count(
+            &self.metrics.joins,
+            if out.is_ok() {
+                "renewed"
+            } else {
+                "renew_refused"
+            },
+        );
+        out.map(Response::new)
     }
 
     type FetchBlobStream = crate::images::BlobStream;
@@ -188,25 +228,17 @@ impl NodeService for NodeApi {
         &self,
         req: Request<FetchBlobRequest>,
     ) -> Result<Response<Self::FetchBlobStream>, Status> {
-        match peer_identity(&req)? {
-            Identity::Node(_) => {}
-            other => {
-                return Err(Status::permission_denied(format!(
-                    "fetching blobs requires a node certificate; caller is {other}"
-                )))
-            }
-        }
-        self.images
-            .fetch_blob(req.into_inner())
-            .await
-            .map(Response::new)
+        let (node, _) = self.node_caller(&req, "fetching blobs").await?;
+        let req = req.into_inner();
+        self.blobs.check(&node, &req.digest).await?;
+        self.images.fetch_blob(req).await.map(Response::new)
     }
 
     async fn queue_lease(
         &self,
         req: Request<QueueLeaseRequest>,
     ) -> Result<Response<QueueLeaseResponse>, Status> {
-        let node = node_caller(&req)?;
+        let (node, _) = self.node_caller(&req, "work queues").await?;
         let r = req.into_inner();
         let task = self.step_instance(&node, &r.instance).await?;
         if !task.worker {
@@ -247,7 +279,7 @@ impl NodeService for NodeApi {
         &self,
         req: Request<QueueAckRequest>,
     ) -> Result<Response<QueueAckResponse>, Status> {
-        let node = node_caller(&req)?;
+        let (node, _) = self.node_caller(&req, "work queues").await?;
         let r = req.into_inner();
         let task = self.step_instance(&node, &r.instance).await?;
         let q = crate::queue::Queue::new(self.resources.store().clone(), &task.run, &task.step);
@@ -266,7 +298,7 @@ impl NodeService for NodeApi {
         &self,
         req: Request<QueuePushRequest>,
     ) -> Result<Response<QueuePushResponse>, Status> {
-        let node = node_caller(&req)?;
+        let (node, _) = self.node_caller(&req, "work queues").await?;
         let r = req.into_inner();
         let task = self.step_instance(&node, &r.instance).await?;
         let run = self
@@ -311,18 +343,16 @@ impl NodeService for NodeApi {
         &self,
         req: Request<Streaming<AgentMessage>>,
     ) -> Result<Response<Self::SyncStream>, Status> {
-        let node = match peer_identity(&req)? {
-            Identity::Node(n) => n,
+        let info = peer_cert(&req)?;
+        let node = match &info.identity {
+            Identity::Node(n) => n.clone(),
             other => {
                 return Err(Status::permission_denied(format!(
                     "sync requires a node certificate; caller is {other}"
                 )))
             }
         };
-        let fingerprint = req
-            .peer_certs()
-            .and_then(|c| c.first().map(|d| sha256_hex(d)))
-            .unwrap_or_default();
+        let fingerprint = info.fingerprint.clone();
         let mut inbound = req.into_inner();
         let first = tokio::time::timeout(HELLO_TIMEOUT, inbound.message())
             .await
@@ -340,6 +370,13 @@ impl NodeService for NodeApi {
             )));
         }
 
+        // A revoked or superseded certificate records nothing: a deleted
+        // Node stays deleted.
+        if let Err(e) = self.revocations.check_node(&node, &info).await {
+            tracing::warn!(node = %node, serial = %info.serial, error = %e, "sync refused");
+            return Err(cert_status(e));
+        }
+
         if !hello.node_ip.is_empty() && hello.node_ip.parse::<std::net::Ipv4Addr>().is_err() {
             return Err(Status::invalid_argument(format!(
                 "node_ip {:?} is not an IPv4 address",
@@ -354,7 +391,10 @@ impl NodeService for NodeApi {
         match tokio::time::timeout(INVENTORY_WAIT, inbound.message()).await {
             Ok(Ok(Some(AgentMessage {
                 msg: Some(agent_message::Msg::Inventory(inv)),
-            }))) => inventory = Some(inv),
+            }))) => {
+                crate::report_checks::check_inventory(&inv)?;
+                inventory = Some(inv)
+            }
             Ok(Ok(Some(other))) => held = Some(other),
             Ok(Ok(None)) => return Err(Status::cancelled("stream closed after Hello")),
             Ok(Err(e)) => return Err(e),
@@ -421,10 +461,14 @@ impl NodeService for NodeApi {
         let metrics = self.metrics.clone();
         let logs = self.logs.clone();
         let flows = self.flows.clone();
+        let revocations = self.revocations.clone();
+        let mut revoked = revocations.subscribe();
+        revoked.borrow_and_update();
+        let serial = info.serial;
         tokio::spawn(async move {
             if let Some(m) = held {
                 if let Err(e) = handle_agent_message(
-                    &node, session, m, &resources, &liveness, &metrics, &logs, &flows,
+                    &node, pod_cidr, session, m, &resources, &liveness, &metrics, &logs, &flows,
                 )
                 .await
                 {
@@ -456,9 +500,18 @@ impl NodeService for NodeApi {
                         }
                         tracing::debug!(node = %node, interval_ms = interval.as_millis() as u64, "heartbeat interval changed");
                     }
+                    // The certificate was revoked while the stream was
+                    // open (Node deleted, or re-provisioned): end it.
+                    Ok(()) = revoked.changed() => {
+                        if revocations.is_revoked_cached(&serial) {
+                            let why = format!("the certificate of node {node} was revoked; join again with a new token (imctl token create)");
+                            let _ = tx.send(Err(Status::permission_denied(why.clone()))).await;
+                            break why;
+                        }
+                    }
                     msg = inbound.message() => match msg {
                         Ok(Some(m)) => {
-                            if let Err(e) = handle_agent_message(&node, session, m, &resources, &liveness, &metrics, &logs, &flows).await {
+                            if let Err(e) = handle_agent_message(&node, pod_cidr, session, m, &resources, &liveness, &metrics, &logs, &flows).await {
                                 let _ = tx.send(Err(e.clone())).await;
                                 break e.message().to_string();
                             }
@@ -546,6 +599,7 @@ impl NodeApi {
 #[allow(clippy::too_many_arguments)] // one shared handle per concern the stream feeds
 async fn handle_agent_message(
     node: &str,
+    pod_cidr: ironmesh_api::net::Ipv4Cidr,
     session: u64,
     m: AgentMessage,
     resources: &Resources,
@@ -560,6 +614,7 @@ async fn handle_agent_message(
             metrics.heartbeats.inc();
         }
         Some(agent_message::Msg::Inventory(inv)) => {
+            crate::report_checks::check_inventory(&inv)?;
             liveness.heartbeat(node, session);
             let status = inventory_status(&inv);
             resources
@@ -583,15 +638,18 @@ async fn handle_agent_message(
             tracing::debug!(node, revision = a.revision, "assignment acknowledged");
         }
         Some(agent_message::Msg::Instances(report)) => {
+            crate::report_checks::check_instance_states(&report.instances, pod_cidr)?;
             liveness.heartbeat(node, session);
             record_instance_states(resources, node, report.instances).await?;
         }
         Some(agent_message::Msg::Event(ev)) => {
+            crate::report_checks::check_event(&ev)?;
             record_instance_event(resources, node, ev).await?;
         }
         Some(agent_message::Msg::Log(chunk)) => logs.deliver(node, chunk),
         Some(agent_message::Msg::Flows(batch)) => flows.ingest(resources, node, batch).await,
         Some(agent_message::Msg::Storage(report)) => {
+            crate::report_checks::check_storage(&report)?;
             crate::volumes::record_storage(resources, node, report)
                 .await
                 .map_err(|e| Status::unavailable(format!("cannot record storage: {e}")))?;
@@ -676,9 +734,7 @@ fn instance_with_state(cur: &Value, node: &str, st: &InstanceState) -> Option<Va
         return None;
     }
     let started_at = (st.started_unix_ms > 0).then(|| {
-        crate::resources::rfc3339(
-            std::time::UNIX_EPOCH + Duration::from_millis(st.started_unix_ms as u64),
-        )
+        crate::resources::rfc3339(unix_time(Duration::from_millis(st.started_unix_ms as u64)))
     });
     let events = o.pointer("/status/events").cloned();
     let mut status = json!({
@@ -723,9 +779,8 @@ async fn record_instance_event(
             ev.instance
         )));
     }
-    let time = crate::resources::rfc3339(
-        std::time::UNIX_EPOCH + Duration::from_millis(ev.unix_ms.max(0) as u64),
-    );
+    let time =
+        crate::resources::rfc3339(unix_time(Duration::from_millis(ev.unix_ms.max(0) as u64)));
     let event = ironmesh_api::instance::Event {
         kind: if ev.r#type == "Warning" {
             "Warning"
@@ -763,6 +818,14 @@ async fn record_instance_event(
     Ok(())
 }
 
+/// The epoch plus `since`, saturating instead of panicking (reports are
+/// bounded by [`crate::report_checks`] first; this is the backstop).
+fn unix_time(since: Duration) -> std::time::SystemTime {
+    std::time::UNIX_EPOCH
+        .checked_add(since)
+        .unwrap_or(std::time::UNIX_EPOCH)
+}
+
 /// The Node status fields that come from the agent's inventory.
 pub fn inventory_status(inv: &Inventory) -> Value {
     let cpu = inv.cpu.clone().unwrap_or_default();
@@ -787,7 +850,7 @@ pub fn inventory_status(inv: &Inventory) -> Value {
             "kernel": inv.kernel,
             "arch": inv.arch,
             "agentVersion": inv.agent_version,
-            "bootTime": crate::resources::rfc3339(std::time::UNIX_EPOCH + Duration::from_secs(inv.boot_time_unix)),
+            "bootTime": crate::resources::rfc3339(unix_time(Duration::from_secs(inv.boot_time_unix))),
         },
         "inventory": {
             "cpu": {
@@ -821,11 +884,6 @@ pub fn inventory_status(inv: &Inventory) -> Value {
             })).collect::<Vec<_>>(),
         },
     })
-}
-
-fn sha256_hex(der: &[u8]) -> String {
-    use sha2::Digest;
-    hex::encode(sha2::Sha256::digest(der))
 }
 
 #[cfg(test)]

@@ -1,7 +1,10 @@
-//! The operator surface: apply, get, list, delete, watch.
+//! The operator surface: apply, get, list, delete, watch, images, logs,
+//! flows, join tokens and operators.
 //!
-//! Every call requires an operator client certificate. Apply validates all
-//! manifests first and writes them in one store transaction, or none.
+//! Every call requires an operator client certificate that
+//! [`Operators::authenticate`] accepts, and a role that allows the call
+//! ([`crate::authz`]); mutating calls write an audit line. Apply validates
+//! all manifests first and writes them in one store transaction, or none.
 //! Handlers only translate between gRPC and [`Resources`]; they hold no
 //! cluster logic.
 
@@ -13,21 +16,24 @@ use ironmesh_api::selector::LabelSelector;
 use ironmesh_api::Kind;
 use ironmesh_proto::v1::{
     operator_service_server::OperatorService, watch_event, ApplyRequest, ApplyResponse,
-    ApplyResult, BlobChunk, BlobsMissingRequest, BlobsMissingResponse, DeleteRequest,
-    DeleteResponse, GetRequest, ImageInfo, ListImagesRequest, ListImagesResponse, ListRequest,
-    ListResponse, LogsChunk, LogsRequest, PushBlobResponse, Resource, TagImageRequest, WatchEvent,
-    WatchRequest,
+    ApplyResult, BlobChunk, BlobsMissingRequest, BlobsMissingResponse, CreateJoinTokenRequest,
+    CreateJoinTokenResponse, CreateOperatorRequest, CreateOperatorResponse, DeleteJoinTokenRequest,
+    DeleteJoinTokenResponse, DeleteRequest, DeleteResponse, GetRequest, ImageInfo, JoinToken,
+    ListImagesRequest, ListImagesResponse, ListJoinTokensRequest, ListJoinTokensResponse,
+    ListOperatorsRequest, ListOperatorsResponse, ListRequest, ListResponse, LogsChunk, LogsRequest,
+    OperatorInfo, PushBlobResponse, Resource, RevokeOperatorRequest, RevokeOperatorResponse,
+    TagImageRequest, WatchEvent, WatchRequest,
 };
 use tonic::{Request, Response, Status};
 
+use crate::authz::{audit, Action, Caller, Operators};
 use crate::images::ImageStore;
 use crate::liveness::Liveness;
 use crate::logs::LogRelay;
 use crate::metrics::{ControllerMetrics, MethodLabel};
-use crate::node_api::peer_identity;
-use crate::pki::Identity;
 use crate::resources::{decode, prefix, ResourceError, Resources, StoredObject};
 use crate::store::EventKind;
+use crate::tokens::{JoinTokens, NewToken, TokenError, TokenRecord};
 
 pub struct OperatorApi {
     pub resources: Resources,
@@ -36,15 +42,53 @@ pub struct OperatorApi {
     pub flows: crate::flows::FlowLog,
     pub liveness: Liveness,
     pub metrics: Arc<ControllerMetrics>,
+    pub operators: Operators,
+    pub tokens: JoinTokens,
+    pub revocations: crate::revocation::Revocations,
+    pub ca: Arc<crate::pki::ClusterCa>,
 }
 
-fn authorize<T>(req: &Request<T>) -> Result<String, Status> {
-    match peer_identity(req)? {
-        Identity::Operator(name) => Ok(name),
-        other => Err(Status::permission_denied(format!(
-            "the operator API requires an operator certificate; caller is {other}"
-        ))),
+fn token_status(e: TokenError) -> Status {
+    let msg = e.to_string();
+    match e {
+        TokenError::NotFound(_) => Status::not_found(msg),
+        TokenError::Invalid(_) => Status::invalid_argument(msg),
+        TokenError::TooMany(_) => Status::resource_exhausted(msg),
+        TokenError::Contended(_) => Status::aborted(msg),
+        TokenError::Store(_) => Status::unavailable(msg),
+        _ => Status::internal(msg),
     }
+}
+
+fn token_info(r: TokenRecord) -> JoinToken {
+    JoinToken {
+        id: r.id,
+        description: r.description,
+        node: r.node.unwrap_or_default(),
+        uses: r.uses,
+        used: r.used,
+        expires_unix: r.expires_unix,
+        created_unix: r.created_unix,
+        created_by: r.created_by,
+    }
+}
+
+/// The least role an apply of these documents needs: edit, or admin when
+/// one of them is of a kind only admins change. Documents that do not
+/// parse are left to validation (which refuses them).
+fn apply_needs(docs: &[Option<serde_json::Value>]) -> Action {
+    let mut needed = Action::Write(Kind::Workload);
+    for k in docs
+        .iter()
+        .flatten()
+        .filter_map(|d| d.get("kind").and_then(serde_json::Value::as_str))
+        .filter_map(|k| Kind::parse(k).ok())
+    {
+        if Action::Write(k).needs() > needed.needs() {
+            needed = Action::Write(k);
+        }
+    }
+    needed
 }
 
 fn parse_kind(s: &str) -> Result<Kind, Status> {
@@ -89,9 +133,51 @@ impl OperatorApi {
             .inc();
     }
 
+    /// The authenticated caller, if its role allows `action`.
+    async fn caller<T>(
+        &self,
+        req: &Request<T>,
+        action: Action,
+        method: &str,
+    ) -> Result<Caller, Status> {
+        let caller = self.operators.authenticate(req).await?;
+        caller.may(action, method)?;
+        Ok(caller)
+    }
+
     async fn apply_inner(&self, req: Request<ApplyRequest>) -> Result<ApplyResponse, Status> {
-        let who = authorize(&req)?;
+        let caller = self.operators.authenticate(&req).await?;
         let req = req.into_inner();
+        let parsed: Vec<Option<serde_json::Value>> = req
+            .manifests
+            .iter()
+            .map(|m| serde_json::from_str(&m.json).ok())
+            .collect();
+        caller.may(apply_needs(&parsed), "Apply")?;
+        let r = self.apply_checked(req, parsed).await;
+        let target = match &r {
+            Ok(resp) => resp
+                .results
+                .iter()
+                .map(|a| format!("{}/{}", a.kind, a.name))
+                .collect::<Vec<_>>()
+                .join(","),
+            Err(_) => String::new(),
+        };
+        audit(
+            &caller,
+            "Apply",
+            &target,
+            if r.is_ok() { "ok" } else { "failed" },
+        );
+        r
+    }
+
+    async fn apply_checked(
+        &self,
+        req: ApplyRequest,
+        parsed: Vec<Option<serde_json::Value>>,
+    ) -> Result<ApplyResponse, Status> {
         if req.manifests.is_empty() {
             return Err(Status::invalid_argument(
                 "apply needs at least one manifest",
@@ -99,15 +185,19 @@ impl OperatorApi {
         }
         let mut validated = Vec::with_capacity(req.manifests.len());
         let mut errors = Vec::new();
-        for m in &req.manifests {
+        for (m, doc) in req.manifests.iter().zip(parsed) {
             let origin = if m.origin.is_empty() {
                 format!("manifest {}", validated.len() + errors.len() + 1)
             } else {
                 m.origin.clone()
             };
-            let doc: serde_json::Value = match serde_json::from_str(&m.json) {
-                Ok(d) => d,
-                Err(e) => {
+            let doc: serde_json::Value = match doc {
+                Some(d) => d,
+                None => {
+                    let e = serde_json::from_str::<serde_json::Value>(&m.json)
+                        .err()
+                        .map(|e| e.to_string())
+                        .unwrap_or_default();
                     errors.push(format!("{origin}: not valid JSON: {e}"));
                     continue;
                 }
@@ -136,7 +226,12 @@ impl OperatorApi {
         if !req.dry_run {
             self.metrics.store_revision.set(revision as i64);
         }
-        tracing::info!(operator = %who, revision, objects = applied.len(), dry_run = req.dry_run, "applied");
+        tracing::info!(
+            revision,
+            objects = applied.len(),
+            dry_run = req.dry_run,
+            "applied"
+        );
         Ok(ApplyResponse {
             revision,
             results: applied
@@ -151,7 +246,7 @@ impl OperatorApi {
     }
 
     async fn get_inner(&self, req: Request<GetRequest>) -> Result<Resource, Status> {
-        authorize(&req)?;
+        self.caller(&req, Action::Read, "Get").await?;
         let req = req.into_inner();
         let kind = parse_kind(&req.kind)?;
         match self
@@ -169,7 +264,7 @@ impl OperatorApi {
     }
 
     async fn list_inner(&self, req: Request<ListRequest>) -> Result<ListResponse, Status> {
-        authorize(&req)?;
+        self.caller(&req, Action::Read, "List").await?;
         let req = req.into_inner();
         let kind = parse_kind(&req.kind)?;
         let selector = LabelSelector::parse(&req.label_selector)
@@ -186,9 +281,53 @@ impl OperatorApi {
     }
 
     async fn delete_inner(&self, req: Request<DeleteRequest>) -> Result<DeleteResponse, Status> {
-        let who = authorize(&req)?;
+        let caller = self.operators.authenticate(&req).await?;
         let req = req.into_inner();
         let kind = parse_kind(&req.kind)?;
+        caller.may(Action::Write(kind), "Delete")?;
+        let target = format!("{kind}/{}", req.name);
+        let r = self.delete_checked(&caller, kind, &req.name).await;
+        audit(
+            &caller,
+            "Delete",
+            &target,
+            if r.is_ok() { "ok" } else { "failed" },
+        );
+        r
+    }
+
+    async fn delete_checked(
+        &self,
+        caller: &Caller,
+        kind: Kind,
+        name: &str,
+    ) -> Result<DeleteResponse, Status> {
+        let who = &caller.name;
+        let req = DeleteRequest {
+            kind: kind.as_str().to_string(),
+            name: name.to_string(),
+        };
+        if kind == Kind::Node {
+            // Revoke first: once the Node is gone nothing may bring it
+            // back with the certificate it had.
+            let node = self.resources.get(kind, name).await.map_err(to_status)?;
+            let Some(node) = node else {
+                return Err(to_status(ResourceError::NotFound {
+                    kind,
+                    name: name.to_string(),
+                }));
+            };
+            let fp = node
+                .object
+                .pointer("/status/certificateFingerprint")
+                .and_then(serde_json::Value::as_str);
+            let revoked = self
+                .revocations
+                .revoke_node(name, fp, &format!("node deleted by operator {who}"))
+                .await
+                .map_err(|e| Status::unavailable(format!("cannot revoke node {name}: {e}")))?;
+            tracing::info!(operator = %who, node = %name, revoked = ?revoked, "node certificate revoked");
+        }
         if kind == Kind::Volume {
             crate::volumes::check_delete(&self.resources, &req.name)
                 .await
@@ -243,7 +382,7 @@ impl OperatorService for OperatorApi {
         &self,
         req: Request<WatchRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
-        authorize(&req)?;
+        self.caller(&req, Action::Read, "Watch").await?;
         let req = req.into_inner();
         let kind = parse_kind(&req.kind)?;
         let mut initial = Vec::new();
@@ -304,7 +443,7 @@ impl OperatorService for OperatorApi {
         &self,
         req: Request<BlobsMissingRequest>,
     ) -> Result<Response<BlobsMissingResponse>, Status> {
-        authorize(&req)?;
+        self.caller(&req, Action::PushImage, "BlobsMissing").await?;
         let r = self.images.blobs_missing(req.into_inner()).await;
         self.record("BlobsMissing", &r);
         r.map(Response::new)
@@ -314,8 +453,14 @@ impl OperatorService for OperatorApi {
         &self,
         req: Request<tonic::Streaming<BlobChunk>>,
     ) -> Result<Response<PushBlobResponse>, Status> {
-        authorize(&req)?;
+        let caller = self.caller(&req, Action::PushImage, "PushBlob").await?;
         let r = self.images.push_blob(req.into_inner()).await;
+        audit(
+            &caller,
+            "PushBlob",
+            r.as_ref().map(|b| b.digest.as_str()).unwrap_or_default(),
+            if r.is_ok() { "ok" } else { "failed" },
+        );
         self.record("PushBlob", &r);
         r.map(Response::new)
     }
@@ -324,11 +469,19 @@ impl OperatorService for OperatorApi {
         &self,
         req: Request<TagImageRequest>,
     ) -> Result<Response<ImageInfo>, Status> {
-        let who = authorize(&req)?;
-        let r = self.images.tag_image(req.into_inner()).await;
+        let caller = self.caller(&req, Action::PushImage, "TagImage").await?;
+        let req = req.into_inner();
+        let target = req.name.clone();
+        let r = self.images.tag_image(req).await;
         if let Ok(info) = &r {
-            tracing::info!(operator = %who, image = %info.name, digest = %info.manifest_digest, "image tagged");
+            tracing::info!(operator = %caller.name, image = %info.name, digest = %info.manifest_digest, "image tagged");
         }
+        audit(
+            &caller,
+            "TagImage",
+            &target,
+            if r.is_ok() { "ok" } else { "failed" },
+        );
         self.record("TagImage", &r);
         r.map(Response::new)
     }
@@ -337,7 +490,7 @@ impl OperatorService for OperatorApi {
         &self,
         req: Request<ListImagesRequest>,
     ) -> Result<Response<ListImagesResponse>, Status> {
-        authorize(&req)?;
+        self.caller(&req, Action::Read, "ListImages").await?;
         let r = self.images.list_images(req.into_inner()).await;
         self.record("ListImages", &r);
         r.map(Response::new)
@@ -346,7 +499,7 @@ impl OperatorService for OperatorApi {
     type LogsStream = LogsStream;
 
     async fn logs(&self, req: Request<LogsRequest>) -> Result<Response<Self::LogsStream>, Status> {
-        authorize(&req)?;
+        self.caller(&req, Action::Read, "Logs").await?;
         let req = req.into_inner();
         let r = self.logs.open(&self.resources, req).await;
         self.record("Logs", &r);
@@ -359,9 +512,165 @@ impl OperatorService for OperatorApi {
         &self,
         req: Request<ironmesh_proto::v1::FlowsRequest>,
     ) -> Result<Response<Self::FlowsStream>, Status> {
-        authorize(&req)?;
+        self.caller(&req, Action::Read, "Flows").await?;
         let r = self.flows.open(req.into_inner());
         self.record("Flows", &r);
+        r.map(Response::new)
+    }
+
+    async fn create_join_token(
+        &self,
+        req: Request<CreateJoinTokenRequest>,
+    ) -> Result<Response<CreateJoinTokenResponse>, Status> {
+        let caller = self
+            .caller(&req, Action::ManageTokens, "CreateJoinToken")
+            .await?;
+        let r = req.into_inner();
+        let out = self
+            .tokens
+            .create(NewToken {
+                ttl: (r.ttl_seconds > 0).then(|| std::time::Duration::from_secs(r.ttl_seconds)),
+                uses: r.uses,
+                node: Some(r.node).filter(|n| !n.is_empty()),
+                description: r.description,
+                created_by: caller.name.clone(),
+            })
+            .await
+            .map_err(token_status);
+        audit(
+            &caller,
+            "CreateJoinToken",
+            out.as_ref()
+                .map(|(_, rec)| rec.id.as_str())
+                .unwrap_or_default(),
+            if out.is_ok() { "ok" } else { "failed" },
+        );
+        let r = out.map(|(token, rec)| CreateJoinTokenResponse {
+            token,
+            info: Some(token_info(rec)),
+        });
+        self.record("CreateJoinToken", &r);
+        r.map(Response::new)
+    }
+
+    async fn list_join_tokens(
+        &self,
+        req: Request<ListJoinTokensRequest>,
+    ) -> Result<Response<ListJoinTokensResponse>, Status> {
+        self.caller(&req, Action::ManageTokens, "ListJoinTokens")
+            .await?;
+        let r = self
+            .tokens
+            .list()
+            .await
+            .map_err(token_status)
+            .map(|t| ListJoinTokensResponse {
+                tokens: t.into_iter().map(token_info).collect(),
+            });
+        self.record("ListJoinTokens", &r);
+        r.map(Response::new)
+    }
+
+    async fn delete_join_token(
+        &self,
+        req: Request<DeleteJoinTokenRequest>,
+    ) -> Result<Response<DeleteJoinTokenResponse>, Status> {
+        let caller = self
+            .caller(&req, Action::ManageTokens, "DeleteJoinToken")
+            .await?;
+        let id = req.into_inner().id;
+        let r = self
+            .tokens
+            .delete(&id)
+            .await
+            .map_err(token_status)
+            .map(|_| DeleteJoinTokenResponse {});
+        audit(
+            &caller,
+            "DeleteJoinToken",
+            &id,
+            if r.is_ok() { "ok" } else { "failed" },
+        );
+        self.record("DeleteJoinToken", &r);
+        r.map(Response::new)
+    }
+
+    async fn create_operator(
+        &self,
+        req: Request<CreateOperatorRequest>,
+    ) -> Result<Response<CreateOperatorResponse>, Status> {
+        let caller = self
+            .caller(&req, Action::ManageOperators, "CreateOperator")
+            .await?;
+        let r = req.into_inner();
+        let out = self
+            .operators
+            .create(&r.name, &r.role, &r.csr_pem, &caller.name)
+            .await
+            .map_err(Status::from)
+            .map(|cert| CreateOperatorResponse {
+                certificate_pem: cert,
+                ca_certificate_pem: self.ca.cert_pem().to_string(),
+            });
+        audit(
+            &caller,
+            "CreateOperator",
+            &format!("operator:{} role={}", r.name, r.role),
+            if out.is_ok() { "ok" } else { "failed" },
+        );
+        self.record("CreateOperator", &out);
+        out.map(Response::new)
+    }
+
+    async fn list_operators(
+        &self,
+        req: Request<ListOperatorsRequest>,
+    ) -> Result<Response<ListOperatorsResponse>, Status> {
+        self.caller(&req, Action::ManageOperators, "ListOperators")
+            .await?;
+        let r = self
+            .operators
+            .list()
+            .await
+            .map_err(Status::from)
+            .map(|ops| ListOperatorsResponse {
+                operators: ops
+                    .into_iter()
+                    .map(|o| OperatorInfo {
+                        expires_unix: o.certs.iter().map(|c| c.not_after).max().unwrap_or(0),
+                        serials: o.certs.into_iter().map(|c| c.serial).collect(),
+                        name: o.name,
+                        role: o.role.as_str().to_string(),
+                        created_unix: o.created_unix,
+                        created_by: o.created_by,
+                    })
+                    .collect(),
+            });
+        self.record("ListOperators", &r);
+        r.map(Response::new)
+    }
+
+    async fn revoke_operator(
+        &self,
+        req: Request<RevokeOperatorRequest>,
+    ) -> Result<Response<RevokeOperatorResponse>, Status> {
+        let caller = self
+            .caller(&req, Action::ManageOperators, "RevokeOperator")
+            .await?;
+        let name = req.into_inner().name;
+        let r = self
+            .operators
+            .revoke(&name, &caller.name)
+            .await
+            .map_err(Status::from)
+            .map(|revoked_serials| RevokeOperatorResponse { revoked_serials });
+        audit(
+            &caller,
+            "RevokeOperator",
+            &format!("operator:{name}"),
+            if r.is_ok() { "ok" } else { "failed" },
+        );
+        self.record("RevokeOperator", &r);
         r.map(Response::new)
     }
 }

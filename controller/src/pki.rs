@@ -176,9 +176,25 @@ impl ClusterCa {
     /// `node_name` (the CSR's own subject must already agree); only the
     /// public key is taken from the CSR.
     pub fn sign_node_csr(&self, csr_pem: &str, node_name: &str) -> Result<String, PkiError> {
+        self.sign_csr(
+            csr_pem,
+            &Identity::Node(node_name.to_string()),
+            CLIENT_CERT_VALIDITY,
+        )
+    }
+
+    /// Signs a CSR for `identity`, valid for `lifetime`. The subject is set
+    /// here (the CSR's own common name must already be `identity`'s); only
+    /// the public key is taken from the CSR.
+    pub fn sign_csr(
+        &self,
+        csr_pem: &str,
+        identity: &Identity,
+        lifetime: Duration,
+    ) -> Result<String, PkiError> {
         let csr = CertificateSigningRequestParams::from_pem(csr_pem)
             .map_err(|e| PkiError::BadCsr(e.to_string()))?;
-        let expected = Identity::Node(node_name.to_string()).common_name();
+        let expected = identity.common_name();
         let requested_cn = csr
             .params
             .distinguished_name
@@ -190,7 +206,12 @@ impl ClusterCa {
                 requested_cn.unwrap_or_default()
             )));
         }
-        let params = client_params(&Identity::Node(node_name.to_string()), Vec::new())?;
+        let mut params = client_params(identity, Vec::new())?;
+        // Back-dated for clock skew, but never by much of a short lifetime
+        // (agents renew two thirds into the whole validity period).
+        let now = OffsetDateTime::now_utc();
+        params.not_before = now - Duration::minutes(5).min(lifetime / 12);
+        params.not_after = now + lifetime;
         let cert = params
             .signed_by(&csr.public_key, &self.issuer)
             .map_err(|e| PkiError::Sign(e.to_string()))?;
@@ -276,6 +297,51 @@ pub fn identity_from_der(der: &[u8]) -> Result<Identity, PkiError> {
         .ok_or_else(|| PkiError::BadCertificate("no subject common name".into()))?;
     Identity::from_common_name(cn)
         .ok_or_else(|| PkiError::BadCertificate(format!("unknown identity {cn:?}")))
+}
+
+/// What the controller needs to know of a (chain-verified) certificate:
+/// who it speaks for, its serial (hex, for the revocation list) and when it
+/// expires.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertInfo {
+    pub identity: Identity,
+    /// Serial number, lowercase hex without leading zero bytes.
+    pub serial: String,
+    /// Expiry, Unix seconds.
+    pub not_after: i64,
+    /// SHA-256 of the DER, hex.
+    pub fingerprint: String,
+}
+
+/// [`CertInfo`] of a DER certificate.
+pub fn cert_info_from_der(der: &[u8]) -> Result<CertInfo, PkiError> {
+    use sha2::Digest;
+    let identity = identity_from_der(der)?;
+    let (_, cert) = x509_parser::parse_x509_certificate(der)
+        .map_err(|e| PkiError::BadCertificate(e.to_string()))?;
+    Ok(CertInfo {
+        identity,
+        serial: serial_hex(cert.tbs_certificate.raw_serial()),
+        not_after: cert.validity().not_after.timestamp(),
+        fingerprint: hex::encode(sha2::Sha256::digest(der)),
+    })
+}
+
+/// [`CertInfo`] of a PEM certificate.
+pub fn cert_info_from_pem(pem: &str) -> Result<CertInfo, PkiError> {
+    cert_info_from_der(&pem_to_der(pem)?)
+}
+
+/// A serial number as the revocation list keys it: hex, no leading zeros
+/// (DER may pad a positive serial with one).
+pub fn serial_hex(raw: &[u8]) -> String {
+    let first = raw.iter().position(|b| *b != 0).unwrap_or(raw.len());
+    let s = hex::encode(&raw[first..]);
+    if s.is_empty() {
+        "0".to_string()
+    } else {
+        s
+    }
 }
 
 /// SHA-256 fingerprint of a PEM certificate, hex, for status and logs.
@@ -380,6 +446,31 @@ mod tests {
             ca.sign_node_csr("not a csr", "a"),
             Err(PkiError::BadCsr(_))
         ));
+    }
+
+    #[test]
+    fn cert_info_reads_serial_expiry_and_lifetime() {
+        let dir = tempfile::tempdir().unwrap();
+        let (ca, _) = ClusterCa::load_or_create(dir.path()).unwrap();
+        let (_, csr) = csr_for("operator:alice");
+        let pem = ca
+            .sign_csr(
+                &csr,
+                &Identity::Operator("alice".into()),
+                Duration::minutes(10),
+            )
+            .unwrap();
+        let info = cert_info_from_pem(&pem).unwrap();
+        assert_eq!(info.identity, Identity::Operator("alice".into()));
+        let now = OffsetDateTime::now_utc().unix_timestamp();
+        assert!((info.not_after - now - 600).abs() < 5, "{info:?}");
+        assert!(!info.serial.is_empty() && !info.serial.starts_with("00"));
+        // Two certificates never share a serial.
+        let other =
+            cert_info_from_pem(&ca.sign_node_csr(&csr_for("node:n").1, "n").unwrap()).unwrap();
+        assert_ne!(info.serial, other.serial);
+        assert_eq!(serial_hex(&[0, 0x7f, 1]), "7f01");
+        assert_eq!(serial_hex(&[]), "0");
     }
 
     #[test]

@@ -59,6 +59,10 @@ pub enum ServerError {
     Tls(String),
     #[error("gRPC server failed: {0}")]
     Serve(String),
+    #[error("cannot record the bootstrap token: {0}")]
+    Token(#[from] crate::tokens::TokenError),
+    #[error("cannot register the first operator: {0}")]
+    Operator(#[from] crate::authz::OperatorError),
 }
 
 /// Runs the controller until `shutdown` resolves.
@@ -200,13 +204,51 @@ pub async fn run(cfg: ControllerConfig, shutdown: Shutdown) -> Result<(), Server
         metrics.clone(),
         shutdown.clone(),
     ));
+    let ca = Arc::new(creds.ca);
+    let revocations = crate::revocation::Revocations::start(store.clone())
+        .await
+        .map_err(|source| ServerError::Store {
+            path: cfg.data_dir.clone(),
+            source,
+        })?;
+    let tokens = crate::tokens::JoinTokens::new(store.clone(), cfg.bootstrap_token_ttl);
+    if let Some(rec) = tokens
+        .ensure_bootstrap(&creds.bootstrap_token, cfg.bootstrap_token_ttl)
+        .await?
+    {
+        tracing::info!(
+            token = %rec.id,
+            expires = %crate::tokens::unix_rfc3339(rec.expires_unix),
+            path = %creds.token_file.display(),
+            "recorded the bootstrap token as a join token; it expires (imctl token create makes more)"
+        );
+    }
+    let operators = crate::authz::Operators::new(store.clone(), revocations.clone(), ca.clone());
+    if let Some(cert) = &creds.admin_cert_pem {
+        operators
+            .register_local(bootstrap::FIRST_OPERATOR, cert)
+            .await?;
+    }
+    let node_cert_lifetime = time::Duration::try_from(cfg.node_cert_lifetime)
+        .map_err(|e| ServerError::Config(format!("--node-cert-lifetime: {e}")))?;
     let node_api = NodeApi {
-        ca: Arc::new(creds.ca),
+        ca: ca.clone(),
         ipam,
         images: images.clone(),
         logs: logs.clone(),
         flows: flows.clone(),
-        bootstrap_token: creds.bootstrap_token,
+        admission: crate::join::Admission {
+            ca: ca.clone(),
+            tokens: tokens.clone(),
+            limiter: crate::join_limit::JoinLimiter::new(
+                cfg.join_failure_limit,
+                cfg.join_failure_window,
+            ),
+            resources: resources.clone(),
+            node_cert_lifetime,
+        },
+        revocations: revocations.clone(),
+        blobs: crate::blob_access::BlobAccess::new(resources.clone(), images.clone()),
         resources: resources.clone(),
         liveness: liveness.clone(),
         metrics: metrics.clone(),
@@ -219,6 +261,10 @@ pub async fn run(cfg: ControllerConfig, shutdown: Shutdown) -> Result<(), Server
         flows,
         liveness,
         metrics,
+        operators,
+        tokens,
+        revocations,
+        ca,
     };
     // Client certificates are optional at the TLS layer so that Join works
     // before a node has one; every other RPC checks for one itself.

@@ -33,9 +33,12 @@ const TICK: Duration = Duration::from_secs(1);
 /// Longest a single git command may run.
 const GIT_TIMEOUT: Duration = Duration::from_secs(120);
 
-/// Kinds a Source may apply (and so may prune).
+/// Kinds a Source may apply (and so may prune): those an `edit` operator
+/// may apply ([`crate::authz::EDIT_KINDS`]), other Sources excepted. Making
+/// a Source needs only role edit, so it must not apply what only admins
+/// may (Nodes).
 fn appliable(kind: Kind) -> bool {
-    !matches!(kind, Kind::Source | Kind::Instance)
+    kind != Kind::Source && crate::authz::EDIT_KINDS.contains(&kind)
 }
 
 /// What one sync of a Source came to.
@@ -486,6 +489,14 @@ pub fn next_status(prev: SourceStatus, result: &SyncResult, now: &str) -> Source
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_source_applies_only_what_an_edit_operator_may() {
+        assert!(appliable(Kind::Workload) && appliable(Kind::PipelineRun));
+        for k in [Kind::Node, Kind::Instance, Kind::Source] {
+            assert!(!appliable(k), "{k}");
+        }
+    }
 
     const WEB: &str = "apiVersion: ironmesh.dev/v1\nkind: Workload\nmetadata:\n  name: web\nspec:\n  image: web:1\n";
     const SVC: &str = "apiVersion: ironmesh.dev/v1\nkind: Service\nmetadata:\n  name: web\nspec:\n  selector: {app: web}\n  ports: [{port: 80}]\n";

@@ -159,6 +159,8 @@ pub struct ControllerOpts {
     pub ca_key_file: Option<PathBuf>,
     /// `--leader-ttl`.
     pub leader_ttl: Option<&'static str>,
+    /// More flags, as given.
+    pub extra_args: Vec<String>,
 }
 
 impl Default for ControllerOpts {
@@ -169,6 +171,7 @@ impl Default for ControllerOpts {
             store: None,
             ca_key_file: None,
             leader_ttl: None,
+            extra_args: Vec::new(),
         }
     }
 }
@@ -268,6 +271,7 @@ impl Controller {
         if let Some(t) = opts.leader_ttl {
             cmd.arg("--leader-ttl").arg(t);
         }
+        cmd.args(&opts.extra_args);
         Proc::spawn(cmd, dir.join(log)).expect("start controller")
     }
 
@@ -317,6 +321,16 @@ impl Controller {
         Command::new(bin("imctl"))
             .arg("--config")
             .arg(self.admin_config())
+            .args(args)
+            .output()
+            .expect("run imctl")
+    }
+
+    /// Runs imctl with another client config (another operator).
+    pub fn imctl_as(&self, config: &Path, args: &[&str]) -> Output {
+        Command::new(bin("imctl"))
+            .arg("--config")
+            .arg(config)
             .args(args)
             .output()
             .expect("run imctl")
@@ -708,6 +722,176 @@ pub mod grpc {
             cert_pem: resp.certificate_pem,
             key_pem: key.serialize_pem(),
         })
+    }
+
+    /// A node that speaks the node protocol from the test itself: joined
+    /// with a CSR, one Sync stream with Hello and an inventory (4 CPUs,
+    /// 8 GiB), heartbeats every 200 ms from a background task, and the
+    /// controller's messages collected. Whatever the test sends goes on
+    /// the same stream. Dropping it closes the stream.
+    pub struct ProtocolNode {
+        pub name: String,
+        pub creds: Creds,
+        /// From the controller's Welcome.
+        pub pod_cidr: String,
+        tx: tokio::sync::mpsc::Sender<ironmesh_proto::v1::AgentMessage>,
+        seen: std::sync::Arc<std::sync::Mutex<Seen>>,
+        tasks: Vec<tokio::task::JoinHandle<()>>,
+    }
+
+    #[derive(Default)]
+    struct Seen {
+        assignment: Option<ironmesh_proto::v1::Assignment>,
+        ended: Option<tonic::Status>,
+    }
+
+    impl ProtocolNode {
+        /// Joins `name` with `token` and opens its stream; fails with the
+        /// join's or the stream's refusal.
+        pub async fn start(
+            ctl: &Controller,
+            name: &str,
+            token: &str,
+        ) -> Result<ProtocolNode, tonic::Status> {
+            let creds = join(ctl, name, token).await?;
+            Self::connect(ctl, name, creds).await
+        }
+
+        /// Opens a stream with credentials the node already has.
+        pub async fn connect(
+            ctl: &Controller,
+            name: &str,
+            creds: Creds,
+        ) -> Result<ProtocolNode, tonic::Status> {
+            use ironmesh_proto::v1::{
+                agent_message::Msg, controller_message, AgentMessage, Cpu, Hello, Inventory, Memory,
+            };
+            let channel = channel(ctl, Some(&creds))
+                .await
+                .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+            let (tx, rx) = tokio::sync::mpsc::channel::<AgentMessage>(256);
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0);
+            for m in [
+                Msg::Hello(Hello {
+                    node_name: name.to_string(),
+                    agent_version: "test".into(),
+                    ..Default::default()
+                }),
+                Msg::Inventory(Inventory {
+                    hostname: name.to_string(),
+                    boot_time_unix: now.saturating_sub(3600),
+                    cpu: Some(Cpu {
+                        logical: 4,
+                        ..Default::default()
+                    }),
+                    memory: Some(Memory {
+                        total_bytes: 8 << 30,
+                        available_bytes: 8 << 30,
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }),
+            ] {
+                tx.send(AgentMessage { msg: Some(m) })
+                    .await
+                    .map_err(|_| tonic::Status::internal("stream closed"))?;
+            }
+            let mut inbound = NodeServiceClient::new(channel)
+                .sync(tokio_stream::wrappers::ReceiverStream::new(rx))
+                .await?
+                .into_inner();
+            let welcome = match inbound.message().await? {
+                Some(m) => match m.msg {
+                    Some(controller_message::Msg::Welcome(w)) => w,
+                    other => {
+                        return Err(tonic::Status::internal(format!(
+                            "expected Welcome, got {other:?}"
+                        )))
+                    }
+                },
+                None => return Err(tonic::Status::cancelled("stream closed before Welcome")),
+            };
+            let seen = std::sync::Arc::new(std::sync::Mutex::new(Seen::default()));
+            let reader = {
+                let seen = seen.clone();
+                tokio::spawn(async move {
+                    loop {
+                        match inbound.message().await {
+                            Ok(Some(m)) => {
+                                if let Some(controller_message::Msg::Assignment(a)) = m.msg {
+                                    seen.lock().unwrap().assignment = Some(a);
+                                }
+                            }
+                            Ok(None) => {
+                                seen.lock().unwrap().ended =
+                                    Some(tonic::Status::cancelled("stream closed"));
+                                return;
+                            }
+                            Err(s) => {
+                                seen.lock().unwrap().ended = Some(s);
+                                return;
+                            }
+                        }
+                    }
+                })
+            };
+            let beats = {
+                let tx = tx.clone();
+                tokio::spawn(async move {
+                    let mut seq = 0;
+                    loop {
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                        seq += 1;
+                        let hb = AgentMessage {
+                            msg: Some(Msg::Heartbeat(ironmesh_proto::v1::Heartbeat {
+                                sequence: seq,
+                                sent_unix_ms: 0,
+                            })),
+                        };
+                        if tx.send(hb).await.is_err() {
+                            return;
+                        }
+                    }
+                })
+            };
+            Ok(ProtocolNode {
+                name: name.to_string(),
+                creds,
+                pod_cidr: welcome.pod_cidr,
+                tx,
+                seen,
+                tasks: vec![reader, beats],
+            })
+        }
+
+        /// Sends one message on the node's stream.
+        pub async fn send(&self, msg: ironmesh_proto::v1::agent_message::Msg) {
+            let _ = self
+                .tx
+                .send(ironmesh_proto::v1::AgentMessage { msg: Some(msg) })
+                .await;
+        }
+
+        /// How the controller ended the stream, once it has.
+        pub fn ended(&self) -> Option<tonic::Status> {
+            self.seen.lock().unwrap().ended.clone()
+        }
+
+        /// The last full assignment the controller sent.
+        pub fn assignment(&self) -> Option<ironmesh_proto::v1::Assignment> {
+            self.seen.lock().unwrap().assignment.clone()
+        }
+    }
+
+    impl Drop for ProtocolNode {
+        fn drop(&mut self) {
+            for t in &self.tasks {
+                t.abort();
+            }
+        }
     }
 
     pub fn token(ctl: &Controller) -> String {

@@ -225,9 +225,43 @@ fn nodes_fetch_pushed_blobs_over_mtls_and_operators_cannot() {
 
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
-        let node = grpc::join(&ctl, "node-img", &grpc::token(&ctl))
+        // A node may fetch only the blobs of images assigned to it: give
+        // it an instance of this image first.
+        let node = grpc::ProtocolNode::start(&ctl, "node-img", &grpc::token(&ctl))
             .await
-            .expect("join");
+            .expect("join and sync");
+        ctl.apply_yaml(&format!(
+            "apiVersion: ironmesh.dev/v1
+kind: Workload
+metadata:
+  name: img-user
+spec:
+  image: {}
+  resources:
+    cpu: 100m
+    memory: 64Mi
+  placement:
+    nodeSelector:
+      ironmesh.dev/hostname: node-img
+",
+            built.reference
+        ));
+        let deadline = Instant::now() + std::time::Duration::from_secs(20);
+        while !node.assignment().is_some_and(|a| {
+            a.instances
+                .iter()
+                .any(|i| i.image_digest == built.manifest_digest)
+        }) {
+            assert!(
+                Instant::now() < deadline,
+                "no instance of the image assigned to node-img"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        let node = grpc::Creds {
+            cert_pem: node.creds.cert_pem.clone(),
+            key_pem: node.creds.key_pem.clone(),
+        };
         let mut client = NodeServiceClient::new(grpc::channel(&ctl, Some(&node)).await.unwrap());
         let t = Instant::now();
         let mut stream = client
@@ -268,7 +302,9 @@ fn nodes_fetch_pushed_blobs_over_mtls_and_operators_cannot() {
             })
             .await
             .expect_err("an unknown blob is an error");
-        assert_eq!(missing.code(), tonic::Code::NotFound);
+        // Not assigned to the node, so refused before the store is asked:
+        // a node cannot probe which blobs exist.
+        assert_eq!(missing.code(), tonic::Code::PermissionDenied);
 
         // The operator certificate is not a node certificate.
         let admin = grpc::admin_creds(&ctl);

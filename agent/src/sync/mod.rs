@@ -67,6 +67,10 @@ pub struct SyncConfig {
     pub flows: Option<mpsc::Receiver<ironmesh_proto::v1::FlowBatch>>,
     /// Work-queue sockets of pipeline step instances.
     pub work_queue: Option<Arc<crate::work_queue::WorkQueueProxy>>,
+    /// The node's identity as [`crate::renewal`] renews it: each session
+    /// connects with the newest, and a renewal ends the session so that the
+    /// next one uses the new certificate (one reconnect per renewal).
+    pub identity: Option<watch::Receiver<crate::identity::NodeIdentity>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -79,6 +83,9 @@ pub enum SyncError {
     Broken(String),
     #[error("protocol error: {0}")]
     Protocol(String),
+    /// The node certificate was renewed: reconnect with the new one.
+    #[error("the node certificate was renewed")]
+    Renewed,
     /// An incremental assignment that does not fit what this stream
     /// delivered before: a message was missed.
     #[error("cannot fold the assignment: {0}")]

@@ -61,10 +61,17 @@ pub(super) async fn run(
             .get(current_controller)
             .cloned()
             .unwrap_or_default();
+        // The newest identity (renewed certificates replace the first).
+        let mut renewals = cfg.identity.clone();
+        let id_now = match renewals.as_mut() {
+            Some(rx) => rx.borrow_and_update().clone(),
+            None => id.clone(),
+        };
         let res = session(
             cfg,
             &url,
-            id,
+            &id_now,
+            renewals,
             metrics,
             current,
             &mut feed,
@@ -76,6 +83,12 @@ pub(super) async fn run(
         metrics.connected.set(0);
         match res {
             Ok(()) => return,
+            Err(SyncError::Renewed) => {
+                tracing::info!(controller = %url, "node certificate renewed; reconnecting with it");
+                backoff = BACKOFF_MIN;
+                failed_in_a_row = 0;
+                continue;
+            }
             Err(e) => {
                 // A session that lived a while was healthy: start over small.
                 if started.elapsed() > Duration::from_secs(10) {
@@ -129,6 +142,7 @@ async fn session(
     cfg: &SyncConfig,
     url: &str,
     id: &NodeIdentity,
+    mut renewals: Option<watch::Receiver<NodeIdentity>>,
     metrics: &AgentMetrics,
     current: &Current,
     feed: &mut Feed,
@@ -251,6 +265,18 @@ async fn session(
     let result = loop {
         tokio::select! {
             _ = &mut stop => break Ok(()),
+            Some(changed) = async {
+                match renewals.as_mut() {
+                    Some(rx) => Some(rx.changed().await),
+                    None => std::future::pending().await,
+                }
+            } => {
+                if changed.is_ok() {
+                    break Err(SyncError::Renewed);
+                }
+                // The renewal task ended: keep the certificate we have.
+                renewals = None;
+            }
             _ = heartbeat.tick() => {
                 seq += 1;
                 let now = std::time::SystemTime::now()
