@@ -418,3 +418,45 @@ async fn reconcile_once(
     metrics.set_nodes(ready, not_ready, unknown);
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn secs(s: u64) -> Duration {
+        Duration::from_secs(s)
+    }
+
+    #[test]
+    fn interval_grows_past_the_rate_in_whole_seconds_and_grace_follows() {
+        let l = Liveness::paced(secs(1), secs(4), 100);
+        assert_eq!(l.interval_for(50), secs(1));
+        assert_eq!(l.interval_for(100), secs(1));
+        assert_eq!(l.interval_for(101), secs(2));
+        assert_eq!(l.interval_for(1000), secs(10));
+        assert_eq!(l.pace(1000), secs(10));
+        assert_eq!(*l.heartbeat_interval().borrow(), secs(10));
+        assert_eq!(l.grace(), secs(40));
+        assert_eq!(l.pace(10), secs(1));
+        assert_eq!(l.grace(), secs(4));
+    }
+
+    #[test]
+    fn a_shorter_grace_applies_only_after_the_next_heartbeat() {
+        let l = Liveness::paced(secs(1), secs(4), 100);
+        let s = l.connect("n1", secs(10));
+        assert_eq!(l.lock().nodes["n1"].grace, secs(40));
+        // The cluster shrank: the node is told 1 s, but its timer may
+        // still run on 10 s until it heartbeats at the new pace.
+        l.told("n1", s, secs(1));
+        assert_eq!(l.lock().nodes["n1"].grace, secs(40));
+        l.heartbeat("n1", s);
+        assert_eq!(l.lock().nodes["n1"].grace, secs(4));
+        // Growing applies at once.
+        l.told("n1", s, secs(5));
+        assert_eq!(l.lock().nodes["n1"].grace, secs(20));
+        // An older session's news changes nothing.
+        l.told("n1", s + 100, secs(50));
+        assert_eq!(l.lock().nodes["n1"].grace, secs(20));
+    }
+}

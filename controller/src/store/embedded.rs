@@ -465,71 +465,103 @@ enum Staged {
     },
 }
 
-/// Clears [`Queue::writing`] when the writer returns or unwinds, so a
-/// panic cannot leave every later txn waiting.
-struct WriterGuard<'a>(&'a Inner);
+/// Clears [`Queue::writing`] when the writer unwinds, so a panic cannot
+/// leave every later txn waiting. Holds the writer's handle on the store.
+struct WriterGuard(Option<Arc<Inner>>);
 
-impl Drop for WriterGuard<'_> {
+impl Drop for WriterGuard {
     fn drop(&mut self) {
-        let mut q = self.0.queue.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(inner) = self.0.take() else { return };
+        let mut q = inner.queue.lock().unwrap_or_else(|p| p.into_inner());
         q.writing = false;
         // Txns queued after the last take would wait for a writer that
-        // never comes; fail them instead (only on unwind: a normal return
-        // leaves the queue empty under this lock).
+        // never comes; fail them instead.
         for (_, tx) in q.pending.drain(..) {
             let _ = tx.send(Err(StoreError::Io("the store writer failed".into())));
         }
     }
 }
 
+/// One txn's outcome, on its way back.
+type Reply = (
+    tokio::sync::oneshot::Sender<Result<TxnOutcome, StoreError>>,
+    Result<TxnOutcome, StoreError>,
+);
+
 impl Inner {
     /// The writer: takes what is queued, writes it under one commit, and
-    /// goes on until the queue is empty. Runs on a blocking thread.
-    fn write_queued(&self, history_limit: usize) {
-        let guard = WriterGuard(self);
+    /// goes on until the queue is empty. Runs on a blocking thread. Its
+    /// handle on the store is dropped before the last answers go out, so a
+    /// caller that drops the store after its write really closes the file.
+    fn write_queued(inner: Arc<Inner>, history_limit: usize) {
+        let mut guard = WriterGuard(Some(inner));
         loop {
+            let Some(this) = guard.0.clone() else { return };
             let batch: Vec<Pending> = {
-                let mut q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
-                if q.pending.is_empty() {
-                    q.writing = false;
-                    std::mem::forget(guard);
-                    return;
-                }
+                let mut q = this.queue.lock().unwrap_or_else(|p| p.into_inner());
                 let n = q.pending.len().min(GROUP_MAX);
                 q.pending.drain(..n).collect()
             };
-            if batch.len() == 1 {
-                for (txn, tx) in batch {
-                    let _ = tx.send(self.apply(&txn, history_limit));
+            let replies = this.write_batch(batch, history_limit);
+            let last = {
+                let mut q = this.queue.lock().unwrap_or_else(|p| p.into_inner());
+                if q.pending.is_empty() {
+                    q.writing = false;
+                    true
+                } else {
+                    false
                 }
-                continue;
+            };
+            if last {
+                guard.0 = None;
+                drop(this);
             }
-            match self.apply_group(&batch, history_limit) {
-                Ok(Ok(outcomes)) => {
-                    for ((_, tx), outcome) in batch.into_iter().zip(outcomes) {
-                        let _ = tx.send(Ok(outcome));
-                    }
-                }
-                // The commit itself failed: its outcome is unknown, so no
-                // txn of it may be tried again.
-                Ok(Err(e)) => {
-                    let message = e.to_string();
-                    let mut first = Some(e);
-                    for (_, tx) in batch {
+            for (tx, r) in replies {
+                let _ = tx.send(r);
+            }
+            if last {
+                return;
+            }
+        }
+    }
+
+    /// Writes `batch` (one commit when it holds several txns).
+    fn write_batch(&self, batch: Vec<Pending>, history_limit: usize) -> Vec<Reply> {
+        if batch.len() <= 1 {
+            return batch
+                .into_iter()
+                .map(|(txn, tx)| (tx, self.apply(&txn, history_limit)))
+                .collect();
+        }
+        match self.apply_group(&batch, history_limit) {
+            Ok(Ok(outcomes)) => batch
+                .into_iter()
+                .zip(outcomes)
+                .map(|((_, tx), outcome)| (tx, Ok(outcome)))
+                .collect(),
+            // The commit itself failed: its outcome is unknown, so no txn
+            // of it may be tried again.
+            Ok(Err(e)) => {
+                let message = e.to_string();
+                let mut first = Some(e);
+                batch
+                    .into_iter()
+                    .map(|(_, tx)| {
                         let e = first
                             .take()
                             .unwrap_or_else(|| StoreError::Io(message.clone()));
-                        let _ = tx.send(Err(e));
-                    }
-                }
-                // A failure while staging (a value too large, say) must
-                // fail only its own txn: write them one by one instead.
-                Err(e) => {
-                    tracing::debug!(error = %e, txns = batch.len(), "group commit failed; writing its txns one by one");
-                    for (txn, tx) in batch {
-                        let _ = tx.send(self.apply(&txn, history_limit));
-                    }
-                }
+                        (tx, Err(e))
+                    })
+                    .collect()
+            }
+            // A failure while staging (a value too large, say) must fail
+            // only its own txn: write them one by one instead.
+            Err(e) => {
+                tracing::debug!(error = %e, txns = batch.len(), "group commit failed; writing its txns one by one");
+                batch
+                    .into_iter()
+                    .map(|(txn, tx)| (tx, self.apply(&txn, history_limit)))
+                    .collect()
             }
         }
     }
@@ -920,7 +952,7 @@ impl Store for EmbeddedStore {
             let limit = self.history_limit;
             // Not awaited: the writer drains what others queue after us too.
             drop(tokio::task::spawn_blocking(move || {
-                inner.write_queued(limit)
+                Inner::write_queued(inner, limit)
             }));
         }
         match rx.await {
@@ -1215,6 +1247,55 @@ mod tests {
             other => panic!("expected Compacted, got {other:?}"),
         }
         assert!(lag.next().await.is_none());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_txns_commit_in_groups_each_with_its_own_revision_and_compares() {
+        let (s, _dir) = fresh().await;
+        commit_dyn(&s, vec![put("guard", b"0")]).await;
+        let mut tasks = Vec::new();
+        for i in 0..300u32 {
+            let s = s.clone();
+            tasks.push(tokio::spawn(async move {
+                // Every 10th txn carries a compare that must fail; the
+                // others' commits must not depend on it.
+                let compares = if i % 10 == 0 {
+                    vec![Compare::Absent("guard".into())]
+                } else {
+                    vec![Compare::Absent(format!("k/{i}"))]
+                };
+                s.txn(Txn {
+                    compares,
+                    ops: vec![put(&format!("k/{i}"), &i.to_be_bytes())],
+                })
+                .await
+                .unwrap()
+            }));
+        }
+        let mut revisions = std::collections::BTreeSet::new();
+        let mut failed = 0;
+        for t in tasks {
+            match t.await.unwrap() {
+                TxnOutcome::Committed(r) => assert!(revisions.insert(r), "revision {r} twice"),
+                TxnOutcome::CompareFailed { index: 0 } => failed += 1,
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        assert_eq!(failed, 30);
+        assert_eq!(revisions.len(), 270);
+        assert_eq!(s.revision().await.unwrap(), 271);
+        let (items, _) = s.list("k/").await.unwrap();
+        assert_eq!(items.len(), 270);
+        assert!(s.get("k/10").await.unwrap().is_none());
+    }
+
+    async fn commit_dyn(s: &Arc<dyn Store>, ops: Vec<Op>) {
+        s.txn(Txn {
+            compares: vec![],
+            ops,
+        })
+        .await
+        .unwrap();
     }
 
     #[tokio::test]
