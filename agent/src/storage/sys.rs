@@ -194,16 +194,25 @@ pub fn mount(source: &Path, target: &Path, fstype: &str, data: &str) -> io::Resu
 /// umount2(2); a target that is not mounted is fine.
 pub fn unmount(target: &Path) -> io::Result<()> {
     let tgt = cstr(target)?;
-    // SAFETY: tgt is a valid C string.
-    let r = unsafe { libc::umount2(tgt.as_ptr(), libc::UMOUNT_NOFOLLOW) };
-    if r != 0 {
-        let e = io::Error::last_os_error();
-        if e.raw_os_error() == Some(libc::EINVAL) && mounted_source(target).is_none() {
+    // A short-lived holder (udev probing the loop device, a child process
+    // forked while a file was open there) makes the kernel answer EBUSY
+    // for a moment; try again for up to two seconds before giving up.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    loop {
+        // SAFETY: tgt is a valid C string.
+        let r = unsafe { libc::umount2(tgt.as_ptr(), libc::UMOUNT_NOFOLLOW) };
+        if r == 0 {
             return Ok(());
         }
-        return Err(e);
+        let e = io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(libc::EINVAL) if mounted_source(target).is_none() => return Ok(()),
+            Some(libc::EBUSY) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            _ => return Err(e),
+        }
     }
-    Ok(())
 }
 
 /// One line of `/proc/self/mountinfo`.
