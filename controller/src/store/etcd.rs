@@ -154,6 +154,23 @@ fn rev(r: i64) -> Revision {
     r.max(0) as Revision
 }
 
+/// Keys per page of a list.
+const LIST_PAGE: i64 = 128;
+
+/// The first key after every key that starts with `prefix` (etcd's range
+/// end for a prefix): the prefix with its last byte below 0xff raised.
+fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    // All 0xff (or empty): every key from here on.
+    vec![0]
+}
+
 async fn timed<T>(
     f: impl std::future::Future<Output = Result<T, etcd_client::Error>>,
 ) -> Result<T, StoreError> {
@@ -257,7 +274,8 @@ impl EtcdStore {
     /// The compaction revision etcd reports for a watch that starts at
     /// `start`, if that start is compacted.
     async fn compaction_point(&self, start: i64) -> Result<Option<i64>, StoreError> {
-        let mut w = self.client.watch_client();
+        // A watch response may batch many events of one revision.
+        let mut w = self.client.watch_client().max_decoding_message_size(64 << 20);
         let opts = WatchOptions::new().with_start_revision(start).with_prefix();
         let mut stream = timed(w.watch(self.full_key(""), Some(opts))).await?;
         let deadline = tokio::time::Instant::now() + REQUEST_TIMEOUT;
@@ -297,18 +315,46 @@ impl Store for EtcdStore {
     }
 
     async fn list(&self, prefix: &str) -> Result<(Vec<KeyValue>, Revision), StoreError> {
-        let mut kv = self.client.kv_client();
-        let resp =
-            timed(kv.get(self.full_key(prefix), Some(GetOptions::new().with_prefix()))).await?;
-        let revision = resp.header().map(|h| rev(h.revision())).unwrap_or(0);
-        let mut items = resp
-            .kvs()
-            .iter()
-            .map(|k| self.kv(k))
-            .collect::<Result<Vec<_>, _>>()?;
+        // In pages at one revision: a single range of a large cluster is
+        // more than a gRPC message may hold (9 MB at 3,000 instances
+        // against the client's 4 MB limit).
+        // A page of the largest objects etcd takes (1.5 MB each) must
+        // still decode.
+        let mut kv = self
+            .client
+            .kv_client()
+            .max_decoding_message_size(LIST_PAGE as usize * (3 << 19) + (1 << 20));
+        let full = self.full_key(prefix);
+        let end = prefix_end(full.as_bytes());
+        let mut from = full.clone().into_bytes();
+        let mut at: Option<i64> = None;
+        let mut items = Vec::new();
+        loop {
+            let mut opts = GetOptions::new()
+                .with_range(end.clone())
+                .with_limit(LIST_PAGE);
+            if let Some(r) = at {
+                opts = opts.with_revision(r);
+            }
+            let resp = timed(kv.get(from.clone(), Some(opts))).await?;
+            if at.is_none() {
+                at = Some(resp.header().map(|h| h.revision()).unwrap_or(0));
+            }
+            for k in resp.kvs() {
+                items.push(self.kv(k)?);
+            }
+            match resp.kvs().last() {
+                Some(last) if resp.more() => {
+                    // The next page starts just after the last key.
+                    from = last.key().to_vec();
+                    from.push(0);
+                }
+                _ => break,
+            }
+        }
         // etcd sorts by key bytes already; keep the contract explicit.
         items.sort_by(|a, b| a.key.as_bytes().cmp(b.key.as_bytes()));
-        Ok((items, revision))
+        Ok((items, rev(at.unwrap_or(0))))
     }
 
     async fn txn(&self, txn: Txn) -> Result<TxnOutcome, StoreError> {
@@ -432,7 +478,8 @@ impl Store for EtcdStore {
             }
             Err(e) => return Err(io(e)),
         }
-        let mut w = self.client.watch_client();
+        // A watch response may batch many events of one revision.
+        let mut w = self.client.watch_client().max_decoding_message_size(64 << 20);
         let opts = WatchOptions::new()
             .with_start_revision(start)
             .with_prefix()
@@ -630,6 +677,42 @@ mod tests {
     }
 
     crate::store::conformance::conformance_tests!(fresh, fresh_short_history);
+
+    #[tokio::test]
+    async fn list_larger_than_one_message_comes_in_pages_at_one_revision() {
+        let (s, _server) = fresh().await;
+        // 600 keys of 16 KiB: 9.6 MB, over the 4 MB a gRPC message holds.
+        let value = vec![7u8; 16 << 10];
+        let mut ops = Vec::new();
+        for i in 0..600u32 {
+            ops.push(Op::Put {
+                key: format!("big/{i:04}"),
+                value: value.clone(),
+            });
+            if ops.len() == 50 {
+                s.txn(Txn {
+                    compares: vec![],
+                    ops: std::mem::take(&mut ops),
+                })
+                .await
+                .unwrap();
+            }
+        }
+        s.txn(Txn {
+            compares: vec![],
+            ops: vec![Op::Put {
+                key: "bigger".into(),
+                value: b"x".to_vec(),
+            }],
+        })
+        .await
+        .unwrap();
+        let (items, revision) = s.list("big/").await.unwrap();
+        assert_eq!(items.len(), 600);
+        assert_eq!(items[0].key, "big/0000");
+        assert_eq!(items[599].key, "big/0599");
+        assert_eq!(revision, s.revision().await.unwrap());
+    }
 
     #[test]
     fn store_specs_parse() {
