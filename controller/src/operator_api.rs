@@ -249,6 +249,7 @@ impl OperatorApi {
         self.caller(&req, Action::Read, "Get").await?;
         let req = req.into_inner();
         let kind = parse_kind(&req.kind)?;
+        self.resources.consistent().await;
         match self
             .resources
             .get(kind, &req.name)
@@ -269,6 +270,7 @@ impl OperatorApi {
         let kind = parse_kind(&req.kind)?;
         let selector = LabelSelector::parse(&req.label_selector)
             .map_err(|e| Status::invalid_argument(format!("label selector: {e}")))?;
+        self.resources.consistent().await;
         let (items, revision) = self
             .resources
             .list(kind, &selector)

@@ -144,6 +144,17 @@ impl Resources {
         }
     }
 
+    /// Makes the next cache read see every write committed so far, by any
+    /// controller (an operator's get after an apply through another one):
+    /// reads wait for the cache to reach the store's revision now.
+    pub async fn consistent(&self) {
+        if self.cache.is_some() {
+            if let Ok(rev) = self.store.revision().await {
+                self.wrote(rev);
+            }
+        }
+    }
+
     /// Records a revision this process committed.
     pub fn wrote(&self, rev: Revision) {
         self.written.fetch_max(rev, Ordering::AcqRel);

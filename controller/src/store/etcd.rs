@@ -275,7 +275,10 @@ impl EtcdStore {
     /// `start`, if that start is compacted.
     async fn compaction_point(&self, start: i64) -> Result<Option<i64>, StoreError> {
         // A watch response may batch many events of one revision.
-        let mut w = self.client.watch_client().max_decoding_message_size(64 << 20);
+        let mut w = self
+            .client
+            .watch_client()
+            .max_decoding_message_size(64 << 20);
         let opts = WatchOptions::new().with_start_revision(start).with_prefix();
         let mut stream = timed(w.watch(self.full_key(""), Some(opts))).await?;
         let deadline = tokio::time::Instant::now() + REQUEST_TIMEOUT;
@@ -479,7 +482,10 @@ impl Store for EtcdStore {
             Err(e) => return Err(io(e)),
         }
         // A watch response may batch many events of one revision.
-        let mut w = self.client.watch_client().max_decoding_message_size(64 << 20);
+        let mut w = self
+            .client
+            .watch_client()
+            .max_decoding_message_size(64 << 20);
         let opts = WatchOptions::new()
             .with_start_revision(start)
             .with_prefix()
