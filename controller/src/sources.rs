@@ -281,10 +281,11 @@ async fn fetch(dir: &Path, spec: &SourceSpec) -> Result<String, String> {
     )
     .await
     .map_err(|e| {
-        format!(
+        // Status and logs get this text: never the URL's credentials.
+        redact_credentials(&format!(
             "cannot fetch branch {:?} of {}: {e}",
             spec.branch, spec.repo
-        )
+        ))
     })?;
     let out = git(
         dir,
@@ -292,6 +293,30 @@ async fn fetch(dir: &Path, spec: &SourceSpec) -> Result<String, String> {
     )
     .await?;
     Ok(String::from_utf8_lossy(&out).trim().to_string())
+}
+
+/// `text` with the user and password of every URL in it (`scheme://user:
+/// secret@host`) replaced by `***`.
+pub fn redact_credentials(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(i) = rest.find("://") {
+        let (head, tail) = rest.split_at(i + 3);
+        out.push_str(head);
+        // The authority ends at the first '/', whitespace or quote.
+        let end = tail
+            .find(|c: char| c == '/' || c.is_whitespace() || c == '\'' || c == '"')
+            .unwrap_or(tail.len());
+        match tail[..end].rfind('@') {
+            Some(at) => {
+                out.push_str("***");
+                rest = &tail[at..];
+            }
+            None => rest = tail,
+        }
+    }
+    out.push_str(rest);
+    out
 }
 
 /// Runs `git` in `dir`; `Err` is git's own complaint.
@@ -489,6 +514,22 @@ pub fn next_status(prev: SourceStatus, result: &SyncResult, now: &str) -> Source
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn credentials_in_urls_never_reach_status_text() {
+        let t = "cannot fetch branch \"main\" of https://bot:s3cret@git.example/x.git: \
+                 fatal: unable to access 'https://bot:s3cret@git.example/x.git/': 403";
+        let r = redact_credentials(t);
+        assert!(!r.contains("s3cret") && !r.contains("bot"), "{r}");
+        assert_eq!(r.matches("https://***@git.example/x.git").count(), 2, "{r}");
+        // Nothing to hide: unchanged.
+        let plain = "cannot fetch https://git.example/x.git or /srv/git/x (user@host is fine)";
+        assert_eq!(redact_credentials(plain), plain);
+        assert_eq!(
+            redact_credentials("ssh://git@host:22/r"),
+            "ssh://***@host:22/r"
+        );
+    }
 
     #[test]
     fn a_source_applies_only_what_an_edit_operator_may() {
