@@ -533,7 +533,7 @@ impl Inner {
                 .map(|(txn, tx)| (tx, self.apply(&txn, history_limit)))
                 .collect();
         }
-        match self.apply_group(&batch, history_limit) {
+        match self.apply_group(batch.iter().map(|(txn, _)| txn), history_limit) {
             Ok(Ok(outcomes)) => batch
                 .into_iter()
                 .zip(outcomes)
@@ -566,13 +566,15 @@ impl Inner {
         }
     }
 
-    /// Stages every txn of `batch` in one write transaction, in order, and
-    /// commits once. All or nothing: a staging error (the outer `Err`)
-    /// aborts the whole group; the inner `Err` is a failed commit.
+    /// Stages `txns` in one write transaction, in order, and commits once,
+    /// then publishes the new revision itself (a caller that stops waiting
+    /// cannot leave watchers un-notified). All or nothing: a staging error
+    /// (the outer `Err`) aborts the whole group; the inner `Err` is a
+    /// failed commit, whose outcome is unknown.
     #[allow(clippy::type_complexity)]
-    fn apply_group(
+    fn apply_group<'a>(
         &self,
-        batch: &[Pending],
+        txns: impl ExactSizeIterator<Item = &'a Txn>,
         history_limit: usize,
     ) -> Result<Result<Vec<TxnOutcome>, StoreError>, StoreError> {
         let mut wtx = self
@@ -581,15 +583,23 @@ impl Inner {
             .map_err(|e| db_err("begin write", e))?;
         wtx.set_durability(Durability::Immediate)
             .map_err(|e| db_err("set durability", e))?;
-        let mut outcomes = Vec::with_capacity(batch.len());
+        let mut outcomes = Vec::with_capacity(txns.len());
         let mut last = None;
-        for (txn, _) in batch {
+        for txn in txns {
             match stage(&wtx, txn, history_limit) {
                 Ok(Staged::CompareFailed(index)) => {
                     outcomes.push(TxnOutcome::CompareFailed { index })
                 }
                 Ok(Staged::Unchanged(revision)) => outcomes.push(TxnOutcome::Committed(revision)),
-                Ok(Staged::Commit { revision, .. }) => {
+                Ok(Staged::Commit {
+                    revision,
+                    events,
+                    trimmed_to,
+                }) => {
+                    tracing::trace!(revision, events, "store txn staged");
+                    if let Some(to) = trimmed_to {
+                        tracing::debug!(compacted = to, "trimmed store history");
+                    }
                     last = Some(revision);
                     outcomes.push(TxnOutcome::Committed(revision));
                 }
@@ -604,6 +614,8 @@ impl Inner {
             return Ok(Ok(outcomes));
         };
         if let Err(e) = wtx.commit() {
+            // redb: the outcome of a failed commit is unknown and the
+            // database refuses further writes until reopened.
             tracing::error!(path = %self.path.display(), revision, error = %e,
                 "store commit failed; its outcome is unknown until the store is reopened");
             return Ok(Err(db_err(
@@ -611,7 +623,7 @@ impl Inner {
                 e,
             )));
         }
-        tracing::trace!(revision, txns = batch.len(), "store group commit");
+        tracing::trace!(revision, txns = outcomes.len(), "store commit");
         self.committed.send_if_modified(|cur| {
             let newer = revision > *cur;
             if newer {
@@ -622,63 +634,16 @@ impl Inner {
         Ok(Ok(outcomes))
     }
 
-    /// The whole write path, on a blocking thread. Publishes the new
-    /// revision itself, so a caller that stops waiting cannot leave watchers
-    /// un-notified.
+    /// One txn, alone under its own commit.
     fn apply(&self, txn: &Txn, history_limit: usize) -> Result<TxnOutcome, StoreError> {
         if txn.ops.is_empty() {
             return self.check_only(&txn.compares);
         }
-        let mut wtx = self
-            .db
-            .begin_write()
-            .map_err(|e| db_err("begin write", e))?;
-        wtx.set_durability(Durability::Immediate)
-            .map_err(|e| db_err("set durability", e))?;
-        let staged = match stage(&wtx, txn, history_limit) {
-            Ok(s) => s,
-            Err(e) => {
-                abort(wtx);
-                return Err(e);
-            }
-        };
-        match staged {
-            Staged::CompareFailed(index) => {
-                abort(wtx);
-                Ok(TxnOutcome::CompareFailed { index })
-            }
-            Staged::Unchanged(revision) => {
-                abort(wtx);
-                Ok(TxnOutcome::Committed(revision))
-            }
-            Staged::Commit {
-                revision,
-                events,
-                trimmed_to,
-            } => {
-                if let Err(e) = wtx.commit() {
-                    // redb: the outcome of a failed commit is unknown and the
-                    // database refuses further writes until reopened.
-                    tracing::error!(path = %self.path.display(), revision, error = %e,
-                        "store commit failed; its outcome is unknown until the store is reopened");
-                    return Err(db_err(
-                        &format!("commit revision {revision} (outcome unknown)"),
-                        e,
-                    ));
-                }
-                tracing::trace!(revision, events, "store commit");
-                if let Some(to) = trimmed_to {
-                    tracing::debug!(compacted = to, "trimmed store history");
-                }
-                self.committed.send_if_modified(|cur| {
-                    let newer = revision > *cur;
-                    if newer {
-                        *cur = revision;
-                    }
-                    newer
-                });
-                Ok(TxnOutcome::Committed(revision))
-            }
+        match self.apply_group(std::iter::once(txn), history_limit) {
+            Ok(Ok(mut outcomes)) => outcomes
+                .pop()
+                .ok_or_else(|| StoreError::Io("a txn of one had no outcome".into())),
+            Ok(Err(e)) | Err(e) => Err(e),
         }
     }
 
