@@ -1,6 +1,7 @@
 //! First-start and every-start preparation of the data directory: the
 //! cluster CA, the bootstrap token, the controller's server certificate and
-//! the first operator's client config (`admin.yaml`).
+//! the names for the controller's serving certificate and the first
+//! operator's client config (`admin.yaml`).
 //!
 //! The bootstrap token is kept in `<data-dir>/bootstrap-token` for
 //! automation; the server records it once as a join token that expires
@@ -21,8 +22,9 @@ pub const FIRST_OPERATOR: &str = "admin";
 pub struct Credentials {
     pub ca: ClusterCa,
     pub bootstrap_token: String,
-    pub server_cert_pem: String,
-    pub server_key_pem: String,
+    /// Names and addresses the serving certificate is issued for (it is
+    /// issued, and renewed, by [`crate::serving_tls`]).
+    pub server_sans: Vec<String>,
     pub admin_config: PathBuf,
     /// The client certificate in `admin.yaml`, if it is readable.
     pub admin_cert_pem: Option<String>,
@@ -106,8 +108,6 @@ pub fn prepare(
     sans.extend(cfg.tls_sans.iter().cloned());
     sans.sort();
     sans.dedup();
-    // Re-issued every start so SAN changes take effect; cheap.
-    let (server_cert_pem, server_key_pem) = ca.issue(&Identity::Controller, &sans, true)?;
 
     let admin_config = dir.join("admin.yaml");
     if !admin_config.exists() {
@@ -131,8 +131,7 @@ pub fn prepare(
     Ok(Credentials {
         ca,
         bootstrap_token,
-        server_cert_pem,
-        server_key_pem,
+        server_sans: sans,
         admin_config,
         admin_cert_pem,
         token_file,

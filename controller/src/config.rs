@@ -76,6 +76,13 @@ pub struct ControllerConfig {
     #[arg(long, env = "IRONMESH_NODE_CERT_LIFETIME", default_value = "30d", value_parser = humantime::parse_duration)]
     pub node_cert_lifetime: Duration,
 
+    /// Lifetime of the controller's own serving certificate. It is issued
+    /// at every start and renewed two thirds into its lifetime while the
+    /// controller runs; agents and imctl trust the CA, so nothing
+    /// reconnects.
+    #[arg(long, env = "IRONMESH_SERVING_CERT_LIFETIME", default_value = "90d", value_parser = humantime::parse_duration)]
+    pub serving_cert_lifetime: Duration,
+
     /// How often agents send heartbeats.
     #[arg(long, env = "IRONMESH_HEARTBEAT_INTERVAL", default_value = "1s", value_parser = humantime::parse_duration)]
     pub heartbeat_interval: Duration,
@@ -208,6 +215,11 @@ impl ControllerConfig {
             || self.node_cert_lifetime > crate::tokens::MAX_TTL * 10
         {
             return Err("--node-cert-lifetime must be between 1m and 10 years".into());
+        }
+        if self.serving_cert_lifetime < Duration::from_secs(60)
+            || self.serving_cert_lifetime > crate::tokens::MAX_TTL * 10
+        {
+            return Err("--serving-cert-lifetime must be between 1m and 10 years".into());
         }
         if let Some(u) = &self.advertise_url {
             if !u.starts_with("https://") {

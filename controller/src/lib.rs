@@ -41,6 +41,7 @@ pub mod revocation;
 pub mod scheduler;
 pub mod server;
 pub mod services;
+pub mod serving_tls;
 pub mod sources;
 pub mod store;
 pub mod tokens;

@@ -31,6 +31,8 @@ pub struct ControllerMetrics {
     pub node_transitions: Counter,
     /// The heartbeat interval agents are told now, in milliseconds.
     pub heartbeat_interval_ms: Gauge,
+    /// Expiry of the serving certificate in use, Unix seconds.
+    pub serving_cert_expiry: Gauge,
     pub nodes: Family<ConditionLabel, Gauge>,
     pub store_revision: Gauge,
     pub instances: Family<PhaseLabel, Gauge>,
@@ -76,6 +78,7 @@ impl ControllerMetrics {
             heartbeats: Counter::default(),
             node_transitions: Counter::default(),
             heartbeat_interval_ms: Gauge::default(),
+            serving_cert_expiry: Gauge::default(),
             nodes: Family::default(),
             store_revision: Gauge::default(),
             instances: Family::default(),
@@ -134,6 +137,11 @@ impl ControllerMetrics {
             "heartbeat_interval_milliseconds",
             "Heartbeat interval agents are told now (grows with the cluster, --max-heartbeats-per-second)",
             m.heartbeat_interval_ms.clone(),
+        );
+        r.register(
+            "serving_certificate_expiry_timestamp_seconds",
+            "When the controller's serving certificate in use expires (renewed two thirds into --serving-cert-lifetime)",
+            m.serving_cert_expiry.clone(),
         );
         r.register(
             "store_revision",

@@ -218,13 +218,25 @@ impl ClusterCa {
         Ok(cert.pem())
     }
 
-    /// Issues a fresh key and certificate for `identity`. Server certificates
-    /// carry `sans` (DNS names or IP addresses) and the server-auth usage.
+    /// Issues a fresh key and certificate for `identity`, valid for a year.
+    /// Server certificates carry `sans` (DNS names or IP addresses) and the
+    /// server-auth usage.
     pub fn issue(
         &self,
         identity: &Identity,
         sans: &[String],
         server: bool,
+    ) -> Result<(String, String), PkiError> {
+        self.issue_for(identity, sans, server, CLIENT_CERT_VALIDITY)
+    }
+
+    /// [`ClusterCa::issue`], valid for `lifetime`.
+    pub fn issue_for(
+        &self,
+        identity: &Identity,
+        sans: &[String],
+        server: bool,
+        lifetime: Duration,
     ) -> Result<(String, String), PkiError> {
         let key = KeyPair::generate().map_err(|e| PkiError::Sign(e.to_string()))?;
         let mut san_types = Vec::new();
@@ -240,6 +252,9 @@ impl ClusterCa {
             san_types.push(san);
         }
         let mut params = client_params(identity, san_types)?;
+        let now = OffsetDateTime::now_utc();
+        params.not_before = now - Duration::minutes(5).min(lifetime / 12);
+        params.not_after = now + lifetime;
         if server {
             params.extended_key_usages = vec![
                 ExtendedKeyUsagePurpose::ServerAuth,

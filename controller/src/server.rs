@@ -16,7 +16,7 @@ use ironmesh_proto::v1::{
     node_service_server::NodeServiceServer, operator_service_server::OperatorServiceServer,
 };
 use prometheus_client::registry::Registry;
-use tonic::transport::{Certificate, Identity as TlsIdentity, Server, ServerTlsConfig};
+use tonic::transport::Server;
 
 use crate::bootstrap;
 use crate::config::ControllerConfig;
@@ -267,15 +267,21 @@ pub async fn run(cfg: ControllerConfig, shutdown: Shutdown) -> Result<(), Server
         revocations,
         ca,
     };
-    // Client certificates are optional at the TLS layer so that Join works
-    // before a node has one; every other RPC checks for one itself.
-    let tls = ServerTlsConfig::new()
-        .identity(TlsIdentity::from_pem(
-            &creds.server_cert_pem,
-            &creds.server_key_pem,
-        ))
-        .client_ca_root(Certificate::from_pem(node_api.ca.cert_pem()))
-        .client_auth_optional(true);
+    // Issued at every start (so SAN changes take effect) and renewed while
+    // the controller runs.
+    let serving = crate::serving_tls::ServingCert::issue(
+        node_api.ca.clone(),
+        creds.server_sans.clone(),
+        cfg.serving_cert_lifetime,
+    )
+    .map_err(|e| ServerError::Tls(e.to_string()))?;
+    let tls = crate::serving_tls::server_config(serving.clone(), node_api.ca.cert_pem())
+        .map_err(|e| ServerError::Tls(e.to_string()))?;
+    tokio::spawn(crate::serving_tls::run_renewal(
+        serving,
+        node_api.metrics.serving_cert_expiry.clone(),
+        shutdown.clone(),
+    ));
 
     let listener = tokio::net::TcpListener::bind(cfg.listen)
         .await
@@ -296,10 +302,8 @@ pub async fn run(cfg: ControllerConfig, shutdown: Shutdown) -> Result<(), Server
         bootstrap_token_file = %creds.token_file.display(),
         "controller serving"
     );
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    let incoming = crate::serving_tls::incoming(listener, tls, shutdown.clone());
     Server::builder()
-        .tls_config(tls)
-        .map_err(|e| ServerError::Tls(e.to_string()))?
         .add_service(NodeServiceServer::new(node_api))
         .add_service(OperatorServiceServer::new(operator_api))
         .serve_with_incoming_shutdown(incoming, shutdown.clone().wait())

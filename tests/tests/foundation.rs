@@ -81,11 +81,15 @@ fn agent_joins_and_node_is_ready_with_real_inventory() {
         "{describe}"
     );
 
-    let metrics = ctl.scrape_metrics().unwrap();
-    assert_eq!(
-        metric(&metrics, "ironmesh_controller_nodes{condition=\"ready\"}"),
-        Some(1.0),
-        "{metrics}"
+    // The gauge is refreshed by the liveness pass, a few times a second.
+    wait_for(
+        "the ready-nodes gauge at 1",
+        Duration::from_secs(10),
+        || {
+            let metrics = ctl.scrape_metrics().ok()?;
+            (metric(&metrics, "ironmesh_controller_nodes{condition=\"ready\"}") == Some(1.0))
+                .then_some(())
+        },
     );
     let agent_metrics = ironmesh_tests::http_get(agent.metrics, "/metrics").unwrap();
     assert_eq!(
