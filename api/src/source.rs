@@ -6,6 +6,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::kind::Kind;
 use crate::meta::Condition;
 use crate::validate::{Errors, Spec};
 
@@ -27,6 +28,48 @@ pub struct SourceSpec {
     /// Delete objects this Source applied once they leave git; default true.
     #[serde(default = "yes")]
     pub prune: bool,
+    /// The kinds this Source may apply; a manifest of any other kind fails
+    /// the sync. Default Workload, Service, Policy, Volume, Pipeline; never
+    /// Node, Instance or Source.
+    #[serde(default = "default_kinds")]
+    pub kinds: Vec<String>,
+}
+
+/// What a Source may apply when its spec names no kinds.
+pub const DEFAULT_SOURCE_KINDS: [Kind; 5] = [
+    Kind::Workload,
+    Kind::Service,
+    Kind::Policy,
+    Kind::Volume,
+    Kind::Pipeline,
+];
+
+/// Kinds a Source may be allowed to apply at all: what an `edit` operator
+/// may apply, other Sources excepted (a Source needs only role edit).
+pub const SOURCE_APPLIABLE_KINDS: [Kind; 6] = [
+    Kind::Workload,
+    Kind::Service,
+    Kind::Policy,
+    Kind::Volume,
+    Kind::Pipeline,
+    Kind::PipelineRun,
+];
+
+fn default_kinds() -> Vec<String> {
+    DEFAULT_SOURCE_KINDS
+        .iter()
+        .map(|k| k.as_str().to_string())
+        .collect()
+}
+
+impl SourceSpec {
+    /// The kinds in `spec.kinds` (already validated).
+    pub fn allowed_kinds(&self) -> Vec<Kind> {
+        self.kinds
+            .iter()
+            .filter_map(|k| k.parse::<Kind>().ok())
+            .collect()
+    }
 }
 
 fn main_branch() -> String {
@@ -114,6 +157,31 @@ impl Spec for SourceSpec {
                 format!("must be a relative path inside the repository, without \"..\", got {d:?}"),
             );
         }
+        if self.kinds.is_empty() {
+            errs.add(
+                "spec.kinds",
+                "must name at least one kind (or be left out for the default)",
+            );
+        }
+        for (i, k) in self.kinds.iter().enumerate() {
+            let path = format!("spec.kinds[{i}]");
+            let allowed = SOURCE_APPLIABLE_KINDS
+                .iter()
+                .map(Kind::as_str)
+                .collect::<Vec<_>>()
+                .join(", ");
+            match SOURCE_APPLIABLE_KINDS.iter().find(|a| a.as_str() == k) {
+                Some(_) => {}
+                None if Kind::ALL.iter().any(|a| a.as_str() == k) => errs.add(
+                    path,
+                    format!("a Source may never apply {k}s; allowed: {allowed}"),
+                ),
+                None => errs.add(
+                    path,
+                    format!("{k:?} is not a kind a Source may apply; allowed: {allowed}"),
+                ),
+            }
+        }
         if self.interval_seconds < 1 {
             errs.add(
                 "spec.intervalSeconds",
@@ -171,9 +239,40 @@ mod tests {
         let v = validate(&src(json!({"repo": "/srv/git/platform"}))).unwrap();
         assert_eq!(
             v.object["spec"],
-            json!({"repo": "/srv/git/platform", "branch": "main", "directory": ".", "intervalSeconds": 30, "prune": true})
+            json!({"repo": "/srv/git/platform", "branch": "main", "directory": ".", "intervalSeconds": 30, "prune": true,
+                "kinds": ["Workload", "Service", "Policy", "Volume", "Pipeline"]})
         );
         assert_eq!(validate(&v.object).unwrap(), v);
+    }
+
+    #[test]
+    fn kinds() {
+        let v = validate(&src(
+            json!({"repo": "/srv/git/p", "kinds": ["Service", "PipelineRun"]}),
+        ))
+        .unwrap();
+        let spec: SourceSpec = serde_json::from_value(v.object["spec"].clone()).unwrap();
+        assert_eq!(spec.allowed_kinds(), vec![Kind::Service, Kind::PipelineRun]);
+        rejects(
+            json!({"repo": "/srv/git/p", "kinds": ["Workload", "Node"]}),
+            "spec.kinds[1]",
+            "a Source may never apply Nodes",
+        );
+        rejects(
+            json!({"repo": "/srv/git/p", "kinds": ["Source"]}),
+            "spec.kinds[0]",
+            "may never apply Sources",
+        );
+        rejects(
+            json!({"repo": "/srv/git/p", "kinds": ["Gadget"]}),
+            "spec.kinds[0]",
+            "is not a kind a Source may apply",
+        );
+        rejects(
+            json!({"repo": "/srv/git/p", "kinds": []}),
+            "spec.kinds",
+            "at least one kind",
+        );
     }
 
     #[test]

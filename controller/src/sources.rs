@@ -33,12 +33,12 @@ const TICK: Duration = Duration::from_secs(1);
 /// Longest a single git command may run.
 const GIT_TIMEOUT: Duration = Duration::from_secs(120);
 
-/// Kinds a Source may apply (and so may prune): those an `edit` operator
-/// may apply ([`crate::authz::EDIT_KINDS`]), other Sources excepted. Making
-/// a Source needs only role edit, so it must not apply what only admins
-/// may (Nodes).
+/// Kinds any Source may apply (and so may prune): those an `edit` operator
+/// may apply, other Sources excepted. Making a Source needs only role edit,
+/// so it must not apply what only admins may (Nodes). Each Source narrows
+/// this further with `spec.kinds`.
 fn appliable(kind: Kind) -> bool {
-    kind != Kind::Source && crate::authz::EDIT_KINDS.contains(&kind)
+    ironmesh_api::source::SOURCE_APPLIABLE_KINDS.contains(&kind)
 }
 
 /// What one sync of a Source came to.
@@ -232,7 +232,7 @@ async fn apply_commit(
         let text = String::from_utf8(blob).map_err(|_| format!("{path}: is not UTF-8 text"))?;
         texts.push((path, text));
     }
-    let docs = collect(&texts, name)?;
+    let docs = collect(&texts, name, &spec.allowed_kinds())?;
     let mut owned = Vec::new();
     if spec.prune {
         let sel = LabelSelector::parse(&format!("{SOURCE_LABEL}={name}"))
@@ -391,6 +391,7 @@ pub fn manifest_files(ls_tree: &[u8], directory: &str) -> Result<Vec<(String, St
 pub fn collect(
     files: &[(String, String)],
     source: &str,
+    allowed: &[Kind],
 ) -> Result<Vec<(String, Validated)>, String> {
     let mut docs = Vec::new();
     let mut errors = Vec::new();
@@ -416,6 +417,13 @@ pub fn collect(
                 Ok(v) if !appliable(v.kind) => errors.push(format!(
                     "{origin}: {} {:?}: a Source may not create {}s; apply it with imctl",
                     v.kind, v.name, v.kind
+                )),
+                Ok(v) if !allowed.contains(&v.kind) => errors.push(format!(
+                    "{origin}: {} {:?}: this Source may apply only {} (spec.kinds); add {} there to allow it",
+                    v.kind,
+                    v.name,
+                    allowed.iter().map(Kind::as_str).collect::<Vec<_>>().join(", "),
+                    v.kind
                 )),
                 Ok(mut v) => {
                     v.object["metadata"]["labels"][SOURCE_LABEL] = json!(source);
@@ -514,6 +522,7 @@ pub fn next_status(prev: SourceStatus, result: &SyncResult, now: &str) -> Source
 #[cfg(test)]
 mod tests {
     use super::*;
+    use ironmesh_api::source::DEFAULT_SOURCE_KINDS;
 
     #[test]
     fn credentials_in_urls_never_reach_status_text() {
@@ -581,6 +590,7 @@ mod tests {
         let docs = collect(
             &files(&[("a.yaml", &format!("{WEB}---\n{SVC}"))]),
             "platform",
+            &DEFAULT_SOURCE_KINDS,
         )
         .unwrap();
         assert_eq!(docs.len(), 2);
@@ -591,34 +601,51 @@ mod tests {
         );
 
         let broken = WEB.replace("image: web:1", "image: web:1\n  replicas: -1");
-        let e = collect(&files(&[("ok.yaml", SVC), ("apps/web.yaml", &broken)]), "p").unwrap_err();
+        let e = collect(
+            &files(&[("ok.yaml", SVC), ("apps/web.yaml", &broken)]),
+            "p",
+            &DEFAULT_SOURCE_KINDS,
+        )
+        .unwrap_err();
         assert!(
             e.starts_with("apps/web.yaml, document 1: Workload \"web\": spec.replicas"),
             "{e}"
         );
 
-        let e = collect(&files(&[("bad.yaml", "a: [")]), "p").unwrap_err();
+        let e = collect(&files(&[("bad.yaml", "a: [")]), "p", &DEFAULT_SOURCE_KINDS).unwrap_err();
         assert!(e.starts_with("bad.yaml: document 1:"), "{e}");
-        let e = collect(&files(&[("bad.json", "{")]), "p").unwrap_err();
+        let e = collect(&files(&[("bad.json", "{")]), "p", &DEFAULT_SOURCE_KINDS).unwrap_err();
         assert!(e.starts_with("bad.json: not valid JSON"), "{e}");
     }
 
     #[test]
     fn sources_may_not_create_sources_or_instances() {
         let src = "apiVersion: ironmesh.dev/v1\nkind: Source\nmetadata:\n  name: more\nspec:\n  repo: /srv/git/x\n";
-        let e = collect(&files(&[("s.yaml", src)]), "p").unwrap_err();
+        let e = collect(&files(&[("s.yaml", src)]), "p", &DEFAULT_SOURCE_KINDS).unwrap_err();
         assert!(
             e.contains("s.yaml, document 1: Source \"more\": a Source may not create Sources"),
             "{e}"
         );
         let inst = "apiVersion: ironmesh.dev/v1\nkind: Instance\nmetadata:\n  name: i\nspec: {}\n";
-        let e = collect(&files(&[("i.yaml", inst)]), "p").unwrap_err();
+        let e = collect(&files(&[("i.yaml", inst)]), "p", &DEFAULT_SOURCE_KINDS).unwrap_err();
         assert!(e.contains("i.yaml, document 1:"), "{e}");
     }
 
     #[test]
+    fn only_the_kinds_in_spec_kinds_are_applied() {
+        let e = collect(&files(&[("w.yaml", WEB)]), "p", &[Kind::Service]).unwrap_err();
+        assert!(
+            e.contains("w.yaml, document 1: Workload \"web\": this Source may apply only Service (spec.kinds)"),
+            "{e}"
+        );
+        let node = "apiVersion: ironmesh.dev/v1\nkind: Node\nmetadata:\n  name: n1\nspec: {}\n";
+        let e = collect(&files(&[("n.yaml", node)]), "p", &Kind::ALL).unwrap_err();
+        assert!(e.contains("a Source may not create Nodes"), "{e}");
+    }
+
+    #[test]
     fn prune_plan_deletes_only_owned_objects_that_left_git() {
-        let desired = collect(&files(&[("w.yaml", WEB)]), "p").unwrap();
+        let desired = collect(&files(&[("w.yaml", WEB)]), "p", &DEFAULT_SOURCE_KINDS).unwrap();
         let owned = vec![
             (Kind::Workload, "web".to_string()),
             (Kind::Service, "web".to_string()),
