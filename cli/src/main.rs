@@ -204,6 +204,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         } => {
             let k = kind(&k)?;
             let mut api = client::connect(&cfg).await?;
+            let mut warnings = Vec::new();
             let (objects, revision) = match &name {
                 Some(n) => {
                     let r = api
@@ -230,10 +231,19 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                         .iter()
                         .map(|i| parse_obj(&i.json))
                         .collect::<anyhow::Result<Vec<_>>>()?;
+                    warnings = r.warnings;
                     (objs, r.revision)
                 }
             };
             print_objects(k, &objects, output, name.is_some())?;
+            // After the table (stderr for machine-readable output).
+            for w in &warnings {
+                if matches!(output, None | Some(Output::Wide)) {
+                    println!("\nWarning: {w}");
+                } else {
+                    eprintln!("warning: {w}");
+                }
+            }
             if watch {
                 let mut stream = api
                     .watch(WatchRequest {

@@ -105,6 +105,20 @@ pub struct ControllerConfig {
     #[arg(long, env = "IRONMESH_EVICTION_DELAY", default_value = "5s", value_parser = humantime::parse_duration)]
     pub eviction_delay: Duration,
 
+    /// Share of all nodes (0–1) that may be NotReady before eviction
+    /// pauses: past it, a partition or a stalled store would otherwise
+    /// restart every workload.
+    #[arg(
+        long,
+        env = "IRONMESH_EVICTION_UNHEALTHY_THRESHOLD",
+        default_value_t = 0.5
+    )]
+    pub eviction_unhealthy_threshold: f64,
+
+    /// Most nodes whose instances are evicted per second.
+    #[arg(long, env = "IRONMESH_EVICTION_RATE", default_value_t = 1.0)]
+    pub eviction_rate: f64,
+
     /// CPU kept back on every node for the agent, containerd and the OS;
     /// the scheduler places instances in allocatable minus this.
     #[arg(long, env = "IRONMESH_RESERVE_CPU", default_value = "100m", value_parser = ironmesh_api::quantity::parse_cpu_millis)]
@@ -215,6 +229,18 @@ impl ControllerConfig {
             || self.node_cert_lifetime > crate::tokens::MAX_TTL * 10
         {
             return Err("--node-cert-lifetime must be between 1m and 10 years".into());
+        }
+        if !(0.0..=1.0).contains(&self.eviction_unhealthy_threshold) {
+            return Err(format!(
+                "--eviction-unhealthy-threshold must be between 0 and 1 (a share of the nodes), got {}",
+                self.eviction_unhealthy_threshold
+            ));
+        }
+        if !(self.eviction_rate > 0.0 && self.eviction_rate.is_finite()) {
+            return Err(format!(
+                "--eviction-rate must be a positive number of nodes per second, got {}",
+                self.eviction_rate
+            ));
         }
         if self.serving_cert_lifetime < Duration::from_secs(60)
             || self.serving_cert_lifetime > crate::tokens::MAX_TTL * 10

@@ -9,8 +9,15 @@
 //! twice. Instances whose volume lives on the node cannot move: they stay
 //! bound and show `Pending`/`NodeNotReady` until the node returns.
 //!
-//! The decision ([`plan`]) is pure; it reads no clock (the caller passes
-//! `now`) and never touches the store.
+//! Two brakes, in the habit of Kubernetes' node lifecycle controller: when
+//! more than a share of all nodes (`--eviction-unhealthy-threshold`,
+//! default 50 %) are NotReady, eviction pauses — a partition or a stalled
+//! store must not restart every workload — and each held instance gets an
+//! `EvictionPaused` event; otherwise at most `--eviction-rate` nodes per
+//! second are emptied.
+//!
+//! The decision ([`plan_guarded`]) is pure; it reads no clock (the caller
+//! passes `now`) and never touches the store.
 
 use std::time::{Duration, SystemTime};
 
@@ -67,8 +74,80 @@ impl NodeFacts {
 pub enum Action {
     /// Delete it; the replica count replaces it elsewhere.
     Delete { instance: String, why: String },
-    /// Keep it bound, Pending with reason `NodeNotReady` and this message.
-    Hold { instance: String, message: String },
+    /// Keep it bound, Pending with `reason` (`NodeNotReady`, or
+    /// `EvictionPaused` with an event) and this message.
+    Hold {
+        instance: String,
+        reason: &'static str,
+        message: String,
+    },
+}
+
+/// Why eviction is paused, if it is: more than `threshold` (a share, 0–1)
+/// of `nodes` are NotReady.
+pub fn paused(nodes: &[NodeFacts], threshold: f64) -> Option<String> {
+    let total = nodes.len();
+    let down = nodes.iter().filter(|n| n.not_ready_since.is_some()).count();
+    (total > 0 && down as f64 > threshold * total as f64).then(|| {
+        format!(
+            "eviction paused: {down} of {total} nodes are NotReady, more than {:.0}% (--eviction-unhealthy-threshold); instances stay where they are until enough nodes return",
+            threshold * 100.0
+        )
+    })
+}
+
+/// Node evictions allowed per second, as a token bucket holding at most
+/// one second's worth (and at least one node).
+#[derive(Debug, Clone)]
+pub struct RateLimit {
+    per_second: f64,
+    tokens: f64,
+    last: Option<std::time::Instant>,
+}
+
+impl RateLimit {
+    pub fn new(per_second: f64) -> RateLimit {
+        RateLimit {
+            per_second,
+            tokens: per_second.max(1.0),
+            last: None,
+        }
+    }
+
+    /// Whole node evictions allowed at `now`.
+    pub fn available(&mut self, now: std::time::Instant) -> usize {
+        if let Some(last) = self.last {
+            let earned = now.saturating_duration_since(last).as_secs_f64() * self.per_second;
+            self.tokens = (self.tokens + earned).min(self.per_second.max(1.0));
+        }
+        self.last = Some(now);
+        self.tokens.floor() as usize
+    }
+
+    /// Spends `n` evictions (after [`RateLimit::available`]).
+    pub fn spend(&mut self, n: usize) {
+        self.tokens = (self.tokens - n as f64).max(0.0);
+    }
+
+    /// How long until the next eviction is allowed.
+    pub fn wait(&self) -> Duration {
+        if self.tokens >= 1.0 || self.per_second <= 0.0 {
+            return Duration::ZERO;
+        }
+        Duration::from_secs_f64((1.0 - self.tokens) / self.per_second)
+    }
+}
+
+/// What [`plan_guarded`] decided.
+#[derive(Debug, Default)]
+pub struct Plan {
+    pub actions: Vec<Action>,
+    /// How long until the next NotReady node becomes due.
+    pub next: Option<Duration>,
+    /// Nodes emptied by this plan (each spends one of the rate's tokens).
+    pub evicted_nodes: usize,
+    /// Due nodes left for later by the rate limit.
+    pub rate_limited: usize,
 }
 
 /// An instance as eviction sees it.
@@ -79,7 +158,7 @@ pub struct Bound<'a> {
 }
 
 /// What to do now, and how long until the next NotReady node becomes due
-/// (so the caller can wake up in time).
+/// (so the caller can wake up in time); no guard and no rate limit.
 pub fn plan(
     nodes: &[NodeFacts],
     instances: &[Bound<'_>],
@@ -87,6 +166,24 @@ pub fn plan(
     delay: Duration,
     now: SystemTime,
 ) -> (Vec<Action>, Option<Duration>) {
+    let p = plan_guarded(nodes, instances, volumes, delay, now, None, usize::MAX);
+    (p.actions, p.next)
+}
+
+/// [`plan`] with the guard: while `paused` (see [`paused`]) nothing is
+/// evicted for being NotReady and the instances are held with its
+/// message; otherwise at most `budget` nodes are emptied. NoExecute taints
+/// (an operator's decision) are neither paused nor limited.
+pub fn plan_guarded(
+    nodes: &[NodeFacts],
+    instances: &[Bound<'_>],
+    volumes: &VolumeIndex,
+    delay: Duration,
+    now: SystemTime,
+    paused: Option<&str>,
+    mut budget: usize,
+) -> Plan {
+    let mut out = Plan::default();
     let mut actions = Vec::new();
     let mut next: Option<Duration> = None;
     // By node once, not a walk of every instance per node (10M compares
@@ -112,15 +209,37 @@ pub fn plan(
         if !due && n.taints.is_empty() {
             continue;
         }
-        for i in by_node.get(n.name.as_str()).into_iter().flatten() {
+        let on_node = by_node.get(n.name.as_str()).map_or(&[][..], Vec::as_slice);
+        let movable = on_node
+            .iter()
+            .any(|i| volumes.volume_on(i.template, &n.name).is_none());
+        // Paused: hold everything; out of budget: leave the node for a
+        // later pass (it stays due).
+        let mut due_now = due;
+        if due && movable && paused.is_none() {
+            if budget == 0 {
+                out.rate_limited += 1;
+                due_now = false;
+            } else {
+                budget -= 1;
+                out.evicted_nodes += 1;
+            }
+        }
+        for i in on_node {
             let local = volumes.volume_on(i.template, &n.name);
-            if due {
-                match local {
-                    Some(v) => actions.push(Action::Hold {
+            if due && (due_now || paused.is_some()) {
+                match (local, paused) {
+                    (Some(v), _) => actions.push(Action::Hold {
                         instance: i.name.to_string(),
+                        reason: "NodeNotReady",
                         message: format!("node {} is NotReady; volume {v} lives there", n.name),
                     }),
-                    None => actions.push(Action::Delete {
+                    (None, Some(why)) => actions.push(Action::Hold {
+                        instance: i.name.to_string(),
+                        reason: "EvictionPaused",
+                        message: format!("node {} is NotReady; {why}", n.name),
+                    }),
+                    (None, None) => actions.push(Action::Delete {
                         instance: i.name.to_string(),
                         why: format!(
                             "node {} NotReady for more than {}",
@@ -129,7 +248,8 @@ pub fn plan(
                         ),
                     }),
                 }
-            } else if local.is_none()
+            } else if !due
+                && local.is_none()
                 && crate::scheduler::evicted_by_taints(&n.taints, i.template.placement.as_ref())
             {
                 actions.push(Action::Delete {
@@ -139,7 +259,9 @@ pub fn plan(
             }
         }
     }
-    (actions, next)
+    out.actions = actions;
+    out.next = next;
+    out
 }
 
 /// Applies `actions` (the deletes as one batch); returns the names of the
@@ -165,12 +287,15 @@ pub async fn apply(
     for a in actions {
         match a {
             Action::Delete { .. } => {}
-            Action::Hold { instance, message } => {
+            Action::Hold {
+                instance,
+                reason,
+                message,
+            } => {
                 resources
                     .update(ironmesh_api::Kind::Instance, instance, |cur| {
                         let mut o = cur?.clone();
-                        if o.pointer("/status/reason").and_then(Value::as_str)
-                            == Some("NodeNotReady")
+                        if o.pointer("/status/reason").and_then(Value::as_str) == Some(*reason)
                             && o.pointer("/status/message").and_then(Value::as_str)
                                 == Some(message.as_str())
                         {
@@ -181,8 +306,26 @@ pub async fn apply(
                         }
                         o["status"]["phase"] = json!("Pending");
                         o["status"]["ready"] = json!(false);
-                        o["status"]["reason"] = json!("NodeNotReady");
+                        o["status"]["reason"] = json!(reason);
                         o["status"]["message"] = json!(message);
+                        if *reason == "EvictionPaused" {
+                            let mut events: Vec<ironmesh_api::instance::Event> = o
+                                .pointer("/status/events")
+                                .cloned()
+                                .and_then(|e| serde_json::from_value(e).ok())
+                                .unwrap_or_default();
+                            ironmesh_api::instance::record_event(
+                                &mut events,
+                                ironmesh_api::instance::Event {
+                                    kind: "Warning".into(),
+                                    reason: "EvictionPaused".into(),
+                                    message: message.clone(),
+                                    time: crate::resources::now_rfc3339(),
+                                    count: 1,
+                                },
+                            );
+                            o["status"]["events"] = json!(events);
+                        }
                         Some(o)
                     })
                     .await?;
@@ -276,9 +419,73 @@ mod tests {
                 },
                 Action::Hold {
                     instance: "db-a".into(),
+                    reason: "NodeNotReady",
                     message: "node h1 is NotReady; volume data lives there".into()
                 },
             ]
+        );
+    }
+
+    fn one_per_node<'a>(names: &'a [(&'a str, &'a str)], spec: &'a WorkloadSpec) -> Vec<Bound<'a>> {
+        names
+            .iter()
+            .map(|(name, node)| Bound {
+                name,
+                node,
+                template: spec,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn more_than_half_not_ready_pauses_eviction_and_says_why() {
+        let spec = spec();
+        let inst = one_per_node(&[("a", "h1"), ("b", "h2"), ("c", "h3"), ("d", "h4")], &spec);
+        let vols = VolumeIndex::default();
+        let delay = Duration::from_secs(5);
+        let nodes = [
+            node("h1", Some(0)),
+            node("h2", Some(0)),
+            node("h3", Some(0)),
+            node("h4", None),
+        ];
+        let why = paused(&nodes, 0.5).expect("3 of 4 is more than half");
+        assert!(
+            why.contains("3 of 4 nodes are NotReady, more than 50%"),
+            "{why}"
+        );
+        let p = plan_guarded(&nodes, &inst, &vols, delay, t(60), Some(&why), usize::MAX);
+        assert_eq!(p.evicted_nodes, 0);
+        assert_eq!(p.actions.len(), 3);
+        assert!(p.actions.iter().all(|a| matches!(a,
+            Action::Hold { reason: "EvictionPaused", message, .. } if message.contains("eviction paused"))),
+            "{:?}", p.actions);
+        // Exactly half is not more than half.
+        assert_eq!(paused(&nodes[2..], 0.5), None);
+        assert_eq!(paused(&[], 0.5), None);
+    }
+
+    #[test]
+    fn the_rate_limit_empties_nodes_one_budget_at_a_time() {
+        let spec = spec();
+        let inst = one_per_node(&[("a", "h1"), ("b", "h2"), ("c", "h3")], &spec);
+        let vols = VolumeIndex::default();
+        let nodes = [node("h1", Some(0)), node("h2", Some(0)), node("h3", None)];
+        let p = plan_guarded(&nodes, &inst, &vols, Duration::from_secs(5), t(60), None, 1);
+        assert_eq!((p.evicted_nodes, p.rate_limited), (1, 1));
+        assert_eq!(p.actions.len(), 1, "{:?}", p.actions);
+
+        let start = std::time::Instant::now();
+        let mut rate = RateLimit::new(1.0);
+        assert_eq!(rate.available(start), 1);
+        rate.spend(1);
+        assert_eq!(rate.available(start), 0);
+        assert_eq!(rate.wait(), Duration::from_secs(1));
+        assert_eq!(rate.available(start + Duration::from_millis(500)), 0);
+        assert_eq!(
+            rate.available(start + Duration::from_secs(5)),
+            1,
+            "banks at most one second"
         );
     }
 

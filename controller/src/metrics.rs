@@ -37,6 +37,10 @@ pub struct ControllerMetrics {
     pub store_revision: Gauge,
     pub instances: Family<PhaseLabel, Gauge>,
     pub unschedulable: Gauge,
+    /// 1 while eviction is paused (too many nodes NotReady).
+    pub eviction_paused: Gauge,
+    /// Instances evicted from NotReady or tainted nodes.
+    pub evictions: Counter,
     /// 1 while this controller is the leader (runs the reconcilers).
     pub leader: Gauge,
     /// Leadership gained or lost.
@@ -83,6 +87,8 @@ impl ControllerMetrics {
             store_revision: Gauge::default(),
             instances: Family::default(),
             unschedulable: Gauge::default(),
+            eviction_paused: Gauge::default(),
+            evictions: Counter::default(),
             leader: Gauge::default(),
             leader_transitions: Counter::default(),
             pipeline_runs: Family::default(),
@@ -137,6 +143,16 @@ impl ControllerMetrics {
             "heartbeat_interval_milliseconds",
             "Heartbeat interval agents are told now (grows with the cluster, --max-heartbeats-per-second)",
             m.heartbeat_interval_ms.clone(),
+        );
+        r.register(
+            "eviction_paused",
+            "1 while eviction is paused because more than --eviction-unhealthy-threshold of the nodes are NotReady",
+            m.eviction_paused.clone(),
+        );
+        r.register(
+            "evictions",
+            "Instances evicted from NotReady nodes or by NoExecute taints",
+            m.evictions.clone(),
         );
         r.register(
             "serving_certificate_expiry_timestamp_seconds",

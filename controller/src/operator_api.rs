@@ -264,6 +264,20 @@ impl OperatorApi {
         }
     }
 
+    /// The eviction guard's message while eviction is paused.
+    async fn eviction_warning(&self) -> Option<String> {
+        let kv = self
+            .resources
+            .store()
+            .get(crate::workloads::EVICTION_STATUS_KEY)
+            .await
+            .ok()??;
+        let v: serde_json::Value = serde_json::from_slice(&kv.value).ok()?;
+        (v.get("paused")? == true)
+            .then(|| v.get("message")?.as_str().map(str::to_string))
+            .flatten()
+    }
+
     async fn list_inner(&self, req: Request<ListRequest>) -> Result<ListResponse, Status> {
         self.caller(&req, Action::Read, "List").await?;
         let req = req.into_inner();
@@ -276,9 +290,14 @@ impl OperatorApi {
             .list(kind, &selector)
             .await
             .map_err(to_status)?;
+        let mut warnings = Vec::new();
+        if kind == Kind::Node {
+            warnings.extend(self.eviction_warning().await);
+        }
         Ok(ListResponse {
             items: items.into_iter().map(|o| self.to_resource(o)).collect(),
             revision,
+            warnings,
         })
     }
 

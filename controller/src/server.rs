@@ -144,6 +144,8 @@ pub async fn run(cfg: ControllerConfig, shutdown: Shutdown) -> Result<(), Server
             memory_bytes: cfg.reserve_memory,
         },
         eviction_delay: cfg.eviction_delay,
+        unhealthy_threshold: cfg.eviction_unhealthy_threshold,
+        eviction_rate: cfg.eviction_rate,
     };
     let reconcilers = {
         let (resources, liveness, metrics) = (resources.clone(), liveness.clone(), metrics.clone());

@@ -45,6 +45,11 @@ pub struct Settings {
     /// How long a node may be NotReady before its instances move
     /// (`--eviction-delay`).
     pub eviction_delay: Duration,
+    /// Share of nodes (0–1) that may be NotReady before eviction pauses
+    /// (`--eviction-unhealthy-threshold`).
+    pub unhealthy_threshold: f64,
+    /// Nodes emptied per second at most (`--eviction-rate`).
+    pub eviction_rate: f64,
 }
 
 impl Default for Settings {
@@ -52,8 +57,21 @@ impl Default for Settings {
         Settings {
             reserve: Reserve::default(),
             eviction_delay: Duration::from_secs(5),
+            unhealthy_threshold: 0.5,
+            eviction_rate: 1.0,
         }
     }
+}
+
+/// Store key of the eviction guard's state, for `imctl get nodes` on any
+/// controller: `{"paused": bool, "message": "..."}`.
+pub const EVICTION_STATUS_KEY: &str = "/cluster/eviction";
+
+/// Eviction state kept between passes.
+struct EvictionState {
+    rate: crate::eviction::RateLimit,
+    /// What [`EVICTION_STATUS_KEY`] holds, once known.
+    published: Option<Option<String>>,
 }
 
 /// Runs passes until `shutdown`.
@@ -66,8 +84,12 @@ pub async fn run(
     let res = &resources;
     let (metrics, settings) = (&metrics, &settings);
     let memo = &std::sync::Mutex::new(Memo::default());
+    let eviction = &tokio::sync::Mutex::new(EvictionState {
+        rate: crate::eviction::RateLimit::new(settings.eviction_rate),
+        published: None,
+    });
     crate::pass_loop::run(res, "workloads", RETRY, shutdown, || async move {
-        match reconcile_with(res, settings, memo).await {
+        match reconcile_with(res, settings, memo, eviction, metrics).await {
             Ok(counts) => {
                 counts.publish(metrics);
                 counts.next_eviction.map_or(RESYNC, |due| RESYNC.min(due))
@@ -216,6 +238,26 @@ fn phase_name(p: InstancePhase) -> &'static str {
     }
 }
 
+/// Writes the guard's state to [`EVICTION_STATUS_KEY`] (only on change).
+async fn publish_eviction_status(
+    resources: &Resources,
+    why: Option<&str>,
+) -> Result<(), ResourceError> {
+    let value = serde_json::to_vec(&json!({"paused": why.is_some(), "message": why.unwrap_or("")}))
+        .unwrap_or_default();
+    resources
+        .store()
+        .txn(crate::store::Txn {
+            compares: vec![],
+            ops: vec![crate::store::Op::Put {
+                key: EVICTION_STATUS_KEY.to_string(),
+                value,
+            }],
+        })
+        .await?;
+    Ok(())
+}
+
 /// Decoded instances kept between passes, by name with the revision they
 /// were decoded at: a pass decodes only what changed.
 #[derive(Default)]
@@ -258,13 +300,27 @@ pub async fn reconcile(
     resources: &Resources,
     settings: &Settings,
 ) -> Result<PassCounts, ResourceError> {
-    reconcile_with(resources, settings, &std::sync::Mutex::new(Memo::default())).await
+    let eviction = tokio::sync::Mutex::new(EvictionState {
+        rate: crate::eviction::RateLimit::new(settings.eviction_rate),
+        published: None,
+    });
+    let metrics = crate::metrics::ControllerMetrics::new(&mut Default::default());
+    reconcile_with(
+        resources,
+        settings,
+        &std::sync::Mutex::new(Memo::default()),
+        &eviction,
+        &metrics,
+    )
+    .await
 }
 
 async fn reconcile_with(
     resources: &Resources,
     settings: &Settings,
     memo: &std::sync::Mutex<Memo>,
+    eviction: &tokio::sync::Mutex<EvictionState>,
+    metrics: &crate::metrics::ControllerMetrics,
 ) -> Result<PassCounts, ResourceError> {
     let all = LabelSelector::default();
     let (workloads, nodes, instance_objects) = match resources.cache().await {
@@ -322,15 +378,41 @@ async fn reconcile_with(
                 })
             })
             .collect();
-        let (actions, next) = crate::eviction::plan(
+        let why = crate::eviction::paused(&facts, settings.unhealthy_threshold);
+        let mut state = eviction.lock().await;
+        let budget = state.rate.available(std::time::Instant::now());
+        let plan = crate::eviction::plan_guarded(
             &facts,
             &bound,
             &volumes,
             settings.eviction_delay,
             std::time::SystemTime::now(),
+            why.as_deref(),
+            budget,
         );
-        counts.next_eviction = next;
-        let deleted = crate::eviction::apply(resources, &actions).await?;
+        state.rate.spend(plan.evicted_nodes);
+        counts.next_eviction = plan.next;
+        if plan.rate_limited > 0 {
+            tracing::info!(
+                nodes = plan.rate_limited,
+                "NotReady nodes wait for eviction (--eviction-rate)"
+            );
+            let wait = state.rate.wait().max(Duration::from_millis(100));
+            counts.next_eviction = Some(counts.next_eviction.map_or(wait, |n| n.min(wait)));
+        }
+        metrics.eviction_paused.set(i64::from(why.is_some()));
+        if state.published.as_ref() != Some(&why) {
+            publish_eviction_status(resources, why.as_deref()).await?;
+            match &why {
+                Some(w) => tracing::warn!(reason = %w, "eviction paused"),
+                None if state.published.is_some() => tracing::info!("eviction resumed"),
+                None => {}
+            }
+            state.published = Some(why);
+        }
+        drop(state);
+        let deleted = crate::eviction::apply(resources, &plan.actions).await?;
+        metrics.evictions.inc_by(deleted.len() as u64);
         // Replacements for the evicted are created below, in this pass.
         instances.retain(|i| !deleted.contains(&i.name));
     }

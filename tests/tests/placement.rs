@@ -255,3 +255,77 @@ fn replicas_spread_move_off_a_dead_host_not_twice_and_drain() {
     });
     drop(agents);
 }
+
+#[test]
+fn eviction_pauses_when_most_nodes_are_not_ready_and_resumes_when_they_return() {
+    let ctl = Controller::start(ControllerOpts::default());
+    let hosts = ["g1", "g2", "g3", "g4"];
+    let mut agents: Vec<Agent> = hosts.iter().map(|h| Agent::start(&ctl, h)).collect();
+    for h in hosts {
+        ready(&ctl, h);
+    }
+    push(&ctl, "batch-step");
+    ctl.apply_yaml(&sleeper("guarded", 4, "16Mi"));
+    let placed = wait_for("4 replicas running", Duration::from_secs(60), || {
+        all_running(&ctl, "guarded", 4, &[])
+    });
+    let names: BTreeSet<String> = placed.iter().map(|(i, _)| i.clone()).collect();
+
+    // 3 of 4 hosts die: more than half NotReady, so nothing moves; each
+    // held instance says why.
+    for a in &mut agents[1..] {
+        a.proc.kill9();
+    }
+    let held = wait_for(
+        "EvictionPaused on the 3 instances of the dead hosts",
+        Duration::from_secs(60),
+        || {
+            let list = instances(&ctl, "guarded");
+            let held: Vec<Value> = list
+                .into_iter()
+                .filter(|i| s(i, "/status/reason") == "EvictionPaused")
+                .collect();
+            (held.len() == 3).then_some(held)
+        },
+    );
+    let event = held[0]
+        .pointer("/status/events")
+        .and_then(Value::as_array)
+        .and_then(|e| e.iter().find(|e| s(e, "/reason") == "EvictionPaused"))
+        .cloned()
+        .unwrap_or_default();
+    assert!(
+        s(&event, "/message").contains("3 of 4 nodes are NotReady, more than 50%"),
+        "{event}"
+    );
+    let now: BTreeSet<String> = instances(&ctl, "guarded")
+        .iter()
+        .map(|i| s(i, "/metadata/name").to_string())
+        .collect();
+    assert_eq!(now, names, "nothing was evicted");
+    let table = imctl_ok(&ctl, &["get", "nodes"]);
+    assert!(
+        table.contains("Warning: eviction paused: 3 of 4 nodes are NotReady"),
+        "{table}"
+    );
+    let metrics = ctl.scrape_metrics().unwrap();
+    assert_eq!(
+        ironmesh_tests::metric(&metrics, "ironmesh_controller_eviction_paused"),
+        Some(1.0),
+        "{metrics}"
+    );
+
+    // Two return: 1 of 4 NotReady, so the last dead host's instance moves.
+    agents[1].restart_without_token(&ctl);
+    agents[2].restart_without_token(&ctl);
+    ready(&ctl, "g2");
+    ready(&ctl, "g3");
+    wait_for(
+        "the instance of g4 replaced on a Ready host",
+        Duration::from_secs(60),
+        || all_running(&ctl, "guarded", 4, &["g4"]),
+    );
+    let table = imctl_ok(&ctl, &["get", "nodes"]);
+    assert!(!table.contains("eviction paused"), "{table}");
+    drop(agents);
+}
