@@ -160,7 +160,18 @@ impl FlowLog {
                         }
                         Ok(_) => {}
                         Err(broadcast::error::RecvError::Lagged(n)) => {
-                            tracing::debug!(skipped = n, "flow follower lagged");
+                            // Its own buffer is full: end it with a reason
+                            // rather than hand it a stream with holes.
+                            tracing::info!(skipped = n, "flow follower fell behind; stream ended");
+                            let why = Status::resource_exhausted(format!(
+                                "this reader fell behind: {n} flows were skipped; follow again, narrowed with --workload or --verdict"
+                            ));
+                            let _ = tokio::time::timeout(
+                                std::time::Duration::from_secs(10),
+                                tx.send(Err(why)),
+                            )
+                            .await;
+                            return;
                         }
                         Err(broadcast::error::RecvError::Closed) => return,
                     }
@@ -300,6 +311,35 @@ mod tests {
             ..Default::default()
         });
         assert_eq!(last[0].verdict, "rate-limited");
+    }
+
+    #[tokio::test]
+    async fn a_follower_that_falls_behind_is_ended_with_the_reason() {
+        use futures::StreamExt;
+        let log = FlowLog::with_capacity(16);
+        let mut stream = log
+            .open(FlowsRequest {
+                follow: true,
+                ..Default::default()
+            })
+            .unwrap();
+        // Far more than its buffers hold, while it does not read.
+        for _ in 0..10_000 {
+            log.push(rec("allowed", "a", "b"));
+            tokio::task::yield_now().await;
+        }
+        let mut got = 0;
+        let err = loop {
+            match tokio::time::timeout(std::time::Duration::from_secs(10), stream.next()).await {
+                Ok(Some(Ok(_))) => got += 1,
+                Ok(Some(Err(e))) => break e,
+                other => panic!("the stream must end with an error, got {other:?} after {got}"),
+            }
+        };
+        assert_eq!(err.code(), tonic::Code::ResourceExhausted);
+        assert!(err.message().contains("fell behind"), "{}", err.message());
+        assert!(got < 10_000);
+        assert!(stream.next().await.is_none(), "and then it ends");
     }
 
     #[test]

@@ -20,7 +20,8 @@
 //! the index must be below it), `STORAGE_PATH` (default `/tmp`),
 //! `OUTPUT_NAME` (a file name, default `step-{index}.txt`), `EXIT_CODE`
 //! (0–255, default 0) and `SLEEP_MS` (optional: wait that long first,
-//! as if working). The file holds `index=<i> replicas=<n>\n` and is
+//! as if working; with `CHATTY_LINES_PER_SECOND`, printing that many
+//! 100-byte lines a second meanwhile). The file holds `index=<i> replicas=<n>\n` and is
 //! written under a temporary name then renamed, so a `--check` never sees
 //! half a file. The file is written even when `EXIT_CODE` is not 0.
 //!
@@ -84,7 +85,8 @@ fn run_step() -> Result<u8, String> {
     }
 
     if let Some(ms) = env_u64("SLEEP_MS")? {
-        if let Some(signal) = sleep_unless_stopped(Duration::from_millis(ms))? {
+        let chatty = env_u64("CHATTY_LINES_PER_SECOND")?.unwrap_or(0);
+        if let Some(signal) = sleep_unless_stopped(Duration::from_millis(ms), chatty)? {
             println!(
                 "batch-step: index={index} replicas={replicas}: stopped by {} while working; no output written",
                 signal_name(signal)
@@ -296,8 +298,13 @@ fn write_atomically(path: &Path, content: &[u8]) -> std::io::Result<()> {
     })
 }
 
-/// Waits `duration`; returns the signal if SIGTERM or SIGINT came first.
-fn sleep_unless_stopped(duration: Duration) -> Result<Option<libc::c_int>, String> {
+/// Waits `duration`, printing `chatty` lines a second meanwhile; returns
+/// the signal if SIGTERM or SIGINT came first.
+fn sleep_unless_stopped(duration: Duration, chatty: u64) -> Result<Option<libc::c_int>, String> {
+    use std::io::Write;
+    let started = Instant::now();
+    let mut printed: u64 = 0;
+    let mut out = std::io::stdout().lock();
     // SAFETY: the set is initialised by sigemptyset before any use;
     // pthread_sigmask and sigtimedwait only read it, and the timespec is
     // a valid pointer for the call. This program has one thread.
@@ -316,9 +323,21 @@ fn sleep_unless_stopped(duration: Duration) -> Result<Option<libc::c_int>, Strin
         println!("batch-step: sleeping {} ms", duration.as_millis());
         let deadline = Instant::now() + duration;
         loop {
-            let left = deadline.saturating_duration_since(Instant::now());
+            if chatty > 0 {
+                let due = (started.elapsed().as_secs_f64() * chatty as f64) as u64;
+                while printed < due {
+                    // A write error (closed log pipe) is not this step's failure.
+                    let _ = writeln!(out, "batch-step: chatter {printed:>12} {:.<62}", "");
+                    printed += 1;
+                }
+                let _ = out.flush();
+            }
+            let mut left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 return Ok(None);
+            }
+            if chatty > 0 {
+                left = left.min(Duration::from_millis(10));
             }
             let timeout = libc::timespec {
                 tv_sec: left.as_secs().min(i64::MAX as u64) as libc::time_t,
@@ -330,6 +349,7 @@ fn sleep_unless_stopped(duration: Duration) -> Result<Option<libc::c_int>, Strin
             }
             let err = std::io::Error::last_os_error();
             match err.raw_os_error() {
+                Some(libc::EAGAIN) if chatty > 0 => continue,
                 Some(libc::EAGAIN) => return Ok(None),
                 Some(libc::EINTR) => continue,
                 _ => return Err(format!("waiting: {err}")),
