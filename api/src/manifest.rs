@@ -5,8 +5,17 @@
 //! comments, or nothing between two `---`) included in the count but not
 //! returned. So an error can say "web.yaml, document 3".
 
-use serde::Deserialize;
+use std::cell::Cell;
+
+use serde::de::{self, DeserializeSeed, MapAccess, SeqAccess, Visitor};
 use serde_json::Value;
+
+/// What one text may expand to, in bytes (16 per node plus string
+/// lengths), counted across aliases: at least this, or 16 times the text.
+/// A 3 MB "billion laughs" document would otherwise expand to terabytes
+/// (serde_yaml bounds alias jumps per event, not the expansion).
+pub const MIN_EXPANSION_BUDGET: usize = 64 << 20;
+const NODE_COST: usize = 16;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ManifestError {
@@ -22,13 +31,20 @@ pub fn parse_yaml_documents_numbered(text: &str) -> Result<Vec<(usize, Value)>, 
     let mut out = Vec::new();
     // After a syntax error serde_yaml's document iterator repeats the error
     // forever; the `?` below stops at the first one.
+    let budget = MIN_EXPANSION_BUDGET.max(text.len().saturating_mul(16));
+    let left = Cell::new(budget);
     for (i, de) in serde_yaml::Deserializer::from_str(text).enumerate() {
         let document = i + 1;
         let yaml_err = |e: serde_yaml::Error| ManifestError::Yaml {
             document,
             message: e.to_string(),
         };
-        let mut y = serde_yaml::Value::deserialize(de).map_err(yaml_err)?;
+        let mut y = Budgeted {
+            left: &left,
+            budget,
+        }
+        .deserialize(de)
+        .map_err(yaml_err)?;
         if y.is_null() {
             continue;
         }
@@ -40,6 +56,112 @@ pub fn parse_yaml_documents_numbered(text: &str) -> Result<Vec<(usize, Value)>, 
         out.push((document, j));
     }
     Ok(out)
+}
+
+/// Deserializes a `serde_yaml::Value`, spending from `left` for every node
+/// it builds, aliases replayed included.
+#[derive(Clone, Copy)]
+struct Budgeted<'a> {
+    left: &'a Cell<usize>,
+    budget: usize,
+}
+
+impl Budgeted<'_> {
+    fn spend<E: de::Error>(&self, n: usize) -> Result<(), E> {
+        let left = self.left.get();
+        if n > left {
+            self.left.set(0);
+            return Err(E::custom(format!(
+                "expands to more than {} MiB (through YAML aliases and anchors?); the limit keeps the controller's memory bounded: write the values out or split the file",
+                self.budget >> 20
+            )));
+        }
+        self.left.set(left - n);
+        Ok(())
+    }
+}
+
+impl<'de> DeserializeSeed<'de> for Budgeted<'_> {
+    type Value = serde_yaml::Value;
+    fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<serde_yaml::Value, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for Budgeted<'_> {
+    type Value = serde_yaml::Value;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a YAML value")
+    }
+    fn visit_bool<E: de::Error>(self, b: bool) -> Result<Self::Value, E> {
+        self.spend(NODE_COST)?;
+        Ok(serde_yaml::Value::Bool(b))
+    }
+    fn visit_i64<E: de::Error>(self, n: i64) -> Result<Self::Value, E> {
+        self.spend(NODE_COST)?;
+        Ok(serde_yaml::Value::Number(n.into()))
+    }
+    fn visit_u64<E: de::Error>(self, n: u64) -> Result<Self::Value, E> {
+        self.spend(NODE_COST)?;
+        Ok(serde_yaml::Value::Number(n.into()))
+    }
+    fn visit_f64<E: de::Error>(self, n: f64) -> Result<Self::Value, E> {
+        self.spend(NODE_COST)?;
+        Ok(serde_yaml::Value::Number(n.into()))
+    }
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
+        self.spend(NODE_COST.saturating_add(v.len()))?;
+        Ok(serde_yaml::Value::String(v.to_owned()))
+    }
+    fn visit_string<E: de::Error>(self, v: String) -> Result<Self::Value, E> {
+        self.spend(NODE_COST.saturating_add(v.len()))?;
+        Ok(serde_yaml::Value::String(v))
+    }
+    fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+        self.spend(NODE_COST)?;
+        Ok(serde_yaml::Value::Null)
+    }
+    fn visit_none<E: de::Error>(self) -> Result<Self::Value, E> {
+        self.visit_unit()
+    }
+    fn visit_some<D: de::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        self.deserialize(d)
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        self.spend(NODE_COST)?;
+        let mut out = Vec::new();
+        while let Some(v) = seq.next_element_seed(self)? {
+            out.push(v);
+        }
+        Ok(serde_yaml::Value::Sequence(out))
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        self.spend(NODE_COST)?;
+        let mut out = serde_yaml::Mapping::new();
+        while let Some(k) = map.next_key_seed(self)? {
+            if out.contains_key(&k) {
+                let shown = match &k {
+                    serde_yaml::Value::String(s) => format!("{s:?}"),
+                    other => serde_yaml::to_string(other)
+                        .unwrap_or_default()
+                        .trim()
+                        .to_string(),
+                };
+                return Err(de::Error::custom(format!(
+                    "duplicate entry with key {shown}"
+                )));
+            }
+            let v = map.next_value_seed(self)?;
+            out.insert(k, v);
+        }
+        Ok(serde_yaml::Value::Mapping(out))
+    }
+    fn visit_enum<A: de::EnumAccess<'de>>(self, _data: A) -> Result<Self::Value, A::Error> {
+        Err(de::Error::custom(
+            "YAML tags (`!name value`) are not supported in manifests",
+        ))
+    }
 }
 
 /// The documents of a YAML text, empty ones skipped. Errors carry the
@@ -123,6 +245,47 @@ mod tests {
             s.starts_with("document 2: duplicate entry with key \"b\""),
             "{s}"
         );
+    }
+
+    #[test]
+    fn an_alias_bomb_is_refused_not_expanded() {
+        // Each level doubles ten times: 10^9 strings at the last level.
+        let mut text = String::from("a0: &a0 [\"lol lol lol lol lol lol lol lol\"]\n");
+        for i in 1..10 {
+            let prev = format!("*a{}", i - 1);
+            let row = vec![prev.as_str(); 10].join(", ");
+            text.push_str(&format!("a{i}: &a{i} [{row}]\n"));
+        }
+        let e = parse_yaml_documents(&text).unwrap_err().to_string();
+        assert!(
+            e.contains("repetition limit exceeded") || e.contains("expands to more than"),
+            "{e}"
+        );
+        // Few events, so serde_yaml's own bound (jumps per event) lets it
+        // through, but 1,000 copies of a 100 kB string are 100 MB.
+        let big = "x".repeat(100_000);
+        let mut text = format!("s: &s {big}\nl:\n");
+        for _ in 0..1000 {
+            text.push_str("  - *s\n");
+        }
+        let started = std::time::Instant::now();
+        let e = parse_yaml_documents(&text).unwrap_err().to_string();
+        assert!(
+            e.starts_with("document 1: l[669]: expands to more than 64 MiB"),
+            "{e}"
+        );
+        assert!(started.elapsed() < std::time::Duration::from_secs(10));
+        // A few aliases are fine.
+        let docs = parse_yaml_documents("x: &x [1, 2]\ny: *x\n").unwrap();
+        assert_eq!(docs[0]["y"], json!([1, 2]));
+    }
+
+    #[test]
+    fn tags_are_refused_with_a_reason() {
+        let e = parse_yaml_documents("a: !thing 1\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("YAML tags"), "{e}");
     }
 
     #[test]

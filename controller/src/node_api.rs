@@ -88,6 +88,9 @@ fn cert_status(e: crate::revocation::CertCheckError) -> Status {
 fn queue_status(e: crate::queue::QueueError) -> Status {
     match e {
         crate::queue::QueueError::NotLeased(_) => Status::failed_precondition(e.to_string()),
+        crate::queue::QueueError::PushTooLarge(_) => Status::invalid_argument(e.to_string()),
+        crate::queue::QueueError::RunFull { .. } => Status::resource_exhausted(e.to_string()),
+        crate::queue::QueueError::Contended(_) => Status::aborted(e.to_string()),
         other => Status::unavailable(other.to_string()),
     }
 }

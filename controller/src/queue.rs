@@ -31,6 +31,13 @@ pub const PREFIX: &str = "/queues/";
 const CHUNK: usize = 100;
 /// Most items one lease hands out.
 pub const MAX_LEASE: usize = 16;
+/// Most items one push may add.
+pub const MAX_PUSH: usize = 10_000;
+/// Most items pushed to the queues of one run, over its life: a looping
+/// producer must not fill the controller's store.
+pub const MAX_RUN_PUSHED: u64 = 1_000_000;
+/// Compare-and-swap attempts on the run's pushed counter.
+const CAS_RETRIES: usize = 32;
 
 #[derive(Debug, thiserror::Error)]
 pub enum QueueError {
@@ -40,6 +47,12 @@ pub enum QueueError {
     NotLeased(String),
     #[error("stored queue entry {key} is unreadable: {error}")]
     Corrupt { key: String, error: String },
+    #[error("a push may add at most {MAX_PUSH} items, this one has {0}: push in batches")]
+    PushTooLarge(usize),
+    #[error("run {run} has had {pushed} items pushed; a run may be pushed at most {MAX_RUN_PUSHED} in all")]
+    RunFull { run: String, pushed: u64 },
+    #[error("the pushed-items counter of run {0} is contended; try again")]
+    Contended(String),
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -85,6 +98,7 @@ pub enum LeaseOutcome {
 #[derive(Clone)]
 pub struct Queue {
     store: Arc<dyn Store>,
+    run: String,
     base: String,
 }
 
@@ -92,8 +106,15 @@ impl Queue {
     pub fn new(store: Arc<dyn Store>, run: &str, step: &str) -> Queue {
         Queue {
             store,
+            run: run.to_string(),
             base: format!("{PREFIX}{run}/{step}/"),
         }
+    }
+
+    /// Items pushed to any queue of this run so far (step names cannot
+    /// start with '.', so this key is no step's).
+    fn pushed_key(&self) -> String {
+        format!("{PREFIX}{}/.pushed", self.run)
     }
 
     fn key(&self, state: &str, id: &str) -> String {
@@ -130,15 +151,29 @@ impl Queue {
         Ok(())
     }
 
-    /// Adds `items` (at least once: a retried push may add them twice).
+    /// Adds `items` (at least once: a retried push may add them twice),
+    /// within [`MAX_PUSH`] per call and [`MAX_RUN_PUSHED`] per run.
     pub async fn push(&self, items: &[String]) -> Result<usize, QueueError> {
+        if items.len() > MAX_PUSH {
+            return Err(QueueError::PushTooLarge(items.len()));
+        }
         let stamp = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_nanos())
             .unwrap_or(0);
         let tag: u32 = rand::rng().random();
-        for (k, chunk) in items.chunks(CHUNK).enumerate() {
-            let ops = chunk
+        let counter = self.pushed_key();
+        // The whole push must fit, so a refusal leaves nothing half-pushed
+        // (the per-chunk check below still holds against concurrent pushes).
+        let pushed_now = self.pushed(&counter).await?;
+        if pushed_now + items.len() as u64 > MAX_RUN_PUSHED {
+            return Err(QueueError::RunFull {
+                run: self.run.clone(),
+                pushed: pushed_now,
+            });
+        }
+        for (k, chunk) in items.chunks(CHUNK - 1).enumerate() {
+            let ops: Vec<Op> = chunk
                 .iter()
                 .enumerate()
                 .map(|(i, item)| Op::Put {
@@ -149,14 +184,56 @@ impl Queue {
                     }),
                 })
                 .collect();
-            self.store
-                .txn(Txn {
-                    compares: Vec::new(),
-                    ops,
-                })
-                .await?;
+            // Each chunk moves the counter with it, compare-and-swap.
+            let mut committed = false;
+            for _ in 0..CAS_RETRIES {
+                let cur = self.store.get(&counter).await?;
+                let pushed: u64 = cur
+                    .as_ref()
+                    .and_then(|kv| std::str::from_utf8(&kv.value).ok()?.parse().ok())
+                    .unwrap_or(0);
+                let next = pushed + chunk.len() as u64;
+                if next > MAX_RUN_PUSHED {
+                    return Err(QueueError::RunFull {
+                        run: self.run.clone(),
+                        pushed,
+                    });
+                }
+                let compare = match &cur {
+                    Some(kv) => Compare::ModRevision(counter.clone(), kv.mod_revision),
+                    None => Compare::Absent(counter.clone()),
+                };
+                let mut all = ops.clone();
+                all.push(Op::Put {
+                    key: counter.clone(),
+                    value: next.to_string().into_bytes(),
+                });
+                if let TxnOutcome::Committed(_) = self
+                    .store
+                    .txn(Txn {
+                        compares: vec![compare],
+                        ops: all,
+                    })
+                    .await?
+                {
+                    committed = true;
+                    break;
+                }
+            }
+            if !committed {
+                return Err(QueueError::Contended(self.run.clone()));
+            }
         }
         Ok(items.len())
+    }
+
+    async fn pushed(&self, counter: &str) -> Result<u64, QueueError> {
+        Ok(self
+            .store
+            .get(counter)
+            .await?
+            .and_then(|kv| std::str::from_utf8(&kv.value).ok()?.parse().ok())
+            .unwrap_or(0))
     }
 
     /// Leases up to `max` items to `instance` for `lease_for`: pending
@@ -401,6 +478,41 @@ mod tests {
         assert_eq!(seen.len(), 250);
         let st = q.status().await.unwrap();
         assert_eq!((st.pending, st.leased, st.done), (0, 0, 250));
+    }
+
+    #[tokio::test]
+    async fn pushes_are_capped_per_call_and_per_run() {
+        let (_d, s) = store().await;
+        let q = Queue::new(s.clone(), "run", "work");
+        assert!(matches!(
+            q.push(&items(MAX_PUSH + 1)).await,
+            Err(QueueError::PushTooLarge(n)) if n == MAX_PUSH + 1
+        ));
+        assert_eq!(q.status().await.unwrap().pending, 0, "nothing half-pushed");
+        q.push(&items(250)).await.unwrap();
+        let other = Queue::new(s.clone(), "run", "other");
+        other.push(&items(5)).await.unwrap();
+        let counter = s.get("/queues/run/.pushed").await.unwrap().unwrap();
+        assert_eq!(counter.value, b"255");
+        // A run that reached the cap gets a clear refusal.
+        s.txn(Txn {
+            compares: vec![],
+            ops: vec![Op::Put {
+                key: "/queues/run/.pushed".into(),
+                value: (MAX_RUN_PUSHED - 1).to_string().into_bytes(),
+            }],
+        })
+        .await
+        .unwrap();
+        let e = q.push(&items(2)).await.unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("a run may be pushed at most 1000000 in all"),
+            "{e}"
+        );
+        assert_eq!(q.status().await.unwrap().pending, 250);
+        assert!(delete_run(&s, "run").await.unwrap() > 0);
+        assert!(s.get("/queues/run/.pushed").await.unwrap().is_none());
     }
 
     #[tokio::test]

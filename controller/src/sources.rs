@@ -30,6 +30,14 @@ pub const SOURCE_LABEL: &str = "ironmesh.dev/source";
 
 /// How often the reconciler looks at Sources when nothing changes.
 const TICK: Duration = Duration::from_secs(1);
+/// Largest manifest file a Source reads; a bigger one fails the commit.
+pub const MAX_MANIFEST_BYTES: u64 = 4 << 20;
+/// Largest total of the manifest files of one commit.
+pub const MAX_SOURCE_BYTES: u64 = 32 << 20;
+/// Largest fetched repository (the tip commit only: fetches are shallow);
+/// a bigger one is removed from the cache and fails the sync.
+pub const MAX_REPOSITORY_BYTES: u64 = 256 << 20;
+
 /// Longest a single git command may run.
 const GIT_TIMEOUT: Duration = Duration::from_secs(120);
 
@@ -224,11 +232,19 @@ async fn apply_commit(
     spec: &SourceSpec,
     commit: &str,
 ) -> Result<Vec<String>, String> {
-    let tree = git(dir, &["ls-tree", "-r", "-z", "--full-tree", commit]).await?;
+    let tree = git(dir, &["ls-tree", "-r", "-l", "-z", "--full-tree", commit]).await?;
     let files = manifest_files(&tree, &spec.directory)?;
     let mut texts = Vec::with_capacity(files.len());
     for (path, oid) in files {
         let blob = git(dir, &["cat-file", "blob", &oid]).await?;
+        // The listing said how big; this holds even if it lied.
+        if blob.len() as u64 > MAX_MANIFEST_BYTES {
+            return Err(format!(
+                "{path}: is {}; a Source reads files of at most {}: split it",
+                human_bytes(blob.len() as u64),
+                human_bytes(MAX_MANIFEST_BYTES)
+            ));
+        }
         let text = String::from_utf8(blob).map_err(|_| format!("{path}: is not UTF-8 text"))?;
         texts.push((path, text));
     }
@@ -274,6 +290,9 @@ async fn fetch(dir: &Path, spec: &SourceSpec) -> Result<String, String> {
             "--quiet",
             "--no-tags",
             "--force",
+            // Only the tip is applied; history would only cost disk.
+            "--depth",
+            "1",
             "--",
             &spec.repo,
             &refspec,
@@ -287,12 +306,38 @@ async fn fetch(dir: &Path, spec: &SourceSpec) -> Result<String, String> {
             spec.branch, spec.repo
         ))
     })?;
+    let size = repository_bytes(&git(dir, &["count-objects", "-v"]).await?);
+    if size > MAX_REPOSITORY_BYTES {
+        // Give the disk back; the next sync fetches afresh.
+        let _ = std::fs::remove_dir_all(dir);
+        return Err(format!(
+            "branch {:?} of {} is {} at its tip; a Source fetches at most {}: keep manifests in a smaller repository",
+            spec.branch,
+            redact_credentials(&spec.repo),
+            human_bytes(size),
+            human_bytes(MAX_REPOSITORY_BYTES)
+        ));
+    }
     let out = git(
         dir,
         &["rev-parse", "--verify", "refs/ironmesh/fetched^{commit}"],
     )
     .await?;
     Ok(String::from_utf8_lossy(&out).trim().to_string())
+}
+
+/// Bytes of a repository from `git count-objects -v` (loose and packed).
+fn repository_bytes(count_objects: &[u8]) -> u64 {
+    String::from_utf8_lossy(count_objects)
+        .lines()
+        .filter_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            matches!(k.trim(), "size" | "size-pack")
+                .then(|| v.trim().parse::<u64>().ok())
+                .flatten()
+        })
+        .sum::<u64>()
+        .saturating_mul(1024)
 }
 
 /// `text` with the user and password of every URL in it (`scheme://user:
@@ -359,6 +404,8 @@ pub fn manifest_files(ls_tree: &[u8], directory: &str) -> Result<Vec<(String, St
     };
     let mut any = false;
     let mut out = Vec::new();
+    let mut total: u64 = 0;
+    let mut too_big = Vec::new();
     for entry in ls_tree.split(|b| *b == 0).filter(|e| !e.is_empty()) {
         let entry = String::from_utf8_lossy(entry);
         let Some((info, path)) = entry.split_once('\t') else {
@@ -368,11 +415,21 @@ pub fn manifest_files(ls_tree: &[u8], directory: &str) -> Result<Vec<(String, St
             continue;
         }
         any = true;
-        let mut f = info.split(' ');
+        // `mode type oid` and, with `ls-tree -l`, the blob's size.
+        let mut f = info.split_whitespace();
         let (mode, kind, oid) = (f.next(), f.next(), f.next());
+        let size = f.next().and_then(|s| s.parse::<u64>().ok()).unwrap_or(0);
         let is_file = kind == Some("blob") && matches!(mode, Some("100644" | "100755"));
         let is_manifest = [".yaml", ".yml", ".json"].iter().any(|e| path.ends_with(e));
         if let (true, true, Some(oid)) = (is_file, is_manifest, oid) {
+            if size > MAX_MANIFEST_BYTES {
+                too_big.push(format!(
+                    "{path}: is {}; a Source reads files of at most {}: split it",
+                    human_bytes(size),
+                    human_bytes(MAX_MANIFEST_BYTES)
+                ));
+            }
+            total = total.saturating_add(size);
             out.push((path.to_string(), oid.to_string()));
         }
     }
@@ -381,8 +438,26 @@ pub fn manifest_files(ls_tree: &[u8], directory: &str) -> Result<Vec<(String, St
             "directory {directory:?} does not exist (or is empty) at this commit"
         ));
     }
+    if !too_big.is_empty() {
+        return Err(too_big.join("\n"));
+    }
+    if total > MAX_SOURCE_BYTES {
+        return Err(format!(
+            "the manifests under {directory:?} are {} together; a Source reads at most {} per commit: split them over several Sources",
+            human_bytes(total),
+            human_bytes(MAX_SOURCE_BYTES)
+        ));
+    }
     out.sort();
     Ok(out)
+}
+
+fn human_bytes(n: u64) -> String {
+    if n >= 1 << 20 {
+        format!("{:.1} MiB", n as f64 / (1u64 << 20) as f64)
+    } else {
+        format!("{n} bytes")
+    }
 }
 
 /// Parses and validates `(path, text)` files into documents to apply,
@@ -580,9 +655,39 @@ mod tests {
             ]
         );
         assert_eq!(manifest_files(ls, "./apps/").unwrap(), got);
+        // With sizes (`ls-tree -l`): one file over the cap, or too much in all.
+        let big = format!(
+            "100644 blob aaa {}\tapps/huge.yaml\0100644 blob bbb     12\tapps/ok.yaml\0",
+            MAX_MANIFEST_BYTES + 1
+        );
+        let e = manifest_files(big.as_bytes(), "apps").unwrap_err();
+        assert!(
+            e.contains("apps/huge.yaml: is 4.0 MiB; a Source reads files of at most 4.0 MiB"),
+            "{e}"
+        );
+        let many: String = (0..9)
+            .map(|i| format!("100644 blob b{i} {}\tapps/f{i}.yaml\0", MAX_MANIFEST_BYTES))
+            .collect();
+        let e = manifest_files(many.as_bytes(), "apps").unwrap_err();
+        assert!(
+            e.contains("are 36.0 MiB together; a Source reads at most 32.0 MiB per commit"),
+            "{e}"
+        );
+        let sized = "100644 blob aaa    120\tapps/web.yaml\0";
+        assert_eq!(
+            manifest_files(sized.as_bytes(), "apps").unwrap(),
+            [("apps/web.yaml".to_string(), "aaa".to_string())]
+        );
         assert_eq!(manifest_files(ls, ".").unwrap().len(), 4);
         let e = manifest_files(ls, "app").unwrap_err();
         assert!(e.contains("directory \"app\" does not exist"), "{e}");
+    }
+
+    #[test]
+    fn repository_size_counts_loose_and_packed_kib() {
+        let out = b"count: 3\nsize: 12\nin-pack: 40\npacks: 1\nsize-pack: 1000\nprune-packable: 0\ngarbage: 0\nsize-garbage: 0\n";
+        assert_eq!(repository_bytes(out), 1012 * 1024);
+        assert_eq!(repository_bytes(b""), 0);
     }
 
     #[test]
