@@ -253,7 +253,7 @@ mod tests {
         let mut text = String::from("a0: &a0 [\"lol lol lol lol lol lol lol lol\"]\n");
         for i in 1..10 {
             let prev = format!("*a{}", i - 1);
-            let row = vec![prev.as_str(); 10].join(", ");
+            let row = [prev.as_str(); 10].join(", ");
             text.push_str(&format!("a{i}: &a{i} [{row}]\n"));
         }
         let e = parse_yaml_documents(&text).unwrap_err().to_string();
