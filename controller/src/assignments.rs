@@ -280,6 +280,7 @@ fn whole(revision: Revision, shared: &SharedPart, local: &LocalPart, node: &str)
         services: shared.services.values().cloned().collect(),
         volumes: local.volumes.clone(),
         delta: None,
+        more: false,
     }
 }
 

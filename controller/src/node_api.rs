@@ -452,9 +452,14 @@ impl NodeService for NodeApi {
             .capabilities
             .iter()
             .any(|c| c == ironmesh_proto::SETTINGS);
+        let in_parts = hello
+            .capabilities
+            .iter()
+            .any(|c| c == ironmesh_proto::assignment::PARTS);
         tokio::spawn(forward_assignments(
             node.clone(),
             self.assignments.subscribe(&node, incremental),
+            in_parts,
             self.metrics.clone(),
             tx.clone(),
         ));
@@ -665,11 +670,18 @@ async fn handle_agent_message(
     Ok(())
 }
 
-/// Sends the node's assignment as the assignments reconciler publishes it,
-/// until the stream closes.
+/// Largest assignment message to an agent that takes parts: each stream's
+/// encode buffer keeps the capacity of the largest message it sent, and a
+/// whole assignment of a 10,000-instance cluster is ~130 kB — times 1,000
+/// streams.
+pub const ASSIGNMENT_PART_BYTES: usize = 16 << 10;
+
+/// Sends the node's assignment as the assignments reconciler publishes it
+/// (in parts when `in_parts`), until the stream closes.
 async fn forward_assignments(
     node: String,
     mut sub: crate::assignments::Subscription,
+    in_parts: bool,
     metrics: Arc<ControllerMetrics>,
     tx: mpsc::Sender<Result<ControllerMessage, Status>>,
 ) {
@@ -681,11 +693,18 @@ async fn forward_assignments(
         };
         metrics.count_assignment(a.delta.is_some(), a.encoded_len());
         tracing::debug!(node = %node, revision = a.revision, delta = a.delta.is_some(), instances = a.instances.len(), "assignment sent");
-        let msg = ControllerMessage {
-            msg: Some(controller_message::Msg::Assignment(a)),
+        let parts = if in_parts {
+            ironmesh_proto::assignment::split(a, ASSIGNMENT_PART_BYTES)
+        } else {
+            vec![a]
         };
-        if tx.send(Ok(msg)).await.is_err() {
-            return;
+        for part in parts {
+            let msg = ControllerMessage {
+                msg: Some(controller_message::Msg::Assignment(part)),
+            };
+            if tx.send(Ok(msg)).await.is_err() {
+                return;
+            }
         }
     }
 }

@@ -12,6 +12,173 @@ use crate::v1::{Assignment, IdentityEntry, PeerNode, PolicyRule, ServiceEntry};
 /// The capability an agent announces in `Hello` when it applies deltas.
 pub const INCREMENTAL: &str = "incremental-assignments";
 
+/// The capability an agent announces in `Hello` when it takes large
+/// assignments in parts ([`split`], [`Parts`]).
+pub const PARTS: &str = "assignment-parts";
+
+/// Splits `a` into parts of about `max_bytes` encoded each when it is
+/// bigger: the first part carries everything but the cluster-wide lists,
+/// which are spread over the parts in order (so a sorted list stays
+/// sorted once merged). Every part but the last has `more` set.
+pub fn split(a: Assignment, max_bytes: usize) -> Vec<Assignment> {
+    use prost::Message;
+    if a.encoded_len() <= max_bytes {
+        return vec![a];
+    }
+    let mut head = a;
+    let lists = Lists::take(&mut head);
+    let mut parts = vec![head];
+    let mut cur = Assignment {
+        revision: parts[0].revision,
+        delta: parts[0].delta.as_ref().map(|d| crate::v1::AssignmentDelta {
+            base_revision: d.base_revision,
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let empty_len = cur.encoded_len();
+    let mut size = empty_len;
+    let flush = |cur: &mut Assignment, size: &mut usize, parts: &mut Vec<Assignment>| {
+        if *size > empty_len {
+            let next = Assignment {
+                revision: cur.revision,
+                delta: cur.delta.as_ref().map(|d| crate::v1::AssignmentDelta {
+                    base_revision: d.base_revision,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            };
+            parts.push(std::mem::replace(cur, next));
+            *size = empty_len;
+        }
+    };
+    macro_rules! spread {
+        ($items:expr, $len:expr, $c:ident => $($field:tt)+) => {
+            for item in $items {
+                let n = ($len)(&item) + 4;
+                if size + n > max_bytes {
+                    flush(&mut cur, &mut size, &mut parts);
+                }
+                size += n;
+                let $c = &mut cur;
+                $($field)+.push(item);
+            }
+        };
+    }
+    let msg = |m: &dyn MessageLen| m.len();
+    let text = |s: &String| s.len();
+    spread!(lists.identities, |x: &IdentityEntry| msg(x), c => c.identities);
+    spread!(lists.policy_rules, |x: &PolicyRule| msg(x), c => c.policy_rules);
+    spread!(lists.services, |x: &ServiceEntry| msg(x), c => c.services);
+    spread!(lists.peers, |x: &PeerNode| msg(x), c => c.peers);
+    spread!(lists.identities_set, |x: &IdentityEntry| msg(x),
+        c => c.delta.get_or_insert_with(Default::default).identities_set);
+    spread!(lists.identities_removed, text,
+        c => c.delta.get_or_insert_with(Default::default).identities_removed);
+    spread!(lists.policy_rules_added, |x: &PolicyRule| msg(x),
+        c => c.delta.get_or_insert_with(Default::default).policy_rules_added);
+    spread!(lists.policy_rules_removed, |x: &PolicyRule| msg(x),
+        c => c.delta.get_or_insert_with(Default::default).policy_rules_removed);
+    spread!(lists.services_set, |x: &ServiceEntry| msg(x),
+        c => c.delta.get_or_insert_with(Default::default).services_set);
+    spread!(lists.services_removed, |x: &ServiceEntry| msg(x),
+        c => c.delta.get_or_insert_with(Default::default).services_removed);
+    spread!(lists.peers_set, |x: &PeerNode| msg(x),
+        c => c.delta.get_or_insert_with(Default::default).peers_set);
+    spread!(lists.peers_removed, text,
+        c => c.delta.get_or_insert_with(Default::default).peers_removed);
+    flush(&mut cur, &mut size, &mut parts);
+    let last = parts.len() - 1;
+    for (i, p) in parts.iter_mut().enumerate() {
+        p.more = i < last;
+    }
+    parts
+}
+
+/// Encoded length, object-safe (prost's `Message` is not).
+trait MessageLen {
+    fn len(&self) -> usize;
+}
+
+impl<M: prost::Message> MessageLen for M {
+    fn len(&self) -> usize {
+        self.encoded_len()
+    }
+}
+
+/// The cluster-wide lists of an assignment, taken out of it.
+struct Lists {
+    identities: Vec<IdentityEntry>,
+    policy_rules: Vec<PolicyRule>,
+    services: Vec<ServiceEntry>,
+    peers: Vec<PeerNode>,
+    identities_set: Vec<IdentityEntry>,
+    identities_removed: Vec<String>,
+    policy_rules_added: Vec<PolicyRule>,
+    policy_rules_removed: Vec<PolicyRule>,
+    services_set: Vec<ServiceEntry>,
+    services_removed: Vec<ServiceEntry>,
+    peers_set: Vec<PeerNode>,
+    peers_removed: Vec<String>,
+}
+
+impl Lists {
+    fn take(a: &mut Assignment) -> Lists {
+        use std::mem::take as t;
+        let mut none = crate::v1::AssignmentDelta::default();
+        let d = a.delta.as_mut().unwrap_or(&mut none);
+        Lists {
+            identities_set: t(&mut d.identities_set),
+            identities_removed: t(&mut d.identities_removed),
+            policy_rules_added: t(&mut d.policy_rules_added),
+            policy_rules_removed: t(&mut d.policy_rules_removed),
+            services_set: t(&mut d.services_set),
+            services_removed: t(&mut d.services_removed),
+            peers_set: t(&mut d.peers_set),
+            peers_removed: t(&mut d.peers_removed),
+            identities: t(&mut a.identities),
+            policy_rules: t(&mut a.policy_rules),
+            services: t(&mut a.services),
+            peers: t(&mut a.peers),
+        }
+    }
+}
+
+/// Reassembles the parts of an assignment ([`split`]) on the agent.
+#[derive(Debug, Default)]
+pub struct Parts {
+    acc: Option<Assignment>,
+}
+
+impl Parts {
+    /// Takes one message; returns the whole assignment once its last part
+    /// is in (at once for one that came whole). A part of another
+    /// revision than the ones before it starts over from it.
+    pub fn push(&mut self, part: Assignment) -> Option<Assignment> {
+        use prost::Message;
+        let more = part.more;
+        let merged = match self.acc.take() {
+            Some(mut acc) if acc.revision == part.revision => {
+                // Protobuf concatenation: repeated fields append, the
+                // delta merges field by field.
+                if acc.merge(part.encode_to_vec().as_slice()).is_err() {
+                    return None;
+                }
+                acc
+            }
+            _ => part,
+        };
+        if more {
+            self.acc = Some(merged);
+            None
+        } else {
+            let mut whole = merged;
+            whole.more = false;
+            Some(whole)
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DeltaError {
     /// The delta is against a revision this side did not apply last: a
@@ -173,6 +340,85 @@ mod tests {
             ip: ip.into(),
             identity,
         }
+    }
+
+    fn big_whole(n: usize) -> Assignment {
+        Assignment {
+            revision: 42,
+            instances: vec![crate::v1::InstanceAssignment {
+                name: "web-abcde".into(),
+                ..Default::default()
+            }],
+            identities: (0..n)
+                .map(|i| {
+                    id(
+                        &format!("10.{}.{}.{}", i >> 16, (i >> 8) & 255, i & 255),
+                        300 + (i % 50) as u32,
+                    )
+                })
+                .collect(),
+            peers: (0..200)
+                .map(|i| PeerNode {
+                    name: format!("node-{i}"),
+                    pod_cidr: format!("10.{i}.0.0/24"),
+                    node_ip: format!("192.0.2.{i}"),
+                })
+                .collect(),
+            ingress_enforced: vec![300, 301],
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_large_assignment_travels_in_parts_and_reassembles_exactly() {
+        use prost::Message;
+        let whole = big_whole(10_000);
+        assert!(whole.encoded_len() > 100_000);
+        let parts = split(whole.clone(), 32 << 10);
+        assert!(parts.len() > 4, "{} parts", parts.len());
+        assert!(parts.iter().all(|p| p.encoded_len() <= 32 << 10));
+        assert!(parts[..parts.len() - 1].iter().all(|p| p.more));
+        assert!(!parts.last().unwrap().more);
+        assert_eq!(
+            parts[0].instances.len(),
+            1,
+            "the node's own part comes first"
+        );
+        let mut r = Parts::default();
+        let mut out = None;
+        for p in parts {
+            assert!(out.is_none(), "nothing before the last part");
+            out = r.push(p);
+        }
+        assert_eq!(out, Some(whole));
+
+        // A delta too: its lists spread, its flags kept.
+        let delta = Assignment {
+            revision: 50,
+            delta: Some(AssignmentDelta {
+                base_revision: 42,
+                local_changed: true,
+                identities_set: big_whole(5_000).identities,
+                identities_removed: (0..3000)
+                    .map(|i| format!("10.9.{}.{}", i / 256, i % 256))
+                    .collect(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let parts = split(delta.clone(), 16 << 10);
+        assert!(parts.len() > 2);
+        let mut r = Parts::default();
+        let got = parts
+            .into_iter()
+            .filter_map(|p| r.push(p))
+            .collect::<Vec<_>>();
+        assert_eq!(got, vec![delta]);
+
+        // Small ones are left alone.
+        let small = big_whole(10);
+        assert_eq!(split(small.clone(), 32 << 10), vec![small.clone()]);
+        assert_eq!(Parts::default().push(small.clone()), Some(small));
     }
 
     #[test]

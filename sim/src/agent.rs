@@ -476,6 +476,7 @@ async fn session(agent: &Agent, shared: &Shared, id: &NodeIdentity) -> Result<()
             vec![
                 assignment::INCREMENTAL.to_string(),
                 ironmesh_proto::SETTINGS.to_string(),
+                assignment::PARTS.to_string(),
             ]
         } else {
             Vec::new()
@@ -536,6 +537,7 @@ async fn session(agent: &Agent, shared: &Shared, id: &NodeIdentity) -> Result<()
     let mut heartbeat = tokio::time::interval(hb_every);
     heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut seq: u64 = 0;
+    let mut parts = assignment::Parts::default();
     loop {
         tokio::select! {
             _ = heartbeat.tick() => {
@@ -548,7 +550,10 @@ async fn session(agent: &Agent, shared: &Shared, id: &NodeIdentity) -> Result<()
             }
             msg = inbound.message() => match msg {
                 Ok(Some(m)) => match m.msg {
-                    Some(controller_message::Msg::Assignment(a)) => {
+                    Some(controller_message::Msg::Assignment(part)) => {
+                        let Some(a) = parts.push(part) else {
+                            continue;
+                        };
                         let watches = shared.watches();
                         let (revision, report) = {
                             let mut st = agent.lock();

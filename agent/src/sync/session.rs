@@ -180,7 +180,11 @@ async fn session(
             agent_version: cfg.agent_version.clone(),
             acked_revision: applied_revision,
             node_ip: node_ip.map(|ip| ip.to_string()).unwrap_or_default(),
-            capabilities: vec![INCREMENTAL.into(), ironmesh_proto::SETTINGS.into()],
+            capabilities: vec![
+                INCREMENTAL.into(),
+                ironmesh_proto::SETTINGS.into(),
+                ironmesh_proto::assignment::PARTS.into(),
+            ],
         }),
     )?;
     if let Some(inv) = &inventory {
@@ -258,6 +262,7 @@ async fn session(
     storage_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // The whole desired state this stream has given so far.
     let mut whole: Option<Assignment> = None;
+    let mut parts = ironmesh_proto::assignment::Parts::default();
     // An applied revision not yet acked (the control lane was full).
     let mut pending_ack: Option<u64> = None;
     let stop = shutdown.wait();
@@ -345,9 +350,12 @@ async fn session(
             }
             msg = inbound.message() => match msg {
                 Ok(Some(m)) => match m.msg {
-                    Some(controller_message::Msg::Assignment(a)) => {
-                        if let Err(e) = receive_assignment(&mut whole, a, feed, node_ip) {
-                            break Err(e);
+                    Some(controller_message::Msg::Assignment(part)) => {
+                        // A large assignment comes in parts; apply it whole.
+                        if let Some(a) = parts.push(part) {
+                            if let Err(e) = receive_assignment(&mut whole, a, feed, node_ip) {
+                                break Err(e);
+                            }
                         }
                     }
                     Some(controller_message::Msg::LogRequest(req)) => {
