@@ -480,6 +480,8 @@ async fn session(agent: &Agent, shared: &Shared, id: &NodeIdentity) -> Result<()
         } else {
             Vec::new()
         },
+        // Simulated agents have no datapath to report.
+        datapath: None,
     }))
     .await?;
     send(agent_message::Msg::Inventory(inventory::inventory(

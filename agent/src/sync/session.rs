@@ -181,6 +181,14 @@ async fn session(
             acked_revision: applied_revision,
             node_ip: node_ip.map(|ip| ip.to_string()).unwrap_or_default(),
             capabilities: vec![INCREMENTAL.into(), ironmesh_proto::SETTINGS.into()],
+            datapath: Some(ironmesh_proto::v1::DatapathStatus {
+                ready: cfg.datapath.is_some(),
+                message: match (&cfg.datapath, &cfg.datapath_problem) {
+                    (Some(_), _) => String::new(),
+                    (None, Some(why)) => why.clone(),
+                    (None, None) => "the datapath is not loaded".to_string(),
+                },
+            }),
         }),
     )?;
     if let Some(inv) = &inventory {
