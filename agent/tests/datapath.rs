@@ -1875,3 +1875,42 @@ fn a_spoofed_reply_does_not_open_a_connection_through_default_deny() {
         .expect("policy");
     assert!(connect_from(&f.a.ns, from_a, to_v, Duration::from_secs(2)));
 }
+
+#[test]
+fn a_full_policy_map_still_enforces_and_denies_what_its_missing_rules_allow() {
+    let f = Fixture::new();
+    f.attach_both();
+    f.identities();
+    let to_b = SocketAddrV4::new(f.b.ip, 8080);
+    let _sb = Server::start(&f.b.ns, to_b, "from-b");
+    assert_eq!(fetch(&f.a.ns, to_b, SHORT).as_deref(), Some("from-b"));
+
+    // im_policy holds 65,536 rules: fill it with rules for someone else.
+    let mut rules: Vec<PolicyRule> = (0..65_536u32)
+        .map(|i| tcp_rule(1_000_000 + i, 999, 80))
+        .collect();
+    f.dp()
+        .set_policy(&rules)
+        .expect("a full map's worth of rules");
+    // Selecting B with a rule for A that no longer fits: the write fails,
+    // says so, and B is enforced all the same: A is denied, not let in by
+    // default.
+    rules.push(tcp_rule(ID_A, ID_B, 8080));
+    let e = f
+        .dp()
+        .apply_policy(&rules, &[ID_B], &[])
+        .expect_err("the rule cannot fit");
+    assert!(
+        e.to_string()
+            .contains("1 policy rules could not be written"),
+        "{e}"
+    );
+    let before = f.dp().counters().expect("counters");
+    assert_eq!(fetch(&f.a.ns, to_b, SHORT), None, "A let into B unenforced");
+    assert!(f.dp().counters().expect("counters").denied > before.denied);
+
+    // Room again (fewer rules): the same apply succeeds and A gets in.
+    rules.drain(..10);
+    f.dp().apply_policy(&rules, &[ID_B], &[]).expect("fits now");
+    assert_eq!(fetch(&f.a.ns, to_b, SHORT).as_deref(), Some("from-b"));
+}
