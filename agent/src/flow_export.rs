@@ -101,12 +101,13 @@ impl Clock {
     }
 }
 
-/// `allowed`, `dropped` or `rate-limited` (the CLI's spelling).
+/// `allowed`, `dropped`, `rate-limited` or `spoofed` (the CLI's spelling).
 pub fn verdict_name(v: Verdict) -> &'static str {
     match v {
         Verdict::Allowed => "allowed",
         Verdict::Denied => "dropped",
         Verdict::RateLimited => "rate-limited",
+        Verdict::Spoofed => "spoofed",
         Verdict::Unknown(_) => "unknown",
     }
 }
@@ -148,6 +149,7 @@ pub fn record(e: &FlowEvent, now: Clock) -> FlowRecord {
         bytes_fwd: e.bytes_fwd,
         packets_rev: e.packets_rev,
         bytes_rev: e.bytes_rev,
+        claimed_src_ip: e.claimed_src.map(|a| a.to_string()).unwrap_or_default(),
         ..Default::default()
     }
 }
@@ -174,6 +176,7 @@ mod tests {
             bytes_fwd: 60,
             packets_rev: 0,
             bytes_rev: 0,
+            claimed_src: None,
         };
         let r = record(
             &e,

@@ -14,8 +14,9 @@ use crate::supervisor::InstanceNetworking;
 /// The supervisor's view of this host's instance networking.
 pub struct HostNetworking {
     pub network: Arc<Network>,
-    /// `None` when the datapath could not be loaded (logged at start).
-    pub datapath: Option<Arc<Datapath>>,
+    /// `Err` when the datapath could not be loaded (why): no instance is
+    /// started then, since it would run without policy or anti-spoofing.
+    pub datapath: Result<Arc<Datapath>, String>,
 }
 
 #[tonic::async_trait]
@@ -33,15 +34,18 @@ impl InstanceNetworking for HostNetworking {
         Ok((net.ip, net.netns_path))
     }
 
-    async fn attach(&self, instance: &str) -> Result<(), String> {
-        let Some(dp) = self.datapath.clone() else {
-            return Ok(());
-        };
+    async fn attach(&self, instance: &str, ip: Ipv4Addr) -> Result<(), String> {
+        // Fail closed: an instance never runs without its datapath.
+        let dp = self.datapath.clone().map_err(|why| {
+            format!(
+                "the datapath is not ready on this node, so no instance starts unprotected: {why}"
+            )
+        })?;
         let host_if = self.network.host_if(instance);
         // Attaching waits for RCU grace periods in the kernel (tens of ms):
         // not on a runtime worker.
         tokio::task::spawn_blocking(move || {
-            dp.attach_instance(&host_if)
+            dp.attach_instance(&host_if, ip)
                 .map_err(|e| format!("attaching the datapath to {host_if}: {e}"))
         })
         .await
@@ -49,7 +53,7 @@ impl InstanceNetworking for HostNetworking {
     }
 
     async fn teardown(&self, instance: &str) -> Result<(), String> {
-        if let Some(dp) = &self.datapath {
+        if let Ok(dp) = &self.datapath {
             let host_if = self.network.host_if(instance);
             dp.detach_instance(&host_if)
                 .map_err(|e| format!("detaching the datapath from {host_if}: {e}"))?;
@@ -68,7 +72,7 @@ impl InstanceNetworking for HostNetworking {
             Ok(_) => {}
             Err(e) => tracing::warn!(error = %e, "cannot clean up leftover instance networks"),
         }
-        if let Some(dp) = &self.datapath {
+        if let Ok(dp) = &self.datapath {
             let ifs: HashSet<String> = keep.iter().map(|i| self.network.host_if(i)).collect();
             if let Err(e) = dp.retain_instances(&ifs) {
                 tracing::warn!(error = %e, "cannot drop datapath hooks of instances that are gone");

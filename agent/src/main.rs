@@ -101,6 +101,7 @@ async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     let datapath = load_datapath(&cfg);
     let flow_metrics = datapath
         .as_ref()
+        .ok()
         .map(|_| ironmesh_agent::datapath::FlowMetrics::register(&mut registry));
     let (_addr, metrics_task) =
         ironmesh_daemon::serve_metrics(cfg.metrics_listen, Arc::new(registry), shutdown.clone())
@@ -167,7 +168,7 @@ async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
             .context("cannot set up storage pools")?,
     );
     let flows = match (&datapath, flow_metrics) {
-        (Some(dp), Some(m)) => ironmesh_agent::flow_export::spawn(dp.clone(), m),
+        (Ok(dp), Some(m)) => ironmesh_agent::flow_export::spawn(dp.clone(), m),
         _ => None,
     };
     let host_net = Arc::new(HostNetworking {
@@ -200,7 +201,8 @@ async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
             supervisor: supervisor.clone(),
             node_ip: cfg.node_ip,
             network,
-            datapath,
+            datapath_problem: datapath.as_ref().err().cloned(),
+            datapath: datapath.ok(),
             cross_host: cfg.cross_host,
             vxlan_vni: cfg.vxlan_vni,
             storage: Some(storage),
@@ -225,25 +227,25 @@ async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Loads (or re-attaches to the pinned) datapath. Without it instances
-/// still run, but policy, Service VIPs and flow telemetry are off: that is
-/// logged as an error, not hidden.
-fn load_datapath(cfg: &AgentConfig) -> Option<Arc<Datapath>> {
+/// Loads (or re-attaches to the pinned) datapath. Without it the node fails
+/// closed: it reports `DatapathReady=False` with the reason (the controller
+/// taints it NoSchedule) and starts no instance; the error says why.
+fn load_datapath(cfg: &AgentConfig) -> Result<Arc<Datapath>, String> {
     let pin_dir = cfg.bpf_pin_dir.clone().unwrap_or_else(|| {
         std::path::Path::new("/sys/fs/bpf/ironmesh").join(&cfg.containerd_namespace)
     });
     if let Err(e) = ensure_bpffs() {
-        tracing::error!(error = %e, "cannot mount bpffs at /sys/fs/bpf; the datapath is off");
-        return None;
+        tracing::error!(error = %e, "cannot mount bpffs at /sys/fs/bpf; the datapath is off and no instance starts here");
+        return Err(format!("cannot mount bpffs at /sys/fs/bpf: {e}"));
     }
     match Datapath::load(&pin_dir, &cfg.datapath_cgroup) {
         Ok(dp) => {
             tracing::info!(pin_dir = %pin_dir.display(), cgroup = %cfg.datapath_cgroup.display(), "datapath loaded");
-            Some(Arc::new(dp))
+            Ok(Arc::new(dp))
         }
         Err(e) => {
-            tracing::error!(error = %e, pin_dir = %pin_dir.display(), "cannot load the datapath; policy, Service VIPs and flow telemetry are off");
-            None
+            tracing::error!(error = %e, pin_dir = %pin_dir.display(), "cannot load the datapath; the node reports DatapathReady=False and starts no instance");
+            Err(e.to_string())
         }
     }
 }

@@ -286,8 +286,8 @@ impl Fixture {
     fn attach_both(&self) {
         let dp = self.dp.take_ref();
         for i in [&self.a, &self.b] {
-            let host_if = i.host_if.clone();
-            in_ns(&self.host, move || dp.get().attach_instance(&host_if)).expect("attach");
+            let (host_if, ip) = (i.host_if.clone(), i.ip);
+            in_ns(&self.host, move || dp.get().attach_instance(&host_if, ip)).expect("attach");
         }
     }
 
@@ -1525,4 +1525,392 @@ fn bench_datapath_overhead() {
     );
     println!("counters {c:?}");
     assert!(c.denied == 0, "benchmark traffic must be allowed: {c:?}");
+}
+
+// ---- Containment: anti-spoofing and conntrack that cannot be poisoned ----
+
+/// Sends one Ethernet frame out of `ifname` in namespace `ns` through a
+/// packet socket (what an instance with NET_RAW can do).
+fn send_frame(ns: &Path, ifname: &str, frame: Vec<u8>) {
+    let ifname = ifname.to_string();
+    in_ns(ns, move || {
+        let name = std::ffi::CString::new(ifname.clone()).expect("name");
+        // SAFETY: plain syscalls on a socket this closure owns.
+        unsafe {
+            let idx = libc::if_nametoindex(name.as_ptr());
+            assert_ne!(idx, 0, "no interface {ifname}");
+            let fd = libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0);
+            assert!(
+                fd >= 0,
+                "packet socket: {}",
+                std::io::Error::last_os_error()
+            );
+            let mut sll: libc::sockaddr_ll = std::mem::zeroed();
+            sll.sll_family = libc::AF_PACKET as u16;
+            sll.sll_ifindex = idx as i32;
+            sll.sll_halen = 6;
+            sll.sll_addr[..6].copy_from_slice(&frame[..6]);
+            let n = libc::sendto(
+                fd,
+                frame.as_ptr().cast(),
+                frame.len(),
+                0,
+                (&sll as *const libc::sockaddr_ll).cast(),
+                std::mem::size_of::<libc::sockaddr_ll>() as u32,
+            );
+            let err = std::io::Error::last_os_error();
+            libc::close(fd);
+            assert_eq!(n, frame.len() as isize, "sendto on {ifname}: {err}");
+        }
+    })
+}
+
+const HOST_MAC: [u8; 6] = [0xee; 6];
+const SOME_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x0a];
+
+fn eth(dst: [u8; 6], src: [u8; 6], ethertype: u16, payload: &[u8]) -> Vec<u8> {
+    let mut f = Vec::with_capacity(14 + payload.len());
+    f.extend_from_slice(&dst);
+    f.extend_from_slice(&src);
+    f.extend_from_slice(&ethertype.to_be_bytes());
+    f.extend_from_slice(payload);
+    f
+}
+
+fn checksum(data: &[u8]) -> u16 {
+    let mut sum: u32 = 0;
+    for c in data.chunks(2) {
+        let w = if c.len() == 2 {
+            u16::from_be_bytes([c[0], c[1]])
+        } else {
+            u16::from_be_bytes([c[0], 0])
+        };
+        sum += u32::from(w);
+    }
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+/// An IPv4 packet (no options) around `l4`, with a correct header
+/// checksum; the L4 checksum over the pseudo-header is filled in at
+/// `csum_at` (TCP) when given.
+fn ipv4(
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    proto: u8,
+    mut l4: Vec<u8>,
+    csum_at: Option<usize>,
+) -> Vec<u8> {
+    if let Some(at) = csum_at {
+        let mut pseudo = Vec::new();
+        pseudo.extend_from_slice(&src.octets());
+        pseudo.extend_from_slice(&dst.octets());
+        pseudo.extend_from_slice(&[0, proto]);
+        pseudo.extend_from_slice(&(l4.len() as u16).to_be_bytes());
+        pseudo.extend_from_slice(&l4);
+        let c = checksum(&pseudo);
+        l4[at..at + 2].copy_from_slice(&c.to_be_bytes());
+    }
+    let total = (20 + l4.len()) as u16;
+    let mut h = vec![0x45, 0];
+    h.extend_from_slice(&total.to_be_bytes());
+    h.extend_from_slice(&[0x12, 0x34, 0x40, 0, 64, proto, 0, 0]);
+    h.extend_from_slice(&src.octets());
+    h.extend_from_slice(&dst.octets());
+    let c = checksum(&h);
+    h[10..12].copy_from_slice(&c.to_be_bytes());
+    h.extend_from_slice(&l4);
+    h
+}
+
+fn udp(sport: u16, dport: u16, payload: &[u8]) -> Vec<u8> {
+    let mut u = Vec::new();
+    u.extend_from_slice(&sport.to_be_bytes());
+    u.extend_from_slice(&dport.to_be_bytes());
+    u.extend_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
+    u.extend_from_slice(&[0, 0]); // no checksum (allowed over IPv4)
+    u.extend_from_slice(payload);
+    u
+}
+
+/// A bare 20-byte TCP header with `flags` (checksum filled by [`ipv4`]).
+fn tcp(sport: u16, dport: u16, flags: u8) -> Vec<u8> {
+    let mut t = Vec::new();
+    t.extend_from_slice(&sport.to_be_bytes());
+    t.extend_from_slice(&dport.to_be_bytes());
+    t.extend_from_slice(&0x1000_0000u32.to_be_bytes()); // seq
+    t.extend_from_slice(&0x2000_0000u32.to_be_bytes()); // ack
+    t.extend_from_slice(&[0x50, flags]);
+    t.extend_from_slice(&64240u16.to_be_bytes());
+    t.extend_from_slice(&[0, 0, 0, 0]);
+    t
+}
+
+fn arp_request(sender_mac: [u8; 6], sender: Ipv4Addr, target: Ipv4Addr) -> Vec<u8> {
+    let mut a = vec![0, 1, 0x08, 0, 6, 4, 0, 1];
+    a.extend_from_slice(&sender_mac);
+    a.extend_from_slice(&sender.octets());
+    a.extend_from_slice(&[0; 6]);
+    a.extend_from_slice(&target.octets());
+    eth([0xff; 6], sender_mac, 0x0806, &a)
+}
+
+/// The MAC of `eth0` inside an instance namespace.
+fn eth0_mac(ns_name: &str) -> [u8; 6] {
+    let out = Command::new("ip")
+        .args(["-n", ns_name, "-j", "link", "show", "eth0"])
+        .output()
+        .expect("ip link");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("ip -j");
+    let s = v[0]["address"].as_str().expect("address").to_string();
+    let mut mac = [0u8; 6];
+    for (i, b) in s.split(':').enumerate() {
+        mac[i] = u8::from_str_radix(b, 16).expect("hex");
+    }
+    mac
+}
+
+/// Whether the UDP socket receives `want` before the deadline.
+fn receives(sock: &std::net::UdpSocket, want: &[u8], within: Duration) -> bool {
+    let deadline = std::time::Instant::now() + within;
+    let mut buf = [0u8; 256];
+    while std::time::Instant::now() < deadline {
+        if let Ok((n, _)) = sock.recv_from(&mut buf) {
+            if &buf[..n] == want {
+                return true;
+            }
+        }
+    }
+    false
+}
+
+#[test]
+fn a_spoofed_source_is_dropped_counted_and_reported_and_only_ipv4_and_own_arp_leave() {
+    let f = Fixture::new();
+    f.attach_both();
+    // V: another mesh identity that B lets in; A is not allowed into B.
+    let o = f.a.ip.octets();
+    let v = Ipv4Addr::new(o[0], o[1], o[2], 9);
+    const ID_V: u32 = 300;
+    f.dp()
+        .set_identities(&[(f.a.ip, ID_A), (f.b.ip, ID_B), (v, ID_V)])
+        .expect("identities");
+    f.dp().set_enforced(&[ID_B]).expect("enforce");
+    f.dp()
+        .set_policy(&[PolicyRule::ingress(Some(ID_V), ID_B, 7777, Protocol::Udp)])
+        .expect("policy");
+    sh(&[
+        "nsenter",
+        &format!("--net={}", f.host.display()),
+        "sysctl",
+        "-qw",
+        "net.ipv4.conf.all.rp_filter=0",
+    ]);
+    let mut flows = {
+        let _g = f.rt.enter();
+        f.dp().flows().expect("flows")
+    };
+    let b_ip = f.b.ip;
+    let sock = in_ns(&f.b.ns, move || {
+        std::net::UdpSocket::bind(SocketAddrV4::new(b_ip, 7777)).expect("bind")
+    });
+    sock.set_read_timeout(Some(Duration::from_millis(50)))
+        .expect("timeout");
+
+    // A claims to be V: the host veth drops it; B never sees it.
+    let before = f.dp().counters().expect("counters");
+    let spoofed = eth(
+        HOST_MAC,
+        SOME_MAC,
+        0x0800,
+        &ipv4(v, f.b.ip, 17, udp(5000, 7777, b"as-v"), None),
+    );
+    send_frame(&f.a.ns, "eth0", spoofed);
+    assert!(
+        !receives(&sock, b"as-v", SHORT),
+        "B received a datagram A sent as V"
+    );
+    let after = f.dp().counters().expect("counters");
+    assert_eq!(after.spoofed, before.spoofed + 1, "{before:?} -> {after:?}");
+    wait_until("the spoofed flow event", || {
+        drain(&mut flows).iter().any(|e| {
+            e.verdict == Verdict::Spoofed
+                && *e.src.ip() == f.a.ip
+                && e.src_identity == ID_A
+                && e.claimed_src == Some(v)
+                && *e.dst.ip() == f.b.ip
+                && e.dst.port() == 7777
+        })
+    });
+
+    // The same datagram with A's own source reaches the checks of policy
+    // (A is not let into B), and with the policy lifted it arrives: the
+    // frame itself was fine.
+    let honest = || {
+        eth(
+            HOST_MAC,
+            SOME_MAC,
+            0x0800,
+            &ipv4(f.a.ip, f.b.ip, 17, udp(5000, 7777, b"as-a"), None),
+        )
+    };
+    send_frame(&f.a.ns, "eth0", honest());
+    assert!(!receives(&sock, b"as-a", SHORT), "policy still applies");
+    f.dp().set_enforced(&[]).expect("enforce");
+    send_frame(&f.a.ns, "eth0", honest());
+    assert!(
+        receives(&sock, b"as-a", Duration::from_secs(2)),
+        "A's own datagram"
+    );
+    assert_eq!(
+        f.dp().counters().expect("counters").spoofed,
+        after.spoofed,
+        "A's own source counted as spoofed"
+    );
+
+    // IPv6 (or any non-IPv4, non-ARP frame) never leaves an instance.
+    let c = f.dp().counters().expect("counters");
+    send_frame(
+        &f.a.ns,
+        "eth0",
+        eth(HOST_MAC, SOME_MAC, 0x86dd, &[0x60; 48]),
+    );
+    assert_eq!(
+        f.dp().counters().expect("counters").not_ipv4,
+        c.not_ipv4 + 1
+    );
+
+    // ARP is let out only with A's own sender address: a claim to be V is
+    // dropped (the host never learns V at A), A's own request passes.
+    let c = f.dp().counters().expect("counters");
+    send_frame(
+        &f.a.ns,
+        "eth0",
+        arp_request(SOME_MAC, v, Ipv4Addr::new(169, 254, 1, 1)),
+    );
+    assert_eq!(
+        f.dp().counters().expect("counters").arp_spoofed,
+        c.arp_spoofed + 1
+    );
+    send_frame(
+        &f.a.ns,
+        "eth0",
+        arp_request(SOME_MAC, f.a.ip, Ipv4Addr::new(169, 254, 1, 1)),
+    );
+    assert_eq!(
+        f.dp().counters().expect("counters").arp_spoofed,
+        c.arp_spoofed + 1,
+        "A's own ARP counted as spoofed"
+    );
+    let neigh = Command::new("ip")
+        .args(["-n", &f.host_name, "neigh", "show", "dev", &f.a.host_if])
+        .output()
+        .expect("ip neigh");
+    let neigh = String::from_utf8_lossy(&neigh.stdout);
+    assert!(
+        !neigh.contains(&format!("{v} ")),
+        "the host learnt V behind A's veth: {neigh}"
+    );
+}
+
+/// Connects from `local` (a fixed source port) inside `ns` to `to`; true if
+/// the connection opens within `timeout`.
+fn connect_from(ns: &Path, local: SocketAddrV4, to: SocketAddrV4, timeout: Duration) -> bool {
+    in_ns(ns, move || {
+        let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+            .expect("socket");
+        s.set_reuse_address(true).expect("reuse");
+        s.bind(&SocketAddr::V4(local).into())
+            .expect("bind local port");
+        s.connect_timeout(&SocketAddr::V4(to).into(), timeout)
+            .is_ok()
+    })
+}
+
+#[test]
+fn a_spoofed_reply_does_not_open_a_connection_through_default_deny() {
+    let f = Fixture::new();
+    f.attach_both();
+    f.identities();
+    // V (= B here) is default-deny for ingress with no rule: nobody gets in.
+    f.dp().set_enforced(&[ID_B]).expect("enforce");
+    let to_v = SocketAddrV4::new(f.b.ip, 5432);
+    let _sv = Server::start(&f.b.ns, to_v, "from-v");
+    let from_a = SocketAddrV4::new(f.a.ip, 40000);
+    // (Another source port: a refused attempt must not stand in for the
+    // spoofed entry below.)
+    assert!(
+        !connect_from(&f.a.ns, SocketAddrV4::new(f.a.ip, 40001), to_v, SHORT),
+        "A -> V:5432 must be denied to begin with"
+    );
+
+    // A frame that claims V:5432 -> A:40000, arriving from outside the
+    // instance (injected on A's host veth, as from another host or the
+    // world), is let into A (A is not enforced)...
+    let frame = eth(
+        eth0_mac(&f.a.name),
+        HOST_MAC,
+        0x0800,
+        &ipv4(f.b.ip, f.a.ip, 6, tcp(5432, 40000, 0x12), Some(16)),
+    );
+    let before = f.dp().counters().expect("counters");
+    send_frame(&f.host, &f.a.host_if, frame);
+    assert!(f.dp().counters().expect("counters").allowed > before.allowed);
+
+    // ...but the SYN that follows, A:40000 -> V:5432, is a new connection,
+    // not its reply: V's default-deny still refuses it.
+    let before = f.dp().counters().expect("counters");
+    assert!(
+        !connect_from(&f.a.ns, from_a, to_v, SHORT),
+        "the spoofed entry carried A's SYN through V's default-deny"
+    );
+    assert!(f.dp().counters().expect("counters").denied > before.denied);
+
+    // A refused flow leaves no entry in the way: allowing it later lets the
+    // next attempt through.
+    f.dp()
+        .set_policy(&[tcp_rule(ID_A, ID_B, 5432)])
+        .expect("policy");
+    assert!(connect_from(&f.a.ns, from_a, to_v, Duration::from_secs(2)));
+}
+
+#[test]
+fn a_full_policy_map_still_enforces_and_denies_what_its_missing_rules_allow() {
+    let f = Fixture::new();
+    f.attach_both();
+    f.identities();
+    let to_b = SocketAddrV4::new(f.b.ip, 8080);
+    let _sb = Server::start(&f.b.ns, to_b, "from-b");
+    assert_eq!(fetch(&f.a.ns, to_b, SHORT).as_deref(), Some("from-b"));
+
+    // im_policy holds 65,536 rules: fill it with rules for someone else.
+    let mut rules: Vec<PolicyRule> = (0..65_536u32)
+        .map(|i| tcp_rule(1_000_000 + i, 999, 80))
+        .collect();
+    f.dp()
+        .set_policy(&rules)
+        .expect("a full map's worth of rules");
+    // Selecting B with a rule for A that no longer fits: the write fails,
+    // says so, and B is enforced all the same: A is denied, not let in by
+    // default.
+    rules.push(tcp_rule(ID_A, ID_B, 8080));
+    let e = f
+        .dp()
+        .apply_policy(&rules, &[ID_B], &[])
+        .expect_err("the rule cannot fit");
+    assert!(
+        e.to_string()
+            .contains("1 policy rules could not be written"),
+        "{e}"
+    );
+    let before = f.dp().counters().expect("counters");
+    assert_eq!(fetch(&f.a.ns, to_b, SHORT), None, "A let into B unenforced");
+    assert!(f.dp().counters().expect("counters").denied > before.denied);
+
+    // Room again (fewer rules): the same apply succeeds and A gets in.
+    rules.drain(..10);
+    f.dp().apply_policy(&rules, &[ID_B], &[]).expect("fits now");
+    assert_eq!(fetch(&f.a.ns, to_b, SHORT).as_deref(), Some("from-b"));
 }

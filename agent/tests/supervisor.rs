@@ -122,7 +122,7 @@ impl InstanceNetworking for FakeNetwork {
         Ok((std::net::Ipv4Addr::new(10, 99, 0, 7), self.path()))
     }
 
-    async fn attach(&self, instance: &str) -> Result<(), String> {
+    async fn attach(&self, instance: &str, _ip: std::net::Ipv4Addr) -> Result<(), String> {
         self.log(format!("attach {instance}"));
         let mut gate = self.gate.subscribe();
         let _ = gate.wait_for(|open| *open).await;

@@ -12,6 +12,7 @@ pub enum VerdictArg {
     Allowed,
     Dropped,
     RateLimited,
+    Spoofed,
 }
 
 impl VerdictArg {
@@ -20,6 +21,7 @@ impl VerdictArg {
             VerdictArg::Allowed => "allowed",
             VerdictArg::Dropped => "dropped",
             VerdictArg::RateLimited => "rate-limited",
+            VerdictArg::Spoofed => "spoofed",
         }
     }
 }
@@ -142,6 +144,7 @@ pub fn to_json(r: &FlowRecord) -> Value {
         "destination": side(&r.dst_ip, r.dst_port, r.dst_identity, &r.dst_workload, &r.dst_instance),
         "protocol": r.protocol,
         "verdict": r.verdict,
+        "claimedSource": (!r.claimed_src_ip.is_empty()).then_some(&r.claimed_src_ip),
         "event": r.event,
         "hook": r.hook,
         "packets": {"forward": r.packets_fwd, "reverse": r.packets_rev},

@@ -132,7 +132,7 @@ impl FlowLog {
     pub fn open(&self, req: FlowsRequest) -> Result<FlowsStream, Status> {
         if !req.verdict.is_empty() && normalize_verdict(&req.verdict).is_none() {
             return Err(Status::invalid_argument(format!(
-                "verdict {:?} is not one of allowed, dropped, rate-limited",
+                "verdict {:?} is not one of allowed, dropped, rate-limited, spoofed",
                 req.verdict
             )));
         }
@@ -182,12 +182,14 @@ impl FlowLog {
     }
 }
 
-/// `dropped`, `allowed`, `rate-limited` (also `rate_limited`, `denied`).
+/// `dropped`, `allowed`, `rate-limited` (also `rate_limited`, `denied`),
+/// `spoofed`.
 pub fn normalize_verdict(v: &str) -> Option<&'static str> {
     match v.to_ascii_lowercase().as_str() {
         "allowed" | "allow" | "forwarded" => Some("allowed"),
         "dropped" | "denied" | "deny" | "drop" => Some("dropped"),
         "rate-limited" | "rate_limited" | "ratelimited" => Some("rate-limited"),
+        "spoofed" => Some("spoofed"),
         _ => None,
     }
 }

@@ -18,8 +18,8 @@ use futures::Stream;
 use ironmesh_api::Kind;
 use ironmesh_proto::v1::{
     agent_message, controller_message, node_service_server::NodeService, AgentMessage,
-    ControllerMessage, FetchBlobRequest, InstanceEvent, InstanceState, Inventory, JoinRequest,
-    JoinResponse, QueueAckRequest, QueueAckResponse, QueueItem, QueueLeaseRequest,
+    ControllerMessage, DatapathStatus, FetchBlobRequest, InstanceEvent, InstanceState, Inventory,
+    JoinRequest, JoinResponse, QueueAckRequest, QueueAckResponse, QueueItem, QueueLeaseRequest,
     QueueLeaseResponse, QueuePushRequest, QueuePushResponse, RenewCertificateRequest, Settings,
     Welcome,
 };
@@ -424,6 +424,7 @@ impl NodeService for NodeApi {
             &pod_cidr.to_string(),
             &hello.node_ip,
             inventory.as_ref(),
+            hello.datapath.as_ref(),
         )
         .await?;
         let mut paced = self.liveness.heartbeat_interval();
@@ -548,6 +549,7 @@ impl NodeApi {
         pod_cidr: &str,
         node_ip: &str,
         inventory: Option<&Inventory>,
+        datapath: Option<&DatapathStatus>,
     ) -> Result<(), Status> {
         let name = node.to_string();
         let inventory = inventory.map(inventory_status);
@@ -596,6 +598,9 @@ impl NodeApi {
                     "AgentConnected",
                     "agent opened its sync stream",
                 );
+                if let Some(d) = datapath {
+                    changed |= set_datapath_ready(&mut obj, d);
+                }
                 changed.then_some(obj)
             })
             .await
@@ -840,6 +845,83 @@ async fn record_instance_event(
     Ok(())
 }
 
+/// The taint a node whose datapath is not ready carries (NoSchedule):
+/// nothing new is placed there unless it tolerates running unprotected.
+pub const DATAPATH_TAINT: &str = "ironmesh.dev/datapath-unavailable";
+
+/// Keeps the `DatapathReady` condition and the [`DATAPATH_TAINT`] of a
+/// Node object in line with what its agent reported; returns whether
+/// anything changed. As Kubernetes taints nodes by condition, the taint is
+/// written to `spec.taints`, where the scheduler and `imctl` see it.
+pub fn set_datapath_ready(node: &mut Value, d: &DatapathStatus) -> bool {
+    let (status, reason, message) = if d.ready {
+        (
+            "True",
+            "DatapathLoaded",
+            "eBPF programs loaded and attached".to_string(),
+        )
+    } else {
+        let why = if d.message.is_empty() {
+            "the agent reported no reason".to_string()
+        } else {
+            d.message.chars().take(1024).collect()
+        };
+        ("False", "DatapathNotLoaded", why)
+    };
+    let mut changed = false;
+    if !node.get("status").is_some_and(Value::is_object) {
+        node["status"] = json!({});
+    }
+    if !node["status"]["conditions"].is_array() {
+        node["status"]["conditions"] = json!([]);
+    }
+    if let Some(conds) = node["status"]["conditions"].as_array_mut() {
+        let cur = conds
+            .iter()
+            .find(|c| c.get("type").and_then(Value::as_str) == Some("DatapathReady"));
+        let same = cur.is_some_and(|c| {
+            c.get("status").and_then(Value::as_str) == Some(status)
+                && c.get("message").and_then(Value::as_str) == Some(message.as_str())
+        });
+        if !same {
+            conds.retain(|c| c.get("type").and_then(Value::as_str) != Some("DatapathReady"));
+            conds.push(json!({
+                "type": "DatapathReady",
+                "status": status,
+                "reason": reason,
+                "message": message,
+                "lastTransitionTime": crate::resources::now_rfc3339(),
+            }));
+            changed = true;
+        }
+    }
+    if !node.get("spec").is_some_and(Value::is_object) {
+        node["spec"] = json!({});
+    }
+    if !node["spec"]["taints"].is_array() {
+        node["spec"]["taints"] = json!([]);
+    }
+    if let Some(taints) = node["spec"]["taints"].as_array_mut() {
+        let has = taints.iter().any(|t| {
+            t.get("key").and_then(Value::as_str) == Some(DATAPATH_TAINT)
+                && t.get("effect").and_then(Value::as_str) == Some("NoSchedule")
+        });
+        if d.ready && has {
+            taints.retain(|t| t.get("key").and_then(Value::as_str) != Some(DATAPATH_TAINT));
+            changed = true;
+        } else if !d.ready && !has {
+            taints.push(json!({"key": DATAPATH_TAINT, "value": "", "effect": "NoSchedule"}));
+            changed = true;
+        }
+    }
+    if node["spec"]["taints"].as_array().is_some_and(Vec::is_empty) {
+        if let Some(spec) = node["spec"].as_object_mut() {
+            spec.remove("taints");
+        }
+    }
+    changed
+}
+
 /// The epoch plus `since`, saturating instead of panicking (reports are
 /// bounded by [`crate::report_checks`] first; this is the backstop).
 fn unix_time(since: Duration) -> std::time::SystemTime {
@@ -911,6 +993,38 @@ pub fn inventory_status(inv: &Inventory) -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn datapath_status_sets_condition_and_taint_and_lifts_them() {
+        let mut node = json!({"spec": {"taints": [{"key": "gpu", "value": "", "effect": "NoSchedule"}]}, "status": {}});
+        let down = DatapathStatus {
+            ready: false,
+            message: "not on a bpf filesystem".into(),
+        };
+        assert!(set_datapath_ready(&mut node, &down));
+        assert!(!set_datapath_ready(&mut node, &down), "no change twice");
+        let cond = &node["status"]["conditions"][0];
+        assert_eq!(cond["type"], "DatapathReady");
+        assert_eq!(cond["status"], "False");
+        assert_eq!(cond["message"], "not on a bpf filesystem");
+        let taints = node["spec"]["taints"].as_array().expect("taints");
+        assert_eq!(taints.len(), 2);
+        assert_eq!(taints[1]["key"], DATAPATH_TAINT);
+        assert_eq!(taints[1]["effect"], "NoSchedule");
+        let spec: ironmesh_api::node::NodeSpec =
+            serde_json::from_value(node["spec"].clone()).expect("a valid Node spec");
+        assert_eq!(spec.taints.len(), 2);
+
+        let up = DatapathStatus {
+            ready: true,
+            message: String::new(),
+        };
+        assert!(set_datapath_ready(&mut node, &up));
+        assert_eq!(node["status"]["conditions"][0]["status"], "True");
+        let taints = node["spec"]["taints"].as_array().expect("taints");
+        assert_eq!(taints.len(), 1, "only the operator's taint is left");
+        assert_eq!(taints[0]["key"], "gpu");
+    }
 
     #[test]
     fn node_names_follow_dns_labels() {

@@ -35,6 +35,15 @@
 #define TCP_RST 0x04
 #define TCP_ACK 0x10
 
+/* The fixed part of an ARP header (linux/if_arp.h pulls in libc). */
+struct im_arphdr {
+	__be16 ar_hrd;
+	__be16 ar_pro;
+	__u8 ar_hln;
+	__u8 ar_pln;
+	__be16 ar_op;
+};
+
 #ifndef SOCK_STREAM
 #define SOCK_STREAM 1
 #define SOCK_DGRAM 2
@@ -106,6 +115,24 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } im_local_ifs SEC(".maps");
 
+/* ifindex of an instance's host veth -> its leased address: written before
+ * the programs attach, removed after they detach (anti-spoofing). */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 4096);
+	__type(key, __u32);
+	__type(value, struct im_inst_addr_val);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} im_inst_addr SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, IM_GUARD_MAX);
+	__type(key, __u32);
+	__type(value, __u64);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} im_guard_cnt SEC(".maps");
+
 struct {
 	__uint(type, BPF_MAP_TYPE_RINGBUF);
 	__uint(max_entries, 256 * 1024);
@@ -139,6 +166,14 @@ struct {
 static __always_inline void count(__u32 idx)
 {
 	__u64 *c = bpf_map_lookup_elem(&im_counters, &idx);
+
+	if (c)
+		*c += 1;
+}
+
+static __always_inline void count_guard(__u32 idx)
+{
+	__u64 *c = bpf_map_lookup_elem(&im_guard_cnt, &idx);
 
 	if (c)
 		*c += 1;
@@ -416,6 +451,79 @@ static __always_inline void account(struct im_ct_val *ct, int rev, __u32 len, __
 	touch(ct, now);
 }
 
+/* A packet from an instance that claims a source other than its lease. The
+ * event names the real sender (its leased address) as the source; rule_id
+ * carries the address the packet claimed. */
+static __always_inline void emit_spoofed(struct __sk_buff *skb, struct pkt *p, __u32 leased,
+					 __u64 now)
+{
+	struct im_ct_key k = p->key;
+	struct im_ct_val v;
+
+	__builtin_memset(&v, 0, sizeof(v));
+	k.saddr = leased;
+	v.src_identity = identity_of(leased);
+	v.dst_identity = identity_of(p->key.daddr);
+	v.verdict = IM_VERDICT_SPOOFED;
+	v.rule_id = p->key.saddr;
+	v.packets_fwd = 1;
+	v.bytes_fwd = p->len;
+	emit(&k, &v, IM_EVENT_NEW, IM_HOOK_FROM_INSTANCE, skb->ifindex, now);
+}
+
+/* Anti-spoofing on a frame leaving an instance: IPv4 must carry the
+ * instance's leased source, ARP its leased sender (or 0.0.0.0, a probe);
+ * anything else (IPv6, other ethertypes) is dropped, as is everything
+ * from a veth the agent did not record an address for. Returns -1 to
+ * drop, 1 for ARP that may pass, 0 for IPv4 to judge on. */
+static __always_inline int guard(struct __sk_buff *skb, struct pkt *p, __u32 *leased)
+{
+	void *data = (void *)(long)skb->data;
+	void *end = (void *)(long)skb->data_end;
+	struct ethhdr *eth = data;
+	__u32 idx = skb->ifindex;
+	struct im_inst_addr_val *a = bpf_map_lookup_elem(&im_inst_addr, &idx);
+
+	if (!a) {
+		count_guard(IM_GUARD_NO_ADDR);
+		return -1;
+	}
+	*leased = a->addr;
+	if ((void *)(eth + 1) > end)
+		return -1;
+	if (eth->h_proto == bpf_htons(ETH_P_ARP)) {
+		struct im_arphdr *arp = (void *)(eth + 1);
+		__u8 *sip = (__u8 *)(arp + 1) + ETH_ALEN;
+		__u32 sender;
+
+		if ((void *)(sip + 4) > end || arp->ar_pro != bpf_htons(ETH_P_IP) ||
+		    arp->ar_hln != ETH_ALEN || arp->ar_pln != 4) {
+			count_guard(IM_GUARD_ARP_SPOOFED);
+			return -1;
+		}
+		__builtin_memcpy(&sender, sip, 4);
+		if (sender != a->addr && sender != 0) {
+			count_guard(IM_GUARD_ARP_SPOOFED);
+			return -1;
+		}
+		return 1;
+	}
+	if (eth->h_proto != bpf_htons(ETH_P_IP)) {
+		count_guard(IM_GUARD_NOT_IPV4);
+		return -1;
+	}
+	if (parse(skb, p) < 0) {
+		count_guard(IM_GUARD_NOT_IPV4);
+		return -1;
+	}
+	if (p->key.saddr != a->addr) {
+		count_guard(IM_GUARD_SPOOFED);
+		emit_spoofed(skb, p, a->addr, bpf_ktime_get_coarse_ns());
+		return -1;
+	}
+	return 0;
+}
+
 static __always_inline int handle(struct __sk_buff *skb, __u8 hook)
 {
 	__u32 zero = 0;
@@ -424,7 +532,7 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 hook)
 	struct im_ct_key rk;
 	struct im_ct_val *ct;
 	struct pkt p;
-	int rev = 0;
+	int rev = 0, syn;
 	__u64 now;
 
 	/* Into an instance from another local instance: the program on that
@@ -439,8 +547,17 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 hook)
 			return TC_ACT_OK;
 	}
 
-	if (parse(skb, &p) < 0)
-		return TC_ACT_OK; /* not IPv4: not ours to judge */
+	if (hook == IM_HOOK_FROM_INSTANCE) {
+		__u32 leased = 0;
+		int g = guard(skb, &p, &leased);
+
+		if (g < 0)
+			return TC_ACT_SHOT;
+		if (g > 0)
+			return TC_ACT_OK; /* ARP with the instance's own sender */
+	} else if (parse(skb, &p) < 0) {
+		return TC_ACT_OK; /* into the instance, not IPv4: the host sent it */
+	}
 	/* The coarse clock (tick resolution) is plenty for idle timeouts,
 	 * token buckets and report intervals, and cheaper per packet. */
 	now = bpf_ktime_get_coarse_ns();
@@ -456,6 +573,10 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 hook)
 	 * (services listen on low ports, clients use ephemeral ones): look for
 	 * the reverse entry first then, saving a miss on most replies. Either
 	 * order finds the same entry. */
+	/* A TCP SYN without ACK opens a connection: it is never a reply,
+	 * whatever entry its reverse matches (a spoofed or stale entry must
+	 * not carry a new connection past the destination's policy). */
+	syn = p.key.proto == IPPROTO_TCP && (p.tcp_flags & (TCP_SYN | TCP_ACK)) == TCP_SYN;
 	if (p.key.sport < p.key.dport && !(p.tcp_flags & TCP_SYN)) {
 		ct = bpf_map_lookup_elem(&im_conntrack, &rk);
 		if (ct)
@@ -464,7 +585,7 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 hook)
 			ct = bpf_map_lookup_elem(&im_conntrack, &p.key);
 	} else {
 		ct = bpf_map_lookup_elem(&im_conntrack, &p.key);
-		if (!ct) {
+		if (!ct && !syn) {
 			ct = bpf_map_lookup_elem(&im_conntrack, &rk);
 			if (ct)
 				rev = 1;
@@ -483,7 +604,9 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 hook)
 	}
 
 	if (!ct) {
-		/* A new flow: judge it, remember it, report it. */
+		/* A new flow: judge it, report it, and remember it only if it
+		 * was allowed (what is refused leaves no entry a later packet
+		 * could pass as the reply of). */
 		struct im_ct_val nv;
 		__u32 rule_id;
 
@@ -499,8 +622,16 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 hook)
 		nv.last_report_ns = now;
 		nv.packets_fwd = 1;
 		nv.bytes_fwd = p.len;
-		bpf_map_update_elem(&im_conntrack, &p.key, &nv, BPF_ANY);
-		count(IM_CNT_NEW_FLOWS);
+		if (nv.verdict == IM_VERDICT_ALLOWED &&
+		    bpf_map_update_elem(&im_conntrack, &p.key, &nv, BPF_ANY) != 0 &&
+		    (enforced_flags(nv.src_identity) | enforced_flags(nv.dst_identity))) {
+			/* No room to track it: an enforced identity's flow is
+			 * refused rather than let through unjudged later. */
+			nv.verdict = IM_VERDICT_DENIED;
+			count_guard(IM_GUARD_CT_FULL);
+		} else if (nv.verdict == IM_VERDICT_ALLOWED) {
+			count(IM_CNT_NEW_FLOWS);
+		}
 		emit(&p.key, &nv, IM_EVENT_NEW, hook, skb->ifindex, now);
 		if (nv.verdict == IM_VERDICT_ALLOWED) {
 			count(IM_CNT_ALLOWED);

@@ -31,6 +31,7 @@
 #define IM_VERDICT_ALLOWED 1
 #define IM_VERDICT_DENIED 2
 #define IM_VERDICT_RATE_LIMITED 3
+#define IM_VERDICT_SPOOFED 4      /* source address not the one leased to the veth */
 
 /* Kinds of flow event. */
 #define IM_EVENT_NEW 1            /* first packet of a flow */
@@ -68,6 +69,15 @@
 #define IM_CNT_LB_REWRITES 5      /* socket addresses rewritten VIP -> backend */
 #define IM_CNT_LB_NO_BACKEND 6    /* connects to a VIP with no backend (refused) */
 #define IM_CNT_MAX 8
+
+/* Indices of the per-CPU im_guard_cnt array (a map of its own, so that
+ * im_counters keeps its layout). */
+#define IM_GUARD_SPOOFED 0        /* IPv4 from an instance whose source is not its lease */
+#define IM_GUARD_ARP_SPOOFED 1    /* ARP from an instance whose sender is not its lease */
+#define IM_GUARD_NOT_IPV4 2       /* frames from an instance neither IPv4 nor ARP (IPv6, ...) */
+#define IM_GUARD_NO_ADDR 3        /* frames from a veth with no im_inst_addr entry */
+#define IM_GUARD_CT_FULL 4        /* new flows of enforced identities denied: conntrack write failed */
+#define IM_GUARD_MAX 8
 
 /* ip_identity: address -> identity (hash on /32). */
 struct im_identity_val {
@@ -126,6 +136,15 @@ struct im_ct_val {
 	__u8 verdict;
 	__u8 flags;         /* IM_CT_* */
 	__u8 pad[6];
+};
+
+/* inst_addr: ifindex of an instance's host veth -> the address leased to
+ * that instance. Written before the TC programs attach, removed after they
+ * detach: a packet from an instance whose source is not this address is
+ * dropped (anti-spoofing), and a veth with no entry passes nothing. */
+struct im_inst_addr_val {
+	__u32 addr;       /* network order */
+	__u32 flags;      /* reserved, 0 */
 };
 
 /* rate_buckets: (src identity, rule) -> token bucket. */

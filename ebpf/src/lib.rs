@@ -31,6 +31,8 @@ pub const IDENTITY_ANY: u32 = u32::MAX;
 pub const VERDICT_ALLOWED: u8 = 1;
 pub const VERDICT_DENIED: u8 = 2;
 pub const VERDICT_RATE_LIMITED: u8 = 3;
+/// A packet from an instance whose source was not its leased address.
+pub const VERDICT_SPOOFED: u8 = 4;
 
 /// Flow event kinds.
 pub const EVENT_NEW: u8 = 1;
@@ -67,6 +69,14 @@ pub const CNT_LB_REWRITES: u32 = 5;
 pub const CNT_LB_NO_BACKEND: u32 = 6;
 pub const CNT_MAX: u32 = 8;
 
+/// Indices of `im_guard_cnt` (anti-spoofing and fail-closed drops).
+pub const GUARD_SPOOFED: u32 = 0;
+pub const GUARD_ARP_SPOOFED: u32 = 1;
+pub const GUARD_NOT_IPV4: u32 = 2;
+pub const GUARD_NO_ADDR: u32 = 3;
+pub const GUARD_CT_FULL: u32 = 4;
+pub const GUARD_MAX: u32 = 8;
+
 /// Map names in the object (at most 15 bytes each).
 pub mod maps {
     pub const IP_IDENTITY: &str = "im_ip_identity";
@@ -81,6 +91,8 @@ pub mod maps {
     pub const SERVICES: &str = "im_services";
     pub const BACKENDS: &str = "im_backends";
     pub const REVNAT: &str = "im_revnat";
+    pub const INST_ADDR: &str = "im_inst_addr";
+    pub const GUARD_CNT: &str = "im_guard_cnt";
     /// Every map, for pinning and cleanup.
     pub const ALL: &[&str] = &[
         IP_IDENTITY,
@@ -95,6 +107,8 @@ pub mod maps {
         SERVICES,
         BACKENDS,
         REVNAT,
+        INST_ADDR,
+        GUARD_CNT,
     ];
 }
 
@@ -206,6 +220,15 @@ pub struct CtVal {
     pub verdict: u8,
     pub flags: u8,
     pub pad: [u8; 6],
+}
+
+/// `struct im_inst_addr_val`: the address leased to an instance veth.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub struct InstAddrVal {
+    /// Network order.
+    pub addr: u32,
+    pub flags: u32,
 }
 
 /// `struct im_rl_key`.
@@ -333,6 +356,7 @@ pod!(
     EnforcedVal,
     CtKey,
     CtVal,
+    InstAddrVal,
     RlKey,
     RlVal,
     Config,
@@ -394,6 +418,7 @@ mod tests {
             "im_ct_val" => CtVal { created_ns, last_seen_ns, last_report_ns, packets_fwd,
                 bytes_fwd, packets_rev, bytes_rev, src_identity, dst_identity, policy_gen,
                 rule_id, verdict, flags, pad }
+            "im_inst_addr_val" => InstAddrVal { addr, flags }
             "im_rl_key" => RlKey { src_identity, rule_id }
             "im_rl_val" => RlVal { lock, pad, tokens_nano, last_ns }
             "im_config" => Config { policy_gen, report_interval_s, ct_timeout_s,

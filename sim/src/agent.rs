@@ -481,6 +481,8 @@ async fn session(agent: &Agent, shared: &Shared, id: &NodeIdentity) -> Result<()
         } else {
             Vec::new()
         },
+        // Simulated agents have no datapath to report.
+        datapath: None,
     }))
     .await?;
     send(agent_message::Msg::Inventory(inventory::inventory(

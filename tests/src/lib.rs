@@ -457,6 +457,42 @@ impl Agent {
             metrics,
             Some(token.trim()),
             1,
+            &[],
+        );
+        Agent {
+            containerd,
+            host,
+            dir,
+            name: name.to_string(),
+            metrics,
+            proc,
+            starts: 1,
+        }
+    }
+
+    /// Starts an agent that joins `ctl` with its real bootstrap token and
+    /// these extra environment variables (agent flags by their `IRONMESH_*`
+    /// names).
+    pub fn start_with_env(ctl: &Controller, name: &str, env: &[(&str, &str)]) -> Agent {
+        let dir = tempfile::Builder::new()
+            .prefix("im-agent-")
+            .tempdir()
+            .expect("tempdir");
+        let token = std::fs::read_to_string(ctl.token_file()).expect("token file");
+        let host = ctl.net.add_host(name);
+        let metrics = SocketAddr::new(host.addr.into(), free_addr().port());
+        let containerd = Containerd::start(name);
+        let proc = Self::spawn_to(
+            &ctl.url(),
+            &ctl.ca_cert(),
+            dir.path(),
+            &host,
+            &containerd,
+            name,
+            metrics,
+            Some(token.trim()),
+            1,
+            env,
         );
         Agent {
             containerd,
@@ -519,6 +555,7 @@ impl Agent {
             metrics,
             token,
             n,
+            &[],
         )
     }
 
@@ -533,8 +570,10 @@ impl Agent {
         metrics: SocketAddr,
         token: Option<&str>,
         n: usize,
+        env: &[(&str, &str)],
     ) -> Proc {
         let mut cmd = host.command(bin("ironmesh-agent"));
+        cmd.envs(env.iter().copied());
         cmd.arg("--node-ip")
             .arg(host.addr.to_string())
             .arg("--controller")

@@ -635,3 +635,307 @@ spec:
     );
     assert!(connects(from, target), "still allowed after restart");
 }
+
+// ---- Containment: anti-spoofing and failing closed ----
+
+fn checksum(data: &[u8]) -> u16 {
+    let mut sum: u32 = 0;
+    for c in data.chunks(2) {
+        sum += u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]));
+    }
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+/// An Ethernet frame to the host veth (the gateway's MAC) carrying a UDP
+/// datagram from `src` (whatever the sender claims) to `dst`.
+fn udp_frame(src: std::net::Ipv4Addr, dst: SocketAddr, payload: &[u8]) -> Vec<u8> {
+    let IpAddr::V4(dip) = dst.ip() else {
+        panic!("IPv4 only")
+    };
+    let mut udp = Vec::new();
+    udp.extend_from_slice(&40000u16.to_be_bytes());
+    udp.extend_from_slice(&dst.port().to_be_bytes());
+    udp.extend_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
+    udp.extend_from_slice(&[0, 0]);
+    udp.extend_from_slice(payload);
+    let mut ip = vec![0x45, 0];
+    ip.extend_from_slice(&((20 + udp.len()) as u16).to_be_bytes());
+    ip.extend_from_slice(&[0, 1, 0x40, 0, 64, 17, 0, 0]);
+    ip.extend_from_slice(&src.octets());
+    ip.extend_from_slice(&dip.octets());
+    let c = checksum(&ip);
+    ip[10..12].copy_from_slice(&c.to_be_bytes());
+    ip.extend_from_slice(&udp);
+    let mut f = vec![0xee; 6];
+    f.extend_from_slice(&[0x02, 0, 0, 0, 0, 0x0a, 0x08, 0x00]);
+    f.extend_from_slice(&ip);
+    f
+}
+
+/// Sends `frame` out of `eth0` of the namespace at `netns` through a packet
+/// socket, as a process with NET_RAW inside the instance can.
+fn send_raw(netns: PathBuf, frame: Vec<u8>) {
+    std::thread::spawn(move || {
+        let file = std::fs::File::open(&netns).expect("netns");
+        // SAFETY: setns on a valid namespace fd changes only this thread;
+        // the socket calls use buffers that outlive them.
+        unsafe {
+            assert_eq!(
+                libc::setns(std::os::fd::AsRawFd::as_raw_fd(&file), libc::CLONE_NEWNET),
+                0
+            );
+            let idx = libc::if_nametoindex(c"eth0".as_ptr());
+            assert_ne!(idx, 0, "eth0 in {}", netns.display());
+            let fd = libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0);
+            assert!(fd >= 0, "{}", std::io::Error::last_os_error());
+            let mut sll: libc::sockaddr_ll = std::mem::zeroed();
+            sll.sll_family = libc::AF_PACKET as u16;
+            sll.sll_ifindex = idx as i32;
+            sll.sll_halen = 6;
+            sll.sll_addr[..6].copy_from_slice(&frame[..6]);
+            let n = libc::sendto(
+                fd,
+                frame.as_ptr().cast(),
+                frame.len(),
+                0,
+                (&sll as *const libc::sockaddr_ll).cast(),
+                std::mem::size_of::<libc::sockaddr_ll>() as u32,
+            );
+            let err = std::io::Error::last_os_error();
+            libc::close(fd);
+            assert_eq!(n, frame.len() as isize, "sendto: {err}");
+        }
+    })
+    .join()
+    .expect("raw send thread");
+}
+
+#[test]
+fn an_instance_sending_as_the_host_is_dropped_and_shown_as_spoofed() {
+    let ctl = Controller::start(ControllerOpts::default());
+    let agent = Agent::start(&ctl, "h1");
+    wait_ready(&ctl, &agent);
+    for image in ["records-server", "batch-step"] {
+        let out = ctl.imctl(&["image", "push", images_dir().join(image).to_str().unwrap()]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    ctl.apply_yaml(
+        "apiVersion: ironmesh.dev/v1
+kind: Workload
+metadata:
+  name: api
+  labels: {app: api}
+spec:
+  image: ironmesh/records-server:dev
+  env: [{name: LISTEN_ADDR, value: \"0.0.0.0:8080\"}]
+---
+apiVersion: ironmesh.dev/v1
+kind: Workload
+metadata:
+  name: client
+  labels: {team: analytics}
+spec:
+  image: ironmesh/batch-step:dev
+  env: [{name: SLEEP_MS, value: \"600000\"}]
+",
+    );
+    let running = |w: &str| {
+        let w = w.to_string();
+        wait_for(&format!("{w} running"), Duration::from_secs(60), || {
+            instances(&ctl, &w)
+                .into_iter()
+                .find(|i| s(i, "/status/phase") == "Running" && !s(i, "/status/ip").is_empty())
+        })
+    };
+    let api = running("api");
+    let client = running("client");
+    let client_name = s(&client, "/metadata/name").to_string();
+    let client_ip = s(&client, "/status/ip").to_string();
+    let api_ip: IpAddr = s(&api, "/status/ip").parse().expect("api ip");
+    let from = instance_netns(&agent, &client_name);
+
+    // The client claims the node's own address (always let in).
+    let host_ip = agent.host.addr;
+    send_raw(
+        from,
+        udp_frame(host_ip, SocketAddr::new(api_ip, 8080), b"as-the-host"),
+    );
+    let spoofed = wait_for(
+        "the spoofed flow in imctl flows",
+        Duration::from_secs(10),
+        || {
+            let out = ctl.imctl(&["flows", "--verdict", "spoofed", "-o", "json"]);
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+                .find(|f| s(f, "/destination/ip") == api_ip.to_string())
+        },
+    );
+    assert_eq!(s(&spoofed, "/verdict"), "spoofed");
+    assert_eq!(s(&spoofed, "/source/instance"), client_name, "{spoofed}");
+    assert_eq!(s(&spoofed, "/source/ip"), client_ip, "{spoofed}");
+    assert_eq!(
+        s(&spoofed, "/claimedSource"),
+        host_ip.to_string(),
+        "{spoofed}"
+    );
+    assert_eq!(
+        s(&spoofed, "/destination/instance"),
+        s(&api, "/metadata/name")
+    );
+    let table = ctl.imctl(&["flows", "--verdict", "spoofed"]);
+    assert!(
+        String::from_utf8_lossy(&table.stdout).contains("SPOOFED"),
+        "{}",
+        String::from_utf8_lossy(&table.stdout)
+    );
+    // Counted on the agent's /metrics.
+    wait_for("spoofed packets counted", Duration::from_secs(10), || {
+        let m = ironmesh_tests::http_get(agent.metrics, "/metrics").ok()?;
+        m.lines()
+            .find(|l| l.starts_with("ironmesh_agent_datapath_packets{verdict=\"spoofed\"}"))
+            .and_then(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .filter(|n| *n >= 1)
+    });
+
+    // IPv6 is off inside the instance's namespace.
+    let netns = instance_netns(&agent, &client_name);
+    let v6 = std::thread::spawn(move || {
+        let file = std::fs::File::open(&netns).expect("netns");
+        // SAFETY: setns on a valid namespace fd changes only this thread.
+        let rc = unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&file), libc::CLONE_NEWNET) };
+        assert_eq!(rc, 0);
+        std::fs::read_to_string("/proc/sys/net/ipv6/conf/all/disable_ipv6").expect("sysctl")
+    })
+    .join()
+    .expect("sysctl thread");
+    assert_eq!(v6.trim(), "1", "IPv6 on inside the instance");
+}
+
+fn condition<'a>(node: &'a Value, type_: &str) -> Option<&'a Value> {
+    node.pointer("/status/conditions")?
+        .as_array()?
+        .iter()
+        .find(|c| c.get("type").and_then(Value::as_str) == Some(type_))
+}
+
+fn has_datapath_taint(node: &Value) -> bool {
+    node.pointer("/spec/taints")
+        .and_then(Value::as_array)
+        .is_some_and(|t| {
+            t.iter().any(|t| {
+                s(t, "/key") == "ironmesh.dev/datapath-unavailable"
+                    && s(t, "/effect") == "NoSchedule"
+            })
+        })
+}
+
+#[test]
+fn a_node_whose_datapath_cannot_load_is_tainted_and_starts_nothing_unprotected() {
+    let ctl = Controller::start(ControllerOpts::default());
+    // A pin directory that is not on bpffs: the datapath cannot load.
+    let not_bpffs = tempfile::tempdir().expect("tempdir");
+    let pins = not_bpffs.path().join("pins");
+    let mut agent = Agent::start_with_env(
+        &ctl,
+        "nodp",
+        &[("IRONMESH_BPF_PIN_DIR", pins.to_str().expect("utf-8"))],
+    );
+    wait_ready(&ctl, &agent);
+    let node = wait_for("DatapathReady=False", Duration::from_secs(10), || {
+        ctl.node("nodp")
+            .filter(|n| condition(n, "DatapathReady").is_some_and(|c| s(c, "/status") == "False"))
+    });
+    let cond = condition(&node, "DatapathReady").expect("condition");
+    assert_eq!(s(cond, "/reason"), "DatapathNotLoaded", "{cond}");
+    assert!(
+        s(cond, "/message").contains("not on a bpf filesystem"),
+        "the reason names the failure: {cond}"
+    );
+    assert!(has_datapath_taint(&node), "no NoSchedule taint: {node}");
+    let out = ctl.imctl(&[
+        "image",
+        "push",
+        images_dir().join("batch-step").to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // Nothing is placed there...
+    ctl.apply_yaml(
+        "apiVersion: ironmesh.dev/v1
+kind: Workload
+metadata:
+  name: plain
+spec:
+  image: ironmesh/batch-step:dev
+  env: [{name: SLEEP_MS, value: \"600000\"}]
+---
+apiVersion: ironmesh.dev/v1
+kind: Workload
+metadata:
+  name: tolerant
+spec:
+  image: ironmesh/batch-step:dev
+  env: [{name: SLEEP_MS, value: \"600000\"}]
+  placement:
+    tolerations: [{key: ironmesh.dev/datapath-unavailable, operator: Exists, effect: NoSchedule}]
+",
+    );
+    let plain = wait_for("plain unschedulable", Duration::from_secs(20), || {
+        instances(&ctl, "plain")
+            .into_iter()
+            .find(|i| s(i, "/status/reason") == "Unschedulable")
+    });
+    assert_eq!(
+        s(&plain, "/status/message"),
+        "0/1 nodes available: 1 tainted",
+        "{plain}"
+    );
+    // ...and what tolerates the taint does not start unprotected: it is
+    // held with the reason.
+    let tolerant = wait_for("tolerant held", Duration::from_secs(30), || {
+        instances(&ctl, "tolerant").into_iter().find(|i| {
+            s(i, "/spec/node") == "nodp"
+                && s(i, "/status/message").contains("datapath is not ready")
+        })
+    });
+    assert_eq!(s(&tolerant, "/status/phase"), "Pending", "{tolerant}");
+    assert_eq!(
+        s(&tolerant, "/status/reason"),
+        "NetworkSetupError",
+        "{tolerant}"
+    );
+
+    // With a datapath that loads, the condition clears, the taint goes and
+    // both run.
+    agent.restart_without_token(&ctl);
+    wait_for("DatapathReady=True", Duration::from_secs(60), || {
+        ctl.node("nodp").filter(|n| {
+            condition(n, "DatapathReady").is_some_and(|c| s(c, "/status") == "True")
+                && !has_datapath_taint(n)
+        })
+    });
+    for w in ["plain", "tolerant"] {
+        wait_for(&format!("{w} running"), Duration::from_secs(60), || {
+            instances(&ctl, w)
+                .into_iter()
+                .find(|i| s(i, "/status/phase") == "Running")
+        });
+    }
+}

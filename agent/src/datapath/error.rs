@@ -60,6 +60,12 @@ pub enum DatapathError {
     Invalid { what: String, message: String },
     #[error("the flow event stream was already taken")]
     FlowsTaken,
+    #[error("{missing} policy rules could not be written (enforcement is applied, so the flows they would allow are denied): {source}")]
+    RulesNotWritten {
+        missing: usize,
+        #[source]
+        source: Box<DatapathError>,
+    },
 }
 
 impl DatapathError {

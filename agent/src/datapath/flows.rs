@@ -26,6 +26,8 @@ pub enum Verdict {
     Allowed,
     Denied,
     RateLimited,
+    /// Sent by an instance with a source address other than its lease.
+    Spoofed,
     Unknown(u8),
 }
 
@@ -35,16 +37,19 @@ impl Verdict {
             obj::VERDICT_ALLOWED => Verdict::Allowed,
             obj::VERDICT_DENIED => Verdict::Denied,
             obj::VERDICT_RATE_LIMITED => Verdict::RateLimited,
+            obj::VERDICT_SPOOFED => Verdict::Spoofed,
             other => Verdict::Unknown(other),
         }
     }
 
-    /// The label value: `allowed`, `dropped` (policy), `rate_limited`.
+    /// The label value: `allowed`, `dropped` (policy), `rate_limited`,
+    /// `spoofed`.
     pub fn as_str(self) -> &'static str {
         match self {
             Verdict::Allowed => "allowed",
             Verdict::Denied => "dropped",
             Verdict::RateLimited => "rate_limited",
+            Verdict::Spoofed => "spoofed",
             Verdict::Unknown(_) => "unknown",
         }
     }
@@ -83,7 +88,10 @@ pub enum Hook {
 }
 
 /// One flow event. `src`/`dst` are the flow's original direction (the
-/// side that opened it first); counters are cumulative.
+/// side that opened it first); counters are cumulative. A
+/// [`Verdict::Spoofed`] event names the instance that sent the packet
+/// (its leased address) as `src`, and the address the packet claimed in
+/// `claimed_src`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FlowEvent {
     /// CLOCK_MONOTONIC nanoseconds at tick resolution (bpf_ktime_get_coarse_ns).
@@ -103,6 +111,8 @@ pub struct FlowEvent {
     pub bytes_fwd: u64,
     pub packets_rev: u64,
     pub bytes_rev: u64,
+    /// The source address a spoofed packet claimed.
+    pub claimed_src: Option<Ipv4Addr>,
 }
 
 impl FlowEvent {
@@ -124,7 +134,14 @@ impl FlowEvent {
             src_identity: r.src_identity,
             dst_identity: r.dst_identity,
             verdict: Verdict::from_raw(r.verdict),
-            rule_id: r.rule_id,
+            // A spoofed packet matched no rule: the field carries the
+            // address it claimed.
+            rule_id: if r.verdict == obj::VERDICT_SPOOFED {
+                0
+            } else {
+                r.rule_id
+            },
+            claimed_src: (r.verdict == obj::VERDICT_SPOOFED).then(|| addr(r.rule_id)),
             packets_fwd: r.packets_fwd,
             bytes_fwd: r.bytes_fwd,
             packets_rev: r.packets_rev,
@@ -195,8 +212,8 @@ pub struct PacketLabels {
 /// - `ironmesh_agent_flow_bytes_total{src_identity,dst_identity,verdict}`:
 ///   bytes of closed flows (both directions);
 /// - `ironmesh_agent_datapath_packets{verdict}`: the kernel's packet
-///   counters (allowed, dropped, rate_limited), refreshed by
-///   [`FlowMetrics::set_counters`].
+///   counters (allowed, dropped, rate_limited, spoofed, not_ipv4,
+///   conntrack_full), refreshed by [`FlowMetrics::set_counters`].
 #[derive(Clone, Debug, Default)]
 pub struct FlowMetrics {
     pub flows: Family<FlowLabels, Counter>,
@@ -253,6 +270,9 @@ impl FlowMetrics {
             ("allowed", c.allowed),
             ("dropped", c.denied),
             ("rate_limited", c.rate_limited),
+            ("spoofed", c.spoofed + c.arp_spoofed + c.no_address),
+            ("not_ipv4", c.not_ipv4),
+            ("conntrack_full", c.conntrack_full),
         ] {
             self.packets
                 .get_or_create(&PacketLabels {

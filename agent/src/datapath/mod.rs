@@ -54,8 +54,8 @@ use aya::programs::{CgroupSockAddr, SchedClassifier, TcAttachType};
 use aya::{Ebpf, EbpfLoader};
 use ironmesh_ebpf as obj;
 use ironmesh_ebpf::{
-    BackendKey, BackendVal, Config, CtKey, CtVal, EnforcedVal, IdentityVal, PolicyKey, PolicyVal,
-    RlKey, RlVal, SvcKey, SvcVal,
+    BackendKey, BackendVal, Config, CtKey, CtVal, EnforcedVal, IdentityVal, InstAddrVal, PolicyKey,
+    PolicyVal, RlKey, RlVal, SvcKey, SvcVal,
 };
 
 pub use error::DatapathError;
@@ -199,6 +199,19 @@ pub struct DatapathCounters {
     pub lb_rewrites: u64,
     /// Connects to a VIP that had no backend (refused).
     pub lb_no_backend: u64,
+    /// IPv4 packets from an instance whose source was not its lease
+    /// (dropped).
+    pub spoofed: u64,
+    /// ARP from an instance whose sender address was not its lease
+    /// (dropped).
+    pub arp_spoofed: u64,
+    /// Frames from an instance that were neither IPv4 nor ARP (dropped).
+    pub not_ipv4: u64,
+    /// Frames from a veth with programs but no recorded address (dropped).
+    pub no_address: u64,
+    /// New flows of enforced identities refused because conntrack had no
+    /// room for them.
+    pub conntrack_full: u64,
 }
 
 /// Ids of the programs this Datapath loaded (for inspection and tests).
@@ -249,6 +262,8 @@ struct Inner {
     services: HashMap<MapData, SvcKey, SvcVal>,
     backends: HashMap<MapData, BackendKey, BackendVal>,
     conntrack: HashMap<MapData, CtKey, CtVal>,
+    inst_addr: HashMap<MapData, u32, InstAddrVal>,
+    guard: PerCpuArray<MapData, u64>,
     flows: Option<RingBuf<MapData>>,
     /// What the policy maps hold, as last written (read from the pins
     /// once at load): replace-set calls diff against these and write only
@@ -450,6 +465,8 @@ impl Datapath {
             services: take_map(&mut ebpf, obj::maps::SERVICES, HashMap::try_from)?,
             backends: take_map(&mut ebpf, obj::maps::BACKENDS, HashMap::try_from)?,
             conntrack: take_map(&mut ebpf, obj::maps::CONNTRACK, HashMap::try_from)?,
+            inst_addr: take_map(&mut ebpf, obj::maps::INST_ADDR, HashMap::try_from)?,
+            guard: take_map(&mut ebpf, obj::maps::GUARD_CNT, PerCpuArray::try_from)?,
             flows: Some(take_map(&mut ebpf, obj::maps::FLOWS, RingBuf::try_from)?),
             written: Written::default(),
             ebpf,
@@ -615,17 +632,38 @@ impl Datapath {
     }
 
     /// Attaches the TC programs to an instance's host-side veth (ingress:
-    /// traffic from the instance; egress: traffic into it). Idempotent: a
+    /// traffic from the instance; egress: traffic into it), with `addr`,
+    /// the address leased to the instance, as the only source its packets
+    /// may carry (anti-spoofing; also the only ARP sender). Idempotent: a
     /// pinned link for this interface gets the current program swapped in.
     ///
     /// Each new TCX attachment waits for an RCU grace period in the kernel
     /// (under the RTNL lock), so this takes tens of milliseconds on a busy
     /// host; the programs themselves are loaded once, in [`Datapath::load`].
-    pub fn attach_instance(&self, host_if: &str) -> Result<(), DatapathError> {
+    pub fn attach_instance(&self, host_if: &str, addr: Ipv4Addr) -> Result<(), DatapathError> {
         let started = std::time::Instant::now();
+        if addr.is_unspecified() || addr.is_broadcast() || addr.is_multicast() {
+            return Err(DatapathError::invalid(
+                format!("address of {host_if}"),
+                format!("{addr} cannot be an instance's address"),
+            ));
+        }
         let idx = ifindex(host_if)?;
         let mut inner = self.lock();
         let links = self.links_dir();
+        // The address first: from the moment a program runs on this veth
+        // it passes only this source (a veth without one passes nothing).
+        inner
+            .inst_addr
+            .insert(
+                idx,
+                InstAddrVal {
+                    addr: obj::addr_be(addr),
+                    flags: 0,
+                },
+                0,
+            )
+            .map_err(|e| DatapathError::map("writing", obj::maps::INST_ADDR, e))?;
         for (name, attach_type, dir) in TC_PROGRAMS {
             let pin = links.join(format!("tc-{host_if}-{dir}"));
             let p: &mut SchedClassifier = program(&mut inner.ebpf, name)?;
@@ -678,6 +716,7 @@ impl Datapath {
         tracing::info!(
             interface = host_if,
             ifindex = idx,
+            %addr,
             elapsed_us = started.elapsed().as_micros() as u64,
             "datapath attached to instance veth"
         );
@@ -691,7 +730,8 @@ impl Datapath {
         let links = self.links_dir();
         // Out of the local list first: other instances' programs skip
         // packets from listed veths, trusting this veth's own program.
-        if let Ok(idx) = ifindex(host_if) {
+        let idx = ifindex(host_if).ok();
+        if let Some(idx) = idx {
             match inner.local_ifs.remove(&idx) {
                 Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
                 Err(e) => return Err(DatapathError::map("deleting from", obj::maps::LOCAL_IFS, e)),
@@ -699,6 +739,10 @@ impl Datapath {
         }
         for (_, _, dir) in TC_PROGRAMS {
             remove_pin(&links.join(format!("tc-{host_if}-{dir}")))?;
+        }
+        // The address last, once no program of this veth runs.
+        if let Some(idx) = idx {
+            remove_key(&mut inner.inst_addr, &idx, obj::maps::INST_ADDR)?;
         }
         tracing::info!(interface = host_if, "datapath detached from instance veth");
         Ok(())
@@ -876,12 +920,17 @@ impl Datapath {
         }
 
         let name = obj::maps::POLICY;
-        upsert_all(
+        // A rule that cannot be written (a full map) must not leave its
+        // identity unenforced: enforcement is written regardless, so the
+        // flows the missing rules would allow are denied (and counted),
+        // never let through by default.
+        let rules_failed = upsert_all(
             &mut inner.policy,
             &mut inner.written.policy,
             &rules.upsert,
             name,
-        )?;
+        )
+        .err();
         let name = obj::maps::ENFORCED;
         upsert_all(
             &mut inner.enforced,
@@ -908,6 +957,21 @@ impl Datapath {
             &rules.remove,
             name,
         )?;
+        let rules_failed = match rules_failed {
+            None => None,
+            Some(first) => {
+                // Removing stale rules may have made room: try the rest once.
+                let left: Vec<(PolicyKey, PolicyVal)> = rules
+                    .upsert
+                    .iter()
+                    .filter(|(k, v)| inner.written.policy.get(k) != Some(v))
+                    .copied()
+                    .collect();
+                upsert_all(&mut inner.policy, &mut inner.written.policy, &left, name)
+                    .err()
+                    .map(|_| (first, left.len()))
+            }
+        };
 
         let mut buckets_removed = 0;
         if !bucket_ids.is_empty() {
@@ -928,6 +992,20 @@ impl Datapath {
             buckets_removed = stale.len();
         }
         let gen = Self::bump_policy_gen(inner)?;
+        if let Some((error, missing)) = rules_failed {
+            tracing::error!(
+                rules = inner.written.policy.len(),
+                missing,
+                enforced = inner.written.enforced.len(),
+                policy_gen = gen,
+                %error,
+                "policy rules not written; enforcement applied, so the flows they allow are denied"
+            );
+            return Err(DatapathError::RulesNotWritten {
+                missing,
+                source: Box::new(error),
+            });
+        }
         tracing::info!(
             rules = inner.written.policy.len(),
             rules_written = rules.upsert.len(),
@@ -1070,6 +1148,13 @@ impl Datapath {
                 .map_err(|e| DatapathError::map("reading", obj::maps::COUNTERS, e))?;
             Ok(v.iter().sum())
         };
+        let guard = |i: u32| -> Result<u64, DatapathError> {
+            let v = inner
+                .guard
+                .get(&i, 0)
+                .map_err(|e| DatapathError::map("reading", obj::maps::GUARD_CNT, e))?;
+            Ok(v.iter().sum())
+        };
         Ok(DatapathCounters {
             allowed: get(obj::CNT_ALLOWED)?,
             denied: get(obj::CNT_DENIED)?,
@@ -1078,6 +1163,11 @@ impl Datapath {
             events_lost: get(obj::CNT_EVENTS_LOST)?,
             lb_rewrites: get(obj::CNT_LB_REWRITES)?,
             lb_no_backend: get(obj::CNT_LB_NO_BACKEND)?,
+            spoofed: guard(obj::GUARD_SPOOFED)?,
+            arp_spoofed: guard(obj::GUARD_ARP_SPOOFED)?,
+            not_ipv4: guard(obj::GUARD_NOT_IPV4)?,
+            no_address: guard(obj::GUARD_NO_ADDR)?,
+            conntrack_full: guard(obj::GUARD_CT_FULL)?,
         })
     }
 

@@ -13,7 +13,9 @@
 //!
 //! Inside the instance namespace: `lo` up; `eth0` with `<ip>/32`; a
 //! permanent neighbour entry `169.254.1.1 lladdr ee:ee:ee:ee:ee:ee`; a
-//! link-scope route to `169.254.1.1` and `default via 169.254.1.1 dev eth0`.
+//! link-scope route to `169.254.1.1` and `default via 169.254.1.1 dev eth0`;
+//! IPv6 off (`net.ipv6.conf.{all,default}.disable_ipv6=1`: the datapath
+//! passes only IPv4 and ARP from an instance).
 //! On the host: the veth end has MAC `ee:ee:ee:ee:ee:ee` and `proxy_arp=1`
 //! (so ARP for the gateway is answered even without the static entry),
 //! `ip_forward=1`, and `<ip>/32 dev <host veth> scope link proto 73`.
@@ -526,6 +528,7 @@ impl Network {
                     e,
                 )
             })?;
+        netns::disable_ipv6(&net.netns_path).await?;
 
         let host_if = &net.host_if;
         // The instance has a permanent neighbour entry for the gateway, so

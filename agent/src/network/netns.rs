@@ -120,6 +120,33 @@ pub(crate) fn remove(path: &Path) -> Result<(), NetworkError> {
     }
 }
 
+/// Turns IPv6 off inside the namespace at `path` (`disable_ipv6=1` for
+/// `all` and `default`): the datapath judges IPv4 only, and drops any other
+/// frame an instance sends, so an instance gets no IPv6 address to use. A
+/// kernel without IPv6 has nothing to turn off.
+pub(crate) async fn disable_ipv6(path: &Path) -> Result<(), NetworkError> {
+    let file = open(path)?;
+    on_thread("im-netns-ipv6", move || {
+        // SAFETY: setns only affects this thread, which exits afterwards.
+        if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // /proc/sys/net resolves against the opening thread's namespace.
+        for conf in ["all", "default"] {
+            let p = format!("/proc/sys/net/ipv6/conf/{conf}/disable_ipv6");
+            match std::fs::read_to_string(&p) {
+                Ok(v) if v.trim() == "1" => {}
+                Ok(_) => std::fs::write(&p, "1")?,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    })
+    .await
+    .map_err(|e| NetworkError::io("disabling IPv6 in network namespace", path, e))
+}
+
 /// Opens the namespace file (for `setns_by_fd` when moving a link into it).
 pub(crate) fn open(path: &Path) -> Result<File, NetworkError> {
     File::open(path).map_err(|e| NetworkError::io("opening network namespace", path, e))

@@ -199,9 +199,10 @@ pub trait InstanceNetworking: Send + Sync + 'static {
     /// address and namespace for the same instance.
     async fn setup(&self, instance: &str) -> Result<(std::net::Ipv4Addr, PathBuf), String>;
     /// What has to be in place before the instance sends or receives its
-    /// first packet (the datapath on its interface); called after a
-    /// successful `setup`. Idempotent.
-    async fn attach(&self, instance: &str) -> Result<(), String>;
+    /// first packet (the datapath on its interface, with `ip`, the address
+    /// `setup` leased, as its only source); called after a successful
+    /// `setup`. Idempotent. An error keeps the instance from starting.
+    async fn attach(&self, instance: &str, ip: Ipv4Addr) -> Result<(), String>;
     /// Idempotent: removes namespace, interfaces, routes and address lease.
     async fn teardown(&self, instance: &str) -> Result<(), String>;
     /// Removes what belongs to instances not in `keep` (after a crash).

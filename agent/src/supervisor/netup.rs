@@ -55,7 +55,7 @@ impl Bringup {
                 let (ip, netns) = net.setup(&instance).await?;
                 let ns_ms = started.elapsed().as_millis() as u64;
                 tx.send_replace(Progress::Namespace(ip, netns.clone()));
-                net.attach(&instance).await?;
+                net.attach(&instance, ip).await?;
                 tracing::debug!(
                     instance,
                     %ip,

@@ -56,6 +56,9 @@ pub struct SyncConfig {
     /// The loaded datapath, if any: identities, policy and services from
     /// each assignment.
     pub datapath: Option<Arc<crate::datapath::Datapath>>,
+    /// Why the datapath is not there when `datapath` is `None`: reported
+    /// in Hello, and the node becomes `DatapathReady=False`.
+    pub datapath_problem: Option<String>,
     pub cross_host: crate::config::CrossHost,
     pub vxlan_vni: u32,
     /// Volumes: provisioned and deleted as assignments list them, usage

@@ -185,6 +185,14 @@ async fn session(
                 ironmesh_proto::SETTINGS.into(),
                 ironmesh_proto::assignment::PARTS.into(),
             ],
+            datapath: Some(ironmesh_proto::v1::DatapathStatus {
+                ready: cfg.datapath.is_some(),
+                message: match (&cfg.datapath, &cfg.datapath_problem) {
+                    (Some(_), _) => String::new(),
+                    (None, Some(why)) => why.clone(),
+                    (None, None) => "the datapath is not loaded".to_string(),
+                },
+            }),
         }),
     )?;
     if let Some(inv) = &inventory {
