@@ -24,6 +24,7 @@
 pub mod client_config;
 pub mod instance;
 mod kind;
+pub mod limits;
 pub mod manifest;
 pub mod meta;
 pub mod net;

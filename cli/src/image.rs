@@ -667,23 +667,28 @@ fn table(images: &[ImageInfo], now_ms: i64) -> String {
         })
         .collect();
     let header = ["NAME", "DIGEST", "SIZE", "AGE"].map(String::from);
+    let rows: Vec<[String; 4]> = std::iter::once(header)
+        .chain(rows)
+        .map(|r| r.map(|c| crate::output::cell(&c)))
+        .collect();
     let mut widths = [0usize; 4];
-    for r in std::iter::once(&header).chain(&rows) {
+    for r in &rows {
         for (w, c) in widths.iter_mut().zip(r) {
-            *w = (*w).max(c.len());
+            *w = (*w).max(c.chars().count());
         }
     }
     let mut out = String::new();
-    for r in std::iter::once(&header).chain(&rows) {
+    for r in &rows {
+        let size = format!(
+            "{}{}",
+            " ".repeat(widths[2].saturating_sub(r[2].chars().count())),
+            r[2]
+        );
         let line = format!(
-            "{:<w0$}   {:<w1$}   {:>w2$}   {}",
-            r[0],
-            r[1],
-            r[2],
+            "{}   {}   {size}   {}",
+            crate::output::pad(&r[0], widths[0]),
+            crate::output::pad(&r[1], widths[1]),
             r[3],
-            w0 = widths[0],
-            w1 = widths[1],
-            w2 = widths[2],
         );
         out.push_str(line.trim_end());
         out.push('\n');

@@ -35,6 +35,11 @@ use crate::resources::{decode, prefix, ResourceError, Resources, StoredObject};
 use crate::store::EventKind;
 use crate::tokens::{JoinTokens, NewToken, TokenError, TokenRecord};
 
+/// The largest operator request the server decodes: well above the apply
+/// limit ([`ironmesh_api::limits::MAX_APPLY_BYTES`]) so that an oversized
+/// apply is answered with its size and the limit, in words.
+pub const MAX_REQUEST_BYTES: usize = 32 << 20;
+
 pub struct OperatorApi {
     pub resources: Resources,
     pub images: ImageStore,
@@ -148,6 +153,24 @@ impl OperatorApi {
     async fn apply_inner(&self, req: Request<ApplyRequest>) -> Result<ApplyResponse, Status> {
         let caller = self.operators.authenticate(&req).await?;
         let req = req.into_inner();
+        // The server takes messages up to MAX_REQUEST_BYTES so that this,
+        // not the transport's "decoded message length too large", is what
+        // an operator reads.
+        let total: usize = req
+            .manifests
+            .iter()
+            .map(|m| m.json.len() + m.origin.len())
+            .sum();
+        if let Some(msg) = ironmesh_api::limits::apply_too_large(total) {
+            ControllerMetrics::count(&self.metrics.applies, "invalid");
+            audit(&caller, "Apply", "", "failed");
+            tracing::warn!(
+                bytes = total,
+                manifests = req.manifests.len(),
+                "apply refused: too large"
+            );
+            return Err(Status::invalid_argument(msg));
+        }
         let parsed: Vec<Option<serde_json::Value>> = req
             .manifests
             .iter()

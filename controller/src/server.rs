@@ -301,7 +301,10 @@ pub async fn run(cfg: ControllerConfig, shutdown: Shutdown) -> Result<(), Server
         .tls_config(tls)
         .map_err(|e| ServerError::Tls(e.to_string()))?
         .add_service(NodeServiceServer::new(node_api))
-        .add_service(OperatorServiceServer::new(operator_api))
+        .add_service(
+            OperatorServiceServer::new(operator_api)
+                .max_decoding_message_size(crate::operator_api::MAX_REQUEST_BYTES),
+        )
         .serve_with_incoming_shutdown(incoming, shutdown.clone().wait())
         .await
         .map_err(|e| ServerError::Serve(e.to_string()))?;
