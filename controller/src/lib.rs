@@ -42,6 +42,7 @@ pub mod scheduler;
 pub mod server;
 pub mod services;
 pub mod sources;
+pub mod stopping;
 pub mod store;
 pub mod tokens;
 pub mod volumes;

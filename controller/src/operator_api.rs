@@ -51,6 +51,9 @@ pub struct OperatorApi {
     pub tokens: JoinTokens,
     pub revocations: crate::revocation::Revocations,
     pub ca: Arc<crate::pki::ClusterCa>,
+    /// Ends watch, log and flow streams with `UNAVAILABLE: controller
+    /// shutting down`.
+    pub shutdown: ironmesh_daemon::Shutdown,
 }
 
 fn token_status(e: TokenError) -> Status {
@@ -459,8 +462,9 @@ impl OperatorService for OperatorApi {
                 }),
             })
         });
-        Ok(Response::new(Box::pin(
+        Ok(Response::new(crate::stopping::until_shutdown(
             futures::stream::iter(initial).chain(live),
+            self.shutdown.clone(),
         )))
     }
 
@@ -528,7 +532,7 @@ impl OperatorService for OperatorApi {
         let req = req.into_inner();
         let r = self.logs.open(&self.resources, req).await;
         self.record("Logs", &r);
-        r.map(Response::new)
+        r.map(|s| Response::new(crate::stopping::until_shutdown(s, self.shutdown.clone())))
     }
 
     type FlowsStream = crate::flows::FlowsStream;
@@ -540,7 +544,7 @@ impl OperatorService for OperatorApi {
         self.caller(&req, Action::Read, "Flows").await?;
         let r = self.flows.open(req.into_inner());
         self.record("Flows", &r);
-        r.map(Response::new)
+        r.map(|s| Response::new(crate::stopping::until_shutdown(s, self.shutdown.clone())))
     }
 
     async fn create_join_token(

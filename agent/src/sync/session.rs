@@ -83,6 +83,17 @@ pub(super) async fn run(
         metrics.connected.set(0);
         match res {
             Ok(()) => return,
+            Err(SyncError::ControllerStopping) => {
+                // Not a failure of the cluster: the next controller (or
+                // this one's successor on restart) is tried at once, and
+                // the back-off starts over.
+                metrics.reconnects.inc();
+                current_controller = (current_controller + 1) % count;
+                tracing::info!(controller = %url, next = %cfg.controllers.get(current_controller).map(String::as_str).unwrap_or_default(), "controller is shutting down; reconnecting");
+                backoff = BACKOFF_MIN;
+                failed_in_a_row = 0;
+                continue;
+            }
             Err(SyncError::Renewed) => {
                 tracing::info!(controller = %url, "node certificate renewed; reconnecting with it");
                 backoff = BACKOFF_MIN;
@@ -374,6 +385,7 @@ async fn session(
                     None => break Err(SyncError::Protocol("empty controller message".into())),
                 },
                 Ok(None) => break Err(SyncError::Broken("controller closed the stream".into())),
+                Err(s) if ironmesh_proto::is_shutting_down(&s) => break Err(SyncError::ControllerStopping),
                 Err(s) => break Err(SyncError::Broken(format!("{:?}: {}", s.code(), s.message()))),
             }
         }

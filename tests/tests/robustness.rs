@@ -1,0 +1,233 @@
+//! End-to-end tests of robustness: oversized input refused in words (not
+//! the transport's), imctl tables that survive long values, and prompt,
+//! clean exits on SIGTERM for the controller (with an agent connected) and
+//! the agent (its containers keep running).
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use ironmesh_proto::v1::{ApplyRequest, Manifest};
+use ironmesh_tests::{grpc, images_dir, wait_for, Agent, Controller, ControllerOpts};
+use serde_json::Value;
+
+fn stderr(out: &std::process::Output) -> String {
+    String::from_utf8_lossy(&out.stderr).to_string()
+}
+
+/// `imctl apply -f` of `yaml` written to a file; the output as it is.
+fn apply_file(ctl: &Controller, name: &str, yaml: &str) -> std::process::Output {
+    let path = ctl.dir.path().join(name);
+    std::fs::write(&path, yaml).expect("write manifest");
+    ctl.imctl(&["apply", "-f", path.to_str().expect("utf-8 path")])
+}
+
+fn workload_yaml(name: &str, image: &str) -> String {
+    format!(
+        "apiVersion: ironmesh.dev/v1\nkind: Workload\nmetadata:\n  name: {name}\nspec:\n  image: {image}\n  replicas: 0\n"
+    )
+}
+
+#[test]
+fn oversized_input_is_refused_in_words_and_long_values_print() {
+    let ctl = Controller::start(ControllerOpts::default());
+
+    // A 2,000,000-character image: refused, naming the field and the limit,
+    // in a message that does not quote all of it.
+    let out = apply_file(
+        &ctl,
+        "huge-image.yaml",
+        &workload_yaml("huge", &"i".repeat(2_000_000)),
+    );
+    assert!(!out.status.success(), "a 2 MB image must be refused");
+    let err = stderr(&out);
+    assert!(err.contains("spec.image"), "{err:.400}");
+    assert!(
+        err.contains("at most 255 characters, got 2000000"),
+        "{err:.400}"
+    );
+    assert!(err.len() < 2_000, "the error is {} bytes", err.len());
+
+    // A 10 MB apply: imctl says so before sending anything.
+    let docs: String = (0..40)
+        .map(|i| {
+            format!(
+                "---\napiVersion: ironmesh.dev/v1\nkind: Workload\nmetadata:\n  name: w{i}\n  annotations:\n    big: {}\nspec:\n  image: web:1\n",
+                "a".repeat(250_000)
+            )
+        })
+        .collect();
+    let out = apply_file(&ctl, "ten-mb.yaml", &docs);
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(
+        err.contains("apply is 10.") && err.contains("the limit is 8 MiB: split it"),
+        "{err:.400}"
+    );
+
+    // The server says the same to a client that does not check (not
+    // tonic's "decoded message length too large").
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let status = rt.block_on(async {
+        let creds = grpc::admin_creds(&ctl);
+        let mut api = grpc::operator(&ctl, Some(&creds))
+            .await
+            .expect("connect")
+            .max_encoding_message_size(64 << 20);
+        let manifests = (0..10)
+            .map(|i| Manifest {
+                origin: format!("doc {i}"),
+                json: serde_json::json!({
+                    "apiVersion": "ironmesh.dev/v1", "kind": "Workload",
+                    "metadata": {"name": format!("w{i}")},
+                    "spec": {"image": "x".repeat(1_050_000)}
+                })
+                .to_string(),
+            })
+            .collect();
+        api.apply(ApplyRequest {
+            manifests,
+            dry_run: false,
+        })
+        .await
+        .expect_err("a 10 MB apply is refused")
+    });
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+    assert!(
+        status.message().starts_with("apply is 10.") && status.message().contains("8 MiB"),
+        "{}",
+        status.message()
+    );
+    let listed = ctl.imctl_json(&["get", "workloads"]);
+    assert!(
+        listed["items"].as_array().is_none_or(Vec::is_empty),
+        "nothing was applied: {listed}"
+    );
+
+    // The longest image the grammar allows prints cut with … in the table.
+    let long_image = format!("r/{}:{}", "a".repeat(250), "t".repeat(128));
+    ctl.apply_yaml(&workload_yaml("long", &long_image));
+    for args in [
+        &["get", "workloads"][..],
+        &["get", "workloads", "-o", "wide"],
+    ] {
+        let out = ctl.imctl(args);
+        assert!(out.status.success(), "imctl {args:?}: {}", stderr(&out));
+        let table = String::from_utf8_lossy(&out.stdout);
+        let row = table
+            .lines()
+            .find(|l| l.starts_with("long "))
+            .unwrap_or_else(|| panic!("{table}"));
+        assert!(row.contains('…'), "{row}");
+        assert!(row.chars().count() < 200, "{row}");
+    }
+    // The whole value is still there for -o json.
+    let w = ctl.imctl_json(&["get", "workload", "long"]);
+    assert_eq!(
+        w.pointer("/spec/image").and_then(Value::as_str),
+        Some(long_image.as_str())
+    );
+}
+
+fn push(ctl: &Controller, image: &str) {
+    let dir: PathBuf = images_dir().join(image);
+    let out = ctl.imctl(&["image", "push", dir.to_str().expect("utf-8 path")]);
+    assert!(out.status.success(), "imctl image push: {}", stderr(&out));
+}
+
+fn running_instance(ctl: &Controller, workload: &str, deadline: Duration) -> Value {
+    wait_for(&format!("instance of {workload} running"), deadline, || {
+        let v = ctl.imctl_json(&[
+            "get",
+            "instances",
+            "-l",
+            &format!("ironmesh.dev/workload={workload}"),
+        ]);
+        let items = v.get("items").and_then(Value::as_array).cloned()?;
+        items.into_iter().find(|i| {
+            i.pointer("/status/phase").and_then(Value::as_str) == Some("Running")
+                && i.pointer("/status/pid")
+                    .and_then(Value::as_u64)
+                    .unwrap_or(0)
+                    > 0
+        })
+    })
+}
+
+fn alive(pid: u64) -> bool {
+    // SAFETY: kill(2) with signal 0 only checks that the process exists.
+    unsafe { libc::kill(pid as i32, 0) == 0 }
+}
+
+#[test]
+fn sigterm_stops_controller_within_5s_and_agent_within_2s_leaving_containers() {
+    let mut ctl = Controller::start(ControllerOpts::default());
+    let mut agent = Agent::start(&ctl, "node-a");
+    agent.wait_ready(&ctl, Duration::from_secs(90));
+    push(&ctl, "records-server");
+    ctl.apply_yaml(
+        "apiVersion: ironmesh.dev/v1
+kind: Workload
+metadata:
+  name: keep
+spec:
+  image: ironmesh/records-server:dev
+  env:
+    - name: LISTEN_ADDR
+      value: 0.0.0.0:8080
+  resources:
+    cpu: 100m
+    memory: 64Mi
+",
+    );
+    let inst = running_instance(&ctl, "keep", Duration::from_secs(60));
+    let pid = inst
+        .pointer("/status/pid")
+        .and_then(Value::as_u64)
+        .unwrap_or(0);
+    assert!(alive(pid), "container process {pid} runs");
+
+    // The controller, with the agent's Sync stream open.
+    let t = Instant::now();
+    let st = ctl.proc.terminate(Duration::from_secs(5));
+    let took = t.elapsed();
+    let log = std::fs::read_to_string(ctl.dir.path().join("controller-1.log")).unwrap_or_default();
+    let st =
+        st.unwrap_or_else(|| panic!("controller still running 5 s after SIGTERM; log:\n{log}"));
+    assert!(st.success(), "controller exit status {st:?}");
+    assert!(log.contains("controller stopped"), "{log}");
+    println!("figures: controller exit after SIGTERM with a connected agent: {took:?}");
+
+    // The agent heard why and reconnects at once; its container runs on.
+    wait_for(
+        "agent to see the controller leave",
+        Duration::from_secs(5),
+        || {
+            agent
+                .proc
+                .log_text()
+                .contains("controller is shutting down; reconnecting")
+                .then_some(())
+        },
+    );
+    assert!(alive(pid), "the container survives the controller");
+
+    ctl.start_again("controller-2.log");
+    agent.wait_ready(&ctl, Duration::from_secs(30));
+
+    // The agent: exits within 2 s, the container keeps running.
+    let t = Instant::now();
+    let st = agent.proc.terminate(Duration::from_secs(2));
+    let took = t.elapsed();
+    let st = st.unwrap_or_else(|| {
+        panic!(
+            "agent still running 2 s after SIGTERM; log:\n{}",
+            std::fs::read_to_string(&agent.proc.log).unwrap_or_default()
+        )
+    });
+    assert!(st.success(), "agent exit status {st:?}");
+    assert!(
+        alive(pid),
+        "the container keeps running after the agent left"
+    );
+    println!("figures: agent exit after SIGTERM: {took:?}");
+}
