@@ -494,14 +494,19 @@ impl Schedule {
     /// next five years.
     pub fn next_after(&self, after: u64) -> Option<u64> {
         match self {
-            Schedule::Every(d) => Some(after + d.as_secs().max(1)),
+            // Checked: a far `after` or a huge `@every` has no next time.
+            Schedule::Every(d) => after.checked_add(d.as_secs().max(1)),
             Schedule::Cron {
                 fields,
                 dom_star,
                 dow_star,
             } => {
                 let has = |f: usize, v: u64| fields[f] & (1 << v) != 0;
-                let start = (after / 60 + 1) * 60;
+                let start = (after / 60).checked_add(1)?.checked_mul(60)?;
+                // Five years on from `start` must fit in a u64.
+                if start > u64::MAX - 6 * 366 * 86_400 {
+                    return None;
+                }
                 let first_day = start / 86_400;
                 for day in first_day..first_day + 5 * 366 {
                     let (month, dom) = month_day(day as i64);

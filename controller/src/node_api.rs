@@ -734,7 +734,7 @@ async fn record_instance_states(
 
 /// The instance object with the reported state as its status, or `None`
 /// when the report does not apply to it.
-fn instance_with_state(cur: &Value, node: &str, st: &InstanceState) -> Option<Value> {
+pub(crate) fn instance_with_state(cur: &Value, node: &str, st: &InstanceState) -> Option<Value> {
     let mut o = cur.clone();
     if o.pointer("/spec/node").and_then(Value::as_str) != Some(node)
         || o.pointer("/spec/workloadGeneration")

@@ -231,3 +231,167 @@ spec:
     );
     println!("figures: agent exit after SIGTERM: {took:?}");
 }
+
+/// Store file size in bytes.
+fn store_bytes(ctl: &Controller) -> u64 {
+    std::fs::metadata(ctl.data_dir().join("store.redb")).map_or(0, |m| m.len())
+}
+
+/// An hour of status churn compressed in time, on the node protocol: 20
+/// instances of ~210 KB each (env near its limits), reported every
+/// simulated second (3,600 reports), each changing every 10 s (restarts),
+/// so 7,200 real writes and 64,800 repeats that change nothing. Without a
+/// byte bound the history would hold ~1.5 GB. Run by hand:
+/// `cargo test -p ironmesh-tests --test robustness status_churn -- --ignored --nocapture`
+#[test]
+#[ignore = "a benchmark (about a minute); prints the figures for docs/scale.md"]
+fn status_churn_keeps_store_and_rss_bounded() {
+    use ironmesh_proto::v1::{agent_message::Msg, InstanceReport, InstanceState};
+    let ctl = Controller::start(ControllerOpts::default());
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let node = rt
+        .block_on(grpc::ProtocolNode::start(
+            &ctl,
+            "churn-1",
+            &grpc::token(&ctl),
+        ))
+        .expect("protocol node joins");
+    let env: String = (0..7)
+        .map(|i| format!("    - name: E{i}\n      value: {}\n", "v".repeat(30_000)))
+        .collect();
+    ctl.apply_yaml(&format!(
+        "apiVersion: ironmesh.dev/v1\nkind: Workload\nmetadata:\n  name: churn\nspec:\n  image: web:1\n  replicas: 20\n  resources:\n    cpu: 10m\n    memory: 16Mi\n  env:\n{env}"
+    ));
+    let until = Instant::now() + Duration::from_secs(30);
+    let assigned = loop {
+        if let Some(a) = node.assignment().filter(|a| a.instances.len() == 20) {
+            break a;
+        }
+        if Instant::now() > until {
+            let out = ctl.imctl(&["get", "instances", "-o", "wide"]);
+            panic!(
+                "20 instances not assigned; assignment has {:?}; instances:\n{}",
+                node.assignment().map(|a| a.instances.len()),
+                String::from_utf8_lossy(&out.stdout)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let base: std::net::Ipv4Addr = node
+        .pod_cidr
+        .split('/')
+        .next()
+        .and_then(|a| a.parse().ok())
+        .expect("pod CIDR from Welcome");
+    let ip = std::net::Ipv4Addr::from(u32::from(base) + 9).to_string();
+    let state = |i: &ironmesh_proto::v1::InstanceAssignment, restarts: u32| InstanceState {
+        name: i.name.clone(),
+        phase: "Running".into(),
+        ready: true,
+        restarts,
+        pid: 1000 + restarts,
+        spec_generation: i.spec_generation,
+        ip: ip.clone(),
+        ..Default::default()
+    };
+    let report = |restarts: u32| {
+        Msg::Instances(InstanceReport {
+            full: true,
+            instances: assigned
+                .instances
+                .iter()
+                .map(|i| state(i, restarts))
+                .collect(),
+        })
+    };
+    let rev = |ctl: &Controller| {
+        ctl.imctl_json(&["get", "workload", "churn"])
+            .pointer("/metadata/resourceVersion")
+            .and_then(Value::as_str)
+            .and_then(|s| s.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    // Settle: the first report is a real change.
+    rt.block_on(node.send(report(0)));
+    let pid = ctl.proc.pid();
+    let rss = || ironmesh_tests::rss_bytes(pid).unwrap_or(0);
+    wait_for("first report recorded", Duration::from_secs(20), || {
+        let v = ctl.imctl_json(&["get", "instances"]);
+        v["items"]
+            .as_array()
+            .filter(|a| {
+                a.iter()
+                    .all(|i| i.pointer("/status/pid").and_then(Value::as_u64) == Some(1000))
+            })
+            .map(|_| ())
+    });
+    let (store0, rss0) = (store_bytes(&ctl), rss());
+    println!(
+        "figures: churn start: store {} KiB, controller RSS {} KiB",
+        store0 / 1024,
+        rss0 / 1024
+    );
+    let _ = rev(&ctl);
+    let started = Instant::now();
+    let mut peak_store = store0;
+    let mut peak_rss = rss0;
+    for second in 1..=3600u32 {
+        rt.block_on(node.send(report(second / 10)));
+        if second % 600 == 0 {
+            // Let the controller catch up before reading figures.
+            let want = 1000 + second / 10;
+            let until = Instant::now() + Duration::from_secs(60);
+            loop {
+                let v = ctl.imctl_json(&["get", "instances"]);
+                let pids: Vec<u64> = v["items"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|i| i.pointer("/status/pid").and_then(Value::as_u64))
+                    .collect();
+                if pids.len() == 20 && pids.iter().all(|p| *p == u64::from(want)) {
+                    break;
+                }
+                if Instant::now() > until {
+                    let log = ctl.proc.log_text();
+                    let tail: Vec<&str> = log.lines().rev().take(30).collect();
+                    panic!(
+                        "reports up to second {second} not recorded: pids {pids:?}, stream ended {:?}; controller log:\n{}",
+                        node.ended(),
+                        tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                    );
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            let (s, r) = (store_bytes(&ctl), rss());
+            peak_store = peak_store.max(s);
+            peak_rss = peak_rss.max(r);
+            println!(
+                "figures: after {} simulated min ({:?}): store {} KiB, controller RSS {} KiB",
+                second / 60,
+                started.elapsed(),
+                s / 1024,
+                r / 1024
+            );
+        }
+    }
+    assert!(
+        node.ended().is_none(),
+        "the stream stayed up: {:?}",
+        node.ended()
+    );
+    println!(
+        "figures: 1 h of churn in {:?}: store peak {} MiB (start {} MiB), controller RSS peak {} MiB (start {} MiB)",
+        started.elapsed(),
+        peak_store >> 20,
+        store0 >> 20,
+        peak_rss >> 20,
+        rss0 >> 20
+    );
+    // 64 MiB of history plus the live objects and redb's free pages.
+    assert!(peak_store < 256 << 20, "store grew to {peak_store} bytes");
+    assert!(
+        peak_rss < rss0 + (256 << 20),
+        "RSS grew from {rss0} to {peak_rss}"
+    );
+}

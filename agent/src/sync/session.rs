@@ -32,6 +32,8 @@ use crate::supervisor::Supervisor;
 /// First and largest reconnect delay.
 const BACKOFF_MIN: Duration = Duration::from_millis(200);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// The largest message taken from the controller (a whole assignment).
+const MAX_CONTROLLER_MESSAGE: usize = 256 << 20;
 /// How often the inventory is read again (sent only when it changed).
 const INVENTORY_REFRESH: Duration = Duration::from_secs(30);
 
@@ -167,7 +169,11 @@ async fn session(
         .connect()
         .await
         .map_err(|e| SyncError::Connect(error_chain(&e)))?;
-    let mut client = NodeServiceClient::new(channel);
+    // A whole assignment carries every instance's spec (each up to the
+    // 1.5 MiB object limit): tonic's 4 MiB default broke the stream of a
+    // node with a few large instances on every reconnect.
+    let mut client =
+        NodeServiceClient::new(channel).max_decoding_message_size(MAX_CONTROLLER_MESSAGE);
 
     let (lanes, outbound_stream) = outbound::lanes();
     let mut inventory = read_inventory(&cfg.agent_version).await;
