@@ -827,7 +827,7 @@ mod tests {
         let started = std::time::Instant::now();
         for seed in 0..n {
             let mut rng = StdRng::seed_from_u64(seed ^ 0x7a70_0001);
-            let mut edit = |b: &mut Vec<u8>, rng: &mut StdRng| {
+            let edit = |b: &mut Vec<u8>, rng: &mut StdRng| {
                 for _ in 0..rng.random_range(1..=4) {
                     let len = b.len();
                     if len == 0 {

@@ -610,16 +610,14 @@ mod fuzz {
                     return false;
                 };
                 match m.msg {
-                    Some(Msg::Inventory(inv)) => {
-                        if check_inventory(&inv).is_ok() {
-                            let _ = crate::node_api::inventory_status(&inv);
-                        }
+                    Some(Msg::Inventory(inv)) if check_inventory(&inv).is_ok() => {
+                        let _ = crate::node_api::inventory_status(&inv);
                     }
-                    Some(Msg::Instances(rep)) => {
-                        if check_instance_states(&rep.instances, cidr).is_ok() {
-                            for st in &rep.instances {
-                                let _ = crate::node_api::instance_with_state(&current, "n1", st);
-                            }
+                    Some(Msg::Instances(rep))
+                        if check_instance_states(&rep.instances, cidr).is_ok() =>
+                    {
+                        for st in &rep.instances {
+                            let _ = crate::node_api::instance_with_state(&current, "n1", st);
                         }
                     }
                     Some(Msg::Event(ev)) => {
