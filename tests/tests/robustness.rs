@@ -186,6 +186,29 @@ spec:
         .unwrap_or(0);
     assert!(alive(pid), "container process {pid} runs");
 
+    // A watch open too: it must end with the reason, not hang.
+    let (watch_out, watch_err) = (
+        ctl.dir.path().join("watch.out"),
+        ctl.dir.path().join("watch.err"),
+    );
+    let mut watch = std::process::Command::new(ironmesh_tests::bin("imctl"))
+        .arg("--config")
+        .arg(ctl.admin_config())
+        .args(["get", "workloads", "-w"])
+        .stdout(std::fs::File::create(&watch_out).expect("watch stdout"))
+        .stderr(std::fs::File::create(&watch_err).expect("watch stderr"))
+        .spawn()
+        .expect("start imctl get -w");
+    wait_for(
+        "the watch to list the workload",
+        Duration::from_secs(10),
+        || {
+            std::fs::read_to_string(&watch_out)
+                .ok()
+                .filter(|o| o.contains("keep"))
+        },
+    );
+
     // The controller, with the agent's Sync stream open.
     let t = Instant::now();
     let st = ctl.proc.terminate(Duration::from_secs(5));
@@ -195,6 +218,15 @@ spec:
         st.unwrap_or_else(|| panic!("controller still running 5 s after SIGTERM; log:\n{log}"));
     assert!(st.success(), "controller exit status {st:?}");
     assert!(log.contains("controller stopped"), "{log}");
+    let watch_exit = wait_for("imctl get -w to end", Duration::from_secs(5), || {
+        watch.try_wait().ok().flatten()
+    });
+    let said = std::fs::read_to_string(&watch_err).unwrap_or_default();
+    assert!(!watch_exit.success(), "the watch ends with an error");
+    assert!(
+        said.contains("controller shutting down"),
+        "imctl said: {said}"
+    );
     println!("figures: controller exit after SIGTERM with a connected agent: {took:?}");
 
     // The agent heard why and reconnects at once; its container runs on.
