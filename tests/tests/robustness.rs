@@ -276,7 +276,7 @@ fn store_bytes(ctl: &Controller) -> u64 {
 /// byte bound the history would hold ~1.5 GB. Run by hand:
 /// `cargo test -p ironmesh-tests --test robustness status_churn -- --ignored --nocapture`
 #[test]
-#[ignore = "a benchmark (about a minute); prints the figures for docs/scale.md"]
+#[ignore = "a benchmark (about 3 minutes); prints the figures for docs/scale.md"]
 fn status_churn_keeps_store_and_rss_bounded() {
     use ironmesh_proto::v1::{agent_message::Msg, InstanceReport, InstanceState};
     // CHURN_HISTORY_BYTES=100Gi shows what a count-only bound does.
