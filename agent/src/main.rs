@@ -17,11 +17,17 @@ use ironmesh_agent::runtime::{Runtime, RuntimeConfig};
 use ironmesh_agent::supervisor::{InstanceNetworking, Supervisor, SupervisorConfig};
 use ironmesh_agent::sync::{self, SyncConfig};
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     let cfg = AgentConfig::parse();
     ironmesh_daemon::init_logging(cfg.log_format, &cfg.log_level)?;
-    if let Err(e) = run(cfg).await {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let r = rt.block_on(run(cfg));
+    // Blocking work still running (an inventory read, a layer unpack) must
+    // not hold the exit: containers keep running without the agent.
+    rt.shutdown_timeout(std::time::Duration::from_millis(300));
+    if let Err(e) = r {
         tracing::error!(error = %format!("{e:#}"), "agent failed");
         eprintln!("ironmesh-agent: {e:#}");
         std::process::exit(1);
@@ -222,7 +228,8 @@ async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         Ok(s) => s.detach().await,
         Err(_) => tracing::warn!("supervisor still shared at shutdown; leaving it"),
     }
-    let _ = metrics_task.await;
+    // A scraper's keep-alive connection must not hold the exit.
+    let _ = tokio::time::timeout(std::time::Duration::from_millis(300), metrics_task).await;
     tracing::info!("agent stopped");
     Ok(())
 }

@@ -22,8 +22,11 @@
 //! The crate does no I/O and holds no state.
 
 pub mod client_config;
+#[cfg(test)]
+mod fuzz;
 pub mod instance;
 mod kind;
+pub mod limits;
 pub mod manifest;
 pub mod meta;
 pub mod net;

@@ -72,8 +72,9 @@ pub fn dns_label_problem(s: &str) -> Option<String> {
     }
     if s.len() > 63 {
         return Some(format!(
-            "must be at most 63 characters, got {} ({s:?})",
-            s.len()
+            "must be at most 63 characters, got {} ({})",
+            s.len(),
+            crate::limits::shown(s)
         ));
     }
     if !s
@@ -83,7 +84,8 @@ pub fn dns_label_problem(s: &str) -> Option<String> {
         || s.ends_with('-')
     {
         return Some(format!(
-            "must consist of lowercase letters, digits and '-', and start and end with a letter or digit, got {s:?}"
+            "must consist of lowercase letters, digits and '-', and start and end with a letter or digit, got {}",
+            crate::limits::shown(s)
         ));
     }
     None
@@ -125,16 +127,20 @@ pub fn label_key_problem(k: &str) -> Option<String> {
     if k.is_empty() {
         return Some("key must not be empty".into());
     }
+    let shown = crate::limits::shown;
     if let Some(p) = prefix {
         if !dns_subdomain_ok(p) {
             return Some(format!(
-                "key {k:?} has an invalid prefix {p:?}: must be a DNS subdomain such as \"ironmesh.dev\""
+                "key {} has an invalid prefix {}: must be a DNS subdomain of at most 253 characters such as \"ironmesh.dev\"",
+                shown(k),
+                shown(p)
             ));
         }
     }
     if !label_name_ok(name) {
         return Some(format!(
-            "key {k:?} is invalid: the name must be 1-63 characters of letters, digits, '-', '_' and '.', starting and ending with a letter or digit (optionally after a DNS prefix and '/')"
+            "key {} is invalid: the name must be 1-63 characters of letters, digits, '-', '_' and '.', starting and ending with a letter or digit (optionally after a DNS prefix and '/')",
+            shown(k)
         ));
     }
     None
@@ -147,7 +153,8 @@ pub fn label_value_problem(v: &str) -> Option<String> {
         None
     } else {
         Some(format!(
-            "value {v:?} is invalid: must be empty or at most 63 characters of letters, digits, '-', '_' and '.', starting and ending with a letter or digit"
+            "value {} is invalid: must be empty or at most 63 characters of letters, digits, '-', '_' and '.', starting and ending with a letter or digit",
+            crate::limits::shown(v)
         ))
     }
 }
@@ -156,7 +163,7 @@ pub fn label_value_problem(v: &str) -> Option<String> {
 /// `metadata.labels`; problems are reported at `path["key"]`.
 pub fn check_labels(errs: &mut Errors, path: &str, labels: &BTreeMap<String, String>) {
     for (k, v) in labels {
-        let at = format!("{path}[{k:?}]");
+        let at = format!("{path}[{}]", crate::limits::shown(k));
         if let Some(p) = label_key_problem(k) {
             errs.add(at, p);
         } else if let Some(p) = label_value_problem(v) {
@@ -169,8 +176,19 @@ pub fn check_labels(errs: &mut Errors, path: &str, labels: &BTreeMap<String, Str
 pub fn check_annotations(errs: &mut Errors, path: &str, annotations: &BTreeMap<String, String>) {
     for k in annotations.keys() {
         if let Some(p) = label_key_problem(k) {
-            errs.add(format!("{path}[{k:?}]"), p);
+            errs.add(format!("{path}[{}]", crate::limits::shown(k)), p);
         }
+    }
+    let total: usize = annotations.iter().map(|(k, v)| k.len() + v.len()).sum();
+    if total > crate::limits::MAX_ANNOTATIONS_BYTES {
+        errs.add(
+            path,
+            format!(
+                "annotations total {} bytes; the limit is {}",
+                total,
+                crate::limits::human_limit(crate::limits::MAX_ANNOTATIONS_BYTES)
+            ),
+        );
     }
 }
 

@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::quantity::Quantity;
 use crate::validate::{checks, Errors, Spec};
-use crate::workload::{check_container, EnvVar, Resources};
+use crate::workload::{check_container, Container, EnvVar, Resources};
 
 /// Environment variable holding a step replica's index (0-based).
 pub const STEP_INDEX_ENV: &str = "STEP_INDEX";
@@ -145,7 +145,17 @@ impl Spec for PipelineSpec {
                     format!("step {:?} is defined twice", s.name),
                 );
             }
-            check_container(errs, &at, &s.image, &s.env, &s.resources);
+            check_container(
+                errs,
+                &at,
+                Container {
+                    image: &s.image,
+                    command: &s.command,
+                    args: &s.args,
+                    env: &s.env,
+                    resources: &s.resources,
+                },
+            );
             for (j, e) in s.env.iter().enumerate() {
                 if RESERVED_ENV.contains(&e.name.as_str()) {
                     errs.add(
@@ -484,14 +494,19 @@ impl Schedule {
     /// next five years.
     pub fn next_after(&self, after: u64) -> Option<u64> {
         match self {
-            Schedule::Every(d) => Some(after + d.as_secs().max(1)),
+            // Checked: a far `after` or a huge `@every` has no next time.
+            Schedule::Every(d) => after.checked_add(d.as_secs().max(1)),
             Schedule::Cron {
                 fields,
                 dom_star,
                 dow_star,
             } => {
                 let has = |f: usize, v: u64| fields[f] & (1 << v) != 0;
-                let start = (after / 60 + 1) * 60;
+                let start = (after / 60).checked_add(1)?.checked_mul(60)?;
+                // Five years on from `start` must fit in a u64.
+                if start > u64::MAX - 6 * 366 * 86_400 {
+                    return None;
+                }
                 let first_day = start / 86_400;
                 for day in first_day..first_day + 5 * 366 {
                     let (month, dom) = month_day(day as i64);
@@ -866,18 +881,23 @@ mod tests {
 
     #[test]
     fn deep_chains_do_not_overflow() {
-        let n = 20_000;
-        let list: Vec<Value> = (0..n)
-            .map(|i| {
-                let deps: Vec<String> = if i + 1 < n {
-                    vec![format!("s{}", i + 1)]
-                } else {
-                    vec![]
-                };
-                json!({"name": format!("s{i}"), "image": "x", "dependsOn": deps})
-            })
-            .collect();
-        assert!(validate(&pl(json!({"steps": list}))).is_ok());
+        let chain = |n: usize| -> Vec<Value> {
+            (0..n)
+                .map(|i| {
+                    let deps: Vec<String> = if i + 1 < n {
+                        vec![format!("s{}", i + 1)]
+                    } else {
+                        vec![]
+                    };
+                    json!({"name": format!("s{i}"), "image": "x", "dependsOn": deps})
+                })
+                .collect()
+        };
+        let v = validate(&pl(json!({"steps": chain(5_000)})));
+        assert!(v.is_ok(), "{v:?}");
+        // Past the object size limit the answer is that limit, not a crash.
+        let e = validate(&pl(json!({"steps": chain(20_000)}))).unwrap_err();
+        assert!(e.message.contains("the limit is 1.5 MiB"), "{}", e.message);
     }
 
     #[test]

@@ -511,6 +511,22 @@ pub fn validate(doc: &Value) -> Result<Validated, ValidationError> {
         "metadata": meta_out,
         "spec": spec,
     });
+    // Field limits above catch the usual culprit with its path; this bounds
+    // the whole (the store keeps every object, its history, and sends it
+    // to every watcher).
+    let size = serde_json::to_vec(&object).map_or(0, |v| v.len());
+    if size > crate::limits::MAX_OBJECT_BYTES {
+        return Err(err(
+            Some(kind),
+            Some(name),
+            "",
+            format!(
+                "the object is {} encoded; the limit is {}",
+                crate::limits::human_bytes(size),
+                crate::limits::human_limit(crate::limits::MAX_OBJECT_BYTES)
+            ),
+        ));
+    }
     Ok(Validated { kind, name, object })
 }
 
@@ -561,12 +577,83 @@ pub mod checks {
         }
     }
 
-    /// Non-empty, no whitespace.
+    /// Non-empty, no whitespace, within the reference grammar's limits
+    /// (name at most 255 characters, tag at most 128).
     pub fn image(errs: &mut Errors, path: &str, image: &str) {
         if image.is_empty() {
             errs.add(path, "is required, e.g. \"registry.local/web:1.2\"");
         } else if image.chars().any(char::is_whitespace) {
-            errs.add(path, format!("must not contain whitespace, got {image:?}"));
+            errs.add(
+                path,
+                format!(
+                    "must not contain whitespace, got {}",
+                    crate::limits::shown(image)
+                ),
+            );
+        } else if let Some(p) = crate::limits::image_reference_problem(image) {
+            errs.add(path, p);
+        }
+    }
+
+    /// `command`, `args` and `env` of one container: at most
+    /// [`MAX_LIST_ITEMS`](crate::limits::MAX_LIST_ITEMS) entries each, each
+    /// string at most 32 KiB, all together at most 256 KiB.
+    pub fn argv(
+        errs: &mut Errors,
+        at: &str,
+        command: &[String],
+        args: &[String],
+        env: &[crate::workload::EnvVar],
+    ) {
+        use crate::limits::{
+            human_limit, MAX_CONTAINER_ARGV_BYTES, MAX_LIST_ITEMS, MAX_STRING_BYTES,
+        };
+        let mut total = 0usize;
+        let mut list = |field: &str, items: &mut dyn Iterator<Item = (usize, &str)>, n: usize| {
+            if n > MAX_LIST_ITEMS {
+                errs.add(
+                    format!("{at}.{field}"),
+                    format!("must have at most {MAX_LIST_ITEMS} entries, got {n}"),
+                );
+            }
+            for (i, s) in items {
+                total += s.len();
+                if s.len() > MAX_STRING_BYTES {
+                    errs.add(
+                        format!("{at}.{field}[{i}]"),
+                        format!(
+                            "must be at most {}, got {} bytes",
+                            human_limit(MAX_STRING_BYTES),
+                            s.len()
+                        ),
+                    );
+                }
+            }
+        };
+        list(
+            "command",
+            &mut command.iter().map(String::as_str).enumerate(),
+            command.len(),
+        );
+        list(
+            "args",
+            &mut args.iter().map(String::as_str).enumerate(),
+            args.len(),
+        );
+        list(
+            "env",
+            &mut env.iter().map(|e| e.value.as_str()).enumerate(),
+            env.len(),
+        );
+        total += env.iter().map(|e| e.name.len() + 1).sum::<usize>();
+        if total > MAX_CONTAINER_ARGV_BYTES {
+            errs.add(
+                at.to_string(),
+                format!(
+                    "command, args and env total {total} bytes; the limit is {}",
+                    human_limit(MAX_CONTAINER_ARGV_BYTES)
+                ),
+            );
         }
     }
 
@@ -770,6 +857,65 @@ mod tests {
             .1
             .contains("did you mean 10.42.1.0/24"));
         assert_eq!(first(|e| checks::ipv4_cidr(e, "c", "0.0.0.0/0")), None);
+    }
+
+    fn workload(spec: Value) -> Value {
+        json!({"apiVersion": API_VERSION, "kind": "Workload", "metadata": {"name": "web"}, "spec": spec})
+    }
+
+    #[test]
+    fn a_2mb_image_is_refused_naming_the_field_and_the_limit() {
+        let e = validate(&workload(json!({"image": "i".repeat(2_000_000)}))).unwrap_err();
+        assert_eq!(e.path, "spec.image");
+        assert!(
+            e.message.contains("at most 255 characters, got 2000000"),
+            "{}",
+            e.message
+        );
+        // The message quotes the start of the value, not all of it.
+        assert!(e.to_string().len() < 300, "{}", e.to_string().len());
+    }
+
+    #[test]
+    fn argv_and_env_are_bounded() {
+        let e = validate(&workload(
+            json!({"image": "web:1", "args": vec!["a"; 1025]}),
+        ))
+        .unwrap_err();
+        assert_eq!(e.path, "spec.args");
+        assert!(
+            e.message.contains("at most 1024 entries, got 1025"),
+            "{}",
+            e.message
+        );
+        let e = validate(&workload(
+            json!({"image": "web:1", "env": [{"name": "A", "value": "v".repeat(40_000)}]}),
+        ))
+        .unwrap_err();
+        assert_eq!(e.path, "spec.env[0]");
+        assert!(e.message.contains("at most 32 KiB"), "{}", e.message);
+        let args: Vec<String> = (0..9).map(|_| "a".repeat(30_000)).collect();
+        let e = validate(&workload(json!({"image": "web:1", "args": args}))).unwrap_err();
+        assert_eq!(e.path, "spec");
+        assert!(e.message.contains("the limit is 256 KiB"), "{}", e.message);
+    }
+
+    #[test]
+    fn whole_objects_and_annotations_are_bounded() {
+        let mut doc = workload(json!({"image": "web:1"}));
+        let big: serde_json::Map<String, Value> = (0..20)
+            .map(|i| (format!("a{i}"), Value::String("x".repeat(20_000))))
+            .collect();
+        doc["metadata"]["annotations"] = Value::Object(big);
+        let e = validate(&doc).unwrap_err();
+        assert_eq!(e.path, "metadata.annotations");
+        assert!(e.message.contains("the limit is 256 KiB"), "{}", e.message);
+        // A label value of 2 MB is named by its key and shown cut short.
+        let mut doc = workload(json!({"image": "web:1"}));
+        doc["metadata"]["labels"] = json!({"app": "v".repeat(2_000_000)});
+        let e = validate(&doc).unwrap_err();
+        assert_eq!(e.path, "metadata.labels[\"app\"]");
+        assert!(e.to_string().len() < 400);
     }
 
     #[test]

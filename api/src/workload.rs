@@ -399,15 +399,26 @@ pub enum InstancePhase {
     Unknown,
 }
 
-/// Checks shared by workloads and pipeline steps: image, env, resources.
-pub(crate) fn check_container(
-    errs: &mut Errors,
-    at: &str,
-    image: &str,
-    env: &[EnvVar],
-    resources: &Resources,
-) {
+/// Checks shared by workloads and pipeline steps: image, argv and env
+/// sizes, env names, resources.
+pub(crate) struct Container<'a> {
+    pub image: &'a str,
+    pub command: &'a [String],
+    pub args: &'a [String],
+    pub env: &'a [EnvVar],
+    pub resources: &'a Resources,
+}
+
+pub(crate) fn check_container(errs: &mut Errors, at: &str, c: Container<'_>) {
+    let Container {
+        image,
+        command,
+        args,
+        env,
+        resources,
+    } = c;
     checks::image(errs, &format!("{at}.image"), image);
+    checks::argv(errs, at, command, args, env);
     let mut seen = BTreeSet::new();
     for (i, e) in env.iter().enumerate() {
         checks::env_name(errs, &format!("{at}.env[{i}].name"), &e.name);
@@ -491,7 +502,17 @@ fn check_capability(errs: &mut Errors, path: String, cap: &str) {
 
 impl Spec for WorkloadSpec {
     fn check(&self, errs: &mut Errors) {
-        check_container(errs, "spec", &self.image, &self.env, &self.resources);
+        check_container(
+            errs,
+            "spec",
+            Container {
+                image: &self.image,
+                command: &self.command,
+                args: &self.args,
+                env: &self.env,
+                resources: &self.resources,
+            },
+        );
         if !(0..=10_000).contains(&self.replicas) {
             errs.add(
                 "spec.replicas",

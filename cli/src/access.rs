@@ -112,20 +112,7 @@ fn when(t: i64) -> String {
 }
 
 fn table(rows: Vec<Vec<String>>) -> String {
-    let widths: Vec<usize> = (0..rows[0].len())
-        .map(|c| rows.iter().map(|r| r[c].len()).max().unwrap_or(0))
-        .collect();
-    let mut out = String::new();
-    for r in rows {
-        let line: Vec<String> = r
-            .iter()
-            .enumerate()
-            .map(|(i, v)| format!("{v:<w$}", w = widths[i]))
-            .collect();
-        out.push_str(line.join("   ").trim_end());
-        out.push('\n');
-    }
-    out
+    crate::output::align(rows)
 }
 
 pub async fn tokens(cfg: &ClientConfig, command: TokenCommand) -> anyhow::Result<()> {

@@ -177,6 +177,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         } => {
             // Everything is read and parsed before anything is sent.
             let manifests = manifests::load(&files, recursive)?;
+            let total: usize = manifests
+                .iter()
+                .map(|m| m.json.len() + m.origin.len())
+                .sum();
+            if let Some(msg) = ironmesh_api::limits::apply_too_large(total) {
+                anyhow::bail!("{msg} (nothing was sent)");
+            }
             let mut api = client::connect(&cfg).await?;
             let resp = api
                 .apply(ApplyRequest { manifests, dry_run })

@@ -312,11 +312,47 @@ pub fn table(kind: Kind, objects: &[Value], wide: bool) -> String {
     align(rows)
 }
 
-/// Left-aligned columns, three spaces apart; the last column is not padded.
-fn align(rows: Vec<Vec<String>>) -> String {
+/// The widest a table cell prints; longer values end in `…` (a server may
+/// hold a 2 MB image name, and padding to that panics in `format!`).
+pub const MAX_CELL: usize = 96;
+
+/// `c` cut to [`MAX_CELL`] characters, ending in `…` when cut; control
+/// characters (a newline in a reason) print as spaces so rows stay rows.
+pub fn cell(c: &str) -> String {
+    let clean = |ch: char| if ch.is_control() { ' ' } else { ch };
+    if c.chars().count() <= MAX_CELL {
+        c.chars().map(clean).collect()
+    } else {
+        let mut out: String = c.chars().take(MAX_CELL - 1).map(clean).collect();
+        out.push('…');
+        out
+    }
+}
+
+/// `c` padded with spaces to `w` characters (without `format!` widths,
+/// which are limited to u16).
+pub fn pad(c: &str, w: usize) -> String {
+    let n = c.chars().count();
+    let mut out = c.to_string();
+    out.extend(std::iter::repeat_n(' ', w.saturating_sub(n)));
+    out
+}
+
+/// Left-aligned columns, three spaces apart, each cut to [`MAX_CELL`]; the
+/// last column is not padded.
+pub fn align(rows: Vec<Vec<String>>) -> String {
+    let rows: Vec<Vec<String>> = rows
+        .into_iter()
+        .map(|r| r.iter().map(|c| cell(c)).collect())
+        .collect();
     let n = rows.first().map(Vec::len).unwrap_or(0);
     let widths: Vec<usize> = (0..n)
-        .map(|i| rows.iter().map(|r| r[i].chars().count()).max().unwrap_or(0))
+        .map(|i| {
+            rows.iter()
+                .map(|r| r.get(i).map_or(0, |c| c.chars().count()))
+                .max()
+                .unwrap_or(0)
+        })
         .collect();
     let mut out = String::new();
     for r in rows {
@@ -327,7 +363,7 @@ fn align(rows: Vec<Vec<String>>) -> String {
                 if i + 1 == n {
                     c.clone()
                 } else {
-                    format!("{c:<w$}", w = widths[i])
+                    pad(c, widths.get(i).copied().unwrap_or(0))
                 }
             })
             .collect();
@@ -537,6 +573,43 @@ fn indent(s: &str) -> String {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn very_long_fields_are_cut_not_a_panic() {
+        let long = "i".repeat(2_000_000);
+        let w = json!({"metadata": {"name": "web", "labels": {"app": long.clone()},
+            "creationTimestamp": "2020-01-01T00:00:00Z"},
+            "spec": {"image": long.clone(), "replicas": 1},
+            "status": {"reason": format!("{long}\nsecond line")}});
+        for kind in [Kind::Workload, Kind::Instance, Kind::Node, Kind::Service] {
+            for wide in [false, true] {
+                let t = table(kind, std::slice::from_ref(&w), wide);
+                assert_eq!(t.lines().count(), 2, "{kind}: one header, one row");
+                for line in t.lines() {
+                    assert!(
+                        line.chars().count() < 20 * MAX_CELL,
+                        "{kind}: {} chars",
+                        line.len()
+                    );
+                }
+                if t.contains('i') && t.lines().nth(1).is_some_and(|l| l.contains("iii")) {
+                    assert!(t.contains('…'), "{kind}: cut values end in …");
+                }
+            }
+        }
+        let _ = describe(Kind::Workload, &w);
+    }
+
+    #[test]
+    fn cells_are_cut_and_padded_by_characters() {
+        assert_eq!(cell("abc"), "abc");
+        assert_eq!(cell("a\nb"), "a b");
+        let c = cell(&"é".repeat(500));
+        assert_eq!(c.chars().count(), MAX_CELL);
+        assert!(c.ends_with('…'));
+        assert_eq!(pad("é", 3), "é  ");
+        assert_eq!(pad("long", 2), "long");
+    }
 
     #[test]
     fn node_table_shows_status_cpu_memory() {

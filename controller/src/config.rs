@@ -168,6 +168,16 @@ pub struct ControllerConfig {
     #[arg(long, env = "IRONMESH_ETCD_PREFIX", default_value = "/ironmesh/")]
     pub etcd_prefix: String,
 
+    /// Embedded store: events of history kept for watches to resume from
+    /// (each a whole object); older revisions are trimmed.
+    #[arg(long, env = "IRONMESH_STORE_HISTORY_EVENTS", default_value_t = crate::store::embedded::DEFAULT_HISTORY_LIMIT)]
+    pub store_history_events: usize,
+
+    /// Embedded store: bytes of history kept (e.g. 64Mi); older revisions
+    /// are trimmed when either this or --store-history-events is exceeded.
+    #[arg(long, env = "IRONMESH_STORE_HISTORY_BYTES", default_value = "64Mi", value_parser = ironmesh_api::quantity::parse_bytes)]
+    pub store_history_bytes: u64,
+
     /// Revisions of history kept in etcd for watches to resume from; the
     /// controllers compact older ones. 0 leaves compaction to etcd.
     #[arg(long, env = "IRONMESH_ETCD_HISTORY", default_value_t = 50_000)]
@@ -197,6 +207,15 @@ pub struct ControllerConfig {
 impl ControllerConfig {
     /// Checks combinations clap cannot express.
     pub fn validate(&self) -> Result<(), String> {
+        if self.store_history_events == 0 {
+            return Err("--store-history-events must be at least 1".into());
+        }
+        if self.store_history_bytes < 1 << 20 {
+            return Err(format!(
+                "--store-history-bytes must be at least 1Mi, got {} bytes",
+                self.store_history_bytes
+            ));
+        }
         if self.heartbeat_interval.is_zero() {
             return Err("--heartbeat-interval must be greater than zero".into());
         }

@@ -43,6 +43,7 @@ pub mod server;
 pub mod services;
 pub mod serving_tls;
 pub mod sources;
+pub mod stopping;
 pub mod store;
 pub mod tokens;
 pub mod volumes;

@@ -15,10 +15,14 @@ fn main() -> anyhow::Result<()> {
             libc::mallopt(libc::M_ARENA_MAX, 2);
         }
     }
-    tokio::runtime::Builder::new_multi_thread()
+    let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
-        .build()?
-        .block_on(run())
+        .build()?;
+    let r = rt.block_on(run());
+    // Blocking work still running (a store read, a git fetch) must not
+    // hold the exit past the 5 s an operator is promised.
+    rt.shutdown_timeout(std::time::Duration::from_millis(500));
+    r
 }
 
 async fn run() -> anyhow::Result<()> {

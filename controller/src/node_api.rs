@@ -52,6 +52,8 @@ pub struct NodeApi {
     pub liveness: Liveness,
     pub metrics: Arc<ControllerMetrics>,
     pub assignments: crate::assignments::Assignments,
+    /// Ends every Sync stream with `UNAVAILABLE: controller shutting down`.
+    pub shutdown: ironmesh_daemon::Shutdown,
 }
 
 /// The verified identity of the caller, from its TLS client certificate.
@@ -474,7 +476,9 @@ impl NodeService for NodeApi {
         let mut revoked = revocations.subscribe();
         revoked.borrow_and_update();
         let serial = info.serial;
+        let stopping = self.shutdown.clone().wait();
         tokio::spawn(async move {
+            tokio::pin!(stopping);
             if let Some(m) = held {
                 if let Err(e) = handle_agent_message(
                     &node, pod_cidr, session, m, &resources, &liveness, &metrics, &logs, &flows,
@@ -491,6 +495,9 @@ impl NodeService for NodeApi {
             let outcome = loop {
                 tokio::select! {
                     _ = tx.closed() => break "controller side closed".to_string(),
+                    // The response stream ends itself with the status
+                    // (until_shutdown); this only stops reading.
+                    _ = &mut stopping => break ironmesh_proto::SHUTTING_DOWN.to_string(),
                     // The cluster grew or shrank past a pacing step: tell
                     // the agent (the grace follows, see liveness).
                     r = paced.changed(), if settings => {
@@ -535,7 +542,10 @@ impl NodeService for NodeApi {
             metrics.sync_streams.dec();
             tracing::info!(node = %node, session, reason = %outcome, "sync stream ended");
         });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        Ok(Response::new(crate::stopping::until_shutdown(
+            ReceiverStream::new(rx),
+            self.shutdown.clone(),
+        )))
     }
 }
 
@@ -751,7 +761,7 @@ async fn record_instance_states(
 
 /// The instance object with the reported state as its status, or `None`
 /// when the report does not apply to it.
-fn instance_with_state(cur: &Value, node: &str, st: &InstanceState) -> Option<Value> {
+pub(crate) fn instance_with_state(cur: &Value, node: &str, st: &InstanceState) -> Option<Value> {
     let mut o = cur.clone();
     if o.pointer("/spec/node").and_then(Value::as_str) != Some(node)
         || o.pointer("/spec/workloadGeneration")
@@ -1033,5 +1043,49 @@ mod tests {
         assert!(!valid_node_name("-a"));
         assert!(!valid_node_name(""));
         assert!(!valid_node_name(&"a".repeat(64)));
+    }
+
+    #[tokio::test]
+    async fn a_report_that_changes_nothing_writes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let store =
+            crate::store::embedded::EmbeddedStore::open(&dir.path().join("s.redb")).unwrap();
+        let r = Resources::new(Arc::new(store));
+        r.update(Kind::Instance, "web-0", |_| {
+            Some(
+                json!({"apiVersion": ironmesh_api::API_VERSION, "kind": "Instance",
+                "metadata": {"name": "web-0"},
+                "spec": {"node": "n1", "workloadGeneration": 1}}),
+            )
+        })
+        .await
+        .unwrap();
+        let st = InstanceState {
+            name: "web-0".into(),
+            phase: "Running".into(),
+            ready: true,
+            pid: 42,
+            spec_generation: 1,
+            ip: "10.244.0.5".into(),
+            ..Default::default()
+        };
+        record_instance_states(&r, "n1", vec![st.clone()])
+            .await
+            .unwrap();
+        let after_first = r.store().revision().await.unwrap();
+        // The agent reports the same state again (every retry, every
+        // reconnect): no write, no revision, no history event.
+        for _ in 0..3 {
+            record_instance_states(&r, "n1", vec![st.clone()])
+                .await
+                .unwrap();
+        }
+        assert_eq!(r.store().revision().await.unwrap(), after_first);
+        // A real change is written.
+        let changed = InstanceState { restarts: 1, ..st };
+        record_instance_states(&r, "n1", vec![changed])
+            .await
+            .unwrap();
+        assert_eq!(r.store().revision().await.unwrap(), after_first + 1);
     }
 }

@@ -35,6 +35,11 @@ use crate::resources::{decode, prefix, ResourceError, Resources, StoredObject};
 use crate::store::EventKind;
 use crate::tokens::{JoinTokens, NewToken, TokenError, TokenRecord};
 
+/// The largest operator request the server decodes: well above the apply
+/// limit ([`ironmesh_api::limits::MAX_APPLY_BYTES`]) so that an oversized
+/// apply is answered with its size and the limit, in words.
+pub const MAX_REQUEST_BYTES: usize = 32 << 20;
+
 pub struct OperatorApi {
     pub resources: Resources,
     pub images: ImageStore,
@@ -46,6 +51,9 @@ pub struct OperatorApi {
     pub tokens: JoinTokens,
     pub revocations: crate::revocation::Revocations,
     pub ca: Arc<crate::pki::ClusterCa>,
+    /// Ends watch, log and flow streams with `UNAVAILABLE: controller
+    /// shutting down`.
+    pub shutdown: ironmesh_daemon::Shutdown,
 }
 
 fn token_status(e: TokenError) -> Status {
@@ -148,6 +156,24 @@ impl OperatorApi {
     async fn apply_inner(&self, req: Request<ApplyRequest>) -> Result<ApplyResponse, Status> {
         let caller = self.operators.authenticate(&req).await?;
         let req = req.into_inner();
+        // The server takes messages up to MAX_REQUEST_BYTES so that this,
+        // not the transport's "decoded message length too large", is what
+        // an operator reads.
+        let total: usize = req
+            .manifests
+            .iter()
+            .map(|m| m.json.len() + m.origin.len())
+            .sum();
+        if let Some(msg) = ironmesh_api::limits::apply_too_large(total) {
+            ControllerMetrics::count(&self.metrics.applies, "invalid");
+            audit(&caller, "Apply", "", "failed");
+            tracing::warn!(
+                bytes = total,
+                manifests = req.manifests.len(),
+                "apply refused: too large"
+            );
+            return Err(Status::invalid_argument(msg));
+        }
         let parsed: Vec<Option<serde_json::Value>> = req
             .manifests
             .iter()
@@ -455,8 +481,9 @@ impl OperatorService for OperatorApi {
                 }),
             })
         });
-        Ok(Response::new(Box::pin(
+        Ok(Response::new(crate::stopping::until_shutdown(
             futures::stream::iter(initial).chain(live),
+            self.shutdown.clone(),
         )))
     }
 
@@ -524,7 +551,7 @@ impl OperatorService for OperatorApi {
         let req = req.into_inner();
         let r = self.logs.open(&self.resources, req).await;
         self.record("Logs", &r);
-        r.map(Response::new)
+        r.map(|s| Response::new(crate::stopping::until_shutdown(s, self.shutdown.clone())))
     }
 
     type FlowsStream = crate::flows::FlowsStream;
@@ -536,7 +563,7 @@ impl OperatorService for OperatorApi {
         self.caller(&req, Action::Read, "Flows").await?;
         let r = self.flows.open(req.into_inner());
         self.record("Flows", &r);
-        r.map(Response::new)
+        r.map(|s| Response::new(crate::stopping::until_shutdown(s, self.shutdown.clone())))
     }
 
     async fn create_join_token(

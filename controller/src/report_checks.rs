@@ -370,3 +370,276 @@ mod tests {
         check_event(&ev).unwrap();
     }
 }
+
+/// Randomised runs over what a node sends (fuzzing on stable Rust): every
+/// agent message decoded from mutated real encodings and from random
+/// bytes, judged here and then fed to what records it. Nothing may panic.
+/// `IRONMESH_FUZZ_CASES` cases (default 3,000); the long run is
+/// `IRONMESH_FUZZ_CASES=1000000 CARGO_PROFILE_RELEASE_OVERFLOW_CHECKS=true
+/// cargo test -p ironmesh-controller --release --lib fuzz -- --nocapture`.
+#[cfg(test)]
+mod fuzz {
+    use super::*;
+    use ironmesh_proto::v1::{
+        agent_message::Msg, AgentMessage, Cpu, Disk, InstanceReport, Memory, Nic, StoragePool,
+        VolumeUsage,
+    };
+    use prost::Message;
+    use rand::rngs::StdRng;
+    use rand::{Rng, SeedableRng};
+
+    fn seeds() -> Vec<Vec<u8>> {
+        let msgs = [
+            Msg::Inventory(Inventory {
+                hostname: "n1".into(),
+                os: "Debian 12".into(),
+                kernel: "6.18".into(),
+                arch: "x86_64".into(),
+                boot_time_unix: 1_700_000_000,
+                cpu: Some(Cpu {
+                    logical: 8,
+                    physical: 4,
+                    model: "x".into(),
+                    ..Default::default()
+                }),
+                memory: Some(Memory {
+                    total_bytes: 8 << 30,
+                    available_bytes: 4 << 30,
+                    ..Default::default()
+                }),
+                disks: vec![Disk {
+                    name: "sda".into(),
+                    size_bytes: 1 << 40,
+                    ..Default::default()
+                }],
+                nics: vec![Nic {
+                    name: "eth0".into(),
+                    addresses: vec!["10.0.0.2/24".into()],
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }),
+            Msg::Instances(InstanceReport {
+                full: true,
+                instances: vec![InstanceState {
+                    name: "web-0".into(),
+                    phase: "Running".into(),
+                    ready: true,
+                    restarts: 2,
+                    has_exit_code: true,
+                    exit_code: 1,
+                    reason: "Exited".into(),
+                    message: "m".into(),
+                    pid: 42,
+                    started_unix_ms: 1_700_000_000_000,
+                    spec_generation: 1,
+                    ip: "10.244.1.5".into(),
+                }],
+            }),
+            Msg::Event(InstanceEvent {
+                instance: "web-0".into(),
+                r#type: "Warning".into(),
+                reason: "BackOff".into(),
+                message: "restarting".into(),
+                unix_ms: 1_700_000_000_000,
+            }),
+            Msg::Storage(StorageReport {
+                pools: vec![StoragePool {
+                    name: "fast".into(),
+                    capacity_bytes: 1 << 40,
+                    free_bytes: 1 << 39,
+                    ..Default::default()
+                }],
+                volumes: vec![VolumeUsage {
+                    name: "v".into(),
+                    ..Default::default()
+                }],
+            }),
+        ];
+        msgs.into_iter()
+            .map(|m| AgentMessage { msg: Some(m) }.encode_to_vec())
+            .collect()
+    }
+
+    fn mutate(rng: &mut StdRng, seed: &[u8]) -> Vec<u8> {
+        let mut b = seed.to_vec();
+        for _ in 0..rng.random_range(1..=3) {
+            let len = b.len();
+            let at = if len == 0 {
+                0
+            } else {
+                rng.random_range(0..len)
+            };
+            match rng.random_range(0..8) {
+                // Mostly edits that keep the framing: values change, the
+                // message still decodes and reaches the checks.
+                5..=7 if len > 0 => b[at] = rng.random_range(0x00..0x80),
+                0 if len > 0 => b[at] ^= 1 << rng.random_range(0..8),
+                1 => b.insert(at, rng.random()),
+                2 if len > 0 => {
+                    let end = (at + rng.random_range(1..8)).min(len);
+                    b.drain(at..end);
+                }
+                // Extreme varints: lengths, times and counts at the edges.
+                3 => {
+                    b.splice(
+                        at..at,
+                        [0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x01],
+                    );
+                }
+                _ => b.push(rng.random()),
+            }
+        }
+        b
+    }
+
+    fn text(rng: &mut StdRng) -> String {
+        let n = match rng.random_range(0..10) {
+            0 => rng.random_range(0..10_000),
+            1 => 0,
+            _ => rng.random_range(0..24),
+        };
+        (0..n).map(|_| rng.random::<char>()).collect()
+    }
+
+    fn edge_i64(rng: &mut StdRng) -> i64 {
+        match rng.random_range(0..5) {
+            0 => i64::MAX - rng.random_range(0..1000),
+            1 => i64::MIN + rng.random_range(0..1000),
+            2 => -rng.random_range(0..1_000_000),
+            _ => rng.random_range(0..4_000_000_000_000),
+        }
+    }
+
+    #[test]
+    fn fuzz_agent_reports() {
+        let n: u64 = std::env::var("IRONMESH_FUZZ_CASES")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(3_000);
+        let seeds = seeds();
+        let cidr: Ipv4Cidr = "10.244.1.0/24".parse().unwrap();
+        let current = serde_json::json!({"apiVersion": "ironmesh.dev/v1", "kind": "Instance",
+            "metadata": {"name": "web-0"}, "spec": {"node": "n1", "workloadGeneration": 1},
+            "status": {"events": []}});
+        let started = std::time::Instant::now();
+        let mut decoded = 0u64;
+        for seed in 0..n {
+            let mut rng = StdRng::seed_from_u64(seed ^ 0xa11e_0001);
+            if rng.random_bool(0.5) {
+                // Structured: well-framed messages with values at the edges.
+                let st = InstanceState {
+                    name: text(&mut rng),
+                    phase: text(&mut rng),
+                    reason: text(&mut rng),
+                    message: text(&mut rng),
+                    ip: if rng.random_bool(0.5) {
+                        format!("10.244.1.{}", rng.random::<u8>())
+                    } else {
+                        text(&mut rng)
+                    },
+                    started_unix_ms: edge_i64(&mut rng),
+                    restarts: rng.random(),
+                    pid: rng.random(),
+                    has_exit_code: rng.random(),
+                    exit_code: rng.random(),
+                    ready: rng.random(),
+                    spec_generation: if rng.random_bool(0.5) {
+                        1
+                    } else {
+                        rng.random()
+                    },
+                };
+                let inv = Inventory {
+                    hostname: text(&mut rng),
+                    boot_time_unix: edge_i64(&mut rng) as u64,
+                    cpu: Some(Cpu {
+                        logical: rng.random(),
+                        physical: rng.random(),
+                        frequency_mhz: rng.random(),
+                        ..Default::default()
+                    }),
+                    memory: Some(Memory {
+                        total_bytes: rng.random(),
+                        available_bytes: rng.random(),
+                        ..Default::default()
+                    }),
+                    disks: vec![Disk {
+                        name: text(&mut rng),
+                        size_bytes: rng.random(),
+                        ..Default::default()
+                    }],
+                    nics: vec![Nic {
+                        name: text(&mut rng),
+                        addresses: vec![text(&mut rng)],
+                        speed_mbps: rng.random(),
+                        ..Default::default()
+                    }],
+                    ..Default::default()
+                };
+                let ev = InstanceEvent {
+                    instance: text(&mut rng),
+                    r#type: text(&mut rng),
+                    reason: text(&mut rng),
+                    message: text(&mut rng),
+                    unix_ms: edge_i64(&mut rng),
+                };
+                let r = std::panic::catch_unwind(|| {
+                    if check_instance_states(std::slice::from_ref(&st), cidr).is_ok() {
+                        let _ = crate::node_api::instance_with_state(&current, "n1", &st);
+                    }
+                    if check_inventory(&inv).is_ok() {
+                        let _ = crate::node_api::inventory_status(&inv);
+                    }
+                    let _ = check_event(&ev);
+                });
+                if r.is_err() {
+                    panic!("fuzz agent-reports: structured case {seed} panicked");
+                }
+                decoded += 1;
+                continue;
+            }
+            let bytes = if rng.random_bool(0.9) {
+                let s = &seeds[rng.random_range(0..seeds.len())];
+                mutate(&mut rng, s)
+            } else {
+                (0..rng.random_range(0..64)).map(|_| rng.random()).collect()
+            };
+            let r = std::panic::catch_unwind(|| {
+                let Ok(m) = AgentMessage::decode(bytes.as_slice()) else {
+                    return false;
+                };
+                match m.msg {
+                    Some(Msg::Inventory(inv)) if check_inventory(&inv).is_ok() => {
+                        let _ = crate::node_api::inventory_status(&inv);
+                    }
+                    Some(Msg::Instances(rep))
+                        if check_instance_states(&rep.instances, cidr).is_ok() =>
+                    {
+                        for st in &rep.instances {
+                            let _ = crate::node_api::instance_with_state(&current, "n1", st);
+                        }
+                    }
+                    Some(Msg::Event(ev)) => {
+                        let _ = check_event(&ev);
+                    }
+                    Some(Msg::Storage(s)) => {
+                        let _ = check_storage(&s);
+                    }
+                    _ => {}
+                }
+                true
+            });
+            match r {
+                Ok(true) => decoded += 1,
+                Ok(false) => {}
+                Err(_) => panic!("fuzz agent-reports: case {seed} panicked"),
+            }
+        }
+        let secs = started.elapsed().as_secs_f64().max(1e-9);
+        println!(
+            "fuzz agent-reports: {n} cases ({decoded} decoded) in {secs:.2} s, {:.0} cases/s, no panic",
+            n as f64 / secs
+        );
+    }
+}

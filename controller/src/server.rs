@@ -65,7 +65,13 @@ pub enum ServerError {
     Operator(#[from] crate::authz::OperatorError),
 }
 
-/// Runs the controller until `shutdown` resolves.
+/// How long open connections get to finish after shutdown is requested.
+const SERVE_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
+/// How long the reconcilers and the metrics server get after that.
+const TASKS_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Runs the controller until `shutdown` resolves; returns within
+/// [`SERVE_GRACE`] + [`TASKS_GRACE`] of it.
 pub async fn run(cfg: ControllerConfig, shutdown: Shutdown) -> Result<(), ServerError> {
     cfg.validate().map_err(ServerError::Config)?;
     let opened = open_store(&cfg).await?;
@@ -256,6 +262,7 @@ pub async fn run(cfg: ControllerConfig, shutdown: Shutdown) -> Result<(), Server
         liveness: liveness.clone(),
         metrics: metrics.clone(),
         assignments,
+        shutdown: shutdown.clone(),
     };
     let operator_api = OperatorApi {
         resources,
@@ -268,6 +275,7 @@ pub async fn run(cfg: ControllerConfig, shutdown: Shutdown) -> Result<(), Server
         tokens,
         revocations,
         ca,
+        shutdown: shutdown.clone(),
     };
     // Issued at every start (so SAN changes take effect) and renewed while
     // the controller runs.
@@ -305,14 +313,35 @@ pub async fn run(cfg: ControllerConfig, shutdown: Shutdown) -> Result<(), Server
         "controller serving"
     );
     let incoming = crate::serving_tls::incoming(listener, tls, shutdown.clone());
-    Server::builder()
+    let serve = Server::builder()
         .add_service(NodeServiceServer::new(node_api))
-        .add_service(OperatorServiceServer::new(operator_api))
-        .serve_with_incoming_shutdown(incoming, shutdown.clone().wait())
-        .await
-        .map_err(|e| ServerError::Serve(e.to_string()))?;
-    let _ = reconcilers.await;
-    let _ = metrics_task.await;
+        .add_service(
+            OperatorServiceServer::new(operator_api)
+                .max_decoding_message_size(crate::operator_api::MAX_REQUEST_BYTES),
+        )
+        .serve_with_incoming_shutdown(incoming, shutdown.clone().wait());
+    // Streams end themselves on shutdown (crate::stopping); a unary call
+    // or a client that never reads must not hold the process beyond the
+    // grace (systemd would SIGKILL it).
+    let grace = async {
+        shutdown.clone().wait().await;
+        tokio::time::sleep(SERVE_GRACE).await;
+    };
+    tokio::select! {
+        r = serve => r.map_err(|e| ServerError::Serve(e.to_string()))?,
+        _ = grace => tracing::warn!(grace_ms = SERVE_GRACE.as_millis() as u64, "connections still open after the grace; closing them"),
+    }
+    let stopped = tokio::time::timeout(TASKS_GRACE, async {
+        let _ = reconcilers.await;
+        let _ = metrics_task.await;
+    })
+    .await;
+    if stopped.is_err() {
+        tracing::warn!(
+            grace_ms = TASKS_GRACE.as_millis() as u64,
+            "reconcilers still running after the grace; leaving them"
+        );
+    }
     tracing::info!("controller stopped");
     Ok(())
 }
@@ -331,10 +360,13 @@ async fn open_store(cfg: &ControllerConfig) -> Result<OpenedStore, ServerError> 
             path: cfg.data_dir.clone(),
             source: crate::store::StoreError::Io(e.to_string()),
         })?;
-        let s = EmbeddedStore::open(&path).map_err(|source| ServerError::Store {
-            path: path.clone(),
-            source,
-        })?;
+        let s = EmbeddedStore::open(&path)
+            .map_err(|source| ServerError::Store {
+                path: path.clone(),
+                source,
+            })?
+            .with_history_limit(cfg.store_history_events)
+            .with_history_bytes(cfg.store_history_bytes);
         return Ok(OpenedStore {
             store: Arc::new(s),
             etcd: None,

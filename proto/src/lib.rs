@@ -17,3 +17,13 @@ pub mod assignment;
 /// The capability (in `Hello.capabilities`) of an agent that takes
 /// `Settings` messages during a stream; others never get one.
 pub const SETTINGS: &str = "settings";
+
+/// The message of the `UNAVAILABLE` status that ends every stream when a
+/// controller stops: agents move to another controller at once, clients
+/// know to reconnect.
+pub const SHUTTING_DOWN: &str = "controller shutting down";
+
+/// Whether `s` is the status a stopping controller ends streams with.
+pub fn is_shutting_down(s: &tonic::Status) -> bool {
+    s.code() == tonic::Code::Unavailable && s.message().starts_with(SHUTTING_DOWN)
+}

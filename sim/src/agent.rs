@@ -455,7 +455,7 @@ async fn session(agent: &Agent, shared: &Shared, id: &NodeIdentity) -> Result<()
         .connect()
         .await
         .map_err(|e| SessionError::Connect(error_chain(&e)))?;
-    let mut client = NodeServiceClient::new(channel);
+    let mut client = NodeServiceClient::new(channel).max_decoding_message_size(256 << 20);
 
     let (tx, rx) = mpsc::channel::<AgentMessage>(64);
     let send = |m: agent_message::Msg| {

@@ -839,6 +839,7 @@ pub mod grpc {
                     .map_err(|_| tonic::Status::internal("stream closed"))?;
             }
             let mut inbound = NodeServiceClient::new(channel)
+                .max_decoding_message_size(256 << 20)
                 .sync(tokio_stream::wrappers::ReceiverStream::new(rx))
                 .await?
                 .into_inner();

@@ -50,7 +50,9 @@ pub const LABEL_WORKLOAD: &str = "ironmesh.dev/workload";
 pub const LABEL_SPEC_GENERATION: &str = "ironmesh.dev/spec-generation";
 
 /// How long [`Supervisor::detach`] waits for an instance task to notice.
-const DETACH_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long all instance tasks together get to stop watching their
+/// containers at agent shutdown (the agent exits within 2 s of SIGTERM).
+const DETACH_TIMEOUT: Duration = Duration::from_millis(800);
 
 /// One instance the controller assigned to this node.
 #[derive(Debug, Clone, PartialEq)]
@@ -494,11 +496,11 @@ impl Supervisor {
             tasks.push((name, handle.task));
         }
         tasks.extend(removing);
+        // One deadline for all: tasks stop in parallel, so waiting on each in
+        // turn costs no more than the slowest.
+        let deadline = tokio::time::Instant::now() + DETACH_TIMEOUT;
         for (name, mut task) in tasks {
-            if tokio::time::timeout(DETACH_TIMEOUT, &mut task)
-                .await
-                .is_err()
-            {
+            if tokio::time::timeout_at(deadline, &mut task).await.is_err() {
                 tracing::warn!(instance = %name, "instance task did not stop in time; aborting it");
                 task.abort();
             }

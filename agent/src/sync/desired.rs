@@ -731,3 +731,148 @@ mod tests {
         );
     }
 }
+
+/// Randomised runs over what the controller sends (fuzzing on stable
+/// Rust): assignments decoded from mutated real encodings, folded as
+/// deltas onto a whole one and turned into the desired state, with and
+/// without a datapath. Nothing may panic. `IRONMESH_FUZZ_CASES` cases
+/// (default 3,000); the long run is `IRONMESH_FUZZ_CASES=1000000
+/// CARGO_PROFILE_RELEASE_OVERFLOW_CHECKS=true cargo test -p ironmesh-agent
+/// --release --lib fuzz -- --nocapture`.
+#[cfg(test)]
+mod fuzz {
+    use super::*;
+    use ironmesh_proto::v1::{
+        AssignmentDelta, IdentityEntry, InstanceAssignment, PeerNode, PolicyRule, ServiceBackend,
+        ServiceEntry, VolumeAssignment,
+    };
+    use prost::Message;
+    use rand::rngs::StdRng;
+    use rand::{Rng, SeedableRng};
+
+    fn whole() -> Assignment {
+        Assignment {
+            revision: 7,
+            instances: vec![InstanceAssignment {
+                name: "web-0".into(),
+                workload: "web".into(),
+                spec_generation: 3,
+                spec_json: r#"{"image":"registry.local/web:1.2","command":["/bin/web"],"env":[{"name":"A","value":"b"}],"resources":{"cpu":"100m","memory":"64Mi"},"ports":[{"containerPort":80}],"volumes":[{"name":"v","mountPath":"/data"}]}"#.into(),
+                image_digest: "sha256:abc".into(),
+                ..Default::default()
+            }],
+            peers: vec![PeerNode { name: "n2".into(), pod_cidr: "10.244.2.0/24".into(), node_ip: "10.0.0.3".into() }],
+            identities: vec![IdentityEntry { ip: "10.244.1.5".into(), identity: 300 }],
+            policy_rules: vec![PolicyRule { direction: 1, src_identity: 0, dst_identity: 300, port: 80, protocol: "TCP".into(), rate_per_second: 10, burst: 20 }],
+            ingress_enforced: vec![300],
+            egress_enforced: vec![300],
+            services: vec![ServiceEntry { name: "web".into(), vip: "10.96.0.10".into(), port: 80, protocol: "TCP".into(), backends: vec![ServiceBackend { ip: "10.244.1.5".into(), port: 8080 }] }],
+            volumes: vec![VolumeAssignment { name: "v".into(), size_bytes: 1 << 30, backend: "dir".into(), pool: "fast".into() }],
+            delta: None,
+            more: false,
+        }
+    }
+
+    fn delta() -> Assignment {
+        Assignment {
+            revision: 8,
+            delta: Some(AssignmentDelta {
+                base_revision: 7,
+                identities_set: vec![IdentityEntry {
+                    ip: "10.244.2.9".into(),
+                    identity: 301,
+                }],
+                identities_removed: vec!["10.244.1.5".into()],
+                policy_rules_added: vec![PolicyRule {
+                    direction: 2,
+                    src_identity: 300,
+                    dst_identity: 0,
+                    port: 53,
+                    protocol: "UDP".into(),
+                    ..Default::default()
+                }],
+                services_set: vec![ServiceEntry {
+                    name: "db".into(),
+                    vip: "10.96.0.11".into(),
+                    port: 5432,
+                    protocol: "TCP".into(),
+                    backends: vec![],
+                }],
+                peers_removed: vec!["n2".into()],
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    fn mutate(rng: &mut StdRng, seed: &[u8]) -> Vec<u8> {
+        let mut b = seed.to_vec();
+        for _ in 0..rng.random_range(1..=3) {
+            let len = b.len();
+            let at = if len == 0 {
+                0
+            } else {
+                rng.random_range(0..len)
+            };
+            match rng.random_range(0..8) {
+                0 if len > 0 => b[at] ^= 1 << rng.random_range(0..8),
+                1 => b.insert(at, rng.random()),
+                2 if len > 0 => {
+                    let end = (at + rng.random_range(1..8)).min(len);
+                    b.drain(at..end);
+                }
+                3 => b.push(rng.random()),
+                _ if len > 0 => b[at] = rng.random_range(0x20..0x7f),
+                _ => {}
+            }
+        }
+        b
+    }
+
+    #[test]
+    fn fuzz_assignments() {
+        let n: u64 = std::env::var("IRONMESH_FUZZ_CASES")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(3_000);
+        let seeds = [whole().encode_to_vec(), delta().encode_to_vec()];
+        let host_ips = [Ipv4Addr::new(10, 0, 0, 2)];
+        let started = std::time::Instant::now();
+        let mut decoded = 0u64;
+        for seed in 0..n {
+            let mut rng = StdRng::seed_from_u64(seed ^ 0xa551_6e00);
+            let which = rng.random_range(0..seeds.len());
+            let bytes = mutate(&mut rng, &seeds[which]);
+            let r = std::panic::catch_unwind(|| {
+                let Ok(next) = Assignment::decode(bytes.as_slice()) else {
+                    return false;
+                };
+                let mut current = Some(whole());
+                if ironmesh_proto::assignment::apply(&mut current, next).is_ok() {
+                    if let Some(a) = &current {
+                        let dir = |name: &str| PathBuf::from("/q").join(name);
+                        let _ = desired_state(
+                            a,
+                            &Inputs {
+                                host_ips: Some(&host_ips),
+                                queue_dir: Some(&dir),
+                            },
+                        );
+                        let _ = desired_state(a, &Inputs::default());
+                    }
+                }
+                true
+            });
+            match r {
+                Ok(true) => decoded += 1,
+                Ok(false) => {}
+                Err(_) => panic!("fuzz assignments: case {seed} panicked"),
+            }
+        }
+        let secs = started.elapsed().as_secs_f64().max(1e-9);
+        println!(
+            "fuzz assignments: {n} cases ({decoded} decoded) in {secs:.2} s, {:.0} cases/s, no panic",
+            n as f64 / secs
+        );
+    }
+}

@@ -86,6 +86,10 @@ pub enum SyncError {
     Broken(String),
     #[error("protocol error: {0}")]
     Protocol(String),
+    /// The controller is stopping (`UNAVAILABLE: controller shutting
+    /// down`): move to another controller at once.
+    #[error("the controller is shutting down")]
+    ControllerStopping,
     /// The node certificate was renewed: reconnect with the new one.
     #[error("the node certificate was renewed")]
     Renewed,
@@ -94,6 +98,9 @@ pub enum SyncError {
     #[error("cannot fold the assignment: {0}")]
     Delta(#[from] ironmesh_proto::assignment::DeltaError),
 }
+
+/// How long the apply task may finish what it applies after shutdown.
+const APPLY_GRACE: Duration = Duration::from_millis(700);
 
 /// Keeps a sync stream open until `shutdown`, reconnecting with back-off,
 /// while the apply task converges the node on the newest assignment.
@@ -127,7 +134,19 @@ pub async fn run(
     // The feed is gone with the sessions: the apply task finishes what it
     // is applying and ends, dropping its handles (the supervisor must not
     // stay shared once this returns).
-    if let Err(e) = apply_task.await {
-        tracing::warn!(error = %e, "assignment apply task failed");
+    // Bounded: an image pull in progress must not hold the exit (the
+    // agent stops within 2 s of SIGTERM; containers keep running).
+    let mut apply_task = apply_task;
+    match tokio::time::timeout(APPLY_GRACE, &mut apply_task).await {
+        Ok(Err(e)) => tracing::warn!(error = %e, "assignment apply task failed"),
+        Ok(Ok(())) => {}
+        Err(_) => {
+            tracing::warn!(
+                grace_ms = APPLY_GRACE.as_millis() as u64,
+                "assignment still being applied at shutdown; stopping it"
+            );
+            apply_task.abort();
+            let _ = apply_task.await;
+        }
     }
 }

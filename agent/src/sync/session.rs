@@ -32,6 +32,8 @@ use crate::supervisor::Supervisor;
 /// First and largest reconnect delay.
 const BACKOFF_MIN: Duration = Duration::from_millis(200);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// The largest message taken from the controller (a whole assignment).
+const MAX_CONTROLLER_MESSAGE: usize = 256 << 20;
 /// How often the inventory is read again (sent only when it changed).
 const INVENTORY_REFRESH: Duration = Duration::from_secs(30);
 
@@ -83,6 +85,17 @@ pub(super) async fn run(
         metrics.connected.set(0);
         match res {
             Ok(()) => return,
+            Err(SyncError::ControllerStopping) => {
+                // Not a failure of the cluster: the next controller (or
+                // this one's successor on restart) is tried at once, and
+                // the back-off starts over.
+                metrics.reconnects.inc();
+                current_controller = (current_controller + 1) % count;
+                tracing::info!(controller = %url, next = %cfg.controllers.get(current_controller).map(String::as_str).unwrap_or_default(), "controller is shutting down; reconnecting");
+                backoff = BACKOFF_MIN;
+                failed_in_a_row = 0;
+                continue;
+            }
             Err(SyncError::Renewed) => {
                 tracing::info!(controller = %url, "node certificate renewed; reconnecting with it");
                 backoff = BACKOFF_MIN;
@@ -156,7 +169,11 @@ async fn session(
         .connect()
         .await
         .map_err(|e| SyncError::Connect(error_chain(&e)))?;
-    let mut client = NodeServiceClient::new(channel);
+    // A whole assignment carries every instance's spec (each up to the
+    // 1.5 MiB object limit): tonic's 4 MiB default broke the stream of a
+    // node with a few large instances on every reconnect.
+    let mut client =
+        NodeServiceClient::new(channel).max_decoding_message_size(MAX_CONTROLLER_MESSAGE);
 
     let (lanes, outbound_stream) = outbound::lanes();
     let mut inventory = read_inventory(&cfg.agent_version).await;
@@ -390,6 +407,7 @@ async fn session(
                     None => break Err(SyncError::Protocol("empty controller message".into())),
                 },
                 Ok(None) => break Err(SyncError::Broken("controller closed the stream".into())),
+                Err(s) if ironmesh_proto::is_shutting_down(&s) => break Err(SyncError::ControllerStopping),
                 Err(s) => break Err(SyncError::Broken(format!("{:?}: {}", s.code(), s.message()))),
             }
         }

@@ -51,6 +51,9 @@ const META_REVISION: &str = "revision";
 /// Highest revision whose events were trimmed from the log.
 const META_COMPACTED: &str = "compacted";
 const META_LOG_EVENTS: &str = "log_events";
+/// Bytes of the log entries currently in the log (absent in files written
+/// before it was kept: counted once at open).
+const META_LOG_BYTES: &str = "log_bytes";
 
 /// The only layout this build reads and writes.
 const LAYOUT_V1: u64 = 1;
@@ -61,6 +64,26 @@ const KIND_DELETE: u8 = 2;
 
 /// Default number of events kept in the log for watches.
 pub const DEFAULT_HISTORY_LIMIT: usize = 100_000;
+/// Default bytes of history kept: each event holds a whole object, so a
+/// count alone lets a few large objects rewritten often fill the disk.
+pub const DEFAULT_HISTORY_BYTES: u64 = 64 << 20;
+
+/// How much history the log keeps: whole revisions are trimmed, oldest
+/// first, while either bound is exceeded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct History {
+    pub events: usize,
+    pub bytes: u64,
+}
+
+impl Default for History {
+    fn default() -> Self {
+        History {
+            events: DEFAULT_HISTORY_LIMIT,
+            bytes: DEFAULT_HISTORY_BYTES,
+        }
+    }
+}
 /// Revisions read from the log per blocking call while a watcher catches up.
 const WATCH_BATCH: usize = 256;
 
@@ -70,7 +93,7 @@ const WATCH_BATCH: usize = 256;
 #[derive(Clone)]
 pub struct EmbeddedStore {
     inner: Arc<Inner>,
-    history_limit: usize,
+    history_limit: History,
 }
 
 impl std::fmt::Debug for EmbeddedStore {
@@ -177,6 +200,8 @@ impl EmbeddedStore {
             .create(path)
             .map_err(|e| db_err(&format!("open {}", path.display()), e))?;
         let revision = init_layout(&db)?;
+        let mut db = db;
+        compact(&mut db, path);
         for entry in &new_entries {
             sync_parent_dir(entry)?;
         }
@@ -189,7 +214,7 @@ impl EmbeddedStore {
                 committed,
                 queue: std::sync::Mutex::default(),
             }),
-            history_limit: DEFAULT_HISTORY_LIMIT,
+            history_limit: History::default(),
         })
     }
 
@@ -198,7 +223,14 @@ impl EmbeddedStore {
     /// the write transaction that goes over the limit. The newest revision is
     /// always kept, even when it alone has more events than the limit.
     pub fn with_history_limit(mut self, events: usize) -> Self {
-        self.history_limit = events;
+        self.history_limit.events = events;
+        self
+    }
+
+    /// Keeps at most `bytes` of log entries (default
+    /// [`DEFAULT_HISTORY_BYTES`]), trimmed the same way.
+    pub fn with_history_bytes(mut self, bytes: u64) -> Self {
+        self.history_limit.bytes = bytes;
         self
     }
 }
@@ -216,6 +248,27 @@ fn sync_parent_dir(entry: &Path) -> Result<(), StoreError> {
 
 /// Creates the tables on a new file, checks the layout of an existing one,
 /// and returns the current revision.
+/// Gives the pages freed by trimmed history and deleted objects back to
+/// the file system. redb needs the only handle for this, so it runs at
+/// open; while running, freed pages are reused by new writes, so the file
+/// does not grow past its high-water mark. A failure only costs space.
+fn compact(db: &mut Database, path: &Path) {
+    let size = || std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
+    let (before, started) = (size(), std::time::Instant::now());
+    match db.compact() {
+        Ok(_) => {
+            let after = size();
+            if after < before {
+                tracing::info!(path = %path.display(), before, after,
+                    elapsed_ms = started.elapsed().as_millis() as u64, "store file compacted");
+            }
+        }
+        Err(e) => {
+            tracing::warn!(path = %path.display(), error = %e, "store compaction failed; the file keeps its free pages")
+        }
+    }
+}
+
 fn init_layout(db: &Database) -> Result<Revision, StoreError> {
     let wtx = db.begin_write().map_err(|e| db_err("begin write", e))?;
     let revision = {
@@ -242,6 +295,15 @@ fn init_layout(db: &Database) -> Result<Revision, StoreError> {
             }
         }
         let revision = meta_get(&meta, META_REVISION)?.unwrap_or(0);
+        if meta_get(&meta, META_LOG_BYTES)?.is_none() {
+            let mut bytes = 0u64;
+            for e in log.iter().map_err(|e| db_err("read log", e))? {
+                let (_, v) = e.map_err(|e| db_err("read log", e))?;
+                bytes = bytes.saturating_add(v.value().len() as u64);
+            }
+            meta.insert(META_LOG_BYTES, bytes)
+                .map_err(|e| db_err("write meta", e))?;
+        }
         let last_logged = log
             .last()
             .map_err(|e| db_err("read log", e))?
@@ -493,7 +555,7 @@ impl Inner {
     /// goes on until the queue is empty. Runs on a blocking thread. Its
     /// handle on the store is dropped before the last answers go out, so a
     /// caller that drops the store after its write really closes the file.
-    fn write_queued(inner: Arc<Inner>, history_limit: usize) {
+    fn write_queued(inner: Arc<Inner>, history_limit: History) {
         let mut guard = WriterGuard(Some(inner));
         loop {
             let Some(this) = guard.0.clone() else { return };
@@ -526,7 +588,7 @@ impl Inner {
     }
 
     /// Writes `batch` (one commit when it holds several txns).
-    fn write_batch(&self, batch: Vec<Pending>, history_limit: usize) -> Vec<Reply> {
+    fn write_batch(&self, batch: Vec<Pending>, history_limit: History) -> Vec<Reply> {
         if batch.len() <= 1 {
             return batch
                 .into_iter()
@@ -575,7 +637,7 @@ impl Inner {
     fn apply_group<'a>(
         &self,
         txns: impl ExactSizeIterator<Item = &'a Txn>,
-        history_limit: usize,
+        history_limit: History,
     ) -> Result<Result<Vec<TxnOutcome>, StoreError>, StoreError> {
         let mut wtx = self
             .db
@@ -635,7 +697,7 @@ impl Inner {
     }
 
     /// One txn, alone under its own commit.
-    fn apply(&self, txn: &Txn, history_limit: usize) -> Result<TxnOutcome, StoreError> {
+    fn apply(&self, txn: &Txn, history_limit: History) -> Result<TxnOutcome, StoreError> {
         if txn.ops.is_empty() {
             return self.check_only(&txn.compares);
         }
@@ -759,7 +821,7 @@ fn first_failed(
 fn stage(
     wtx: &redb::WriteTransaction,
     txn: &Txn,
-    history_limit: usize,
+    history_limit: History,
 ) -> Result<Staged, StoreError> {
     let mut kv = wtx.open_table(KV).map_err(|e| db_err("open table kv", e))?;
     let mut meta = wtx
@@ -815,17 +877,26 @@ fn stage(
     let mut log = wtx
         .open_table(LOG)
         .map_err(|e| db_err("open table log", e))?;
-    log.insert(revision, entry.finish().as_slice())
+    let written = entry.finish();
+    log.insert(revision, written.as_slice())
         .map_err(|e| db_err("write log", e))?;
 
-    // Trim whole revisions, oldest first, never the one just written.
+    // Trim whole revisions, oldest first, never the one just written,
+    // while the log holds too many events or too many bytes.
     let mut retained = meta_get(&meta, META_LOG_EVENTS)?
         .unwrap_or(0)
         .saturating_add(events);
+    let mut retained_bytes = meta_get(&meta, META_LOG_BYTES)?
+        .unwrap_or(0)
+        .saturating_add(written.len() as u64);
     let mut trimmed_to = None;
-    while retained > history_limit as u64 {
+    while retained > history_limit.events as u64 || retained_bytes > history_limit.bytes {
         let oldest = match log.first().map_err(|e| db_err("read log", e))? {
-            Some((r, v)) => (r.value(), log_event_count(r.value(), v.value())?),
+            Some((r, v)) => (
+                r.value(),
+                log_event_count(r.value(), v.value())?,
+                v.value().len() as u64,
+            ),
             None => break,
         };
         if oldest.0 >= revision {
@@ -833,6 +904,7 @@ fn stage(
         }
         log.remove(oldest.0).map_err(|e| db_err("trim log", e))?;
         retained = retained.saturating_sub(oldest.1);
+        retained_bytes = retained_bytes.saturating_sub(oldest.2);
         trimmed_to = Some(oldest.0);
     }
     if let Some(to) = trimmed_to {
@@ -840,6 +912,8 @@ fn stage(
             .map_err(|e| db_err("write meta", e))?;
     }
     meta.insert(META_LOG_EVENTS, retained)
+        .map_err(|e| db_err("write meta", e))?;
+    meta.insert(META_LOG_BYTES, retained_bytes)
         .map_err(|e| db_err("write meta", e))?;
     meta.insert(META_REVISION, revision)
         .map_err(|e| db_err("write meta", e))?;
@@ -1284,6 +1358,66 @@ mod tests {
         ));
         let mut w = s.watch("", 8).await.unwrap();
         assert_eq!(next(&mut w).await.unwrap().revision, 9);
+    }
+
+    /// The oldest revision a watch may still start after.
+    async fn oldest_kept(s: &EmbeddedStore) -> Revision {
+        match s.watch("", 0).await {
+            Err(StoreError::Compacted { oldest, .. }) => oldest,
+            Err(e) => panic!("unexpected error {e}"),
+            Ok(_) => 1,
+        }
+    }
+
+    #[tokio::test]
+    async fn history_is_trimmed_by_bytes_and_the_file_shrinks_at_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store.redb");
+        let big = vec![b'x'; 100 << 10];
+        {
+            // 1 MiB of history: ~10 revisions of 100 KiB each.
+            let s = EmbeddedStore::open(&path)
+                .unwrap()
+                .with_history_bytes(1 << 20);
+            for i in 0..200u32 {
+                let mut v = big.clone();
+                v[..4].copy_from_slice(&i.to_be_bytes());
+                commit(&s, vec![put("a", &v)]).await;
+            }
+            let oldest = oldest_kept(&s).await;
+            assert!(
+                (190..=192).contains(&oldest),
+                "about 10 revisions of 100 KiB fit in 1 MiB; oldest kept {oldest}"
+            );
+            // The newest revision is kept even when alone it is over.
+            commit(&s, vec![put("b", &vec![b'y'; 2 << 20])]).await;
+            assert_eq!(oldest_kept(&s).await, 201);
+            let mut w = s.watch("", 200).await.unwrap();
+            assert_eq!(next(&mut w).await.unwrap().revision, 201);
+        }
+        let grown = std::fs::metadata(&path).unwrap().len();
+        {
+            // Delete both keys, then trim everything but that delete.
+            let s = EmbeddedStore::open(&path)
+                .unwrap()
+                .with_history_bytes(1 << 20)
+                .with_history_limit(1);
+            commit(
+                &s,
+                vec![
+                    Op::Delete { key: "a".into() },
+                    Op::Delete { key: "b".into() },
+                ],
+            )
+            .await;
+            commit(&s, vec![put("c", b"1")]).await;
+        }
+        let _reopened = EmbeddedStore::open(&path).unwrap();
+        let after = std::fs::metadata(&path).unwrap().len();
+        assert!(
+            after < grown / 2,
+            "compaction at open gave the space back: {grown} -> {after} bytes"
+        );
     }
 
     #[tokio::test]
