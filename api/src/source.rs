@@ -27,6 +27,11 @@ pub struct SourceSpec {
     /// Delete objects this Source applied once they leave git; default true.
     #[serde(default = "yes")]
     pub prune: bool,
+    /// Lets this Source apply Workloads that reach beyond the default
+    /// sandbox (capabilities outside Docker's default set, seccomp
+    /// `Unconfined`); default false. Only an admin operator may set it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub allow_privileged: bool,
 }
 
 fn main_branch() -> String {

@@ -232,7 +232,7 @@ async fn apply_commit(
         let text = String::from_utf8(blob).map_err(|_| format!("{path}: is not UTF-8 text"))?;
         texts.push((path, text));
     }
-    let docs = collect(&texts, name)?;
+    let docs = collect(&texts, name, spec.allow_privileged)?;
     let mut owned = Vec::new();
     if spec.prune {
         let sel = LabelSelector::parse(&format!("{SOURCE_LABEL}={name}"))
@@ -386,11 +386,14 @@ pub fn manifest_files(ls_tree: &[u8], directory: &str) -> Result<Vec<(String, St
 }
 
 /// Parses and validates `(path, text)` files into documents to apply,
-/// each labelled with [`SOURCE_LABEL`]` = source`. Every problem is
-/// reported, one per line, naming the file and document.
+/// each labelled with [`SOURCE_LABEL`]` = source`. A Workload reaching
+/// beyond the default sandbox is refused unless the Source has
+/// `allowPrivileged`. Every problem is reported, one per line, naming the
+/// file and document.
 pub fn collect(
     files: &[(String, String)],
     source: &str,
+    allow_privileged: bool,
 ) -> Result<Vec<(String, Validated)>, String> {
     let mut docs = Vec::new();
     let mut errors = Vec::new();
@@ -417,6 +420,13 @@ pub fn collect(
                     "{origin}: {} {:?}: a Source may not create {}s; apply it with imctl",
                     v.kind, v.name, v.kind
                 )),
+                Ok(v) if !allow_privileged && !crate::authz::host_access(&v).is_empty() => {
+                    let (path, what) = crate::authz::host_access(&v).remove(0);
+                    errors.push(format!(
+                        "{origin}: {} {:?}: {path}: {what}: Source {source:?} applies this only with spec.allowPrivileged: true (set by an admin operator)",
+                        v.kind, v.name
+                    ))
+                }
                 Ok(mut v) => {
                     v.object["metadata"]["labels"][SOURCE_LABEL] = json!(source);
                     docs.push((origin, v));
@@ -532,6 +542,32 @@ mod tests {
     }
 
     #[test]
+    fn privileged_workloads_need_allow_privileged() {
+        let module = "apiVersion: ironmesh.dev/v1\nkind: Workload\nmetadata:\n  name: kmod\nspec:\n  image: web:1\n  capabilities: {add: [NET_RAW, SYS_MODULE]}\n";
+        let e = collect(&files(&[("k.yaml", module)]), "p", false).unwrap_err();
+        assert!(
+            e.contains("k.yaml, document 1: Workload \"kmod\": spec.capabilities.add[1]: capability SYS_MODULE is outside the default set: Source \"p\" applies this only with spec.allowPrivileged: true"),
+            "{e}"
+        );
+        let unconfined = "apiVersion: ironmesh.dev/v1\nkind: Workload\nmetadata:\n  name: u\nspec:\n  image: web:1\n  securityContext: {seccompProfile: Unconfined}\n";
+        let e = collect(&files(&[("u.yaml", unconfined)]), "p", false).unwrap_err();
+        assert!(e.contains("spec.securityContext.seccompProfile"), "{e}");
+        assert_eq!(
+            collect(
+                &files(&[("k.yaml", module), ("u.yaml", unconfined)]),
+                "p",
+                true
+            )
+            .unwrap()
+            .len(),
+            2
+        );
+        // Capabilities of Docker's default set need nothing more.
+        let raw = "apiVersion: ironmesh.dev/v1\nkind: Workload\nmetadata:\n  name: r\nspec:\n  image: web:1\n  capabilities: {add: [NET_RAW]}\n";
+        assert!(collect(&files(&[("r.yaml", raw)]), "p", false).is_ok());
+    }
+
+    #[test]
     fn a_source_applies_only_what_an_edit_operator_may() {
         assert!(appliable(Kind::Workload) && appliable(Kind::PipelineRun));
         for k in [Kind::Node, Kind::Instance, Kind::Source] {
@@ -581,6 +617,7 @@ mod tests {
         let docs = collect(
             &files(&[("a.yaml", &format!("{WEB}---\n{SVC}"))]),
             "platform",
+            false,
         )
         .unwrap();
         assert_eq!(docs.len(), 2);
@@ -591,34 +628,39 @@ mod tests {
         );
 
         let broken = WEB.replace("image: web:1", "image: web:1\n  replicas: -1");
-        let e = collect(&files(&[("ok.yaml", SVC), ("apps/web.yaml", &broken)]), "p").unwrap_err();
+        let e = collect(
+            &files(&[("ok.yaml", SVC), ("apps/web.yaml", &broken)]),
+            "p",
+            false,
+        )
+        .unwrap_err();
         assert!(
             e.starts_with("apps/web.yaml, document 1: Workload \"web\": spec.replicas"),
             "{e}"
         );
 
-        let e = collect(&files(&[("bad.yaml", "a: [")]), "p").unwrap_err();
+        let e = collect(&files(&[("bad.yaml", "a: [")]), "p", false).unwrap_err();
         assert!(e.starts_with("bad.yaml: document 1:"), "{e}");
-        let e = collect(&files(&[("bad.json", "{")]), "p").unwrap_err();
+        let e = collect(&files(&[("bad.json", "{")]), "p", false).unwrap_err();
         assert!(e.starts_with("bad.json: not valid JSON"), "{e}");
     }
 
     #[test]
     fn sources_may_not_create_sources_or_instances() {
         let src = "apiVersion: ironmesh.dev/v1\nkind: Source\nmetadata:\n  name: more\nspec:\n  repo: /srv/git/x\n";
-        let e = collect(&files(&[("s.yaml", src)]), "p").unwrap_err();
+        let e = collect(&files(&[("s.yaml", src)]), "p", false).unwrap_err();
         assert!(
             e.contains("s.yaml, document 1: Source \"more\": a Source may not create Sources"),
             "{e}"
         );
         let inst = "apiVersion: ironmesh.dev/v1\nkind: Instance\nmetadata:\n  name: i\nspec: {}\n";
-        let e = collect(&files(&[("i.yaml", inst)]), "p").unwrap_err();
+        let e = collect(&files(&[("i.yaml", inst)]), "p", false).unwrap_err();
         assert!(e.contains("i.yaml, document 1:"), "{e}");
     }
 
     #[test]
     fn prune_plan_deletes_only_owned_objects_that_left_git() {
-        let desired = collect(&files(&[("w.yaml", WEB)]), "p").unwrap();
+        let desired = collect(&files(&[("w.yaml", WEB)]), "p", false).unwrap();
         let owned = vec![
             (Kind::Workload, "web".to_string()),
             (Kind::Service, "web".to_string()),
