@@ -400,9 +400,47 @@ pub struct Agent {
     pub name: String,
     pub metrics: SocketAddr,
     starts: usize,
+    /// Flags added to every start of this agent.
+    extra: Vec<String>,
 }
 
 impl Agent {
+    /// Starts an agent that joins `ctl` with its real bootstrap token and
+    /// runs with the extra flags `args` (also on restarts).
+    pub fn start_with_args(ctl: &Controller, name: &str, args: &[&str]) -> Agent {
+        let dir = tempfile::Builder::new()
+            .prefix("im-agent-")
+            .tempdir()
+            .expect("tempdir");
+        let token = std::fs::read_to_string(ctl.token_file()).expect("token file");
+        let host = ctl.net.add_host(name);
+        let metrics = SocketAddr::new(host.addr.into(), free_addr().port());
+        let containerd = Containerd::start(name);
+        let extra: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        let proc = Self::spawn_to(
+            &ctl.url(),
+            &ctl.ca_cert(),
+            dir.path(),
+            &host,
+            &containerd,
+            name,
+            metrics,
+            Some(token.trim()),
+            1,
+            &extra,
+        );
+        Agent {
+            containerd,
+            host,
+            dir,
+            name: name.to_string(),
+            metrics,
+            proc,
+            starts: 1,
+            extra,
+        }
+    }
+
     /// Starts an agent that joins `ctl` with its real bootstrap token.
     pub fn start(ctl: &Controller, name: &str) -> Agent {
         let dir = tempfile::Builder::new()
@@ -422,6 +460,7 @@ impl Agent {
             metrics,
             Some(token.trim()),
             1,
+            &[],
         );
         Agent {
             containerd,
@@ -431,6 +470,7 @@ impl Agent {
             metrics,
             proc,
             starts: 1,
+            extra: Vec::new(),
         }
     }
 
@@ -457,6 +497,7 @@ impl Agent {
             metrics,
             Some(token.trim()),
             1,
+            &[],
         );
         Agent {
             containerd,
@@ -466,6 +507,7 @@ impl Agent {
             metrics,
             proc,
             starts: 1,
+            extra: Vec::new(),
         }
     }
 
@@ -486,6 +528,7 @@ impl Agent {
             metrics,
             Some(token),
             1,
+            &[],
         );
         Agent {
             containerd,
@@ -495,6 +538,7 @@ impl Agent {
             metrics,
             proc,
             starts: 1,
+            extra: Vec::new(),
         }
     }
 
@@ -508,6 +552,7 @@ impl Agent {
         metrics: SocketAddr,
         token: Option<&str>,
         n: usize,
+        extra: &[String],
     ) -> Proc {
         Self::spawn_to(
             &ctl.url(),
@@ -519,6 +564,7 @@ impl Agent {
             metrics,
             token,
             n,
+            extra,
         )
     }
 
@@ -533,8 +579,10 @@ impl Agent {
         metrics: SocketAddr,
         token: Option<&str>,
         n: usize,
+        extra: &[String],
     ) -> Proc {
         let mut cmd = host.command(bin("ironmesh-agent"));
+        cmd.args(extra);
         cmd.arg("--node-ip")
             .arg(host.addr.to_string())
             .arg("--controller")
@@ -589,6 +637,7 @@ impl Agent {
             self.metrics,
             None,
             self.starts,
+            &self.extra,
         );
     }
 

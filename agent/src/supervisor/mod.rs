@@ -26,6 +26,7 @@ mod instance;
 pub mod logs;
 mod netup;
 pub mod probes;
+pub mod rotate;
 pub mod spec;
 mod state;
 
@@ -91,6 +92,8 @@ pub struct SupervisorConfig {
     /// Provisions the volumes instances mount; `None`: an instance that
     /// mounts a volume fails with a clear message.
     pub storage: Option<Arc<crate::storage::Storage>>,
+    /// Size and number of each instance's log files.
+    pub logs: rotate::LogLimits,
 }
 
 impl SupervisorConfig {
@@ -105,6 +108,7 @@ impl SupervisorConfig {
             stop_grace: Duration::from_secs(10),
             probe_host: IpAddr::V4(Ipv4Addr::LOCALHOST),
             storage: None,
+            logs: rotate::LogLimits::default(),
         }
     }
 
