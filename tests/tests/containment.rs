@@ -91,6 +91,12 @@ fn logs(ctl: &Controller, instance: &str) -> String {
 
 fn busybox_workload(name: &str, command: &[&str], extra: &str) -> String {
     let command: Vec<String> = command.iter().map(|c| format!("{c:?}")).collect();
+    // `extra` may bring its own resources.
+    let resources = if extra.contains("resources:") {
+        String::new()
+    } else {
+        "  resources: {cpu: 100m, memory: 32Mi}\n".to_string()
+    };
     format!(
         "apiVersion: ironmesh.dev/v1
 kind: Workload
@@ -99,8 +105,7 @@ metadata:
 spec:
   image: {BUSYBOX}
   command: [{}]
-  resources: {{cpu: 100m, memory: 32Mi}}
-{extra}",
+{resources}{extra}",
         command.join(", ")
     )
 }
@@ -514,7 +519,6 @@ spec:
       image: ironmesh/batch-step:dev
       replicas: {}
       resources: {{cpu: 10m, memory: 16Mi}}
-      env: [{{name: OUTPUT_NAME, value: {n}.txt}}]
 ",
             STEPS / 3
         ));
