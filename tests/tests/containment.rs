@@ -573,3 +573,54 @@ spec:
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[test]
+fn a_step_reaches_its_work_queue_socket_through_a_read_only_directory() {
+    let (ctl, agent, _dir) = start("node-e", &[]);
+    let _unmount = ironmesh_tests::Unmounter(vec![agent.dir.path().to_path_buf()]);
+    wait_for("the node reports its pool", Duration::from_secs(30), || {
+        ctl.node("node-e")
+            .filter(|n| n.pointer("/status/storage/pools/0/capacityBytes").is_some())
+    });
+    // Exit 3: no socket; 4: the host directory took a write.
+    ctl.apply_yaml(&format!(
+        "apiVersion: ironmesh.dev/v1
+kind: Pipeline
+metadata:
+  name: probe-queue
+spec:
+  runVolumeSize: 16Mi
+  steps:
+    - name: probe
+      image: {BUSYBOX}
+      command: [/bin/busybox, sh, -c, '[ -S /run/ironmesh/queue.sock ] || exit 3; /bin/busybox touch /run/ironmesh/planted && exit 4; echo read-only; exit 0']
+      resources: {{cpu: 100m, memory: 32Mi}}
+"
+    ));
+    let out = ctl.imctl(&["pipeline", "run", "probe-queue"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let run = String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .strip_prefix("pipelineruns/")
+        .and_then(|s| s.strip_suffix(" created"))
+        .expect("run name")
+        .to_string();
+    let v = wait_for("the run finishes", Duration::from_secs(60), || {
+        let v = ctl.imctl_json(&["get", "pipelinerun", &run]);
+        matches!(s(&v, "/status/phase"), "Succeeded" | "Failed").then_some(v)
+    });
+    assert_eq!(s(&v, "/status/phase"), "Succeeded", "{v:#}");
+    let planted = std::fs::read_dir(agent.state_dir().join("q"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .any(|d| d.path().join("planted").exists());
+    assert!(
+        !planted,
+        "the container wrote into the agent's queue directory"
+    );
+}

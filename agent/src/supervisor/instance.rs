@@ -622,10 +622,14 @@ impl Instance {
             Err(message) => return Ok(self.config_error(message).await),
         };
         if let Some(dir) = &self.d.queue_dir {
+            // Read-only: connect() to a socket needs no write access to its
+            // mount, and the container gets no writable host directory. A
+            // directory (not the socket file) so that a socket the agent
+            // binds again after a restart is seen.
             spec.mounts.push(crate::runtime::BindMount {
                 source: dir.clone(),
                 destination: ironmesh_api::pipeline::QUEUE_DIR.to_string(),
-                readonly: false,
+                readonly: true,
             });
         }
         loop {
