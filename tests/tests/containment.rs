@@ -486,7 +486,7 @@ fn shims_of(socket: &Path) -> Vec<u32> {
                 .map(|a| String::from_utf8_lossy(a).into_owned())
                 .collect();
             args.first().is_some_and(|a| a.contains("containerd-shim"))
-                && args.iter().any(|a| *a == socket)
+                && args.contains(&socket)
         })
         .collect()
 }
@@ -558,7 +558,7 @@ spec:
         "no shim of a finished step",
         Duration::from_secs(30),
         || {
-            let s = shims_of(&agent.containerd.socket());
+            let s = shims_of(agent.containerd.socket());
             s.is_empty().then_some(s)
         },
     );
