@@ -485,8 +485,7 @@ fn shims_of(socket: &Path) -> Vec<u32> {
                 .split(|b| *b == 0)
                 .map(|a| String::from_utf8_lossy(a).into_owned())
                 .collect();
-            args.first().is_some_and(|a| a.contains("containerd-shim"))
-                && args.contains(&socket)
+            args.first().is_some_and(|a| a.contains("containerd-shim")) && args.contains(&socket)
         })
         .collect()
 }
