@@ -1079,6 +1079,64 @@ mod tests {
     }
 
     #[test]
+    fn security_context_and_pids() {
+        let v = validate(&with(json!({
+            "resources": {"pids": 64},
+            "securityContext": {"runAsUser": 1000, "runAsNonRoot": true},
+        })))
+        .unwrap();
+        assert_eq!(
+            v.object["spec"]["securityContext"],
+            json!({"runAsUser": 1000, "runAsNonRoot": true, "seccompProfile": "RuntimeDefault"})
+        );
+        let typed: WorkloadSpec = v.spec().unwrap();
+        assert_eq!(typed.resources.pids_limit(), 64);
+        assert!(typed.host_access().is_empty());
+        let plain: WorkloadSpec = validate(&with(json!({}))).unwrap().spec().unwrap();
+        assert_eq!(plain.resources.pids_limit(), DEFAULT_PIDS_LIMIT);
+        rejects(
+            with(json!({"resources": {"pids": 0}})),
+            "spec.resources.pids",
+            "must be between 1 and 4194304, got 0",
+        );
+        rejects(
+            with(json!({"securityContext": {"runAsUser": 0, "runAsNonRoot": true}})),
+            "spec.securityContext.runAsUser",
+            "is 0 (root) while runAsNonRoot is true",
+        );
+        rejects(
+            with(json!({"securityContext": {"seccompProfile": "Loose"}})),
+            "spec.securityContext.seccompProfile",
+            "must be one of RuntimeDefault, Unconfined",
+        );
+        rejects(
+            with(json!({"securityContext": {"runAsUser": -1}})),
+            "spec.securityContext.runAsUser",
+            "whole number",
+        );
+        let wide: WorkloadSpec = validate(&with(json!({
+            "capabilities": {"add": ["NET_RAW", "SYS_ADMIN"]},
+            "securityContext": {"seccompProfile": "Unconfined"},
+        })))
+        .unwrap()
+        .spec()
+        .unwrap();
+        assert_eq!(
+            wide.host_access(),
+            vec![
+                (
+                    "spec.capabilities.add[1]".to_string(),
+                    "capability SYS_ADMIN is outside the default set".to_string()
+                ),
+                (
+                    "spec.securityContext.seccompProfile".to_string(),
+                    "seccomp profile Unconfined turns off the system-call filter".to_string()
+                ),
+            ]
+        );
+    }
+
+    #[test]
     fn placement() {
         rejects(
             with(json!({"placement": {"nodeSelector": {"disk": "a b"}}})),
