@@ -142,7 +142,7 @@ fn start(name: &str, args: &[&str]) -> (Controller, Agent, tempfile::TempDir) {
 
 #[test]
 fn containers_run_under_seccomp_as_their_user_and_run_as_non_root_refuses_root() {
-    let (ctl, _agent, _dir) = start("node-a", &[]);
+    let (ctl, mut agent, _dir) = start("node-a", &[]);
     let status = [
         "/bin/busybox",
         "grep",
@@ -196,6 +196,42 @@ fn containers_run_under_seccomp_as_their_user_and_run_as_non_root_refuses_root()
     let out = logs(&ctl, s(&i, "/metadata/name"));
     assert!(out.contains("Seccomp:\t0"), "{out}");
     assert!(out.contains("Uid:\t0\t0\t0\t0"), "{out}");
+
+    // A finished instance's task is gone (its shim released); an agent
+    // restarted meanwhile reports it finished, and does not run it again.
+    let confined = instances(&ctl, "confined").remove(0);
+    let confined = s(&confined, "/metadata/name").to_string();
+    agent.restart_without_token(&ctl);
+    agent.wait_ready(&ctl, Duration::from_secs(60));
+    let i = wait_instance(
+        &ctl,
+        "confined",
+        "Succeeded after the agent restart",
+        Duration::from_secs(30),
+        |i| {
+            s(i, "/status/phase") == "Succeeded"
+                && i.pointer("/status/exitCode") == Some(&Value::from(0))
+        },
+    );
+    assert_eq!(
+        i.pointer("/status/restarts")
+            .and_then(Value::as_u64)
+            .unwrap_or(0),
+        0,
+        "{i:#}"
+    );
+    // Logs are read on the node: once the new agent's stream is up.
+    let out = wait_for(
+        "logs through the restarted agent",
+        Duration::from_secs(30),
+        || {
+            let out = ctl.imctl(&["logs", &confined]);
+            out.status
+                .success()
+                .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+        },
+    );
+    assert_eq!(out.matches("Seccomp:").count(), 1, "ran again: {out}");
 
     let i = wait_instance(
         &ctl,
