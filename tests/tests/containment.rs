@@ -493,6 +493,38 @@ fn a_chatty_containers_logs_stay_under_the_cap_and_go_with_the_instance() {
     // Rotated or not, the log still reads.
     assert!(logs(&ctl, &name).contains(&line));
 
+    // The node reports what Ironmesh uses of its disk, logs included.
+    let node = wait_for(
+        "the node reports its disk use",
+        Duration::from_secs(30),
+        || {
+            ctl.node("node-c").filter(|n| {
+                n.pointer("/status/storage/diskUse/logBytes")
+                    .and_then(Value::as_u64)
+                    .is_some_and(|b| b > MAX)
+            })
+        },
+    );
+    let use_ = |k: &str| {
+        node.pointer(&format!("/status/storage/diskUse/{k}"))
+            .and_then(Value::as_u64)
+            .unwrap_or(0)
+    };
+    // Two streams of at most two files each.
+    assert!(use_("logBytes") <= 4 * (MAX + slack), "{node:#}");
+    assert!(
+        use_("imageBytes") > 1 << 20,
+        "busybox is over 1 MiB: {node:#}"
+    );
+    assert!(use_("stateBytes") > 0, "{node:#}");
+    let out = ctl.imctl(&["describe", "node", "node-c"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("Disk use:") && l.contains("images") && l.contains("logs")),
+        "{text}"
+    );
+
     let out = ctl.imctl(&["delete", "workload", "chatty"]);
     assert!(
         out.status.success(),
