@@ -139,6 +139,15 @@ pub struct AgentConfig {
     #[arg(long, env = "IRONMESH_STOP_GRACE", default_value = "10s", value_parser = humantime::parse_duration)]
     pub stop_grace: Duration,
 
+    /// Size of one container log file (stdout or stderr of an instance)
+    /// before it is rotated, e.g. `10Mi`, `512Ki`.
+    #[arg(long, env = "IRONMESH_LOG_MAX_SIZE", default_value = "10Mi", value_parser = parse_log_size)]
+    pub log_max_size: u64,
+
+    /// Log files kept per stream and instance, the live one included.
+    #[arg(long, env = "IRONMESH_LOG_MAX_FILES", default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=100))]
+    pub log_max_files: u32,
+
     /// A storage pool volumes are allocated from; repeat the flag for
     /// several (the first is the default). Format:
     /// `name=NAME,type=dir|btrfs|device|loopfile,path=PATH[,size=SIZE][,fs=btrfs|ext4][,mkfs=true]`
@@ -194,4 +203,15 @@ pub fn default_node_name() -> String {
     } else {
         name
     }
+}
+
+/// A log size such as `10Mi` or `1048576`: at least 4 KiB.
+fn parse_log_size(s: &str) -> Result<u64, String> {
+    let bytes = ironmesh_api::quantity::Quantity::from(s)
+        .bytes()
+        .map_err(|e| format!("{s:?}: {e}"))?;
+    if bytes < 4096 {
+        return Err(format!("{s:?} is below the 4Ki minimum"));
+    }
+    Ok(bytes)
 }

@@ -189,6 +189,10 @@ async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
                 backoff_max: cfg.restart_backoff_max,
                 stop_grace: cfg.stop_grace,
                 storage: Some(storage.clone()),
+                logs: ironmesh_agent::supervisor::rotate::LogLimits {
+                    max_bytes: cfg.log_max_size,
+                    max_files: cfg.log_max_files,
+                },
                 ..SupervisorConfig::new(&cfg.state_dir)
             },
             runtime,

@@ -33,6 +33,11 @@ pub struct SourceSpec {
     /// Node, Instance or Source.
     #[serde(default = "default_kinds")]
     pub kinds: Vec<String>,
+    /// Lets this Source apply Workloads that reach beyond the default
+    /// sandbox (capabilities outside Docker's default set, seccomp
+    /// `Unconfined`); default false. Only an admin operator may set it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub allow_privileged: bool,
 }
 
 /// What a Source may apply when its spec names no kinds.

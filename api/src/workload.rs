@@ -50,6 +50,9 @@ pub struct WorkloadSpec {
     pub read_only_root_filesystem: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub capabilities: Option<Capabilities>,
+    /// User, group and seccomp profile of the container's process.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub security_context: Option<SecurityContext>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub placement: Option<Placement>,
 }
@@ -80,7 +83,16 @@ pub struct Resources {
     /// Default `64Mi`.
     #[serde(default = "default_memory")]
     pub memory: Quantity,
+    /// Most processes (and threads) the container may have at once; 1 to
+    /// 4,194,304, default [`DEFAULT_PIDS_LIMIT`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pids: Option<u32>,
 }
+
+/// The pids limit of a container whose Workload sets none.
+pub const DEFAULT_PIDS_LIMIT: u32 = 4096;
+/// The kernel's largest pid count (`PID_MAX_LIMIT` on 64-bit).
+pub const MAX_PIDS_LIMIT: u32 = 4_194_304;
 
 fn default_cpu() -> Quantity {
     "100m".into()
@@ -94,6 +106,7 @@ impl Default for Resources {
         Resources {
             cpu: default_cpu(),
             memory: default_memory(),
+            pids: None,
         }
     }
 }
@@ -107,6 +120,11 @@ impl Resources {
     /// Memory in bytes (valid once the object passed validation).
     pub fn memory_bytes(&self) -> Result<u64, String> {
         self.memory.bytes()
+    }
+
+    /// The pids limit, with the default filled in.
+    pub fn pids_limit(&self) -> u32 {
+        self.pids.unwrap_or(DEFAULT_PIDS_LIMIT)
     }
 }
 
@@ -227,6 +245,54 @@ pub struct Capabilities {
     /// Names without the `CAP_` prefix, e.g. `NET_BIND_SERVICE`.
     #[serde(default)]
     pub add: Vec<String>,
+}
+
+/// Docker's (and containerd's) default capability set: a Workload may add
+/// these without anything more. Any other capability reaches the host and
+/// needs an admin operator (see [`WorkloadSpec::host_access`]).
+pub const DEFAULT_CAPABILITIES: [&str; 14] = [
+    "AUDIT_WRITE",
+    "CHOWN",
+    "DAC_OVERRIDE",
+    "FOWNER",
+    "FSETID",
+    "KILL",
+    "MKNOD",
+    "NET_BIND_SERVICE",
+    "NET_RAW",
+    "SETFCAP",
+    "SETGID",
+    "SETPCAP",
+    "SETUID",
+    "SYS_CHROOT",
+];
+
+/// Who the container's process runs as, and its system-call filter.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SecurityContext {
+    /// Numeric uid; default the image's user (root when it names none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run_as_user: Option<u32>,
+    /// Numeric gid; default the image's group, else the uid's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run_as_group: Option<u32>,
+    /// Refuse to start when the process would run as uid 0.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub run_as_non_root: bool,
+    #[serde(default)]
+    pub seccomp_profile: SeccompProfile,
+}
+
+/// The seccomp filter of a container.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SeccompProfile {
+    /// Docker's default allow-list (every other system call fails with
+    /// EPERM).
+    #[default]
+    RuntimeDefault,
+    /// No filter: needs an admin operator.
+    Unconfined,
 }
 
 /// The Linux capabilities, without the `CAP_` prefix.
@@ -431,6 +497,49 @@ pub(crate) fn check_container(errs: &mut Errors, at: &str, c: Container<'_>) {
     }
     checks::positive_cpu(errs, &format!("{at}.resources.cpu"), &resources.cpu);
     checks::positive_bytes(errs, &format!("{at}.resources.memory"), &resources.memory);
+    if let Some(p) = resources.pids {
+        if !(1..=MAX_PIDS_LIMIT).contains(&p) {
+            errs.add(
+                format!("{at}.resources.pids"),
+                format!("must be between 1 and {MAX_PIDS_LIMIT}, got {p}"),
+            );
+        }
+    }
+}
+
+impl WorkloadSpec {
+    /// What this spec asks for that reaches beyond Docker's default
+    /// sandbox, as `(field path, what it is)`: capabilities outside
+    /// [`DEFAULT_CAPABILITIES`] and an `Unconfined` seccomp profile. Only
+    /// an admin operator (or a Source with `allowPrivileged`) may apply a
+    /// Workload with any.
+    pub fn host_access(&self) -> Vec<(String, String)> {
+        let mut out = Vec::new();
+        for (i, cap) in self
+            .capabilities
+            .iter()
+            .flat_map(|c| c.add.iter())
+            .enumerate()
+        {
+            if !DEFAULT_CAPABILITIES.contains(&cap.as_str()) {
+                out.push((
+                    format!("spec.capabilities.add[{i}]"),
+                    format!("capability {cap} is outside the default set"),
+                ));
+            }
+        }
+        if self
+            .security_context
+            .as_ref()
+            .is_some_and(|s| s.seccomp_profile == SeccompProfile::Unconfined)
+        {
+            out.push((
+                "spec.securityContext.seccompProfile".to_string(),
+                "seccomp profile Unconfined turns off the system-call filter".to_string(),
+            ));
+        }
+        out
+    }
 }
 
 fn check_probe(errs: &mut Errors, at: &str, p: &Probe) {
@@ -580,6 +689,14 @@ impl Spec for WorkloadSpec {
                         format!("{cap:?} is listed twice"),
                     );
                 }
+            }
+        }
+        if let Some(sc) = &self.security_context {
+            if sc.run_as_non_root && sc.run_as_user == Some(0) {
+                errs.add(
+                    "spec.securityContext.runAsUser",
+                    "is 0 (root) while runAsNonRoot is true; set a non-zero uid or drop runAsNonRoot",
+                );
             }
         }
         if let Some(p) = &self.placement {
@@ -979,6 +1096,64 @@ mod tests {
             with(json!({"capabilities": {"drop": ["ALL"]}})),
             "spec.capabilities.drop",
             "unknown field; expected one of add",
+        );
+    }
+
+    #[test]
+    fn security_context_and_pids() {
+        let v = validate(&with(json!({
+            "resources": {"pids": 64},
+            "securityContext": {"runAsUser": 1000, "runAsNonRoot": true},
+        })))
+        .unwrap();
+        assert_eq!(
+            v.object["spec"]["securityContext"],
+            json!({"runAsUser": 1000, "runAsNonRoot": true, "seccompProfile": "RuntimeDefault"})
+        );
+        let typed: WorkloadSpec = v.spec().unwrap();
+        assert_eq!(typed.resources.pids_limit(), 64);
+        assert!(typed.host_access().is_empty());
+        let plain: WorkloadSpec = validate(&with(json!({}))).unwrap().spec().unwrap();
+        assert_eq!(plain.resources.pids_limit(), DEFAULT_PIDS_LIMIT);
+        rejects(
+            with(json!({"resources": {"pids": 0}})),
+            "spec.resources.pids",
+            "must be between 1 and 4194304, got 0",
+        );
+        rejects(
+            with(json!({"securityContext": {"runAsUser": 0, "runAsNonRoot": true}})),
+            "spec.securityContext.runAsUser",
+            "is 0 (root) while runAsNonRoot is true",
+        );
+        rejects(
+            with(json!({"securityContext": {"seccompProfile": "Loose"}})),
+            "spec.securityContext.seccompProfile",
+            "must be one of RuntimeDefault, Unconfined",
+        );
+        rejects(
+            with(json!({"securityContext": {"runAsUser": -1}})),
+            "spec.securityContext.runAsUser",
+            "whole number",
+        );
+        let wide: WorkloadSpec = validate(&with(json!({
+            "capabilities": {"add": ["NET_RAW", "SYS_ADMIN"]},
+            "securityContext": {"seccompProfile": "Unconfined"},
+        })))
+        .unwrap()
+        .spec()
+        .unwrap();
+        assert_eq!(
+            wide.host_access(),
+            vec![
+                (
+                    "spec.capabilities.add[1]".to_string(),
+                    "capability SYS_ADMIN is outside the default set".to_string()
+                ),
+                (
+                    "spec.securityContext.seccompProfile".to_string(),
+                    "seccomp profile Unconfined turns off the system-call filter".to_string()
+                ),
+            ]
         );
     }
 

@@ -424,6 +424,20 @@ pub fn describe(kind: Kind, o: &Value) -> String {
             ),
         );
         line("Agent", s(o, "/status/nodeInfo/agentVersion").to_string());
+        if let Some(d) = o.pointer("/status/storage/diskUse") {
+            let b = |k: &str| format_bytes(d.get(k).and_then(Value::as_u64).unwrap_or(0));
+            line(
+                "Disk use",
+                format!(
+                    "{} (images {}, logs {}, volumes {}, state {})",
+                    b("totalBytes"),
+                    b("imageBytes"),
+                    b("logBytes"),
+                    b("volumeBytes"),
+                    b("stateBytes")
+                ),
+            );
+        }
         out.push_str("Disks:\n");
         for d in o
             .pointer("/status/inventory/disks")

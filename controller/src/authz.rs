@@ -111,6 +111,28 @@ impl Action {
     }
 }
 
+/// What a validated document asks for beyond the default container
+/// sandbox, as `(field path, what it is)`: a Workload's capabilities
+/// outside Docker's default set or seccomp `Unconfined`, and a Source's
+/// `allowPrivileged` (which lets git apply such Workloads). Applying any
+/// needs role admin.
+pub fn host_access(v: &ironmesh_api::Validated) -> Vec<(String, String)> {
+    match v.kind {
+        Kind::Workload => v
+            .spec::<ironmesh_api::workload::WorkloadSpec>()
+            .map(|s| s.host_access())
+            .unwrap_or_default(),
+        Kind::Source => match v.spec::<ironmesh_api::source::SourceSpec>() {
+            Ok(s) if s.allow_privileged => vec![(
+                "spec.allowPrivileged".to_string(),
+                "true lets this Source apply privileged Workloads".to_string(),
+            )],
+            _ => Vec::new(),
+        },
+        _ => Vec::new(),
+    }
+}
+
 /// The verified operator behind a call.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Caller {
@@ -135,6 +157,32 @@ impl Caller {
         );
         audit(self, method, &action.describe(), "denied");
         Err(Status::permission_denied(msg))
+    }
+}
+
+impl Caller {
+    /// Ok for an admin, or when no document asks for more than the
+    /// default sandbox ([`host_access`]); else `PERMISSION_DENIED` naming
+    /// the object, the field and the role needed.
+    pub fn may_apply_host_access(
+        &self,
+        docs: &[(String, ironmesh_api::Validated)],
+        method: &str,
+    ) -> Result<(), Status> {
+        if self.role >= Role::Admin {
+            return Ok(());
+        }
+        for (origin, v) in docs {
+            if let Some((path, what)) = host_access(v).into_iter().next() {
+                let target = format!("{} {:?}", v.kind, v.name);
+                audit(self, method, &target, "denied");
+                return Err(Status::permission_denied(format!(
+                    "operator {} (role {}) may not apply {origin}: {target}: {path}: {what}: that needs role admin",
+                    self.name, self.role
+                )));
+            }
+        }
+        Ok(())
     }
 }
 
@@ -468,6 +516,48 @@ impl Operators {
 mod tests {
     use super::*;
     use crate::store::embedded::EmbeddedStore;
+
+    #[test]
+    fn host_access_needs_an_admin() {
+        let doc = |kind: &str, spec: serde_json::Value| {
+            let v = ironmesh_api::validate(&serde_json::json!({
+                "apiVersion": "ironmesh.dev/v1", "kind": kind,
+                "metadata": {"name": "x"}, "spec": spec,
+            }))
+            .unwrap();
+            vec![("manifest 1".to_string(), v)]
+        };
+        let editor = Caller {
+            name: "ed".into(),
+            role: Role::Edit,
+        };
+        let admin = Caller {
+            name: "root".into(),
+            role: Role::Admin,
+        };
+        let module = doc(
+            "Workload",
+            serde_json::json!({"image": "w:1", "capabilities": {"add": ["SYS_MODULE"]}}),
+        );
+        let err = editor.may_apply_host_access(&module, "Apply").unwrap_err();
+        assert_eq!(err.code(), tonic::Code::PermissionDenied);
+        assert_eq!(
+            err.message(),
+            "operator ed (role edit) may not apply manifest 1: Workload \"x\": spec.capabilities.add[0]: capability SYS_MODULE is outside the default set: that needs role admin"
+        );
+        assert!(admin.may_apply_host_access(&module, "Apply").is_ok());
+        let plain = doc(
+            "Workload",
+            serde_json::json!({"image": "w:1", "capabilities": {"add": ["NET_BIND_SERVICE", "NET_RAW"]}}),
+        );
+        assert!(editor.may_apply_host_access(&plain, "Apply").is_ok());
+        let src = doc(
+            "Source",
+            serde_json::json!({"repo": "/r", "allowPrivileged": true}),
+        );
+        let err = editor.may_apply_host_access(&src, "Apply").unwrap_err();
+        assert!(err.message().contains("spec.allowPrivileged"), "{err:?}");
+    }
 
     #[test]
     fn roles_allow_what_the_table_says() {

@@ -180,7 +180,7 @@ impl OperatorApi {
             .map(|m| serde_json::from_str(&m.json).ok())
             .collect();
         caller.may(apply_needs(&parsed), "Apply")?;
-        let r = self.apply_checked(req, parsed).await;
+        let r = self.apply_checked(&caller, req, parsed).await;
         let target = match &r {
             Ok(resp) => resp
                 .results
@@ -201,6 +201,7 @@ impl OperatorApi {
 
     async fn apply_checked(
         &self,
+        caller: &Caller,
         req: ApplyRequest,
         parsed: Vec<Option<serde_json::Value>>,
     ) -> Result<ApplyResponse, Status> {
@@ -240,6 +241,7 @@ impl OperatorApi {
                 errors.join("\n  ")
             )));
         }
+        caller.may_apply_host_access(&validated, "Apply")?;
         let (revision, applied) = self
             .resources
             .apply(&validated, req.dry_run)

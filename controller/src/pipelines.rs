@@ -704,6 +704,8 @@ pub fn step_template(
         }],
         read_only_root_filesystem: false,
         capabilities: None,
+        // Steps run in the default sandbox (seccomp, pids limit).
+        security_context: None,
         placement: None,
     }
 }

@@ -230,6 +230,12 @@ pub fn check_storage(report: &StorageReport) -> Result<(), Status> {
             return Err(bad(&f("backends"), "more than 16".to_string()));
         }
     }
+    if let Some(d) = &report.disk_use {
+        check_bytes("storage.disk_use.image_bytes", d.image_bytes)?;
+        check_bytes("storage.disk_use.log_bytes", d.log_bytes)?;
+        check_bytes("storage.disk_use.volume_bytes", d.volume_bytes)?;
+        check_bytes("storage.disk_use.state_bytes", d.state_bytes)?;
+    }
     for v in &report.volumes {
         let f = |x: &str| format!("volume {:?}: {x}", v.name);
         check_len(&f("name"), &v.name, MAX_SHORT)?;
@@ -320,8 +326,22 @@ mod tests {
                 ..Default::default()
             }],
             volumes: Vec::new(),
+            disk_use: None,
         };
         assert!(check_storage(&storage).is_err());
+        let huge = StorageReport {
+            disk_use: Some(ironmesh_proto::v1::DiskUse {
+                log_bytes: u64::MAX,
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let err = check_storage(&huge).unwrap_err();
+        assert!(
+            err.message().contains("disk_use.log_bytes"),
+            "{}",
+            err.message()
+        );
     }
 
     #[test]
@@ -454,6 +474,7 @@ mod fuzz {
                     name: "v".into(),
                     ..Default::default()
                 }],
+                ..Default::default()
             }),
         ];
         msgs.into_iter()

@@ -248,7 +248,7 @@ async fn apply_commit(
         let text = String::from_utf8(blob).map_err(|_| format!("{path}: is not UTF-8 text"))?;
         texts.push((path, text));
     }
-    let docs = collect(&texts, name, &spec.allowed_kinds())?;
+    let docs = collect(&texts, name, &spec.allowed_kinds(), spec.allow_privileged)?;
     let mut owned = Vec::new();
     if spec.prune {
         let sel = LabelSelector::parse(&format!("{SOURCE_LABEL}={name}"))
@@ -461,12 +461,15 @@ fn human_bytes(n: u64) -> String {
 }
 
 /// Parses and validates `(path, text)` files into documents to apply,
-/// each labelled with [`SOURCE_LABEL`]` = source`. Every problem is
-/// reported, one per line, naming the file and document.
+/// each labelled with [`SOURCE_LABEL`]` = source`. A Workload reaching
+/// beyond the default sandbox is refused unless the Source has
+/// `allowPrivileged`. Every problem is reported, one per line, naming the
+/// file and document.
 pub fn collect(
     files: &[(String, String)],
     source: &str,
     allowed: &[Kind],
+    allow_privileged: bool,
 ) -> Result<Vec<(String, Validated)>, String> {
     let mut docs = Vec::new();
     let mut errors = Vec::new();
@@ -500,6 +503,13 @@ pub fn collect(
                     allowed.iter().map(Kind::as_str).collect::<Vec<_>>().join(", "),
                     v.kind
                 )),
+                Ok(v) if !allow_privileged && !crate::authz::host_access(&v).is_empty() => {
+                    let (path, what) = crate::authz::host_access(&v).remove(0);
+                    errors.push(format!(
+                        "{origin}: {} {:?}: {path}: {what}: Source {source:?} applies this only with spec.allowPrivileged: true (set by an admin operator)",
+                        v.kind, v.name
+                    ))
+                }
                 Ok(mut v) => {
                     v.object["metadata"]["labels"][SOURCE_LABEL] = json!(source);
                     docs.push((origin, v));
@@ -616,6 +626,51 @@ mod tests {
     }
 
     #[test]
+    fn privileged_workloads_need_allow_privileged() {
+        let module = "apiVersion: ironmesh.dev/v1\nkind: Workload\nmetadata:\n  name: kmod\nspec:\n  image: web:1\n  capabilities: {add: [NET_RAW, SYS_MODULE]}\n";
+        let e = collect(
+            &files(&[("k.yaml", module)]),
+            "p",
+            &DEFAULT_SOURCE_KINDS,
+            false,
+        )
+        .unwrap_err();
+        assert!(
+            e.contains("k.yaml, document 1: Workload \"kmod\": spec.capabilities.add[1]: capability SYS_MODULE is outside the default set: Source \"p\" applies this only with spec.allowPrivileged: true"),
+            "{e}"
+        );
+        let unconfined = "apiVersion: ironmesh.dev/v1\nkind: Workload\nmetadata:\n  name: u\nspec:\n  image: web:1\n  securityContext: {seccompProfile: Unconfined}\n";
+        let e = collect(
+            &files(&[("u.yaml", unconfined)]),
+            "p",
+            &DEFAULT_SOURCE_KINDS,
+            false,
+        )
+        .unwrap_err();
+        assert!(e.contains("spec.securityContext.seccompProfile"), "{e}");
+        assert_eq!(
+            collect(
+                &files(&[("k.yaml", module), ("u.yaml", unconfined)]),
+                "p",
+                &DEFAULT_SOURCE_KINDS,
+                true
+            )
+            .unwrap()
+            .len(),
+            2
+        );
+        // Capabilities of Docker's default set need nothing more.
+        let raw = "apiVersion: ironmesh.dev/v1\nkind: Workload\nmetadata:\n  name: r\nspec:\n  image: web:1\n  capabilities: {add: [NET_RAW]}\n";
+        assert!(collect(
+            &files(&[("r.yaml", raw)]),
+            "p",
+            &DEFAULT_SOURCE_KINDS,
+            false
+        )
+        .is_ok());
+    }
+
+    #[test]
     fn a_source_applies_only_what_an_edit_operator_may() {
         assert!(appliable(Kind::Workload) && appliable(Kind::PipelineRun));
         for k in [Kind::Node, Kind::Instance, Kind::Source] {
@@ -696,6 +751,7 @@ mod tests {
             &files(&[("a.yaml", &format!("{WEB}---\n{SVC}"))]),
             "platform",
             &DEFAULT_SOURCE_KINDS,
+            false,
         )
         .unwrap();
         assert_eq!(docs.len(), 2);
@@ -710,6 +766,7 @@ mod tests {
             &files(&[("ok.yaml", SVC), ("apps/web.yaml", &broken)]),
             "p",
             &DEFAULT_SOURCE_KINDS,
+            false,
         )
         .unwrap_err();
         assert!(
@@ -717,40 +774,70 @@ mod tests {
             "{e}"
         );
 
-        let e = collect(&files(&[("bad.yaml", "a: [")]), "p", &DEFAULT_SOURCE_KINDS).unwrap_err();
+        let e = collect(
+            &files(&[("bad.yaml", "a: [")]),
+            "p",
+            &DEFAULT_SOURCE_KINDS,
+            false,
+        )
+        .unwrap_err();
         assert!(e.starts_with("bad.yaml: document 1:"), "{e}");
-        let e = collect(&files(&[("bad.json", "{")]), "p", &DEFAULT_SOURCE_KINDS).unwrap_err();
+        let e = collect(
+            &files(&[("bad.json", "{")]),
+            "p",
+            &DEFAULT_SOURCE_KINDS,
+            false,
+        )
+        .unwrap_err();
         assert!(e.starts_with("bad.json: not valid JSON"), "{e}");
     }
 
     #[test]
     fn sources_may_not_create_sources_or_instances() {
         let src = "apiVersion: ironmesh.dev/v1\nkind: Source\nmetadata:\n  name: more\nspec:\n  repo: /srv/git/x\n";
-        let e = collect(&files(&[("s.yaml", src)]), "p", &DEFAULT_SOURCE_KINDS).unwrap_err();
+        let e = collect(
+            &files(&[("s.yaml", src)]),
+            "p",
+            &DEFAULT_SOURCE_KINDS,
+            false,
+        )
+        .unwrap_err();
         assert!(
             e.contains("s.yaml, document 1: Source \"more\": a Source may not create Sources"),
             "{e}"
         );
         let inst = "apiVersion: ironmesh.dev/v1\nkind: Instance\nmetadata:\n  name: i\nspec: {}\n";
-        let e = collect(&files(&[("i.yaml", inst)]), "p", &DEFAULT_SOURCE_KINDS).unwrap_err();
+        let e = collect(
+            &files(&[("i.yaml", inst)]),
+            "p",
+            &DEFAULT_SOURCE_KINDS,
+            false,
+        )
+        .unwrap_err();
         assert!(e.contains("i.yaml, document 1:"), "{e}");
     }
 
     #[test]
     fn only_the_kinds_in_spec_kinds_are_applied() {
-        let e = collect(&files(&[("w.yaml", WEB)]), "p", &[Kind::Service]).unwrap_err();
+        let e = collect(&files(&[("w.yaml", WEB)]), "p", &[Kind::Service], false).unwrap_err();
         assert!(
             e.contains("w.yaml, document 1: Workload \"web\": this Source may apply only Service (spec.kinds)"),
             "{e}"
         );
         let node = "apiVersion: ironmesh.dev/v1\nkind: Node\nmetadata:\n  name: n1\nspec: {}\n";
-        let e = collect(&files(&[("n.yaml", node)]), "p", &Kind::ALL).unwrap_err();
+        let e = collect(&files(&[("n.yaml", node)]), "p", &Kind::ALL, false).unwrap_err();
         assert!(e.contains("a Source may not create Nodes"), "{e}");
     }
 
     #[test]
     fn prune_plan_deletes_only_owned_objects_that_left_git() {
-        let desired = collect(&files(&[("w.yaml", WEB)]), "p", &DEFAULT_SOURCE_KINDS).unwrap();
+        let desired = collect(
+            &files(&[("w.yaml", WEB)]),
+            "p",
+            &DEFAULT_SOURCE_KINDS,
+            false,
+        )
+        .unwrap();
         let owned = vec![
             (Kind::Workload, "web".to_string()),
             (Kind::Service, "web".to_string()),

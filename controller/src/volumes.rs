@@ -449,7 +449,19 @@ pub async fn record_storage(
             })
         })
         .collect();
-    let storage = json!({"pools": pools});
+    let mut storage = json!({"pools": pools});
+    if let Some(d) = &report.disk_use {
+        storage["diskUse"] = json!({
+            "imageBytes": d.image_bytes,
+            "logBytes": d.log_bytes,
+            "volumeBytes": d.volume_bytes,
+            "stateBytes": d.state_bytes,
+            "totalBytes": d.image_bytes
+                .saturating_add(d.log_bytes)
+                .saturating_add(d.volume_bytes)
+                .saturating_add(d.state_bytes),
+        });
+    }
     resources
         .update(Kind::Node, node, |cur| {
             let mut o = cur?.clone();

@@ -400,9 +400,48 @@ pub struct Agent {
     pub name: String,
     pub metrics: SocketAddr,
     starts: usize,
+    /// Flags added to every start of this agent.
+    extra: Vec<String>,
 }
 
 impl Agent {
+    /// Starts an agent that joins `ctl` with its real bootstrap token and
+    /// runs with the extra flags `args` (also on restarts).
+    pub fn start_with_args(ctl: &Controller, name: &str, args: &[&str]) -> Agent {
+        let dir = tempfile::Builder::new()
+            .prefix("im-agent-")
+            .tempdir()
+            .expect("tempdir");
+        let token = std::fs::read_to_string(ctl.token_file()).expect("token file");
+        let host = ctl.net.add_host(name);
+        let metrics = SocketAddr::new(host.addr.into(), free_addr().port());
+        let containerd = Containerd::start(name);
+        let extra: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        let proc = Self::spawn_to(
+            &ctl.url(),
+            &ctl.ca_cert(),
+            dir.path(),
+            &host,
+            &containerd,
+            name,
+            metrics,
+            Some(token.trim()),
+            1,
+            &[],
+            &extra,
+        );
+        Agent {
+            containerd,
+            host,
+            dir,
+            name: name.to_string(),
+            metrics,
+            proc,
+            starts: 1,
+            extra,
+        }
+    }
+
     /// Starts an agent that joins `ctl` with its real bootstrap token.
     pub fn start(ctl: &Controller, name: &str) -> Agent {
         let dir = tempfile::Builder::new()
@@ -422,6 +461,7 @@ impl Agent {
             metrics,
             Some(token.trim()),
             1,
+            &[],
         );
         Agent {
             containerd,
@@ -431,6 +471,7 @@ impl Agent {
             metrics,
             proc,
             starts: 1,
+            extra: Vec::new(),
         }
     }
 
@@ -458,6 +499,7 @@ impl Agent {
             Some(token.trim()),
             1,
             &[],
+            &[],
         );
         Agent {
             containerd,
@@ -467,6 +509,7 @@ impl Agent {
             metrics,
             proc,
             starts: 1,
+            extra: Vec::new(),
         }
     }
 
@@ -493,6 +536,7 @@ impl Agent {
             Some(token.trim()),
             1,
             env,
+            &[],
         );
         Agent {
             containerd,
@@ -502,6 +546,7 @@ impl Agent {
             metrics,
             proc,
             starts: 1,
+            extra: Vec::new(),
         }
     }
 
@@ -522,6 +567,7 @@ impl Agent {
             metrics,
             Some(token),
             1,
+            &[],
         );
         Agent {
             containerd,
@@ -531,6 +577,7 @@ impl Agent {
             metrics,
             proc,
             starts: 1,
+            extra: Vec::new(),
         }
     }
 
@@ -544,6 +591,7 @@ impl Agent {
         metrics: SocketAddr,
         token: Option<&str>,
         n: usize,
+        extra: &[String],
     ) -> Proc {
         Self::spawn_to(
             &ctl.url(),
@@ -556,6 +604,7 @@ impl Agent {
             token,
             n,
             &[],
+            extra,
         )
     }
 
@@ -571,9 +620,11 @@ impl Agent {
         token: Option<&str>,
         n: usize,
         env: &[(&str, &str)],
+        extra: &[String],
     ) -> Proc {
         let mut cmd = host.command(bin("ironmesh-agent"));
         cmd.envs(env.iter().copied());
+        cmd.args(extra);
         cmd.arg("--node-ip")
             .arg(host.addr.to_string())
             .arg("--controller")
@@ -628,6 +679,7 @@ impl Agent {
             self.metrics,
             None,
             self.starts,
+            &self.extra,
         );
     }
 

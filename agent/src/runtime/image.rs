@@ -519,6 +519,29 @@ impl Runtime {
         Ok(report)
     }
 
+    /// Bytes of every blob in the namespace's content store.
+    pub async fn content_bytes(&self) -> Result<u64, RuntimeError> {
+        use containerd_client::services::v1::ListContentRequest;
+        let object = format!("content of namespace {}", self.namespace());
+        let mut stream = self
+            .content()
+            .list(self.request(ListContentRequest { filters: vec![] }))
+            .await
+            .map_err(call_err("Content.List", object.clone()))?
+            .into_inner();
+        let mut total = 0u64;
+        while let Some(reply) = stream
+            .message()
+            .await
+            .map_err(call_err("Content.List", object.clone()))?
+        {
+            total = reply.info.iter().fold(total, |t, i| {
+                t.saturating_add(u64::try_from(i.size).unwrap_or(0))
+            });
+        }
+        Ok(total)
+    }
+
     async fn content_info(&self, digest: &str) -> Result<Option<Info>, RuntimeError> {
         match self
             .content()

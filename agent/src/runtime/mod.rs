@@ -19,6 +19,7 @@
 
 pub mod container;
 pub mod image;
+pub mod seccomp;
 pub mod spec;
 
 use std::path::{Path, PathBuf};

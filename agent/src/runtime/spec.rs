@@ -6,7 +6,9 @@
 //! them in the instance's cgroup at `cgroupsPath`), its root filesystem
 //! (optionally read-only), its privileges (`noNewPrivileges`, a small
 //! default capability set plus requested adds minus requested drops,
-//! masked and read-only kernel paths) and its mounts and namespaces.
+//! Docker's default seccomp allow-list unless unconfined, a pids limit,
+//! masked and read-only kernel paths as runc's defaults) and its mounts
+//! and namespaces.
 //!
 //! Network: with [`InstanceSpec::netns`] set, the container joins that
 //! network namespace (the agent creates it with the instance's veth). With
@@ -84,10 +86,11 @@ const KNOWN_CAPABILITIES: &[&str] = &[
     "CAP_CHECKPOINT_RESTORE",
 ];
 
-/// Kernel paths hidden from containers (containerd's defaults).
+/// Kernel paths hidden from containers (containerd's and runc's defaults).
 const MASKED_PATHS: &[&str] = &[
     "/proc/acpi",
     "/proc/asound",
+    "/proc/interrupts",
     "/proc/kcore",
     "/proc/keys",
     "/proc/latency_stats",
@@ -96,6 +99,7 @@ const MASKED_PATHS: &[&str] = &[
     "/proc/sched_debug",
     "/proc/scsi",
     "/sys/firmware",
+    "/sys/devices/virtual/powercap",
 ];
 
 /// Kernel paths containers may read but not write (containerd's defaults).
@@ -148,6 +152,16 @@ pub struct InstanceSpec {
     pub cwd: Option<String>,
     /// User; `None` means the image's numeric user, else root.
     pub user: Option<User>,
+    /// Replaces the uid of `user` (or of the image's user).
+    pub run_as_user: Option<u32>,
+    /// Replaces the gid of `user` (or of the image's user).
+    pub run_as_group: Option<u32>,
+    /// Refuse to build a spec whose process runs as uid 0.
+    pub run_as_non_root: bool,
+    /// Without a seccomp filter; `false` applies Docker's default profile.
+    pub seccomp_unconfined: bool,
+    /// Most tasks in the container's cgroup (`pids.max`); `None` is unlimited.
+    pub pids_limit: Option<u32>,
     pub resources: Resources,
     pub readonly_rootfs: bool,
     /// Capabilities added to [`DEFAULT_CAPABILITIES`] (`NET_ADMIN` or `CAP_NET_ADMIN`).
@@ -204,6 +218,10 @@ pub enum SpecError {
     UserName(String),
     #[error("cgroups path {0:?} must be absolute")]
     CgroupsPath(String),
+    #[error("securityContext.runAsNonRoot is set but the process would run as uid 0 ({0}); set securityContext.runAsUser to a non-zero uid or use an image with a non-root USER")]
+    RunsAsRoot(String),
+    #[error("pids limit must be at least 1")]
+    ZeroPids,
 }
 
 /// Builds the OCI runtime spec (as JSON) of `instance`, using `image` for
@@ -241,10 +259,34 @@ pub fn build(
             path: cwd,
         });
     }
-    let user = match instance.user {
+    let mut user = match instance.user {
         Some(user) => user,
         None => parse_user(image.user.as_deref())?,
     };
+    if let Some(uid) = instance.run_as_user {
+        user.uid = uid;
+    }
+    if let Some(gid) = instance.run_as_group {
+        user.gid = gid;
+    }
+    if instance.run_as_non_root && user.uid == 0 {
+        let from = if instance.run_as_user.is_some() {
+            "securityContext.runAsUser is 0".to_string()
+        } else if instance.user.is_some() {
+            "the instance user is 0".to_string()
+        } else {
+            match image
+                .user
+                .as_deref()
+                .map(str::trim)
+                .filter(|u| !u.is_empty())
+            {
+                Some(u) => format!("the image's USER is {u:?}"),
+                None => "the image names no USER".to_string(),
+            }
+        };
+        return Err(SpecError::RunsAsRoot(from));
+    }
     let caps = capabilities(&instance.cap_add, &instance.cap_drop)?;
     let hostname = instance
         .hostname
@@ -311,8 +353,14 @@ pub fn build(
         }
         resources["memory"] = json!({ "limit": bytes });
     }
+    if let Some(pids) = instance.pids_limit {
+        if pids == 0 {
+            return Err(SpecError::ZeroPids);
+        }
+        resources["pids"] = json!({ "limit": pids });
+    }
 
-    Ok(json!({
+    let mut spec = json!({
         "ociVersion": OCI_VERSION,
         "process": {
             "terminal": false,
@@ -338,7 +386,11 @@ pub fn build(
             "maskedPaths": MASKED_PATHS,
             "readonlyPaths": READONLY_PATHS,
         },
-    }))
+    });
+    if !instance.seccomp_unconfined {
+        spec["linux"]["seccomp"] = super::seccomp::default_profile(&caps);
+    }
+    Ok(spec)
 }
 
 /// CFS quota (µs per [`CPU_PERIOD_US`]) and cpu shares for `millis`
@@ -666,6 +718,47 @@ mod tests {
             build(&i, &ImageDefaults::default(), "/x"),
             Err(SpecError::NotAbsolute { .. })
         ));
+    }
+
+    #[test]
+    fn seccomp_pids_and_run_as() {
+        let s = build(&instance(), &ImageDefaults::default(), "/x").unwrap();
+        assert_eq!(s["linux"]["seccomp"]["defaultAction"], "SCMP_ACT_ERRNO");
+        assert!(s["linux"]["resources"].get("pids").is_none());
+        let mut i = instance();
+        i.seccomp_unconfined = true;
+        i.pids_limit = Some(64);
+        let s = build(&i, &ImageDefaults::default(), "/x").unwrap();
+        assert!(s["linux"].get("seccomp").is_none());
+        assert_eq!(s["linux"]["resources"]["pids"], json!({"limit": 64}));
+        i.pids_limit = Some(0);
+        assert_eq!(
+            build(&i, &ImageDefaults::default(), "/x"),
+            Err(SpecError::ZeroPids)
+        );
+
+        let image = ImageDefaults {
+            user: Some("1000:2000".into()),
+            ..Default::default()
+        };
+        let mut i = instance();
+        i.run_as_group = Some(3000);
+        i.run_as_non_root = true;
+        let s = build(&i, &image, "/x").unwrap();
+        assert_eq!(s["process"]["user"], json!({"uid": 1000, "gid": 3000}));
+        i.run_as_user = Some(0);
+        let e = build(&i, &image, "/x").unwrap_err();
+        assert!(
+            e.to_string().contains("securityContext.runAsUser is 0"),
+            "{e}"
+        );
+        let mut i = instance();
+        i.run_as_non_root = true;
+        let e = build(&i, &ImageDefaults::default(), "/x").unwrap_err();
+        assert_eq!(e, SpecError::RunsAsRoot("the image names no USER".into()));
+        i.run_as_user = Some(65534);
+        let s = build(&i, &ImageDefaults::default(), "/x").unwrap();
+        assert_eq!(s["process"]["user"], json!({"uid": 65534, "gid": 0}));
     }
 
     #[test]

@@ -523,6 +523,12 @@ impl Storage {
         Ok(path)
     }
 
+    /// Where volumes are mounted on the host (their data is counted as
+    /// volumes, not as agent state).
+    pub fn volumes_dir(&self) -> PathBuf {
+        self.dir.join("volumes")
+    }
+
     fn mountpoint(&self, volume: &str) -> PathBuf {
         self.dir.join("volumes").join(volume)
     }

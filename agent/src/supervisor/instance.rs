@@ -518,6 +518,13 @@ impl Instance {
                     // Created but never started, or paused: start afresh.
                     return Ok(Step::Start);
                 }
+                // Finished for good before the agent went away: its task
+                // was deleted to free the shim; report the kept exit.
+                None if self.persisted.finished => {
+                    let code = self.persisted.last_exit_code.unwrap_or(START_FAILED_EXIT);
+                    self.publish_finished(code).await;
+                    return Ok(Step::Terminal);
+                }
                 None => return Ok(Step::Start),
             }
         }
@@ -615,10 +622,14 @@ impl Instance {
             Err(message) => return Ok(self.config_error(message).await),
         };
         if let Some(dir) = &self.d.queue_dir {
+            // Read-only: connect() to a socket needs no write access to its
+            // mount, and the container gets no writable host directory. A
+            // directory (not the socket file) so that a socket the agent
+            // binds again after a restart is seen.
             spec.mounts.push(crate::runtime::BindMount {
                 source: dir.clone(),
                 destination: ironmesh_api::pipeline::QUEUE_DIR.to_string(),
-                readonly: false,
+                readonly: true,
             });
         }
         loop {
@@ -852,10 +863,13 @@ impl Instance {
         let mut control = self.control.clone();
         let exit = self.wait_exit();
         tokio::pin!(exit);
+        let mut rotate = tokio::time::interval(super::rotate::CHECK_INTERVAL);
+        rotate.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let code = loop {
             tokio::select! {
                 stop = stopped(&mut control) => return Err(stop),
                 code = &mut exit => break code,
+                _ = rotate.tick() => self.rotate_logs().await,
                 Some(signal) = signals.recv() => match signal {
                     ProbeSignal::Ready(ready) => {
                         tracing::info!(instance = %name, ready, "readiness changed");
@@ -887,6 +901,8 @@ impl Instance {
             }
         };
         drop(probes);
+        // What the task wrote last is capped too.
+        self.rotate_logs().await;
         Ok(Step::Exited {
             code,
             ran_for: since_ms(started_ms),
@@ -920,6 +936,52 @@ impl Instance {
         }
     }
 
+    /// Rotates the instance's log files that passed their size.
+    async fn rotate_logs(&self) {
+        let dir = self.dir.clone();
+        let limits = self.shared.cfg.logs;
+        match tokio::task::spawn_blocking(move || super::rotate::rotate_dir(&dir, limits)).await {
+            Ok(Ok(0)) => {}
+            Ok(Ok(n)) => tracing::debug!(instance = %self.name(), files = n, "logs rotated"),
+            Ok(Err(e)) => tracing::warn!(instance = %self.name(), error = %e, "cannot rotate logs"),
+            Err(e) => {
+                tracing::warn!(instance = %self.name(), error = %e, "log rotation task failed")
+            }
+        }
+    }
+
+    /// Reports a run that ended for good: Succeeded or Failed.
+    async fn publish_finished(&self, code: i32) {
+        let policy = self.d.spec.restart_policy;
+        let (phase, reason) = if code == 0 {
+            (SUCCEEDED, "Completed")
+        } else {
+            (FAILED, "Error")
+        };
+        self.publish(|s| {
+            s.phase = phase.to_string();
+            s.reason = reason.to_string();
+            s.message = format!("exited with code {code}; restartPolicy {policy:?}");
+            s.has_exit_code = true;
+            s.exit_code = code;
+            s.pid = 0;
+            s.ready = false;
+        })
+        .await;
+    }
+
+    /// Deletes the exited task (its shim exits with it), keeping the
+    /// container, its snapshot and the instance directory.
+    async fn release_task(&self) -> Result<(), Stop> {
+        let name = self.name().to_string();
+        match guard(&self.control, self.shared.runtime.delete_task(&name)).await? {
+            Ok(_) => tracing::debug!(instance = %name, "exited task deleted; shim released"),
+            // A later start or the removal deletes it again.
+            Err(e) => tracing::warn!(instance = %name, error = %e, "cannot delete the exited task"),
+        }
+        Ok(())
+    }
+
     /// Reports the exit and decides: restart after a back-off, or stay
     /// Succeeded/Failed.
     async fn exited(
@@ -944,21 +1006,13 @@ impl Instance {
             RestartPolicy::Never => false,
         };
         if !restart {
-            let (phase, reason) = if code == 0 {
-                (SUCCEEDED, "Completed")
-            } else {
-                (FAILED, "Error")
-            };
-            self.publish(|s| {
-                s.phase = phase.to_string();
-                s.reason = reason.to_string();
-                s.message = format!("exited with code {code}; restartPolicy {policy:?}");
-                s.has_exit_code = true;
-                s.exit_code = code;
-                s.pid = 0;
-                s.ready = false;
-            })
-            .await;
+            self.persisted.finished = true;
+            self.persist();
+            self.publish_finished(code).await;
+            // The exit code is kept (state.json) and the logs are files of
+            // the instance directory: the task, and with it its shim
+            // (~13 MB), is no longer needed.
+            self.release_task().await?;
             return Ok(Step::Terminal);
         }
         if ran_for >= self.shared.cfg.backoff_reset_after {
@@ -987,6 +1041,8 @@ impl Instance {
         })
         .await;
         self.event(true, "BackOff", message).await;
+        // No shim waits through the back-off; start_task makes a new task.
+        self.release_task().await?;
         guard(&self.control, tokio::time::sleep(delay)).await?;
         self.persisted.restarts = self.persisted.restarts.saturating_add(1);
         self.persist();

@@ -26,6 +26,7 @@ mod instance;
 pub mod logs;
 mod netup;
 pub mod probes;
+pub mod rotate;
 pub mod spec;
 mod state;
 
@@ -93,6 +94,8 @@ pub struct SupervisorConfig {
     /// Provisions the volumes instances mount; `None`: an instance that
     /// mounts a volume fails with a clear message.
     pub storage: Option<Arc<crate::storage::Storage>>,
+    /// Size and number of each instance's log files.
+    pub logs: rotate::LogLimits,
 }
 
 impl SupervisorConfig {
@@ -107,6 +110,7 @@ impl SupervisorConfig {
             stop_grace: Duration::from_secs(10),
             probe_host: IpAddr::V4(Ipv4Addr::LOCALHOST),
             storage: None,
+            logs: rotate::LogLimits::default(),
         }
     }
 
@@ -427,6 +431,58 @@ impl Supervisor {
     /// The Volumes that supervised instances mount, and whether removals
     /// are still under way (their containers may still hold a volume: a
     /// volume must not be deleted until they are done).
+    /// The runtime instances run on.
+    pub fn runtime(&self) -> Runtime {
+        self.shared.runtime.clone()
+    }
+
+    /// Where instance logs and state are kept.
+    pub fn state_dir(&self) -> PathBuf {
+        self.shared.cfg.state_dir.clone()
+    }
+}
+
+/// Bytes under `root` (the state directory) as `(state, logs)`: container
+/// logs (rotated ones included) apart, the rest without `skip` (volume
+/// mount points) and without other file systems mounted below.
+pub fn state_disk_use(root: &Path, skip: &[PathBuf]) -> (u64, u64) {
+    {
+        use std::os::unix::fs::MetadataExt;
+        let Ok(meta) = std::fs::symlink_metadata(root) else {
+            return (0, 0);
+        };
+        let dev = meta.dev();
+        let (mut state, mut logs) = (0u64, 0u64);
+        let mut stack = vec![root.to_path_buf()];
+        while let Some(dir) = stack.pop() {
+            let Ok(entries) = std::fs::read_dir(&dir) else {
+                continue;
+            };
+            for e in entries.flatten() {
+                let path = e.path();
+                let Ok(m) = std::fs::symlink_metadata(&path) else {
+                    continue;
+                };
+                if m.is_dir() {
+                    if m.dev() == dev && !skip.contains(&path) {
+                        stack.push(path);
+                    }
+                } else if m.is_file() {
+                    let name = e.file_name();
+                    let name = name.to_string_lossy();
+                    if name.starts_with("stdout.log") || name.starts_with("stderr.log") {
+                        logs = logs.saturating_add(m.len());
+                    } else {
+                        state = state.saturating_add(m.len());
+                    }
+                }
+            }
+        }
+        (state, logs)
+    }
+}
+
+impl Supervisor {
     pub fn volumes_in_use(&self) -> (std::collections::HashSet<String>, bool) {
         let tables = self.tables();
         let used = tables

@@ -125,6 +125,14 @@ pub fn instance_spec(d: &DesiredInstance, image: &ImageDefaults) -> Result<Insta
         memory_bytes: Some(memory_bytes),
     };
     spec.readonly_rootfs = w.read_only_root_filesystem;
+    spec.pids_limit = Some(w.resources.pids_limit());
+    if let Some(sc) = &w.security_context {
+        spec.run_as_user = sc.run_as_user;
+        spec.run_as_group = sc.run_as_group;
+        spec.run_as_non_root = sc.run_as_non_root;
+        spec.seccomp_unconfined =
+            sc.seccomp_profile == ironmesh_api::workload::SeccompProfile::Unconfined;
+    }
     spec.cap_add = w
         .capabilities
         .as_ref()
@@ -192,6 +200,8 @@ mod tests {
         assert_eq!(spec.resources.memory_bytes, Some(64 << 20));
         assert!(spec.readonly_rootfs);
         assert_eq!(spec.cap_add, s(&["NET_ADMIN"]));
+        assert_eq!(spec.pids_limit, Some(4096));
+        assert!(!spec.seccomp_unconfined && !spec.run_as_non_root);
         assert_eq!(spec.labels[LABEL_INSTANCE], "web-1");
         assert_eq!(spec.labels[LABEL_WORKLOAD], "web");
         assert_eq!(spec.labels[LABEL_SPEC_GENERATION], "7");

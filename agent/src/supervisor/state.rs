@@ -16,6 +16,10 @@ pub(crate) struct Persisted {
     pub started_unix_ms: i64,
     #[serde(default)]
     pub last_exit_code: Option<i32>,
+    /// The last run ended for good (restart policy): its task was deleted
+    /// to free the shim, so an adopting agent must not start it again.
+    #[serde(default)]
+    pub finished: bool,
 }
 
 impl Persisted {
@@ -58,6 +62,7 @@ mod tests {
             restarts: 5,
             started_unix_ms: 1_700_000_000_000,
             last_exit_code: Some(3),
+            finished: true,
         };
         p.save(dir.path()).unwrap();
         assert_eq!(Persisted::load(dir.path(), 3), p);

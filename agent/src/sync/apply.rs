@@ -314,14 +314,32 @@ pub(super) fn storage_pass(
         return;
     };
     let (in_use, removing) = supervisor.volumes_in_use();
+    let runtime = supervisor.runtime();
+    let state_dir = supervisor.state_dir();
     tokio::spawn(async move {
+        let image_bytes = match runtime.content_bytes().await {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot count image bytes");
+                0
+            }
+        };
         let report = tokio::task::spawn_blocking(move || {
             if let Some(wanted) = &wanted {
                 for e in storage.converge(wanted, &in_use, !removing) {
                     tracing::warn!(error = %e, "volume not converged");
                 }
             }
-            storage_report(&storage)
+            let mut r = storage_report(&storage);
+            let (state_bytes, log_bytes) =
+                crate::supervisor::state_disk_use(&state_dir, &[storage.volumes_dir()]);
+            r.disk_use = Some(ironmesh_proto::v1::DiskUse {
+                image_bytes,
+                log_bytes,
+                volume_bytes: r.volumes.iter().map(|v| v.used_bytes).sum(),
+                state_bytes,
+            });
+            r
         })
         .await;
         match (report, tx) {
@@ -362,6 +380,7 @@ pub fn storage_report(storage: &Storage) -> ironmesh_proto::v1::StorageReport {
                 used_bytes: v.used_bytes,
             })
             .collect(),
+        disk_use: None,
     }
 }
 
