@@ -136,7 +136,17 @@ pub(crate) async fn disable_ipv6(path: &Path) -> Result<(), NetworkError> {
             let p = format!("/proc/sys/net/ipv6/conf/{conf}/disable_ipv6");
             match std::fs::read_to_string(&p) {
                 Ok(v) if v.trim() == "1" => {}
-                Ok(_) => std::fs::write(&p, "1")?,
+                Ok(_) => match std::fs::write(&p, "1") {
+                    Ok(()) => {}
+                    // /proc/sys mounted read-only (a container host such
+                    // as systemd-nspawn): the TC program still drops
+                    // every non-IPv4 frame the instance sends.
+                    Err(e) if e.raw_os_error() == Some(libc::EROFS) => {
+                        tracing::warn!(path = %p, "cannot disable IPv6 in an instance namespace: /proc/sys is read-only; the datapath drops its non-IPv4 frames");
+                        return Ok(());
+                    }
+                    Err(e) => return Err(e),
+                },
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {}
                 Err(e) => return Err(e),
             }
