@@ -408,82 +408,53 @@ impl Agent {
     /// Starts an agent that joins `ctl` with its real bootstrap token and
     /// runs with the extra flags `args` (also on restarts).
     pub fn start_with_args(ctl: &Controller, name: &str, args: &[&str]) -> Agent {
-        let dir = tempfile::Builder::new()
-            .prefix("im-agent-")
-            .tempdir()
-            .expect("tempdir");
-        let token = std::fs::read_to_string(ctl.token_file()).expect("token file");
-        let host = ctl.net.add_host(name);
-        let metrics = SocketAddr::new(host.addr.into(), free_addr().port());
-        let containerd = Containerd::start(name);
-        let extra: Vec<String> = args.iter().map(|a| a.to_string()).collect();
-        let proc = Self::spawn_to(
-            &ctl.url(),
-            &ctl.ca_cert(),
-            dir.path(),
-            &host,
-            &containerd,
-            name,
-            metrics,
-            Some(token.trim()),
-            1,
-            &[],
-            &extra,
-        );
-        Agent {
-            containerd,
-            host,
-            dir,
-            name: name.to_string(),
-            metrics,
-            proc,
-            starts: 1,
-            extra,
-        }
+        let extra = args.iter().map(|a| a.to_string()).collect();
+        Self::launch(&[ctl], name, None, &[], extra)
     }
 
     /// Starts an agent that joins `ctl` with its real bootstrap token.
     pub fn start(ctl: &Controller, name: &str) -> Agent {
-        let dir = tempfile::Builder::new()
-            .prefix("im-agent-")
-            .tempdir()
-            .expect("tempdir");
-        let token = std::fs::read_to_string(ctl.token_file()).expect("token file");
-        let host = ctl.net.add_host(name);
-        let metrics = SocketAddr::new(host.addr.into(), free_addr().port());
-        let containerd = Containerd::start(name);
-        let proc = Self::spawn(
-            ctl,
-            dir.path(),
-            &host,
-            &containerd,
-            name,
-            metrics,
-            Some(token.trim()),
-            1,
-            &[],
-        );
-        Agent {
-            containerd,
-            host,
-            dir,
-            name: name.to_string(),
-            metrics,
-            proc,
-            starts: 1,
-            extra: Vec::new(),
-        }
+        Self::launch(&[ctl], name, None, &[], Vec::new())
     }
 
-    /// Starts an agent with the given token (possibly wrong).
     /// An agent given every controller in `ctls` (`--controller a,b,c`),
     /// joining with the first one's token and CA.
     pub fn start_multi(ctls: &[&Controller], name: &str) -> Agent {
+        Self::launch(ctls, name, None, &[], Vec::new())
+    }
+
+    /// Starts an agent that joins `ctl` with its real bootstrap token and
+    /// these extra environment variables (agent flags by their `IRONMESH_*`
+    /// names).
+    pub fn start_with_env(ctl: &Controller, name: &str, env: &[(&str, &str)]) -> Agent {
+        Self::launch(&[ctl], name, None, env, Vec::new())
+    }
+
+    /// Starts an agent with the given token (possibly wrong).
+    pub fn start_with_token(ctl: &Controller, name: &str, token: &str) -> Agent {
+        Self::launch(&[ctl], name, Some(token), &[], Vec::new())
+    }
+
+    /// A fresh agent on a new fake host of `ctls[0]`'s network, joining
+    /// with `token` (default: the first controller's bootstrap token).
+    fn launch(
+        ctls: &[&Controller],
+        name: &str,
+        token: Option<&str>,
+        env: &[(&str, &str)],
+        extra: Vec<String>,
+    ) -> Agent {
         let dir = tempfile::Builder::new()
             .prefix("im-agent-")
             .tempdir()
             .expect("tempdir");
-        let token = std::fs::read_to_string(ctls[0].token_file()).expect("token file");
+        let token = match token {
+            Some(t) => t.to_string(),
+            None => std::fs::read_to_string(ctls[0].token_file())
+                .expect("token file")
+                .trim()
+                .to_string(),
+        };
         let host = ctls[0].net.add_host(name);
         let metrics = SocketAddr::new(host.addr.into(), free_addr().port());
         let containerd = Containerd::start(name);
@@ -496,47 +467,10 @@ impl Agent {
             &containerd,
             name,
             metrics,
-            Some(token.trim()),
-            1,
-            &[],
-            &[],
-        );
-        Agent {
-            containerd,
-            host,
-            dir,
-            name: name.to_string(),
-            metrics,
-            proc,
-            starts: 1,
-            extra: Vec::new(),
-        }
-    }
-
-    /// Starts an agent that joins `ctl` with its real bootstrap token and
-    /// these extra environment variables (agent flags by their `IRONMESH_*`
-    /// names).
-    pub fn start_with_env(ctl: &Controller, name: &str, env: &[(&str, &str)]) -> Agent {
-        let dir = tempfile::Builder::new()
-            .prefix("im-agent-")
-            .tempdir()
-            .expect("tempdir");
-        let token = std::fs::read_to_string(ctl.token_file()).expect("token file");
-        let host = ctl.net.add_host(name);
-        let metrics = SocketAddr::new(host.addr.into(), free_addr().port());
-        let containerd = Containerd::start(name);
-        let proc = Self::spawn_to(
-            &ctl.url(),
-            &ctl.ca_cert(),
-            dir.path(),
-            &host,
-            &containerd,
-            name,
-            metrics,
-            Some(token.trim()),
+            Some(&token),
             1,
             env,
-            &[],
+            &extra,
         );
         Agent {
             containerd,
@@ -546,38 +480,7 @@ impl Agent {
             metrics,
             proc,
             starts: 1,
-            extra: Vec::new(),
-        }
-    }
-
-    pub fn start_with_token(ctl: &Controller, name: &str, token: &str) -> Agent {
-        let dir = tempfile::Builder::new()
-            .prefix("im-agent-")
-            .tempdir()
-            .expect("tempdir");
-        let host = ctl.net.add_host(name);
-        let metrics = SocketAddr::new(host.addr.into(), free_addr().port());
-        let containerd = Containerd::start(name);
-        let proc = Self::spawn(
-            ctl,
-            dir.path(),
-            &host,
-            &containerd,
-            name,
-            metrics,
-            Some(token),
-            1,
-            &[],
-        );
-        Agent {
-            containerd,
-            host,
-            dir,
-            name: name.to_string(),
-            metrics,
-            proc,
-            starts: 1,
-            extra: Vec::new(),
+            extra,
         }
     }
 
