@@ -50,6 +50,11 @@ pub enum IdentityError {
     Connect { url: String, message: String },
     #[error("the controller refused to join this node: {0}")]
     Refused(String),
+    /// `ALREADY_EXISTS`: a node of this name exists (or holds a
+    /// certificate). After an attempt whose answer was lost it may be this
+    /// node's own earlier join; only a token bound to the name gets it again.
+    #[error("the controller refused to join this node: {0}")]
+    NameTaken(String),
     #[error("invalid controller URL {0:?}: {1}")]
     BadUrl(String, String),
     #[error("the certificate of node {node} expired at {at} and can no longer be renewed; delete the node (imctl delete node {node}), remove the identity in {dir} and join again with a new token (imctl token create)")]
@@ -279,6 +284,7 @@ pub async fn join(
             tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled => {
                 connect_err(s.message().to_string())
             }
+            tonic::Code::AlreadyExists => IdentityError::NameTaken(s.message().to_string()),
             _ => IdentityError::Refused(s.message().to_string()),
         })?
         .into_inner();

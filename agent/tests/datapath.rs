@@ -1415,6 +1415,43 @@ fn bench_datapath_overhead() {
         in_host(&f, "nft", &["flush", "ruleset"], "");
     }
 
+    // Round trips paired: the machine's speed drifts between seconds, so
+    // each round measures none and eBPF back to back (alternating which
+    // goes first) and the figure is the median of the per-round ratios.
+    let detach = |f: &Fixture| {
+        for i in [&f.a, &f.b] {
+            let host_if = i.host_if.clone();
+            let dp = f.dp.take_ref();
+            in_ns(&f.host, move || dp.get().detach_instance(&host_if)).expect("detach");
+        }
+        f.dp().set_enforced(&[]).expect("enforce");
+    };
+    let mut paired = Vec::new();
+    for round in 0..11u16 {
+        // eBPF rounds reuse the four allowed ports the rounds above leave
+        // free (listeners rebind: std sets SO_REUSEADDR).
+        let port = |variant: u16| match variant {
+            0 => 6100 + round,
+            _ => 6012 + round % 4,
+        };
+        let ebpf_rtt = |f: &Fixture| {
+            f.attach_both();
+            f.dp().set_enforced(&[ID_B]).expect("enforce");
+            let r = rtt(f, port(1));
+            detach(f);
+            r.0
+        };
+        let (n, e) = if round % 2 == 0 {
+            let n = rtt(&f, port(0)).0;
+            (n, ebpf_rtt(&f))
+        } else {
+            let e = ebpf_rtt(&f);
+            (rtt(&f, port(0)).0, e)
+        };
+        paired.push(n / e);
+    }
+    let paired_median = median(paired.clone());
+
     // (c) theirs, with the 10,000-rule chain loaded.
     in_host(
         &f,
@@ -1497,6 +1534,11 @@ fn bench_datapath_overhead() {
         );
     }
     println!("  (rtt ratios are the other over eBPF: above 1 means eBPF is faster)");
+    println!(
+        "rtt median none/eBPF, paired: {paired_median:.3} (median of {} back-to-back rounds: {:.3?})",
+        paired.len(),
+        paired
+    );
     let (em, ep) = (median(ebpf_change.clone()), p99(ebpf_change));
     let (rm, xm, nm) = (median(restore), median(replace), median(nft));
     println!("change one rule at {} rules:", rules.len());

@@ -264,3 +264,85 @@ fn btrfs_loopfile_pool_subvolume_qgroup_limit() {
     assert!(fx.mounts_below().is_empty());
     assert!(sys::loops_backed_by(&backing).is_empty());
 }
+
+/// An assignment that merely lacks a volume (a controller on an empty or
+/// restored store) leaves its data alone; only a volume the plan names for
+/// removal is deleted, and not while an instance here mounts it.
+#[test]
+fn converge_removes_only_what_the_plan_names() {
+    use ironmesh_agent::storage::{VolumePlan, WantedVolume};
+    use std::collections::HashSet;
+    if !require_root() {
+        return;
+    }
+    let fx = Fixture::new();
+    let pool_dir = fx.path().join("pool");
+    let storage = fx.open(&[format!("name=default,type=dir,path={}", pool_dir.display())]);
+    let want = |name: &str| WantedVolume {
+        name: name.into(),
+        size_bytes: 16 * MIB,
+        backend: Some(Backend::File),
+        pool: None,
+    };
+    let plan = VolumePlan {
+        wanted: vec![want("a"), want("b")],
+        remove: Vec::new(),
+    };
+    assert!(storage.converge(&plan, &HashSet::new(), true).is_empty());
+    let path_a = storage
+        .provision("a", 16 * MIB, Some(Backend::File), None)
+        .unwrap();
+    std::fs::write(path_a.join("keep.txt"), b"precious").unwrap();
+
+    // An empty assignment: nothing is deleted.
+    let empty = VolumePlan::default();
+    assert!(storage.converge(&empty, &HashSet::new(), true).is_empty());
+    assert_eq!(storage.names(), vec!["a".to_string(), "b".to_string()]);
+    assert_eq!(std::fs::read(path_a.join("keep.txt")).unwrap(), b"precious");
+
+    // Named for removal but still mounted here: kept for now.
+    let remove_a = VolumePlan {
+        wanted: Vec::new(),
+        remove: vec!["a".into(), "never-held".into()],
+    };
+    let in_use: HashSet<String> = ["a".to_string()].into();
+    assert!(storage.converge(&remove_a, &in_use, true).is_empty());
+    assert!(storage.names().contains(&"a".to_string()));
+    // Removals paused (instances stopping): kept.
+    assert!(storage
+        .converge(&remove_a, &HashSet::new(), false)
+        .is_empty());
+    assert!(storage.names().contains(&"a".to_string()));
+    // Then it goes, and only it.
+    assert!(storage
+        .converge(&remove_a, &HashSet::new(), true)
+        .is_empty());
+    assert_eq!(storage.names(), vec!["b".to_string()]);
+    assert!(!pool_dir.join("a.ext4").exists());
+
+    // A volume both wanted and named for removal (a new Volume of the
+    // same name): the old data goes first, nothing is provisioned yet.
+    let path_b = storage
+        .provision("b", 16 * MIB, Some(Backend::File), None)
+        .unwrap();
+    std::fs::write(path_b.join("old.txt"), b"old").unwrap();
+    let replace_b = VolumePlan {
+        wanted: vec![want("b")],
+        remove: vec!["b".into()],
+    };
+    assert!(storage
+        .converge(&replace_b, &HashSet::new(), true)
+        .is_empty());
+    assert!(storage.names().is_empty());
+    let fresh = VolumePlan {
+        wanted: vec![want("b")],
+        remove: Vec::new(),
+    };
+    assert!(storage.converge(&fresh, &HashSet::new(), true).is_empty());
+    let path_b = storage
+        .provision("b", 16 * MIB, Some(Backend::File), None)
+        .unwrap();
+    assert!(!path_b.join("old.txt").exists());
+    assert!(storage.delete("b").unwrap());
+    assert!(fx.mounts_below().is_empty());
+}

@@ -1,39 +1,80 @@
-//! Randomised robustness runs ("fuzzing" on stable Rust): manifests
-//! (parse + validate), quantities, label selectors and cron schedules get
-//! mutated real inputs and random ones; nothing may panic. Each target runs
-//! `IRONMESH_FUZZ_CASES` cases (default 3,000, seconds in all) and prints
-//! cases per second. The long run keeps overflow checks on:
+//! Randomised robustness runs ("fuzzing" on stable Rust), shared by every
+//! crate's fuzz tests (other crates enable the `fuzz` feature in their
+//! dev-dependencies): [`run`] drives seeded cases under `catch_unwind` and
+//! names the seed of a panic; [`mutate`] edits text inputs, [`mutate_bytes`]
+//! binary encodings. This crate's own targets — manifests (parse +
+//! validate), quantities, label selectors and cron schedules — are below.
+//! Each target runs `IRONMESH_FUZZ_CASES` cases (default 3,000, seconds in
+//! all) and prints cases per second. The long run keeps overflow checks on:
 //! `IRONMESH_FUZZ_CASES=1000000 CARGO_PROFILE_RELEASE_OVERFLOW_CHECKS=true
 //! cargo test -p ironmesh-api --release --lib fuzz -- --nocapture`.
 
-use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
+pub use rand::rngs::StdRng;
+pub use rand::{Rng, SeedableRng};
 
-/// Cases per target.
-pub(crate) fn cases() -> u64 {
+/// Cases per target: `IRONMESH_FUZZ_CASES`, default 3,000.
+pub fn cases() -> u64 {
     std::env::var("IRONMESH_FUZZ_CASES")
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(3_000)
 }
 
-/// Runs `case` `cases()` times with a seeded generator each; a panic is
-/// reported with the seed that reproduces it.
-pub(crate) fn run(target: &str, mut case: impl FnMut(&mut StdRng)) {
+/// Runs `case` [`cases`] times with a generator seeded from the case
+/// number; a panic is reported with the seed that reproduces it.
+pub fn run(target: &str, mut case: impl FnMut(&mut StdRng)) {
+    run_counted(target, |rng| {
+        case(rng);
+        true
+    })
+}
+
+/// Like [`run`]; `case` says whether its input got past decoding (to the
+/// code under test), and the count is printed with the rate.
+pub fn run_counted(target: &str, mut case: impl FnMut(&mut StdRng) -> bool) {
     let n = cases();
     let started = std::time::Instant::now();
+    let mut reached = 0u64;
     for seed in 0..n {
         let mut rng = StdRng::seed_from_u64(seed ^ 0x1f0e_d00d);
-        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| case(&mut rng)));
-        if r.is_err() {
-            panic!("fuzz target {target}: case {seed} panicked (rerun with this seed)");
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| case(&mut rng))) {
+            Ok(true) => reached += 1,
+            Ok(false) => {}
+            Err(_) => panic!("fuzz target {target}: case {seed} panicked (rerun with this seed)"),
         }
     }
     let secs = started.elapsed().as_secs_f64().max(1e-9);
     println!(
-        "fuzz {target}: {n} cases in {secs:.2} s, {:.0} cases/s, no panic",
+        "fuzz {target}: {n} cases ({reached} past decoding) in {secs:.2} s, {:.0} cases/s, no panic",
         n as f64 / secs
     );
+}
+
+/// `seed` with 1-3 small binary edits (bit flips, random bytes inserted,
+/// short ranges removed, printable overwrites): most mutated protobuf
+/// encodings still decode, so the checks behind decoding get exercised.
+pub fn mutate_bytes(rng: &mut StdRng, seed: &[u8]) -> Vec<u8> {
+    let mut b = seed.to_vec();
+    for _ in 0..rng.random_range(1..=3) {
+        let len = b.len();
+        let at = if len == 0 {
+            0
+        } else {
+            rng.random_range(0..len)
+        };
+        match rng.random_range(0..8) {
+            0 if len > 0 => b[at] ^= 1 << rng.random_range(0..8),
+            1 => b.insert(at, rng.random()),
+            2 if len > 0 => {
+                let end = (at + rng.random_range(1..8)).min(len);
+                b.drain(at..end);
+            }
+            3 => b.push(rng.random()),
+            _ if len > 0 => b[at] = rng.random_range(0x20..0x7f),
+            _ => {}
+        }
+    }
+    b
 }
 
 /// Bytes that matter to the grammars under test.
@@ -41,7 +82,7 @@ const SPICE: &[u8] = b" \t\n:-,=!()[]{}&*|>#'\"/\\.@0123456789aZ_%\x00\xff";
 
 /// `seed` with 1-8 random edits: flips, inserts, deletes, duplicated or
 /// swapped ranges.
-pub(crate) fn mutate(rng: &mut StdRng, seed: &[u8]) -> Vec<u8> {
+pub fn mutate(rng: &mut StdRng, seed: &[u8]) -> Vec<u8> {
     let mut b = seed.to_vec();
     for _ in 0..rng.random_range(1..=8) {
         let len = b.len();
@@ -71,7 +112,7 @@ pub(crate) fn mutate(rng: &mut StdRng, seed: &[u8]) -> Vec<u8> {
 }
 
 /// A random short string over `alphabet`.
-pub(crate) fn word(rng: &mut StdRng, alphabet: &[u8], max: usize) -> String {
+pub fn word(rng: &mut StdRng, alphabet: &[u8], max: usize) -> String {
     let n = rng.random_range(0..=max);
     (0..n)
         .map(|_| alphabet[rng.random_range(0..alphabet.len())] as char)

@@ -22,8 +22,8 @@
 //! The crate does no I/O and holds no state.
 
 pub mod client_config;
-#[cfg(test)]
-mod fuzz;
+#[cfg(any(test, feature = "fuzz"))]
+pub mod fuzz;
 pub mod instance;
 mod kind;
 pub mod limits;

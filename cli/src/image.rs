@@ -800,15 +800,10 @@ mod tests {
     /// (fuzzing on stable Rust): a real layout tar with random edits, and
     /// layouts whose index and manifest JSON are edited. Nothing may panic
     /// and nothing may be written outside the destination.
-    /// `IRONMESH_FUZZ_CASES` cases (default 3,000); see docs/troubleshooting.md.
+    /// `IRONMESH_FUZZ_CASES` cases (default 3,000); see docs/scale.md#fuzzing.
     #[test]
     fn fuzz_layout_tar_reader() {
-        use rand::rngs::StdRng;
-        use rand::{Rng, SeedableRng};
-        let n: u64 = std::env::var("IRONMESH_FUZZ_CASES")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(3_000);
+        use ironmesh_api::fuzz::{Rng, StdRng};
         let src = tempfile::tempdir().unwrap();
         layout(src.path(), serde_json::json!({ANNOTATION_REF_NAME: "a:1"}));
         let seed_tar = {
@@ -824,9 +819,8 @@ mod tests {
         let index = std::fs::read(src.path().join("index.json")).unwrap();
         let work = tempfile::tempdir().unwrap();
         let tar_path = work.path().join("in.tar");
-        let started = std::time::Instant::now();
-        for seed in 0..n {
-            let mut rng = StdRng::seed_from_u64(seed ^ 0x7a70_0001);
+        let out = work.path().join("out");
+        ironmesh_api::fuzz::run("layout-tar", |rng| {
             let edit = |b: &mut Vec<u8>, rng: &mut StdRng| {
                 for _ in 0..rng.random_range(1..=4) {
                     let len = b.len();
@@ -849,43 +843,32 @@ mod tests {
                     }
                 }
             };
-            let out = work.path().join("out");
-            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                if rng.random_bool(0.5) {
-                    let mut t = seed_tar.clone();
-                    edit(&mut t, &mut rng);
-                    std::fs::write(&tar_path, &t).unwrap();
-                    if let Ok(root) = extract_layout_tar(&tar_path, &out) {
-                        assert!(
-                            root.starts_with(&out),
-                            "extracted outside: {}",
-                            root.display()
-                        );
-                        let _ = read_layout(&root, None);
-                    }
-                } else {
-                    let mut i = index.clone();
-                    edit(&mut i, &mut rng);
-                    std::fs::write(src.path().join("index.json"), &i).unwrap();
-                    let _ = read_layout(src.path(), None);
+            if rng.random_bool(0.5) {
+                let mut t = seed_tar.clone();
+                edit(&mut t, rng);
+                std::fs::write(&tar_path, &t).unwrap();
+                if let Ok(root) = extract_layout_tar(&tar_path, &out) {
+                    assert!(
+                        root.starts_with(&out),
+                        "extracted outside: {}",
+                        root.display()
+                    );
+                    let _ = read_layout(&root, None);
                 }
-            }));
-            let _ = std::fs::remove_dir_all(&out);
-            if r.is_err() {
-                panic!("fuzz layout-tar: case {seed} panicked");
+            } else {
+                let mut i = index.clone();
+                edit(&mut i, rng);
+                std::fs::write(src.path().join("index.json"), &i).unwrap();
+                let _ = read_layout(src.path(), None);
             }
-        }
+            let _ = std::fs::remove_dir_all(&out);
+        });
         // Nothing escaped the destination.
         let names: Vec<_> = std::fs::read_dir(work.path())
             .unwrap()
             .map(|e| e.unwrap().file_name())
             .collect();
         assert_eq!(names, vec![std::ffi::OsString::from("in.tar")]);
-        let secs = started.elapsed().as_secs_f64().max(1e-9);
-        println!(
-            "fuzz layout-tar: {n} cases in {secs:.2} s, {:.0} cases/s, no panic",
-            n as f64 / secs
-        );
     }
 
     #[test]

@@ -319,6 +319,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     print!("{}", output::instances_and_events(&instances));
                 }
                 Kind::Instance => print!("{}", output::instances_and_events(&[obj])),
+                Kind::Node => print!("{}", output::object_events(&obj)),
                 Kind::PipelineRun => print!("{}", pipeline::status_text(&obj)),
                 _ => {}
             }

@@ -485,10 +485,10 @@ pub fn describe(kind: Kind, o: &Value) -> String {
         }
     }
     if let Some(conds) = o.pointer("/status/conditions").and_then(Value::as_array) {
-        out.push_str("Conditions:\n  TYPE     STATUS  REASON               LAST HEARTBEAT        LAST TRANSITION       MESSAGE\n");
+        out.push_str("Conditions:\n  TYPE             STATUS  REASON               LAST HEARTBEAT        LAST TRANSITION       MESSAGE\n");
         for c in conds {
             out.push_str(&format!(
-                "  {:<8} {:<7} {:<20} {:<21} {:<21} {}\n",
+                "  {:<16} {:<7} {:<20} {:<21} {:<21} {}\n",
                 s(c, "/type"),
                 s(c, "/status"),
                 s(c, "/reason"),
@@ -509,6 +509,41 @@ pub fn describe(kind: Kind, o: &Value) -> String {
         }
     }
     out
+}
+
+/// An object's own recent events (a Node's), oldest first, for
+/// `imctl describe`.
+pub fn object_events(o: &Value) -> String {
+    let events: Vec<&Value> = o
+        .pointer("/status/events")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .collect();
+    if events.is_empty() {
+        return "Events:         <none>\n".to_string();
+    }
+    let mut rows = vec![vec![
+        "AGE".to_string(),
+        "TYPE".to_string(),
+        "REASON".to_string(),
+        "MESSAGE".to_string(),
+    ]];
+    for e in events {
+        let count = e.get("count").and_then(Value::as_u64).unwrap_or(1);
+        let when = age(s(e, "/time"));
+        rows.push(vec![
+            if count > 1 {
+                format!("{when} (x{count})")
+            } else {
+                when
+            },
+            s(e, "/type").to_string(),
+            s(e, "/reason").to_string(),
+            s(e, "/message").to_string(),
+        ]);
+    }
+    format!("Events:\n{}", indent(&align(rows)))
 }
 
 /// The instances of a workload (or one instance) and their recent events,

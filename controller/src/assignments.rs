@@ -64,6 +64,8 @@ pub struct LocalPart {
     /// Shared with the pass memo: an unchanged instance is the same `Arc`.
     pub instances: Vec<Arc<InstanceAssignment>>,
     pub volumes: Vec<VolumeAssignment>,
+    /// Deleted volumes whose data the node still holds.
+    pub remove_volumes: Vec<String>,
 }
 
 /// Changes of the shared part; `None` removes the key.
@@ -249,6 +251,7 @@ impl Assignments {
 /// same `Arc` for an unchanged instance).
 fn same_local(a: &LocalPart, b: &LocalPart) -> bool {
     a.volumes == b.volumes
+        && a.remove_volumes == b.remove_volumes
         && a.instances.len() == b.instances.len()
         && a.instances
             .iter()
@@ -279,6 +282,7 @@ fn whole(revision: Revision, shared: &SharedPart, local: &LocalPart, node: &str)
         egress_enforced: shared.egress_enforced.clone(),
         services: shared.services.values().cloned().collect(),
         volumes: local.volumes.clone(),
+        remove_volumes: local.remove_volumes.clone(),
         delta: None,
         more: false,
     }
@@ -400,11 +404,12 @@ fn delta_message(
             None => delta.peers_removed.push(name.clone()),
         }
     }
-    let (instances, volumes) = local
+    let (instances, volumes, remove_volumes) = local
         .map(|l| {
             (
                 l.instances.iter().map(|i| (**i).clone()).collect(),
                 l.volumes.clone(),
+                l.remove_volumes.clone(),
             )
         })
         .unwrap_or_default();
@@ -420,6 +425,7 @@ fn delta_message(
         revision,
         instances,
         volumes,
+        remove_volumes,
         ingress_enforced,
         egress_enforced,
         delta: Some(delta),
@@ -612,6 +618,10 @@ fn compute(view: &View, memo: &mut Memo) -> (SharedPart, HashMap<String, LocalPa
         if !bound.is_empty() {
             local.entry(n.name.clone()).or_default().volumes = bound;
         }
+        let removals: Vec<String> = view.removals(&n.name).cloned().collect();
+        if !removals.is_empty() {
+            local.entry(n.name.clone()).or_default().remove_volumes = removals;
+        }
         let s = |p: &str| {
             n.object
                 .pointer(p)
@@ -727,6 +737,7 @@ mod tests {
                 })
                 .collect(),
             volumes: Vec::new(),
+            remove_volumes: Vec::new(),
         }
     }
 

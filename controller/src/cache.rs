@@ -2,7 +2,8 @@
 //! consistent list, then kept current from the store's watch, so the
 //! reconcilers and the node API read memory instead of listing the store on
 //! every call. It holds the resource objects (`/registry/`), the identity
-//! allocations (`/identities/labels/`) and the image tags (`/images/`);
+//! allocations (`/identities/labels/`), the image tags (`/images/`) and
+//! the volume removal records (`/volume-removals/`);
 //! work-queue items and cluster bookkeeping are not kept.
 //!
 //! Writers still write the store; a writer that must read its own writes
@@ -37,6 +38,9 @@ pub struct View {
     identities: HashMap<String, u32>,
     /// Image name → manifest digest.
     images: HashMap<String, String>,
+    /// Node → volumes whose data it must remove
+    /// ([`crate::volumes::REMOVALS`]).
+    removals: HashMap<String, std::collections::BTreeSet<String>>,
 }
 
 static EMPTY: BTreeMap<String, Arc<StoredObject>> = BTreeMap::new();
@@ -62,7 +66,31 @@ impl View {
         self.images.get(name).map(String::as_str)
     }
 
+    /// The volumes `node` must remove, by name.
+    pub fn removals(&self, node: &str) -> impl Iterator<Item = &String> {
+        self.removals.get(node).into_iter().flatten()
+    }
+
     fn apply(&mut self, kind: EventKind, kv: &KeyValue) {
+        if let Some((node, volume)) = crate::volumes::parse_removal_key(&kv.key) {
+            match kind {
+                EventKind::Put => {
+                    self.removals
+                        .entry(node.to_string())
+                        .or_default()
+                        .insert(volume.to_string());
+                }
+                EventKind::Delete => {
+                    if let Some(set) = self.removals.get_mut(node) {
+                        set.remove(volume);
+                        if set.is_empty() {
+                            self.removals.remove(node);
+                        }
+                    }
+                }
+            }
+            return;
+        }
         if let Some(rest) = kv.key.strip_prefix(REGISTRY) {
             let Some((plural, _)) = rest.split_once('/') else {
                 return;
@@ -127,7 +155,10 @@ impl View {
 }
 
 fn kept(key: &str) -> bool {
-    key.starts_with(REGISTRY) || key.starts_with(IDENTITIES) || key.starts_with(IMAGES)
+    key.starts_with(REGISTRY)
+        || key.starts_with(IDENTITIES)
+        || key.starts_with(IMAGES)
+        || key.starts_with(crate::volumes::REMOVALS)
 }
 
 /// The shared view. Clones share one view.

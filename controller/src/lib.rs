@@ -26,7 +26,6 @@ pub mod join;
 pub mod join_limit;
 pub mod liveness;
 pub mod logs;
-pub mod memory;
 pub mod metrics;
 pub mod node_api;
 pub mod operator_api;

@@ -24,7 +24,8 @@ use tonic::Status;
 use crate::resources::Resources;
 
 pub type LogsStream = Pin<Box<dyn Stream<Item = Result<LogsChunk, Status>> + Send>>;
-type Downstream = mpsc::Sender<Result<ControllerMessage, Status>>;
+/// A sync stream's outbound queue (see [`crate::node_api::Outbound`]).
+type Downstream = crate::node_api::Outbound;
 
 /// An open log request: its node, where chunks go, and a flag set when the
 /// reader fell behind and the request was ended.
@@ -105,11 +106,11 @@ impl LogRelay {
         if full {
             lagged.store(true, Ordering::Release);
             if let Some((_, down)) = g.sessions.get(node) {
-                let _ = down.try_send(Ok(ControllerMessage {
+                let _ = down.try_send(Box::new(Ok(ControllerMessage {
                     msg: Some(controller_message::Msg::LogCancel(LogCancel {
                         request_id: chunk.request_id,
                     })),
-                }));
+                })));
             }
             tracing::info!(
                 node,
@@ -175,7 +176,7 @@ impl LogRelay {
                 tail_lines: req.tail_lines,
             })),
         };
-        if down.send(Ok(ask)).await.is_err() {
+        if down.send(Box::new(Ok(ask))).await.is_err() {
             self.lock().pending.remove(&id);
             return Err(Status::unavailable(format!("node {node:?} disconnected")));
         }
@@ -217,11 +218,11 @@ impl Drop for Relayed {
     fn drop(&mut self) {
         let still_open = self.relay.lock().pending.remove(&self.id).is_some();
         if still_open {
-            let _ = self.down.try_send(Ok(ControllerMessage {
+            let _ = self.down.try_send(Box::new(Ok(ControllerMessage {
                 msg: Some(controller_message::Msg::LogCancel(LogCancel {
                     request_id: self.id,
                 })),
-            }));
+            })));
         }
     }
 }

@@ -185,6 +185,12 @@ pub fn valid_node_name(name: &str) -> bool {
         && !name.ends_with('-')
 }
 
+/// A sync stream's outbound queue. Boxed: tokio allocates a channel's
+/// slots 32 at a time, and an unboxed `ControllerMessage` (an inline
+/// `Assignment`) with its `Status` made that ~16 kB per stream, ~30 MB at
+/// 1,000 nodes (docs/scale.md).
+pub type Outbound = mpsc::Sender<Box<Result<ControllerMessage, Status>>>;
+
 type SyncStream = Pin<Box<dyn Stream<Item = Result<ControllerMessage, Status>> + Send>>;
 
 #[tonic::async_trait]
@@ -435,7 +441,7 @@ impl NodeService for NodeApi {
         self.metrics.sync_streams.inc();
         tracing::info!(node = %node, session, agent_version = %hello.agent_version, acked = hello.acked_revision, "sync stream opened");
 
-        let (tx, rx) = mpsc::channel::<Result<ControllerMessage, Status>>(64);
+        let (tx, rx): (Outbound, _) = mpsc::channel(64);
         let welcome = ControllerMessage {
             msg: Some(controller_message::Msg::Welcome(Welcome {
                 node_name: node.clone(),
@@ -445,7 +451,7 @@ impl NodeService for NodeApi {
             })),
         };
         // A fresh channel with room for 64: this cannot block.
-        let _ = tx.send(Ok(welcome)).await;
+        let _ = tx.send(Box::new(Ok(welcome))).await;
         self.logs.connect(&node, session, tx.clone());
         let incremental = hello
             .capabilities
@@ -485,7 +491,7 @@ impl NodeService for NodeApi {
                 )
                 .await
                 {
-                    let _ = tx.send(Err(e)).await;
+                    let _ = tx.send(Box::new(Err(e))).await;
                     liveness.disconnect(&node, session);
                     logs.disconnect(&node, session);
                     metrics.sync_streams.dec();
@@ -511,7 +517,7 @@ impl NodeService for NodeApi {
                                 heartbeat_interval_ms: interval.as_millis() as u32,
                             })),
                         };
-                        if tx.send(Ok(m)).await.is_err() {
+                        if tx.send(Box::new(Ok(m))).await.is_err() {
                             break "controller side closed".to_string();
                         }
                         tracing::debug!(node = %node, interval_ms = interval.as_millis() as u64, "heartbeat interval changed");
@@ -521,14 +527,14 @@ impl NodeService for NodeApi {
                     Ok(()) = revoked.changed() => {
                         if revocations.is_revoked_cached(&serial) {
                             let why = format!("the certificate of node {node} was revoked; join again with a new token (imctl token create)");
-                            let _ = tx.send(Err(Status::permission_denied(why.clone()))).await;
+                            let _ = tx.send(Box::new(Err(Status::permission_denied(why.clone())))).await;
                             break why;
                         }
                     }
                     msg = inbound.message() => match msg {
                         Ok(Some(m)) => {
                             if let Err(e) = handle_agent_message(&node, pod_cidr, session, m, &resources, &liveness, &metrics, &logs, &flows).await {
-                                let _ = tx.send(Err(e.clone())).await;
+                                let _ = tx.send(Box::new(Err(e.clone()))).await;
                                 break e.message().to_string();
                             }
                         }
@@ -543,7 +549,7 @@ impl NodeService for NodeApi {
             tracing::info!(node = %node, session, reason = %outcome, "sync stream ended");
         });
         Ok(Response::new(crate::stopping::until_shutdown(
-            ReceiverStream::new(rx),
+            futures::StreamExt::map(ReceiverStream::new(rx), |m| *m),
             self.shutdown.clone(),
         )))
     }
@@ -688,8 +694,9 @@ async fn handle_agent_message(
 /// Largest assignment message to an agent that takes parts: each stream's
 /// encode buffer keeps the capacity of the largest message it sent, and a
 /// whole assignment of a 10,000-instance cluster is ~130 kB — times 1,000
-/// streams.
-pub const ASSIGNMENT_PART_BYTES: usize = 16 << 10;
+/// streams. 4 kB rather than 16 kB: with the lean codec
+/// (`ironmesh_proto::codec`) that is about all a quiet stream keeps.
+pub const ASSIGNMENT_PART_BYTES: usize = 4 << 10;
 
 /// Sends the node's assignment as the assignments reconciler publishes it
 /// (in parts when `in_parts`), until the stream closes.
@@ -698,7 +705,7 @@ async fn forward_assignments(
     mut sub: crate::assignments::Subscription,
     in_parts: bool,
     metrics: Arc<ControllerMetrics>,
-    tx: mpsc::Sender<Result<ControllerMessage, Status>>,
+    tx: Outbound,
 ) {
     use prost::Message;
     loop {
@@ -717,7 +724,7 @@ async fn forward_assignments(
             let msg = ControllerMessage {
                 msg: Some(controller_message::Msg::Assignment(part)),
             };
-            if tx.send(Ok(msg)).await.is_err() {
+            if tx.send(Box::new(Ok(msg))).await.is_err() {
                 return;
             }
         }

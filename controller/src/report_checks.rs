@@ -406,7 +406,7 @@ mod fuzz {
     };
     use prost::Message;
     use rand::rngs::StdRng;
-    use rand::{Rng, SeedableRng};
+    use rand::Rng;
 
     fn seeds() -> Vec<Vec<u8>> {
         let msgs = [
@@ -534,32 +534,25 @@ mod fuzz {
 
     #[test]
     fn fuzz_agent_reports() {
-        let n: u64 = std::env::var("IRONMESH_FUZZ_CASES")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(3_000);
         let seeds = seeds();
         let cidr: Ipv4Cidr = "10.244.1.0/24".parse().unwrap();
         let current = serde_json::json!({"apiVersion": "ironmesh.dev/v1", "kind": "Instance",
             "metadata": {"name": "web-0"}, "spec": {"node": "n1", "workloadGeneration": 1},
             "status": {"events": []}});
-        let started = std::time::Instant::now();
-        let mut decoded = 0u64;
-        for seed in 0..n {
-            let mut rng = StdRng::seed_from_u64(seed ^ 0xa11e_0001);
+        ironmesh_api::fuzz::run_counted("agent-reports", |rng| {
             if rng.random_bool(0.5) {
                 // Structured: well-framed messages with values at the edges.
                 let st = InstanceState {
-                    name: text(&mut rng),
-                    phase: text(&mut rng),
-                    reason: text(&mut rng),
-                    message: text(&mut rng),
+                    name: text(rng),
+                    phase: text(rng),
+                    reason: text(rng),
+                    message: text(rng),
                     ip: if rng.random_bool(0.5) {
                         format!("10.244.1.{}", rng.random::<u8>())
                     } else {
-                        text(&mut rng)
+                        text(rng)
                     },
-                    started_unix_ms: edge_i64(&mut rng),
+                    started_unix_ms: edge_i64(rng),
                     restarts: rng.random(),
                     pid: rng.random(),
                     has_exit_code: rng.random(),
@@ -572,8 +565,8 @@ mod fuzz {
                     },
                 };
                 let inv = Inventory {
-                    hostname: text(&mut rng),
-                    boot_time_unix: edge_i64(&mut rng) as u64,
+                    hostname: text(rng),
+                    boot_time_unix: edge_i64(rng) as u64,
                     cpu: Some(Cpu {
                         logical: rng.random(),
                         physical: rng.random(),
@@ -586,26 +579,26 @@ mod fuzz {
                         ..Default::default()
                     }),
                     disks: vec![Disk {
-                        name: text(&mut rng),
+                        name: text(rng),
                         size_bytes: rng.random(),
                         ..Default::default()
                     }],
                     nics: vec![Nic {
-                        name: text(&mut rng),
-                        addresses: vec![text(&mut rng)],
+                        name: text(rng),
+                        addresses: vec![text(rng)],
                         speed_mbps: rng.random(),
                         ..Default::default()
                     }],
                     ..Default::default()
                 };
                 let ev = InstanceEvent {
-                    instance: text(&mut rng),
-                    r#type: text(&mut rng),
-                    reason: text(&mut rng),
-                    message: text(&mut rng),
-                    unix_ms: edge_i64(&mut rng),
+                    instance: text(rng),
+                    r#type: text(rng),
+                    reason: text(rng),
+                    message: text(rng),
+                    unix_ms: edge_i64(rng),
                 };
-                let r = std::panic::catch_unwind(|| {
+                {
                     if check_instance_states(std::slice::from_ref(&st), cidr).is_ok() {
                         let _ = crate::node_api::instance_with_state(&current, "n1", &st);
                     }
@@ -613,20 +606,16 @@ mod fuzz {
                         let _ = crate::node_api::inventory_status(&inv);
                     }
                     let _ = check_event(&ev);
-                });
-                if r.is_err() {
-                    panic!("fuzz agent-reports: structured case {seed} panicked");
                 }
-                decoded += 1;
-                continue;
+                return true;
             }
             let bytes = if rng.random_bool(0.9) {
                 let s = &seeds[rng.random_range(0..seeds.len())];
-                mutate(&mut rng, s)
+                mutate(rng, s)
             } else {
                 (0..rng.random_range(0..64)).map(|_| rng.random()).collect()
             };
-            let r = std::panic::catch_unwind(|| {
+            {
                 let Ok(m) = AgentMessage::decode(bytes.as_slice()) else {
                     return false;
                 };
@@ -650,17 +639,7 @@ mod fuzz {
                     _ => {}
                 }
                 true
-            });
-            match r {
-                Ok(true) => decoded += 1,
-                Ok(false) => {}
-                Err(_) => panic!("fuzz agent-reports: case {seed} panicked"),
             }
-        }
-        let secs = started.elapsed().as_secs_f64().max(1e-9);
-        println!(
-            "fuzz agent-reports: {n} cases ({decoded} decoded) in {secs:.2} s, {:.0} cases/s, no panic",
-            n as f64 / secs
-        );
+        });
     }
 }

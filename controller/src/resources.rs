@@ -317,10 +317,12 @@ impl Resources {
                 let Some(kv) = self.store.get(&k).await? else {
                     continue;
                 };
-                guard(&decode(*kind, &kv)?).map_err(ResourceError::Conflict)?;
+                let stored = decode(*kind, &kv)?;
+                guard(&stored).map_err(ResourceError::Conflict)?;
                 txn.compares
                     .push(Compare::ModRevision(k.clone(), kv.mod_revision));
                 txn.ops.push(Op::Delete { key: k });
+                txn.ops.extend(self.deletion_ops(&stored).await?);
                 applied.push(Applied {
                     kind: *kind,
                     name: name.clone(),
@@ -351,9 +353,11 @@ impl Resources {
                     name: name.to_string(),
                 });
             };
+            let mut ops = vec![Op::Delete { key: k.clone() }];
+            ops.extend(self.deletion_ops(&decode(kind, &kv)?).await?);
             let txn = Txn {
                 compares: vec![Compare::ModRevision(k.clone(), kv.mod_revision)],
-                ops: vec![Op::Delete { key: k.clone() }],
+                ops,
             };
             if let TxnOutcome::Committed(rev) = self.store.txn(txn).await? {
                 self.wrote(rev);
@@ -361,6 +365,27 @@ impl Resources {
             }
         }
         Err(ResourceError::Contended(format!("{kind} {name:?}")))
+    }
+
+    /// What else goes in the transaction that deletes `stored`: a bound
+    /// Volume leaves a removal record for its node (the only way an agent
+    /// learns to delete data); a Node takes its removal records along.
+    async fn deletion_ops(&self, stored: &StoredObject) -> Result<Vec<Op>, ResourceError> {
+        Ok(match stored.kind {
+            Kind::Volume => crate::volumes::removal_record(stored)
+                .map(|(key, value)| Op::Put { key, value })
+                .into_iter()
+                .collect(),
+            Kind::Node => self
+                .store
+                .list(&crate::volumes::removals_prefix(&stored.name))
+                .await?
+                .0
+                .into_iter()
+                .map(|kv| Op::Delete { key: kv.key })
+                .collect(),
+            _ => Vec::new(),
+        })
     }
 
     /// Read-modify-write of one object. `f` gets the current object (or

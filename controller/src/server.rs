@@ -212,7 +212,6 @@ pub async fn run(cfg: ControllerConfig, shutdown: Shutdown) -> Result<(), Server
         metrics.clone(),
         shutdown.clone(),
     ));
-    tokio::spawn(crate::memory::run(cache.clone(), shutdown.clone()));
     let ca = Arc::new(creds.ca);
     let revocations = crate::revocation::Revocations::start(store.clone())
         .await

@@ -15,9 +15,17 @@
 //! that node. A Volume that fits nowhere stays `Pending` with a reason
 //! naming, per node, why.
 //!
-//! Deletion is refused while a Workload or Instance mounts the volume; once
-//! deleted, the Volume leaves its node's assignment and the agent removes
-//! the data. The binding itself is done here; provisioning is the agent's.
+//! Deletion is refused while a Workload or Instance mounts the volume. The
+//! transaction that deletes a bound Volume also writes a removal record,
+//! `/volume-removals/<node>/<volume>`: assignments name those volumes in
+//! `remove_volumes`, the agent deletes the data, and the record goes once
+//! the node no longer reports the volume. Nothing else makes an agent
+//! delete data: a volume a node reports that is neither bound to it nor
+//! being removed (a controller on a restored or wrong store) is kept and
+//! marked orphaned — the Node's `VolumesOrphaned` condition and a
+//! `VolumeOrphaned` event. A new Volume of the same name stays Pending
+//! until the old data is gone. The binding itself is done here;
+//! provisioning is the agent's.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -32,6 +40,36 @@ use serde_json::{json, Value};
 use crate::liveness::ready_status;
 use crate::resources::{ResourceError, Resources, StoredObject};
 use crate::scheduler::{Cluster, Request};
+
+/// Where removal records live: `/volume-removals/<node>/<volume>`.
+pub const REMOVALS: &str = "/volume-removals/";
+
+/// The removal records of one node.
+pub fn removals_prefix(node: &str) -> String {
+    format!("{REMOVALS}{node}/")
+}
+
+/// The removal record (key and value) a deleted Volume leaves for the
+/// node it was bound to; `None` for a Volume never bound (no data).
+pub fn removal_record(volume: &StoredObject) -> Option<(String, Vec<u8>)> {
+    let (node, pool, backend) = binding_of(&volume.object)?;
+    let value = json!({
+        "uid": volume.object.pointer("/metadata/uid"),
+        "pool": pool,
+        "backend": backend,
+        "deletedAt": crate::resources::now_rfc3339(),
+    });
+    Some((
+        format!("{}{}", removals_prefix(&node), volume.name),
+        value.to_string().into_bytes(),
+    ))
+}
+
+/// `(node, volume)` of a removal record's key.
+pub fn parse_removal_key(key: &str) -> Option<(&str, &str)> {
+    let (node, volume) = key.strip_prefix(REMOVALS)?.split_once('/')?;
+    (!node.is_empty() && !volume.is_empty() && !volume.contains('/')).then_some((node, volume))
+}
 
 /// Longest wait between passes when nothing changes.
 const RESYNC: Duration = Duration::from_secs(2);
@@ -243,21 +281,38 @@ pub async fn reconcile(resources: &Resources) -> Result<(), ResourceError> {
     resources
         .scan(Kind::Node, |n| nodes.push(node_pools(n)))
         .await?;
+    // Data of a deleted Volume still on its node: a new Volume of that
+    // name waits (it would otherwise be bound over, or next to, the old
+    // data). Records of nodes that no longer exist are dropped.
+    let mut removing: BTreeMap<String, String> = BTreeMap::new();
+    for kv in resources.store().list(REMOVALS).await?.0 {
+        let Some((node, volume)) = parse_removal_key(&kv.key) else {
+            continue;
+        };
+        if nodes.iter().any(|n| n.name == node) {
+            removing.insert(volume.to_string(), node.to_string());
+        } else {
+            let txn = crate::store::Txn {
+                compares: Vec::new(),
+                ops: vec![crate::store::Op::Delete {
+                    key: kv.key.clone(),
+                }],
+            };
+            resources.store().txn(txn).await?;
+        }
+    }
     unbound.sort_by(|a, b| a.0.name.cmp(&b.0.name));
     for (v, spec, size) in unbound {
-        let status = match choose(&spec, size, &nodes, &booked) {
-            Ok((node, pool, backend)) => {
-                *booked.entry((node.clone(), pool.clone())).or_default() += size;
-                tracing::info!(volume = %v.name, %node, %pool, %backend, size, "volume bound");
-                json!({
-                    "phase": "Bound",
-                    "node": node,
-                    "pool": pool,
-                    "backend": backend,
-                    "capacity": ironmesh_api::quantity::format_bytes(size),
-                })
-            }
-            Err(why) => json!({"phase": "Pending", "reason": "NoNodeWithRoom", "message": why}),
+        let status = if let Some(node) = removing.get(&v.name) {
+            json!({
+                "phase": "Pending",
+                "reason": "PreviousDataBeingRemoved",
+                "message": format!(
+                    "node {node} is still removing the data of the deleted volume {}", v.name
+                ),
+            })
+        } else {
+            bind_status(&v.name, &spec, size, &nodes, &mut booked)
         };
         resources
             .update(Kind::Volume, &v.name, |cur| {
@@ -271,6 +326,31 @@ pub async fn reconcile(resources: &Resources) -> Result<(), ResourceError> {
             .await?;
     }
     Ok(())
+}
+
+/// The status binding one Volume: `Bound` to the chosen node's pool (and
+/// booked), or `Pending` saying why it fits nowhere.
+fn bind_status(
+    volume: &str,
+    spec: &VolumeSpec,
+    size: u64,
+    nodes: &[NodePools],
+    booked: &mut BTreeMap<(String, String), u64>,
+) -> Value {
+    match choose(spec, size, nodes, booked) {
+        Ok((node, pool, backend)) => {
+            *booked.entry((node.clone(), pool.clone())).or_default() += size;
+            tracing::info!(volume, %node, %pool, %backend, size, "volume bound");
+            json!({
+                "phase": "Bound",
+                "node": node,
+                "pool": pool,
+                "backend": backend,
+                "capacity": ironmesh_api::quantity::format_bytes(size),
+            })
+        }
+        Err(why) => json!({"phase": "Pending", "reason": "NoNodeWithRoom", "message": why}),
+    }
 }
 
 fn volume_spec(v: &StoredObject) -> Option<VolumeSpec> {
@@ -462,17 +542,17 @@ pub async fn record_storage(
                 .saturating_add(d.state_bytes),
         });
     }
+    let orphaned = settle_removals(resources, node, &report).await?;
+    let orphaned: Vec<&str> = orphaned.iter().map(String::as_str).collect();
     resources
         .update(Kind::Node, node, |cur| {
             let mut o = cur?.clone();
-            if o.pointer("/status/storage") == Some(&storage) {
-                return None;
+            let mut changed = set_orphaned(&mut o, &orphaned);
+            if o.pointer("/status/storage") != Some(&storage) {
+                o["status"]["storage"] = storage.clone();
+                changed = true;
             }
-            if !o.get("status").is_some_and(Value::is_object) {
-                o["status"] = json!({});
-            }
-            o["status"]["storage"] = storage.clone();
-            Some(o)
+            changed.then_some(o)
         })
         .await?;
     for u in report.volumes {
@@ -490,6 +570,147 @@ pub async fn record_storage(
             .await?;
     }
     Ok(())
+}
+
+/// After a storage report: drops the removal records of volumes the node
+/// no longer holds, and returns the volumes it holds that are neither
+/// bound to it nor being removed (orphaned).
+async fn settle_removals(
+    resources: &Resources,
+    node: &str,
+    report: &StorageReport,
+) -> Result<Vec<String>, ResourceError> {
+    let held: std::collections::BTreeSet<&str> =
+        report.volumes.iter().map(|v| v.name.as_str()).collect();
+    let (records, _) = resources.store().list(&removals_prefix(node)).await?;
+    let mut removing = std::collections::BTreeSet::new();
+    let mut gone = Vec::new();
+    for kv in records {
+        let Some((_, volume)) = parse_removal_key(&kv.key) else {
+            continue;
+        };
+        if held.contains(volume) {
+            removing.insert(volume.to_string());
+        } else {
+            tracing::info!(%node, volume, "volume data removed on its node");
+            gone.push(crate::store::Op::Delete { key: kv.key });
+        }
+    }
+    if !gone.is_empty() {
+        let rev = match resources
+            .store()
+            .txn(crate::store::Txn {
+                compares: Vec::new(),
+                ops: gone,
+            })
+            .await?
+        {
+            crate::store::TxnOutcome::Committed(rev) => rev,
+            crate::store::TxnOutcome::CompareFailed { .. } => 0,
+        };
+        resources.wrote(rev);
+    }
+    let bound = resources
+        .list_matching(Kind::Volume, |v| {
+            binding_of(&v.object).is_some_and(|(n, _, _)| n == node)
+        })
+        .await?;
+    let orphaned: Vec<String> = held
+        .iter()
+        .filter(|v| !removing.contains(**v) && !bound.iter().any(|b| b.name == **v))
+        .map(|v| v.to_string())
+        .collect();
+    if !orphaned.is_empty() {
+        tracing::debug!(%node, volumes = ?orphaned, "node holds volumes this cluster does not know; kept");
+    }
+    Ok(orphaned)
+}
+
+/// The condition a node holding data of unknown volumes carries.
+pub const ORPHANED_CONDITION: &str = "VolumesOrphaned";
+
+/// Sets a Node object's `VolumesOrphaned` condition (True naming the
+/// volumes, or False) and records a `VolumeOrphaned` event when the set
+/// grows; returns whether anything changed.
+pub fn set_orphaned(node: &mut Value, orphaned: &[&str]) -> bool {
+    let status = if orphaned.is_empty() { "False" } else { "True" };
+    let message = if orphaned.is_empty() {
+        "every volume on this node is bound to it or being removed".to_string()
+    } else {
+        format!(
+            "this node holds the data of volumes the cluster has no record of: {}; \
+             kept. Create a Volume of that name with spec.node set to this node to use \
+             the data again, then delete the Volume to remove it",
+            orphaned.join(", ")
+        )
+    };
+    if !node.get("status").is_some_and(Value::is_object) {
+        node["status"] = json!({});
+    }
+    if !node["status"]["conditions"].is_array() {
+        node["status"]["conditions"] = json!([]);
+    }
+    let Some(conds) = node["status"]["conditions"].as_array_mut() else {
+        return false;
+    };
+    let cur = conds
+        .iter()
+        .find(|c| c.get("type").and_then(Value::as_str) == Some(ORPHANED_CONDITION));
+    let was: Vec<String> = cur
+        .and_then(|c| c.get("volumes"))
+        .and_then(Value::as_array)
+        .map(|a| {
+            a.iter()
+                .filter_map(Value::as_str)
+                .map(str::to_string)
+                .collect()
+        })
+        .unwrap_or_default();
+    if cur.is_some_and(|c| c.get("status").and_then(Value::as_str) == Some(status))
+        && was == orphaned
+    {
+        return false;
+    }
+    // A node that never held an orphan gets no condition at all.
+    if cur.is_none() && orphaned.is_empty() {
+        return false;
+    }
+    conds.retain(|c| c.get("type").and_then(Value::as_str) != Some(ORPHANED_CONDITION));
+    conds.push(json!({
+        "type": ORPHANED_CONDITION,
+        "status": status,
+        "reason": if orphaned.is_empty() { "NoOrphanedVolumes" } else { "UnknownVolumeData" },
+        "message": message,
+        "volumes": orphaned,
+        "lastTransitionTime": crate::resources::now_rfc3339(),
+    }));
+    let new: Vec<&str> = orphaned
+        .iter()
+        .copied()
+        .filter(|v| !was.iter().any(|w| w == v))
+        .collect();
+    if !new.is_empty() {
+        let mut events: Vec<ironmesh_api::instance::Event> = node
+            .pointer("/status/events")
+            .cloned()
+            .and_then(|e| serde_json::from_value(e).ok())
+            .unwrap_or_default();
+        ironmesh_api::instance::record_event(
+            &mut events,
+            ironmesh_api::instance::Event {
+                kind: "Warning".into(),
+                reason: "VolumeOrphaned".into(),
+                message: format!(
+                    "volume data kept on the node with no Volume in the cluster: {}",
+                    new.join(", ")
+                ),
+                time: crate::resources::now_rfc3339(),
+                count: 1,
+            },
+        );
+        node["status"]["events"] = json!(events);
+    }
+    true
 }
 
 /// Refuses to delete a Volume that a Workload or an Instance still mounts,
@@ -552,6 +773,61 @@ mod tests {
     }
 
     const GI: u64 = 1 << 30;
+
+    #[test]
+    fn removal_records_are_left_only_by_bound_volumes() {
+        let vol = |status: Value| StoredObject {
+            kind: Kind::Volume,
+            name: "data".into(),
+            object: json!({"metadata": {"name": "data", "uid": "u1"}, "spec": {"size": "1Mi"}, "status": status}),
+            revision: 3,
+        };
+        assert!(removal_record(&vol(json!({"phase": "Pending"}))).is_none());
+        let (key, value) = removal_record(&vol(json!({
+            "phase": "Bound", "node": "node-a", "pool": "default", "backend": "file"
+        })))
+        .unwrap();
+        assert_eq!(key, "/volume-removals/node-a/data");
+        assert_eq!(parse_removal_key(&key), Some(("node-a", "data")));
+        let v: Value = serde_json::from_slice(&value).unwrap();
+        assert_eq!(v["uid"], "u1");
+        assert_eq!(v["pool"], "default");
+        for bad in [
+            "/volume-removals/node-a",
+            "/volume-removals//data",
+            "/volume-removals/n/a/b",
+            "/registry/x",
+        ] {
+            assert_eq!(parse_removal_key(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn orphaned_volumes_set_a_condition_and_one_event_per_new_volume() {
+        let mut node = json!({"metadata": {"name": "node-a"}});
+        assert!(
+            !set_orphaned(&mut node, &[]),
+            "no condition for a node without orphans"
+        );
+        assert!(node.pointer("/status/conditions/0").is_none());
+        assert!(set_orphaned(&mut node, &["data"]));
+        let cond = &node["status"]["conditions"][0];
+        assert_eq!(cond["type"], ORPHANED_CONDITION);
+        assert_eq!(cond["status"], "True");
+        assert_eq!(cond["volumes"], json!(["data"]));
+        assert!(cond["message"].as_str().unwrap().contains("data"));
+        assert_eq!(node["status"]["events"][0]["reason"], "VolumeOrphaned");
+        // The same report again changes nothing.
+        assert!(!set_orphaned(&mut node, &["data"]));
+        assert!(set_orphaned(&mut node, &["data", "logs"]));
+        let events = node["status"]["events"].as_array().unwrap();
+        assert_eq!(events.len(), 2);
+        assert!(events[1]["message"].as_str().unwrap().ends_with(": logs"));
+        assert!(set_orphaned(&mut node, &[]));
+        assert_eq!(node["status"]["conditions"][0]["status"], "False");
+        assert_eq!(node["status"]["conditions"].as_array().unwrap().len(), 1);
+        assert!(!set_orphaned(&mut node, &[]));
+    }
 
     #[test]
     fn binds_to_most_room_then_name_and_books() {

@@ -241,6 +241,7 @@ pub fn apply(current: &mut Option<Assignment>, next: Assignment) -> Result<(), D
     if delta.local_changed {
         cur.instances = next.instances;
         cur.volumes = next.volumes;
+        cur.remove_volumes = next.remove_volumes;
     }
     if delta.enforcement_changed {
         cur.ingress_enforced = next.ingress_enforced;

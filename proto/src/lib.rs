@@ -3,8 +3,9 @@
 //! The node surface (`NodeService`: join, sync) and the operator surface
 //! (`OperatorService`: apply, get, list, delete, watch). Generated at build
 //! time from `proto/ironmesh/v1/ironmesh.proto`. Besides the generated code
-//! this crate holds only [`assignment`]: the one rule both ends of the sync
-//! stream must agree on, how an incremental assignment applies.
+//! this crate holds [`assignment`]: the one rule both ends of the sync
+//! stream must agree on, how an incremental assignment applies; and
+//! [`codec`], the prost codec every service uses (smaller buffers).
 
 /// Version 1 of the API.
 pub mod v1 {
@@ -13,6 +14,7 @@ pub mod v1 {
 }
 
 pub mod assignment;
+pub mod codec;
 
 /// The capability (in `Hello.capabilities`) of an agent that takes
 /// `Settings` messages during a stream; others never get one.

@@ -409,9 +409,45 @@ pub(crate) async fn run(agent: Arc<Agent>, shared: Arc<Shared>) {
     }
 }
 
+/// What a node does when the controller refused its join.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Refusal {
+    /// Stop, as the real agent does (it exits with the controller's reason).
+    GiveUp,
+    /// The name is taken, most likely by this node's own earlier attempt
+    /// whose answer was lost (the key that went with it is gone): join
+    /// again with a token bound to the name.
+    Reprovision,
+}
+
+/// `tried_before`: an earlier attempt failed in a way that may have reached
+/// the controller; `bound_token`: the refused join already used a token
+/// bound to the name (it is not tried twice).
+fn on_refusal(
+    e: &identity::IdentityError,
+    tried_before: bool,
+    bound_token: bool,
+    can_reprovision: bool,
+) -> Refusal {
+    match e {
+        identity::IdentityError::NameTaken(_)
+            if tried_before && !bound_token && can_reprovision =>
+        {
+            Refusal::Reprovision
+        }
+        _ => Refusal::GiveUp,
+    }
+}
+
+/// How long the token for a re-provisioning join is good for.
+const REPROVISION_TOKEN_TTL: Duration = Duration::from_secs(600);
+
 async fn join(agent: &Agent, shared: &Shared) -> Option<NodeIdentity> {
     let cfg = &shared.cfg;
     let mut backoff = BACKOFF_MIN;
+    let mut token = cfg.bootstrap_token.clone();
+    let mut bound_token = false;
+    let mut tried_before = false;
     loop {
         let res = {
             let Ok(_slot) = shared.join_slots.acquire().await else {
@@ -421,29 +457,75 @@ async fn join(agent: &Agent, shared: &Shared) -> Option<NodeIdentity> {
                 &cfg.controller_url,
                 cfg.server_name.as_deref(),
                 &cfg.ca_pem,
-                &cfg.bootstrap_token,
+                &token,
                 &agent.name,
             )
             .await
         };
-        match res {
+        let refused = match res {
             Ok(id) => return Some(id),
             Err(e) if e.is_transient() => {
                 tracing::debug!(node = %agent.name, error = %e, "join failed; retrying");
                 agent.lock().last_error = Some(e.to_string());
+                // The call may have reached the controller and succeeded.
+                tried_before = true;
+                None
             }
-            Err(e) => {
-                tracing::warn!(node = %agent.name, error = %e, "join refused");
-                let mut st = agent.lock();
-                st.phase = Phase::Failed;
-                st.last_error = Some(e.to_string());
-                return None;
+            Err(e) => Some(e),
+        };
+        if let Some(e) = refused {
+            match on_refusal(
+                &e,
+                tried_before,
+                bound_token,
+                cfg.reprovision_with.is_some(),
+            ) {
+                Refusal::Reprovision => {
+                    tracing::info!(node = %agent.name, error = %e, "join refused after a lost answer; re-joining with a token bound to the node");
+                    match node_token(cfg, &agent.name).await {
+                        Ok(t) => {
+                            token = t;
+                            bound_token = true;
+                            continue;
+                        }
+                        Err(why) => {
+                            // Worth another try: the controller is busy.
+                            tracing::debug!(node = %agent.name, error = %why, "cannot get a token bound to the node; retrying");
+                            agent.lock().last_error = Some(why);
+                        }
+                    }
+                }
+                Refusal::GiveUp => {
+                    tracing::warn!(node = %agent.name, error = %e, "join refused");
+                    let mut st = agent.lock();
+                    st.phase = Phase::Failed;
+                    st.last_error = Some(e.to_string());
+                    return None;
+                }
             }
         }
         let jitter = Duration::from_millis(rand::random_range(0..=backoff.as_millis() as u64 / 4));
         tokio::time::sleep(backoff + jitter).await;
         backoff = (backoff * 2).min(BACKOFF_MAX);
     }
+}
+
+/// A one-use token bound to `node`, made with the fleet's operator
+/// credential (the operator's side of re-provisioning).
+async fn node_token(cfg: &FleetConfig, node: &str) -> Result<String, String> {
+    let Some(op_cfg) = &cfg.reprovision_with else {
+        return Err("no operator credential to re-provision with".into());
+    };
+    let mut op = crate::operator::Operator::connect(op_cfg)
+        .await
+        .map_err(|e| e.to_string())?;
+    op.create_node_token(
+        node,
+        REPROVISION_TOKEN_TTL,
+        "ironmesh-sim: re-join after a lost Join answer",
+    )
+    .await
+    .map_err(|e| e.to_string())
 }
 
 async fn session(agent: &Agent, shared: &Shared, id: &NodeIdentity) -> Result<(), SessionError> {
@@ -610,6 +692,23 @@ async fn session(agent: &Agent, shared: &Shared, id: &NodeIdentity) -> Result<()
 mod tests {
     use super::*;
     use ironmesh_proto::v1::{AssignmentDelta, IdentityEntry, InstanceAssignment};
+
+    #[test]
+    fn a_taken_name_after_a_lost_answer_is_joined_again_with_a_bound_token() {
+        use identity::IdentityError;
+        let taken = IdentityError::NameTaken("node sim-00001 already exists".into());
+        // The retry of a join whose answer was lost: re-provision.
+        assert_eq!(on_refusal(&taken, true, false, true), Refusal::Reprovision);
+        // A first attempt that finds the name taken is another node's.
+        assert_eq!(on_refusal(&taken, false, false, true), Refusal::GiveUp);
+        // Refused even with a bound token: nothing more to try.
+        assert_eq!(on_refusal(&taken, true, true, true), Refusal::GiveUp);
+        // No operator credential: as the real agent, stop.
+        assert_eq!(on_refusal(&taken, true, false, false), Refusal::GiveUp);
+        // Any other refusal stops at once.
+        let bad = IdentityError::Refused("the join token is not valid".into());
+        assert_eq!(on_refusal(&bad, true, false, true), Refusal::GiveUp);
+    }
 
     fn inst(name: &str, generation: u64) -> InstanceAssignment {
         InstanceAssignment {

@@ -126,7 +126,11 @@ pub struct Figures {
     /// When the fleet had reported every instance (sim side).
     pub reported: Option<Duration>,
     pub rss_empty: u64,
+    /// After the join, before the workload: what the connections cost.
+    pub rss_joined: u64,
     pub rss: u64,
+    /// At the end of the idle window, once the rollout's bursts are over.
+    pub rss_idle: u64,
     pub rss_peak: u64,
     pub idle_cpu_pct: Option<f64>,
     pub idle_window: Duration,
@@ -448,6 +452,9 @@ async fn scenario(args: &BenchArgs, n: usize, replicas: u64) -> anyhow::Result<F
     let mut cfg = FleetConfig::new(&spec.url(), &ca, &token, n);
     cfg.join_concurrency = args.join_concurrency;
     cfg.incremental = !args.whole_assignments;
+    // A node whose join answer was lost is re-provisioned as an operator
+    // would (a token bound to its name) rather than failing the bench.
+    cfg.reprovision_with = Some(ironmesh_sim::operator::client_config(&spec.admin_config())?);
     let fleet = Fleet::start(cfg)?;
     let t0 = fleet.started();
     let mut ph = Step::new(format!("{n} nodes join"), timeout);
@@ -469,6 +476,8 @@ async fn scenario(args: &BenchArgs, n: usize, replicas: u64) -> anyhow::Result<F
         ph.progress(|| format!("{} connected, {ready} Ready", fleet.connected()));
         tokio::time::sleep(Duration::from_millis(250)).await;
     };
+
+    f.rss_joined = procs::memory(ctl.pid()).map(|m| m.0).unwrap_or(0);
 
     // 2. Rollout.
     let recv0 = fleet.received();
@@ -575,6 +584,7 @@ async fn scenario(args: &BenchArgs, n: usize, replicas: u64) -> anyhow::Result<F
     let cpu1 = CpuSample::take(ctl.pid());
     let elapsed = w0.elapsed();
     f.idle_window = elapsed;
+    f.rss_idle = procs::memory(ctl.pid()).map(|m| m.0).unwrap_or(0);
     f.idle_assignment_msgs = fleet.received().msgs() - msgs0;
     if let (Some(a), Some(b)) = (cpu0, cpu1) {
         let u = a.until(&b);
@@ -909,9 +919,12 @@ fn print_figures(f: &Figures, command: &str, args: &BenchArgs) -> bool {
     println!();
     println!("details:");
     println!(
-        "  controller RSS empty {}, after rollout {}, peak {}",
+        "  controller RSS empty {}, {} nodes joined {}, after rollout {}, after the idle window {}, peak {}",
         mb(f.rss_empty),
+        f.nodes,
+        mb(f.rss_joined),
         mb(f.rss),
+        mb(f.rss_idle),
         mb(f.rss_peak)
     );
     println!(

@@ -3,5 +3,5 @@
 //! exchanged with the bootstrap token for a node certificate), kept in
 //! memory instead of a state directory.
 
-pub use ironmesh_agent::identity::{endpoint, join, NodeIdentity};
+pub use ironmesh_agent::identity::{endpoint, join, IdentityError, NodeIdentity};
 pub use ironmesh_daemon::error_chain;

@@ -65,6 +65,12 @@ pub struct FleetConfig {
     /// the nodes are what an agent without deltas is and get whole
     /// assignments.
     pub incremental: bool,
+    /// An operator credential (imctl's config) the fleet may use when a
+    /// node's join answer was lost: the controller recorded the join, so
+    /// a retry with the bootstrap token is refused (`ALREADY_EXISTS`), and
+    /// the node gets a token bound to its name as an operator would give
+    /// it (`imctl token create --node NAME`). Without it such a node fails.
+    pub reprovision_with: Option<ironmesh_api::client_config::ClientConfig>,
 }
 
 impl FleetConfig {
@@ -82,6 +88,7 @@ impl FleetConfig {
             join_concurrency: 64,
             agent_version: format!("{}-sim", env!("CARGO_PKG_VERSION")),
             incremental: true,
+            reprovision_with: None,
         }
     }
 }

@@ -8,7 +8,8 @@ use std::time::Duration;
 
 use ironmesh_api::client_config::ClientConfig;
 use ironmesh_proto::v1::{
-    operator_service_client::OperatorServiceClient, ApplyRequest, GetRequest, ListRequest, Manifest,
+    operator_service_client::OperatorServiceClient, ApplyRequest, CreateJoinTokenRequest,
+    GetRequest, ListRequest, Manifest,
 };
 use serde_json::Value;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
@@ -48,20 +49,7 @@ fn call_err(call: &'static str) -> impl Fn(tonic::Status) -> OperatorError {
 impl Operator {
     /// Loads an imctl client config (`kind: Config`) and connects with it.
     pub async fn from_config_file(path: &Path) -> Result<Operator, OperatorError> {
-        let cfg_err = |message: String| OperatorError::Config {
-            path: path.display().to_string(),
-            message,
-        };
-        let text = std::fs::read_to_string(path).map_err(|e| cfg_err(e.to_string()))?;
-        let cfg: ClientConfig = serde_yaml::from_str(&text).map_err(|e| cfg_err(e.to_string()))?;
-        if cfg.kind != ClientConfig::KIND {
-            return Err(cfg_err(format!(
-                "kind is {:?}, expected {:?}",
-                cfg.kind,
-                ClientConfig::KIND
-            )));
-        }
-        Self::connect(&cfg).await
+        Self::connect(&client_config(path)?).await
     }
 
     pub async fn connect(cfg: &ClientConfig) -> Result<Operator, OperatorError> {
@@ -132,6 +120,28 @@ impl Operator {
         }
     }
 
+    /// A join token for `node` only, good for one join within `ttl`
+    /// (`imctl token create --node NODE`): it re-provisions that node.
+    pub async fn create_node_token(
+        &mut self,
+        node: &str,
+        ttl: Duration,
+        description: &str,
+    ) -> Result<String, OperatorError> {
+        let r = self
+            .client
+            .create_join_token(CreateJoinTokenRequest {
+                ttl_seconds: ttl.as_secs().max(1),
+                uses: 1,
+                node: node.into(),
+                description: description.into(),
+            })
+            .await
+            .map_err(call_err("CreateJoinToken"))?
+            .into_inner();
+        Ok(r.token)
+    }
+
     /// Every object of `kind`, with the list's store revision.
     pub async fn list(&mut self, kind: &str) -> Result<(Vec<Value>, u64), OperatorError> {
         let r = self
@@ -152,6 +162,24 @@ impl Operator {
             .collect::<Result<Vec<Value>, _>>()?;
         Ok((items, r.revision))
     }
+}
+
+/// Loads an imctl client config (`kind: Config`).
+pub fn client_config(path: &Path) -> Result<ClientConfig, OperatorError> {
+    let cfg_err = |message: String| OperatorError::Config {
+        path: path.display().to_string(),
+        message,
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| cfg_err(e.to_string()))?;
+    let cfg: ClientConfig = serde_yaml::from_str(&text).map_err(|e| cfg_err(e.to_string()))?;
+    if cfg.kind != ClientConfig::KIND {
+        return Err(cfg_err(format!(
+            "kind is {:?}, expected {:?}",
+            cfg.kind,
+            ClientConfig::KIND
+        )));
+    }
+    Ok(cfg)
 }
 
 /// The Ready condition status of a Node object ("True", "False", ...).

@@ -3,11 +3,11 @@
 //! usage reported, quota enforced, deletion refused while mounted and
 //! the data removed once the Volume is deleted.
 //!
-//! The agent's pool is a directory (`type=dir`) in a temporary directory
-//! (volumes are ext4 image files there); the agent gets it through
-//! `IRONMESH_STORAGE_POOLS`. A guard unmounts whatever is left mounted
-//! below the agent's and the pool's directories when the test ends, also
-//! on panic; loop devices go with their mounts (autoclear).
+//! The agent's pool is the directory (`type=dir`) the harness gives every
+//! agent, `<agent dir>/pool` (volumes are ext4 image files there). A guard
+//! unmounts whatever is left mounted below the agent's directory when the
+//! test ends, also on panic; loop devices go with their mounts
+//! (autoclear).
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -110,21 +110,9 @@ fn fill(path: &Path, bytes: u64) -> (u64, Option<std::io::Error>) {
 
 #[test]
 fn volume_is_bound_mounted_kept_across_instances_reported_limited_and_deleted() {
-    let pool = tempfile::Builder::new()
-        .prefix("im-pool-")
-        .tempdir()
-        .unwrap();
-    // Only this test binary's agents see it.
-    std::env::set_var(
-        "IRONMESH_STORAGE_POOLS",
-        format!("name=default,type=dir,path={}", pool.path().display()),
-    );
     let ctl = Controller::start(ControllerOpts::default());
     let agent = Agent::start(&ctl, "node-a");
-    let cleanup = Unmounter(vec![
-        agent.dir.path().to_path_buf(),
-        pool.path().to_path_buf(),
-    ]);
+    let cleanup = Unmounter(vec![agent.dir.path().to_path_buf()]);
     agent.wait_ready(&ctl, Duration::from_secs(90));
     push(&ctl, "batch-step");
 
@@ -144,7 +132,7 @@ fn volume_is_bound_mounted_kept_across_instances_reported_limited_and_deleted() 
     assert_eq!(s(&vol, "/status/node"), "node-a");
     assert_eq!(s(&vol, "/status/pool"), "default");
     assert_eq!(s(&vol, "/status/backend"), "file");
-    let image = pool.path().join("data.ext4");
+    let image = agent.dir.path().join("pool/data.ext4");
     let host_path = agent.state_dir().join("storage/volumes/data");
     wait_for(
         "agent provisioned the image",
@@ -234,6 +222,141 @@ fn volume_is_bound_mounted_kept_across_instances_reported_limited_and_deleted() 
         "left mounted: {:?}",
         cleanup.below()
     );
+    drop(agent);
+    drop(cleanup);
+}
+
+/// A controller started on a store restored from a backup taken before a
+/// Volume existed sends the node an assignment without it: the agent keeps
+/// the data, the Node says which volumes are orphaned (condition and
+/// event), a Volume of that name pinned to the node adopts the data again,
+/// and only deleting that Volume removes it.
+#[test]
+fn a_restored_store_never_wipes_volume_data() {
+    let mut ctl = Controller::start(ControllerOpts::default());
+    // The harness gives the agent a pool of its own, `<agent dir>/pool`.
+    let agent = Agent::start(&ctl, "node-a");
+    let cleanup = Unmounter(vec![agent.dir.path().to_path_buf()]);
+    agent.wait_ready(&ctl, Duration::from_secs(90));
+    push(&ctl, "batch-step");
+    wait_for("node-a reports its pool", Duration::from_secs(20), || {
+        ctl.node("node-a")
+            .filter(|n| n.pointer("/status/storage/pools/0/capacityBytes").is_some())
+    });
+
+    // The backup: the store as it is now, before the Volume.
+    let store = ctl.data_dir().join("store.redb");
+    let backup = ctl.dir.path().join("backup.redb");
+    ctl.proc.kill9();
+    std::fs::copy(&store, &backup).expect("back up the store");
+    ctl.start_again("controller-2.log");
+
+    ctl.apply_yaml(
+        "apiVersion: ironmesh.dev/v1\nkind: Volume\nmetadata:\n  name: data\nspec:\n  size: 16Mi\n",
+    );
+    let image = agent.dir.path().join("pool/data.ext4");
+    let host_path = agent.state_dir().join("storage/volumes/data");
+    ctl.apply_yaml(&step("writer", "[]"));
+    wait_succeeded(&ctl, "writer", None);
+    let written = host_path.join("step-0.txt");
+    assert_eq!(
+        std::fs::read_to_string(&written).unwrap(),
+        "index=0 replicas=1\n"
+    );
+    assert!(ctl
+        .imctl(&["delete", "workload", "writer"])
+        .status
+        .success());
+    wait_for("writer instances gone", Duration::from_secs(30), || {
+        instances(&ctl, "writer").is_empty().then_some(())
+    });
+
+    // Restore the backup: the cluster no longer knows the Volume.
+    ctl.proc.kill9();
+    std::fs::copy(&backup, &store).expect("restore the store");
+    ctl.start_again("controller-3.log");
+    let node = wait_for("node-a: VolumesOrphaned", Duration::from_secs(60), || {
+        ctl.node("node-a").filter(|n| {
+            n.pointer("/status/conditions")
+                .and_then(Value::as_array)
+                .is_some_and(|c| {
+                    c.iter()
+                        .any(|c| s(c, "/type") == "VolumesOrphaned" && s(c, "/status") == "True")
+                })
+        })
+    });
+    let cond = node["status"]["conditions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| s(c, "/type") == "VolumesOrphaned")
+        .unwrap()
+        .clone();
+    assert_eq!(cond["volumes"], serde_json::json!(["data"]), "{cond:#}");
+    assert!(s(&cond, "/message").contains("data"), "{cond:#}");
+    let out = ctl.imctl(&["describe", "node", "node-a"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("VolumesOrphaned"), "{text}");
+    assert!(
+        text.contains("VolumeOrphaned"),
+        "describe shows the event:\n{text}"
+    );
+    // The data is still there, on the node.
+    assert!(image.exists());
+    assert_eq!(
+        std::fs::read_to_string(&written).unwrap(),
+        "index=0 replicas=1\n"
+    );
+
+    // Adopt it: a Volume of that name pinned to the node finds the data.
+    ctl.apply_yaml(
+        "apiVersion: ironmesh.dev/v1\nkind: Volume\nmetadata:\n  name: data\nspec:\n  size: 16Mi\n  node: node-a\n",
+    );
+    ctl.apply_yaml(&step("checker", "[\"--check\", \"1\"]"));
+    let checked = wait_succeeded(&ctl, "checker", None);
+    assert_eq!(s(&checked, "/spec/node"), "node-a");
+    wait_for("orphan condition cleared", Duration::from_secs(30), || {
+        ctl.node("node-a").filter(|n| {
+            n.pointer("/status/conditions")
+                .and_then(Value::as_array)
+                .is_some_and(|c| {
+                    c.iter()
+                        .any(|c| s(c, "/type") == "VolumesOrphaned" && s(c, "/status") == "False")
+                })
+        })
+    });
+
+    // Deleting the Volume is what removes the data.
+    assert!(ctl
+        .imctl(&["delete", "workload", "checker"])
+        .status
+        .success());
+    wait_for("checker instances gone", Duration::from_secs(30), || {
+        instances(&ctl, "checker").is_empty().then_some(())
+    });
+    wait_for("volume deletable", Duration::from_secs(30), || {
+        ctl.imctl(&["delete", "volume", "data"])
+            .status
+            .success()
+            .then_some(())
+    });
+    wait_for("image removed on the node", Duration::from_secs(30), || {
+        (!image.exists() && !host_path.exists()).then_some(())
+    });
+    // A new Volume of the name binds again once the old data is gone.
+    ctl.apply_yaml(
+        "apiVersion: ironmesh.dev/v1\nkind: Volume\nmetadata:\n  name: data\nspec:\n  size: 16Mi\n",
+    );
+    wait_for("new volume Bound", Duration::from_secs(30), || {
+        let v = ctl.imctl_json(&["get", "volume", "data"]);
+        (s(&v, "/status/phase") == "Bound").then_some(())
+    });
+    wait_for(
+        "new volume provisioned empty",
+        Duration::from_secs(30),
+        || (image.exists() && host_path.exists()).then_some(()),
+    );
+    assert!(!written.exists(), "the new volume starts empty");
     drop(agent);
     drop(cleanup);
 }

@@ -261,6 +261,15 @@ pub struct WantedVolume {
     pub pool: Option<String>,
 }
 
+/// What the assignment says about this node's volumes.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct VolumePlan {
+    /// Every volume bound to this node.
+    pub wanted: Vec<WantedVolume>,
+    /// Deleted Volumes whose data must go (the only volumes ever deleted).
+    pub remove: Vec<String>,
+}
+
 /// What was provisioned for one volume (persisted).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 struct VolumeRecord {
@@ -815,19 +824,24 @@ impl Storage {
     }
 
     /// Makes this node's volumes match the assignment: provisions every
-    /// `wanted` volume (so it is allocated, and its usage reported, before
-    /// an instance mounts it) and deletes the provisioned ones that are
-    /// not wanted — unless `keep` names them (an instance here still
-    /// mounts them) or `may_delete` is false (removals are under way).
-    /// Returns the failures; each names its volume.
+    /// wanted volume (so it is allocated, and its usage reported, before
+    /// an instance mounts it) and deletes the provisioned ones the plan
+    /// names for removal — unless `keep` names them (an instance here
+    /// still mounts them) or `may_delete` is false (removals are under
+    /// way). A provisioned volume the plan does not mention is kept with
+    /// its data: the controller may be on an empty or wrong store, and
+    /// reports it as orphaned. Returns the failures; each names its volume.
     pub fn converge(
         &self,
-        wanted: &[WantedVolume],
+        plan: &VolumePlan,
         keep: &std::collections::HashSet<String>,
         may_delete: bool,
     ) -> Vec<StorageError> {
         let mut errors = Vec::new();
-        for w in wanted {
+        for w in &plan.wanted {
+            if plan.remove.contains(&w.name) {
+                continue; // the old data goes first
+            }
             if let Err(e) = self.provision(&w.name, w.size_bytes, w.backend, w.pool.as_deref()) {
                 errors.push(e);
             }
@@ -835,12 +849,13 @@ impl Storage {
         if !may_delete {
             return errors;
         }
-        for name in self.names() {
-            if keep.contains(&name) || wanted.iter().any(|w| w.name == name) {
+        let held = self.names();
+        for name in &plan.remove {
+            if keep.contains(name) || !held.contains(name) {
                 continue;
             }
-            tracing::info!(volume = %name, "volume is no longer assigned to this node; deleting it");
-            if let Err(e) = self.delete(&name) {
+            tracing::info!(volume = %name, "volume was deleted; removing its data");
+            if let Err(e) = self.delete(name) {
                 errors.push(e);
             }
         }

@@ -23,7 +23,7 @@ use super::desired::{self, DatapathState, Skipped};
 use super::outbound::msg;
 use super::SyncConfig;
 use crate::metrics::AgentMetrics;
-use crate::storage::{Storage, WantedVolume};
+use crate::storage::{Storage, VolumePlan};
 use crate::supervisor::Supervisor;
 
 /// One whole assignment on its way to the apply task.
@@ -43,7 +43,7 @@ pub(super) struct Applied {
     pub seq: u64,
     pub revision: u64,
     /// The volumes it binds to this node (`None` before the first).
-    pub volumes: Option<Arc<Vec<WantedVolume>>>,
+    pub volumes: Option<Arc<VolumePlan>>,
 }
 
 /// The session's end of the apply task.
@@ -86,7 +86,7 @@ pub(super) async fn run<F, Fut>(
     mut apply: F,
 ) where
     F: FnMut(Arc<Handoff>) -> Fut,
-    Fut: Future<Output = Arc<Vec<WantedVolume>>>,
+    Fut: Future<Output = Arc<VolumePlan>>,
 {
     while desired.changed().await.is_ok() {
         let Some(h) = desired.borrow_and_update().clone() else {
@@ -152,7 +152,7 @@ impl Applier {
 
     /// Makes the node match `h`'s whole assignment. Failures are logged,
     /// not fatal: what can be applied is. Returns the volumes it wants.
-    pub(super) async fn apply(&self, h: &Handoff) -> Arc<Vec<WantedVolume>> {
+    pub(super) async fn apply(&self, h: &Handoff) -> Arc<VolumePlan> {
         let a = &h.assignment;
         let revision = a.revision;
         let host_ips = self.datapath.as_ref().map(|_| host_ipv4_addresses());
@@ -307,7 +307,7 @@ fn host_ipv4_addresses() -> Vec<Ipv4Addr> {
 pub(super) fn storage_pass(
     storage: Option<&Arc<Storage>>,
     supervisor: &Supervisor,
-    wanted: Option<Arc<Vec<WantedVolume>>>,
+    wanted: Option<Arc<VolumePlan>>,
     tx: Option<mpsc::Sender<AgentMessage>>,
 ) {
     let Some(storage) = storage.cloned() else {
@@ -417,7 +417,7 @@ mod tests {
                 seen.send(h.assignment.revision).unwrap();
                 gate.acquire().await.unwrap().forget();
                 assert_ne!(h.assignment.revision, 13, "a test panic");
-                Arc::new(Vec::new())
+                Arc::new(VolumePlan::default())
             }
         }));
         (feed, applied, gate, seen, task)

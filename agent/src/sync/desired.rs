@@ -11,7 +11,7 @@ use ironmesh_proto::v1::{policy_rule, Assignment, InstanceState};
 
 use crate::datapath::{Direction, PolicyRule, Protocol, RateLimit, ServiceEntry};
 use crate::network::PeerRoute;
-use crate::storage::WantedVolume;
+use crate::storage::{VolumePlan, WantedVolume};
 use crate::supervisor::DesiredInstance;
 
 /// The reserved identity of this host's own addresses (identities from
@@ -43,8 +43,8 @@ pub struct DesiredState {
     pub peers: Vec<PeerRoute>,
     /// What the BPF maps should hold (`None` without a datapath).
     pub datapath: Option<DatapathState>,
-    /// Every volume bound to this node.
-    pub volumes: Vec<WantedVolume>,
+    /// Every volume bound to this node, and the deleted ones to remove.
+    pub volumes: VolumePlan,
     /// Entries left out (or, for a volume backend, defaulted), in
     /// assignment order.
     pub skipped: Vec<Skipped>,
@@ -306,7 +306,14 @@ fn datapath(a: &Assignment, host_ips: &[Ipv4Addr], skipped: &mut Vec<Skipped>) -
 
 /// The volumes as storage wants them; an unknown backend falls back to the
 /// pool's default.
-fn volumes(a: &Assignment, skipped: &mut Vec<Skipped>) -> Vec<WantedVolume> {
+fn volumes(a: &Assignment, skipped: &mut Vec<Skipped>) -> VolumePlan {
+    VolumePlan {
+        wanted: wanted_volumes(a, skipped),
+        remove: a.remove_volumes.clone(),
+    }
+}
+
+fn wanted_volumes(a: &Assignment, skipped: &mut Vec<Skipped>) -> Vec<WantedVolume> {
     a.volumes
         .iter()
         .map(|v| WantedVolume {
@@ -708,11 +715,14 @@ mod tests {
                 vol("b", "file", "fast"),
                 vol("c", "tape", ""),
             ],
+            remove_volumes: vec!["old".into()],
             ..Default::default()
         };
         let d = desired_state(&a, &Inputs::default());
+        assert_eq!(d.volumes.remove, vec!["old".to_string()]);
         let got: Vec<(&str, Option<crate::storage::Backend>, Option<&str>)> = d
             .volumes
+            .wanted
             .iter()
             .map(|v| (v.name.as_str(), v.backend, v.pool.as_deref()))
             .collect();
@@ -747,8 +757,6 @@ mod fuzz {
         ServiceEntry, VolumeAssignment,
     };
     use prost::Message;
-    use rand::rngs::StdRng;
-    use rand::{Rng, SeedableRng};
 
     fn whole() -> Assignment {
         Assignment {
@@ -768,6 +776,7 @@ mod fuzz {
             egress_enforced: vec![300],
             services: vec![ServiceEntry { name: "web".into(), vip: "10.96.0.10".into(), port: 80, protocol: "TCP".into(), backends: vec![ServiceBackend { ip: "10.244.1.5".into(), port: 8080 }] }],
             volumes: vec![VolumeAssignment { name: "v".into(), size_bytes: 1 << 30, backend: "dir".into(), pool: "fast".into() }],
+            remove_volumes: vec!["gone".into()],
             delta: None,
             more: false,
         }
@@ -805,74 +814,32 @@ mod fuzz {
         }
     }
 
-    fn mutate(rng: &mut StdRng, seed: &[u8]) -> Vec<u8> {
-        let mut b = seed.to_vec();
-        for _ in 0..rng.random_range(1..=3) {
-            let len = b.len();
-            let at = if len == 0 {
-                0
-            } else {
-                rng.random_range(0..len)
-            };
-            match rng.random_range(0..8) {
-                0 if len > 0 => b[at] ^= 1 << rng.random_range(0..8),
-                1 => b.insert(at, rng.random()),
-                2 if len > 0 => {
-                    let end = (at + rng.random_range(1..8)).min(len);
-                    b.drain(at..end);
-                }
-                3 => b.push(rng.random()),
-                _ if len > 0 => b[at] = rng.random_range(0x20..0x7f),
-                _ => {}
-            }
-        }
-        b
-    }
-
     #[test]
     fn fuzz_assignments() {
-        let n: u64 = std::env::var("IRONMESH_FUZZ_CASES")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(3_000);
+        use ironmesh_api::fuzz::{mutate_bytes, run_counted, Rng};
         let seeds = [whole().encode_to_vec(), delta().encode_to_vec()];
         let host_ips = [Ipv4Addr::new(10, 0, 0, 2)];
-        let started = std::time::Instant::now();
-        let mut decoded = 0u64;
-        for seed in 0..n {
-            let mut rng = StdRng::seed_from_u64(seed ^ 0xa551_6e00);
+        run_counted("assignments", |rng| {
             let which = rng.random_range(0..seeds.len());
-            let bytes = mutate(&mut rng, &seeds[which]);
-            let r = std::panic::catch_unwind(|| {
-                let Ok(next) = Assignment::decode(bytes.as_slice()) else {
-                    return false;
-                };
-                let mut current = Some(whole());
-                if ironmesh_proto::assignment::apply(&mut current, next).is_ok() {
-                    if let Some(a) = &current {
-                        let dir = |name: &str| PathBuf::from("/q").join(name);
-                        let _ = desired_state(
-                            a,
-                            &Inputs {
-                                host_ips: Some(&host_ips),
-                                queue_dir: Some(&dir),
-                            },
-                        );
-                        let _ = desired_state(a, &Inputs::default());
-                    }
+            let bytes = mutate_bytes(rng, &seeds[which]);
+            let Ok(next) = Assignment::decode(bytes.as_slice()) else {
+                return false;
+            };
+            let mut current = Some(whole());
+            if ironmesh_proto::assignment::apply(&mut current, next).is_ok() {
+                if let Some(a) = &current {
+                    let dir = |name: &str| PathBuf::from("/q").join(name);
+                    let _ = desired_state(
+                        a,
+                        &Inputs {
+                            host_ips: Some(&host_ips),
+                            queue_dir: Some(&dir),
+                        },
+                    );
+                    let _ = desired_state(a, &Inputs::default());
                 }
-                true
-            });
-            match r {
-                Ok(true) => decoded += 1,
-                Ok(false) => {}
-                Err(_) => panic!("fuzz assignments: case {seed} panicked"),
             }
-        }
-        let secs = started.elapsed().as_secs_f64().max(1e-9);
-        println!(
-            "fuzz assignments: {n} cases ({decoded} decoded) in {secs:.2} s, {:.0} cases/s, no panic",
-            n as f64 / secs
-        );
+            true
+        });
     }
 }

@@ -559,7 +559,7 @@ mod tests {
             async move {
                 seen.send(h.assignment.clone()).unwrap();
                 gate.acquire().await.unwrap().forget();
-                Arc::new(Vec::new())
+                Arc::new(crate::storage::VolumePlan::default())
             }
         }));
         let first_seq = feed.last_seq() + 1;

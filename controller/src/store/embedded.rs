@@ -30,8 +30,10 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Weak};
 
-/// Page cache of the store file.
-const STORE_CACHE_BYTES: usize = 32 << 20;
+/// Page cache of the store file. Small: the watch-fed cache serves the
+/// reads, the OS page cache holds the file anyway, and at 1,000 nodes
+/// 32 MiB of it was an eighth of the controller's memory (docs/scale.md).
+const STORE_CACHE_BYTES: usize = 8 << 20;
 
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
 use tokio::sync::watch;
