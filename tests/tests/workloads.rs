@@ -157,8 +157,20 @@ fn workload_runs_ready_answers_with_its_memory_limit_and_logs() {
         });
     assert_eq!(limit.trim(), (64u64 << 20).to_string());
 
-    let wl = ctl.imctl_json(&["get", "workloads", "orders"]);
-    assert_eq!(u(&wl, "/status/readyReplicas"), 1, "{wl}");
+    // The workload's status follows its instances after a coalescing pass
+    // (up to a second later), so wait for it rather than read it once.
+    let started = Instant::now();
+    loop {
+        let wl = ctl.imctl_json(&["get", "workloads", "orders"]);
+        if u(&wl, "/status/readyReplicas") == 1 {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "workload never reported 1 ready replica: {wl}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
 
     let table = ctl.imctl(&["get", "instances"]);
     let table = String::from_utf8_lossy(&table.stdout);
