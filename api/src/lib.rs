@@ -12,12 +12,26 @@
 //!   field paths, then each kind's semantic rules — and returns it
 //!   normalised with defaults filled in, or a [`ValidationError`] that names
 //!   the kind, the object, the field path and what is expected. The
-//!   controller (authoritative) and `imctl` (early feedback) both use it.
+//!   controller runs it on every `Apply` and every Source commit; `imctl`
+//!   sends documents as they are and prints the controller's answer.
 //! - [`parse_yaml_documents`] splits a multi-document YAML file, numbering
 //!   documents as a reader counts them.
-//! - [`selector::LabelSelector`] parses and matches `-l` selectors;
-//!   [`quantity`] parses and formats CPU and byte quantities.
-//! - [`client_config`] is `imctl`'s configuration file.
+//!
+//! Modules:
+//! - [`workload`], [`instance`], [`node`], [`service`], [`policy`],
+//!   [`volume`], [`pipeline`], [`source`]: each kind's spec, status and
+//!   rules (a PipelineRun is in [`pipeline`]).
+//! - [`meta`]: object metadata, status conditions and the naming rules.
+//! - [`manifest`]: splitting multi-document YAML into JSON documents.
+//! - [`limits`]: size limits on what operators may store, and how sizes
+//!   are shown in messages.
+//! - [`quantity`]: CPU and byte quantities in the Kubernetes notation.
+//! - [`selector`]: label selectors as operators type them (`-l`).
+//! - [`net`]: IPv4 CIDR blocks (cluster CIDR, pod CIDRs and their subnets).
+//! - [`client_config`]: `imctl`'s configuration file (the controller writes
+//!   the first operator's).
+//! - `fuzz` (tests and the `fuzz` feature only): the randomised-run driver
+//!   other crates' tests share.
 //!
 //! The crate does no I/O and holds no state.
 

@@ -1,5 +1,11 @@
 //! `imctl`, the Ironmesh operator's tool: apply manifests, read and delete
 //! objects through the controller's operator API over mutual TLS.
+//!
+//! Modules: `client` (the client config and the mTLS connection),
+//! `manifests` (files and directories into documents for `Apply`), `output`
+//! (tables, YAML, JSON, `describe`), `node` (cordon, uncordon, drain),
+//! `pipeline` (run, runs, status, logs, cancel), `image` (push, ls),
+//! `flows` (`imctl flows`) and `access` (join tokens and operators).
 
 mod access;
 mod client;

@@ -1,6 +1,9 @@
-//! Process plumbing shared by `ironmesh-controller` and `ironmesh-agent`:
-//! logging setup, the Prometheus `/metrics` endpoint, and the shutdown
-//! signal. It owns no cluster logic.
+//! Process plumbing shared by `ironmesh-controller` and `ironmesh-agent`
+//! (and, for files and errors, by `imctl` and `ironmesh-sim`): logging
+//! setup, the Prometheus `/metrics` endpoint, the shutdown signal
+//! (SIGTERM or SIGINT), atomic writes of keys and certificates
+//! (`write_file_atomic`) and one-line error chains (`error_chain`). It owns
+//! no cluster logic.
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -4,7 +4,8 @@
 //! into objects that the agent embeds ([`DATAPATH_OBJ`]) and loads with aya.
 //! This crate owns the shared map layouts (`#[repr(C)]` mirrors of
 //! `c/ironmesh.h`, checked field by field against the C compiler's offsets
-//! by the tests below) and nothing that touches the kernel.
+//! by the tests below) and nothing that touches the kernel. [`maps`] and
+//! [`programs`] hold the names of the object's maps and programs.
 //!
 //! Byte order: fields named `addr`, `saddr`, `daddr`, `vip` and `*port` hold
 //! network byte order (as the kernel stores them); use the constructors and

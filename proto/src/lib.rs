@@ -1,11 +1,13 @@
 //! The `ironmesh.v1` gRPC contract shared by controller, agent and `imctl`.
 //!
-//! The node surface (`NodeService`: join, sync) and the operator surface
-//! (`OperatorService`: apply, get, list, delete, watch). Generated at build
-//! time from `proto/ironmesh/v1/ironmesh.proto`. Besides the generated code
-//! this crate holds [`assignment`]: the one rule both ends of the sync
-//! stream must agree on, how an incremental assignment applies; and
-//! [`codec`], the prost codec every service uses (smaller buffers).
+//! - [`v1`]: the generated code, from `proto/ironmesh/v1/ironmesh.proto` at
+//!   build time: the node surface (`NodeService`: join, certificate renewal,
+//!   sync, blob fetch, work-queue lease/ack/push) and the operator surface
+//!   (`OperatorService`: apply, get, list, delete, watch, images, logs,
+//!   flows, join tokens, operators).
+//! - [`assignment`]: the one rule both ends of the sync stream must agree
+//!   on, how an incremental assignment applies.
+//! - [`codec`]: the prost codec every service uses (smaller buffers).
 
 /// Version 1 of the API.
 pub mod v1 {

@@ -1,7 +1,7 @@
 //! One simulated agent: a single task that joins, keeps a sync stream open
 //! and reconnects with the real agent's backoff when it breaks.
 //!
-//! On the stream it does what `agent/src/sync.rs` does, minus containers:
+//! On the stream it does what `agent/src/sync/` does, minus containers:
 //! `Hello` (with its last acknowledged revision and the
 //! `incremental-assignments` capability), `Inventory`, a full instance
 //! report after `Welcome`, heartbeats at the interval the controller asked

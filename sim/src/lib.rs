@@ -15,7 +15,9 @@
 //! The fleet counts, per node, the assignment messages and bytes it
 //! received (whole and delta apart) and when it acknowledged each revision,
 //! so a driver can ask when every node had a change ([`Fleet::all_acked`],
-//! [`Fleet::watch`]) and what it cost ([`Fleet::nodes`]).
+//! [`Fleet::watch`]) and what it cost ([`Fleet::nodes`], figures in
+//! [`stats`]). [`manifests`] holds the objects the scale scenario applies
+//! and [`operator`] the operator client the bench and the tests drive.
 //!
 //! All agents share one tokio runtime (the caller's) and each is a single
 //! task (plus its connection's driver inside tonic).

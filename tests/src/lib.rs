@@ -4,6 +4,11 @@
 //! PID) and every directory removed when its handle drops, also when a test
 //! panics.
 //!
+//! Beside the process handles here: [`net`] builds test hosts out of network
+//! namespaces on one bridge, [`containerd`] a private containerd per agent,
+//! [`etcd`] a private etcd, and [`grpc`] gRPC clients with chosen (or no)
+//! credentials.
+//!
 //! The binaries must be built first (`cargo build --bins`); the README's
 //! test command does that.
 
