@@ -13,13 +13,13 @@ use serde_json::Value;
 /// What one text may expand to, in bytes (16 per node plus string
 /// lengths), counted across aliases: at least this, or 16 times the text.
 /// A 3 MB "billion laughs" document would otherwise expand to terabytes
-/// (serde_yaml bounds alias jumps per event, not the expansion).
+/// (serde_norway bounds alias jumps per event, not the expansion).
 pub const MIN_EXPANSION_BUDGET: usize = 64 << 20;
 const NODE_COST: usize = 16;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ManifestError {
-    /// `message` is serde_yaml's, with the line and column in the file.
+    /// `message` is serde_norway's, with the line and column in the file.
     #[error("document {document}: {message}")]
     Yaml { document: usize, message: String },
 }
@@ -29,13 +29,13 @@ pub enum ManifestError {
 /// (`<<: *anchor`) are applied.
 pub fn parse_yaml_documents_numbered(text: &str) -> Result<Vec<(usize, Value)>, ManifestError> {
     let mut out = Vec::new();
-    // After a syntax error serde_yaml's document iterator repeats the error
+    // After a syntax error serde_norway's document iterator repeats the error
     // forever; the `?` below stops at the first one.
     let budget = MIN_EXPANSION_BUDGET.max(text.len().saturating_mul(16));
     let left = Cell::new(budget);
-    for (i, de) in serde_yaml::Deserializer::from_str(text).enumerate() {
+    for (i, de) in serde_norway::Deserializer::from_str(text).enumerate() {
         let document = i + 1;
-        let yaml_err = |e: serde_yaml::Error| ManifestError::Yaml {
+        let yaml_err = |e: serde_norway::Error| ManifestError::Yaml {
             document,
             message: e.to_string(),
         };
@@ -58,7 +58,7 @@ pub fn parse_yaml_documents_numbered(text: &str) -> Result<Vec<(usize, Value)>, 
     Ok(out)
 }
 
-/// Deserializes a `serde_yaml::Value`, spending from `left` for every node
+/// Deserializes a `serde_norway::Value`, spending from `left` for every node
 /// it builds, aliases replayed included.
 #[derive(Clone, Copy)]
 struct Budgeted<'a> {
@@ -82,45 +82,45 @@ impl Budgeted<'_> {
 }
 
 impl<'de> DeserializeSeed<'de> for Budgeted<'_> {
-    type Value = serde_yaml::Value;
-    fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<serde_yaml::Value, D::Error> {
+    type Value = serde_norway::Value;
+    fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<serde_norway::Value, D::Error> {
         d.deserialize_any(self)
     }
 }
 
 impl<'de> Visitor<'de> for Budgeted<'_> {
-    type Value = serde_yaml::Value;
+    type Value = serde_norway::Value;
 
     fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("a YAML value")
     }
     fn visit_bool<E: de::Error>(self, b: bool) -> Result<Self::Value, E> {
         self.spend(NODE_COST)?;
-        Ok(serde_yaml::Value::Bool(b))
+        Ok(serde_norway::Value::Bool(b))
     }
     fn visit_i64<E: de::Error>(self, n: i64) -> Result<Self::Value, E> {
         self.spend(NODE_COST)?;
-        Ok(serde_yaml::Value::Number(n.into()))
+        Ok(serde_norway::Value::Number(n.into()))
     }
     fn visit_u64<E: de::Error>(self, n: u64) -> Result<Self::Value, E> {
         self.spend(NODE_COST)?;
-        Ok(serde_yaml::Value::Number(n.into()))
+        Ok(serde_norway::Value::Number(n.into()))
     }
     fn visit_f64<E: de::Error>(self, n: f64) -> Result<Self::Value, E> {
         self.spend(NODE_COST)?;
-        Ok(serde_yaml::Value::Number(n.into()))
+        Ok(serde_norway::Value::Number(n.into()))
     }
     fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
         self.spend(NODE_COST.saturating_add(v.len()))?;
-        Ok(serde_yaml::Value::String(v.to_owned()))
+        Ok(serde_norway::Value::String(v.to_owned()))
     }
     fn visit_string<E: de::Error>(self, v: String) -> Result<Self::Value, E> {
         self.spend(NODE_COST.saturating_add(v.len()))?;
-        Ok(serde_yaml::Value::String(v))
+        Ok(serde_norway::Value::String(v))
     }
     fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
         self.spend(NODE_COST)?;
-        Ok(serde_yaml::Value::Null)
+        Ok(serde_norway::Value::Null)
     }
     fn visit_none<E: de::Error>(self) -> Result<Self::Value, E> {
         self.visit_unit()
@@ -134,16 +134,16 @@ impl<'de> Visitor<'de> for Budgeted<'_> {
         while let Some(v) = seq.next_element_seed(self)? {
             out.push(v);
         }
-        Ok(serde_yaml::Value::Sequence(out))
+        Ok(serde_norway::Value::Sequence(out))
     }
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
         self.spend(NODE_COST)?;
-        let mut out = serde_yaml::Mapping::new();
+        let mut out = serde_norway::Mapping::new();
         while let Some(k) = map.next_key_seed(self)? {
             if out.contains_key(&k) {
                 let shown = match &k {
-                    serde_yaml::Value::String(s) => format!("{s:?}"),
-                    other => serde_yaml::to_string(other)
+                    serde_norway::Value::String(s) => format!("{s:?}"),
+                    other => serde_norway::to_string(other)
                         .unwrap_or_default()
                         .trim()
                         .to_string(),
@@ -155,7 +155,7 @@ impl<'de> Visitor<'de> for Budgeted<'_> {
             let v = map.next_value_seed(self)?;
             out.insert(k, v);
         }
-        Ok(serde_yaml::Value::Mapping(out))
+        Ok(serde_norway::Value::Mapping(out))
     }
     fn visit_enum<A: de::EnumAccess<'de>>(self, _data: A) -> Result<Self::Value, A::Error> {
         Err(de::Error::custom(
@@ -165,7 +165,7 @@ impl<'de> Visitor<'de> for Budgeted<'_> {
 }
 
 /// The documents of a YAML text, empty ones skipped. Errors carry the
-/// document number (counting empty documents) and serde_yaml's line.
+/// document number (counting empty documents) and serde_norway's line.
 pub fn parse_yaml_documents(text: &str) -> Result<Vec<Value>, ManifestError> {
     Ok(parse_yaml_documents_numbered(text)?
         .into_iter()
@@ -261,7 +261,7 @@ mod tests {
             e.contains("repetition limit exceeded") || e.contains("expands to more than"),
             "{e}"
         );
-        // Few events, so serde_yaml's own bound (jumps per event) lets it
+        // Few events, so serde_norway's own bound (jumps per event) lets it
         // through, but 1,000 copies of a 100 kB string are 100 MB.
         let big = "x".repeat(100_000);
         let mut text = format!("s: &s {big}\nl:\n");

@@ -36,7 +36,7 @@ pub fn load_config(explicit: Option<&Path>) -> anyhow::Result<(ClientConfig, Pat
     };
     let text = std::fs::read_to_string(&path)
         .with_context(|| format!("cannot read config {}", path.display()))?;
-    let cfg: ClientConfig = serde_yaml::from_str(&text)
+    let cfg: ClientConfig = serde_norway::from_str(&text)
         .with_context(|| format!("config {} is not a valid imctl config", path.display()))?;
     if cfg.kind != ClientConfig::KIND {
         bail!(

@@ -461,7 +461,7 @@ fn print_objects(
             } else {
                 serde_json::json!({"apiVersion": ironmesh_api::API_VERSION, "kind": "List", "items": objects})
             };
-            print!("{}", serde_yaml::to_string(&v)?);
+            print!("{}", serde_norway::to_string(&v)?);
         }
         wide => {
             if objects.is_empty() {

@@ -501,11 +501,11 @@ pub fn describe(kind: Kind, o: &Value) -> String {
     if kind != Kind::Node {
         if let Some(spec) = o.get("spec") {
             out.push_str("Spec:\n");
-            out.push_str(&indent(&serde_yaml::to_string(spec).unwrap_or_default()));
+            out.push_str(&indent(&serde_norway::to_string(spec).unwrap_or_default()));
         }
         if let Some(status) = o.get("status").filter(|_| kind != Kind::Instance) {
             out.push_str("Status:\n");
-            out.push_str(&indent(&serde_yaml::to_string(status).unwrap_or_default()));
+            out.push_str(&indent(&serde_norway::to_string(status).unwrap_or_default()));
         }
     }
     out

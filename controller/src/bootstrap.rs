@@ -120,13 +120,13 @@ pub fn prepare(
             key,
         );
         let yaml =
-            serde_yaml::to_string(&conf).map_err(|e| BootstrapError::Encode(e.to_string()))?;
+            serde_norway::to_string(&conf).map_err(|e| BootstrapError::Encode(e.to_string()))?;
         write_private(&admin_config, yaml.as_bytes())?;
         tracing::info!(path = %admin_config.display(), "wrote operator credential for imctl");
     }
     let admin_cert_pem = std::fs::read_to_string(&admin_config)
         .ok()
-        .and_then(|t| serde_yaml::from_str::<ClientConfig>(&t).ok())
+        .and_then(|t| serde_norway::from_str::<ClientConfig>(&t).ok())
         .map(|c| c.client_certificate_data);
     Ok(Credentials {
         ca,

@@ -167,7 +167,7 @@ mod tests {
     }
 
     fn policy(yaml: &str) -> PolicySpec {
-        serde_yaml::from_str(yaml).unwrap()
+        serde_norway::from_str(yaml).unwrap()
     }
 
     #[test]

@@ -171,7 +171,7 @@ pub fn client_config(path: &Path) -> Result<ClientConfig, OperatorError> {
         message,
     };
     let text = std::fs::read_to_string(path).map_err(|e| cfg_err(e.to_string()))?;
-    let cfg: ClientConfig = serde_yaml::from_str(&text).map_err(|e| cfg_err(e.to_string()))?;
+    let cfg: ClientConfig = serde_norway::from_str(&text).map_err(|e| cfg_err(e.to_string()))?;
     if cfg.kind != ClientConfig::KIND {
         return Err(cfg_err(format!(
             "kind is {:?}, expected {:?}",

@@ -682,7 +682,7 @@ pub mod grpc {
     /// The admin credentials from admin.yaml.
     pub fn admin_creds(ctl: &Controller) -> Creds {
         let text = std::fs::read_to_string(ctl.admin_config()).expect("admin.yaml");
-        let v: serde_yaml::Value = serde_yaml::from_str(&text).expect("admin.yaml is YAML");
+        let v: serde_norway::Value = serde_norway::from_str(&text).expect("admin.yaml is YAML");
         Creds {
             cert_pem: v["clientCertificateData"].as_str().unwrap().to_string(),
             key_pem: v["clientKeyData"].as_str().unwrap().to_string(),
