@@ -1,7 +1,9 @@
 /* Host program run by build.rs: prints the size of every struct in
  * ironmesh.h and the offset and size of each field, one line each:
  *   <struct> <field|-> <offset> <size>
- * ebpf/src/lib.rs compares them with its #[repr(C)] mirrors. The BPF target
+ * and every IM_ constant of the header, one line each:
+ *   const <NAME> <value>
+ * ebpf/src/lib.rs compares them with its #[repr(C)] mirrors and consts. The BPF target
  * and x86_64 lay out these types alike (LP64, natural alignment). */
 #include <stddef.h>
 #include <stdio.h>
@@ -10,6 +12,7 @@
 #include "ironmesh.h"
 
 #define S(t) printf("%s - 0 %zu\n", #t, sizeof(struct t))
+#define K(n) printf("const %s %llu\n", #n, (unsigned long long)(n))
 #define F(t, f) printf("%s %s %zu %zu\n", #t, #f, offsetof(struct t, f), sizeof(((struct t *)0)->f))
 
 int main(void)
@@ -49,5 +52,17 @@ int main(void)
 	F(im_flow_event, sport); F(im_flow_event, dport); F(im_flow_event, proto);
 	F(im_flow_event, verdict); F(im_flow_event, kind); F(im_flow_event, hook);
 	printf("IM_LAYOUT_VERSION - %d 0\n", IM_LAYOUT_VERSION);
+	K(IM_IDENTITY_UNKNOWN); K(IM_IDENTITY_ANY);
+	K(IM_VERDICT_ALLOWED); K(IM_VERDICT_DENIED); K(IM_VERDICT_RATE_LIMITED);
+	K(IM_VERDICT_SPOOFED);
+	K(IM_EVENT_NEW); K(IM_EVENT_VERDICT); K(IM_EVENT_REPORT); K(IM_EVENT_CLOSE);
+	K(IM_HOOK_FROM_INSTANCE); K(IM_HOOK_TO_INSTANCE);
+	K(IM_POLICY_ALLOW); K(IM_DIR_INGRESS); K(IM_DIR_EGRESS);
+	K(IM_ENFORCE_INGRESS); K(IM_ENFORCE_EGRESS);
+	K(IM_CT_DST_EVALUATED); K(IM_CT_CLOSED);
+	K(IM_CNT_ALLOWED); K(IM_CNT_DENIED); K(IM_CNT_RATE_LIMITED); K(IM_CNT_NEW_FLOWS);
+	K(IM_CNT_EVENTS_LOST); K(IM_CNT_LB_REWRITES); K(IM_CNT_LB_NO_BACKEND); K(IM_CNT_MAX);
+	K(IM_GUARD_SPOOFED); K(IM_GUARD_ARP_SPOOFED); K(IM_GUARD_NOT_IPV4);
+	K(IM_GUARD_NO_ADDR); K(IM_GUARD_CT_FULL); K(IM_GUARD_MAX);
 	return 0;
 }

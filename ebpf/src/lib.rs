@@ -381,6 +381,7 @@ mod tests {
     fn c_layout() -> BTreeMap<(String, String), (usize, usize)> {
         let text = include_str!(concat!(env!("OUT_DIR"), "/layout.txt"));
         text.lines()
+            .filter(|l| !l.starts_with("const "))
             .map(|l| {
                 let w: Vec<&str> = l.split_whitespace().collect();
                 assert_eq!(w.len(), 4, "layout line {l:?}");
@@ -445,6 +446,77 @@ mod tests {
         for k in r.keys() {
             assert!(c.contains_key(k), "{k:?} has no counterpart in c/layout.c");
         }
+    }
+
+    /// The `IM_` constants `c/layout.c` printed, by name.
+    fn c_constants() -> BTreeMap<String, u64> {
+        let text = include_str!(concat!(env!("OUT_DIR"), "/layout.txt"));
+        text.lines()
+            .filter_map(|l| l.strip_prefix("const "))
+            .map(|l| {
+                let (name, value) = l.split_once(' ').expect("const line");
+                (name.to_string(), value.parse().expect("const value"))
+            })
+            .collect()
+    }
+
+    #[test]
+    fn rust_constants_match_the_c_header() {
+        // Conntrack flags are the programs' own: user space never sees them.
+        const C_ONLY: &[&str] = &["IM_CT_DST_EVALUATED", "IM_CT_CLOSED"];
+        let rust: BTreeMap<String, u64> = [
+            ("IM_IDENTITY_UNKNOWN", IDENTITY_UNKNOWN as u64),
+            ("IM_IDENTITY_ANY", IDENTITY_ANY as u64),
+            ("IM_VERDICT_ALLOWED", VERDICT_ALLOWED as u64),
+            ("IM_VERDICT_DENIED", VERDICT_DENIED as u64),
+            ("IM_VERDICT_RATE_LIMITED", VERDICT_RATE_LIMITED as u64),
+            ("IM_VERDICT_SPOOFED", VERDICT_SPOOFED as u64),
+            ("IM_EVENT_NEW", EVENT_NEW as u64),
+            ("IM_EVENT_VERDICT", EVENT_VERDICT as u64),
+            ("IM_EVENT_REPORT", EVENT_REPORT as u64),
+            ("IM_EVENT_CLOSE", EVENT_CLOSE as u64),
+            ("IM_HOOK_FROM_INSTANCE", HOOK_FROM_INSTANCE as u64),
+            ("IM_HOOK_TO_INSTANCE", HOOK_TO_INSTANCE as u64),
+            ("IM_POLICY_ALLOW", POLICY_ALLOW as u64),
+            ("IM_DIR_INGRESS", DIR_INGRESS as u64),
+            ("IM_DIR_EGRESS", DIR_EGRESS as u64),
+            ("IM_ENFORCE_INGRESS", ENFORCE_INGRESS as u64),
+            ("IM_ENFORCE_EGRESS", ENFORCE_EGRESS as u64),
+            ("IM_CNT_ALLOWED", CNT_ALLOWED as u64),
+            ("IM_CNT_DENIED", CNT_DENIED as u64),
+            ("IM_CNT_RATE_LIMITED", CNT_RATE_LIMITED as u64),
+            ("IM_CNT_NEW_FLOWS", CNT_NEW_FLOWS as u64),
+            ("IM_CNT_EVENTS_LOST", CNT_EVENTS_LOST as u64),
+            ("IM_CNT_LB_REWRITES", CNT_LB_REWRITES as u64),
+            ("IM_CNT_LB_NO_BACKEND", CNT_LB_NO_BACKEND as u64),
+            ("IM_CNT_MAX", CNT_MAX as u64),
+            ("IM_GUARD_SPOOFED", GUARD_SPOOFED as u64),
+            ("IM_GUARD_ARP_SPOOFED", GUARD_ARP_SPOOFED as u64),
+            ("IM_GUARD_NOT_IPV4", GUARD_NOT_IPV4 as u64),
+            ("IM_GUARD_NO_ADDR", GUARD_NO_ADDR as u64),
+            ("IM_GUARD_CT_FULL", GUARD_CT_FULL as u64),
+            ("IM_GUARD_MAX", GUARD_MAX as u64),
+        ]
+        .into_iter()
+        .map(|(n, v)| (n.to_string(), v))
+        .collect();
+        let mut c = c_constants();
+        for n in C_ONLY {
+            assert!(c.remove(*n).is_some(), "{n} missing from c/layout.c");
+        }
+        assert_eq!(rust, c, "Rust constants differ from ironmesh.h");
+        // Every IM_ define of the header is printed by c/layout.c.
+        let header = include_str!("../c/ironmesh.h");
+        let defined = header
+            .lines()
+            .filter_map(|l| l.strip_prefix("#define IM_"))
+            .filter(|l| !l.starts_with("LAYOUT_VERSION"))
+            .count();
+        assert_eq!(
+            defined,
+            rust.len() + C_ONLY.len(),
+            "an IM_ define of ironmesh.h is not checked"
+        );
     }
 
     #[test]
