@@ -94,7 +94,7 @@ pub struct AgentConfig {
     pub instance_mtu: u32,
 
     /// bpffs directory the datapath pins its programs, maps and links in.
-    /// Default: /sys/fs/bpf/ironmesh/<containerd-namespace>.
+    /// Default: `/sys/fs/bpf/ironmesh/<containerd-namespace>`.
     #[arg(long, env = "IRONMESH_BPF_PIN_DIR")]
     pub bpf_pin_dir: Option<PathBuf>,
 

@@ -147,7 +147,7 @@ impl NodeIdentity {
     }
 
     /// Puts a renewed key and certificate in place of the current ones
-    /// (see [`finish_renewal`] for why the order makes a crash safe).
+    /// (see `finish_renewal` for why the order makes a crash safe).
     pub fn save_renewed(&self, dir: &Path) -> Result<(), IdentityError> {
         write_atomic(&dir.join(NEW_CERT_FILE), self.cert_pem.as_bytes(), 0o644)?;
         write_atomic(&dir.join(NEW_KEY_FILE), self.key_pem.as_bytes(), 0o600)?;

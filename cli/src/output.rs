@@ -505,7 +505,9 @@ pub fn describe(kind: Kind, o: &Value) -> String {
         }
         if let Some(status) = o.get("status").filter(|_| kind != Kind::Instance) {
             out.push_str("Status:\n");
-            out.push_str(&indent(&serde_norway::to_string(status).unwrap_or_default()));
+            out.push_str(&indent(
+                &serde_norway::to_string(status).unwrap_or_default(),
+            ));
         }
     }
     out

@@ -36,7 +36,7 @@ pub struct ControllerConfig {
     pub data_dir: PathBuf,
 
     /// Address written into admin.yaml for imctl (`https://host:port`).
-    /// Default: https://127.0.0.1:<port> when listening on all addresses.
+    /// Default: `https://127.0.0.1:<port>` when listening on all addresses.
     #[arg(long, env = "IRONMESH_ADVERTISE_URL")]
     pub advertise_url: Option<String>,
 
@@ -47,7 +47,7 @@ pub struct ControllerConfig {
     pub tls_sans: Vec<String>,
 
     /// Bootstrap token agents present to join. Default: generated on first
-    /// start and kept in <data-dir>/bootstrap-token. Either way it is
+    /// start and kept in `<data-dir>/bootstrap-token`. Either way it is
     /// recorded once as a join token that expires after
     /// --bootstrap-token-ttl; make more with `imctl token create`.
     #[arg(long, env = "IRONMESH_BOOTSTRAP_TOKEN", hide_env_values = true)]
@@ -143,7 +143,7 @@ pub struct ControllerConfig {
     pub node_cidr_prefix: u8,
 
     /// Where desired state lives: `embedded` (one file,
-    /// <data-dir>/store.redb; one controller) or etcd, as
+    /// `<data-dir>/store.redb`; one controller) or etcd, as
     /// `etcd://host:2379,host2:2379` (plain) or `etcds://host:2379,…` (TLS),
     /// for several controllers with one elected leader. See
     /// docs/high-availability.md.

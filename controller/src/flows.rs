@@ -5,7 +5,7 @@
 //!
 //! Each controller keeps its own ring of what its connected agents sent;
 //! nothing is stored. Names come from a snapshot of the instances and
-//! workloads refreshed at most every [`NAMES_TTL`].
+//! workloads refreshed at most every `NAMES_TTL`.
 
 use std::collections::{HashMap, VecDeque};
 use std::pin::Pin;

@@ -71,7 +71,7 @@ const SERVE_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
 const TASKS_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Runs the controller until `shutdown` resolves; returns within
-/// [`SERVE_GRACE`] + [`TASKS_GRACE`] of it.
+/// `SERVE_GRACE` + `TASKS_GRACE` of it.
 pub async fn run(cfg: ControllerConfig, shutdown: Shutdown) -> Result<(), ServerError> {
     cfg.validate().map_err(ServerError::Config)?;
     let opened = open_store(&cfg).await?;

@@ -2,7 +2,7 @@
 //! has room, records the binding in the Volume's status, and answers what
 //! the rest of the controller needs to know about volumes — the node an
 //! instance that mounts volumes must run on ([`VolumeIndex::node_for`]),
-//! the volumes of a node's assignment ([`for_node`]), the usage agents
+//! the volumes of a node's assignment ([`VolumeIndex::bound_to`]), the usage agents
 //! report ([`record_storage`]) and whether a Volume may be deleted
 //! ([`check_delete`]).
 //!

@@ -2,7 +2,7 @@
 //! set of instances the controller assigned, and keeps them running.
 //!
 //! This module owns the lifecycle of every instance on the node: one tokio
-//! task per instance ([`instance`]) ensures its image through the
+//! task per instance (`instance`) ensures its image through the
 //! [`ImageSource`], builds its container from the Workload spec
 //! ([`spec`]), starts its task with stdout and stderr appended to files in
 //! `<state_dir>/instances/<name>/`, waits for it to exit, restarts it per

@@ -3,7 +3,7 @@
 //! records) vanish when the controller dies or loses etcd for longer than
 //! the lease TTL.
 //!
-//! [`run`] publishes the live lease id, or `None` while there is none. It
+//! `run` publishes the live lease id, or `None` while there is none. It
 //! withdraws the id *before* the TTL can have run out on etcd's side (no
 //! confirmed renewal for 2/3 of the TTL), so a controller never believes in
 //! a lease etcd may already have expired.
