@@ -9,6 +9,9 @@
 //! containerd and busybox-static must be installed
 //! (`scripts/install-deps.sh`); without them the tests fail, they do not skip.
 
+// Test code: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::collections::HashSet;
 use std::fs;
 use std::path::{Path, PathBuf};

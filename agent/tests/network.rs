@@ -8,6 +8,9 @@
 //! instance namespaces and deletes the host namespaces, also on panic.
 //! `ip` is used here only to build the topology and to look.
 
+// Test code: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::collections::HashSet;
 use std::future::Future;
 use std::io::{Read, Write};

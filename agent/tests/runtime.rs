@@ -5,6 +5,9 @@
 //! must be installed (`scripts/install-deps.sh`); without them the tests
 //! fail, they do not skip.
 
+// Test code: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::collections::HashMap;

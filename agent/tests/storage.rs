@@ -5,6 +5,9 @@
 //! loop devices go with their mounts through autoclear) when dropped, also
 //! on panic, and the test checks that nothing is left.
 
+// Test code: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::io::Write;
 use std::path::{Path, PathBuf};
 

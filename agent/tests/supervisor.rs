@@ -8,6 +8,9 @@
 //! on the supervisor's reports with deadlines, never on sleeps. Containers
 //! share the host network, so HTTP and TCP probes use free host ports.
 
+// Test code: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::path::PathBuf;

@@ -566,12 +566,17 @@ fn compute(view: &View, memo: &mut Memo) -> (SharedPart, HashMap<String, LocalPa
     let mut seen = std::collections::HashSet::new();
     for i in view.objects(Kind::Instance).values() {
         seen.insert(i.name.as_str());
-        let facts = match memo.instances.get_mut(&i.name) {
-            Some(f) if f.revision == i.revision => f,
-            _ => {
-                memo.instances.insert(i.name.clone(), facts_of(i));
-                memo.instances.get_mut(&i.name).expect("just inserted")
-            }
+        // Looked up twice rather than through the entry API, which would
+        // clone every name on every pass.
+        if memo
+            .instances
+            .get(&i.name)
+            .is_none_or(|f| f.revision != i.revision)
+        {
+            memo.instances.insert(i.name.clone(), facts_of(i));
+        }
+        let Some(facts) = memo.instances.get_mut(&i.name) else {
+            continue;
         };
         if let (Some(ip), Some(id)) = (&facts.ip, facts.identity) {
             shared.identities.insert(ip.clone(), id);

@@ -1,6 +1,9 @@
 //! The OCI image layouts `build_layout` writes: reproducible, internally
 //! consistent (every digest re-hashed here), with a deterministic layer.
 
+// Test code: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::collections::BTreeMap;
 use std::io::Read;
 use std::os::unix::fs::PermissionsExt;

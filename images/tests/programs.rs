@@ -3,6 +3,9 @@
 //! `records-server` (healthz, records, SIGTERM). Every wait has a
 //! deadline; only processes started here are signalled or killed.
 
+// Test code: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::Path;

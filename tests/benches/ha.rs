@@ -14,6 +14,9 @@
 //! validation plus the durable store commit (redb fsync vs etcd's raft
 //! log fsync on one loopback member).
 
+// Test code: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::time::{Duration, Instant};
 
 use ironmesh_proto::v1::{ApplyRequest, Manifest};

@@ -10,6 +10,9 @@
 //! Running to the moment it says Succeeded (polled every 50 ms through the
 //! operator API), so run-volume setup, which both share, is left out.
 
+// Test code: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::time::{Duration, Instant};
 
 use ironmesh_proto::v1::operator_service_client::OperatorServiceClient;

@@ -10,6 +10,9 @@
 //! build: `cargo build --bins && cargo bench --profile dev -p
 //! ironmesh-tests --bench soak`. Needs Debian's `etcd-server`.
 
+// Test code: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};

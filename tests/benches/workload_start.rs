@@ -10,6 +10,9 @@
 //! agent, container create and task start in containerd, and the Running
 //! status travelling back into the store and out to a watcher.
 
+// Test code: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;

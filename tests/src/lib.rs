@@ -12,6 +12,9 @@
 //! The binaries must be built first (`cargo build --bins`); the README's
 //! test command does that.
 
+// Test code: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};

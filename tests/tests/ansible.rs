@@ -10,6 +10,9 @@
 //! ansible-lint in `/opt/ironmesh-ansible-venv` (or `$IRONMESH_ANSIBLE_VENV`);
 //! `scripts/install-deps.sh` installs them.
 
+// Test code: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};

@@ -2,6 +2,9 @@
 //! (`imctl logs -f` suspended with SIGSTOP) is dropped by the controller,
 //! and the node it reads from keeps its heartbeats and stays Ready.
 
+// Test code: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::io::Read as _;
 use std::process::{Command, Stdio};
 use std::time::Duration;

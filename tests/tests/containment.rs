@@ -9,6 +9,9 @@
 //! The container images are a busybox image built here (busybox-static's
 //! `/bin/busybox`, so `grep` and `sh` exist) and the project's batch-step.
 
+// Test code: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 

@@ -2,6 +2,9 @@
 //! applied and removed as map writes (no restarts), and a Service VIP
 //! balanced in the kernel across ready backends.
 
+// Test code: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;

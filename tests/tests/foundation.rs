@@ -1,6 +1,9 @@
 //! End-to-end tests of the foundation: join over mTLS, readiness from
 //! heartbeats, authentication, durable applies, and atomic apply.
 
+// Test code: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::time::{Duration, Instant};
 
 use ironmesh_proto::v1::{

@@ -6,6 +6,9 @@
 //!
 //! Every process is killed by PID when its fixture drops, also on panic.
 
+// Test code: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::time::{Duration, Instant};
 
 use ironmesh_tests::{metric, wait_for, Agent, Controller, ControllerOpts, Etcd};

@@ -6,6 +6,9 @@
 //! workspace's debug binaries so the test needs no static release build:
 //! the push path does not care what the layer holds.
 
+// Test code: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::Instant;

@@ -3,6 +3,9 @@
 //! one namespace and veth per instance, direct routes between hosts, and
 //! cleanup.
 
+// Test code: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::process::Command;

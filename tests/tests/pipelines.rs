@@ -8,6 +8,9 @@
 //! directory pool in its own directory; a guard unmounts what is left
 //! below it when a test ends, also on panic.
 
+// Test code: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::time::{Duration, Instant};
 
 use ironmesh_tests::{images_dir, wait_for, Agent, Controller, ControllerOpts, Unmounter};

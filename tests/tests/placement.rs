@@ -4,6 +4,9 @@
 //! and does not run them twice when it returns, and drain moves everything
 //! off a node.
 
+// Test code: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::process::Command;

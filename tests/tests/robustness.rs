@@ -3,6 +3,9 @@
 //! clean exits on SIGTERM for the controller (with an agent connected) and
 //! the agent (its containers keep running).
 
+// Test code: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 

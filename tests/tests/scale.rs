@@ -5,6 +5,9 @@
 //! figures come from `ironmesh-sim bench` (docs/scale.md); this test keeps
 //! the same path working at a size that runs in a few seconds.
 
+// Test code: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::collections::BTreeMap;
 use std::time::Duration;
 

@@ -1,6 +1,9 @@
 //! End-to-end tests of Sources (GitOps): a real controller following a
 //! local git repository made in a temporary directory.
 
+// Test code: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;

@@ -5,6 +5,9 @@
 //! CIDR and bounds, the node authorizer of the image store, and node
 //! certificates renewed while instances keep running.
 
+// Test code: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::path::Path;
 use std::process::Output;
 use std::time::{Duration, Instant};

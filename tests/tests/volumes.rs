@@ -9,6 +9,9 @@
 //! test ends, also on panic; loop devices go with their mounts
 //! (autoclear).
 
+// Test code: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Duration;

@@ -6,6 +6,9 @@
 //! bridge) with its own containerd; each instance gets its own network
 //! namespace and address, reached from inside the host.
 
+// Test code: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};

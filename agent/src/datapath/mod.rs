@@ -391,8 +391,9 @@ fn on_bpffs(path: &Path) -> bool {
     let Ok(c) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) else {
         return false;
     };
-    // SAFETY: statfs fills `st`; c is NUL-terminated.
+    // SAFETY: statfs is plain old data, valid all zeroes.
     let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: statfs fills `st`, which outlives the call; c is NUL-terminated.
     let rc = unsafe { libc::statfs(c.as_ptr(), &mut st) };
     rc == 0 && st.f_type as i64 == BPF_FS_MAGIC
 }
