@@ -153,13 +153,6 @@ impl ControllerImages {
         self
     }
 
-    /// How long a blob stream may stay silent before the fetch is given up
-    /// as unavailable (default 30 s).
-    pub fn with_idle_timeout(mut self, timeout: Duration) -> ControllerImages {
-        self.idle_timeout = timeout;
-        self
-    }
-
     fn lock_for(&self, image: &str) -> Arc<tokio::sync::Mutex<()>> {
         let mut locks = self.locks.lock().unwrap_or_else(|p| p.into_inner());
         // Forget locks nobody holds or waits on, so the map stays small.

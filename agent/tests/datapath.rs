@@ -1907,11 +1907,17 @@ fn a_spoofed_reply_does_not_open_a_connection_through_default_deny() {
     // ...but the SYN that follows, A:40000 -> V:5432, is a new connection,
     // not its reply: V's default-deny still refuses it.
     let before = f.dp().counters().expect("counters");
+    let entries = f.dp().conntrack_len().expect("conntrack");
     assert!(
         !connect_from(&f.a.ns, from_a, to_v, SHORT),
         "the spoofed entry carried A's SYN through V's default-deny"
     );
     assert!(f.dp().counters().expect("counters").denied > before.denied);
+    assert_eq!(
+        f.dp().conntrack_len().expect("conntrack"),
+        entries,
+        "a denied SYN wrote a conntrack entry"
+    );
 
     // A refused flow leaves no entry in the way: allowing it later lets the
     // next attempt through.

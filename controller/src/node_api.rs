@@ -56,18 +56,6 @@ pub struct NodeApi {
     pub shutdown: ironmesh_daemon::Shutdown,
 }
 
-/// The verified identity of the caller, from its TLS client certificate.
-pub fn peer_identity<T>(req: &Request<T>) -> Result<Identity, Status> {
-    let certs = req
-        .peer_certs()
-        .ok_or_else(|| Status::unauthenticated("a client certificate is required"))?;
-    let leaf = certs
-        .first()
-        .ok_or_else(|| Status::unauthenticated("a client certificate is required"))?;
-    crate::pki::identity_from_der(leaf)
-        .map_err(|e| Status::unauthenticated(format!("client certificate not accepted: {e}")))
-}
-
 /// The caller's verified certificate.
 fn peer_cert<T>(req: &Request<T>) -> Result<crate::pki::CertInfo, Status> {
     let leaf = req

@@ -177,10 +177,6 @@ impl Fleet {
         self.started
     }
 
-    pub fn node_names(&self) -> Vec<String> {
-        self.agents.iter().map(|a| a.name.clone()).collect()
-    }
-
     /// A snapshot of every node, in name order.
     pub fn nodes(&self) -> Vec<NodeStats> {
         self.agents.iter().map(|a| a.stats()).collect()

@@ -185,13 +185,6 @@ impl Host {
         let path = path.to_string();
         self.within(move || crate::http_get(addr, &path))
     }
-
-    /// True if a TCP connection to `addr` opens from this host within 1 s.
-    pub fn can_connect(&self, addr: SocketAddr) -> bool {
-        self.within(move || {
-            std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(1)).is_ok()
-        })
-    }
 }
 
 impl Drop for Host {

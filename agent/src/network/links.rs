@@ -290,12 +290,6 @@ pub async fn del_flood_entry(
     }
 }
 
-/// Writes a per-interface IPv4 sysctl of the agent's own namespace
-/// (`/proc/sys/net` resolves to the namespace of the calling thread).
-pub fn write_sysctl(path: &str, value: &str) -> Result<(), NetworkError> {
-    std::fs::write(path, value).map_err(|e| NetworkError::io("writing sysctl", path, e))
-}
-
 /// Sets a sysctl unless it already has `value`. A read-only `/proc/sys`
 /// (some container sandboxes) is not fatal: the caller says what is lost.
 pub fn ensure_sysctl(path: &str, value: &str, without: &str) -> Result<(), NetworkError> {

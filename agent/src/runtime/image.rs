@@ -996,25 +996,6 @@ impl Runtime {
             defaults: image_defaults(&config),
         })
     }
-
-    /// Deletes an image name (its content and snapshots go with the next
-    /// garbage collection unless another image references them).
-    pub async fn delete_image(&self, name: &str) -> Result<(), RuntimeError> {
-        use containerd_client::services::v1::DeleteImageRequest;
-        match self
-            .images()
-            .delete(self.request(DeleteImageRequest {
-                name: name.to_string(),
-                sync: false,
-                target: None,
-            }))
-            .await
-        {
-            Ok(_) => Ok(()),
-            Err(s) if s.code() == Code::NotFound => Ok(()),
-            Err(s) => Err(call_err("Images.Delete", format!("image {name}"))(s)),
-        }
-    }
 }
 
 /// The next answer on a `Content.Write` stream, within `timeout`.

@@ -429,11 +429,6 @@ impl Storage {
         self.pools.iter().find(|p| p.cfg.name == name)
     }
 
-    /// True when at least one pool is configured.
-    pub fn has_pools(&self) -> bool {
-        !self.pools.is_empty()
-    }
-
     /// The pool a new volume goes to: `pool` if named, else the first
     /// pool that supports `backend` (or the first pool, with its default
     /// backend).
