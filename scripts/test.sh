@@ -7,6 +7,11 @@ bash scripts/install-deps.sh
 # The end-to-end tests run the binaries and push the project's own images,
 # so build both first.
 cargo build --workspace --bins
+# The datapath tests and every agent pin in bpffs; mount it once here so
+# parallel tests never race to mount it (a fresh host has none).
+if [ "$(id -u)" = 0 ]; then
+  mountpoint -q /sys/fs/bpf || mount -t bpf bpf /sys/fs/bpf
+fi
 cargo run -q -p ironmesh-images --bin build-images -- --out target/images
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT

@@ -253,6 +253,7 @@ impl Fixture {
         };
         let a = mk("a", 2);
         let b = mk("b", 3);
+        ensure_bpffs();
         let pin_dir = PathBuf::from(format!("/sys/fs/bpf/ironmesh-test/dp-{tag}"));
         let cgroup = PathBuf::from(format!("/sys/fs/cgroup/unified/ironmesh-test-dp-{tag}"));
         std::fs::create_dir_all(&cgroup).expect("create test cgroup");
@@ -1964,4 +1965,29 @@ fn a_full_policy_map_still_enforces_and_denies_what_its_missing_rules_allow() {
     rules.drain(..10);
     f.dp().apply_policy(&rules, &[ID_B], &[]).expect("fits now");
     assert_eq!(fetch(&f.a.ns, to_b, SHORT).as_deref(), Some("from-b"));
+}
+
+/// Mounts bpffs at /sys/fs/bpf unless something is mounted there (a fresh
+/// host has none; the agent binary does the same at start). Once per test
+/// binary: two mounts racing would stack one bpffs over the other.
+fn ensure_bpffs() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let mounts = std::fs::read_to_string("/proc/self/mounts").expect("read mounts");
+        if mounts
+            .lines()
+            .any(|l| l.split_whitespace().nth(1) == Some("/sys/fs/bpf"))
+        {
+            return;
+        }
+        let out = Command::new("mount")
+            .args(["-t", "bpf", "bpf", "/sys/fs/bpf"])
+            .output()
+            .expect("run mount");
+        assert!(
+            out.status.success(),
+            "mount bpffs: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    });
 }
