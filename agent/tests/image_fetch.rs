@@ -228,7 +228,7 @@ fn staging_entries(dir: &Path) -> Vec<PathBuf> {
 #[tokio::test]
 async fn image_is_fetched_once_verified_and_resolvable_in_containerd() {
     let cd = Containerd::start("once");
-    let rt = cd.runtime().await;
+    let rt = common::runtime(&cd).await;
     let server = BlobServer {
         dir: cd.path("store"),
         ..Default::default()
@@ -319,7 +319,7 @@ async fn image_is_fetched_once_verified_and_resolvable_in_containerd() {
 #[tokio::test]
 async fn project_image_with_a_gzip_layer_is_fetched_with_its_defaults() {
     let cd = Containerd::start("gzip");
-    let rt = cd.runtime().await;
+    let rt = common::runtime(&cd).await;
     let binary = std::env::var_os("IMFETCH_TEST_BINARY")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from("/bin/busybox"));
@@ -361,7 +361,7 @@ async fn project_image_with_a_gzip_layer_is_fetched_with_its_defaults() {
 #[tokio::test]
 async fn unknown_image_or_digest_is_not_found() {
     let cd = Containerd::start("notfound");
-    let rt = cd.runtime().await;
+    let rt = common::runtime(&cd).await;
     let server = BlobServer {
         dir: cd.path("store"),
         ..Default::default()
@@ -396,7 +396,7 @@ async fn unknown_image_or_digest_is_not_found() {
 #[tokio::test]
 async fn damaged_layer_is_invalid_and_nothing_is_imported() {
     let cd = Containerd::start("damaged");
-    let rt = cd.runtime().await;
+    let rt = common::runtime(&cd).await;
     let server = BlobServer {
         dir: cd.path("store"),
         ..Default::default()
@@ -431,7 +431,7 @@ async fn damaged_layer_is_invalid_and_nothing_is_imported() {
 #[tokio::test]
 async fn unreachable_controller_is_unavailable() {
     let cd = Containerd::start("unreach");
-    let rt = cd.runtime().await;
+    let rt = common::runtime(&cd).await;
     // A port nobody listens on (bound, then released).
     let addr = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()

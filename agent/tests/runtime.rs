@@ -25,7 +25,7 @@ use ironmesh_agent::runtime::{
 #[tokio::test]
 async fn import_twice_then_run_to_exit_code_with_logs() {
     let cd = Containerd::start("exit");
-    let rt = cd.runtime().await;
+    let rt = common::runtime(&cd).await;
     let layout = busybox_layout(&cd.path("layout"), IMAGE);
 
     let mut last = None;
@@ -104,7 +104,7 @@ async fn import_twice_then_run_to_exit_code_with_logs() {
 #[tokio::test]
 async fn adopt_limits_exec_stop_delete() {
     let cd = Containerd::start("adopt");
-    let rt = cd.runtime().await;
+    let rt = common::runtime(&cd).await;
     rt.import_layout(&busybox_layout(&cd.path("layout"), IMAGE))
         .await
         .unwrap();
@@ -120,7 +120,7 @@ async fn adopt_limits_exec_stop_delete() {
     let created = rt.create(&spec).await.unwrap();
     assert_eq!(
         created.cgroups_path,
-        format!("{}/sleeper", cd.cgroup_prefix)
+        format!("{}/sleeper", cd.cgroup_prefix())
     );
     let pid = rt
         .start("sleeper", &TaskIo::in_dir(cd.path("logs/sleeper")))
@@ -129,7 +129,7 @@ async fn adopt_limits_exec_stop_delete() {
 
     // A new client (as after an agent restart) finds the same task.
     drop(rt);
-    let rt = cd.runtime().await;
+    let rt = common::runtime(&cd).await;
     let listed = rt.list().await.unwrap();
     assert_eq!(listed.len(), 1, "{listed:?}");
     let c = &listed[0];
@@ -141,7 +141,10 @@ async fn adopt_limits_exec_stop_delete() {
     assert_eq!(task.status, TaskStatus::Running);
     // The runc options reached the shim: runc keeps its state in our root.
     assert!(
-        cd.path("runc").join(&cd.namespace).join("sleeper").is_dir(),
+        cd.path("runc")
+            .join(cd.namespace())
+            .join("sleeper")
+            .is_dir(),
         "runc state is not under the configured runc root"
     );
     // A task that has only just started may still be exec'ing (empty
@@ -251,7 +254,7 @@ async fn adopt_limits_exec_stop_delete() {
 async fn create_to_task_started_latency() {
     const RUNS: usize = 20;
     let cd = Containerd::start("bench");
-    let rt = cd.runtime().await;
+    let rt = common::runtime(&cd).await;
     rt.import_layout(&busybox_layout(&cd.path("layout"), IMAGE))
         .await
         .unwrap();

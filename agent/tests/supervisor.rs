@@ -178,7 +178,7 @@ impl Fixture {
         network: Option<Arc<dyn InstanceNetworking>>,
     ) -> Fixture {
         let cd = Containerd::start(name);
-        let rt = cd.runtime().await;
+        let rt = common::runtime(&cd).await;
         let layout = busybox_layout(&cd.path("layout"), IMAGE);
         let images = Arc::new(LayoutImages {
             runtime: rt.clone(),
@@ -221,7 +221,7 @@ impl Fixture {
         if let Some(sup) = self.sup.take() {
             sup.detach().await;
         }
-        let rt = self.cd.runtime().await;
+        let rt = common::runtime(&self.cd).await;
         let (tx, reports) = mpsc::channel(4096);
         self.reports = reports;
         self.seen.clear();
@@ -441,7 +441,7 @@ async fn desired_instance_runs_ready_with_its_limits_in_the_cgroup() {
     let cgroup = |controller: &str, file: &str| {
         let path = format!(
             "/sys/fs/cgroup/{controller}{}/web-1/{file}",
-            f.cd.cgroup_prefix
+            f.cd.cgroup_prefix()
         );
         std::fs::read_to_string(&path)
             .unwrap_or_else(|e| panic!("{path}: {e}"))
@@ -826,7 +826,7 @@ async fn removed_or_replaced_instances_leave_nothing_behind() {
     assert_eq!(c[0].labels[LABEL_SPEC_GENERATION], "2");
     let limit = std::fs::read_to_string(format!(
         "/sys/fs/cgroup/memory{}/a-1/memory.limit_in_bytes",
-        f.cd.cgroup_prefix
+        f.cd.cgroup_prefix()
     ))
     .unwrap();
     assert_eq!(limit.trim(), (32u64 << 20).to_string());

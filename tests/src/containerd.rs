@@ -1,6 +1,7 @@
 //! A private containerd for tests: own root, state, sockets and containerd
 //! namespace, killed and cleaned up (shims, mounts, cgroups) on drop, also
-//! when the test fails.
+//! when the test fails. Used by the end-to-end tests and the agent's own
+//! integration tests.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -9,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
 
-const DEADLINE: Duration = Duration::from_secs(20);
+use crate::DEADLINE;
 
 /// A containerd of our own, killed and cleaned up on drop.
 pub struct Containerd {
@@ -20,7 +21,8 @@ pub struct Containerd {
     cgroup_prefix: String,
 }
 
-fn find_in_path(binary: &str) -> Option<PathBuf> {
+/// The first `binary` on PATH (or in /usr/sbin, /sbin).
+pub fn find_in_path(binary: &str) -> Option<PathBuf> {
     std::env::var_os("PATH")
         .into_iter()
         .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
@@ -135,7 +137,8 @@ pub fn cgroup_dirs(prefix: &str) -> Vec<PathBuf> {
     out
 }
 
-fn kill(pid: i32, signal: i32) {
+/// Sends `signal` to `pid` (a process this test started).
+pub fn kill(pid: i32, signal: i32) {
     if pid > 0 {
         // SAFETY: plain syscall on a PID this test started (directly or
         // through its containerd).

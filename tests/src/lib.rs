@@ -25,6 +25,7 @@ use anyhow::{bail, Context};
 pub mod containerd;
 pub mod etcd;
 pub mod net;
+pub mod test_image;
 pub use containerd::Containerd;
 pub use etcd::Etcd;
 pub use net::{Host, TestNet};
@@ -71,6 +72,17 @@ pub fn bin(name: &str) -> PathBuf {
 pub fn free_addr() -> SocketAddr {
     let l = TcpListener::bind("127.0.0.1:0").expect("bind loopback");
     l.local_addr().expect("local addr")
+}
+
+/// How long one fixture step may take (containerd answering, an image
+/// import, a container start).
+pub const DEADLINE: Duration = Duration::from_secs(20);
+
+/// Awaits `fut`, failing the test if it takes longer than [`DEADLINE`].
+pub async fn within<T>(what: &str, fut: impl std::future::Future<Output = T>) -> T {
+    tokio::time::timeout(DEADLINE, fut)
+        .await
+        .unwrap_or_else(|_| panic!("{what} did not finish within {DEADLINE:?}"))
 }
 
 /// Polls `f` until it returns `Some`, or fails after `deadline`.
