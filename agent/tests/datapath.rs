@@ -1876,6 +1876,88 @@ fn connect_from(ns: &Path, local: SocketAddrV4, to: SocketAddrV4, timeout: Durat
 }
 
 #[test]
+fn a_packet_of_anothers_established_flow_is_still_checked_for_spoofing() {
+    // A flow's conntrack entry remembers the veth each direction left from,
+    // so later packets from that veth skip the source lookup; the same
+    // 5-tuple sent from any other veth must still be checked and dropped.
+    let f = Fixture::new();
+    f.attach_both();
+    f.identities();
+    sh(&[
+        "nsenter",
+        &format!("--net={}", f.host.display()),
+        "sysctl",
+        "-qw",
+        "net.ipv4.conf.all.rp_filter=0",
+    ]);
+    let (a_ip, b_ip) = (f.a.ip, f.b.ip);
+    let at_b = in_ns(&f.b.ns, move || {
+        std::net::UdpSocket::bind(SocketAddrV4::new(b_ip, 7777)).expect("bind")
+    });
+    at_b.set_read_timeout(Some(Duration::from_millis(50)))
+        .expect("timeout");
+    let at_a = in_ns(&f.a.ns, move || {
+        std::net::UdpSocket::bind(SocketAddrV4::new(a_ip, 5000)).expect("bind")
+    });
+    at_a.set_read_timeout(Some(Duration::from_millis(50)))
+        .expect("timeout");
+    let a_to_b = |payload: &[u8]| {
+        eth(
+            HOST_MAC,
+            SOME_MAC,
+            0x0800,
+            &ipv4(a_ip, b_ip, 17, udp(5000, 7777, payload), None),
+        )
+    };
+    let b_to_a = |payload: &[u8]| {
+        eth(
+            HOST_MAC,
+            SOME_MAC,
+            0x0800,
+            &ipv4(b_ip, a_ip, 17, udp(7777, 5000, payload), None),
+        )
+    };
+
+    // The flow A:5000 <-> B:7777 in both directions, each from its own veth.
+    send_frame(&f.a.ns, "eth0", a_to_b(b"a-1"));
+    assert!(
+        receives(&at_b, b"a-1", Duration::from_secs(2)),
+        "A's first datagram"
+    );
+    send_frame(&f.b.ns, "eth0", b_to_a(b"b-1"));
+    assert!(receives(&at_a, b"b-1", Duration::from_secs(2)), "B's reply");
+    let before = f.dp().counters().expect("counters");
+
+    // B sends A's direction of it, claiming A's address: dropped as spoofed.
+    send_frame(&f.b.ns, "eth0", a_to_b(b"forged-by-b"));
+    assert!(
+        !receives(&at_b, b"forged-by-b", SHORT),
+        "a datagram B forged as A's flow got through"
+    );
+    // A sends B's direction of it, claiming B's address: dropped as well.
+    send_frame(&f.a.ns, "eth0", b_to_a(b"forged-by-a"));
+    assert!(
+        !receives(&at_a, b"forged-by-a", SHORT),
+        "a datagram A forged as B's reply got through"
+    );
+    let after = f.dp().counters().expect("counters");
+    assert_eq!(after.spoofed, before.spoofed + 2, "{before:?} -> {after:?}");
+
+    // The flow's own packets still pass, from their own veths.
+    send_frame(&f.a.ns, "eth0", a_to_b(b"a-2"));
+    assert!(
+        receives(&at_b, b"a-2", Duration::from_secs(2)),
+        "A's next datagram"
+    );
+    send_frame(&f.b.ns, "eth0", b_to_a(b"b-2"));
+    assert!(
+        receives(&at_a, b"b-2", Duration::from_secs(2)),
+        "B's next reply"
+    );
+    assert_eq!(f.dp().counters().expect("counters").spoofed, after.spoofed);
+}
+
+#[test]
 fn a_spoofed_reply_does_not_open_a_connection_through_default_deny() {
     let f = Fixture::new();
     f.attach_both();

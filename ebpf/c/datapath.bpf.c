@@ -524,6 +524,27 @@ static __always_inline int guard(struct __sk_buff *skb, struct pkt *p, __u32 *le
 	return 0;
 }
 
+/* The veth a conntrack entry remembers as a direction's sender, if this
+ * packet came from it; see struct im_ct_val. */
+static __always_inline int same_sender(const struct im_ct_val *ct, int rev, __u32 ifindex)
+{
+	__u16 known = rev ? ct->if_rev : ct->if_fwd;
+
+	return known != 0 && ifindex <= 0xffff && known == ifindex;
+}
+
+static __always_inline void remember_sender(struct im_ct_val *ct, int rev, __u32 ifindex)
+{
+	__u16 v = ifindex <= 0xffff ? (__u16)ifindex : 0;
+
+	if (rev) {
+		if (ct->if_rev != v)
+			ct->if_rev = v;
+	} else if (ct->if_fwd != v) {
+		ct->if_fwd = v;
+	}
+}
+
 static __always_inline int handle(struct __sk_buff *skb, __u8 hook)
 {
 	__u32 zero = 0;
@@ -547,14 +568,22 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 hook)
 			return TC_ACT_OK;
 	}
 
-	if (hook == IM_HOOK_FROM_INSTANCE) {
-		__u32 leased = 0;
-		int g = guard(skb, &p, &leased);
+	/* Out of an instance, IPv4 is parsed here and its source checked
+	 * after the conntrack lookup (an entry may vouch for it); ARP and
+	 * everything else go through the whole guard now. */
+	int source_checked = 0;
 
-		if (g < 0)
-			return TC_ACT_SHOT;
-		if (g > 0)
-			return TC_ACT_OK; /* ARP with the instance's own sender */
+	if (hook == IM_HOOK_FROM_INSTANCE) {
+		if (parse(skb, &p) < 0) {
+			__u32 leased = 0;
+			int g = guard(skb, &p, &leased);
+
+			if (g < 0)
+				return TC_ACT_SHOT;
+			if (g > 0)
+				return TC_ACT_OK; /* ARP with the instance's own sender */
+			source_checked = 1;
+		}
 	} else if (parse(skb, &p) < 0) {
 		return TC_ACT_OK; /* into the instance, not IPv4: the host sent it */
 	}
@@ -591,6 +620,20 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 hook)
 				rev = 1;
 		}
 	}
+	/* The anti-spoofing check, before anything this packet could change:
+	 * skipped only when the entry saw this direction leave this very veth
+	 * after a check (same veth, same 5-tuple: the same source). */
+	if (hook == IM_HOOK_FROM_INSTANCE && !source_checked) {
+		if (!ct || !same_sender(ct, rev, skb->ifindex)) {
+			__u32 leased = 0;
+
+			if (guard(skb, &p, &leased) != 0)
+				return TC_ACT_SHOT;
+			if (ct)
+				remember_sender(ct, rev, skb->ifindex);
+		}
+	}
+
 	if (ct) {
 		int reopen = !rev && p.key.proto == IPPROTO_TCP &&
 			     (p.tcp_flags & (TCP_SYN | TCP_ACK)) == TCP_SYN &&
@@ -622,6 +665,8 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 hook)
 		nv.last_report_ns = now;
 		nv.packets_fwd = 1;
 		nv.bytes_fwd = p.len;
+		if (hook == IM_HOOK_FROM_INSTANCE)
+			remember_sender(&nv, 0, skb->ifindex);
 		if (nv.verdict == IM_VERDICT_ALLOWED &&
 		    bpf_map_update_elem(&im_conntrack, &p.key, &nv, BPF_ANY) != 0 &&
 		    (enforced_flags(nv.src_identity) | enforced_flags(nv.dst_identity))) {

@@ -135,7 +135,13 @@ struct im_ct_val {
 	__u32 rule_id;      /* rule that allowed it, 0 if none */
 	__u8 verdict;
 	__u8 flags;         /* IM_CT_* */
-	__u8 pad[6];
+	/* Host veth each direction was last seen leaving an instance from,
+	 * after its source passed the anti-spoofing check (0: none yet, or an
+	 * ifindex above 65535). A packet of the flow from that same veth
+	 * carries the same source, so it skips the check's map lookup. */
+	__u16 if_fwd;
+	__u16 if_rev;
+	__u8 pad[2];
 };
 
 /* inst_addr: ifindex of an instance's host veth -> the address leased to

@@ -29,7 +29,8 @@ int main(void)
 	F(im_ct_val, last_report_ns); F(im_ct_val, packets_fwd); F(im_ct_val, bytes_fwd);
 	F(im_ct_val, packets_rev); F(im_ct_val, bytes_rev); F(im_ct_val, src_identity);
 	F(im_ct_val, dst_identity); F(im_ct_val, policy_gen); F(im_ct_val, rule_id);
-	F(im_ct_val, verdict); F(im_ct_val, flags); F(im_ct_val, pad);
+	F(im_ct_val, verdict); F(im_ct_val, flags); F(im_ct_val, if_fwd);
+	F(im_ct_val, if_rev); F(im_ct_val, pad);
 	S(im_inst_addr_val); F(im_inst_addr_val, addr); F(im_inst_addr_val, flags);
 	S(im_rl_key); F(im_rl_key, src_identity); F(im_rl_key, rule_id);
 	S(im_rl_val); F(im_rl_val, lock); F(im_rl_val, pad); F(im_rl_val, tokens_nano);

@@ -220,7 +220,12 @@ pub struct CtVal {
     pub rule_id: u32,
     pub verdict: u8,
     pub flags: u8,
-    pub pad: [u8; 6],
+    /// Host veth each direction last left an instance from after a source
+    /// check (0: none, or an ifindex above 65535); lets the programs skip
+    /// the check's lookup on that flow's later packets.
+    pub if_fwd: u16,
+    pub if_rev: u16,
+    pub pad: [u8; 2],
 }
 
 /// `struct im_inst_addr_val`: the address leased to an instance veth.
@@ -419,7 +424,7 @@ mod tests {
             "im_ct_key" => CtKey { saddr, daddr, sport, dport, proto, pad }
             "im_ct_val" => CtVal { created_ns, last_seen_ns, last_report_ns, packets_fwd,
                 bytes_fwd, packets_rev, bytes_rev, src_identity, dst_identity, policy_gen,
-                rule_id, verdict, flags, pad }
+                rule_id, verdict, flags, if_fwd, if_rev, pad }
             "im_inst_addr_val" => InstAddrVal { addr, flags }
             "im_rl_key" => RlKey { src_identity, rule_id }
             "im_rl_val" => RlVal { lock, pad, tokens_nano, last_ns }
