@@ -1747,13 +1747,7 @@ fn a_spoofed_source_is_dropped_counted_and_reported_and_only_ipv4_and_own_arp_le
     f.dp()
         .set_policy(&[PolicyRule::ingress(Some(ID_V), ID_B, 7777, Protocol::Udp)])
         .expect("policy");
-    sh(&[
-        "nsenter",
-        &format!("--net={}", f.host.display()),
-        "sysctl",
-        "-qw",
-        "net.ipv4.conf.all.rp_filter=0",
-    ]);
+    rp_filter_off(&f.host);
     let mut flows = {
         let _g = f.rt.enter();
         f.dp().flows().expect("flows")
@@ -1883,13 +1877,7 @@ fn a_packet_of_anothers_established_flow_is_still_checked_for_spoofing() {
     let f = Fixture::new();
     f.attach_both();
     f.identities();
-    sh(&[
-        "nsenter",
-        &format!("--net={}", f.host.display()),
-        "sysctl",
-        "-qw",
-        "net.ipv4.conf.all.rp_filter=0",
-    ]);
+    rp_filter_off(&f.host);
     let (a_ip, b_ip) = (f.a.ip, f.b.ip);
     let at_b = in_ns(&f.b.ns, move || {
         std::net::UdpSocket::bind(SocketAddrV4::new(b_ip, 7777)).expect("bind")
@@ -2072,4 +2060,16 @@ fn ensure_bpffs() {
             String::from_utf8_lossy(&out.stderr)
         );
     });
+}
+
+/// Lets the host namespace route frames whose source a veth does not own
+/// (the tests forge them to see the datapath drop them).
+fn rp_filter_off(host: &Path) {
+    sh(&[
+        "nsenter",
+        &format!("--net={}", host.display()),
+        "sysctl",
+        "-qw",
+        "net.ipv4.conf.all.rp_filter=0",
+    ]);
 }
