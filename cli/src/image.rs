@@ -1,4 +1,4 @@
-//! `imctl image push` and `imctl image ls`: the operator's side of the
+//! `imctl image push`, `ls`, `rm` and `gc`: the operator's side of the
 //! controller's image store.
 //!
 //! A push reads an OCI image layout (a directory with `oci-layout`,
@@ -25,8 +25,8 @@ use anyhow::{bail, Context};
 use clap::{Subcommand, ValueEnum};
 use ironmesh_api::client_config::ClientConfig;
 use ironmesh_proto::v1::{
-    operator_service_client::OperatorServiceClient, BlobChunk, BlobsMissingRequest, ImageInfo,
-    ListImagesRequest, TagImageRequest,
+    operator_service_client::OperatorServiceClient, BlobChunk, BlobsMissingRequest,
+    CollectImageGarbageRequest, ImageInfo, ListImagesRequest, RemoveImageRequest, TagImageRequest,
 };
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
@@ -70,6 +70,15 @@ pub enum ImageCommand {
         #[arg(short, long, value_enum)]
         output: Option<ListOutput>,
     },
+    /// Remove image names (admin), then collect the blobs no image refers
+    /// to any more (those older than the controller's --image-gc-grace).
+    Rm {
+        /// Image references, e.g. ironmesh.dev/records-server:0.1.0.
+        #[arg(required = true)]
+        names: Vec<String>,
+    },
+    /// Collect blobs and untagged manifests nothing refers to (admin).
+    Gc,
 }
 
 #[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
@@ -90,6 +99,34 @@ pub async fn run(
                 .with_context(|| format!("image layout {}", path.display()))?;
             let mut api = client::connect(cfg).await?;
             push(&mut api, source.dir(), &images, status_err).await
+        }
+        ImageCommand::Rm { names } => {
+            let mut api = client::connect(cfg).await?;
+            let mut failed = false;
+            for name in names {
+                match api
+                    .remove_image(RemoveImageRequest { name: name.clone() })
+                    .await
+                {
+                    Ok(r) => {
+                        let r = r.into_inner();
+                        println!("removed {} ({})", r.name, r.manifest_digest);
+                    }
+                    Err(s) => {
+                        eprintln!("error: {name}: {}", status_err(s));
+                        failed = true;
+                    }
+                }
+            }
+            gc(&mut api, status_err).await?;
+            if failed {
+                bail!("some images were not removed");
+            }
+            Ok(())
+        }
+        ImageCommand::Gc => {
+            let mut api = client::connect(cfg).await?;
+            gc(&mut api, status_err).await
         }
         ImageCommand::Ls { output } => {
             let mut api = client::connect(cfg).await?;
@@ -120,6 +157,26 @@ pub async fn run(
             Ok(())
         }
     }
+}
+
+async fn gc(
+    api: &mut OperatorServiceClient<Channel>,
+    status_err: fn(tonic::Status) -> anyhow::Error,
+) -> anyhow::Result<()> {
+    let r = api
+        .collect_image_garbage(CollectImageGarbageRequest {})
+        .await
+        .map_err(status_err)?
+        .into_inner();
+    println!(
+        "garbage collection: {} freed in {} blobs, {} untagged manifests removed, {} blobs kept (grace {}s)",
+        human_size(r.bytes_freed),
+        r.blobs_removed,
+        r.manifests_removed,
+        r.blobs_kept,
+        r.grace_seconds
+    );
+    Ok(())
 }
 
 // ---------------------------------------------------------------------------

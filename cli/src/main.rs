@@ -4,8 +4,9 @@
 //! Modules: `client` (the client config and the mTLS connection),
 //! `manifests` (files and directories into documents for `Apply`), `output`
 //! (tables, YAML, JSON, `describe`), `node` (cordon, uncordon, drain),
-//! `pipeline` (run, runs, status, logs, cancel), `image` (push, ls),
-//! `flows` (`imctl flows`) and `access` (join tokens and operators).
+//! `pipeline` (run, runs, status, logs, cancel), `image` (push, ls, rm, gc),
+//! `flows` (`imctl flows`), `access` (join tokens and operators) and
+//! `registry` (`imctl registry login`).
 
 mod access;
 mod client;
@@ -15,6 +16,7 @@ mod manifests;
 mod node;
 mod output;
 mod pipeline;
+mod registry;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -131,6 +133,12 @@ enum Command {
     Image {
         #[command(subcommand)]
         command: image::ImageCommand,
+    },
+    /// The controller's OCI registry (--registry-listen): log in for
+    /// skopeo, podman and buildah.
+    Registry {
+        #[command(subcommand)]
+        command: registry::RegistryCommand,
     },
     /// Join tokens for agents: create, list, delete (admin).
     Token {
@@ -426,6 +434,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Image { command } => image::run(&cfg, command, status_err).await?,
         Command::Node { command } => node::run(&cfg, command, status_err).await?,
         Command::Pipeline { command } => pipeline::run(&cfg, command, status_err).await?,
+        Command::Registry { command } => registry::run(&cfg, command, status_err).await?,
         Command::Token { command } => access::tokens(&cfg, command).await?,
         Command::Operator { command } => access::operators(&cfg, command).await?,
     }

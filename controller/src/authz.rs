@@ -10,7 +10,7 @@
 //! | ----- | --- |
 //! | view  | get, list, watch, describe, logs, flows, list images |
 //! | edit  | view, plus apply and delete of Workload, Service, Policy, Volume, Pipeline, PipelineRun, Source (so pipeline run and cancel), and image push |
-//! | admin | everything: also Nodes (cordon, drain, delete), Instances, join tokens and operators |
+//! | admin | everything: also Nodes (cordon, drain, delete), Instances, join tokens and operators, and deleting images (image rm, registry DELETE, garbage collection) |
 //!
 //! A refusal names the operator, its role and what the call needed. Every
 //! mutating call, allowed or not, writes one audit line (target `audit`)
@@ -72,6 +72,8 @@ pub enum Action {
     Write(Kind),
     /// push and tag images.
     PushImage,
+    /// delete images (manifests and tags) and collect their blobs.
+    DeleteImage,
     ManageTokens,
     ManageOperators,
 }
@@ -95,6 +97,7 @@ impl Action {
             Action::Write(k) if EDIT_KINDS.contains(k) => Role::Edit,
             Action::Write(_) => Role::Admin,
             Action::PushImage => Role::Edit,
+            Action::DeleteImage => Role::Admin,
             Action::ManageTokens | Action::ManageOperators => Role::Admin,
         }
     }
@@ -105,6 +108,7 @@ impl Action {
             Action::Read => "read objects".to_string(),
             Action::Write(k) => format!("apply or delete {} objects", k.as_str()),
             Action::PushImage => "push images".to_string(),
+            Action::DeleteImage => "delete images".to_string(),
             Action::ManageTokens => "manage join tokens".to_string(),
             Action::ManageOperators => "manage operators".to_string(),
         }
@@ -300,7 +304,13 @@ impl Operators {
             .peer_certs()
             .and_then(|c| c.first().cloned())
             .ok_or_else(|| Status::unauthenticated("a client certificate is required"))?;
-        let info = cert_info_from_der(&leaf).map_err(|e| {
+        self.authenticate_der(&leaf).await
+    }
+
+    /// [`Self::authenticate`] for a verified client certificate (DER), as
+    /// the registry's own TLS listener hands it over.
+    pub async fn authenticate_der(&self, leaf: &[u8]) -> Result<Caller, Status> {
+        let info = cert_info_from_der(leaf).map_err(|e| {
             Status::unauthenticated(format!("client certificate not accepted: {e}"))
         })?;
         let name = match &info.identity {
@@ -395,6 +405,11 @@ impl Operators {
             TxnOutcome::Committed(_) => Ok(pem),
             TxnOutcome::CompareFailed { .. } => Err(OperatorError::Exists(name.to_string())),
         }
+    }
+
+    /// The record of operator `name`, if it exists.
+    pub async fn get(&self, name: &str) -> Result<Option<OperatorRecord>, OperatorError> {
+        Ok(self.store.get(&key(name)).await?.and_then(|kv| decode(&kv)))
     }
 
     /// Every operator, by name.
@@ -568,6 +583,7 @@ mod tests {
         assert_eq!(Action::Write(Kind::Instance).needs(), Role::Admin);
         assert_eq!(Action::Read.needs(), Role::View);
         assert_eq!(Action::PushImage.needs(), Role::Edit);
+        assert_eq!(Action::DeleteImage.needs(), Role::Admin);
         assert_eq!(Action::ManageTokens.needs(), Role::Admin);
         assert_eq!(Action::ManageOperators.needs(), Role::Admin);
         let viewer = Caller {

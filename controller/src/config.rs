@@ -19,6 +19,23 @@ pub struct ControllerConfig {
     #[arg(long, env = "IRONMESH_LISTEN", default_value = "0.0.0.0:7443")]
     pub listen: SocketAddr,
 
+    /// Address of the OCI registry (Distribution Spec v1.1, for skopeo,
+    /// podman, crane…), served over HTTPS with the controller's serving
+    /// certificate. Off unless given. See docs/registry.md.
+    #[arg(long, env = "IRONMESH_REGISTRY_LISTEN")]
+    pub registry_listen: Option<SocketAddr>,
+
+    /// Blobs and untagged manifests nothing refers to are collected only
+    /// once they are older than this, so an upload whose manifest is
+    /// still to come is never lost.
+    #[arg(long, env = "IRONMESH_IMAGE_GC_GRACE", default_value = "1h", value_parser = humantime::parse_duration)]
+    pub image_gc_grace: Duration,
+
+    /// How often the image store collects garbage by itself (0: only on
+    /// `imctl image gc` and `imctl image rm`).
+    #[arg(long, env = "IRONMESH_IMAGE_GC_INTERVAL", default_value = "1h", value_parser = humantime::parse_duration)]
+    pub image_gc_interval: Duration,
+
     /// Address of the Prometheus endpoint (`/metrics`, `/healthz`), plain HTTP.
     #[arg(
         long,
@@ -265,6 +282,12 @@ impl ControllerConfig {
             || self.serving_cert_lifetime > crate::tokens::MAX_TTL * 10
         {
             return Err("--serving-cert-lifetime must be between 1m and 10 years".into());
+        }
+        if self
+            .registry_listen
+            .is_some_and(|r| r == self.listen && r.port() != 0)
+        {
+            return Err("--registry-listen must differ from --listen".into());
         }
         if let Some(u) = &self.advertise_url {
             if !u.starts_with("https://") {

@@ -62,7 +62,9 @@
 //! - [`policy`]: compiles Policies and workload identities into datapath rules.
 //! - [`ipam`]: one pod CIDR block of the cluster CIDR per node.
 //! - [`images`]: the content-addressed image store (blobs on disk, names in
-//!   the store).
+//!   the store), its manifests per repository and its garbage collection.
+//! - [`registry`]: the image store as an OCI Distribution v1.1 registry on
+//!   its own HTTPS listener, with certificate and bearer-token auth.
 //! - [`logs`]: relays instance logs from agents to operators over the sync
 //!   stream.
 //! - [`flows`]: the in-memory ring of the flow records agents stream up.
@@ -96,6 +98,7 @@ pub mod pipelines;
 pub mod pki;
 pub mod policy;
 pub mod queue;
+pub mod registry;
 pub mod report_checks;
 pub mod resources;
 pub mod revocation;

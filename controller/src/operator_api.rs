@@ -16,13 +16,15 @@ use ironmesh_api::selector::LabelSelector;
 use ironmesh_api::Kind;
 use ironmesh_proto::v1::{
     operator_service_server::OperatorService, watch_event, ApplyRequest, ApplyResponse,
-    ApplyResult, BlobChunk, BlobsMissingRequest, BlobsMissingResponse, CreateJoinTokenRequest,
-    CreateJoinTokenResponse, CreateOperatorRequest, CreateOperatorResponse, DeleteJoinTokenRequest,
-    DeleteJoinTokenResponse, DeleteRequest, DeleteResponse, GetRequest, ImageInfo, JoinToken,
-    ListImagesRequest, ListImagesResponse, ListJoinTokensRequest, ListJoinTokensResponse,
-    ListOperatorsRequest, ListOperatorsResponse, ListRequest, ListResponse, LogsChunk, LogsRequest,
-    OperatorInfo, PushBlobResponse, Resource, RevokeOperatorRequest, RevokeOperatorResponse,
-    TagImageRequest, WatchEvent, WatchRequest,
+    ApplyResult, BlobChunk, BlobsMissingRequest, BlobsMissingResponse, CollectImageGarbageRequest,
+    CollectImageGarbageResponse, CreateJoinTokenRequest, CreateJoinTokenResponse,
+    CreateOperatorRequest, CreateOperatorResponse, CreateRegistryCredentialRequest,
+    CreateRegistryCredentialResponse, DeleteJoinTokenRequest, DeleteJoinTokenResponse,
+    DeleteRequest, DeleteResponse, GetRequest, ImageInfo, JoinToken, ListImagesRequest,
+    ListImagesResponse, ListJoinTokensRequest, ListJoinTokensResponse, ListOperatorsRequest,
+    ListOperatorsResponse, ListRequest, ListResponse, LogsChunk, LogsRequest, OperatorInfo,
+    PushBlobResponse, RemoveImageRequest, RemoveImageResponse, Resource, RevokeOperatorRequest,
+    RevokeOperatorResponse, TagImageRequest, WatchEvent, WatchRequest,
 };
 use tonic::{Request, Response, Status};
 
@@ -43,6 +45,10 @@ pub const MAX_REQUEST_BYTES: usize = 32 << 20;
 pub struct OperatorApi {
     pub resources: Resources,
     pub images: ImageStore,
+    /// Registry credentials (`CreateRegistryCredential`).
+    pub registry_auth: crate::registry::auth::RegistryAuth,
+    /// `--image-gc-grace`.
+    pub image_gc_grace: std::time::Duration,
     pub logs: LogRelay,
     pub flows: crate::flows::FlowLog,
     pub liveness: Liveness,
@@ -54,6 +60,23 @@ pub struct OperatorApi {
     /// Ends watch, log and flow streams with `UNAVAILABLE: controller
     /// shutting down`.
     pub shutdown: ironmesh_daemon::Shutdown,
+}
+
+fn manifest_status(e: crate::images::manifests::ManifestError) -> Status {
+    use crate::images::manifests::ManifestError as E;
+    let msg = e.to_string();
+    match e {
+        E::NameInvalid(_)
+        | E::TagInvalid(_)
+        | E::DigestInvalid(_)
+        | E::ManifestInvalid(_)
+        | E::TooLarge(_) => Status::invalid_argument(msg),
+        E::ManifestUnknown { .. } | E::NameUnknown(_) => Status::not_found(msg),
+        E::BlobUnknown(_) => Status::failed_precondition(msg),
+        E::Conflict => Status::aborted(msg),
+        E::Io(_) => Status::internal(msg),
+        E::Store(_) => Status::unavailable(msg),
+    }
 }
 
 fn token_status(e: TokenError) -> Status {
@@ -543,6 +566,101 @@ impl OperatorService for OperatorApi {
         self.caller(&req, Action::Read, "ListImages").await?;
         let r = self.images.list_images(req.into_inner()).await;
         self.record("ListImages", &r);
+        r.map(Response::new)
+    }
+
+    async fn remove_image(
+        &self,
+        req: Request<RemoveImageRequest>,
+    ) -> Result<Response<RemoveImageResponse>, Status> {
+        let caller = self
+            .caller(&req, Action::DeleteImage, "RemoveImage")
+            .await?;
+        let name = req.into_inner().name;
+        let r = self
+            .images
+            .remove_image(&name)
+            .await
+            .map(|digest| RemoveImageResponse {
+                name: crate::images::normalize_name(&name).unwrap_or(name.clone()),
+                manifest_digest: digest,
+            })
+            .map_err(manifest_status);
+        audit(
+            &caller,
+            "RemoveImage",
+            &name,
+            if r.is_ok() { "ok" } else { "failed" },
+        );
+        self.record("RemoveImage", &r);
+        r.map(Response::new)
+    }
+
+    async fn collect_image_garbage(
+        &self,
+        req: Request<CollectImageGarbageRequest>,
+    ) -> Result<Response<CollectImageGarbageResponse>, Status> {
+        let caller = self
+            .caller(&req, Action::DeleteImage, "CollectImageGarbage")
+            .await?;
+        let r = self
+            .images
+            .collect_garbage(self.image_gc_grace)
+            .await
+            .map(|g| CollectImageGarbageResponse {
+                blobs_removed: g.blobs_removed,
+                bytes_freed: g.bytes_freed,
+                manifests_removed: g.manifests_removed,
+                blobs_kept: g.blobs_kept,
+                grace_seconds: self.image_gc_grace.as_secs(),
+            })
+            .map_err(manifest_status);
+        audit(
+            &caller,
+            "CollectImageGarbage",
+            "images",
+            if r.is_ok() { "ok" } else { "failed" },
+        );
+        self.record("CollectImageGarbage", &r);
+        r.map(Response::new)
+    }
+
+    async fn create_registry_credential(
+        &self,
+        req: Request<CreateRegistryCredentialRequest>,
+    ) -> Result<Response<CreateRegistryCredentialResponse>, Status> {
+        let caller = self
+            .caller(&req, Action::Read, "CreateRegistryCredential")
+            .await?;
+        let ttl = match req.into_inner().ttl_seconds {
+            0 => 30 * 24 * 3600,
+            t => t,
+        };
+        let r = self
+            .registry_auth
+            .create_credential(&caller.name, ttl)
+            .await
+            .map(|c| CreateRegistryCredentialResponse {
+                username: c.username,
+                password: c.password,
+                expires_unix: c.expires_unix,
+            })
+            .map_err(|e| match e {
+                crate::registry::auth::CredentialError::BadTtl => {
+                    Status::invalid_argument(e.to_string())
+                }
+                crate::registry::auth::CredentialError::NoOperator(_) => {
+                    Status::permission_denied(e.to_string())
+                }
+                _ => Status::unavailable(e.to_string()),
+            });
+        audit(
+            &caller,
+            "CreateRegistryCredential",
+            &caller.name,
+            if r.is_ok() { "ok" } else { "failed" },
+        );
+        self.record("CreateRegistryCredential", &r);
         r.map(Response::new)
     }
 

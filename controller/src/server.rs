@@ -263,9 +263,21 @@ pub async fn run(cfg: ControllerConfig, shutdown: Shutdown) -> Result<(), Server
         assignments,
         shutdown: shutdown.clone(),
     };
+    let registry_auth = crate::registry::auth::RegistryAuth::new(store.clone(), operators.clone());
+    if !cfg.image_gc_interval.is_zero() {
+        tokio::spawn(crate::images::gc::run(
+            images.clone(),
+            cfg.image_gc_interval,
+            cfg.image_gc_grace,
+            shutdown.clone(),
+        ));
+    }
+    let registry_images = images.clone();
     let operator_api = OperatorApi {
         resources,
         images,
+        registry_auth: registry_auth.clone(),
+        image_gc_grace: cfg.image_gc_grace,
         logs,
         flows,
         liveness,
@@ -278,14 +290,48 @@ pub async fn run(cfg: ControllerConfig, shutdown: Shutdown) -> Result<(), Server
     };
     // Issued at every start (so SAN changes take effect) and renewed while
     // the controller runs.
+    let mut sans = creds.server_sans.clone();
+    if let Some(r) = cfg.registry_listen {
+        let ip = r.ip().to_string();
+        if !r.ip().is_unspecified() && !sans.contains(&ip) {
+            sans.push(ip);
+        }
+    }
     let serving = crate::serving_tls::ServingCert::issue(
         node_api.ca.clone(),
-        creds.server_sans.clone(),
+        sans,
         cfg.serving_cert_lifetime,
     )
     .map_err(|e| ServerError::Tls(e.to_string()))?;
     let tls = crate::serving_tls::server_config(serving.clone(), node_api.ca.cert_pem())
         .map_err(|e| ServerError::Tls(e.to_string()))?;
+    let registry_task = match cfg.registry_listen {
+        None => None,
+        Some(addr) => {
+            let tls =
+                crate::serving_tls::registry_server_config(serving.clone(), node_api.ca.cert_pem())
+                    .map_err(|e| ServerError::Tls(e.to_string()))?;
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|source| ServerError::Bind { addr, source })?;
+            let local = listener
+                .local_addr()
+                .map_err(|source| ServerError::Bind { addr, source })?;
+            let registry = Arc::new(crate::registry::Registry {
+                uploads: crate::registry::uploads::Uploads::new(registry_images.clone()),
+                images: registry_images,
+                auth: registry_auth,
+                advertised_host: local.to_string(),
+            });
+            tracing::info!(addr = %local, "registry serving (OCI Distribution v1.1)");
+            let shutdown = shutdown.clone();
+            Some(tokio::spawn(async move {
+                if let Err(e) = crate::registry::serve(registry, listener, tls, shutdown).await {
+                    tracing::error!(error = %e, "registry listener failed");
+                }
+            }))
+        }
+    };
     tokio::spawn(crate::serving_tls::run_renewal(
         serving,
         node_api.metrics.serving_cert_expiry.clone(),
@@ -331,6 +377,9 @@ pub async fn run(cfg: ControllerConfig, shutdown: Shutdown) -> Result<(), Server
         _ = grace => tracing::warn!(grace_ms = SERVE_GRACE.as_millis() as u64, "connections still open after the grace; closing them"),
     }
     let stopped = tokio::time::timeout(TASKS_GRACE, async {
+        if let Some(t) = registry_task {
+            let _ = t.await;
+        }
         let _ = reconcilers.await;
         let _ = metrics_task.await;
     })

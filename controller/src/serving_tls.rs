@@ -143,6 +143,23 @@ pub fn server_config(
     cert: Arc<ServingCert>,
     ca_pem: &str,
 ) -> Result<Arc<ServerConfig>, ServingTlsError> {
+    build_config(cert, ca_pem, vec![b"h2".to_vec()])
+}
+
+/// The same for the registry's HTTPS listener, which speaks HTTP/1.1
+/// (what every registry client speaks).
+pub fn registry_server_config(
+    cert: Arc<ServingCert>,
+    ca_pem: &str,
+) -> Result<Arc<ServerConfig>, ServingTlsError> {
+    build_config(cert, ca_pem, vec![b"http/1.1".to_vec()])
+}
+
+fn build_config(
+    cert: Arc<ServingCert>,
+    ca_pem: &str,
+    alpn: Vec<Vec<u8>>,
+) -> Result<Arc<ServerConfig>, ServingTlsError> {
     let mut roots = RootCertStore::empty();
     for c in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
         let c = c.map_err(|e| ServingTlsError::Pem(e.to_string()))?;
@@ -160,7 +177,7 @@ pub fn server_config(
         .map_err(|e| ServingTlsError::Config(e.to_string()))?
         .with_client_cert_verifier(verifier)
         .with_cert_resolver(cert);
-    config.alpn_protocols = vec![b"h2".to_vec()];
+    config.alpn_protocols = alpn;
     Ok(Arc::new(config))
 }
 

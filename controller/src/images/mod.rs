@@ -13,6 +13,13 @@
 //! exists is always complete and correct. A name is the key
 //! `/images/<name>` whose value is JSON `{name, manifestDigest, size,
 //! pushedUnixMs}`: durable and revisioned like every other object.
+//!
+//! Submodules: [`manifests`] keeps the registry's view (manifests and
+//! indexes per repository, tags, referrers) that the OCI Distribution API
+//! in `crate::registry` serves; [`gc`] removes what no image refers to.
+
+pub mod gc;
+pub mod manifests;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -55,7 +62,12 @@ const MEDIA_DOCKER_LIST: &str = "application/vnd.docker.distribution.manifest.li
 pub struct ImageStore {
     root: PathBuf,
     blobs: PathBuf,
+    uploads: PathBuf,
     store: Arc<dyn Store>,
+    /// Held shared by whatever checks that blobs exist and then records a
+    /// reference to them, and exclusively by garbage collection, so a
+    /// blob is never collected between the check and the record.
+    gc_lock: Arc<tokio::sync::RwLock<()>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -225,6 +237,18 @@ fn is_path_component(s: &str) -> bool {
     true
 }
 
+/// Refreshes a blob's modification time (see [`ImageStore::stat_blob`]).
+async fn touch(path: &Path) {
+    let path = path.to_path_buf();
+    let _ = tokio::task::spawn_blocking(move || {
+        std::fs::File::options()
+            .write(true)
+            .open(&path)
+            .and_then(|f| f.set_modified(std::time::SystemTime::now()))
+    })
+    .await;
+}
+
 fn now_unix_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -277,7 +301,144 @@ impl ImageStore {
                 }
             }
         }
-        Ok(ImageStore { root, blobs, store })
+        // Registry uploads live in memory (their hash state) and on disk
+        // here; after a restart none can be finished, so none are kept.
+        let uploads = root.join("uploads");
+        if uploads.exists() {
+            let _ = std::fs::remove_dir_all(&uploads);
+        }
+        std::fs::create_dir_all(&uploads).map_err(io_err("create", &uploads))?;
+        Ok(ImageStore {
+            root,
+            blobs,
+            uploads,
+            store,
+            gc_lock: Arc::default(),
+        })
+    }
+
+    /// Directory for blobs being uploaded, on the same file system as the
+    /// blobs so a finished upload is renamed, not copied.
+    pub fn uploads_dir(&self) -> &Path {
+        &self.uploads
+    }
+
+    /// Size of the stored blob `digest` (checked), `None` if absent. A
+    /// blob found has its modification time refreshed: whoever asked is
+    /// about to refer to it, and garbage collection spares recent blobs.
+    pub async fn stat_blob(&self, digest: &str) -> Result<Option<u64>, ImageStoreError> {
+        let Ok(hex) = digest_hex(digest) else {
+            return Ok(None);
+        };
+        let path = self.blobs.join(hex);
+        let size = self.blob_size(&path).await?;
+        if size.is_some() {
+            touch(&path).await;
+        }
+        Ok(size)
+    }
+
+    /// The stored blob `digest`, opened, with its size; `None` if absent.
+    pub async fn open_blob(
+        &self,
+        digest: &str,
+    ) -> Result<Option<(tokio::fs::File, u64)>, ImageStoreError> {
+        let Ok(hex) = digest_hex(digest) else {
+            return Ok(None);
+        };
+        let path = self.blobs.join(hex);
+        let file = match tokio::fs::File::open(&path).await {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(io_err("open", &path)(e)),
+        };
+        let len = file
+            .metadata()
+            .await
+            .map_err(|e| io_err("stat", &path)(e))?
+            .len();
+        Ok(Some((file, len)))
+    }
+
+    /// Makes `tmp` (complete, its content already checked against
+    /// `digest` and fsync'd by the caller) the blob `digest`: renamed into
+    /// place and the directory synced. Returns false when the blob was
+    /// already stored (`tmp` is then removed).
+    pub async fn commit_blob_file(
+        &self,
+        tmp: &Path,
+        digest: &str,
+    ) -> Result<bool, ImageStoreError> {
+        let hex = digest_hex(digest).map_err(|e| ImageStoreError::Io {
+            action: "commit",
+            path: tmp.to_path_buf(),
+            source: std::io::Error::new(std::io::ErrorKind::InvalidInput, e),
+        })?;
+        let _shared = self.gc_lock.read().await;
+        self.commit_unlocked(tmp, hex).await
+    }
+
+    /// [`Self::commit_blob_file`] for a caller holding `gc_lock`.
+    async fn commit_unlocked(&self, tmp: &Path, hex: &str) -> Result<bool, ImageStoreError> {
+        let final_path = self.blobs.join(hex);
+        if self.blob_size(&final_path).await?.is_some() {
+            let _ = tokio::fs::remove_file(tmp).await;
+            touch(&final_path).await;
+            return Ok(false);
+        }
+        tokio::fs::rename(tmp, &final_path)
+            .await
+            .map_err(|e| io_err("rename", &final_path)(e))?;
+        self.sync_blob_dir().await?;
+        Ok(true)
+    }
+
+    /// Stores `data` as the blob `digest` (which the caller computed).
+    #[cfg(test)]
+    pub(crate) async fn store_bytes(
+        &self,
+        digest: &str,
+        data: &[u8],
+    ) -> Result<bool, ImageStoreError> {
+        let tmp = self.write_tmp(data).await?;
+        self.commit_blob_file(&tmp.path, digest).await
+    }
+
+    /// `data` in a temporary, fsync'd file beside the blobs (removed when
+    /// dropped unless committed).
+    async fn write_tmp(&self, data: &[u8]) -> Result<TempBlob, ImageStoreError> {
+        static COUNTER: AtomicU64 = AtomicU64::new(0);
+        let tmp = TempBlob {
+            path: self.blobs.join(format!(
+                ".tmp-bytes-{}-{}",
+                std::process::id(),
+                COUNTER.fetch_add(1, Ordering::Relaxed)
+            )),
+            keep: false,
+        };
+        let mut file = tokio::fs::File::create(&tmp.path)
+            .await
+            .map_err(|e| io_err("create", &tmp.path)(e))?;
+        file.write_all(data)
+            .await
+            .map_err(|e| io_err("write", &tmp.path)(e))?;
+        file.sync_all()
+            .await
+            .map_err(|e| io_err("fsync", &tmp.path)(e))?;
+        drop(file);
+        Ok(tmp)
+    }
+
+    async fn sync_blob_dir(&self) -> Result<(), ImageStoreError> {
+        let dir = self.blobs.clone();
+        let synced = tokio::task::spawn_blocking(move || std::fs::File::open(&dir)?.sync_all())
+            .await
+            .map_err(|e| ImageStoreError::Io {
+                action: "fsync",
+                path: self.blobs.clone(),
+                source: std::io::Error::other(e.to_string()),
+            })?;
+        synced.map_err(|e| io_err("fsync", &self.blobs)(e))
     }
 
     /// The directory this store keeps its blobs under.
@@ -472,7 +633,9 @@ impl ImageStore {
             .map_err(|e| internal(io_err("read", &path)(e)))?;
         let manifest = parse_manifest(&name, &digest, &data)?;
 
-        // Every referenced blob must be here, with the declared size.
+        // Every referenced blob must be here, with the declared size, and
+        // stay until the name is recorded.
+        let _shared = self.gc_lock.read().await;
         let mut problems = Vec::new();
         let mut total = size;
         let refs = std::iter::once(("config".to_string(), &manifest.config)).chain(
@@ -515,14 +678,23 @@ impl ImageStore {
         };
         let value = serde_json::to_vec(&record)
             .map_err(|e| Status::internal(format!("encode image record: {e}")))?;
+        let media_type = manifest.media_type.as_deref().unwrap_or(MEDIA_OCI_MANIFEST);
+        let mut ops = vec![Op::Put {
+            key: format!("{KEY_PREFIX}{name}"),
+            value,
+        }];
+        // The registry serves it by digest in its repository too.
+        ops.extend(ImageStore::record_op_for_image(
+            &name,
+            &record.manifest_digest,
+            media_type,
+            size,
+        ));
         let outcome = self
             .store
             .txn(Txn {
                 compares: Vec::new(),
-                ops: vec![Op::Put {
-                    key: format!("{KEY_PREFIX}{name}"),
-                    value,
-                }],
+                ops,
             })
             .await
             .map_err(store_err)?;
