@@ -93,6 +93,18 @@ pub struct AgentConfig {
     #[arg(long, env = "IRONMESH_INSTANCE_MTU", default_value_t = 1500)]
     pub instance_mtu: u32,
 
+    /// Deliver packets between two instances of this node straight to the
+    /// destination (`bpf_redirect_peer`, skipping the host's forwarding
+    /// path). `false`: the host routes them, so its netfilter FORWARD
+    /// chain and a capture on the destination's host veth see them.
+    #[arg(
+        long,
+        env = "IRONMESH_DATAPATH_PEER_REDIRECT",
+        default_value_t = true,
+        action = clap::ArgAction::Set
+    )]
+    pub datapath_peer_redirect: bool,
+
     /// bpffs directory the datapath pins its programs, maps and links in.
     /// Default: `/sys/fs/bpf/ironmesh/<containerd-namespace>`.
     #[arg(long, env = "IRONMESH_BPF_PIN_DIR")]

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::Parser;
 use ironmesh_agent::config::{default_node_name, AgentConfig};
-use ironmesh_agent::datapath::Datapath;
+use ironmesh_agent::datapath::{Datapath, DatapathConfig};
 use ironmesh_agent::host_networking::HostNetworking;
 use ironmesh_agent::identity::{load_or_join, JoinParams};
 use ironmesh_agent::image_fetch::ControllerImages;
@@ -249,7 +249,11 @@ fn load_datapath(cfg: &AgentConfig) -> Result<Arc<Datapath>, String> {
         tracing::error!(error = %e, "cannot mount bpffs at /sys/fs/bpf; the datapath is off and no instance starts here");
         return Err(format!("cannot mount bpffs at /sys/fs/bpf: {e}"));
     }
-    match Datapath::load(&pin_dir, &cfg.datapath_cgroup) {
+    let tunables = DatapathConfig {
+        peer_redirect: cfg.datapath_peer_redirect,
+        ..Default::default()
+    };
+    match Datapath::load_with(&pin_dir, &cfg.datapath_cgroup, tunables) {
         Ok(dp) => {
             tracing::info!(pin_dir = %pin_dir.display(), cgroup = %cfg.datapath_cgroup.display(), "datapath loaded");
             Ok(Arc::new(dp))

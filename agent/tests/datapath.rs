@@ -23,7 +23,8 @@ use std::time::Duration;
 
 use aya::programs::{SchedClassifier, TcAttachType};
 use ironmesh_agent::datapath::{
-    Datapath, FlowEvent, FlowEventKind, PolicyRule, Protocol, RateLimit, ServiceEntry, Verdict,
+    Datapath, DatapathConfig, FlowEvent, FlowEventKind, PolicyRule, Protocol, RateLimit,
+    ServiceEntry, Verdict,
 };
 
 static NEXT: AtomicU32 = AtomicU32::new(0);
@@ -278,9 +279,36 @@ impl Fixture {
 
     /// (Re)loads the datapath from the pins, inside the host namespace.
     fn load(&mut self) {
+        self.load_with(DatapathConfig::default());
+    }
+
+    fn load_with(&mut self, cfg: DatapathConfig) {
+        self.dp = None;
         let (pin, cg) = (self.pin_dir.clone(), self.cgroup.clone());
-        let dp = in_ns(&self.host, move || Datapath::load(&pin, &cg)).expect("load datapath");
+        let dp =
+            in_ns(&self.host, move || Datapath::load_with(&pin, &cg, cfg)).expect("load datapath");
         self.dp = Some(dp);
+    }
+
+    /// Packets the host sent out of `host_if` (its kernel counter).
+    fn tx_packets(&self, host_if: &str) -> u64 {
+        let out = Command::new("ip")
+            .args([
+                "-n",
+                &self.host_name,
+                "-s",
+                "-j",
+                "link",
+                "show",
+                "dev",
+                host_if,
+            ])
+            .output()
+            .expect("ip link");
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("ip -j");
+        v[0]["stats64"]["tx"]["packets"]
+            .as_u64()
+            .expect("tx packets")
     }
 
     fn dp(&self) -> &Datapath {
@@ -2072,4 +2100,148 @@ fn rp_filter_off(host: &Path) {
         "-qw",
         "net.ipv4.conf.all.rp_filter=0",
     ]);
+}
+
+// ---- Delivery between local instances -----------------------------------
+
+/// Receives one datagram on `sock` (IP_RECVTTL set) within `within`: its
+/// payload and the TTL it arrived with.
+fn recv_with_ttl(sock: &std::net::UdpSocket, within: Duration) -> Option<(Vec<u8>, u8)> {
+    let deadline = std::time::Instant::now() + within;
+    sock.set_read_timeout(Some(Duration::from_millis(20)))
+        .expect("timeout");
+    while std::time::Instant::now() < deadline {
+        let mut buf = [0u8; 256];
+        let mut cmsg = [0u64; 8];
+        let mut iov = libc::iovec {
+            iov_base: buf.as_mut_ptr().cast(),
+            iov_len: buf.len(),
+        };
+        // SAFETY: msghdr points at live buffers of the stated sizes.
+        let (n, ttl) = unsafe {
+            let mut msg: libc::msghdr = std::mem::zeroed();
+            msg.msg_iov = &mut iov;
+            msg.msg_iovlen = 1;
+            msg.msg_control = cmsg.as_mut_ptr().cast();
+            msg.msg_controllen = std::mem::size_of_val(&cmsg);
+            let n = libc::recvmsg(sock.as_raw_fd(), &mut msg, 0);
+            let mut ttl = None;
+            let mut c = libc::CMSG_FIRSTHDR(&msg);
+            while !c.is_null() {
+                if (*c).cmsg_level == libc::IPPROTO_IP && (*c).cmsg_type == libc::IP_TTL {
+                    ttl = Some(*(libc::CMSG_DATA(c) as *const libc::c_int) as u8);
+                }
+                c = libc::CMSG_NXTHDR(&msg, c);
+            }
+            (n, ttl)
+        };
+        if n > 0 {
+            return Some((
+                buf[..n as usize].to_vec(),
+                ttl.expect("IP_TTL control message"),
+            ));
+        }
+    }
+    None
+}
+
+/// A UDP socket of B's on `port` that reports each datagram's TTL.
+fn ttl_socket(f: &Fixture, port: u16) -> std::net::UdpSocket {
+    let b_ip = f.b.ip;
+    let sock = in_ns(&f.b.ns, move || {
+        std::net::UdpSocket::bind(SocketAddrV4::new(b_ip, port)).expect("bind")
+    });
+    let on: libc::c_int = 1;
+    // SAFETY: setsockopt on an open socket with an int option.
+    let rc = unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::IPPROTO_IP,
+            libc::IP_RECVTTL,
+            (&on as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(rc, 0, "IP_RECVTTL");
+    sock
+}
+
+/// Sends `n` datagrams A -> B:port and checks each arrives once with the
+/// TTL a router leaves (64 - 1). Returns (peer redirects, packets the host
+/// sent out of B's veth) counted meanwhile.
+fn send_and_count(
+    f: &Fixture,
+    from_a: &std::net::UdpSocket,
+    at_b: &std::net::UdpSocket,
+    port: u16,
+    n: usize,
+) -> (u64, u64) {
+    let to = SocketAddrV4::new(f.b.ip, port);
+    let (c0, tx0) = (
+        f.dp().counters().expect("counters").peer_redirects,
+        f.tx_packets(&f.b.host_if),
+    );
+    for i in 0..n {
+        let payload = format!("d{i}");
+        from_a.send_to(payload.as_bytes(), to).expect("send");
+        let (got, ttl) = recv_with_ttl(at_b, Duration::from_secs(5))
+            .unwrap_or_else(|| panic!("datagram {i} did not reach B"));
+        assert_eq!(got, payload.as_bytes(), "datagram {i}");
+        assert_eq!(ttl, 63, "datagram {i}: TTL as after one router hop");
+    }
+    (
+        f.dp().counters().expect("counters").peer_redirects - c0,
+        f.tx_packets(&f.b.host_if) - tx0,
+    )
+}
+
+#[test]
+fn packets_between_local_instances_go_straight_to_the_peer_as_routed() {
+    let mut f = Fixture::new();
+    f.identities();
+    f.attach_both();
+    let a_ip = f.a.ip;
+    let from_a = in_ns(&f.a.ns, move || {
+        std::net::UdpSocket::bind(SocketAddrV4::new(a_ip, 0)).expect("bind")
+    });
+    from_a.set_ttl(64).expect("ttl");
+    let at_b = ttl_socket(&f, 7100);
+    let to = SocketAddrV4::new(f.b.ip, 7100);
+
+    // The first datagram is routed by the host, which learns B's MAC (ARP);
+    // from then on the fast path has a neighbour entry to use.
+    wait_until("a first datagram reaches B", || {
+        from_a.send_to(b"warm", to).expect("send");
+        recv_with_ttl(&at_b, Duration::from_millis(100)).is_some()
+    });
+    while recv_with_ttl(&at_b, Duration::from_millis(50)).is_some() {}
+
+    let (redirects, tx) = send_and_count(&f, &from_a, &at_b, 7100, 50);
+    assert!(
+        redirects >= 50,
+        "{redirects} peer redirects for 50 datagrams"
+    );
+    assert!(
+        tx < 10,
+        "the host sent {tx} packets out of B's veth: they did not skip it"
+    );
+
+    // A datagram with TTL 1 would expire at the host: not delivered.
+    from_a.set_ttl(1).expect("ttl");
+    from_a.send_to(b"expiring", to).expect("send");
+    assert!(
+        recv_with_ttl(&at_b, Duration::from_millis(300)).is_none(),
+        "a TTL 1 datagram crossed the host"
+    );
+    from_a.set_ttl(64).expect("ttl");
+
+    // With peer redirect off (an agent restarted with
+    // --datapath-peer-redirect=false), attached instances are host-routed.
+    f.load_with(DatapathConfig {
+        peer_redirect: false,
+        ..DatapathConfig::default()
+    });
+    let (redirects, tx) = send_and_count(&f, &from_a, &at_b, 7100, 50);
+    assert_eq!(redirects, 0, "host-routed instances must not be redirected");
+    assert!(tx >= 50, "only {tx} packets left B's veth for 50 datagrams");
 }

@@ -44,6 +44,10 @@ struct im_arphdr {
 	__be16 ar_op;
 };
 
+#ifndef AF_INET
+#define AF_INET 2
+#endif
+
 #ifndef SOCK_STREAM
 #define SOCK_STREAM 1
 #define SOCK_DGRAM 2
@@ -545,6 +549,64 @@ static __always_inline void remember_sender(struct im_ct_val *ct, int rev, __u32
 	}
 }
 
+/* ---- delivery between local instances ---------------------------------- */
+
+/* An IPv4 packet allowed out of an instance: when the host's routing sends
+ * it to another local instance's veth, hand it to that instance's eth0 at
+ * once (bpf_redirect_peer), doing what the host's forwarding would (TTL,
+ * MAC addresses from the host's neighbour table) but skipping the forward
+ * path, the second veth's egress and its backlog queue. Anything else
+ * (remote, the host itself, no neighbour entry yet, TTL about to expire, an
+ * instance marked IM_INST_HOST_ROUTED) continues as before. The
+ * destination's policy was judged with the source's, by this program. */
+static __always_inline int deliver(struct __sk_buff *skb, const struct pkt *p)
+{
+	void *data = (void *)(long)skb->data;
+	void *end = (void *)(long)skb->data_end;
+	struct iphdr *ip = data + sizeof(struct ethhdr);
+	struct bpf_fib_lookup fib;
+	struct im_inst_addr_val *to;
+	__u8 macs[2 * ETH_ALEN];
+	__u16 old_word, new_word;
+	__u32 idx;
+
+	if ((void *)(ip + 1) > end || ip->ttl <= 1)
+		return TC_ACT_OK; /* the kernel sends time exceeded */
+	__builtin_memset(&fib, 0, sizeof(fib));
+	fib.family = AF_INET;
+	fib.tos = ip->tos;
+	fib.l4_protocol = ip->protocol;
+	fib.sport = p->key.sport;
+	fib.dport = p->key.dport;
+	fib.ipv4_src = ip->saddr;
+	fib.ipv4_dst = ip->daddr;
+	fib.ifindex = skb->ifindex;
+	/* TTL and protocol share a 16-bit word of the header checksum. */
+	__builtin_memcpy(&old_word, &ip->ttl, sizeof(old_word));
+	/* tot_len 0: the helper checks this skb (GSO included) against the
+	 * egress MTU itself. */
+	if (bpf_fib_lookup(skb, &fib, sizeof(fib), 0) != BPF_FIB_LKUP_RET_SUCCESS)
+		return TC_ACT_OK;
+	idx = fib.ifindex;
+	to = bpf_map_lookup_elem(&im_inst_addr, &idx);
+	if (!to || to->addr != p->key.daddr || (to->flags & IM_INST_HOST_ROUTED))
+		return TC_ACT_OK;
+
+	new_word = bpf_htons(bpf_ntohs(old_word) - 0x0100);
+	if (bpf_l3_csum_replace(skb, ETH_HLEN + __builtin_offsetof(struct iphdr, check), old_word, new_word,
+				sizeof(new_word)) < 0)
+		return TC_ACT_OK; /* nothing written */
+	__builtin_memcpy(macs, fib.dmac, ETH_ALEN);
+	__builtin_memcpy(macs + ETH_ALEN, fib.smac, ETH_ALEN);
+	/* From here a failure leaves a half-rewritten packet: drop it. */
+	if (bpf_skb_store_bytes(skb, ETH_HLEN + __builtin_offsetof(struct iphdr, ttl), &new_word,
+				sizeof(new_word), 0) < 0 ||
+	    bpf_skb_store_bytes(skb, 0, macs, sizeof(macs), 0) < 0)
+		return TC_ACT_SHOT;
+	count(IM_CNT_PEER_REDIRECTS);
+	return bpf_redirect_peer(idx, 0);
+}
+
 static __always_inline int handle(struct __sk_buff *skb, __u8 hook)
 {
 	__u32 zero = 0;
@@ -680,7 +742,7 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 hook)
 		emit(&p.key, &nv, IM_EVENT_NEW, hook, skb->ifindex, now);
 		if (nv.verdict == IM_VERDICT_ALLOWED) {
 			count(IM_CNT_ALLOWED);
-			return TC_ACT_OK;
+			return hook == IM_HOOK_FROM_INSTANCE ? deliver(skb, &p) : TC_ACT_OK;
 		}
 		count(nv.verdict == IM_VERDICT_RATE_LIMITED ? IM_CNT_RATE_LIMITED : IM_CNT_DENIED);
 		return TC_ACT_SHOT;
@@ -734,7 +796,7 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 hook)
 		}
 	}
 	count(IM_CNT_ALLOWED);
-	return TC_ACT_OK;
+	return hook == IM_HOOK_FROM_INSTANCE ? deliver(skb, &p) : TC_ACT_OK;
 }
 
 SEC("classifier")

@@ -68,6 +68,7 @@
 #define IM_CNT_EVENTS_LOST 4      /* flow events the ring buffer had no room for */
 #define IM_CNT_LB_REWRITES 5      /* socket addresses rewritten VIP -> backend */
 #define IM_CNT_LB_NO_BACKEND 6    /* connects to a VIP with no backend (refused) */
+#define IM_CNT_PEER_REDIRECTS 7   /* packets between local instances handed straight to the peer */
 #define IM_CNT_MAX 8
 
 /* Indices of the per-CPU im_guard_cnt array (a map of its own, so that
@@ -150,8 +151,12 @@ struct im_ct_val {
  * dropped (anti-spoofing), and a veth with no entry passes nothing. */
 struct im_inst_addr_val {
 	__u32 addr;       /* network order */
-	__u32 flags;      /* reserved, 0 */
+	__u32 flags;      /* IM_INST_* */
 };
+
+/* im_inst_addr_val.flags */
+#define IM_INST_HOST_ROUTED 1     /* packets to this instance from local instances take the
+				   * host's forwarding path, not bpf_redirect_peer */
 
 /* rate_buckets: (src identity, rule) -> token bucket. */
 struct im_rl_key {

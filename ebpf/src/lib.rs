@@ -68,6 +68,7 @@ pub const CNT_NEW_FLOWS: u32 = 3;
 pub const CNT_EVENTS_LOST: u32 = 4;
 pub const CNT_LB_REWRITES: u32 = 5;
 pub const CNT_LB_NO_BACKEND: u32 = 6;
+pub const CNT_PEER_REDIRECTS: u32 = 7;
 pub const CNT_MAX: u32 = 8;
 
 /// Indices of `im_guard_cnt` (anti-spoofing and fail-closed drops).
@@ -234,8 +235,13 @@ pub struct CtVal {
 pub struct InstAddrVal {
     /// Network order.
     pub addr: u32,
+    /// `INST_*` bits.
     pub flags: u32,
 }
+
+/// `im_inst_addr_val.flags`: packets to this instance from other local
+/// instances take the host's forwarding path instead of `bpf_redirect_peer`.
+pub const INST_HOST_ROUTED: u32 = 1;
 
 /// `struct im_rl_key`.
 #[repr(C)]
@@ -494,6 +500,8 @@ mod tests {
             ("IM_CNT_EVENTS_LOST", CNT_EVENTS_LOST as u64),
             ("IM_CNT_LB_REWRITES", CNT_LB_REWRITES as u64),
             ("IM_CNT_LB_NO_BACKEND", CNT_LB_NO_BACKEND as u64),
+            ("IM_CNT_PEER_REDIRECTS", CNT_PEER_REDIRECTS as u64),
+            ("IM_INST_HOST_ROUTED", INST_HOST_ROUTED as u64),
             ("IM_CNT_MAX", CNT_MAX as u64),
             ("IM_GUARD_SPOOFED", GUARD_SPOOFED as u64),
             ("IM_GUARD_ARP_SPOOFED", GUARD_ARP_SPOOFED as u64),

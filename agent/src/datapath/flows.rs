@@ -213,12 +213,15 @@ pub struct PacketLabels {
 ///   bytes of closed flows (both directions);
 /// - `ironmesh_agent_datapath_packets{verdict}`: the kernel's packet
 ///   counters (allowed, dropped, rate_limited, spoofed, not_ipv4,
-///   conntrack_full), refreshed by [`FlowMetrics::set_counters`].
+///   conntrack_full), refreshed by [`FlowMetrics::set_counters`];
+/// - `ironmesh_agent_datapath_peer_redirects`: packets between local
+///   instances delivered straight to the destination (`bpf_redirect_peer`).
 #[derive(Clone, Debug, Default)]
 pub struct FlowMetrics {
     pub flows: Family<FlowLabels, Counter>,
     pub bytes: Family<FlowLabels, Counter>,
     pub packets: Family<PacketLabels, Gauge>,
+    pub peer_redirects: Gauge,
 }
 
 impl FlowMetrics {
@@ -240,6 +243,11 @@ impl FlowMetrics {
             "datapath_packets",
             "Packets judged by the datapath programs by verdict (kernel counters)",
             m.packets.clone(),
+        );
+        r.register(
+            "datapath_peer_redirects",
+            "Packets between local instances delivered straight to the destination instance (bpf_redirect_peer, kernel counter)",
+            m.peer_redirects.clone(),
         );
         m
     }
@@ -280,6 +288,7 @@ impl FlowMetrics {
                 })
                 .set(v as i64);
         }
+        self.peer_redirects.set(c.peer_redirects as i64);
     }
 }
 

@@ -199,6 +199,10 @@ pub struct DatapathCounters {
     pub lb_rewrites: u64,
     /// Connects to a VIP that had no backend (refused).
     pub lb_no_backend: u64,
+    /// Packets between two local instances handed straight to the
+    /// destination's eth0 (`bpf_redirect_peer`), skipping the host's
+    /// forwarding path.
+    pub peer_redirects: u64,
     /// IPv4 packets from an instance whose source was not its lease
     /// (dropped).
     pub spoofed: u64,
@@ -231,6 +235,13 @@ pub struct DatapathConfig {
     pub ct_timeout_s: u32,
     /// Idle timeout of UDP/ICMP and refused flows.
     pub ct_short_timeout_s: u32,
+    /// Packets between two local instances go straight to the
+    /// destination's eth0 (`bpf_redirect_peer`, as Cilium's host routing
+    /// does) instead of through the host's forwarding path; off, they are
+    /// routed by the host (and visible to its netfilter FORWARD chain and
+    /// to a capture on the destination's host veth). Applies to instances
+    /// attached after load.
+    pub peer_redirect: bool,
 }
 
 impl Default for DatapathConfig {
@@ -239,6 +250,7 @@ impl Default for DatapathConfig {
             report_interval_s: 30,
             ct_timeout_s: 3600,
             ct_short_timeout_s: 60,
+            peer_redirect: true,
         }
     }
 }
@@ -247,6 +259,7 @@ impl Default for DatapathConfig {
 pub struct Datapath {
     root: PathBuf,
     cgroup: PathBuf,
+    cfg: DatapathConfig,
     inner: Mutex<Inner>,
 }
 
@@ -495,12 +508,14 @@ impl Datapath {
         let dp = Datapath {
             root,
             cgroup: cgroup.to_path_buf(),
+            cfg,
             inner: Mutex::new(inner),
         };
         {
             let mut inner = dp.lock();
             dp.attach_cgroup(&mut inner)?;
             dp.reattach_tc(&mut inner)?;
+            dp.apply_instance_flags(&mut inner)?;
         }
         tracing::info!(
             pin_dir = %dp.root.display(),
@@ -632,6 +647,34 @@ impl Datapath {
         Ok(())
     }
 
+    fn instance_flags(&self) -> u32 {
+        if self.cfg.peer_redirect {
+            0
+        } else {
+            obj::INST_HOST_ROUTED
+        }
+    }
+
+    /// Instances a previous agent attached keep their address entry: give
+    /// them this agent's delivery setting.
+    fn apply_instance_flags(&self, inner: &mut Inner) -> Result<(), DatapathError> {
+        let want = self.instance_flags();
+        let stale: Vec<(u32, InstAddrVal)> = inner
+            .inst_addr
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(_, v)| v.flags != want)
+            .collect();
+        for (idx, mut v) in stale {
+            v.flags = want;
+            inner
+                .inst_addr
+                .insert(idx, v, 0)
+                .map_err(|e| DatapathError::map("writing", obj::maps::INST_ADDR, e))?;
+        }
+        Ok(())
+    }
+
     /// Attaches the TC programs to an instance's host-side veth (ingress:
     /// traffic from the instance; egress: traffic into it), with `addr`,
     /// the address leased to the instance, as the only source its packets
@@ -660,7 +703,7 @@ impl Datapath {
                 idx,
                 InstAddrVal {
                     addr: obj::addr_be(addr),
-                    flags: 0,
+                    flags: self.instance_flags(),
                 },
                 0,
             )
@@ -1164,6 +1207,7 @@ impl Datapath {
             events_lost: get(obj::CNT_EVENTS_LOST)?,
             lb_rewrites: get(obj::CNT_LB_REWRITES)?,
             lb_no_backend: get(obj::CNT_LB_NO_BACKEND)?,
+            peer_redirects: get(obj::CNT_PEER_REDIRECTS)?,
             spoofed: guard(obj::GUARD_SPOOFED)?,
             arp_spoofed: guard(obj::GUARD_ARP_SPOOFED)?,
             not_ipv4: guard(obj::GUARD_NOT_IPV4)?,
