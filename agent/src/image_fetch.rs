@@ -16,6 +16,10 @@
 //!
 //! Concurrent `ensure` calls for one image name are serialised, so an image
 //! is fetched once however many instances need it at the same time.
+//!
+//! A name that resolves to a multi-platform index (as `skopeo copy --all`
+//! pushes) is fetched as the index's manifest for this host's platform
+//! (`linux/<GOARCH of this CPU>`); containerd gets that manifest.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -41,6 +45,8 @@ const MAX_JSON: u64 = 4 << 20;
 const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 
 const ANNOTATION_CONTAINERD_NAME: &str = "io.containerd.image.name";
+const MEDIA_OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
+const MEDIA_DOCKER_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
 
 #[derive(Deserialize)]
 struct Desc {
@@ -74,6 +80,8 @@ pub struct ControllerImages {
     /// One lock per image name: the second caller waits, then finds the
     /// image in containerd.
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Index digest → the manifest of this platform imported for it.
+    platform_of: Mutex<HashMap<String, String>>,
 }
 
 /// A staging directory, removed when dropped.
@@ -93,6 +101,61 @@ fn digest_hex(digest: &str) -> Option<&str> {
             .bytes()
             .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)))
     .then_some(hex)
+}
+
+/// This CPU as an OCI platform architecture (Go's GOARCH names).
+fn host_arch() -> &'static str {
+    match std::env::consts::ARCH {
+        "x86_64" => "amd64",
+        "aarch64" => "arm64",
+        "x86" => "386",
+        "powerpc64" => "ppc64le",
+        "loongarch64" => "loong64",
+        other => other,
+    }
+}
+
+/// For a multi-platform index, the digest of its manifest for
+/// `linux/<arch>`; `None` when `data` is not an index.
+fn platform_manifest(data: &[u8], arch: &str) -> Result<Option<String>, String> {
+    let Ok(v) = serde_json::from_slice::<serde_json::Value>(data) else {
+        return Ok(None);
+    };
+    let media_type = v.get("mediaType").and_then(|m| m.as_str());
+    let is_index = matches!(media_type, Some(MEDIA_OCI_INDEX | MEDIA_DOCKER_LIST))
+        || (media_type.is_none() && v.get("manifests").is_some());
+    if !is_index {
+        return Ok(None);
+    }
+    let manifests = v
+        .get("manifests")
+        .and_then(|m| m.as_array())
+        .ok_or("it has no manifests list")?;
+    let mut offered = Vec::new();
+    for m in manifests {
+        let p = |k: &str| {
+            m.pointer(&format!("/platform/{k}"))
+                .and_then(|x| x.as_str())
+                .unwrap_or("")
+        };
+        if p("os") == "linux" && p("architecture") == arch {
+            let digest = m
+                .get("digest")
+                .and_then(|d| d.as_str())
+                .ok_or("a manifest entry has no digest")?;
+            digest_hex(digest).ok_or_else(|| format!("{digest:?} is not a sha256 digest"))?;
+            return Ok(Some(digest.to_string()));
+        }
+        offered.push(format!("{}/{}", p("os"), p("architecture")));
+    }
+    Err(format!(
+        "no manifest for linux/{arch}; it offers {}",
+        if offered.is_empty() {
+            "none".to_string()
+        } else {
+            offered.join(", ")
+        }
+    ))
 }
 
 /// A client for the controller's node API with this node's certificate,
@@ -136,6 +199,7 @@ impl ControllerImages {
             staging,
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
             locks: Mutex::new(HashMap::new()),
+            platform_of: Mutex::new(HashMap::new()),
         }
     }
 
@@ -162,8 +226,16 @@ impl ControllerImages {
 
     /// Whether containerd has `image` pointing at `digest`, unpacked.
     async fn present(&self, image: &str, digest: &str) -> Result<bool, ImageSourceError> {
+        let platform = self
+            .platform_of
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(digest)
+            .cloned();
         match self.runtime.resolve_image(image).await {
-            Ok(r) if r.manifest_digest == digest => {
+            Ok(r)
+                if r.manifest_digest == digest || platform.as_ref() == Some(&r.manifest_digest) =>
+            {
                 let unpacked = self
                     .runtime
                     .snapshot_exists(&r.chain_id)
@@ -362,14 +434,27 @@ impl ControllerImages {
             })?;
 
         let mut bytes = self.fetch(image, dir, digest, None, Some(MAX_JSON)).await?;
-        let manifest_path = dir.join("blobs").join("sha256").join(hex);
-        let data =
-            tokio::fs::read(&manifest_path)
-                .await
-                .map_err(|e| ImageSourceError::Unavailable {
-                    image: image.to_string(),
-                    reason: format!("cannot read {}: {e}", manifest_path.display()),
-                })?;
+        let read = |d: &str| {
+            let path = dir
+                .join("blobs")
+                .join("sha256")
+                .join(d.trim_start_matches("sha256:"));
+            std::fs::read(&path).map_err(|e| ImageSourceError::Unavailable {
+                image: image.to_string(),
+                reason: format!("cannot read {}: {e}", path.display()),
+            })
+        };
+        let mut data = read(hex)?;
+        let index_digest = digest;
+        let mut digest = digest;
+        let chosen = platform_manifest(&data, host_arch())
+            .map_err(|e| invalid(format!("index {digest}: {e}")))?;
+        if let Some(child) = &chosen {
+            bytes += self.fetch(image, dir, child, None, Some(MAX_JSON)).await?;
+            data = read(child)?;
+            tracing::debug!(%image, index = %index_digest, manifest = %child, arch = host_arch(), "picked this platform's manifest from the index");
+            digest = child.as_str();
+        }
         let manifest: Manifest = serde_json::from_slice(&data).map_err(|e| {
             invalid(format!(
                 "manifest {digest} is not a single-platform image manifest: {e}"
@@ -443,6 +528,12 @@ impl ControllerImages {
             .import_layout(dir)
             .await
             .map_err(|e| runtime_err(image, e))?;
+        if let Some(child) = &chosen {
+            self.platform_of
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(index_digest.to_string(), child.clone());
+        }
         tracing::info!(
             %image,
             %digest,
@@ -528,6 +619,27 @@ mod tests {
         let e = fetch_status("a:1", &d, tonic::Status::unavailable("down"));
         assert!(matches!(e, ImageSourceError::Unavailable { .. }));
         assert!(e.to_string().contains(&d), "{e}");
+    }
+
+    #[test]
+    fn an_index_yields_this_platforms_manifest() {
+        let a = format!("sha256:{}", "a".repeat(64));
+        let b = format!("sha256:{}", "b".repeat(64));
+        let index = serde_json::to_vec(&serde_json::json!({
+            "schemaVersion": 2, "mediaType": MEDIA_OCI_INDEX,
+            "manifests": [
+                {"digest": a, "size": 1, "platform": {"os": "linux", "architecture": "amd64"}},
+                {"digest": b, "size": 1, "platform": {"os": "linux", "architecture": "arm64"}},
+            ],
+        }))
+        .unwrap();
+        assert_eq!(platform_manifest(&index, "arm64").unwrap(), Some(b));
+        assert_eq!(platform_manifest(&index, "amd64").unwrap(), Some(a));
+        let e = platform_manifest(&index, "s390x").unwrap_err();
+        assert!(e.contains("linux/amd64, linux/arm64"), "{e}");
+        let manifest = br#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{}}"#;
+        assert_eq!(platform_manifest(manifest, "amd64").unwrap(), None);
+        assert_eq!(std::env::consts::ARCH == "x86_64", host_arch() == "amd64");
     }
 
     #[test]

@@ -3,9 +3,10 @@
 //!
 //! A node's images are those of the instances bound to it (resolved to
 //! manifest digests the way assignments resolve them); its blobs are those
-//! manifests and the config and layers they reference. Manifests are
-//! content-addressed and immutable, so what each references is read once
-//! and remembered (bounded). This module decides; `images` streams.
+//! manifests and the config and layers they reference (for a multi-platform
+//! index: every manifest it lists and theirs, as the node picks its own
+//! platform). Manifests are content-addressed and immutable, so what each
+//! references is read once and remembered (bounded). This module decides; `images` streams.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -97,14 +98,44 @@ impl BlobAccess {
     }
 
     async fn read_references(&self, manifest: &str) -> Option<Vec<String>> {
-        let path = self.images.blob_path(manifest).ok()?;
+        let data = self.read_manifest(manifest).await?;
+        let children = index_manifests(&data);
+        if children.is_empty() {
+            return Some(manifest_references(&data));
+        }
+        // A multi-platform index: the node picks its platform's manifest,
+        // so each one and what it references may be fetched.
+        let mut refs = Vec::new();
+        for child in children {
+            if let Some(d) = self.read_manifest(&child).await {
+                refs.extend(manifest_references(&d));
+            }
+            refs.push(child);
+        }
+        Some(refs)
+    }
+
+    async fn read_manifest(&self, digest: &str) -> Option<Vec<u8>> {
+        let path = self.images.blob_path(digest).ok()?;
         let meta = tokio::fs::metadata(&path).await.ok()?;
         if meta.len() > MAX_MANIFEST {
             return None;
         }
-        let data = tokio::fs::read(&path).await.ok()?;
-        Some(manifest_references(&data))
+        tokio::fs::read(&path).await.ok()
     }
+}
+
+/// The manifest digests an image index lists (empty for anything else).
+pub fn index_manifests(data: &[u8]) -> Vec<String> {
+    let Ok(v) = serde_json::from_slice::<Value>(data) else {
+        return Vec::new();
+    };
+    v.get("manifests")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(|m| m.get("digest").and_then(Value::as_str).map(str::to_string))
+        .collect()
 }
 
 /// The digests an image manifest's `config` and `layers` name.
@@ -138,5 +169,9 @@ mod tests {
             vec!["sha256:c", "sha256:l1", "sha256:l2"]
         );
         assert!(manifest_references(b"not json").is_empty());
+        let index =
+            br#"{"schemaVersion":2,"manifests":[{"digest":"sha256:a"},{"digest":"sha256:b"}]}"#;
+        assert_eq!(index_manifests(index), vec!["sha256:a", "sha256:b"]);
+        assert!(index_manifests(m).is_empty());
     }
 }

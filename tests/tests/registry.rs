@@ -1,0 +1,494 @@
+//! End-to-end tests of the controller's OCI registry (`--registry-listen`)
+//! with a real client: Debian's `skopeo`.
+//!
+//! The images are the project's own (`ironmesh-images`) as OCI layouts;
+//! the multi-platform one is that image plus an arm64 variant under one
+//! index. Operators log in with `imctl registry login` (bearer tokens from
+//! auth.json) or present their client certificate (`--cert-dir`). Every
+//! process runs on loopback and is killed by PID when its handle drops.
+
+// Test code: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use ironmesh_images::{build_layout, catalog, BuiltImage};
+use ironmesh_tests::{bin, free_addr, wait_for, Controller, ControllerOpts};
+use sha2::{Digest, Sha256};
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+fn ok(out: Output, what: &str) -> String {
+    assert!(
+        out.status.success(),
+        "{what} failed ({}):\nstdout: {}\nstderr: {}",
+        out.status,
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    text(&out.stdout)
+}
+
+fn failed(out: Output, what: &str) -> String {
+    assert!(
+        !out.status.success(),
+        "{what} succeeded but should not have:\nstdout: {}",
+        text(&out.stdout)
+    );
+    text(&out.stderr)
+}
+
+fn sha(data: &[u8]) -> String {
+    format!("sha256:{}", hex::encode(Sha256::digest(data)))
+}
+
+/// A controller with its registry on a loopback port, collecting garbage
+/// with no grace (the tests decide when), and the operators ed (edit) and
+/// vera (view) beside admin.
+struct Fixture {
+    ctl: Controller,
+    registry: SocketAddr,
+    dir: tempfile::TempDir,
+}
+
+impl Fixture {
+    fn start() -> Fixture {
+        let registry = free_addr();
+        let ctl = Controller::start(ControllerOpts {
+            extra_args: vec![
+                "--registry-listen".into(),
+                registry.to_string(),
+                "--image-gc-grace".into(),
+                "0s".into(),
+                "--image-gc-interval".into(),
+                "0s".into(),
+            ],
+            ..ControllerOpts::default()
+        });
+        wait_for("registry to listen", Duration::from_secs(20), || {
+            std::net::TcpStream::connect(registry).ok()
+        });
+        let f = Fixture {
+            ctl,
+            registry,
+            dir: tempfile::tempdir().unwrap(),
+        };
+        for (name, role) in [("ed", "edit"), ("vera", "view")] {
+            ok(
+                f.ctl.imctl(&[
+                    "operator",
+                    "create",
+                    name,
+                    "--role",
+                    role,
+                    "--out",
+                    f.conf(name).to_str().unwrap(),
+                ]),
+                "operator create",
+            );
+            // Token login: auth.json plus the CA, no client certificate.
+            ok(
+                f.ctl.imctl_as(
+                    &f.conf(name),
+                    &[
+                        "registry",
+                        "login",
+                        &registry.to_string(),
+                        "--authfile",
+                        f.authfile(name).to_str().unwrap(),
+                        "--cert-dir",
+                        f.certs(name).to_str().unwrap(),
+                    ],
+                ),
+                "registry login",
+            );
+        }
+        // admin: mutual TLS with its certificate, no auth.json entry.
+        ok(
+            f.ctl.imctl(&[
+                "registry",
+                "login",
+                &registry.to_string(),
+                "--authfile",
+                f.authfile("admin").to_str().unwrap(),
+                "--cert-dir",
+                f.certs("admin").to_str().unwrap(),
+                "--client-cert",
+            ]),
+            "registry login --client-cert",
+        );
+        f
+    }
+
+    fn conf(&self, op: &str) -> PathBuf {
+        self.dir.path().join(format!("{op}.yaml"))
+    }
+    fn authfile(&self, op: &str) -> PathBuf {
+        self.dir.path().join(format!("{op}-auth.json"))
+    }
+    fn certs(&self, op: &str) -> PathBuf {
+        self.dir.path().join(format!("{op}-certs"))
+    }
+
+    fn reference(&self, name: &str) -> String {
+        format!("docker://{}/{name}", self.registry)
+    }
+
+    /// skopeo as operator `op`: token auth for ed and vera, the client
+    /// certificate for admin (an empty auth file, so no token is used).
+    fn skopeo(&self, op: &str, args: &[&str]) -> Output {
+        let mut cmd = Command::new("skopeo");
+        let sub = args[0];
+        cmd.arg(sub);
+        let certs = self.certs(op);
+        let authfile = if op == "admin" {
+            let empty = self.dir.path().join("empty-auth.json");
+            std::fs::write(&empty, "{}").unwrap();
+            empty
+        } else {
+            self.authfile(op)
+        };
+        match sub {
+            "copy" => {
+                cmd.arg("--src-cert-dir")
+                    .arg(&certs)
+                    .arg("--dest-cert-dir")
+                    .arg(&certs)
+                    .arg("--src-authfile")
+                    .arg(&authfile)
+                    .arg("--dest-authfile")
+                    .arg(&authfile);
+            }
+            _ => {
+                cmd.arg("--cert-dir")
+                    .arg(&certs)
+                    .arg("--authfile")
+                    .arg(&authfile);
+            }
+        }
+        cmd.args(&args[1..])
+            .env("HOME", self.dir.path())
+            .env_remove("REGISTRY_AUTH_FILE")
+            .env_remove("XDG_RUNTIME_DIR")
+            .output()
+            .expect("run skopeo (apt install skopeo; scripts/install-deps.sh does)")
+    }
+
+    fn blobs(&self) -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(self.ctl.data_dir().join("images/blobs/sha256"))
+            .map(|d| {
+                d.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        v.sort();
+        v
+    }
+
+    /// Uploads the registry finished so far (from the controller's log).
+    fn uploads_finished(&self) -> usize {
+        self.ctl.proc.log_text().matches("upload finished").count()
+    }
+
+    fn curl(&self, args: &[&str]) -> Output {
+        Command::new("curl")
+            .arg("-s")
+            .arg("-i")
+            .arg("--cacert")
+            .arg(self.certs("vera").join("ca.crt"))
+            .args(args)
+            .output()
+            .expect("run curl")
+    }
+}
+
+fn build(dir: &Path, tag: &str) -> (PathBuf, BuiltImage) {
+    let spec = catalog::records_server(&bin("records-server"), tag);
+    let out = dir.join(format!("records-server-{tag}"));
+    let built = build_layout(&spec, &out).expect("build the image layout");
+    (out, built)
+}
+
+fn layout_blob(layout: &Path, digest: &str) -> PathBuf {
+    layout
+        .join("blobs/sha256")
+        .join(digest.trim_start_matches("sha256:"))
+}
+
+fn write_blob(layout: &Path, data: &[u8]) -> String {
+    let d = sha(data);
+    std::fs::write(layout_blob(layout, &d), data).unwrap();
+    d
+}
+
+/// Turns the single-image layout into one whose `index.json` names an
+/// image index (tag `multi`) of the amd64 image and an arm64 variant
+/// (same layers, its own config). Returns (index digest, arm64 manifest).
+fn make_multi_platform(layout: &Path, built: &BuiltImage) -> (String, String) {
+    let manifest_bytes = std::fs::read(layout_blob(layout, &built.manifest_digest)).unwrap();
+    let mut manifest: serde_json::Value = serde_json::from_slice(&manifest_bytes).unwrap();
+    let config_bytes = std::fs::read(layout_blob(layout, &built.config_digest)).unwrap();
+    let mut config: serde_json::Value = serde_json::from_slice(&config_bytes).unwrap();
+    config["architecture"] = "arm64".into();
+    let arm_config = serde_json::to_vec(&config).unwrap();
+    let arm_config_digest = write_blob(layout, &arm_config);
+    manifest["config"]["digest"] = arm_config_digest.into();
+    manifest["config"]["size"] = arm_config.len().into();
+    let arm_manifest = serde_json::to_vec(&manifest).unwrap();
+    let arm_digest = write_blob(layout, &arm_manifest);
+    let mt = "application/vnd.oci.image.manifest.v1+json";
+    let index = serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.index.v1+json",
+        "manifests": [
+            {"mediaType": mt, "digest": built.manifest_digest, "size": manifest_bytes.len(),
+             "platform": {"architecture": "amd64", "os": "linux"}},
+            {"mediaType": mt, "digest": arm_digest, "size": arm_manifest.len(),
+             "platform": {"architecture": "arm64", "os": "linux"}},
+        ],
+    }))
+    .unwrap();
+    let index_digest = write_blob(layout, &index);
+    let top = serde_json::json!({
+        "schemaVersion": 2,
+        "manifests": [{
+            "mediaType": "application/vnd.oci.image.index.v1+json",
+            "digest": index_digest, "size": index.len(),
+            "annotations": {"org.opencontainers.image.ref.name": "multi"},
+        }],
+    });
+    std::fs::write(layout.join("index.json"), serde_json::to_vec(&top).unwrap()).unwrap();
+    (index_digest, arm_digest)
+}
+
+#[test]
+fn skopeo_copies_in_and_out_and_the_same_push_again_uploads_nothing() {
+    let f = Fixture::start();
+    let work = tempfile::tempdir().unwrap();
+    let (layout, built) = build(work.path(), "0.1.0");
+    let dest = f.reference("ironmesh/records-server:0.1.0");
+    let src = format!("oci:{}", layout.display());
+
+    // Nobody gets anything without credentials; /v2/ says how to get them.
+    let out = text(&f.curl(&[&format!("https://{}/v2/", f.registry)]).stdout);
+    assert!(out.starts_with("HTTP/1.1 401"), "{out}");
+    assert!(
+        out.to_lowercase().contains(&format!(
+            "www-authenticate: bearer realm=\"https://{}/token\",service=\"ironmesh-registry\"",
+            f.registry
+        )),
+        "{out}"
+    );
+    let out = text(
+        &f.curl(&[&format!(
+            "https://{}/v2/ironmesh/records-server/tags/list",
+            f.registry
+        )])
+        .stdout,
+    );
+    assert!(out.starts_with("HTTP/1.1 401"), "{out}");
+    assert!(out.contains("\"UNAUTHORIZED\""), "{out}");
+
+    // A view operator may not push.
+    let err = failed(
+        f.skopeo("vera", &["copy", &src, &dest]),
+        "skopeo copy as a view operator",
+    );
+    assert!(err.contains("denied") || err.contains("DENIED"), "{err}");
+    assert!(f.blobs().is_empty(), "{:?}", f.blobs());
+
+    // edit pushes with the token from auth.json.
+    ok(f.skopeo("ed", &["copy", &src, &dest]), "skopeo copy in");
+    let mut expected: Vec<String> = [&built.manifest_digest, &built.config_digest]
+        .into_iter()
+        .chain(&built.layer_digests)
+        .map(|d| d.trim_start_matches("sha256:").to_string())
+        .collect();
+    expected.sort();
+    assert_eq!(f.blobs(), expected);
+    let uploads = f.uploads_finished();
+    assert_eq!(uploads, 1 + built.layer_digests.len(), "config and layers");
+
+    // The image store's view: imctl lists it with skopeo's digest.
+    let images = f.ctl.imctl_json(&["image", "ls"]);
+    assert_eq!(
+        images[0]["name"], "ironmesh/records-server:0.1.0",
+        "{images}"
+    );
+    assert_eq!(
+        images[0]["manifestDigest"].as_str(),
+        Some(built.manifest_digest.as_str())
+    );
+
+    // inspect, as view.
+    let inspect: serde_json::Value =
+        serde_json::from_str(&ok(f.skopeo("vera", &["inspect", &dest]), "skopeo inspect")).unwrap();
+    assert_eq!(
+        inspect["Digest"].as_str(),
+        Some(built.manifest_digest.as_str())
+    );
+    assert_eq!(
+        inspect["Layers"].as_array().unwrap().len(),
+        built.layer_digests.len()
+    );
+    let raw = ok(
+        f.skopeo("vera", &["inspect", "--raw", &dest]),
+        "skopeo inspect --raw",
+    );
+    assert_eq!(sha(raw.as_bytes()), built.manifest_digest);
+
+    // And back out, by the admin's client certificate: identical blobs.
+    let back = work.path().join("back");
+    ok(
+        f.skopeo(
+            "admin",
+            &["copy", &dest, &format!("oci:{}:0.1.0", back.display())],
+        ),
+        "skopeo copy out",
+    );
+    for d in [&built.manifest_digest, &built.config_digest]
+        .into_iter()
+        .chain(&built.layer_digests)
+    {
+        assert_eq!(
+            std::fs::read(layout_blob(&back, d)).unwrap(),
+            std::fs::read(layout_blob(&layout, d)).unwrap(),
+            "{d}"
+        );
+    }
+    let tags: serde_json::Value = serde_json::from_str(&ok(
+        f.skopeo(
+            "vera",
+            &["list-tags", &f.reference("ironmesh/records-server")],
+        ),
+        "skopeo list-tags",
+    ))
+    .unwrap();
+    assert_eq!(tags["Tags"], serde_json::json!(["0.1.0"]));
+
+    // The same image again, and under another tag: nothing is uploaded.
+    ok(f.skopeo("ed", &["copy", &src, &dest]), "skopeo copy again");
+    ok(
+        f.skopeo(
+            "ed",
+            &["copy", &src, &f.reference("ironmesh/records-server:again")],
+        ),
+        "skopeo copy to a new tag",
+    );
+    assert_eq!(
+        f.uploads_finished(),
+        uploads,
+        "a second push uploaded blobs"
+    );
+    assert_eq!(f.blobs(), expected);
+}
+
+#[test]
+fn multi_platform_index_is_stored_whole_deleted_only_by_an_admin_then_collected() {
+    let f = Fixture::start();
+    let work = tempfile::tempdir().unwrap();
+    let (layout, built) = build(work.path(), "multi");
+    let (index_digest, arm_digest) = make_multi_platform(&layout, &built);
+    let dest = f.reference("ironmesh/multi:1");
+    ok(
+        f.skopeo(
+            "ed",
+            &[
+                "copy",
+                "--all",
+                &format!("oci:{}:multi", layout.display()),
+                &dest,
+            ],
+        ),
+        "skopeo copy --all of an index",
+    );
+    // Stored whole: the index comes back byte for byte, and each
+    // platform's manifest by digest.
+    let raw = ok(
+        f.skopeo("vera", &["inspect", "--raw", &dest]),
+        "inspect --raw index",
+    );
+    assert_eq!(sha(raw.as_bytes()), index_digest);
+    let arm = ok(
+        f.skopeo(
+            "vera",
+            &[
+                "inspect",
+                "--raw",
+                &f.reference(&format!("ironmesh/multi@{arm_digest}")),
+            ],
+        ),
+        "inspect the arm64 manifest by digest",
+    );
+    assert_eq!(sha(arm.as_bytes()), arm_digest);
+    let images = f.ctl.imctl_json(&["image", "ls"]);
+    assert_eq!(
+        images[0]["manifestDigest"].as_str(),
+        Some(index_digest.as_str())
+    );
+    // config ×2, layer(s), manifest ×2, index.
+    assert_eq!(
+        f.blobs().len(),
+        5 + built.layer_digests.len(),
+        "{:?}",
+        f.blobs()
+    );
+
+    // An edit operator may not delete; an admin may.
+    let err = failed(f.skopeo("ed", &["delete", &dest]), "skopeo delete as edit");
+    assert!(err.contains("denied") || err.contains("DENIED"), "{err}");
+    ok(
+        f.skopeo("admin", &["delete", &dest]),
+        "skopeo delete as admin",
+    );
+    let err = failed(
+        f.skopeo("vera", &["inspect", "--raw", &dest]),
+        "inspect after delete",
+    );
+    assert!(
+        err.contains("manifest unknown") || err.contains("MANIFEST_UNKNOWN"),
+        "{err}"
+    );
+
+    // Collection frees every blob (edit may not run it).
+    failed(
+        f.ctl.imctl_as(&f.conf("ed"), &["image", "gc"]),
+        "image gc as edit",
+    );
+    let out = ok(f.ctl.imctl(&["image", "gc"]), "image gc");
+    let removed = 5 + built.layer_digests.len();
+    assert!(out.contains(&format!(" in {removed} blobs")), "{out}");
+    assert!(f.blobs().is_empty(), "{:?}", f.blobs());
+
+    // imctl image rm of a skopeo-pushed image: refused for edit, then
+    // the admin's removal frees its blobs at once.
+    let (single, _) = build(work.path(), "0.2.0");
+    let name = "ironmesh/records-server:0.2.0";
+    ok(
+        f.skopeo(
+            "ed",
+            &[
+                "copy",
+                &format!("oci:{}", single.display()),
+                &f.reference(name),
+            ],
+        ),
+        "skopeo copy",
+    );
+    assert!(!f.blobs().is_empty());
+    failed(
+        f.ctl.imctl_as(&f.conf("ed"), &["image", "rm", name]),
+        "image rm as edit",
+    );
+    let out = ok(f.ctl.imctl(&["image", "rm", name]), "image rm");
+    assert!(out.contains(&format!("removed {name}")), "{out}");
+    assert!(out.contains("garbage collection:"), "{out}");
+    assert!(f.blobs().is_empty(), "{:?}", f.blobs());
+    assert_eq!(f.ctl.imctl_json(&["image", "ls"]), serde_json::json!([]));
+}
