@@ -290,6 +290,34 @@ impl Fixture {
         self.dp = Some(dp);
     }
 
+    /// Marks A and B host-routed (or not) in the pinned address map, as an
+    /// agent started with `--datapath-peer-redirect=false` does.
+    fn set_host_routed(&self, on: bool) {
+        let pin = self.dp().pin_root().join("maps").join("im_inst_addr");
+        let data = aya::maps::MapData::from_pin(&pin).expect("open pinned im_inst_addr");
+        let mut map: aya::maps::HashMap<_, u32, ironmesh_ebpf::InstAddrVal> =
+            aya::maps::HashMap::try_from(aya::maps::Map::HashMap(data)).expect("hash map");
+        for i in [&self.a, &self.b] {
+            let idx = self.ifindex(&i.host_if);
+            let mut v = map.get(&idx, 0).expect("address entry");
+            v.flags = if on {
+                ironmesh_ebpf::INST_HOST_ROUTED
+            } else {
+                0
+            };
+            map.insert(idx, v, 0).expect("write address entry");
+        }
+    }
+
+    fn ifindex(&self, host_if: &str) -> u32 {
+        let out = Command::new("ip")
+            .args(["-n", &self.host_name, "-j", "link", "show", "dev", host_if])
+            .output()
+            .expect("ip link");
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("ip -j");
+        v[0]["ifindex"].as_u64().expect("ifindex") as u32
+    }
+
     /// Packets the host sent out of `host_if` (its kernel counter).
     fn tx_packets(&self, host_if: &str) -> u64 {
         let out = Command::new("ip")
@@ -1458,31 +1486,40 @@ fn bench_datapath_overhead() {
         }
         f.dp().set_enforced(&[]).expect("enforce");
     };
+    // Three variants per round, in rotating order: no programs, eBPF
+    // (local instances delivered by bpf_redirect_peer, the default) and
+    // eBPF with both instances host-routed (the packet crosses the host's
+    // forward path and B's veth, as without programs).
     let mut paired = Vec::new();
-    for round in 0..11u16 {
+    let mut paired_routed = Vec::new();
+    for round in 0..12u16 {
         // eBPF rounds reuse the four allowed ports the rounds above leave
         // free (listeners rebind: std sets SO_REUSEADDR).
         let port = |variant: u16| match variant {
             0 => 6100 + round,
             _ => 6012 + round % 4,
         };
-        let ebpf_rtt = |f: &Fixture| {
+        let ebpf_rtt = |f: &Fixture, host_routed: bool| {
             f.attach_both();
+            f.set_host_routed(host_routed);
             f.dp().set_enforced(&[ID_B]).expect("enforce");
             let r = rtt(f, port(1));
             detach(f);
             r.0
         };
-        let (n, e) = if round % 2 == 0 {
-            let n = rtt(&f, port(0)).0;
-            (n, ebpf_rtt(&f))
-        } else {
-            let e = ebpf_rtt(&f);
-            (rtt(&f, port(0)).0, e)
-        };
+        let (mut n, mut e, mut h) = (0.0, 0.0, 0.0);
+        for step in 0..3u16 {
+            match (round + step) % 3 {
+                0 => n = rtt(&f, port(0)).0,
+                1 => e = ebpf_rtt(&f, false),
+                _ => h = ebpf_rtt(&f, true),
+            }
+        }
         paired.push(n / e);
+        paired_routed.push(n / h);
     }
     let paired_median = median(paired.clone());
+    let paired_routed_median = median(paired_routed.clone());
 
     // (c) theirs, with the 10,000-rule chain loaded.
     in_host(
@@ -1570,6 +1607,10 @@ fn bench_datapath_overhead() {
         "rtt median none/eBPF, paired: {paired_median:.3} (median of {} back-to-back rounds: {:.3?})",
         paired.len(),
         paired
+    );
+    println!(
+        "rtt median none/eBPF host-routed (--datapath-peer-redirect=false), paired: {paired_routed_median:.3} (rounds: {:.3?})",
+        paired_routed
     );
     let (em, ep) = (median(ebpf_change.clone()), p99(ebpf_change));
     let (rm, xm, nm) = (median(restore), median(replace), median(nft));
