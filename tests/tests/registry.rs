@@ -16,7 +16,7 @@ use std::process::{Command, Output};
 use std::time::Duration;
 
 use ironmesh_images::{build_layout, catalog, BuiltImage};
-use ironmesh_tests::{bin, free_addr, wait_for, Controller, ControllerOpts};
+use ironmesh_tests::{bin, free_addr, images_dir, wait_for, Agent, Controller, ControllerOpts};
 use sha2::{Digest, Sha256};
 
 fn text(b: &[u8]) -> String {
@@ -231,9 +231,13 @@ fn write_blob(layout: &Path, data: &[u8]) -> String {
 /// image index (tag `multi`) of the amd64 image and an arm64 variant
 /// (same layers, its own config). Returns (index digest, arm64 manifest).
 fn make_multi_platform(layout: &Path, built: &BuiltImage) -> (String, String) {
-    let manifest_bytes = std::fs::read(layout_blob(layout, &built.manifest_digest)).unwrap();
+    multi_platform(layout, &built.manifest_digest, &built.config_digest)
+}
+
+fn multi_platform(layout: &Path, manifest_digest: &str, config_digest: &str) -> (String, String) {
+    let manifest_bytes = std::fs::read(layout_blob(layout, manifest_digest)).unwrap();
     let mut manifest: serde_json::Value = serde_json::from_slice(&manifest_bytes).unwrap();
-    let config_bytes = std::fs::read(layout_blob(layout, &built.config_digest)).unwrap();
+    let config_bytes = std::fs::read(layout_blob(layout, config_digest)).unwrap();
     let mut config: serde_json::Value = serde_json::from_slice(&config_bytes).unwrap();
     config["architecture"] = "arm64".into();
     let arm_config = serde_json::to_vec(&config).unwrap();
@@ -247,7 +251,7 @@ fn make_multi_platform(layout: &Path, built: &BuiltImage) -> (String, String) {
         "schemaVersion": 2,
         "mediaType": "application/vnd.oci.image.index.v1+json",
         "manifests": [
-            {"mediaType": mt, "digest": built.manifest_digest, "size": manifest_bytes.len(),
+            {"mediaType": mt, "digest": manifest_digest, "size": manifest_bytes.len(),
              "platform": {"architecture": "amd64", "os": "linux"}},
             {"mediaType": mt, "digest": arm_digest, "size": arm_manifest.len(),
              "platform": {"architecture": "arm64", "os": "linux"}},
@@ -491,4 +495,121 @@ fn multi_platform_index_is_stored_whole_deleted_only_by_an_admin_then_collected(
     assert!(out.contains("garbage collection:"), "{out}");
     assert!(f.blobs().is_empty(), "{:?}", f.blobs());
     assert_eq!(f.ctl.imctl_json(&["image", "ls"]), serde_json::json!([]));
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        let target = to.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            copy_dir(&e.path(), &target);
+        } else {
+            std::fs::copy(e.path(), &target).unwrap();
+        }
+    }
+}
+
+#[test]
+fn a_workload_runs_from_an_index_only_skopeo_pushed_on_the_agents_platform() {
+    assert_eq!(
+        std::env::consts::ARCH,
+        "x86_64",
+        "the runnable image is built for amd64"
+    );
+    let f = Fixture::start();
+    let agent = Agent::start(&f.ctl, "node-a");
+    agent.wait_ready(&f.ctl, Duration::from_secs(90));
+    // The project's runnable records-server (static build), as an index of
+    // amd64 (the real one) and an arm64 variant this host cannot run.
+    let work = tempfile::tempdir().unwrap();
+    let layout = work.path().join("records");
+    copy_dir(&images_dir().join("records-server"), &layout);
+    let index: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(layout.join("index.json")).unwrap()).unwrap();
+    let amd64 = index["manifests"][0]["digest"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(layout_blob(&layout, &amd64)).unwrap()).unwrap();
+    let config = manifest["config"]["digest"].as_str().unwrap().to_string();
+    let (index_digest, _) = multi_platform(&layout, &amd64, &config);
+    let name = "ironmesh/records-multi:1";
+    ok(
+        f.skopeo(
+            "ed",
+            &[
+                "copy",
+                "--all",
+                &format!("oci:{}:multi", layout.display()),
+                &f.reference(name),
+            ],
+        ),
+        "skopeo copy --all",
+    );
+    let images = f.ctl.imctl_json(&["image", "ls"]);
+    assert_eq!(
+        images[0]["manifestDigest"].as_str(),
+        Some(index_digest.as_str())
+    );
+
+    f.ctl.apply_yaml(&format!(
+        "apiVersion: ironmesh.dev/v1
+kind: Workload
+metadata:
+  name: multi
+spec:
+  image: {name}
+  env:
+    - name: LISTEN_ADDR
+      value: 0.0.0.0:8080
+  resources:
+    cpu: 100m
+    memory: 64Mi
+  readinessProbe:
+    httpGet:
+      path: /healthz
+      port: 8080
+    periodSeconds: 1
+"
+    ));
+    let inst = wait_for(
+        "the instance to run and be ready",
+        Duration::from_secs(60),
+        || {
+            let v = f
+                .ctl
+                .imctl_json(&["get", "instances", "-l", "ironmesh.dev/workload=multi"]);
+            let items = v
+                .get("items")
+                .and_then(|i| i.as_array())
+                .cloned()
+                .unwrap_or_else(|| vec![v]);
+            items.into_iter().find(|i| {
+                i.pointer("/status/phase").and_then(|p| p.as_str()) == Some("Running")
+                    && i.pointer("/status/ready") == Some(&serde_json::Value::Bool(true))
+            })
+        },
+    );
+    assert_eq!(
+        inst.pointer("/spec/node").and_then(|n| n.as_str()),
+        Some("node-a"),
+        "{inst}"
+    );
+    // containerd holds this platform's manifest under the image's name.
+    let out = Command::new("ctr")
+        .arg("--address")
+        .arg(agent.containerd.socket())
+        .arg("--namespace")
+        .arg(agent.containerd.namespace())
+        .args(["images", "ls"])
+        .output()
+        .expect("run ctr");
+    let listing = text(&out.stdout);
+    let line = listing
+        .lines()
+        .find(|l| l.starts_with(name))
+        .unwrap_or_else(|| panic!("{name} not in containerd: {listing}"));
+    assert!(line.contains(&amd64), "{line}");
 }
