@@ -29,7 +29,6 @@ use ironmesh_proto::v1::{
     CollectImageGarbageRequest, ImageInfo, ListImagesRequest, RemoveImageRequest, TagImageRequest,
 };
 use serde::Deserialize;
-use sha2::{Digest, Sha256};
 use tokio::io::AsyncReadExt;
 use tonic::transport::Channel;
 
@@ -47,8 +46,8 @@ const TTY_MIN_PROGRESS: u64 = 1 << 20;
 
 const ANNOTATION_CONTAINERD_NAME: &str = "io.containerd.image.name";
 const ANNOTATION_REF_NAME: &str = "org.opencontainers.image.ref.name";
-const MEDIA_OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
-const MEDIA_DOCKER_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
+const MEDIA_OCI_INDEX: &str = ironmesh_oci::media::OCI_INDEX;
+const MEDIA_DOCKER_LIST: &str = ironmesh_oci::media::DOCKER_LIST;
 
 #[derive(Subcommand)]
 pub enum ImageCommand {
@@ -333,13 +332,8 @@ struct LayoutImage {
 }
 
 fn blob_path(dir: &Path, digest: &str) -> anyhow::Result<PathBuf> {
-    let hex = digest
-        .strip_prefix("sha256:")
-        .filter(|h| {
-            h.len() == 64
-                && h.bytes()
-                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
-        })
+    let hex = ironmesh_oci::digest_hex(digest)
+        .ok()
         .with_context(|| format!("digest {digest:?} is not a sha256 digest"))?;
     Ok(dir.join("blobs").join("sha256").join(hex))
 }
@@ -433,8 +427,8 @@ fn read_layout(dir: &Path, name: Option<&str>) -> anyhow::Result<Vec<LayoutImage
             );
         }
         let data = std::fs::read(blob_path(dir, &desc.digest)?)?;
-        let actual = format!("sha256:{}", hex::encode(Sha256::digest(&data)));
-        if actual != desc.digest {
+        let actual = ironmesh_oci::Digest::of(&data);
+        if actual.as_str() != desc.digest {
             bail!(
                 "manifest {} in the layout hashes to {actual}: the layout is damaged",
                 desc.digest
@@ -758,7 +752,7 @@ mod tests {
     use super::*;
 
     fn sha(data: &[u8]) -> String {
-        format!("sha256:{}", hex::encode(Sha256::digest(data)))
+        ironmesh_oci::Digest::of(data).into()
     }
 
     fn put(dir: &Path, data: &[u8]) -> String {

@@ -10,7 +10,6 @@ use std::io::{self, Write};
 
 use flate2::write::GzEncoder;
 use flate2::{Compression, GzBuilder};
-use sha2::{Digest, Sha256};
 
 use crate::error::ImageError;
 use crate::spec::{ImageSpec, LayerCompression, Node, ValidSpec};
@@ -18,8 +17,8 @@ use crate::spec::{ImageSpec, LayerCompression, Node, ValidSpec};
 /// Gzip level of compressed layers. Changing it changes every digest.
 pub const GZIP_LEVEL: u32 = 9;
 
-pub const MEDIA_LAYER_TAR: &str = "application/vnd.oci.image.layer.v1.tar";
-pub const MEDIA_LAYER_TAR_GZIP: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
+pub const MEDIA_LAYER_TAR: &str = ironmesh_oci::media::OCI_LAYER_TAR;
+pub const MEDIA_LAYER_TAR_GZIP: &str = ironmesh_oci::media::OCI_LAYER_TAR_GZIP;
 
 /// A built layer.
 pub(crate) struct Layer {
@@ -32,7 +31,7 @@ pub(crate) struct Layer {
 
 /// `sha256:<hex>` of `bytes`.
 pub fn sha256_digest(bytes: &[u8]) -> String {
-    format!("sha256:{:x}", Sha256::digest(bytes))
+    ironmesh_oci::Digest::of(bytes).into()
 }
 
 pub(crate) fn build_layer(spec: &ImageSpec, valid: &ValidSpec) -> Result<Layer, ImageError> {

@@ -20,9 +20,9 @@ use crate::error::ImageError;
 use crate::layer::{build_layer, sha256_digest};
 use crate::spec::ImageSpec;
 
-pub const MEDIA_INDEX: &str = "application/vnd.oci.image.index.v1+json";
-pub const MEDIA_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
-pub const MEDIA_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
+pub const MEDIA_INDEX: &str = ironmesh_oci::media::OCI_INDEX;
+pub const MEDIA_MANIFEST: &str = ironmesh_oci::media::OCI_MANIFEST;
+pub const MEDIA_CONFIG: &str = ironmesh_oci::media::OCI_CONFIG;
 /// The tag, as the OCI image spec defines the annotation.
 pub const ANNOTATION_REF_NAME: &str = "org.opencontainers.image.ref.name";
 /// The full `name:tag`, as `ctr images export` writes it and as

@@ -13,7 +13,6 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 
 use super::{
     digest_hex, is_path_component, normalize_name, now_unix_ms, ImageRecord, ImageStore,
@@ -122,7 +121,7 @@ pub fn parse_reference(s: &str) -> Result<Reference, ManifestError> {
 
 /// `sha256:<hex>` of `data`.
 pub fn sha256_digest(data: &[u8]) -> String {
-    format!("sha256:{}", hex::encode(Sha256::digest(data)))
+    ironmesh_oci::Digest::of(data).into()
 }
 
 fn manifest_key(repository: &str, digest: &str) -> String {

@@ -52,10 +52,10 @@ const MAX_DIGESTS: usize = 10_000;
 /// Store key prefix of image names.
 const KEY_PREFIX: &str = "/images/";
 
-const MEDIA_OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
-const MEDIA_DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
-const MEDIA_OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
-const MEDIA_DOCKER_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
+const MEDIA_OCI_MANIFEST: &str = ironmesh_oci::media::OCI_MANIFEST;
+const MEDIA_DOCKER_MANIFEST: &str = ironmesh_oci::media::DOCKER_MANIFEST;
+const MEDIA_OCI_INDEX: &str = ironmesh_oci::media::OCI_INDEX;
+const MEDIA_DOCKER_LIST: &str = ironmesh_oci::media::DOCKER_LIST;
 
 /// Blobs under `<root>/blobs/sha256/`, names in the store.
 #[derive(Clone)]
@@ -119,20 +119,10 @@ struct Manifest {
 }
 
 /// The hex part of a `sha256:` digest, or why it is not one. Only 64
-/// lowercase hex digits pass, so a digest can never become a path trick.
+/// lowercase hex digits pass ([`ironmesh_oci::Digest`], the project's one
+/// check), so a digest can never become a path trick.
 pub fn digest_hex(digest: &str) -> Result<&str, String> {
-    let ok = |hex: &str| {
-        hex.len() == 64
-            && hex
-                .bytes()
-                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
-    };
-    match digest.strip_prefix("sha256:") {
-        Some(hex) if ok(hex) => Ok(hex),
-        _ => Err(format!(
-            "digest {digest:?} is not \"sha256:\" followed by 64 lowercase hex digits"
-        )),
-    }
+    ironmesh_oci::digest_hex(digest).map_err(|e| e.to_string())
 }
 
 fn digest_arg(digest: &str) -> Result<&str, Status> {

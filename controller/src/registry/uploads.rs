@@ -244,8 +244,8 @@ impl Uploads {
     ) -> Result<bool, RegistryError> {
         write_body(session, body).await?;
         session.file.flush().await.map_err(io_failed)?;
-        let actual = format!("sha256:{}", hex::encode(session.hasher.clone().finalize()));
-        if actual != digest {
+        let actual = ironmesh_oci::Digest::from_sha256(&session.hasher.clone().finalize());
+        if actual.as_str() != digest {
             return Err(RegistryError::new(
                 Code::DigestInvalid,
                 format!(
