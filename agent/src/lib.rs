@@ -9,7 +9,7 @@
 //! its own so that it never holds up heartbeats.
 //!
 //! Control plane:
-//! - [`identity`]: the node's key, certificate and cluster CA in the state
+//! - [`node_identity`]: the node's key, certificate and cluster CA in the state
 //!   directory; the join and renewal requests.
 //! - [`renewal`]: renews the node certificate two thirds into its lifetime.
 //! - [`node_clients`]: gRPC clients to every controller, following the
@@ -50,13 +50,13 @@ pub mod config;
 pub mod datapath;
 pub mod flow_export;
 pub mod host_networking;
-pub mod identity;
 pub mod image_fetch;
 pub mod image_source;
 pub mod inventory;
 pub mod metrics;
 pub mod network;
 pub mod node_clients;
+pub mod node_identity;
 pub mod renewal;
 pub mod runtime;
 pub mod storage;

@@ -7,11 +7,11 @@ use clap::Parser;
 use ironmesh_agent::config::{default_node_name, AgentConfig};
 use ironmesh_agent::datapath::{Datapath, DatapathConfig};
 use ironmesh_agent::host_networking::HostNetworking;
-use ironmesh_agent::identity::{load_or_join, JoinParams};
 use ironmesh_agent::image_fetch::ControllerImages;
 use ironmesh_agent::metrics::AgentMetrics;
 use ironmesh_agent::network::{Network, NetworkConfig};
 use ironmesh_agent::node_clients::NodeClients;
+use ironmesh_agent::node_identity::{load_or_join, JoinParams};
 use ironmesh_agent::renewal::Renewal;
 use ironmesh_agent::runtime::{Runtime, RuntimeConfig};
 use ironmesh_agent::supervisor::{InstanceNetworking, Supervisor, SupervisorConfig};
@@ -48,7 +48,7 @@ async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     // The token is read only for a first join: once the node has its
     // certificate the token is never read again (and the file may go).
     let joined_before =
-        ironmesh_agent::identity::NodeIdentity::load(&cfg.state_dir, &node_name)?.is_some();
+        ironmesh_agent::node_identity::NodeIdentity::load(&cfg.state_dir, &node_name)?.is_some();
     let token = match (&cfg.bootstrap_token, &cfg.bootstrap_token_file) {
         _ if joined_before => None,
         (Some(t), _) => Some(t.trim().to_string()),

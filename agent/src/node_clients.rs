@@ -8,7 +8,7 @@ use std::sync::{Arc, RwLock};
 use ironmesh_proto::v1::node_service_client::NodeServiceClient;
 use tonic::transport::Channel;
 
-use crate::identity::{IdentityError, NodeIdentity};
+use crate::node_identity::{IdentityError, NodeIdentity};
 
 /// Clones share one set of clients.
 #[derive(Clone)]

@@ -1,6 +1,6 @@
 //! Renews the node certificate before it expires: two thirds into its
 //! lifetime the agent makes a new key and CSR and asks the controller
-//! over its current mTLS identity ([`crate::identity::renew`]), saves the
+//! over its current mTLS identity ([`crate::node_identity::renew`]), saves the
 //! new pair, rebuilds its clients ([`NodeClients`]) and publishes the new
 //! identity, on which the sync stream reconnects once. Instances are not
 //! touched. A failed renewal is retried, sooner as the expiry nears; an
@@ -12,8 +12,8 @@ use std::time::{Duration, SystemTime};
 
 use tokio::sync::watch;
 
-use crate::identity::{renew, NodeIdentity};
 use crate::node_clients::NodeClients;
+use crate::node_identity::{renew, NodeIdentity};
 
 /// Shortest and longest pause before trying a failed renewal again.
 const RETRY_MIN: Duration = Duration::from_secs(1);
@@ -92,7 +92,7 @@ impl Renewal {
     async fn renew_once(
         &self,
         id: &NodeIdentity,
-    ) -> Result<NodeIdentity, crate::identity::IdentityError> {
+    ) -> Result<NodeIdentity, crate::node_identity::IdentityError> {
         let mut last = None;
         for url in &self.controllers {
             match renew(url, self.server_name.as_deref(), id).await {
@@ -102,7 +102,7 @@ impl Renewal {
             }
         }
         Err(
-            last.unwrap_or(crate::identity::IdentityError::MissingForJoin(
+            last.unwrap_or(crate::node_identity::IdentityError::MissingForJoin(
                 "no controller is configured",
             )),
         )

@@ -1,7 +1,7 @@
 //! The simulated node's identity: joined with the real agent's own code
-//! ([`ironmesh_agent::identity::join`]: a fresh key and CSR per node,
+//! ([`ironmesh_agent::node_identity::join`]: a fresh key and CSR per node,
 //! exchanged with the bootstrap token for a node certificate), kept in
 //! memory instead of a state directory.
 
-pub use ironmesh_agent::identity::{endpoint, join, IdentityError, NodeIdentity};
+pub use ironmesh_agent::node_identity::{endpoint, join, IdentityError, NodeIdentity};
 pub use ironmesh_daemon::error_chain;

@@ -36,8 +36,8 @@
 //! entirely inside it). Map writes and the flow stream work anywhere.
 
 mod error;
-mod flows;
-mod links;
+mod flow_events;
+mod pinned_links;
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::fs::File;
@@ -59,7 +59,7 @@ use ironmesh_ebpf::{
 };
 
 pub use error::DatapathError;
-pub use flows::{FlowEvent, FlowEventKind, FlowMetrics, Hook, Verdict};
+pub use flow_events::{FlowEvent, FlowEventKind, FlowMetrics, Hook, Verdict};
 
 /// The default pin root; an agent uses `<this>/<containerd namespace>`.
 pub const DEFAULT_PIN_ROOT: &str = "/sys/fs/bpf/ironmesh";
@@ -565,7 +565,7 @@ impl Datapath {
                 program: name,
                 source: Box::new(source),
             })?;
-            match links::update_pinned(&pin, fd.as_fd()) {
+            match pinned_links::update_pinned(&pin, fd.as_fd()) {
                 Ok(()) => {
                     tracing::debug!(program = name, link = %pin.display(), "swapped program into pinned cgroup link");
                     continue;
@@ -626,7 +626,7 @@ impl Datapath {
                 source: Box::new(source),
             })?;
             let live = ifindex(interface).ok();
-            match (live, links::update_pinned(&path, fd.as_fd())) {
+            match (live, pinned_links::update_pinned(&path, fd.as_fd())) {
                 (Some(idx), Ok(())) => {
                     inner
                         .local_ifs
@@ -716,7 +716,7 @@ impl Datapath {
                 program: name,
                 source: Box::new(source),
             })?;
-            match links::update_pinned(&pin, fd.as_fd()) {
+            match pinned_links::update_pinned(&pin, fd.as_fd()) {
                 Ok(()) => continue,
                 Err(e) if is_not_found(&e) => {}
                 Err(e) => {
@@ -1261,7 +1261,7 @@ impl Datapath {
     /// dropped.
     pub fn flows(&self) -> Result<tokio::sync::mpsc::Receiver<FlowEvent>, DatapathError> {
         let ring = self.lock().flows.take().ok_or(DatapathError::FlowsTaken)?;
-        flows::spawn_reader(ring)
+        flow_events::spawn_reader(ring)
     }
 
     /// Detaches everything a datapath pinned under `pin_dir` (TC and cgroup

@@ -41,8 +41,8 @@
 //! ([`netns`]), never on a tokio worker.
 
 mod error;
+pub mod interfaces;
 pub mod ipam;
-pub mod links;
 pub mod netns;
 pub mod routes;
 
@@ -87,7 +87,7 @@ impl NetworkConfig {
     /// namespace: netns under `/run/ironmesh/<ns>/netns`, prefix `im` plus
     /// two hex chars of a hash of the namespace, MTU 1500.
     pub fn new(state_dir: impl Into<PathBuf>, containerd_namespace: &str) -> NetworkConfig {
-        let hash = links::host_if_name("", containerd_namespace);
+        let hash = interfaces::host_if_name("", containerd_namespace);
         NetworkConfig {
             state_dir: state_dir.into(),
             netns_dir: Path::new("/run/ironmesh")
@@ -188,7 +188,7 @@ impl Network {
 
     /// The host-side veth name of `instance`.
     pub fn host_if(&self, instance: &str) -> String {
-        links::host_if_name(&self.cfg.link_prefix, instance)
+        interfaces::host_if_name(&self.cfg.link_prefix, instance)
     }
 
     /// Sets the node's pod CIDR (from the controller). If it differs from
@@ -309,14 +309,14 @@ impl Network {
             .filter(|i| state.ipam.get(i).is_some())
             .map(|i| self.host_if(i))
             .collect();
-        let ours = links::list_with_prefix(&host, &self.cfg.link_prefix)
+        let ours = interfaces::list_with_prefix(&host, &self.cfg.link_prefix)
             .await
             .map_err(|e| NetworkError::netlink("host links", "listing veths", e))?;
         for (index, name) in ours {
             if name.len() != self.cfg.link_prefix.len() + 8 || wanted.contains(&name) {
                 continue;
             }
-            links::delete(&host, index).await.map_err(|e| {
+            interfaces::delete(&host, index).await.map_err(|e| {
                 NetworkError::netlink(format!("veth {name}"), "deleting orphaned veth", e)
             })?;
             tracing::info!(host_if = %name, "removed orphaned veth");
@@ -364,14 +364,14 @@ impl Network {
                 local_ip,
             } => {
                 let own = own.ok_or(NetworkError::NotConfigured)?;
-                if device.is_empty() || device.len() > links::MAX_IFNAME {
+                if device.is_empty() || device.len() > interfaces::MAX_IFNAME {
                     return Err(NetworkError::Config {
                         field: "vxlan device",
                         reason: format!("{device:?} must be 1 to 15 characters"),
                     });
                 }
-                let index = links::ensure_vxlan(&host, device, *vni, *local_ip).await?;
-                if self.cfg.mtu + links::VXLAN_OVERHEAD > 1500 {
+                let index = interfaces::ensure_vxlan(&host, device, *vni, *local_ip).await?;
+                if self.cfg.mtu + interfaces::VXLAN_OVERHEAD > 1500 {
                     tracing::warn!(
                         device = %device,
                         mtu = self.cfg.mtu,
@@ -438,16 +438,18 @@ impl Network {
             .take()
             .filter(|old| Some(old) != now.as_ref())
         {
-            if let Some(link) = links::get(&host, &old).await.map_err(|e| {
+            if let Some(link) = interfaces::get(&host, &old).await.map_err(|e| {
                 NetworkError::netlink(format!("vxlan device {old}"), "looking up device", e)
             })? {
-                links::delete(&host, link.header.index).await.map_err(|e| {
-                    NetworkError::netlink(
-                        format!("vxlan device {old}"),
-                        "deleting unused device",
-                        e,
-                    )
-                })?;
+                interfaces::delete(&host, link.header.index)
+                    .await
+                    .map_err(|e| {
+                        NetworkError::netlink(
+                            format!("vxlan device {old}"),
+                            "deleting unused device",
+                            e,
+                        )
+                    })?;
                 tracing::info!(device = %old, "unused VXLAN device removed");
             }
         }
@@ -460,11 +462,11 @@ impl Network {
         let ns_path = self.netns_path(instance);
         let host = netns::host_connection()?;
         let object = || format!("instance {instance} (veth {host_if})");
-        if let Some(link) = links::get(&host, &host_if)
+        if let Some(link) = interfaces::get(&host, &host_if)
             .await
             .map_err(|e| NetworkError::netlink(object(), "looking up host veth", e))?
         {
-            links::delete(&host, link.header.index)
+            interfaces::delete(&host, link.header.index)
                 .await
                 .map_err(|e| NetworkError::netlink(object(), "deleting host veth", e))?;
         }
@@ -498,25 +500,27 @@ impl Network {
         let host = netns::host_connection()?;
         let inside = netns::connection_in(&net.netns_path).await?;
 
-        let host_link = links::get(&host, &net.host_if)
+        let host_link = interfaces::get(&host, &net.host_if)
             .await
             .map_err(|e| NetworkError::netlink(object(), "looking up host veth", e))?;
-        let eth0 = links::get(&inside, links::INSTANCE_IF)
+        let eth0 = interfaces::get(&inside, interfaces::INSTANCE_IF)
             .await
             .map_err(|e| NetworkError::netlink(object(), "looking up eth0 in namespace", e))?;
         let existed = host_link.is_some() && eth0.is_some();
         if !existed {
             if let Some(link) = host_link {
-                links::delete(&host, link.header.index).await.map_err(|e| {
-                    NetworkError::netlink(object(), "deleting unpaired host veth", e)
-                })?;
+                interfaces::delete(&host, link.header.index)
+                    .await
+                    .map_err(|e| {
+                        NetworkError::netlink(object(), "deleting unpaired host veth", e)
+                    })?;
             }
             if let Some(link) = eth0 {
-                links::delete(&inside, link.header.index)
+                interfaces::delete(&inside, link.header.index)
                     .await
                     .map_err(|e| NetworkError::netlink(object(), "deleting unpaired eth0", e))?;
             }
-            links::create_veth(&host, &net.host_if, &net.netns_path, self.cfg.mtu).await?;
+            interfaces::create_veth(&host, &net.host_if, &net.netns_path, self.cfg.mtu).await?;
         }
 
         configure_inside(&inside, net.ip, existed)
@@ -534,22 +538,22 @@ impl Network {
         // The instance has a permanent neighbour entry for the gateway, so
         // proxy ARP only serves tools that flush it; forwarding is needed
         // for traffic between instances and to other hosts.
-        links::ensure_sysctl(
+        interfaces::ensure_sysctl(
             &format!("/proc/sys/net/ipv4/conf/{host_if}/proxy_arp"),
             "1",
             "the gateway is answered only by the instance's static neighbour entry",
         )?;
-        links::ensure_sysctl(
+        interfaces::ensure_sysctl(
             &format!("/proc/sys/net/ipv4/neigh/{host_if}/proxy_delay"),
             "0",
             "proxy ARP answers may be delayed",
         )?;
-        links::ensure_sysctl(
+        interfaces::ensure_sysctl(
             "/proc/sys/net/ipv4/ip_forward",
             "1",
             "IPv4 forwarding stays as it is; instances reach each other and other hosts only if it is on",
         )?;
-        let link = links::get(&host, host_if)
+        let link = interfaces::get(&host, host_if)
             .await
             .map_err(|e| NetworkError::netlink(object(), "looking up host veth", e))?
             .ok_or_else(|| {
@@ -560,8 +564,8 @@ impl Network {
                 )
             })?;
         let index = link.header.index;
-        if !links::is_up(&link) {
-            links::set_up(&host, index)
+        if !interfaces::is_up(&link) {
+            interfaces::set_up(&host, index)
                 .await
                 .map_err(|e| NetworkError::netlink(object(), "bringing host veth up", e))?;
         }
@@ -594,21 +598,21 @@ async fn configure_inside(
     ip: Ipv4Addr,
     existed: bool,
 ) -> Result<(), (&'static str, rtnetlink::Error)> {
-    let lo = links::get(ns, "lo")
+    let lo = interfaces::get(ns, "lo")
         .await
         .map_err(|e| ("looking up lo", e))?;
-    if let Some(lo) = lo.filter(|l| !links::is_up(l)) {
-        links::set_up(ns, lo.header.index)
+    if let Some(lo) = lo.filter(|l| !interfaces::is_up(l)) {
+        interfaces::set_up(ns, lo.header.index)
             .await
             .map_err(|e| ("bringing lo up", e))?;
     }
-    let eth0 = links::get(ns, links::INSTANCE_IF)
+    let eth0 = interfaces::get(ns, interfaces::INSTANCE_IF)
         .await
         .map_err(|e| ("looking up eth0", e))?
         .ok_or(("looking up eth0", rtnetlink::Error::RequestFailed))?;
     let index = eth0.header.index;
-    if !links::is_up(&eth0) {
-        links::set_up(ns, index)
+    if !interfaces::is_up(&eth0) {
+        interfaces::set_up(ns, index)
             .await
             .map_err(|e| ("bringing eth0 up", e))?;
     }
@@ -634,7 +638,7 @@ async fn configure_inside(
         .map_err(|e| ("adding eth0 address", e))?;
     ns.neighbours()
         .add(index, IpAddr::V4(GATEWAY))
-        .link_layer_address(&links::HOST_MAC)
+        .link_layer_address(&interfaces::HOST_MAC)
         .state(NeighbourState::Permanent)
         .replace()
         .execute()
@@ -730,19 +734,19 @@ async fn sync_flood_entries(
     peers: &[PeerRoute],
 ) -> Result<(), NetworkError> {
     let object = format!("vxlan device {device}");
-    let current: HashSet<Ipv4Addr> = links::flood_entries(host, index)
+    let current: HashSet<Ipv4Addr> = interfaces::flood_entries(host, index)
         .await
         .map_err(|e| NetworkError::netlink(&object, "listing FDB entries", e))?
         .into_iter()
         .collect();
     let wanted: HashSet<Ipv4Addr> = peers.iter().map(|p| p.via).collect();
     for remote in wanted.difference(&current) {
-        links::add_flood_entry(host, index, *remote)
+        interfaces::add_flood_entry(host, index, *remote)
             .await
             .map_err(|e| NetworkError::netlink(&object, "adding FDB entry", e))?;
     }
     for remote in current.difference(&wanted) {
-        links::del_flood_entry(host, index, *remote)
+        interfaces::del_flood_entry(host, index, *remote)
             .await
             .map_err(|e| NetworkError::netlink(&object, "removing FDB entry", e))?;
     }
@@ -752,7 +756,7 @@ async fn sync_flood_entries(
 fn check_config(cfg: &NetworkConfig) -> Result<(), NetworkError> {
     let prefix = &cfg.link_prefix;
     if prefix.is_empty()
-        || prefix.len() + 8 > links::MAX_IFNAME
+        || prefix.len() + 8 > interfaces::MAX_IFNAME
         || !prefix.bytes().all(|b| b.is_ascii_alphanumeric())
     {
         return Err(NetworkError::Config {

@@ -38,7 +38,7 @@ use containerd_client::types::v1::{Process, Status as ProcStatus};
 use prost_types::Any;
 use tonic::Code;
 
-use super::spec::{self, InstanceSpec};
+use super::oci_spec::{self, InstanceSpec};
 use super::{
     call_err, is_identifier, system_time, unique_suffix, ResolvedImage, Runtime, RuntimeError,
 };
@@ -294,7 +294,7 @@ impl Runtime {
         let id = instance.id.as_str();
         check_id(id)?;
         let cgroups_path = self.cgroups_path(id);
-        let spec = spec::build(instance, &image.defaults, &cgroups_path).map_err(|source| {
+        let spec = oci_spec::build(instance, &image.defaults, &cgroups_path).map_err(|source| {
             RuntimeError::Spec {
                 id: id.to_string(),
                 source,

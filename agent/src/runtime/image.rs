@@ -45,7 +45,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Code;
 
-use super::spec::ImageDefaults;
+use super::oci_spec::ImageDefaults;
 use super::{call_err, unique_suffix, with_lease, Runtime, RuntimeError};
 
 /// Size of one `Content.Write` message.

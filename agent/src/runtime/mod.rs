@@ -10,7 +10,7 @@
 //! The work is split by what it owns:
 //! - [`image`]: importing OCI image layouts into containerd's content
 //!   store, snapshotter and image service, and resolving an image for a run;
-//! - [`spec`]: the OCI runtime spec of one instance;
+//! - [`oci_spec`]: the OCI runtime spec of one instance;
 //! - [`container`]: the lifecycle of one instance's container and task.
 //!
 //! Tested against containerd 1.6 (Debian 12's 1.6.20) with runc 1.1 and
@@ -19,8 +19,8 @@
 
 pub mod container;
 pub mod image;
+pub mod oci_spec;
 pub mod seccomp;
-pub mod spec;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -42,7 +42,7 @@ pub use container::{
     TaskStatus,
 };
 pub use image::{ImageChange, ImportProgress, ImportReport, ImportedImage, ResolvedImage};
-pub use spec::{BindMount, ImageDefaults, InstanceSpec, Resources, SpecError, User};
+pub use oci_spec::{BindMount, ImageDefaults, InstanceSpec, Resources, SpecError, User};
 
 /// The default containerd socket of a packaged containerd.
 pub const DEFAULT_SOCKET: &str = "/run/containerd/containerd.sock";

@@ -29,7 +29,7 @@ use super::netup::{Bringup, Reached};
 use super::probes::{ProbeSignal, ProbeTarget, ProbeTasks};
 use super::state::Persisted;
 use super::{
-    instance_dir, remove_dir, spec, Control, DesiredInstance, Shared, SupervisorError,
+    instance_dir, instance_spec, remove_dir, Control, DesiredInstance, Shared, SupervisorError,
     SupervisorReport, LABEL_SPEC_GENERATION,
 };
 
@@ -607,7 +607,7 @@ impl Instance {
             guard(&self.control, tokio::time::sleep(delay)).await?;
         };
 
-        let mut spec = match spec::instance_spec(&self.d, &resolved.defaults) {
+        let mut spec = match instance_spec::instance_spec(&self.d, &resolved.defaults) {
             Ok(spec) => spec,
             Err(message) => return Ok(self.config_error(message).await),
         };
@@ -696,7 +696,7 @@ impl Instance {
     async fn ensure_volumes(
         &mut self,
     ) -> Result<Result<Vec<crate::runtime::BindMount>, String>, Stop> {
-        let needs = match spec::volume_needs(&self.d) {
+        let needs = match instance_spec::volume_needs(&self.d) {
             Ok(n) if n.is_empty() => return Ok(Ok(Vec::new())),
             Ok(n) => n,
             Err(e) => return Ok(Err(e)),
@@ -738,7 +738,7 @@ impl Instance {
                 Ok(Ok(paths)) => {
                     let names: Vec<&str> = needs.iter().map(|n| n.volume.as_str()).collect();
                     tracing::info!(instance = %self.name(), volumes = ?names, "volumes ready");
-                    return Ok(spec::bind_mounts(&self.d, &paths));
+                    return Ok(instance_spec::bind_mounts(&self.d, &paths));
                 }
                 Ok(Err(e)) => e,
                 Err(join) => format!("volume provisioning task failed: {join}"),

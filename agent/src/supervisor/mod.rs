@@ -4,7 +4,7 @@
 //! This module owns the lifecycle of every instance on the node: one tokio
 //! task per instance (`instance`) ensures its image through the
 //! [`ImageSource`], builds its container from the Workload spec
-//! ([`spec`]), starts its task with stdout and stderr appended to files in
+//! ([`instance_spec`]), starts its task with stdout and stderr appended to files in
 //! `<state_dir>/instances/<name>/`, waits for it to exit, restarts it per
 //! its restart policy with exponential back-off ([`backoff`]), runs its
 //! liveness and readiness probes ([`probes`]), and removes everything it
@@ -23,11 +23,11 @@
 
 pub mod backoff;
 mod instance;
+pub mod instance_spec;
 pub mod logs;
 mod netup;
 pub mod probes;
 pub mod rotate;
-pub mod spec;
 mod state;
 
 use std::collections::HashMap;

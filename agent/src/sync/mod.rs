@@ -35,8 +35,8 @@ use std::time::Duration;
 
 use tokio::sync::{mpsc, watch};
 
-use crate::identity::NodeIdentity;
 use crate::metrics::AgentMetrics;
+use crate::node_identity::NodeIdentity;
 use crate::supervisor::{Supervisor, SupervisorReport};
 
 pub use apply::storage_report;
@@ -73,7 +73,7 @@ pub struct SyncConfig {
     /// The node's identity as [`crate::renewal`] renews it: each session
     /// connects with the newest, and a renewal ends the session so that the
     /// next one uses the new certificate (one reconnect per renewal).
-    pub identity: Option<watch::Receiver<crate::identity::NodeIdentity>>,
+    pub identity: Option<watch::Receiver<crate::node_identity::NodeIdentity>>,
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -25,8 +25,8 @@ use tokio::sync::{mpsc, watch};
 use super::apply::{self, Applied, Feed};
 use super::outbound::{self, msg, Current, Lanes};
 use super::{SyncConfig, SyncError};
-use crate::identity::{endpoint, error_chain, NodeIdentity};
 use crate::metrics::AgentMetrics;
+use crate::node_identity::{endpoint, error_chain, NodeIdentity};
 use crate::supervisor::Supervisor;
 
 /// First and largest reconnect delay.
