@@ -45,8 +45,6 @@ const MAX_JSON: u64 = 4 << 20;
 const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 
 const ANNOTATION_CONTAINERD_NAME: &str = "io.containerd.image.name";
-const MEDIA_OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
-const MEDIA_DOCKER_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
 
 #[derive(Deserialize)]
 struct Desc {
@@ -95,38 +93,22 @@ impl Drop for Staging {
 
 /// The hex of a strict `sha256:<64 lowercase hex>` digest.
 fn digest_hex(digest: &str) -> Option<&str> {
-    let hex = digest.strip_prefix("sha256:")?;
-    (hex.len() == 64
-        && hex
-            .bytes()
-            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)))
-    .then_some(hex)
+    ironmesh_oci::digest_hex(digest).ok()
 }
 
-/// This CPU as an OCI platform architecture (Go's GOARCH names).
 fn host_arch() -> &'static str {
-    match std::env::consts::ARCH {
-        "x86_64" => "amd64",
-        "aarch64" => "arm64",
-        "x86" => "386",
-        "powerpc64" => "ppc64le",
-        "loongarch64" => "loong64",
-        other => other,
-    }
+    ironmesh_oci::host_architecture()
 }
 
 /// For a multi-platform index, the digest of its manifest for
 /// `linux/<arch>`; `None` when `data` is not an index.
 fn platform_manifest(data: &[u8], arch: &str) -> Result<Option<String>, String> {
+    if !ironmesh_oci::is_index_json(data) {
+        return Ok(None);
+    }
     let Ok(v) = serde_json::from_slice::<serde_json::Value>(data) else {
         return Ok(None);
     };
-    let media_type = v.get("mediaType").and_then(|m| m.as_str());
-    let is_index = matches!(media_type, Some(MEDIA_OCI_INDEX | MEDIA_DOCKER_LIST))
-        || (media_type.is_none() && v.get("manifests").is_some());
-    if !is_index {
-        return Ok(None);
-    }
     let manifests = v
         .get("manifests")
         .and_then(|m| m.as_array())
@@ -626,7 +608,7 @@ mod tests {
         let a = format!("sha256:{}", "a".repeat(64));
         let b = format!("sha256:{}", "b".repeat(64));
         let index = serde_json::to_vec(&serde_json::json!({
-            "schemaVersion": 2, "mediaType": MEDIA_OCI_INDEX,
+            "schemaVersion": 2, "mediaType": ironmesh_oci::media::OCI_INDEX,
             "manifests": [
                 {"digest": a, "size": 1, "platform": {"os": "linux", "architecture": "amd64"}},
                 {"digest": b, "size": 1, "platform": {"os": "linux", "architecture": "arm64"}},
