@@ -2119,15 +2119,7 @@ fn ensure_bpffs() {
         {
             return;
         }
-        let out = Command::new("mount")
-            .args(["-t", "bpf", "bpf", "/sys/fs/bpf"])
-            .output()
-            .expect("run mount");
-        assert!(
-            out.status.success(),
-            "mount bpffs: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        sh(&["mount", "-t", "bpf", "bpf", "/sys/fs/bpf"]);
     });
 }
 

@@ -218,6 +218,26 @@ pub struct DatapathCounters {
     pub conntrack_full: u64,
 }
 
+/// Pins an attached program's link at `pin`, so the attachment outlives
+/// this process (and the next agent can swap its program in).
+fn pin_link<L>(link: L, pin: &Path) -> Result<(), DatapathError>
+where
+    L: TryInto<FdLink>,
+    L::Error: std::fmt::Display,
+{
+    let link: FdLink = link.try_into().map_err(|e| DatapathError::Link {
+        step: "converting",
+        path: pin.to_path_buf(),
+        message: format!("{e}"),
+    })?;
+    link.pin(pin).map_err(|e| DatapathError::Link {
+        step: "pinning",
+        path: pin.to_path_buf(),
+        message: format!("{e}"),
+    })?;
+    Ok(())
+}
+
 /// Ids of the programs this Datapath loaded (for inspection and tests).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ProgramIds {
@@ -589,16 +609,7 @@ impl Datapath {
                 program: name,
                 source: Box::new(source),
             })?;
-            let link: FdLink = link.try_into().map_err(|e| DatapathError::Link {
-                step: "converting",
-                path: pin.clone(),
-                message: format!("{e}"),
-            })?;
-            link.pin(&pin).map_err(|e| DatapathError::Link {
-                step: "pinning",
-                path: pin.clone(),
-                message: format!("{e}"),
-            })?;
+            pin_link(link, &pin)?;
             tracing::info!(program = name, cgroup = %self.cgroup.display(), "attached socket program");
         }
         Ok(())
@@ -742,16 +753,7 @@ impl Datapath {
                 program: name,
                 source: Box::new(source),
             })?;
-            let link: FdLink = link.try_into().map_err(|e| DatapathError::Link {
-                step: "converting",
-                path: pin.clone(),
-                message: format!("{e}"),
-            })?;
-            link.pin(&pin).map_err(|e| DatapathError::Link {
-                step: "pinning",
-                path: pin.clone(),
-                message: format!("{e}"),
-            })?;
+            pin_link(link, &pin)?;
         }
         inner
             .local_ifs
