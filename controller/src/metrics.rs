@@ -55,6 +55,21 @@ pub struct ControllerMetrics {
     pub assignments_sent: Family<FormLabel, Counter>,
     /// Encoded bytes of those messages, by form.
     pub assignment_bytes: Family<FormLabel, Counter>,
+    /// Registry requests by method and HTTP status.
+    pub registry_requests: Family<HttpLabel, Counter>,
+    /// Blobs the registry's uploads added to the store (not already there).
+    pub registry_blobs_uploaded: Counter,
+    /// Bytes received by registry uploads, stored or not.
+    pub registry_upload_bytes: Counter,
+    /// Blobs and bytes image garbage collection removed.
+    pub image_gc_blobs_removed: Counter,
+    pub image_gc_bytes_freed: Counter,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HttpLabel {
+    pub method: String,
+    pub status: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
@@ -96,6 +111,11 @@ impl ControllerMetrics {
             assignment_passes: Counter::default(),
             assignments_sent: Family::default(),
             assignment_bytes: Family::default(),
+            registry_requests: Family::default(),
+            registry_blobs_uploaded: Counter::default(),
+            registry_upload_bytes: Counter::default(),
+            image_gc_blobs_removed: Counter::default(),
+            image_gc_bytes_freed: Counter::default(),
         };
         let r = registry.sub_registry_with_prefix("ironmesh_controller");
         r.register(
@@ -199,7 +219,38 @@ impl ControllerMetrics {
             "Instances no node has room for",
             m.unschedulable.clone(),
         );
+        r.register(
+            "registry_requests",
+            "OCI registry requests by method and HTTP status",
+            m.registry_requests.clone(),
+        );
+        r.register(
+            "registry_blobs_uploaded",
+            "Blobs registry uploads added to the image store (a blob already stored is not counted)",
+            m.registry_blobs_uploaded.clone(),
+        );
+        r.register(
+            "registry_upload_bytes",
+            "Bytes received by registry uploads",
+            m.registry_upload_bytes.clone(),
+        );
+        r.register(
+            "image_gc_blobs_removed",
+            "Blobs image garbage collection removed",
+            m.image_gc_blobs_removed.clone(),
+        );
+        r.register(
+            "image_gc_bytes_freed",
+            "Bytes image garbage collection freed",
+            m.image_gc_bytes_freed.clone(),
+        );
         m
+    }
+
+    /// Counts what one image garbage collection removed.
+    pub fn count_gc(&self, report: &crate::images::gc::GcReport) {
+        self.image_gc_blobs_removed.inc_by(report.blobs_removed);
+        self.image_gc_bytes_freed.inc_by(report.bytes_freed);
     }
 
     pub fn count_queue(&self, op: &str, n: usize) {

@@ -607,6 +607,7 @@ impl OperatorService for OperatorApi {
             .images
             .collect_garbage(self.image_gc_grace)
             .await
+            .inspect(|g| self.metrics.count_gc(g))
             .map(|g| CollectImageGarbageResponse {
                 blobs_removed: g.blobs_removed,
                 bytes_freed: g.bytes_freed,

@@ -269,6 +269,7 @@ pub async fn run(cfg: ControllerConfig, shutdown: Shutdown) -> Result<(), Server
             images.clone(),
             cfg.image_gc_interval,
             cfg.image_gc_grace,
+            metrics.clone(),
             shutdown.clone(),
         ));
     }
@@ -322,6 +323,7 @@ pub async fn run(cfg: ControllerConfig, shutdown: Shutdown) -> Result<(), Server
                 images: registry_images,
                 auth: registry_auth,
                 advertised_host: local.to_string(),
+                metrics: node_api.metrics.clone(),
             });
             tracing::info!(addr = %local, "registry serving (OCI Distribution v1.1)");
             let shutdown = shutdown.clone();

@@ -196,6 +196,12 @@ impl Fixture {
         self.ctl.proc.log_text().matches("upload finished").count()
     }
 
+    /// A sample of the controller's metrics (0 when absent).
+    fn metric(&self, sample: &str) -> f64 {
+        let text = self.ctl.scrape_metrics().expect("scrape /metrics");
+        ironmesh_tests::metric(&text, sample).unwrap_or(0.0)
+    }
+
     fn curl(&self, args: &[&str]) -> Output {
         Command::new("curl")
             .arg("-s")
@@ -318,6 +324,8 @@ fn skopeo_copies_in_and_out_and_the_same_push_again_uploads_nothing() {
     assert_eq!(f.blobs(), expected);
     let uploads = f.uploads_finished();
     assert_eq!(uploads, 1 + built.layer_digests.len(), "config and layers");
+    let uploaded = "ironmesh_controller_registry_blobs_uploaded_total";
+    assert_eq!(f.metric(uploaded), uploads as f64);
 
     // The image store's view: imctl lists it with skopeo's digest.
     let images = f.ctl.imctl_json(&["image", "ls"]);
@@ -469,6 +477,10 @@ fn multi_platform_index_is_stored_whole_deleted_only_by_an_admin_then_collected(
     let removed = 5 + built.layer_digests.len();
     assert!(out.contains(&format!(" in {removed} blobs")), "{out}");
     assert!(f.blobs().is_empty(), "{:?}", f.blobs());
+    assert_eq!(
+        f.metric("ironmesh_controller_image_gc_blobs_removed_total"),
+        removed as f64
+    );
 
     // imctl image rm of a skopeo-pushed image: refused for edit, then
     // the admin's removal frees its blobs at once.

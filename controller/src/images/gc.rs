@@ -182,6 +182,7 @@ pub async fn run(
     images: ImageStore,
     interval: Duration,
     grace: Duration,
+    metrics: std::sync::Arc<crate::metrics::ControllerMetrics>,
     shutdown: ironmesh_daemon::Shutdown,
 ) {
     loop {
@@ -189,8 +190,11 @@ pub async fn run(
             _ = tokio::time::sleep(interval) => {}
             _ = shutdown.clone().wait() => return,
         }
-        if let Err(e) = images.collect_garbage(grace).await {
-            tracing::warn!(error = %e, "image garbage collection failed; retrying at the next interval");
+        match images.collect_garbage(grace).await {
+            Ok(r) => metrics.count_gc(&r),
+            Err(e) => {
+                tracing::warn!(error = %e, "image garbage collection failed; retrying at the next interval")
+            }
         }
     }
 }

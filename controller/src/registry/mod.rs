@@ -38,6 +38,7 @@ pub struct Registry {
     pub uploads: uploads::Uploads,
     /// `host:port` for the challenge's realm when a request has no Host.
     pub advertised_host: String,
+    pub metrics: Arc<crate::metrics::ControllerMetrics>,
 }
 
 /// The peer of one connection: its address and, if it sent one, its

@@ -208,6 +208,13 @@ pub async fn dispatch(
             e.into_response()
         }
     };
+    reg.metrics
+        .registry_requests
+        .get_or_create(&crate::metrics::HttpLabel {
+            method: method.to_string(),
+            status: resp.status().as_u16().to_string(),
+        })
+        .inc();
     tracing::debug!(%method, %path, status = resp.status().as_u16(), elapsed_ms = started.elapsed().as_millis() as u64, peer = %peer.addr, "registry request");
     resp
 }
@@ -306,7 +313,8 @@ async fn route(
                 RegistryError::new(Code::DigestInvalid, "PUT of an upload needs ?digest=")
             })?;
             check_digest(&digest)?;
-            reg.uploads.finish(&id, &repo, &digest, body).await?;
+            let (stored, size) = reg.uploads.finish(&id, &repo, &digest, body).await?;
+            count_upload(reg, stored, size);
             Ok(blob_created(&repo, &digest))
         }
         (&Method::GET, Target::Upload(repo, id)) => {
@@ -385,6 +393,13 @@ async fn route(
     }
 }
 
+fn count_upload(reg: &Registry, stored: bool, size: u64) {
+    reg.metrics.registry_upload_bytes.inc_by(size);
+    if stored {
+        reg.metrics.registry_blobs_uploaded.inc();
+    }
+}
+
 fn blob_created(repo: &str, digest: &str) -> Response {
     with_headers(
         StatusCode::CREATED,
@@ -429,7 +444,8 @@ async fn start_upload(
     let id = reg.uploads.start(repo).await?;
     if let Some(digest) = q("digest") {
         check_digest(&digest)?;
-        reg.uploads.finish(&id, repo, &digest, body).await?;
+        let (stored, size) = reg.uploads.finish(&id, repo, &digest, body).await?;
+        count_upload(reg, stored, size);
         return Ok(blob_created(repo, &digest));
     }
     Ok(upload_progress(StatusCode::ACCEPTED, repo, &id, 0))

@@ -53,6 +53,9 @@ async fn fixture() -> Fixture {
         images,
         auth,
         advertised_host: "registry.test:5000".into(),
+        metrics: Arc::new(crate::metrics::ControllerMetrics::new(
+            &mut prometheus_client::registry::Registry::default(),
+        )),
     });
     Fixture {
         _dir: dir,

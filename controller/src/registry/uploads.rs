@@ -220,20 +220,21 @@ impl Uploads {
     }
 
     /// Appends the last `body`, checks the whole upload hashes to `digest`,
-    /// and stores it. The upload is gone afterwards either way.
+    /// and stores it. The upload is gone afterwards either way. Returns
+    /// whether the blob was new, and the upload's size.
     pub async fn finish(
         &self,
         id: &str,
         repository: &str,
         digest: &str,
         body: Body,
-    ) -> Result<bool, RegistryError> {
+    ) -> Result<(bool, u64), RegistryError> {
         let mut session = self.take(id, repository)?;
         let result = self.finish_session(&mut session, digest, body).await;
         self.forget(id);
         let stored = result?;
         tracing::info!(repository, upload = %id, %digest, size = session.size, stored, "upload finished");
-        Ok(stored)
+        Ok((stored, session.size))
     }
 
     async fn finish_session(
