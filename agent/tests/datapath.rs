@@ -44,23 +44,10 @@ fn sh(args: &[&str]) {
     );
 }
 
-fn setns(path: &Path) {
-    let f = std::fs::File::open(path).expect("open netns");
-    // SAFETY: changes only the calling thread's namespace.
-    let rc = unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) };
-    assert_eq!(rc, 0, "setns {}", path.display());
-}
-
 /// Runs `f` on a fresh thread inside the namespace `ns`. Sockets made there
 /// stay in that namespace wherever they are used later.
 fn in_ns<T: Send + 'static>(ns: &Path, f: impl FnOnce() -> T + Send + 'static) -> T {
-    let ns = ns.to_path_buf();
-    std::thread::spawn(move || {
-        setns(&ns);
-        f()
-    })
-    .join()
-    .expect("thread in netns")
+    ironmesh_tests::netns::within(ns, f)
 }
 
 /// A TCP server that answers every connection with `reply` and closes.

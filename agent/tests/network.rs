@@ -15,7 +15,6 @@ use std::collections::HashSet;
 use std::future::Future;
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
-use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -60,12 +59,7 @@ fn ip_json(netns: &Path, args: &[&str]) -> Value {
     serde_json::from_slice(&out.stdout).expect("ip -j output")
 }
 
-fn setns(path: &Path) {
-    let f = std::fs::File::open(path).expect("open netns");
-    // SAFETY: changes only the calling thread's namespace.
-    let rc = unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) };
-    assert_eq!(rc, 0, "setns {}", path.display());
-}
+use ironmesh_tests::netns::enter as setns;
 
 /// A fake host: a network namespace with its own runtime and state dir.
 struct Host {

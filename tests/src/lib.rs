@@ -5,7 +5,7 @@
 //! panics.
 //!
 //! Beside the process handles here: [`net`] builds test hosts out of network
-//! namespaces on one bridge, [`containerd`] a private containerd per agent,
+//! namespaces on one bridge, [`netns`] runs test code inside a namespace, [`containerd`] a private containerd per agent,
 //! [`etcd`] a private etcd, and [`grpc`] gRPC clients with chosen (or no)
 //! credentials.
 //!
@@ -25,6 +25,7 @@ use anyhow::{bail, Context};
 pub mod containerd;
 pub mod etcd;
 pub mod net;
+pub mod netns;
 pub mod test_image;
 pub use containerd::Containerd;
 pub use etcd::Etcd;

@@ -167,17 +167,7 @@ impl Host {
     /// Runs `f` on a thread that has joined this host's network namespace
     /// (for test-side connections to instance addresses).
     pub fn within<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
-        let path = self.netns_path();
-        std::thread::spawn(move || {
-            let file = std::fs::File::open(&path).expect("open netns");
-            // SAFETY: setns on a valid namespace fd affects only this thread.
-            let rc =
-                unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&file), libc::CLONE_NEWNET) };
-            assert_eq!(rc, 0, "setns into {}", path.display());
-            f()
-        })
-        .join()
-        .expect("thread in host namespace")
+        crate::netns::within(&self.netns_path(), f)
     }
 
     /// A TCP connect + HTTP GET from inside this host.

@@ -44,30 +44,18 @@ fn connect_result(
     to: SocketAddr,
     timeout: Duration,
 ) -> Result<(), std::io::ErrorKind> {
-    std::thread::spawn(move || {
-        let file = std::fs::File::open(&from).expect("netns");
-        // SAFETY: setns on a valid namespace fd changes only this thread.
-        let rc = unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&file), libc::CLONE_NEWNET) };
-        assert_eq!(rc, 0);
+    ironmesh_tests::netns::within(&from, move || {
         std::net::TcpStream::connect_timeout(&to, timeout)
             .map(|_| ())
             .map_err(|e| e.kind())
     })
-    .join()
-    .expect("connect thread")
 }
 
 /// True if a TCP connection from inside the namespace at `from` opens.
 fn connects(from: PathBuf, to: SocketAddr) -> bool {
-    std::thread::spawn(move || {
-        let file = std::fs::File::open(&from).expect("netns");
-        // SAFETY: setns on a valid namespace fd changes only this thread.
-        let rc = unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&file), libc::CLONE_NEWNET) };
-        assert_eq!(rc, 0);
+    ironmesh_tests::netns::within(&from, move || {
         std::net::TcpStream::connect_timeout(&to, Duration::from_millis(700)).is_ok()
     })
-    .join()
-    .expect("connect thread")
 }
 
 #[test]
@@ -481,21 +469,9 @@ spec:
         connects(from.clone(), target),
         "client -> api opens: its replies pass into the default-deny client"
     );
-    let body = agents[ci]
-        .host
-        .within({
-            let from = from.clone();
-            move || {
-                let file = std::fs::File::open(&from).expect("netns");
-                // SAFETY: setns on a valid namespace fd changes only this thread.
-                let rc = unsafe {
-                    libc::setns(std::os::fd::AsRawFd::as_raw_fd(&file), libc::CLONE_NEWNET)
-                };
-                assert_eq!(rc, 0);
-                ironmesh_tests::http_get(target, "/records")
-            }
-        })
-        .expect("a whole response comes back");
+    let body =
+        ironmesh_tests::netns::within(&from, move || ironmesh_tests::http_get(target, "/records"))
+            .expect("a whole response comes back");
     assert!(!body.is_empty());
 
     // --- The rate limit drops the excess.
@@ -681,17 +657,12 @@ fn udp_frame(src: std::net::Ipv4Addr, dst: SocketAddr, payload: &[u8]) -> Vec<u8
 /// Sends `frame` out of `eth0` of the namespace at `netns` through a packet
 /// socket, as a process with NET_RAW inside the instance can.
 fn send_raw(netns: PathBuf, frame: Vec<u8>) {
-    std::thread::spawn(move || {
-        let file = std::fs::File::open(&netns).expect("netns");
-        // SAFETY: setns on a valid namespace fd changes only this thread;
-        // the socket calls use buffers that outlive them.
+    let shown = netns.display().to_string();
+    ironmesh_tests::netns::within(&netns, move || {
+        // SAFETY: the socket calls use buffers that outlive them.
         unsafe {
-            assert_eq!(
-                libc::setns(std::os::fd::AsRawFd::as_raw_fd(&file), libc::CLONE_NEWNET),
-                0
-            );
             let idx = libc::if_nametoindex(c"eth0".as_ptr());
-            assert_ne!(idx, 0, "eth0 in {}", netns.display());
+            assert_ne!(idx, 0, "eth0 in {shown}");
             let fd = libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0);
             assert!(fd >= 0, "{}", std::io::Error::last_os_error());
             let mut sll: libc::sockaddr_ll = std::mem::zeroed();
@@ -711,9 +682,7 @@ fn send_raw(netns: PathBuf, frame: Vec<u8>) {
             libc::close(fd);
             assert_eq!(n, frame.len() as isize, "sendto: {err}");
         }
-    })
-    .join()
-    .expect("raw send thread");
+    });
 }
 
 #[test]
@@ -815,15 +784,9 @@ spec:
 
     // IPv6 is off inside the instance's namespace.
     let netns = instance_netns(&agent, &client_name);
-    let v6 = std::thread::spawn(move || {
-        let file = std::fs::File::open(&netns).expect("netns");
-        // SAFETY: setns on a valid namespace fd changes only this thread.
-        let rc = unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&file), libc::CLONE_NEWNET) };
-        assert_eq!(rc, 0);
+    let v6 = ironmesh_tests::netns::within(&netns, || {
         std::fs::read_to_string("/proc/sys/net/ipv6/conf/all/disable_ipv6").expect("sysctl")
-    })
-    .join()
-    .expect("sysctl thread");
+    });
     assert_eq!(v6.trim(), "1", "IPv6 on inside the instance");
 }
 

@@ -41,15 +41,7 @@ fn instance_netns(agent: &Agent, instance: &str) -> PathBuf {
 
 /// Runs `f` on a thread inside the network namespace at `path`.
 fn within<T: Send + 'static>(path: PathBuf, f: impl FnOnce() -> T + Send + 'static) -> T {
-    std::thread::spawn(move || {
-        let file = std::fs::File::open(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-        // SAFETY: setns on a valid namespace fd changes only this thread.
-        let rc = unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&file), libc::CLONE_NEWNET) };
-        assert_eq!(rc, 0, "setns {}", path.display());
-        f()
-    })
-    .join()
-    .expect("thread in the namespace")
+    ironmesh_tests::netns::within(&path, f)
 }
 
 fn connects(from: PathBuf, to: SocketAddr) -> bool {
