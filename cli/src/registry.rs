@@ -28,7 +28,7 @@ pub enum RegistryCommand {
         registry: String,
         /// The auth file to update. Default: $REGISTRY_AUTH_FILE, else
         /// $XDG_RUNTIME_DIR/containers/auth.json, else
-        /// /run/containers/<uid>/auth.json for root, else
+        /// /run/containers/0/auth.json for root, else
         /// ~/.config/containers/auth.json.
         #[arg(long)]
         authfile: Option<PathBuf>,
