@@ -23,6 +23,7 @@ use crate::store::Store;
 struct Fixture {
     _dir: tempfile::TempDir,
     router: axum::Router,
+    images: ImageStore,
     /// Basic auth header of each operator.
     basic: std::collections::HashMap<&'static str, String>,
 }
@@ -50,7 +51,7 @@ async fn fixture() -> Fixture {
     }
     let registry = Arc::new(Registry {
         uploads: uploads::Uploads::new(images.clone()),
-        images,
+        images: images.clone(),
         auth,
         advertised_host: "registry.test:5000".into(),
         metrics: Arc::new(crate::metrics::ControllerMetrics::new(
@@ -60,6 +61,7 @@ async fn fixture() -> Fixture {
     Fixture {
         _dir: dir,
         router: router(registry),
+        images,
         basic,
     }
 }
@@ -609,4 +611,61 @@ async fn manifests_tags_catalog_and_delete_follow_the_spec() {
             .await;
         assert_eq!(a.status, StatusCode::NOT_FOUND, "{r}");
     }
+}
+
+#[tokio::test]
+async fn garbage_collection_never_loses_an_upload_in_flight() {
+    let f = fixture().await;
+    let data = b"a layer still arriving".to_vec();
+    let digest = sha256_digest(&data);
+    let a = f
+        .call(Some("ed"), "POST", "/v2/app/blobs/uploads/", &[], vec![])
+        .await;
+    let loc = a.header("location").to_string();
+    f.call(Some("ed"), "PATCH", &loc, &[], data[..8].to_vec())
+        .await;
+    // Collection with no grace at all, mid-upload.
+    f.images
+        .collect_garbage(std::time::Duration::ZERO)
+        .await
+        .unwrap();
+    let a = f
+        .call(
+            Some("ed"),
+            "PUT",
+            &format!("{loc}?digest={digest}"),
+            &[],
+            data[8..].to_vec(),
+        )
+        .await;
+    assert_eq!(
+        a.status,
+        StatusCode::CREATED,
+        "{}",
+        String::from_utf8_lossy(&a.body)
+    );
+    // A finished upload no manifest names yet survives a collection
+    // within the grace, and goes after it.
+    let r = f
+        .images
+        .collect_garbage(std::time::Duration::from_secs(3600))
+        .await
+        .unwrap();
+    assert_eq!(r.blobs_removed, 0);
+    let a = f
+        .call(
+            Some("vera"),
+            "GET",
+            &format!("/v2/app/blobs/{digest}"),
+            &[],
+            vec![],
+        )
+        .await;
+    assert_eq!(a.body, data);
+    let r = f
+        .images
+        .collect_garbage(std::time::Duration::ZERO)
+        .await
+        .unwrap();
+    assert_eq!((r.blobs_removed, r.bytes_freed), (1, data.len() as u64));
 }
