@@ -15,7 +15,10 @@
 //! removed after each import.
 //!
 //! Concurrent `ensure` calls for one image name are serialised, so an image
-//! is fetched once however many instances need it at the same time.
+//! is fetched once however many instances need it at the same time. The
+//! layers of one image are fetched several at once; a blob whose stream
+//! breaks is resumed from the bytes that arrived (`FetchBlobRequest.offset`),
+//! the hash carried on, a few times before the fetch fails.
 //!
 //! A name that resolves to a multi-platform index (as `skopeo copy --all`
 //! pushes) is fetched as the index's manifest for this host's platform
@@ -27,6 +30,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use containerd_client::services::v1::InfoRequest;
+use futures::{StreamExt, TryStreamExt};
 use ironmesh_proto::v1::{node_service_client::NodeServiceClient, FetchBlobRequest};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
@@ -43,6 +47,25 @@ use crate::runtime::{Runtime, RuntimeError};
 const MAX_JSON: u64 = 4 << 20;
 /// How long the controller may leave a blob stream silent.
 const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Layers fetched at once.
+const PARALLEL_LAYERS: usize = 4;
+/// Times one blob's transfer is resumed after its stream broke.
+const MAX_RESUMES: u32 = 5;
+
+/// What arrived of one blob so far.
+struct Received {
+    hasher: Sha256,
+    got: u64,
+    total: Option<u64>,
+}
+
+/// How a blob stream ended early.
+enum Broken {
+    /// The stream: resume from what arrived.
+    Stream(ImageSourceError),
+    /// The data or our disk: give up.
+    Fatal(ImageSourceError),
+}
 
 const ANNOTATION_CONTAINERD_NAME: &str = "io.containerd.image.name";
 
@@ -277,7 +300,71 @@ impl ControllerImages {
             .ok_or_else(|| invalid(format!("digest {digest:?} is not a sha256 digest")))?;
         let path = dir.join("blobs").join("sha256").join(hex);
 
-        let mut stream = None;
+        let mut file = tokio::fs::File::create(&path)
+            .await
+            .map_err(|e| unavailable(format!("cannot create {}: {e}", path.display())))?;
+        let mut rx = Received {
+            hasher: Sha256::new(),
+            got: 0,
+            total: None,
+        };
+        let mut resumes = 0;
+        loop {
+            let mut stream = self.open_blob(image, digest, rx.got).await?;
+            match self
+                .receive(
+                    image,
+                    digest,
+                    declared,
+                    max,
+                    &mut stream,
+                    &mut file,
+                    &path,
+                    &mut rx,
+                )
+                .await
+            {
+                Ok(()) => break,
+                // The stream broke (not the data, not our disk): go on from
+                // the bytes that arrived.
+                Err(Broken::Stream(e)) if resumes < MAX_RESUMES && rx.total.is_some() => {
+                    resumes += 1;
+                    tracing::info!(%image, %digest, at = rx.got, resumes, error = %e, "blob transfer broke; resuming");
+                }
+                Err(Broken::Stream(e) | Broken::Fatal(e)) => return Err(e),
+            }
+        }
+        file.flush()
+            .await
+            .map_err(|e| unavailable(format!("cannot write {}: {e}", path.display())))?;
+        let expected = rx.total.ok_or_else(|| {
+            unavailable(format!(
+                "blob {digest}: the controller's stream ended before the first chunk"
+            ))
+        })?;
+        let actual = ironmesh_oci::Digest::from_sha256(&rx.hasher.finalize());
+        if rx.got != expected || actual.as_str() != digest {
+            return Err(invalid(format!(
+                "blob {digest} arrived damaged: expected {expected} bytes hashing to {digest}, \
+                 got {} bytes hashing to {actual}",
+                rx.got
+            )));
+        }
+        Ok(rx.got)
+    }
+
+    /// A `FetchBlob` stream of `digest` from byte `offset`, from the first
+    /// controller that has it.
+    async fn open_blob(
+        &self,
+        image: &str,
+        digest: &str,
+        offset: u64,
+    ) -> Result<tonic::Streaming<ironmesh_proto::v1::BlobChunk>, ImageSourceError> {
+        let unavailable = |reason: String| ImageSourceError::Unavailable {
+            image: image.to_string(),
+            reason,
+        };
         let mut last_err = None;
         let clients: Vec<NodeServiceClient<Channel>> = match &self.shared {
             Some(s) => s.current().to_vec(),
@@ -292,6 +379,7 @@ impl ControllerImages {
                 self.idle_timeout,
                 client.fetch_blob(FetchBlobRequest {
                     digest: digest.to_string(),
+                    offset,
                 }),
             )
             .await
@@ -303,10 +391,7 @@ impl ControllerImages {
             })
             .and_then(|r| r.map_err(|s| fetch_status(image, digest, s)));
             match opened {
-                Ok(s) => {
-                    stream = Some(s.into_inner());
-                    break;
-                }
+                Ok(s) => return Ok(s.into_inner()),
                 // Another controller may hold it (or be up).
                 Err(
                     e @ (ImageSourceError::NotFound { .. } | ImageSourceError::Unavailable { .. }),
@@ -314,28 +399,55 @@ impl ControllerImages {
                 Err(e) => return Err(e),
             }
         }
-        let Some(mut stream) = stream else {
-            return Err(last_err.unwrap_or_else(|| unavailable("no controller to ask".into())));
-        };
+        Err(last_err.unwrap_or_else(|| unavailable("no controller to ask".into())))
+    }
 
-        let mut file = tokio::fs::File::create(&path)
-            .await
-            .map_err(|e| unavailable(format!("cannot create {}: {e}", path.display())))?;
-        let mut hasher = Sha256::new();
-        let mut got: u64 = 0;
-        let mut total: Option<u64> = None;
+    /// Appends what `stream` sends to `file`, checking it against what
+    /// the blob must be.
+    #[allow(clippy::too_many_arguments)]
+    async fn receive(
+        &self,
+        image: &str,
+        digest: &str,
+        declared: Option<u64>,
+        max: Option<u64>,
+        stream: &mut tonic::Streaming<ironmesh_proto::v1::BlobChunk>,
+        file: &mut tokio::fs::File,
+        path: &Path,
+        rx: &mut Received,
+    ) -> Result<(), Broken> {
+        let invalid = |reason: String| {
+            Broken::Fatal(ImageSourceError::Invalid {
+                image: image.to_string(),
+                reason,
+            })
+        };
+        let disk = |e: std::io::Error| {
+            Broken::Fatal(ImageSourceError::Unavailable {
+                image: image.to_string(),
+                reason: format!("cannot write {}: {e}", path.display()),
+            })
+        };
+        let mut first = true;
         loop {
             let next = tokio::time::timeout(self.idle_timeout, stream.message())
                 .await
                 .map_err(|_| {
-                    unavailable(format!(
-                        "blob {digest}: the controller sent nothing for {:?}",
-                        self.idle_timeout
-                    ))
+                    Broken::Stream(ImageSourceError::Unavailable {
+                        image: image.to_string(),
+                        reason: format!(
+                            "blob {digest}: the controller sent nothing for {:?}",
+                            self.idle_timeout
+                        ),
+                    })
                 })?
-                .map_err(|s| fetch_status(image, digest, s))?;
-            let Some(chunk) = next else { break };
-            if total.is_none() {
+                .map_err(|s| match fetch_status(image, digest, s) {
+                    e @ ImageSourceError::Unavailable { .. } => Broken::Stream(e),
+                    e => Broken::Fatal(e),
+                })?;
+            let Some(chunk) = next else { return Ok(()) };
+            if first {
+                first = false;
                 if chunk.digest != digest {
                     return Err(invalid(format!(
                         "asked for blob {digest}, the controller sent {:?}",
@@ -355,36 +467,39 @@ impl ControllerImages {
                         chunk.total_size
                     )));
                 }
-                total = Some(chunk.total_size);
+                if rx.total.is_some_and(|t| t != chunk.total_size) {
+                    return Err(invalid(format!(
+                        "blob {digest} changed size between two parts of one transfer"
+                    )));
+                }
+                rx.total = Some(chunk.total_size);
+                if chunk.offset != rx.got {
+                    // A controller that cannot resume sends it all again.
+                    if chunk.offset != 0 {
+                        return Err(invalid(format!(
+                            "blob {digest}: asked to resume at byte {}, the controller sent from {}",
+                            rx.got, chunk.offset
+                        )));
+                    }
+                    use tokio::io::AsyncSeekExt;
+                    file.set_len(0).await.map_err(disk)?;
+                    file.seek(std::io::SeekFrom::Start(0)).await.map_err(disk)?;
+                    rx.hasher = Sha256::new();
+                    rx.got = 0;
+                }
             }
-            got += chunk.data.len() as u64;
-            let expected = total.unwrap_or_default();
-            if got > expected {
+            let expected = rx.total.unwrap_or_default();
+            if rx.got + chunk.data.len() as u64 > expected {
                 return Err(invalid(format!(
                     "blob {digest}: the controller sent more than the announced {expected} bytes"
                 )));
             }
-            hasher.update(&chunk.data);
-            file.write_all(&chunk.data)
-                .await
-                .map_err(|e| unavailable(format!("cannot write {}: {e}", path.display())))?;
+            // Written first, then counted: a failed write leaves the
+            // count at what the file holds.
+            file.write_all(&chunk.data).await.map_err(disk)?;
+            rx.hasher.update(&chunk.data);
+            rx.got += chunk.data.len() as u64;
         }
-        file.flush()
-            .await
-            .map_err(|e| unavailable(format!("cannot write {}: {e}", path.display())))?;
-        let expected = total.ok_or_else(|| {
-            unavailable(format!(
-                "blob {digest}: the controller's stream ended before the first chunk"
-            ))
-        })?;
-        let actual = format!("sha256:{}", hex::encode(hasher.finalize()));
-        if got != expected || actual != digest {
-            return Err(invalid(format!(
-                "blob {digest} arrived damaged: expected {expected} bytes hashing to {digest}, \
-                 got {got} bytes hashing to {actual}"
-            )));
-        }
-        Ok(got)
     }
 
     async fn fetch_and_import(
@@ -466,6 +581,7 @@ impl ControllerImages {
             )
             .await?;
         let mut skipped = 0usize;
+        let mut wanted = Vec::new();
         for layer in &manifest.layers {
             let size = size_of(layer)?;
             // The import skips what containerd holds, so its file is not
@@ -474,10 +590,20 @@ impl ControllerImages {
                 skipped += 1;
                 continue;
             }
-            bytes += self
-                .fetch(image, dir, &layer.digest, Some(size), None)
-                .await?;
+            wanted.push((layer.digest.as_str(), size));
         }
+        // Several layers at once: one stream rarely fills the link. (The
+        // futures are made first: a closure inside the stream type trips
+        // the async-trait Send check.)
+        let mut fetches = Vec::with_capacity(wanted.len());
+        for (d, size) in &wanted {
+            fetches.push(self.fetch(image, dir, d, Some(*size), None));
+        }
+        let fetched: Vec<u64> = futures::stream::iter(fetches)
+            .buffer_unordered(PARALLEL_LAYERS)
+            .try_collect()
+            .await?;
+        bytes += fetched.iter().sum::<u64>();
         tracing::debug!(
             %image,
             layers = manifest.layers.len(),

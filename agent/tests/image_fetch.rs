@@ -46,6 +46,10 @@ struct BlobServer {
     fetched: Arc<Mutex<Vec<String>>>,
     /// Digests served with one byte changed.
     corrupt: Arc<Mutex<HashSet<String>>>,
+    /// Digests whose next transfer breaks halfway (once each).
+    break_once: Arc<Mutex<HashSet<String>>>,
+    /// Every (digest, offset) asked for, in order.
+    offsets: Arc<Mutex<Vec<(String, u64)>>>,
 }
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
@@ -78,8 +82,10 @@ impl NodeService for BlobServer {
         &self,
         req: Request<FetchBlobRequest>,
     ) -> Result<Response<Self::FetchBlobStream>, Status> {
-        let digest = req.into_inner().digest;
+        let req = req.into_inner();
+        let (digest, offset) = (req.digest, req.offset);
         self.fetched.lock().unwrap().push(digest.clone());
+        self.offsets.lock().unwrap().push((digest.clone(), offset));
         let hex = digest
             .strip_prefix("sha256:")
             .filter(|h| h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()))
@@ -94,7 +100,8 @@ impl NodeService for BlobServer {
             data[last] ^= 0xff;
         }
         let total = data.len() as u64;
-        let chunks: Vec<Result<BlobChunk, Status>> = data
+        let rest = &data[offset as usize..];
+        let mut chunks: Vec<Result<BlobChunk, Status>> = rest
             .chunks(64 << 10)
             .enumerate()
             .map(|(i, c)| {
@@ -105,10 +112,15 @@ impl NodeService for BlobServer {
                         String::new()
                     },
                     total_size: if i == 0 { total } else { 0 },
+                    offset: if i == 0 { offset } else { 0 },
                     data: c.to_vec(),
                 })
             })
             .collect();
+        if self.break_once.lock().unwrap().remove(&digest) {
+            chunks.truncate(chunks.len() / 2);
+            chunks.push(Err(Status::unavailable("connection reset (test)")));
+        }
         Ok(Response::new(Box::pin(futures::stream::iter(chunks))))
     }
 
@@ -391,6 +403,41 @@ async fn unknown_image_or_digest_is_not_found() {
     assert!(matches!(e, ImageSourceError::Invalid { .. }), "{e:?}");
     assert!(rt.resolve_image("ironmesh.test/nope:1").await.is_err());
     assert!(staging_entries(&cd.path("st")).is_empty());
+}
+
+#[tokio::test]
+async fn a_broken_layer_transfer_is_resumed_where_it_stopped() {
+    let cd = Containerd::start("resume");
+    let rt = common::runtime(&cd).await;
+    let server = BlobServer {
+        dir: cd.path("store"),
+        ..Default::default()
+    };
+    let pushed = push_busybox(&server.dir, "/bin/sh");
+    server
+        .break_once
+        .lock()
+        .unwrap()
+        .insert(pushed.layer.clone());
+    let images = ControllerImages::new(serve(server.clone()).await, rt.clone(), cd.path("st"));
+    let r = within("ensure", images.ensure(IMAGE, &pushed.manifest))
+        .await
+        .unwrap();
+    assert!(r.fetched);
+    let asked: Vec<u64> = server
+        .offsets
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(d, _)| *d == pushed.layer)
+        .map(|(_, o)| *o)
+        .collect();
+    assert_eq!(asked.len(), 2, "{asked:?}");
+    assert_eq!(asked[0], 0);
+    assert!(asked[1] > 0, "the second request resumes: {asked:?}");
+    // What arrived in two parts is the whole, verified layer.
+    assert_eq!(r.bytes, pushed.total);
+    rt.resolve_image(IMAGE).await.unwrap();
 }
 
 #[tokio::test]

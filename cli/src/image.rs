@@ -578,6 +578,7 @@ async fn upload(
                 String::new()
             },
             total_size: if s.first { s.size } else { 0 },
+            offset: 0,
             data,
         };
         s.first = false;

@@ -270,6 +270,7 @@ spec:
         let mut stream = client
             .fetch_blob(FetchBlobRequest {
                 digest: built.layer_digests[0].clone(),
+                offset: 0,
             })
             .await
             .expect("fetch the layer")
@@ -302,6 +303,7 @@ spec:
         let missing = client
             .fetch_blob(FetchBlobRequest {
                 digest: format!("sha256:{}", "0".repeat(64)),
+                offset: 0,
             })
             .await
             .expect_err("an unknown blob is an error");
@@ -316,6 +318,7 @@ spec:
         let denied = as_operator
             .fetch_blob(FetchBlobRequest {
                 digest: built.layer_digests[0].clone(),
+                offset: 0,
             })
             .await
             .expect_err("operators may not fetch blobs");
@@ -349,6 +352,7 @@ fn push_blob_of_a_stored_blob_answers_at_once_over_the_wire() {
                         String::new()
                     },
                     total_size: if i == 0 { total } else { 0 },
+                    offset: 0,
                     data: c.to_vec(),
                 })
                 .collect();

@@ -542,7 +542,7 @@ fn a_node_gets_permission_denied_for_a_blob_not_assigned_to_it() {
             async move {
                 let mut c = NodeServiceClient::new(grpc::channel(ctl, Some(&creds)).await.unwrap());
                 let mut s = c
-                    .fetch_blob(FetchBlobRequest { digest })
+                    .fetch_blob(FetchBlobRequest { digest, offset: 0 })
                     .await?
                     .into_inner();
                 let mut n = 0;

@@ -712,12 +712,14 @@ impl ImageStore {
         })
     }
 
-    /// Streams a blob in [`FETCH_CHUNK`] pieces; the first carries the
-    /// digest and total size (an empty blob is one empty chunk).
+    /// Streams a blob in [`FETCH_CHUNK`] pieces from byte `req.offset`
+    /// (a resumed transfer); the first carries the digest, the total size
+    /// and the offset (an empty rest is one empty chunk).
     pub async fn fetch_blob(&self, req: FetchBlobRequest) -> Result<BlobStream, Status> {
         let digest = req.digest;
+        let offset = req.offset;
         let path = self.blobs.join(digest_arg(&digest)?);
-        let file = match tokio::fs::File::open(&path).await {
+        let mut file = match tokio::fs::File::open(&path).await {
             Ok(f) => f,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 return Err(Status::not_found(format!(
@@ -731,6 +733,17 @@ impl ImageStore {
             .await
             .map_err(|e| internal(io_err("stat", &path)(e)))?
             .len();
+        if offset > total {
+            return Err(Status::invalid_argument(format!(
+                "blob {digest} has {total} bytes; cannot resume at byte {offset}"
+            )));
+        }
+        if offset > 0 {
+            use tokio::io::AsyncSeekExt;
+            file.seek(std::io::SeekFrom::Start(offset))
+                .await
+                .map_err(|e| internal(io_err("seek", &path)(e)))?;
+        }
         struct State {
             file: tokio::fs::File,
             path: PathBuf,
@@ -744,7 +757,7 @@ impl ImageStore {
             path,
             digest,
             total,
-            sent: 0,
+            sent: offset,
             first: true,
         };
         let stream = futures::stream::unfold(Some(state), |state| async move {
@@ -758,6 +771,7 @@ impl ImageStore {
                 let status = internal(io_err("read", &s.path)(e));
                 return Some((Err(status), None));
             }
+            let start = s.sent;
             s.sent += want as u64;
             let chunk = BlobChunk {
                 digest: if s.first {
@@ -766,6 +780,7 @@ impl ImageStore {
                     String::new()
                 },
                 total_size: if s.first { s.total } else { 0 },
+                offset: if s.first { start } else { 0 },
                 data,
             };
             s.first = false;
@@ -857,6 +872,7 @@ mod tests {
                     Ok(BlobChunk {
                         digest: if i == 0 { digest.into() } else { String::new() },
                         total_size: if i == 0 { total } else { 0 },
+                        offset: 0,
                         data: d.to_vec(),
                     })
                 })
@@ -865,6 +881,7 @@ mod tests {
                 chunks.push(Ok(BlobChunk {
                     digest: digest.into(),
                     total_size: total,
+                    offset: 0,
                     data: Vec::new(),
                 }));
             }
@@ -882,6 +899,7 @@ mod tests {
                 .images
                 .fetch_blob(FetchBlobRequest {
                     digest: digest.into(),
+                    offset: 0,
                 })
                 .await?;
             let mut total = None;
@@ -954,6 +972,38 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(missing.missing, [sha(b"other")]);
+    }
+
+    #[tokio::test]
+    async fn fetch_resumes_at_an_offset() {
+        let f = fixture();
+        let data: Vec<u8> = (0..(FETCH_CHUNK + 1000)).map(|i| (i % 253) as u8).collect();
+        f.push(&data).await;
+        let fetch = |offset: u64| {
+            let images = f.images.clone();
+            let digest = sha(&data);
+            async move {
+                let mut s = images
+                    .fetch_blob(FetchBlobRequest { digest, offset })
+                    .await?;
+                let mut chunks = Vec::new();
+                while let Some(c) = s.next().await {
+                    chunks.push(c?);
+                }
+                Ok::<_, Status>(chunks)
+            }
+        };
+        let chunks = fetch(FETCH_CHUNK as u64 + 10).await.unwrap();
+        assert_eq!(chunks.len(), 1);
+        assert_eq!(
+            (chunks[0].offset, chunks[0].total_size),
+            (FETCH_CHUNK as u64 + 10, data.len() as u64)
+        );
+        assert_eq!(chunks[0].data, &data[FETCH_CHUNK + 10..]);
+        let at_end = fetch(data.len() as u64).await.unwrap();
+        assert_eq!((at_end.len(), at_end[0].data.len()), (1, 0));
+        let e = fetch(data.len() as u64 + 1).await.unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument);
     }
 
     #[tokio::test]
