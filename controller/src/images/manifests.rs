@@ -145,24 +145,13 @@ pub(crate) struct Parsed {
     pub annotations: Option<serde_json::Map<String, serde_json::Value>>,
 }
 
-#[derive(Deserialize)]
-struct RawDescriptor {
-    #[serde(rename = "mediaType", default)]
-    media_type: Option<String>,
-    digest: String,
-    size: i64,
-}
-
+/// One descriptor of a manifest (the project's [`ironmesh_oci::Descriptor`]:
+/// its digest is checked as it parses, a negative size does not parse):
+/// `(digest, media type, size)`.
 fn descriptor(v: &serde_json::Value, what: &str) -> Result<(String, String, u64), ManifestError> {
-    let d: RawDescriptor = serde_json::from_value(v.clone())
+    let d: ironmesh_oci::Descriptor = serde_json::from_value(v.clone())
         .map_err(|e| ManifestError::ManifestInvalid(format!("{what}: {e}")))?;
-    digest_hex(&d.digest).map_err(|e| ManifestError::ManifestInvalid(format!("{what}: {e}")))?;
-    if d.size < 0 {
-        return Err(ManifestError::ManifestInvalid(format!(
-            "{what} has a negative size"
-        )));
-    }
-    Ok((d.digest, d.media_type.unwrap_or_default(), d.size as u64))
+    Ok((d.digest.into(), d.media_type, d.size))
 }
 
 /// Layers a registry need not hold (Windows foreign layers).
