@@ -2228,13 +2228,22 @@ fn packets_between_local_instances_go_straight_to_the_peer_as_routed() {
     let at_b = ttl_socket(&f, 7100);
     let to = SocketAddrV4::new(f.b.ip, 7100);
 
-    // The first datagram is routed by the host, which learns B's MAC (ARP);
-    // from then on the fast path has a neighbour entry to use.
+    // A flow's first packets are routed by the host (which learns B's MAC
+    // by ARP); once B has answered from its own veth, the conntrack entry
+    // knows both ends are local and later packets go straight across.
     wait_until("a first datagram reaches B", || {
         from_a.send_to(b"warm", to).expect("send");
         recv_with_ttl(&at_b, Duration::from_millis(100)).is_some()
     });
     while recv_with_ttl(&at_b, Duration::from_millis(50)).is_some() {}
+    let a_addr = from_a.local_addr().expect("local addr");
+    at_b.send_to(b"back", a_addr).expect("answer");
+    from_a
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    let mut buf = [0u8; 16];
+    let (n, _) = from_a.recv_from(&mut buf).expect("B's answer reaches A");
+    assert_eq!(&buf[..n], b"back");
 
     let (redirects, tx) = send_and_count(&f, &from_a, &at_b, 7100, 50);
     assert!(

@@ -551,15 +551,17 @@ static __always_inline void remember_sender(struct im_ct_val *ct, int rev, __u32
 
 /* ---- delivery between local instances ---------------------------------- */
 
-/* An IPv4 packet allowed out of an instance: when the host's routing sends
- * it to another local instance's veth, hand it to that instance's eth0 at
- * once (bpf_redirect_peer), doing what the host's forwarding would (TTL,
- * MAC addresses from the host's neighbour table) but skipping the forward
- * path, the second veth's egress and its backlog queue. Anything else
- * (remote, the host itself, no neighbour entry yet, TTL about to expire, an
- * instance marked IM_INST_HOST_ROUTED) continues as before. The
- * destination's policy was judged with the source's, by this program. */
-static __always_inline int deliver(struct __sk_buff *skb, const struct pkt *p)
+/* An IPv4 packet of an established flow allowed out of an instance: when
+ * the flow's other direction came out of another local instance's veth
+ * (peer_if, from the conntrack entry) and the host's routing agrees, hand
+ * it to that instance's eth0 at once (bpf_redirect_peer), doing what the
+ * host's forwarding would (TTL, MAC addresses from the host's neighbour
+ * table) but skipping the forward path, the second veth's egress and its
+ * backlog queue. Anything else (a flow's first packets, remote, the host
+ * itself, no neighbour entry, TTL about to expire, an instance marked
+ * IM_INST_HOST_ROUTED) continues as before. The destination's policy was
+ * judged with the source's, by this program. */
+static __always_inline int deliver(struct __sk_buff *skb, const struct pkt *p, __u16 peer_if)
 {
 	void *data = (void *)(long)skb->data;
 	void *end = (void *)(long)skb->data_end;
@@ -570,6 +572,15 @@ static __always_inline int deliver(struct __sk_buff *skb, const struct pkt *p)
 	__u16 old_word, new_word;
 	__u32 idx;
 
+	/* Only a flow whose other direction left a local instance's veth
+	 * (and passed its source check there) can be local: everything
+	 * else, traffic to other nodes above all, pays nothing more. */
+	if (peer_if == 0)
+		return TC_ACT_OK;
+	idx = peer_if;
+	to = bpf_map_lookup_elem(&im_inst_addr, &idx);
+	if (!to || to->addr != p->key.daddr || (to->flags & IM_INST_HOST_ROUTED))
+		return TC_ACT_OK;
 	if ((void *)(ip + 1) > end || ip->ttl <= 1)
 		return TC_ACT_OK; /* the kernel sends time exceeded */
 	__builtin_memset(&fib, 0, sizeof(fib));
@@ -585,11 +596,10 @@ static __always_inline int deliver(struct __sk_buff *skb, const struct pkt *p)
 	__builtin_memcpy(&old_word, &ip->ttl, sizeof(old_word));
 	/* tot_len 0: the helper checks this skb (GSO included) against the
 	 * egress MTU itself. */
-	if (bpf_fib_lookup(skb, &fib, sizeof(fib), 0) != BPF_FIB_LKUP_RET_SUCCESS)
-		return TC_ACT_OK;
-	idx = fib.ifindex;
-	to = bpf_map_lookup_elem(&im_inst_addr, &idx);
-	if (!to || to->addr != p->key.daddr || (to->flags & IM_INST_HOST_ROUTED))
+	/* The host's routes must agree (and its neighbour table gives the
+	 * MAC addresses). */
+	if (bpf_fib_lookup(skb, &fib, sizeof(fib), 0) != BPF_FIB_LKUP_RET_SUCCESS ||
+	    fib.ifindex != idx)
 		return TC_ACT_OK;
 
 	new_word = bpf_htons(bpf_ntohs(old_word) - 0x0100);
@@ -742,7 +752,7 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 hook)
 		emit(&p.key, &nv, IM_EVENT_NEW, hook, skb->ifindex, now);
 		if (nv.verdict == IM_VERDICT_ALLOWED) {
 			count(IM_CNT_ALLOWED);
-			return hook == IM_HOOK_FROM_INSTANCE ? deliver(skb, &p) : TC_ACT_OK;
+			return TC_ACT_OK; /* a new flow's first packet: the host routes it */
 		}
 		count(nv.verdict == IM_VERDICT_RATE_LIMITED ? IM_CNT_RATE_LIMITED : IM_CNT_DENIED);
 		return TC_ACT_SHOT;
@@ -796,7 +806,8 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 hook)
 		}
 	}
 	count(IM_CNT_ALLOWED);
-	return hook == IM_HOOK_FROM_INSTANCE ? deliver(skb, &p) : TC_ACT_OK;
+	return hook == IM_HOOK_FROM_INSTANCE ? deliver(skb, &p, rev ? ct->if_fwd : ct->if_rev)
+					     : TC_ACT_OK;
 }
 
 SEC("classifier")
