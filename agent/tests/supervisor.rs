@@ -694,9 +694,21 @@ async fn readiness_probe_gates_ready() {
         .await;
     let running = f.wait_state("ready-1 Running", is_running("ready-1")).await;
     assert!(!running.ready, "ready before the readiness probe passed");
-    let failed = f.wait_event("ready-1", "Unhealthy").await;
+    // The first checks may find httpd not listening yet (connection
+    // refused); wait for one that reached it and got its 404.
+    let failed = f
+        .wait_n("a readiness failure with httpd's 404", 1, DEADLINE, |r| {
+            matches!(r, SupervisorReport::Event(e)
+                if e.instance == "ready-1" && e.reason == "Unhealthy" && e.message.contains("404"))
+        })
+        .await
+        .remove(0)
+        .1;
+    let SupervisorReport::Event(failed) = failed else {
+        unreachable!("matched an event")
+    };
     assert!(
-        failed.message.starts_with("Readiness probe failed") && failed.message.contains("404"),
+        failed.message.starts_with("Readiness probe failed"),
         "{}",
         failed.message
     );
