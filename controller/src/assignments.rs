@@ -550,7 +550,7 @@ fn compute(view: &View, memo: &mut Memo) -> (SharedPart, HashMap<String, LocalPa
     let mut labels_of_workload = HashMap::new();
     for w in view.objects(Kind::Workload).values() {
         let labels = crate::resources::labels_of(&w.object);
-        if let Some(identity) = view.identity(&crate::identities::canonical(&labels)) {
+        if let Some(identity) = view.identity(&crate::workload_identities::canonical(&labels)) {
             endpoints.push(crate::policy::Endpoint {
                 labels: labels.clone(),
                 identity,

@@ -56,7 +56,7 @@ impl View {
     }
 
     /// The identity allocated to a canonical label set
-    /// ([`crate::identities::canonical`]), if any.
+    /// ([`crate::workload_identities::canonical`]), if any.
     pub fn identity(&self, canonical_labels: &str) -> Option<u32> {
         self.identities.get(canonical_labels).copied()
     }

@@ -45,7 +45,7 @@
 //!   book).
 //! - [`eviction`]: which instances leave a NotReady or `NoExecute`-tainted
 //!   node, with the unhealthy-share and rate brakes.
-//! - [`identities`]: workload identities, small integers from label sets.
+//! - [`workload_identities`]: workload identities, small integers from label sets.
 //! - [`services`]: a virtual IP from the service CIDR per Service, and its
 //!   endpoints.
 //! - [`volumes`]: binds Volumes to nodes' pools; what placement and
@@ -67,7 +67,7 @@
 //!   its own HTTPS listener, with certificate and bearer-token auth.
 //! - [`logs`]: relays instance logs from agents to operators over the sync
 //!   stream.
-//! - [`flows`]: the in-memory ring of the flow records agents stream up.
+//! - [`flow_log`]: the in-memory ring of the flow records agents stream up.
 //!
 //! Process:
 //! - [`config`]: command-line flags and environment variables.
@@ -81,9 +81,8 @@ pub mod bootstrap;
 pub mod cache;
 pub mod config;
 pub mod eviction;
-pub mod flows;
+pub mod flow_log;
 pub mod ha;
-pub mod identities;
 pub mod images;
 pub mod ipam;
 pub mod join;
@@ -111,4 +110,5 @@ pub mod stopping;
 pub mod store;
 pub mod tokens;
 pub mod volumes;
+pub mod workload_identities;
 pub mod workloads;

@@ -44,7 +44,7 @@ pub struct NodeApi {
     pub ipam: crate::ipam::Ipam,
     pub images: crate::images::ImageStore,
     pub logs: crate::logs::LogRelay,
-    pub flows: crate::flows::FlowLog,
+    pub flows: crate::flow_log::FlowLog,
     pub admission: crate::join::Admission,
     pub revocations: crate::revocation::Revocations,
     pub blobs: crate::blob_access::BlobAccess,
@@ -623,7 +623,7 @@ async fn handle_agent_message(
     liveness: &Liveness,
     metrics: &ControllerMetrics,
     logs: &crate::logs::LogRelay,
-    flows: &crate::flows::FlowLog,
+    flows: &crate::flow_log::FlowLog,
 ) -> Result<(), Status> {
     match m.msg {
         Some(agent_message::Msg::Heartbeat(_)) => {

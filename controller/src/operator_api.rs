@@ -50,7 +50,7 @@ pub struct OperatorApi {
     /// `--image-gc-grace`.
     pub image_gc_grace: std::time::Duration,
     pub logs: LogRelay,
-    pub flows: crate::flows::FlowLog,
+    pub flows: crate::flow_log::FlowLog,
     pub liveness: Liveness,
     pub metrics: Arc<ControllerMetrics>,
     pub operators: Operators,
@@ -675,7 +675,7 @@ impl OperatorService for OperatorApi {
         r.map(|s| Response::new(crate::stopping::until_shutdown(s, self.shutdown.clone())))
     }
 
-    type FlowsStream = crate::flows::FlowsStream;
+    type FlowsStream = crate::flow_log::FlowsStream;
 
     async fn flows(
         &self,

@@ -200,7 +200,7 @@ pub async fn run(cfg: ControllerConfig, shutdown: Shutdown) -> Result<(), Server
     let images = crate::images::ImageStore::open(cfg.data_dir.join("images"), store.clone())
         .map_err(|e| ServerError::Config(e.to_string()))?;
     let logs = crate::logs::LogRelay::default();
-    let flows = crate::flows::FlowLog::default();
+    let flows = crate::flow_log::FlowLog::default();
     let ipam = crate::ipam::Ipam::new(cfg.cluster_cidr, cfg.node_cidr_prefix)
         .map_err(ServerError::Config)?;
     // Every controller serves its own agents, so every one computes

@@ -565,13 +565,13 @@ async fn reconcile_with(
 /// else allocated. `None` (logged) if allocation fails; the instance gets
 /// one on a later pass.
 async fn identity_of(resources: &Resources, w: &WorkloadView) -> Option<u32> {
-    let canonical = crate::identities::canonical(&w.labels);
+    let canonical = crate::workload_identities::canonical(&w.labels);
     if let Some(cache) = resources.cache().await {
         if let Some(id) = cache.read().identity(&canonical) {
             return Some(id);
         }
     }
-    match crate::identities::identity_for(resources.store().as_ref(), &w.labels).await {
+    match crate::workload_identities::identity_for(resources.store().as_ref(), &w.labels).await {
         Ok(id) => Some(id),
         Err(e) => {
             tracing::warn!(workload = %w.name, error = %e, "cannot allocate an identity; the instance gets one later");
