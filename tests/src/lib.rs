@@ -636,6 +636,32 @@ impl Agent {
     }
 }
 
+/// Asserts that a command `what` succeeded and returns its stdout; the
+/// failure message carries both outputs.
+pub fn succeeded(out: Output, what: &str) -> String {
+    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+    assert!(
+        out.status.success(),
+        "{what} failed ({}):\nstdout: {}\nstderr: {}",
+        out.status,
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    text(&out.stdout)
+}
+
+/// Asserts that a command `what` failed and returns its stderr (the error
+/// a user would read).
+pub fn refused(out: Output, what: &str) -> String {
+    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+    assert!(
+        !out.status.success(),
+        "{what} should have been refused; stdout: {}",
+        text(&out.stdout)
+    );
+    text(&out.stderr)
+}
+
 /// Minimal HTTP/1.0 GET on loopback (for /metrics).
 pub fn http_get(addr: SocketAddr, path: &str) -> anyhow::Result<String> {
     use std::io::{Read, Write};

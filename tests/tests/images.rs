@@ -10,28 +10,18 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 use std::time::Instant;
 
 use futures::StreamExt;
 use ironmesh_images::{build_layout, catalog, BuiltImage};
 use ironmesh_proto::v1::{node_service_client::NodeServiceClient, FetchBlobRequest};
+use ironmesh_tests::succeeded as ok;
 use ironmesh_tests::{bin, grpc, Controller, ControllerOpts};
 use sha2::{Digest, Sha256};
 
 fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
-}
-
-fn ok(out: Output, what: &str) -> String {
-    assert!(
-        out.status.success(),
-        "{what} failed ({}):\nstdout: {}\nstderr: {}",
-        out.status,
-        text(&out.stdout),
-        text(&out.stderr)
-    );
-    text(&out.stdout)
 }
 
 fn build(dir: &Path, program: &str, tag: &str) -> (PathBuf, BuiltImage) {

@@ -17,30 +17,11 @@ use std::time::Duration;
 
 use ironmesh_images::{build_layout, catalog, BuiltImage};
 use ironmesh_tests::{bin, free_addr, images_dir, wait_for, Agent, Controller, ControllerOpts};
+use ironmesh_tests::{refused as failed, succeeded as ok};
 use sha2::{Digest, Sha256};
 
 fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
-}
-
-fn ok(out: Output, what: &str) -> String {
-    assert!(
-        out.status.success(),
-        "{what} failed ({}):\nstdout: {}\nstderr: {}",
-        out.status,
-        text(&out.stdout),
-        text(&out.stderr)
-    );
-    text(&out.stdout)
-}
-
-fn failed(out: Output, what: &str) -> String {
-    assert!(
-        !out.status.success(),
-        "{what} succeeded but should not have:\nstdout: {}",
-        text(&out.stdout)
-    );
-    text(&out.stderr)
 }
 
 fn sha(data: &[u8]) -> String {

@@ -9,7 +9,6 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::Path;
-use std::process::Output;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
@@ -19,30 +18,8 @@ use ironmesh_proto::v1::{
 };
 use ironmesh_tests::grpc::{self, Creds, ProtocolNode};
 use ironmesh_tests::{images_dir, wait_for, Agent, Controller, ControllerOpts};
+use ironmesh_tests::{refused, succeeded as ok};
 use serde_json::Value;
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
-
-fn ok(out: Output, what: &str) -> String {
-    assert!(
-        out.status.success(),
-        "{what} failed:\nstdout: {}\nstderr: {}",
-        text(&out.stdout),
-        text(&out.stderr)
-    );
-    text(&out.stdout)
-}
-
-fn refused(out: Output, what: &str) -> String {
-    assert!(
-        !out.status.success(),
-        "{what} should have been refused; stdout: {}",
-        text(&out.stdout)
-    );
-    text(&out.stderr)
-}
 
 /// `imctl token create ARGS`; the token it printed.
 fn create_token(ctl: &Controller, args: &[&str]) -> String {
