@@ -888,8 +888,8 @@ fn pinned_enforcement_survives_agent_death_and_reload_attaches_once() {
     }
     assert_eq!(
         f.cgroup_prog_count(),
-        4,
-        "connect4, sendmsg4, recvmsg4, getpeername4 once each"
+        5,
+        "connect4, sendmsg4, recvmsg4, getpeername4, sockops once each"
     );
     assert_eq!(f.dp().attached_instances().expect("attached"), {
         let mut v = vec![f.a.host_if.clone(), f.b.host_if.clone()];

@@ -144,6 +144,13 @@ impl NodeService for BlobServer {
     ) -> Result<Response<ironmesh_proto::v1::QueuePushResponse>, Status> {
         Err(Status::unimplemented("test server"))
     }
+
+    async fn issue_workload_certificate(
+        &self,
+        _: Request<ironmesh_proto::v1::IssueWorkloadCertificateRequest>,
+    ) -> Result<Response<ironmesh_proto::v1::WorkloadCertificate>, Status> {
+        Err(Status::unimplemented("test server"))
+    }
 }
 
 impl BlobServer {

@@ -55,6 +55,54 @@ pub struct WorkloadSpec {
     pub security_context: Option<SecurityContext>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub placement: Option<Placement>,
+    /// How the instances take part in the mesh (mTLS between hosts); unset:
+    /// the cluster's default (`--mesh-default-mode`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mesh: Option<MeshSpec>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct MeshSpec {
+    pub mode: MeshMode,
+}
+
+/// A workload's mesh mode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Hash)]
+#[serde(rename_all = "lowercase")]
+pub enum MeshMode {
+    /// Outside the mesh: plaintext on the kernel path, as before the mesh.
+    Off,
+    /// Through the node proxies to other meshed instances; plaintext from
+    /// other hosts still accepted.
+    Permissive,
+    /// Connections from other hosts and from the host only through the
+    /// proxies (mTLS); plaintext dropped in the datapath.
+    Strict,
+}
+
+impl MeshMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MeshMode::Off => "off",
+            MeshMode::Permissive => "permissive",
+            MeshMode::Strict => "strict",
+        }
+    }
+}
+
+impl std::str::FromStr for MeshMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "off" => Ok(MeshMode::Off),
+            "permissive" => Ok(MeshMode::Permissive),
+            "strict" => Ok(MeshMode::Strict),
+            other => Err(format!(
+                "mesh mode {other:?}: use off, permissive or strict"
+            )),
+        }
+    }
 }
 
 fn one_i64() -> i64 {

@@ -18,8 +18,10 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
+use ironmesh_api::workload::MeshMode;
 use ironmesh_api::Kind;
 use ironmesh_proto::assignment::{rule_key, service_key};
+use ironmesh_proto::v1::MeshMode as ProtoMeshMode;
 use ironmesh_proto::v1::{
     Assignment, AssignmentDelta, IdentityEntry, InstanceAssignment, PeerNode, PipelineTask,
     PolicyRule, ServiceEntry, VolumeAssignment,
@@ -50,7 +52,8 @@ type ServiceKey = (String, u32, String);
 /// What every node shares.
 #[derive(Debug, Default, Clone, PartialEq)]
 struct SharedPart {
-    identities: BTreeMap<String, u32>,
+    /// By address.
+    identities: BTreeMap<String, IdentityEntry>,
     rules: BTreeMap<RuleKey, PolicyRule>,
     ingress_enforced: Vec<u32>,
     egress_enforced: Vec<u32>,
@@ -71,7 +74,7 @@ pub struct LocalPart {
 /// Changes of the shared part; `None` removes the key.
 #[derive(Debug, Default, Clone)]
 struct SharedDelta {
-    identities: BTreeMap<String, Option<u32>>,
+    identities: BTreeMap<String, Option<IdentityEntry>>,
     rules: BTreeMap<RuleKey, Option<PolicyRule>>,
     enforcement_changed: bool,
     services: BTreeMap<ServiceKey, Option<ServiceEntry>>,
@@ -110,7 +113,7 @@ impl SharedDelta {
     /// `self` then `later`, as one delta.
     fn extend(&mut self, later: &SharedDelta) {
         self.identities
-            .extend(later.identities.iter().map(|(k, v)| (k.clone(), *v)));
+            .extend(later.identities.iter().map(|(k, v)| (k.clone(), v.clone())));
         self.rules
             .extend(later.rules.iter().map(|(k, v)| (k.clone(), v.clone())));
         self.services
@@ -141,6 +144,8 @@ pub struct Assignments {
     /// Passes so far and revision reached: for tests and metrics.
     computed: watch::Sender<Revision>,
     pace: Duration,
+    /// The mesh mode of instances whose Workload sets none.
+    mesh_default: MeshMode,
 }
 
 impl Default for Assignments {
@@ -157,6 +162,7 @@ impl Default for Assignments {
             pass: watch::channel(0).0,
             computed: watch::channel(0).0,
             pace: PACE,
+            mesh_default: MeshMode::Off,
         }
     }
 }
@@ -178,6 +184,14 @@ struct Sent {
 }
 
 impl Assignments {
+    /// Assignments whose instances without a spec.mesh.mode get `mode`.
+    pub fn with_mesh_default(mode: MeshMode) -> Assignments {
+        Assignments {
+            mesh_default: mode,
+            ..Assignments::default()
+        }
+    }
+
     /// Streams get at most one message per `pace`.
     pub fn with_pace(mut self, pace: Duration) -> Assignments {
         self.pace = pace;
@@ -269,14 +283,7 @@ fn whole(revision: Revision, shared: &SharedPart, local: &LocalPart, node: &str)
             .filter(|p| p.name != node)
             .cloned()
             .collect(),
-        identities: shared
-            .identities
-            .iter()
-            .map(|(ip, id)| IdentityEntry {
-                ip: ip.clone(),
-                identity: *id,
-            })
-            .collect(),
+        identities: shared.identities.values().cloned().collect(),
         policy_rules: shared.rules.values().cloned().collect(),
         ingress_enforced: shared.ingress_enforced.clone(),
         egress_enforced: shared.egress_enforced.clone(),
@@ -366,10 +373,7 @@ fn delta_message(
     };
     for (ip, id) in &d.identities {
         match id {
-            Some(identity) => delta.identities_set.push(IdentityEntry {
-                ip: ip.clone(),
-                identity: *identity,
-            }),
+            Some(entry) => delta.identities_set.push(entry.clone()),
             None => delta.identities_removed.push(ip.clone()),
         }
     }
@@ -443,6 +447,8 @@ struct Facts {
     workload: String,
     node: Option<String>,
     image: String,
+    /// spec.template.mesh.mode, if the Workload sets one.
+    mesh: Option<MeshMode>,
     /// The assignment, and the image digest and volumes stamp it was built
     /// with.
     assignment: Option<(Option<String>, u64, Arc<InstanceAssignment>)>,
@@ -481,6 +487,10 @@ fn facts_of(o: &crate::resources::StoredObject) -> Facts {
             .and_then(Value::as_str)
             .unwrap_or_default()
             .to_string(),
+        mesh: spec
+            .and_then(|p| p.pointer("/template/mesh/mode"))
+            .and_then(Value::as_str)
+            .and_then(|m| m.parse().ok()),
         assignment: None,
     }
 }
@@ -514,7 +524,7 @@ pub async fn run(
         let started = std::time::Instant::now();
         let (revision, shared, local) = {
             let view = cache.read();
-            let (shared, local) = compute(&view, &mut memo);
+            let (shared, local) = compute(&view, &mut memo, assignments.mesh_default);
             (view.revision, shared, local)
         };
         assignments.publish(revision, shared, local);
@@ -528,7 +538,11 @@ pub async fn run(
     }
 }
 
-fn compute(view: &View, memo: &mut Memo) -> (SharedPart, HashMap<String, LocalPart>) {
+fn compute(
+    view: &View,
+    memo: &mut Memo,
+    mesh_default: MeshMode,
+) -> (SharedPart, HashMap<String, LocalPart>) {
     let volumes_list: Vec<crate::resources::StoredObject> = view
         .objects(Kind::Volume)
         .values()
@@ -579,7 +593,20 @@ fn compute(view: &View, memo: &mut Memo) -> (SharedPart, HashMap<String, LocalPa
             continue;
         };
         if let (Some(ip), Some(id)) = (&facts.ip, facts.identity) {
-            shared.identities.insert(ip.clone(), id);
+            let mesh = match facts.mesh.unwrap_or(mesh_default) {
+                MeshMode::Off => ProtoMeshMode::Off,
+                MeshMode::Permissive => ProtoMeshMode::Permissive,
+                MeshMode::Strict => ProtoMeshMode::Strict,
+            };
+            shared.identities.insert(
+                ip.clone(),
+                IdentityEntry {
+                    ip: ip.clone(),
+                    identity: id,
+                    workload: facts.workload.clone(),
+                    mesh: mesh as i32,
+                },
+            );
             if let (true, Ok(ip), Some(labels)) = (
                 facts.ready,
                 ip.parse(),
@@ -724,7 +751,19 @@ mod tests {
 
     fn shared(ids: &[(&str, u32)], peers: &[&str]) -> SharedPart {
         SharedPart {
-            identities: ids.iter().map(|(ip, id)| (ip.to_string(), *id)).collect(),
+            identities: ids
+                .iter()
+                .map(|(ip, id)| {
+                    (
+                        ip.to_string(),
+                        IdentityEntry {
+                            ip: ip.to_string(),
+                            identity: *id,
+                            ..Default::default()
+                        },
+                    )
+                })
+                .collect(),
             peers: peers.iter().map(|p| (p.to_string(), peer(p))).collect(),
             ..Default::default()
         }

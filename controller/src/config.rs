@@ -36,6 +36,23 @@ pub struct ControllerConfig {
     #[arg(long, env = "IRONMESH_IMAGE_GC_INTERVAL", default_value = "1h", value_parser = humantime::parse_duration)]
     pub image_gc_interval: Duration,
 
+    /// The mesh mode of Workloads that do not set spec.mesh.mode: off,
+    /// permissive or strict. Default: strict on a cluster created by this
+    /// version, permissive on one created before the mesh (recorded in the
+    /// store at first start, so every controller agrees).
+    #[arg(long, env = "IRONMESH_MESH_DEFAULT_MODE")]
+    pub mesh_default_mode: Option<ironmesh_api::workload::MeshMode>,
+
+    /// The SPIFFE trust domain of workload certificates
+    /// (`spiffe://<trust-domain>/workload/<name>`).
+    #[arg(long, env = "IRONMESH_TRUST_DOMAIN", default_value = "ironmesh.local")]
+    pub trust_domain: String,
+
+    /// How long workload certificates are valid; agents renew them at half
+    /// of it.
+    #[arg(long, env = "IRONMESH_WORKLOAD_CERT_LIFETIME", default_value = "24h", value_parser = humantime::parse_duration)]
+    pub workload_cert_lifetime: Duration,
+
     /// Address of the Prometheus endpoint (`/metrics`, `/healthz`), plain HTTP.
     #[arg(
         long,
@@ -288,6 +305,22 @@ impl ControllerConfig {
             .is_some_and(|r| r == self.listen && r.port() != 0)
         {
             return Err("--registry-listen must differ from --listen".into());
+        }
+        if self.workload_cert_lifetime < Duration::from_secs(120)
+            || self.workload_cert_lifetime > Duration::from_secs(30 * 86400)
+        {
+            return Err("--workload-cert-lifetime must be between 2m and 30 days".into());
+        }
+        if self.trust_domain.is_empty()
+            || !self
+                .trust_domain
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '.' || c == '-')
+        {
+            return Err(format!(
+                "--trust-domain {:?} must be lowercase letters, digits, '.' and '-'",
+                self.trust_domain
+            ));
         }
         if let Some(u) = &self.advertise_url {
             if !u.starts_with("https://") {

@@ -89,6 +89,7 @@ pub mod join;
 pub mod join_limit;
 pub mod liveness;
 pub mod logs;
+pub mod mesh;
 pub mod metrics;
 pub mod node_api;
 pub mod operator_api;

@@ -19,9 +19,9 @@ use ironmesh_api::Kind;
 use ironmesh_proto::v1::{
     agent_message, controller_message, node_service_server::NodeService, AgentMessage,
     ControllerMessage, DatapathStatus, FetchBlobRequest, InstanceEvent, InstanceState, Inventory,
-    JoinRequest, JoinResponse, QueueAckRequest, QueueAckResponse, QueueItem, QueueLeaseRequest,
-    QueueLeaseResponse, QueuePushRequest, QueuePushResponse, RenewCertificateRequest, Settings,
-    Welcome,
+    IssueWorkloadCertificateRequest, JoinRequest, JoinResponse, QueueAckRequest, QueueAckResponse,
+    QueueItem, QueueLeaseRequest, QueueLeaseResponse, QueuePushRequest, QueuePushResponse,
+    RenewCertificateRequest, Settings, Welcome, WorkloadCertificate,
 };
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
@@ -52,6 +52,7 @@ pub struct NodeApi {
     pub liveness: Liveness,
     pub metrics: Arc<ControllerMetrics>,
     pub assignments: crate::assignments::Assignments,
+    pub mesh: crate::mesh::MeshSettings,
     /// Ends every Sync stream with `UNAVAILABLE: controller shutting down`.
     pub shutdown: ironmesh_daemon::Shutdown,
 }
@@ -216,6 +217,35 @@ impl NodeService for NodeApi {
                 "renewed"
             } else {
                 "renew_refused"
+            },
+        );
+        out.map(Response::new)
+    }
+
+    async fn issue_workload_certificate(
+        &self,
+        req: Request<IssueWorkloadCertificateRequest>,
+    ) -> Result<Response<WorkloadCertificate>, Status> {
+        let (node, _) = self
+            .node_caller(&req, "asking for a workload certificate")
+            .await?;
+        let out = crate::mesh::issue(
+            &self.ca,
+            &self.resources,
+            &self.mesh,
+            &node,
+            req.into_inner(),
+        )
+        .await;
+        if let Err(e) = &out {
+            tracing::warn!(node = %node, error = %e.message(), "workload certificate refused");
+        }
+        ControllerMetrics::count(
+            &self.metrics.joins,
+            if out.is_ok() {
+                "workload_cert_issued"
+            } else {
+                "workload_cert_refused"
             },
         );
         out.map(Response::new)
@@ -436,6 +466,7 @@ impl NodeService for NodeApi {
                 heartbeat_interval_ms: interval.as_millis() as u32,
                 pod_cidr: pod_cidr.to_string(),
                 cluster_cidr: self.ipam.cluster.to_string(),
+                trust_domain: self.mesh.trust_domain.clone(),
             })),
         };
         // A fresh channel with room for 64: this cannot block.

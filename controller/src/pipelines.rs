@@ -707,6 +707,7 @@ pub fn step_template(
         // Steps run in the default sandbox (seccomp, pids limit).
         security_context: None,
         placement: None,
+        mesh: None,
     }
 }
 

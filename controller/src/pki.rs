@@ -218,6 +218,45 @@ impl ClusterCa {
         Ok(cert.pem())
     }
 
+    /// Signs a workload certificate for the mesh: the URI SAN is
+    /// `spiffe_id` (the one name peers check), the subject names the node
+    /// that holds the key (`O=node:<name>`, so a revoked node's
+    /// certificates are refused by the others), usable as client and
+    /// server. Only the CSR's public key is used. Returns the PEM and the
+    /// expiry (Unix seconds).
+    pub fn sign_workload_csr(
+        &self,
+        csr_pem: &str,
+        spiffe_id: &str,
+        node: &str,
+        lifetime: Duration,
+    ) -> Result<(String, i64), PkiError> {
+        let csr = CertificateSigningRequestParams::from_pem(csr_pem)
+            .map_err(|e| PkiError::BadCsr(e.to_string()))?;
+        let mut params = client_params(&Identity::Node(node.to_string()), Vec::new())?;
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, spiffe_id);
+        dn.push(DnType::OrganizationName, format!("node:{node}"));
+        params.distinguished_name = dn;
+        params.subject_alt_names = vec![SanType::URI(
+            spiffe_id
+                .to_string()
+                .try_into()
+                .map_err(|e| PkiError::Sign(format!("bad SPIFFE ID {spiffe_id:?}: {e}")))?,
+        )];
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        let now = OffsetDateTime::now_utc();
+        params.not_before = now - Duration::minutes(5).min(lifetime / 12);
+        params.not_after = now + lifetime;
+        let cert = params
+            .signed_by(&csr.public_key, &self.issuer)
+            .map_err(|e| PkiError::Sign(e.to_string()))?;
+        Ok((cert.pem(), params.not_after.unix_timestamp()))
+    }
+
     /// Issues a fresh key and certificate for `identity`, valid for a year.
     /// Server certificates carry `sans` (DNS names or IP addresses) and the
     /// server-auth usage.

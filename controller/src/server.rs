@@ -205,7 +205,16 @@ pub async fn run(cfg: ControllerConfig, shutdown: Shutdown) -> Result<(), Server
         .map_err(ServerError::Config)?;
     // Every controller serves its own agents, so every one computes
     // assignments (reads only; the leader's reconcilers write).
-    let assignments = crate::assignments::Assignments::default();
+    let mesh = crate::mesh::MeshSettings {
+        trust_domain: cfg.trust_domain.clone(),
+        cert_lifetime: time::Duration::try_from(cfg.workload_cert_lifetime)
+            .map_err(|e| ServerError::Config(format!("--workload-cert-lifetime: {e}")))?,
+        default_mode: crate::mesh::default_mode(&store, cfg.mesh_default_mode)
+            .await
+            .map_err(|e| ServerError::Config(format!("mesh default mode: {e}")))?,
+    };
+    tracing::info!(default_mode = mesh.default_mode.as_str(), trust_domain = %mesh.trust_domain, "mesh");
+    let assignments = crate::assignments::Assignments::with_mesh_default(mesh.default_mode);
     tokio::spawn(crate::assignments::run(
         assignments.clone(),
         cache.clone(),
@@ -261,6 +270,7 @@ pub async fn run(cfg: ControllerConfig, shutdown: Shutdown) -> Result<(), Server
         liveness: liveness.clone(),
         metrics: metrics.clone(),
         assignments,
+        mesh,
         shutdown: shutdown.clone(),
     };
     let registry_auth = crate::registry::auth::RegistryAuth::new(store.clone(), operators.clone());

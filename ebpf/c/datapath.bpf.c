@@ -167,6 +167,38 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } im_revnat SEC(".maps");
 
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 4096);
+	__type(key, __u64);
+	__type(value, struct im_mesh_ns_val);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} im_mesh_ns SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 65536);
+	__type(key, __u64);
+	__type(value, struct im_mesh_addr);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} im_mesh_orig SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 65536);
+	__type(key, struct im_mesh_sock_key);
+	__type(value, struct im_mesh_addr);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} im_mesh_pending SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 65536);
+	__type(key, struct im_mesh_sock_key);
+	__type(value, struct im_mesh_addr);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} im_mesh_peer SEC(".maps");
+
 static __always_inline void count(__u32 idx)
 {
 	__u64 *c = bpf_map_lookup_elem(&im_counters, &idx);
@@ -259,6 +291,31 @@ static __always_inline __u32 identity_of(__u32 addr)
 	struct im_identity_val *v = bpf_map_lookup_elem(&im_ip_identity, &addr);
 
 	return v ? v->identity : IM_IDENTITY_UNKNOWN;
+}
+
+static __always_inline __u32 mesh_flags_of(__u32 addr)
+{
+	struct im_identity_val *v = bpf_map_lookup_elem(&im_ip_identity, &addr);
+
+	return v ? v->flags : 0;
+}
+
+/* The mesh's say on a flow, before policy: the HBONE port of a mesh
+ * instance is the proxies' (the destination proxy judges the flow by the
+ * certificate's identity, so the address policy does not); plaintext into
+ * a strict instance from off the node or from the host is dropped (local
+ * instances never get here: their packets returned early). 0: no say. */
+static __always_inline __u8 mesh_verdict(struct __sk_buff *skb, const struct pkt *p, __u8 hook)
+{
+	__u32 f = mesh_flags_of(p->key.daddr);
+
+	if (!(f & IM_ID_MESH))
+		return 0;
+	if (p->key.proto == IPPROTO_TCP && p->key.dport == bpf_htons(IM_MESH_HBONE_PORT))
+		return IM_VERDICT_ALLOWED;
+	if (hook == IM_HOOK_TO_INSTANCE && (f & IM_ID_STRICT) && skb->mark != IM_MARK_AGENT)
+		return IM_VERDICT_PLAINTEXT;
+	return 0;
 }
 
 /* The rule of direction dir for (src, dst, dport, proto), most specific
@@ -728,7 +785,10 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 hook)
 		__builtin_memset(&nv, 0, sizeof(nv));
 		nv.src_identity = identity_of(p.key.saddr);
 		nv.dst_identity = identity_of(p.key.daddr);
-		nv.verdict = evaluate(nv.src_identity, nv.dst_identity, &p, 1, now, &rule_id);
+		nv.verdict = mesh_verdict(skb, &p, hook);
+		rule_id = 0;
+		if (!nv.verdict)
+			nv.verdict = evaluate(nv.src_identity, nv.dst_identity, &p, 1, now, &rule_id);
 		nv.rule_id = rule_id;
 		nv.policy_gen = gen;
 		nv.flags = IM_CT_DST_EVALUATED;
@@ -754,7 +814,9 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 hook)
 			count(IM_CNT_ALLOWED);
 			return TC_ACT_OK; /* a new flow's first packet: the host routes it */
 		}
-		count(nv.verdict == IM_VERDICT_RATE_LIMITED ? IM_CNT_RATE_LIMITED : IM_CNT_DENIED);
+		count(nv.verdict == IM_VERDICT_RATE_LIMITED ? IM_CNT_RATE_LIMITED
+			  : nv.verdict == IM_VERDICT_PLAINTEXT  ? IM_CNT_PLAINTEXT
+								: IM_CNT_DENIED);
 		return TC_ACT_SHOT;
 	}
 
@@ -773,7 +835,11 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 hook)
 		int new_conn = p.key.proto == IPPROTO_TCP
 				       ? (p.tcp_flags & (TCP_SYN | TCP_ACK)) == TCP_SYN
 				       : ct->verdict != IM_VERDICT_ALLOWED;
-		__u8 v = evaluate(src, dst, &p, new_conn, now, &rule_id);
+		__u8 v = mesh_verdict(skb, &p, hook);
+
+		rule_id = 0;
+		if (!v)
+			v = evaluate(src, dst, &p, new_conn, now, &rule_id);
 
 		ct->src_identity = src;
 		ct->dst_identity = dst;
@@ -785,7 +851,9 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 hook)
 		}
 		if (v != IM_VERDICT_ALLOWED) {
 			ct->last_seen_ns = now;
-			count(v == IM_VERDICT_RATE_LIMITED ? IM_CNT_RATE_LIMITED : IM_CNT_DENIED);
+			count(v == IM_VERDICT_RATE_LIMITED ? IM_CNT_RATE_LIMITED
+			      : v == IM_VERDICT_PLAINTEXT  ? IM_CNT_PLAINTEXT
+							   : IM_CNT_DENIED);
 			return TC_ACT_SHOT;
 		}
 	}
@@ -894,10 +962,74 @@ static __always_inline void revnat4(struct bpf_sock_addr *ctx)
 	}
 }
 
+/* ---- Mesh capture at the socket --------------------------------------- */
+
+/* A TCP connect from a mesh instance's namespace to a mesh instance on
+ * another node goes to the outbound listener the agent's proxy holds in
+ * that same namespace (so the source's identity is the namespace's, never
+ * an address); the original destination waits under the socket's cookie
+ * until sockops sees its local port. The proxy's own connections go to the
+ * HBONE port and are left alone. */
+static __always_inline void mesh_capture4(struct bpf_sock_addr *ctx)
+{
+	struct im_mesh_ns_val *ns;
+	struct im_mesh_addr orig;
+	__u64 netns, cookie;
+
+	if (ctx->type != SOCK_STREAM)
+		return;
+	if (ctx->user_port == bpf_htons(IM_MESH_HBONE_PORT))
+		return;
+	netns = bpf_get_netns_cookie(ctx);
+	ns = bpf_map_lookup_elem(&im_mesh_ns, &netns);
+	if (!ns)
+		return;
+	if ((mesh_flags_of(ctx->user_ip4) & (IM_ID_MESH | IM_ID_REMOTE)) !=
+	    (IM_ID_MESH | IM_ID_REMOTE))
+		return;
+	cookie = bpf_get_socket_cookie(ctx);
+	__builtin_memset(&orig, 0, sizeof(orig));
+	orig.addr = ctx->user_ip4;
+	orig.port = (__u16)ctx->user_port;
+	if (bpf_map_update_elem(&im_mesh_orig, &cookie, &orig, BPF_ANY) != 0)
+		return; /* not captured: strict peers drop it, never a silent bypass of policy */
+	ctx->user_ip4 = bpf_htonl(0x7f000001);
+	ctx->user_port = bpf_htons(IM_MESH_OUTBOUND_PORT);
+	count(IM_CNT_MESH_CAPTURED);
+}
+
 SEC("cgroup/connect4")
 int im_connect4(struct bpf_sock_addr *ctx)
 {
-	return lb4(ctx, 0);
+	if (!lb4(ctx, 0))
+		return 0;
+	mesh_capture4(ctx);
+	return 1;
+}
+
+/* The local port of a captured socket is known once TCP connects: file
+ * the original destination under (namespace, 127.0.0.1, port), where the
+ * outbound listener finds it as its client's address. */
+SEC("sockops")
+int im_sockops(struct bpf_sock_ops *skops)
+{
+	struct im_mesh_sock_key k;
+	struct im_mesh_addr *orig;
+	__u64 cookie;
+
+	if (skops->op != BPF_SOCK_OPS_TCP_CONNECT_CB)
+		return 1;
+	cookie = bpf_get_socket_cookie(skops);
+	orig = bpf_map_lookup_elem(&im_mesh_orig, &cookie);
+	if (!orig)
+		return 1;
+	__builtin_memset(&k, 0, sizeof(k));
+	k.netns = bpf_get_netns_cookie(skops);
+	k.addr = skops->local_ip4;
+	k.port = bpf_htons((__u16)skops->local_port);
+	bpf_map_update_elem(&im_mesh_pending, &k, orig, BPF_ANY);
+	bpf_map_delete_elem(&im_mesh_orig, &cookie);
+	return 1;
 }
 
 SEC("cgroup/sendmsg4")
@@ -913,10 +1045,30 @@ int im_recvmsg4(struct bpf_sock_addr *ctx)
 	return 1;
 }
 
+/* accept() and getpeername() of an instance's socket whose peer is the
+ * proxy delivering a mesh connection: the original client instead. */
+static __always_inline void mesh_peer4(struct bpf_sock_addr *ctx)
+{
+	struct im_mesh_sock_key k;
+	struct im_mesh_addr *orig;
+
+	__builtin_memset(&k, 0, sizeof(k));
+	k.netns = bpf_get_netns_cookie(ctx);
+	k.addr = ctx->user_ip4;
+	k.port = (__u16)ctx->user_port;
+	orig = bpf_map_lookup_elem(&im_mesh_peer, &k);
+	if (orig) {
+		ctx->user_ip4 = orig->addr;
+		ctx->user_port = orig->port;
+	}
+}
+
 SEC("cgroup/getpeername4")
 int im_getpeername4(struct bpf_sock_addr *ctx)
 {
 	revnat4(ctx);
+	if (ctx->type == SOCK_STREAM)
+		mesh_peer4(ctx);
 	return 1;
 }
 

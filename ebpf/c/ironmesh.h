@@ -32,6 +32,7 @@
 #define IM_VERDICT_DENIED 2
 #define IM_VERDICT_RATE_LIMITED 3
 #define IM_VERDICT_SPOOFED 4      /* source address not the one leased to the veth */
+#define IM_VERDICT_PLAINTEXT 5    /* plaintext from off the node to a strict mesh instance */
 
 /* Kinds of flow event. */
 #define IM_EVENT_NEW 1            /* first packet of a flow */
@@ -69,7 +70,9 @@
 #define IM_CNT_LB_REWRITES 5      /* socket addresses rewritten VIP -> backend */
 #define IM_CNT_LB_NO_BACKEND 6    /* connects to a VIP with no backend (refused) */
 #define IM_CNT_PEER_REDIRECTS 7   /* packets between local instances handed straight to the peer */
-#define IM_CNT_MAX 8
+#define IM_CNT_MESH_CAPTURED 8    /* connects of meshed instances sent to their node proxy */
+#define IM_CNT_PLAINTEXT 9        /* packets to strict mesh instances dropped as plaintext */
+#define IM_CNT_MAX 10
 
 /* Indices of the per-CPU im_guard_cnt array (a map of its own, so that
  * im_counters keeps its layout). */
@@ -83,7 +86,47 @@
 /* ip_identity: address -> identity (hash on /32). */
 struct im_identity_val {
 	__u32 identity;
-	__u32 reserved;
+	__u32 flags;      /* IM_ID_* (was reserved: zero before the mesh) */
+};
+
+/* im_identity_val.flags */
+#define IM_ID_MESH 1              /* a mesh instance (permissive or strict) */
+#define IM_ID_STRICT 2            /* accepts off-node connections only through the proxy */
+#define IM_ID_REMOTE 4            /* on another node: its connections go via the proxies */
+
+/* The node proxy's ports: HBONE (mTLS) inbound in every mesh instance's
+ * namespace, and the outbound listener on its loopback. */
+#define IM_MESH_HBONE_PORT 15008
+#define IM_MESH_OUTBOUND_PORT 15001
+/* Sockets of the agent itself (probes) carry this SO_MARK; a strict
+ * instance accepts them from the host. Setting a mark takes CAP_NET_ADMIN. */
+#define IM_MARK_AGENT 0x1e3e0001
+
+/* mesh_ns: network namespace cookie of a mesh instance -> flags. */
+struct im_mesh_ns_val {
+	__u32 flags;      /* IM_ID_* of the instance */
+	__u32 pad;
+};
+
+/* mesh_orig (LRU): socket cookie -> the destination connect() asked for,
+ * before it was sent to the outbound listener; moved to mesh_pending once
+ * the socket has its local port. */
+struct im_mesh_addr {
+	__u32 addr;       /* network order */
+	__u16 port;       /* network order */
+	__u16 pad;
+};
+
+/* mesh_pending (LRU) and mesh_peer (LRU): (netns cookie, address, port)
+ * -> address. mesh_pending: the outbound listener's client (127.0.0.1,
+ * its port) -> original destination. mesh_peer: the proxy's delivery
+ * socket in the destination namespace -> the original client, which
+ * getpeername/accept show the instance. */
+struct im_mesh_sock_key {
+	__u64 netns;
+	__u32 addr;       /* network order */
+	__u16 port;       /* network order */
+	__u16 pad;
 };
 
 /* policy: (direction, src identity, dst identity, dst port, proto) ->

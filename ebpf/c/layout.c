@@ -17,7 +17,11 @@
 
 int main(void)
 {
-	S(im_identity_val); F(im_identity_val, identity); F(im_identity_val, reserved);
+	S(im_identity_val); F(im_identity_val, identity); F(im_identity_val, flags);
+	S(im_mesh_ns_val); F(im_mesh_ns_val, flags); F(im_mesh_ns_val, pad);
+	S(im_mesh_addr); F(im_mesh_addr, addr); F(im_mesh_addr, port); F(im_mesh_addr, pad);
+	S(im_mesh_sock_key); F(im_mesh_sock_key, netns); F(im_mesh_sock_key, addr);
+	F(im_mesh_sock_key, port); F(im_mesh_sock_key, pad);
 	S(im_policy_key); F(im_policy_key, src_identity); F(im_policy_key, dst_identity);
 	F(im_policy_key, dport); F(im_policy_key, proto); F(im_policy_key, dir);
 	S(im_policy_val); F(im_policy_val, flags); F(im_policy_val, rule_id);
@@ -55,7 +59,9 @@ int main(void)
 	printf("IM_LAYOUT_VERSION - %d 0\n", IM_LAYOUT_VERSION);
 	K(IM_IDENTITY_UNKNOWN); K(IM_IDENTITY_ANY);
 	K(IM_VERDICT_ALLOWED); K(IM_VERDICT_DENIED); K(IM_VERDICT_RATE_LIMITED);
-	K(IM_VERDICT_SPOOFED);
+	K(IM_VERDICT_SPOOFED); K(IM_VERDICT_PLAINTEXT);
+	K(IM_ID_MESH); K(IM_ID_STRICT); K(IM_ID_REMOTE); K(IM_MESH_HBONE_PORT);
+	K(IM_MESH_OUTBOUND_PORT); K(IM_MARK_AGENT);
 	K(IM_EVENT_NEW); K(IM_EVENT_VERDICT); K(IM_EVENT_REPORT); K(IM_EVENT_CLOSE);
 	K(IM_HOOK_FROM_INSTANCE); K(IM_HOOK_TO_INSTANCE);
 	K(IM_POLICY_ALLOW); K(IM_DIR_INGRESS); K(IM_DIR_EGRESS);
@@ -63,7 +69,7 @@ int main(void)
 	K(IM_CT_DST_EVALUATED); K(IM_CT_CLOSED);
 	K(IM_CNT_ALLOWED); K(IM_CNT_DENIED); K(IM_CNT_RATE_LIMITED); K(IM_CNT_NEW_FLOWS);
 	K(IM_CNT_EVENTS_LOST); K(IM_CNT_LB_REWRITES); K(IM_CNT_LB_NO_BACKEND);
-	K(IM_CNT_PEER_REDIRECTS); K(IM_CNT_MAX); K(IM_INST_HOST_ROUTED);
+	K(IM_CNT_PEER_REDIRECTS); K(IM_CNT_MESH_CAPTURED); K(IM_CNT_PLAINTEXT); K(IM_CNT_MAX); K(IM_INST_HOST_ROUTED);
 	K(IM_GUARD_SPOOFED); K(IM_GUARD_ARP_SPOOFED); K(IM_GUARD_NOT_IPV4);
 	K(IM_GUARD_NO_ADDR); K(IM_GUARD_CT_FULL); K(IM_GUARD_MAX);
 	return 0;

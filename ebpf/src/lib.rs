@@ -34,6 +34,8 @@ pub const VERDICT_DENIED: u8 = 2;
 pub const VERDICT_RATE_LIMITED: u8 = 3;
 /// A packet from an instance whose source was not its leased address.
 pub const VERDICT_SPOOFED: u8 = 4;
+/// Plaintext from off the node (or the host) to a strict mesh instance.
+pub const VERDICT_PLAINTEXT: u8 = 5;
 
 /// Flow event kinds.
 pub const EVENT_NEW: u8 = 1;
@@ -69,7 +71,9 @@ pub const CNT_EVENTS_LOST: u32 = 4;
 pub const CNT_LB_REWRITES: u32 = 5;
 pub const CNT_LB_NO_BACKEND: u32 = 6;
 pub const CNT_PEER_REDIRECTS: u32 = 7;
-pub const CNT_MAX: u32 = 8;
+pub const CNT_MESH_CAPTURED: u32 = 8;
+pub const CNT_PLAINTEXT: u32 = 9;
+pub const CNT_MAX: u32 = 10;
 
 /// Indices of `im_guard_cnt` (anti-spoofing and fail-closed drops).
 pub const GUARD_SPOOFED: u32 = 0;
@@ -95,6 +99,10 @@ pub mod maps {
     pub const REVNAT: &str = "im_revnat";
     pub const INST_ADDR: &str = "im_inst_addr";
     pub const GUARD_CNT: &str = "im_guard_cnt";
+    pub const MESH_NS: &str = "im_mesh_ns";
+    pub const MESH_ORIG: &str = "im_mesh_orig";
+    pub const MESH_PENDING: &str = "im_mesh_pending";
+    pub const MESH_PEER: &str = "im_mesh_peer";
     /// Every map, for pinning and cleanup.
     pub const ALL: &[&str] = &[
         IP_IDENTITY,
@@ -111,6 +119,10 @@ pub mod maps {
         REVNAT,
         INST_ADDR,
         GUARD_CNT,
+        MESH_NS,
+        MESH_ORIG,
+        MESH_PENDING,
+        MESH_PEER,
     ];
 }
 
@@ -122,6 +134,9 @@ pub mod programs {
     pub const SENDMSG4: &str = "im_sendmsg4";
     pub const RECVMSG4: &str = "im_recvmsg4";
     pub const GETPEERNAME4: &str = "im_getpeername4";
+    /// `sockops`: files a captured connection's original destination under
+    /// its local port.
+    pub const SOCKOPS: &str = "im_sockops";
 }
 
 /// Network-order u32 of an address, as the kernel stores it.
@@ -159,7 +174,52 @@ macro_rules! pod {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
 pub struct IdentityVal {
     pub identity: u32,
-    pub reserved: u32,
+    /// `ID_*` flags (zero before the mesh).
+    pub flags: u32,
+}
+
+/// `im_identity_val.flags`: a mesh instance (permissive or strict).
+pub const ID_MESH: u32 = 1;
+/// `im_identity_val.flags`: accepts off-node connections only through the proxy.
+pub const ID_STRICT: u32 = 2;
+/// `im_identity_val.flags`: on another node.
+pub const ID_REMOTE: u32 = 4;
+/// The HBONE (mTLS) port of the node proxy, in every mesh instance's namespace.
+pub const MESH_HBONE_PORT: u16 = 15008;
+/// The outbound listener on each mesh instance's loopback.
+pub const MESH_OUTBOUND_PORT: u16 = 15001;
+/// SO_MARK of the agent's own sockets (probes): a strict instance accepts them.
+pub const MARK_AGENT: u32 = 0x1e3e_0001;
+
+/// `struct im_mesh_ns_val`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct MeshNsVal {
+    pub flags: u32,
+    pub pad: u32,
+}
+
+/// `struct im_mesh_addr`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct MeshAddr {
+    /// Network order.
+    pub addr: u32,
+    /// Network order.
+    pub port: u16,
+    pub pad: u16,
+}
+
+/// `struct im_mesh_sock_key`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct MeshSockKey {
+    pub netns: u64,
+    /// Network order.
+    pub addr: u32,
+    /// Network order.
+    pub port: u16,
+    pub pad: u16,
 }
 
 /// `struct im_policy_key`.
@@ -363,6 +423,9 @@ impl FlowEventRaw {
 
 pod!(
     IdentityVal,
+    MeshNsVal,
+    MeshAddr,
+    MeshSockKey,
     PolicyKey,
     PolicyVal,
     EnforcedVal,
@@ -423,7 +486,10 @@ mod tests {
     fn rust_mirrors_match_the_c_header() {
         let mut r = BTreeMap::new();
         rust_layout!(r;
-            "im_identity_val" => IdentityVal { identity, reserved }
+            "im_identity_val" => IdentityVal { identity, flags }
+            "im_mesh_ns_val" => MeshNsVal { flags, pad }
+            "im_mesh_addr" => MeshAddr { addr, port, pad }
+            "im_mesh_sock_key" => MeshSockKey { netns, addr, port, pad }
             "im_policy_key" => PolicyKey { src_identity, dst_identity, dport, proto, dir }
             "im_policy_val" => PolicyVal { flags, rule_id, rate_per_sec, burst }
             "im_enforced_val" => EnforcedVal { enforced }
@@ -482,6 +548,15 @@ mod tests {
             ("IM_VERDICT_DENIED", VERDICT_DENIED as u64),
             ("IM_VERDICT_RATE_LIMITED", VERDICT_RATE_LIMITED as u64),
             ("IM_VERDICT_SPOOFED", VERDICT_SPOOFED as u64),
+            ("IM_VERDICT_PLAINTEXT", VERDICT_PLAINTEXT as u64),
+            ("IM_ID_MESH", ID_MESH as u64),
+            ("IM_ID_STRICT", ID_STRICT as u64),
+            ("IM_ID_REMOTE", ID_REMOTE as u64),
+            ("IM_MESH_HBONE_PORT", MESH_HBONE_PORT as u64),
+            ("IM_MESH_OUTBOUND_PORT", MESH_OUTBOUND_PORT as u64),
+            ("IM_MARK_AGENT", MARK_AGENT as u64),
+            ("IM_CNT_MESH_CAPTURED", CNT_MESH_CAPTURED as u64),
+            ("IM_CNT_PLAINTEXT", CNT_PLAINTEXT as u64),
             ("IM_EVENT_NEW", EVENT_NEW as u64),
             ("IM_EVENT_VERDICT", EVENT_VERDICT as u64),
             ("IM_EVENT_REPORT", EVENT_REPORT as u64),
@@ -565,6 +640,7 @@ mod tests {
             programs::SENDMSG4,
             programs::RECVMSG4,
             programs::GETPEERNAME4,
+            programs::SOCKOPS,
         ] {
             assert!(has(p), "program {p} missing from the object");
         }

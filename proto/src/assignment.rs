@@ -340,6 +340,7 @@ mod tests {
         IdentityEntry {
             ip: ip.into(),
             identity,
+            ..Default::default()
         }
     }
 
@@ -486,7 +487,7 @@ mod tests {
         let merged = merge_identities(current, set, &removed);
         let want: Vec<IdentityEntry> = model
             .into_iter()
-            .map(|(ip, identity)| IdentityEntry { ip, identity })
+            .map(|(ip, identity)| IdentityEntry { ip, identity, ..Default::default() })
             .collect();
         assert_eq!(merged, want);
     }

@@ -766,6 +766,7 @@ mod tests {
                         identities_set: vec![IdentityEntry {
                             ip: "10.0.9.2".into(),
                             identity: 300,
+                            ..Default::default()
                         }],
                         ..Default::default()
                     }),

@@ -50,12 +50,12 @@ use std::sync::{Mutex, MutexGuard};
 use aya::maps::{Array, HashMap, MapData, PerCpuArray, RingBuf};
 use aya::programs::links::{CgroupAttachMode, FdLink, LinkOrder};
 use aya::programs::tc::TcAttachOptions;
-use aya::programs::{CgroupSockAddr, SchedClassifier, TcAttachType};
+use aya::programs::{CgroupSockAddr, SchedClassifier, SockOps, TcAttachType};
 use aya::{Ebpf, EbpfLoader};
 use ironmesh_ebpf as obj;
 use ironmesh_ebpf::{
     BackendKey, BackendVal, Config, CtKey, CtVal, EnforcedVal, IdentityVal, InstAddrVal, PolicyKey,
-    PolicyVal, RlKey, RlVal, SvcKey, SvcVal,
+    MeshAddr, MeshNsVal, MeshSockKey, PolicyVal, RlKey, RlVal, SvcKey, SvcVal,
 };
 
 pub use error::DatapathError;
@@ -297,6 +297,9 @@ struct Inner {
     conntrack: HashMap<MapData, CtKey, CtVal>,
     inst_addr: HashMap<MapData, u32, InstAddrVal>,
     guard: PerCpuArray<MapData, u64>,
+    mesh_ns: HashMap<MapData, u64, MeshNsVal>,
+    mesh_pending: HashMap<MapData, MeshSockKey, MeshAddr>,
+    mesh_peer: HashMap<MapData, MeshSockKey, MeshAddr>,
     flows: Option<RingBuf<MapData>>,
     /// What the policy maps hold, as last written (read from the pins
     /// once at load): replace-set calls diff against these and write only
@@ -487,6 +490,14 @@ impl Datapath {
                 source: Box::new(source),
             })?;
         }
+        {
+            let p: &mut SockOps = program(&mut ebpf, obj::programs::SOCKOPS)?;
+            p.load().map_err(|source| DatapathError::Program {
+                step: "loading",
+                program: obj::programs::SOCKOPS,
+                source: Box::new(source),
+            })?;
+        }
 
         let mut inner = Inner {
             identities: take_map(&mut ebpf, obj::maps::IP_IDENTITY, HashMap::try_from)?,
@@ -501,6 +512,9 @@ impl Datapath {
             conntrack: take_map(&mut ebpf, obj::maps::CONNTRACK, HashMap::try_from)?,
             inst_addr: take_map(&mut ebpf, obj::maps::INST_ADDR, HashMap::try_from)?,
             guard: take_map(&mut ebpf, obj::maps::GUARD_CNT, PerCpuArray::try_from)?,
+            mesh_ns: take_map(&mut ebpf, obj::maps::MESH_NS, HashMap::try_from)?,
+            mesh_pending: take_map(&mut ebpf, obj::maps::MESH_PENDING, HashMap::try_from)?,
+            mesh_peer: take_map(&mut ebpf, obj::maps::MESH_PEER, HashMap::try_from)?,
             flows: Some(take_map(&mut ebpf, obj::maps::FLOWS, RingBuf::try_from)?),
             written: Written::default(),
             ebpf,
@@ -612,6 +626,38 @@ impl Datapath {
             pin_link(link, &pin)?;
             tracing::info!(program = name, cgroup = %self.cgroup.display(), "attached socket program");
         }
+        // The mesh's sockops program, pinned and swapped like the others.
+        let name = obj::programs::SOCKOPS;
+        let pin = links.join(format!("{prefix}{name}"));
+        let p: &mut SockOps = program(&mut inner.ebpf, name)?;
+        let fd = p.fd().map_err(|source| DatapathError::Program {
+            step: "getting fd of",
+            program: name,
+            source: Box::new(source),
+        })?;
+        match pinned_links::update_pinned(&pin, fd.as_fd()) {
+            Ok(()) => return Ok(()),
+            Err(e) if is_not_found(&e) => {}
+            Err(e) => {
+                tracing::warn!(program = name, link = %pin.display(), error = %e, "pinned cgroup link unusable; attaching anew");
+                remove_pin(&pin)?;
+            }
+        }
+        let id = p
+            .attach(&cg, CgroupAttachMode::Single)
+            .map_err(|source| DatapathError::Attach {
+                step: "attaching",
+                program: name,
+                interface: self.cgroup.display().to_string(),
+                source: Box::new(source),
+            })?;
+        let link = p.take_link(id).map_err(|source| DatapathError::Program {
+            step: "taking link of",
+            program: name,
+            source: Box::new(source),
+        })?;
+        pin_link(link, &pin)?;
+        tracing::info!(program = name, cgroup = %self.cgroup.display(), "attached socket program");
         Ok(())
     }
 
@@ -835,8 +881,18 @@ impl Datapath {
     /// those no longer listed. Nothing is written (and flows are not judged
     /// again) when nothing changed.
     pub fn set_identities(&self, entries: &[(Ipv4Addr, u32)]) -> Result<(), DatapathError> {
+        let with_flags: Vec<(Ipv4Addr, u32, u32)> =
+            entries.iter().map(|(ip, id)| (*ip, *id, 0)).collect();
+        self.set_identities_with_flags(&with_flags)
+    }
+
+    /// [`Datapath::set_identities`] with each address's `ID_*` mesh flags.
+    pub fn set_identities_with_flags(
+        &self,
+        entries: &[(Ipv4Addr, u32, u32)],
+    ) -> Result<(), DatapathError> {
         let mut want: BTreeMap<u32, IdentityVal> = BTreeMap::new();
-        for (ip, id) in entries {
+        for (ip, id, flags) in entries {
             if *id == obj::IDENTITY_ANY {
                 return Err(DatapathError::invalid(
                     format!("identity of {ip}"),
@@ -845,7 +901,7 @@ impl Datapath {
             }
             let val = IdentityVal {
                 identity: *id,
-                reserved: 0,
+                flags: *flags,
             };
             if let Some(prev) = want.insert(obj::addr_be(*ip), val) {
                 if prev.identity != *id {
@@ -883,6 +939,75 @@ impl Datapath {
             "identities written"
         );
         Ok(())
+    }
+
+    /// Marks the network namespace with cookie `netns` as a mesh instance's:
+    /// its TCP connects to remote mesh instances go to its outbound listener.
+    pub fn mesh_namespace_add(&self, netns: u64, flags: u32) -> Result<(), DatapathError> {
+        self.lock()
+            .mesh_ns
+            .insert(netns, MeshNsVal { flags, pad: 0 }, 0)
+            .map_err(|e| DatapathError::map("writing", obj::maps::MESH_NS, e))
+    }
+
+    /// Undoes [`Datapath::mesh_namespace_add`]; a missing entry is fine.
+    pub fn mesh_namespace_remove(&self, netns: u64) -> Result<(), DatapathError> {
+        match self.lock().mesh_ns.remove(&netns) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(DatapathError::map("removing from", obj::maps::MESH_NS, e)),
+        }
+    }
+
+    /// The original destination of the captured connection whose client is
+    /// `client` in namespace `netns`, taken out of the map.
+    pub fn mesh_take_original(
+        &self,
+        netns: u64,
+        client: std::net::SocketAddrV4,
+    ) -> Result<Option<std::net::SocketAddrV4>, DatapathError> {
+        let k = MeshSockKey {
+            netns,
+            addr: obj::addr_be(*client.ip()),
+            port: obj::port_be(client.port()),
+            pad: 0,
+        };
+        let mut inner = self.lock();
+        let v = match inner.mesh_pending.get(&k, 0) {
+            Ok(v) => v,
+            Err(aya::maps::MapError::KeyNotFound) => return Ok(None),
+            Err(e) => return Err(DatapathError::map("reading", obj::maps::MESH_PENDING, e)),
+        };
+        let _ = inner.mesh_pending.remove(&k);
+        Ok(Some(std::net::SocketAddrV4::new(
+            obj::addr_from_be(v.addr),
+            obj::port_from_be(v.port),
+        )))
+    }
+
+    /// Until [`Datapath::mesh_peer_remove`]: the instance in `netns` sees
+    /// `original` as the peer of its socket connected from `local` (the
+    /// proxy's delivery socket).
+    pub fn mesh_peer_set(
+        &self,
+        netns: u64,
+        local: std::net::SocketAddrV4,
+        original: std::net::SocketAddrV4,
+    ) -> Result<(), DatapathError> {
+        let k = mesh_key(netns, local);
+        let v = MeshAddr {
+            addr: obj::addr_be(*original.ip()),
+            port: obj::port_be(original.port()),
+            pad: 0,
+        };
+        self.lock()
+            .mesh_peer
+            .insert(k, v, 0)
+            .map_err(|e| DatapathError::map("writing", obj::maps::MESH_PEER, e))
+    }
+
+    /// Undoes [`Datapath::mesh_peer_set`].
+    pub fn mesh_peer_remove(&self, netns: u64, local: std::net::SocketAddrV4) {
+        let _ = self.lock().mesh_peer.remove(&mesh_key(netns, local));
     }
 
     /// Replaces the rule set, keeping the enforced identities. See
@@ -1275,6 +1400,15 @@ impl Datapath {
             Err(e) if is_not_found(&e) => Ok(()),
             Err(e) => Err(DatapathError::io("removing pin directory", pin_dir, e)),
         }
+    }
+}
+
+fn mesh_key(netns: u64, a: std::net::SocketAddrV4) -> MeshSockKey {
+    MeshSockKey {
+        netns,
+        addr: obj::addr_be(*a.ip()),
+        port: obj::port_be(a.port()),
+        pad: 0,
     }
 }
 

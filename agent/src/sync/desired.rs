@@ -576,10 +576,12 @@ mod tests {
                 IdentityEntry {
                     ip: "10.0.0.5".into(),
                     identity: 300,
+                    ..Default::default()
                 },
                 IdentityEntry {
                     ip: "not-an-ip".into(),
                     identity: 301,
+                    ..Default::default()
                 },
             ],
             ingress_enforced: vec![300],
@@ -770,7 +772,7 @@ mod fuzz {
                 ..Default::default()
             }],
             peers: vec![PeerNode { name: "n2".into(), pod_cidr: "10.244.2.0/24".into(), node_ip: "10.0.0.3".into() }],
-            identities: vec![IdentityEntry { ip: "10.244.1.5".into(), identity: 300 }],
+            identities: vec![IdentityEntry { ip: "10.244.1.5".into(), identity: 300, ..Default::default() }],
             policy_rules: vec![PolicyRule { direction: 1, src_identity: 0, dst_identity: 300, port: 80, protocol: "TCP".into(), rate_per_second: 10, burst: 20 }],
             ingress_enforced: vec![300],
             egress_enforced: vec![300],
@@ -790,6 +792,7 @@ mod fuzz {
                 identities_set: vec![IdentityEntry {
                     ip: "10.244.2.9".into(),
                     identity: 301,
+                    ..Default::default()
                 }],
                 identities_removed: vec!["10.244.1.5".into()],
                 policy_rules_added: vec![PolicyRule {

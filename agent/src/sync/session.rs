@@ -529,6 +529,7 @@ mod tests {
         IdentityEntry {
             ip: ip.into(),
             identity,
+            ..Default::default()
         }
     }
 
