@@ -105,6 +105,17 @@ pub struct AgentConfig {
     )]
     pub datapath_peer_redirect: bool,
 
+    /// Run the node proxy: mTLS (HBONE) between mesh instances on
+    /// different hosts (docs/mesh.md). `false`: this node's instances stay
+    /// out of the mesh (plaintext), whatever their Workload says.
+    #[arg(
+        long,
+        env = "IRONMESH_MESH",
+        default_value_t = true,
+        action = clap::ArgAction::Set
+    )]
+    pub mesh: bool,
+
     /// bpffs directory the datapath pins its programs, maps and links in.
     /// Default: `/sys/fs/bpf/ironmesh/<containerd-namespace>`.
     #[arg(long, env = "IRONMESH_BPF_PIN_DIR")]

@@ -24,7 +24,11 @@ const COUNTERS_EVERY: Duration = Duration::from_secs(2);
 const QUEUE: usize = 64;
 
 /// Starts the export task. Returns the batches for the sync stream.
-pub fn spawn(datapath: Arc<Datapath>, metrics: FlowMetrics) -> Option<mpsc::Receiver<FlowBatch>> {
+pub fn spawn(
+    datapath: Arc<Datapath>,
+    metrics: FlowMetrics,
+    mut proxied: Option<mpsc::Receiver<FlowRecord>>,
+) -> Option<mpsc::Receiver<FlowBatch>> {
     let mut events = match datapath.flows() {
         Ok(rx) => rx,
         Err(e) => {
@@ -61,6 +65,21 @@ pub fn spawn(datapath: Arc<Datapath>, metrics: FlowMetrics) -> Option<mpsc::Rece
                         send(&mut batch);
                     }
                 }
+                r = async {
+                    match proxied.as_mut() {
+                        Some(rx) => rx.recv().await,
+                        None => std::future::pending().await,
+                    }
+                } => match r {
+                    // The mesh proxies' connection records.
+                    Some(r) => {
+                        batch.push(r);
+                        if batch.len() >= BATCH_MAX {
+                            send(&mut batch);
+                        }
+                    }
+                    None => proxied = None,
+                },
                 _ = flush.tick() => send(&mut batch),
                 _ = counters.tick() => match datapath.counters() {
                     Ok(c) => metrics.set_counters(&c),
@@ -108,6 +127,7 @@ pub fn verdict_name(v: Verdict) -> &'static str {
         Verdict::Denied => "dropped",
         Verdict::RateLimited => "rate-limited",
         Verdict::Spoofed => "spoofed",
+        Verdict::Plaintext => "plaintext",
         Verdict::Unknown(_) => "unknown",
     }
 }

@@ -17,6 +17,8 @@ pub struct HostNetworking {
     /// `Err` when the datapath could not be loaded (why): no instance is
     /// started then, since it would run without policy or anti-spoofing.
     pub datapath: Result<Arc<Datapath>, String>,
+    /// The node proxy, told when instance networks come and go.
+    pub mesh: Option<Arc<crate::mesh::Mesh>>,
 }
 
 #[tonic::async_trait]
@@ -49,10 +51,17 @@ impl InstanceNetworking for HostNetworking {
                 .map_err(|e| format!("attaching the datapath to {host_if}: {e}"))
         })
         .await
-        .map_err(|e| format!("the datapath attach task failed: {e}"))?
+        .map_err(|e| format!("the datapath attach task failed: {e}"))??;
+        if let Some(mesh) = &self.mesh {
+            mesh.instance_up(instance, ip, self.network.netns_path(instance));
+        }
+        Ok(())
     }
 
     async fn teardown(&self, instance: &str) -> Result<(), String> {
+        if let Some(mesh) = &self.mesh {
+            mesh.instance_down(instance);
+        }
         if let Ok(dp) = &self.datapath {
             let host_if = self.network.host_if(instance);
             dp.detach_instance(&host_if)

@@ -53,6 +53,7 @@ pub mod host_networking;
 pub mod image_fetch;
 pub mod image_source;
 pub mod inventory;
+pub mod mesh;
 pub mod metrics;
 pub mod network;
 pub mod node_clients;

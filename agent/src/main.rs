@@ -109,6 +109,7 @@ async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         .as_ref()
         .ok()
         .map(|_| ironmesh_agent::datapath::FlowMetrics::register(&mut registry));
+    let mesh_metrics = ironmesh_agent::mesh::MeshMetrics::register(&mut registry);
     let (_addr, metrics_task) =
         ironmesh_daemon::serve_metrics(cfg.metrics_listen, Arc::new(registry), shutdown.clone())
             .await?;
@@ -151,7 +152,7 @@ async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
             state_dir: cfg.state_dir.clone(),
             controllers: controllers.clone(),
             server_name: cfg.tls_server_name.clone(),
-            clients,
+            clients: clients.clone(),
         }
         .run(identity_tx, shutdown.clone()),
     );
@@ -173,13 +174,28 @@ async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
             .context("storage setup panicked")?
             .context("cannot set up storage pools")?,
     );
+    let (mesh, proxied) = match (&datapath, cfg.mesh) {
+        (Ok(dp), true) => {
+            let certs = ironmesh_agent::mesh::certs::Certs::new(
+                &cfg.state_dir.join("mesh"),
+                &id.ca_pem,
+                clients.clone(),
+            )
+            .context("cannot set up the node proxy's certificates")?;
+            let (m, rx) =
+                ironmesh_agent::mesh::Mesh::new(dp.clone(), certs, &id.node_name, mesh_metrics);
+            (Some(m), Some(rx))
+        }
+        _ => (None, None),
+    };
     let flows = match (&datapath, flow_metrics) {
-        (Ok(dp), Some(m)) => ironmesh_agent::flow_export::spawn(dp.clone(), m),
+        (Ok(dp), Some(m)) => ironmesh_agent::flow_export::spawn(dp.clone(), m, proxied),
         _ => None,
     };
     let host_net = Arc::new(HostNetworking {
         network: network.clone(),
         datapath: datapath.clone(),
+        mesh: mesh.clone(),
     });
     let (reports_tx, reports_rx) = tokio::sync::mpsc::channel(1024);
     let supervisor = Arc::new(
@@ -220,6 +236,7 @@ async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
             flows,
             work_queue: Some(work_queue),
             identity: Some(identity_rx),
+            mesh,
         },
         id,
         metrics,

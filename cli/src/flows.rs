@@ -13,6 +13,8 @@ pub enum VerdictArg {
     Dropped,
     RateLimited,
     Spoofed,
+    /// Plaintext dropped on its way into a strict mesh instance.
+    Plaintext,
 }
 
 impl VerdictArg {
@@ -22,6 +24,7 @@ impl VerdictArg {
             VerdictArg::Dropped => "dropped",
             VerdictArg::RateLimited => "rate-limited",
             VerdictArg::Spoofed => "spoofed",
+            VerdictArg::Plaintext => "plaintext",
         }
     }
 }
@@ -95,14 +98,14 @@ fn endpoint(ip: &str, port: u32, identity: u32, workload: &str, instance: &str) 
 
 fn header() -> String {
     format!(
-        "{:<25} {:<40} {:<2} {:<40} {:<10} {:<12} {:<8} {:>10}",
-        "TIME", "SOURCE", "", "DESTINATION", "PORT/PROTO", "VERDICT", "EVENT", "BYTES"
+        "{:<25} {:<40} {:<2} {:<40} {:<10} {:<12} {:<8} {:>10} {:<5}",
+        "TIME", "SOURCE", "", "DESTINATION", "PORT/PROTO", "VERDICT", "EVENT", "BYTES", "MTLS"
     )
 }
 
 fn row(r: &FlowRecord) -> String {
     format!(
-        "{:<25} {:<40} {:<2} {:<40} {:<10} {:<12} {:<8} {:>10}",
+        "{:<25} {:<40} {:<2} {:<40} {:<10} {:<12} {:<8} {:>10} {:<5}",
         time_of(r),
         endpoint(
             &r.src_ip,
@@ -122,7 +125,8 @@ fn row(r: &FlowRecord) -> String {
         format!("{}/{}", r.dst_port, r.protocol),
         r.verdict.to_uppercase(),
         r.event,
-        r.bytes_fwd + r.bytes_rev
+        r.bytes_fwd + r.bytes_rev,
+        if r.mtls { "mtls" } else { "-" }
     )
 }
 
@@ -147,6 +151,9 @@ pub fn to_json(r: &FlowRecord) -> Value {
         "claimedSource": (!r.claimed_src_ip.is_empty()).then_some(&r.claimed_src_ip),
         "event": r.event,
         "hook": r.hook,
+        "mtls": r.mtls,
+        "sourceSpiffeId": (!r.src_spiffe_id.is_empty()).then_some(&r.src_spiffe_id),
+        "destinationSpiffeId": (!r.dst_spiffe_id.is_empty()).then_some(&r.dst_spiffe_id),
         "packets": {"forward": r.packets_fwd, "reverse": r.packets_rev},
         "bytes": {"forward": r.bytes_fwd, "reverse": r.bytes_rev},
     })

@@ -132,7 +132,7 @@ impl FlowLog {
     pub fn open(&self, req: FlowsRequest) -> Result<FlowsStream, Status> {
         if !req.verdict.is_empty() && normalize_verdict(&req.verdict).is_none() {
             return Err(Status::invalid_argument(format!(
-                "verdict {:?} is not one of allowed, dropped, rate-limited, spoofed",
+                "verdict {:?} is not one of allowed, dropped, rate-limited, spoofed, plaintext",
                 req.verdict
             )));
         }
@@ -190,6 +190,7 @@ pub fn normalize_verdict(v: &str) -> Option<&'static str> {
         "dropped" | "denied" | "deny" | "drop" => Some("dropped"),
         "rate-limited" | "rate_limited" | "ratelimited" => Some("rate-limited"),
         "spoofed" => Some("spoofed"),
+        "plaintext" => Some("plaintext"),
         _ => None,
     }
 }

@@ -238,12 +238,10 @@ impl ClusterCa {
         dn.push(DnType::CommonName, spiffe_id);
         dn.push(DnType::OrganizationName, format!("node:{node}"));
         params.distinguished_name = dn;
-        params.subject_alt_names = vec![SanType::URI(
-            spiffe_id
-                .to_string()
-                .try_into()
-                .map_err(|e| PkiError::Sign(format!("bad SPIFFE ID {spiffe_id:?}: {e}")))?,
-        )];
+        params.subject_alt_names =
+            vec![SanType::URI(spiffe_id.to_string().try_into().map_err(
+                |e| PkiError::Sign(format!("bad SPIFFE ID {spiffe_id:?}: {e}")),
+            )?)];
         params.extended_key_usages = vec![
             ExtendedKeyUsagePurpose::ServerAuth,
             ExtendedKeyUsagePurpose::ClientAuth,

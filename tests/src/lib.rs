@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 
+pub mod capture;
 pub mod containerd;
 pub mod etcd;
 pub mod net;
@@ -180,6 +181,9 @@ pub struct ControllerOpts {
     pub ca_key_file: Option<PathBuf>,
     /// `--leader-ttl`.
     pub leader_ttl: Option<&'static str>,
+    /// `--mesh-default-mode`: `off` unless a test is about the mesh, so
+    /// tests of other features see plaintext paths.
+    pub mesh_default_mode: &'static str,
     /// More flags, as given.
     pub extra_args: Vec<String>,
 }
@@ -192,6 +196,7 @@ impl Default for ControllerOpts {
             store: None,
             ca_key_file: None,
             leader_ttl: None,
+            mesh_default_mode: "off",
             extra_args: Vec::new(),
         }
     }
@@ -282,6 +287,8 @@ impl Controller {
             .arg(addr.ip().to_string())
             .arg("--cluster-cidr")
             .arg(net::CLUSTER_CIDR)
+            .arg("--mesh-default-mode")
+            .arg(opts.mesh_default_mode)
             .env("RUST_LOG", "info,ironmesh_controller=debug");
         if let Some(s) = &opts.store {
             cmd.arg("--store").arg(s);

@@ -28,6 +28,8 @@ pub enum Verdict {
     RateLimited,
     /// Sent by an instance with a source address other than its lease.
     Spoofed,
+    /// Plaintext from off the node to a strict mesh instance.
+    Plaintext,
     Unknown(u8),
 }
 
@@ -38,6 +40,7 @@ impl Verdict {
             obj::VERDICT_DENIED => Verdict::Denied,
             obj::VERDICT_RATE_LIMITED => Verdict::RateLimited,
             obj::VERDICT_SPOOFED => Verdict::Spoofed,
+            obj::VERDICT_PLAINTEXT => Verdict::Plaintext,
             other => Verdict::Unknown(other),
         }
     }
@@ -50,6 +53,7 @@ impl Verdict {
             Verdict::Denied => "dropped",
             Verdict::RateLimited => "rate_limited",
             Verdict::Spoofed => "spoofed",
+            Verdict::Plaintext => "plaintext",
             Verdict::Unknown(_) => "unknown",
         }
     }

@@ -54,8 +54,8 @@ use aya::programs::{CgroupSockAddr, SchedClassifier, SockOps, TcAttachType};
 use aya::{Ebpf, EbpfLoader};
 use ironmesh_ebpf as obj;
 use ironmesh_ebpf::{
-    BackendKey, BackendVal, Config, CtKey, CtVal, EnforcedVal, IdentityVal, InstAddrVal, PolicyKey,
-    MeshAddr, MeshNsVal, MeshSockKey, PolicyVal, RlKey, RlVal, SvcKey, SvcVal,
+    BackendKey, BackendVal, Config, CtKey, CtVal, EnforcedVal, IdentityVal, InstAddrVal, MeshAddr,
+    MeshNsVal, MeshSockKey, PolicyKey, PolicyVal, RlKey, RlVal, SvcKey, SvcVal,
 };
 
 pub use error::DatapathError;
@@ -643,14 +643,14 @@ impl Datapath {
                 remove_pin(&pin)?;
             }
         }
-        let id = p
-            .attach(&cg, CgroupAttachMode::Single)
-            .map_err(|source| DatapathError::Attach {
-                step: "attaching",
-                program: name,
-                interface: self.cgroup.display().to_string(),
-                source: Box::new(source),
-            })?;
+        let id =
+            p.attach(&cg, CgroupAttachMode::Single)
+                .map_err(|source| DatapathError::Attach {
+                    step: "attaching",
+                    program: name,
+                    interface: self.cgroup.display().to_string(),
+                    source: Box::new(source),
+                })?;
         let link = p.take_link(id).map_err(|source| DatapathError::Program {
             step: "taking link of",
             program: name,

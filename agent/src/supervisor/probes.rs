@@ -205,7 +205,7 @@ pub async fn check(probe: &Probe, target: &ProbeTarget) -> Result<(), String> {
     }
     if let Some(tcp) = &probe.tcp_socket {
         let addr = SocketAddr::new(target.host, port(tcp.port)?);
-        return match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
+        return match tokio::time::timeout(timeout, connect_marked(addr)).await {
             Ok(Ok(_)) => Ok(()),
             Ok(Err(e)) => Err(format!("dial tcp {addr}: {e}")),
             Err(_) => Err(format!("dial tcp {addr}: timed out after {timeout:?}")),
@@ -221,12 +221,37 @@ fn port(p: u32) -> Result<u16, String> {
         .ok_or_else(|| format!("port {p} is out of range"))
 }
 
+/// A TCP connection from the agent, marked (SO_MARK) as the agent's: a
+/// strict mesh instance takes it from the host like the kubelet's probes.
+async fn connect_marked(addr: SocketAddr) -> std::io::Result<TcpStream> {
+    use std::os::fd::AsRawFd;
+    let sock = match addr {
+        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+    };
+    let mark: u32 = ironmesh_ebpf::MARK_AGENT;
+    // SAFETY: setsockopt with a u32 of the stated length on a socket we own.
+    let r = unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_MARK,
+            (&mark as *const u32).cast(),
+            std::mem::size_of::<u32>() as libc::socklen_t,
+        )
+    };
+    if r != 0 {
+        tracing::debug!(error = %std::io::Error::last_os_error(), "cannot mark a probe socket");
+    }
+    sock.connect(addr).await
+}
+
 /// A plain HTTP/1.1 GET with `Connection: close`; only the status line is
 /// read.
 pub async fn http_get(addr: SocketAddr, path: &str, timeout: Duration) -> Result<(), String> {
     let url = format!("http://{addr}{path}");
     let exchange = async {
-        let mut stream = TcpStream::connect(addr)
+        let mut stream = connect_marked(addr)
             .await
             .map_err(|e| format!("dial tcp {addr}: {e}"))?;
         let request = format!(

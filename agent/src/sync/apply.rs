@@ -120,6 +120,7 @@ pub(super) struct Applier {
     supervisor: Arc<Supervisor>,
     network: Arc<crate::network::Network>,
     datapath: Option<Arc<crate::datapath::Datapath>>,
+    mesh: Option<Arc<crate::mesh::Mesh>>,
     cross_host: crate::config::CrossHost,
     vxlan_vni: u32,
     storage: Option<Arc<Storage>>,
@@ -140,6 +141,7 @@ impl Applier {
             supervisor: cfg.supervisor.clone(),
             network: cfg.network.clone(),
             datapath: cfg.datapath.clone(),
+            mesh: cfg.mesh.clone(),
             cross_host: cfg.cross_host,
             vxlan_vni: cfg.vxlan_vni,
             storage: cfg.storage.clone(),
@@ -182,7 +184,11 @@ impl Applier {
 
         self.apply_peers(h.node_ip, &desired.peers).await;
         if let (Some(dp), Some(state)) = (&self.datapath, desired.datapath) {
-            write_datapath(dp.clone(), state).await;
+            let pod_cidr = self.network.pod_cidr().await;
+            if let Some(mesh) = &self.mesh {
+                mesh.set_view(mesh_view(&state, &desired.peers));
+            }
+            write_datapath(dp.clone(), state, pod_cidr, self.mesh.is_some()).await;
         }
         if let Some(wq) = &self.work_queue {
             wq.sync(&a.instances).await;
@@ -253,10 +259,16 @@ impl Applier {
 /// stale entries go; the datapath diffs against what it last wrote, so an
 /// unchanged assignment writes nothing and one changed rule is one map
 /// write). Map writes are system calls: off the async threads.
-async fn write_datapath(dp: Arc<crate::datapath::Datapath>, state: DatapathState) {
+async fn write_datapath(
+    dp: Arc<crate::datapath::Datapath>,
+    state: DatapathState,
+    pod_cidr: Option<ipnet::Ipv4Net>,
+    mesh_on: bool,
+) {
     let done = tokio::task::spawn_blocking(move || {
+        let identities = identity_flags(&state, pod_cidr, mesh_on);
         let results = [
-            ("identities", dp.set_identities(&state.identities)),
+            ("identities", dp.set_identities_with_flags(&identities)),
             (
                 "policy",
                 dp.apply_policy(
@@ -283,6 +295,62 @@ async fn write_datapath(dp: Arc<crate::datapath::Datapath>, state: DatapathState
     if let Err(e) = done {
         tracing::warn!(error = %e, "datapath update task failed");
     }
+}
+
+/// Each address with its mesh flags. Without a proxy on this node its own
+/// instances are never marked (strict would drop what no proxy accepts);
+/// addresses outside this node's pod CIDR are remote.
+fn identity_flags(
+    state: &DatapathState,
+    pod_cidr: Option<ipnet::Ipv4Net>,
+    mesh_on: bool,
+) -> Vec<(std::net::Ipv4Addr, u32, u32)> {
+    let mesh: std::collections::HashMap<std::net::Ipv4Addr, bool> =
+        state.mesh.iter().map(|m| (m.ip, m.strict)).collect();
+    state
+        .identities
+        .iter()
+        .map(|(ip, id)| {
+            let local = pod_cidr.is_some_and(|c| c.contains(ip));
+            let flags = match mesh.get(ip) {
+                _ if !mesh_on => 0,
+                None => 0,
+                Some(strict) => {
+                    ironmesh_ebpf::ID_MESH
+                        | if *strict { ironmesh_ebpf::ID_STRICT } else { 0 }
+                        | if local { 0 } else { ironmesh_ebpf::ID_REMOTE }
+                }
+            };
+            (*ip, *id, flags)
+        })
+        .collect()
+}
+
+/// The proxies' view of one assignment.
+fn mesh_view(
+    state: &DatapathState,
+    peers: &[crate::network::PeerRoute],
+) -> crate::mesh::policy::View {
+    use crate::mesh::policy::{MeshPeer, View};
+    let mut v = View {
+        rules: state.rules.clone(),
+        ingress_enforced: state.ingress_enforced.iter().copied().collect(),
+        egress_enforced: state.egress_enforced.iter().copied().collect(),
+        nodes: peers.iter().map(|p| p.node.clone()).collect(),
+        ..View::default()
+    };
+    for m in &state.mesh {
+        v.workload_identity.insert(m.workload.clone(), m.identity);
+        v.peers.insert(
+            m.ip,
+            MeshPeer {
+                workload: m.workload.clone(),
+                identity: m.identity,
+                strict: m.strict,
+            },
+        );
+    }
+    v
 }
 
 /// Every IPv4 address of this host's interfaces, except loopback.

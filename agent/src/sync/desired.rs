@@ -60,6 +60,18 @@ pub struct DatapathState {
     pub ingress_enforced: Vec<u32>,
     pub egress_enforced: Vec<u32>,
     pub services: Vec<ServiceEntry>,
+    /// Mesh instances (permissive or strict), by address: their workload
+    /// and whether strict.
+    pub mesh: Vec<MeshEntry>,
+}
+
+/// One address of a mesh instance.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MeshEntry {
+    pub ip: Ipv4Addr,
+    pub identity: u32,
+    pub workload: String,
+    pub strict: bool,
 }
 
 /// An assignment entry this agent cannot use as sent.
@@ -196,9 +208,22 @@ fn protocols(p: &str) -> Option<Vec<Protocol>> {
 /// destination.
 fn datapath(a: &Assignment, host_ips: &[Ipv4Addr], skipped: &mut Vec<Skipped>) -> DatapathState {
     let mut identities = Vec::with_capacity(a.identities.len() + host_ips.len());
+    let mut mesh = Vec::new();
     for e in &a.identities {
         match e.ip.parse() {
-            Ok(ip) => identities.push((ip, e.identity)),
+            Ok(ip) => {
+                identities.push((ip, e.identity));
+                let mode = ironmesh_proto::v1::MeshMode::try_from(e.mesh)
+                    .unwrap_or(ironmesh_proto::v1::MeshMode::Off);
+                if mode != ironmesh_proto::v1::MeshMode::Off && !e.workload.is_empty() {
+                    mesh.push(MeshEntry {
+                        ip,
+                        identity: e.identity,
+                        workload: e.workload.clone(),
+                        strict: mode == ironmesh_proto::v1::MeshMode::Strict,
+                    });
+                }
+            }
             Err(_) => skipped.push(Skipped::Identity {
                 ip: e.ip.clone(),
                 identity: e.identity,
@@ -301,6 +326,7 @@ fn datapath(a: &Assignment, host_ips: &[Ipv4Addr], skipped: &mut Vec<Skipped>) -
         ingress_enforced: a.ingress_enforced.clone(),
         egress_enforced: a.egress_enforced.clone(),
         services,
+        mesh,
     }
 }
 

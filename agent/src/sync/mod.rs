@@ -74,6 +74,8 @@ pub struct SyncConfig {
     /// connects with the newest, and a renewal ends the session so that the
     /// next one uses the new certificate (one reconnect per renewal).
     pub identity: Option<watch::Receiver<crate::node_identity::NodeIdentity>>,
+    /// The node proxy (mTLS between hosts), fed each applied assignment.
+    pub mesh: Option<Arc<crate::mesh::Mesh>>,
 }
 
 #[derive(Debug, thiserror::Error)]
