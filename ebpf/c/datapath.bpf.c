@@ -1028,7 +1028,7 @@ int im_sockops(struct bpf_sock_ops *skops)
 	k.addr = skops->local_ip4;
 	k.port = bpf_htons((__u16)skops->local_port);
 	bpf_map_update_elem(&im_mesh_pending, &k, orig, BPF_ANY);
-	bpf_map_delete_elem(&im_mesh_orig, &cookie);
+	/* The cookie's entry stays (LRU): getpeername answers from it. */
 	return 1;
 }
 
@@ -1063,9 +1063,29 @@ static __always_inline void mesh_peer4(struct bpf_sock_addr *ctx)
 	}
 }
 
+/* A captured socket's peer is the outbound listener: show the address it
+ * connected to instead (then the VIP, if it asked for one). */
+static __always_inline void mesh_captured_peer4(struct bpf_sock_addr *ctx)
+{
+	struct im_mesh_addr *orig;
+	__u64 cookie;
+
+	if (ctx->user_ip4 != bpf_htonl(0x7f000001) ||
+	    ctx->user_port != bpf_htons(IM_MESH_OUTBOUND_PORT))
+		return;
+	cookie = bpf_get_socket_cookie(ctx);
+	orig = bpf_map_lookup_elem(&im_mesh_orig, &cookie);
+	if (orig) {
+		ctx->user_ip4 = orig->addr;
+		ctx->user_port = orig->port;
+	}
+}
+
 SEC("cgroup/getpeername4")
 int im_getpeername4(struct bpf_sock_addr *ctx)
 {
+	if (ctx->type == SOCK_STREAM)
+		mesh_captured_peer4(ctx);
 	revnat4(ctx);
 	if (ctx->type == SOCK_STREAM)
 		mesh_peer4(ctx);

@@ -109,8 +109,8 @@ struct im_mesh_ns_val {
 };
 
 /* mesh_orig (LRU): socket cookie -> the destination connect() asked for,
- * before it was sent to the outbound listener; moved to mesh_pending once
- * the socket has its local port. */
+ * before it was sent to the outbound listener; copied to mesh_pending once
+ * the socket has its local port, and kept for getpeername. */
 struct im_mesh_addr {
 	__u32 addr;       /* network order */
 	__u16 port;       /* network order */

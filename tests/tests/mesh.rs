@@ -423,3 +423,305 @@ spec:
         },
     );
 }
+
+// ---- Benchmark (scripts/bench-mesh.sh) ---------------------------------
+
+mod bench {
+    use std::io::{Read, Write};
+    use std::net::{SocketAddr, TcpListener, TcpStream};
+    use std::path::PathBuf;
+    use std::time::{Duration, Instant};
+
+    const BODY: usize = 1024;
+
+    /// A keep-alive HTTP/1.1 server answering every request with 1 KB, and
+    /// a sink on port+1 that counts what it gets, in `netns`.
+    pub fn servers(netns: PathBuf, port: u16) {
+        let (l, sink) = ironmesh_tests::netns::within(&netns, move || {
+            (
+                TcpListener::bind(("0.0.0.0", port)).expect("bench server"),
+                TcpListener::bind(("0.0.0.0", port + 1)).expect("bench sink"),
+            )
+        });
+        std::thread::spawn(move || {
+            for s in l.incoming().flatten() {
+                std::thread::spawn(move || serve(s));
+            }
+        });
+        std::thread::spawn(move || {
+            for mut s in sink.incoming().flatten() {
+                std::thread::spawn(move || {
+                    let mut buf = vec![0u8; 1 << 16];
+                    let mut n = 0u64;
+                    while let Ok(k) = s.read(&mut buf) {
+                        if k == 0 {
+                            break;
+                        }
+                        n += k as u64;
+                    }
+                    let _ = s.write_all(&n.to_be_bytes());
+                });
+            }
+        });
+    }
+
+    fn serve(mut s: TcpStream) {
+        let _ = s.set_nodelay(true);
+        let mut resp = format!("HTTP/1.1 200 OK\r\nContent-Length: {BODY}\r\n\r\n").into_bytes();
+        resp.extend(std::iter::repeat_n(b'x', BODY));
+        let mut buf = [0u8; 4096];
+        let mut have = Vec::new();
+        loop {
+            match s.read(&mut buf) {
+                Ok(0) | Err(_) => return,
+                Ok(n) => have.extend_from_slice(&buf[..n]),
+            }
+            while let Some(end) = have.windows(4).position(|w| w == b"\r\n\r\n") {
+                have.drain(..end + 4);
+                if s.write_all(&resp).is_err() {
+                    return;
+                }
+            }
+        }
+    }
+
+    fn request(s: &mut TcpStream) -> bool {
+        let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+        if s.write_all(b"GET /x HTTP/1.1\r\nHost: bench\r\n\r\n")
+            .is_err()
+        {
+            return false;
+        }
+        let want = format!("HTTP/1.1 200 OK\r\nContent-Length: {BODY}\r\n\r\n").len() + BODY;
+        let mut got = 0;
+        let mut buf = [0u8; 4096];
+        while got < want {
+            match s.read(&mut buf) {
+                Ok(0) | Err(_) => return false,
+                Ok(n) => got += n,
+            }
+        }
+        true
+    }
+
+    /// Latencies (µs) of requests at `rate`/s for `secs` on one keep-alive
+    /// connection, from `netns`.
+    pub fn fixed_rate(netns: PathBuf, to: SocketAddr, rate: u32, secs: u64) -> Vec<f64> {
+        ironmesh_tests::netns::within(&netns, move || {
+            let mut s = TcpStream::connect(to).expect("bench connect");
+            let _ = s.set_nodelay(true);
+            assert!(request(&mut s), "warm-up request");
+            let every = Duration::from_secs(1) / rate;
+            let start = Instant::now();
+            let n = rate as u64 * secs;
+            let mut out = Vec::with_capacity(n as usize);
+            for i in 0..n {
+                let due = start + every * i as u32;
+                if let Some(d) = due.checked_duration_since(Instant::now()) {
+                    std::thread::sleep(d);
+                }
+                let t = Instant::now();
+                assert!(request(&mut s), "request {i}");
+                out.push(t.elapsed().as_secs_f64() * 1e6);
+            }
+            out
+        })
+    }
+
+    /// Times (µs) of connect + first request, `n` times.
+    pub fn first_requests(netns: PathBuf, to: SocketAddr, n: usize) -> Vec<f64> {
+        ironmesh_tests::netns::within(&netns, move || {
+            (0..n)
+                .map(|_| {
+                    let t = Instant::now();
+                    let mut s = TcpStream::connect(to).expect("bench connect");
+                    let _ = s.set_nodelay(true);
+                    assert!(request(&mut s), "first request");
+                    t.elapsed().as_secs_f64() * 1e6
+                })
+                .collect()
+        })
+    }
+
+    /// MB/s of one stream of `mb` MB to the sink.
+    pub fn throughput(netns: PathBuf, to: SocketAddr, mb: usize) -> f64 {
+        ironmesh_tests::netns::within(&netns, move || {
+            let mut s = TcpStream::connect(to).expect("bench connect");
+            let chunk = vec![7u8; 1 << 20];
+            let t = Instant::now();
+            for _ in 0..mb {
+                s.write_all(&chunk).expect("send");
+            }
+            s.shutdown(std::net::Shutdown::Write).expect("shutdown");
+            let mut n = [0u8; 8];
+            let _ = s.set_read_timeout(Some(Duration::from_secs(30)));
+            s.read_exact(&mut n).expect("count");
+            assert_eq!(
+                u64::from_be_bytes(n),
+                (mb as u64) << 20,
+                "sink got every byte"
+            );
+            mb as f64 / t.elapsed().as_secs_f64()
+        })
+    }
+
+    /// `n` open keep-alive connections, each after one request.
+    pub fn open_connections(netns: PathBuf, to: SocketAddr, n: usize) -> Vec<TcpStream> {
+        ironmesh_tests::netns::within(&netns, move || {
+            (0..n)
+                .map(|_| {
+                    let mut s = TcpStream::connect(to).expect("bench connect");
+                    assert!(request(&mut s));
+                    s
+                })
+                .collect()
+        })
+    }
+
+    pub fn pct(v: &[f64], p: f64) -> f64 {
+        let mut v = v.to_vec();
+        v.sort_by(|a, b| a.total_cmp(b));
+        v[((v.len() as f64 - 1.0) * p).round() as usize]
+    }
+
+    /// CPU seconds (user + system) a process used so far.
+    pub fn cpu_seconds(pid: u32) -> f64 {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        let after = stat.rsplit_once(')').map(|x| x.1).unwrap_or_default();
+        let f: Vec<&str> = after.split_whitespace().collect();
+        // Fields 14 and 15 of stat; after the ")" they are the 12th and 13th.
+        let ticks: f64 = f.get(11).and_then(|x| x.parse().ok()).unwrap_or(0.0)
+            + f.get(12).and_then(|x| x.parse().ok()).unwrap_or(0.0);
+        // SAFETY: sysconf has no preconditions.
+        ticks / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
+    }
+}
+
+#[test]
+#[ignore = "benchmark: scripts/bench-mesh.sh"]
+fn bench_mesh_vs_plain_routed_path() {
+    let c = Cluster::start();
+    for (name, node, mode) in [
+        ("srv-mesh", "m2", "strict"),
+        ("cli-mesh", "m1", "strict"),
+        ("srv-plain", "m2", "off"),
+        ("cli-plain", "m1", "off"),
+    ] {
+        c.ctl.apply_yaml(&workload_yaml(name, node, mode));
+    }
+    let srv_m = c.ready("srv-mesh");
+    let cli_m = c.ready("cli-mesh");
+    let srv_p = c.ready("srv-plain");
+    let cli_p = c.ready("cli-plain");
+    let (a1, a2) = (c.agent(&cli_m), c.agent(&srv_m));
+    let ns = |a: &Agent, i: &Value| instance_netns(a, s(i, "/metadata/name"));
+    let (cm, cp) = (ns(a1, &cli_m), ns(c.agent(&cli_p), &cli_p));
+    bench::servers(ns(a2, &srv_m), 9000);
+    bench::servers(ns(c.agent(&srv_p), &srv_p), 9000);
+    let to_m = SocketAddr::new(IpAddr::V4(ip_of(&srv_m)), 9000);
+    let to_p = SocketAddr::new(IpAddr::V4(ip_of(&srv_p)), 9000);
+    let sink = |a: SocketAddr| SocketAddr::new(a.ip(), 9001);
+
+    // This process joins the agent's cgroup subtree, where an instance's
+    // process lives, so its connects meet the capture program.
+    let cg = a1.containerd.datapath_cgroup().join("mesh-bench");
+    std::fs::create_dir_all(&cg).expect("bench cgroup");
+    std::fs::write(cg.join("cgroup.procs"), std::process::id().to_string()).expect("join cgroup");
+    // Until the mesh carries the client's connections.
+    let outbound_ok = "ironmesh_agent_mesh_connections_total{direction=\"outbound\",result=\"ok\",src=\"spiffe://ironmesh.local/workload/cli-mesh\",dst=\"spiffe://ironmesh.local/workload/srv-mesh\"}";
+    wait_for("mesh path up", Duration::from_secs(30), || {
+        let cm = cm.clone();
+        let ok = ironmesh_tests::netns::within(&cm, move || {
+            std::net::TcpStream::connect_timeout(&to_m, Duration::from_secs(1)).is_ok()
+        });
+        (ok && c.agent_metric(a1, outbound_ok) >= 1.0).then_some(())
+    });
+
+    let secs: u64 = std::env::var("MESH_BENCH_SECS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(5);
+    println!("mesh bench: HTTP/1.1 keep-alive, 1 KB answers, 1000 req/s, {secs} s per round; plain = same hosts, mesh off");
+    let (mut lm, mut lp) = (Vec::new(), Vec::new());
+    let (p1, p2) = (a1.proc.pid(), a2.proc.pid());
+    let mut cpu = 0.0;
+    let mut wall = 0.0;
+    for round in 1..=3 {
+        let before = bench::cpu_seconds(p1) + bench::cpu_seconds(p2);
+        let t = std::time::Instant::now();
+        let m = bench::fixed_rate(cm.clone(), to_m, 1000, secs);
+        wall += t.elapsed().as_secs_f64();
+        cpu += bench::cpu_seconds(p1) + bench::cpu_seconds(p2) - before;
+        let p = bench::fixed_rate(cp.clone(), to_p, 1000, secs);
+        println!(
+            "round {round}: p50/p90/p99 µs mesh {:.0}/{:.0}/{:.0} plain {:.0}/{:.0}/{:.0}",
+            bench::pct(&m, 0.5),
+            bench::pct(&m, 0.9),
+            bench::pct(&m, 0.99),
+            bench::pct(&p, 0.5),
+            bench::pct(&p, 0.9),
+            bench::pct(&p, 0.99)
+        );
+        lm.extend(m);
+        lp.extend(p);
+    }
+    for (name, q) in [("p50", 0.5), ("p90", 0.9), ("p99", 0.99)] {
+        println!(
+            "added latency {name}: {:.3} ms (mesh {:.3} ms, plain {:.3} ms)",
+            (bench::pct(&lm, q) - bench::pct(&lp, q)) / 1000.0,
+            bench::pct(&lm, q) / 1000.0,
+            bench::pct(&lp, q) / 1000.0
+        );
+    }
+    // Idle CPU of both agents over the same time, to subtract.
+    let before = bench::cpu_seconds(p1) + bench::cpu_seconds(p2);
+    std::thread::sleep(Duration::from_secs(secs));
+    let idle = (bench::cpu_seconds(p1) + bench::cpu_seconds(p2) - before) / secs as f64;
+    println!(
+        "proxy CPU at 1000 req/s (both agents, idle {:.3} cores subtracted): {:.3} cores",
+        idle,
+        cpu / wall - idle
+    );
+
+    let fm = bench::first_requests(cm.clone(), to_m, 200);
+    let fp = bench::first_requests(cp.clone(), to_p, 200);
+    println!(
+        "first request on a new connection: p50 mesh {:.3} ms, plain {:.3} ms, added {:.3} ms",
+        bench::pct(&fm, 0.5) / 1000.0,
+        bench::pct(&fp, 0.5) / 1000.0,
+        (bench::pct(&fm, 0.5) - bench::pct(&fp, 0.5)) / 1000.0
+    );
+
+    let mb: usize = std::env::var("MESH_BENCH_MB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(512);
+    for round in 1..=2 {
+        let m = bench::throughput(cm.clone(), sink(to_m), mb);
+        let p = bench::throughput(cp.clone(), sink(to_p), mb);
+        println!(
+            "round {round}: single-stream throughput mesh {m:.0} MB/s, plain {p:.0} MB/s, ratio {:.2}",
+            m / p
+        );
+    }
+
+    let r1 = ironmesh_tests::rss_bytes(p1).unwrap_or(0);
+    let r2 = ironmesh_tests::rss_bytes(p2).unwrap_or(0);
+    let open = bench::open_connections(cm.clone(), to_m, 100);
+    let r1b = ironmesh_tests::rss_bytes(p1).unwrap_or(0);
+    let r2b = ironmesh_tests::rss_bytes(p2).unwrap_or(0);
+    let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
+    println!(
+        "agent RSS with 100 open mesh connections: source {:.1} MiB (+{:.1}), destination {:.1} MiB (+{:.1})",
+        mib(r1b),
+        mib(r1b.saturating_sub(r1)),
+        mib(r2b),
+        mib(r2b.saturating_sub(r2))
+    );
+    drop(open);
+    let _ = std::fs::write(
+        "/sys/fs/cgroup/unified/cgroup.procs",
+        std::process::id().to_string(),
+    );
+    let _ = std::fs::remove_dir(&cg);
+}

@@ -141,6 +141,11 @@ impl Certs {
         })
     }
 
+    /// Where certificates (and the proxy's own state) are kept.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
     pub fn roots(&self) -> Arc<rustls::RootCertStore> {
         self.roots.clone()
     }

@@ -29,6 +29,8 @@ pub struct Local {
     pub netns: PathBuf,
     /// Its network namespace's cookie.
     pub cookie: u64,
+    /// Makes sockets in its namespace.
+    pub sockets: super::netns::SocketFactory,
 }
 
 pub(crate) async fn serve(
@@ -193,7 +195,7 @@ async fn stream(
         return;
     }
     let delivered = async {
-        let sock = super::netns::tcp_socket(&local.netns).map_err(|e| e.to_string())?;
+        let sock = local.sockets.tcp().await.map_err(|e| e.to_string())?;
         sock.bind(SocketAddrV4::new(local.ip, 0).into())
             .map_err(|e| e.to_string())?;
         let SocketAddr::V4(from) = sock.local_addr().map_err(|e| e.to_string())? else {

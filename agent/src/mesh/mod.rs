@@ -154,6 +154,11 @@ pub struct Mesh {
     pub(crate) pool: pool::Pool,
     pub(crate) metrics: MeshMetrics,
     flows: mpsc::Sender<FlowRecord>,
+    /// Instance → workload of the listeners open, kept on disk so that a
+    /// restarted agent reopens them before its first assignment arrives.
+    remembered: Mutex<HashMap<String, String>>,
+    remembered_file: PathBuf,
+    have_view: std::sync::atomic::AtomicBool,
 }
 
 impl Mesh {
@@ -165,6 +170,11 @@ impl Mesh {
         metrics: MeshMetrics,
     ) -> (Arc<Mesh>, mpsc::Receiver<FlowRecord>) {
         let (tx, rx) = mpsc::channel(4096);
+        let remembered_file = certs.dir().join("listeners.json");
+        let remembered: HashMap<String, String> = std::fs::read(&remembered_file)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default();
         let mesh = Arc::new(Mesh {
             datapath,
             certs: Arc::new(certs),
@@ -174,6 +184,9 @@ impl Mesh {
             pool: pool::Pool::default(),
             metrics,
             flows: tx,
+            remembered: Mutex::new(remembered),
+            remembered_file,
+            have_view: std::sync::atomic::AtomicBool::new(false),
         });
         let renew = mesh.clone();
         tokio::spawn(async move { renew.renew_loop().await });
@@ -188,6 +201,8 @@ impl Mesh {
     pub fn set_view(self: &Arc<Self>, mut view: View) {
         view.nodes.insert(self.node.clone());
         *self.view.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(view);
+        self.have_view
+            .store(true, std::sync::atomic::Ordering::SeqCst);
         self.reconcile();
     }
 
@@ -239,9 +254,16 @@ impl Mesh {
     /// those of instances that left it.
     fn reconcile(self: &Arc<Self>) {
         let view = self.view();
+        let have_view = self.have_view.load(std::sync::atomic::Ordering::SeqCst);
+        let mut remembered = self.remembered.lock().unwrap_or_else(|e| e.into_inner());
         let mut all = self.instances.lock().unwrap_or_else(|e| e.into_inner());
         for (name, inst) in all.iter_mut() {
-            let want = view.peers.get(&inst.ip).map(|p| p.workload.clone());
+            // Before the first assignment, what the previous agent had open.
+            let want = if have_view {
+                view.peers.get(&inst.ip).map(|p| p.workload.clone())
+            } else {
+                remembered.get(name).cloned()
+            };
             let have = inst.active.as_ref().map(|a| a.workload.clone());
             if want == have {
                 continue;
@@ -259,6 +281,25 @@ impl Mesh {
                     cookie: None,
                     tasks: vec![task],
                 });
+            }
+        }
+        if have_view {
+            let now: HashMap<String, String> = all
+                .iter()
+                .filter_map(|(n, i)| i.active.as_ref().map(|a| (n.clone(), a.workload.clone())))
+                .collect();
+            if *remembered != now {
+                match serde_json::to_vec(&now) {
+                    Ok(b) => {
+                        if let Err(e) =
+                            ironmesh_daemon::write_file_atomic(&self.remembered_file, &b, 0o644)
+                        {
+                            tracing::warn!(error = %e, "cannot record the mesh listeners");
+                        }
+                    }
+                    Err(e) => tracing::warn!(error = %e, "cannot encode the mesh listeners"),
+                }
+                *remembered = now;
             }
         }
     }
@@ -304,7 +345,15 @@ impl Mesh {
                 return;
             }
         };
+        let sockets = match netns::SocketFactory::new(&netns) {
+            Ok(f) => f,
+            Err(e) => {
+                tracing::error!(instance, error = %e, "cannot enter the instance's namespace");
+                return;
+            }
+        };
         let ctx = Arc::new(inbound::Local {
+            sockets,
             instance: instance.clone(),
             workload: workload.clone(),
             spiffe_id: cert.spiffe_id.clone(),

@@ -73,3 +73,71 @@ pub fn netns_cookie(sock: &impl AsRawFd) -> io::Result<u64> {
     }
     Ok(v)
 }
+
+/// A thread that stays in one namespace and makes sockets there on
+/// request: a new connection's socket costs a channel round trip, not a
+/// thread. The thread ends when the factory is dropped.
+pub struct SocketFactory {
+    tx: std::sync::Mutex<std::sync::mpsc::Sender<tokio::sync::oneshot::Sender<io::Result<i32>>>>,
+}
+
+impl SocketFactory {
+    pub fn new(netns: &Path) -> io::Result<SocketFactory> {
+        let (tx, rx) = std::sync::mpsc::channel::<tokio::sync::oneshot::Sender<io::Result<i32>>>();
+        let ns = File::open(netns)?;
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        std::thread::Builder::new()
+            .name("im-mesh-sockets".into())
+            .spawn(move || {
+                // SAFETY: setns on a valid namespace fd; this thread only
+                // makes sockets and ends with the factory.
+                if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                    let _ = ready_tx.send(Err(io::Error::last_os_error()));
+                    return;
+                }
+                let _ = ready_tx.send(Ok(()));
+                drop(ns);
+                while let Ok(reply) = rx.recv() {
+                    // SAFETY: plain socket(2); the fd's ownership goes to
+                    // the requester (or is closed below if it is gone).
+                    let fd = unsafe {
+                        libc::socket(
+                            libc::AF_INET,
+                            libc::SOCK_STREAM | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
+                            0,
+                        )
+                    };
+                    let r = if fd < 0 {
+                        Err(io::Error::last_os_error())
+                    } else {
+                        Ok(fd)
+                    };
+                    if let Err(Ok(fd)) = reply.send(r) {
+                        // SAFETY: nobody else owns this fd.
+                        drop(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) });
+                    }
+                }
+            })?;
+        ready_rx
+            .recv()
+            .map_err(|_| io::Error::other("namespace thread ended"))??;
+        Ok(SocketFactory {
+            tx: std::sync::Mutex::new(tx),
+        })
+    }
+
+    /// A new IPv4 TCP socket in the factory's namespace.
+    pub async fn tcp(&self) -> io::Result<tokio::net::TcpSocket> {
+        let (reply, rx) = tokio::sync::oneshot::channel();
+        self.tx
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .send(reply)
+            .map_err(|_| io::Error::other("namespace thread ended"))?;
+        let fd = rx
+            .await
+            .map_err(|_| io::Error::other("namespace thread ended"))??;
+        // SAFETY: fd is a fresh TCP socket handed to us alone.
+        Ok(unsafe { tokio::net::TcpSocket::from_raw_fd(fd) })
+    }
+}

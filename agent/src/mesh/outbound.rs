@@ -94,7 +94,7 @@ async fn handle(mesh: Arc<Mesh>, local: Arc<Local>, tcp: TcpStream, peer: Socket
     let r = async {
         let mut send = mesh
             .pool
-            .get(&mesh, &cert, &local.netns, tunnel, &report.dst_id)
+            .get(&mesh, &cert, &local.sockets, tunnel, &report.dst_id)
             .await?;
         let req = http::Request::builder()
             .method(http::Method::CONNECT)

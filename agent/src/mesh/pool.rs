@@ -6,7 +6,6 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddrV4;
-use std::path::Path;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -35,13 +34,13 @@ pub struct Pool {
 
 impl Pool {
     /// A ready stream opener to `dst`'s proxy for `cert`'s workload,
-    /// reused or new (made from `netns`, so it leaves by the instance's
-    /// own interface and address).
+    /// reused or new (its socket made in the instance's namespace, so it
+    /// leaves by the instance's own interface and address).
     pub(crate) async fn get(
         &self,
         mesh: &Arc<Mesh>,
         cert: &WorkloadCert,
-        netns: &Path,
+        sockets: &super::netns::SocketFactory,
         dst: SocketAddrV4,
         expect: &str,
     ) -> Result<SendRequest<Bytes>, String> {
@@ -67,7 +66,7 @@ impl Pool {
                 && k.dst == key.dst
                 && k.generation != key.generation)
         });
-        let sock = super::netns::tcp_socket(netns).map_err(|e| format!("socket: {e}"))?;
+        let sock = sockets.tcp().await.map_err(|e| format!("socket: {e}"))?;
         let tcp = sock
             .connect(dst.into())
             .await
