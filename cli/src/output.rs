@@ -391,6 +391,38 @@ pub fn describe(kind: Kind, o: &Value) -> String {
         ),
     );
     line("Revision", s(o, "/metadata/resourceVersion").to_string());
+    if kind == Kind::Workload {
+        line(
+            "Mesh",
+            o.pointer("/spec/mesh/mode")
+                .and_then(Value::as_str)
+                .unwrap_or("(cluster default)")
+                .to_string(),
+        );
+        for c in o
+            .pointer("/status/meshCertificates")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+        {
+            let until = c.get("notAfterUnix").and_then(Value::as_i64).unwrap_or(0);
+            let when = time::OffsetDateTime::from_unix_timestamp(until)
+                .ok()
+                .and_then(|t| {
+                    t.format(&time::format_description::well_known::Rfc3339)
+                        .ok()
+                })
+                .unwrap_or_else(|| until.to_string());
+            line(
+                "Certificate",
+                format!(
+                    "{} on node {}, expires {when}",
+                    s(c, "/spiffeId"),
+                    s(c, "/node")
+                ),
+            );
+        }
+    }
     if kind == Kind::Node {
         line("Status", node_ready(o));
         line(

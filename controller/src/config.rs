@@ -306,10 +306,10 @@ impl ControllerConfig {
         {
             return Err("--registry-listen must differ from --listen".into());
         }
-        if self.workload_cert_lifetime < Duration::from_secs(120)
+        if self.workload_cert_lifetime < Duration::from_secs(30)
             || self.workload_cert_lifetime > Duration::from_secs(30 * 86400)
         {
-            return Err("--workload-cert-lifetime must be between 2m and 30 days".into());
+            return Err("--workload-cert-lifetime must be between 30s and 30 days".into());
         }
         if self.trust_domain.is_empty()
             || !self

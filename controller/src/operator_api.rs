@@ -307,7 +307,24 @@ impl OperatorApi {
             .await
             .map_err(to_status)?
         {
-            Some(o) => Ok(self.to_resource(o)),
+            Some(mut o) => {
+                if kind == Kind::Workload {
+                    // The workload certificates nodes hold, for describe.
+                    let certs = crate::mesh::issued(self.resources.store(), &req.name)
+                        .await
+                        .map_err(|e| Status::unavailable(e.to_string()))?;
+                    if let (false, Some(status)) = (
+                        certs.is_empty(),
+                        o.object
+                            .as_object_mut()
+                            .map(|m| m.entry("status").or_insert_with(|| serde_json::json!({}))),
+                    ) {
+                        status["meshCertificates"] = serde_json::to_value(&certs)
+                            .map_err(|e| Status::internal(e.to_string()))?;
+                    }
+                }
+                Ok(self.to_resource(o))
+            }
             None => Err(Status::not_found(format!(
                 "{kind} {:?} not found",
                 req.name

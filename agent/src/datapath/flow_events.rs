@@ -285,6 +285,8 @@ impl FlowMetrics {
             ("spoofed", c.spoofed + c.arp_spoofed + c.no_address),
             ("not_ipv4", c.not_ipv4),
             ("conntrack_full", c.conntrack_full),
+            ("plaintext", c.plaintext),
+            ("mesh_captured", c.mesh_captured),
         ] {
             self.packets
                 .get_or_create(&PacketLabels {

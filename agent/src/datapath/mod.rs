@@ -203,6 +203,10 @@ pub struct DatapathCounters {
     /// destination's eth0 (`bpf_redirect_peer`), skipping the host's
     /// forwarding path.
     pub peer_redirects: u64,
+    /// TCP connects of mesh instances sent to their node proxy.
+    pub mesh_captured: u64,
+    /// Packets into strict mesh instances dropped as plaintext.
+    pub plaintext: u64,
     /// IPv4 packets from an instance whose source was not its lease
     /// (dropped).
     pub spoofed: u64,
@@ -1335,6 +1339,8 @@ impl Datapath {
             lb_rewrites: get(obj::CNT_LB_REWRITES)?,
             lb_no_backend: get(obj::CNT_LB_NO_BACKEND)?,
             peer_redirects: get(obj::CNT_PEER_REDIRECTS)?,
+            mesh_captured: get(obj::CNT_MESH_CAPTURED)?,
+            plaintext: get(obj::CNT_PLAINTEXT)?,
             spoofed: guard(obj::GUARD_SPOOFED)?,
             arp_spoofed: guard(obj::GUARD_ARP_SPOOFED)?,
             not_ipv4: guard(obj::GUARD_NOT_IPV4)?,

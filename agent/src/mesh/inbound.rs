@@ -17,7 +17,7 @@ use tokio_rustls::rustls;
 use tokio_rustls::TlsAcceptor;
 
 use super::certs::peer_identity;
-use super::pool::{CONN_WINDOW, STREAM_WINDOW};
+use super::pool::{CONN_WINDOW, MAX_FRAME, STREAM_WINDOW};
 use super::{ConnReport, Mesh, MeshMetrics};
 
 /// One local mesh instance, as its listeners know it.
@@ -90,6 +90,7 @@ pub(crate) async fn serve(
             let mut conn = match h2::server::Builder::new()
                 .initial_window_size(STREAM_WINDOW)
                 .initial_connection_window_size(CONN_WINDOW)
+                .max_frame_size(MAX_FRAME)
                 .max_concurrent_streams(1000)
                 .handshake::<_, Bytes>(tls)
                 .await

@@ -388,7 +388,7 @@ impl Mesh {
     /// Renews certificates at half-life; forgets those of workloads no
     /// longer here.
     async fn renew_loop(self: Arc<Self>) {
-        let mut tick = tokio::time::interval(Duration::from_secs(30));
+        let mut tick = tokio::time::interval(Duration::from_secs(5));
         loop {
             tick.tick().await;
             let here: HashMap<String, String> = {

@@ -9,7 +9,7 @@ use h2::{RecvStream, SendStream};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-const CHUNK: usize = 64 * 1024;
+const CHUNK: usize = 256 * 1024;
 
 /// Relays until both directions end. Returns (bytes TCP → h2, h2 → TCP).
 pub async fn relay(tcp: TcpStream, tx: SendStream<Bytes>, rx: RecvStream) -> (u64, u64) {
@@ -21,10 +21,13 @@ pub async fn relay(tcp: TcpStream, tx: SendStream<Bytes>, rx: RecvStream) -> (u6
 }
 
 async fn tcp_to_h2(mut rd: tokio::net::tcp::OwnedReadHalf, mut tx: SendStream<Bytes>) -> u64 {
-    let mut buf = vec![0u8; CHUNK];
+    let mut buf = bytes::BytesMut::with_capacity(CHUNK);
     let mut total = 0u64;
     loop {
-        let n = match rd.read(&mut buf).await {
+        if buf.capacity() < CHUNK / 4 {
+            buf.reserve(CHUNK);
+        }
+        let n = match rd.read_buf(&mut buf).await {
             Ok(0) | Err(_) => {
                 let _ = tx.send_data(Bytes::new(), true);
                 return total;
@@ -32,7 +35,8 @@ async fn tcp_to_h2(mut rd: tokio::net::tcp::OwnedReadHalf, mut tx: SendStream<By
             Ok(n) => n,
         };
         total += n as u64;
-        let mut chunk = Bytes::copy_from_slice(&buf[..n]);
+        // No copy: the bytes read go to h2 as they are.
+        let mut chunk = buf.split().freeze();
         while !chunk.is_empty() {
             tx.reserve_capacity(chunk.len());
             let cap = match poll_fn(|cx| tx.poll_capacity(cx)).await {
