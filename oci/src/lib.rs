@@ -1,11 +1,14 @@
 //! The OCI model every Ironmesh crate shares: [`Digest`] (a `sha256:`
 //! digest, checked once when parsed so its hex part is safe as a file
 //! name), the [`media`] types, and the [`Descriptor`], [`ImageManifest`]
-//! and [`ImageIndex`] JSON shapes of the image spec.
+//! and [`ImageIndex`] JSON shapes of the image spec, and image [`name`]s
+//! and tags.
 //!
 //! No I/O: the controller's store, the agent's fetch, `imctl image push`
 //! and `images/` each read and write bytes themselves and use these types
 //! to agree on what they mean.
+
+pub mod name;
 
 use std::collections::BTreeMap;
 

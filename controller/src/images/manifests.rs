@@ -98,22 +98,13 @@ pub fn check_repository(name: &str) -> Result<(), ManifestError> {
     Ok(())
 }
 
-fn valid_tag(tag: &str) -> bool {
-    let mut chars = tag.chars();
-    chars
-        .next()
-        .is_some_and(|c| c.is_ascii_alphanumeric() || c == '_')
-        && tag.len() <= 128
-        && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
-}
-
 /// A tag or a digest, checked.
 pub fn parse_reference(s: &str) -> Result<Reference, ManifestError> {
     if s.contains(':') {
         digest_hex(s).map_err(ManifestError::DigestInvalid)?;
         return Ok(Reference::Digest(s.to_string()));
     }
-    if !valid_tag(s) {
+    if ironmesh_oci::name::check_tag(s).is_err() {
         return Err(ManifestError::TagInvalid(s.to_string()));
     }
     Ok(Reference::Tag(s.to_string()))

@@ -45,8 +45,6 @@ pub type BlobStream = Pin<Box<dyn Stream<Item = Result<BlobChunk, Status>> + Sen
 pub const FETCH_CHUNK: usize = 256 << 10;
 /// Largest manifest TagImage reads into memory.
 const MAX_MANIFEST: u64 = 4 << 20;
-/// Longest image reference accepted (the Docker distribution limit).
-const MAX_NAME: usize = 255;
 /// Most digests one BlobsMissing request may ask about.
 const MAX_DIGESTS: usize = 10_000;
 /// Store key prefix of image names.
@@ -131,101 +129,12 @@ fn digest_arg(digest: &str) -> Result<&str, Status> {
 
 /// Checks an image reference (`[registry[:port]/]path[:tag]`, the Docker
 /// distribution grammar without digests) and returns it with `:latest`
-/// added when it has no tag.
+/// added when it has no tag ([`ironmesh_oci::name`], the project's one check).
 pub fn normalize_name(name: &str) -> Result<String, String> {
-    let bad = |why: &str| {
-        Err(format!(
-            "image name {name:?} is not a valid reference ({why}); \
-             expected e.g. \"ironmesh.dev/records-server:0.1.0\""
-        ))
-    };
-    if name.is_empty() {
-        return bad("it is empty");
-    }
-    if name.len() > MAX_NAME {
-        return bad("longer than 255 characters");
-    }
-    if name.contains('@') {
-        return bad("a digest is not a name; give a tag");
-    }
-    let last_slash = name.rfind('/').map_or(0, |i| i + 1);
-    let (path, tag) = match name[last_slash..].rfind(':') {
-        Some(i) => (&name[..last_slash + i], Some(&name[last_slash + i + 1..])),
-        None => (name, None),
-    };
-    if let Some(tag) = tag {
-        let mut chars = tag.chars();
-        let first_ok = chars
-            .next()
-            .is_some_and(|c| c.is_ascii_alphanumeric() || c == '_');
-        if !first_ok
-            || tag.len() > 128
-            || !chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
-        {
-            return bad("the tag must be letters, digits, '_', '.' or '-', at most 128");
-        }
-    }
-    let mut components: Vec<&str> = path.split('/').collect();
-    if components.len() > 1 {
-        let first = components[0];
-        if first.contains('.') || first.contains(':') || first == "localhost" {
-            if !is_domain(first) {
-                return bad("the registry part must be a host name with an optional port");
-            }
-            components.remove(0);
-        }
-    }
-    if !components.iter().all(|c| is_path_component(c)) {
-        return bad("path components must be lowercase letters and digits, \
-             joined by '.', '_', '__' or dashes");
-    }
-    Ok(match tag {
-        Some(_) => name.to_string(),
-        None => format!("{name}:latest"),
-    })
+    ironmesh_oci::name::normalize_name(name).map_err(|e| e.to_string())
 }
 
-fn is_domain(s: &str) -> bool {
-    let (host, port) = match s.split_once(':') {
-        Some((h, p)) => (h, Some(p)),
-        None => (s, None),
-    };
-    let host_ok = !host.is_empty()
-        && host.split('.').all(|label| {
-            !label.is_empty()
-                && !label.starts_with('-')
-                && !label.ends_with('-')
-                && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
-        });
-    let port_ok = port.is_none_or(|p| !p.is_empty() && p.len() <= 5 && p.parse::<u16>().is_ok());
-    host_ok && port_ok
-}
-
-/// `[a-z0-9]+((\.|_|__|-+)[a-z0-9]+)*`
-fn is_path_component(s: &str) -> bool {
-    let b = s.as_bytes();
-    let alnum = |c: u8| c.is_ascii_lowercase() || c.is_ascii_digit();
-    if b.is_empty() || !alnum(b[0]) || !alnum(b[b.len() - 1]) {
-        return false;
-    }
-    let mut i = 0;
-    while i < b.len() {
-        if alnum(b[i]) {
-            i += 1;
-            continue;
-        }
-        let start = i;
-        while i < b.len() && !alnum(b[i]) {
-            i += 1;
-        }
-        let sep = &s[start..i];
-        let ok = sep == "." || sep == "_" || sep == "__" || sep.bytes().all(|c| c == b'-');
-        if !ok {
-            return false;
-        }
-    }
-    true
-}
+pub(crate) use ironmesh_oci::name::is_path_component;
 
 /// Refreshes a blob's modification time (see [`ImageStore::stat_blob`]).
 async fn touch(path: &Path) {
