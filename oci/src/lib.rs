@@ -37,6 +37,15 @@ pub mod media {
     }
 }
 
+/// Annotations the project reads.
+pub mod annotations {
+    /// The full `name:tag` containerd (and `build-images`) record for an
+    /// image in a layout's `index.json`.
+    pub const CONTAINERD_NAME: &str = "io.containerd.image.name";
+    /// The image spec's reference name: often only a tag.
+    pub const REF_NAME: &str = "org.opencontainers.image.ref.name";
+}
+
 /// Why a string is not a [`Digest`].
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("digest {0:?} is not \"sha256:\" followed by 64 lowercase hex digits")]

@@ -180,6 +180,9 @@ pub struct ControllerOpts {
     pub ca_key_file: Option<PathBuf>,
     /// `--leader-ttl`.
     pub leader_ttl: Option<&'static str>,
+    /// Serve the OCI registry (`--registry-listen`, on the controller's
+    /// address and a free port): `imctl image push` is its client.
+    pub registry: bool,
     /// More flags, as given.
     pub extra_args: Vec<String>,
 }
@@ -192,6 +195,7 @@ impl Default for ControllerOpts {
             store: None,
             ca_key_file: None,
             leader_ttl: None,
+            registry: true,
             extra_args: Vec::new(),
         }
     }
@@ -229,6 +233,8 @@ pub struct Controller {
     pub dir: TempDir,
     pub addr: SocketAddr,
     pub metrics: SocketAddr,
+    /// The registry's address, when `opts.registry`.
+    pub registry: Option<SocketAddr>,
     pub opts: ControllerOpts,
     pub net: std::sync::Arc<TestNet>,
 }
@@ -247,11 +253,22 @@ impl Controller {
             .expect("tempdir");
         let addr = SocketAddr::new(net.gateway().into(), free_addr().port());
         let metrics = free_addr();
-        let proc = Self::spawn(dir.path(), addr, metrics, &opts, "controller-1.log");
+        let registry = opts
+            .registry
+            .then(|| SocketAddr::new(addr.ip(), free_addr().port()));
+        let proc = Self::spawn(
+            dir.path(),
+            addr,
+            metrics,
+            registry,
+            &opts,
+            "controller-1.log",
+        );
         let c = Controller {
             dir,
             addr,
             metrics,
+            registry,
             opts,
             proc,
             net,
@@ -264,6 +281,7 @@ impl Controller {
         dir: &Path,
         addr: SocketAddr,
         metrics: SocketAddr,
+        registry: Option<SocketAddr>,
         opts: &ControllerOpts,
         log: &str,
     ) -> Proc {
@@ -292,6 +310,9 @@ impl Controller {
         if let Some(t) = opts.leader_ttl {
             cmd.arg("--leader-ttl").arg(t);
         }
+        if let Some(r) = registry {
+            cmd.arg("--registry-listen").arg(r.to_string());
+        }
         cmd.args(&opts.extra_args);
         Proc::spawn(cmd, dir.join(log)).expect("start controller")
     }
@@ -299,15 +320,26 @@ impl Controller {
     fn wait_serving(&self) {
         let admin = self.admin_config();
         let addr = self.addr;
+        let registry = self.registry;
         wait_for("controller to serve", Duration::from_secs(20), || {
-            (admin.exists() && std::net::TcpStream::connect(addr).is_ok()).then_some(())
+            (admin.exists()
+                && std::net::TcpStream::connect(addr).is_ok()
+                && registry.is_none_or(|r| std::net::TcpStream::connect(r).is_ok()))
+            .then_some(())
         });
     }
 
     /// kill -9 and start again on the same data directory and ports.
     pub fn restart_after_kill9(&mut self, log: &str) {
         self.proc.kill9();
-        self.proc = Self::spawn(self.dir.path(), self.addr, self.metrics, &self.opts, log);
+        self.proc = Self::spawn(
+            self.dir.path(),
+            self.addr,
+            self.metrics,
+            self.registry,
+            &self.opts,
+            log,
+        );
         self.wait_serving();
     }
 
@@ -339,22 +371,19 @@ impl Controller {
 
     /// Runs imctl against this controller.
     pub fn imctl(&self, args: &[&str]) -> Output {
-        Command::new(bin("imctl"))
-            .arg("--config")
-            .arg(self.admin_config())
-            .args(args)
-            .output()
-            .expect("run imctl")
+        self.imctl_as(&self.admin_config(), args)
     }
 
-    /// Runs imctl with another client config (another operator).
+    /// Runs imctl with another client config (another operator). It finds
+    /// this controller's registry through `IMCTL_REGISTRY` (the test port
+    /// is not the default 5000).
     pub fn imctl_as(&self, config: &Path, args: &[&str]) -> Output {
-        Command::new(bin("imctl"))
-            .arg("--config")
-            .arg(config)
-            .args(args)
-            .output()
-            .expect("run imctl")
+        let mut cmd = Command::new(bin("imctl"));
+        cmd.arg("--config").arg(config).args(args);
+        if let Some(r) = self.registry {
+            cmd.env("IMCTL_REGISTRY", r.to_string());
+        }
+        cmd.output().expect("run imctl")
     }
 
     /// Runs imctl and parses its JSON output; panics with stderr on failure.

@@ -16,7 +16,7 @@ use std::process::{Command, Output};
 use std::time::Duration;
 
 use ironmesh_images::{build_layout, catalog, BuiltImage};
-use ironmesh_tests::{bin, free_addr, images_dir, wait_for, Agent, Controller, ControllerOpts};
+use ironmesh_tests::{bin, images_dir, wait_for, Agent, Controller, ControllerOpts};
 use ironmesh_tests::{refused as failed, succeeded as ok};
 use sha2::{Digest, Sha256};
 
@@ -39,11 +39,8 @@ struct Fixture {
 
 impl Fixture {
     fn start() -> Fixture {
-        let registry = free_addr();
         let ctl = Controller::start(ControllerOpts {
             extra_args: vec![
-                "--registry-listen".into(),
-                registry.to_string(),
                 "--image-gc-grace".into(),
                 "0s".into(),
                 "--image-gc-interval".into(),
@@ -51,9 +48,9 @@ impl Fixture {
             ],
             ..ControllerOpts::default()
         });
-        wait_for("registry to listen", Duration::from_secs(20), || {
-            std::net::TcpStream::connect(registry).ok()
-        });
+        let registry = ctl
+            .registry
+            .expect("the test controller serves its registry");
         let f = Fixture {
             ctl,
             registry,
