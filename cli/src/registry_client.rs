@@ -195,8 +195,8 @@ impl RegistryClient {
         }
     }
 
-    /// Uploads one blob file: in one request up to [`CHUNK`], else in
-    /// chunks of that size.
+    /// Uploads one blob file: after `POST` opens the upload, in one `PUT`
+    /// up to [`CHUNK`], else in `PATCH`es of that size and an empty `PUT`.
     pub async fn upload_blob(
         &mut self,
         repository: &str,
@@ -205,18 +205,24 @@ impl RegistryClient {
         size: u64,
         progress: &Arc<Mutex<Progress>>,
     ) -> anyhow::Result<()> {
+        // The session first, with no body: a refusal (role, name) comes
+        // before any bytes are in flight, which the registry would not read.
         let start = format!("/v2/{repository}/blobs/uploads/");
-        if size <= CHUNK {
-            let path = format!("{start}?digest={digest}");
-            let body = file_body(file, 0, size, progress.clone()).await?;
-            let resp = self.send(Method::POST, &path, &octets(size), body).await?;
-            return expect(resp, StatusCode::CREATED, "POST", &path).await;
-        }
         let resp = self.send(Method::POST, &start, &[], empty()).await?;
         let mut location = match resp.status() {
             StatusCode::ACCEPTED => location(&resp)?,
             _ => return Err(refusal("POST", &start, resp).await),
         };
+        let with_digest = |location: &str| {
+            let sep = if location.contains('?') { '&' } else { '?' };
+            format!("{location}{sep}digest={digest}")
+        };
+        if size <= CHUNK {
+            let path = with_digest(&location);
+            let body = file_body(file, 0, size, progress.clone()).await?;
+            let resp = self.send(Method::PUT, &path, &octets(size), body).await?;
+            return expect(resp, StatusCode::CREATED, "PUT", &path).await;
+        }
         let mut offset = 0;
         while offset < size {
             let len = CHUNK.min(size - offset);
@@ -230,8 +236,7 @@ impl RegistryClient {
             };
             offset += len;
         }
-        let sep = if location.contains('?') { '&' } else { '?' };
-        let path = format!("{location}{sep}digest={digest}");
+        let path = with_digest(&location);
         let resp = self.send(Method::PUT, &path, &octets(0), empty()).await?;
         expect(resp, StatusCode::CREATED, "PUT", &path).await
     }
