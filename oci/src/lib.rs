@@ -219,13 +219,29 @@ pub fn is_index_json(data: &[u8]) -> bool {
 
 /// This CPU as an OCI platform architecture (Go's GOARCH names).
 pub fn host_architecture() -> &'static str {
-    match std::env::consts::ARCH {
+    oci_architecture(std::env::consts::ARCH)
+}
+
+/// A CPU as Rust (and `uname -m` mostly) names it, e.g. `x86_64`, as an
+/// OCI platform architecture, e.g. `amd64`. Agents report the former.
+pub fn oci_architecture(arch: &str) -> &str {
+    match arch {
         "x86_64" => "amd64",
         "aarch64" => "arm64",
-        "x86" => "386",
-        "powerpc64" => "ppc64le",
+        "x86" | "i686" | "i386" => "386",
+        "powerpc64" | "ppc64le" => "ppc64le",
         "loongarch64" => "loong64",
         other => other,
+    }
+}
+
+impl std::fmt::Display for Platform {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.os, self.architecture)?;
+        if let Some(v) = &self.variant {
+            write!(f, "/{v}")?;
+        }
+        Ok(())
     }
 }
 

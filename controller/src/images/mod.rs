@@ -86,6 +86,10 @@ struct ImageRecord {
     manifest_digest: String,
     size: u64,
     pushed_unix_ms: i64,
+    /// For an index: the platforms of its manifests (read by the cache
+    /// for placement). Empty for a single-platform manifest.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    platforms: Vec<ironmesh_oci::Platform>,
 }
 
 impl From<ImageRecord> for ImageInfo {
@@ -574,6 +578,7 @@ impl ImageStore {
             manifest_digest: digest,
             size: total,
             pushed_unix_ms: now_unix_ms(),
+            platforms: Vec::new(),
         };
         let value = serde_json::to_vec(&record)
             .map_err(|e| Status::internal(format!("encode image record: {e}")))?;
