@@ -14,6 +14,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+use ironmesh_oci::{Descriptor, Digest, ImageIndex, ImageManifest, Platform};
 use serde::Serialize;
 
 use crate::error::ImageError;
@@ -24,10 +25,10 @@ pub const MEDIA_INDEX: &str = ironmesh_oci::media::OCI_INDEX;
 pub const MEDIA_MANIFEST: &str = ironmesh_oci::media::OCI_MANIFEST;
 pub const MEDIA_CONFIG: &str = ironmesh_oci::media::OCI_CONFIG;
 /// The tag, as the OCI image spec defines the annotation.
-pub const ANNOTATION_REF_NAME: &str = "org.opencontainers.image.ref.name";
+pub const ANNOTATION_REF_NAME: &str = ironmesh_oci::annotations::REF_NAME;
 /// The full `name:tag`, as `ctr images export` writes it and as
 /// `ctr images import` and the agent read it.
-pub const ANNOTATION_CONTAINERD_NAME: &str = "io.containerd.image.name";
+pub const ANNOTATION_CONTAINERD_NAME: &str = ironmesh_oci::annotations::CONTAINERD_NAME;
 
 pub const ARCHITECTURE: &str = "amd64";
 pub const OS: &str = "linux";
@@ -48,39 +49,16 @@ pub struct BuiltImage {
     pub size: u64,
 }
 
-#[derive(Serialize)]
-#[serde(rename_all = "camelCase")]
-struct Descriptor<'a> {
-    media_type: &'a str,
-    digest: String,
-    size: u64,
-    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
-    annotations: BTreeMap<&'a str, String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    platform: Option<Platform>,
-}
-
-#[derive(Serialize)]
-struct Platform {
-    architecture: &'static str,
-    os: &'static str,
-}
-
-#[derive(Serialize)]
-#[serde(rename_all = "camelCase")]
-struct Manifest<'a> {
-    schema_version: u32,
-    media_type: &'a str,
-    config: Descriptor<'a>,
-    layers: Vec<Descriptor<'a>>,
-}
-
-#[derive(Serialize)]
-#[serde(rename_all = "camelCase")]
-struct Index<'a> {
-    schema_version: u32,
-    media_type: &'a str,
-    manifests: Vec<Descriptor<'a>>,
+/// A descriptor of `bytes` (no platform, annotations or artifact type).
+fn descriptor(media_type: &str, bytes: &[u8]) -> Descriptor {
+    Descriptor {
+        media_type: media_type.to_string(),
+        digest: Digest::of(bytes),
+        size: bytes.len() as u64,
+        platform: None,
+        artifact_type: None,
+        annotations: BTreeMap::new(),
+    }
 }
 
 #[derive(Serialize)]
@@ -154,43 +132,34 @@ pub fn build_layout(spec: &ImageSpec, out_dir: &Path) -> Result<BuiltImage, Imag
     let config_json = to_json("the image config", &config)?;
     let config_digest = sha256_digest(&config_json);
 
-    let manifest = Manifest {
+    let manifest = ImageManifest {
         schema_version: 2,
-        media_type: MEDIA_MANIFEST,
-        config: Descriptor {
-            media_type: MEDIA_CONFIG,
-            digest: config_digest.clone(),
-            size: config_json.len() as u64,
-            annotations: BTreeMap::new(),
-            platform: None,
-        },
-        layers: vec![Descriptor {
-            media_type: layer.media_type,
-            digest: layer_digest.clone(),
-            size: layer.blob.len() as u64,
-            annotations: BTreeMap::new(),
-            platform: None,
-        }],
+        media_type: Some(MEDIA_MANIFEST.to_string()),
+        artifact_type: None,
+        config: descriptor(MEDIA_CONFIG, &config_json),
+        layers: vec![descriptor(layer.media_type, &layer.blob)],
+        subject: None,
+        annotations: BTreeMap::new(),
     };
     let manifest_json = to_json("the image manifest", &manifest)?;
     let manifest_digest = sha256_digest(&manifest_json);
 
-    let index = Index {
+    let index = ImageIndex {
         schema_version: 2,
-        media_type: MEDIA_INDEX,
+        media_type: Some(MEDIA_INDEX.to_string()),
         manifests: vec![Descriptor {
-            media_type: MEDIA_MANIFEST,
-            digest: manifest_digest.clone(),
-            size: manifest_json.len() as u64,
             annotations: BTreeMap::from([
-                (ANNOTATION_CONTAINERD_NAME, spec.reference()),
-                (ANNOTATION_REF_NAME, spec.tag.clone()),
+                (ANNOTATION_CONTAINERD_NAME.to_string(), spec.reference()),
+                (ANNOTATION_REF_NAME.to_string(), spec.tag.clone()),
             ]),
             platform: Some(Platform {
-                architecture: ARCHITECTURE,
-                os: OS,
+                architecture: ARCHITECTURE.to_string(),
+                os: OS.to_string(),
+                variant: None,
             }),
+            ..descriptor(MEDIA_MANIFEST, &manifest_json)
         }],
+        annotations: BTreeMap::new(),
     };
     let index_json = to_json("index.json", &index)?;
 
