@@ -416,31 +416,6 @@ impl ImageStore {
         })
     }
 
-    /// The record op that makes `digest` (a manifest already stored and
-    /// checked) part of the repository of image `name`; for TagImage.
-    pub(crate) fn record_op_for_image(
-        name: &str,
-        digest: &str,
-        media_type: &str,
-        size: u64,
-    ) -> Option<Op> {
-        let (repository, _) = name.rsplit_once(':')?;
-        let record = ManifestRecord {
-            repository: repository.to_string(),
-            digest: digest.to_string(),
-            media_type: media_type.to_string(),
-            size,
-            artifact_type: None,
-            subject: None,
-            annotations: None,
-            pushed_unix_ms: now_unix_ms(),
-        };
-        Some(Op::Put {
-            key: manifest_key(repository, digest),
-            value: serde_json::to_vec(&record).ok()?,
-        })
-    }
-
     /// A manifest of `repository` by tag or digest: its record and bytes.
     pub async fn get_manifest(
         &self,
