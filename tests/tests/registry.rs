@@ -664,7 +664,7 @@ fn a_workload_runs_from_an_index_only_skopeo_pushed_on_the_agents_platform() {
     let manifest: serde_json::Value =
         serde_json::from_slice(&std::fs::read(layout_blob(&layout, &amd64)).unwrap()).unwrap();
     let config = manifest["config"]["digest"].as_str().unwrap().to_string();
-    let (index_digest, _) = multi_platform(&layout, &amd64, &config);
+    let (index_digest, arm64) = multi_platform(&layout, &amd64, &config);
     let name = "ironmesh/records-multi:1";
     ok(
         f.skopeo(
@@ -742,4 +742,66 @@ spec:
         .find(|l| l.starts_with(name))
         .unwrap_or_else(|| panic!("{name} not in containerd: {listing}"));
     assert!(line.contains(&amd64), "{line}");
+
+    // An index of arm64 only (pushed with imctl): placement keeps it off
+    // this amd64 node and says what the image offers.
+    let arm_bytes = std::fs::read(layout_blob(&layout, &arm64)).unwrap();
+    let arm_index = serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.index.v1+json",
+        "manifests": [{"mediaType": "application/vnd.oci.image.manifest.v1+json",
+                       "digest": arm64, "size": arm_bytes.len(),
+                       "platform": {"architecture": "arm64", "os": "linux"}}],
+    }))
+    .unwrap();
+    let arm_index_digest = write_blob(&layout, &arm_index);
+    let top = serde_json::json!({"schemaVersion": 2, "manifests": [{
+        "mediaType": "application/vnd.oci.image.index.v1+json",
+        "digest": arm_index_digest, "size": arm_index.len(),
+    }]});
+    std::fs::write(layout.join("index.json"), top.to_string()).unwrap();
+    ok(
+        f.ctl.imctl_as(
+            &f.conf("ed"),
+            &[
+                "image",
+                "push",
+                layout.to_str().unwrap(),
+                "--name",
+                "ironmesh/records-arm:1",
+            ],
+        ),
+        "imctl push of an arm64-only index",
+    );
+    f.ctl.apply_yaml(
+        "apiVersion: ironmesh.dev/v1
+kind: Workload
+metadata:
+  name: arm
+spec:
+  image: ironmesh/records-arm:1
+",
+    );
+    let why = "0/1 nodes available: 1 of a platform the image does not offer \
+               (the image offers linux/arm64)";
+    let pending = wait_for(
+        "the arm64-only instance to be unschedulable",
+        Duration::from_secs(30),
+        || {
+            let v = f
+                .ctl
+                .imctl_json(&["get", "instances", "-l", "ironmesh.dev/workload=arm"]);
+            let items = v.get("items")?.as_array()?.clone();
+            items.into_iter().find(|i| {
+                i.pointer("/status/reason").and_then(|r| r.as_str()) == Some("Unschedulable")
+                    && i.pointer("/status/message").and_then(|m| m.as_str()) == Some(why)
+            })
+        },
+    );
+    assert_eq!(pending.pointer("/spec/node"), None, "{pending}");
+    let described = ok(f.ctl.imctl(&["describe", "workload", "arm"]), "describe");
+    assert!(
+        described.contains("the image offers linux/arm64"),
+        "{described}"
+    );
 }
