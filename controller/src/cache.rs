@@ -332,4 +332,43 @@ mod tests {
             json!(v.get(Kind::Node, "b").unwrap().revision.to_string())
         );
     }
+
+    #[test]
+    fn image_tags_keep_their_digest_and_an_indexs_platforms() {
+        let mut v = View::default();
+        let kv = |key: &str, value: serde_json::Value| KeyValue {
+            key: key.into(),
+            value: value.to_string().into_bytes(),
+            create_revision: 1,
+            mod_revision: 1,
+        };
+        let d = format!("sha256:{}", "a".repeat(64));
+        v.apply(
+            EventKind::Put,
+            &kv(
+                "/images/app:1",
+                json!({"name": "app:1", "manifestDigest": d, "size": 1, "pushedUnixMs": 0,
+                "platforms": [{"os": "linux", "architecture": "arm64"}]}),
+            ),
+        );
+        v.apply(
+            EventKind::Put,
+            &kv(
+                "/images/one:1",
+                json!({"name": "one:1", "manifestDigest": d, "size": 1, "pushedUnixMs": 0}),
+            ),
+        );
+        assert_eq!(v.image_digest("app:1"), Some(d.as_str()));
+        let p: Vec<String> = v
+            .image_platforms("app:1")
+            .iter()
+            .map(|p| p.to_string())
+            .collect();
+        assert_eq!(p, ["linux/arm64"]);
+        assert!(v.image_platforms("one:1").is_empty());
+        assert!(v.image_platforms("absent:1").is_empty());
+        v.apply(EventKind::Delete, &kv("/images/app:1", json!(null)));
+        assert_eq!(v.image_digest("app:1"), None);
+        assert!(v.image_platforms("app:1").is_empty());
+    }
 }
