@@ -18,7 +18,8 @@ pub struct ClientConfig {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls_server_name: Option<String>,
     /// The controller's OCI registry (`--registry-listen`) as `host:port`,
-    /// for `imctl image push`. Default: the host of `server`, port 5000.
+    /// for `imctl image push`. Default: the host of `server`, port 5000
+    /// (the controller writes this field when that would miss).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub registry: Option<String>,
     /// Cluster CA certificate, PEM.

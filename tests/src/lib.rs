@@ -374,16 +374,17 @@ impl Controller {
         self.imctl_as(&self.admin_config(), args)
     }
 
-    /// Runs imctl with another client config (another operator). It finds
-    /// this controller's registry through `IMCTL_REGISTRY` (the test port
-    /// is not the default 5000).
+    /// Runs imctl with another client config (another operator). The
+    /// registry's test port (not the default 5000) is in `admin.yaml`, and
+    /// `imctl operator create --out` copies it.
     pub fn imctl_as(&self, config: &Path, args: &[&str]) -> Output {
-        let mut cmd = Command::new(bin("imctl"));
-        cmd.arg("--config").arg(config).args(args);
-        if let Some(r) = self.registry {
-            cmd.env("IMCTL_REGISTRY", r.to_string());
-        }
-        cmd.output().expect("run imctl")
+        Command::new(bin("imctl"))
+            .arg("--config")
+            .arg(config)
+            .args(args)
+            .env_remove("IMCTL_REGISTRY")
+            .output()
+            .expect("run imctl")
     }
 
     /// Runs imctl and parses its JSON output; panics with stderr on failure.
