@@ -14,7 +14,10 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use ironmesh_oci::{Descriptor, Digest, ImageIndex, ImageManifest, Platform};
+use ironmesh_oci::{
+    Descriptor, Digest, EmptyObject, History, ImageConfig, ImageIndex, ImageManifest, Platform,
+    RootFs, RunConfig,
+};
 use serde::Serialize;
 
 use crate::error::ImageError;
@@ -61,46 +64,6 @@ fn descriptor(media_type: &str, bytes: &[u8]) -> Descriptor {
     }
 }
 
-#[derive(Serialize)]
-struct ImageConfig<'a> {
-    created: String,
-    architecture: &'static str,
-    os: &'static str,
-    config: RuntimeConfig<'a>,
-    rootfs: RootFs,
-    history: Vec<History>,
-}
-
-#[derive(Serialize)]
-#[serde(rename_all = "PascalCase")]
-struct RuntimeConfig<'a> {
-    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
-    exposed_ports: BTreeMap<&'a str, Empty>,
-    #[serde(skip_serializing_if = "<[String]>::is_empty")]
-    env: &'a [String],
-    entrypoint: &'a [String],
-    working_dir: &'a str,
-    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
-    labels: &'a BTreeMap<String, String>,
-}
-
-/// Serialises as `{}`.
-#[derive(Serialize)]
-struct Empty {}
-
-#[derive(Serialize)]
-struct RootFs {
-    #[serde(rename = "type")]
-    kind: &'static str,
-    diff_ids: Vec<String>,
-}
-
-#[derive(Serialize)]
-struct History {
-    created: String,
-    created_by: &'static str,
-}
-
 /// Builds the image `spec` describes and writes it as an OCI image layout
 /// at `out_dir` (created, or replaced if it holds a layout already).
 pub fn build_layout(spec: &ImageSpec, out_dir: &Path) -> Result<BuiltImage, ImageError> {
@@ -109,24 +72,35 @@ pub fn build_layout(spec: &ImageSpec, out_dir: &Path) -> Result<BuiltImage, Imag
     let layer_digest = sha256_digest(&layer.blob);
     let created = rfc3339_utc(spec.epoch);
 
+    // Field order and the fields left out match the bytes this always
+    // wrote: entrypoint and working dir always, the rest only when set.
     let config = ImageConfig {
-        created: created.clone(),
-        architecture: ARCHITECTURE,
-        os: OS,
-        config: RuntimeConfig {
-            exposed_ports: valid.ports.iter().map(|p| (p.as_str(), Empty {})).collect(),
-            env: &spec.env,
-            entrypoint: &spec.entrypoint,
-            working_dir: &spec.working_dir,
-            labels: &spec.labels,
-        },
+        created: Some(created.clone()),
+        architecture: ARCHITECTURE.to_string(),
+        os: OS.to_string(),
+        config: Some(RunConfig {
+            exposed_ports: Some(
+                valid
+                    .ports
+                    .iter()
+                    .map(|p| (p.clone(), EmptyObject {}))
+                    .collect::<BTreeMap<_, _>>(),
+            )
+            .filter(|p| !p.is_empty()),
+            env: Some(spec.env.clone()).filter(|e| !e.is_empty()),
+            entrypoint: Some(spec.entrypoint.clone()),
+            cmd: None,
+            working_dir: Some(spec.working_dir.clone()),
+            user: None,
+            labels: Some(spec.labels.clone()).filter(|l| !l.is_empty()),
+        }),
         rootfs: RootFs {
-            kind: "layers",
+            kind: "layers".to_string(),
             diff_ids: vec![layer.diff_id.clone()],
         },
         history: vec![History {
-            created,
-            created_by: "ironmesh-images build_layout",
+            created: Some(created),
+            created_by: Some("ironmesh-images build_layout".to_string()),
         }],
     };
     let config_json = to_json("the image config", &config)?;

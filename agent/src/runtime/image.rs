@@ -59,7 +59,7 @@ use ironmesh_oci::annotations::{
     CONTAINERD_NAME as ANNOTATION_CONTAINERD_NAME, REF_NAME as ANNOTATION_REF_NAME,
 };
 use ironmesh_oci::media::OCI_MANIFEST as MEDIA_OCI_MANIFEST;
-use ironmesh_oci::{Digest as OciDigest, ImageIndex, ImageManifest};
+use ironmesh_oci::{Digest as OciDigest, ImageConfig, ImageIndex, ImageManifest};
 
 /// A descriptor of a layout blob: the project's one OCI type (its digest
 /// is checked when it parses, so it is safe as a file name).
@@ -130,34 +130,6 @@ pub struct ResolvedImage {
     pub config_digest: String,
     pub chain_id: String,
     pub defaults: ImageDefaults,
-}
-
-#[derive(Deserialize)]
-struct ConfigFile {
-    #[serde(default)]
-    config: Option<RunConfig>,
-    rootfs: RootFs,
-}
-
-#[derive(Deserialize, Default)]
-#[serde(rename_all = "PascalCase")]
-struct RunConfig {
-    #[serde(default)]
-    env: Option<Vec<String>>,
-    #[serde(default)]
-    entrypoint: Option<Vec<String>>,
-    #[serde(default)]
-    cmd: Option<Vec<String>>,
-    #[serde(default)]
-    working_dir: Option<String>,
-    #[serde(default)]
-    user: Option<String>,
-}
-
-#[derive(Deserialize)]
-struct RootFs {
-    #[serde(default)]
-    diff_ids: Vec<String>,
 }
 
 /// One image of a layout, parsed and checked.
@@ -233,7 +205,7 @@ fn parse_json<T: for<'de> Deserialize<'de>>(what: &str, data: &[u8]) -> Result<T
     serde_json::from_slice(data).map_err(|e| RuntimeError::invalid(what, e.to_string()))
 }
 
-fn image_defaults(config: &ConfigFile) -> ImageDefaults {
+fn image_defaults(config: &ImageConfig) -> ImageDefaults {
     let c = config.config.as_ref();
     ImageDefaults {
         entrypoint: c.and_then(|c| c.entrypoint.clone()).unwrap_or_default(),
@@ -312,7 +284,7 @@ fn read_layout(dir: &Path) -> Result<Vec<LayoutImage>, RuntimeError> {
             ));
         }
         let config_data = read_layout_blob(dir, &manifest.config)?;
-        let config: ConfigFile = parse_json(
+        let config: ImageConfig = parse_json(
             &format!("image config {}", manifest.config.digest),
             &config_data,
         )?;
@@ -942,7 +914,7 @@ impl Runtime {
             size: size_i64(&manifest.config),
             annotations: HashMap::new(),
         };
-        let config: ConfigFile = parse_json(
+        let config: ImageConfig = parse_json(
             &format!("image config {}", config_desc.digest),
             &self.read_content(&config_desc).await?,
         )?;
