@@ -32,7 +32,6 @@ use std::time::Duration;
 use containerd_client::services::v1::InfoRequest;
 use futures::{StreamExt, TryStreamExt};
 use ironmesh_proto::v1::{node_service_client::NodeServiceClient, FetchBlobRequest};
-use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use tokio::io::AsyncWriteExt;
 use tonic::transport::Channel;
@@ -40,7 +39,6 @@ use tonic::Code;
 
 use crate::image_source::{EnsuredImage, ImageSource, ImageSourceError};
 use crate::node_identity::{endpoint, IdentityError, NodeIdentity};
-use crate::runtime::image::{MEDIA_DOCKER_MANIFEST, MEDIA_OCI_MANIFEST};
 use crate::runtime::{Runtime, RuntimeError};
 
 /// Largest manifest or config accepted from the controller.
@@ -67,24 +65,8 @@ enum Broken {
     Fatal(ImageSourceError),
 }
 
-const ANNOTATION_CONTAINERD_NAME: &str = "io.containerd.image.name";
-
-#[derive(Deserialize)]
-struct Desc {
-    #[serde(rename = "mediaType", default)]
-    media_type: String,
-    digest: String,
-    size: i64,
-}
-
-#[derive(Deserialize)]
-struct Manifest {
-    #[serde(rename = "mediaType", default)]
-    media_type: Option<String>,
-    config: Desc,
-    #[serde(default)]
-    layers: Vec<Desc>,
-}
+use ironmesh_oci::annotations::CONTAINERD_NAME as ANNOTATION_CONTAINERD_NAME;
+use ironmesh_oci::{media, ImageIndex, ImageManifest};
 
 /// Images from the controller's image store; see the module docs.
 pub struct ControllerImages {
@@ -129,30 +111,22 @@ fn platform_manifest(data: &[u8], arch: &str) -> Result<Option<String>, String> 
     if !ironmesh_oci::is_index_json(data) {
         return Ok(None);
     }
-    let Ok(v) = serde_json::from_slice::<serde_json::Value>(data) else {
-        return Ok(None);
-    };
-    let manifests = v
-        .get("manifests")
-        .and_then(|m| m.as_array())
-        .ok_or("it has no manifests list")?;
-    let mut offered = Vec::new();
-    for m in manifests {
-        let p = |k: &str| {
-            m.pointer(&format!("/platform/{k}"))
-                .and_then(|x| x.as_str())
-                .unwrap_or("")
-        };
-        if p("os") == "linux" && p("architecture") == arch {
-            let digest = m
-                .get("digest")
-                .and_then(|d| d.as_str())
-                .ok_or("a manifest entry has no digest")?;
-            digest_hex(digest).ok_or_else(|| format!("{digest:?} is not a sha256 digest"))?;
-            return Ok(Some(digest.to_string()));
-        }
-        offered.push(format!("{}/{}", p("os"), p("architecture")));
+    // Digests are checked as the index parses.
+    let index: ImageIndex =
+        serde_json::from_slice(data).map_err(|e| format!("it is not an image index: {e}"))?;
+    if let Some(m) = index.for_platform("linux", arch) {
+        return Ok(Some(m.digest.to_string()));
     }
+    let offered: Vec<String> = index
+        .manifests
+        .iter()
+        .map(|m| {
+            m.platform.as_ref().map_or_else(
+                || "/".to_string(),
+                |p| format!("{}/{}", p.os, p.architecture),
+            )
+        })
+        .collect();
     Err(format!(
         "no manifest for linux/{arch}; it offers {}",
         if offered.is_empty() {
@@ -552,7 +526,7 @@ impl ControllerImages {
             tracing::debug!(%image, index = %index_digest, manifest = %child, arch = host_arch(), "picked this platform's manifest from the index");
             digest = child.as_str();
         }
-        let manifest: Manifest = serde_json::from_slice(&data).map_err(|e| {
+        let manifest: ImageManifest = serde_json::from_slice(&data).map_err(|e| {
             invalid(format!(
                 "manifest {digest} is not a single-platform image manifest: {e}"
             ))
@@ -560,33 +534,30 @@ impl ControllerImages {
         let media_type = manifest
             .media_type
             .clone()
-            .unwrap_or_else(|| MEDIA_OCI_MANIFEST.to_string());
-        if media_type != MEDIA_OCI_MANIFEST && media_type != MEDIA_DOCKER_MANIFEST {
+            .unwrap_or_else(|| media::OCI_MANIFEST.to_string());
+        if !media::is_image_manifest(&media_type) {
             return Err(invalid(format!(
                 "manifest {digest} has media type {media_type:?}; only single-platform image \
                  manifests are supported"
             )));
         }
-        let size_of = |d: &Desc| {
-            u64::try_from(d.size)
-                .map_err(|_| invalid(format!("blob {} has a negative size", d.digest)))
-        };
+        // Digests and sizes were checked as the manifest parsed.
         bytes += self
             .fetch(
                 image,
                 dir,
-                &manifest.config.digest,
-                Some(size_of(&manifest.config)?),
+                manifest.config.digest.as_str(),
+                Some(manifest.config.size),
                 Some(MAX_JSON),
             )
             .await?;
         let mut skipped = 0usize;
         let mut wanted = Vec::new();
         for layer in &manifest.layers {
-            let size = size_of(layer)?;
+            let size = layer.size;
             // The import skips what containerd holds, so its file is not
             // needed either.
-            if self.has_content(image, &layer.digest).await? {
+            if self.has_content(image, layer.digest.as_str()).await? {
                 skipped += 1;
                 continue;
             }

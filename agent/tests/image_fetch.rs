@@ -50,6 +50,24 @@ struct BlobServer {
     break_once: Arc<Mutex<HashSet<String>>>,
     /// Every (digest, offset) asked for, in order.
     offsets: Arc<Mutex<Vec<(String, u64)>>>,
+    /// Digests whose first request waits at `barrier` before it is
+    /// answered: they are only all answered if they are asked for at once.
+    gated: Arc<Mutex<HashSet<String>>>,
+    barrier: Option<Arc<tokio::sync::Barrier>>,
+    /// Streams open at once, and the most seen.
+    open: Arc<std::sync::atomic::AtomicUsize>,
+    most_open: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+/// Counts a blob stream as open until it is dropped.
+struct OpenStream {
+    open: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl Drop for OpenStream {
+    fn drop(&mut self) {
+        self.open.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
 }
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
@@ -86,6 +104,16 @@ impl NodeService for BlobServer {
         let (digest, offset) = (req.digest, req.offset);
         self.fetched.lock().unwrap().push(digest.clone());
         self.offsets.lock().unwrap().push((digest.clone(), offset));
+        use std::sync::atomic::Ordering::SeqCst;
+        let now = self.open.fetch_add(1, SeqCst) + 1;
+        self.most_open.fetch_max(now, SeqCst);
+        let guard = OpenStream {
+            open: self.open.clone(),
+        };
+        let gated = self.gated.lock().unwrap().remove(&digest);
+        if let (true, Some(b)) = (gated, &self.barrier) {
+            b.wait().await;
+        }
         let hex = digest
             .strip_prefix("sha256:")
             .filter(|h| h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()))
@@ -121,7 +149,12 @@ impl NodeService for BlobServer {
             chunks.truncate(chunks.len() / 2);
             chunks.push(Err(Status::unavailable("connection reset (test)")));
         }
-        Ok(Response::new(Box::pin(futures::stream::iter(chunks))))
+        // The guard goes with the stream: counted open until it is done.
+        let stream = futures::StreamExt::map(futures::stream::iter(chunks), move |c| {
+            let _open = &guard;
+            c
+        });
+        Ok(Response::new(Box::pin(stream)))
     }
 
     async fn queue_lease(
@@ -445,6 +478,103 @@ async fn a_broken_layer_transfer_is_resumed_where_it_stopped() {
     // What arrived in two parts is the whole, verified layer.
     assert_eq!(r.bytes, pushed.total);
     rt.resolve_image(IMAGE).await.unwrap();
+}
+
+/// An image of `layers` layers (one file each, uncompressed), stored as
+/// the controller stores blobs; returns (manifest, layer digests, total).
+fn push_layers(dir: &Path, layers: usize) -> (String, Vec<String>, u64) {
+    let mut digests = Vec::new();
+    let mut total = 0;
+    for i in 0..layers {
+        let mut layer = Vec::new();
+        // Big enough to take several chunks, so a transfer can break halfway.
+        let body: Vec<u8> = (0..(600u32 << 10))
+            .map(|b| (b % 251) as u8 ^ i as u8)
+            .collect();
+        tar_entry(&mut layer, &format!("layer-{i}"), b'0', 0o644, &body, "");
+        layer.extend_from_slice(&[0u8; 1024]);
+        total += layer.len() as u64;
+        digests.push(put_blob(dir, &layer));
+    }
+    let config = serde_json::to_vec(&serde_json::json!({
+        "architecture": "amd64", "os": "linux",
+        "config": {"Cmd": ["/layer-0"]},
+        "rootfs": {"type": "layers", "diff_ids": digests},
+    }))
+    .unwrap();
+    let config_digest = put_blob(dir, &config);
+    let layer_descs: Vec<serde_json::Value> = digests
+        .iter()
+        .map(|d| {
+            let size = fs::metadata(dir.join("blobs/sha256").join(&d["sha256:".len()..]))
+                .unwrap()
+                .len();
+            serde_json::json!({"mediaType": "application/vnd.oci.image.layer.v1.tar",
+                               "digest": d, "size": size})
+        })
+        .collect();
+    let manifest = serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+                   "digest": config_digest, "size": config.len()},
+        "layers": layer_descs,
+    }))
+    .unwrap();
+    total += (config.len() + manifest.len()) as u64;
+    (put_blob(dir, &manifest), digests, total)
+}
+
+#[tokio::test]
+async fn layers_are_fetched_in_parallel_and_a_broken_one_resumes() {
+    let cd = Containerd::start("parallel");
+    let rt = common::runtime(&cd).await;
+    let store = cd.path("store");
+    let (manifest, layers, total) = push_layers(&store, 4);
+    // Each layer's first request is answered only once all four were
+    // asked for: a one-at-a-time fetch would wait here until the deadline.
+    let server = BlobServer {
+        dir: store,
+        gated: Arc::new(Mutex::new(layers.iter().cloned().collect())),
+        barrier: Some(Arc::new(tokio::sync::Barrier::new(layers.len()))),
+        ..Default::default()
+    };
+    server.break_once.lock().unwrap().insert(layers[2].clone());
+    let images = ControllerImages::new(serve(server.clone()).await, rt.clone(), cd.path("st"));
+    let r = within(
+        "ensure of a four-layer image",
+        images.ensure(IMAGE, &manifest),
+    )
+    .await
+    .unwrap();
+    assert!(r.fetched);
+    assert_eq!(
+        r.bytes, total,
+        "every byte once, the resumed layer included"
+    );
+    assert!(
+        server.most_open.load(std::sync::atomic::Ordering::SeqCst) >= layers.len(),
+        "layer streams were not open at the same time"
+    );
+    // The broken layer was asked for twice: from 0, then from where it broke.
+    let asked: Vec<u64> = server
+        .offsets
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(d, _)| *d == layers[2])
+        .map(|(_, o)| *o)
+        .collect();
+    assert_eq!(asked.len(), 2, "{asked:?}");
+    assert!(asked[0] == 0 && asked[1] > 0, "{asked:?}");
+    // The others once each.
+    for l in [&layers[0], &layers[1], &layers[3]] {
+        assert_eq!(server.fetched().iter().filter(|d| *d == l).count(), 1);
+    }
+    // containerd holds the image, unpacked from all four layers.
+    let resolved = rt.resolve_image(IMAGE).await.unwrap();
+    assert_eq!(resolved.manifest_digest, manifest);
+    assert!(rt.snapshot_exists(&resolved.chain_id).await.unwrap());
 }
 
 #[tokio::test]

@@ -17,6 +17,11 @@ pub struct ClientConfig {
     /// host in `server`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls_server_name: Option<String>,
+    /// The controller's OCI registry (`--registry-listen`) as `host:port`,
+    /// for `imctl image push`. Default: the host of `server`, port 5000
+    /// (the controller writes this field when that would miss).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub registry: Option<String>,
     /// Cluster CA certificate, PEM.
     pub certificate_authority_data: String,
     /// Operator name (the certificate's `operator:<user>` identity).
@@ -42,6 +47,7 @@ impl ClientConfig {
             kind: Self::KIND.to_string(),
             server,
             tls_server_name: None,
+            registry: None,
             certificate_authority_data: ca_pem,
             user,
             client_certificate_data: cert_pem,

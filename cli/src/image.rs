@@ -2,11 +2,13 @@
 //! controller's image store.
 //!
 //! A push reads an OCI image layout (a directory with `oci-layout`,
-//! `index.json` and `blobs/sha256/…`, or a tar of one, optionally gzipped),
-//! asks the controller which blobs it lacks (`BlobsMissing`), uploads
-//! those (`PushBlob`, one stream per blob) and then names each image
-//! (`TagImage`), which the controller only accepts once every blob the
-//! manifest references is stored. Pushing the same image twice uploads
+//! `index.json` and `blobs/sha256/…`, or a tar of one, optionally gzipped)
+//! and is a client of the controller's OCI registry (`--registry-listen`,
+//! [`crate::registry_client`]), as the operator's certificate: it asks
+//! (`HEAD`) which blobs the registry lacks, uploads only those, then puts
+//! each image's manifest by its tag (an index: its manifests by digest,
+//! then the index by tag). The registry only accepts a manifest once every
+//! blob it references is stored. Pushing the same image twice uploads
 //! nothing the second time.
 //!
 //! Names: `--name` if given (only for a layout holding one image), else
@@ -15,7 +17,6 @@
 //! `org.opencontainers.image.ref.name` when it is a full reference rather
 //! than a bare tag. A layout with several images pushes them all.
 
-use std::collections::HashMap;
 use std::io::{IsTerminal, Read, Write};
 use std::path::{Component, Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -24,18 +25,19 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use clap::{Subcommand, ValueEnum};
 use ironmesh_api::client_config::ClientConfig;
-use ironmesh_proto::v1::{
-    operator_service_client::OperatorServiceClient, BlobChunk, BlobsMissingRequest,
-    CollectImageGarbageRequest, ImageInfo, ListImagesRequest, RemoveImageRequest, TagImageRequest,
+use ironmesh_oci::annotations::{
+    CONTAINERD_NAME as ANNOTATION_CONTAINERD_NAME, REF_NAME as ANNOTATION_REF_NAME,
 };
-use serde::Deserialize;
-use tokio::io::AsyncReadExt;
+use ironmesh_oci::{media, Descriptor, Digest, ImageIndex, ImageManifest};
+use ironmesh_proto::v1::{
+    operator_service_client::OperatorServiceClient, CollectImageGarbageRequest, ImageInfo,
+    ListImagesRequest, RemoveImageRequest,
+};
 use tonic::transport::Channel;
 
 use crate::client;
+use crate::registry_client::RegistryClient;
 
-/// Size of one uploaded chunk (well under gRPC's 4 MiB message limit).
-const UPLOAD_CHUNK: usize = 1 << 20;
 /// Largest manifest read into memory.
 const MAX_MANIFEST: u64 = 4 << 20;
 /// Uploads at least this large show progress even when stderr is not a
@@ -44,19 +46,20 @@ const BIG_UPLOAD: u64 = 64 << 20;
 /// On a terminal, uploads smaller than this finish too fast to need a bar.
 const TTY_MIN_PROGRESS: u64 = 1 << 20;
 
-const ANNOTATION_CONTAINERD_NAME: &str = "io.containerd.image.name";
-const ANNOTATION_REF_NAME: &str = "org.opencontainers.image.ref.name";
-const MEDIA_OCI_INDEX: &str = ironmesh_oci::media::OCI_INDEX;
-const MEDIA_DOCKER_LIST: &str = ironmesh_oci::media::DOCKER_LIST;
-
 #[derive(Subcommand)]
 pub enum ImageCommand {
     /// Upload an OCI image layout (directory or tar) to the controller's
-    /// image store.
+    /// image store, through its OCI registry.
     Push {
         /// An OCI image layout directory (as `build-images --out` writes),
-        /// or a tar (optionally gzipped) of one.
+        /// or a tar (optionally gzipped) of one. Single images and
+        /// multi-platform indexes.
         path: PathBuf,
+        /// The controller's registry (its --registry-listen) as host:port.
+        /// Default: `registry` in the imctl config, else the host of its
+        /// `server` with port 5000.
+        #[arg(long, env = "IMCTL_REGISTRY")]
+        registry: Option<String>,
         /// Image reference to tag, e.g. ironmesh.dev/records-server:0.1.0.
         /// Default: the name annotated in index.json. Only for a layout
         /// holding one image.
@@ -91,13 +94,18 @@ pub async fn run(
     status_err: fn(tonic::Status) -> anyhow::Error,
 ) -> anyhow::Result<()> {
     match command {
-        ImageCommand::Push { path, name } => {
+        ImageCommand::Push {
+            path,
+            registry,
+            name,
+        } => {
             // Everything local is read and checked before connecting.
             let source = LayoutSource::open(&path)?;
             let images = read_layout(source.dir(), name.as_deref())
                 .with_context(|| format!("image layout {}", path.display()))?;
-            let mut api = client::connect(cfg).await?;
-            push(&mut api, source.dir(), &images, status_err).await
+            let addr = crate::registry_client::registry_address(registry.as_deref(), cfg)?;
+            let mut registry = RegistryClient::connect(cfg, &addr).await?;
+            push(&mut registry, source.dir(), &images).await
         }
         ImageCommand::Rm { names } => {
             let mut api = client::connect(cfg).await?;
@@ -292,61 +300,59 @@ fn layout_file_at(parts: &[String]) -> Option<usize> {
     None
 }
 
-#[derive(Deserialize)]
-struct Desc {
-    #[serde(rename = "mediaType", default)]
-    media_type: String,
-    digest: String,
-    size: i64,
-    #[serde(default)]
-    annotations: HashMap<String, String>,
-}
-
-#[derive(Deserialize)]
-struct Index {
-    #[serde(default)]
-    manifests: Vec<Desc>,
-}
-
-#[derive(Deserialize)]
-struct Manifest {
-    config: Desc,
-    #[serde(default)]
-    layers: Vec<Desc>,
-}
-
-/// A blob to upload: digest, size, where it is in the layout.
+/// A blob to upload: digest and size.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Blob {
-    digest: String,
+    digest: Digest,
     size: u64,
+}
+
+/// A manifest or index of the layout, with its bytes.
+#[derive(Debug)]
+struct LayoutManifest {
+    blob: Blob,
+    media_type: String,
+    data: Vec<u8>,
 }
 
 /// One image of the layout, checked.
 #[derive(Debug)]
 struct LayoutImage {
+    /// The full name (`:latest` added if it had no tag).
     name: String,
-    manifest: Blob,
-    /// Layers, config, then the manifest: everything the push sends.
+    repository: String,
+    tag: String,
+    /// What the tag names: an image manifest, or an index.
+    top: LayoutManifest,
+    /// An index's manifests, pushed by digest before it.
+    children: Vec<LayoutManifest>,
+    /// Layers and configs of every manifest, layers first.
     blobs: Vec<Blob>,
 }
 
-fn blob_path(dir: &Path, digest: &str) -> anyhow::Result<PathBuf> {
-    let hex = ironmesh_oci::digest_hex(digest)
-        .ok()
-        .with_context(|| format!("digest {digest:?} is not a sha256 digest"))?;
-    Ok(dir.join("blobs").join("sha256").join(hex))
+impl LayoutImage {
+    /// Everything the push sends for this image: blobs, then manifests.
+    fn blob_count(&self) -> usize {
+        self.blobs.len() + self.children.len() + 1
+    }
+
+    fn size(&self) -> u64 {
+        self.blobs.iter().map(|b| b.size).sum::<u64>()
+            + self.children.iter().map(|m| m.blob.size).sum::<u64>()
+            + self.top.blob.size
+    }
+}
+
+fn blob_path(dir: &Path, digest: &Digest) -> PathBuf {
+    // Digest::hex is 64 hex digits: never a path trick.
+    dir.join("blobs").join("sha256").join(digest.hex())
 }
 
 /// Checks that a blob is in the layout with its declared size.
-fn check_blob(dir: &Path, desc: &Desc, what: &str) -> anyhow::Result<Blob> {
-    let path = blob_path(dir, &desc.digest).with_context(|| what.to_string())?;
-    if desc.size < 0 {
-        bail!("{what} {} has a negative size", desc.digest);
-    }
-    let meta = std::fs::metadata(&path)
+fn check_blob(dir: &Path, desc: &Descriptor, what: &str) -> anyhow::Result<Blob> {
+    let meta = std::fs::metadata(blob_path(dir, &desc.digest))
         .with_context(|| format!("{what} {} is missing from the layout", desc.digest))?;
-    if meta.len() != desc.size as u64 {
+    if meta.len() != desc.size {
         bail!(
             "{what} {} has {} bytes in the layout, its descriptor says {}",
             desc.digest,
@@ -360,7 +366,52 @@ fn check_blob(dir: &Path, desc: &Desc, what: &str) -> anyhow::Result<Blob> {
     })
 }
 
-fn image_name(desc: &Desc) -> Option<String> {
+/// Reads a manifest or index blob, checking its size and digest.
+fn read_manifest(dir: &Path, desc: &Descriptor, what: &str) -> anyhow::Result<LayoutManifest> {
+    let blob = check_blob(dir, desc, what)?;
+    if blob.size > MAX_MANIFEST {
+        bail!("{what} {} is too large ({} bytes)", desc.digest, desc.size);
+    }
+    let data = std::fs::read(blob_path(dir, &desc.digest))?;
+    let actual = Digest::of(&data);
+    if actual != desc.digest {
+        bail!(
+            "{what} {} in the layout hashes to {actual}: the layout is damaged",
+            desc.digest
+        );
+    }
+    let media_type = if !desc.media_type.is_empty() {
+        desc.media_type.clone()
+    } else if ironmesh_oci::is_index_json(&data) {
+        media::OCI_INDEX.to_string()
+    } else {
+        media::OCI_MANIFEST.to_string()
+    };
+    Ok(LayoutManifest {
+        blob,
+        media_type,
+        data,
+    })
+}
+
+/// The layers and config of one image manifest, checked in the layout.
+fn manifest_blobs(dir: &Path, m: &LayoutManifest, blobs: &mut Vec<Blob>) -> anyhow::Result<()> {
+    let manifest: ImageManifest = serde_json::from_slice(&m.data)
+        .with_context(|| format!("manifest {} is not an image manifest", m.blob.digest))?;
+    for (i, layer) in manifest.layers.iter().enumerate() {
+        let b = check_blob(dir, layer, &format!("layer {i}"))?;
+        if !blobs.contains(&b) {
+            blobs.push(b);
+        }
+    }
+    let b = check_blob(dir, &manifest.config, "config")?;
+    if !blobs.contains(&b) {
+        blobs.push(b);
+    }
+    Ok(())
+}
+
+fn image_name(desc: &Descriptor) -> Option<String> {
     if let Some(n) = desc.annotations.get(ANNOTATION_CONTAINERD_NAME) {
         return Some(n.clone()).filter(|n| !n.is_empty());
     }
@@ -369,6 +420,21 @@ fn image_name(desc: &Desc) -> Option<String> {
         .get(ANNOTATION_REF_NAME)
         .filter(|n| n.contains('/') || n.contains(':'))
         .cloned()
+}
+
+/// The registry repository and tag of an image name, checked before any
+/// upload.
+fn repository_and_tag(name: &str) -> anyhow::Result<(String, String, String)> {
+    let name = ironmesh_oci::name::normalize_name(name)?;
+    let (path, tag) = ironmesh_oci::name::split_tag(&name);
+    let tag = tag.unwrap_or("latest").to_string();
+    if !path.split('/').all(ironmesh_oci::name::is_path_component) {
+        bail!(
+            "image name {name:?}: the registry stores it as repository {path:?}, which must be \
+             lowercase path components (a registry host with a port cannot be part of it)"
+        );
+    }
+    Ok((name.clone(), path.to_string(), tag))
 }
 
 fn read_layout(dir: &Path, name: Option<&str>) -> anyhow::Result<Vec<LayoutImage>> {
@@ -385,7 +451,7 @@ fn read_layout(dir: &Path, name: Option<&str>) -> anyhow::Result<Vec<LayoutImage
         bail!("oci-layout has no imageLayoutVersion");
     }
     let index_path = dir.join("index.json");
-    let index: Index = serde_json::from_slice(
+    let index: ImageIndex = serde_json::from_slice(
         &std::fs::read(&index_path)
             .with_context(|| format!("cannot read {}", index_path.display()))?,
     )
@@ -402,13 +468,7 @@ fn read_layout(dir: &Path, name: Option<&str>) -> anyhow::Result<Vec<LayoutImage
     }
     let mut images = Vec::new();
     for desc in &index.manifests {
-        if desc.media_type == MEDIA_OCI_INDEX || desc.media_type == MEDIA_DOCKER_LIST {
-            bail!(
-                "{} is a multi-platform index; only single-platform image manifests can be pushed",
-                desc.digest
-            );
-        }
-        let name = match name {
+        let full = match name {
             Some(n) => n.to_string(),
             None => image_name(desc).with_context(|| {
                 format!(
@@ -418,33 +478,31 @@ fn read_layout(dir: &Path, name: Option<&str>) -> anyhow::Result<Vec<LayoutImage
                 )
             })?,
         };
-        let manifest_blob = check_blob(dir, desc, "manifest")?;
-        if manifest_blob.size > MAX_MANIFEST {
-            bail!(
-                "manifest {} is too large ({} bytes)",
-                desc.digest,
-                desc.size
-            );
-        }
-        let data = std::fs::read(blob_path(dir, &desc.digest)?)?;
-        let actual = ironmesh_oci::Digest::of(&data);
-        if actual.as_str() != desc.digest {
-            bail!(
-                "manifest {} in the layout hashes to {actual}: the layout is damaged",
-                desc.digest
-            );
-        }
-        let manifest: Manifest = serde_json::from_slice(&data)
-            .with_context(|| format!("manifest {} is not an image manifest", desc.digest))?;
+        let (full, repository, tag) = repository_and_tag(&full)?;
+        let top = read_manifest(dir, desc, "manifest")?;
         let mut blobs = Vec::new();
-        for (i, layer) in manifest.layers.iter().enumerate() {
-            blobs.push(check_blob(dir, layer, &format!("layer {i}"))?);
+        let mut children = Vec::new();
+        if media::is_index(&top.media_type) {
+            let inner: ImageIndex = serde_json::from_slice(&top.data)
+                .with_context(|| format!("index {} is not an image index", desc.digest))?;
+            for (i, m) in inner.manifests.iter().enumerate() {
+                let what = format!("manifest {i} of index {}", desc.digest);
+                let child = read_manifest(dir, m, &what)?;
+                if media::is_index(&child.media_type) {
+                    bail!("{what} is itself an index; nested indexes are not pushed");
+                }
+                manifest_blobs(dir, &child, &mut blobs).with_context(|| what.clone())?;
+                children.push(child);
+            }
+        } else {
+            manifest_blobs(dir, &top, &mut blobs)?;
         }
-        blobs.push(check_blob(dir, &manifest.config, "config")?);
-        blobs.push(manifest_blob.clone());
         images.push(LayoutImage {
-            name,
-            manifest: manifest_blob,
+            name: full,
+            repository,
+            tag,
+            top,
+            children,
             blobs,
         });
     }
@@ -455,141 +513,90 @@ fn read_layout(dir: &Path, name: Option<&str>) -> anyhow::Result<Vec<LayoutImage
 // pushing
 
 async fn push(
-    api: &mut OperatorServiceClient<Channel>,
+    registry: &mut RegistryClient,
     dir: &Path,
     images: &[LayoutImage],
-    status_err: fn(tonic::Status) -> anyhow::Error,
 ) -> anyhow::Result<()> {
-    // Every blob once, in push order (layers and config before manifests).
-    let mut all: Vec<Blob> = Vec::new();
-    for b in images.iter().flat_map(|i| &i.blobs) {
-        if !all.contains(b) {
-            all.push(b.clone());
+    // Every blob once, with the repository of its first image (the store
+    // shares blobs between repositories).
+    let mut all: Vec<(&Blob, &str)> = Vec::new();
+    for image in images {
+        for b in &image.blobs {
+            if !all.iter().any(|(a, _)| *a == b) {
+                all.push((b, &image.repository));
+            }
         }
     }
-    let missing = api
-        .blobs_missing(BlobsMissingRequest {
-            digests: all.iter().map(|b| b.digest.clone()).collect(),
-        })
-        .await
-        .map_err(status_err)?
-        .into_inner()
-        .missing;
-    let to_send: Vec<&Blob> = all.iter().filter(|b| missing.contains(&b.digest)).collect();
-    let total: u64 = to_send.iter().map(|b| b.size).sum();
-    let progress = Arc::new(Mutex::new(Progress::new(total)));
-    let mut uploaded: Vec<String> = Vec::new();
-    for blob in to_send {
-        let path = blob_path(dir, &blob.digest)?;
-        let resp = upload(api, &path, blob, progress.clone())
-            .await
-            .map_err(|s| {
-                progress.lock().map(|mut p| p.clear()).ok();
-                anyhow::anyhow!(
-                    "uploading {} from {}: {}",
-                    blob.digest,
-                    path.display(),
-                    status_err(s)
-                )
-            })?;
-        if resp.stored {
-            uploaded.push(blob.digest.clone());
+    let mut to_send = Vec::new();
+    for (blob, repo) in &all {
+        if !registry.blob_exists(repo, &blob.digest).await? {
+            to_send.push((*blob, *repo));
         }
+    }
+    let total: u64 = to_send.iter().map(|(b, _)| b.size).sum();
+    let progress = Arc::new(Mutex::new(Progress::new(total)));
+    let mut uploaded: Vec<Digest> = Vec::new();
+    for (blob, repo) in to_send {
+        let path = blob_path(dir, &blob.digest);
+        registry
+            .upload_blob(repo, &blob.digest, &path, blob.size, &progress)
+            .await
+            .map_err(|e| {
+                progress.lock().map(|mut p| p.clear()).ok();
+                e.context(format!("uploading {} from {}", blob.digest, path.display()))
+            })?;
+        uploaded.push(blob.digest.clone());
     }
     progress.lock().map(|mut p| p.finish()).ok();
 
     for image in images {
-        let info: ImageInfo = api
-            .tag_image(TagImageRequest {
-                name: image.name.clone(),
-                manifest_digest: image.manifest.digest.clone(),
-            })
-            .await
-            .map_err(status_err)?
-            .into_inner();
-        let sent = image
+        // A manifest whose bytes the store already holds is not new.
+        let mut sent = image
             .blobs
             .iter()
             .filter(|b| uploaded.contains(&b.digest))
             .count();
+        for m in image.children.iter().chain([&image.top]) {
+            if !registry
+                .blob_exists(&image.repository, &m.blob.digest)
+                .await?
+            {
+                sent += 1;
+            }
+        }
+        for child in &image.children {
+            registry
+                .put_manifest(
+                    &image.repository,
+                    child.blob.digest.as_str(),
+                    &child.media_type,
+                    child.data.clone(),
+                )
+                .await?;
+        }
+        registry
+            .put_manifest(
+                &image.repository,
+                &image.tag,
+                &image.top.media_type,
+                image.top.data.clone(),
+            )
+            .await
+            .with_context(|| format!("naming {}", image.name))?;
         println!(
             "pushed {} {} ({}, {} blobs, {sent} uploaded)",
-            info.name,
-            info.manifest_digest,
-            human_size(info.size),
-            image.blobs.len(),
+            image.name,
+            image.top.blob.digest,
+            human_size(image.size()),
+            image.blob_count(),
         );
     }
     Ok(())
 }
 
-/// Streams one blob file to PushBlob.
-async fn upload(
-    api: &mut OperatorServiceClient<Channel>,
-    path: &Path,
-    blob: &Blob,
-    progress: Arc<Mutex<Progress>>,
-) -> Result<ironmesh_proto::v1::PushBlobResponse, tonic::Status> {
-    let file = tokio::fs::File::open(path)
-        .await
-        .map_err(|e| tonic::Status::failed_precondition(format!("cannot open: {e}")))?;
-    struct State {
-        file: tokio::fs::File,
-        first: bool,
-        done: bool,
-        digest: String,
-        size: u64,
-        progress: Arc<Mutex<Progress>>,
-    }
-    let state = State {
-        file,
-        first: true,
-        done: false,
-        digest: blob.digest.clone(),
-        size: blob.size,
-        progress,
-    };
-    let chunks = futures::stream::unfold(state, |mut s| async move {
-        if s.done {
-            return None;
-        }
-        let mut data = vec![0u8; UPLOAD_CHUNK];
-        let mut filled = 0;
-        // A read error ends the stream early; the controller then answers
-        // that the blob is short, naming it.
-        while filled < data.len() {
-            match s.file.read(&mut data[filled..]).await {
-                Ok(0) | Err(_) => break,
-                Ok(n) => filled += n,
-            }
-        }
-        data.truncate(filled);
-        if filled == 0 && !s.first {
-            return None;
-        }
-        s.done = filled < UPLOAD_CHUNK;
-        if let Ok(mut p) = s.progress.lock() {
-            p.advance(filled as u64);
-        }
-        let chunk = BlobChunk {
-            digest: if s.first {
-                s.digest.clone()
-            } else {
-                String::new()
-            },
-            total_size: if s.first { s.size } else { 0 },
-            offset: 0,
-            data,
-        };
-        s.first = false;
-        Some((chunk, s))
-    });
-    Ok(api.push_blob(chunks).await?.into_inner())
-}
-
 /// Upload progress on stderr: a redrawn line on a terminal, a line per
 /// quarter for big uploads otherwise, nothing for small ones.
-struct Progress {
+pub struct Progress {
     total: u64,
     sent: u64,
     tty: bool,
@@ -601,7 +608,7 @@ struct Progress {
 }
 
 impl Progress {
-    fn new(total: u64) -> Progress {
+    pub fn new(total: u64) -> Progress {
         let tty = std::io::stderr().is_terminal();
         Progress {
             total,
@@ -619,7 +626,7 @@ impl Progress {
         }
     }
 
-    fn advance(&mut self, n: u64) {
+    pub fn advance(&mut self, n: u64) {
         self.sent += n;
         if !self.enabled || self.total == 0 {
             return;
@@ -752,18 +759,18 @@ fn table(images: &[ImageInfo], now_ms: i64) -> String {
 mod tests {
     use super::*;
 
-    fn sha(data: &[u8]) -> String {
-        ironmesh_oci::Digest::of(data).into()
+    fn sha(data: &[u8]) -> Digest {
+        Digest::of(data)
     }
 
-    fn put(dir: &Path, data: &[u8]) -> String {
+    fn put(dir: &Path, data: &[u8]) -> Digest {
         let d = sha(data);
         std::fs::create_dir_all(dir.join("blobs/sha256")).unwrap();
-        std::fs::write(blob_path(dir, &d).unwrap(), data).unwrap();
+        std::fs::write(blob_path(dir, &d), data).unwrap();
         d
     }
 
-    fn layout(dir: &Path, annotations: serde_json::Value) -> String {
+    fn layout(dir: &Path, annotations: serde_json::Value) -> Digest {
         std::fs::write(dir.join("oci-layout"), r#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
         let layer = put(dir, b"layer");
         let config = put(dir, b"{}");
@@ -790,9 +797,19 @@ mod tests {
         );
         let images = read_layout(d.path(), None).unwrap();
         assert_eq!(images[0].name, "ironmesh/app:dev");
-        assert_eq!(images[0].manifest.digest, m);
-        assert_eq!(images[0].blobs.len(), 3);
-        assert_eq!(images[0].blobs.last().unwrap().digest, m);
+        assert_eq!(
+            (images[0].repository.as_str(), images[0].tag.as_str()),
+            ("ironmesh/app", "dev")
+        );
+        assert_eq!(images[0].top.blob.digest, m);
+        assert_eq!(images[0].blob_count(), 3);
+        assert_eq!(
+            images[0].blobs,
+            [sha(b"layer"), sha(b"{}")].map(|d| Blob {
+                size: if d == sha(b"{}") { 2 } else { 5 },
+                digest: d
+            })
+        );
         let images = read_layout(d.path(), Some("x/y:1")).unwrap();
         assert_eq!(images[0].name, "x/y:1");
 
@@ -804,13 +821,76 @@ mod tests {
     }
 
     #[test]
+    fn an_index_pushes_its_manifests_and_their_blobs() {
+        let d = tempfile::tempdir().unwrap();
+        let amd64 = layout(d.path(), serde_json::json!({}));
+        let arm_layer = put(d.path(), b"arm layer");
+        let arm = serde_json::to_vec(&serde_json::json!({
+            "schemaVersion": 2,
+            "config": {"digest": sha(b"{}"), "size": 2},
+            "layers": [{"digest": arm_layer, "size": 9}],
+        }))
+        .unwrap();
+        let arm_digest = put(d.path(), &arm);
+        let manifest_len = std::fs::metadata(blob_path(d.path(), &amd64))
+            .unwrap()
+            .len();
+        let index = serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2, "mediaType": media::OCI_INDEX,
+        "manifests": [
+            {"mediaType": media::OCI_MANIFEST, "digest": amd64, "size": manifest_len,
+             "platform": {"os": "linux", "architecture": "amd64"}},
+            {"mediaType": media::OCI_MANIFEST, "digest": arm_digest, "size": arm.len(),
+             "platform": {"os": "linux", "architecture": "arm64"}},
+        ]}))
+        .unwrap();
+        let index_digest = put(d.path(), &index);
+        let top = serde_json::json!({"schemaVersion": 2, "manifests": [
+            {"mediaType": media::OCI_INDEX, "digest": index_digest, "size": index.len(),
+             "annotations": {ANNOTATION_REF_NAME: "app/multi"}}]});
+        std::fs::write(d.path().join("index.json"), top.to_string()).unwrap();
+        let images = read_layout(d.path(), None).unwrap();
+        let i = &images[0];
+        assert_eq!(
+            (i.name.as_str(), i.tag.as_str()),
+            ("app/multi:latest", "latest")
+        );
+        assert_eq!(i.top.blob.digest, index_digest);
+        assert_eq!(i.top.media_type, media::OCI_INDEX);
+        let children: Vec<&Digest> = i.children.iter().map(|c| &c.blob.digest).collect();
+        assert_eq!(children, [&amd64, &arm_digest]);
+        // The shared config once; both layers.
+        let blobs: Vec<&Digest> = i.blobs.iter().map(|b| &b.digest).collect();
+        assert_eq!(blobs, [&sha(b"layer"), &sha(b"{}"), &arm_layer]);
+        assert_eq!(i.blob_count(), 6);
+
+        // A child missing from the layout is named before any upload.
+        std::fs::remove_file(blob_path(d.path(), &arm_digest)).unwrap();
+        let e = format!("{:#}", read_layout(d.path(), None).unwrap_err());
+        assert!(
+            e.contains(arm_digest.as_str()) && e.contains("missing"),
+            "{e}"
+        );
+
+        // A name the registry cannot hold as a repository is refused.
+        let e = format!(
+            "{:#}",
+            repository_and_tag("localhost:5000/a:1").unwrap_err()
+        );
+        assert!(e.contains("repository"), "{e}");
+    }
+
+    #[test]
     fn a_missing_or_resized_blob_is_named_before_any_upload() {
         let d = tempfile::tempdir().unwrap();
         layout(d.path(), serde_json::json!({ANNOTATION_REF_NAME: "a:1"}));
-        std::fs::write(blob_path(d.path(), &sha(b"layer")).unwrap(), b"layer+").unwrap();
+        std::fs::write(blob_path(d.path(), &sha(b"layer")), b"layer+").unwrap();
         let e = format!("{:#}", read_layout(d.path(), None).unwrap_err());
-        assert!(e.contains(&sha(b"layer")) && e.contains("6 bytes"), "{e}");
-        std::fs::remove_file(blob_path(d.path(), &sha(b"layer")).unwrap()).unwrap();
+        assert!(
+            e.contains(sha(b"layer").as_str()) && e.contains("6 bytes"),
+            "{e}"
+        );
+        std::fs::remove_file(blob_path(d.path(), &sha(b"layer"))).unwrap();
         let e = format!("{:#}", read_layout(d.path(), None).unwrap_err());
         assert!(e.contains("missing"), "{e}");
     }
@@ -845,7 +925,7 @@ mod tests {
         assert!(!out.path().join("index.json").exists());
         assert!(!out.path().join("x/README").exists());
         let images = read_layout(&root, None).unwrap();
-        assert_eq!(images[0].manifest.digest, m);
+        assert_eq!(images[0].top.blob.digest, m);
     }
 
     /// Randomised runs over the layout reader and the tar extractor
@@ -931,7 +1011,7 @@ mod tests {
         let t = table(
             &[ImageInfo {
                 name: "ironmesh/app:dev".into(),
-                manifest_digest: sha(b"m"),
+                manifest_digest: sha(b"m").to_string(),
                 size: 2_500_000,
                 pushed_unix_ms: 0,
             }],

@@ -17,6 +17,7 @@ mod node;
 mod output;
 mod pipeline;
 mod registry;
+mod registry_client;
 
 use std::path::PathBuf;
 use std::process::ExitCode;

@@ -22,6 +22,7 @@ fn nodes() -> Vec<NodeCapacity> {
             memory_bytes: (64u64 + (i as u64 % 3) * 64) << 30,
             labels: BTreeMap::from([("rack".to_string(), format!("r{:02}", i % 40))]),
             taints: vec![],
+            architecture: "amd64".to_string(),
         })
         .collect()
 }

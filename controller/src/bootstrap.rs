@@ -112,13 +112,14 @@ pub fn prepare(
     let admin_config = dir.join("admin.yaml");
     if !admin_config.exists() {
         let (cert, key) = ca.issue(&Identity::Operator(FIRST_OPERATOR.into()), &[], false)?;
-        let conf = ClientConfig::new(
+        let mut conf = ClientConfig::new(
             cfg.advertise_url(),
             ca.cert_pem().to_string(),
             FIRST_OPERATOR.into(),
             cert,
             key,
         );
+        conf.registry = registry_for_imctl(cfg);
         let yaml =
             serde_norway::to_string(&conf).map_err(|e| BootstrapError::Encode(e.to_string()))?;
         write_private(&admin_config, yaml.as_bytes())?;
@@ -162,6 +163,26 @@ pub fn new_token() -> String {
     crate::tokens::generate()
 }
 
+/// The registry address `admin.yaml` names for `imctl image push`, when
+/// imctl's default (the server's host, port 5000) would miss it.
+fn registry_for_imctl(cfg: &ControllerConfig) -> Option<String> {
+    let listen = cfg.registry_listen?;
+    let advertised = url_host(&cfg.advertise_url());
+    let host = if listen.ip().is_unspecified() {
+        advertised.clone()?
+    } else {
+        listen.ip().to_string()
+    };
+    if listen.port() == 5000 && advertised.as_deref() == Some(host.as_str()) {
+        return None;
+    }
+    Some(if host.contains(':') {
+        format!("[{host}]:{}", listen.port())
+    } else {
+        format!("{host}:{}", listen.port())
+    })
+}
+
 fn url_host(url: &str) -> Option<String> {
     let rest = url.strip_prefix("https://")?;
     let hostport = rest.split('/').next()?;
@@ -202,5 +223,33 @@ mod tests {
         let b = load_or_create_token(&p).unwrap();
         assert_eq!(a, b);
         assert!(a.starts_with("imt.") && a.len() > 40);
+    }
+
+    #[test]
+    fn admin_config_names_the_registry_only_when_the_default_would_miss_it() {
+        use clap::Parser;
+        let with = |args: &[&str]| {
+            let mut all = vec![
+                "ironmesh-controller",
+                "--advertise-url",
+                "https://10.0.0.1:7443",
+            ];
+            all.extend(args);
+            registry_for_imctl(&ControllerConfig::parse_from(all))
+        };
+        assert_eq!(with(&[]), None);
+        assert_eq!(with(&["--registry-listen", "0.0.0.0:5000"]), None);
+        assert_eq!(
+            with(&["--registry-listen", "0.0.0.0:5001"]).as_deref(),
+            Some("10.0.0.1:5001")
+        );
+        assert_eq!(
+            with(&["--registry-listen", "10.0.0.2:5000"]).as_deref(),
+            Some("10.0.0.2:5000")
+        );
+        assert_eq!(
+            with(&["--registry-listen", "[fd00::2]:5000"]).as_deref(),
+            Some("[fd00::2]:5000")
+        );
     }
 }

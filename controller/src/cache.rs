@@ -36,11 +36,21 @@ pub struct View {
     objects: HashMap<Kind, BTreeMap<String, Arc<StoredObject>>>,
     /// Canonical label set → identity.
     identities: HashMap<String, u32>,
-    /// Image name → manifest digest.
-    images: HashMap<String, String>,
+    /// Image name → manifest digest, and an index's platforms.
+    images: HashMap<String, CachedImage>,
     /// Node → volumes whose data it must remove
     /// ([`crate::volumes::REMOVALS`]).
     removals: HashMap<String, std::collections::BTreeSet<String>>,
+}
+
+/// What the cache keeps of an image name.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct CachedImage {
+    manifest_digest: String,
+    /// An index's platforms; empty for a single-platform image.
+    #[serde(default)]
+    platforms: Vec<ironmesh_oci::Platform>,
 }
 
 static EMPTY: BTreeMap<String, Arc<StoredObject>> = BTreeMap::new();
@@ -63,7 +73,16 @@ impl View {
 
     /// The manifest digest an image name (as stored) points at.
     pub fn image_digest(&self, name: &str) -> Option<&str> {
-        self.images.get(name).map(String::as_str)
+        self.images.get(name).map(|i| i.manifest_digest.as_str())
+    }
+
+    /// The platforms an image name's index offers; empty when the name is
+    /// unknown or a single-platform manifest (it may run anywhere).
+    pub fn image_platforms(&self, name: &str) -> &[ironmesh_oci::Platform] {
+        self.images
+            .get(name)
+            .map(|i| i.platforms.as_slice())
+            .unwrap_or(&[])
     }
 
     /// The volumes `node` must remove, by name.
@@ -133,19 +152,14 @@ impl View {
             }
         } else if let Some(name) = kv.key.strip_prefix(IMAGES) {
             match kind {
-                EventKind::Put => {
-                    let digest = serde_json::from_slice::<serde_json::Value>(&kv.value)
-                        .ok()
-                        .and_then(|v| v.get("manifestDigest")?.as_str().map(str::to_string));
-                    match digest {
-                        Some(d) => {
-                            self.images.insert(name.to_string(), d);
-                        }
-                        None => {
-                            self.images.remove(name);
-                        }
+                EventKind::Put => match serde_json::from_slice::<CachedImage>(&kv.value).ok() {
+                    Some(i) => {
+                        self.images.insert(name.to_string(), i);
                     }
-                }
+                    None => {
+                        self.images.remove(name);
+                    }
+                },
                 EventKind::Delete => {
                     self.images.remove(name);
                 }
@@ -317,5 +331,44 @@ mod tests {
             v.get(Kind::Node, "b").unwrap().object["metadata"]["resourceVersion"],
             json!(v.get(Kind::Node, "b").unwrap().revision.to_string())
         );
+    }
+
+    #[test]
+    fn image_tags_keep_their_digest_and_an_indexs_platforms() {
+        let mut v = View::default();
+        let kv = |key: &str, value: serde_json::Value| KeyValue {
+            key: key.into(),
+            value: value.to_string().into_bytes(),
+            create_revision: 1,
+            mod_revision: 1,
+        };
+        let d = format!("sha256:{}", "a".repeat(64));
+        v.apply(
+            EventKind::Put,
+            &kv(
+                "/images/app:1",
+                json!({"name": "app:1", "manifestDigest": d, "size": 1, "pushedUnixMs": 0,
+                "platforms": [{"os": "linux", "architecture": "arm64"}]}),
+            ),
+        );
+        v.apply(
+            EventKind::Put,
+            &kv(
+                "/images/one:1",
+                json!({"name": "one:1", "manifestDigest": d, "size": 1, "pushedUnixMs": 0}),
+            ),
+        );
+        assert_eq!(v.image_digest("app:1"), Some(d.as_str()));
+        let p: Vec<String> = v
+            .image_platforms("app:1")
+            .iter()
+            .map(|p| p.to_string())
+            .collect();
+        assert_eq!(p, ["linux/arm64"]);
+        assert!(v.image_platforms("one:1").is_empty());
+        assert!(v.image_platforms("absent:1").is_empty());
+        v.apply(EventKind::Delete, &kv("/images/app:1", json!(null)));
+        assert_eq!(v.image_digest("app:1"), None);
+        assert!(v.image_platforms("app:1").is_empty());
     }
 }

@@ -16,15 +16,14 @@ use ironmesh_api::selector::LabelSelector;
 use ironmesh_api::Kind;
 use ironmesh_proto::v1::{
     operator_service_server::OperatorService, watch_event, ApplyRequest, ApplyResponse,
-    ApplyResult, BlobChunk, BlobsMissingRequest, BlobsMissingResponse, CollectImageGarbageRequest,
-    CollectImageGarbageResponse, CreateJoinTokenRequest, CreateJoinTokenResponse,
-    CreateOperatorRequest, CreateOperatorResponse, CreateRegistryCredentialRequest,
-    CreateRegistryCredentialResponse, DeleteJoinTokenRequest, DeleteJoinTokenResponse,
-    DeleteRequest, DeleteResponse, GetRequest, ImageInfo, JoinToken, ListImagesRequest,
-    ListImagesResponse, ListJoinTokensRequest, ListJoinTokensResponse, ListOperatorsRequest,
-    ListOperatorsResponse, ListRequest, ListResponse, LogsChunk, LogsRequest, OperatorInfo,
-    PushBlobResponse, RemoveImageRequest, RemoveImageResponse, Resource, RevokeOperatorRequest,
-    RevokeOperatorResponse, TagImageRequest, WatchEvent, WatchRequest,
+    ApplyResult, CollectImageGarbageRequest, CollectImageGarbageResponse, CreateJoinTokenRequest,
+    CreateJoinTokenResponse, CreateOperatorRequest, CreateOperatorResponse,
+    CreateRegistryCredentialRequest, CreateRegistryCredentialResponse, DeleteJoinTokenRequest,
+    DeleteJoinTokenResponse, DeleteRequest, DeleteResponse, GetRequest, JoinToken,
+    ListImagesRequest, ListImagesResponse, ListJoinTokensRequest, ListJoinTokensResponse,
+    ListOperatorsRequest, ListOperatorsResponse, ListRequest, ListResponse, LogsChunk, LogsRequest,
+    OperatorInfo, RemoveImageRequest, RemoveImageResponse, Resource, RevokeOperatorRequest,
+    RevokeOperatorResponse, WatchEvent, WatchRequest,
 };
 use tonic::{Request, Response, Status};
 
@@ -527,53 +526,6 @@ impl OperatorService for OperatorApi {
             futures::stream::iter(initial).chain(live),
             self.shutdown.clone(),
         )))
-    }
-
-    async fn blobs_missing(
-        &self,
-        req: Request<BlobsMissingRequest>,
-    ) -> Result<Response<BlobsMissingResponse>, Status> {
-        self.caller(&req, Action::PushImage, "BlobsMissing").await?;
-        let r = self.images.blobs_missing(req.into_inner()).await;
-        self.record("BlobsMissing", &r);
-        r.map(Response::new)
-    }
-
-    async fn push_blob(
-        &self,
-        req: Request<tonic::Streaming<BlobChunk>>,
-    ) -> Result<Response<PushBlobResponse>, Status> {
-        let caller = self.caller(&req, Action::PushImage, "PushBlob").await?;
-        let r = self.images.push_blob(req.into_inner()).await;
-        audit(
-            &caller,
-            "PushBlob",
-            r.as_ref().map(|b| b.digest.as_str()).unwrap_or_default(),
-            if r.is_ok() { "ok" } else { "failed" },
-        );
-        self.record("PushBlob", &r);
-        r.map(Response::new)
-    }
-
-    async fn tag_image(
-        &self,
-        req: Request<TagImageRequest>,
-    ) -> Result<Response<ImageInfo>, Status> {
-        let caller = self.caller(&req, Action::PushImage, "TagImage").await?;
-        let req = req.into_inner();
-        let target = req.name.clone();
-        let r = self.images.tag_image(req).await;
-        if let Ok(info) = &r {
-            tracing::info!(operator = %caller.name, image = %info.name, digest = %info.manifest_digest, "image tagged");
-        }
-        audit(
-            &caller,
-            "TagImage",
-            &target,
-            if r.is_ok() { "ok" } else { "failed" },
-        );
-        self.record("TagImage", &r);
-        r.map(Response::new)
     }
 
     async fn list_images(

@@ -7,7 +7,10 @@
 //! [`Cluster::place`] then
 //!
 //! 1. **filters** nodes: Ready, not cordoned (`spec.unschedulable`), labels
-//!    matching `placement.nodeSelector`, no `NoSchedule`/`NoExecute` taint
+//!    matching `placement.nodeSelector`, of a platform the image offers
+//!    (an index lists its platforms; a node runs `linux/<its CPU>`; a
+//!    single-platform image or a node that reported no CPU passes), no
+//!    `NoSchedule`/`NoExecute` taint
 //!    the instance does not tolerate, room for the requested CPU and memory,
 //!    and — with `placement.spread` — not pushing its topology domain more
 //!    than `maxSkew` above the least-loaded domain;
@@ -20,7 +23,8 @@
 //!    never overcommit a node.
 //!
 //! When no node passes, the error counts the first failed filter per node:
-//! `0/3 nodes available: 2 insufficient memory, 1 tainted`.
+//! `0/3 nodes available: 2 insufficient memory, 1 tainted`; when nodes
+//! fail on their platform it adds what the image offers.
 //!
 //! It must not read the store; [`crate::workloads`] feeds it.
 
@@ -28,6 +32,7 @@ use std::collections::{BTreeMap, HashMap};
 
 use ironmesh_api::node::{Taint, TaintEffect};
 use ironmesh_api::workload::{Placement, HOSTNAME_LABEL};
+use ironmesh_oci::Platform;
 
 /// What the scheduler knows about one node.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -42,7 +47,13 @@ pub struct NodeCapacity {
     pub memory_bytes: u64,
     pub labels: BTreeMap<String, String>,
     pub taints: Vec<Taint>,
+    /// The node's CPU as an OCI architecture (`amd64`); empty if it
+    /// reported none. Its OS is `linux`.
+    pub architecture: String,
 }
+
+/// The OS of every node.
+const NODE_OS: &str = "linux";
 
 /// What the controller keeps back on every node for the agent, containerd
 /// and the OS (`--reserve-cpu`, `--reserve-memory`).
@@ -73,6 +84,7 @@ enum Unfit {
     NotReady,
     Unschedulable,
     Selector,
+    Platform,
     Tainted,
     Cpu,
     Memory,
@@ -86,6 +98,7 @@ impl Unfit {
             Unfit::NotReady => "not ready",
             Unfit::Unschedulable => "unschedulable",
             Unfit::Selector => "not matching the node selector",
+            Unfit::Platform => "of a platform the image does not offer",
             Unfit::Tainted => "tainted",
             Unfit::Cpu => "insufficient cpu",
             Unfit::Memory => "insufficient memory",
@@ -188,8 +201,20 @@ impl Cluster {
         req: Request,
         placement: Option<&Placement>,
     ) -> Result<String, String> {
+        self.place_for(workload, req, placement, &[])
+    }
+
+    /// [`Cluster::place_with`] for an image that runs only on `platforms`
+    /// (an index's; empty: anywhere).
+    pub fn place_for(
+        &mut self,
+        workload: &str,
+        req: Request,
+        placement: Option<&Placement>,
+        platforms: &[Platform],
+    ) -> Result<String, String> {
         let all: Vec<usize> = (0..self.nodes.len()).collect();
-        self.place_among(&all, workload, req, placement)
+        self.place_among(&all, workload, req, placement, platforms)
     }
 
     /// [`Cluster::place_with`] restricted to `node` (an instance that mounts
@@ -201,9 +226,21 @@ impl Cluster {
         req: Request,
         placement: Option<&Placement>,
     ) -> Result<String, String> {
+        self.place_on_for(node, workload, req, placement, &[])
+    }
+
+    /// [`Cluster::place_on`] for an image that runs only on `platforms`.
+    pub fn place_on_for(
+        &mut self,
+        node: &str,
+        workload: &str,
+        req: Request,
+        placement: Option<&Placement>,
+        platforms: &[Platform],
+    ) -> Result<String, String> {
         match self.index.get(node).copied() {
             Some(i) => self
-                .place_among(&[i], workload, req, placement)
+                .place_among(&[i], workload, req, placement, platforms)
                 .map_err(|why| format!("node {node}, where its volumes are bound: {why}")),
             None => Err(format!(
                 "node {node}, where its volumes are bound, has not joined"
@@ -226,8 +263,16 @@ impl Cluster {
         workload: &str,
         req: Request,
         placement: Option<&Placement>,
+        platforms: &[Platform],
     ) -> Result<String, String> {
         let empty = Placement::default();
+        let runs_here = |n: &NodeCapacity| {
+            platforms.is_empty()
+                || n.architecture.is_empty()
+                || platforms
+                    .iter()
+                    .any(|p| p.os == NODE_OS && p.architecture == n.architecture)
+        };
         let p = placement.unwrap_or(&empty);
         let counts = self.replicas.get(workload);
         let count_at = |i: usize| counts.map(|c| c[i]).unwrap_or(0);
@@ -262,6 +307,8 @@ impl Cluster {
                 .all(|(k, v)| n.labels.get(k) == Some(v))
             {
                 Some(Unfit::Selector)
+            } else if !runs_here(n) {
+                Some(Unfit::Platform)
             } else if untolerated(
                 &n.taints,
                 &p.tolerations,
@@ -337,7 +384,12 @@ impl Cluster {
                     .iter()
                     .map(|(why, n)| format!("{n} {}", why.describe()))
                     .collect();
-                Err(format!("0/{total} nodes available: {}", parts.join(", ")))
+                let mut why = format!("0/{total} nodes available: {}", parts.join(", "));
+                if reasons.contains_key(&Unfit::Platform) {
+                    let offered: Vec<String> = platforms.iter().map(|p| p.to_string()).collect();
+                    why.push_str(&format!(" (the image offers {})", offered.join(", ")));
+                }
+                Err(why)
             }
         }
     }
@@ -727,5 +779,63 @@ mod tests {
             "node z, where its volumes are bound, has not joined"
         );
         assert_eq!(c.place_on("b", "w", SMALL, None), Ok("b".into()));
+    }
+
+    #[test]
+    fn an_index_keeps_its_instances_to_nodes_of_its_platforms() {
+        let arch = |name: &str, a: &str| {
+            let mut n = node(name, true, 4000, 4 * GI);
+            n.architecture = a.into();
+            n
+        };
+        let linux = |a: &str| Platform {
+            os: "linux".into(),
+            architecture: a.into(),
+            variant: None,
+        };
+        let nodes = vec![
+            arch("a-amd", "amd64"),
+            arch("b-arm", "arm64"),
+            arch("c-arm", "arm64"),
+        ];
+        // arm64 only: the amd64 node (first by name) is skipped.
+        let mut c = Cluster::new(nodes.clone());
+        let arm_only = [linux("arm64")];
+        let placed: Vec<String> = (0..2)
+            .map(|_| c.place_for("w", SMALL, None, &arm_only).unwrap())
+            .collect();
+        assert_eq!(placed, ["b-arm", "c-arm"]);
+        // Single-platform images (no list) go anywhere; both platforms too.
+        let mut c = Cluster::new(nodes.clone());
+        assert_eq!(c.place_for("w", SMALL, None, &[]), Ok("a-amd".into()));
+        let both = [linux("arm64"), linux("amd64")];
+        let mut c = Cluster::new(nodes.clone());
+        assert_eq!(c.place_for("v", SMALL, None, &both), Ok("a-amd".into()));
+
+        // No node of the image's platform: the reason says what it offers.
+        let mut c = Cluster::new(nodes);
+        let odd = [
+            linux("s390x"),
+            Platform {
+                os: "windows".into(),
+                ..linux("amd64")
+            },
+        ];
+        assert_eq!(
+            c.place_for("w", SMALL, None, &odd).unwrap_err(),
+            "0/3 nodes available: 3 of a platform the image does not offer \
+             (the image offers linux/s390x, windows/amd64)"
+        );
+        // A node that reported no CPU is not kept out on a guess.
+        let mut c = Cluster::new(vec![arch("x", "")]);
+        assert_eq!(c.place_for("w", SMALL, None, &odd), Ok("x".into()));
+        // With a volume's node, the same reason.
+        let mut c = Cluster::new(vec![arch("a-amd", "amd64")]);
+        assert_eq!(
+            c.place_on_for("a-amd", "w", SMALL, None, &arm_only)
+                .unwrap_err(),
+            "node a-amd, where its volumes are bound: 0/1 nodes available: \
+             1 of a platform the image does not offer (the image offers linux/arm64)"
+        );
     }
 }

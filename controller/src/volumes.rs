@@ -492,17 +492,20 @@ impl VolumeIndex {
 }
 
 /// Places an instance of `spec` (see [`Cluster::place`]), on its volumes'
-/// node if it mounts any.
+/// node if it mounts any, on a node of one of `platforms` (its image's,
+/// if an index; empty: any).
 pub fn place(
     cluster: &mut Cluster,
     index: &VolumeIndex,
     workload: &str,
     spec: &WorkloadSpec,
     req: Request,
+    platforms: &[ironmesh_oci::Platform],
 ) -> Result<String, String> {
+    let placement = spec.placement.as_ref();
     match index.node_for(spec)? {
-        None => cluster.place_with(workload, req, spec.placement.as_ref()),
-        Some(node) => cluster.place_on(&node, workload, req, spec.placement.as_ref()),
+        None => cluster.place_for(workload, req, placement, platforms),
+        Some(node) => cluster.place_on_for(&node, workload, req, placement, platforms),
     }
 }
 

@@ -145,6 +145,47 @@ fn request_of(spec: &WorkloadSpec) -> Request {
     }
 }
 
+/// The platforms of each image (as workloads name it) that is an index;
+/// images not in the map are single-platform or not pushed, and may run on
+/// any node. From the cache, or from the store when the cache is behind.
+async fn image_platforms(
+    resources: &Resources,
+    images: std::collections::BTreeSet<&str>,
+) -> HashMap<String, Vec<ironmesh_oci::Platform>> {
+    let mut out = HashMap::new();
+    let named: Vec<(&str, String)> = images
+        .into_iter()
+        .filter_map(|i| Some((i, crate::images::normalize_name(i).ok()?)))
+        .collect();
+    if let Some(cache) = resources.cache().await {
+        let v = cache.read();
+        for (image, name) in &named {
+            let p = v.image_platforms(name);
+            if !p.is_empty() {
+                out.insert(image.to_string(), p.to_vec());
+            }
+        }
+        return out;
+    }
+    #[derive(serde::Deserialize)]
+    struct Record {
+        #[serde(default)]
+        platforms: Vec<ironmesh_oci::Platform>,
+    }
+    for (image, name) in &named {
+        let key = format!("/images/{name}");
+        let Ok(Some(kv)) = resources.store().get(&key).await else {
+            continue;
+        };
+        if let Ok(r) = serde_json::from_slice::<Record>(&kv.value) {
+            if !r.platforms.is_empty() {
+                out.insert(image.to_string(), r.platforms);
+            }
+        }
+    }
+    out
+}
+
 fn node_capacity(o: &StoredObject) -> NodeCapacity {
     let spec: ironmesh_api::node::NodeSpec = o
         .object
@@ -159,6 +200,13 @@ fn node_capacity(o: &StoredObject) -> NodeCapacity {
         unschedulable: spec.unschedulable,
         labels: crate::resources::labels_of(&o.object),
         taints: spec.taints,
+        architecture: ironmesh_oci::oci_architecture(
+            o.object
+                .pointer("/status/nodeInfo/arch")
+                .and_then(Value::as_str)
+                .unwrap_or(""),
+        )
+        .to_string(),
         cpu_millis: ironmesh_api::quantity::parse_cpu_millis(q("/status/allocatable/cpu"))
             .unwrap_or(0),
         memory_bytes: ironmesh_api::quantity::parse_bytes(q("/status/allocatable/memory"))
@@ -430,6 +478,13 @@ async fn reconcile_with(
         nodes.iter().map(|n| node_capacity(n)).collect(),
         settings.reserve,
     );
+    let images: std::collections::BTreeSet<&str> = workloads
+        .iter()
+        .map(|w| w.spec.image.as_str())
+        .chain(instances.iter().map(|i| i.spec.template.image.as_str()))
+        .collect();
+    let platforms = image_platforms(resources, images).await;
+    let platforms_of = |image: &str| platforms.get(image).map(Vec::as_slice).unwrap_or(&[]);
     for i in &instances {
         // A finished pipeline step is kept for its logs but holds nothing.
         if matches!(
@@ -459,6 +514,7 @@ async fn reconcile_with(
                 &i.spec.workload,
                 &i.spec.template,
                 request_of(&i.spec.template),
+                platforms_of(&i.spec.template.image),
             );
             binds.push((i.name.clone(), placed));
         }
@@ -521,6 +577,7 @@ async fn reconcile_with(
                     &w.name,
                     &i.spec.template,
                     request_of(&i.spec.template),
+                    platforms_of(&i.spec.template.image),
                 );
                 binds.push((i.name.clone(), placed));
             }
@@ -541,6 +598,7 @@ async fn reconcile_with(
                     &w.name,
                     &w.spec,
                     request_of(&w.spec),
+                    platforms_of(&w.spec.image),
                 );
                 let (object, view) = new_instance(w, placed, identity, &mut taken);
                 creates.push(object);
@@ -843,5 +901,103 @@ mod tests {
         let n = instance_name(&long);
         assert!(n.len() <= 63, "{n}");
         assert!(ironmesh_api::meta::dns_label_problem(&n).is_none(), "{n}");
+    }
+
+    /// Placement reads an index's platforms from its tag record and keeps
+    /// instances off nodes of other CPUs, saying why.
+    #[tokio::test]
+    async fn an_index_lacking_the_nodes_platform_leaves_the_instance_unplaced_with_the_reason() {
+        use crate::store::embedded::EmbeddedStore;
+        use crate::store::{Op, Store, Txn};
+        let dir = tempfile::tempdir().unwrap();
+        let store = std::sync::Arc::new(EmbeddedStore::open(&dir.path().join("s.redb")).unwrap());
+        let res = Resources::new(store.clone());
+        let put = |kind: Kind, v: Value| {
+            let res = &res;
+            async move {
+                let name = v["metadata"]["name"].as_str().unwrap().to_string();
+                res.update(kind, &name, |_| Some(v.clone())).await.unwrap();
+            }
+        };
+        put(
+            Kind::Node,
+            json!({
+                "apiVersion": "ironmesh.dev/v1", "kind": "Node", "metadata": {"name": "n1"},
+                "spec": {},
+                "status": {
+                    "conditions": [{"type": "Ready", "status": "True"}],
+                    "allocatable": {"cpu": "4", "memory": "4Gi"},
+                    "nodeInfo": {"arch": "x86_64"},
+                },
+            }),
+        )
+        .await;
+        let record = |platforms: Value| {
+            json!({"name": "app/multi:1", "manifestDigest": format!("sha256:{}", "a".repeat(64)),
+                   "size": 1, "pushedUnixMs": 0, "platforms": platforms})
+            .to_string()
+            .into_bytes()
+        };
+        let tag = |platforms: Value| Txn {
+            compares: vec![],
+            ops: vec![Op::Put {
+                key: "/images/app/multi:1".into(),
+                value: record(platforms),
+            }],
+        };
+        store
+            .txn(tag(json!([{"os": "linux", "architecture": "s390x"}])))
+            .await
+            .unwrap();
+        put(
+            Kind::Workload,
+            json!({
+                "apiVersion": "ironmesh.dev/v1", "kind": "Workload", "metadata": {"name": "w"},
+                "spec": {"replicas": 1, "image": "app/multi:1"},
+            }),
+        )
+        .await;
+        reconcile(&res, &Settings::default()).await.unwrap();
+        let all = LabelSelector::default();
+        let (instances, _) = res.list(Kind::Instance, &all).await.unwrap();
+        assert_eq!(instances.len(), 1);
+        let i = &instances[0].object;
+        assert_eq!(i.pointer("/spec/node"), None, "{i}");
+        assert_eq!(
+            i.pointer("/status/reason"),
+            Some(&json!("Unschedulable")),
+            "{i}"
+        );
+        assert_eq!(
+            i.pointer("/status/message").and_then(Value::as_str),
+            Some(
+                "0/1 nodes available: 1 of a platform the image does not offer \
+                 (the image offers linux/s390x)"
+            ),
+            "{i}"
+        );
+        let w = res.get(Kind::Workload, "w").await.unwrap().unwrap().object;
+        assert!(
+            w.get("status")
+                .unwrap()
+                .to_string()
+                .contains("the image offers linux/s390x"),
+            "{w}"
+        );
+
+        // The index gains amd64: the next pass places it.
+        store
+            .txn(tag(json!([{"os": "linux", "architecture": "s390x"},
+                            {"os": "linux", "architecture": "amd64"}])))
+            .await
+            .unwrap();
+        reconcile(&res, &Settings::default()).await.unwrap();
+        let (instances, _) = res.list(Kind::Instance, &all).await.unwrap();
+        assert_eq!(
+            instances[0].object.pointer("/spec/node"),
+            Some(&json!("n1")),
+            "{}",
+            instances[0].object
+        );
     }
 }

@@ -14,6 +14,10 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+use ironmesh_oci::{
+    Descriptor, Digest, EmptyObject, History, ImageConfig, ImageIndex, ImageManifest, Platform,
+    RootFs, RunConfig,
+};
 use serde::Serialize;
 
 use crate::error::ImageError;
@@ -24,10 +28,10 @@ pub const MEDIA_INDEX: &str = ironmesh_oci::media::OCI_INDEX;
 pub const MEDIA_MANIFEST: &str = ironmesh_oci::media::OCI_MANIFEST;
 pub const MEDIA_CONFIG: &str = ironmesh_oci::media::OCI_CONFIG;
 /// The tag, as the OCI image spec defines the annotation.
-pub const ANNOTATION_REF_NAME: &str = "org.opencontainers.image.ref.name";
+pub const ANNOTATION_REF_NAME: &str = ironmesh_oci::annotations::REF_NAME;
 /// The full `name:tag`, as `ctr images export` writes it and as
 /// `ctr images import` and the agent read it.
-pub const ANNOTATION_CONTAINERD_NAME: &str = "io.containerd.image.name";
+pub const ANNOTATION_CONTAINERD_NAME: &str = ironmesh_oci::annotations::CONTAINERD_NAME;
 
 pub const ARCHITECTURE: &str = "amd64";
 pub const OS: &str = "linux";
@@ -48,79 +52,16 @@ pub struct BuiltImage {
     pub size: u64,
 }
 
-#[derive(Serialize)]
-#[serde(rename_all = "camelCase")]
-struct Descriptor<'a> {
-    media_type: &'a str,
-    digest: String,
-    size: u64,
-    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
-    annotations: BTreeMap<&'a str, String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    platform: Option<Platform>,
-}
-
-#[derive(Serialize)]
-struct Platform {
-    architecture: &'static str,
-    os: &'static str,
-}
-
-#[derive(Serialize)]
-#[serde(rename_all = "camelCase")]
-struct Manifest<'a> {
-    schema_version: u32,
-    media_type: &'a str,
-    config: Descriptor<'a>,
-    layers: Vec<Descriptor<'a>>,
-}
-
-#[derive(Serialize)]
-#[serde(rename_all = "camelCase")]
-struct Index<'a> {
-    schema_version: u32,
-    media_type: &'a str,
-    manifests: Vec<Descriptor<'a>>,
-}
-
-#[derive(Serialize)]
-struct ImageConfig<'a> {
-    created: String,
-    architecture: &'static str,
-    os: &'static str,
-    config: RuntimeConfig<'a>,
-    rootfs: RootFs,
-    history: Vec<History>,
-}
-
-#[derive(Serialize)]
-#[serde(rename_all = "PascalCase")]
-struct RuntimeConfig<'a> {
-    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
-    exposed_ports: BTreeMap<&'a str, Empty>,
-    #[serde(skip_serializing_if = "<[String]>::is_empty")]
-    env: &'a [String],
-    entrypoint: &'a [String],
-    working_dir: &'a str,
-    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
-    labels: &'a BTreeMap<String, String>,
-}
-
-/// Serialises as `{}`.
-#[derive(Serialize)]
-struct Empty {}
-
-#[derive(Serialize)]
-struct RootFs {
-    #[serde(rename = "type")]
-    kind: &'static str,
-    diff_ids: Vec<String>,
-}
-
-#[derive(Serialize)]
-struct History {
-    created: String,
-    created_by: &'static str,
+/// A descriptor of `bytes` (no platform, annotations or artifact type).
+fn descriptor(media_type: &str, bytes: &[u8]) -> Descriptor {
+    Descriptor {
+        media_type: media_type.to_string(),
+        digest: Digest::of(bytes),
+        size: bytes.len() as u64,
+        platform: None,
+        artifact_type: None,
+        annotations: BTreeMap::new(),
+    }
 }
 
 /// Builds the image `spec` describes and writes it as an OCI image layout
@@ -131,66 +72,68 @@ pub fn build_layout(spec: &ImageSpec, out_dir: &Path) -> Result<BuiltImage, Imag
     let layer_digest = sha256_digest(&layer.blob);
     let created = rfc3339_utc(spec.epoch);
 
+    // Field order and the fields left out match the bytes this always
+    // wrote: entrypoint and working dir always, the rest only when set.
     let config = ImageConfig {
-        created: created.clone(),
-        architecture: ARCHITECTURE,
-        os: OS,
-        config: RuntimeConfig {
-            exposed_ports: valid.ports.iter().map(|p| (p.as_str(), Empty {})).collect(),
-            env: &spec.env,
-            entrypoint: &spec.entrypoint,
-            working_dir: &spec.working_dir,
-            labels: &spec.labels,
-        },
+        created: Some(created.clone()),
+        architecture: ARCHITECTURE.to_string(),
+        os: OS.to_string(),
+        config: Some(RunConfig {
+            exposed_ports: Some(
+                valid
+                    .ports
+                    .iter()
+                    .map(|p| (p.clone(), EmptyObject {}))
+                    .collect::<BTreeMap<_, _>>(),
+            )
+            .filter(|p| !p.is_empty()),
+            env: Some(spec.env.clone()).filter(|e| !e.is_empty()),
+            entrypoint: Some(spec.entrypoint.clone()),
+            cmd: None,
+            working_dir: Some(spec.working_dir.clone()),
+            user: None,
+            labels: Some(spec.labels.clone()).filter(|l| !l.is_empty()),
+        }),
         rootfs: RootFs {
-            kind: "layers",
+            kind: "layers".to_string(),
             diff_ids: vec![layer.diff_id.clone()],
         },
         history: vec![History {
-            created,
-            created_by: "ironmesh-images build_layout",
+            created: Some(created),
+            created_by: Some("ironmesh-images build_layout".to_string()),
         }],
     };
     let config_json = to_json("the image config", &config)?;
     let config_digest = sha256_digest(&config_json);
 
-    let manifest = Manifest {
+    let manifest = ImageManifest {
         schema_version: 2,
-        media_type: MEDIA_MANIFEST,
-        config: Descriptor {
-            media_type: MEDIA_CONFIG,
-            digest: config_digest.clone(),
-            size: config_json.len() as u64,
-            annotations: BTreeMap::new(),
-            platform: None,
-        },
-        layers: vec![Descriptor {
-            media_type: layer.media_type,
-            digest: layer_digest.clone(),
-            size: layer.blob.len() as u64,
-            annotations: BTreeMap::new(),
-            platform: None,
-        }],
+        media_type: Some(MEDIA_MANIFEST.to_string()),
+        artifact_type: None,
+        config: descriptor(MEDIA_CONFIG, &config_json),
+        layers: vec![descriptor(layer.media_type, &layer.blob)],
+        subject: None,
+        annotations: BTreeMap::new(),
     };
     let manifest_json = to_json("the image manifest", &manifest)?;
     let manifest_digest = sha256_digest(&manifest_json);
 
-    let index = Index {
+    let index = ImageIndex {
         schema_version: 2,
-        media_type: MEDIA_INDEX,
+        media_type: Some(MEDIA_INDEX.to_string()),
         manifests: vec![Descriptor {
-            media_type: MEDIA_MANIFEST,
-            digest: manifest_digest.clone(),
-            size: manifest_json.len() as u64,
             annotations: BTreeMap::from([
-                (ANNOTATION_CONTAINERD_NAME, spec.reference()),
-                (ANNOTATION_REF_NAME, spec.tag.clone()),
+                (ANNOTATION_CONTAINERD_NAME.to_string(), spec.reference()),
+                (ANNOTATION_REF_NAME.to_string(), spec.tag.clone()),
             ]),
             platform: Some(Platform {
-                architecture: ARCHITECTURE,
-                os: OS,
+                architecture: ARCHITECTURE.to_string(),
+                os: OS.to_string(),
+                variant: None,
             }),
+            ..descriptor(MEDIA_MANIFEST, &manifest_json)
         }],
+        annotations: BTreeMap::new(),
     };
     let index_json = to_json("index.json", &index)?;
 

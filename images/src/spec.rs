@@ -111,7 +111,8 @@ impl ImageSpec {
     /// Checks every field and returns the layer tree and normalised ports.
     pub(crate) fn validate(&self) -> Result<ValidSpec, ImageError> {
         check_name(&self.name).map_err(|r| self.invalid(format!("name {:?}", self.name), r))?;
-        check_tag(&self.tag).map_err(|r| self.invalid(format!("tag {:?}", self.tag), r))?;
+        ironmesh_oci::name::check_tag(&self.tag)
+            .map_err(|r| self.invalid(format!("tag {:?}", self.tag), r.to_string()))?;
         if self.entrypoint.is_empty() {
             return Err(self.invalid("entrypoint", "must name the program to run"));
         }
@@ -329,23 +330,6 @@ fn check_name(name: &str) -> Result<(), String> {
                 "component {component:?} must start and end with a letter or digit"
             ));
         }
-    }
-    Ok(())
-}
-
-/// Tags: `[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}`.
-fn check_tag(tag: &str) -> Result<(), String> {
-    let mut chars = tag.chars();
-    let first_ok = chars
-        .next()
-        .is_some_and(|c| c.is_ascii_alphanumeric() || c == '_');
-    if !first_ok
-        || tag.len() > 128
-        || !chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
-    {
-        return Err(
-            "must match [A-Za-z0-9_][A-Za-z0-9_.-]{0,127} (no ':' or '/' in a tag)".to_string(),
-        );
     }
     Ok(())
 }

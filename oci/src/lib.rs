@@ -1,11 +1,14 @@
 //! The OCI model every Ironmesh crate shares: [`Digest`] (a `sha256:`
 //! digest, checked once when parsed so its hex part is safe as a file
-//! name), the [`media`] types, and the [`Descriptor`], [`ImageManifest`]
-//! and [`ImageIndex`] JSON shapes of the image spec.
+//! name), the [`media`] types, and the [`Descriptor`], [`ImageManifest`],
+//! [`ImageIndex`] and [`ImageConfig`] JSON shapes of the image spec, and image [`name`]s
+//! and tags.
 //!
 //! No I/O: the controller's store, the agent's fetch, `imctl image push`
 //! and `images/` each read and write bytes themselves and use these types
 //! to agree on what they mean.
+
+pub mod name;
 
 use std::collections::BTreeMap;
 
@@ -32,6 +35,15 @@ pub mod media {
     pub fn is_index(media_type: &str) -> bool {
         media_type == OCI_INDEX || media_type == DOCKER_LIST
     }
+}
+
+/// Annotations the project reads.
+pub mod annotations {
+    /// The full `name:tag` containerd (and `build-images`) record for an
+    /// image in a layout's `index.json`.
+    pub const CONTAINERD_NAME: &str = "io.containerd.image.name";
+    /// The image spec's reference name: often only a tag.
+    pub const REF_NAME: &str = "org.opencontainers.image.ref.name";
 }
 
 /// Why a string is not a [`Digest`].
@@ -193,6 +205,67 @@ impl ImageIndex {
     }
 }
 
+/// An image config: the parts the project writes (`images/`) and reads
+/// (the agent's run defaults and layer chain). Unknown fields are ignored.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageConfig {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub created: Option<String>,
+    #[serde(default)]
+    pub architecture: String,
+    #[serde(default)]
+    pub os: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config: Option<RunConfig>,
+    pub rootfs: RootFs,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub history: Vec<History>,
+}
+
+/// How a container of the image runs by default (`config` of an image
+/// config; the field names are Docker's).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct RunConfig {
+    // Options throughout: Docker writes `null` for empty ones.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exposed_ports: Option<BTreeMap<String, EmptyObject>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub env: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub entrypoint: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cmd: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub working_dir: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub labels: Option<BTreeMap<String, String>>,
+}
+
+/// `{}`, as the values of `ExposedPorts`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EmptyObject {}
+
+/// The layers of an image config, as uncompressed digests.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RootFs {
+    #[serde(rename = "type", default)]
+    pub kind: String,
+    #[serde(default)]
+    pub diff_ids: Vec<String>,
+}
+
+/// One history entry of an image config.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct History {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub created: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub created_by: Option<String>,
+}
+
 /// Whether JSON `data` is an index: by its `mediaType`, or by having
 /// `manifests` and no `mediaType`.
 pub fn is_index_json(data: &[u8]) -> bool {
@@ -207,13 +280,29 @@ pub fn is_index_json(data: &[u8]) -> bool {
 
 /// This CPU as an OCI platform architecture (Go's GOARCH names).
 pub fn host_architecture() -> &'static str {
-    match std::env::consts::ARCH {
+    oci_architecture(std::env::consts::ARCH)
+}
+
+/// A CPU as Rust (and `uname -m` mostly) names it, e.g. `x86_64`, as an
+/// OCI platform architecture, e.g. `amd64`. Agents report the former.
+pub fn oci_architecture(arch: &str) -> &str {
+    match arch {
         "x86_64" => "amd64",
         "aarch64" => "arm64",
-        "x86" => "386",
-        "powerpc64" => "ppc64le",
+        "x86" | "i686" | "i386" => "386",
+        "powerpc64" | "ppc64le" => "ppc64le",
         "loongarch64" => "loong64",
         other => other,
+    }
+}
+
+impl std::fmt::Display for Platform {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.os, self.architecture)?;
+        if let Some(v) = &self.variant {
+            write!(f, "/{v}")?;
+        }
+        Ok(())
     }
 }
 
@@ -245,6 +334,21 @@ mod tests {
             Digest::of(b"").as_str(),
             "sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
         );
+    }
+
+    #[test]
+    fn docker_configs_with_nulls_parse() {
+        let c: ImageConfig = serde_json::from_value(serde_json::json!({
+            "architecture": "amd64", "os": "linux",
+            "config": {"Env": null, "Cmd": ["/bin/sh"], "Labels": null, "ExposedPorts": {"80/tcp": {}}},
+            "rootfs": {"type": "layers", "diff_ids": []},
+            "history": [{"created_by": "x", "empty_layer": true}],
+        }))
+        .unwrap();
+        let run = c.config.unwrap();
+        assert_eq!(run.cmd, Some(vec!["/bin/sh".to_string()]));
+        assert!(run.env.is_none() && run.labels.is_none());
+        assert_eq!(run.exposed_ports.map(|p| p.len()), Some(1));
     }
 
     #[test]

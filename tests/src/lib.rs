@@ -184,6 +184,9 @@ pub struct ControllerOpts {
     /// `--mesh-default-mode`: `off` unless a test is about the mesh, so
     /// tests of other features see plaintext paths.
     pub mesh_default_mode: &'static str,
+    /// Serve the OCI registry (`--registry-listen`, on the controller's
+    /// address and a free port): `imctl image push` is its client.
+    pub registry: bool,
     /// More flags, as given.
     pub extra_args: Vec<String>,
 }
@@ -197,6 +200,7 @@ impl Default for ControllerOpts {
             ca_key_file: None,
             leader_ttl: None,
             mesh_default_mode: "off",
+            registry: true,
             extra_args: Vec::new(),
         }
     }
@@ -234,6 +238,8 @@ pub struct Controller {
     pub dir: TempDir,
     pub addr: SocketAddr,
     pub metrics: SocketAddr,
+    /// The registry's address, when `opts.registry`.
+    pub registry: Option<SocketAddr>,
     pub opts: ControllerOpts,
     pub net: std::sync::Arc<TestNet>,
 }
@@ -252,11 +258,22 @@ impl Controller {
             .expect("tempdir");
         let addr = SocketAddr::new(net.gateway().into(), free_addr().port());
         let metrics = free_addr();
-        let proc = Self::spawn(dir.path(), addr, metrics, &opts, "controller-1.log");
+        let registry = opts
+            .registry
+            .then(|| SocketAddr::new(addr.ip(), free_addr().port()));
+        let proc = Self::spawn(
+            dir.path(),
+            addr,
+            metrics,
+            registry,
+            &opts,
+            "controller-1.log",
+        );
         let c = Controller {
             dir,
             addr,
             metrics,
+            registry,
             opts,
             proc,
             net,
@@ -269,6 +286,7 @@ impl Controller {
         dir: &Path,
         addr: SocketAddr,
         metrics: SocketAddr,
+        registry: Option<SocketAddr>,
         opts: &ControllerOpts,
         log: &str,
     ) -> Proc {
@@ -299,6 +317,9 @@ impl Controller {
         if let Some(t) = opts.leader_ttl {
             cmd.arg("--leader-ttl").arg(t);
         }
+        if let Some(r) = registry {
+            cmd.arg("--registry-listen").arg(r.to_string());
+        }
         cmd.args(&opts.extra_args);
         Proc::spawn(cmd, dir.join(log)).expect("start controller")
     }
@@ -306,15 +327,26 @@ impl Controller {
     fn wait_serving(&self) {
         let admin = self.admin_config();
         let addr = self.addr;
+        let registry = self.registry;
         wait_for("controller to serve", Duration::from_secs(20), || {
-            (admin.exists() && std::net::TcpStream::connect(addr).is_ok()).then_some(())
+            (admin.exists()
+                && std::net::TcpStream::connect(addr).is_ok()
+                && registry.is_none_or(|r| std::net::TcpStream::connect(r).is_ok()))
+            .then_some(())
         });
     }
 
     /// kill -9 and start again on the same data directory and ports.
     pub fn restart_after_kill9(&mut self, log: &str) {
         self.proc.kill9();
-        self.proc = Self::spawn(self.dir.path(), self.addr, self.metrics, &self.opts, log);
+        self.proc = Self::spawn(
+            self.dir.path(),
+            self.addr,
+            self.metrics,
+            self.registry,
+            &self.opts,
+            log,
+        );
         self.wait_serving();
     }
 
@@ -346,20 +378,18 @@ impl Controller {
 
     /// Runs imctl against this controller.
     pub fn imctl(&self, args: &[&str]) -> Output {
-        Command::new(bin("imctl"))
-            .arg("--config")
-            .arg(self.admin_config())
-            .args(args)
-            .output()
-            .expect("run imctl")
+        self.imctl_as(&self.admin_config(), args)
     }
 
-    /// Runs imctl with another client config (another operator).
+    /// Runs imctl with another client config (another operator). The
+    /// registry's test port (not the default 5000) is in `admin.yaml`, and
+    /// `imctl operator create --out` copies it.
     pub fn imctl_as(&self, config: &Path, args: &[&str]) -> Output {
         Command::new(bin("imctl"))
             .arg("--config")
             .arg(config)
             .args(args)
+            .env_remove("IMCTL_REGISTRY")
             .output()
             .expect("run imctl")
     }

@@ -16,7 +16,7 @@ use std::process::{Command, Output};
 use std::time::Duration;
 
 use ironmesh_images::{build_layout, catalog, BuiltImage};
-use ironmesh_tests::{bin, free_addr, images_dir, wait_for, Agent, Controller, ControllerOpts};
+use ironmesh_tests::{bin, images_dir, wait_for, Agent, Controller, ControllerOpts};
 use ironmesh_tests::{refused as failed, succeeded as ok};
 use sha2::{Digest, Sha256};
 
@@ -39,11 +39,8 @@ struct Fixture {
 
 impl Fixture {
     fn start() -> Fixture {
-        let registry = free_addr();
         let ctl = Controller::start(ControllerOpts {
             extra_args: vec![
-                "--registry-listen".into(),
-                registry.to_string(),
                 "--image-gc-grace".into(),
                 "0s".into(),
                 "--image-gc-interval".into(),
@@ -51,9 +48,9 @@ impl Fixture {
             ],
             ..ControllerOpts::default()
         });
-        wait_for("registry to listen", Duration::from_secs(20), || {
-            std::net::TcpStream::connect(registry).ok()
-        });
+        let registry = ctl
+            .registry
+            .expect("the test controller serves its registry");
         let f = Fixture {
             ctl,
             registry,
@@ -382,6 +379,146 @@ fn skopeo_copies_in_and_out_and_the_same_push_again_uploads_nothing() {
     assert_eq!(f.blobs(), expected);
 }
 
+/// A layout of one image whose single layer is `layer` (no runnable
+/// content: the registry checks structure and digests, not tar contents).
+fn raw_layout(dir: &Path, name: &str, layer: &[u8]) -> String {
+    std::fs::create_dir_all(dir.join("blobs/sha256")).unwrap();
+    std::fs::write(dir.join("oci-layout"), r#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
+    let layer_digest = write_blob(dir, layer);
+    let config =
+        br#"{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":[]}}"#;
+    let config_digest = write_blob(dir, config);
+    let manifest = serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+                   "digest": config_digest, "size": config.len()},
+        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar",
+                    "digest": layer_digest, "size": layer.len()}],
+    }))
+    .unwrap();
+    let manifest_digest = write_blob(dir, &manifest);
+    let index = serde_json::json!({"schemaVersion": 2, "manifests": [{
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "digest": manifest_digest, "size": manifest.len(),
+        "annotations": {"io.containerd.image.name": name},
+    }]});
+    std::fs::write(dir.join("index.json"), index.to_string()).unwrap();
+    manifest_digest
+}
+
+#[test]
+fn imctl_push_goes_through_the_registry_as_the_operator_index_and_chunks_included() {
+    let f = Fixture::start();
+    let work = tempfile::tempdir().unwrap();
+    let (layout, built) = build(work.path(), "multi");
+    let (index_digest, _arm) = make_multi_platform(&layout, &built);
+    let path = layout.to_str().unwrap();
+    let push_as = |op: &str, args: &[&str]| {
+        let mut a = vec!["image", "push"];
+        a.extend(args);
+        if op == "admin" {
+            f.ctl.imctl(&a)
+        } else {
+            f.ctl.imctl_as(&f.conf(op), &a)
+        }
+    };
+
+    // view may not push: the registry's refusal names the role.
+    let err = failed(
+        push_as("vera", &[path, "--name", "ironmesh/multi:2"]),
+        "push as a view operator",
+    );
+    assert!(err.contains("DENIED") && err.contains("view"), "{err}");
+
+    // edit pushes the whole index; skopeo reads it back byte for byte.
+    let out = ok(
+        push_as("ed", &[path, "--name", "ironmesh/multi:2"]),
+        "push of an index as edit",
+    );
+    assert!(
+        out.starts_with(&format!("pushed ironmesh/multi:2 {index_digest} (")),
+        "{out}"
+    );
+    let raw = ok(
+        f.skopeo(
+            "vera",
+            &["inspect", "--raw", &f.reference("ironmesh/multi:2")],
+        ),
+        "inspect the index imctl pushed",
+    );
+    assert_eq!(sha(raw.as_bytes()), index_digest);
+    let again = ok(
+        push_as("ed", &[path, "--name", "ironmesh/multi:2"]),
+        "the same push again",
+    );
+    assert!(again.trim().ends_with(" 0 uploaded)"), "{again}");
+
+    // A layer over the 32 MiB single-request limit goes in chunks, and
+    // arrives whole.
+    let big_dir = work.path().join("big");
+    let mut x = 0x9e37_79b9_u32;
+    let layer: Vec<u8> = (0..(40u32 << 20))
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            x as u8
+        })
+        .collect();
+    let manifest = raw_layout(&big_dir, "ironmesh/big:1", &layer);
+    let patches_before = f.ctl.proc.log_text().matches("method=PATCH").count();
+    let out = ok(
+        push_as("admin", &[big_dir.to_str().unwrap()]),
+        "push of a 40 MiB layer",
+    );
+    assert!(
+        out.starts_with(&format!("pushed ironmesh/big:1 {manifest} (")),
+        "{out}"
+    );
+    let stored = f
+        .ctl
+        .data_dir()
+        .join("images/blobs/sha256")
+        .join(sha(&layer).trim_start_matches("sha256:"));
+    assert_eq!(std::fs::read(&stored).unwrap(), layer);
+    let patches = f.ctl.proc.log_text().matches("method=PATCH").count() - patches_before;
+    assert_eq!(patches, 2, "40 MiB in 32 MiB chunks");
+    let images = f.ctl.imctl_json(&["image", "ls"]);
+    assert!(
+        images
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|i| i["name"] == "ironmesh/big:1" && i["manifestDigest"] == manifest.as_str()),
+        "{images}"
+    );
+
+    // A controller without --registry-listen: the error says what to do.
+    let plain = Controller::start(ControllerOpts {
+        registry: false,
+        ..ControllerOpts::default()
+    });
+    let nowhere = ironmesh_tests::free_addr().to_string();
+    let err = failed(
+        plain.imctl(&[
+            "image",
+            "push",
+            path,
+            "--name",
+            "ironmesh/multi:3",
+            "--registry",
+            &nowhere,
+        ]),
+        "push with no registry",
+    );
+    assert!(
+        err.contains(&format!("cannot reach the registry at {nowhere}"))
+            && err.contains("--registry-listen"),
+        "{err}"
+    );
+}
+
 #[test]
 fn multi_platform_index_is_stored_whole_deleted_only_by_an_admin_then_collected() {
     let f = Fixture::start();
@@ -527,7 +664,7 @@ fn a_workload_runs_from_an_index_only_skopeo_pushed_on_the_agents_platform() {
     let manifest: serde_json::Value =
         serde_json::from_slice(&std::fs::read(layout_blob(&layout, &amd64)).unwrap()).unwrap();
     let config = manifest["config"]["digest"].as_str().unwrap().to_string();
-    let (index_digest, _) = multi_platform(&layout, &amd64, &config);
+    let (index_digest, arm64) = multi_platform(&layout, &amd64, &config);
     let name = "ironmesh/records-multi:1";
     ok(
         f.skopeo(
@@ -605,4 +742,66 @@ spec:
         .find(|l| l.starts_with(name))
         .unwrap_or_else(|| panic!("{name} not in containerd: {listing}"));
     assert!(line.contains(&amd64), "{line}");
+
+    // An index of arm64 only (pushed with imctl): placement keeps it off
+    // this amd64 node and says what the image offers.
+    let arm_bytes = std::fs::read(layout_blob(&layout, &arm64)).unwrap();
+    let arm_index = serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.index.v1+json",
+        "manifests": [{"mediaType": "application/vnd.oci.image.manifest.v1+json",
+                       "digest": arm64, "size": arm_bytes.len(),
+                       "platform": {"architecture": "arm64", "os": "linux"}}],
+    }))
+    .unwrap();
+    let arm_index_digest = write_blob(&layout, &arm_index);
+    let top = serde_json::json!({"schemaVersion": 2, "manifests": [{
+        "mediaType": "application/vnd.oci.image.index.v1+json",
+        "digest": arm_index_digest, "size": arm_index.len(),
+    }]});
+    std::fs::write(layout.join("index.json"), top.to_string()).unwrap();
+    ok(
+        f.ctl.imctl_as(
+            &f.conf("ed"),
+            &[
+                "image",
+                "push",
+                layout.to_str().unwrap(),
+                "--name",
+                "ironmesh/records-arm:1",
+            ],
+        ),
+        "imctl push of an arm64-only index",
+    );
+    f.ctl.apply_yaml(
+        "apiVersion: ironmesh.dev/v1
+kind: Workload
+metadata:
+  name: arm
+spec:
+  image: ironmesh/records-arm:1
+",
+    );
+    let why = "0/1 nodes available: 1 of a platform the image does not offer \
+               (the image offers linux/arm64)";
+    let pending = wait_for(
+        "the arm64-only instance to be unschedulable",
+        Duration::from_secs(30),
+        || {
+            let v = f
+                .ctl
+                .imctl_json(&["get", "instances", "-l", "ironmesh.dev/workload=arm"]);
+            let items = v.get("items")?.as_array()?.clone();
+            items.into_iter().find(|i| {
+                i.pointer("/status/reason").and_then(|r| r.as_str()) == Some("Unschedulable")
+                    && i.pointer("/status/message").and_then(|m| m.as_str()) == Some(why)
+            })
+        },
+    );
+    assert_eq!(pending.pointer("/spec/node"), None, "{pending}");
+    let described = ok(f.ctl.imctl(&["describe", "workload", "arm"]), "describe");
+    assert!(
+        described.contains("the image offers linux/arm64"),
+        "{described}"
+    );
 }

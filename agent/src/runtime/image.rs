@@ -55,12 +55,15 @@ const MAX_JSON: u64 = 4 << 20;
 /// How long an import lease outlives a crashed agent.
 const LEASE_TTL: Duration = Duration::from_secs(3600);
 
-pub const MEDIA_OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
-pub const MEDIA_DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
-const MEDIA_OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
-const MEDIA_DOCKER_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
-const ANNOTATION_CONTAINERD_NAME: &str = "io.containerd.image.name";
-const ANNOTATION_REF_NAME: &str = "org.opencontainers.image.ref.name";
+use ironmesh_oci::annotations::{
+    CONTAINERD_NAME as ANNOTATION_CONTAINERD_NAME, REF_NAME as ANNOTATION_REF_NAME,
+};
+use ironmesh_oci::media::OCI_MANIFEST as MEDIA_OCI_MANIFEST;
+use ironmesh_oci::{Digest as OciDigest, ImageConfig, ImageIndex, ImageManifest};
+
+/// A descriptor of a layout blob: the project's one OCI type (its digest
+/// is checked when it parses, so it is safe as a file name).
+type Desc = ironmesh_oci::Descriptor;
 
 /// Progress of an import, reported after every chunk written.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -129,59 +132,6 @@ pub struct ResolvedImage {
     pub defaults: ImageDefaults,
 }
 
-#[derive(Debug, Clone, Deserialize)]
-struct Desc {
-    #[serde(rename = "mediaType", default)]
-    media_type: String,
-    digest: String,
-    size: i64,
-    #[serde(default)]
-    annotations: Option<HashMap<String, String>>,
-}
-
-#[derive(Deserialize)]
-struct Index {
-    #[serde(default)]
-    manifests: Vec<Desc>,
-}
-
-#[derive(Deserialize)]
-struct Manifest {
-    #[serde(rename = "mediaType", default)]
-    media_type: Option<String>,
-    config: Desc,
-    #[serde(default)]
-    layers: Vec<Desc>,
-}
-
-#[derive(Deserialize)]
-struct ConfigFile {
-    #[serde(default)]
-    config: Option<RunConfig>,
-    rootfs: RootFs,
-}
-
-#[derive(Deserialize, Default)]
-#[serde(rename_all = "PascalCase")]
-struct RunConfig {
-    #[serde(default)]
-    env: Option<Vec<String>>,
-    #[serde(default)]
-    entrypoint: Option<Vec<String>>,
-    #[serde(default)]
-    cmd: Option<Vec<String>>,
-    #[serde(default)]
-    working_dir: Option<String>,
-    #[serde(default)]
-    user: Option<String>,
-}
-
-#[derive(Deserialize)]
-struct RootFs {
-    #[serde(default)]
-    diff_ids: Vec<String>,
-}
-
 /// One image of a layout, parsed and checked.
 struct LayoutImage {
     name: String,
@@ -209,58 +159,40 @@ pub fn chain_ids(diff_ids: &[String]) -> Vec<String> {
     out
 }
 
-/// The hex part of a `sha256:` digest, checked (no path tricks possible).
-fn sha256_hex(digest: &str) -> Option<&str> {
-    let hex = digest.strip_prefix("sha256:")?;
-    (hex.len() == 64
-        && hex
-            .bytes()
-            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)))
-    .then_some(hex)
+/// Where a blob is in a layout ([`OciDigest::hex`] is 64 hex digits, never
+/// a path trick; a bad digest or a negative size does not parse).
+fn blob_path(dir: &Path, desc: &Desc) -> PathBuf {
+    dir.join("blobs").join("sha256").join(desc.digest.hex())
 }
 
-fn blob_path(dir: &Path, desc: &Desc) -> Result<PathBuf, RuntimeError> {
-    let hex = sha256_hex(&desc.digest).ok_or_else(|| {
-        RuntimeError::invalid(
-            format!("image layout {}", dir.display()),
-            format!(
-                "digest {:?} is not a sha256 digest (only sha256 is supported)",
-                desc.digest
-            ),
-        )
-    })?;
-    if desc.size < 0 {
-        return Err(RuntimeError::invalid(
-            format!("blob {}", desc.digest),
-            "negative size",
-        ));
-    }
-    Ok(dir.join("blobs").join("sha256").join(hex))
+/// The descriptor's size as containerd's `int64`.
+fn size_i64(desc: &Desc) -> i64 {
+    i64::try_from(desc.size).unwrap_or(i64::MAX)
 }
 
 /// Reads a small blob from the layout and checks its size and digest.
 fn read_layout_blob(dir: &Path, desc: &Desc) -> Result<Vec<u8>, RuntimeError> {
-    let path = blob_path(dir, desc)?;
-    if desc.size as u64 > MAX_JSON {
+    let path = blob_path(dir, desc);
+    if desc.size > MAX_JSON {
         return Err(RuntimeError::invalid(
             format!("blob {}", desc.digest),
             format!("{} bytes is too large for a manifest or config", desc.size),
         ));
     }
     let data = std::fs::read(&path).map_err(|e| RuntimeError::io("read", &path, e))?;
-    check_blob(&desc.digest, desc.size, &data)?;
+    check_blob(desc.digest.as_str(), desc.size, &data)?;
     Ok(data)
 }
 
-fn check_blob(digest: &str, size: i64, data: &[u8]) -> Result<(), RuntimeError> {
-    if data.len() as u64 != size as u64 {
+fn check_blob(digest: &str, size: u64, data: &[u8]) -> Result<(), RuntimeError> {
+    if data.len() as u64 != size {
         return Err(RuntimeError::invalid(
             format!("blob {digest}"),
             format!("has {} bytes, its descriptor says {size}", data.len()),
         ));
     }
-    let actual = format!("sha256:{}", hex::encode(Sha256::digest(data)));
-    if actual != digest {
+    let actual = OciDigest::of(data);
+    if actual != *digest {
         return Err(RuntimeError::invalid(
             format!("blob {digest}"),
             format!("content hashes to {actual}"),
@@ -273,7 +205,7 @@ fn parse_json<T: for<'de> Deserialize<'de>>(what: &str, data: &[u8]) -> Result<T
     serde_json::from_slice(data).map_err(|e| RuntimeError::invalid(what, e.to_string()))
 }
 
-fn image_defaults(config: &ConfigFile) -> ImageDefaults {
+fn image_defaults(config: &ImageConfig) -> ImageDefaults {
     let c = config.config.as_ref();
     ImageDefaults {
         entrypoint: c.and_then(|c| c.entrypoint.clone()).unwrap_or_default(),
@@ -285,7 +217,7 @@ fn image_defaults(config: &ConfigFile) -> ImageDefaults {
 }
 
 fn is_manifest(media_type: &str) -> bool {
-    media_type == MEDIA_OCI_MANIFEST || media_type == MEDIA_DOCKER_MANIFEST
+    ironmesh_oci::media::is_image_manifest(media_type)
 }
 
 /// Parses and checks a layout: every manifest and config is read and
@@ -304,7 +236,7 @@ fn read_layout(dir: &Path) -> Result<Vec<LayoutImage>, RuntimeError> {
     let index_path = dir.join("index.json");
     let index_data =
         std::fs::read(&index_path).map_err(|e| RuntimeError::io("read", &index_path, e))?;
-    let index: Index = parse_json(&format!("{object}: index.json"), &index_data)?;
+    let index: ImageIndex = parse_json(&format!("{object}: index.json"), &index_data)?;
     if index.manifests.is_empty() {
         return Err(RuntimeError::invalid(
             &object,
@@ -313,7 +245,7 @@ fn read_layout(dir: &Path) -> Result<Vec<LayoutImage>, RuntimeError> {
     }
     let mut images = Vec::new();
     for desc in index.manifests {
-        let annotations = desc.annotations.clone().unwrap_or_default();
+        let annotations = &desc.annotations;
         let name = annotations
             .get(ANNOTATION_CONTAINERD_NAME)
             .or_else(|| annotations.get(ANNOTATION_REF_NAME))
@@ -329,14 +261,14 @@ fn read_layout(dir: &Path) -> Result<Vec<LayoutImage>, RuntimeError> {
                     ),
                 )
             })?;
-        if desc.media_type == MEDIA_OCI_INDEX || desc.media_type == MEDIA_DOCKER_LIST {
+        if ironmesh_oci::media::is_index(&desc.media_type) {
             return Err(RuntimeError::invalid(
                 format!("image {name}"),
                 "is a multi-platform index; only single-platform image manifests can be imported",
             ));
         }
         let data = read_layout_blob(dir, &desc)?;
-        let manifest: Manifest = parse_json(&format!("manifest {}", desc.digest), &data)?;
+        let manifest: ImageManifest = parse_json(&format!("manifest {}", desc.digest), &data)?;
         let media_type = if desc.media_type.is_empty() {
             manifest
                 .media_type
@@ -352,7 +284,7 @@ fn read_layout(dir: &Path) -> Result<Vec<LayoutImage>, RuntimeError> {
             ));
         }
         let config_data = read_layout_blob(dir, &manifest.config)?;
-        let config: ConfigFile = parse_json(
+        let config: ImageConfig = parse_json(
             &format!("image config {}", manifest.config.digest),
             &config_data,
         )?;
@@ -371,9 +303,6 @@ fn read_layout(dir: &Path) -> Result<Vec<LayoutImage>, RuntimeError> {
                 format!("image {name}"),
                 "has no layers",
             ));
-        }
-        for layer in &manifest.layers {
-            blob_path(dir, layer)?;
         }
         let chain = chain_ids(&config.rootfs.diff_ids);
         images.push(LayoutImage {
@@ -435,12 +364,12 @@ impl Runtime {
             );
             let mut labels = HashMap::from([(
                 "containerd.io/gc.ref.content.config".to_string(),
-                image.config.digest.clone(),
+                image.config.digest.to_string(),
             )]);
             for (i, layer) in image.layers.iter().enumerate() {
                 labels.insert(
                     format!("containerd.io/gc.ref.content.l.{i}"),
-                    layer.digest.clone(),
+                    layer.digest.to_string(),
                 );
             }
             add(&image.manifest, labels);
@@ -472,7 +401,7 @@ impl Runtime {
         // Which blobs are there already; fix their labels if needed.
         let mut missing = Vec::new();
         for blob in blobs {
-            match self.content_info(&blob.desc.digest).await? {
+            match self.content_info(blob.desc.digest.as_str()).await? {
                 Some(info) => {
                     report.blobs_present += 1;
                     self.ensure_content_labels(&info, &blob.labels).await?;
@@ -480,7 +409,7 @@ impl Runtime {
                 None => missing.push(blob),
             }
         }
-        let total: u64 = missing.iter().map(|b| b.desc.size as u64).sum();
+        let total: u64 = missing.iter().map(|b| b.desc.size).sum();
         for blob in missing {
             let written = self
                 .write_blob(dir, lease, blob, total, &mut report.bytes_written, progress)
@@ -511,7 +440,7 @@ impl Runtime {
             let change = self.put_image(&image.name, &image.manifest).await?;
             report.images.push(ImportedImage {
                 name: image.name.clone(),
-                manifest_digest: image.manifest.digest.clone(),
+                manifest_digest: image.manifest.digest.to_string(),
                 chain_id: parent,
                 change,
             });
@@ -603,19 +532,19 @@ impl Runtime {
         const CALL: &str = "Content.Write";
         let desc = &blob.desc;
         let object = format!("blob {}", desc.digest);
-        let path = blob_path(dir, desc)?;
+        let path = blob_path(dir, desc);
         let mut file = tokio::fs::File::open(&path)
             .await
             .map_err(|e| RuntimeError::io("open", &path, e))?;
         let reference = format!("ironmesh-import-{}", desc.digest);
-        let size = desc.size as u64;
+        let size = desc.size;
 
         let (tx, rx) = mpsc::channel::<WriteContentRequest>(2);
         let message = |action: WriteAction, offset: u64, data: Vec<u8>| WriteContentRequest {
             action: action as i32,
             r#ref: reference.clone(),
-            total: desc.size,
-            expected: desc.digest.clone(),
+            total: size_i64(desc),
+            expected: desc.digest.to_string(),
             offset: offset as i64,
             data,
             labels: if action == WriteAction::Commit {
@@ -687,14 +616,14 @@ impl Runtime {
             }
             *written_total += n as u64;
             progress(&ImportProgress {
-                digest: desc.digest.clone(),
+                digest: desc.digest.to_string(),
                 blob_written: offset,
                 blob_size: size,
                 written: *written_total,
                 total,
             });
         }
-        let actual = format!("sha256:{}", hex::encode(hasher.finalize()));
+        let actual = OciDigest::from_sha256(&hasher.finalize());
         if offset != size || actual != desc.digest {
             drop(tx);
             self.abort_write(&reference).await;
@@ -787,8 +716,8 @@ impl Runtime {
                     ApplyRequest {
                         diff: Some(Descriptor {
                             media_type: layer.media_type.clone(),
-                            digest: layer.digest.clone(),
-                            size: layer.size,
+                            digest: layer.digest.to_string(),
+                            size: size_i64(layer),
                             annotations: HashMap::new(),
                         }),
                         mounts,
@@ -844,8 +773,8 @@ impl Runtime {
         let object = format!("image {name}");
         let target = Descriptor {
             media_type: manifest.media_type.clone(),
-            digest: manifest.digest.clone(),
-            size: manifest.size,
+            digest: manifest.digest.to_string(),
+            size: size_i64(manifest),
             annotations: HashMap::new(),
         };
         let existing = match self.get_image(name).await {
@@ -950,7 +879,11 @@ impl Runtime {
                 return Err(RuntimeError::invalid(&object, "larger than its descriptor"));
             }
         }
-        check_blob(&desc.digest, desc.size, &data)?;
+        check_blob(
+            &desc.digest,
+            u64::try_from(desc.size).unwrap_or(u64::MAX),
+            &data,
+        )?;
         Ok(data)
     }
 
@@ -971,17 +904,17 @@ impl Runtime {
                 ),
             ));
         }
-        let manifest: Manifest = parse_json(
+        let manifest: ImageManifest = parse_json(
             &format!("manifest {}", target.digest),
             &self.read_content(&target).await?,
         )?;
         let config_desc = Descriptor {
             media_type: manifest.config.media_type.clone(),
-            digest: manifest.config.digest.clone(),
-            size: manifest.config.size,
+            digest: manifest.config.digest.to_string(),
+            size: size_i64(&manifest.config),
             annotations: HashMap::new(),
         };
-        let config: ConfigFile = parse_json(
+        let config: ImageConfig = parse_json(
             &format!("image config {}", config_desc.digest),
             &self.read_content(&config_desc).await?,
         )?;
@@ -1051,10 +984,16 @@ mod tests {
 
     #[test]
     fn digests_are_checked_before_paths_are_built() {
-        assert!(sha256_hex(&format!("sha256:{}", "0".repeat(64))).is_some());
-        assert!(sha256_hex("sha256:../../etc/passwd").is_none());
-        assert!(sha256_hex(&format!("sha512:{}", "0".repeat(64))).is_none());
-        assert!(sha256_hex(&format!("sha256:{}", "A".repeat(64))).is_none());
+        let desc =
+            |d: &str| serde_json::from_value::<Desc>(serde_json::json!({"digest": d, "size": 1}));
+        let good = desc(&format!("sha256:{}", "0".repeat(64))).unwrap();
+        assert_eq!(
+            blob_path(Path::new("/l"), &good),
+            Path::new("/l/blobs/sha256").join("0".repeat(64))
+        );
+        assert!(desc("sha256:../../etc/passwd").is_err());
+        assert!(desc(&format!("sha512:{}", "0".repeat(64))).is_err());
+        assert!(desc(&format!("sha256:{}", "A".repeat(64))).is_err());
     }
 
     #[test]

@@ -98,22 +98,13 @@ pub fn check_repository(name: &str) -> Result<(), ManifestError> {
     Ok(())
 }
 
-fn valid_tag(tag: &str) -> bool {
-    let mut chars = tag.chars();
-    chars
-        .next()
-        .is_some_and(|c| c.is_ascii_alphanumeric() || c == '_')
-        && tag.len() <= 128
-        && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
-}
-
 /// A tag or a digest, checked.
 pub fn parse_reference(s: &str) -> Result<Reference, ManifestError> {
     if s.contains(':') {
         digest_hex(s).map_err(ManifestError::DigestInvalid)?;
         return Ok(Reference::Digest(s.to_string()));
     }
-    if !valid_tag(s) {
+    if ironmesh_oci::name::check_tag(s).is_err() {
         return Err(ManifestError::TagInvalid(s.to_string()));
     }
     Ok(Reference::Tag(s.to_string()))
@@ -140,6 +131,9 @@ pub(crate) struct Parsed {
     pub blobs: Vec<(String, String, u64)>,
     /// Manifests an index lists.
     pub children: Vec<(String, u64)>,
+    /// The platforms an index's manifests declare (placement keeps its
+    /// instances to nodes of one of them).
+    pub platforms: Vec<ironmesh_oci::Platform>,
     pub subject: Option<String>,
     pub artifact_type: Option<String>,
     pub annotations: Option<serde_json::Map<String, serde_json::Value>>,
@@ -234,8 +228,14 @@ pub(crate) fn parse(data: &[u8], content_type: Option<&str>) -> Result<Parsed, M
                 ));
             };
             for (i, m) in ms.iter().enumerate() {
-                let (digest, _, size) = descriptor(m, &format!("manifests[{i}]"))?;
-                p.children.push((digest, size));
+                let d: ironmesh_oci::Descriptor = serde_json::from_value(m.clone())
+                    .map_err(|e| ManifestError::ManifestInvalid(format!("manifests[{i}]: {e}")))?;
+                if let Some(pl) = d.platform {
+                    if !p.platforms.contains(&pl) {
+                        p.platforms.push(pl);
+                    }
+                }
+                p.children.push((d.digest.into(), d.size));
             }
         }
         other => {
@@ -391,6 +391,7 @@ impl ImageStore {
                 manifest_digest: digest.clone(),
                 size: self.total_size(data, &parsed).await,
                 pushed_unix_ms: now,
+                platforms: parsed.platforms.clone(),
             };
             ops.push(Op::Put {
                 key: format!("{KEY_PREFIX}{name}"),
@@ -412,31 +413,6 @@ impl ImageStore {
         Ok(Pushed {
             digest,
             subject: parsed.subject,
-        })
-    }
-
-    /// The record op that makes `digest` (a manifest already stored and
-    /// checked) part of the repository of image `name`; for TagImage.
-    pub(crate) fn record_op_for_image(
-        name: &str,
-        digest: &str,
-        media_type: &str,
-        size: u64,
-    ) -> Option<Op> {
-        let (repository, _) = name.rsplit_once(':')?;
-        let record = ManifestRecord {
-            repository: repository.to_string(),
-            digest: digest.to_string(),
-            media_type: media_type.to_string(),
-            size,
-            artifact_type: None,
-            subject: None,
-            annotations: None,
-            pushed_unix_ms: now_unix_ms(),
-        };
-        Some(Op::Put {
-            key: manifest_key(repository, digest),
-            value: serde_json::to_vec(&record).ok()?,
         })
     }
 
@@ -780,6 +756,13 @@ mod tests {
         images.put_manifest("r", &tag, None, &index).await.unwrap();
         let (rec, _) = images.get_manifest("r", &tag).await.unwrap();
         assert_eq!(rec.media_type, MEDIA_OCI_INDEX);
+        // The tag record carries the index's platforms for placement.
+        let kv = images.store.get("/images/r:multi").await.unwrap().unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&kv.value).unwrap();
+        assert_eq!(
+            v["platforms"],
+            serde_json::json!([{"architecture": "amd64", "os": "linux"}])
+        );
 
         let artifact = serde_json::to_vec(&serde_json::json!({
             "schemaVersion": 2, "mediaType": MEDIA_OCI_MANIFEST,

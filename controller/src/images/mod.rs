@@ -21,34 +21,28 @@
 pub mod gc;
 pub mod manifests;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use futures::{Stream, StreamExt};
+use futures::Stream;
 use ironmesh_proto::v1::{
-    BlobChunk, BlobsMissingRequest, BlobsMissingResponse, FetchBlobRequest, ImageInfo,
-    ListImagesRequest, ListImagesResponse, PushBlobResponse, TagImageRequest,
+    BlobChunk, FetchBlobRequest, ImageInfo, ListImagesRequest, ListImagesResponse,
 };
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tonic::{Status, Streaming};
+use tonic::Status;
 
-use crate::store::{Op, Store, Txn, TxnOutcome};
+use crate::store::Store;
 
 pub type BlobStream = Pin<Box<dyn Stream<Item = Result<BlobChunk, Status>> + Send>>;
 
 /// Size of one `BlobChunk` the store sends.
 pub const FETCH_CHUNK: usize = 256 << 10;
-/// Largest manifest TagImage reads into memory.
+/// Largest manifest read into memory.
 const MAX_MANIFEST: u64 = 4 << 20;
-/// Longest image reference accepted (the Docker distribution limit).
-const MAX_NAME: usize = 255;
-/// Most digests one BlobsMissing request may ask about.
-const MAX_DIGESTS: usize = 10_000;
 /// Store key prefix of image names.
 const KEY_PREFIX: &str = "/images/";
 
@@ -88,6 +82,10 @@ struct ImageRecord {
     manifest_digest: String,
     size: u64,
     pushed_unix_ms: i64,
+    /// For an index: the platforms of its manifests (read by the cache
+    /// for placement). Empty for a single-platform manifest.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    platforms: Vec<ironmesh_oci::Platform>,
 }
 
 impl From<ImageRecord> for ImageInfo {
@@ -99,23 +97,6 @@ impl From<ImageRecord> for ImageInfo {
             pushed_unix_ms: r.pushed_unix_ms,
         }
     }
-}
-
-#[derive(Deserialize)]
-struct Descriptor {
-    digest: String,
-    size: i64,
-}
-
-#[derive(Deserialize)]
-struct Manifest {
-    #[serde(rename = "schemaVersion")]
-    schema_version: u32,
-    #[serde(rename = "mediaType", default)]
-    media_type: Option<String>,
-    config: Descriptor,
-    #[serde(default)]
-    layers: Vec<Descriptor>,
 }
 
 /// The hex part of a `sha256:` digest, or why it is not one. Only 64
@@ -131,101 +112,12 @@ fn digest_arg(digest: &str) -> Result<&str, Status> {
 
 /// Checks an image reference (`[registry[:port]/]path[:tag]`, the Docker
 /// distribution grammar without digests) and returns it with `:latest`
-/// added when it has no tag.
+/// added when it has no tag ([`ironmesh_oci::name`], the project's one check).
 pub fn normalize_name(name: &str) -> Result<String, String> {
-    let bad = |why: &str| {
-        Err(format!(
-            "image name {name:?} is not a valid reference ({why}); \
-             expected e.g. \"ironmesh.dev/records-server:0.1.0\""
-        ))
-    };
-    if name.is_empty() {
-        return bad("it is empty");
-    }
-    if name.len() > MAX_NAME {
-        return bad("longer than 255 characters");
-    }
-    if name.contains('@') {
-        return bad("a digest is not a name; give a tag");
-    }
-    let last_slash = name.rfind('/').map_or(0, |i| i + 1);
-    let (path, tag) = match name[last_slash..].rfind(':') {
-        Some(i) => (&name[..last_slash + i], Some(&name[last_slash + i + 1..])),
-        None => (name, None),
-    };
-    if let Some(tag) = tag {
-        let mut chars = tag.chars();
-        let first_ok = chars
-            .next()
-            .is_some_and(|c| c.is_ascii_alphanumeric() || c == '_');
-        if !first_ok
-            || tag.len() > 128
-            || !chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
-        {
-            return bad("the tag must be letters, digits, '_', '.' or '-', at most 128");
-        }
-    }
-    let mut components: Vec<&str> = path.split('/').collect();
-    if components.len() > 1 {
-        let first = components[0];
-        if first.contains('.') || first.contains(':') || first == "localhost" {
-            if !is_domain(first) {
-                return bad("the registry part must be a host name with an optional port");
-            }
-            components.remove(0);
-        }
-    }
-    if !components.iter().all(|c| is_path_component(c)) {
-        return bad("path components must be lowercase letters and digits, \
-             joined by '.', '_', '__' or dashes");
-    }
-    Ok(match tag {
-        Some(_) => name.to_string(),
-        None => format!("{name}:latest"),
-    })
+    ironmesh_oci::name::normalize_name(name).map_err(|e| e.to_string())
 }
 
-fn is_domain(s: &str) -> bool {
-    let (host, port) = match s.split_once(':') {
-        Some((h, p)) => (h, Some(p)),
-        None => (s, None),
-    };
-    let host_ok = !host.is_empty()
-        && host.split('.').all(|label| {
-            !label.is_empty()
-                && !label.starts_with('-')
-                && !label.ends_with('-')
-                && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
-        });
-    let port_ok = port.is_none_or(|p| !p.is_empty() && p.len() <= 5 && p.parse::<u16>().is_ok());
-    host_ok && port_ok
-}
-
-/// `[a-z0-9]+((\.|_|__|-+)[a-z0-9]+)*`
-fn is_path_component(s: &str) -> bool {
-    let b = s.as_bytes();
-    let alnum = |c: u8| c.is_ascii_lowercase() || c.is_ascii_digit();
-    if b.is_empty() || !alnum(b[0]) || !alnum(b[b.len() - 1]) {
-        return false;
-    }
-    let mut i = 0;
-    while i < b.len() {
-        if alnum(b[i]) {
-            i += 1;
-            continue;
-        }
-        let start = i;
-        while i < b.len() && !alnum(b[i]) {
-            i += 1;
-        }
-        let sep = &s[start..i];
-        let ok = sep == "." || sep == "_" || sep == "__" || sep.bytes().all(|c| c == b'-');
-        if !ok {
-            return false;
-        }
-    }
-    true
-}
+pub(crate) use ironmesh_oci::name::is_path_component;
 
 /// Refreshes a blob's modification time (see [`ImageStore::stat_blob`]).
 async fn touch(path: &Path) {
@@ -477,223 +369,6 @@ impl ImageStore {
             .map_err(|e| Status::internal(format!("stored image {name:?} does not decode: {e}")))
     }
 
-    pub async fn blobs_missing(
-        &self,
-        req: BlobsMissingRequest,
-    ) -> Result<BlobsMissingResponse, Status> {
-        if req.digests.len() > MAX_DIGESTS {
-            return Err(Status::invalid_argument(format!(
-                "{} digests in one request; at most {MAX_DIGESTS}",
-                req.digests.len()
-            )));
-        }
-        let mut seen = BTreeSet::new();
-        let mut missing = Vec::new();
-        for digest in req.digests {
-            let path = self.blobs.join(digest_arg(&digest)?);
-            if !seen.insert(digest.clone()) {
-                continue;
-            }
-            if self.blob_size(&path).await.map_err(internal)?.is_none() {
-                missing.push(digest);
-            }
-        }
-        Ok(BlobsMissingResponse { missing })
-    }
-
-    pub async fn push_blob(
-        &self,
-        chunks: Streaming<BlobChunk>,
-    ) -> Result<PushBlobResponse, Status> {
-        self.write_blob(chunks).await
-    }
-
-    /// Stores one blob from a stream of chunks: the first names the digest
-    /// and total size. Content and size are verified before the blob
-    /// becomes visible; on any error nothing is left behind.
-    pub async fn write_blob<S>(&self, mut chunks: S) -> Result<PushBlobResponse, Status>
-    where
-        S: Stream<Item = Result<BlobChunk, Status>> + Unpin + Send,
-    {
-        let first =
-            chunks.next().await.transpose()?.ok_or_else(|| {
-                Status::invalid_argument("push stream ended before its first chunk")
-            })?;
-        let digest = first.digest.clone();
-        let expected_size = first.total_size;
-        let final_path = self.blobs.join(digest_arg(&digest)?);
-        if let Some(size) = self.blob_size(&final_path).await.map_err(internal)? {
-            // Same digest, same content: nothing to do, and no need to read
-            // the rest of the stream.
-            tracing::debug!(%digest, size, "blob already stored");
-            return Ok(PushBlobResponse {
-                digest,
-                size,
-                stored: false,
-            });
-        }
-
-        static COUNTER: AtomicU64 = AtomicU64::new(0);
-        let mut tmp = TempBlob {
-            path: self.blobs.join(format!(
-                ".tmp-{}-{}-{}",
-                &digest["sha256:".len()..],
-                std::process::id(),
-                COUNTER.fetch_add(1, Ordering::Relaxed)
-            )),
-            keep: false,
-        };
-        let mut file = tokio::fs::File::create(&tmp.path)
-            .await
-            .map_err(|e| internal(io_err("create", &tmp.path)(e)))?;
-        let mut hasher = Sha256::new();
-        let mut got: u64 = 0;
-        let mut next = Some(first);
-        while let Some(chunk) = next {
-            if !chunk.digest.is_empty() && chunk.digest != digest {
-                return Err(Status::invalid_argument(format!(
-                    "push of blob {digest}: a later chunk names {:?}",
-                    chunk.digest
-                )));
-            }
-            got += chunk.data.len() as u64;
-            if got > expected_size {
-                return Err(Status::invalid_argument(format!(
-                    "blob {digest}: stream is longer than the declared {expected_size} bytes"
-                )));
-            }
-            hasher.update(&chunk.data);
-            file.write_all(&chunk.data)
-                .await
-                .map_err(|e| internal(io_err("write", &tmp.path)(e)))?;
-            next = chunks.next().await.transpose()?;
-        }
-        let actual = format!("sha256:{}", hex::encode(hasher.finalize()));
-        if got != expected_size || actual != digest {
-            return Err(Status::invalid_argument(format!(
-                "blob {digest} was not received intact: expected {expected_size} bytes \
-                 hashing to {digest}, got {got} bytes hashing to {actual}"
-            )));
-        }
-        file.flush()
-            .await
-            .map_err(|e| internal(io_err("write", &tmp.path)(e)))?;
-        file.sync_all()
-            .await
-            .map_err(|e| internal(io_err("fsync", &tmp.path)(e)))?;
-        drop(file);
-        tokio::fs::rename(&tmp.path, &final_path)
-            .await
-            .map_err(|e| internal(io_err("rename", &final_path)(e)))?;
-        tmp.keep = true;
-        // The rename is only durable once the directory is synced.
-        let dir = self.blobs.clone();
-        let synced = tokio::task::spawn_blocking(move || std::fs::File::open(&dir)?.sync_all())
-            .await
-            .map_err(|e| Status::internal(e.to_string()))?;
-        synced.map_err(|e| internal(io_err("fsync", &self.blobs)(e)))?;
-        tracing::info!(%digest, size = got, "blob stored");
-        Ok(PushBlobResponse {
-            digest,
-            size: got,
-            stored: true,
-        })
-    }
-
-    pub async fn tag_image(&self, req: TagImageRequest) -> Result<ImageInfo, Status> {
-        let name = normalize_name(&req.name).map_err(Status::invalid_argument)?;
-        let digest = req.manifest_digest;
-        let path = self.blobs.join(digest_arg(&digest)?);
-        let size = self
-            .blob_size(&path)
-            .await
-            .map_err(internal)?
-            .ok_or_else(|| {
-                Status::failed_precondition(format!(
-                    "image {name}: manifest {digest} is not in the image store; push it first"
-                ))
-            })?;
-        if size > MAX_MANIFEST {
-            return Err(Status::invalid_argument(format!(
-                "image {name}: blob {digest} is {size} bytes, too large for a manifest"
-            )));
-        }
-        let data = tokio::fs::read(&path)
-            .await
-            .map_err(|e| internal(io_err("read", &path)(e)))?;
-        let manifest = parse_manifest(&name, &digest, &data)?;
-
-        // Every referenced blob must be here, with the declared size, and
-        // stay until the name is recorded.
-        let _shared = self.gc_lock.read().await;
-        let mut problems = Vec::new();
-        let mut total = size;
-        let refs = std::iter::once(("config".to_string(), &manifest.config)).chain(
-            manifest
-                .layers
-                .iter()
-                .enumerate()
-                .map(|(i, l)| (format!("layer {i}"), l)),
-        );
-        for (what, desc) in refs {
-            let blob = self.blobs.join(digest_hex(&desc.digest).map_err(|e| {
-                Status::invalid_argument(format!("image {name}: manifest {digest}: {what}: {e}"))
-            })?);
-            if desc.size < 0 {
-                return Err(Status::invalid_argument(format!(
-                    "image {name}: manifest {digest}: {what} has a negative size"
-                )));
-            }
-            match self.blob_size(&blob).await.map_err(internal)? {
-                None => problems.push(format!("{} ({what}) is missing", desc.digest)),
-                Some(s) if s != desc.size as u64 => problems.push(format!(
-                    "{} ({what}) has {s} bytes, the manifest says {}",
-                    desc.digest, desc.size
-                )),
-                Some(s) => total += s,
-            }
-        }
-        if !problems.is_empty() {
-            return Err(Status::failed_precondition(format!(
-                "image {name}: manifest {digest} references blobs the store lacks: {}",
-                problems.join("; ")
-            )));
-        }
-
-        let record = ImageRecord {
-            name: name.clone(),
-            manifest_digest: digest,
-            size: total,
-            pushed_unix_ms: now_unix_ms(),
-        };
-        let value = serde_json::to_vec(&record)
-            .map_err(|e| Status::internal(format!("encode image record: {e}")))?;
-        let media_type = manifest.media_type.as_deref().unwrap_or(MEDIA_OCI_MANIFEST);
-        let mut ops = vec![Op::Put {
-            key: format!("{KEY_PREFIX}{name}"),
-            value,
-        }];
-        // The registry serves it by digest in its repository too.
-        ops.extend(ImageStore::record_op_for_image(
-            &name,
-            &record.manifest_digest,
-            media_type,
-            size,
-        ));
-        let outcome = self
-            .store
-            .txn(Txn {
-                compares: Vec::new(),
-                ops,
-            })
-            .await
-            .map_err(store_err)?;
-        if let TxnOutcome::CompareFailed { .. } = outcome {
-            return Err(Status::aborted("image tag write conflicted; retry"));
-        }
-        Ok(record.into())
-    }
-
     pub async fn list_images(&self, _req: ListImagesRequest) -> Result<ListImagesResponse, Status> {
         let (kvs, _) = self.store.list(KEY_PREFIX).await.map_err(store_err)?;
         let mut images = BTreeMap::new();
@@ -790,49 +465,16 @@ impl ImageStore {
     }
 }
 
-fn parse_manifest(name: &str, digest: &str, data: &[u8]) -> Result<Manifest, Status> {
-    let value: serde_json::Value = serde_json::from_slice(data).map_err(|e| {
-        Status::invalid_argument(format!("image {name}: manifest {digest} is not JSON: {e}"))
-    })?;
-    let media_type = value.get("mediaType").and_then(|v| v.as_str());
-    if matches!(media_type, Some(MEDIA_OCI_INDEX | MEDIA_DOCKER_LIST))
-        || (media_type.is_none() && value.get("manifests").is_some())
-    {
-        return Err(Status::invalid_argument(format!(
-            "image {name}: {digest} is a multi-platform index; \
-             tag a single-platform image manifest instead"
-        )));
-    }
-    let manifest: Manifest = serde_json::from_value(value).map_err(|e| {
-        Status::invalid_argument(format!(
-            "image {name}: {digest} is not an OCI image manifest: {e}"
-        ))
-    })?;
-    if manifest.schema_version != 2 {
-        return Err(Status::invalid_argument(format!(
-            "image {name}: manifest {digest} has schemaVersion {}, expected 2",
-            manifest.schema_version
-        )));
-    }
-    if let Some(mt) = &manifest.media_type {
-        if mt != MEDIA_OCI_MANIFEST && mt != MEDIA_DOCKER_MANIFEST {
-            return Err(Status::invalid_argument(format!(
-                "image {name}: manifest {digest} has media type {mt:?}; expected \
-                 {MEDIA_OCI_MANIFEST} or {MEDIA_DOCKER_MANIFEST}"
-            )));
-        }
-    }
-    Ok(manifest)
-}
-
 #[cfg(test)]
 mod tests {
+    use super::manifests::Reference;
     use super::*;
     use crate::store::embedded::EmbeddedStore;
+    use futures::StreamExt;
     use tonic::Code;
 
     fn sha(data: &[u8]) -> String {
-        format!("sha256:{}", hex::encode(Sha256::digest(data)))
+        ironmesh_oci::Digest::of(data).into()
     }
 
     struct Fixture {
@@ -858,40 +500,10 @@ mod tests {
             v
         }
 
-        async fn push_as(
-            &self,
-            digest: &str,
-            total: u64,
-            data: &[u8],
-            chunk: usize,
-        ) -> Result<PushBlobResponse, Status> {
-            let mut chunks: Vec<Result<BlobChunk, Status>> = data
-                .chunks(chunk.max(1))
-                .enumerate()
-                .map(|(i, d)| {
-                    Ok(BlobChunk {
-                        digest: if i == 0 { digest.into() } else { String::new() },
-                        total_size: if i == 0 { total } else { 0 },
-                        offset: 0,
-                        data: d.to_vec(),
-                    })
-                })
-                .collect();
-            if chunks.is_empty() {
-                chunks.push(Ok(BlobChunk {
-                    digest: digest.into(),
-                    total_size: total,
-                    offset: 0,
-                    data: Vec::new(),
-                }));
-            }
-            self.images.write_blob(futures::stream::iter(chunks)).await
-        }
-
-        async fn push(&self, data: &[u8]) -> PushBlobResponse {
-            self.push_as(&sha(data), data.len() as u64, data, 7)
-                .await
-                .unwrap()
+        /// Stores a blob as a finished registry upload does; whether it
+        /// was new.
+        async fn push(&self, data: &[u8]) -> bool {
+            self.images.store_bytes(&sha(data), data).await.unwrap()
         }
 
         async fn fetch(&self, digest: &str) -> Result<(u64, Vec<u8>, usize), Status> {
@@ -916,62 +528,46 @@ mod tests {
             }
             Ok((total.unwrap(), data, n))
         }
-    }
 
-    /// A manifest over a config and `layers`, with all blobs pushed unless
-    /// listed in `skip`. Returns (manifest digest, missing digests).
-    async fn image(f: &Fixture, layers: &[&[u8]], skip: &[usize]) -> (String, Vec<String>) {
-        let config =
-            br#"{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":[]}}"#;
-        f.push(config).await;
-        let mut missing = Vec::new();
-        let mut descs = Vec::new();
-        for (i, l) in layers.iter().enumerate() {
-            if skip.contains(&i) {
-                missing.push(sha(l));
-            } else {
-                f.push(l).await;
-            }
-            descs.push(serde_json::json!({
-                "mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
-                "digest": sha(l), "size": l.len()
-            }));
+        /// A manifest over a config and one layer, its blobs stored, put
+        /// under `repository:tag`.
+        async fn tagged(&self, repository: &str, tag: &str, layer: &[u8]) -> String {
+            let config = br#"{"architecture":"amd64","os":"linux"}"#;
+            self.push(config).await;
+            self.push(layer).await;
+            let manifest = serde_json::to_vec(&serde_json::json!({
+                "schemaVersion": 2,
+                "mediaType": MEDIA_OCI_MANIFEST,
+                "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+                           "digest": sha(config), "size": config.len()},
+                "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar",
+                            "digest": sha(layer), "size": layer.len()}],
+            }))
+            .unwrap();
+            self.images
+                .put_manifest(repository, &Reference::Tag(tag.into()), None, &manifest)
+                .await
+                .unwrap()
+                .digest
         }
-        let manifest = serde_json::to_vec(&serde_json::json!({
-            "schemaVersion": 2,
-            "mediaType": MEDIA_OCI_MANIFEST,
-            "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
-                       "digest": sha(config), "size": config.len()},
-            "layers": descs,
-        }))
-        .unwrap();
-        f.push(&manifest).await;
-        (sha(&manifest), missing)
     }
 
     #[tokio::test]
-    async fn pushed_blob_is_stored_and_fetched_back_in_chunks() {
+    async fn stored_blob_is_fetched_back_in_chunks() {
         let f = fixture();
         let data: Vec<u8> = (0..(FETCH_CHUNK * 2 + 123))
             .map(|i| (i % 251) as u8)
             .collect();
-        let r = f.push(&data).await;
-        assert!(r.stored);
-        assert_eq!(r.size, data.len() as u64);
+        assert!(f.push(&data).await);
+        assert!(!f.push(&data).await, "stored once");
         assert_eq!(f.blob_files(), [sha(&data)["sha256:".len()..].to_string()]);
         let (total, back, chunks) = f.fetch(&sha(&data)).await.unwrap();
         assert_eq!(total, data.len() as u64);
         assert_eq!(back, data);
         assert_eq!(chunks, 3);
-
-        let missing = f
-            .images
-            .blobs_missing(BlobsMissingRequest {
-                digests: vec![sha(&data), sha(b"other")],
-            })
-            .await
-            .unwrap();
-        assert_eq!(missing.missing, [sha(b"other")]);
+        let e = f.fetch(&sha(b"absent")).await.unwrap_err();
+        assert_eq!(e.code(), Code::NotFound);
+        assert!(e.message().contains(&sha(b"absent")));
     }
 
     #[tokio::test]
@@ -1009,59 +605,9 @@ mod tests {
     #[tokio::test]
     async fn empty_blob_round_trips() {
         let f = fixture();
-        assert!(f.push(b"").await.stored);
+        assert!(f.push(b"").await);
         let (total, back, chunks) = f.fetch(&sha(b"")).await.unwrap();
         assert_eq!((total, back.len(), chunks), (0, 0, 1));
-    }
-
-    #[tokio::test]
-    async fn same_blob_pushed_twice_is_stored_once() {
-        let f = fixture();
-        assert!(f.push(b"layer").await.stored);
-        let again = f.push(b"layer").await;
-        assert!(!again.stored);
-        assert_eq!(again.size, 5);
-        assert_eq!(f.blob_files().len(), 1);
-    }
-
-    #[tokio::test]
-    async fn digest_mismatch_is_rejected_and_leaves_nothing() {
-        let f = fixture();
-        let claimed = sha(b"what was promised");
-        let e = f.push_as(&claimed, 9, b"different", 4).await.unwrap_err();
-        assert_eq!(e.code(), Code::InvalidArgument);
-        assert!(e.message().contains(&claimed), "{}", e.message());
-        assert!(e.message().contains(&sha(b"different")), "{}", e.message());
-        assert!(f.blob_files().is_empty(), "{:?}", f.blob_files());
-        let e = f.fetch(&claimed).await.unwrap_err();
-        assert_eq!(e.code(), Code::NotFound);
-        assert!(e.message().contains(&claimed));
-    }
-
-    #[tokio::test]
-    async fn short_and_long_streams_are_rejected() {
-        let f = fixture();
-        let data = b"0123456789";
-        let short = f.push_as(&sha(data), 11, data, 3).await.unwrap_err();
-        assert_eq!(short.code(), Code::InvalidArgument);
-        assert!(
-            short.message().contains("expected 11 bytes"),
-            "{}",
-            short.message()
-        );
-        assert!(
-            short.message().contains("got 10 bytes"),
-            "{}",
-            short.message()
-        );
-        let long = f.push_as(&sha(data), 9, data, 3).await.unwrap_err();
-        assert_eq!(long.code(), Code::InvalidArgument);
-        assert!(
-            long.message().contains("longer than the declared 9"),
-            "{}",
-            long.message()
-        );
-        assert!(f.blob_files().is_empty());
     }
 
     #[tokio::test]
@@ -1074,37 +620,20 @@ mod tests {
             "a".repeat(64),
             String::new(),
         ] {
-            let e = f.push_as(&bad, 1, b"x", 1).await.unwrap_err();
-            assert_eq!(e.code(), Code::InvalidArgument, "{bad}");
             let e = f.fetch(&bad).await.unwrap_err();
             assert_eq!(e.code(), Code::InvalidArgument, "{bad}");
-            let e = f
-                .images
-                .blobs_missing(BlobsMissingRequest {
-                    digests: vec![bad.clone()],
-                })
-                .await
-                .unwrap_err();
-            assert_eq!(e.code(), Code::InvalidArgument, "{bad}");
+            assert!(f.images.blob_path(&bad).is_err(), "{bad}");
         }
         assert!(f.blob_files().is_empty());
     }
 
     #[tokio::test]
-    async fn tag_then_resolve_and_list() {
+    async fn tags_resolve_list_and_survive_reopening_the_store() {
         let f = fixture();
-        let (digest, _) = image(&f, &[b"layer-a", b"layer-b"], &[]).await;
-        let info = f
-            .images
-            .tag_image(TagImageRequest {
-                name: "ironmesh.dev/records-server:0.1.0".into(),
-                manifest_digest: digest.clone(),
-            })
-            .await
-            .unwrap();
-        assert_eq!(info.manifest_digest, digest);
-        assert!(info.size > 14, "{info:?}");
-        assert!(info.pushed_unix_ms > 0);
+        let digest = f
+            .tagged("ironmesh.dev/records-server", "0.1.0", b"layer-a")
+            .await;
+        let web = f.tagged("web", "latest", b"layer-b").await;
         assert_eq!(
             f.images.resolve("ironmesh.dev/records-server:0.1.0").await,
             Some(digest.clone())
@@ -1114,151 +643,26 @@ mod tests {
             None
         );
         assert_eq!(f.images.resolve("not a name").await, None);
-
-        // A name without a tag is :latest, both ways.
-        f.images
-            .tag_image(TagImageRequest {
-                name: "web".into(),
-                manifest_digest: digest.clone(),
-            })
-            .await
-            .unwrap();
-        assert_eq!(f.images.resolve("web:latest").await, Some(digest.clone()));
-        assert_eq!(f.images.resolve("web").await, Some(digest.clone()));
+        // A name without a tag is :latest.
+        assert_eq!(f.images.resolve("web").await, Some(web.clone()));
 
         let list = f.images.list_images(ListImagesRequest {}).await.unwrap();
         let names: Vec<&str> = list.images.iter().map(|i| i.name.as_str()).collect();
         assert_eq!(names, ["ironmesh.dev/records-server:0.1.0", "web:latest"]);
-    }
+        assert!(list
+            .images
+            .iter()
+            .all(|i| i.size > 14 && i.pushed_unix_ms > 0));
 
-    #[tokio::test]
-    async fn tag_survives_reopening_the_store() {
-        let dir = tempfile::tempdir().unwrap();
-        let digest = {
-            let store = EmbeddedStore::open(&dir.path().join("store.redb")).unwrap();
-            let images = ImageStore::open(dir.path().join("images"), Arc::new(store)).unwrap();
-            let f = Fixture {
-                dir: tempfile::tempdir().unwrap(),
-                images,
-            };
-            let (digest, _) = image(&f, &[b"l"], &[]).await;
-            f.images
-                .tag_image(TagImageRequest {
-                    name: "a/b:1".into(),
-                    manifest_digest: digest.clone(),
-                })
-                .await
-                .unwrap();
-            digest
-        };
+        // Names are in the durable store: a reopened store has them.
+        let Fixture { dir, images } = f;
+        drop(images);
         let store = EmbeddedStore::open(&dir.path().join("store.redb")).unwrap();
         let images = ImageStore::open(dir.path().join("images"), Arc::new(store)).unwrap();
-        assert_eq!(images.resolve("a/b:1").await, Some(digest));
-    }
-
-    #[tokio::test]
-    async fn tag_with_a_missing_layer_is_refused_naming_it() {
-        let f = fixture();
-        let (digest, missing) = image(&f, &[b"present", b"absent"], &[1]).await;
-        let e = f
-            .images
-            .tag_image(TagImageRequest {
-                name: "app:1".into(),
-                manifest_digest: digest.clone(),
-            })
-            .await
-            .unwrap_err();
-        assert_eq!(e.code(), Code::FailedPrecondition);
-        assert!(e.message().contains(&missing[0]), "{}", e.message());
-        assert!(e.message().contains("layer 1"), "{}", e.message());
-        assert!(!e.message().contains(&sha(b"present")), "{}", e.message());
-        assert_eq!(f.images.resolve("app:1").await, None);
-
-        // Pushing the layer makes the same tag succeed.
-        f.push(b"absent").await;
-        f.images
-            .tag_image(TagImageRequest {
-                name: "app:1".into(),
-                manifest_digest: digest.clone(),
-            })
-            .await
-            .unwrap();
-        assert_eq!(f.images.resolve("app:1").await, Some(digest));
-    }
-
-    #[tokio::test]
-    async fn tag_of_a_missing_or_non_manifest_blob_is_refused() {
-        let f = fixture();
-        let absent = sha(b"never pushed");
-        let e = f
-            .images
-            .tag_image(TagImageRequest {
-                name: "app:1".into(),
-                manifest_digest: absent.clone(),
-            })
-            .await
-            .unwrap_err();
-        assert_eq!(e.code(), Code::FailedPrecondition);
-        assert!(e.message().contains(&absent));
-
-        f.push(b"not json").await;
-        let e = f
-            .images
-            .tag_image(TagImageRequest {
-                name: "app:1".into(),
-                manifest_digest: sha(b"not json"),
-            })
-            .await
-            .unwrap_err();
-        assert_eq!(e.code(), Code::InvalidArgument);
-
-        let index = br#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.index.v1+json","manifests":[]}"#;
-        f.push(index).await;
-        let e = f
-            .images
-            .tag_image(TagImageRequest {
-                name: "app:1".into(),
-                manifest_digest: sha(index),
-            })
-            .await
-            .unwrap_err();
-        assert_eq!(e.code(), Code::InvalidArgument);
-        assert!(
-            e.message().contains("multi-platform index"),
-            "{}",
-            e.message()
+        assert_eq!(
+            images.resolve("ironmesh.dev/records-server:0.1.0").await,
+            Some(digest)
         );
-    }
-
-    #[tokio::test]
-    async fn bad_names_are_refused() {
-        let f = fixture();
-        let (digest, _) = image(&f, &[b"l"], &[]).await;
-        for bad in [
-            "",
-            "UPPER/case:1",
-            "a//b:1",
-            "a:b:c",
-            "-a:1",
-            "a@sha256:00",
-            "a:.x",
-            "has space:1",
-        ] {
-            let e = f
-                .images
-                .tag_image(TagImageRequest {
-                    name: bad.into(),
-                    manifest_digest: digest.clone(),
-                })
-                .await
-                .unwrap_err();
-            assert_eq!(e.code(), Code::InvalidArgument, "{bad:?}");
-            assert!(
-                e.message().contains("not a valid reference"),
-                "{}",
-                e.message()
-            );
-        }
     }
 
     #[test]

@@ -374,12 +374,12 @@ async fn route(
                 .await?;
             let body = serde_json::json!({
                 "schemaVersion": 2,
-                "mediaType": "application/vnd.oci.image.index.v1+json",
+                "mediaType": ironmesh_oci::media::OCI_INDEX,
                 "manifests": manifests,
             });
             let mut h = vec![(
                 "content-type",
-                "application/vnd.oci.image.index.v1+json".to_string(),
+                ironmesh_oci::media::OCI_INDEX.to_string(),
             )];
             if artifact_type.is_some() {
                 h.push(("oci-filters-applied", "artifactType".to_string()));
