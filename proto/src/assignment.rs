@@ -487,7 +487,11 @@ mod tests {
         let merged = merge_identities(current, set, &removed);
         let want: Vec<IdentityEntry> = model
             .into_iter()
-            .map(|(ip, identity)| IdentityEntry { ip, identity, ..Default::default() })
+            .map(|(ip, identity)| IdentityEntry {
+                ip,
+                identity,
+                ..Default::default()
+            })
             .collect();
         assert_eq!(merged, want);
     }
