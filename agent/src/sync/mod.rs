@@ -74,6 +74,8 @@ pub struct SyncConfig {
     /// connects with the newest, and a renewal ends the session so that the
     /// next one uses the new certificate (one reconnect per renewal).
     pub identity: Option<watch::Receiver<crate::node_identity::NodeIdentity>>,
+    /// The gateway listeners, fed each assignment's `gateways`.
+    pub gateways: Option<Arc<crate::gateway::Gateways>>,
 }
 
 #[derive(Debug, thiserror::Error)]
