@@ -84,6 +84,14 @@ impl JwksSource {
         self.set.borrow().clone()
     }
 
+    /// Waits up to `wait` for the first set (the fetch is already under
+    /// way; this asks for nothing, so it does not spend the refresh limit).
+    pub async fn first(&self, wait: Duration) -> Option<Arc<KeySet>> {
+        let mut rx = self.set.clone();
+        let _ = tokio::time::timeout(wait, rx.wait_for(Option::is_some)).await;
+        self.current()
+    }
+
     /// Asks for a fetch now (unless one was asked for less than
     /// [`MIN_REFRESH`] ago) and waits up to `wait` for a set other than
     /// the current one. Returns the set then current.

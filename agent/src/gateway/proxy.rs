@@ -129,7 +129,7 @@ pub async fn authenticate(auth: &Auth, h: &HeaderMap) -> Result<BTreeMap<String,
         Some(k) => k,
         None => auth
             .keys
-            .refreshed(KEYS_WAIT)
+            .first(KEYS_WAIT)
             .await
             .ok_or(JwtError::KeysUnavailable)?,
     };
