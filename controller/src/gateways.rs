@@ -18,12 +18,16 @@ use crate::pki::{ClusterCa, Identity};
 /// of it have passed (the assignment then changes and the agent reloads).
 const LISTENER_CERT_LIFETIME: Duration = Duration::from_secs(90 * 24 * 3600);
 
+/// (gateway, listener, hostnames).
+type ListenerKey = (String, String, Vec<String>);
+/// (issued at, chain PEM, key PEM).
+type Issued = (Instant, String, String);
+
 /// Listener certificates already issued, so a pass does not sign again
 /// (and the node's part stays equal between passes).
 #[derive(Default)]
 pub struct CertMemo {
-    /// (gateway, listener, hostnames) → (issued at, chain, key).
-    issued: HashMap<(String, String, Vec<String>), (Instant, String, String)>,
+    issued: HashMap<ListenerKey, Issued>,
 }
 
 /// Routes in precedence order: oldest first (creation time), then name.

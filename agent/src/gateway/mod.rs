@@ -115,8 +115,7 @@ impl Gateways {
         let ip = node_ip.unwrap_or(Ipv4Addr::UNSPECIFIED);
         let mut state = self.state.lock().await;
         let mut used_jwks = HashMap::new();
-        let mut wanted: HashMap<SocketAddr, (String, Table, Option<(String, String)>)> =
-            HashMap::new();
+        let mut wanted: HashMap<SocketAddr, Wanted> = HashMap::new();
         let mut sorted: Vec<&GatewayAssignment> = gateways.iter().collect();
         sorted.sort_by(|a, b| a.name.cmp(&b.name));
         for g in sorted {
@@ -282,6 +281,10 @@ impl Gateways {
         }
     }
 }
+
+/// A listener to run: its owner (`gateway/listener`), table and the
+/// certificate chain and key for HTTPS.
+type Wanted = (String, Table, Option<(String, String)>);
 
 type JwksCache = HashMap<(String, Option<String>, Duration), Arc<jwks::JwksSource>>;
 

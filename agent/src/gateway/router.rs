@@ -238,7 +238,7 @@ impl Table {
         if !self.serves_host(host) {
             return None;
         }
-        let mut best: Option<((u8, u8, usize, u8, usize), &Route, &Rule)> = None;
+        let mut best: Option<(Rank, &Route, &Rule)> = None;
         for route in &self.routes {
             let host_rank = if route.hostnames.is_empty() {
                 0
@@ -270,6 +270,9 @@ impl Table {
         best.map(|(_, route, rule)| (route, rule))
     }
 }
+
+/// (host, path kind, path length, method, headers): larger is more specific.
+type Rank = (u8, u8, usize, u8, usize);
 
 impl Match {
     /// `None` when it does not match; else how specific it is.
@@ -435,8 +438,8 @@ mod tests {
         json!([{"service": service, "port": 80}])
     }
 
-    fn pick<'a>(
-        t: &'a Table,
+    fn pick(
+        t: &Table,
         host: &str,
         method: &str,
         path: &str,
