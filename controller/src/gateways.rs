@@ -142,7 +142,11 @@ pub fn node_gateways(
             certificates,
         };
         for n in view.objects(Kind::Node).values() {
-            let labels = crate::resources::labels_of(&n.object);
+            let mut labels = crate::resources::labels_of(&n.object);
+            // As the scheduler does: every node has its hostname label.
+            labels
+                .entry(ironmesh_api::workload::HOSTNAME_LABEL.to_string())
+                .or_insert_with(|| n.name.clone());
             if spec
                 .node_selector
                 .iter()
