@@ -461,3 +461,134 @@ fn gateway_authenticates_routes_splits_and_reloads() {
         }
     });
 }
+
+/// `wrk` output: (requests/s, p99 in ms, non-2xx count).
+fn wrk_figures(out: &str) -> (f64, f64, u64) {
+    let rps = out
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("Requests/sec:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0);
+    let p99 = out
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("99%"))
+        .map(|v| {
+            let v = v.trim();
+            let (num, unit) =
+                v.split_at(v.find(|c: char| c.is_ascii_alphabetic()).unwrap_or(v.len()));
+            let n: f64 = num.parse().unwrap_or(f64::NAN);
+            match unit {
+                "us" => n / 1000.0,
+                "ms" => n,
+                "s" => n * 1000.0,
+                _ => f64::NAN,
+            }
+        })
+        .unwrap_or(f64::NAN);
+    let errors = out
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("Non-2xx or 3xx responses:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0);
+    (rps, p99, errors)
+}
+
+/// The issue's benchmark, in one run (scripts/bench-gateway.sh): requests/s
+/// and p99 over 16 keep-alive connections (`wrk`) to the same backend
+/// (nginx answering `200 ok`) directly, through nginx as a plain reverse
+/// proxy (upstream keep-alive), and through the gateway with JWT checked on
+/// every request (EdDSA, inline key set). Everything shares this machine's
+/// CPUs, in a namespace of the test's own.
+#[test]
+#[ignore = "benchmark: scripts/bench-gateway.sh"]
+fn bench_gateway_with_jwt_vs_nginx_vs_direct() {
+    let secs: u64 = std::env::var("BENCH_SECONDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(10);
+    let ns = Netns::new();
+    ns.run(async move {
+        let dir = tempfile::tempdir().unwrap();
+        let (backend_port, nginx_port, gw_port) = (free_port(), free_port(), free_port());
+        let conf = format!(
+            "worker_processes 1;
+pid {dir}/nginx.pid;
+error_log {dir}/error.log warn;
+events {{ worker_connections 1024; }}
+http {{
+  access_log off;
+  client_body_temp_path {dir}/body; proxy_temp_path {dir}/proxy;
+  fastcgi_temp_path {dir}/fcgi; uwsgi_temp_path {dir}/uwsgi; scgi_temp_path {dir}/scgi;
+  keepalive_requests 1000000;
+  upstream backend {{ server 127.0.0.1:{backend_port}; keepalive 64; }}
+  server {{ listen 127.0.0.1:{backend_port}; location / {{ return 200 \"ok\\n\"; }} }}
+  server {{ listen 127.0.0.1:{nginx_port};
+    location / {{ proxy_pass http://backend; proxy_http_version 1.1; proxy_set_header Connection \"\"; }} }}
+}}
+",
+            dir = dir.path().display()
+        );
+        let conf_path = dir.path().join("nginx.conf");
+        std::fs::write(&conf_path, conf).unwrap();
+        let mut nginx = std::process::Command::new("nginx")
+            .args(["-c", conf_path.to_str().unwrap(), "-g", "daemon off;"])
+            .spawn()
+            .expect("nginx (scripts/install-deps.sh)");
+
+        let key = Signer::new();
+        let jwks = json!({"keys": [key.jwk("k1")]}).to_string();
+        let route = json!({"parentRefs": [{"gateway": "edge"}],
+            "jwt": {"issuer": ISSUER, "audiences": ["orders"], "jwks": {"inline": jwks},
+                    "rules": [{"claim": "scope", "contains": "orders:read"}]},
+            "rules": [{"backends": [{"service": "backend", "port": 80}]}]});
+        let gateways = Gateways::new(Arc::new(GatewayMetrics::unregistered()));
+        let backend_addr = SocketAddr::from((Ipv4Addr::LOCALHOST, backend_port));
+        let errors = gateways
+            .apply(Some(Ipv4Addr::LOCALHOST), &[assignment(gw_port, &[("bench", route)])], &[service("backend", backend_addr)])
+            .await;
+        assert!(errors.is_empty(), "{errors:?}");
+        let token = key.sign("k1", &claims(json!({"exp": now() + 3600})));
+
+        // nginx up?
+        let deadline = Instant::now() + DEADLINE;
+        while tokio::net::TcpStream::connect(("127.0.0.1", nginx_port)).await.is_err() {
+            assert!(Instant::now() < deadline, "nginx did not start");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let auth = format!("Authorization: Bearer {token}");
+        let mut rows = Vec::new();
+        for (what, port, header) in [
+            ("backend directly", backend_port, None),
+            ("nginx reverse proxy", nginx_port, None),
+            ("gateway with JWT", gw_port, Some(auth.clone())),
+        ] {
+            let url = format!("http://127.0.0.1:{port}/");
+            let mut args = vec!["-t1".to_string(), "-c16".into(), format!("-d{secs}s"), "--latency".into()];
+            if let Some(h) = header {
+                args.push("-H".into());
+                args.push(h);
+            }
+            args.push(url);
+            let out = tokio::task::spawn_blocking(move || std::process::Command::new("wrk").args(&args).output())
+                .await
+                .unwrap()
+                .expect("wrk (scripts/install-deps.sh)");
+            let text = String::from_utf8_lossy(&out.stdout).to_string();
+            let (rps, p99, non2xx) = wrk_figures(&text);
+            assert!(rps > 0.0 && non2xx == 0, "{what}: {text}");
+            rows.push((what, rps, p99));
+        }
+        // SIGTERM to the master stops its workers too (SIGKILL would
+        // orphan them).
+        let _ = std::process::Command::new("nginx")
+            .args(["-c", conf_path.to_str().unwrap(), "-s", "stop"])
+            .output();
+        let _ = nginx.wait();
+        println!("\n16 keep-alive connections, {secs} s each, wrk -t1:");
+        println!("{:<22} {:>12} {:>10}", "", "requests/s", "p99 ms");
+        for (what, rps, p99) in &rows {
+            println!("{what:<22} {rps:>12.0} {p99:>10.2}");
+        }
+        println!("gateway/nginx: {:.2}", rows[2].1 / rows[1].1);
+    });
+}
