@@ -326,6 +326,64 @@ fn rule_holds(r: &ClaimRule, v: Option<&Value>) -> bool {
     false
 }
 
+/// Tokens whose signature verified, with their claims: a client sends the
+/// same token on every request, and a signature check costs more than the
+/// rest of the request. An entry is good for [`VERIFIED_TTL`] and only
+/// with the key set it was verified against (a rotated-out key stops being
+/// trusted at once); the claims (expiry, rules) are checked every time.
+#[derive(Default)]
+pub struct VerifiedCache {
+    entries: std::sync::Mutex<std::collections::HashMap<String, Verified>>,
+}
+
+struct Verified {
+    keys: std::sync::Weak<KeySet>,
+    at: std::time::Instant,
+    claims: std::sync::Arc<BTreeMap<String, Value>>,
+}
+
+/// How long a verified signature is trusted without checking it again.
+pub const VERIFIED_TTL: Duration = Duration::from_secs(60);
+/// Entries kept per route; past it the cache starts over.
+const VERIFIED_MAX: usize = 10_000;
+
+impl VerifiedCache {
+    /// The claims of `token` if it verified against `keys` lately.
+    pub fn get(
+        &self,
+        token: &str,
+        keys: &std::sync::Arc<KeySet>,
+    ) -> Option<std::sync::Arc<BTreeMap<String, Value>>> {
+        let entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        let v = entries.get(token)?;
+        let same_keys = v
+            .keys
+            .upgrade()
+            .is_some_and(|k| std::sync::Arc::ptr_eq(&k, keys));
+        (same_keys && v.at.elapsed() < VERIFIED_TTL).then(|| v.claims.clone())
+    }
+
+    pub fn put(
+        &self,
+        token: &str,
+        keys: &std::sync::Arc<KeySet>,
+        claims: std::sync::Arc<BTreeMap<String, Value>>,
+    ) {
+        let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        if entries.len() >= VERIFIED_MAX {
+            entries.clear();
+        }
+        entries.insert(
+            token.to_string(),
+            Verified {
+                keys: std::sync::Arc::downgrade(keys),
+                at: std::time::Instant::now(),
+                claims,
+            },
+        );
+    }
+}
+
 /// A claim as a header value: strings as they are, other JSON as text.
 pub fn claim_header_value(v: &Value) -> String {
     match v {
@@ -628,6 +686,21 @@ mod tests {
             &s.sign("k1", &claims(json!({"tenant": "other"})))
         )
         .is_err());
+    }
+
+    #[test]
+    fn verified_tokens_are_trusted_only_with_the_key_set_they_verified_against() {
+        use std::sync::Arc;
+        let cache = VerifiedCache::default();
+        let keys = Arc::new(KeySet::default());
+        cache.put("t", &keys, Arc::new(BTreeMap::new()));
+        assert!(cache.get("t", &keys).is_some());
+        assert!(cache.get("u", &keys).is_none());
+        // A new set (a rotation, a key withdrawn): verify again.
+        let rotated = Arc::new(KeySet::default());
+        assert!(cache.get("t", &rotated).is_none());
+        drop(keys);
+        assert!(cache.get("t", &rotated).is_none());
     }
 
     #[test]

@@ -168,6 +168,7 @@ impl Gateways {
                             Ok(keys) => Some(Auth {
                                 policy: jwt::Policy::new(j.clone()),
                                 keys,
+                                verified: jwt::VerifiedCache::default(),
                             }),
                             Err(e) => {
                                 // Unverifiable: leave the route out rather

@@ -122,9 +122,11 @@ pub fn token<'a>(h: &'a HeaderMap, src: &ironmesh_api::gateway::TokenSource) -> 
 }
 
 /// Verifies the request's token; on success its claims.
-pub async fn authenticate(auth: &Auth, h: &HeaderMap) -> Result<BTreeMap<String, Value>, JwtError> {
+pub async fn authenticate(
+    auth: &Auth,
+    h: &HeaderMap,
+) -> Result<Arc<BTreeMap<String, Value>>, JwtError> {
     let raw = token(h, &auth.policy.spec.token_from).ok_or(JwtError::Missing)?;
-    let tok = jwt::decode(raw, &auth.policy.spec.algorithms)?;
     let keys = match auth.keys.current() {
         Some(k) => k,
         None => auth
@@ -133,7 +135,12 @@ pub async fn authenticate(auth: &Auth, h: &HeaderMap) -> Result<BTreeMap<String,
             .await
             .ok_or(JwtError::KeysUnavailable)?,
     };
-    match tok.verify(&keys) {
+    if let Some(claims) = auth.verified.get(raw, &keys) {
+        auth.policy.check_claims(&claims, SystemTime::now())?;
+        return Ok(claims);
+    }
+    let tok = jwt::decode(raw, &auth.policy.spec.algorithms)?;
+    let keys = match tok.verify(&keys) {
         // A key rotated in at the issuer: fetch the set again, once.
         Err(JwtError::UnknownKey(_)) => {
             let keys = auth
@@ -142,11 +149,16 @@ pub async fn authenticate(auth: &Auth, h: &HeaderMap) -> Result<BTreeMap<String,
                 .await
                 .ok_or(JwtError::KeysUnavailable)?;
             tok.verify(&keys)?;
+            keys
         }
-        r => r?,
-    }
-    let claims = tok.claims()?;
+        r => {
+            r?;
+            keys
+        }
+    };
+    let claims = Arc::new(tok.claims()?);
     auth.policy.check_claims(&claims, SystemTime::now())?;
+    auth.verified.put(raw, &keys, claims.clone());
     Ok(claims)
 }
 

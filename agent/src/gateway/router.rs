@@ -33,10 +33,12 @@ pub struct Route {
     pub rules: Vec<Rule>,
 }
 
-/// A route's JWT check: the settings and where the keys are.
+/// A route's JWT check: the settings, where the keys are, and the
+/// tokens whose signature already verified.
 pub struct Auth {
     pub policy: jwt::Policy,
     pub keys: Arc<JwksSource>,
+    pub verified: jwt::VerifiedCache,
 }
 
 pub struct Rule {
