@@ -99,7 +99,7 @@ impl Backend {
 }
 
 /// Retries may add at most `percent` of the rule's requests in a 10 s
-/// window, and always at least [`MIN_RETRIES_PER_WINDOW`], so a failing
+/// window, and always at least 10, so a failing
 /// backend is not hit with several times its load.
 pub struct RetryBudget {
     percent: u64,
