@@ -41,6 +41,8 @@
 //!   set up and torn down together for the supervisor.
 //! - [`flow_export`]: datapath flow events into Prometheus counters and
 //!   batches for the sync stream.
+//! - [`gateway`]: the ingress gateway: the HTTP(S) listeners of the
+//!   Gateways this node serves, routes, JWT checks, proxying to Services.
 //!
 //! Process:
 //! - [`config`]: command-line flags and environment variables.
@@ -49,6 +51,7 @@
 pub mod config;
 pub mod datapath;
 pub mod flow_export;
+pub mod gateway;
 pub mod host_networking;
 pub mod image_fetch;
 pub mod image_source;

@@ -110,6 +110,9 @@ async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         .ok()
         .map(|_| ironmesh_agent::datapath::FlowMetrics::register(&mut registry));
     let mesh_metrics = ironmesh_agent::mesh::MeshMetrics::register(&mut registry);
+    let gateways = Arc::new(ironmesh_agent::gateway::Gateways::new(Arc::new(
+        ironmesh_agent::gateway::metrics::GatewayMetrics::register(&mut registry),
+    )));
     let (_addr, metrics_task) =
         ironmesh_daemon::serve_metrics(cfg.metrics_listen, Arc::new(registry), shutdown.clone())
             .await?;
@@ -237,6 +240,7 @@ async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
             work_queue: Some(work_queue),
             identity: Some(identity_rx),
             mesh,
+            gateways: Some(gateways.clone()),
         },
         id,
         metrics,
@@ -244,6 +248,7 @@ async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         shutdown,
     )
     .await;
+    gateways.stop().await;
     // Containers keep running: the next agent adopts them.
     match Arc::try_unwrap(supervisor) {
         Ok(s) => s.detach().await,

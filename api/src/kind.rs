@@ -11,17 +11,19 @@ pub enum Kind {
     Pipeline,
     PipelineRun,
     Source,
+    Gateway,
+    HTTPRoute,
     /// One placed copy of a Workload; created and deleted by the controller.
     Instance,
 }
 
 /// A kind name that matches no kind.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown kind {0:?}; expected one of Node, Workload, Service, Policy, Volume, Pipeline, PipelineRun, Source, Instance")]
+#[error("unknown kind {0:?}; expected one of Node, Workload, Service, Policy, Volume, Pipeline, PipelineRun, Source, Gateway, HTTPRoute, Instance")]
 pub struct UnknownKind(pub String);
 
 impl Kind {
-    pub const ALL: [Kind; 9] = [
+    pub const ALL: [Kind; 11] = [
         Kind::Node,
         Kind::Workload,
         Kind::Service,
@@ -30,6 +32,8 @@ impl Kind {
         Kind::Pipeline,
         Kind::PipelineRun,
         Kind::Source,
+        Kind::Gateway,
+        Kind::HTTPRoute,
         Kind::Instance,
     ];
 
@@ -44,6 +48,8 @@ impl Kind {
             Kind::Pipeline => "Pipeline",
             Kind::PipelineRun => "PipelineRun",
             Kind::Source => "Source",
+            Kind::Gateway => "Gateway",
+            Kind::HTTPRoute => "HTTPRoute",
             Kind::Instance => "Instance",
         }
     }
@@ -59,6 +65,8 @@ impl Kind {
             Kind::Pipeline => "pipelines",
             Kind::PipelineRun => "pipelineruns",
             Kind::Source => "sources",
+            Kind::Gateway => "gateways",
+            Kind::HTTPRoute => "httproutes",
             Kind::Instance => "instances",
         }
     }
@@ -73,6 +81,8 @@ impl Kind {
             Kind::Pipeline => &["pl"],
             Kind::PipelineRun => &["plr", "run", "runs"],
             Kind::Source => &["src"],
+            Kind::Gateway => &["gw"],
+            Kind::HTTPRoute => &["route", "routes"],
             Kind::Instance => &["inst"],
         }
     }
@@ -130,6 +140,8 @@ mod tests {
                 "Pipeline",
                 "PipelineRun",
                 "Source",
+                "Gateway",
+                "HTTPRoute",
                 "Instance"
             ]
         );
@@ -171,7 +183,7 @@ mod tests {
         assert_eq!(e, UnknownKind("Deployment".into()));
         assert_eq!(
             e.to_string(),
-            "unknown kind \"Deployment\"; expected one of Node, Workload, Service, Policy, Volume, Pipeline, PipelineRun, Source, Instance"
+            "unknown kind \"Deployment\"; expected one of Node, Workload, Service, Policy, Volume, Pipeline, PipelineRun, Source, Gateway, HTTPRoute, Instance"
         );
         assert!(Kind::parse("").is_err());
         assert!("nodez".parse::<Kind>().is_err());

@@ -3,7 +3,8 @@
 //! This crate owns the declarative objects operators write, in the
 //! Kubernetes habit (`apiVersion: ironmesh.dev/v1`, `kind`, `metadata`,
 //! `spec`; the system writes `status`), for every [`Kind`]: Node, Workload,
-//! Service, Policy, Volume, Pipeline, PipelineRun and Source, plus
+//! Service, Policy, Volume, Pipeline, PipelineRun, Source, Gateway and
+//! HTTPRoute, plus
 //! Instance, which only the controller creates. For each
 //! there is a typed `XSpec` (serde, camelCase, unknown fields rejected) and,
 //! where the system reports state, an `XStatus`.
@@ -19,7 +20,8 @@
 //!
 //! Modules:
 //! - [`workload`], [`instance`], [`node`], [`service`], [`policy`],
-//!   [`volume`], [`pipeline`], [`source`]: each kind's spec, status and
+//!   [`volume`], [`pipeline`], [`source`], [`gateway`] (Gateway and
+//!   HTTPRoute): each kind's spec, status and
 //!   rules (a PipelineRun is in [`pipeline`]).
 //! - [`meta`]: object metadata, status conditions and the naming rules.
 //! - [`manifest`]: splitting multi-document YAML into JSON documents.
@@ -38,6 +40,7 @@
 pub mod client_config;
 #[cfg(any(test, feature = "fuzz"))]
 pub mod fuzz;
+pub mod gateway;
 pub mod instance;
 mod kind;
 pub mod limits;

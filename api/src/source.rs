@@ -51,13 +51,14 @@ pub const DEFAULT_SOURCE_KINDS: [Kind; 5] = [
 
 /// Kinds a Source may be allowed to apply at all: what an `edit` operator
 /// may apply, other Sources excepted (a Source needs only role edit).
-pub const SOURCE_APPLIABLE_KINDS: [Kind; 6] = [
+pub const SOURCE_APPLIABLE_KINDS: [Kind; 7] = [
     Kind::Workload,
     Kind::Service,
     Kind::Policy,
     Kind::Volume,
     Kind::Pipeline,
     Kind::PipelineRun,
+    Kind::HTTPRoute,
 ];
 
 fn default_kinds() -> Vec<String> {

@@ -28,6 +28,10 @@ fn minimal(kind: Kind) -> Value {
         Kind::Pipeline => json!({"steps": [{"name": "a", "image": "a:1"}]}),
         Kind::PipelineRun => json!({"pipeline": "etl"}),
         Kind::Source => json!({"repo": "/srv/git/platform"}),
+        Kind::Gateway => json!({"listeners": [{"name": "web", "port": 8080}]}),
+        Kind::HTTPRoute => {
+            json!({"parentRefs": [{"gateway": "edge"}], "rules": [{"backends": [{"service": "web", "port": 80}]}]})
+        }
         Kind::Instance => json!({}),
     };
     json!({"apiVersion": API_VERSION, "kind": kind.as_str(), "metadata": {"name": "x"}, "spec": spec})
@@ -87,12 +91,12 @@ fn document_shape() {
     let e = rejects(
         json!({"apiVersion": API_VERSION, "kind": "Spec", "metadata": {"name": "x"}}),
         "kind",
-        "unknown kind \"Spec\"; expected one of Node, Workload, Service, Policy, Volume, Pipeline, PipelineRun, Source",
+        "unknown kind \"Spec\"; expected one of Node, Workload, Service, Policy, Volume, Pipeline, PipelineRun, Source, Gateway, HTTPRoute",
     );
     assert_eq!(e.kind, None);
     assert_eq!(
         e.to_string(),
-        "kind: unknown kind \"Spec\"; expected one of Node, Workload, Service, Policy, Volume, Pipeline, PipelineRun, Source"
+        "kind: unknown kind \"Spec\"; expected one of Node, Workload, Service, Policy, Volume, Pipeline, PipelineRun, Source, Gateway, HTTPRoute"
     );
     rejects(
         json!({"apiVersion": API_VERSION, "kind": "workload", "metadata": {"name": "x"}}),

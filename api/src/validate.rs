@@ -481,6 +481,8 @@ pub fn validate(doc: &Value) -> Result<Validated, ValidationError> {
         Kind::Pipeline => check_spec::<crate::pipeline::PipelineSpec>(kind, &name, spec_in)?,
         Kind::PipelineRun => check_spec::<crate::pipeline::PipelineRunSpec>(kind, &name, spec_in)?,
         Kind::Source => check_spec::<crate::source::SourceSpec>(kind, &name, spec_in)?,
+        Kind::Gateway => check_spec::<crate::gateway::GatewaySpec>(kind, &name, spec_in)?,
+        Kind::HTTPRoute => check_spec::<crate::gateway::HTTPRouteSpec>(kind, &name, spec_in)?,
         Kind::Instance => {
             return Err(err(
                 Some(kind),

@@ -87,6 +87,21 @@ fn instance_status(o: &Value) -> String {
     }
 }
 
+/// The items of the list at `ptr`, each shown by `f`, comma-separated;
+/// `<none>` when absent or empty.
+fn list_of(o: &Value, ptr: &str, f: impl Fn(&Value) -> String) -> String {
+    let items: Vec<String> = o
+        .pointer(ptr)
+        .and_then(Value::as_array)
+        .map(|a| a.iter().map(&f).collect())
+        .unwrap_or_default();
+    if items.is_empty() {
+        "<none>".to_string()
+    } else {
+        items.join(",")
+    }
+}
+
 fn columns(kind: Kind, wide: bool) -> Vec<&'static str> {
     let mut c = match kind {
         Kind::Node => vec!["NAME", "STATUS", "CPU", "MEMORY", "AGE"],
@@ -97,6 +112,8 @@ fn columns(kind: Kind, wide: bool) -> Vec<&'static str> {
         Kind::Pipeline => vec!["NAME", "STEPS", "SCHEDULE", "AGE"],
         Kind::PipelineRun => vec!["NAME", "PIPELINE", "PHASE", "STEPS", "AGE"],
         Kind::Source => vec!["NAME", "REPO", "BRANCH", "STATUS", "COMMIT", "AGE"],
+        Kind::Gateway => vec!["NAME", "LISTENERS", "NODES", "AGE"],
+        Kind::HTTPRoute => vec!["NAME", "GATEWAYS", "HOSTNAMES", "ACCEPTED", "AGE"],
         Kind::Instance => vec![
             "NAME", "WORKLOAD", "NODE", "STATUS", "READY", "RESTARTS", "IP", "AGE",
         ],
@@ -218,6 +235,32 @@ fn row(kind: Kind, o: &Value, wide: bool) -> Vec<String> {
                 "" => "<none>".to_string(),
                 c => c.chars().take(12).collect(),
             },
+            created,
+        ],
+        Kind::Gateway => vec![
+            name,
+            list_of(o, "/spec/listeners", |l| {
+                format!(
+                    "{}/{}",
+                    l.get("port").map(Value::to_string).unwrap_or_default(),
+                    s(l, "/protocol")
+                )
+            }),
+            list_of(o, "/status/nodes", |n| {
+                n.as_str().unwrap_or_default().to_string()
+            }),
+            created,
+        ],
+        Kind::HTTPRoute => vec![
+            name,
+            list_of(o, "/spec/parentRefs", |p| s(p, "/gateway").to_string()),
+            list_of(o, "/spec/hostnames", |h| {
+                h.as_str().unwrap_or_default().to_string()
+            }),
+            o.pointer("/status/conditions")
+                .and_then(Value::as_array)
+                .and_then(|cs| cs.iter().find(|c| s(c, "/type") == "Accepted"))
+                .map_or_else(|| "<unknown>".to_string(), |c| s(c, "/status").to_string()),
             created,
         ],
         Kind::Instance => vec![

@@ -23,8 +23,8 @@ use ironmesh_api::Kind;
 use ironmesh_proto::assignment::{rule_key, service_key};
 use ironmesh_proto::v1::MeshMode as ProtoMeshMode;
 use ironmesh_proto::v1::{
-    Assignment, AssignmentDelta, IdentityEntry, InstanceAssignment, PeerNode, PipelineTask,
-    PolicyRule, ServiceEntry, VolumeAssignment,
+    Assignment, AssignmentDelta, GatewayAssignment, IdentityEntry, InstanceAssignment, PeerNode,
+    PipelineTask, PolicyRule, ServiceEntry, VolumeAssignment,
 };
 use serde_json::Value;
 use tokio::sync::watch;
@@ -69,6 +69,8 @@ pub struct LocalPart {
     pub volumes: Vec<VolumeAssignment>,
     /// Deleted volumes whose data the node still holds.
     pub remove_volumes: Vec<String>,
+    /// Gateways the node serves, with their routes.
+    pub gateways: Vec<GatewayAssignment>,
 }
 
 /// Changes of the shared part; `None` removes the key.
@@ -266,6 +268,7 @@ impl Assignments {
 fn same_local(a: &LocalPart, b: &LocalPart) -> bool {
     a.volumes == b.volumes
         && a.remove_volumes == b.remove_volumes
+        && a.gateways == b.gateways
         && a.instances.len() == b.instances.len()
         && a.instances
             .iter()
@@ -290,6 +293,7 @@ fn whole(revision: Revision, shared: &SharedPart, local: &LocalPart, node: &str)
         services: shared.services.values().cloned().collect(),
         volumes: local.volumes.clone(),
         remove_volumes: local.remove_volumes.clone(),
+        gateways: local.gateways.clone(),
         delta: None,
         more: false,
     }
@@ -408,12 +412,13 @@ fn delta_message(
             None => delta.peers_removed.push(name.clone()),
         }
     }
-    let (instances, volumes, remove_volumes) = local
+    let (instances, volumes, remove_volumes, gateways) = local
         .map(|l| {
             (
                 l.instances.iter().map(|i| (**i).clone()).collect(),
                 l.volumes.clone(),
                 l.remove_volumes.clone(),
+                l.gateways.clone(),
             )
         })
         .unwrap_or_default();
@@ -430,6 +435,7 @@ fn delta_message(
         instances,
         volumes,
         remove_volumes,
+        gateways,
         ingress_enforced,
         egress_enforced,
         delta: Some(delta),
@@ -459,6 +465,7 @@ struct Facts {
 #[derive(Default)]
 struct Memo {
     instances: HashMap<String, Facts>,
+    certs: crate::gateways::CertMemo,
 }
 
 fn facts_of(o: &crate::resources::StoredObject) -> Facts {
@@ -499,6 +506,7 @@ fn facts_of(o: &crate::resources::StoredObject) -> Facts {
 pub async fn run(
     assignments: Assignments,
     cache: Cache,
+    ca: Option<Arc<crate::pki::ClusterCa>>,
     metrics: Arc<ControllerMetrics>,
     shutdown: ironmesh_daemon::Shutdown,
 ) {
@@ -524,7 +532,8 @@ pub async fn run(
         let started = std::time::Instant::now();
         let (revision, shared, local) = {
             let view = cache.read();
-            let (shared, local) = compute(&view, &mut memo, assignments.mesh_default);
+            let (shared, local) =
+                compute(&view, ca.as_deref(), &mut memo, assignments.mesh_default);
             (view.revision, shared, local)
         };
         assignments.publish(revision, shared, local);
@@ -540,6 +549,7 @@ pub async fn run(
 
 fn compute(
     view: &View,
+    ca: Option<&crate::pki::ClusterCa>,
     memo: &mut Memo,
     mesh_default: MeshMode,
 ) -> (SharedPart, HashMap<String, LocalPart>) {
@@ -671,6 +681,9 @@ fn compute(
             );
         }
     }
+    for (node, gateways) in crate::gateways::node_gateways(view, ca, &mut memo.certs) {
+        local.entry(node).or_default().gateways = gateways;
+    }
     // Instances come in name order (the view's order); keep it explicit.
     for part in local.values_mut() {
         part.instances.sort_by(|a, b| a.name.cmp(&b.name));
@@ -782,6 +795,7 @@ mod tests {
                 .collect(),
             volumes: Vec::new(),
             remove_volumes: Vec::new(),
+            gateways: Vec::new(),
         }
     }
 
@@ -927,7 +941,13 @@ mod tests {
         let registry = &mut prometheus_client::registry::Registry::default();
         let metrics = Arc::new(ControllerMetrics::new(registry));
         let (shutdown, stop) = ironmesh_daemon::Shutdown::manual();
-        tokio::spawn(run(a.clone(), cache.clone(), metrics.clone(), shutdown));
+        tokio::spawn(run(
+            a.clone(),
+            cache.clone(),
+            None,
+            metrics.clone(),
+            shutdown,
+        ));
         let received = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let (folded_tx, mut folded_rx) = tokio::sync::mpsc::unbounded_channel();
         for (idx, n) in nodes.iter().enumerate() {

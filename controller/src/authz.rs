@@ -79,7 +79,9 @@ pub enum Action {
 }
 
 /// Kinds an `edit` operator may apply and delete.
-pub const EDIT_KINDS: [Kind; 7] = [
+/// A Gateway opens ports on hosts, so it stays with admin; routes are
+/// application traffic.
+pub const EDIT_KINDS: [Kind; 8] = [
     Kind::Workload,
     Kind::Service,
     Kind::Policy,
@@ -87,6 +89,7 @@ pub const EDIT_KINDS: [Kind; 7] = [
     Kind::Pipeline,
     Kind::PipelineRun,
     Kind::Source,
+    Kind::HTTPRoute,
 ];
 
 impl Action {

@@ -46,6 +46,8 @@
 //! - [`eviction`]: which instances leave a NotReady or `NoExecute`-tainted
 //!   node, with the unhealthy-share and rate brakes.
 //! - [`workload_identities`]: workload identities, small integers from label sets.
+//! - [`gateways`]: which nodes serve which Gateway, its routes and
+//!   listener certificates in their assignments; HTTPRoute status.
 //! - [`services`]: a virtual IP from the service CIDR per Service, and its
 //!   endpoints.
 //! - [`volumes`]: binds Volumes to nodes' pools; what placement and
@@ -82,6 +84,7 @@ pub mod cache;
 pub mod config;
 pub mod eviction;
 pub mod flow_log;
+pub mod gateways;
 pub mod ha;
 pub mod images;
 pub mod ipam;

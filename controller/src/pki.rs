@@ -27,6 +27,9 @@ pub enum Identity {
     Node(String),
     Operator(String),
     Controller,
+    /// A Gateway's listener certificate (`gateway:<name>`). Never accepted
+    /// as a caller: [`identity_from_der`] does not parse it.
+    Gateway(String),
 }
 
 impl Identity {
@@ -36,6 +39,7 @@ impl Identity {
             Identity::Node(n) => format!("node:{n}"),
             Identity::Operator(n) => format!("operator:{n}"),
             Identity::Controller => "controller".to_string(),
+            Identity::Gateway(n) => format!("gateway:{n}"),
         }
     }
 

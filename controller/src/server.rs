@@ -184,6 +184,8 @@ pub async fn run(cfg: ControllerConfig, shutdown: Shutdown) -> Result<(), Server
                         metrics.clone(),
                         stop.clone(),
                     ));
+                    let routes =
+                        tokio::spawn(crate::gateways::run_status(resources.clone(), stop.clone()));
                     let workloads =
                         tokio::spawn(crate::workloads::run(resources, metrics, placement, stop));
                     let _ = reconciler.await;
@@ -192,6 +194,7 @@ pub async fn run(cfg: ControllerConfig, shutdown: Shutdown) -> Result<(), Server
                     let _ = volumes.await;
                     let _ = sources.await;
                     let _ = pipelines.await;
+                    let _ = routes.await;
                 }
             }),
         )
@@ -215,13 +218,14 @@ pub async fn run(cfg: ControllerConfig, shutdown: Shutdown) -> Result<(), Server
     };
     tracing::info!(default_mode = mesh.default_mode.as_str(), trust_domain = %mesh.trust_domain, "mesh");
     let assignments = crate::assignments::Assignments::with_mesh_default(mesh.default_mode);
+    let ca = Arc::new(creds.ca);
     tokio::spawn(crate::assignments::run(
         assignments.clone(),
         cache.clone(),
+        Some(ca.clone()),
         metrics.clone(),
         shutdown.clone(),
     ));
-    let ca = Arc::new(creds.ca);
     let revocations = crate::revocation::Revocations::start(store.clone())
         .await
         .map_err(|source| ServerError::Store {

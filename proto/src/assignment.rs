@@ -242,6 +242,7 @@ pub fn apply(current: &mut Option<Assignment>, next: Assignment) -> Result<(), D
         cur.instances = next.instances;
         cur.volumes = next.volumes;
         cur.remove_volumes = next.remove_volumes;
+        cur.gateways = next.gateways;
     }
     if delta.enforcement_changed {
         cur.ingress_enforced = next.ingress_enforced;

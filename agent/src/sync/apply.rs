@@ -125,6 +125,7 @@ pub(super) struct Applier {
     vxlan_vni: u32,
     storage: Option<Arc<Storage>>,
     work_queue: Option<Arc<crate::work_queue::WorkQueueProxy>>,
+    gateways: Option<Arc<crate::gateway::Gateways>>,
     metrics: Arc<AgentMetrics>,
     session: watch::Receiver<Option<mpsc::Sender<AgentMessage>>>,
     /// What the previous apply skipped: logged again at debug level only.
@@ -146,6 +147,7 @@ impl Applier {
             vxlan_vni: cfg.vxlan_vni,
             storage: cfg.storage.clone(),
             work_queue: cfg.work_queue.clone(),
+            gateways: cfg.gateways.clone(),
             metrics,
             session,
             skipped: Mutex::new(Vec::new()),
@@ -192,6 +194,10 @@ impl Applier {
         }
         if let Some(wq) = &self.work_queue {
             wq.sync(&a.instances).await;
+        }
+        if let Some(gw) = &self.gateways {
+            // Errors are logged inside; the rest of the node applies.
+            gw.apply(h.node_ip, &a.gateways, &a.services).await;
         }
         if !desired.rejected.is_empty() {
             let tx = self.session.borrow().clone();

@@ -805,6 +805,7 @@ mod fuzz {
             services: vec![ServiceEntry { name: "web".into(), vip: "10.96.0.10".into(), port: 80, protocol: "TCP".into(), backends: vec![ServiceBackend { ip: "10.244.1.5".into(), port: 8080 }] }],
             volumes: vec![VolumeAssignment { name: "v".into(), size_bytes: 1 << 30, backend: "dir".into(), pool: "fast".into() }],
             remove_volumes: vec!["gone".into()],
+            gateways: Vec::new(),
             delta: None,
             more: false,
         }

@@ -76,6 +76,8 @@ pub struct SyncConfig {
     pub identity: Option<watch::Receiver<crate::node_identity::NodeIdentity>>,
     /// The node proxy (mTLS between hosts), fed each applied assignment.
     pub mesh: Option<Arc<crate::mesh::Mesh>>,
+    /// The gateway listeners, fed each assignment's `gateways`.
+    pub gateways: Option<Arc<crate::gateway::Gateways>>,
 }
 
 #[derive(Debug, thiserror::Error)]
