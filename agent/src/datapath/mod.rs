@@ -603,16 +603,8 @@ impl Datapath {
                 program: name,
                 source: Box::new(source),
             })?;
-            match pinned_links::update_pinned(&pin, fd.as_fd()) {
-                Ok(()) => {
-                    tracing::debug!(program = name, link = %pin.display(), "swapped program into pinned cgroup link");
-                    continue;
-                }
-                Err(e) if is_not_found(&e) => {}
-                Err(e) => {
-                    tracing::warn!(program = name, link = %pin.display(), error = %e, "pinned cgroup link unusable; attaching anew");
-                    remove_pin(&pin)?;
-                }
+            if swap_into_pinned(&pin, fd.as_fd(), name)? {
+                continue;
             }
             let id = p.attach(&cg, CgroupAttachMode::Single).map_err(|source| {
                 DatapathError::Attach {
@@ -639,13 +631,8 @@ impl Datapath {
             program: name,
             source: Box::new(source),
         })?;
-        match pinned_links::update_pinned(&pin, fd.as_fd()) {
-            Ok(()) => return Ok(()),
-            Err(e) if is_not_found(&e) => {}
-            Err(e) => {
-                tracing::warn!(program = name, link = %pin.display(), error = %e, "pinned cgroup link unusable; attaching anew");
-                remove_pin(&pin)?;
-            }
+        if swap_into_pinned(&pin, fd.as_fd(), name)? {
+            return Ok(());
         }
         let id =
             p.attach(&cg, CgroupAttachMode::Single)
@@ -1405,6 +1392,28 @@ impl Datapath {
             Ok(()) => Ok(()),
             Err(e) if is_not_found(&e) => Ok(()),
             Err(e) => Err(DatapathError::io("removing pin directory", pin_dir, e)),
+        }
+    }
+}
+
+/// Swaps `fd`'s program into the cgroup link pinned at `pin`: true if
+/// done; false if there is none (or it was unusable and is now removed),
+/// so the caller attaches anew.
+fn swap_into_pinned(
+    pin: &Path,
+    fd: std::os::fd::BorrowedFd<'_>,
+    name: &'static str,
+) -> Result<bool, DatapathError> {
+    match pinned_links::update_pinned(pin, fd) {
+        Ok(()) => {
+            tracing::debug!(program = name, link = %pin.display(), "swapped program into pinned cgroup link");
+            Ok(true)
+        }
+        Err(e) if is_not_found(&e) => Ok(false),
+        Err(e) => {
+            tracing::warn!(program = name, link = %pin.display(), error = %e, "pinned cgroup link unusable; attaching anew");
+            remove_pin(pin)?;
+            Ok(false)
         }
     }
 }
