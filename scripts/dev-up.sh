@@ -17,6 +17,7 @@ bash scripts/dev-down.sh >/dev/null 2>&1 || true
 CONTAINERD_LOG=$DIR/containerd.log bash scripts/ensure-containerd.sh "$DIR/containerd.pid"
 
 "$BIN/ironmesh-controller" --data-dir "$DIR/controller" --listen 127.0.0.1:7443 \
+  --registry-listen 127.0.0.1:5000 \
   --metrics-listen 127.0.0.1:7480 >"$DIR/controller.log" 2>&1 &
 echo $! >"$DIR/controller.pid"
 for _ in $(seq 100); do
