@@ -13,9 +13,9 @@
 //! is removed on drop, also when a test panics.
 
 use std::net::{Ipv4Addr, SocketAddr};
+use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::process::Command;
-use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Mutex;
 
 /// The ranges no test packet may leave the machine in.
@@ -23,8 +23,46 @@ pub const SUPERNETS: [&str; 2] = ["10.211.0.0/16", "10.212.0.0/16"];
 /// The cluster CIDR test controllers hand pod CIDRs out of.
 pub const CLUSTER_CIDR: &str = "10.211.0.0/16";
 
-static NEXT: AtomicU8 = AtomicU8::new(0);
 static LIVE: Mutex<usize> = Mutex::new(0);
+
+/// Where the per-index lock files live: a TestNet holds an exclusive flock
+/// on `imtbN.lock` for its lifetime, so concurrent test processes (two
+/// `cargo test` runs, a benchmark beside a test) never share a bridge, and
+/// a crashed process's index frees itself when the kernel drops its lock.
+const LOCK_DIR: &str = "/run/ironmesh-tests";
+
+/// Takes the first free index in 0..200 and returns it with its held lock.
+fn claim_index() -> (u8, std::fs::File) {
+    std::fs::create_dir_all(LOCK_DIR).expect("create test lock dir");
+    for index in 0..200u8 {
+        let path = format!("{LOCK_DIR}/imtb{index}.lock");
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .expect("open test lock file");
+        // SAFETY: flock on a descriptor this function owns; no memory is passed.
+        let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+        if rc == 0 {
+            return (index, file);
+        }
+    }
+    panic!("all 200 test bridge indexes are held by other processes");
+}
+
+/// Whether another process still holds some TestNet (its bridge exists).
+fn other_testnets_exist() -> bool {
+    let Ok(out) = Command::new("ip")
+        .args(["-o", "link", "show", "type", "bridge"])
+        .output()
+    else {
+        return false;
+    };
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .any(|l| l.contains(": imtb"))
+}
 
 /// Runs `ip` with `args`; panics with its stderr when it fails.
 pub fn ip(args: &[&str]) {
@@ -47,13 +85,14 @@ pub struct TestNet {
     pub index: u8,
     pub bridge: String,
     hosts: Mutex<Vec<String>>,
+    _lock: std::fs::File,
 }
 
 impl TestNet {
     pub fn new() -> TestNet {
-        // 0..=199: 10.212.N.0/24 per TestNet in this process; other
-        // processes' (helpers', stale) bridges of the same name are removed.
-        let index = NEXT.fetch_add(1, Ordering::SeqCst) % 200;
+        // 0..=199: 10.212.N.0/24, held by this TestNet alone across all
+        // processes; a stale bridge of the same name (a killed run) is removed.
+        let (index, lock) = claim_index();
         let bridge = format!("imtb{index}");
         {
             let mut live = LIVE.lock().unwrap_or_else(|e| e.into_inner());
@@ -78,6 +117,7 @@ impl TestNet {
             index,
             bridge,
             hosts: Mutex::new(Vec::new()),
+            _lock: lock,
         }
     }
 
@@ -132,7 +172,9 @@ impl Drop for TestNet {
         ip_quiet(&["link", "del", &self.bridge]);
         let mut live = LIVE.lock().unwrap_or_else(|e| e.into_inner());
         *live = live.saturating_sub(1);
-        if *live == 0 {
+        // The unreachable routes are shared with other test processes: the
+        // last TestNet on the machine removes them.
+        if *live == 0 && !other_testnets_exist() {
             for net in SUPERNETS {
                 ip_quiet(&["route", "del", "unreachable", net]);
             }
