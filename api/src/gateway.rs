@@ -69,15 +69,20 @@ impl std::fmt::Display for ListenerProtocol {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ListenerTls {
     /// `ClusterCA` (default): the controller issues a certificate for the
-    /// listener's hostnames from the cluster CA.
+    /// listener's hostnames from the cluster CA. `Secret`: the operator's
+    /// own certificate and key, from the TLS Secret `secretName`.
     #[serde(default)]
     pub issuer: TlsIssuer,
+    /// With `issuer: Secret`: the name of a Secret of type TLS.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_name: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub enum TlsIssuer {
     #[default]
     ClusterCA,
+    Secret,
 }
 
 impl Spec for GatewaySpec {
@@ -86,6 +91,7 @@ impl Spec for GatewaySpec {
             if l.protocol == ListenerProtocol::HTTPS && l.tls.is_none() {
                 l.tls = Some(ListenerTls {
                     issuer: TlsIssuer::ClusterCA,
+                    secret_name: None,
                 });
             }
             for h in &mut l.hostnames {
@@ -133,6 +139,24 @@ impl Spec for GatewaySpec {
             }
             if l.protocol == ListenerProtocol::HTTP && l.tls.is_some() {
                 errs.add(format!("{p}.tls"), "is only for protocol HTTPS");
+            }
+            if let Some(tls) = &l.tls {
+                match (tls.issuer, &tls.secret_name) {
+                    (TlsIssuer::Secret, None) => errs.add(
+                        format!("{p}.tls.secretName"),
+                        "is required with issuer Secret (the name of a TLS Secret)",
+                    ),
+                    (TlsIssuer::Secret, Some(n)) => {
+                        if let Some(problem) = crate::meta::dns_label_problem(n) {
+                            errs.add(format!("{p}.tls.secretName"), problem);
+                        }
+                    }
+                    (TlsIssuer::ClusterCA, Some(_)) => errs.add(
+                        format!("{p}.tls.secretName"),
+                        "is only for issuer Secret; the cluster CA issues its own",
+                    ),
+                    (TlsIssuer::ClusterCA, None) => {}
+                }
             }
             if l.protocol == ListenerProtocol::HTTPS && l.hostnames.is_empty() {
                 errs.add(

@@ -13,17 +13,19 @@ pub enum Kind {
     Source,
     Gateway,
     HTTPRoute,
+    /// Sealed values (a listener's certificate and key); admin only.
+    Secret,
     /// One placed copy of a Workload; created and deleted by the controller.
     Instance,
 }
 
 /// A kind name that matches no kind.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown kind {0:?}; expected one of Node, Workload, Service, Policy, Volume, Pipeline, PipelineRun, Source, Gateway, HTTPRoute, Instance")]
+#[error("unknown kind {0:?}; expected one of Node, Workload, Service, Policy, Volume, Pipeline, PipelineRun, Source, Gateway, HTTPRoute, Secret, Instance")]
 pub struct UnknownKind(pub String);
 
 impl Kind {
-    pub const ALL: [Kind; 11] = [
+    pub const ALL: [Kind; 12] = [
         Kind::Node,
         Kind::Workload,
         Kind::Service,
@@ -34,6 +36,7 @@ impl Kind {
         Kind::Source,
         Kind::Gateway,
         Kind::HTTPRoute,
+        Kind::Secret,
         Kind::Instance,
     ];
 
@@ -50,6 +53,7 @@ impl Kind {
             Kind::Source => "Source",
             Kind::Gateway => "Gateway",
             Kind::HTTPRoute => "HTTPRoute",
+            Kind::Secret => "Secret",
             Kind::Instance => "Instance",
         }
     }
@@ -67,6 +71,7 @@ impl Kind {
             Kind::Source => "sources",
             Kind::Gateway => "gateways",
             Kind::HTTPRoute => "httproutes",
+            Kind::Secret => "secrets",
             Kind::Instance => "instances",
         }
     }
@@ -83,6 +88,7 @@ impl Kind {
             Kind::Source => &["src"],
             Kind::Gateway => &["gw"],
             Kind::HTTPRoute => &["route", "routes"],
+            Kind::Secret => &["secret"],
             Kind::Instance => &["inst"],
         }
     }
@@ -142,6 +148,7 @@ mod tests {
                 "Source",
                 "Gateway",
                 "HTTPRoute",
+                "Secret",
                 "Instance"
             ]
         );
@@ -183,7 +190,7 @@ mod tests {
         assert_eq!(e, UnknownKind("Deployment".into()));
         assert_eq!(
             e.to_string(),
-            "unknown kind \"Deployment\"; expected one of Node, Workload, Service, Policy, Volume, Pipeline, PipelineRun, Source, Gateway, HTTPRoute, Instance"
+            "unknown kind \"Deployment\"; expected one of Node, Workload, Service, Policy, Volume, Pipeline, PipelineRun, Source, Gateway, HTTPRoute, Secret, Instance"
         );
         assert!(Kind::parse("").is_err());
         assert!("nodez".parse::<Kind>().is_err());

@@ -51,6 +51,7 @@ pub mod node;
 pub mod pipeline;
 pub mod policy;
 pub mod quantity;
+pub mod secret;
 pub mod selector;
 pub mod service;
 pub mod source;

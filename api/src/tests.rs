@@ -32,6 +32,7 @@ fn minimal(kind: Kind) -> Value {
         Kind::HTTPRoute => {
             json!({"parentRefs": [{"gateway": "edge"}], "rules": [{"backends": [{"service": "web", "port": 80}]}]})
         }
+        Kind::Secret => json!({"data": {"password": "hunter2"}}),
         Kind::Instance => json!({}),
     };
     json!({"apiVersion": API_VERSION, "kind": kind.as_str(), "metadata": {"name": "x"}, "spec": spec})
@@ -91,12 +92,12 @@ fn document_shape() {
     let e = rejects(
         json!({"apiVersion": API_VERSION, "kind": "Spec", "metadata": {"name": "x"}}),
         "kind",
-        "unknown kind \"Spec\"; expected one of Node, Workload, Service, Policy, Volume, Pipeline, PipelineRun, Source, Gateway, HTTPRoute",
+        "unknown kind \"Spec\"; expected one of Node, Workload, Service, Policy, Volume, Pipeline, PipelineRun, Source, Gateway, HTTPRoute, Secret",
     );
     assert_eq!(e.kind, None);
     assert_eq!(
         e.to_string(),
-        "kind: unknown kind \"Spec\"; expected one of Node, Workload, Service, Policy, Volume, Pipeline, PipelineRun, Source, Gateway, HTTPRoute"
+        "kind: unknown kind \"Spec\"; expected one of Node, Workload, Service, Policy, Volume, Pipeline, PipelineRun, Source, Gateway, HTTPRoute, Secret"
     );
     rejects(
         json!({"apiVersion": API_VERSION, "kind": "workload", "metadata": {"name": "x"}}),

@@ -483,6 +483,7 @@ pub fn validate(doc: &Value) -> Result<Validated, ValidationError> {
         Kind::Source => check_spec::<crate::source::SourceSpec>(kind, &name, spec_in)?,
         Kind::Gateway => check_spec::<crate::gateway::GatewaySpec>(kind, &name, spec_in)?,
         Kind::HTTPRoute => check_spec::<crate::gateway::HTTPRouteSpec>(kind, &name, spec_in)?,
+        Kind::Secret => check_spec::<crate::secret::SecretSpec>(kind, &name, spec_in)?,
         Kind::Instance => {
             return Err(err(
                 Some(kind),

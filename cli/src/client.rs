@@ -89,6 +89,7 @@ pub async fn get_object(
         .get(ironmesh_proto::v1::GetRequest {
             kind: kind.as_str().into(),
             name: name.into(),
+            reveal: false,
         })
         .await
         .map_err(status_err)?

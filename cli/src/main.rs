@@ -68,8 +68,9 @@ enum Command {
     /// List objects of a kind, or show one.
     Get {
         /// nodes, workloads, instances, services, policies, volumes,
-        /// pipelines, pipelineruns, sources (short names: no, wl, inst, svc,
-        /// pol, vol, pl, plr, src).
+        /// pipelines, pipelineruns, sources, gateways, httproutes, secrets
+        /// (short names: no, wl, inst, svc, pol, vol, pl, plr, src, gw,
+        /// route).
         kind: String,
         name: Option<String>,
         #[arg(short, long, value_enum)]
@@ -80,6 +81,9 @@ enum Command {
         /// After listing, keep printing changes.
         #[arg(short, long)]
         watch: bool,
+        /// One Secret: show its values in spec.data (role admin; audited).
+        #[arg(long, requires = "name")]
+        reveal: bool,
     },
     /// Show one object in detail (workloads and instances with their
     /// instances and recent events).
@@ -223,6 +227,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             output,
             selector,
             watch,
+            reveal,
         } => {
             let k = kind(&k)?;
             let mut api = client::connect(&cfg).await?;
@@ -233,6 +238,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                         .get(GetRequest {
                             kind: k.as_str().into(),
                             name: n.clone(),
+                            reveal,
                         })
                         .await
                         .map_err(status_err)?
@@ -306,6 +312,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .get(GetRequest {
                     kind: k.as_str().into(),
                     name,
+                    reveal: false,
                 })
                 .await
                 .map_err(status_err)?

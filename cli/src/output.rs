@@ -114,6 +114,7 @@ fn columns(kind: Kind, wide: bool) -> Vec<&'static str> {
         Kind::Source => vec!["NAME", "REPO", "BRANCH", "STATUS", "COMMIT", "AGE"],
         Kind::Gateway => vec!["NAME", "LISTENERS", "NODES", "AGE"],
         Kind::HTTPRoute => vec!["NAME", "GATEWAYS", "HOSTNAMES", "ACCEPTED", "AGE"],
+        Kind::Secret => vec!["NAME", "TYPE", "ENTRIES", "AGE"],
         Kind::Instance => vec![
             "NAME", "WORKLOAD", "NODE", "STATUS", "READY", "RESTARTS", "IP", "AGE",
         ],
@@ -261,6 +262,18 @@ fn row(kind: Kind, o: &Value, wide: bool) -> Vec<String> {
                 .and_then(Value::as_array)
                 .and_then(|cs| cs.iter().find(|c| s(c, "/type") == "Accepted"))
                 .map_or_else(|| "<unknown>".to_string(), |c| s(c, "/status").to_string()),
+            created,
+        ],
+        Kind::Secret => vec![
+            name,
+            s(o, "/spec/type").to_string(),
+            list_of(o, "/status/entries", |e| {
+                format!(
+                    "{}({}B)",
+                    s(e, "/name"),
+                    e.get("bytes").map(Value::to_string).unwrap_or_default()
+                )
+            }),
             created,
         ],
         Kind::Instance => vec![

@@ -148,6 +148,8 @@ pub struct Assignments {
     pace: Duration,
     /// The mesh mode of instances whose Workload sets none.
     mesh_default: MeshMode,
+    /// Opens the TLS Secrets of gateway listeners.
+    secret_seal: Option<Arc<crate::secret_seal::SecretSeal>>,
 }
 
 impl Default for Assignments {
@@ -165,6 +167,7 @@ impl Default for Assignments {
             computed: watch::channel(0).0,
             pace: PACE,
             mesh_default: MeshMode::Off,
+            secret_seal: None,
         }
     }
 }
@@ -192,6 +195,16 @@ impl Assignments {
             mesh_default: mode,
             ..Assignments::default()
         }
+    }
+
+    /// Gateway listeners with `issuer: Secret` get their certificate from
+    /// Secrets opened with `seal`.
+    pub fn with_secret_seal(
+        mut self,
+        seal: Option<Arc<crate::secret_seal::SecretSeal>>,
+    ) -> Assignments {
+        self.secret_seal = seal;
+        self
     }
 
     /// Streams get at most one message per `pace`.
@@ -512,7 +525,10 @@ pub async fn run(
 ) {
     let mut changes = cache.subscribe();
     changes.mark_changed();
-    let mut memo = Memo::default();
+    let mut memo = Memo {
+        certs: crate::gateways::CertMemo::with_seal(assignments.secret_seal.clone()),
+        ..Memo::default()
+    };
     let mut last_took = Duration::ZERO;
     let stop = shutdown.wait();
     tokio::pin!(stop);

@@ -76,6 +76,8 @@ pub enum Action {
     DeleteImage,
     ManageTokens,
     ManageOperators,
+    /// read the values of a Secret (`get --reveal`).
+    RevealSecret,
 }
 
 /// Kinds an `edit` operator may apply and delete.
@@ -101,7 +103,7 @@ impl Action {
             Action::Write(_) => Role::Admin,
             Action::PushImage => Role::Edit,
             Action::DeleteImage => Role::Admin,
-            Action::ManageTokens | Action::ManageOperators => Role::Admin,
+            Action::ManageTokens | Action::ManageOperators | Action::RevealSecret => Role::Admin,
         }
     }
 
@@ -114,6 +116,7 @@ impl Action {
             Action::DeleteImage => "delete images".to_string(),
             Action::ManageTokens => "manage join tokens".to_string(),
             Action::ManageOperators => "manage operators".to_string(),
+            Action::RevealSecret => "read the values of Secret objects".to_string(),
         }
     }
 }

@@ -7,7 +7,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
-use ironmesh_api::gateway::{GatewaySpec, HTTPRouteSpec, ListenerProtocol};
+use ironmesh_api::gateway::{GatewaySpec, HTTPRouteSpec, ListenerProtocol, TlsIssuer};
 use ironmesh_api::Kind;
 use ironmesh_proto::v1::{GatewayAssignment, GatewayRoute, ListenerCertificate};
 
@@ -28,6 +28,58 @@ type Issued = (Instant, String, String);
 #[derive(Default)]
 pub struct CertMemo {
     issued: HashMap<ListenerKey, Issued>,
+    /// Opens the TLS Secrets listeners name (`issuer: Secret`).
+    seal: Option<std::sync::Arc<crate::secret_seal::SecretSeal>>,
+    /// Secret name → (its revision, chain PEM, key PEM), opened once.
+    opened: HashMap<String, (u64, String, String)>,
+}
+
+impl CertMemo {
+    pub fn with_seal(seal: Option<std::sync::Arc<crate::secret_seal::SecretSeal>>) -> CertMemo {
+        CertMemo {
+            seal,
+            ..CertMemo::default()
+        }
+    }
+
+    /// The chain and key in TLS Secret `name`, if it exists and opens.
+    fn open_secret(&mut self, view: &View, gateway: &str, name: &str) -> Option<(String, String)> {
+        let Some(o) = view.objects(Kind::Secret).get(name).cloned() else {
+            tracing::warn!(
+                gateway,
+                secret = name,
+                "listener certificate Secret does not exist"
+            );
+            return None;
+        };
+        if let Some((rev, chain, key)) = self.opened.get(name) {
+            if *rev == o.revision {
+                return Some((chain.clone(), key.clone()));
+            }
+        }
+        let seal = self.seal.as_ref()?;
+        let data = match seal.open(&crate::resources::key(Kind::Secret, name), &o.object) {
+            Ok(d) => d,
+            Err(e) => {
+                tracing::warn!(gateway, secret = name, error = %e, "cannot open the listener certificate Secret");
+                return None;
+            }
+        };
+        let (Some(chain), Some(key)) = (
+            data.get(ironmesh_api::secret::TLS_CERT),
+            data.get(ironmesh_api::secret::TLS_KEY),
+        ) else {
+            tracing::warn!(
+                gateway,
+                secret = name,
+                "listener certificate Secret is not of type TLS"
+            );
+            return None;
+        };
+        self.opened
+            .insert(name.to_string(), (o.revision, chain.clone(), key.clone()));
+        Some((chain.clone(), key.clone()))
+    }
 }
 
 /// Routes in precedence order: oldest first (creation time), then name.
@@ -105,6 +157,21 @@ pub fn node_gateways(
             .iter()
             .filter(|l| l.protocol == ListenerProtocol::HTTPS)
         {
+            if let Some(secret) = l
+                .tls
+                .as_ref()
+                .filter(|t| t.issuer == TlsIssuer::Secret)
+                .and_then(|t| t.secret_name.as_deref())
+            {
+                if let Some((chain, key_pem)) = memo.open_secret(view, &g.name, secret) {
+                    certificates.push(ListenerCertificate {
+                        listener: l.name.clone(),
+                        cert_chain_pem: chain,
+                        key_pem,
+                    });
+                }
+                continue;
+            }
             let key = (g.name.clone(), l.name.clone(), l.hostnames.clone());
             let fresh = memo
                 .issued
@@ -159,6 +226,8 @@ pub fn node_gateways(
         }
     }
     memo.issued.retain(|k, _| keep.contains(k));
+    let secrets = view.objects(Kind::Secret);
+    memo.opened.retain(|name, _| secrets.contains_key(name));
     out
 }
 
@@ -351,5 +420,60 @@ mod tests {
         // A second pass reuses the certificate, so the node's part is equal.
         let again = node_gateways(&view, Some(&ca), &mut memo);
         assert_eq!(again["edge-1"], out["edge-1"]);
+    }
+
+    #[tokio::test]
+    async fn a_listener_with_issuer_secret_gets_the_sealed_secrets_chain_and_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: std::sync::Arc<dyn crate::store::Store> = std::sync::Arc::new(
+            crate::store::embedded::EmbeddedStore::open(&dir.path().join("s.redb")).unwrap(),
+        );
+        let cache = Cache::start(store.clone()).await.unwrap();
+        let seal = std::sync::Arc::new(crate::secret_seal::SecretSeal::new(
+            crate::ha::shared_secrets::SealKey::from_bytes(&[3u8; 32]).unwrap(),
+        ));
+        let res = Resources::new(store.clone())
+            .with_cache(cache.clone())
+            .with_seal(seal.clone());
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["api.example.com".to_string()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        let docs = [
+            json!({"apiVersion": "ironmesh.dev/v1", "kind": "Node", "metadata": {"name": "edge-1"}, "spec": {}}),
+            json!({"apiVersion": "ironmesh.dev/v1", "kind": "Secret", "metadata": {"name": "edge-cert"},
+                "spec": {"type": "TLS", "data": {"tls.crt": cert.pem(), "tls.key": key.serialize_pem()}}}),
+            json!({"apiVersion": "ironmesh.dev/v1", "kind": "Gateway", "metadata": {"name": "edge"},
+                "spec": {"listeners": [{"name": "tls", "port": 8443, "protocol": "HTTPS",
+                    "hostnames": ["api.example.com"], "tls": {"issuer": "Secret", "secretName": "edge-cert"}}]}}),
+        ];
+        let validated: Vec<_> = docs
+            .iter()
+            .map(|d| ("t".to_string(), ironmesh_api::validate(d).unwrap()))
+            .collect();
+        res.apply(&validated, false).await.unwrap();
+        // The store holds no byte of the key.
+        let raw = store
+            .get(&crate::resources::key(Kind::Secret, "edge-cert"))
+            .await
+            .unwrap()
+            .unwrap();
+        let body = String::from_utf8_lossy(&raw.value);
+        assert!(!body.contains("PRIVATE KEY"), "{body}");
+        assert!(body.contains("sealedData"), "{body}");
+
+        let mut memo = CertMemo::with_seal(Some(seal));
+        let view = res.cache().await.unwrap().read();
+        let out = node_gateways(&view, None, &mut memo);
+        let g = &out["edge-1"][0];
+        assert_eq!(g.certificates.len(), 1);
+        assert_eq!(g.certificates[0].cert_chain_pem, cert.pem());
+        assert_eq!(g.certificates[0].key_pem, key.serialize_pem());
+
+        // Without the key that sealed it, the listener gets nothing.
+        let mut unsealed = CertMemo::default();
+        let out = node_gateways(&view, None, &mut unsealed);
+        assert!(out["edge-1"][0].certificates.is_empty());
     }
 }

@@ -106,6 +106,7 @@ pub mod report_checks;
 pub mod resources;
 pub mod revocation;
 pub mod scheduler;
+pub mod secret_seal;
 pub mod server;
 pub mod services;
 pub mod serving_tls;

@@ -133,6 +133,7 @@ fn to_status(e: ResourceError) -> Status {
         ResourceError::Corrupt { .. } => Status::data_loss(e.to_string()),
         ResourceError::Store(_) => Status::unavailable(e.to_string()),
         ResourceError::Conflict(_) => Status::failed_precondition(e.to_string()),
+        ResourceError::Seal(_) | ResourceError::NoSealKey => Status::internal(e.to_string()),
     }
 }
 
@@ -140,6 +141,9 @@ impl OperatorApi {
     fn to_resource(&self, mut o: StoredObject) -> Resource {
         if o.kind == Kind::Node {
             self.liveness.overlay(&mut o.object);
+        }
+        if o.kind == Kind::Secret {
+            crate::secret_seal::redact(&mut o.object);
         }
         Resource {
             kind: o.kind.as_str().to_string(),
@@ -296,9 +300,12 @@ impl OperatorApi {
     }
 
     async fn get_inner(&self, req: Request<GetRequest>) -> Result<Resource, Status> {
-        self.caller(&req, Action::Read, "Get").await?;
+        let caller = self.caller(&req, Action::Read, "Get").await?;
         let req = req.into_inner();
         let kind = parse_kind(&req.kind)?;
+        if req.reveal {
+            return self.reveal(&caller, kind, &req.name).await;
+        }
         self.resources.consistent().await;
         match self
             .resources
@@ -329,6 +336,41 @@ impl OperatorApi {
                 req.name
             ))),
         }
+    }
+
+    /// A Secret with its values, for an admin; audited.
+    async fn reveal(&self, caller: &Caller, kind: Kind, name: &str) -> Result<Resource, Status> {
+        if kind != Kind::Secret {
+            return Err(Status::invalid_argument(format!(
+                "--reveal is for Secret objects; {kind} objects have nothing hidden"
+            )));
+        }
+        let target = format!("{kind}/{name}");
+        if let Err(e) = caller.may(Action::RevealSecret, "Get") {
+            audit(caller, "RevealSecret", &target, "denied");
+            return Err(e);
+        }
+        self.resources.consistent().await;
+        let stored = self
+            .resources
+            .get(kind, name)
+            .await
+            .map_err(to_status)?
+            .ok_or_else(|| Status::not_found(format!("{kind} {name:?} not found")))?;
+        let seal = self
+            .resources
+            .seal()
+            .ok_or_else(|| to_status(ResourceError::NoSealKey))?;
+        let object = seal
+            .reveal(&crate::resources::key(kind, name), &stored.object)
+            .map_err(|e| Status::data_loss(e.to_string()))?;
+        audit(caller, "RevealSecret", &target, "ok");
+        Ok(Resource {
+            kind: kind.as_str().to_string(),
+            name: stored.name,
+            json: object.to_string(),
+            revision: stored.revision,
+        })
     }
 
     /// The eviction guard's message while eviction is paused.
@@ -510,6 +552,9 @@ impl OperatorService for OperatorApi {
             };
             if kind == Kind::Node {
                 liveness.overlay(&mut obj.object);
+            }
+            if kind == Kind::Secret {
+                crate::secret_seal::redact(&mut obj.object);
             }
             Ok(WatchEvent {
                 r#type: ty as i32,

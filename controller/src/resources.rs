@@ -86,6 +86,10 @@ pub enum ResourceError {
     Contended(String),
     #[error("{0}")]
     Conflict(String),
+    #[error(transparent)]
+    Seal(#[from] crate::secret_seal::SealError),
+    #[error("Secret objects need the controller's seal key, and this Resources has none")]
+    NoSealKey,
 }
 
 /// Checks an existing object before a write replaces or deletes it; `Err`
@@ -107,6 +111,8 @@ pub struct Resources {
     store: Arc<dyn Store>,
     cache: Option<crate::cache::Cache>,
     written: Arc<AtomicU64>,
+    /// Seals Secret objects before they are written.
+    seal: Option<Arc<crate::secret_seal::SecretSeal>>,
 }
 
 impl Resources {
@@ -115,7 +121,19 @@ impl Resources {
             store,
             cache: None,
             written: Arc::default(),
+            seal: None,
         }
+    }
+
+    /// Secret objects are sealed with `seal` when written.
+    pub fn with_seal(mut self, seal: Arc<crate::secret_seal::SecretSeal>) -> Resources {
+        self.seal = Some(seal);
+        self
+    }
+
+    /// The key Secret objects are sealed with.
+    pub fn seal(&self) -> Option<&Arc<crate::secret_seal::SecretSeal>> {
+        self.seal.as_ref()
     }
 
     /// Reads go to `cache` from now on.
@@ -280,13 +298,24 @@ impl Resources {
             for (_, v) in docs {
                 let k = key(v.kind, &v.name);
                 let current = self.store.get(&k).await?;
-                let (next, action) = match &current {
-                    None => (new_object(&v.object), ApplyAction::Created),
-                    Some(kv) => {
-                        let stored = decode(v.kind, kv)?;
+                let stored = current.as_ref().map(|kv| decode(v.kind, kv)).transpose()?;
+                // A Secret's values never reach the store in plaintext.
+                let sealed;
+                let applied_object = if v.kind == Kind::Secret {
+                    let seal = self.seal.as_ref().ok_or(ResourceError::NoSealKey)?;
+                    let mut o = v.object.clone();
+                    seal.seal_object(&k, &mut o, stored.as_ref().map(|s| &s.object))?;
+                    sealed = o;
+                    &sealed
+                } else {
+                    &v.object
+                };
+                let (next, action) = match stored {
+                    None => (new_object(applied_object), ApplyAction::Created),
+                    Some(stored) => {
                         guard(&stored).map_err(ResourceError::Conflict)?;
                         let existing = stored.object;
-                        let merged = merge_applied(&existing, &v.object);
+                        let merged = merge_applied(&existing, applied_object);
                         if strip_rv(&merged) == strip_rv(&existing) {
                             (merged, ApplyAction::Unchanged)
                         } else {

@@ -49,6 +49,8 @@ pub enum ServerError {
     #[error(transparent)]
     Secrets(#[from] crate::ha::shared_secrets::SecretsError),
     #[error(transparent)]
+    Seal(#[from] crate::secret_seal::SealError),
+    #[error(transparent)]
     Daemon(#[from] ironmesh_daemon::DaemonError),
     #[error("cannot listen on {addr}: {source}")]
     Bind {
@@ -104,7 +106,11 @@ pub async fn run(cfg: ControllerConfig, shutdown: Shutdown) -> Result<(), Server
             path: cfg.data_dir.clone(),
             source,
         })?;
-    let resources = Resources::new(store.clone()).with_cache(cache.clone());
+    let seal =
+        crate::secret_seal::SecretSeal::load_or_create(cfg.ca_key_file.as_deref(), &cfg.data_dir)?;
+    let resources = Resources::new(store.clone())
+        .with_cache(cache.clone())
+        .with_seal(Arc::new(seal));
 
     let mut registry = Registry::default();
     let metrics = Arc::new(ControllerMetrics::new(&mut registry));
@@ -217,7 +223,8 @@ pub async fn run(cfg: ControllerConfig, shutdown: Shutdown) -> Result<(), Server
             .map_err(|e| ServerError::Config(format!("mesh default mode: {e}")))?,
     };
     tracing::info!(default_mode = mesh.default_mode.as_str(), trust_domain = %mesh.trust_domain, "mesh");
-    let assignments = crate::assignments::Assignments::with_mesh_default(mesh.default_mode);
+    let assignments = crate::assignments::Assignments::with_mesh_default(mesh.default_mode)
+        .with_secret_seal(resources.seal().cloned());
     let ca = Arc::new(creds.ca);
     tokio::spawn(crate::assignments::run(
         assignments.clone(),

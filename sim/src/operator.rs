@@ -109,6 +109,7 @@ impl Operator {
             .get(GetRequest {
                 kind: kind.into(),
                 name: name.into(),
+                reveal: false,
             })
             .await
         {

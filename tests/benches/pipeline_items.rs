@@ -67,6 +67,7 @@ async fn step_time(api: &mut Api, pipeline: &str) -> anyhow::Result<Duration> {
             .get(GetRequest {
                 kind: "PipelineRun".into(),
                 name: run.clone(),
+                reveal: false,
             })
             .await?
             .into_inner();

@@ -2,8 +2,9 @@
 //! controller, agent and imctl: join tokens that expire and run out, no
 //! take-over of an existing node's name, revocation when a Node is
 //! deleted, operator roles, node reports checked against the node's pod
-//! CIDR and bounds, the node authorizer of the image store, and node
-//! certificates renewed while instances keep running.
+//! CIDR and bounds, the node authorizer of the image store, node
+//! certificates renewed while instances keep running, and Secrets sealed
+//! at rest and shown only to admins.
 
 // Test code: a failed unwrap is a failed test.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -253,6 +254,116 @@ fn a_deleted_node_cannot_come_back_with_its_old_certificate() {
             .await
             .expect("the deleted node's name can be joined again");
     });
+}
+
+/// Every file under `dir` whose bytes contain `needle`.
+fn files_containing(dir: &Path, needle: &[u8]) -> Vec<String> {
+    let mut found = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if std::fs::read(&p)
+                .map(|b| b.windows(needle.len()).any(|w| w == needle))
+                .unwrap_or(false)
+            {
+                found.push(p.display().to_string());
+            }
+        }
+    }
+    found
+}
+
+#[test]
+fn secrets_are_sealed_at_rest_and_their_values_shown_only_to_an_admin() {
+    let mut ctl = Controller::start(ControllerOpts::default());
+    let dir = tempfile::tempdir().unwrap();
+    let ed = dir.path().join("ed.yaml");
+    ok(
+        ctl.imctl(&[
+            "operator",
+            "create",
+            "ed",
+            "--role",
+            "edit",
+            "--out",
+            ed.to_str().unwrap(),
+        ]),
+        "operator create",
+    );
+    const VALUE: &str = "correct-horse-battery-staple-0451";
+    let manifest = dir.path().join("secret.yaml");
+    std::fs::write(
+        &manifest,
+        format!(
+            "apiVersion: ironmesh.dev/v1\nkind: Secret\nmetadata: {{name: db}}\n\
+             spec:\n  data:\n    password: {VALUE}\n"
+        ),
+    )
+    .unwrap();
+    let apply = |c: &Path| ctl.imctl_as(c, &["apply", "-f", manifest.to_str().unwrap()]);
+    let err = refused(apply(&ed), "edit applies a Secret");
+    assert!(
+        err.contains("may not apply or delete Secret objects: that needs role admin"),
+        "{err}"
+    );
+    let out = ok(apply(&ctl.admin_config()), "admin applies a Secret");
+    assert!(out.contains("secrets/db created"), "{out}");
+    let out = ok(apply(&ctl.admin_config()), "admin applies it again");
+    assert!(out.contains("secrets/db unchanged"), "{out}");
+
+    // get, list and the table show names and sizes, never the value.
+    let table = ok(ctl.imctl(&["get", "secrets"]), "get secrets");
+    assert!(
+        table.contains("db") && table.contains("password(33B)"),
+        "{table}"
+    );
+    let shown = ctl.imctl_json(&["get", "secret", "db"]);
+    assert!(!shown.to_string().contains(VALUE), "{shown}");
+    assert!(shown.pointer("/spec/sealedData").is_none(), "{shown}");
+    assert_eq!(shown["status"]["entries"][0]["name"], "password");
+    for args in [
+        vec!["get", "secrets", "-o", "yaml"],
+        vec!["describe", "secret", "db"],
+    ] {
+        let out = ok(ctl.imctl(&args), "read a Secret");
+        assert!(!out.contains(VALUE), "{args:?}: {out}");
+    }
+    // Only an admin's --reveal shows it, and it is audited.
+    let err = refused(
+        ctl.imctl_as(&ed, &["get", "secret", "db", "--reveal"]),
+        "edit reveals",
+    );
+    assert!(
+        err.contains("may not read the values of Secret objects: that needs role admin"),
+        "{err}"
+    );
+    let revealed = ctl.imctl_json(&["get", "secret", "db", "--reveal"]);
+    assert_eq!(revealed["spec"]["data"]["password"], VALUE);
+    let log = ctl.proc.log_text();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("RevealSecret") && l.contains("operator=admin")),
+        "{log}"
+    );
+
+    // The data directory (the store and everything else) never holds it,
+    // and it opens again after a restart.
+    let hits = files_containing(&ctl.data_dir(), VALUE.as_bytes());
+    assert!(hits.is_empty(), "plaintext found in {hits:?}");
+    ctl.restart_after_kill9("controller-restarted.log");
+    let revealed = ctl.imctl_json(&["get", "secret", "db", "--reveal"]);
+    assert_eq!(revealed["spec"]["data"]["password"], VALUE);
+    // An applied `get -o yaml` (values hidden) does not wipe the values.
+    let hidden = dir.path().join("hidden.json");
+    std::fs::write(&hidden, shown.to_string()).unwrap();
+    let err = refused(
+        ctl.imctl(&["apply", "-f", hidden.to_str().unwrap()]),
+        "apply of a shown Secret",
+    );
+    assert!(err.contains("at least one entry"), "{err}");
 }
 
 #[test]

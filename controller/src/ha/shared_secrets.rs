@@ -74,7 +74,7 @@ impl SealKey {
     }
 
     /// nonce ‖ ciphertext ‖ tag, base64; `aad` binds it to its store key.
-    fn seal(&self, plain: &[u8], aad: &str) -> Result<String, SecretsError> {
+    pub(crate) fn seal(&self, plain: &[u8], aad: &str) -> Result<String, SecretsError> {
         let mut nonce = [0u8; NONCE_LEN];
         SystemRandom::new()
             .fill(&mut nonce)
@@ -93,7 +93,12 @@ impl SealKey {
         Ok(base64::engine::general_purpose::STANDARD.encode(out))
     }
 
-    fn open(&self, sealed: &str, aad: &str, what: &'static str) -> Result<Vec<u8>, SecretsError> {
+    pub(crate) fn open(
+        &self,
+        sealed: &str,
+        aad: &str,
+        what: &'static str,
+    ) -> Result<Vec<u8>, SecretsError> {
         use base64::Engine;
         let raw = base64::engine::general_purpose::STANDARD
             .decode(sealed)
