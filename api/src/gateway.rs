@@ -178,6 +178,9 @@ pub struct GatewayStatus {
     /// Routes attached, by listener.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub attached_routes: BTreeMap<String, u32>,
+    /// What keeps a listener from serving, e.g. a missing TLS Secret.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub problems: Vec<String>,
 }
 
 /// A host name pattern: a DNS name, or `*.` and a DNS name.

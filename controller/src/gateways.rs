@@ -7,7 +7,9 @@
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
-use ironmesh_api::gateway::{GatewaySpec, HTTPRouteSpec, ListenerProtocol, TlsIssuer};
+use ironmesh_api::gateway::{
+    GatewaySpec, GatewayStatus, HTTPRouteSpec, ListenerProtocol, TlsIssuer,
+};
 use ironmesh_api::Kind;
 use ironmesh_proto::v1::{GatewayAssignment, GatewayRoute, ListenerCertificate};
 
@@ -208,27 +210,94 @@ pub fn node_gateways(
             routes: attached,
             certificates,
         };
-        for n in view.objects(Kind::Node).values() {
-            let mut labels = crate::resources::labels_of(&n.object);
-            // As the scheduler does: every node has its hostname label.
-            labels
-                .entry(ironmesh_api::workload::HOSTNAME_LABEL.to_string())
-                .or_insert_with(|| n.name.clone());
-            if spec
-                .node_selector
-                .iter()
-                .all(|(k, v)| labels.get(k) == Some(v))
-            {
-                out.entry(n.name.clone())
-                    .or_default()
-                    .push(assignment.clone());
-            }
+        for n in selected_nodes(view, &spec) {
+            out.entry(n).or_default().push(assignment.clone());
         }
     }
     memo.issued.retain(|k, _| keep.contains(k));
     let secrets = view.objects(Kind::Secret);
     memo.opened.retain(|name, _| secrets.contains_key(name));
     out
+}
+
+/// The nodes whose labels (with their hostname label, as the scheduler
+/// sees them) match the Gateway's `nodeSelector`, in name order.
+fn selected_nodes(view: &View, spec: &GatewaySpec) -> Vec<String> {
+    let mut nodes: Vec<String> = view
+        .objects(Kind::Node)
+        .values()
+        .filter(|n| {
+            let mut labels = crate::resources::labels_of(&n.object);
+            labels
+                .entry(ironmesh_api::workload::HOSTNAME_LABEL.to_string())
+                .or_insert_with(|| n.name.clone());
+            spec.node_selector
+                .iter()
+                .all(|(k, v)| labels.get(k) == Some(v))
+        })
+        .map(|n| n.name.clone())
+        .collect();
+    nodes.sort();
+    nodes
+}
+
+/// What `Gateway.status` should say: the nodes serving it, the routes
+/// attached to each listener, and what keeps a listener from serving.
+pub fn gateway_status(view: &View, name: &str, spec: &GatewaySpec) -> GatewayStatus {
+    let mut attached: BTreeMap<String, u32> =
+        spec.listeners.iter().map(|l| (l.name.clone(), 0)).collect();
+    for o in view.objects(Kind::HTTPRoute).values() {
+        let Some(route) = o
+            .object
+            .get("spec")
+            .and_then(|s| serde_json::from_value::<HTTPRouteSpec>(s.clone()).ok())
+        else {
+            continue;
+        };
+        for l in &spec.listeners {
+            if route
+                .parent_refs
+                .iter()
+                .any(|p| p.gateway == name && p.listener.as_deref().is_none_or(|x| x == l.name))
+            {
+                *attached.entry(l.name.clone()).or_default() += 1;
+            }
+        }
+    }
+    let secrets = view.objects(Kind::Secret);
+    let mut problems = Vec::new();
+    for l in &spec.listeners {
+        let Some(secret) = l
+            .tls
+            .as_ref()
+            .filter(|t| t.issuer == TlsIssuer::Secret)
+            .and_then(|t| t.secret_name.as_deref())
+        else {
+            continue;
+        };
+        match secrets.get(secret) {
+            None => problems.push(format!(
+                "listener {:?}: Secret {secret:?} does not exist",
+                l.name
+            )),
+            Some(o) if o.object.pointer("/spec/type").and_then(|t| t.as_str()) != Some("TLS") => {
+                problems.push(format!(
+                    "listener {:?}: Secret {secret:?} is not of type TLS",
+                    l.name
+                ))
+            }
+            Some(_) => {}
+        }
+    }
+    let nodes = selected_nodes(view, spec);
+    if nodes.is_empty() {
+        problems.push("no node matches spec.nodeSelector".to_string());
+    }
+    GatewayStatus {
+        nodes,
+        attached_routes: attached,
+        problems,
+    }
 }
 
 /// A server certificate for `hostnames`, chained to the cluster CA. Its
@@ -251,7 +320,7 @@ fn issue(
 /// Keeps each HTTPRoute's `Accepted` condition current (leader only):
 /// `False` with reason `Conflict` when a rule is shadowed by an older
 /// route, `NoGateway` when a named Gateway does not exist, `True`
-/// otherwise.
+/// otherwise; and each Gateway's status ([`gateway_status`]).
 pub async fn run_status(
     resources: crate::resources::Resources,
     shutdown: ironmesh_daemon::Shutdown,
@@ -320,6 +389,31 @@ pub async fn run_status(
                 })
                 .collect()
         };
+        let gateway_wanted: Vec<(String, serde_json::Value)> = {
+            let view = cache.read();
+            view.objects(Kind::Gateway)
+                .values()
+                .filter_map(|o| {
+                    let spec: GatewaySpec =
+                        serde_json::from_value(o.object.get("spec")?.clone()).ok()?;
+                    let want = serde_json::to_value(gateway_status(&view, &o.name, &spec)).ok()?;
+                    let cur = o.object.get("status").cloned().unwrap_or_default();
+                    (cur != want).then(|| (o.name.clone(), want))
+                })
+                .collect()
+        };
+        for (name, want) in gateway_wanted {
+            let r = resources
+                .update(Kind::Gateway, &name, |cur| {
+                    let mut o = cur?.clone();
+                    o["status"] = want.clone();
+                    Some(o)
+                })
+                .await;
+            if let Err(e) = r {
+                tracing::warn!(gateway = %name, error = %e, "cannot write gateway status");
+            }
+        }
         for (name, status, reason, message) in wanted {
             let now = time::OffsetDateTime::now_utc()
                 .format(&time::format_description::well_known::Rfc3339)
@@ -420,6 +514,15 @@ mod tests {
         // A second pass reuses the certificate, so the node's part is equal.
         let again = node_gateways(&view, Some(&ca), &mut memo);
         assert_eq!(again["edge-1"], out["edge-1"]);
+        // What Gateway.status says.
+        let spec: GatewaySpec =
+            serde_json::from_value(view.objects(Kind::Gateway)["edge"].object["spec"].clone())
+                .unwrap();
+        let st = gateway_status(&view, "edge", &spec);
+        assert_eq!(st.nodes, ["edge-1"]);
+        assert_eq!(st.attached_routes.get("web"), Some(&2));
+        assert_eq!(st.attached_routes.get("tls"), Some(&2));
+        assert!(st.problems.is_empty(), "{:?}", st.problems);
     }
 
     #[tokio::test]
@@ -470,6 +573,17 @@ mod tests {
         assert_eq!(g.certificates.len(), 1);
         assert_eq!(g.certificates[0].cert_chain_pem, cert.pem());
         assert_eq!(g.certificates[0].key_pem, key.serialize_pem());
+
+        let spec: GatewaySpec = serde_json::from_value(docs[2]["spec"].clone()).unwrap();
+        assert!(gateway_status(&view, "edge", &spec).problems.is_empty());
+        let mut other = spec.clone();
+        if let Some(t) = other.listeners[0].tls.as_mut() {
+            t.secret_name = Some("gone".into());
+        }
+        assert_eq!(
+            gateway_status(&view, "edge", &other).problems,
+            ["listener \"tls\": Secret \"gone\" does not exist"]
+        );
 
         // Without the key that sealed it, the listener gets nothing.
         let mut unsealed = CertMemo::default();
