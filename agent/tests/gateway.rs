@@ -33,7 +33,13 @@ struct Netns(String);
 
 impl Netns {
     fn new() -> Netns {
-        let name = format!("im-gw-{}", std::process::id());
+        // One per test: tests of one binary run at once.
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        let name = format!(
+            "im-gw-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::SeqCst)
+        );
         let _ = std::process::Command::new("ip")
             .args(["netns", "del", &name])
             .output();
@@ -152,9 +158,19 @@ async fn backend(name: &'static str, hits: Arc<AtomicUsize>) -> SocketAddr {
     addr
 }
 
-/// The test issuer: its JWK Set over HTTPS at `/jwks`, from a certificate
-/// of its own for 127.0.0.1. Returns the address and its CA (PEM).
+/// The test issuer: its JWK Set over HTTPS at `/jwks`, and an OIDC
+/// discovery document naming it (as `https://<addr>`, or `names` when
+/// given) at `/.well-known/openid-configuration`, from a certificate of
+/// its own for 127.0.0.1. Returns the address and its CA (PEM).
 async fn issuer(jwks: Arc<Mutex<String>>, fetches: Arc<AtomicUsize>) -> (SocketAddr, String) {
+    issuer_naming(jwks, fetches, None).await
+}
+
+async fn issuer_naming(
+    jwks: Arc<Mutex<String>>,
+    fetches: Arc<AtomicUsize>,
+    names: Option<&str>,
+) -> (SocketAddr, String) {
     let key = rcgen::KeyPair::generate().unwrap();
     let mut params = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string()]).unwrap();
     params.is_ca = rcgen::IsCa::NoCa;
@@ -174,19 +190,30 @@ async fn issuer(jwks: Arc<Mutex<String>>, fetches: Arc<AtomicUsize>) -> (SocketA
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap();
+    let discovery = json!({"issuer": names.map_or(format!("https://{addr}"), str::to_string),
+        "jwks_uri": format!("https://{addr}/jwks")})
+    .to_string();
     tokio::spawn(async move {
         loop {
             let (tcp, _) = l.accept().await.unwrap();
             let (acceptor, jwks, fetches) = (acceptor.clone(), jwks.clone(), fetches.clone());
+            let discovery = discovery.clone();
             tokio::spawn(async move {
                 let Ok(tls) = acceptor.accept(tcp).await else {
                     return;
                 };
-                let svc = hyper::service::service_fn(move |_req| {
-                    fetches.fetch_add(1, Ordering::SeqCst);
-                    let body = jwks.lock().unwrap().clone();
-                    async move { Ok::<_, Infallible>(http::Response::new(Full::new(Bytes::from(body)))) }
-                });
+                let svc =
+                    hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                        let body = if req.uri().path() == "/.well-known/openid-configuration" {
+                            discovery.clone()
+                        } else {
+                            fetches.fetch_add(1, Ordering::SeqCst);
+                            jwks.lock().unwrap().clone()
+                        };
+                        async move {
+                            Ok::<_, Infallible>(http::Response::new(Full::new(Bytes::from(body))))
+                        }
+                    });
                 let _ = hyper::server::conn::http1::Builder::new()
                     .serve_connection(hyper_util::rt::TokioIo::new(tls), svc)
                     .await;
@@ -459,6 +486,62 @@ fn gateway_authenticates_routes_splits_and_reloads() {
             assert!(Instant::now() < deadline, "listener still accepting");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    });
+}
+
+#[test]
+fn keys_are_found_through_oidc_discovery_of_the_issuer_named_in_the_document() {
+    let ns = Netns::new();
+    ns.run(async {
+        let hits = Arc::new(AtomicUsize::new(0));
+        let backend_addr = backend("stable", hits.clone()).await;
+        let key = Signer::new();
+        let jwks = Arc::new(Mutex::new(json!({"keys": [key.jwk("k1")]}).to_string()));
+        let fetches = Arc::new(AtomicUsize::new(0));
+        let (honest, honest_ca) = issuer(jwks.clone(), fetches.clone()).await;
+        // Serves the same keys, but its document names another issuer.
+        let (liar, liar_ca) =
+            issuer_naming(jwks.clone(), Arc::new(AtomicUsize::new(0)), Some("https://elsewhere")).await;
+        let route = |path: &str, iss: &str, ca: &str| {
+            json!({"parentRefs": [{"gateway": "edge"}], "jwt": {"issuer": iss, "audiences": ["orders"],
+                "jwks": {"discovery": true, "caCert": ca}},
+                "rules": [{"matches": [{"path": {"value": path}}], "backends": [{"service": "stable", "port": 80}]}]})
+        };
+        let (honest_iss, liar_iss) = (format!("https://{honest}"), format!("https://{liar}"));
+        let port = free_port();
+        let gw_addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+        let mut registry = prometheus_client::registry::Registry::default();
+        let gateways = Gateways::new(Arc::new(GatewayMetrics::register(&mut registry)));
+        let routes = [
+            ("honest", route("/honest", &honest_iss, &honest_ca)),
+            ("liar", route("/liar", &liar_iss, &liar_ca)),
+        ];
+        let errors = gateways
+            .apply(Some(Ipv4Addr::LOCALHOST), &[assignment(port, &routes)], &[service("stable", backend_addr)])
+            .await;
+        assert!(errors.is_empty(), "{errors:?}");
+
+        let token = key.sign("k1", &claims(json!({"iss": honest_iss})));
+        let bearer = format!("Bearer {token}");
+        let deadline = Instant::now() + DEADLINE;
+        let ok = loop {
+            let a = request(gw_addr, "/honest/1", &[("authorization", &bearer)]).await;
+            if a.status == 200 || Instant::now() > deadline {
+                break a;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        assert_eq!(ok.status, 200, "{}", ok.body);
+        assert!(fetches.load(Ordering::SeqCst) >= 1, "the jwks_uri was never fetched");
+
+        // The same keys, but the document is for another issuer: no key
+        // set is ever taken from it, so nothing gets through.
+        let before = hits.load(Ordering::SeqCst);
+        let token = key.sign("k1", &claims(json!({"iss": liar_iss})));
+        let a = request(gw_addr, "/liar/1", &[("authorization", &format!("Bearer {token}"))]).await;
+        assert_eq!(a.status, 503, "{}", a.body);
+        assert!(a.headers["www-authenticate"].to_str().unwrap().starts_with("Bearer realm=\"edge\""));
+        assert_eq!(hits.load(Ordering::SeqCst), before, "a refused request reached the backend");
     });
 }
 

@@ -465,13 +465,18 @@ impl JwtAlgorithm {
     }
 }
 
-/// Exactly one of `url` and `inline`.
+/// Exactly one of `url`, `inline` and `discovery`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Jwks {
     /// `https://…`, fetched by the gateway nodes in the background.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub url: Option<String>,
+    /// OpenID Connect discovery: the key set is at the `jwks_uri` of
+    /// `<issuer>/.well-known/openid-configuration` (the issuer must be an
+    /// `https://` URL and the document's `issuer` must equal it).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub discovery: bool,
     /// The JWK Set as JSON text (`{"keys": [...]}`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub inline: Option<String>,
@@ -807,9 +812,24 @@ fn check_jwt(errs: &mut Errors, p: &str, j: &JwtAuth) {
         );
     }
     match (&j.jwks.url, &j.jwks.inline) {
+        _ if j.jwks.discovery && (j.jwks.url.is_some() || j.jwks.inline.is_some()) => errs.add(
+            format!("{p}.jwks"),
+            "must set exactly one of url, inline and discovery",
+        ),
+        (None, None) if j.jwks.discovery => {
+            if !j.issuer.starts_with("https://") || j.issuer.len() <= "https://".len() {
+                errs.add(
+                    format!("{p}.issuer"),
+                    format!(
+                        "must be an https:// URL for jwks.discovery (the discovery document is at <issuer>/.well-known/openid-configuration), got {:?}",
+                        j.issuer
+                    ),
+                );
+            }
+        }
         (None, None) | (Some(_), Some(_)) => errs.add(
             format!("{p}.jwks"),
-            "must set exactly one of url and inline",
+            "must set exactly one of url, inline and discovery",
         ),
         (Some(u), None) => {
             if !u.starts_with("https://") || u.len() <= "https://".len() {
@@ -835,7 +855,7 @@ fn check_jwt(errs: &mut Errors, p: &str, j: &JwtAuth) {
     if j.jwks.inline.is_some() && (j.jwks.ca_cert.is_some() || j.jwks.refresh_interval.is_some()) {
         errs.add(
             format!("{p}.jwks"),
-            "caCert and refreshInterval are only for url",
+            "caCert and refreshInterval are only for url and discovery",
         );
     }
     if let Some(ca) = &j.jwks.ca_cert {
@@ -1264,8 +1284,30 @@ mod tests {
             "HTTPRoute",
             jwt_route(json!({"issuer": "i", "audiences": ["a"], "jwks": {}})),
             "spec.jwt.jwks",
-            "exactly one of url and inline",
+            "exactly one of url, inline and discovery",
         );
+        rejects(
+            "HTTPRoute",
+            jwt_route(json!({"issuer": "i", "audiences": ["a"], "jwks": {"discovery": true}})),
+            "spec.jwt.issuer",
+            "https:// URL for jwks.discovery",
+        );
+        rejects(
+            "HTTPRoute",
+            jwt_route(
+                json!({"issuer": "https://i", "audiences": ["a"], "jwks": {"discovery": true, "inline": JWKS}}),
+            ),
+            "spec.jwt.jwks",
+            "exactly one of url, inline and discovery",
+        );
+        validate(&doc(
+            "HTTPRoute",
+            jwt_route(
+                json!({"issuer": "https://login.example.com", "audiences": ["a"],
+                "jwks": {"discovery": true, "refreshInterval": "1m"}}),
+            ),
+        ))
+        .expect("discovery with an https issuer is valid");
         rejects(
             "HTTPRoute",
             jwt_route(

@@ -1,5 +1,7 @@
-//! Where a route's verification keys come from: inline in the route, or a
-//! JWKS URL fetched over HTTPS in the background, refreshed every
+//! Where a route's verification keys come from: inline in the route, a
+//! JWKS URL, or the `jwks_uri` that OpenID Connect discovery
+//! (`<issuer>/.well-known/openid-configuration`) names, fetched over HTTPS
+//! in the background, refreshed every
 //! `refreshInterval` and on a token whose `kid` is not in the set (at most
 //! once per [`MIN_REFRESH`], so random `kid`s cannot hammer the issuer).
 //! A failed fetch keeps the last good set.
@@ -35,7 +37,28 @@ pub enum JwksError {
     Status { url: String, status: u16 },
     #[error("{url} is not a usable key set: {message}")]
     Parse { url: String, message: String },
+    #[error("{url} is not a usable discovery document: {message}")]
+    Discovery { url: String, message: String },
 }
+
+/// Where the set is: a URL, or found through OIDC discovery.
+#[derive(Debug, Clone)]
+enum Locator {
+    Url(Target),
+    Discovery { document: Target, issuer: String },
+}
+
+impl Locator {
+    fn url(&self) -> &str {
+        match self {
+            Locator::Url(t) => &t.url,
+            Locator::Discovery { document, .. } => &document.url,
+        }
+    }
+}
+
+/// The discovery document of `issuer`.
+const DISCOVERY_PATH: &str = "/.well-known/openid-configuration";
 
 /// One key set, current and shared by every route that names it.
 pub struct JwksSource {
@@ -65,7 +88,29 @@ impl JwksSource {
         ca_pem: Option<String>,
         interval: Duration,
     ) -> Result<Arc<JwksSource>, JwksError> {
-        let target = Target::parse(&url)?;
+        Self::start(Locator::Url(Target::parse(&url)?), ca_pem, interval)
+    }
+
+    /// Like [`JwksSource::remote`], with the set's URL found through OIDC
+    /// discovery from `issuer` (found again when a fetch of it fails).
+    pub fn discovered(
+        issuer: &str,
+        ca_pem: Option<String>,
+        interval: Duration,
+    ) -> Result<Arc<JwksSource>, JwksError> {
+        let document = Target::parse(&format!("{}{DISCOVERY_PATH}", issuer.trim_end_matches('/')))?;
+        let locator = Locator::Discovery {
+            document,
+            issuer: issuer.to_string(),
+        };
+        Self::start(locator, ca_pem, interval)
+    }
+
+    fn start(
+        target: Locator,
+        ca_pem: Option<String>,
+        interval: Duration,
+    ) -> Result<Arc<JwksSource>, JwksError> {
         let tls = Arc::new(client_config(ca_pem.as_deref())?);
         let (tx, rx) = watch::channel(None);
         let refresh = Arc::new(Notify::new());
@@ -115,25 +160,27 @@ async fn fetch_loop(
     source: Weak<JwksSource>,
     tx: watch::Sender<Option<Arc<KeySet>>>,
     refresh: Arc<Notify>,
-    target: Target,
+    target: Locator,
     tls: Arc<rustls::ClientConfig>,
     interval: Duration,
 ) {
     let mut backoff = Duration::from_secs(1);
+    // With discovery: the jwks_uri found last, until a fetch of it fails.
+    let mut found: Option<Target> = None;
     loop {
         if source.strong_count() == 0 {
             return;
         }
-        let wait = match fetch(&target, tls.clone()).await {
+        let wait = match locate_and_fetch(&target, &mut found, tls.clone()).await {
             Ok(set) => {
-                tracing::debug!(url = %target.url, keys = set.keys.len(), "fetched JWKS");
+                tracing::debug!(url = %target.url(), keys = set.keys.len(), "fetched JWKS");
                 tx.send_replace(Some(Arc::new(set)));
                 backoff = Duration::from_secs(1);
                 interval
             }
             Err(e) => {
                 let kept = tx.borrow().is_some();
-                tracing::warn!(url = %target.url, error = %e, kept_last_good = kept, "JWKS fetch failed");
+                tracing::warn!(url = %target.url(), error = %e, kept_last_good = kept, "JWKS fetch failed");
                 backoff = (backoff * 2).min(Duration::from_secs(30));
                 // Until there is a set, try again soon; after, on schedule.
                 if kept {
@@ -218,7 +265,62 @@ fn client_config(ca_pem: Option<&str>) -> Result<rustls::ClientConfig, JwksError
         .with_no_client_auth())
 }
 
+async fn locate_and_fetch(
+    target: &Locator,
+    found: &mut Option<Target>,
+    tls: Arc<rustls::ClientConfig>,
+) -> Result<KeySet, JwksError> {
+    let (document, issuer) = match target {
+        Locator::Url(t) => return fetch(t, tls).await,
+        Locator::Discovery { document, issuer } => (document, issuer),
+    };
+    let jwks = match found.take() {
+        Some(t) => t,
+        None => discover(document, issuer, tls.clone()).await?,
+    };
+    let set = fetch(&jwks, tls).await?;
+    *found = Some(jwks);
+    Ok(set)
+}
+
+/// The `jwks_uri` of the discovery document, which must name `issuer`.
+async fn discover(
+    document: &Target,
+    issuer: &str,
+    tls: Arc<rustls::ClientConfig>,
+) -> Result<Target, JwksError> {
+    let bad = |message: String| JwksError::Discovery {
+        url: document.url.clone(),
+        message,
+    };
+    let body = get(document, tls).await?;
+    let doc: serde_json::Value =
+        serde_json::from_slice(&body).map_err(|e| bad(format!("not JSON: {e}")))?;
+    let named = doc.get("issuer").and_then(serde_json::Value::as_str);
+    // OpenID Connect Discovery 1.0, section 4.3: the document's issuer is
+    // the one it was fetched for, or its keys are not that issuer's.
+    if named.map(|n| n.trim_end_matches('/')) != Some(issuer.trim_end_matches('/')) {
+        return Err(bad(format!(
+            "names issuer {named:?}, not the route's {issuer:?}"
+        )));
+    }
+    let uri = doc
+        .get("jwks_uri")
+        .and_then(serde_json::Value::as_str)
+        .ok_or_else(|| bad("has no jwks_uri".into()))?;
+    Target::parse(uri).map_err(|_| bad(format!("jwks_uri {uri:?} is not an https:// URL")))
+}
+
 async fn fetch(t: &Target, tls: Arc<rustls::ClientConfig>) -> Result<KeySet, JwksError> {
+    let body = get(t, tls).await?;
+    KeySet::parse(&body).map_err(|message| JwksError::Parse {
+        url: t.url.clone(),
+        message,
+    })
+}
+
+/// The body of a 200 answer to GET `t` (at most [`MAX_JWKS_BYTES`]).
+async fn get(t: &Target, tls: Arc<rustls::ClientConfig>) -> Result<Bytes, JwksError> {
     let fail = |m: String| JwksError::Fetch {
         url: t.url.clone(),
         message: m,
@@ -266,10 +368,7 @@ async fn fetch(t: &Target, tls: Arc<rustls::ClientConfig>) -> Result<KeySet, Jwk
     })
     .await
     .map_err(|_| fail(format!("no answer within {FETCH_TIMEOUT:?}")))??;
-    KeySet::parse(&body).map_err(|message| JwksError::Parse {
-        url: t.url.clone(),
-        message,
-    })
+    Ok(body)
 }
 
 #[cfg(test)]

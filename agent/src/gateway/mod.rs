@@ -299,19 +299,26 @@ fn key_source(
         let set = jwt::KeySet::parse(text.as_bytes())?;
         return Ok(jwks::JwksSource::inline(set));
     }
-    let Some(url) = &j.jwks.url else {
-        return Err("no JWKS url or inline set".into());
-    };
     let interval = j
         .jwks
         .refresh_interval
         .as_deref()
         .and_then(|d| ironmesh_api::gateway::duration(d).ok())
         .unwrap_or(JWKS_REFRESH);
+    let url = match (&j.jwks.url, j.jwks.discovery) {
+        (Some(url), _) => url.clone(),
+        // One fetcher per issuer, apart from one of the same URL given.
+        (None, true) => format!("discovery:{}", j.issuer),
+        (None, false) => return Err("no JWKS url, inline set or discovery".into()),
+    };
     let key = (url.clone(), j.jwks.ca_cert.clone(), interval);
     let source = match used.get(&key).or_else(|| cache.get(&key)) {
         Some(s) => s.clone(),
-        None => jwks::JwksSource::remote(url.clone(), j.jwks.ca_cert.clone(), interval)
+        None if j.jwks.url.is_none() => {
+            jwks::JwksSource::discovered(&j.issuer, j.jwks.ca_cert.clone(), interval)
+                .map_err(|e| e.to_string())?
+        }
+        None => jwks::JwksSource::remote(url, j.jwks.ca_cert.clone(), interval)
             .map_err(|e| e.to_string())?,
     };
     used.insert(key, source.clone());
