@@ -545,6 +545,53 @@ fn keys_are_found_through_oidc_discovery_of_the_issuer_named_in_the_document() {
     });
 }
 
+#[test]
+fn http2_clients_are_served_and_the_backend_gets_the_host() {
+    let ns = Netns::new();
+    ns.run(async {
+        let hits = Arc::new(AtomicUsize::new(0));
+        let backend_addr = backend("stable", hits.clone()).await;
+        let port = free_port();
+        let gw_addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+        let mut registry = prometheus_client::registry::Registry::default();
+        let gateways = Gateways::new(Arc::new(GatewayMetrics::register(&mut registry)));
+        let route = json!({"parentRefs": [{"gateway": "edge"}], "hostnames": ["api.example.com"],
+            "rules": [{"backends": [{"service": "stable", "port": 80}]}]});
+        let errors = gateways
+            .apply(
+                Some(Ipv4Addr::LOCALHOST),
+                &[assignment(port, &[("web", route)])],
+                &[service("stable", backend_addr)],
+            )
+            .await;
+        assert!(errors.is_empty(), "{errors:?}");
+        // HTTP/2 with prior knowledge on the plaintext listener.
+        let tcp = tokio::net::TcpStream::connect(gw_addr).await.unwrap();
+        let (mut send, conn) = hyper::client::conn::http2::handshake(
+            hyper_util::rt::TokioExecutor::new(),
+            hyper_util::rt::TokioIo::new(tcp),
+        )
+        .await
+        .unwrap();
+        tokio::spawn(conn);
+        for i in 0..3 {
+            let req = http::Request::get(format!("http://api.example.com/items/{i}"))
+                .body(Full::new(Bytes::new()))
+                .unwrap();
+            let resp = send.send_request(req).await.unwrap();
+            assert_eq!(resp.status(), 200);
+            assert_eq!(resp.version(), http::Version::HTTP_2);
+            let body: Value =
+                serde_json::from_slice(&resp.into_body().collect().await.unwrap().to_bytes())
+                    .unwrap();
+            assert_eq!(body["backend"], "stable");
+            assert_eq!(body["path"], format!("/items/{i}"));
+            assert_eq!(body["headers"]["host"], "api.example.com");
+        }
+        assert_eq!(hits.load(Ordering::SeqCst), 3);
+    });
+}
+
 /// `wrk` output: (requests/s, p99 in ms, non-2xx count).
 fn wrk_figures(out: &str) -> (f64, f64, u64) {
     let rps = out

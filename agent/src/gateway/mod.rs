@@ -339,7 +339,7 @@ fn acceptor(chain_pem: &str, key_pem: &str) -> Result<tokio_rustls::TlsAcceptor,
         .with_no_client_auth()
         .with_single_cert(chain, key)
         .map_err(|e| e.to_string())?;
-    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(tokio_rustls::TlsAcceptor::from(Arc::new(cfg)))
 }
 
@@ -403,9 +403,10 @@ async fn serve_http<I>(
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
     let svc = hyper::service::service_fn(move |req| proxy::handle(shared.clone(), peer, req));
-    let conn = hyper::server::conn::http1::Builder::new()
-        .keep_alive(true)
-        .serve_connection(io, svc);
+    // HTTP/1.1, or HTTP/2 (ALPN h2 on TLS, prior knowledge on plaintext).
+    let builder =
+        hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+    let conn = builder.serve_connection(io, svc);
     tokio::pin!(conn);
     let stopping = *stop.borrow();
     if stopping {

@@ -496,6 +496,17 @@ async fn route_request(
             "unusable request target",
         );
     };
+    // An HTTP/2 client names the host in :authority; the backend speaks
+    // HTTP/1.1 and needs it in Host.
+    if !parts.headers.contains_key(header::HOST) {
+        if let Some(v) = parts
+            .uri
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+        {
+            parts.headers.insert(header::HOST, v);
+        }
+    }
     parts.uri = uri;
     parts.version = http::Version::HTTP_11;
     let resp = match tokio::time::timeout(rule.timeout, forward(shared, rule, parts, body, finish))
