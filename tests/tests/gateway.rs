@@ -246,9 +246,22 @@ fn jwt_at_the_edge_and_a_canary_through_services() {
     let key = Signer::new();
     let jwks = json!({"keys": [key.jwk("k1")]}).to_string();
     let (issuer_addr, issuer_ca) = issuer(IpAddr::V4(ctl.net.gateway()), jwks);
+    // The HTTPS listener serves the operator's own certificate, from a
+    // TLS Secret.
+    let site_key = rcgen::KeyPair::generate().unwrap();
+    let site_cert = rcgen::CertificateParams::new(vec!["api.example.com".to_string()])
+        .unwrap()
+        .self_signed(&site_key)
+        .unwrap();
+    let secret = json!({"apiVersion": "ironmesh.dev/v1", "kind": "Secret", "metadata": {"name": "edge-cert"},
+        "spec": {"type": "TLS", "data": {"tls.crt": site_cert.pem(), "tls.key": site_key.serialize_pem()}}});
+    ctl.apply_yaml(&secret.to_string());
     let gateway = json!({"apiVersion": "ironmesh.dev/v1", "kind": "Gateway", "metadata": {"name": "edge"},
         "spec": {"nodeSelector": {"ironmesh.dev/hostname": "edge"},
-                 "listeners": [{"name": "web", "port": LISTEN_PORT}]}});
+                 "listeners": [{"name": "web", "port": LISTEN_PORT},
+                               {"name": "tls", "port": LISTEN_PORT + 1, "protocol": "HTTPS",
+                                "hostnames": ["api.example.com"],
+                                "tls": {"issuer": "Secret", "secretName": "edge-cert"}}]}});
     let orders = json!({"apiVersion": "ironmesh.dev/v1", "kind": "HTTPRoute", "metadata": {"name": "orders"},
         "spec": {"parentRefs": [{"gateway": "edge"}], "hostnames": ["api.example.com"],
             "jwt": {"issuer": ISSUER, "audiences": ["orders"],
@@ -368,6 +381,59 @@ fn jwt_at_the_edge_and_a_canary_through_services() {
         "orders-next served {} of 1000",
         counted.1
     );
+
+    // HTTPS with the Secret's certificate, trusted as the client's own root.
+    let ca_file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(ca_file.path(), site_cert.pem()).unwrap();
+    let url = format!("https://api.example.com:{}/healthz", LISTEN_PORT + 1);
+    let resolve = format!("api.example.com:{}:{}", LISTEN_PORT + 1, edge.host.addr);
+    let https = wait_for(
+        "the HTTPS listener answers",
+        Duration::from_secs(30),
+        || {
+            let out = std::process::Command::new("ip")
+                .args([
+                    "netns",
+                    "exec",
+                    &client.netns,
+                    "curl",
+                    "-sS",
+                    "--max-time",
+                    "5",
+                ])
+                .args([
+                    "--cacert",
+                    ca_file.path().to_str().unwrap(),
+                    "--resolve",
+                    &resolve,
+                ])
+                .args([
+                    "-o",
+                    "/dev/null",
+                    "-w",
+                    "%{http_code} %{http_version}",
+                    &url,
+                ])
+                .output()
+                .unwrap();
+            let text = String::from_utf8_lossy(&out.stdout).to_string();
+            text.starts_with("200").then_some(text)
+        },
+    );
+    // curl offers h2 over ALPN, and the listener takes it.
+    assert!(https.ends_with(" 2"), "{https}");
+
+    // Gateway.status: who serves it and what is attached.
+    let st = wait_for("the Gateway's status", Duration::from_secs(30), || {
+        let g = ctl.imctl_json(&["get", "gateway", "edge"]);
+        (g.pointer("/status/nodes") == Some(&json!(["edge"]))).then_some(g)
+    });
+    assert_eq!(
+        st["status"]["attachedRoutes"],
+        json!({"web": 2, "tls": 2}),
+        "{st}"
+    );
+    assert!(st["status"].get("problems").is_none(), "{st}");
     drop(worker);
     drop(edge);
 }
