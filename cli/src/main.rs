@@ -18,6 +18,7 @@ mod output;
 mod pipeline;
 mod registry;
 mod registry_client;
+mod secret;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -128,6 +129,11 @@ enum Command {
     Node {
         #[command(subcommand)]
         command: node::NodeCommand,
+    },
+    /// Make a Secret from files or literals and apply it (role admin).
+    Secret {
+        #[command(subcommand)]
+        command: secret::SecretCommand,
     },
     /// Run pipelines and look at their runs.
     Pipeline {
@@ -442,6 +448,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Image { command } => image::run(&cfg, command, status_err).await?,
         Command::Node { command } => node::run(&cfg, command, status_err).await?,
         Command::Pipeline { command } => pipeline::run(&cfg, command, status_err).await?,
+        Command::Secret { command } => secret::run(&cfg, command, status_err).await?,
         Command::Registry { command } => registry::run(&cfg, command, status_err).await?,
         Command::Token { command } => access::tokens(&cfg, command).await?,
         Command::Operator { command } => access::operators(&cfg, command).await?,

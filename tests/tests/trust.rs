@@ -313,6 +313,18 @@ fn secrets_are_sealed_at_rest_and_their_values_shown_only_to_an_admin() {
     assert!(out.contains("secrets/db created"), "{out}");
     let out = ok(apply(&ctl.admin_config()), "admin applies it again");
     assert!(out.contains("secrets/db unchanged"), "{out}");
+    // The same from the command line, without a manifest on disk.
+    let out = ok(
+        ctl.imctl(&[
+            "secret",
+            "generic",
+            "db",
+            "--from-literal",
+            &format!("password={VALUE}"),
+        ]),
+        "imctl secret generic",
+    );
+    assert!(out.contains("secrets/db unchanged"), "{out}");
 
     // get, list and the table show names and sizes, never the value.
     let table = ok(ctl.imctl(&["get", "secrets"]), "get secrets");
