@@ -24,7 +24,10 @@ pub async fn run(
     if url_only {
         println!("{}", r.url);
     } else {
-        println!("Open this URL in a browser (it works once, until {}):", crate::ui::when(r.expires_unix));
+        println!(
+            "Open this URL in a browser (it works once, until {}):",
+            crate::ui::when(r.expires_unix)
+        );
         println!("{}", r.url);
         eprintln!("The page uses the controller's certificate, signed by the cluster CA; trust that CA or accept the warning.");
     }
@@ -35,6 +38,9 @@ pub async fn run(
 pub fn when(unix: i64) -> String {
     time::OffsetDateTime::from_unix_timestamp(unix)
         .ok()
-        .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
         .unwrap_or_else(|| unix.to_string())
 }

@@ -11,12 +11,12 @@ use std::time::{Duration, Instant};
 
 use axum::body::Body;
 use axum::http::Request;
+use ironmesh_api::Kind;
 use ironmesh_controller::authz::{Caller, Role};
 use ironmesh_controller::resources::key;
 use ironmesh_controller::store::embedded::EmbeddedStore;
 use ironmesh_controller::store::{Op, Store, Txn};
 use ironmesh_controller::ui::{auth::Auth, Ui};
-use ironmesh_api::Kind;
 use ironmesh_proto::v1::FlowRecord;
 use serde_json::json;
 use tower::ServiceExt;
@@ -100,7 +100,13 @@ async fn seed(store: &Arc<dyn Store>) {
                 value: serde_json::to_vec(v).unwrap_or_default(),
             })
             .collect();
-        if let Err(e) = store.txn(Txn { compares: vec![], ops }).await {
+        if let Err(e) = store
+            .txn(Txn {
+                compares: vec![],
+                ops,
+            })
+            .await
+        {
             panic!("seeding the store failed: {e}");
         }
     }
@@ -160,10 +166,15 @@ async fn main() {
         Err(e) => panic!("cache: {e}"),
     };
     let rev = store.revision().await.unwrap_or(0);
-    assert!(cache.synced(rev, Duration::from_secs(60)).await, "cache caught up");
-    let resources =
-        ironmesh_controller::resources::Resources::new(store.clone()).with_cache(cache);
-    let images = match ironmesh_controller::images::ImageStore::open(dir.path().join("images"), store.clone()) {
+    assert!(
+        cache.synced(rev, Duration::from_secs(60)).await,
+        "cache caught up"
+    );
+    let resources = ironmesh_controller::resources::Resources::new(store.clone()).with_cache(cache);
+    let images = match ironmesh_controller::images::ImageStore::open(
+        dir.path().join("images"),
+        store.clone(),
+    ) {
         Ok(i) => i,
         Err(e) => panic!("images: {e}"),
     };
@@ -189,7 +200,10 @@ async fn main() {
     for (path, label) in [
         ("/", "overview"),
         ("/map", "service map"),
-        ("/map?verdict=dropped&workload=w005&port=8080", "service map (filtered)"),
+        (
+            "/map?verdict=dropped&workload=w005&port=8080",
+            "service map (filtered)",
+        ),
         ("/nodes", "nodes (page 1 of 10)"),
         ("/nodes?page=10", "nodes (page 10)"),
         ("/instances", "instances (page 1 of 100)"),

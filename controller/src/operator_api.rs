@@ -19,12 +19,12 @@ use ironmesh_proto::v1::{
     ApplyResult, CollectImageGarbageRequest, CollectImageGarbageResponse, CreateJoinTokenRequest,
     CreateJoinTokenResponse, CreateOperatorRequest, CreateOperatorResponse,
     CreateRegistryCredentialRequest, CreateRegistryCredentialResponse, CreateUiLoginRequest,
-    CreateUiLoginResponse, DeleteJoinTokenRequest,
-    DeleteJoinTokenResponse, DeleteRequest, DeleteResponse, GetRequest, JoinToken,
-    ListImagesRequest, ListImagesResponse, ListJoinTokensRequest, ListJoinTokensResponse,
-    ListOperatorsRequest, ListOperatorsResponse, ListRequest, ListResponse, LogsChunk, LogsRequest,
-    OperatorInfo, RemoveImageRequest, RemoveImageResponse, Resource, RevokeOperatorRequest,
-    RevokeOperatorResponse, WatchEvent, WatchRequest,
+    CreateUiLoginResponse, DeleteJoinTokenRequest, DeleteJoinTokenResponse, DeleteRequest,
+    DeleteResponse, GetRequest, JoinToken, ListImagesRequest, ListImagesResponse,
+    ListJoinTokensRequest, ListJoinTokensResponse, ListOperatorsRequest, ListOperatorsResponse,
+    ListRequest, ListResponse, LogsChunk, LogsRequest, OperatorInfo, RemoveImageRequest,
+    RemoveImageResponse, Resource, RevokeOperatorRequest, RevokeOperatorResponse, WatchEvent,
+    WatchRequest,
 };
 use tonic::{Request, Response, Status};
 

@@ -198,7 +198,8 @@ impl Traffic {
             while !s2.load(Ordering::Relaxed) {
                 let ns = netns.clone();
                 ironmesh_tests::netns::within(&ns, move || {
-                    let _ = std::net::TcpStream::connect_timeout(&target, Duration::from_millis(500));
+                    let _ =
+                        std::net::TcpStream::connect_timeout(&target, Duration::from_millis(500));
                 });
                 std::thread::sleep(Duration::from_millis(200));
             }
@@ -227,7 +228,11 @@ fn the_control_panel_in_a_browser() {
     agent.wait_ready(&ctl, Duration::from_secs(90));
     for image in ["records-server", "batch-step"] {
         let out = ctl.imctl(&["image", "push", images_dir().join(image).to_str().unwrap()]);
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     ctl.apply_yaml(
         "apiVersion: ironmesh.dev/v1
@@ -286,7 +291,11 @@ spec:
         "--out",
         viewer.to_str().unwrap(),
     ]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     let driver = Chromedriver::start(&ctl.dir.path().join("chromedriver.log"));
     let rt = tokio::runtime::Runtime::new().unwrap();
@@ -310,12 +319,21 @@ async fn scenario(c: &Client, ctl: &Controller, viewer: &Path, netns: PathBuf, t
     // Sign in as admin with the one-time code.
     let url = sign_in_url(ctl, &ctl.admin_config());
     c.goto(&url).await.unwrap();
-    let who = c.find(Locator::Id("operator")).await.unwrap().text().await.unwrap();
+    let who = c
+        .find(Locator::Id("operator"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
     assert_eq!(who, "admin (admin)");
     // The code works once.
     c.delete_all_cookies().await.unwrap();
     c.goto(&url).await.unwrap();
-    assert!(c.source().await.unwrap().contains("Sign in to Ironmesh"), "a code is single-use");
+    assert!(
+        c.source().await.unwrap().contains("Sign in to Ironmesh"),
+        "a code is single-use"
+    );
     let url = sign_in_url(ctl, &ctl.admin_config());
     c.goto(&url).await.unwrap();
     assert!(exists(c, "#nodes-ready").await);
@@ -323,21 +341,35 @@ async fn scenario(c: &Client, ctl: &Controller, viewer: &Path, netns: PathBuf, t
 
     // The node appears Ready.
     c.goto(&format!("{base}/nodes")).await.unwrap();
-    until("ui-node Ready on the nodes page", Duration::from_secs(30), || async {
-        (attr(c, r#"tr[data-node="ui-node"]"#, "data-ready").await.as_deref() == Some("True"))
+    until(
+        "ui-node Ready on the nodes page",
+        Duration::from_secs(30),
+        || async {
+            (attr(c, r#"tr[data-node="ui-node"]"#, "data-ready")
+                .await
+                .as_deref()
+                == Some("True"))
             .then_some(())
-    })
+        },
+    )
     .await;
-    assert!(exists(c, r#"form[action="/nodes/ui-node/cordon"] button"#).await, "admin sees cordon");
+    assert!(
+        exists(c, r#"form[action="/nodes/ui-node/cordon"] button"#).await,
+        "admin sees cordon"
+    );
     shot(c, "nodes").await;
 
     // Traffic from client to api; the map's edge is allowed, then dropped.
     let traffic = Traffic::start(netns, target);
     c.goto(&format!("{base}/map")).await.unwrap();
     let edge = r#"#service-map g.edge[data-src="client"][data-dst="api"]"#;
-    until("an allowed client → api edge", Duration::from_secs(60), || async {
-        (attr(c, edge, "data-verdict").await.as_deref() == Some("allowed")).then_some(())
-    })
+    until(
+        "an allowed client → api edge",
+        Duration::from_secs(60),
+        || async {
+            (attr(c, edge, "data-verdict").await.as_deref() == Some("allowed")).then_some(())
+        },
+    )
     .await;
     shot(c, "map-allowed").await;
     ctl.apply_yaml(
@@ -353,22 +385,43 @@ spec:
 ",
     );
     // The page is not reloaded: the live update redraws the map.
-    until("the client → api edge turns dropped", Duration::from_secs(60), || async {
-        (attr(c, edge, "data-verdict").await.as_deref() == Some("dropped")).then_some(())
-    })
+    until(
+        "the client → api edge turns dropped",
+        Duration::from_secs(60),
+        || async {
+            (attr(c, edge, "data-verdict").await.as_deref() == Some("dropped")).then_some(())
+        },
+    )
     .await;
-    let dropped: u64 = attr(c, edge, "data-dropped").await.unwrap().parse().unwrap();
+    let dropped: u64 = attr(c, edge, "data-dropped")
+        .await
+        .unwrap()
+        .parse()
+        .unwrap();
     assert!(dropped >= 1);
     shot(c, "map-dropped").await;
     drop(traffic);
     // Filters: only dropped flows.
-    c.goto(&format!("{base}/map?verdict=dropped&workload=api&port=8080")).await.unwrap();
-    assert_eq!(attr(c, edge, "data-verdict").await.as_deref(), Some("dropped"));
+    c.goto(&format!(
+        "{base}/map?verdict=dropped&workload=api&port=8080"
+    ))
+    .await
+    .unwrap();
+    assert_eq!(
+        attr(c, edge, "data-verdict").await.as_deref(),
+        Some("dropped")
+    );
 
     // The policy matrix says so too.
     c.goto(&format!("{base}/policies")).await.unwrap();
     assert_eq!(
-        attr(c, r#"#policy-matrix td[data-src="client"][data-dst="api"]"#, "class").await.as_deref(),
+        attr(
+            c,
+            r#"#policy-matrix td[data-src="client"][data-dst="api"]"#,
+            "class"
+        )
+        .await
+        .as_deref(),
         Some("deny")
     );
     shot(c, "policies").await;
@@ -390,8 +443,14 @@ spec:
 
     // Forged POSTs from the admin's own session: no token, a wrong token.
     c.goto(&format!("{base}/pipelines")).await.unwrap();
-    assert_eq!(post_status(c, "/pipelines/orders-nightly/run", "").await, 403);
-    assert_eq!(post_status(c, "/pipelines/orders-nightly/run", "csrf=0000").await, 403);
+    assert_eq!(
+        post_status(c, "/pipelines/orders-nightly/run", "").await,
+        403
+    );
+    assert_eq!(
+        post_status(c, "/pipelines/orders-nightly/run", "csrf=0000").await,
+        403
+    );
     assert_eq!(post_status(c, "/nodes/ui-node/drain", "csrf=").await, 403);
 
     // Start the sample pipeline from its page and watch the run succeed.
@@ -403,11 +462,21 @@ spec:
     params.send_keys("DAY=2026-12-07").await.unwrap();
     run_button.click().await.unwrap();
     until("the run page", Duration::from_secs(20), || async {
-        c.current_url().await.ok().filter(|u| u.path().starts_with("/runs/")).map(|_| ())
+        c.current_url()
+            .await
+            .ok()
+            .filter(|u| u.path().starts_with("/runs/"))
+            .map(|_| ())
     })
     .await;
     shot(c, "run-started").await;
-    let run = c.current_url().await.unwrap().path().trim_start_matches("/runs/").to_string();
+    let run = c
+        .current_url()
+        .await
+        .unwrap()
+        .path()
+        .trim_start_matches("/runs/")
+        .to_string();
     let run_obj = ctl.imctl_json(&["get", "pipelinerun", &run]);
     assert_eq!(s(&run_obj, "/spec/parameters/DAY"), "2026-12-07");
     let phase = until("the run finishes", Duration::from_secs(300), || async {
@@ -417,12 +486,21 @@ spec:
     })
     .await;
     shot(c, "run").await;
-    assert_eq!(phase, "Succeeded", "{}", c.source().await.unwrap_or_default());
     assert_eq!(
-        attr(c, r#"#run-dag g.step[data-step="publish"]"#, "data-phase").await.as_deref(),
+        phase,
+        "Succeeded",
+        "{}",
+        c.source().await.unwrap_or_default()
+    );
+    assert_eq!(
+        attr(c, r#"#run-dag g.step[data-step="publish"]"#, "data-phase")
+            .await
+            .as_deref(),
         Some("Succeeded")
     );
-    c.goto(&format!("{base}/runs/{run}/logs?step=publish&index=0")).await.unwrap();
+    c.goto(&format!("{base}/runs/{run}/logs?step=publish&index=0"))
+        .await
+        .unwrap();
     shot(c, "run-logs").await;
     c.goto(&format!("{base}/pipelines")).await.unwrap();
     shot(c, "pipelines").await;
@@ -433,21 +511,42 @@ spec:
     // POST is refused.
     c.delete_all_cookies().await.unwrap();
     c.goto(&sign_in_url(ctl, viewer)).await.unwrap();
-    let who = c.find(Locator::Id("operator")).await.unwrap().text().await.unwrap();
+    let who = c
+        .find(Locator::Id("operator"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
     assert_eq!(who, "viewer (view)");
     c.goto(&format!("{base}/pipelines")).await.unwrap();
     assert!(exists(c, r#"tr[data-pipeline="orders-nightly"]"#).await);
-    assert!(!exists(c, "button[data-trigger]").await, "a view operator sees no trigger button");
+    assert!(
+        !exists(c, "button[data-trigger]").await,
+        "a view operator sees no trigger button"
+    );
     shot(c, "pipelines-view").await;
     c.goto(&format!("{base}/nodes")).await.unwrap();
-    assert!(!exists(c, "td.actions button").await, "a view operator sees no node buttons");
-    let token = attr(c, r#"meta[name="csrf-token"]"#, "content").await.unwrap();
+    assert!(
+        !exists(c, "td.actions button").await,
+        "a view operator sees no node buttons"
+    );
+    let token = attr(c, r#"meta[name="csrf-token"]"#, "content")
+        .await
+        .unwrap();
     assert_eq!(
         post_status(c, "/pipelines/orders-nightly/run", &format!("csrf={token}")).await,
         403
     );
-    assert_eq!(post_status(c, "/nodes/ui-node/cordon", &format!("csrf={token}")).await, 403);
+    assert_eq!(
+        post_status(c, "/nodes/ui-node/cordon", &format!("csrf={token}")).await,
+        403
+    );
     assert_eq!(post_status(c, "/nodes/ui-node/cordon", "").await, 403);
     let node = ctl.node("ui-node").unwrap();
-    assert_ne!(node.pointer("/spec/unschedulable"), Some(&Value::Bool(true)), "nothing changed");
+    assert_ne!(
+        node.pointer("/spec/unschedulable"),
+        Some(&Value::Bool(true)),
+        "nothing changed"
+    );
 }

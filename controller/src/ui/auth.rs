@@ -120,7 +120,8 @@ impl Auth {
                 g.codes.remove(&k);
             }
         }
-        g.codes.insert(digest(&code), (caller.clone(), now + CODE_TTL));
+        g.codes
+            .insert(digest(&code), (caller.clone(), now + CODE_TTL));
         let expires = crate::tokens::now_unix() + CODE_TTL.as_secs() as i64;
         (code, expires)
     }
@@ -214,7 +215,9 @@ mod tests {
     fn a_code_signs_in_once() {
         let auth = Auth::new("https://127.0.0.1:7444".into());
         let (code, _) = auth.issue_code(&admin());
-        assert!(auth.login_url(&code).ends_with(&format!("/login?code={code}")));
+        assert!(auth
+            .login_url(&code)
+            .ends_with(&format!("/login?code={code}")));
         let (id, s) = auth.exchange(&code).expect("first use");
         assert_eq!(s.operator, "alice");
         assert_eq!(s.role, Role::Admin);

@@ -360,7 +360,10 @@ mod tests {
         let svg = svg(&g).into_string();
         assert!(svg.contains(r#"class="edge dropped" data-src="client" data-dst="api""#));
         // Deterministic: the same input draws the same picture.
-        assert_eq!(svg, super::svg(&graph(&flows, &["db".to_string()], &Filter::default())).into_string());
+        assert_eq!(
+            svg,
+            super::svg(&graph(&flows, &["db".to_string()], &Filter::default())).into_string()
+        );
     }
 
     #[test]
@@ -378,7 +381,9 @@ mod tests {
             port: "80".into(),
             ..Filter::default()
         };
-        assert!(graph(&flows, &[], &f).edges.contains_key(&("a".into(), "b".into())));
+        assert!(graph(&flows, &[], &f)
+            .edges
+            .contains_key(&("a".into(), "b".into())));
         let f = Filter {
             workload: "d".into(),
             ..Filter::default()

@@ -213,28 +213,26 @@ pub fn feeds(ui: Arc<Ui>, shutdown: Shutdown) {
                 let store = ui.resources.store().clone();
                 let from = store.revision().await.unwrap_or(0);
                 match store.watch("/registry/", from).await {
-                    Ok(mut events) => {
-                        loop {
-                            let next = tokio::select! {
-                                e = events.next() => e,
-                                _ = shutdown.clone().wait() => return,
-                            };
-                            match next {
-                                Some(Ok(ev)) => {
-                                    if let Some(t) = topic_of(&ev.kv.key) {
-                                        if tx.send(t.to_string()).await.is_err() {
-                                            return;
-                                        }
+                    Ok(mut events) => loop {
+                        let next = tokio::select! {
+                            e = events.next() => e,
+                            _ = shutdown.clone().wait() => return,
+                        };
+                        match next {
+                            Some(Ok(ev)) => {
+                                if let Some(t) = topic_of(&ev.kv.key) {
+                                    if tx.send(t.to_string()).await.is_err() {
+                                        return;
                                     }
                                 }
-                                Some(Err(e)) => {
-                                    tracing::debug!(error = %e, "UI watch ended; watching again");
-                                    break;
-                                }
-                                None => break,
                             }
+                            Some(Err(e)) => {
+                                tracing::debug!(error = %e, "UI watch ended; watching again");
+                                break;
+                            }
+                            None => break,
                         }
-                    }
+                    },
                     Err(e) => tracing::debug!(error = %e, "UI cannot watch the store"),
                 }
                 tokio::time::sleep(Duration::from_secs(1)).await;

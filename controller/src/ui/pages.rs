@@ -58,7 +58,10 @@ fn percent_decode(s: &str) -> String {
         match b[i] {
             b'+' => out.push(b' '),
             b'%' => {
-                match (b.get(i + 1).and_then(|c| hex(*c)), b.get(i + 2).and_then(|c| hex(*c))) {
+                match (
+                    b.get(i + 1).and_then(|c| hex(*c)),
+                    b.get(i + 2).and_then(|c| hex(*c)),
+                ) {
                     (Some(h), Some(l)) => {
                         out.push((h * 16 + l) as u8);
                         i += 2;
@@ -353,7 +356,9 @@ pub async fn overview(ui: &Ui) -> Result<Markup, ResourceError> {
         })
         .await?;
     let mut workloads = 0usize;
-    ui.resources.scan(Kind::Workload, |_| workloads += 1).await?;
+    ui.resources
+        .scan(Kind::Workload, |_| workloads += 1)
+        .await?;
     let drops = ui.flows.recent(&FlowsRequest {
         verdict: "dropped".into(),
         limit: 10,
@@ -447,11 +452,7 @@ fn flow_table<'a>(flows: impl Iterator<Item = &'a FlowRecord>) -> Markup {
     }
 }
 
-pub async fn overview_page(
-    State(ui): State<Arc<Ui>>,
-    a: Authed,
-    headers: HeaderMap,
-) -> Response {
+pub async fn overview_page(State(ui): State<Arc<Ui>>, a: Authed, headers: HeaderMap) -> Response {
     match overview(&ui).await {
         Ok(body) => page(
             &a.session,
@@ -585,7 +586,15 @@ pub async fn nodes_page(
         } }
         (pager("/nodes", &p, total))
     };
-    page(&a.session, &headers, "Nodes", "/nodes", "nodes instances", body, None)
+    page(
+        &a.session,
+        &headers,
+        "Nodes",
+        "/nodes",
+        "nodes instances",
+        body,
+        None,
+    )
 }
 
 /// A usage bar (`meter`) of `used` out of `of`.
@@ -607,8 +616,14 @@ pub async fn node_action(
     body: axum::body::Bytes,
 ) -> Response {
     let form = Form::parse(&body);
-    let method = format!("Ui{}", action);
-    if let Err(r) = check_post(&a.session, &headers, &form, Action::Write(Kind::Node), &method) {
+    let method = format!("Ui{action}");
+    if let Err(r) = check_post(
+        &a.session,
+        &headers,
+        &form,
+        Action::Write(Kind::Node),
+        &method,
+    ) {
         return r;
     }
     let caller = a.session.caller();
@@ -626,7 +641,12 @@ pub async fn node_action(
     if !spec.is_object() {
         spec = json!({});
     }
-    let r = if spec.get("unschedulable").and_then(Value::as_bool).unwrap_or(false) != on {
+    let r = if spec
+        .get("unschedulable")
+        .and_then(Value::as_bool)
+        .unwrap_or(false)
+        != on
+    {
         spec["unschedulable"] = json!(on);
         apply_spec(&ui, Kind::Node, &node, spec, &method).await
     } else {
@@ -742,7 +762,15 @@ pub async fn workloads_page(
         } }
         (pager("/workloads", &p, total))
     };
-    page(&a.session, &headers, "Workloads", "/workloads", "workloads instances", body, None)
+    page(
+        &a.session,
+        &headers,
+        "Workloads",
+        "/workloads",
+        "workloads instances",
+        body,
+        None,
+    )
 }
 
 fn last_event(i: &Value) -> Markup {
@@ -814,7 +842,15 @@ pub async fn workload_page(
         h2 { "Instances" }
         (instances_table(&insts))
     };
-    page(&a.session, &headers, &format!("Workload {name}"), "/workloads", "workloads instances", body, None)
+    page(
+        &a.session,
+        &headers,
+        &format!("Workload {name}"),
+        "/workloads",
+        "workloads instances",
+        body,
+        None,
+    )
 }
 
 pub async fn instances_page(
@@ -843,7 +879,15 @@ pub async fn instances_page(
         (instances_table(&rows))
         (pager("/instances", &p, total))
     };
-    page(&a.session, &headers, "Instances", "/instances", "instances", body, None)
+    page(
+        &a.session,
+        &headers,
+        "Instances",
+        "/instances",
+        "instances",
+        body,
+        None,
+    )
 }
 
 /// The last `lines` lines of an instance's log, from its node.
@@ -873,7 +917,10 @@ async fn log_tail(ui: &Ui, instance: &str, lines: u32) -> String {
             }
         }
     };
-    if tokio::time::timeout(Duration::from_secs(3), collect).await.is_err() {
+    if tokio::time::timeout(Duration::from_secs(3), collect)
+        .await
+        .is_err()
+    {
         out.extend_from_slice(b"\n(the node did not answer in 3 s)");
     }
     String::from_utf8_lossy(&out).into_owned()
@@ -920,7 +967,15 @@ pub async fn instance_page(
             }
         })
     };
-    page(&a.session, &headers, &format!("Instance {name}"), "/instances", "instances", body, tail)
+    page(
+        &a.session,
+        &headers,
+        &format!("Instance {name}"),
+        "/instances",
+        "instances",
+        body,
+        tail,
+    )
 }
 
 /// New log output of an instance as SSE `log` events (the page's live
@@ -1018,7 +1073,15 @@ pub async fn map_page(
     Query(f): Query<Filter>,
 ) -> Response {
     match service_map(&ui, &f).await {
-        Ok(body) => page(&a.session, &headers, "Service map", "/map", "flows workloads", body, None),
+        Ok(body) => page(
+            &a.session,
+            &headers,
+            "Service map",
+            "/map",
+            "flows workloads",
+            body,
+            None,
+        ),
         Err(e) => unavailable(e),
     }
 }
@@ -1029,9 +1092,10 @@ pub async fn map_page(
 
 fn subset(selector: Option<&Value>, labels: &BTreeMap<String, String>) -> bool {
     match selector {
-        Some(Value::Object(m)) => m
-            .iter()
-            .all(|(k, v)| v.as_str().is_some_and(|v| labels.get(k).map(String::as_str) == Some(v))),
+        Some(Value::Object(m)) => m.iter().all(|(k, v)| {
+            v.as_str()
+                .is_some_and(|v| labels.get(k).map(String::as_str) == Some(v))
+        }),
         _ => true,
     }
 }
@@ -1062,13 +1126,13 @@ pub fn may_reach(
 ) -> (bool, String) {
     let mut why = Vec::new();
     let mut ok = true;
-    for (dir, me, peer, peers) in [
-        ("ingress", dst, src, "from"),
-        ("egress", src, dst, "to"),
-    ] {
+    for (dir, me, peer, peers) in [("ingress", dst, src, "from"), ("egress", src, dst, "to")] {
         let selecting: Vec<&Value> = policies
             .iter()
-            .filter(|p| subset(p.pointer("/spec/selector"), me) && p.pointer(&format!("/spec/{dir}")).is_some())
+            .filter(|p| {
+                subset(p.pointer("/spec/selector"), me)
+                    && p.pointer(&format!("/spec/{dir}")).is_some()
+            })
             .collect();
         if selecting.is_empty() {
             continue;
@@ -1083,7 +1147,10 @@ pub fn may_reach(
                     .filter(|r| {
                         let list = r.get(peers).and_then(Value::as_array);
                         list.is_none_or(|l| l.is_empty())
-                            || list.into_iter().flatten().any(|x| subset(x.get("selector"), peer))
+                            || list
+                                .into_iter()
+                                .flatten()
+                                .any(|x| subset(x.get("selector"), peer))
                     })
                     .map(|r| format!("{} ({dir}, {})", s(p, "/metadata/name"), rule_ports(r)))
                     .collect::<Vec<_>>()
@@ -1109,15 +1176,14 @@ pub fn may_reach(
     (ok, why.join("; "))
 }
 
-pub async fn policies_page(
-    State(ui): State<Arc<Ui>>,
-    a: Authed,
-    headers: HeaderMap,
-) -> Response {
+pub async fn policies_page(State(ui): State<Arc<Ui>>, a: Authed, headers: HeaderMap) -> Response {
     let mut policies = Vec::new();
     let mut workloads: Vec<(String, BTreeMap<String, String>)> = Vec::new();
     let mut total = 0usize;
-    let r1 = ui.resources.scan(Kind::Policy, |o| policies.push(o.object.clone())).await;
+    let r1 = ui
+        .resources
+        .scan(Kind::Policy, |o| policies.push(o.object.clone()))
+        .await;
     let r2 = ui
         .resources
         .scan(Kind::Workload, |o| {
@@ -1161,7 +1227,15 @@ pub async fn policies_page(
             } }
         } }
     };
-    page(&a.session, &headers, "Policies", "/policies", "policies workloads", body, None)
+    page(
+        &a.session,
+        &headers,
+        "Policies",
+        "/policies",
+        "policies workloads",
+        body,
+        None,
+    )
 }
 
 // ---------------------------------------------------------------------------
@@ -1176,7 +1250,10 @@ pub async fn pipelines_page(
 ) -> Response {
     let mut pipelines = Vec::new();
     let mut runs = Vec::new();
-    let r1 = ui.resources.scan(Kind::Pipeline, |o| pipelines.push(o.object.clone())).await;
+    let r1 = ui
+        .resources
+        .scan(Kind::Pipeline, |o| pipelines.push(o.object.clone()))
+        .await;
     let r2 = ui
         .resources
         .scan(Kind::PipelineRun, |o| {
@@ -1233,7 +1310,15 @@ pub async fn pipelines_page(
         } }
         (pager("/pipelines", &p, total))
     };
-    page(&a.session, &headers, "Pipelines", "/pipelines", "pipelines pipelineruns", body, None)
+    page(
+        &a.session,
+        &headers,
+        "Pipelines",
+        "/pipelines",
+        "pipelines pipelineruns",
+        body,
+        None,
+    )
 }
 
 /// `<pipeline>-<5 random characters>`, at most 63 characters.
@@ -1258,11 +1343,22 @@ pub async fn pipeline_run(
 ) -> Response {
     let form = Form::parse(&body);
     let method = "UiPipelineRun";
-    if let Err(r) = check_post(&a.session, &headers, &form, Action::Write(Kind::PipelineRun), method) {
+    if let Err(r) = check_post(
+        &a.session,
+        &headers,
+        &form,
+        Action::Write(Kind::PipelineRun),
+        method,
+    ) {
         return r;
     }
     let mut parameters = BTreeMap::new();
-    for line in form.get("params").lines().map(str::trim).filter(|l| !l.is_empty()) {
+    for line in form
+        .get("params")
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+    {
         match line.split_once('=') {
             Some((k, v)) => {
                 parameters.insert(k.trim().to_string(), v.to_string());
@@ -1277,7 +1373,12 @@ pub async fn pipeline_run(
     }
     match ui.resources.get(Kind::Pipeline, &pipeline).await {
         Ok(Some(_)) => {}
-        Ok(None) => return failed(StatusCode::NOT_FOUND, &format!("pipeline {pipeline} not found")),
+        Ok(None) => {
+            return failed(
+                StatusCode::NOT_FOUND,
+                &format!("pipeline {pipeline} not found"),
+            )
+        }
         Err(e) => return unavailable(e),
     }
     let name = run_name(&pipeline);
@@ -1310,7 +1411,13 @@ pub async fn run_cancel(
 ) -> Response {
     let form = Form::parse(&body);
     let method = "UiPipelineCancel";
-    if let Err(r) = check_post(&a.session, &headers, &form, Action::Write(Kind::PipelineRun), method) {
+    if let Err(r) = check_post(
+        &a.session,
+        &headers,
+        &form,
+        Action::Write(Kind::PipelineRun),
+        method,
+    ) {
         return r;
     }
     let v = match ui.resources.get(Kind::PipelineRun, &run).await {
@@ -1353,7 +1460,10 @@ pub fn dag_svg(steps: &[(String, Vec<String>)], status: &Value) -> Markup {
     for (name, _) in steps {
         let d = depth.get(name.as_str()).copied().unwrap_or(0);
         let row = rows_in.entry(d).or_default();
-        pos.insert(name.as_str(), (20.0 + d as f64 * 200.0, 20.0 + *row as f64 * 90.0));
+        pos.insert(
+            name.as_str(),
+            (20.0 + d as f64 * 200.0, 20.0 + *row as f64 * 90.0),
+        );
         *row += 1;
     }
     let w = 40.0 + (depth.values().max().copied().unwrap_or(0) + 1) as f64 * 200.0;
@@ -1464,7 +1574,15 @@ pub async fn run_page(
             } }
         } }
     };
-    page(&a.session, &headers, &format!("Run {run}"), "/pipelines", "pipelineruns instances", body, None)
+    page(
+        &a.session,
+        &headers,
+        &format!("Run {run}"),
+        "/pipelines",
+        "pipelineruns instances",
+        body,
+        None,
+    )
 }
 
 #[derive(serde::Deserialize)]
@@ -1493,7 +1611,12 @@ pub async fn run_logs_page(
         .into_iter()
         .flatten()
         .filter(|st| s(st, "/name") == q.step)
-        .flat_map(|st| st.get("indexes").and_then(Value::as_array).into_iter().flatten())
+        .flat_map(|st| {
+            st.get("indexes")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+        })
         .find(|ix| n(ix, "/index") == q.index)
         .map(|ix| s(ix, "/instance").to_string())
         .unwrap_or_default();
@@ -1507,7 +1630,15 @@ pub async fn run_logs_page(
         p { a href=(format!("/runs/{run}")) { "← Run " (run) } @if !instance.is_empty() { " · instance " a href=(format!("/instances/{instance}")) { (instance) } } }
         pre #step-log tabindex="0" { (text) }
     };
-    page(&a.session, &headers, &format!("Logs of {run}"), "/pipelines", "", body, None)
+    page(
+        &a.session,
+        &headers,
+        &format!("Logs of {run}"),
+        "/pipelines",
+        "",
+        body,
+        None,
+    )
 }
 
 // ---------------------------------------------------------------------------
@@ -1578,14 +1709,12 @@ pub async fn volumes_page(
         } }
         (pager("/volumes", &p, total))
     };
-    page(&a.session, &headers, "Volumes", "/volumes", "volumes", body, None)
+    page(
+        &a.session, &headers, "Volumes", "/volumes", "volumes", body, None,
+    )
 }
 
-pub async fn charts_page(
-    State(ui): State<Arc<Ui>>,
-    a: Authed,
-    headers: HeaderMap,
-) -> Response {
+pub async fn charts_page(State(ui): State<Arc<Ui>>, a: Authed, headers: HeaderMap) -> Response {
     let series = ui.rates.series(now_minute());
     let col = |f: fn(&map::Minute) -> u64| series.iter().map(f).collect::<Vec<_>>();
     let body = html! {
@@ -1598,7 +1727,9 @@ pub async fn charts_page(
             (map::sparkline("Bytes", "other", &col(|m| m.bytes)))
         }
     };
-    page(&a.session, &headers, "Charts", "/charts", "flows", body, None)
+    page(
+        &a.session, &headers, "Charts", "/charts", "flows", body, None,
+    )
 }
 
 #[cfg(test)]
@@ -1627,7 +1758,10 @@ mod tests {
         let (ok, why) = may_reach(&[deny.clone()], &client, &api);
         assert!(!ok, "{why}");
         assert!(why.contains("api-readers"), "{why}");
-        assert!(may_reach(&[deny.clone()], &api, &client).0, "api → client unaffected");
+        assert!(
+            may_reach(&[deny.clone()], &api, &client).0,
+            "api → client unaffected"
+        );
         let allow = json!({"metadata": {"name": "a"}, "spec": {"selector": {"app": "api"},
             "ingress": [{"from": [{"selector": {"team": "analytics"}}]}]}});
         assert!(may_reach(&[deny.clone(), allow], &client, &api).0);
@@ -1637,9 +1771,15 @@ mod tests {
 
     #[test]
     fn paging_is_bounded() {
-        let p = Paging { page: Some(0), limit: Some(100_000) };
+        let p = Paging {
+            page: Some(0),
+            limit: Some(100_000),
+        };
         assert_eq!((p.page(), p.limit(), p.offset()), (1, MAX_LIMIT, 0));
-        let p = Paging { page: Some(3), limit: None };
+        let p = Paging {
+            page: Some(3),
+            limit: None,
+        };
         assert_eq!(p.offset(), 200);
     }
 
@@ -1652,8 +1792,14 @@ mod tests {
         ];
         let status = json!({"steps": [{"name": "extract", "phase": "Succeeded", "indexes": [{"index": 0, "phase": "Succeeded"}]}]});
         let svg = dag_svg(&steps, &status).into_string();
-        assert!(svg.contains(r#"data-step="extract" data-phase="Succeeded""#), "{svg}");
-        assert!(svg.contains(r#"data-step="publish" data-phase="Pending""#), "{svg}");
+        assert!(
+            svg.contains(r#"data-step="extract" data-phase="Succeeded""#),
+            "{svg}"
+        );
+        assert!(
+            svg.contains(r#"data-step="publish" data-phase="Pending""#),
+            "{svg}"
+        );
         assert_eq!(svg.matches("<line").count(), 2);
     }
 }
