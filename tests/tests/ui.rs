@@ -436,7 +436,11 @@ spec:
         c.goto(&format!("{base}{page}")).await.unwrap();
         shot(c, name).await;
     }
-    let first = c.find(Locator::Css("#instances tbody th a")).await.unwrap();
+    c.goto(&format!("{base}/instances")).await.unwrap();
+    let first = c
+        .find(Locator::Css(r#"#instances tbody tr[data-phase="Running"] th a"#))
+        .await
+        .unwrap();
     first.click().await.unwrap();
     assert!(exists(c, "pre#log").await);
     shot(c, "instance").await;

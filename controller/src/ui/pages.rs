@@ -956,17 +956,17 @@ pub async fn instance_page(
             } }
         }
     };
-    let tail = if fragment(&headers) {
-        None
-    } else {
-        let text = log_tail(&ui, &name, 200).await;
-        Some(html! {
+    // The live tail (ui.js) fills it from the log stream: the last 200
+    // lines, then new output as the node sends it.
+    let tail = (!fragment(&headers)).then(|| {
+        html! {
             section.logs aria-label="Log" {
                 h2 { "Log (live)" }
-                pre #log data-log-stream=(format!("/instances/{name}/log-stream")) tabindex="0" { (text) }
+                pre #log data-log-stream=(format!("/instances/{name}/log-stream")) tabindex="0" {}
+                noscript { p { a href=(format!("/instances/{name}/log-stream")) { "The log as an event stream" } } }
             }
-        })
-    };
+        }
+    });
     page(
         &a.session,
         &headers,
@@ -988,12 +988,10 @@ pub async fn instance_log_stream(
     let req = LogsRequest {
         instance: name,
         follow: true,
-        tail_lines: 0,
+        tail_lines: 200,
     };
     match ui.logs.open(&ui.resources, req).await {
         Ok(s) => {
-            // The tail so far is on the page already: skip what the node
-            // sends first? It sends history only when tail_lines > 0.
             let events = s.map(|c| {
                 Ok::<_, std::convert::Infallible>(match c {
                     Ok(c) => Event::default()
