@@ -45,7 +45,7 @@ fn node(i: usize) -> serde_json::Value {
 fn workload(w: usize) -> serde_json::Value {
     json!({
         "apiVersion": "ironmesh.dev/v1", "kind": "Workload",
-        "metadata": {"name": format!("w{w:03}"), "labels": {"app": format!("w{w:03}"), "tier": if w % 2 == 0 { "web" } else { "db" }}},
+        "metadata": {"name": format!("w{w:03}"), "labels": {"app": format!("w{w:03}"), "tier": if w.is_multiple_of(2) { "web" } else { "db" }}},
         "spec": {"image": "ironmesh/records-server:dev", "replicas": INSTANCES / WORKLOADS,
                  "resources": {"cpu": "100m", "memory": "64Mi"}},
         "status": {"replicas": INSTANCES / WORKLOADS, "readyReplicas": INSTANCES / WORKLOADS},
@@ -69,7 +69,7 @@ fn instance(i: usize) -> serde_json::Value {
                    "ip": format!("10.{}.{}.{}", 100 + (i % NODES) / 256, (i % NODES) % 256, 2 + i / NODES),
                    "events": [
                        {"type": "Normal", "reason": "Scheduled", "message": "placed", "time": format!("2026-12-07T20:{:02}:{:02}Z", (i / 60) % 60, i % 60), "count": 1},
-                       {"type": if i % 13 == 0 { "Warning" } else { "Normal" }, "reason": "Started", "message": "container started", "time": format!("2026-12-07T21:{:02}:{:02}Z", (i / 60) % 60, i % 60), "count": 1},
+                       {"type": if i.is_multiple_of(13) { "Warning" } else { "Normal" }, "reason": "Started", "message": "container started", "time": format!("2026-12-07T21:{:02}:{:02}Z", (i / 60) % 60, i % 60), "count": 1},
                    ]},
     })
 }

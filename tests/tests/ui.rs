@@ -124,6 +124,39 @@ where
     }
 }
 
+/// Whether the browser shows one of our pages (not Chromium's error page:
+/// test hosts come and go on this machine, and Chromium aborts a load on
+/// such a network change with ERR_NETWORK_CHANGED).
+async fn page_ok(c: &Client) -> bool {
+    c.current_url().await.is_ok_and(|u| u.scheme() == "https") && exists(c, "main").await
+}
+
+/// Navigates to `url`, again if the load was aborted.
+async fn open(c: &Client, url: &str) {
+    for attempt in 1..=8u64 {
+        let _ = c.goto(url).await;
+        if page_ok(c).await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(250 * attempt)).await;
+    }
+    panic!("could not open {url}");
+}
+
+/// Signs in as the operator of `config` with a fresh code (a new one if
+/// the load was aborted: the old one may have been used); returns the URL.
+async fn sign_in(c: &Client, ctl: &Controller, config: &Path) -> String {
+    for attempt in 1..=5u64 {
+        let url = sign_in_url(ctl, config);
+        let _ = c.goto(&url).await;
+        if page_ok(c).await && exists(c, "#operator").await {
+            return url;
+        }
+        tokio::time::sleep(Duration::from_millis(250 * attempt)).await;
+    }
+    panic!("could not sign in");
+}
+
 /// The attribute of the first element matching `css`, if there is one.
 async fn attr(c: &Client, css: &str, name: &str) -> Option<String> {
     let e = c.find(Locator::Css(css)).await.ok()?;
@@ -139,6 +172,16 @@ async fn exists(c: &Client, css: &str) -> bool {
 
 /// `fetch` POST from the page (same origin, with its cookie) → status.
 async fn post_status(c: &Client, path: &str, body: &str) -> u64 {
+    for _ in 0..5 {
+        match post_once(c, path, body).await {
+            0 => tokio::time::sleep(Duration::from_millis(300)).await,
+            status => return status,
+        }
+    }
+    panic!("POST {path} did not complete");
+}
+
+async fn post_once(c: &Client, path: &str, body: &str) -> u64 {
     let v = c
         .execute(
             "const p = arguments[0], b = arguments[1];
@@ -147,9 +190,8 @@ async fn post_status(c: &Client, path: &str, body: &str) -> u64 {
                .then(r => r.status);",
             vec![json!(path), json!(body)],
         )
-        .await
-        .expect("fetch ran");
-    v.as_u64().unwrap_or(0)
+        .await;
+    v.ok().and_then(|v| v.as_u64()).unwrap_or(0)
 }
 
 fn sign_in_url(ctl: &Controller, config: &Path) -> String {
@@ -311,14 +353,13 @@ async fn scenario(c: &Client, ctl: &Controller, viewer: &Path, netns: PathBuf, t
     let base = format!("https://{}", ctl.ui);
 
     // Unauthenticated: nothing but the sign-in page.
-    c.goto(&format!("{base}/nodes")).await.unwrap();
+    open(c, &format!("{base}/nodes")).await;
     let body = c.source().await.unwrap();
     assert!(body.contains("Sign in to Ironmesh"), "{body}");
     assert!(!body.contains("ui-node"), "no data before sign-in");
 
     // Sign in as admin with the one-time code.
-    let url = sign_in_url(ctl, &ctl.admin_config());
-    c.goto(&url).await.unwrap();
+    let url = sign_in(c, ctl, &ctl.admin_config()).await;
     let who = c
         .find(Locator::Id("operator"))
         .await
@@ -329,18 +370,17 @@ async fn scenario(c: &Client, ctl: &Controller, viewer: &Path, netns: PathBuf, t
     assert_eq!(who, "admin (admin)");
     // The code works once.
     c.delete_all_cookies().await.unwrap();
-    c.goto(&url).await.unwrap();
+    open(c, &url).await;
     assert!(
         c.source().await.unwrap().contains("Sign in to Ironmesh"),
         "a code is single-use"
     );
-    let url = sign_in_url(ctl, &ctl.admin_config());
-    c.goto(&url).await.unwrap();
+    sign_in(c, ctl, &ctl.admin_config()).await;
     assert!(exists(c, "#nodes-ready").await);
     shot(c, "overview").await;
 
     // The node appears Ready.
-    c.goto(&format!("{base}/nodes")).await.unwrap();
+    open(c, &format!("{base}/nodes")).await;
     until(
         "ui-node Ready on the nodes page",
         Duration::from_secs(30),
@@ -361,7 +401,7 @@ async fn scenario(c: &Client, ctl: &Controller, viewer: &Path, netns: PathBuf, t
 
     // Traffic from client to api; the map's edge is allowed, then dropped.
     let traffic = Traffic::start(netns, target);
-    c.goto(&format!("{base}/map")).await.unwrap();
+    open(c, &format!("{base}/map")).await;
     let edge = r#"#service-map g.edge[data-src="client"][data-dst="api"]"#;
     until(
         "an allowed client → api edge",
@@ -402,18 +442,18 @@ spec:
     shot(c, "map-dropped").await;
     drop(traffic);
     // Filters: only dropped flows.
-    c.goto(&format!(
-        "{base}/map?verdict=dropped&workload=api&port=8080"
-    ))
-    .await
-    .unwrap();
+    open(
+        c,
+        &format!("{base}/map?verdict=dropped&workload=api&port=8080"),
+    )
+    .await;
     assert_eq!(
         attr(c, edge, "data-verdict").await.as_deref(),
         Some("dropped")
     );
 
     // The policy matrix says so too.
-    c.goto(&format!("{base}/policies")).await.unwrap();
+    open(c, &format!("{base}/policies")).await;
     assert_eq!(
         attr(
             c,
@@ -433,12 +473,14 @@ spec:
         ("/images", "images"),
         ("/charts", "charts"),
     ] {
-        c.goto(&format!("{base}{page}")).await.unwrap();
+        open(c, &format!("{base}{page}")).await;
         shot(c, name).await;
     }
-    c.goto(&format!("{base}/instances")).await.unwrap();
+    open(c, &format!("{base}/instances")).await;
     let first = c
-        .find(Locator::Css(r#"#instances tbody tr[data-phase="Running"] th a"#))
+        .find(Locator::Css(
+            r#"#instances tbody tr[data-phase="Running"] th a"#,
+        ))
         .await
         .unwrap();
     first.click().await.unwrap();
@@ -446,7 +488,7 @@ spec:
     shot(c, "instance").await;
 
     // Forged POSTs from the admin's own session: no token, a wrong token.
-    c.goto(&format!("{base}/pipelines")).await.unwrap();
+    open(c, &format!("{base}/pipelines")).await;
     assert_eq!(
         post_status(c, "/pipelines/orders-nightly/run", "").await,
         403
@@ -502,19 +544,17 @@ spec:
             .as_deref(),
         Some("Succeeded")
     );
-    c.goto(&format!("{base}/runs/{run}/logs?step=publish&index=0"))
-        .await
-        .unwrap();
+    open(c, &format!("{base}/runs/{run}/logs?step=publish&index=0")).await;
     shot(c, "run-logs").await;
-    c.goto(&format!("{base}/pipelines")).await.unwrap();
+    open(c, &format!("{base}/pipelines")).await;
     shot(c, "pipelines").await;
-    c.goto(&format!("{base}/volumes")).await.unwrap();
+    open(c, &format!("{base}/volumes")).await;
     shot(c, "volumes").await;
 
     // A view operator: no buttons, and even with its own CSRF token a
     // POST is refused.
     c.delete_all_cookies().await.unwrap();
-    c.goto(&sign_in_url(ctl, viewer)).await.unwrap();
+    sign_in(c, ctl, viewer).await;
     let who = c
         .find(Locator::Id("operator"))
         .await
@@ -523,14 +563,14 @@ spec:
         .await
         .unwrap();
     assert_eq!(who, "viewer (view)");
-    c.goto(&format!("{base}/pipelines")).await.unwrap();
+    open(c, &format!("{base}/pipelines")).await;
     assert!(exists(c, r#"tr[data-pipeline="orders-nightly"]"#).await);
     assert!(
         !exists(c, "button[data-trigger]").await,
         "a view operator sees no trigger button"
     );
     shot(c, "pipelines-view").await;
-    c.goto(&format!("{base}/nodes")).await.unwrap();
+    open(c, &format!("{base}/nodes")).await;
     assert!(
         !exists(c, "td.actions button").await,
         "a view operator sees no node buttons"

@@ -388,7 +388,7 @@ async fn logout(
 ) -> Response {
     let form = pages::Form::parse(&body);
     if let Err(r) = pages::check_csrf(&authed.session, &headers, &form) {
-        return r;
+        return *r;
     }
     ui.auth.end(&authed.id);
     (
@@ -407,15 +407,12 @@ async fn events(
 ) -> Sse<impl futures::Stream<Item = Result<Event, std::convert::Infallible>>> {
     let rx = ui.changes.subscribe();
     let stream = futures::stream::unfold(rx, |mut rx| async move {
-        loop {
-            match rx.recv().await {
-                Ok(t) => return Some((Ok(Event::default().event("change").data(t)), rx)),
-                Err(broadcast::error::RecvError::Lagged(_)) => {
-                    return Some((Ok(Event::default().event("change").data("all")), rx))
-                }
-                Err(broadcast::error::RecvError::Closed) => return None,
-            }
-        }
+        let topic = match rx.recv().await {
+            Ok(t) => t,
+            Err(broadcast::error::RecvError::Lagged(_)) => "all".to_string(),
+            Err(broadcast::error::RecvError::Closed) => return None,
+        };
+        Some((Ok(Event::default().event("change").data(topic)), rx))
     });
     Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
 }

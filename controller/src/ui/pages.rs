@@ -101,7 +101,7 @@ impl Form {
 
 /// Refuses (403) a POST without this session's CSRF token, as form field
 /// `csrf` or header `x-csrf-token`.
-pub fn check_csrf(s: &Session, headers: &HeaderMap, form: &Form) -> Result<(), Response> {
+pub fn check_csrf(s: &Session, headers: &HeaderMap, form: &Form) -> Result<(), Box<Response>> {
     let from_header = headers
         .get("x-csrf-token")
         .and_then(|v| v.to_str().ok())
@@ -109,15 +109,15 @@ pub fn check_csrf(s: &Session, headers: &HeaderMap, form: &Form) -> Result<(), R
     if s.csrf_ok(form.get("csrf")) || s.csrf_ok(from_header) {
         Ok(())
     } else {
-        Err(forbidden("missing or wrong CSRF token"))
+        Err(Box::new(forbidden("missing or wrong CSRF token")))
     }
 }
 
 /// Refuses (403) an action the session's role does not allow.
-fn check_role(s: &Session, action: Action, method: &str) -> Result<(), Response> {
+fn check_role(s: &Session, action: Action, method: &str) -> Result<(), Box<Response>> {
     s.caller()
         .may(action, method)
-        .map_err(|st| forbidden(st.message()))
+        .map_err(|st| Box::new(forbidden(st.message())))
 }
 
 /// Session, CSRF token and role of a POST, in that order.
@@ -127,7 +127,7 @@ fn check_post(
     form: &Form,
     action: Action,
     method: &str,
-) -> Result<(), Response> {
+) -> Result<(), Box<Response>> {
     check_csrf(s, headers, form)?;
     check_role(s, action, method)
 }
@@ -624,7 +624,7 @@ pub async fn node_action(
         Action::Write(Kind::Node),
         &method,
     ) {
-        return r;
+        return *r;
     }
     let caller = a.session.caller();
     let on = match action.as_str() {
@@ -997,7 +997,7 @@ pub async fn instance_log_stream(
                     Ok(c) => Event::default()
                         .event("log")
                         .data(String::from_utf8_lossy(&c.data).replace('\r', "")),
-                    Err(e) => Event::default().event("end").data(e.message().to_string()),
+                    Err(e) => Event::default().event("end").data(e.message()),
                 })
             });
             Sse::new(events)
@@ -1348,7 +1348,7 @@ pub async fn pipeline_run(
         Action::Write(Kind::PipelineRun),
         method,
     ) {
-        return r;
+        return *r;
     }
     let mut parameters = BTreeMap::new();
     for line in form
@@ -1416,7 +1416,7 @@ pub async fn run_cancel(
         Action::Write(Kind::PipelineRun),
         method,
     ) {
-        return r;
+        return *r;
     }
     let v = match ui.resources.get(Kind::PipelineRun, &run).await {
         Ok(Some(v)) => v.object,
@@ -1753,11 +1753,11 @@ mod tests {
             "selector": {"app": "api"},
             "ingress": [{"from": [{"selector": {"team": "other"}}], "ports": [{"port": 8080}]}]}});
         assert!(may_reach(&[], &client, &api).0);
-        let (ok, why) = may_reach(&[deny.clone()], &client, &api);
+        let (ok, why) = may_reach(std::slice::from_ref(&deny), &client, &api);
         assert!(!ok, "{why}");
         assert!(why.contains("api-readers"), "{why}");
         assert!(
-            may_reach(&[deny.clone()], &api, &client).0,
+            may_reach(std::slice::from_ref(&deny), &api, &client).0,
             "api → client unaffected"
         );
         let allow = json!({"metadata": {"name": "a"}, "spec": {"selector": {"app": "api"},
