@@ -90,6 +90,21 @@ async fn browser(port: u16) -> Client {
         .expect("a WebDriver session")
 }
 
+/// Sizes the window so that the page itself (the viewport, what a
+/// screenshot shows) is `w`×`h`.
+async fn viewport(c: &Client, w: u32, h: u32) {
+    c.set_window_size(w, h).await.unwrap();
+    let v = c
+        .execute("return [window.innerWidth, window.innerHeight];", vec![])
+        .await
+        .unwrap();
+    let inner = |i: usize| v.get(i).and_then(Value::as_u64).unwrap_or(0) as u32;
+    let (dw, dh) = (w.saturating_sub(inner(0)), h.saturating_sub(inner(1)));
+    if dw > 0 || dh > 0 {
+        c.set_window_size(w + dw, h + dh).await.unwrap();
+    }
+}
+
 fn shots_dir() -> PathBuf {
     let d = ironmesh_tests::bin_dir()
         .parent()
@@ -343,6 +358,7 @@ spec:
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
         let c = browser(driver.port).await;
+        viewport(&c, 1280, 800).await;
         let r = scenario(&c, &ctl, &viewer, netns, target).await;
         let _ = c.close().await;
         r
@@ -587,6 +603,12 @@ spec:
         403
     );
     assert_eq!(post_status(c, "/nodes/ui-node/cordon", "").await, 403);
+    // Phone width: the same pages, narrower.
+    viewport(c, 390, 844).await;
+    for (page, name) in [("/", "overview-390"), ("/map", "map-390")] {
+        open(c, &format!("{base}{page}")).await;
+        shot(c, name).await;
+    }
     let node = ctl.node("ui-node").unwrap();
     assert_ne!(
         node.pointer("/spec/unschedulable"),

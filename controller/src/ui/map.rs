@@ -300,7 +300,8 @@ impl FlowRates {
 pub fn sparkline(label: &str, class: &str, values: &[u64]) -> Markup {
     const W: f64 = 300.0;
     const H: f64 = 48.0;
-    let max = values.iter().copied().max().unwrap_or(0).max(1) as f64;
+    let peak = values.iter().copied().max().unwrap_or(0);
+    let max = peak.max(1) as f64;
     let step = W / (values.len().max(2) - 1) as f64;
     let points: Vec<String> = values
         .iter()
@@ -317,10 +318,10 @@ pub fn sparkline(label: &str, class: &str, values: &[u64]) -> Markup {
     html! {
         figure.spark {
             svg class=(format!("sparkline {class}")) viewBox=(format!("0 0 {W} {H}"))
-                role="img" aria-label=(format!("{label}: {total} in the last hour, at most {max} a minute")) {
+                role="img" aria-label=(format!("{label}: {total} in the last hour, at most {peak} a minute")) {
                 polyline points=(points.join(" ")) {}
             }
-            figcaption { (label) ": " strong { (total) } " in the last hour (peak " (max as u64) "/min)" }
+            figcaption { (label) ": " strong { (total) } " in the last hour (peak " (peak) "/min)" }
         }
     }
 }
