@@ -201,7 +201,7 @@ fn topic_of(key: &str) -> Option<&str> {
 
 /// Starts the two feeds of `/events`: one store watch of every resource,
 /// and one subscription to the flow stream (which also fills
-/// [`Ui::rates`]). Changes are coalesced per [`DEBOUNCE`].
+/// [`Ui::rates`]). Changes are coalesced for 400 ms.
 pub fn feeds(ui: Arc<Ui>, shutdown: Shutdown) {
     let (tx, mut rx) = tokio::sync::mpsc::channel::<String>(1024);
     {
