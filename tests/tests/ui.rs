@@ -148,14 +148,23 @@ async fn page_ok(c: &Client) -> bool {
 
 /// Navigates to `url`, again if the load was aborted.
 async fn open(c: &Client, url: &str) {
-    for attempt in 1..=8u64 {
-        let _ = c.goto(url).await;
+    let mut last = String::new();
+    for attempt in 1..=20u64 {
+        if let Err(e) = c.goto(url).await {
+            last = e.to_string();
+        }
         if page_ok(c).await {
             return;
         }
-        tokio::time::sleep(Duration::from_millis(250 * attempt)).await;
+        tokio::time::sleep(Duration::from_millis(200 * attempt.min(5))).await;
     }
-    panic!("could not open {url}");
+    shot(c, "failed-open").await;
+    let at = c.current_url().await.map(|u| u.to_string()).unwrap_or_default();
+    let src = c.source().await.unwrap_or_default();
+    panic!(
+        "could not open {url}: at {at}, last error {last:?}, page {}",
+        src.chars().take(600).collect::<String>()
+    );
 }
 
 /// Signs in as the operator of `config` with a fresh code (a new one if
