@@ -17,7 +17,7 @@ bash scripts/dev-down.sh >/dev/null 2>&1 || true
 CONTAINERD_LOG=$DIR/containerd.log bash scripts/ensure-containerd.sh "$DIR/containerd.pid"
 
 "$BIN/ironmesh-controller" --data-dir "$DIR/controller" --listen 127.0.0.1:7443 \
-  --registry-listen 127.0.0.1:5000 \
+  --registry-listen 127.0.0.1:5000 --ui-listen 127.0.0.1:7444 \
   --metrics-listen 127.0.0.1:7480 >"$DIR/controller.log" 2>&1 &
 echo $! >"$DIR/controller.pid"
 for _ in $(seq 100); do
@@ -60,6 +60,11 @@ echo
 echo "$ imctl pipeline run orders-nightly --wait"
 "$BIN/imctl" pipeline run orders-nightly --wait --timeout 5m ||
   { echo "the sample pipeline did not succeed; see imctl pipeline runs and $DIR/agent.log" >&2; exit 1; }
+echo
+echo "Web UI: https://127.0.0.1:7444 (the cluster CA signed its certificate: $DIR/controller/pki/ca.crt)."
+echo "Sign in with a one-time URL, for the operator of IMCTL_CONFIG:"
+echo "  $ imctl ui"
+"$BIN/imctl" ui | sed 's/^/  /'
 echo
 echo "Controller and agent are running (logs in $DIR). Next:"
 echo "  export IMCTL_CONFIG=$DIR/controller/admin.yaml PATH=$BIN:\$PATH"

@@ -2,7 +2,7 @@
 # Installs the OS packages Ironmesh needs to build and test on Debian 12.
 # Idempotent; used by the README's commands and by CI.
 set -euo pipefail
-PACKAGES=(ca-certificates curl git gcc make libc6-dev pkg-config containerd runc protobuf-compiler busybox-static etcd-server libprotobuf-dev iperf3 iproute2 e2fsprogs btrfs-progs clang llvm libbpf-dev bpftool iptables nftables skopeo openssl nginx-light wrk)
+PACKAGES=(ca-certificates curl git gcc make libc6-dev pkg-config containerd runc protobuf-compiler busybox-static etcd-server libprotobuf-dev iperf3 iproute2 e2fsprogs btrfs-progs clang llvm libbpf-dev bpftool iptables nftables skopeo openssl nginx-light wrk chromium chromium-driver)
 missing=()
 for p in "${PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -5,8 +5,8 @@
 //! `manifests` (files and directories into documents for `Apply`), `output`
 //! (tables, YAML, JSON, `describe`), `node` (cordon, uncordon, drain),
 //! `pipeline` (run, runs, status, logs, cancel), `image` (push, ls, rm, gc),
-//! `flows` (`imctl flows`), `access` (join tokens and operators) and
-//! `registry` (`imctl registry login`).
+//! `flows` (`imctl flows`), `access` (join tokens and operators),
+//! `registry` (`imctl registry login`) and `ui` (`imctl ui`).
 
 mod access;
 mod client;
@@ -19,6 +19,7 @@ mod pipeline;
 mod registry;
 mod registry_client;
 mod secret;
+mod ui;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -161,6 +162,13 @@ enum Command {
     Operator {
         #[command(subcommand)]
         command: access::OperatorCommand,
+    },
+    /// Print a one-time sign-in URL for the controller's web UI (its
+    /// --ui-listen); the page gets this operator's role.
+    Ui {
+        /// Print only the URL.
+        #[arg(long)]
+        url_only: bool,
     },
 }
 
@@ -452,6 +460,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Registry { command } => registry::run(&cfg, command, status_err).await?,
         Command::Token { command } => access::tokens(&cfg, command).await?,
         Command::Operator { command } => access::operators(&cfg, command).await?,
+        Command::Ui { url_only } => ui::run(&cfg, url_only, status_err).await?,
     }
     Ok(())
 }

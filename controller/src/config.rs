@@ -25,6 +25,12 @@ pub struct ControllerConfig {
     #[arg(long, env = "IRONMESH_REGISTRY_LISTEN")]
     pub registry_listen: Option<SocketAddr>,
 
+    /// Address of the web UI (docs/ui.md), served over HTTPS with the
+    /// controller's serving certificate; sign in with `imctl ui`. Empty
+    /// turns it off.
+    #[arg(long, env = "IRONMESH_UI_LISTEN", default_value = "127.0.0.1:7444")]
+    pub ui_listen: String,
+
     /// Blobs and untagged manifests nothing refers to are collected only
     /// once they are older than this, so an upload whose manifest is
     /// still to come is never lost.
@@ -239,8 +245,20 @@ pub struct ControllerConfig {
 }
 
 impl ControllerConfig {
+    /// `--ui-listen` as an address; `None` when it is empty (UI off).
+    pub fn ui_addr(&self) -> Result<Option<SocketAddr>, String> {
+        let v = self.ui_listen.trim();
+        if v.is_empty() {
+            return Ok(None);
+        }
+        v.parse()
+            .map(Some)
+            .map_err(|e| format!("--ui-listen {v:?}: {e} (host:port, or empty to turn the UI off)"))
+    }
+
     /// Checks combinations clap cannot express.
     pub fn validate(&self) -> Result<(), String> {
+        self.ui_addr()?;
         if self.store_history_events == 0 {
             return Err("--store-history-events must be at least 1".into());
         }

@@ -32,6 +32,8 @@
 //!   blob fetches and work-queue calls.
 //! - [`operator_api`]: `OperatorService`: apply, get, list, delete, watch,
 //!   images, logs, flows, join tokens and operators.
+//! - [`ui`]: the web UI on its own HTTPS listener: pages, sign-in with a
+//!   one-time code, live updates over Server-Sent Events.
 //! - [`report_checks`]: bounds on what an agent's reports may say.
 //! - [`blob_access`]: which image blobs a node may fetch.
 //! - [`stopping`]: ending open streams when the controller stops.
@@ -114,6 +116,7 @@ pub mod sources;
 pub mod stopping;
 pub mod store;
 pub mod tokens;
+pub mod ui;
 pub mod volumes;
 pub mod workload_identities;
 pub mod workloads;

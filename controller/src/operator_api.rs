@@ -18,12 +18,13 @@ use ironmesh_proto::v1::{
     operator_service_server::OperatorService, watch_event, ApplyRequest, ApplyResponse,
     ApplyResult, CollectImageGarbageRequest, CollectImageGarbageResponse, CreateJoinTokenRequest,
     CreateJoinTokenResponse, CreateOperatorRequest, CreateOperatorResponse,
-    CreateRegistryCredentialRequest, CreateRegistryCredentialResponse, DeleteJoinTokenRequest,
-    DeleteJoinTokenResponse, DeleteRequest, DeleteResponse, GetRequest, JoinToken,
-    ListImagesRequest, ListImagesResponse, ListJoinTokensRequest, ListJoinTokensResponse,
-    ListOperatorsRequest, ListOperatorsResponse, ListRequest, ListResponse, LogsChunk, LogsRequest,
-    OperatorInfo, RemoveImageRequest, RemoveImageResponse, Resource, RevokeOperatorRequest,
-    RevokeOperatorResponse, WatchEvent, WatchRequest,
+    CreateRegistryCredentialRequest, CreateRegistryCredentialResponse, CreateUiLoginRequest,
+    CreateUiLoginResponse, DeleteJoinTokenRequest, DeleteJoinTokenResponse, DeleteRequest,
+    DeleteResponse, GetRequest, JoinToken, ListImagesRequest, ListImagesResponse,
+    ListJoinTokensRequest, ListJoinTokensResponse, ListOperatorsRequest, ListOperatorsResponse,
+    ListRequest, ListResponse, LogsChunk, LogsRequest, OperatorInfo, RemoveImageRequest,
+    RemoveImageResponse, Resource, RevokeOperatorRequest, RevokeOperatorResponse, WatchEvent,
+    WatchRequest,
 };
 use tonic::{Request, Response, Status};
 
@@ -56,6 +57,8 @@ pub struct OperatorApi {
     pub tokens: JoinTokens,
     pub revocations: crate::revocation::Revocations,
     pub ca: Arc<crate::pki::ClusterCa>,
+    /// Sign-in codes of the web UI; `None` when it is off (`--ui-listen ""`).
+    pub ui: Option<crate::ui::auth::Auth>,
     /// Ends watch, log and flow streams with `UNAVAILABLE: controller
     /// shutting down`.
     pub shutdown: ironmesh_daemon::Shutdown,
@@ -854,6 +857,34 @@ impl OperatorService for OperatorApi {
             if r.is_ok() { "ok" } else { "failed" },
         );
         self.record("RevokeOperator", &r);
+        r.map(Response::new)
+    }
+
+    async fn create_ui_login(
+        &self,
+        req: Request<CreateUiLoginRequest>,
+    ) -> Result<Response<CreateUiLoginResponse>, Status> {
+        let caller = self.caller(&req, Action::Read, "CreateUiLogin").await?;
+        let r = match &self.ui {
+            None => Err(Status::failed_precondition(
+                "the web UI is off on this controller (--ui-listen is empty)",
+            )),
+            Some(ui) => {
+                let (code, expires_unix) = ui.issue_code(&caller);
+                Ok(CreateUiLoginResponse {
+                    url: ui.login_url(&code),
+                    code,
+                    expires_unix,
+                })
+            }
+        };
+        audit(
+            &caller,
+            "CreateUiLogin",
+            &caller.name,
+            if r.is_ok() { "ok" } else { "failed" },
+        );
+        self.record("CreateUiLogin", &r);
         r.map(Response::new)
     }
 }

@@ -295,6 +295,29 @@ pub async fn run(cfg: ControllerConfig, shutdown: Shutdown) -> Result<(), Server
         ));
     }
     let registry_images = images.clone();
+    // The web UI's listener, bound before the operator API so that
+    // CreateUiLogin knows the URL. A UI that cannot bind is logged and
+    // left off: agents and operators need the API more than the page.
+    let ui_listener = match cfg.ui_addr().map_err(ServerError::Config)? {
+        None => None,
+        Some(addr) => match tokio::net::TcpListener::bind(addr).await {
+            Ok(l) => Some(l),
+            Err(e) => {
+                tracing::error!(%addr, error = %e, "cannot listen for the web UI; serving without it");
+                None
+            }
+        },
+    };
+    let ui_local = ui_listener.as_ref().and_then(|l| l.local_addr().ok());
+    let ui_auth = ui_local.map(|a| crate::ui::auth::Auth::new(crate::ui::base_url(a)));
+    let ui_parts = (
+        resources.clone(),
+        liveness.clone(),
+        flows.clone(),
+        logs.clone(),
+        images.clone(),
+        operators.clone(),
+    );
     let operator_api = OperatorApi {
         resources,
         images,
@@ -308,6 +331,7 @@ pub async fn run(cfg: ControllerConfig, shutdown: Shutdown) -> Result<(), Server
         tokens,
         revocations,
         ca,
+        ui: ui_auth.clone(),
         shutdown: shutdown.clone(),
     };
     // Issued at every start (so SAN changes take effect) and renewed while
@@ -316,6 +340,12 @@ pub async fn run(cfg: ControllerConfig, shutdown: Shutdown) -> Result<(), Server
     if let Some(r) = cfg.registry_listen {
         let ip = r.ip().to_string();
         if !r.ip().is_unspecified() && !sans.contains(&ip) {
+            sans.push(ip);
+        }
+    }
+    if let Some(u) = ui_local {
+        let ip = u.ip().to_string();
+        if !u.ip().is_unspecified() && !sans.contains(&ip) {
             sans.push(ip);
         }
     }
@@ -354,6 +384,25 @@ pub async fn run(cfg: ControllerConfig, shutdown: Shutdown) -> Result<(), Server
                 }
             }))
         }
+    };
+    let ui_task = match (ui_listener, ui_auth) {
+        (Some(listener), Some(auth)) => {
+            let tls = crate::ui::tls_config(serving.clone())
+                .map_err(|e| ServerError::Tls(e.to_string()))?;
+            let (resources, liveness, flows, logs, images, operators) = ui_parts;
+            tracing::info!(url = %auth.base_url(), "web UI serving; sign in with `imctl ui`");
+            let ui = Arc::new(
+                crate::ui::Ui::new(resources, liveness, flows, logs, images, auth)
+                    .with_operators(operators),
+            );
+            let shutdown = shutdown.clone();
+            Some(tokio::spawn(async move {
+                if let Err(e) = crate::ui::serve(ui, listener, tls, shutdown).await {
+                    tracing::error!(error = %e, "web UI failed");
+                }
+            }))
+        }
+        _ => None,
     };
     tokio::spawn(crate::serving_tls::run_renewal(
         serving,
@@ -401,6 +450,9 @@ pub async fn run(cfg: ControllerConfig, shutdown: Shutdown) -> Result<(), Server
     }
     let stopped = tokio::time::timeout(TASKS_GRACE, async {
         if let Some(t) = registry_task {
+            let _ = t.await;
+        }
+        if let Some(t) = ui_task {
             let _ = t.await;
         }
         let _ = reconcilers.await;

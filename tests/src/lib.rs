@@ -240,6 +240,8 @@ pub struct Controller {
     pub metrics: SocketAddr,
     /// The registry's address, when `opts.registry`.
     pub registry: Option<SocketAddr>,
+    /// The web UI's address (`--ui-listen`, a free port on loopback).
+    pub ui: SocketAddr,
     pub opts: ControllerOpts,
     pub net: std::sync::Arc<TestNet>,
 }
@@ -261,11 +263,12 @@ impl Controller {
         let registry = opts
             .registry
             .then(|| SocketAddr::new(addr.ip(), free_addr().port()));
+        let ui = free_addr();
         let proc = Self::spawn(
             dir.path(),
             addr,
             metrics,
-            registry,
+            (registry, ui),
             &opts,
             "controller-1.log",
         );
@@ -274,6 +277,7 @@ impl Controller {
             addr,
             metrics,
             registry,
+            ui,
             opts,
             proc,
             net,
@@ -286,7 +290,7 @@ impl Controller {
         dir: &Path,
         addr: SocketAddr,
         metrics: SocketAddr,
-        registry: Option<SocketAddr>,
+        (registry, ui): (Option<SocketAddr>, SocketAddr),
         opts: &ControllerOpts,
         log: &str,
     ) -> Proc {
@@ -295,6 +299,8 @@ impl Controller {
             .arg(addr.to_string())
             .arg("--metrics-listen")
             .arg(metrics.to_string())
+            .arg("--ui-listen")
+            .arg(ui.to_string())
             .arg("--data-dir")
             .arg(dir.join("data"))
             .arg("--node-grace")
@@ -343,7 +349,7 @@ impl Controller {
             self.dir.path(),
             self.addr,
             self.metrics,
-            self.registry,
+            (self.registry, self.ui),
             &self.opts,
             log,
         );
