@@ -329,7 +329,7 @@ fn status_churn_keeps_store_and_rss_bounded() {
     let ip = std::net::Ipv4Addr::from(u32::from(base) + 9).to_string();
     let state = |i: &ironmesh_proto::v1::InstanceAssignment, restarts: u32| InstanceState {
         name: i.name.clone(),
-        phase: "Running".into(),
+        phase: ironmesh_proto::v1::InstancePhase::Running.into(),
         ready: true,
         restarts,
         pid: 1000 + restarts,
