@@ -508,7 +508,7 @@ pub async fn run(
     cache: Cache,
     ca: Option<Arc<crate::pki::ClusterCa>>,
     metrics: Arc<ControllerMetrics>,
-    shutdown: ironmesh_daemon::Shutdown,
+    shutdown: ironmesh_process::Shutdown,
 ) {
     let mut changes = cache.subscribe();
     changes.mark_changed();
@@ -940,7 +940,7 @@ mod tests {
         let a = Assignments::default();
         let registry = &mut prometheus_client::registry::Registry::default();
         let metrics = Arc::new(ControllerMetrics::new(registry));
-        let (shutdown, stop) = ironmesh_daemon::Shutdown::manual();
+        let (shutdown, stop) = ironmesh_process::Shutdown::manual();
         tokio::spawn(run(
             a.clone(),
             cache.clone(),

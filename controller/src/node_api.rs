@@ -57,7 +57,7 @@ pub struct NodeApi {
     pub assignments: crate::assignments::Assignments,
     pub mesh: crate::mesh::MeshSettings,
     /// Ends every Sync stream with `UNAVAILABLE: controller shutting down`.
-    pub shutdown: ironmesh_daemon::Shutdown,
+    pub shutdown: ironmesh_process::Shutdown,
 }
 
 /// The caller's verified certificate.

@@ -58,7 +58,7 @@ pub struct OperatorApi {
     pub ca: Arc<crate::pki::ClusterCa>,
     /// Ends watch, log and flow streams with `UNAVAILABLE: controller
     /// shutting down`.
-    pub shutdown: ironmesh_daemon::Shutdown,
+    pub shutdown: ironmesh_process::Shutdown,
 }
 
 fn manifest_status(e: crate::images::manifests::ManifestError) -> Status {

@@ -47,7 +47,7 @@ pub const SCHEDULED_HISTORY: usize = 10;
 pub async fn run(
     resources: Resources,
     metrics: std::sync::Arc<crate::metrics::ControllerMetrics>,
-    shutdown: ironmesh_daemon::Shutdown,
+    shutdown: ironmesh_process::Shutdown,
 ) {
     let (res, metrics) = (&resources, &metrics);
     crate::pass_loop::run(res, "pipelines", RESYNC, shutdown, || async move {

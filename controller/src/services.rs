@@ -26,7 +26,7 @@ const RESYNC: Duration = Duration::from_secs(2);
 
 /// Runs VIP allocation after every change to Services (and every few
 /// seconds) until `shutdown`.
-pub async fn run(resources: Resources, cidr: Ipv4Cidr, shutdown: ironmesh_daemon::Shutdown) {
+pub async fn run(resources: Resources, cidr: Ipv4Cidr, shutdown: ironmesh_process::Shutdown) {
     use futures::{FutureExt, StreamExt};
     let stopped = shutdown.clone().wait();
     tokio::pin!(stopped);

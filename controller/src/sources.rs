@@ -64,7 +64,7 @@ pub enum SyncResult {
 }
 
 /// Runs the Source reconciler until `shutdown`.
-pub async fn run(resources: Resources, data_dir: PathBuf, shutdown: ironmesh_daemon::Shutdown) {
+pub async fn run(resources: Resources, data_dir: PathBuf, shutdown: ironmesh_process::Shutdown) {
     use futures::{FutureExt, StreamExt};
     let cache = data_dir.join("sources");
     let stopped = shutdown.clone().wait();

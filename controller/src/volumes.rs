@@ -75,7 +75,7 @@ pub fn parse_removal_key(key: &str) -> Option<(&str, &str)> {
 const RESYNC: Duration = Duration::from_secs(2);
 
 /// Runs binding passes until `shutdown` (leader only).
-pub async fn run(resources: Resources, shutdown: ironmesh_daemon::Shutdown) {
+pub async fn run(resources: Resources, shutdown: ironmesh_process::Shutdown) {
     use futures::{FutureExt, StreamExt};
     let stopped = shutdown.clone().wait();
     tokio::pin!(stopped);

@@ -81,7 +81,7 @@ pub async fn run(
     resources: Resources,
     metrics: std::sync::Arc<crate::metrics::ControllerMetrics>,
     settings: Settings,
-    shutdown: ironmesh_daemon::Shutdown,
+    shutdown: ironmesh_process::Shutdown,
 ) {
     let res = &resources;
     let (metrics, settings) = (&metrics, &settings);
