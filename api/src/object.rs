@@ -15,9 +15,11 @@ use crate::meta::ObjectMeta;
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Object<S, St> {
-    /// Always [`crate::API_VERSION`].
+    /// Always [`crate::API_VERSION`] in what the controller stores.
+    #[serde(default)]
     pub api_version: String,
     /// The kind's name, e.g. `Instance`.
+    #[serde(default)]
     pub kind: String,
     pub metadata: ObjectMeta,
     pub spec: S,
@@ -66,6 +68,8 @@ pub type Workload = Object<crate::workload::WorkloadSpec, crate::workload::Workl
 pub type Instance = Object<crate::instance::InstanceSpec, crate::instance::InstanceStatus>;
 /// A Node object.
 pub type Node = Object<crate::node::NodeSpec, crate::node::NodeStatus>;
+/// A Volume object.
+pub type Volume = Object<crate::volume::VolumeSpec, crate::volume::VolumeStatus>;
 
 #[cfg(test)]
 mod tests {
