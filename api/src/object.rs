@@ -68,6 +68,10 @@ pub type Workload = Object<crate::workload::WorkloadSpec, crate::workload::Workl
 pub type Instance = Object<crate::instance::InstanceSpec, crate::instance::InstanceStatus>;
 /// A Node object.
 pub type Node = Object<crate::node::NodeSpec, crate::node::NodeStatus>;
+/// A Pipeline object.
+pub type Pipeline = Object<crate::pipeline::PipelineSpec, crate::pipeline::PipelineStatus>;
+/// A PipelineRun object.
+pub type PipelineRun = Object<crate::pipeline::PipelineRunSpec, crate::pipeline::PipelineRunStatus>;
 /// A Volume object.
 pub type Volume = Object<crate::volume::VolumeSpec, crate::volume::VolumeStatus>;
 
