@@ -30,7 +30,7 @@ use ironmesh_api::pipeline::{
 use ironmesh_api::selector::LabelSelector;
 use ironmesh_api::workload::{EnvVar, InstancePhase, RestartPolicy, VolumeMount, WorkloadSpec};
 use ironmesh_api::Kind;
-use serde_json::{json, Value};
+use serde_json::json;
 
 use crate::queue::Queue;
 use crate::resources::{parse_rfc3339, rfc3339, ResourceError, Resources, StoredObject};
@@ -721,17 +721,19 @@ async fn create_instance(
             worker: step.mode == StepMode::Worker,
         }),
     };
-    let object = json!({
-        "apiVersion": ironmesh_api::API_VERSION,
-        "kind": "Instance",
-        "metadata": {"name": name, "labels": {
-            RUN_LABEL: r.name, PIPELINE_LABEL: r.pipeline, STEP_LABEL: step.name,
-        }},
-        "spec": instance,
-        "status": {"phase": "Pending", "reason": "Scheduling"},
+    let mut object = Instance::new(Kind::Instance, name.clone(), instance);
+    object.metadata.labels = BTreeMap::from([
+        (RUN_LABEL.to_string(), r.name.clone()),
+        (PIPELINE_LABEL.to_string(), r.pipeline.clone()),
+        (STEP_LABEL.to_string(), step.name.clone()),
+    ]);
+    object.status = Some(InstanceStatus {
+        phase: InstancePhase::Pending,
+        reason: "Scheduling".into(),
+        ..Default::default()
     });
     let created = resources
-        .update(Kind::Instance, &name, |cur| {
+        .update_typed(Kind::Instance, &name, |cur: Option<Instance>| {
             cur.is_none().then(|| object.clone())
         })
         .await?;
@@ -746,11 +748,10 @@ async fn write_status(
     run: &str,
     st: &PipelineRunStatus,
 ) -> Result<(), PipelineError> {
-    let value = serde_json::to_value(st).unwrap_or(Value::Null);
     resources
-        .update(Kind::PipelineRun, run, |cur| {
-            let mut o = cur?.clone();
-            o["status"] = value.clone();
+        .update_typed(Kind::PipelineRun, run, |cur: Option<PipelineRun>| {
+            let mut o = cur?;
+            o.status = Some(st.clone());
             Some(o)
         })
         .await?;
@@ -760,6 +761,7 @@ async fn write_status(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::Value;
 
     #[test]
     fn names_are_dns_labels_and_stay_unique_when_long() {
