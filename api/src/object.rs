@@ -72,6 +72,8 @@ pub type Node = Object<crate::node::NodeSpec, crate::node::NodeStatus>;
 pub type Pipeline = Object<crate::pipeline::PipelineSpec, crate::pipeline::PipelineStatus>;
 /// A PipelineRun object.
 pub type PipelineRun = Object<crate::pipeline::PipelineRunSpec, crate::pipeline::PipelineRunStatus>;
+/// A Service object.
+pub type Service = Object<crate::service::ServiceSpec, crate::service::ServiceStatus>;
 /// A Volume object.
 pub type Volume = Object<crate::volume::VolumeSpec, crate::volume::VolumeStatus>;
 
