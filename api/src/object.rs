@@ -74,6 +74,13 @@ pub type Pipeline = Object<crate::pipeline::PipelineSpec, crate::pipeline::Pipel
 pub type PipelineRun = Object<crate::pipeline::PipelineRunSpec, crate::pipeline::PipelineRunStatus>;
 /// A Service object.
 pub type Service = Object<crate::service::ServiceSpec, crate::service::ServiceStatus>;
+/// A Source object.
+pub type Source = Object<crate::source::SourceSpec, crate::source::SourceStatus>;
+/// A Policy object (the system writes no status for it).
+pub type Policy = Object<crate::policy::PolicySpec, NoStatus>;
+/// The status of a kind the system reports nothing about.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct NoStatus {}
 /// A Volume object.
 pub type Volume = Object<crate::volume::VolumeSpec, crate::volume::VolumeStatus>;
 

@@ -692,7 +692,7 @@ fn compute(
     let specs: Vec<ironmesh_api::policy::PolicySpec> = view
         .objects(Kind::Policy)
         .values()
-        .filter_map(|p| serde_json::from_value(p.object.get("spec")?.clone()).ok())
+        .filter_map(|p| Some(p.typed::<ironmesh_api::object::Policy>().ok()?.spec))
         .collect();
     let compiled = crate::policy::compile(&specs, &endpoints);
     shared.rules = compiled
