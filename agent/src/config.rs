@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
-use ironmesh_daemon::LogFormat;
+use ironmesh_process::LogFormat;
 
 /// The Ironmesh node agent: discovers this host, joins the controller over
 /// mutual TLS and keeps it informed.

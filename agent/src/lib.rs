@@ -41,6 +41,8 @@
 //!   set up and torn down together for the supervisor.
 //! - [`flow_export`]: datapath flow events into Prometheus counters and
 //!   batches for the sync stream.
+//! - [`mesh`]: the node proxy: mTLS (HBONE) between hosts for mesh
+//!   instances, their workload certificates and listeners.
 //! - [`gateway`]: the ingress gateway: the HTTP(S) listeners of the
 //!   Gateways this node serves, routes, JWT checks, proxying to Services.
 //!

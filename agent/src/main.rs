@@ -19,7 +19,7 @@ use ironmesh_agent::sync::{self, SyncConfig};
 
 fn main() -> anyhow::Result<()> {
     let cfg = AgentConfig::parse();
-    ironmesh_daemon::init_logging(cfg.log_format, &cfg.log_level)?;
+    ironmesh_process::init_logging(cfg.log_format, &cfg.log_level)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -36,7 +36,7 @@ fn main() -> anyhow::Result<()> {
 }
 
 async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
-    let (shutdown, _tx) = ironmesh_daemon::Shutdown::on_signals()?;
+    let (shutdown, _tx) = ironmesh_process::Shutdown::on_signals()?;
     let node_name = cfg.node_name.clone().unwrap_or_else(default_node_name);
     let ca_pem = match &cfg.ca_cert {
         Some(p) => Some(
@@ -114,7 +114,7 @@ async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         ironmesh_agent::gateway::metrics::GatewayMetrics::register(&mut registry),
     )));
     let (_addr, metrics_task) =
-        ironmesh_daemon::serve_metrics(cfg.metrics_listen, Arc::new(registry), shutdown.clone())
+        ironmesh_process::serve_metrics(cfg.metrics_listen, Arc::new(registry), shutdown.clone())
             .await?;
 
     let runtime = Runtime::connect(RuntimeConfig::new(

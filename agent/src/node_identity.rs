@@ -367,7 +367,7 @@ pub fn endpoint(url: &str) -> Result<Endpoint, IdentityError> {
         .keep_alive_while_idle(true))
 }
 
-pub use ironmesh_daemon::error_chain;
+pub use ironmesh_process::error_chain;
 
 fn read(path: &Path) -> Result<String, IdentityError> {
     fs::read_to_string(path).map_err(|source| IdentityError::Io {
@@ -378,7 +378,7 @@ fn read(path: &Path) -> Result<String, IdentityError> {
 }
 
 fn write_atomic(path: &Path, data: &[u8], mode: u32) -> Result<(), IdentityError> {
-    ironmesh_daemon::write_file_atomic(path, data, mode).map_err(|source| IdentityError::Io {
+    ironmesh_process::write_file_atomic(path, data, mode).map_err(|source| IdentityError::Io {
         action: "write",
         path: path.to_path_buf(),
         source,

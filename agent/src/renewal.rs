@@ -32,7 +32,7 @@ fn until(t: SystemTime) -> Duration {
 
 impl Renewal {
     /// Runs until `shutdown`, publishing every renewed identity on `ids`.
-    pub async fn run(self, ids: watch::Sender<NodeIdentity>, shutdown: ironmesh_daemon::Shutdown) {
+    pub async fn run(self, ids: watch::Sender<NodeIdentity>, shutdown: ironmesh_process::Shutdown) {
         loop {
             let id = ids.borrow().clone();
             let (due, expires) = match (id.renewal_due(), id.validity()) {

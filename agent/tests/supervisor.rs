@@ -246,10 +246,10 @@ impl Fixture {
                 SupervisorReport::State(s) => format!(
                     "  state {} {} ready={} restarts={} exit={:?} pid={} {}: {}",
                     s.name,
-                    s.phase,
+                    s.phase().name(),
                     s.ready,
                     s.restarts,
-                    s.has_exit_code.then_some(s.exit_code),
+                    s.exit_code,
                     s.pid,
                     s.reason,
                     s.message
@@ -401,7 +401,7 @@ fn free_port() -> u16 {
 }
 
 fn is_running(name: &str) -> impl Fn(&InstanceState) -> bool + '_ {
-    move |s| s.name == name && s.phase == "Running"
+    move |s| s.name == name && s.phase().name() == "Running"
 }
 
 async fn read_all(mut rx: mpsc::Receiver<Vec<u8>>) -> String {
@@ -464,7 +464,7 @@ async fn desired_instance_runs_ready_with_its_limits_in_the_cgroup() {
 
     let snapshot = f.sup().snapshot();
     assert_eq!(snapshot.len(), 1);
-    assert_eq!(snapshot[0].phase, "Running");
+    assert_eq!(snapshot[0].phase().name(), "Running");
     assert_eq!(snapshot[0].pid, running.pid);
 
     // A second instance, image already present.
@@ -531,15 +531,14 @@ async fn crashing_command_restarts_with_growing_backoff() {
             s.name == "crash-1" && s.reason == "CrashLoopBackOff"
         })
         .await;
-    assert_eq!(waiting.phase, "Pending");
-    assert!(waiting.has_exit_code);
-    assert_eq!(waiting.exit_code, 3);
+    assert_eq!(waiting.phase().name(), "Pending");
+    assert_eq!(waiting.exit_code, Some(3));
     let third = f
         .wait_state("crash-1 running after 3 restarts", |s| {
-            s.name == "crash-1" && s.phase == "Running" && s.restarts == 3
+            s.name == "crash-1" && s.phase().name() == "Running" && s.restarts == 3
         })
         .await;
-    assert_eq!(third.exit_code, 3, "the last exit code stays visible");
+    assert_eq!(third.exit_code, Some(3), "the last exit code stays visible");
     let now = f.sup().snapshot();
     assert!(now[0].restarts >= 3, "{now:?}");
     // The count survives in state.json.
@@ -578,21 +577,20 @@ async fn restart_policies_never_and_on_failure() {
         .await;
     let ok = f
         .wait_state("never-ok Succeeded", |s| {
-            s.name == "never-ok" && s.phase == "Succeeded"
+            s.name == "never-ok" && s.phase().name() == "Succeeded"
         })
         .await;
-    assert!(ok.has_exit_code);
-    assert_eq!(ok.exit_code, 0);
+    assert_eq!(ok.exit_code, Some(0));
     assert_eq!(ok.reason, "Completed");
     let failed = f
         .wait_state("never-fail Failed", |s| {
-            s.name == "never-fail" && s.phase == "Failed"
+            s.name == "never-fail" && s.phase().name() == "Failed"
         })
         .await;
-    assert_eq!(failed.exit_code, 2);
+    assert_eq!(failed.exit_code, Some(2));
     let on_ok = f
         .wait_state("onfailure-ok Succeeded", |s| {
-            s.name == "onfailure-ok" && s.phase == "Succeeded"
+            s.name == "onfailure-ok" && s.phase().name() == "Succeeded"
         })
         .await;
     assert_eq!(on_ok.restarts, 0);
@@ -616,7 +614,7 @@ async fn restart_policies_never_and_on_failure() {
         snapshot
             .iter()
             .find(|s| s.name == n)
-            .map(|s| s.phase.clone())
+            .map(|s| s.phase().name())
             .unwrap()
     };
     assert_eq!(phase("never-ok"), "Succeeded");
@@ -663,7 +661,7 @@ async fn failing_liveness_probe_kills_and_restarts() {
     assert!(exited.message.contains("code 137"), "{}", exited.message);
     let again = f
         .wait_state("live-exec restarted", |s| {
-            s.name == "live-exec" && s.phase == "Running" && s.restarts == 1
+            s.name == "live-exec" && s.phase().name() == "Running" && s.restarts == 1
         })
         .await;
     assert_ne!(again.pid, first.pid);
@@ -673,7 +671,7 @@ async fn failing_liveness_probe_kills_and_restarts() {
     assert!(tcp.message.contains("dial tcp"), "{}", tcp.message);
     f.wait_event("live-tcp", "Killing").await;
     f.wait_state("live-tcp restarted", |s| {
-        s.name == "live-tcp" && s.phase == "Running" && s.restarts == 1
+        s.name == "live-tcp" && s.phase().name() == "Running" && s.restarts == 1
     })
     .await;
 }
@@ -735,7 +733,7 @@ async fn readiness_probe_gates_ready() {
         .unwrap();
     let unready = f
         .wait_state("ready-1 unready again", |s| {
-            s.name == "ready-1" && s.phase == "Running" && !s.ready && s.restarts == 0
+            s.name == "ready-1" && s.phase().name() == "Running" && !s.ready && s.restarts == 0
         })
         .await;
     assert_eq!(unready.pid, running.pid, "readiness never restarts");
@@ -755,7 +753,7 @@ async fn agent_restart_keeps_running_tasks() {
         .await;
     let before = f
         .wait_state("keep-1 running after one crash", |s| {
-            s.name == "keep-1" && s.phase == "Running" && s.restarts == 1
+            s.name == "keep-1" && s.phase().name() == "Running" && s.restarts == 1
         })
         .await;
     f.wait_state("gone-1 Running", is_running("gone-1")).await;
@@ -773,7 +771,7 @@ async fn agent_restart_keeps_running_tasks() {
     f.sup().set_desired(vec![keep]).await;
     let adopted = f
         .wait_state("keep-1 adopted", |s| {
-            s.name == "keep-1" && s.phase == "Running"
+            s.name == "keep-1" && s.phase().name() == "Running"
         })
         .await;
     assert_eq!(adopted.pid, before.pid, "same task, same PID");
@@ -791,7 +789,7 @@ async fn agent_restart_keeps_running_tasks() {
     common::kill(before.pid as i32, libc::SIGKILL);
     let restarted = f
         .wait_state("keep-1 restarted after kill", |s| {
-            s.name == "keep-1" && s.phase == "Running" && s.restarts == 2
+            s.name == "keep-1" && s.phase().name() == "Running" && s.restarts == 2
         })
         .await;
     assert_ne!(restarted.pid, before.pid);
@@ -827,7 +825,7 @@ async fn removed_or_replaced_instances_leave_nothing_behind() {
     f.sup().set_desired(vec![a2]).await;
     let replaced = f
         .wait_state("a-1 generation 2 Running", |s| {
-            s.name == "a-1" && s.phase == "Running" && s.spec_generation == 2
+            s.name == "a-1" && s.phase().name() == "Running" && s.spec_generation == 2
         })
         .await;
     assert_ne!(replaced.pid, a.pid);
@@ -877,7 +875,7 @@ async fn unknown_image_is_reported_not_hung() {
     let SupervisorReport::State(state) = &found[0].1 else {
         unreachable!()
     };
-    assert_eq!(state.phase, "Pending");
+    assert_eq!(state.phase().name(), "Pending");
     assert!(
         state.message.contains("ironmesh.test/nope:1"),
         "{}",
@@ -984,7 +982,7 @@ async fn network_comes_up_alongside_the_container_and_before_the_task_starts() {
     assert!(
         !f.seen
             .iter()
-            .any(|(_, r)| matches!(r, SupervisorReport::State(s) if s.phase == "Running")),
+            .any(|(_, r)| matches!(r, SupervisorReport::State(s) if s.phase().name() == "Running")),
         "started before the datapath was attached:\n{}",
         f.history()
     );
@@ -1018,7 +1016,7 @@ async fn failed_network_setup_is_reported_and_the_task_waits_for_it() {
             s.name == "f-1" && s.reason == "NetworkSetupError"
         })
         .await;
-    assert_eq!(failed.phase, "Pending");
+    assert_eq!(failed.phase().name(), "Pending");
     assert!(
         failed.message.contains("fake datapath refused f-1"),
         "{}",

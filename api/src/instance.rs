@@ -72,6 +72,9 @@ pub struct InstanceStatus {
     /// PID of the container's init process on its node.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pid: Option<u32>,
+    /// The instance's address, from its node's pod CIDR.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip: Option<String>,
     /// RFC 3339 time the current task started.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub started_at: Option<String>,

@@ -24,6 +24,8 @@
 //!   HTTPRoute): each kind's spec, status and
 //!   rules (a PipelineRun is in [`pipeline`]).
 //! - [`meta`]: object metadata, status conditions and the naming rules.
+//! - [`object`]: the typed object (`Object<Spec, Status>`) the controller
+//!   reads and writes every kind as.
 //! - [`manifest`]: splitting multi-document YAML into JSON documents.
 //! - [`limits`]: size limits on what operators may store, and how sizes
 //!   are shown in messages.
@@ -48,6 +50,7 @@ pub mod manifest;
 pub mod meta;
 pub mod net;
 pub mod node;
+pub mod object;
 pub mod pipeline;
 pub mod policy;
 pub mod quantity;
@@ -62,6 +65,7 @@ pub mod workload;
 pub use kind::{Kind, UnknownKind};
 pub use manifest::{parse_yaml_documents, parse_yaml_documents_numbered, ManifestError};
 pub use meta::{Condition, ConditionStatus, ObjectMeta};
+pub use object::Object;
 pub use validate::{checks, validate, Errors, Spec, Validated, ValidationError};
 
 /// The API version of every kind.

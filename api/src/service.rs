@@ -103,6 +103,9 @@ pub struct ServiceStatus {
     /// Addresses of the ready backends.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub endpoints: Vec<String>,
+    /// Why the Service has no VIP, while it has none.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub message: String,
 }
 
 #[cfg(test)]
@@ -216,6 +219,7 @@ mod tests {
         let s = ServiceStatus {
             cluster_ip: Some("10.96.0.10".into()),
             endpoints: vec!["10.42.0.5".into()],
+            message: String::new(),
         };
         let v = serde_json::to_value(&s).unwrap();
         assert_eq!(

@@ -64,8 +64,10 @@ pub struct VolumeStatus {
     /// The size actually allocated.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub capacity: Option<String>,
+    /// The backend as the node's pool names it (`file`, `btrfs`; agents
+    /// that predate the names may have said `image`), kept as reported.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub backend: Option<VolumeBackend>,
+    pub backend: Option<String>,
     /// Bytes in use, as the node last reported.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub usage_bytes: Option<u64>,
@@ -162,7 +164,7 @@ mod tests {
             usage_bytes: Some(4096),
             reason: String::new(),
             capacity: Some("10Gi".into()),
-            backend: Some(VolumeBackend::File),
+            backend: Some("file".into()),
             message: String::new(),
         };
         let v = serde_json::to_value(&s).unwrap();

@@ -470,14 +470,16 @@ pub struct WorkloadStatus {
     pub ready_replicas: u32,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub instances: Vec<InstanceStatus>,
+    /// Always written, `[]` with no instances.
+    #[serde(default)]
+    pub instances: Vec<InstanceSummary>,
 }
 
-/// One running (or placed) copy of a container.
+/// One of a Workload's Instances as its status lists it (the Instance's
+/// own status is [`crate::instance::InstanceStatus`]).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
-pub struct InstanceStatus {
+pub struct InstanceSummary {
     /// E.g. `web-0`.
     pub name: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -1280,7 +1282,7 @@ mod tests {
             replicas: 2,
             ready_replicas: 1,
             conditions: vec![],
-            instances: vec![InstanceStatus {
+            instances: vec![InstanceSummary {
                 name: "web-0".into(),
                 node: Some("n1".into()),
                 phase: InstancePhase::Running,

@@ -261,7 +261,7 @@ pub async fn operators(cfg: &ClientConfig, command: OperatorCommand) -> anyhow::
             conf.tls_server_name = cfg.tls_server_name.clone();
             conf.registry = cfg.registry.clone();
             let yaml = serde_norway::to_string(&conf)?;
-            ironmesh_daemon::write_file_atomic(&out, yaml.as_bytes(), 0o600)
+            ironmesh_process::write_file_atomic(&out, yaml.as_bytes(), 0o600)
                 .with_context(|| format!("cannot write {}", out.display()))?;
             println!(
                 "operator {name} created with role {}; config written to {}",

@@ -70,7 +70,7 @@ pub async fn connect(cfg: &ClientConfig) -> anyhow::Result<OperatorServiceClient
             anyhow::anyhow!(
                 "cannot reach the controller at {}: {}",
                 cfg.server,
-                ironmesh_daemon::error_chain(&e)
+                ironmesh_process::error_chain(&e)
             )
         })?;
     Ok(OperatorServiceClient::new(channel).max_decoding_message_size(64 << 20))

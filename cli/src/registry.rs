@@ -160,7 +160,7 @@ fn write_auth(path: &Path, registry: &str, user: &str, password: &str) -> anyhow
 }
 
 fn write(path: &Path, data: &[u8], mode: u32) -> anyhow::Result<()> {
-    ironmesh_daemon::write_file_atomic(path, data, mode)
+    ironmesh_process::write_file_atomic(path, data, mode)
         .with_context(|| format!("cannot write {}", path.display()))
 }
 

@@ -521,7 +521,7 @@ pub async fn run(
     cache: Cache,
     ca: Option<Arc<crate::pki::ClusterCa>>,
     metrics: Arc<ControllerMetrics>,
-    shutdown: ironmesh_daemon::Shutdown,
+    shutdown: ironmesh_process::Shutdown,
 ) {
     let mut changes = cache.subscribe();
     changes.mark_changed();
@@ -708,7 +708,7 @@ fn compute(
     let specs: Vec<ironmesh_api::policy::PolicySpec> = view
         .objects(Kind::Policy)
         .values()
-        .filter_map(|p| serde_json::from_value(p.object.get("spec")?.clone()).ok())
+        .filter_map(|p| Some(p.typed::<ironmesh_api::object::Policy>().ok()?.spec))
         .collect();
     let compiled = crate::policy::compile(&specs, &endpoints);
     shared.rules = compiled
@@ -956,7 +956,7 @@ mod tests {
         let a = Assignments::default();
         let registry = &mut prometheus_client::registry::Registry::default();
         let metrics = Arc::new(ControllerMetrics::new(registry));
-        let (shutdown, stop) = ironmesh_daemon::Shutdown::manual();
+        let (shutdown, stop) = ironmesh_process::Shutdown::manual();
         tokio::spawn(run(
             a.clone(),
             cache.clone(),

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
-use ironmesh_daemon::LogFormat;
+use ironmesh_process::LogFormat;
 
 /// The Ironmesh controller: desired state, placement, PKI and the gRPC API.
 ///

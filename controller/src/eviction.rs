@@ -22,7 +22,9 @@
 use std::time::{Duration, SystemTime};
 
 use ironmesh_api::node::Taint;
-use serde_json::{json, Value};
+use ironmesh_api::object::{Instance, Node};
+use ironmesh_api::workload::InstancePhase;
+use ironmesh_api::ConditionStatus;
 
 use crate::resources::{ResourceError, Resources, StoredObject};
 use crate::volumes::VolumeIndex;
@@ -37,34 +39,35 @@ pub struct NodeFacts {
 }
 
 impl NodeFacts {
+    /// The facts of a stored Node; one that does not decode is never
+    /// evicted from (and logged).
     pub fn of(o: &StoredObject) -> NodeFacts {
-        let ready = o
-            .object
-            .pointer("/status/conditions")
-            .and_then(Value::as_array)
-            .and_then(|c| {
-                c.iter()
-                    .find(|c| c.get("type").and_then(Value::as_str) == Some("Ready"))
-            });
-        let not_ready_since = ready
-            .filter(|c| c.get("status").and_then(Value::as_str) == Some("False"))
+        let node = match o.typed::<Node>() {
+            Ok(n) => n,
+            Err(e) => {
+                tracing::warn!(error = %e, "unreadable node; nothing is evicted from it");
+                return NodeFacts {
+                    name: o.name.clone(),
+                    ..Default::default()
+                };
+            }
+        };
+        let not_ready_since = node
+            .status
+            .as_ref()
+            .and_then(|s| s.conditions.iter().find(|c| c.type_ == "Ready"))
+            .filter(|c| c.status == ConditionStatus::False)
             .map(|c| {
-                c.get("lastTransitionTime")
-                    .and_then(Value::as_str)
+                c.last_transition_time
+                    .as_deref()
                     .and_then(crate::resources::parse_rfc3339)
                     // No readable time: count from the epoch, i.e. long ago.
                     .unwrap_or(SystemTime::UNIX_EPOCH)
             });
-        let taints = o
-            .object
-            .pointer("/spec/taints")
-            .cloned()
-            .and_then(|t| serde_json::from_value(t).ok())
-            .unwrap_or_default();
         NodeFacts {
             name: o.name.clone(),
             not_ready_since,
-            taints,
+            taints: node.spec.taints,
         }
     }
 }
@@ -293,41 +296,37 @@ pub async fn apply(
                 message,
             } => {
                 resources
-                    .update(ironmesh_api::Kind::Instance, instance, |cur| {
-                        let mut o = cur?.clone();
-                        if o.pointer("/status/reason").and_then(Value::as_str) == Some(*reason)
-                            && o.pointer("/status/message").and_then(Value::as_str)
-                                == Some(message.as_str())
-                        {
-                            return None;
-                        }
-                        if !o.get("status").is_some_and(Value::is_object) {
-                            o["status"] = json!({});
-                        }
-                        o["status"]["phase"] = json!("Pending");
-                        o["status"]["ready"] = json!(false);
-                        o["status"]["reason"] = json!(reason);
-                        o["status"]["message"] = json!(message);
-                        if *reason == "EvictionPaused" {
-                            let mut events: Vec<ironmesh_api::instance::Event> = o
-                                .pointer("/status/events")
-                                .cloned()
-                                .and_then(|e| serde_json::from_value(e).ok())
-                                .unwrap_or_default();
-                            ironmesh_api::instance::record_event(
-                                &mut events,
-                                ironmesh_api::instance::Event {
-                                    kind: "Warning".into(),
-                                    reason: "EvictionPaused".into(),
-                                    message: message.clone(),
-                                    time: crate::resources::now_rfc3339(),
-                                    count: 1,
-                                },
-                            );
-                            o["status"]["events"] = json!(events);
-                        }
-                        Some(o)
-                    })
+                    .update_typed(
+                        ironmesh_api::Kind::Instance,
+                        instance,
+                        |cur: Option<Instance>| {
+                            let mut o = cur?;
+                            if o.status
+                                .as_ref()
+                                .is_some_and(|s| s.reason == *reason && s.message == *message)
+                            {
+                                return None;
+                            }
+                            let status = o.status_mut();
+                            status.phase = InstancePhase::Pending;
+                            status.ready = false;
+                            status.reason = reason.to_string();
+                            status.message = message.clone();
+                            if *reason == "EvictionPaused" {
+                                ironmesh_api::instance::record_event(
+                                    &mut status.events,
+                                    ironmesh_api::instance::Event {
+                                        kind: "Warning".into(),
+                                        reason: "EvictionPaused".into(),
+                                        message: message.clone(),
+                                        time: crate::resources::now_rfc3339(),
+                                        count: 1,
+                                    },
+                                );
+                            }
+                            Some(o)
+                        },
+                    )
                     .await?;
             }
         }
@@ -340,6 +339,7 @@ mod tests {
     use super::*;
     use ironmesh_api::node::TaintEffect;
     use ironmesh_api::workload::{VolumeMount, WorkloadSpec};
+    use serde_json::{json, Value};
 
     fn spec() -> WorkloadSpec {
         serde_json::from_value(json!({"image": "web:1"})).unwrap()
@@ -519,7 +519,8 @@ mod tests {
             kind: ironmesh_api::Kind::Node,
             name: "h1".into(),
             revision: 1,
-            object: json!({"status": {"conditions": [
+            object: json!({"apiVersion": "ironmesh.dev/v1", "kind": "Node",
+                "metadata": {"name": "h1"}, "spec": {}, "status": {"conditions": [
                 {"type": "Ready", "status": "False", "lastTransitionTime": "2024-01-02T03:04:05Z"}
             ]}}),
         };

@@ -323,7 +323,7 @@ fn issue(
 /// otherwise; and each Gateway's status ([`gateway_status`]).
 pub async fn run_status(
     resources: crate::resources::Resources,
-    shutdown: ironmesh_daemon::Shutdown,
+    shutdown: ironmesh_process::Shutdown,
 ) {
     let Some(cache) = resources.cache().await.cloned() else {
         tracing::warn!("route status needs the cache; not running");

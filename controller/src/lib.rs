@@ -8,7 +8,9 @@
 //! - [`store`]: the revisioned key-value store (atomic, compare-guarded
 //!   transactions, ordered watch) with its embedded (redb) and etcd backends.
 //! - [`resources`]: resource objects on the store: the `/registry/` key
-//!   layout, system-managed metadata and the atomic multi-object apply.
+//!   layout, system-managed metadata, the atomic multi-object apply, and
+//!   the edge between stored JSON and the typed `ironmesh_api::object`
+//!   forms (`StoredObject::typed`, `Resources::update_typed`).
 //! - [`cache`]: a watch-fed view of the store that reconcilers and the node
 //!   API read instead of listing the store.
 //! - [`ha`]: several controllers on one etcd: the lease, the leader
@@ -48,6 +50,8 @@
 //! - [`eviction`]: which instances leave a NotReady or `NoExecute`-tainted
 //!   node, with the unhealthy-share and rate brakes.
 //! - [`workload_identities`]: workload identities, small integers from label sets.
+//! - [`mesh`]: the cluster's default mesh mode and the workload
+//!   certificates it issues to agents.
 //! - [`gateways`]: which nodes serve which Gateway, its routes and
 //!   listener certificates in their assignments; HTTPRoute status.
 //! - [`services`]: a virtual IP from the service CIDR per Service, and its

@@ -329,7 +329,7 @@ pub async fn run_reconciler(
     resources: Resources,
     liveness: Liveness,
     metrics: Arc<ControllerMetrics>,
-    shutdown: ironmesh_daemon::Shutdown,
+    shutdown: ironmesh_process::Shutdown,
 ) {
     let tick = (liveness.grace / 10).clamp(Duration::from_millis(50), Duration::from_millis(500));
     let mut interval = tokio::time::interval(tick);

@@ -34,8 +34,8 @@ fn main() -> anyhow::Result<()> {
 
 async fn run() -> anyhow::Result<()> {
     let cfg = ControllerConfig::parse();
-    ironmesh_daemon::init_logging(cfg.log_format, &cfg.log_level)?;
-    let (shutdown, _tx) = ironmesh_daemon::Shutdown::on_signals()?;
+    ironmesh_process::init_logging(cfg.log_format, &cfg.log_level)?;
+    let (shutdown, _tx) = ironmesh_process::Shutdown::on_signals()?;
     if let Err(e) = ironmesh_controller::server::run(cfg, shutdown).await {
         tracing::error!(error = %e, "controller failed");
         eprintln!("ironmesh-controller: {e}");

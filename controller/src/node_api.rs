@@ -15,6 +15,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::Stream;
+use ironmesh_api::instance::InstanceStatus;
+use ironmesh_api::object::Instance;
 use ironmesh_api::Kind;
 use ironmesh_proto::v1::{
     agent_message, controller_message, node_service_server::NodeService, AgentMessage,
@@ -23,6 +25,7 @@ use ironmesh_proto::v1::{
     QueueItem, QueueLeaseRequest, QueueLeaseResponse, QueuePushRequest, QueuePushResponse,
     RenewCertificateRequest, Settings, Welcome, WorkloadCertificate,
 };
+use serde::Deserialize;
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -54,7 +57,7 @@ pub struct NodeApi {
     pub assignments: crate::assignments::Assignments,
     pub mesh: crate::mesh::MeshSettings,
     /// Ends every Sync stream with `UNAVAILABLE: controller shutting down`.
-    pub shutdown: ironmesh_daemon::Shutdown,
+    pub shutdown: ironmesh_process::Shutdown,
 }
 
 /// The caller's verified certificate.
@@ -772,12 +775,18 @@ async fn record_instance_states(
     names.sort();
     resources
         .update_many(Kind::Instance, &names, |name, cur| {
-            match (cur, by_name.get(name)) {
-                (Some(cur), Some(st)) => instance_with_state(cur, node, st).map_or(
+            let (Some(cur), Some(st)) = (cur, by_name.get(name)) else {
+                return crate::resources::Change::Keep;
+            };
+            match Instance::deserialize(cur) {
+                Ok(cur) => instance_with_state(cur, node, st).map_or(
                     crate::resources::Change::Keep,
-                    crate::resources::Change::Put,
+                    |o| crate::resources::Change::Put(crate::resources::to_json(&o)),
                 ),
-                _ => crate::resources::Change::Keep,
+                Err(e) => {
+                    tracing::warn!(instance = %name, error = %e, "unreadable instance; report ignored");
+                    crate::resources::Change::Keep
+                }
             }
         })
         .await
@@ -787,46 +796,30 @@ async fn record_instance_states(
 
 /// The instance object with the reported state as its status, or `None`
 /// when the report does not apply to it.
-pub(crate) fn instance_with_state(cur: &Value, node: &str, st: &InstanceState) -> Option<Value> {
-    let mut o = cur.clone();
-    if o.pointer("/spec/node").and_then(Value::as_str) != Some(node)
-        || o.pointer("/spec/workloadGeneration")
-            .and_then(Value::as_u64)
-            != Some(st.spec_generation)
-    {
+pub(crate) fn instance_with_state(
+    mut o: Instance,
+    node: &str,
+    st: &InstanceState,
+) -> Option<Instance> {
+    if o.spec.node.as_deref() != Some(node) || o.spec.workload_generation != st.spec_generation {
         return None;
     }
     let started_at = (st.started_unix_ms > 0).then(|| {
         crate::resources::rfc3339(unix_time(Duration::from_millis(st.started_unix_ms as u64)))
     });
-    let events = o.pointer("/status/events").cloned();
-    let mut status = json!({
-        "phase": crate::workloads::parse_phase(&st.phase),
-        "ready": st.ready,
-        "restarts": st.restarts,
+    let events = o.status.take().map(|s| s.events).unwrap_or_default();
+    o.status = Some(InstanceStatus {
+        phase: crate::workloads::phase_of(st.phase()),
+        ready: st.ready,
+        restarts: st.restarts,
+        exit_code: st.exit_code,
+        reason: st.reason.clone(),
+        message: st.message.clone(),
+        pid: (st.pid > 0).then_some(st.pid),
+        ip: (!st.ip.is_empty()).then(|| st.ip.clone()),
+        started_at,
+        events,
     });
-    if st.has_exit_code {
-        status["exitCode"] = json!(st.exit_code);
-    }
-    if !st.reason.is_empty() {
-        status["reason"] = json!(st.reason);
-    }
-    if !st.message.is_empty() {
-        status["message"] = json!(st.message);
-    }
-    if st.pid > 0 {
-        status["pid"] = json!(st.pid);
-    }
-    if let Some(t) = &started_at {
-        status["startedAt"] = json!(t);
-    }
-    if !st.ip.is_empty() {
-        status["ip"] = json!(st.ip);
-    }
-    if let Some(ev) = events {
-        status["events"] = ev;
-    }
-    o["status"] = status;
     Some(o)
 }
 
@@ -857,21 +850,12 @@ async fn record_instance_event(
         count: 1,
     };
     resources
-        .update(Kind::Instance, &ev.instance, |cur| {
-            let mut o = cur?.clone();
-            if o.pointer("/spec/node").and_then(Value::as_str) != Some(node) {
+        .update_typed(Kind::Instance, &ev.instance, |cur: Option<Instance>| {
+            let mut o = cur?;
+            if o.spec.node.as_deref() != Some(node) {
                 return None;
             }
-            let mut events: Vec<ironmesh_api::instance::Event> = o
-                .pointer("/status/events")
-                .cloned()
-                .and_then(|v| serde_json::from_value(v).ok())
-                .unwrap_or_default();
-            ironmesh_api::instance::record_event(&mut events, event.clone());
-            if !o.get("status").is_some_and(Value::is_object) {
-                o["status"] = json!({});
-            }
-            o["status"]["events"] = json!(events);
+            ironmesh_api::instance::record_event(&mut o.status_mut().events, event.clone());
             Some(o)
         })
         .await
@@ -1081,14 +1065,15 @@ mod tests {
             Some(
                 json!({"apiVersion": ironmesh_api::API_VERSION, "kind": "Instance",
                 "metadata": {"name": "web-0"},
-                "spec": {"node": "n1", "workloadGeneration": 1}}),
+                "spec": {"workload": "web", "node": "n1", "workloadGeneration": 1,
+                         "template": {"image": "busybox", "replicas": 1}}}),
             )
         })
         .await
         .unwrap();
         let st = InstanceState {
             name: "web-0".into(),
-            phase: "Running".into(),
+            phase: ironmesh_proto::v1::InstancePhase::Running.into(),
             ready: true,
             pid: 42,
             spec_generation: 1,

@@ -61,7 +61,7 @@ pub struct OperatorApi {
     pub ui: Option<crate::ui::auth::Auth>,
     /// Ends watch, log and flow streams with `UNAVAILABLE: controller
     /// shutting down`.
-    pub shutdown: ironmesh_daemon::Shutdown,
+    pub shutdown: ironmesh_process::Shutdown,
 }
 
 fn manifest_status(e: crate::images::manifests::ManifestError) -> Status {

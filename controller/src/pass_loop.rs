@@ -24,7 +24,7 @@ pub async fn run<F, Fut>(
     resources: &Resources,
     name: &'static str,
     retry: Duration,
-    shutdown: ironmesh_daemon::Shutdown,
+    shutdown: ironmesh_process::Shutdown,
     mut pass: F,
 ) where
     F: FnMut() -> Fut,

@@ -21,6 +21,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use ironmesh_api::instance::{InstanceSpec, InstanceStatus, TaskRef};
+use ironmesh_api::object::{Instance, Pipeline, PipelineRun};
 use ironmesh_api::pipeline::{
     IndexStatus, PipelineRunSpec, PipelineRunStatus, PipelineSpec, RunPhase, Schedule, Step,
     StepMode, StepStatus, PIPELINE_LABEL, PIPELINE_RUN_ENV, QUEUE_SOCKET, QUEUE_SOCKET_ENV,
@@ -29,7 +30,7 @@ use ironmesh_api::pipeline::{
 use ironmesh_api::selector::LabelSelector;
 use ironmesh_api::workload::{EnvVar, InstancePhase, RestartPolicy, VolumeMount, WorkloadSpec};
 use ironmesh_api::Kind;
-use serde_json::{json, Value};
+use serde_json::json;
 
 use crate::queue::Queue;
 use crate::resources::{parse_rfc3339, rfc3339, ResourceError, Resources, StoredObject};
@@ -47,7 +48,7 @@ pub const SCHEDULED_HISTORY: usize = 10;
 pub async fn run(
     resources: Resources,
     metrics: std::sync::Arc<crate::metrics::ControllerMetrics>,
-    shutdown: ironmesh_daemon::Shutdown,
+    shutdown: ironmesh_process::Shutdown,
 ) {
     let (res, metrics) = (&resources, &metrics);
     crate::pass_loop::run(res, "pipelines", RESYNC, shutdown, || async move {
@@ -144,12 +145,10 @@ pub async fn reconcile(
         .await?;
 
     let mut wake = Duration::from_secs(3600);
+    let pipelines: Vec<Pipeline> = pipelines.iter().filter_map(|p| p.typed().ok()).collect();
     let pipeline_specs: HashMap<String, PipelineSpec> = pipelines
         .iter()
-        .filter_map(|p| {
-            let spec = serde_json::from_value(p.object.get("spec")?.clone()).ok()?;
-            Some((p.name.clone(), spec))
-        })
+        .map(|p| (p.name().to_string(), p.spec.clone()))
         .collect();
     let runs: Vec<RunView> = runs.iter().filter_map(run_view).collect();
     let mut phases: BTreeMap<&'static str, i64> = BTreeMap::new();
@@ -165,28 +164,18 @@ pub async fn reconcile(
 
     let mut by_run: HashMap<String, Vec<TaskInstance>> = HashMap::new();
     for o in &instances {
-        let Some(spec) = o
-            .object
-            .get("spec")
-            .and_then(|s| serde_json::from_value::<InstanceSpec>(s.clone()).ok())
-        else {
+        let Ok(i) = o.typed::<Instance>() else {
             continue;
         };
-        let Some(task) = spec.task else { continue };
-        let status: InstanceStatus = o
-            .object
-            .get("status")
-            .cloned()
-            .and_then(|s| serde_json::from_value(s).ok())
-            .unwrap_or_default();
+        let Some(task) = i.spec.task else { continue };
         by_run
             .entry(task.run.clone())
             .or_default()
             .push(TaskInstance {
                 name: o.name.clone(),
                 task,
-                node: spec.node,
-                status,
+                node: i.spec.node,
+                status: i.status.unwrap_or_default(),
             });
     }
 
@@ -235,26 +224,14 @@ pub async fn reconcile(
 }
 
 fn run_view(o: &StoredObject) -> Option<RunView> {
-    let spec: PipelineRunSpec = serde_json::from_value(o.object.get("spec")?.clone()).ok()?;
-    let status: PipelineRunStatus = o
-        .object
-        .get("status")
-        .cloned()
-        .and_then(|s| serde_json::from_value(s).ok())
-        .unwrap_or_default();
-    let labels = crate::resources::labels_of(&o.object);
+    let run: PipelineRun = o.typed().ok()?;
     Some(RunView {
         name: o.name.clone(),
-        pipeline: spec.pipeline.clone(),
-        scheduled: labels.get(SCHEDULED_LABEL).map(String::as_str) == Some("true"),
-        spec,
-        status,
-        created: o
-            .object
-            .pointer("/metadata/creationTimestamp")
-            .and_then(Value::as_str)
-            .unwrap_or_default()
-            .to_string(),
+        pipeline: run.spec.pipeline.clone(),
+        scheduled: run.metadata.labels.get(SCHEDULED_LABEL).map(String::as_str) == Some("true"),
+        spec: run.spec,
+        status: run.status.unwrap_or_default(),
+        created: run.metadata.creation_timestamp.unwrap_or_default(),
     })
 }
 
@@ -263,25 +240,26 @@ fn run_view(o: &StoredObject) -> Option<RunView> {
 /// runs, and says when the next firing is due.
 async fn fire_schedule(
     resources: &Resources,
-    p: &StoredObject,
+    p: &Pipeline,
     runs: &[RunView],
     now: SystemTime,
 ) -> Result<Option<Duration>, PipelineError> {
-    let Some(expr) = p.object.pointer("/spec/schedule").and_then(Value::as_str) else {
+    let Some(expr) = p.spec.schedule.as_deref() else {
         return Ok(None);
     };
+    let name = p.name();
     let schedule = match Schedule::parse(expr) {
         Ok(s) => s,
         Err(e) => {
-            tracing::warn!(pipeline = %p.name, error = %e, "unusable schedule");
+            tracing::warn!(pipeline = %name, error = %e, "unusable schedule");
             return Ok(None);
         }
     };
     let since = p
-        .object
-        .pointer("/status/lastScheduleTime")
-        .or_else(|| p.object.pointer("/metadata/creationTimestamp"))
-        .and_then(Value::as_str)
+        .status
+        .as_ref()
+        .and_then(|s| s.last_schedule_time.as_deref())
+        .or(p.metadata.creation_timestamp.as_deref())
         .and_then(parse_rfc3339)
         .map(unix)
         .unwrap_or_else(|| unix(now));
@@ -296,32 +274,41 @@ async fn fire_schedule(
     while let Some(n) = schedule.next_after(due).filter(|n| *n <= now_s) {
         due = n;
     }
-    let name = object_name(&[&p.name, &due.to_string()]);
-    let object = json!({
-        "apiVersion": ironmesh_api::API_VERSION,
-        "kind": "PipelineRun",
-        "metadata": {"name": name, "labels": {PIPELINE_LABEL: p.name, SCHEDULED_LABEL: "true"}},
-        "spec": {"pipeline": p.name},
-    });
+    let pipeline = name;
+    let name = object_name(&[pipeline, &due.to_string()]);
+    let mut object = PipelineRun::new(
+        Kind::PipelineRun,
+        name.clone(),
+        PipelineRunSpec {
+            pipeline: pipeline.to_string(),
+            parameters: BTreeMap::new(),
+            cancel: false,
+        },
+    );
+    object.metadata.labels = BTreeMap::from([
+        (PIPELINE_LABEL.to_string(), pipeline.to_string()),
+        (SCHEDULED_LABEL.to_string(), "true".to_string()),
+    ]);
     resources
-        .update(Kind::PipelineRun, &name, |cur| {
+        .update_typed(Kind::PipelineRun, &name, |cur: Option<PipelineRun>| {
             cur.is_none().then(|| object.clone())
         })
         .await?;
     let fired = rfc3339(UNIX_EPOCH + Duration::from_secs(due));
     resources
-        .update(Kind::Pipeline, &p.name, |cur| {
-            let mut o = cur?.clone();
-            o["status"]["lastScheduleTime"] = json!(fired);
-            o["status"]["lastRun"] = json!(name);
+        .update_typed(Kind::Pipeline, pipeline, |cur: Option<Pipeline>| {
+            let mut o = cur?;
+            let status = o.status_mut();
+            status.last_schedule_time = Some(fired.clone());
+            status.last_run = Some(name.clone());
             Some(o)
         })
         .await?;
-    tracing::info!(pipeline = %p.name, run = %name, "schedule fired");
+    tracing::info!(pipeline = %pipeline, run = %name, "schedule fired");
 
     let mut finished: Vec<&RunView> = runs
         .iter()
-        .filter(|r| r.scheduled && r.pipeline == p.name && r.status.phase.is_finished())
+        .filter(|r| r.scheduled && r.pipeline == pipeline && r.status.phase.is_finished())
         .collect();
     if finished.len() > SCHEDULED_HISTORY {
         finished.sort_by(|a, b| a.created.cmp(&b.created));
@@ -734,17 +721,19 @@ async fn create_instance(
             worker: step.mode == StepMode::Worker,
         }),
     };
-    let object = json!({
-        "apiVersion": ironmesh_api::API_VERSION,
-        "kind": "Instance",
-        "metadata": {"name": name, "labels": {
-            RUN_LABEL: r.name, PIPELINE_LABEL: r.pipeline, STEP_LABEL: step.name,
-        }},
-        "spec": instance,
-        "status": {"phase": "Pending", "reason": "Scheduling"},
+    let mut object = Instance::new(Kind::Instance, name.clone(), instance);
+    object.metadata.labels = BTreeMap::from([
+        (RUN_LABEL.to_string(), r.name.clone()),
+        (PIPELINE_LABEL.to_string(), r.pipeline.clone()),
+        (STEP_LABEL.to_string(), step.name.clone()),
+    ]);
+    object.status = Some(InstanceStatus {
+        phase: InstancePhase::Pending,
+        reason: "Scheduling".into(),
+        ..Default::default()
     });
     let created = resources
-        .update(Kind::Instance, &name, |cur| {
+        .update_typed(Kind::Instance, &name, |cur: Option<Instance>| {
             cur.is_none().then(|| object.clone())
         })
         .await?;
@@ -759,11 +748,10 @@ async fn write_status(
     run: &str,
     st: &PipelineRunStatus,
 ) -> Result<(), PipelineError> {
-    let value = serde_json::to_value(st).unwrap_or(Value::Null);
     resources
-        .update(Kind::PipelineRun, run, |cur| {
-            let mut o = cur?.clone();
-            o["status"] = value.clone();
+        .update_typed(Kind::PipelineRun, run, |cur: Option<PipelineRun>| {
+            let mut o = cur?;
+            o.status = Some(st.clone());
             Some(o)
         })
         .await?;
@@ -773,6 +761,7 @@ async fn write_status(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::Value;
 
     #[test]
     fn names_are_dns_labels_and_stay_unique_when_long() {

@@ -433,7 +433,7 @@ pub fn write_public(path: &Path, data: &[u8]) -> Result<(), PkiError> {
 }
 
 fn write_atomic(path: &Path, data: &[u8], mode: u32) -> Result<(), PkiError> {
-    ironmesh_daemon::write_file_atomic(path, data, mode).map_err(|source| PkiError::Io {
+    ironmesh_process::write_file_atomic(path, data, mode).map_err(|source| PkiError::Io {
         action: "write",
         path: path.to_path_buf(),
         source,

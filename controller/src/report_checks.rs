@@ -191,7 +191,6 @@ pub fn check_instance_states(states: &[InstanceState], pod_cidr: Ipv4Cidr) -> Re
             }
         }
         check_unix_ms(&field("started_unix_ms"), st.started_unix_ms)?;
-        check_len(&field("phase"), &st.phase, MAX_SHORT)?;
         check_len(&field("reason"), &st.reason, MAX_SHORT)?;
         check_len(&field("message"), &st.message, MAX_TEXT)?;
     }
@@ -443,11 +442,10 @@ mod fuzz {
                 full: true,
                 instances: vec![InstanceState {
                     name: "web-0".into(),
-                    phase: "Running".into(),
+                    phase: ironmesh_proto::v1::InstancePhase::Running.into(),
                     ready: true,
                     restarts: 2,
-                    has_exit_code: true,
-                    exit_code: 1,
+                    exit_code: Some(1),
                     reason: "Exited".into(),
                     message: "m".into(),
                     pid: 42,
@@ -536,15 +534,19 @@ mod fuzz {
     fn fuzz_agent_reports() {
         let seeds = seeds();
         let cidr: Ipv4Cidr = "10.244.1.0/24".parse().unwrap();
-        let current = serde_json::json!({"apiVersion": "ironmesh.dev/v1", "kind": "Instance",
-            "metadata": {"name": "web-0"}, "spec": {"node": "n1", "workloadGeneration": 1},
-            "status": {"events": []}});
+        let current: ironmesh_api::object::Instance = serde_json::from_value(serde_json::json!({
+            "apiVersion": "ironmesh.dev/v1", "kind": "Instance",
+            "metadata": {"name": "web-0"},
+            "spec": {"workload": "web", "node": "n1", "workloadGeneration": 1,
+                     "template": {"image": "busybox", "replicas": 1}},
+            "status": {"events": []}}))
+        .unwrap();
         ironmesh_api::fuzz::run_counted("agent-reports", |rng| {
             if rng.random_bool(0.5) {
                 // Structured: well-framed messages with values at the edges.
                 let st = InstanceState {
                     name: text(rng),
-                    phase: text(rng),
+                    phase: rng.random_range(-1..6),
                     reason: text(rng),
                     message: text(rng),
                     ip: if rng.random_bool(0.5) {
@@ -555,8 +557,7 @@ mod fuzz {
                     started_unix_ms: edge_i64(rng),
                     restarts: rng.random(),
                     pid: rng.random(),
-                    has_exit_code: rng.random(),
-                    exit_code: rng.random(),
+                    exit_code: rng.random_bool(0.5).then(|| rng.random()),
                     ready: rng.random(),
                     spec_generation: if rng.random_bool(0.5) {
                         1
@@ -600,7 +601,7 @@ mod fuzz {
                 };
                 {
                     if check_instance_states(std::slice::from_ref(&st), cidr).is_ok() {
-                        let _ = crate::node_api::instance_with_state(&current, "n1", &st);
+                        let _ = crate::node_api::instance_with_state(current.clone(), "n1", &st);
                     }
                     if check_inventory(&inv).is_ok() {
                         let _ = crate::node_api::inventory_status(&inv);
@@ -627,7 +628,7 @@ mod fuzz {
                         if check_instance_states(&rep.instances, cidr).is_ok() =>
                     {
                         for st in &rep.instances {
-                            let _ = crate::node_api::instance_with_state(&current, "n1", st);
+                            let _ = crate::node_api::instance_with_state(current.clone(), "n1", st);
                         }
                     }
                     Some(Msg::Event(ev)) => {

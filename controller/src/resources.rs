@@ -41,6 +41,22 @@ pub struct StoredObject {
     pub revision: Revision,
 }
 
+impl StoredObject {
+    /// The object as its typed form, e.g. [`ironmesh_api::object::Instance`].
+    pub fn typed<T: serde::de::DeserializeOwned>(&self) -> Result<T, ResourceError> {
+        T::deserialize(&self.object).map_err(|e| ResourceError::Corrupt {
+            kind: self.kind,
+            name: self.name.clone(),
+            message: e.to_string(),
+        })
+    }
+}
+
+/// A typed object as the JSON the store keeps (the store edge).
+pub fn to_json<T: serde::Serialize>(object: &T) -> Value {
+    serde_json::to_value(object).unwrap_or(Value::Null)
+}
+
 /// What apply did with one object.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Applied {
@@ -462,6 +478,35 @@ impl Resources {
             }
         }
         Err(ResourceError::Contended(format!("{kind} {name:?}")))
+    }
+}
+
+impl Resources {
+    /// [`Resources::update`] through the typed form `T` of the object: `f`
+    /// gets the current object decoded (`None` when there is none) and
+    /// returns the new one, or `None` to leave it alone. A stored object
+    /// that does not decode is left alone (and logged).
+    pub async fn update_typed<T, F>(
+        &self,
+        kind: Kind,
+        name: &str,
+        mut f: F,
+    ) -> Result<Option<Revision>, ResourceError>
+    where
+        T: serde::de::DeserializeOwned + serde::Serialize,
+        F: FnMut(Option<T>) -> Option<T> + Send,
+    {
+        self.update(kind, name, |cur| {
+            let cur = match cur.map(T::deserialize).transpose() {
+                Ok(cur) => cur,
+                Err(e) => {
+                    tracing::warn!(%kind, name, error = %e, "stored object unreadable; left as it is");
+                    return None;
+                }
+            };
+            f(cur).map(|next| to_json(&next))
+        })
+        .await
     }
 }
 

@@ -11,7 +11,7 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use ironmesh_daemon::Shutdown;
+use ironmesh_process::Shutdown;
 use ironmesh_proto::v1::{
     node_service_server::NodeServiceServer, operator_service_server::OperatorServiceServer,
 };
@@ -51,7 +51,7 @@ pub enum ServerError {
     #[error(transparent)]
     Seal(#[from] crate::secret_seal::SealError),
     #[error(transparent)]
-    Daemon(#[from] ironmesh_daemon::DaemonError),
+    Daemon(#[from] ironmesh_process::DaemonError),
     #[error("cannot listen on {addr}: {source}")]
     Bind {
         addr: SocketAddr,
@@ -118,7 +118,7 @@ pub async fn run(cfg: ControllerConfig, shutdown: Shutdown) -> Result<(), Server
         metrics.store_revision.set(rev as i64);
     }
     let (metrics_addr, metrics_task) =
-        ironmesh_daemon::serve_metrics(cfg.metrics_listen, Arc::new(registry), shutdown.clone())
+        ironmesh_process::serve_metrics(cfg.metrics_listen, Arc::new(registry), shutdown.clone())
             .await?;
 
     let liveness = Liveness::paced(

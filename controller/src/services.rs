@@ -12,11 +12,10 @@ use std::net::Ipv4Addr;
 use std::time::Duration;
 
 use ironmesh_api::net::Ipv4Cidr;
+use ironmesh_api::object::Service;
 use ironmesh_api::selector::LabelSelector;
-use ironmesh_api::service::ServiceSpec;
 use ironmesh_api::Kind;
 use ironmesh_proto::v1::{ServiceBackend, ServiceEntry};
-use serde_json::{json, Value};
 
 use crate::resources::{ResourceError, Resources, StoredObject};
 use crate::store::{Compare, Op, TxnOutcome};
@@ -26,7 +25,7 @@ const RESYNC: Duration = Duration::from_secs(2);
 
 /// Runs VIP allocation after every change to Services (and every few
 /// seconds) until `shutdown`.
-pub async fn run(resources: Resources, cidr: Ipv4Cidr, shutdown: ironmesh_daemon::Shutdown) {
+pub async fn run(resources: Resources, cidr: Ipv4Cidr, shutdown: ironmesh_process::Shutdown) {
     use futures::{FutureExt, StreamExt};
     let stopped = shutdown.clone().wait();
     tokio::pin!(stopped);
@@ -91,15 +90,19 @@ pub async fn reconcile(resources: &Resources, cidr: Ipv4Cidr) -> Result<(), Reso
         }
     }
     for svc in &services {
-        let current = svc
-            .object
-            .pointer("/status/clusterIP")
-            .and_then(Value::as_str)
+        let Ok(typed) = svc.typed::<Service>() else {
+            tracing::warn!(service = %svc.name, "unreadable service; no VIP");
+            continue;
+        };
+        let current = typed
+            .status
+            .as_ref()
+            .and_then(|s| s.cluster_ip.as_deref())
             .and_then(|s| s.parse::<Ipv4Addr>().ok());
         if current.is_some_and(|ip| owner_of.get(&ip) == Some(&svc.name)) {
             continue;
         }
-        match claim(resources, svc, cidr, &owner_of).await? {
+        match claim(resources, &typed, cidr, &owner_of).await? {
             Ok(ip) => {
                 owner_of.insert(ip, svc.name.clone());
                 write_status(resources, &svc.name, Some(ip), None).await?;
@@ -117,15 +120,11 @@ pub async fn reconcile(resources: &Resources, cidr: Ipv4Cidr) -> Result<(), Reso
 /// Claims the requested or the lowest free address; `Err` says why not.
 async fn claim(
     resources: &Resources,
-    svc: &StoredObject,
+    svc: &Service,
     cidr: Ipv4Cidr,
     owners: &BTreeMap<Ipv4Addr, String>,
 ) -> Result<Result<Ipv4Addr, String>, ResourceError> {
-    let requested = svc
-        .object
-        .pointer("/spec/clusterIP")
-        .and_then(Value::as_str)
-        .filter(|s| !s.is_empty());
+    let requested = svc.spec.cluster_ip.as_deref().filter(|s| !s.is_empty());
     let candidates: Vec<Ipv4Addr> = match requested {
         Some(r) => match r.parse::<Ipv4Addr>() {
             Ok(ip) if cidr.contains(ip) => vec![ip],
@@ -144,7 +143,7 @@ async fn claim(
     };
     for ip in candidates {
         if let Some(owner) = owners.get(&ip) {
-            if owner != &svc.name {
+            if owner != svc.name() {
                 return Ok(Err(format!("{ip} is already the VIP of service {owner:?}")));
             }
         }
@@ -153,7 +152,7 @@ async fn claim(
             compares: vec![Compare::Absent(key.clone())],
             ops: vec![Op::Put {
                 key,
-                value: svc.name.as_bytes().to_vec(),
+                value: svc.name().as_bytes().to_vec(),
             }],
         };
         if let TxnOutcome::Committed(_) = resources.store().txn(txn).await? {
@@ -170,19 +169,15 @@ async fn write_status(
     problem: Option<&str>,
 ) -> Result<(), ResourceError> {
     resources
-        .update(Kind::Service, name, |cur| {
-            let mut o = cur?.clone();
-            if !o.get("status").is_some_and(Value::is_object) {
-                o["status"] = json!({});
-            }
+        .update_typed(Kind::Service, name, |cur: Option<Service>| {
+            let mut o = cur?;
+            let status = o.status_mut();
             match ip {
                 Some(ip) => {
-                    o["status"]["clusterIP"] = json!(ip.to_string());
-                    if let Some(m) = o["status"].as_object_mut() {
-                        m.remove("message");
-                    }
+                    status.cluster_ip = Some(ip.to_string());
+                    status.message.clear();
                 }
-                None => o["status"]["message"] = json!(problem.unwrap_or_default()),
+                None => status.message = problem.unwrap_or_default().to_string(),
             }
             Some(o)
         })
@@ -201,18 +196,15 @@ pub struct ReadyInstance {
 pub fn endpoints(services: &[StoredObject], ready: &[ReadyInstance]) -> Vec<ServiceEntry> {
     let mut out = Vec::new();
     for svc in services {
-        let Some(vip) = svc
-            .object
-            .pointer("/status/clusterIP")
-            .and_then(Value::as_str)
+        let Ok(Service {
+            spec,
+            status: Some(status),
+            ..
+        }) = svc.typed::<Service>()
         else {
             continue;
         };
-        let Some(spec) = svc
-            .object
-            .get("spec")
-            .and_then(|s| serde_json::from_value::<ServiceSpec>(s.clone()).ok())
-        else {
+        let Some(vip) = status.cluster_ip.as_deref() else {
             continue;
         };
         let picked: Vec<&ReadyInstance> = ready

@@ -24,7 +24,7 @@ use tokio_rustls::rustls::{RootCertStore, ServerConfig};
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 
-use ironmesh_daemon::Shutdown;
+use ironmesh_process::Shutdown;
 
 use crate::pki::{ClusterCa, Identity};
 

@@ -18,6 +18,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use ironmesh_api::object::Source;
 use ironmesh_api::selector::LabelSelector;
 use ironmesh_api::source::{SourceSpec, SourceStatus};
 use ironmesh_api::{Condition, ConditionStatus, Kind, Validated};
@@ -64,7 +65,7 @@ pub enum SyncResult {
 }
 
 /// Runs the Source reconciler until `shutdown`.
-pub async fn run(resources: Resources, data_dir: PathBuf, shutdown: ironmesh_daemon::Shutdown) {
+pub async fn run(resources: Resources, data_dir: PathBuf, shutdown: ironmesh_process::Shutdown) {
     use futures::{FutureExt, StreamExt};
     let cache = data_dir.join("sources");
     let stopped = shutdown.clone().wait();
@@ -109,7 +110,7 @@ pub async fn run(resources: Resources, data_dir: PathBuf, shutdown: ironmesh_dae
 
 /// What the reconciler remembers about one Source between passes.
 struct Tracked {
-    spec: Value,
+    spec: SourceSpec,
     next: Instant,
     /// The commit applied with `spec`, so an unchanged commit is not
     /// applied again.
@@ -134,22 +135,21 @@ async fn pass(
         keep
     });
     for src in &sources {
-        let spec_json = src.object.get("spec").cloned().unwrap_or(Value::Null);
+        let spec = match src.typed::<Source>() {
+            Ok(s) => s.spec,
+            Err(e) => {
+                tracing::warn!(source = %src.name, error = %e, "unreadable Source");
+                continue;
+            }
+        };
         let now = Instant::now();
         let (due, applied) = match tracked.get(&src.name) {
-            Some(t) if t.spec == spec_json => (now >= t.next, t.applied.clone()),
+            Some(t) if t.spec == spec => (now >= t.next, t.applied.clone()),
             _ => (true, None),
         };
         if !due {
             continue;
         }
-        let spec: SourceSpec = match serde_json::from_value(spec_json.clone()) {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::warn!(source = %src.name, error = %e, "unreadable Source spec");
-                continue;
-            }
-        };
         let result = sync(resources, cache, &src.name, &spec, applied.as_deref()).await;
         let applied = match &result {
             Some(SyncResult::Applied { commit, .. }) => Some(commit.clone()),
@@ -159,19 +159,16 @@ async fn pass(
         tracked.insert(
             src.name.clone(),
             Tracked {
-                spec: spec_json,
+                spec: spec.clone(),
                 next: now + Duration::from_secs(u64::from(spec.interval_seconds.max(1))),
                 applied,
             },
         );
         let now_s = now_rfc3339();
         resources
-            .update(Kind::Source, &src.name, |cur| {
-                let mut obj = cur?.clone();
-                let prev: SourceStatus = obj
-                    .get("status")
-                    .and_then(|s| serde_json::from_value(s.clone()).ok())
-                    .unwrap_or_default();
+            .update_typed(Kind::Source, &src.name, |cur: Option<Source>| {
+                let mut obj = cur?;
+                let prev = obj.status.take().unwrap_or_default();
                 let status = match &result {
                     Some(r) => next_status(prev, r, &now_s),
                     None => SourceStatus {
@@ -179,7 +176,7 @@ async fn pass(
                         ..prev
                     },
                 };
-                obj["status"] = serde_json::to_value(status).ok()?;
+                obj.status = Some(status);
                 Some(obj)
             })
             .await?;

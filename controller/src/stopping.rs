@@ -5,7 +5,7 @@
 use std::pin::Pin;
 
 use futures::{Stream, StreamExt};
-use ironmesh_daemon::Shutdown;
+use ironmesh_process::Shutdown;
 use tonic::Status;
 
 /// A boxed response stream, as the services return them.

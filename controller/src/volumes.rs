@@ -30,8 +30,9 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use ironmesh_api::object::{Instance, Volume, Workload};
 use ironmesh_api::selector::LabelSelector;
-use ironmesh_api::volume::{VolumeBackend, VolumeSpec};
+use ironmesh_api::volume::{VolumePhase, VolumeSpec, VolumeStatus};
 use ironmesh_api::workload::WorkloadSpec;
 use ironmesh_api::Kind;
 use ironmesh_proto::v1::{InstanceVolume, StorageReport, VolumeAssignment};
@@ -52,17 +53,29 @@ pub fn removals_prefix(node: &str) -> String {
 /// The removal record (key and value) a deleted Volume leaves for the
 /// node it was bound to; `None` for a Volume never bound (no data).
 pub fn removal_record(volume: &StoredObject) -> Option<(String, Vec<u8>)> {
-    let (node, pool, backend) = binding_of(&volume.object)?;
-    let value = json!({
-        "uid": volume.object.pointer("/metadata/uid"),
-        "pool": pool,
-        "backend": backend,
-        "deletedAt": crate::resources::now_rfc3339(),
-    });
+    let v = volume_of(volume)?;
+    let (node, pool, backend) = binding_of(&v)?;
+    let record = RemovalRecord {
+        uid: v.metadata.uid,
+        pool,
+        backend,
+        deleted_at: crate::resources::now_rfc3339(),
+    };
     Some((
         format!("{}{}", removals_prefix(&node), volume.name),
-        value.to_string().into_bytes(),
+        serde_json::to_vec(&record).ok()?,
     ))
+}
+
+/// The value of a removal record.
+#[derive(serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+struct RemovalRecord {
+    /// The deleted Volume's uid (`null` when it had none).
+    uid: Option<String>,
+    pool: String,
+    backend: String,
+    deleted_at: String,
 }
 
 /// `(node, volume)` of a removal record's key.
@@ -75,7 +88,7 @@ pub fn parse_removal_key(key: &str) -> Option<(&str, &str)> {
 const RESYNC: Duration = Duration::from_secs(2);
 
 /// Runs binding passes until `shutdown` (leader only).
-pub async fn run(resources: Resources, shutdown: ironmesh_daemon::Shutdown) {
+pub async fn run(resources: Resources, shutdown: ironmesh_process::Shutdown) {
     use futures::{FutureExt, StreamExt};
     let stopped = shutdown.clone().wait();
     tokio::pin!(stopped);
@@ -170,7 +183,8 @@ fn node_pools(o: &StoredObject) -> NodePools {
     }
 }
 
-fn backend_str(b: VolumeBackend) -> &'static str {
+fn backend_str(b: ironmesh_api::volume::VolumeBackend) -> &'static str {
+    use ironmesh_api::volume::VolumeBackend;
     match b {
         VolumeBackend::File => "file",
         VolumeBackend::Btrfs => "btrfs",
@@ -267,11 +281,11 @@ pub async fn reconcile(resources: &Resources) -> Result<(), ResourceError> {
     let mut booked: BTreeMap<(String, String), u64> = BTreeMap::new();
     let mut unbound = Vec::new();
     for v in &volumes {
-        let Some(spec) = volume_spec(v) else { continue };
-        let size = spec.size.bytes().unwrap_or(0);
-        match binding_of(&v.object) {
+        let Some(volume) = volume_of(v) else { continue };
+        let size = volume.spec.size.bytes().unwrap_or(0);
+        match binding_of(&volume) {
             Some((node, pool, _)) => *booked.entry((node, pool)).or_default() += size,
-            None => unbound.push((v, spec, size)),
+            None => unbound.push((v, volume.spec, size)),
         }
     }
     if unbound.is_empty() {
@@ -304,23 +318,25 @@ pub async fn reconcile(resources: &Resources) -> Result<(), ResourceError> {
     unbound.sort_by(|a, b| a.0.name.cmp(&b.0.name));
     for (v, spec, size) in unbound {
         let status = if let Some(node) = removing.get(&v.name) {
-            json!({
-                "phase": "Pending",
-                "reason": "PreviousDataBeingRemoved",
-                "message": format!(
-                    "node {node} is still removing the data of the deleted volume {}", v.name
+            VolumeStatus {
+                phase: VolumePhase::Pending,
+                reason: "PreviousDataBeingRemoved".into(),
+                message: format!(
+                    "node {node} is still removing the data of the deleted volume {}",
+                    v.name
                 ),
-            })
+                ..Default::default()
+            }
         } else {
             bind_status(&v.name, &spec, size, &nodes, &mut booked)
         };
         resources
-            .update(Kind::Volume, &v.name, |cur| {
-                let mut o = cur?.clone();
-                if binding_of(&o).is_some() || o.get("status") == Some(&status) {
+            .update_typed(Kind::Volume, &v.name, |cur: Option<Volume>| {
+                let mut o = cur?;
+                if binding_of(&o).is_some() || o.status.as_ref() == Some(&status) {
                     return None;
                 }
-                o["status"] = status.clone();
+                o.status = Some(status.clone());
                 Some(o)
             })
             .await?;
@@ -336,44 +352,48 @@ fn bind_status(
     size: u64,
     nodes: &[NodePools],
     booked: &mut BTreeMap<(String, String), u64>,
-) -> Value {
+) -> VolumeStatus {
+    let pending = |message: String| VolumeStatus {
+        phase: VolumePhase::Pending,
+        reason: "NoNodeWithRoom".into(),
+        message,
+        ..Default::default()
+    };
     match choose(spec, size, nodes, booked) {
         Ok((node, pool, backend)) => {
             *booked.entry((node.clone(), pool.clone())).or_default() += size;
             tracing::info!(volume, %node, %pool, %backend, size, "volume bound");
-            json!({
-                "phase": "Bound",
-                "node": node,
-                "pool": pool,
-                "backend": backend,
-                "capacity": ironmesh_api::quantity::format_bytes(size),
-            })
+            VolumeStatus {
+                phase: VolumePhase::Bound,
+                node: Some(node),
+                pool: Some(pool),
+                backend: Some(backend),
+                capacity: Some(ironmesh_api::quantity::format_bytes(size)),
+                ..Default::default()
+            }
         }
-        Err(why) => json!({"phase": "Pending", "reason": "NoNodeWithRoom", "message": why}),
+        Err(why) => pending(why),
     }
 }
 
-fn volume_spec(v: &StoredObject) -> Option<VolumeSpec> {
-    match serde_json::from_value(v.object.get("spec")?.clone()) {
-        Ok(s) => Some(s),
+/// The typed Volume; `None` (logged) when the stored one does not decode.
+fn volume_of(v: &StoredObject) -> Option<Volume> {
+    match v.typed() {
+        Ok(o) => Some(o),
         Err(e) => {
-            tracing::warn!(volume = %v.name, error = %e, "unreadable volume spec");
+            tracing::warn!(volume = %v.name, error = %e, "unreadable volume");
             None
         }
     }
 }
 
-/// The binding recorded in a Volume object's status.
-pub fn binding_of(o: &Value) -> Option<Binding> {
-    let s = |p: &str| o.pointer(p).and_then(Value::as_str).map(str::to_string);
-    if s("/status/phase").as_deref() != Some("Bound") {
+/// The binding recorded in a Volume's status.
+pub fn binding_of(v: &Volume) -> Option<Binding> {
+    let s = v.status.as_ref()?;
+    if s.phase != VolumePhase::Bound {
         return None;
     }
-    Some((
-        s("/status/node")?,
-        s("/status/pool")?,
-        s("/status/backend")?,
-    ))
+    Some((s.node.clone()?, s.pool.clone()?, s.backend.clone()?))
 }
 
 /// Every Volume's binding (or why it has none), for one workload pass.
@@ -399,23 +419,23 @@ impl VolumeIndex {
     pub fn from_objects(volumes: &[StoredObject]) -> VolumeIndex {
         let mut index = VolumeIndex::default();
         for v in volumes {
-            let entry = match (binding_of(&v.object), volume_spec(v)) {
-                (Some((node, pool, backend)), Some(spec)) => Ok(VolumeAssignmentWithNode {
+            let volume = volume_of(v);
+            let bound = volume.as_ref().and_then(binding_of);
+            let entry = match (bound, &volume) {
+                (Some((node, pool, backend)), Some(volume)) => Ok(VolumeAssignmentWithNode {
                     node,
                     assignment: VolumeAssignment {
                         name: v.name.clone(),
-                        size_bytes: spec.size.bytes().unwrap_or(0),
+                        size_bytes: volume.spec.size.bytes().unwrap_or(0),
                         backend,
                         pool,
                     },
                 }),
-                _ => Err(v
-                    .object
-                    .pointer("/status/message")
-                    .and_then(Value::as_str)
+                _ => Err(volume
+                    .and_then(|o| o.status)
+                    .map(|s| s.message)
                     .filter(|m| !m.is_empty())
-                    .unwrap_or("waiting for the volume controller")
-                    .to_string()),
+                    .unwrap_or_else(|| "waiting for the volume controller".to_string())),
             };
             index.volumes.insert(v.name.clone(), entry);
         }
@@ -560,14 +580,14 @@ pub async fn record_storage(
         .await?;
     for u in report.volumes {
         resources
-            .update(Kind::Volume, &u.name, |cur| {
-                let mut o = cur?.clone();
-                if o.pointer("/status/node").and_then(Value::as_str) != Some(node)
-                    || o.pointer("/status/usageBytes").and_then(Value::as_u64) == Some(u.used_bytes)
+            .update_typed(Kind::Volume, &u.name, |cur: Option<Volume>| {
+                let mut o = cur?;
+                let status = o.status.as_mut()?;
+                if status.node.as_deref() != Some(node) || status.usage_bytes == Some(u.used_bytes)
                 {
                     return None;
                 }
-                o["status"]["usageBytes"] = json!(u.used_bytes);
+                status.usage_bytes = Some(u.used_bytes);
                 Some(o)
             })
             .await?;
@@ -615,7 +635,9 @@ async fn settle_removals(
     }
     let bound = resources
         .list_matching(Kind::Volume, |v| {
-            binding_of(&v.object).is_some_and(|(n, _, _)| n == node)
+            volume_of(v)
+                .and_then(|v| binding_of(&v))
+                .is_some_and(|(n, _, _)| n == node)
         })
         .await?;
     let orphaned: Vec<String> = held
@@ -720,25 +742,20 @@ pub fn set_orphaned(node: &mut Value, orphaned: &[&str]) -> bool {
 /// naming them.
 pub async fn check_delete(resources: &Resources, volume: &str) -> Result<(), String> {
     let all = LabelSelector::default();
-    let mounts = |spec: Option<&Value>| {
-        spec.and_then(|s| s.get("volumes"))
-            .and_then(Value::as_array)
-            .is_some_and(|a| {
-                a.iter()
-                    .any(|m| m.get("volume").and_then(Value::as_str) == Some(volume))
-            })
-    };
+    let mounts = |spec: &WorkloadSpec| spec.volumes.iter().any(|m| m.volume == volume);
     let mut users = Vec::new();
     if let Ok((workloads, _)) = resources.list(Kind::Workload, &all).await {
         for w in workloads {
-            if mounts(w.object.get("spec")) {
+            if w.typed::<Workload>().is_ok_and(|o| mounts(&o.spec)) {
                 users.push(format!("workload {}", w.name));
             }
         }
     }
     if let Ok((instances, _)) = resources.list(Kind::Instance, &all).await {
         for i in instances {
-            if mounts(i.object.pointer("/spec/template")) {
+            if i.typed::<Instance>()
+                .is_ok_and(|o| mounts(&o.spec.template))
+            {
                 users.push(format!("instance {}", i.name));
             }
         }

@@ -19,10 +19,12 @@ use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
 use ironmesh_api::instance::{InstanceSpec, InstanceStatus, WORKLOAD_LABEL};
+use ironmesh_api::object::{Instance, Node, Workload};
 use ironmesh_api::selector::LabelSelector;
-use ironmesh_api::workload::{InstancePhase, WorkloadSpec};
-use ironmesh_api::Kind;
+use ironmesh_api::workload::{InstancePhase, InstanceSummary, WorkloadSpec, WorkloadStatus};
+use ironmesh_api::{Condition, ConditionStatus, Kind};
 use rand::Rng;
+use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::eviction::{Bound, NodeFacts};
@@ -79,7 +81,7 @@ pub async fn run(
     resources: Resources,
     metrics: std::sync::Arc<crate::metrics::ControllerMetrics>,
     settings: Settings,
-    shutdown: ironmesh_daemon::Shutdown,
+    shutdown: ironmesh_process::Shutdown,
 ) {
     let res = &resources;
     let (metrics, settings) = (&metrics, &settings);
@@ -110,7 +112,7 @@ struct WorkloadView {
     spec: WorkloadSpec,
     labels: BTreeMap<String, String>,
     /// The stored status, to skip writing an unchanged one.
-    status: Option<Value>,
+    status: Option<WorkloadStatus>,
 }
 
 /// An Instance as the controller needs it.
@@ -187,58 +189,37 @@ async fn image_platforms(
 }
 
 fn node_capacity(o: &StoredObject) -> NodeCapacity {
-    let spec: ironmesh_api::node::NodeSpec = o
-        .object
-        .get("spec")
-        .cloned()
-        .and_then(|s| serde_json::from_value(s).ok())
-        .unwrap_or_default();
-    let q = |p: &str| o.object.pointer(p).and_then(Value::as_str).unwrap_or("0");
+    let node = o.typed::<Node>().unwrap_or_else(|e| {
+        tracing::warn!(error = %e, "unreadable node; nothing is placed there");
+        Node::new(Kind::Node, o.name.clone(), Default::default())
+    });
+    let status = node.status.unwrap_or_default();
     NodeCapacity {
         name: o.name.clone(),
         ready: ready_status(&o.object) == Some("True"),
-        unschedulable: spec.unschedulable,
-        labels: crate::resources::labels_of(&o.object),
-        taints: spec.taints,
-        architecture: ironmesh_oci::oci_architecture(
-            o.object
-                .pointer("/status/nodeInfo/arch")
-                .and_then(Value::as_str)
-                .unwrap_or(""),
-        )
-        .to_string(),
-        cpu_millis: ironmesh_api::quantity::parse_cpu_millis(q("/status/allocatable/cpu"))
-            .unwrap_or(0),
-        memory_bytes: ironmesh_api::quantity::parse_bytes(q("/status/allocatable/memory"))
-            .unwrap_or(0),
+        unschedulable: node.spec.unschedulable,
+        labels: node.metadata.labels,
+        taints: node.spec.taints,
+        architecture: ironmesh_oci::oci_architecture(&status.node_info.arch).to_string(),
+        cpu_millis: ironmesh_api::quantity::parse_cpu_millis(&status.allocatable.cpu).unwrap_or(0),
+        memory_bytes: ironmesh_api::quantity::parse_bytes(&status.allocatable.memory).unwrap_or(0),
     }
 }
 
 fn instance_view(o: &StoredObject) -> Option<InstanceView> {
-    let spec: InstanceSpec = match serde_json::from_value(o.object.get("spec")?.clone()) {
-        Ok(s) => s,
+    let i: Instance = match o.typed() {
+        Ok(i) => i,
         Err(e) => {
-            tracing::warn!(instance = %o.name, error = %e, "unreadable instance spec");
+            tracing::warn!(instance = %o.name, error = %e, "unreadable instance");
             return None;
         }
     };
-    let status: InstanceStatus = o
-        .object
-        .get("status")
-        .cloned()
-        .and_then(|s| serde_json::from_value(s).ok())
-        .unwrap_or_default();
     Some(InstanceView {
         name: o.name.clone(),
-        template: fingerprint(&spec.template),
-        spec,
-        status,
-        created: o
-            .object
-            .pointer("/metadata/creationTimestamp")
-            .and_then(Value::as_str)
-            .unwrap_or_default()
-            .to_string(),
+        template: fingerprint(&i.spec.template),
+        spec: i.spec,
+        status: i.status.unwrap_or_default(),
+        created: i.metadata.creation_timestamp.unwrap_or_default(),
     })
 }
 
@@ -393,17 +374,13 @@ async fn reconcile_with(
     let workloads: Vec<WorkloadView> = workloads
         .iter()
         .filter_map(|o| {
-            let spec: WorkloadSpec = serde_json::from_value(o.object.get("spec")?.clone()).ok()?;
+            let w: Workload = o.typed().ok()?;
             Some(WorkloadView {
                 name: o.name.clone(),
-                generation: o
-                    .object
-                    .pointer("/metadata/generation")
-                    .and_then(Value::as_u64)
-                    .unwrap_or(1),
-                labels: crate::resources::labels_of(&o.object),
-                spec,
-                status: o.object.get("status").cloned(),
+                generation: w.generation(),
+                labels: w.metadata.labels,
+                spec: w.spec,
+                status: w.status,
             })
         })
         .collect();
@@ -502,7 +479,7 @@ async fn reconcile_with(
     // Writes are gathered and made in batches at the end of the pass.
     let mut binds: Vec<(String, Result<String, String>)> = Vec::new();
     let mut deletes: Vec<(String, &'static str)> = Vec::new();
-    let mut creates: Vec<Value> = Vec::new();
+    let mut creates: Vec<Instance> = Vec::new();
 
     // Pipeline step instances belong to their run (crate::pipelines); this
     // pass only places them.
@@ -643,7 +620,7 @@ async fn write_batches(
     resources: &Resources,
     binds: Vec<(String, Result<String, String>)>,
     deletes: Vec<(String, &'static str)>,
-    creates: Vec<Value>,
+    creates: Vec<Instance>,
 ) -> Result<(), ResourceError> {
     if !deletes.is_empty() {
         let names: Vec<String> = deletes.iter().map(|(n, _)| n.clone()).collect();
@@ -670,8 +647,15 @@ async fn write_batches(
                 let (Some(cur), Some(placed)) = (cur, by_name.get(name)) else {
                     return crate::resources::Change::Keep;
                 };
+                let cur = match Instance::deserialize(cur) {
+                    Ok(i) => i,
+                    Err(e) => {
+                        tracing::warn!(instance = %name, error = %e, "unreadable instance");
+                        return crate::resources::Change::Keep;
+                    }
+                };
                 match bound(cur, placed) {
-                    Some(o) => crate::resources::Change::Put(o),
+                    Some(o) => crate::resources::Change::Put(crate::resources::to_json(&o)),
                     None => crate::resources::Change::Keep,
                 }
             })
@@ -682,28 +666,21 @@ async fn write_batches(
         }
     }
     if !creates.is_empty() {
-        let names: Vec<String> = creates
-            .iter()
-            .filter_map(|o| o.pointer("/metadata/name").and_then(Value::as_str))
-            .map(str::to_string)
-            .collect();
-        let by_name: HashMap<&str, &Value> =
+        let names: Vec<String> = creates.iter().map(|o| o.name().to_string()).collect();
+        let by_name: HashMap<&str, &Instance> =
             names.iter().map(String::as_str).zip(&creates).collect();
         resources
             .update_many(Kind::Instance, &names, |name, cur| {
                 match (cur, by_name.get(name)) {
-                    (None, Some(o)) => crate::resources::Change::Put((*o).clone()),
+                    (None, Some(o)) => crate::resources::Change::Put(crate::resources::to_json(o)),
                     _ => crate::resources::Change::Keep,
                 }
             })
             .await?;
         for o in &creates {
-            tracing::debug!(instance = ?o.pointer("/metadata/name"), node = ?o.pointer("/spec/node"), "instance created");
+            tracing::debug!(instance = %o.name(), node = ?o.spec.node, "instance created");
         }
-        let unplaced = creates
-            .iter()
-            .filter(|o| o.pointer("/spec/node").is_none_or(Value::is_null))
-            .count();
+        let unplaced = creates.iter().filter(|o| o.spec.node.is_none()).count();
         tracing::info!(
             count = creates.len(),
             unschedulable = unplaced,
@@ -728,8 +705,23 @@ pub(crate) async fn delete_instance(
     }
 }
 
-fn unschedulable_status(message: &str) -> Value {
-    json!({"phase": "Pending", "reason": "Unschedulable", "message": message})
+/// The status of an instance placed on a node, not yet reported.
+fn scheduled_status() -> InstanceStatus {
+    InstanceStatus {
+        phase: InstancePhase::Pending,
+        reason: "Scheduled".into(),
+        ..Default::default()
+    }
+}
+
+/// The status of an instance no node fits, with why.
+fn unschedulable_status(message: &str) -> InstanceStatus {
+    InstanceStatus {
+        phase: InstancePhase::Pending,
+        reason: "Unschedulable".into(),
+        message: message.into(),
+        ..Default::default()
+    }
 }
 
 /// A new instance object of `w` and its view.
@@ -738,7 +730,7 @@ fn new_instance(
     placed: Result<String, String>,
     identity: Option<u32>,
     taken: &mut std::collections::HashSet<String>,
-) -> (Value, InstanceView) {
+) -> (Instance, InstanceView) {
     let mut name = instance_name(&w.name);
     while !taken.insert(name.clone()) {
         name = instance_name(&w.name);
@@ -754,72 +746,62 @@ fn new_instance(
         task: None,
     };
     let status = match &placed {
-        Ok(_) => json!({"phase": "Pending", "reason": "Scheduled"}),
+        Ok(_) => scheduled_status(),
         Err(why) => unschedulable_status(why),
     };
-    let object = json!({
-        "apiVersion": ironmesh_api::API_VERSION,
-        "kind": "Instance",
-        "metadata": {"name": name, "labels": labels},
-        "spec": spec,
-        "status": status,
-    });
     let view = InstanceView {
-        name,
+        name: name.clone(),
         template: fingerprint(&spec.template),
-        spec,
-        status: serde_json::from_value(status).unwrap_or_default(),
+        spec: spec.clone(),
+        status: status.clone(),
         created: String::new(),
     };
+    let mut object = Instance::new(Kind::Instance, name, spec);
+    object.metadata.labels = labels;
+    object.status = Some(status);
     (object, view)
 }
 
 /// The instance bound as `placed` says, or `None` if it is bound already.
-fn bound(cur: &Value, placed: &Result<String, String>) -> Option<Value> {
-    let mut o = cur.clone();
-    if o.pointer("/spec/node").is_some_and(|n| !n.is_null()) {
+fn bound(mut o: Instance, placed: &Result<String, String>) -> Option<Instance> {
+    if o.spec.node.is_some() {
         return None;
     }
     match placed {
         Ok(node) => {
-            o["spec"]["node"] = json!(node);
-            o["status"] = json!({"phase": "Pending", "reason": "Scheduled"});
+            o.spec.node = Some(node.clone());
+            o.status = Some(scheduled_status());
         }
-        Err(why) => o["status"] = unschedulable_status(why),
+        Err(why) => o.status = Some(unschedulable_status(why)),
     }
     Some(o)
 }
 
-fn workload_status(w: &WorkloadView, current: &[&InstanceView], created: &[InstanceView]) -> Value {
+fn workload_status(
+    w: &WorkloadView,
+    current: &[&InstanceView],
+    created: &[InstanceView],
+) -> WorkloadStatus {
     let mut all: Vec<&InstanceView> = current.to_vec();
     all.extend(created.iter());
     all.sort_by(|a, b| a.name.cmp(&b.name));
     let ready = all.iter().filter(|i| i.status.ready).count();
-    let summaries: Vec<Value> = all
+    let summaries: Vec<InstanceSummary> = all
         .iter()
         .take(STATUS_INSTANCES_MAX)
-        .map(|i| {
-            let mut s = json!({
-                "name": i.name,
-                "phase": i.status.phase,
-                "ready": i.status.ready,
-                "restarts": i.status.restarts,
-            });
-            if let Some(n) = &i.spec.node {
-                s["node"] = json!(n);
-            }
-            if let Some(c) = i.status.exit_code {
-                s["exitCode"] = json!(c);
-            }
-            let msg = match (i.status.reason.as_str(), i.status.message.as_str()) {
+        .map(|i| InstanceSummary {
+            name: i.name.clone(),
+            node: i.spec.node.clone(),
+            phase: i.status.phase,
+            ready: i.status.ready,
+            restarts: i.status.restarts,
+            exit_code: i.status.exit_code,
+            message: match (i.status.reason.as_str(), i.status.message.as_str()) {
                 ("", m) => m.to_string(),
                 (r, "") => r.to_string(),
                 (r, m) => format!("{r}: {m}"),
-            };
-            if !msg.is_empty() {
-                s["message"] = json!(msg);
-            }
-            s
+            },
+            ..Default::default()
         })
         .collect();
     let want = w.spec.replicas.max(0) as u64;
@@ -828,64 +810,80 @@ fn workload_status(w: &WorkloadView, current: &[&InstanceView], created: &[Insta
         .iter()
         .find(|i| i.spec.node.is_none())
         .map(|i| i.status.message.clone());
-    let mut conditions = vec![json!({
-        "type": "Available",
-        "status": if available { "True" } else { "False" },
-        "reason": if available { "MinimumReplicasReady" } else { "ReplicasNotReady" },
-        "message": format!("{ready}/{want} replicas ready"),
-    })];
+    let condition = |type_: &str, status, reason: &str, message: String| Condition {
+        type_: type_.into(),
+        status,
+        reason: reason.into(),
+        message,
+        ..Default::default()
+    };
+    let mut conditions = vec![if available {
+        condition(
+            "Available",
+            ConditionStatus::True,
+            "MinimumReplicasReady",
+            format!("{ready}/{want} replicas ready"),
+        )
+    } else {
+        condition(
+            "Available",
+            ConditionStatus::False,
+            "ReplicasNotReady",
+            format!("{ready}/{want} replicas ready"),
+        )
+    }];
     if let Some(msg) = unschedulable {
-        conditions.push(json!({
-            "type": "Scheduled",
-            "status": "False",
-            "reason": "Unschedulable",
-            "message": msg,
-        }));
+        conditions.push(condition(
+            "Scheduled",
+            ConditionStatus::False,
+            "Unschedulable",
+            msg,
+        ));
     }
-    json!({
-        "observedGeneration": w.generation,
-        "replicas": all.len(),
-        "readyReplicas": ready,
-        "conditions": conditions,
-        "instances": summaries,
-    })
+    WorkloadStatus {
+        observed_generation: Some(w.generation),
+        replicas: u32::try_from(all.len()).unwrap_or(u32::MAX),
+        ready_replicas: u32::try_from(ready).unwrap_or(u32::MAX),
+        conditions,
+        instances: summaries,
+    }
 }
 
 async fn write_workload_status(
     resources: &Resources,
     w: &WorkloadView,
-    status: Value,
+    status: WorkloadStatus,
 ) -> Result<(), ResourceError> {
     if w.status.as_ref() == Some(&status) {
         return Ok(());
     }
     resources
-        .update(Kind::Workload, &w.name, |cur| {
-            let mut o = cur?.clone();
+        .update_typed(Kind::Workload, &w.name, |cur: Option<Workload>| {
+            let mut o = cur?;
             // Apply may have bumped the generation meanwhile; the next pass
             // writes the status for it.
-            if o.pointer("/metadata/generation").and_then(Value::as_u64) != Some(w.generation) {
+            if o.metadata.generation != Some(w.generation) {
                 return None;
             }
             // Keep transition-free conditions stable: compare without time.
-            if o.get("status") == Some(&status) {
+            if o.status.as_ref() == Some(&status) {
                 return None;
             }
-            o["status"] = status.clone();
+            o.status = Some(status.clone());
             Some(o)
         })
         .await?;
     Ok(())
 }
 
-/// Maps the agent's phase string onto the API's phase.
-pub fn parse_phase(s: &str) -> InstancePhase {
-    match s {
-        "Running" => InstancePhase::Running,
-        "Succeeded" => InstancePhase::Succeeded,
-        "Failed" => InstancePhase::Failed,
-        "Unknown" => InstancePhase::Unknown,
-        _ => InstancePhase::Pending,
+/// Maps the phase an agent reports onto the API's phase.
+pub fn phase_of(p: ironmesh_proto::v1::InstancePhase) -> InstancePhase {
+    use ironmesh_proto::v1::InstancePhase as Reported;
+    match p {
+        Reported::Pending => InstancePhase::Pending,
+        Reported::Running => InstancePhase::Running,
+        Reported::Succeeded => InstancePhase::Succeeded,
+        Reported::Failed => InstancePhase::Failed,
     }
 }
 

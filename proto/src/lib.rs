@@ -18,6 +18,18 @@ pub mod v1 {
 pub mod assignment;
 pub mod codec;
 
+impl v1::InstancePhase {
+    /// The phase as the API spells it (`Pending`, `Running`, ...).
+    pub fn name(self) -> &'static str {
+        match self {
+            v1::InstancePhase::Pending => "Pending",
+            v1::InstancePhase::Running => "Running",
+            v1::InstancePhase::Succeeded => "Succeeded",
+            v1::InstancePhase::Failed => "Failed",
+        }
+    }
+}
+
 /// The capability (in `Hello.capabilities`) of an agent that takes
 /// `Settings` messages during a stream; others never get one.
 pub const SETTINGS: &str = "settings";

@@ -131,7 +131,7 @@ impl RunningInstance {
     fn state(&self, name: &str) -> InstanceState {
         InstanceState {
             name: name.to_string(),
-            phase: "Running".into(),
+            phase: ironmesh_proto::v1::InstancePhase::Running.into(),
             ready: true,
             reason: "Started".into(),
             started_unix_ms: self.started_unix_ms,
@@ -244,7 +244,7 @@ impl AgentState {
                         }
                         None => report.push(InstanceState {
                             name: i.name.clone(),
-                            phase: "Failed".into(),
+                            phase: ironmesh_proto::v1::InstancePhase::Failed.into(),
                             reason: "NetworkSetupError".into(),
                             message: "no free address in the node's pod CIDR".into(),
                             spec_generation: i.spec_generation,
@@ -738,7 +738,9 @@ mod tests {
         let (rev, report) = st.on_assignment("n1", whole.clone(), &[]).unwrap();
         assert_eq!(rev, 5);
         assert_eq!(report.len(), 2);
-        assert!(report.iter().all(|s| s.phase == "Running" && s.ready));
+        assert!(report
+            .iter()
+            .all(|s| s.phase() == ironmesh_proto::v1::InstancePhase::Running && s.ready));
         assert_eq!(report[0].ip, "10.0.4.2");
         assert_eq!(report[1].ip, "10.0.4.3");
 

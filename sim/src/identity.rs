@@ -4,4 +4,4 @@
 //! memory instead of a state directory.
 
 pub use ironmesh_agent::node_identity::{endpoint, join, IdentityError, NodeIdentity};
-pub use ironmesh_daemon::error_chain;
+pub use ironmesh_process::error_chain;

@@ -50,6 +50,97 @@ pub fn images_dir() -> PathBuf {
     dir
 }
 
+/// The string at JSON pointer `p` of `v`, `""` when absent.
+pub fn str_at<'a>(v: &'a Value, p: &str) -> &'a str {
+    v.pointer(p).and_then(Value::as_str).unwrap_or_default()
+}
+
+/// The Instances of `workload` (`imctl get instances -l ...`).
+pub fn instances(ctl: &Controller, workload: &str) -> Vec<Value> {
+    ctl.imctl_json(&[
+        "get",
+        "instances",
+        "-l",
+        &format!("ironmesh.dev/workload={workload}"),
+    ])
+    .get("items")
+    .and_then(Value::as_array)
+    .cloned()
+    .unwrap_or_default()
+}
+
+/// The workload's only instance once `f` holds for it (`what` says what is
+/// awaited in the failure message).
+pub fn wait_instance(
+    ctl: &Controller,
+    workload: &str,
+    what: &str,
+    deadline: Duration,
+    f: impl Fn(&Value) -> bool,
+) -> Value {
+    wait_for(&format!("instance of {workload}: {what}"), deadline, || {
+        let list = instances(ctl, workload);
+        (list.len() == 1 && f(&list[0])).then(|| list[0].clone())
+    })
+}
+
+/// The network namespace the agent made for `instance`.
+pub fn instance_netns(agent: &Agent, instance: &str) -> PathBuf {
+    PathBuf::from("/run/ironmesh")
+        .join(agent.containerd.namespace())
+        .join("netns")
+        .join(instance)
+}
+
+/// Pushes the project's image `image` (a layout under [`images_dir`]) to
+/// the controller's registry with `imctl image push`.
+pub fn push_image(ctl: &Controller, image: &str) {
+    let dir: PathBuf = images_dir().join(image);
+    let out = ctl.imctl(&["image", "push", dir.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "imctl image push {} failed: {}",
+        dir.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// `ctr` against the agent's containerd and namespace; its stdout.
+pub fn ctr(agent: &Agent, args: &[&str]) -> String {
+    let out = Command::new("ctr")
+        .arg("--address")
+        .arg(agent.containerd.socket())
+        .arg("--namespace")
+        .arg(agent.containerd.namespace())
+        .args(args)
+        .output()
+        .expect("run ctr");
+    assert!(
+        out.status.success(),
+        "ctr {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
+/// curl run as an instance's process would be: in the network namespace
+/// `netns` and in the cgroup `cgroup` (under the agent's subtree, where the
+/// socket programs are). The body, or `None` when the request failed.
+pub fn curl_in(cgroup: &Path, netns: &Path, url: &str) -> Option<String> {
+    let script = format!(
+        "echo $$ > {}/cgroup.procs && exec curl -s -m 3 {url}",
+        cgroup.display()
+    );
+    let out = Command::new("nsenter")
+        .arg(format!("--net={}", netns.display()))
+        .args(["--", "sh", "-c", &script])
+        .output()
+        .expect("nsenter");
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).to_string())
+}
+
 /// Directory holding the workspace's built binaries (next to `deps/`).
 pub fn bin_dir() -> PathBuf {
     let exe = std::env::current_exe().expect("test binary path");

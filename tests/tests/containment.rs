@@ -16,7 +16,10 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use ironmesh_images::{ImageFile, ImageSpec, LayerCompression};
-use ironmesh_tests::{images_dir, ready_status, wait_for, Agent, Controller, ControllerOpts};
+use ironmesh_tests::{
+    images_dir, instances, ready_status, str_at, wait_for, wait_instance, Agent, Controller,
+    ControllerOpts,
+};
 use serde_json::Value;
 
 const BUSYBOX: &str = "ironmesh.test/busybox:1";
@@ -47,39 +50,8 @@ fn push_dir(ctl: &Controller, dir: &Path) {
     );
 }
 
-fn s<'a>(v: &'a Value, p: &str) -> &'a str {
-    v.pointer(p).and_then(Value::as_str).unwrap_or_default()
-}
-
-fn instances(ctl: &Controller, workload: &str) -> Vec<Value> {
-    let v = ctl.imctl_json(&[
-        "get",
-        "instances",
-        "-l",
-        &format!("ironmesh.dev/workload={workload}"),
-    ]);
-    v.get("items")
-        .and_then(Value::as_array)
-        .cloned()
-        .unwrap_or_default()
-}
-
-/// The workload's only instance once `f` holds for it.
-fn wait_instance(
-    ctl: &Controller,
-    workload: &str,
-    what: &str,
-    deadline: Duration,
-    f: impl Fn(&Value) -> bool,
-) -> Value {
-    wait_for(&format!("instance of {workload}: {what}"), deadline, || {
-        let list = instances(ctl, workload);
-        (list.len() == 1 && f(&list[0])).then(|| list[0].clone())
-    })
-}
-
 fn phase_is(p: &'static str) -> impl Fn(&Value) -> bool {
-    move |i| s(i, "/status/phase") == p
+    move |i| str_at(i, "/status/phase") == p
 }
 
 fn logs(ctl: &Controller, instance: &str) -> String {
@@ -183,7 +155,7 @@ fn containers_run_under_seccomp_as_their_user_and_run_as_non_root_refuses_root()
         Duration::from_secs(60),
         phase_is("Succeeded"),
     );
-    let out = logs(&ctl, s(&i, "/metadata/name"));
+    let out = logs(&ctl, str_at(&i, "/metadata/name"));
     // Mode 2: a seccomp filter is installed.
     assert!(out.contains("Seccomp:\t2"), "{out}");
     assert!(out.contains("Uid:\t1000\t1000\t1000\t1000"), "{out}");
@@ -196,14 +168,14 @@ fn containers_run_under_seccomp_as_their_user_and_run_as_non_root_refuses_root()
         Duration::from_secs(60),
         phase_is("Succeeded"),
     );
-    let out = logs(&ctl, s(&i, "/metadata/name"));
+    let out = logs(&ctl, str_at(&i, "/metadata/name"));
     assert!(out.contains("Seccomp:\t0"), "{out}");
     assert!(out.contains("Uid:\t0\t0\t0\t0"), "{out}");
 
     // A finished instance's task is gone (its shim released); an agent
     // restarted meanwhile reports it finished, and does not run it again.
     let confined = instances(&ctl, "confined").remove(0);
-    let confined = s(&confined, "/metadata/name").to_string();
+    let confined = str_at(&confined, "/metadata/name").to_string();
     agent.restart_without_token(&ctl);
     agent.wait_ready(&ctl, Duration::from_secs(60));
     let i = wait_instance(
@@ -212,7 +184,7 @@ fn containers_run_under_seccomp_as_their_user_and_run_as_non_root_refuses_root()
         "Succeeded after the agent restart",
         Duration::from_secs(30),
         |i| {
-            s(i, "/status/phase") == "Succeeded"
+            str_at(i, "/status/phase") == "Succeeded"
                 && i.pointer("/status/exitCode") == Some(&Value::from(0))
         },
     );
@@ -243,7 +215,7 @@ fn containers_run_under_seccomp_as_their_user_and_run_as_non_root_refuses_root()
         Duration::from_secs(60),
         phase_is("Failed"),
     );
-    let message = s(&i, "/status/message");
+    let message = str_at(&i, "/status/message");
     assert!(
         message.contains("runAsNonRoot is set but the process would run as uid 0")
             && message.contains("the image names no USER"),
@@ -279,7 +251,7 @@ fn a_fork_bomb_stops_at_the_pids_limit_and_the_node_stays_ready() {
         Duration::from_secs(60),
         phase_is("Running"),
     );
-    let name = s(&bomb, "/metadata/name").to_string();
+    let name = str_at(&bomb, "/metadata/name").to_string();
     let out = wait_for("the bomb stops", Duration::from_secs(60), || {
         let l = logs(&ctl, &name);
         l.contains("bomb-stopped").then_some(l)
@@ -301,7 +273,7 @@ fn a_fork_bomb_stops_at_the_pids_limit_and_the_node_stays_ready() {
     assert!(refused > 0, "pids.events: {events}");
     // The instance keeps running; nothing restarted it.
     let bomb = instances(&ctl, "bomb").remove(0);
-    assert_eq!(s(&bomb, "/status/phase"), "Running", "{bomb:#}");
+    assert_eq!(str_at(&bomb, "/status/phase"), "Running", "{bomb:#}");
 
     // The default limit of a Workload that sets none.
     let calm = wait_instance(
@@ -312,7 +284,7 @@ fn a_fork_bomb_stops_at_the_pids_limit_and_the_node_stays_ready() {
         phase_is("Running"),
     );
     assert_eq!(
-        cgroup_file(&agent, "pids", s(&calm, "/metadata/name"), "pids.max").as_deref(),
+        cgroup_file(&agent, "pids", str_at(&calm, "/metadata/name"), "pids.max").as_deref(),
         Some("4096")
     );
     // The node keeps heartbeating and stays Ready.
@@ -320,7 +292,7 @@ fn a_fork_bomb_stops_at_the_pids_limit_and_the_node_stays_ready() {
         n.pointer("/status/conditions")
             .and_then(Value::as_array)
             .and_then(|c| c.iter().find(|c| c["type"] == "Ready"))
-            .map(|c| s(c, "/lastHeartbeatTime").to_string())
+            .map(|c| str_at(c, "/lastHeartbeatTime").to_string())
             .unwrap_or_default()
     };
     let before = heartbeat(&ctl.node("node-b").expect("node-b exists"));
@@ -461,7 +433,7 @@ fn a_chatty_containers_logs_stay_under_the_cap_and_go_with_the_instance() {
         Duration::from_secs(60),
         phase_is("Running"),
     );
-    let name = s(&i, "/metadata/name").to_string();
+    let name = str_at(&i, "/metadata/name").to_string();
     let dir = agent.state_dir().join("instances").join(&name);
     wait_for("the log was rotated", Duration::from_secs(30), || {
         dir.join("stdout.log.1").exists().then_some(())
@@ -622,9 +594,9 @@ spec:
         .to_string();
     let v = wait_for("the run finishes", Duration::from_secs(180), || {
         let v = ctl.imctl_json(&["get", "pipelinerun", &run]);
-        matches!(s(&v, "/status/phase"), "Succeeded" | "Failed").then_some(v)
+        matches!(str_at(&v, "/status/phase"), "Succeeded" | "Failed").then_some(v)
     });
-    assert_eq!(s(&v, "/status/phase"), "Succeeded", "{v:#}");
+    assert_eq!(str_at(&v, "/status/phase"), "Succeeded", "{v:#}");
     let list = ctl.imctl_json(&[
         "get",
         "instances",
@@ -633,7 +605,9 @@ spec:
     ]);
     let items = list["items"].as_array().cloned().unwrap_or_default();
     assert_eq!(items.len(), steps, "{list:#}");
-    assert!(items.iter().all(|i| s(i, "/status/phase") == "Succeeded"));
+    assert!(items
+        .iter()
+        .all(|i| str_at(i, "/status/phase") == "Succeeded"));
     // Every step instance still exists (exit code, logs), none holds a shim.
     let shims = wait_for(
         "no shim of a finished step",
@@ -644,7 +618,7 @@ spec:
         },
     );
     assert!(shims.is_empty());
-    let first = s(&items[0], "/metadata/name").to_string();
+    let first = str_at(&items[0], "/metadata/name").to_string();
     let exit = items[0].pointer("/status/exitCode").and_then(Value::as_i64);
     assert_eq!(exit, Some(0), "{:#}", items[0]);
     let out = ctl.imctl(&["logs", &first]);
@@ -692,9 +666,9 @@ spec:
         .to_string();
     let v = wait_for("the run finishes", Duration::from_secs(60), || {
         let v = ctl.imctl_json(&["get", "pipelinerun", &run]);
-        matches!(s(&v, "/status/phase"), "Succeeded" | "Failed").then_some(v)
+        matches!(str_at(&v, "/status/phase"), "Succeeded" | "Failed").then_some(v)
     });
-    assert_eq!(s(&v, "/status/phase"), "Succeeded", "{v:#}");
+    assert_eq!(str_at(&v, "/status/phase"), "Succeeded", "{v:#}");
     let planted = std::fs::read_dir(agent.state_dir().join("q"))
         .into_iter()
         .flatten()

@@ -9,32 +9,11 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
-use ironmesh_tests::{images_dir, wait_for, Agent, Controller, ControllerOpts};
+use ironmesh_tests::{
+    curl_in, images_dir, instance_netns, instances, str_at, wait_for, Agent, Controller,
+    ControllerOpts,
+};
 use serde_json::Value;
-
-fn s<'a>(v: &'a Value, p: &str) -> &'a str {
-    v.pointer(p).and_then(Value::as_str).unwrap_or_default()
-}
-
-fn instances(ctl: &Controller, workload: &str) -> Vec<Value> {
-    ctl.imctl_json(&[
-        "get",
-        "instances",
-        "-l",
-        &format!("ironmesh.dev/workload={workload}"),
-    ])
-    .get("items")
-    .and_then(Value::as_array)
-    .cloned()
-    .unwrap_or_default()
-}
-
-fn instance_netns(agent: &Agent, instance: &str) -> PathBuf {
-    PathBuf::from("/run/ironmesh")
-        .join(agent.containerd.namespace())
-        .join("netns")
-        .join(instance)
-}
 
 /// How a TCP connect from inside the namespace at `from` ends: `Ok` when it
 /// opens, else the error kind (`ConnectionRefused`: the packet got through;
@@ -104,21 +83,24 @@ spec:
         .then_some(l)
     });
     let client = wait_for("client running", Duration::from_secs(60), || {
-        instances(&ctl, "client")
-            .into_iter()
-            .find(|i| s(i, "/status/phase") == "Running" && !s(i, "/status/ip").is_empty())
+        instances(&ctl, "client").into_iter().find(|i| {
+            str_at(i, "/status/phase") == "Running" && !str_at(i, "/status/ip").is_empty()
+        })
     });
     let client_agent = agents
         .iter()
-        .find(|a| a.name == s(&client, "/spec/node"))
+        .find(|a| a.name == str_at(&client, "/spec/node"))
         .expect("client's agent");
-    let from = instance_netns(client_agent, s(&client, "/metadata/name"));
+    let from = instance_netns(client_agent, str_at(&client, "/metadata/name"));
     // The api instance on the other host: the flow crosses hosts.
     let remote = api
         .iter()
-        .find(|i| s(i, "/spec/node") != client_agent.name)
+        .find(|i| str_at(i, "/spec/node") != client_agent.name)
         .expect("an api instance on the other host");
-    let target = SocketAddr::new(s(remote, "/status/ip").parse::<IpAddr>().unwrap(), 8080);
+    let target = SocketAddr::new(
+        str_at(remote, "/status/ip").parse::<IpAddr>().unwrap(),
+        8080,
+    );
 
     assert!(connects(from.clone(), target), "no policy: allowed");
 
@@ -169,7 +151,7 @@ spec:
     );
     let vip = wait_for("service VIP", Duration::from_secs(20), || {
         let v = ctl.imctl_json(&["get", "services", "api"]);
-        let ip = s(&v, "/status/clusterIP").to_string();
+        let ip = str_at(&v, "/status/clusterIP").to_string();
         (!ip.is_empty()).then_some(ip)
     });
     assert!(vip.starts_with("10.96."), "{vip}");
@@ -245,23 +227,6 @@ fn wait_ready(ctl: &Controller, a: &Agent) {
         ctl.node(&a.name)
             .filter(|n| ironmesh_tests::ready_status(n).as_deref() == Some("True"))
     });
-}
-
-/// Runs curl from a child process placed in `cgroup` and in the network
-/// namespace `netns`: the agent's connect4 program steers it.
-fn curl_in(cgroup: &std::path::Path, netns: &std::path::Path, url: &str) -> Option<String> {
-    let script = format!(
-        "echo $$ > {}/cgroup.procs && exec curl -s -m 3 {url}",
-        cgroup.display()
-    );
-    let out = std::process::Command::new("nsenter")
-        .arg(format!("--net={}", netns.display()))
-        .args(["--", "sh", "-c", &script])
-        .output()
-        .expect("nsenter");
-    out.status
-        .success()
-        .then(|| String::from_utf8_lossy(&out.stdout).to_string())
 }
 
 fn log_lines(ctl: &Controller, instance: &str, needle: &str) -> usize {
@@ -378,37 +343,40 @@ spec:
         .then_some(l)
     });
     let unready = wait_for("api-unready running", Duration::from_secs(60), || {
-        instances(&ctl, "api-unready")
-            .into_iter()
-            .find(|i| s(i, "/status/phase") == "Running" && !s(i, "/status/ip").is_empty())
+        instances(&ctl, "api-unready").into_iter().find(|i| {
+            str_at(i, "/status/phase") == "Running" && !str_at(i, "/status/ip").is_empty()
+        })
     });
     let client = wait_for("client running", Duration::from_secs(60), || {
-        instances(&ctl, "client")
-            .into_iter()
-            .find(|i| s(i, "/status/phase") == "Running" && !s(i, "/status/ip").is_empty())
+        instances(&ctl, "client").into_iter().find(|i| {
+            str_at(i, "/status/phase") == "Running" && !str_at(i, "/status/ip").is_empty()
+        })
     });
     let ci = agents
         .iter()
-        .position(|a| a.name == s(&client, "/spec/node"))
+        .position(|a| a.name == str_at(&client, "/spec/node"))
         .expect("client's agent");
-    let from = instance_netns(&agents[ci], s(&client, "/metadata/name"));
+    let from = instance_netns(&agents[ci], str_at(&client, "/metadata/name"));
     let remote = api
         .iter()
-        .find(|i| s(i, "/spec/node") != agents[ci].name)
+        .find(|i| str_at(i, "/spec/node") != agents[ci].name)
         .expect("an api instance on the other host")
         .clone();
     let ri = agents
         .iter()
-        .position(|a| a.name == s(&remote, "/spec/node"))
+        .position(|a| a.name == str_at(&remote, "/spec/node"))
         .expect("remote agent");
-    let remote_ns = instance_netns(&agents[ri], s(&remote, "/metadata/name"));
-    let target = SocketAddr::new(s(&remote, "/status/ip").parse::<IpAddr>().unwrap(), 8080);
-    let back = SocketAddr::new(s(&client, "/status/ip").parse::<IpAddr>().unwrap(), 9);
+    let remote_ns = instance_netns(&agents[ri], str_at(&remote, "/metadata/name"));
+    let target = SocketAddr::new(
+        str_at(&remote, "/status/ip").parse::<IpAddr>().unwrap(),
+        8080,
+    );
+    let back = SocketAddr::new(str_at(&client, "/status/ip").parse::<IpAddr>().unwrap(), 9);
 
     // --- Service VIP from a process in the agent's datapath cgroup subtree.
     let vip = wait_for("service VIP", Duration::from_secs(20), || {
         let v = ctl.imctl_json(&["get", "services", "api"]);
-        let ip = s(&v, "/status/clusterIP").to_string();
+        let ip = str_at(&v, "/status/clusterIP").to_string();
         (!ip.is_empty()).then_some(ip)
     });
     let cg = agents[ci]
@@ -430,14 +398,14 @@ spec:
     assert!(ok >= 22, "{ok}/24 requests through the VIP answered");
     let per_backend: Vec<usize> = api
         .iter()
-        .map(|i| log_lines(&ctl, s(i, "/metadata/name"), "/healthz?via=vip"))
+        .map(|i| log_lines(&ctl, str_at(i, "/metadata/name"), "/healthz?via=vip"))
         .collect();
     assert!(
         per_backend.iter().all(|&n| n >= 2),
         "requests spread across both ready backends: {per_backend:?}"
     );
     assert_eq!(
-        log_lines(&ctl, s(&unready, "/metadata/name"), "via=vip"),
+        log_lines(&ctl, str_at(&unready, "/metadata/name"), "via=vip"),
         0,
         "the not-ready backend was chosen"
     );
@@ -521,17 +489,17 @@ spec:
                 .lines()
                 .filter_map(|l| serde_json::from_str::<Value>(l).ok())
                 .find(|f| {
-                    s(f, "/destination/ip") == back.ip().to_string()
+                    str_at(f, "/destination/ip") == back.ip().to_string()
                         && f.pointer("/destination/port").and_then(Value::as_u64) == Some(9)
                 })
         },
     );
-    assert_eq!(s(&dropped, "/verdict"), "dropped");
-    assert_eq!(s(&dropped, "/source/workload"), "api");
-    assert_eq!(s(&dropped, "/destination/workload"), "client");
+    assert_eq!(str_at(&dropped, "/verdict"), "dropped");
+    assert_eq!(str_at(&dropped, "/source/workload"), "api");
+    assert_eq!(str_at(&dropped, "/destination/workload"), "client");
     assert_eq!(
-        s(&dropped, "/destination/instance"),
-        s(&client, "/metadata/name")
+        str_at(&dropped, "/destination/instance"),
+        str_at(&client, "/metadata/name")
     );
     assert_eq!(
         dropped.pointer("/source/identity").and_then(Value::as_u64),
@@ -721,16 +689,16 @@ spec:
     let running = |w: &str| {
         let w = w.to_string();
         wait_for(&format!("{w} running"), Duration::from_secs(60), || {
-            instances(&ctl, &w)
-                .into_iter()
-                .find(|i| s(i, "/status/phase") == "Running" && !s(i, "/status/ip").is_empty())
+            instances(&ctl, &w).into_iter().find(|i| {
+                str_at(i, "/status/phase") == "Running" && !str_at(i, "/status/ip").is_empty()
+            })
         })
     };
     let api = running("api");
     let client = running("client");
-    let client_name = s(&client, "/metadata/name").to_string();
-    let client_ip = s(&client, "/status/ip").to_string();
-    let api_ip: IpAddr = s(&api, "/status/ip").parse().expect("api ip");
+    let client_name = str_at(&client, "/metadata/name").to_string();
+    let client_ip = str_at(&client, "/status/ip").to_string();
+    let api_ip: IpAddr = str_at(&api, "/status/ip").parse().expect("api ip");
     let from = instance_netns(&agent, &client_name);
 
     // The client claims the node's own address (always let in).
@@ -752,20 +720,24 @@ spec:
             String::from_utf8_lossy(&out.stdout)
                 .lines()
                 .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-                .find(|f| s(f, "/destination/ip") == api_ip.to_string())
+                .find(|f| str_at(f, "/destination/ip") == api_ip.to_string())
         },
     );
-    assert_eq!(s(&spoofed, "/verdict"), "spoofed");
-    assert_eq!(s(&spoofed, "/source/instance"), client_name, "{spoofed}");
-    assert_eq!(s(&spoofed, "/source/ip"), client_ip, "{spoofed}");
+    assert_eq!(str_at(&spoofed, "/verdict"), "spoofed");
     assert_eq!(
-        s(&spoofed, "/claimedSource"),
+        str_at(&spoofed, "/source/instance"),
+        client_name,
+        "{spoofed}"
+    );
+    assert_eq!(str_at(&spoofed, "/source/ip"), client_ip, "{spoofed}");
+    assert_eq!(
+        str_at(&spoofed, "/claimedSource"),
         host_ip.to_string(),
         "{spoofed}"
     );
     assert_eq!(
-        s(&spoofed, "/destination/instance"),
-        s(&api, "/metadata/name")
+        str_at(&spoofed, "/destination/instance"),
+        str_at(&api, "/metadata/name")
     );
     let table = ctl.imctl(&["flows", "--verdict", "spoofed"]);
     assert!(
@@ -802,8 +774,8 @@ fn has_datapath_taint(node: &Value) -> bool {
         .and_then(Value::as_array)
         .is_some_and(|t| {
             t.iter().any(|t| {
-                s(t, "/key") == "ironmesh.dev/datapath-unavailable"
-                    && s(t, "/effect") == "NoSchedule"
+                str_at(t, "/key") == "ironmesh.dev/datapath-unavailable"
+                    && str_at(t, "/effect") == "NoSchedule"
             })
         })
 }
@@ -821,13 +793,14 @@ fn a_node_whose_datapath_cannot_load_is_tainted_and_starts_nothing_unprotected()
     );
     wait_ready(&ctl, &agent);
     let node = wait_for("DatapathReady=False", Duration::from_secs(10), || {
-        ctl.node("nodp")
-            .filter(|n| condition(n, "DatapathReady").is_some_and(|c| s(c, "/status") == "False"))
+        ctl.node("nodp").filter(|n| {
+            condition(n, "DatapathReady").is_some_and(|c| str_at(c, "/status") == "False")
+        })
     });
     let cond = condition(&node, "DatapathReady").expect("condition");
-    assert_eq!(s(cond, "/reason"), "DatapathNotLoaded", "{cond}");
+    assert_eq!(str_at(cond, "/reason"), "DatapathNotLoaded", "{cond}");
     assert!(
-        s(cond, "/message").contains("not on a bpf filesystem"),
+        str_at(cond, "/message").contains("not on a bpf filesystem"),
         "the reason names the failure: {cond}"
     );
     assert!(has_datapath_taint(&node), "no NoSchedule taint: {node}");
@@ -866,10 +839,10 @@ spec:
     let plain = wait_for("plain unschedulable", Duration::from_secs(20), || {
         instances(&ctl, "plain")
             .into_iter()
-            .find(|i| s(i, "/status/reason") == "Unschedulable")
+            .find(|i| str_at(i, "/status/reason") == "Unschedulable")
     });
     assert_eq!(
-        s(&plain, "/status/message"),
+        str_at(&plain, "/status/message"),
         "0/1 nodes available: 1 tainted",
         "{plain}"
     );
@@ -877,13 +850,13 @@ spec:
     // held with the reason.
     let tolerant = wait_for("tolerant held", Duration::from_secs(30), || {
         instances(&ctl, "tolerant").into_iter().find(|i| {
-            s(i, "/spec/node") == "nodp"
-                && s(i, "/status/message").contains("datapath is not ready")
+            str_at(i, "/spec/node") == "nodp"
+                && str_at(i, "/status/message").contains("datapath is not ready")
         })
     });
-    assert_eq!(s(&tolerant, "/status/phase"), "Pending", "{tolerant}");
+    assert_eq!(str_at(&tolerant, "/status/phase"), "Pending", "{tolerant}");
     assert_eq!(
-        s(&tolerant, "/status/reason"),
+        str_at(&tolerant, "/status/reason"),
         "NetworkSetupError",
         "{tolerant}"
     );
@@ -893,7 +866,7 @@ spec:
     agent.restart_without_token(&ctl);
     wait_for("DatapathReady=True", Duration::from_secs(60), || {
         ctl.node("nodp").filter(|n| {
-            condition(n, "DatapathReady").is_some_and(|c| s(c, "/status") == "True")
+            condition(n, "DatapathReady").is_some_and(|c| str_at(c, "/status") == "True")
                 && !has_datapath_taint(n)
         })
     });
@@ -901,7 +874,7 @@ spec:
         wait_for(&format!("{w} running"), Duration::from_secs(60), || {
             instances(&ctl, w)
                 .into_iter()
-                .find(|i| s(i, "/status/phase") == "Running")
+                .find(|i| str_at(i, "/status/phase") == "Running")
         });
     }
 }

@@ -7,35 +7,14 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
-use ironmesh_tests::{capture, images_dir, succeeded, wait_for, Agent, Controller, ControllerOpts};
+use ironmesh_tests::{
+    capture, curl_in, images_dir, instance_netns, instances, str_at, succeeded, wait_for, Agent,
+    Controller, ControllerOpts,
+};
 use serde_json::Value;
-
-fn s<'a>(v: &'a Value, p: &str) -> &'a str {
-    v.pointer(p).and_then(Value::as_str).unwrap_or_default()
-}
-
-fn instances(ctl: &Controller, workload: &str) -> Vec<Value> {
-    let v = ctl.imctl_json(&[
-        "get",
-        "instances",
-        "-l",
-        &format!("ironmesh.dev/workload={workload}"),
-    ]);
-    v.get("items")
-        .and_then(Value::as_array)
-        .cloned()
-        .unwrap_or_default()
-}
-
-fn instance_netns(agent: &Agent, instance: &str) -> PathBuf {
-    PathBuf::from("/run/ironmesh")
-        .join(agent.containerd.namespace())
-        .join("netns")
-        .join(instance)
-}
 
 /// curl run as an instance's process would be: in its network namespace
 /// and in the agent's cgroup subtree (where the socket programs are).
@@ -43,18 +22,7 @@ fn instance_netns(agent: &Agent, instance: &str) -> PathBuf {
 fn curl_from(agent: &Agent, netns: &Path, url: &str) -> Option<String> {
     let cg = agent.containerd.datapath_cgroup().join("mesh-e2e-client");
     std::fs::create_dir_all(&cg).expect("client cgroup");
-    let script = format!(
-        "echo $$ > {}/cgroup.procs && exec curl -s -m 3 {url}",
-        cg.display()
-    );
-    let out = std::process::Command::new("nsenter")
-        .arg(format!("--net={}", netns.display()))
-        .args(["--", "sh", "-c", &script])
-        .output()
-        .expect("nsenter");
-    out.status
-        .success()
-        .then(|| String::from_utf8_lossy(&out.stdout).to_string())
+    curl_in(&cg, netns, url)
 }
 
 fn workload_yaml(name: &str, node: &str, mode: &str) -> String {
@@ -128,7 +96,7 @@ impl Cluster {
     }
 
     fn agent(&self, inst: &Value) -> &Agent {
-        let node = s(inst, "/spec/node");
+        let node = str_at(inst, "/spec/node");
         self.agents.iter().find(|a| a.name == node).expect("agent")
     }
 
@@ -152,7 +120,9 @@ impl Cluster {
 }
 
 fn ip_of(inst: &Value) -> Ipv4Addr {
-    s(inst, "/status/ip").parse().expect("instance address")
+    str_at(inst, "/status/ip")
+        .parse()
+        .expect("instance address")
 }
 
 #[test]
@@ -166,7 +136,7 @@ fn cross_host_traffic_is_mtls_and_strict_instances_refuse_plaintext() {
     assert_ne!(sa.name, ca.name, "one per host");
     let server_ip = ip_of(&server);
     let client_ip = ip_of(&client);
-    let client_ns = instance_netns(ca, s(&client, "/metadata/name"));
+    let client_ns = instance_netns(ca, str_at(&client, "/metadata/name"));
 
     // The client's connection goes through both proxies; the capture on
     // the bridge sees the tunnel port but never the payload.
@@ -235,9 +205,12 @@ fn cross_host_traffic_is_mtls_and_strict_instances_refuse_plaintext() {
     assert!(inb >= 6.0, "inbound connections counted: {inb}");
 
     // The server saw the client's own address, not the proxy's.
-    let logs =
-        String::from_utf8_lossy(&c.ctl.imctl(&["logs", s(&server, "/metadata/name")]).stdout)
-            .to_string();
+    let logs = String::from_utf8_lossy(
+        &c.ctl
+            .imctl(&["logs", str_at(&server, "/metadata/name")])
+            .stdout,
+    )
+    .to_string();
     assert!(
         logs.lines()
             .any(|l| l.contains(secret) && l.contains(&client_ip.to_string())),
@@ -369,7 +342,7 @@ fn policy_is_judged_by_certificate_identity_at_the_destination_proxy() {
     let api = c.ready("api");
     let reader = c.ready("reader");
     let ra = c.agent(&reader);
-    let reader_ns = instance_netns(ra, s(&reader, "/metadata/name"));
+    let reader_ns = instance_netns(ra, str_at(&reader, "/metadata/name"));
     let url = format!("http://{}:8080/records", ip_of(&api));
     wait_for("reader reaches api", Duration::from_secs(30), || {
         curl_from(ra, &reader_ns, &url)
@@ -444,7 +417,7 @@ fn certificates_rotate_under_a_connection_pool_without_failed_requests() {
     let server = c.ready("server");
     let client = c.ready("client");
     let ca = c.agent(&client);
-    let client_ns = instance_netns(ca, s(&client, "/metadata/name"));
+    let client_ns = instance_netns(ca, str_at(&client, "/metadata/name"));
     let url = format!("http://{}:8080/records", ip_of(&server));
     wait_for(
         "a request through the mesh",
@@ -685,7 +658,7 @@ fn bench_mesh_vs_plain_routed_path() {
     let srv_p = c.ready("srv-plain");
     let cli_p = c.ready("cli-plain");
     let (a1, a2) = (c.agent(&cli_m), c.agent(&srv_m));
-    let ns = |a: &Agent, i: &Value| instance_netns(a, s(i, "/metadata/name"));
+    let ns = |a: &Agent, i: &Value| instance_netns(a, str_at(i, "/metadata/name"));
     let (cm, cp) = (ns(a1, &cli_m), ns(c.agent(&cli_p), &cli_p));
     bench::servers(ns(a2, &srv_m), 9000);
     bench::servers(ns(c.agent(&srv_p), &srv_p), 9000);

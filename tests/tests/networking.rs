@@ -11,33 +11,10 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
-use ironmesh_tests::{images_dir, wait_for, Agent, Controller, ControllerOpts};
+use ironmesh_tests::{
+    images_dir, instance_netns, instances, str_at, wait_for, Agent, Controller, ControllerOpts,
+};
 use serde_json::Value;
-
-fn s<'a>(v: &'a Value, p: &str) -> &'a str {
-    v.pointer(p).and_then(Value::as_str).unwrap_or_default()
-}
-
-fn instances(ctl: &Controller, workload: &str) -> Vec<Value> {
-    let v = ctl.imctl_json(&[
-        "get",
-        "instances",
-        "-l",
-        &format!("ironmesh.dev/workload={workload}"),
-    ]);
-    v.get("items")
-        .and_then(Value::as_array)
-        .cloned()
-        .unwrap_or_default()
-}
-
-/// The namespace file the agent made for `instance`.
-fn instance_netns(agent: &Agent, instance: &str) -> PathBuf {
-    PathBuf::from("/run/ironmesh")
-        .join(agent.containerd.namespace())
-        .join("netns")
-        .join(instance)
-}
 
 /// Runs `f` on a thread inside the network namespace at `path`.
 fn within<T: Send + 'static>(path: PathBuf, f: impl FnOnce() -> T + Send + 'static) -> T {
@@ -103,19 +80,19 @@ spec:
     // One per host, each with an address from its node's pod CIDR.
     let mut by_host: Vec<(usize, String, IpAddr)> = Vec::new();
     for i in &list {
-        let node = s(i, "/spec/node");
+        let node = str_at(i, "/spec/node");
         let idx = agents
             .iter()
             .position(|a| a.name == node)
             .unwrap_or_else(|| panic!("instance on unknown node {node}"));
-        let ip: IpAddr = s(i, "/status/ip").parse().expect("instance address");
-        let cidr = s(&ctl.node(node).unwrap(), "/status/podCIDR").to_string();
+        let ip: IpAddr = str_at(i, "/status/ip").parse().expect("instance address");
+        let cidr = str_at(&ctl.node(node).unwrap(), "/status/podCIDR").to_string();
         let cidr: ironmesh_api::net::Ipv4Cidr = cidr.parse().expect("pod CIDR");
         let IpAddr::V4(v4) = ip else {
             panic!("IPv4 expected")
         };
         assert!(cidr.contains(v4), "{ip} not in {cidr} of {node}");
-        by_host.push((idx, s(i, "/metadata/name").to_string(), ip));
+        by_host.push((idx, str_at(i, "/metadata/name").to_string(), ip));
     }
     by_host.sort();
     assert_eq!(
@@ -202,8 +179,9 @@ spec:
         wait_for("3 running with addresses", Duration::from_secs(40), || {
             let l = instances(&ctl, "churn");
             (l.len() == 3
-                && l.iter()
-                    .all(|i| s(i, "/status/phase") == "Running" && !s(i, "/status/ip").is_empty()))
+                && l.iter().all(|i| {
+                    str_at(i, "/status/phase") == "Running" && !str_at(i, "/status/ip").is_empty()
+                }))
             .then_some(())
         });
         assert!(ctl.imctl(&["delete", "workload", "churn"]).status.success());

@@ -13,7 +13,7 @@
 
 use std::time::{Duration, Instant};
 
-use ironmesh_tests::{images_dir, wait_for, Agent, Controller, ControllerOpts, Unmounter};
+use ironmesh_tests::{images_dir, str_at, wait_for, Agent, Controller, ControllerOpts, Unmounter};
 use serde_json::Value;
 
 /// A controller and one agent with a storage pool, batch-step pushed.
@@ -68,10 +68,6 @@ fn start_run(ctl: &Controller, pipeline: &str) -> String {
         .to_string()
 }
 
-fn s<'a>(v: &'a Value, p: &str) -> &'a str {
-    v.pointer(p).and_then(Value::as_str).unwrap_or_default()
-}
-
 fn run_obj(ctl: &Controller, run: &str) -> Value {
     let out = ctl.imctl(&["get", "pipelinerun", run, "-o", "json"]);
     if !out.status.success() {
@@ -102,7 +98,10 @@ fn wait_finished(ctl: &Controller, run: &str, deadline: Duration) -> Value {
     let started = Instant::now();
     loop {
         let v = run_obj(ctl, run);
-        if matches!(s(&v, "/status/phase"), "Succeeded" | "Failed" | "Cancelled") {
+        if matches!(
+            str_at(&v, "/status/phase"),
+            "Succeeded" | "Failed" | "Cancelled"
+        ) {
             return v;
         }
         if started.elapsed() > deadline {
@@ -115,7 +114,7 @@ fn wait_finished(ctl: &Controller, run: &str, deadline: Duration) -> Value {
 /// Panics with the run and every step's logs unless it succeeded.
 #[track_caller]
 fn assert_succeeded(ctl: &Controller, run: &str, v: &Value) {
-    if s(v, "/status/phase") != "Succeeded" {
+    if str_at(v, "/status/phase") != "Succeeded" {
         let logs = ctl.imctl(&["pipeline", "logs", run]);
         panic!(
             "run {run} did not succeed: {v:#}\nlogs:\n{}{}",
@@ -136,7 +135,7 @@ fn instances_of(ctl: &Controller, run: &str) -> Vec<String> {
         .and_then(Value::as_array)
         .map(|l| {
             l.iter()
-                .map(|i| s(i, "/metadata/name").to_string())
+                .map(|i| str_at(i, "/metadata/name").to_string())
                 .collect()
         })
         .unwrap_or_default()
@@ -257,10 +256,13 @@ fn diamond_dag_shares_the_run_volume_and_failures_retry_skip_and_cancel() {
     let fails = step(&failed_step, "fails");
     assert_eq!(fails["attempts"], 3, "{fails:#}");
     assert_eq!(fails["indexes"][0]["exitCode"], 3, "{fails:#}");
-    assert!(s(fails, "/message").contains("exit code 3"), "{fails:#}");
+    assert!(
+        str_at(fails, "/message").contains("exit code 3"),
+        "{fails:#}"
+    );
     assert_eq!(step(&failed_step, "after")["phase"], "Skipped");
     assert_eq!(
-        s(&failed_step, "/status/phase"),
+        str_at(&failed_step, "/status/phase"),
         "Running",
         "slow is still running"
     );
@@ -283,7 +285,11 @@ fn diamond_dag_shares_the_run_volume_and_failures_retry_skip_and_cancel() {
     });
     imctl_ok(ctl, &["pipeline", "cancel", &bad]);
     let cancelled = wait_finished(ctl, &bad, Duration::from_secs(30));
-    assert_eq!(s(&cancelled, "/status/phase"), "Cancelled", "{cancelled:#}");
+    assert_eq!(
+        str_at(&cancelled, "/status/phase"),
+        "Cancelled",
+        "{cancelled:#}"
+    );
     assert_eq!(step(&cancelled, "slow")["phase"], "Cancelled");
     let left = instances_of(ctl, &bad);
     assert!(
@@ -333,8 +339,8 @@ spec:
                 .and_then(Value::as_array)
                 .into_iter()
                 .flatten()
-                .filter(|r| s(r, "/status/phase") == "Succeeded")
-                .map(|r| s(r, "/metadata/name").to_string())
+                .filter(|r| str_at(r, "/status/phase") == "Succeeded")
+                .map(|r| str_at(r, "/metadata/name").to_string())
                 .collect();
             (names.len() >= 2).then_some(names)
         },
@@ -343,7 +349,7 @@ spec:
         assert!(n.starts_with("tick-"), "{n}");
     }
     let p = ctl.imctl_json(&["get", "pipeline", "tick"]);
-    assert!(!s(&p, "/status/lastScheduleTime").is_empty(), "{p:#}");
+    assert!(!str_at(&p, "/status/lastScheduleTime").is_empty(), "{p:#}");
     // Stop firing before the cluster goes away.
     imctl_ok(ctl, &["delete", "pipeline", "tick"]);
 }

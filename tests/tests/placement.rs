@@ -8,11 +8,11 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::BTreeSet;
-use std::path::PathBuf;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
-use ironmesh_tests::{images_dir, wait_for, Agent, Controller, ControllerOpts};
+use ironmesh_tests::{
+    ctr, instances, push_image, str_at, wait_for, Agent, Controller, ControllerOpts,
+};
 use serde_json::Value;
 
 const BATCH: &str = "ironmesh/batch-step:dev";
@@ -24,17 +24,6 @@ fn ready(ctl: &Controller, name: &str) {
     });
 }
 
-fn push(ctl: &Controller, image: &str) {
-    let dir: PathBuf = images_dir().join(image);
-    let out = ctl.imctl(&["image", "push", dir.to_str().unwrap()]);
-    assert!(
-        out.status.success(),
-        "imctl image push {} failed: {}",
-        dir.display(),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 fn imctl_ok(ctl: &Controller, args: &[&str]) -> String {
     let out = ctl.imctl(args);
     assert!(
@@ -43,23 +32,6 @@ fn imctl_ok(ctl: &Controller, args: &[&str]) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8_lossy(&out.stdout).to_string()
-}
-
-fn instances(ctl: &Controller, workload: &str) -> Vec<Value> {
-    let v = ctl.imctl_json(&[
-        "get",
-        "instances",
-        "-l",
-        &format!("ironmesh.dev/workload={workload}"),
-    ]);
-    v.get("items")
-        .and_then(Value::as_array)
-        .cloned()
-        .unwrap_or_default()
-}
-
-fn s<'a>(v: &'a Value, p: &str) -> &'a str {
-    v.pointer(p).and_then(Value::as_str).unwrap_or_default()
 }
 
 fn sleeper(name: &str, replicas: u32, memory: &str) -> String {
@@ -81,23 +53,6 @@ spec:
     )
 }
 
-fn ctr(agent: &Agent, args: &[&str]) -> String {
-    let out = Command::new("ctr")
-        .arg("--address")
-        .arg(agent.containerd.socket())
-        .arg("--namespace")
-        .arg(agent.containerd.namespace())
-        .args(args)
-        .output()
-        .expect("run ctr");
-    assert!(
-        out.status.success(),
-        "ctr {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).to_string()
-}
-
 /// `(instance, node)` of every instance of `workload` that runs, when all
 /// `want` of them run on nodes outside `avoid`.
 fn all_running(
@@ -108,15 +63,15 @@ fn all_running(
 ) -> Option<Vec<(String, String)>> {
     let list = instances(ctl, workload);
     let ok = list.len() == want
-        && list
-            .iter()
-            .all(|i| s(i, "/status/phase") == "Running" && !avoid.contains(&s(i, "/spec/node")));
+        && list.iter().all(|i| {
+            str_at(i, "/status/phase") == "Running" && !avoid.contains(&str_at(i, "/spec/node"))
+        });
     ok.then(|| {
         list.iter()
             .map(|i| {
                 (
-                    s(i, "/metadata/name").to_string(),
-                    s(i, "/spec/node").to_string(),
+                    str_at(i, "/metadata/name").to_string(),
+                    str_at(i, "/spec/node").to_string(),
                 )
             })
             .collect()
@@ -128,16 +83,16 @@ fn unschedulable_request_is_explained_and_cordon_keeps_new_instances_off() {
     let ctl = Controller::start(ControllerOpts::default());
     let _agent = Agent::start(&ctl, "solo");
     ready(&ctl, "solo");
-    push(&ctl, "batch-step");
+    push_image(&ctl, "batch-step");
 
     ctl.apply_yaml(&sleeper("huge", 1, "64Ti"));
     let i = wait_for("huge unschedulable", Duration::from_secs(20), || {
         instances(&ctl, "huge")
             .into_iter()
-            .find(|i| s(i, "/status/reason") == "Unschedulable")
+            .find(|i| str_at(i, "/status/reason") == "Unschedulable")
     });
     assert_eq!(
-        s(&i, "/status/message"),
+        str_at(&i, "/status/message"),
         "0/1 nodes available: 1 insufficient memory",
         "{i}"
     );
@@ -160,10 +115,10 @@ fn unschedulable_request_is_explained_and_cordon_keeps_new_instances_off() {
     let i = wait_for("small unschedulable", Duration::from_secs(20), || {
         instances(&ctl, "small")
             .into_iter()
-            .find(|i| s(i, "/status/reason") == "Unschedulable")
+            .find(|i| str_at(i, "/status/reason") == "Unschedulable")
     });
     assert_eq!(
-        s(&i, "/status/message"),
+        str_at(&i, "/status/message"),
         "0/1 nodes available: 1 unschedulable"
     );
     imctl_ok(&ctl, &["node", "uncordon", "solo"]);
@@ -182,7 +137,7 @@ fn replicas_spread_move_off_a_dead_host_not_twice_and_drain() {
     for h in hosts {
         ready(&ctl, h);
     }
-    push(&ctl, "batch-step");
+    push_image(&ctl, "batch-step");
     ctl.apply_yaml(&sleeper("spread", 3, "16Mi"));
 
     // One replica per host.
@@ -232,7 +187,10 @@ fn replicas_spread_move_off_a_dead_host_not_twice_and_drain() {
     );
     let list = instances(&ctl, "spread");
     assert_eq!(list.len(), 3, "{list:?}");
-    assert!(list.iter().all(|i| s(i, "/spec/node") != "h1"), "{list:?}");
+    assert!(
+        list.iter().all(|i| str_at(i, "/spec/node") != "h1"),
+        "{list:?}"
+    );
 
     // Drain h2: everything leaves it and runs on h1 and h3.
     let started = Instant::now();
@@ -267,7 +225,7 @@ fn eviction_pauses_when_most_nodes_are_not_ready_and_resumes_when_they_return() 
     for h in hosts {
         ready(&ctl, h);
     }
-    push(&ctl, "batch-step");
+    push_image(&ctl, "batch-step");
     ctl.apply_yaml(&sleeper("guarded", 4, "16Mi"));
     let placed = wait_for("4 replicas running", Duration::from_secs(60), || {
         all_running(&ctl, "guarded", 4, &[])
@@ -286,7 +244,7 @@ fn eviction_pauses_when_most_nodes_are_not_ready_and_resumes_when_they_return() 
             let list = instances(&ctl, "guarded");
             let held: Vec<Value> = list
                 .into_iter()
-                .filter(|i| s(i, "/status/reason") == "EvictionPaused")
+                .filter(|i| str_at(i, "/status/reason") == "EvictionPaused")
                 .collect();
             (held.len() == 3).then_some(held)
         },
@@ -294,16 +252,16 @@ fn eviction_pauses_when_most_nodes_are_not_ready_and_resumes_when_they_return() 
     let event = held[0]
         .pointer("/status/events")
         .and_then(Value::as_array)
-        .and_then(|e| e.iter().find(|e| s(e, "/reason") == "EvictionPaused"))
+        .and_then(|e| e.iter().find(|e| str_at(e, "/reason") == "EvictionPaused"))
         .cloned()
         .unwrap_or_default();
     assert!(
-        s(&event, "/message").contains("3 of 4 nodes are NotReady, more than 50%"),
+        str_at(&event, "/message").contains("3 of 4 nodes are NotReady, more than 50%"),
         "{event}"
     );
     let now: BTreeSet<String> = instances(&ctl, "guarded")
         .iter()
-        .map(|i| s(i, "/metadata/name").to_string())
+        .map(|i| str_at(i, "/metadata/name").to_string())
         .collect();
     assert_eq!(now, names, "nothing was evicted");
     let table = imctl_ok(&ctl, &["get", "nodes"]);

@@ -6,11 +6,10 @@
 // Test code: a failed unwrap is a failed test.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use ironmesh_proto::v1::{ApplyRequest, Manifest};
-use ironmesh_tests::{grpc, images_dir, wait_for, Agent, Controller, ControllerOpts};
+use ironmesh_tests::{grpc, push_image, wait_for, Agent, Controller, ControllerOpts};
 use serde_json::Value;
 
 fn stderr(out: &std::process::Output) -> String {
@@ -131,12 +130,6 @@ fn oversized_input_is_refused_in_words_and_long_values_print() {
     );
 }
 
-fn push(ctl: &Controller, image: &str) {
-    let dir: PathBuf = images_dir().join(image);
-    let out = ctl.imctl(&["image", "push", dir.to_str().expect("utf-8 path")]);
-    assert!(out.status.success(), "imctl image push: {}", stderr(&out));
-}
-
 fn running_instance(ctl: &Controller, workload: &str, deadline: Duration) -> Value {
     wait_for(&format!("instance of {workload} running"), deadline, || {
         let v = ctl.imctl_json(&[
@@ -166,7 +159,7 @@ fn sigterm_stops_controller_within_5s_and_agent_within_2s_leaving_containers() {
     let mut ctl = Controller::start(ControllerOpts::default());
     let mut agent = Agent::start(&ctl, "node-a");
     agent.wait_ready(&ctl, Duration::from_secs(90));
-    push(&ctl, "records-server");
+    push_image(&ctl, "records-server");
     ctl.apply_yaml(
         "apiVersion: ironmesh.dev/v1
 kind: Workload
@@ -329,7 +322,7 @@ fn status_churn_keeps_store_and_rss_bounded() {
     let ip = std::net::Ipv4Addr::from(u32::from(base) + 9).to_string();
     let state = |i: &ironmesh_proto::v1::InstanceAssignment, restarts: u32| InstanceState {
         name: i.name.clone(),
-        phase: "Running".into(),
+        phase: ironmesh_proto::v1::InstancePhase::Running.into(),
         ready: true,
         restarts,
         pid: 1000 + restarts,

@@ -8,7 +8,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use ironmesh_tests::{wait_for, Controller, ControllerOpts};
+use ironmesh_tests::{str_at, wait_for, Controller, ControllerOpts};
 use serde_json::Value;
 
 const DEADLINE: Duration = Duration::from_secs(30);
@@ -85,10 +85,6 @@ fn get(ctl: &Controller, kind: &str, name: &str) -> Option<Value> {
         .then(|| serde_json::from_slice(&out.stdout).expect("imctl printed JSON"))
 }
 
-fn s<'a>(v: &'a Value, p: &str) -> &'a str {
-    v.pointer(p).and_then(Value::as_str).unwrap_or_default()
-}
-
 fn ready(source: &Value) -> Option<&Value> {
     source
         .pointer("/status/conditions")?
@@ -99,14 +95,15 @@ fn ready(source: &Value) -> Option<&Value> {
 
 fn wait_applied(ctl: &Controller, commit: &str) -> Value {
     wait_for(&format!("Source applies {commit}"), DEADLINE, || {
-        get(ctl, "sources", "platform").filter(|src| s(src, "/status/lastAppliedCommit") == commit)
+        get(ctl, "sources", "platform")
+            .filter(|src| str_at(src, "/status/lastAppliedCommit") == commit)
     })
 }
 
 fn wait_failed(ctl: &Controller, commit: &str) -> Value {
     wait_for(&format!("Source rejects {commit}"), DEADLINE, || {
         get(ctl, "sources", "platform").filter(|src| {
-            s(src, "/status/lastAttemptedCommit") == commit
+            str_at(src, "/status/lastAttemptedCommit") == commit
                 && ready(src).is_some_and(|c| c["reason"] == "ApplyFailed")
         })
     })
@@ -149,9 +146,15 @@ fn source_applies_prunes_and_refuses_broken_commits() {
     assert_eq!(src["status"]["appliedObjects"], 2, "{src}");
     assert_eq!(ready(&src).unwrap()["status"], "True", "{src}");
     let web = get(&ctl, "workloads", "web").expect("web applied");
-    assert_eq!(s(&web, "/metadata/labels/ironmesh.dev~1source"), "platform");
+    assert_eq!(
+        str_at(&web, "/metadata/labels/ironmesh.dev~1source"),
+        "platform"
+    );
     let svc = get(&ctl, "services", "web").expect("service applied");
-    assert_eq!(s(&svc, "/metadata/labels/ironmesh.dev~1source"), "platform");
+    assert_eq!(
+        str_at(&svc, "/metadata/labels/ironmesh.dev~1source"),
+        "platform"
+    );
 
     // The Service leaves git: pruned; the Workload and the hand-made one stay.
     let c2 = commit(repo, &[("apps/svc.yaml", None)], "drop the service");
@@ -173,16 +176,16 @@ fn source_applies_prunes_and_refuses_broken_commits() {
         "broken",
     );
     let src = wait_failed(&ctl, &c3);
-    let msg = s(ready(&src).unwrap(), "/message");
+    let msg = str_at(ready(&src).unwrap(), "/message");
     assert!(
         msg.contains("apps/web.yaml, document 1") && msg.contains("spec.replicas"),
         "{msg}"
     );
-    assert_eq!(s(&src, "/status/lastAppliedCommit"), c2);
+    assert_eq!(str_at(&src, "/status/lastAppliedCommit"), c2);
     assert_eq!(ready(&src).unwrap()["status"], "False");
     assert!(get(&ctl, "services", "other").is_none(), "nothing applied");
     let web = get(&ctl, "workloads", "web").unwrap();
-    assert_eq!(s(&web, "/spec/image"), "web:1", "web unchanged");
+    assert_eq!(str_at(&web, "/spec/image"), "web:1", "web unchanged");
 
     // Fixed: the whole commit applies.
     let c4 = commit(
@@ -193,7 +196,7 @@ fn source_applies_prunes_and_refuses_broken_commits() {
     let src = wait_applied(&ctl, &c4);
     assert_eq!(ready(&src).unwrap()["status"], "True", "{src}");
     assert_eq!(
-        s(&get(&ctl, "workloads", "web").unwrap(), "/spec/image"),
+        str_at(&get(&ctl, "workloads", "web").unwrap(), "/spec/image"),
         "web:2"
     );
     assert!(get(&ctl, "services", "other").is_some());
@@ -208,13 +211,13 @@ fn source_applies_prunes_and_refuses_broken_commits() {
         "claim manual",
     );
     let src = wait_failed(&ctl, &c5);
-    let msg = s(ready(&src).unwrap(), "/message");
+    let msg = str_at(ready(&src).unwrap(), "/message");
     assert!(
         msg.contains("Workload \"manual\" already exists and was not created by this Source"),
         "{msg}"
     );
     let manual = get(&ctl, "workloads", "manual").unwrap();
-    assert_eq!(s(&manual, "/spec/image"), "manual:1");
+    assert_eq!(str_at(&manual, "/spec/image"), "manual:1");
     assert!(manual
         .pointer("/metadata/labels/ironmesh.dev~1source")
         .is_none());
@@ -232,7 +235,7 @@ fn source_reports_fetch_errors() {
         get(&ctl, "sources", "platform")
             .filter(|src| ready(src).is_some_and(|c| c["reason"] == "FetchFailed"))
     });
-    let msg = s(ready(&src).unwrap(), "/message");
+    let msg = str_at(ready(&src).unwrap(), "/message");
     assert!(msg.contains("no-such-branch"), "{msg}");
     assert!(get(&ctl, "workloads", "web").is_none());
 }

@@ -515,7 +515,7 @@ fn a_node_reporting_an_address_outside_its_pod_cidr_is_refused() {
                 full: false,
                 instances: vec![InstanceState {
                     name: inst.name.clone(),
-                    phase: "Running".into(),
+                    phase: ironmesh_proto::v1::InstancePhase::Running.into(),
                     ready: true,
                     spec_generation: inst.spec_generation,
                     ip: ip.to_string(),

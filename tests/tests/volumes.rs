@@ -13,42 +13,16 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
-use ironmesh_tests::{images_dir, wait_for, Agent, Controller, ControllerOpts, Unmounter};
+use ironmesh_tests::{
+    instances, push_image, str_at, wait_for, Agent, Controller, ControllerOpts, Unmounter,
+};
 use serde_json::Value;
 
 const BATCH: &str = "ironmesh/batch-step:dev";
 const MIB: u64 = 1 << 20;
-
-fn push(ctl: &Controller, image: &str) {
-    let dir: PathBuf = images_dir().join(image);
-    let out = ctl.imctl(&["image", "push", dir.to_str().unwrap()]);
-    assert!(
-        out.status.success(),
-        "imctl image push {} failed: {}",
-        dir.display(),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-fn instances(ctl: &Controller, workload: &str) -> Vec<Value> {
-    let v = ctl.imctl_json(&[
-        "get",
-        "instances",
-        "-l",
-        &format!("ironmesh.dev/workload={workload}"),
-    ]);
-    v.get("items")
-        .and_then(Value::as_array)
-        .cloned()
-        .unwrap_or_else(|| vec![v])
-}
-
-fn s<'a>(v: &'a Value, p: &str) -> &'a str {
-    v.pointer(p).and_then(Value::as_str).unwrap_or_default()
-}
 
 /// Waits until the workload has exactly one instance, Succeeded, and
 /// returns it.
@@ -59,10 +33,12 @@ fn wait_succeeded(ctl: &Controller, workload: &str, not: Option<&str>) -> Value 
         || {
             let list = instances(ctl, workload);
             if let [i] = list.as_slice() {
-                if s(i, "/status/phase") == "Failed" {
+                if str_at(i, "/status/phase") == "Failed" {
                     panic!("{workload} failed: {i:#}");
                 }
-                if s(i, "/status/phase") == "Succeeded" && Some(s(i, "/metadata/name")) != not {
+                if str_at(i, "/status/phase") == "Succeeded"
+                    && Some(str_at(i, "/metadata/name")) != not
+                {
                     return Some(i.clone());
                 }
             }
@@ -117,24 +93,24 @@ fn volume_is_bound_mounted_kept_across_instances_reported_limited_and_deleted() 
     let agent = Agent::start(&ctl, "node-a");
     let cleanup = Unmounter(vec![agent.dir.path().to_path_buf()]);
     agent.wait_ready(&ctl, Duration::from_secs(90));
-    push(&ctl, "batch-step");
+    push_image(&ctl, "batch-step");
 
     // The pool is reported and the Volume is bound to it.
     let node = wait_for("node-a reports its pool", Duration::from_secs(20), || {
         ctl.node("node-a")
             .filter(|n| n.pointer("/status/storage/pools/0/capacityBytes").is_some())
     });
-    assert_eq!(s(&node, "/status/storage/pools/0/name"), "default");
+    assert_eq!(str_at(&node, "/status/storage/pools/0/name"), "default");
     ctl.apply_yaml(
         "apiVersion: ironmesh.dev/v1\nkind: Volume\nmetadata:\n  name: data\nspec:\n  size: 16Mi\n",
     );
     let vol = wait_for("volume data Bound", Duration::from_secs(20), || {
         let v = ctl.imctl_json(&["get", "volume", "data"]);
-        (s(&v, "/status/phase") == "Bound").then_some(v)
+        (str_at(&v, "/status/phase") == "Bound").then_some(v)
     });
-    assert_eq!(s(&vol, "/status/node"), "node-a");
-    assert_eq!(s(&vol, "/status/pool"), "default");
-    assert_eq!(s(&vol, "/status/backend"), "file");
+    assert_eq!(str_at(&vol, "/status/node"), "node-a");
+    assert_eq!(str_at(&vol, "/status/pool"), "default");
+    assert_eq!(str_at(&vol, "/status/backend"), "file");
     let image = agent.dir.path().join("pool/data.ext4");
     let host_path = agent.state_dir().join("storage/volumes/data");
     wait_for(
@@ -146,7 +122,7 @@ fn volume_is_bound_mounted_kept_across_instances_reported_limited_and_deleted() 
     // An instance writes to it.
     ctl.apply_yaml(&step("writer", "[]"));
     let writer = wait_succeeded(&ctl, "writer", None);
-    assert_eq!(s(&writer, "/spec/node"), "node-a");
+    assert_eq!(str_at(&writer, "/spec/node"), "node-a");
     assert_eq!(
         std::fs::read_to_string(host_path.join("step-0.txt")).unwrap(),
         "index=0 replicas=1\n"
@@ -157,10 +133,10 @@ fn volume_is_bound_mounted_kept_across_instances_reported_limited_and_deleted() 
     // Another instance (another container) finds the data.
     ctl.apply_yaml(&step("checker", "[\"--check\", \"1\"]"));
     let first = wait_succeeded(&ctl, "checker", None);
-    assert_eq!(s(&first, "/spec/node"), "node-a");
+    assert_eq!(str_at(&first, "/spec/node"), "node-a");
     // Deleting the instance: the controller recreates it on the same node
     // (where the volume is) and the data is still there.
-    let first_name = s(&first, "/metadata/name").to_string();
+    let first_name = str_at(&first, "/metadata/name").to_string();
     let out = ctl.imctl(&["delete", "instance", &first_name]);
     assert!(
         out.status.success(),
@@ -168,7 +144,7 @@ fn volume_is_bound_mounted_kept_across_instances_reported_limited_and_deleted() 
         String::from_utf8_lossy(&out.stderr)
     );
     let second = wait_succeeded(&ctl, "checker", Some(&first_name));
-    assert_eq!(s(&second, "/spec/node"), "node-a");
+    assert_eq!(str_at(&second, "/spec/node"), "node-a");
 
     // Usage is reported (periodically, every 10 s by default).
     let (_, err) = fill(&host_path.join("four"), 4 * MIB);
@@ -241,7 +217,7 @@ fn a_restored_store_never_wipes_volume_data() {
     let agent = Agent::start(&ctl, "node-a");
     let cleanup = Unmounter(vec![agent.dir.path().to_path_buf()]);
     agent.wait_ready(&ctl, Duration::from_secs(90));
-    push(&ctl, "batch-step");
+    push_image(&ctl, "batch-step");
     wait_for("node-a reports its pool", Duration::from_secs(20), || {
         ctl.node("node-a")
             .filter(|n| n.pointer("/status/storage/pools/0/capacityBytes").is_some())
@@ -283,8 +259,9 @@ fn a_restored_store_never_wipes_volume_data() {
             n.pointer("/status/conditions")
                 .and_then(Value::as_array)
                 .is_some_and(|c| {
-                    c.iter()
-                        .any(|c| s(c, "/type") == "VolumesOrphaned" && s(c, "/status") == "True")
+                    c.iter().any(|c| {
+                        str_at(c, "/type") == "VolumesOrphaned" && str_at(c, "/status") == "True"
+                    })
                 })
         })
     });
@@ -292,11 +269,11 @@ fn a_restored_store_never_wipes_volume_data() {
         .as_array()
         .unwrap()
         .iter()
-        .find(|c| s(c, "/type") == "VolumesOrphaned")
+        .find(|c| str_at(c, "/type") == "VolumesOrphaned")
         .unwrap()
         .clone();
     assert_eq!(cond["volumes"], serde_json::json!(["data"]), "{cond:#}");
-    assert!(s(&cond, "/message").contains("data"), "{cond:#}");
+    assert!(str_at(&cond, "/message").contains("data"), "{cond:#}");
     let out = ctl.imctl(&["describe", "node", "node-a"]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("VolumesOrphaned"), "{text}");
@@ -317,14 +294,15 @@ fn a_restored_store_never_wipes_volume_data() {
     );
     ctl.apply_yaml(&step("checker", "[\"--check\", \"1\"]"));
     let checked = wait_succeeded(&ctl, "checker", None);
-    assert_eq!(s(&checked, "/spec/node"), "node-a");
+    assert_eq!(str_at(&checked, "/spec/node"), "node-a");
     wait_for("orphan condition cleared", Duration::from_secs(30), || {
         ctl.node("node-a").filter(|n| {
             n.pointer("/status/conditions")
                 .and_then(Value::as_array)
                 .is_some_and(|c| {
-                    c.iter()
-                        .any(|c| s(c, "/type") == "VolumesOrphaned" && s(c, "/status") == "False")
+                    c.iter().any(|c| {
+                        str_at(c, "/type") == "VolumesOrphaned" && str_at(c, "/status") == "False"
+                    })
                 })
         })
     });
@@ -352,7 +330,7 @@ fn a_restored_store_never_wipes_volume_data() {
     );
     wait_for("new volume Bound", Duration::from_secs(30), || {
         let v = ctl.imctl_json(&["get", "volume", "data"]);
-        (s(&v, "/status/phase") == "Bound").then_some(())
+        (str_at(&v, "/status/phase") == "Bound").then_some(())
     });
     wait_for(
         "new volume provisioned empty",

@@ -10,10 +10,11 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::PathBuf;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
-use ironmesh_tests::{images_dir, wait_for, Agent, Controller, ControllerOpts};
+use ironmesh_tests::{
+    ctr, instances, push_image, str_at, wait_for, wait_instance, Agent, Controller, ControllerOpts,
+};
 use serde_json::Value;
 
 const RECORDS: &str = "ironmesh/records-server:dev";
@@ -26,54 +27,13 @@ fn start_cluster() -> (Controller, Agent) {
     (ctl, agent)
 }
 
-fn push(ctl: &Controller, image: &str) {
-    let dir: PathBuf = images_dir().join(image);
-    let out = ctl.imctl(&["image", "push", dir.to_str().unwrap()]);
-    assert!(
-        out.status.success(),
-        "imctl image push {} failed: {}",
-        dir.display(),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-fn instances(ctl: &Controller, workload: &str) -> Vec<Value> {
-    let v = ctl.imctl_json(&[
-        "get",
-        "instances",
-        "-l",
-        &format!("ironmesh.dev/workload={workload}"),
-    ]);
-    v.get("items")
-        .and_then(Value::as_array)
-        .cloned()
-        .unwrap_or_else(|| vec![v])
-}
-
-/// Waits until the workload's only instance satisfies `f`.
-fn wait_instance(
-    ctl: &Controller,
-    workload: &str,
-    what: &str,
-    deadline: Duration,
-    f: impl Fn(&Value) -> bool,
-) -> Value {
-    wait_for(&format!("instance of {workload}: {what}"), deadline, || {
-        let list = instances(ctl, workload);
-        (list.len() == 1 && f(&list[0])).then(|| list[0].clone())
-    })
-}
-
-fn s<'a>(v: &'a Value, p: &str) -> &'a str {
-    v.pointer(p).and_then(Value::as_str).unwrap_or_default()
-}
-
 fn u(v: &Value, p: &str) -> u64 {
     v.pointer(p).and_then(Value::as_u64).unwrap_or(0)
 }
 
 fn running_ready(i: &Value) -> bool {
-    s(i, "/status/phase") == "Running" && i.pointer("/status/ready") == Some(&Value::Bool(true))
+    str_at(i, "/status/phase") == "Running"
+        && i.pointer("/status/ready") == Some(&Value::Bool(true))
 }
 
 fn records_workload(name: &str, extra: &str) -> String {
@@ -99,27 +59,10 @@ spec:
     )
 }
 
-fn ctr(agent: &Agent, args: &[&str]) -> String {
-    let out = Command::new("ctr")
-        .arg("--address")
-        .arg(agent.containerd.socket())
-        .arg("--namespace")
-        .arg(agent.containerd.namespace())
-        .args(args)
-        .output()
-        .expect("run ctr");
-    assert!(
-        out.status.success(),
-        "ctr {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).to_string()
-}
-
 #[test]
 fn workload_runs_ready_answers_with_its_memory_limit_and_logs() {
     let (ctl, agent) = start_cluster();
-    push(&ctl, "records-server");
+    push_image(&ctl, "records-server");
     ctl.apply_yaml(&records_workload("orders", ""));
 
     let inst = wait_instance(
@@ -129,11 +72,13 @@ fn workload_runs_ready_answers_with_its_memory_limit_and_logs() {
         Duration::from_secs(30),
         running_ready,
     );
-    let name = s(&inst, "/metadata/name").to_string();
-    assert_eq!(s(&inst, "/spec/node"), "node-a");
+    let name = str_at(&inst, "/metadata/name").to_string();
+    assert_eq!(str_at(&inst, "/spec/node"), "node-a");
     assert!(u(&inst, "/status/pid") > 0, "{inst}");
 
-    let ip: std::net::IpAddr = s(&inst, "/status/ip").parse().expect("instance has an IP");
+    let ip: std::net::IpAddr = str_at(&inst, "/status/ip")
+        .parse()
+        .expect("instance has an IP");
     let body = agent
         .host
         .http_get(std::net::SocketAddr::new(ip, 8080), "/healthz")
@@ -204,7 +149,7 @@ fn workload_runs_ready_answers_with_its_memory_limit_and_logs() {
 #[test]
 fn crashing_instance_restarts_with_growing_backoff_and_reports_its_exit_code() {
     let (ctl, _agent) = start_cluster();
-    push(&ctl, "batch-step");
+    push_image(&ctl, "batch-step");
     ctl.apply_yaml(&format!(
         "apiVersion: ironmesh.dev/v1
 kind: Workload
@@ -259,7 +204,7 @@ spec:
 #[test]
 fn failing_liveness_probe_restarts_the_container() {
     let (ctl, _agent) = start_cluster();
-    push(&ctl, "records-server");
+    push_image(&ctl, "records-server");
     ctl.apply_yaml(&records_workload(
         "sick",
         "  livenessProbe:
@@ -284,7 +229,7 @@ fn failing_liveness_probe_restarts_the_container() {
 #[test]
 fn agent_restart_adopts_running_containers_and_cleans_up_deleted_ones() {
     let (ctl, mut agent) = start_cluster();
-    push(&ctl, "records-server");
+    push_image(&ctl, "records-server");
     ctl.apply_yaml(&records_workload("keep", ""));
     ctl.apply_yaml(&records_workload("gone", ""));
     let keep = wait_instance(
@@ -302,7 +247,7 @@ fn agent_restart_adopts_running_containers_and_cleans_up_deleted_ones() {
         running_ready,
     );
     let pid = u(&keep, "/status/pid");
-    let gone_name = s(&gone, "/metadata/name").to_string();
+    let gone_name = str_at(&gone, "/metadata/name").to_string();
 
     agent.proc.kill9();
     let out = ctl.imctl(&["delete", "workload", "gone"]);
@@ -311,7 +256,7 @@ fn agent_restart_adopts_running_containers_and_cleans_up_deleted_ones() {
 
     // Same task, no restart.
     let after = wait_instance(&ctl, "keep", "adopted", Duration::from_secs(30), |i| {
-        running_ready(i) && s(i, "/status/reason") != "Scheduled"
+        running_ready(i) && str_at(i, "/status/reason") != "Scheduled"
     });
     assert_eq!(u(&after, "/status/pid"), pid, "{after}");
     assert_eq!(u(&after, "/status/restarts"), 0, "{after}");
@@ -327,7 +272,7 @@ fn agent_restart_adopts_running_containers_and_cleans_up_deleted_ones() {
 #[test]
 fn deleting_a_workload_leaves_nothing_in_containerd() {
     let (ctl, agent) = start_cluster();
-    push(&ctl, "records-server");
+    push_image(&ctl, "records-server");
     ctl.apply_yaml(&records_workload("brief", ""));
     let inst = wait_instance(
         &ctl,
@@ -336,7 +281,7 @@ fn deleting_a_workload_leaves_nothing_in_containerd() {
         Duration::from_secs(30),
         running_ready,
     );
-    let name = s(&inst, "/metadata/name").to_string();
+    let name = str_at(&inst, "/metadata/name").to_string();
     assert!(ctr(&agent, &["containers", "ls", "-q"]).contains(&name));
 
     let out = ctl.imctl(&["delete", "workload", "brief"]);
@@ -374,11 +319,11 @@ spec:
         "ghost",
         "ImageNotFound",
         Duration::from_secs(20),
-        |i| s(i, "/status/reason") == "ImageNotFound",
+        |i| str_at(i, "/status/reason") == "ImageNotFound",
     );
-    assert_eq!(s(&inst, "/status/phase"), "Pending");
+    assert_eq!(str_at(&inst, "/status/phase"), "Pending");
     assert!(
-        s(&inst, "/status/message").contains("ironmesh/does-not-exist:1"),
+        str_at(&inst, "/status/message").contains("ironmesh/does-not-exist:1"),
         "{inst}"
     );
 }
@@ -386,7 +331,7 @@ spec:
 #[test]
 fn replicas_are_kept_exactly() {
     let (ctl, _agent) = start_cluster();
-    push(&ctl, "batch-step");
+    push_image(&ctl, "batch-step");
     let wl = |n: u32| {
         format!(
             "apiVersion: ironmesh.dev/v1
@@ -405,9 +350,9 @@ spec:
     ctl.apply_yaml(&wl(3));
     let names = wait_for("3 running", Duration::from_secs(40), || {
         let l = instances(&ctl, "sleepers");
-        (l.len() == 3 && l.iter().all(|i| s(i, "/status/phase") == "Running")).then(|| {
+        (l.len() == 3 && l.iter().all(|i| str_at(i, "/status/phase") == "Running")).then(|| {
             l.iter()
-                .map(|i| s(i, "/metadata/name").to_string())
+                .map(|i| str_at(i, "/metadata/name").to_string())
                 .collect::<Vec<_>>()
         })
     });
@@ -418,7 +363,7 @@ spec:
         .success());
     wait_for("replacement", Duration::from_secs(30), || {
         let l = instances(&ctl, "sleepers");
-        (l.len() == 3 && !l.iter().any(|i| s(i, "/metadata/name") == names[0])).then_some(())
+        (l.len() == 3 && !l.iter().any(|i| str_at(i, "/metadata/name") == names[0])).then_some(())
     });
     ctl.apply_yaml(&wl(1));
     wait_for("scaled to 1", Duration::from_secs(30), || {

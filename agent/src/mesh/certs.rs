@@ -314,9 +314,9 @@ impl Certs {
         for (ext, data, private) in [("key", key, true), ("crt", crt, false)] {
             let path = self.dir.join(format!("{workload}.{ext}"));
             let r = if private {
-                ironmesh_daemon::write_file_atomic(&path, data.as_bytes(), 0o600)
+                ironmesh_process::write_file_atomic(&path, data.as_bytes(), 0o600)
             } else {
-                ironmesh_daemon::write_file_atomic(&path, data.as_bytes(), 0o644)
+                ironmesh_process::write_file_atomic(&path, data.as_bytes(), 0o644)
             };
             r.map_err(|source| CertError::Io {
                 action: "writing",

@@ -292,7 +292,7 @@ impl Mesh {
                 match serde_json::to_vec(&now) {
                     Ok(b) => {
                         if let Err(e) =
-                            ironmesh_daemon::write_file_atomic(&self.remembered_file, &b, 0o644)
+                            ironmesh_process::write_file_atomic(&self.remembered_file, &b, 0o644)
                         {
                             tracing::warn!(error = %e, "cannot record the mesh listeners");
                         }

@@ -181,7 +181,7 @@ impl Ipam {
             path: self.path.clone(),
             reason: format!("encoding: {e}"),
         })?;
-        ironmesh_daemon::write_file_atomic(&self.path, &data, 0o600)
+        ironmesh_process::write_file_atomic(&self.path, &data, 0o600)
             .map_err(|e| NetworkError::io("writing leases file", &self.path, e))
     }
 }

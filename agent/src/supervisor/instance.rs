@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use ironmesh_api::workload::RestartPolicy;
-use ironmesh_proto::v1::{InstanceEvent, InstanceState};
+use ironmesh_proto::v1::{InstanceEvent, InstancePhase, InstanceState};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
@@ -33,10 +33,10 @@ use super::{
     SupervisorReport, LABEL_SPEC_GENERATION,
 };
 
-pub(crate) const PENDING: &str = "Pending";
-pub(crate) const RUNNING: &str = "Running";
-pub(crate) const SUCCEEDED: &str = "Succeeded";
-pub(crate) const FAILED: &str = "Failed";
+pub(crate) const PENDING: InstancePhase = InstancePhase::Pending;
+pub(crate) const RUNNING: InstancePhase = InstancePhase::Running;
+pub(crate) const SUCCEEDED: InstancePhase = InstancePhase::Succeeded;
+pub(crate) const FAILED: InstancePhase = InstancePhase::Failed;
 
 /// Exit code reported when a task could not be started (as Kubernetes'
 /// StartError).
@@ -70,7 +70,7 @@ enum Step {
 pub(crate) fn initial_state(d: &DesiredInstance) -> InstanceState {
     InstanceState {
         name: d.name.clone(),
-        phase: PENDING.to_string(),
+        phase: PENDING.into(),
         reason: "Scheduled".to_string(),
         spec_generation: d.spec_generation,
         ..Default::default()
@@ -79,7 +79,7 @@ pub(crate) fn initial_state(d: &DesiredInstance) -> InstanceState {
 
 pub(crate) fn invalid_name_state(d: &DesiredInstance) -> InstanceState {
     InstanceState {
-        phase: FAILED.to_string(),
+        phase: FAILED.into(),
         reason: "InvalidName".to_string(),
         message: format!(
             "instance name {:?} is not a valid container id (letters and digits joined by \
@@ -408,7 +408,7 @@ impl Instance {
             let delay = backoff.next_delay();
             tracing::warn!(instance = %self.name(), error = %error, retry_in = ?delay, "cannot set up the instance network");
             self.publish(|s| {
-                s.phase = PENDING.to_string();
+                s.phase = PENDING.into();
                 s.reason = "NetworkSetupError".to_string();
                 s.message = format!("{error}; retrying in {}", human(delay));
             })
@@ -552,7 +552,7 @@ impl Instance {
         let image = self.d.spec.image.clone();
         let resolved = loop {
             self.publish(|s| {
-                s.phase = PENDING.to_string();
+                s.phase = PENDING.into();
                 s.reason = "Pulling".to_string();
                 s.message = format!("ensuring image {image:?}");
             })
@@ -597,7 +597,7 @@ impl Instance {
             let delay = backoff.next_delay();
             tracing::warn!(instance = %self.name(), image = %image, reason, error = %error, retry_in = ?delay, "image not available");
             self.publish(|s| {
-                s.phase = phase.to_string();
+                s.phase = phase.into();
                 s.reason = reason.to_string();
                 s.message = format!("{error}; retrying in {}", human(delay));
             })
@@ -636,7 +636,7 @@ impl Instance {
             // An address known by now goes up with this report.
             let ip = self.early_network();
             self.publish(|s| {
-                s.phase = PENDING.to_string();
+                s.phase = PENDING.into();
                 s.reason = "ContainerCreating".to_string();
                 s.message = String::new();
                 if let Some(ip) = ip {
@@ -680,7 +680,7 @@ impl Instance {
             let delay = backoff.next_delay();
             tracing::warn!(instance = %self.name(), error = %error, retry_in = ?delay, "cannot create container");
             self.publish(|s| {
-                s.phase = PENDING.to_string();
+                s.phase = PENDING.into();
                 s.reason = "CreateContainerError".to_string();
                 s.message = format!("{error}; retrying in {}", human(delay));
             })
@@ -746,7 +746,7 @@ impl Instance {
             let delay = backoff.next_delay();
             tracing::warn!(instance = %self.name(), error = %error, retry_in = ?delay, "cannot provision volumes");
             self.publish(|s| {
-                s.phase = PENDING.to_string();
+                s.phase = PENDING.into();
                 s.reason = "VolumeError".to_string();
                 s.message = format!("{error}; retrying in {}", human(delay));
             })
@@ -761,7 +761,7 @@ impl Instance {
     async fn config_error(&self, message: String) -> Step {
         tracing::warn!(instance = %self.name(), error = %message, "instance spec cannot run");
         self.publish(|s| {
-            s.phase = FAILED.to_string();
+            s.phase = FAILED.into();
             s.reason = "CreateContainerConfigError".to_string();
             s.message = message.clone();
         })
@@ -776,15 +776,14 @@ impl Instance {
         let restarts = self.persisted.restarts;
         let last_exit = self.persisted.last_exit_code;
         self.publish(|s| {
-            s.phase = RUNNING.to_string();
+            s.phase = RUNNING.into();
             s.reason = reason.to_string();
             s.message = String::new();
             s.pid = pid;
             s.started_unix_ms = started_ms;
             s.ready = ready;
             s.restarts = restarts;
-            s.has_exit_code = last_exit.is_some();
-            s.exit_code = last_exit.unwrap_or(0);
+            s.exit_code = last_exit;
         })
         .await;
     }
@@ -959,11 +958,10 @@ impl Instance {
             (FAILED, "Error")
         };
         self.publish(|s| {
-            s.phase = phase.to_string();
+            s.phase = phase.into();
             s.reason = reason.to_string();
             s.message = format!("exited with code {code}; restartPolicy {policy:?}");
-            s.has_exit_code = true;
-            s.exit_code = code;
+            s.exit_code = Some(code);
             s.pid = 0;
             s.ready = false;
         })
@@ -1031,11 +1029,10 @@ impl Instance {
             )
         };
         self.publish(|s| {
-            s.phase = PENDING.to_string();
+            s.phase = PENDING.into();
             s.reason = "CrashLoopBackOff".to_string();
             s.message = message.clone();
-            s.has_exit_code = true;
-            s.exit_code = code;
+            s.exit_code = Some(code);
             s.pid = 0;
             s.ready = false;
         })

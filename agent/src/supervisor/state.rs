@@ -46,7 +46,7 @@ impl Persisted {
     pub fn save(&self, dir: &Path) -> std::io::Result<()> {
         std::fs::create_dir_all(dir)?;
         let data = serde_json::to_vec_pretty(self).map_err(std::io::Error::other)?;
-        ironmesh_daemon::write_file_atomic(&dir.join(FILE), &data, 0o644)
+        ironmesh_process::write_file_atomic(&dir.join(FILE), &data, 0o644)
     }
 }
 

@@ -157,7 +157,7 @@ fn instances(
                 });
                 rejected.push(InstanceState {
                     name: i.name.clone(),
-                    phase: "Failed".into(),
+                    phase: ironmesh_proto::v1::InstancePhase::Failed.into(),
                     reason: "InvalidSpec".into(),
                     message: format!("this agent cannot read the instance spec: {e}"),
                     spec_generation: i.spec_generation,
@@ -484,7 +484,7 @@ mod tests {
         assert_eq!(d.rejected.len(), 1);
         let st = &d.rejected[0];
         assert_eq!(
-            (st.name.as_str(), st.phase.as_str(), st.reason.as_str()),
+            (st.name.as_str(), st.phase().name(), st.reason.as_str()),
             ("bad", "Failed", "InvalidSpec")
         );
         assert_eq!(st.spec_generation, 3);

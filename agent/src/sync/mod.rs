@@ -115,7 +115,7 @@ pub async fn run(
     id: NodeIdentity,
     metrics: Arc<AgentMetrics>,
     reports: mpsc::Receiver<SupervisorReport>,
-    shutdown: ironmesh_daemon::Shutdown,
+    shutdown: ironmesh_process::Shutdown,
 ) {
     let current = outbound::forward_reports(reports, metrics.clone());
     if let Some(flows) = cfg.flows.take() {

@@ -19,7 +19,9 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use ironmesh_proto::v1::{agent_message, AgentMessage, InstanceReport, InstanceState};
+use ironmesh_proto::v1::{
+    agent_message, AgentMessage, InstancePhase, InstanceReport, InstanceState,
+};
 use tokio::sync::{mpsc, watch};
 
 use crate::metrics::AgentMetrics;
@@ -106,7 +108,7 @@ pub(super) fn forward_reports(
     let (out, rx) = watch::channel::<Option<mpsc::Sender<AgentMessage>>>(None);
     tokio::spawn(async move {
         // Last known (phase, restarts) per instance, for the gauges.
-        let mut known: HashMap<String, (String, u32)> = HashMap::new();
+        let mut known: HashMap<String, (InstancePhase, u32)> = HashMap::new();
         while let Some(first) = reports.recv().await {
             let mut batch = vec![first];
             while batch.len() < REPORT_BATCH {
@@ -178,29 +180,34 @@ pub(super) fn forward_flows(
 
 fn observe(
     metrics: &AgentMetrics,
-    known: &mut HashMap<String, (String, u32)>,
+    known: &mut HashMap<String, (InstancePhase, u32)>,
     r: &SupervisorReport,
 ) {
     use crate::metrics::{PhaseLabel, ReasonLabel};
     match r {
         SupervisorReport::State(st) => {
-            let before = known.insert(st.name.clone(), (st.phase.clone(), st.restarts));
+            let before = known.insert(st.name.clone(), (st.phase(), st.restarts));
             if let Some((_, restarts)) = &before {
                 if st.restarts > *restarts {
                     metrics.restarts.inc_by(u64::from(st.restarts - restarts));
                 }
             }
-            let mut counts: HashMap<&str, i64> = HashMap::new();
+            let mut counts: HashMap<InstancePhase, i64> = HashMap::new();
             for (phase, _) in known.values() {
-                *counts.entry(phase.as_str()).or_default() += 1;
+                *counts.entry(*phase).or_default() += 1;
             }
-            for phase in ["Pending", "Running", "Succeeded", "Failed"] {
+            for phase in [
+                InstancePhase::Pending,
+                InstancePhase::Running,
+                InstancePhase::Succeeded,
+                InstancePhase::Failed,
+            ] {
                 metrics
                     .instances
                     .get_or_create(&PhaseLabel {
-                        phase: phase.to_string(),
+                        phase: phase.name().to_string(),
                     })
-                    .set(counts.get(phase).copied().unwrap_or(0));
+                    .set(counts.get(&phase).copied().unwrap_or(0));
             }
         }
         SupervisorReport::Event(ev) => {
@@ -223,7 +230,7 @@ mod tests {
     use ironmesh_proto::v1::{Heartbeat, InstanceEvent};
     use tokio_stream::StreamExt;
 
-    fn state(name: &str, phase: &str) -> SupervisorReport {
+    fn state(name: &str, phase: InstancePhase) -> SupervisorReport {
         SupervisorReport::State(InstanceState {
             name: name.into(),
             phase: phase.into(),
@@ -243,9 +250,9 @@ mod tests {
     fn ten_starts_are_one_report_and_the_events_in_order() {
         let mut batch = Vec::new();
         for i in 0..10 {
-            batch.push(state(&format!("i{i}"), "Pending"));
+            batch.push(state(&format!("i{i}"), InstancePhase::Pending));
             batch.push(event(&format!("i{i}"), "Started"));
-            batch.push(state(&format!("i{i}"), "Running"));
+            batch.push(state(&format!("i{i}"), InstancePhase::Running));
         }
         let out = batch_messages(batch);
         assert_eq!(out.len(), 11);
@@ -256,7 +263,10 @@ mod tests {
         let names: Vec<&str> = report.instances.iter().map(|s| s.name.as_str()).collect();
         assert_eq!(names, (0..10).map(|i| format!("i{i}")).collect::<Vec<_>>());
         assert!(
-            report.instances.iter().all(|s| s.phase == "Running"),
+            report
+                .instances
+                .iter()
+                .all(|s| s.phase() == InstancePhase::Running),
             "the last state wins"
         );
         for (i, m) in out[1..].iter().enumerate() {

@@ -46,7 +46,7 @@ pub(super) async fn run(
     current: &Current,
     mut feed: Feed,
     mut applied: watch::Receiver<Applied>,
-    shutdown: ironmesh_daemon::Shutdown,
+    shutdown: ironmesh_process::Shutdown,
 ) {
     let mut backoff = BACKOFF_MIN;
     let count = cfg.controllers.len().max(1);
@@ -160,7 +160,7 @@ async fn session(
     current: &Current,
     feed: &mut Feed,
     applied: &mut watch::Receiver<Applied>,
-    shutdown: ironmesh_daemon::Shutdown,
+    shutdown: ironmesh_process::Shutdown,
 ) -> Result<(), SyncError> {
     let channel = endpoint(url)
         .map_err(|e| SyncError::Connect(e.to_string()))?

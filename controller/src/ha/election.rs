@@ -14,7 +14,7 @@ use std::time::Duration;
 use etcd_client::{
     Client, Compare, CompareOp, PutOptions, Txn, TxnOp, TxnOpResponse, WatchOptions,
 };
-use ironmesh_daemon::Shutdown;
+use ironmesh_process::Shutdown;
 use tokio::sync::watch;
 
 /// Starts campaigning; the receiver is true while this controller leads.

@@ -21,7 +21,7 @@ pub mod shared_secrets;
 use std::future::Future;
 use std::sync::Arc;
 
-use ironmesh_daemon::Shutdown;
+use ironmesh_process::Shutdown;
 use tokio::sync::watch;
 
 use crate::metrics::ControllerMetrics;

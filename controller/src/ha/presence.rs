@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use etcd_client::PutOptions;
 use futures::StreamExt;
-use ironmesh_daemon::Shutdown;
+use ironmesh_process::Shutdown;
 use tokio::sync::watch;
 
 use super::PRESENCE_PREFIX;

@@ -11,7 +11,7 @@
 use std::time::{Duration, Instant};
 
 use etcd_client::Client;
-use ironmesh_daemon::Shutdown;
+use ironmesh_process::Shutdown;
 use tokio::sync::watch;
 
 /// Starts the session task; the receiver holds the current lease id.

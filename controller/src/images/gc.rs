@@ -183,7 +183,7 @@ pub async fn run(
     interval: Duration,
     grace: Duration,
     metrics: std::sync::Arc<crate::metrics::ControllerMetrics>,
-    shutdown: ironmesh_daemon::Shutdown,
+    shutdown: ironmesh_process::Shutdown,
 ) {
     loop {
         tokio::select! {

@@ -25,7 +25,7 @@ use axum::extract::connect_info::Connected;
 use axum::routing::{any, get};
 use axum::Router;
 use futures::StreamExt;
-use ironmesh_daemon::Shutdown;
+use ironmesh_process::Shutdown;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::server::TlsStream;
 

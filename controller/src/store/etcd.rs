@@ -139,7 +139,7 @@ fn io(e: etcd_client::Error) -> StoreError {
             return StoreError::Invalid(format!("etcd refused the request: {}", s.message()));
         }
     }
-    StoreError::Io(format!("etcd: {}", ironmesh_daemon::error_chain(&e)))
+    StoreError::Io(format!("etcd: {}", ironmesh_process::error_chain(&e)))
 }
 
 fn is_compacted(e: &etcd_client::Error) -> bool {
