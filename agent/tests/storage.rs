@@ -78,6 +78,22 @@ fn require_root() -> bool {
 
 /// Writes `bytes` in 1 MiB chunks with fsync; returns how many bytes were
 /// written before the first error and that error.
+/// True once no loop device is backed by `file`, within 10 s: the kernel
+/// detaches an autoclear device after its last close, asynchronously, and
+/// later on a loaded machine.
+fn loops_gone(file: &Path) -> bool {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        if sys::loops_backed_by(file).is_empty() {
+            return true;
+        }
+        if std::time::Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
 fn fill(path: &Path, bytes: u64) -> (u64, Option<std::io::Error>) {
     let mut f = std::fs::File::create(path).expect("create");
     let chunk = vec![0xa5u8; MIB as usize];
@@ -170,10 +186,7 @@ fn ext4_image_volume_quota_usage_restart_and_delete() {
     // Agent restart: release the mounts, open again, data still there.
     storage.release().unwrap();
     assert!(sys::mounted_source(&path).is_none());
-    assert!(
-        sys::loops_backed_by(&image).is_empty(),
-        "autoclear detached the device"
-    );
+    assert!(loops_gone(&image), "autoclear detached the device");
     drop(storage);
     let storage = fx.open(&pools);
     assert!(
@@ -187,7 +200,7 @@ fn ext4_image_volume_quota_usage_restart_and_delete() {
     assert!(storage.delete("data").unwrap());
     assert!(!storage.delete("data").unwrap(), "second delete is a no-op");
     assert!(sys::mounted_source(&path).is_none());
-    assert!(sys::loops_backed_by(&image).is_empty());
+    assert!(loops_gone(&image));
     assert!(!image.exists());
     assert!(!path.exists());
     assert!(storage.names().is_empty());
@@ -250,10 +263,7 @@ fn btrfs_loopfile_pool_subvolume_qgroup_limit() {
 
     // Restart keeps both.
     storage.release().unwrap();
-    assert!(
-        sys::loops_backed_by(&backing).is_empty(),
-        "pool device detached"
-    );
+    assert!(loops_gone(&backing), "pool device detached");
     drop(storage);
     let storage = fx.open(&pools);
     assert_eq!(std::fs::read(img.join("x")).unwrap(), b"y");
@@ -265,7 +275,7 @@ fn btrfs_loopfile_pool_subvolume_qgroup_limit() {
     assert!(storage.names().is_empty());
     storage.release().unwrap();
     assert!(fx.mounts_below().is_empty());
-    assert!(sys::loops_backed_by(&backing).is_empty());
+    assert!(loops_gone(&backing));
 }
 
 /// An assignment that merely lacks a volume (a controller on an empty or
