@@ -809,10 +809,11 @@ pub(crate) fn instance_with_state(
     });
     let events = o.status.take().map(|s| s.events).unwrap_or_default();
     o.status = Some(InstanceStatus {
-        phase: crate::workloads::phase_of(st.phase()),
+        phase: crate::workloads::reported_phase(st),
         ready: st.ready,
         restarts: st.restarts,
-        exit_code: st.exit_code,
+        // An agent before `optional exit_code` sent no field for exit 0.
+        exit_code: st.exit_code.or((st.legacy_has_exit_code).then_some(0)),
         reason: st.reason.clone(),
         message: st.message.clone(),
         pid: (st.pid > 0).then_some(st.pid),

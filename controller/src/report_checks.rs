@@ -452,6 +452,7 @@ mod fuzz {
                     started_unix_ms: 1_700_000_000_000,
                     spec_generation: 1,
                     ip: "10.244.1.5".into(),
+                    ..Default::default()
                 }],
             }),
             Msg::Event(InstanceEvent {
@@ -547,6 +548,8 @@ mod fuzz {
                 let st = InstanceState {
                     name: text(rng),
                     phase: rng.random_range(-1..6),
+                    legacy_phase: text(rng),
+                    legacy_has_exit_code: rng.random(),
                     reason: text(rng),
                     message: text(rng),
                     ip: if rng.random_bool(0.5) {

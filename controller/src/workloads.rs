@@ -877,6 +877,21 @@ async fn write_workload_status(
 }
 
 /// Maps the phase an agent reports onto the API's phase.
+/// The phase an agent reported: the enum, or the string an agent from
+/// before it sent (`legacy_phase`), which only such an agent sets.
+pub fn reported_phase(st: &ironmesh_proto::v1::InstanceState) -> InstancePhase {
+    use ironmesh_proto::v1::InstancePhase as Reported;
+    if st.phase() == Reported::Pending && !st.legacy_phase.is_empty() {
+        return match st.legacy_phase.as_str() {
+            "Running" => InstancePhase::Running,
+            "Succeeded" => InstancePhase::Succeeded,
+            "Failed" => InstancePhase::Failed,
+            _ => InstancePhase::Pending,
+        };
+    }
+    phase_of(st.phase())
+}
+
 pub fn phase_of(p: ironmesh_proto::v1::InstancePhase) -> InstancePhase {
     use ironmesh_proto::v1::InstancePhase as Reported;
     match p {
@@ -890,6 +905,30 @@ pub fn phase_of(p: ironmesh_proto::v1::InstancePhase) -> InstancePhase {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_old_agents_string_phase_is_read_when_the_enum_is_absent() {
+        use ironmesh_proto::v1::{InstancePhase as Reported, InstanceState};
+        let old = InstanceState {
+            legacy_phase: "Succeeded".into(),
+            ..Default::default()
+        };
+        assert_eq!(reported_phase(&old), InstancePhase::Succeeded);
+        let new = InstanceState {
+            phase: Reported::Running.into(),
+            ..Default::default()
+        };
+        assert_eq!(reported_phase(&new), InstancePhase::Running);
+        assert_eq!(
+            reported_phase(&InstanceState::default()),
+            InstancePhase::Pending
+        );
+        let odd = InstanceState {
+            legacy_phase: "Exploded".into(),
+            ..Default::default()
+        };
+        assert_eq!(reported_phase(&odd), InstancePhase::Pending);
+    }
 
     #[test]
     fn instance_names_are_dns_labels_with_the_workload_prefix() {
