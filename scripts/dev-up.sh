@@ -64,7 +64,8 @@ echo
 echo "Web UI: https://127.0.0.1:7444 (the cluster CA signed its certificate: $DIR/controller/pki/ca.crt)."
 echo "Sign in with a one-time URL, for the operator of IMCTL_CONFIG:"
 echo "  $ imctl ui"
-"$BIN/imctl" ui | sed 's/^/  /'
+# A UI that could not bind (port taken) leaves the cluster running.
+"$BIN/imctl" ui | sed 's/^/  /' || echo "  (the web UI is not serving; see $DIR/controller.log)"
 echo
 echo "Controller and agent are running (logs in $DIR). Next:"
 echo "  export IMCTL_CONFIG=$DIR/controller/admin.yaml PATH=$BIN:\$PATH"
