@@ -21,7 +21,8 @@ use std::time::{Duration, Instant};
 
 use fantoccini::{Client, ClientBuilder, Locator};
 use ironmesh_tests::{
-    free_addr, images_dir, wait_for, Agent, Controller, ControllerOpts, Unmounter,
+    free_addr, images_dir, instances, str_at as s, wait_for, Agent, Controller, ControllerOpts,
+    Unmounter,
 };
 use serde_json::{json, Value};
 
@@ -235,23 +236,6 @@ fn sign_in_url(ctl: &Controller, config: &Path) -> String {
         "{url}"
     );
     url
-}
-
-fn s<'a>(v: &'a Value, p: &str) -> &'a str {
-    v.pointer(p).and_then(Value::as_str).unwrap_or_default()
-}
-
-fn instances(ctl: &Controller, workload: &str) -> Vec<Value> {
-    ctl.imctl_json(&[
-        "get",
-        "instances",
-        "-l",
-        &format!("ironmesh.dev/workload={workload}"),
-    ])
-    .get("items")
-    .and_then(Value::as_array)
-    .cloned()
-    .unwrap_or_default()
 }
 
 /// Connects from `client`'s namespace to `target` until dropped.

@@ -132,6 +132,26 @@ fn check_post(
     check_role(s, action, method)
 }
 
+/// One page of `kind` (the objects `p` selects) and how many there are.
+async fn paged(
+    ui: &Ui,
+    kind: Kind,
+    p: &Paging,
+) -> Result<(Vec<Value>, usize), crate::resources::ResourceError> {
+    let mut total = 0usize;
+    let mut rows: Vec<Value> = Vec::new();
+    let (offset, limit) = (p.offset(), p.limit());
+    ui.resources
+        .scan(kind, |o| {
+            if total >= offset && rows.len() < limit {
+                rows.push(o.object.clone());
+            }
+            total += 1;
+        })
+        .await?;
+    Ok((rows, total))
+}
+
 fn unavailable(e: impl std::fmt::Display) -> Response {
     tracing::warn!(error = %e, "UI page failed");
     (
@@ -503,21 +523,10 @@ pub async fn nodes_page(
     headers: HeaderMap,
     Query(p): Query<Paging>,
 ) -> Response {
-    let mut total = 0usize;
-    let mut rows: Vec<Value> = Vec::new();
-    let (offset, limit) = (p.offset(), p.limit());
-    if let Err(e) = ui
-        .resources
-        .scan(Kind::Node, |o| {
-            if total >= offset && rows.len() < limit {
-                rows.push(o.object.clone());
-            }
-            total += 1;
-        })
-        .await
-    {
-        return unavailable(e);
-    }
+    let (rows, total) = match paged(&ui, Kind::Node, &p).await {
+        Ok(x) => x,
+        Err(e) => return unavailable(e),
+    };
     let names: BTreeSet<String> = rows
         .iter()
         .map(|r| s(r, "/metadata/name").to_string())
@@ -728,21 +737,10 @@ pub async fn workloads_page(
     headers: HeaderMap,
     Query(p): Query<Paging>,
 ) -> Response {
-    let mut total = 0usize;
-    let mut rows: Vec<Value> = Vec::new();
-    let (offset, limit) = (p.offset(), p.limit());
-    if let Err(e) = ui
-        .resources
-        .scan(Kind::Workload, |o| {
-            if total >= offset && rows.len() < limit {
-                rows.push(o.object.clone());
-            }
-            total += 1;
-        })
-        .await
-    {
-        return unavailable(e);
-    }
+    let (rows, total) = match paged(&ui, Kind::Workload, &p).await {
+        Ok(x) => x,
+        Err(e) => return unavailable(e),
+    };
     let body = html! {
         h1 { "Workloads" }
         div.scroll { table #workloads {
@@ -859,21 +857,10 @@ pub async fn instances_page(
     headers: HeaderMap,
     Query(p): Query<Paging>,
 ) -> Response {
-    let mut total = 0usize;
-    let mut rows: Vec<Value> = Vec::new();
-    let (offset, limit) = (p.offset(), p.limit());
-    if let Err(e) = ui
-        .resources
-        .scan(Kind::Instance, |o| {
-            if total >= offset && rows.len() < limit {
-                rows.push(o.object.clone());
-            }
-            total += 1;
-        })
-        .await
-    {
-        return unavailable(e);
-    }
+    let (rows, total) = match paged(&ui, Kind::Instance, &p).await {
+        Ok(x) => x,
+        Err(e) => return unavailable(e),
+    };
     let body = html! {
         h1 { "Instances" }
         (instances_table(&rows))
@@ -1674,21 +1661,10 @@ pub async fn volumes_page(
     headers: HeaderMap,
     Query(p): Query<Paging>,
 ) -> Response {
-    let mut total = 0usize;
-    let mut rows: Vec<Value> = Vec::new();
-    let (offset, limit) = (p.offset(), p.limit());
-    if let Err(e) = ui
-        .resources
-        .scan(Kind::Volume, |o| {
-            if total >= offset && rows.len() < limit {
-                rows.push(o.object.clone());
-            }
-            total += 1;
-        })
-        .await
-    {
-        return unavailable(e);
-    }
+    let (rows, total) = match paged(&ui, Kind::Volume, &p).await {
+        Ok(x) => x,
+        Err(e) => return unavailable(e),
+    };
     let body = html! {
         h1 { "Volumes" }
         div.scroll { table #volumes {
